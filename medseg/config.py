@@ -1,0 +1,242 @@
+"""The typed run configuration: the single source of truth for options and defaults.
+
+A config is a YAML file validated by :class:`RunConfig`; ``--set a.b=value`` overrides
+dotted keys before validation. Unknown keys are errors (``extra="forbid"``) so a typo
+such as ``train.iteratons`` is reported by name instead of silently ignored.
+
+Example (``configs/quickstart.yaml``)::
+
+    data:
+      dataset: demo/Dataset001_SyntheticVessels
+      patch_size: [48, 48, 48]
+    train:
+      iterations: 300
+    output_dir: demo/runs/quickstart
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medseg.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentationConfig(_Strict):
+    """MONAI random augmentations applied to training patches (probabilities per patch)."""
+
+    flip_prob: float = Field(0.5, ge=0, le=1, description="RandFlipd per spatial axis")
+    rotate90_prob: float = Field(0.0, ge=0, le=1, description="RandRotate90d in the first two axes")
+    affine_prob: float = Field(0.2, ge=0, le=1, description="RandAffined (rotation, scaling)")
+    rotate_range_deg: float = Field(15.0, ge=0, le=180)
+    scale_range: float = Field(0.1, ge=0, le=0.5)
+    intensity_scale_prob: float = Field(0.15, ge=0, le=1, description="RandScaleIntensityd")
+    intensity_shift_prob: float = Field(0.15, ge=0, le=1, description="RandShiftIntensityd")
+    gaussian_noise_prob: float = Field(0.1, ge=0, le=1, description="RandGaussianNoised")
+    gaussian_smooth_prob: float = Field(0.1, ge=0, le=1, description="RandGaussianSmoothd")
+    gamma_prob: float = Field(0.1, ge=0, le=1, description="RandAdjustContrastd")
+
+
+class NormalizationConfig(_Strict):
+    """Intensity normalisation per channel, as nnU-Net chooses it from the channel name.
+
+    ``auto``: channels named ``CT`` (case-insensitive) get ``ct`` (clip to the
+    [0.5, 99.5] percentiles of the foreground intensities of the training set, then
+    z-score with the foreground mean/std), every other channel gets ``zscore``
+    (per-image mean/std). ``none`` leaves intensities untouched.
+    """
+
+    scheme: Literal["auto", "zscore", "ct", "none"] = "auto"
+    ct_clip: tuple[float, float] | None = Field(
+        None, description="fixed (low, high) clip for the ct scheme instead of dataset percentiles"
+    )
+
+
+class DataConfig(_Strict):
+    dataset: Path = Field(..., description="dataset folder in nnU-Net v2 / MSD layout (dataset.json inside)")
+    split_file: Path | None = Field(
+        None, description="JSON/YAML with 'train' and 'val' case-name lists; seeded split otherwise"
+    )
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    patch_size: list[int] = Field(default_factory=lambda: [64, 64, 64])
+    target_spacing: list[float] | None = Field(
+        None, description="resample to this spacing in mm (Spacingd); None keeps the native spacing"
+    )
+    orientation: str | None = Field("RAS", description="reorient (Orientationd) to these axis codes; None keeps it")
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    foreground_oversample: float = Field(
+        0.33, ge=0, le=1, description="fraction of patches centred on foreground (RandCropByPosNegLabeld)"
+    )
+    cache_rate: float = Field(1.0, ge=0, le=1, description="fraction of preprocessed cases kept in memory")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_dims(cls, value: list[int]) -> list[int]:
+        if len(value) not in (2, 3) or any(v < 1 for v in value):
+            raise ValueError("must be 2 or 3 positive integers")
+        return value
+
+
+class ModelConfig(_Strict):
+    """A MONAI network. ``params`` go to the MONAI constructor unchanged.
+
+    Defaults per name (overridden by ``params``):
+    ``unet``: channels (16, 32, 64, 128), strides (2, 2, 2), num_res_units 2, norm INSTANCE;
+    ``dynunet``: kernels/strides derived from the patch size as nnU-Net does;
+    ``unetr`` / ``swinunetr``: img_size = patch size where required, feature_size 16.
+    """
+
+    name: Literal["unet", "dynunet", "unetr", "swinunetr"] = "unet"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossTerm(_Strict):
+    """One weighted term of the training loss; extra keys are the loss's parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = Field(1.0, ge=0)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD only (nesterov)")
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_iterations: int = Field(0, ge=0)
+    poly_power: float = Field(0.9, gt=0)
+
+
+class TrainConfig(_Strict):
+    iterations: int = Field(..., gt=0, description="total optimizer steps")
+    batch_size: int = Field(2, gt=0)
+    val_interval: int = Field(100, gt=0, description="validate (sliding window on whole val cases) every N steps")
+    checkpoint_interval: int = Field(50, gt=0, description="write checkpoint 'latest' every N steps")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    amp: bool = Field(True, description="automatic mixed precision; only takes effect on CUDA")
+    grad_clip: float | None = Field(12.0, description="clip the gradient norm; None disables")
+    deterministic: bool = False
+
+
+class InferenceConfig(_Strict):
+    overlap: float = Field(0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(4, gt=0)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    tta_flips: bool = Field(False, description="average predictions over axis flips")
+    save_probabilities: bool = False
+
+
+class RunConfig(_Strict):
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="dice_ce", weight=1.0)])
+    train: TrainConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    output_dir: Path = Field(..., description="the run folder: checkpoints, logs, resolved config")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _has_loss(self) -> "RunConfig":
+        if not self.losses:
+            raise ValueError("losses: at least one loss term is required")
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.data.patch_size)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a ``--set`` value the way YAML would (numbers, booleans, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides with dotted keys (``train.iterations=10``) to a raw dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.iterations=100")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key segment")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{loc}'")
+        elif e["type"] == "missing":
+            problems.append(f"missing required key '{loc}'")
+        else:
+            problems.append(f"key '{loc}': {e['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the key."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate.
+
+    Relative paths in the config (``data.dataset``, ``output_dir``, ``data.split_file``)
+    are taken relative to the current working directory, as the CLI user typed them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source=str(path))
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (what the run folder stores as ``config.yaml``)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,83 @@
+"""Checkpoints: atomic save, safe load, and finding a run folder's checkpoint.
+
+A checkpoint is a plain dict saved with :func:`torch.save` that loads with
+``torch.load(weights_only=True)``: only tensors, numbers, strings, lists and dicts
+(numpy/python RNG states are stored as lists). Keys (``format_version`` 1):
+
+``iteration`` (int, optimizer steps done), ``config`` (the resolved RunConfig as JSON
+data), ``dataset`` (``channel_names``, ``labels``, ``file_ending`` from dataset.json),
+``preprocessing`` (per-channel normalisation statistics fitted on the training set),
+``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler`` (state dicts or None),
+``rng`` (torch / numpy / python states), ``best_metric`` (best validation Dice so far).
+
+A run folder keeps ``checkpoints/latest.pt`` and ``checkpoints/best.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.errors import CheckpointError
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_NAMES = ("best", "latest")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, then rename.
+
+    A run killed while saving leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def find_checkpoint(run_or_file: str | Path, prefer: tuple[str, ...] = CHECKPOINT_NAMES) -> Path:
+    """Resolve a run folder (``best``, else ``latest``) or a checkpoint file to a file path."""
+    path = Path(run_or_file)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run folder or checkpoint file")
+    for name in prefer:
+        candidate = path / CHECKPOINT_DIR / f"{name}.pt"
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"{path}: no checkpoint found (expected {CHECKPOINT_DIR}/best.pt or {CHECKPOINT_DIR}/latest.pt)"
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a damaged or foreign file is a CheckpointError."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file not found") from None
+    except Exception as err:  # truncated zip, pickle with disallowed globals, not a torch file
+        raise CheckpointError(f"{path}: not a readable medseg checkpoint ({type(err).__name__}: {err})".split("\n")[0]) from None
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise CheckpointError(f"{path}: not a medseg checkpoint (missing 'model' or 'config')")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format_version {version!r}, this medseg reads {FORMAT_VERSION}")
+    return payload
