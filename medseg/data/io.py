@@ -1,0 +1,535 @@
+"""Reading and writing images with their geometry, for every format medseg accepts.
+
+One convention for all formats, the one nibabel uses: an image is an array indexed in
+voxel order ``(i, j[, k])`` and a 4x4 ``affine`` that maps voxel indices to world
+coordinates in millimetres, RAS+ (world x grows towards the patient's Right, y towards
+Anterior, z towards Superior). NIfTI (``.nii``, ``.nii.gz``) is read with
+nibabel, whose affine is already RAS+. NRRD and MetaImage (``.nrrd``, ``.mha``) are read
+with SimpleITK, whose origin/direction live in ITK's LPS+ world; they are converted with
+``affine_ras = diag(-1, -1, 1, 1) @ affine_lps`` on the way in and back on the way out,
+and SimpleITK's ``[k, j, i]`` array is transposed to ``[i, j, k]``. So the same scan
+saved as ``.nii.gz`` and ``.nrrd`` reads back as the same array and the same affine.
+
+2D natural images (``.png``, ``.tif``/``.tiff``) carry no geometry: they read as a
+``(rows, cols)`` array with the identity affine (spacing 1), as nnU-Net's
+``NaturalImage2DIO`` treats them. A 2D NIfTI, stored as ``(X, Y)`` or ``(X, Y, 1)``,
+reads as a 2D array too, keeping its affine.
+
+Multi-channel files (an RGB PNG, an MSD-style 4D NIfTI with channels last, a vector
+MetaImage) are read with :func:`read_image_channels`; :func:`read_image` is for
+single-channel files and says so when given a multi-channel one.
+
+Writes are atomic: a hidden temporary file in the destination folder is written and
+then moved over the destination with :func:`os.replace`, so an interrupted write never
+leaves a half-written image under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import DataError
+
+__all__ = [
+    "SUPPORTED_ENDINGS",
+    "NATURAL_IMAGE_ENDINGS",
+    "ImageGeometry",
+    "read_image",
+    "read_image_channels",
+    "write_image",
+    "ending_of",
+    "strip_ending",
+]
+
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff")
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+ITK_ENDINGS = (".nrrd", ".mha")
+NATURAL_IMAGE_ENDINGS = (".png", ".tif", ".tiff")
+
+# ITK's world is LPS+, nibabel's (and medseg's) is RAS+: flip the first two world axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# --------------------------------------------------------------------------- geometry
+
+@dataclass(frozen=True, eq=False)
+class ImageGeometry:
+    """Where the voxels of an image are in the world.
+
+    Attributes
+    ----------
+    affine : np.ndarray
+        4x4 float64 matrix mapping voxel indices ``(i, j, k, 1)`` to world millimetres,
+        RAS+ (nibabel's convention), for every file format. For 2D images the third
+        column describes the (unused) slice axis.
+    shape : tuple of int
+        Spatial shape in voxel order (2 or 3 entries).
+
+    The affine is stored read-only. Compare geometries with :meth:`allclose` (``==``
+    is identity: float affines from different writers differ in the last bits).
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        affine = np.array(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+        affine.setflags(write=False)
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) not in (2, 3):
+            raise ValueError(f"spatial shape must have 2 or 3 entries, got {shape}")
+        object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "shape", shape)
+
+    @classmethod
+    def identity(cls, shape: tuple[int, ...]) -> "ImageGeometry":
+        """Spacing 1, origin 0, axes aligned with RAS (what a PNG has)."""
+        return cls(np.eye(4), tuple(shape))
+
+    @classmethod
+    def from_spacing(
+        cls,
+        shape: tuple[int, ...],
+        spacing: tuple[float, ...],
+        origin: tuple[float, ...] | None = None,
+        direction: np.ndarray | None = None,
+    ) -> "ImageGeometry":
+        """Build the affine ``[direction @ diag(spacing) | origin]`` (RAS+).
+
+        ``direction`` is a 3x3 matrix whose columns are the unit world directions of the
+        voxel axes (identity when omitted); for 2D the slice axis gets spacing 1.
+        """
+        ndim = len(shape)
+        if len(spacing) != ndim:
+            raise ValueError(f"spacing {spacing} does not match shape {shape}")
+        zooms = list(spacing) + [1.0] * (3 - ndim)
+        direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
+        affine = np.eye(4)
+        affine[:3, :3] = direction @ np.diag(zooms)
+        if origin is not None:
+            affine[: len(origin), 3] = origin
+        return cls(affine, tuple(shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each voxel axis (column norms of the affine)."""
+        norms = np.linalg.norm(self.affine[:3, : self.ndim], axis=0)
+        return tuple(float(v) for v in norms)
+
+    @property
+    def origin(self) -> tuple[float, ...]:
+        """World position (RAS+, mm) of the centre of voxel 0."""
+        return tuple(float(v) for v in self.affine[:3, 3])
+
+    @property
+    def axcodes(self) -> tuple[str, ...]:
+        """Closest anatomical axis codes, e.g. ``('L', 'P', 'S')`` (nibabel.aff2axcodes)."""
+        import nibabel as nib
+
+        return tuple(nib.aff2axcodes(self.affine))[: self.ndim]
+
+    def allclose(self, other: "ImageGeometry", atol: float = 1e-4) -> bool:
+        """Same shape and affine entries equal within ``atol`` (mm, absolute)."""
+        return self.shape == tuple(other.shape) and bool(
+            np.allclose(self.affine, other.affine, rtol=0.0, atol=atol)
+        )
+
+    def max_affine_difference(self, other: "ImageGeometry") -> float:
+        return float(np.max(np.abs(self.affine - other.affine)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/checkpoint friendly form (lists of floats and ints)."""
+        return {"affine": self.affine.tolist(), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImageGeometry":
+        return cls(np.asarray(data["affine"], dtype=np.float64), tuple(data["shape"]))
+
+    def __repr__(self) -> str:
+        spacing = ", ".join(f"{s:.4g}" for s in self.spacing)
+        return f"ImageGeometry(shape={self.shape}, spacing=({spacing}), axcodes={''.join(self.axcodes)})"
+
+
+# --------------------------------------------------------------------------- endings
+
+def ending_of(path: str | Path) -> str:
+    """The file ending medseg dispatches on: ``'.nii.gz'``, ``'.nrrd'``, ... (lower case).
+
+    Unknown endings come back as the last suffix (``'.jpg'``) or ``''``.
+    """
+    name = Path(path).name.lower()
+    for ending in SUPPORTED_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return Path(name).suffix
+
+
+def strip_ending(path: str | Path, ending: str | None = None) -> str:
+    """The file name without its ending: ``case_001_0000.nii.gz`` -> ``case_001_0000``."""
+    name = Path(path).name
+    ending = ending or ending_of(path)
+    if ending and name.lower().endswith(ending.lower()):
+        return name[: len(name) - len(ending)]
+    return name
+
+
+def _check_supported(path: Path) -> str:
+    ending = ending_of(path)
+    if ending not in SUPPORTED_ENDINGS:
+        raise DataError(
+            f"{path}: unsupported file ending '{ending or path.name}' "
+            f"(supported: {', '.join(SUPPORTED_ENDINGS)})"
+        )
+    return ending
+
+
+def _reason(err: BaseException, path: Path | None = None) -> str:
+    """One line from an exception message (SimpleITK's span several lines)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    # ITK: "...\nITK ERROR: MetaImageIO(0x5565...): File cannot be read: X for reading.\nReason: ..."
+    itk = [ln for ln in lines if "ERROR:" in ln]
+    text = itk[-1] if itk else (lines[0] if lines else "")
+    text = re.sub(r"^.*?ERROR:\s*", "", text)
+    text = re.sub(r"^(\w+)\(0x[0-9a-fA-F]+\):\s*", r"\1: ", text)
+    if path is not None:
+        text = text.replace(f'"{path}"', "file").replace(str(path), "file")
+    text = text.strip(" -:")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_image_channels(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
+    """Read any supported file as ``(C, *spatial)`` plus its geometry.
+
+    ``C`` is 1 for ordinary single-channel files; it is the colour channels of an
+    RGB(A) PNG/TIF (as nnU-Net's natural-image reader), the 4th axis of an MSD-style
+    4D NIfTI, or the components of a vector NRRD/MetaImage.
+
+    Raises
+    ------
+    DataError
+        The file is missing, has an unsupported ending, is unreadable or truncated, or
+        is not 2D/3D (after dropping singleton channel axes).
+    """
+    path = Path(path)
+    ending = _check_supported(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        if ending in NIFTI_ENDINGS:
+            array, geometry = _read_nifti(path)
+        elif ending in ITK_ENDINGS:
+            array, geometry = _read_itk(path)
+        elif ending == ".png":
+            array, geometry = _read_png(path)
+        else:
+            array, geometry = _read_tiff(path)
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as err:  # every reader has its own exception zoo
+        raise DataError(f"{path}: unreadable or truncated image ({_reason(err, path)})") from None
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: unsupported voxel type {array.dtype}")
+    return array, geometry
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
+    """Read a single-channel image: array in voxel order and its :class:`ImageGeometry`.
+
+    The dtype is the file's (``uint8`` labels stay ``uint8``; NIfTI scaling
+    ``scl_slope``/``scl_inter`` is applied, giving floats).
+
+    Raises
+    ------
+    DataError
+        As :func:`read_image_channels`, and when the file holds several channels.
+    """
+    array, geometry = read_image_channels(path)
+    if array.shape[0] != 1:
+        raise DataError(
+            f"{path}: holds {array.shape[0]} channels in one file; expected a single-channel image"
+        )
+    return array[0], geometry
+
+
+def _squeeze_spatial(path: Path, array: np.ndarray, what: str) -> np.ndarray:
+    """Channels-first array with trailing singleton spatial axes dropped to 2D/3D."""
+    # array: (C, *spatial)
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim - 1 not in (2, 3):
+        raise DataError(f"{path}: expected a 2D or 3D {what}, got spatial shape {array.shape[1:]}")
+    return array
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    import nibabel as nib
+
+    img = nib.load(str(path), mmap=False)
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    data = np.asanyarray(img.dataobj)
+    data = np.asarray(data)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector intent: (X, Y, Z, 1, C)
+        data = data[:, :, :, 0, :]
+    if data.ndim == 4:  # MSD-style: channels last
+        array = np.moveaxis(data, -1, 0)
+    elif data.ndim in (2, 3):
+        array = data[None]
+    else:
+        raise DataError(f"{path}: expected a 2D, 3D or 4D (channels last) NIfTI, got shape {data.shape}")
+    array = _squeeze_spatial(path, array, "image")
+    return np.ascontiguousarray(array), ImageGeometry(affine, array.shape[1:])
+
+
+def _itk_affine(image: Any) -> np.ndarray:
+    """RAS+ 4x4 affine of a SimpleITK image (2D images embedded in 3D)."""
+    ndim = image.GetDimension()
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    spacing = np.array(image.GetSpacing(), dtype=np.float64)
+    origin = np.array(image.GetOrigin(), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:ndim, :ndim] = direction @ np.diag(spacing)
+    lps[:ndim, 3] = origin
+    return _LPS_TO_RAS @ lps
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    ndim = image.GetDimension()
+    if ndim == 4:  # a trailing singleton 4th axis, e.g. from a time series of one
+        size = image.GetSize()
+        if size[3] != 1:
+            raise DataError(f"{path}: 4D image of size {size}; store channels as separate files")
+        image = image[:, :, :, 0]
+        ndim = 3
+    if ndim not in (2, 3):
+        raise DataError(f"{path}: expected a 2D or 3D image, got {ndim}D")
+    data = sitk.GetArrayFromImage(image)  # [k, j, i] or [k, j, i, components]
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:
+        array = np.moveaxis(data, -1, 0)  # (C, k, j, i)
+        array = np.stack([a.T for a in array])
+    else:
+        array = data.T[None]
+    affine = _itk_affine(image)
+    return np.ascontiguousarray(array), ImageGeometry(affine, array.shape[1:])
+
+
+def _read_png(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated file fails here, not later
+        if img.mode == "1":
+            data = np.asarray(img, dtype=np.uint8)
+        else:
+            data = np.asarray(img)
+    if data.ndim == 2:
+        array = data[None]
+    elif data.ndim == 3:
+        array = np.moveaxis(data, -1, 0)
+    else:
+        raise DataError(f"{path}: unexpected PNG array shape {data.shape}")
+    return np.ascontiguousarray(array), ImageGeometry.identity(array.shape[1:])
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes = series.axes
+        data = series.asarray()
+    # 'S' (samples: RGB) is a channel axis; every other axis is spatial in file order.
+    if "S" in axes:
+        array = np.moveaxis(data, axes.index("S"), 0)
+    else:
+        array = data[None]
+    while array.ndim > 3 and 1 in array.shape[1:]:  # e.g. a single page stored as 'QYX'
+        array = np.squeeze(array, axis=1 + array.shape[1:].index(1))
+    if array.ndim - 1 not in (2, 3):
+        raise DataError(f"{path}: expected a 2D or 3D TIFF, got axes {axes} shape {data.shape}")
+    return np.ascontiguousarray(array), ImageGeometry.identity(array.shape[1:])
+
+
+# --------------------------------------------------------------------------- writing
+
+def write_image(
+    path: str | Path,
+    array: np.ndarray,
+    geometry: ImageGeometry,
+    reference_path: str | Path | None = None,
+) -> None:
+    """Write a single-channel 2D/3D ``array`` with ``geometry``, atomically.
+
+    The format follows the ending of ``path``. Re-reading gives the same values and
+    geometry (affines through NIfTI's float32 sform agree to ~1e-5 mm). ``bool`` is
+    stored as ``uint8`` and ``int64`` as ``int32`` when the values fit (NIfTI readers
+    commonly reject 64-bit integers). PNG/TIF store no geometry: a non-identity
+    geometry is dropped with a warning; PNG takes only integers in ``[0, 65535]``.
+
+    ``reference_path`` (typically the input scan of a prediction): when it has the same
+    format family, its header is reused so that the output's header matches the
+    input's (NIfTI: sform/qform codes and matrices, units, description, pixdim, and a
+    2D scan's on-disk ``(X, Y, 1)`` shape; NRRD/MHA: extra metadata keys). The data
+    type and scaling are the array's own; intent and ``cal_min/cal_max`` are reset.
+
+    Raises
+    ------
+    DataError
+        Unsupported ending, array/geometry shape mismatch, or a value range the format
+        cannot store.
+    """
+    path = Path(path)
+    ending = _check_supported(path)
+    array = np.asarray(array)
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise DataError(f"{path}: array shape {array.shape} does not match geometry shape {geometry.shape}")
+    array = _storable(array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{strip_ending(path, ending)}.tmp-{uuid.uuid4().hex[:8]}{ending}")
+    reference = Path(reference_path) if reference_path is not None else None
+    try:
+        if ending in NIFTI_ENDINGS:
+            ref = reference if reference is not None and ending_of(reference) in NIFTI_ENDINGS else None
+            _write_nifti(tmp, array, geometry, ref)
+        elif ending in ITK_ENDINGS:
+            ref = reference if reference is not None and ending_of(reference) in ITK_ENDINGS else None
+            _write_itk(tmp, array, geometry, ref)
+        else:
+            if not np.allclose(geometry.affine, np.eye(4), atol=1e-6):
+                warnings.warn(
+                    f"{path}: {ending} files store no geometry; spacing/orientation {geometry!r} is not saved",
+                    stacklevel=2,
+                )
+            if ending == ".png":
+                _write_png(path, tmp, array)
+            else:
+                _write_tiff(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype in (np.int64, np.uint64):
+        if array.size == 0 or (array.min() >= np.iinfo(np.int32).min and array.max() <= np.iinfo(np.int32).max):
+            return array.astype(np.int32)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    return array
+
+
+def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference: Path | None) -> None:
+    import nibabel as nib
+
+    affine = np.asarray(geometry.affine, dtype=np.float64)
+    if reference is not None:
+        try:
+            ref_img = nib.load(str(reference))
+        except Exception as err:
+            raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
+        header = ref_img.header.copy()
+        sform_code = int(header["sform_code"])
+        qform_code = int(header["qform_code"])
+        ref_shape = tuple(ref_img.shape)
+        if len(ref_shape) <= 3 and ref_shape[: array.ndim] == array.shape and all(n == 1 for n in ref_shape[array.ndim :]):
+            array = array.reshape(ref_shape)  # keep a 2D scan's on-disk (X, Y, 1)
+        header.set_data_dtype(array.dtype)
+        header.set_slope_inter(np.nan, np.nan)
+        header.set_data_shape(array.shape)
+        # what describes the reference's *values* does not carry over
+        header.set_intent("none")
+        header["cal_min"], header["cal_max"] = 0.0, 0.0
+        if not np.allclose(header.get_best_affine(), affine, rtol=0, atol=1e-6):
+            # geometry differs from the reference: store it, keeping the reference's codes
+            header.set_sform(affine, code=sform_code or "aligned")
+            header.set_qform(affine, code=qform_code)
+        cls = type(ref_img) if isinstance(ref_img, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
+        img = cls(array, affine, header=header)
+        # nibabel rewrites sform/qform when the affine differs from the header's best
+        # affine; make sure the codes are the reference's whatever it decided.
+        img.header.set_sform(affine, code=sform_code or "aligned")
+        img.header.set_qform(affine, code=qform_code)
+    else:
+        img = nib.Nifti1Image(array, affine)
+        img.header.set_xyzt_units("mm")
+        img.header.set_sform(affine, code="aligned")
+        img.header.set_qform(affine, code="scanner")
+    nib.save(img, str(tmp))
+
+
+def _write_itk(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference: Path | None) -> None:
+    import SimpleITK as sitk
+
+    ndim = array.ndim
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))  # sitk wants [k, j, i]
+    lps = np.linalg.inv(_LPS_TO_RAS) @ geometry.affine
+    matrix = lps[:ndim, :ndim]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if np.any(spacing <= 0):
+        raise DataError(f"{tmp.name}: degenerate affine (zero spacing)")
+    direction = matrix / spacing
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in lps[:ndim, 3]])
+    image.SetDirection([float(d) for d in direction.ravel()])
+    if reference is not None:
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(reference))
+            reader.ReadImageInformation()
+            for key in reader.GetMetaDataKeys():
+                if not key.startswith(("ITK_", "NRRD_")):
+                    image.SetMetaData(key, reader.GetMetaData(key))
+        except RuntimeError as err:
+            raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
+    sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def _write_png(path: Path, tmp: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    if array.ndim != 2:
+        raise DataError(f"{path}: PNG holds 2D images only, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+            pass  # integer-valued floats (e.g. a label read as float) are fine
+        else:
+            raise DataError(f"{path}: PNG stores integers only, got {array.dtype}; use .tif or .nii.gz")
+    lo, hi = (array.min(), array.max()) if array.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise DataError(f"{path}: PNG stores values in [0, 65535], got [{lo}, {hi}]")
+    data = array.astype(np.uint8 if hi <= 255 else np.uint16)
+    Image.fromarray(data).save(tmp, format="PNG")
+
+
+def _write_tiff(tmp: Path, array: np.ndarray) -> None:
+    import tifffile
+
+    tifffile.imwrite(tmp, array, photometric="minisblack")

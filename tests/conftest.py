@@ -1,0 +1,67 @@
+"""Shared fixtures: small synthetic datasets, generated once per test session.
+
+Dataset fixtures return the dataset root (``dataset.json``, ``imagesTr/``,
+``labelsTr/``, ``imagesTs/``, ``labelsTs/``); treat them as read-only, they are shared.
+For other sizes use ``make_synthetic_dataset(**kwargs)`` (arguments of
+:func:`medseg.data.synthetic.make_dataset`; results are cached per argument set).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import medseg  # noqa: F401
+except ImportError:  # tests run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medseg.data.synthetic import make_dataset  # noqa: E402
+
+# 6 training + 2 test cases of 32^3 voxels, spacing (0.8, 0.8, 1.2) mm, LPS-like axes
+SYNTHETIC_3D = dict(cases=6, test_cases=2, size=32, dims=3, seed=0)
+# 8 training + 2 test cases of 64^2 pixels, 2D NIfTI
+SYNTHETIC_2D = dict(cases=8, test_cases=2, size=64, dims=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def make_synthetic_dataset(tmp_path_factory):
+    """Factory: ``make_synthetic_dataset(cases=4, size=48, ...) -> Path`` (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+        if key not in cache:
+            root = tmp_path_factory.mktemp("synthetic") / "dataset"
+            make_dataset(root, **kwargs)
+            cache[key] = root
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset_3d(make_synthetic_dataset) -> Path:
+    """Source-domain 3D vessel trees (:data:`SYNTHETIC_3D`)."""
+    return make_synthetic_dataset(**SYNTHETIC_3D)
+
+
+@pytest.fixture(scope="session")
+def shifted_dataset_3d(make_synthetic_dataset) -> Path:
+    """The same trees as ``synthetic_dataset_3d`` in the shifted domain (other
+    contrast, noise, bias and spacing, hence other shapes; same case names)."""
+    return make_synthetic_dataset(**SYNTHETIC_3D, shifted=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset_2d(make_synthetic_dataset) -> Path:
+    """2D vessel trees as 2D NIfTI (:data:`SYNTHETIC_2D`)."""
+    return make_synthetic_dataset(**SYNTHETIC_2D)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset_2d_png(make_synthetic_dataset) -> Path:
+    """The 2D dataset as natural-image PNGs (uint8 images, 0/1 labels, no geometry)."""
+    return make_synthetic_dataset(**SYNTHETIC_2D, file_ending=".png")

@@ -1,0 +1,340 @@
+"""medseg.data.io: round trips keep array, affine and orientation; bad files are DataErrors."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from medseg.data.io import (
+    SUPPORTED_ENDINGS,
+    ImageGeometry,
+    ending_of,
+    read_image,
+    read_image_channels,
+    strip_ending,
+    write_image,
+)
+from medseg.errors import DataError
+
+VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def oblique_affine() -> np.ndarray:
+    """Rotated about two axes, x/y flipped, anisotropic (0.7, 0.9, 2.5) mm, off-centre."""
+    a, b = math.radians(20), math.radians(-9)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ ry @ np.diag([-1, -1, 1]) @ np.diag([0.7, 0.9, 2.5])
+    affine[:3, 3] = [112.5, -87.25, 41.0]
+    return affine
+
+
+@pytest.fixture
+def volume() -> tuple[np.ndarray, ImageGeometry]:
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(7, 5, 4)).astype(np.float32)  # distinct sizes catch axis swaps
+    return array, ImageGeometry(oblique_affine(), array.shape)
+
+
+# --------------------------------------------------------------------------- geometry
+
+def test_geometry_spacing_axcodes_and_serialisation():
+    geom = ImageGeometry(oblique_affine(), (7, 5, 4))
+    assert geom.spacing == pytest.approx((0.7, 0.9, 2.5))
+    assert ImageGeometry.from_spacing((3, 4), (0.5, 2.0)).spacing == pytest.approx((0.5, 2.0))
+    assert ImageGeometry.from_spacing((2, 2, 2), (1, 1, 1), direction=np.diag([-1, -1, 1])).axcodes == ("L", "P", "S")
+    assert ImageGeometry.from_dict(geom.to_dict()).allclose(geom, atol=0)
+    moved = np.array(geom.affine)
+    moved[0, 3] += 0.01
+    assert not ImageGeometry(moved, geom.shape).allclose(geom)
+    assert not ImageGeometry(geom.affine, (7, 5, 5)).allclose(geom)
+    with pytest.raises(ValueError):
+        geom.affine[0, 0] = 1.0  # read-only: geometry is shared between arrays
+
+
+@pytest.mark.parametrize("name,ending", [("a.nii.gz", ".nii.gz"), ("B.NII", ".nii"), ("x_0000.nrrd", ".nrrd"), ("c.mha", ".mha"), ("d.tiff", ".tiff"), ("e.jpg", ".jpg")])
+def test_ending_of(name, ending):
+    assert ending_of(name) == ending
+
+
+def test_strip_ending():
+    assert strip_ending("dir/case_001_0000.nii.gz") == "case_001_0000"
+    assert strip_ending("case.v2.mha") == "case.v2"
+
+
+# --------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("ending", VOLUME_ENDINGS)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int16])
+def test_volume_round_trip_keeps_array_affine_orientation(tmp_path, volume, ending, dtype):
+    array, geom = volume
+    array = (array * 40).astype(dtype) if dtype != np.float32 else array
+    path = tmp_path / f"img{ending}"
+    write_image(path, array, geom)
+    back, back_geom = read_image(path)
+    assert back.dtype == array.dtype
+    np.testing.assert_array_equal(back, array)
+    assert back_geom.shape == (7, 5, 4)
+    assert back_geom.allclose(geom, atol=1e-4), np.abs(back_geom.affine - geom.affine).max()
+    assert back_geom.axcodes == geom.axcodes
+    assert back_geom.spacing == pytest.approx((0.7, 0.9, 2.5), abs=1e-5)
+
+
+def test_same_scan_reads_identically_from_nifti_and_itk_formats(tmp_path, volume):
+    """A NIfTI converted to NRRD/MHA by SimpleITK itself (RAS->LPS in ITK's reader)
+    reads back with medseg as the same array and the same RAS affine."""
+    array, geom = volume
+    nii = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(array, geom.affine), str(nii))
+    ref_array, ref_geom = read_image(nii)
+    for ending in (".nrrd", ".mha"):
+        out = tmp_path / f"scan{ending}"
+        sitk.WriteImage(sitk.ReadImage(str(nii)), str(out))
+        other, other_geom = read_image(out)
+        np.testing.assert_array_equal(other, ref_array)
+        assert other_geom.allclose(ref_geom, atol=1e-4)
+
+
+def test_itk_world_coordinates_are_converted_lps_to_ras(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), dtype=np.float32))  # sitk: [k, j, i]
+    image.SetSpacing((0.5, 0.75, 3.0))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    path = tmp_path / "itk.nrrd"
+    sitk.WriteImage(image, str(path))
+    array, geom = read_image(path)
+    assert array.shape == (6, 5, 4) == geom.shape
+    for ijk in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
+        ras = geom.affine @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-9)
+
+
+def test_array_axes_are_voxel_order_consistent_with_itk(tmp_path):
+    """Voxel (i, j, k) of medseg's array is sitk's image[i, j, k]."""
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    geom = ImageGeometry.from_spacing(data.shape, (1.0, 2.0, 3.0))
+    path = tmp_path / "order.mha"
+    write_image(path, data, geom)
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize() == (6, 5, 4)
+    assert image[5, 1, 2] == data[5, 1, 2]
+    assert image.GetSpacing() == pytest.approx((1.0, 2.0, 3.0))
+
+
+def test_nifti_affine_uses_sform_as_nibabel_does(tmp_path, volume):
+    array, geom = volume
+    path = tmp_path / "img.nii.gz"
+    write_image(path, array, geom)
+    img = nib.load(str(path))
+    assert int(img.header["sform_code"]) > 0
+    np.testing.assert_allclose(img.affine, geom.affine, atol=1e-4)
+
+
+def test_reference_header_is_copied(tmp_path, volume):
+    array, geom = volume
+    ref = tmp_path / "ref.nii.gz"
+    hdr = nib.Nifti1Header()
+    ref_img = nib.Nifti1Image(array, geom.affine, header=hdr)
+    ref_img.header.set_sform(geom.affine, code="scanner")
+    ref_img.header.set_qform(geom.affine, code="talairach")
+    ref_img.header.set_xyzt_units("mm", "sec")
+    ref_img.header["descrip"] = b"scanner X"
+    nib.save(ref_img, str(ref))
+    seg = (array > 0).astype(np.uint8)
+    out = tmp_path / "seg.nii.gz"
+    write_image(out, seg, geom, reference_path=ref)
+    got = nib.load(str(out)).header
+    want = nib.load(str(ref)).header
+    for key in ("sform_code", "qform_code", "xyzt_units", "descrip", "srow_x", "srow_y", "srow_z", "quatern_b", "pixdim"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert got.get_data_dtype() == np.uint8
+    back, back_geom = read_image(out)
+    np.testing.assert_array_equal(back, seg)
+    assert back_geom.allclose(geom)
+
+
+def test_reference_of_other_format_is_ignored(tmp_path, volume):
+    array, geom = volume
+    ref = tmp_path / "ref.nrrd"
+    write_image(ref, array, geom)
+    out = tmp_path / "seg.nii.gz"
+    write_image(out, array, geom, reference_path=ref)
+    assert read_image(out)[1].allclose(geom)
+
+
+def test_bool_and_int64_are_stored(tmp_path):
+    geom = ImageGeometry.from_spacing((4, 4, 2), (1.0, 1.0, 1.0))
+    mask = np.zeros((4, 4, 2), dtype=bool)
+    mask[1, 2, 1] = True
+    write_image(tmp_path / "m.nii.gz", mask, geom)
+    back, _ = read_image(tmp_path / "m.nii.gz")
+    assert back.dtype == np.uint8 and back[1, 2, 1] == 1 and back.sum() == 1
+    labels = np.arange(32, dtype=np.int64).reshape(4, 4, 2)
+    write_image(tmp_path / "l.nii.gz", labels, geom)
+    np.testing.assert_array_equal(read_image(tmp_path / "l.nii.gz")[0], labels)
+
+
+def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    geom = ImageGeometry.identity((4, 3))
+    path = tmp_path / "x.png"
+    write_image(path, np.full((4, 3), 7, dtype=np.uint8), geom)
+    before = path.read_bytes()
+    with pytest.raises(DataError, match="x.png"):
+        write_image(path, np.full((4, 3), 0.5, dtype=np.float32), geom)  # PNG can't hold 0.5
+    assert path.read_bytes() == before
+    with pytest.raises(DataError, match="shape"):
+        write_image(tmp_path / "y.nii.gz", np.zeros((4, 4)), geom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+    write_image(path, np.full((4, 3), 9, dtype=np.uint8), geom)  # overwrite works
+    assert read_image(path)[0][0, 0] == 9
+
+
+# --------------------------------------------------------------------------- 2D
+
+@pytest.mark.parametrize("ending", [".png", ".tif", ".tiff"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_2d_natural_image_round_trip(tmp_path, ending, dtype):
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 250 if dtype == np.uint8 else 60000, size=(9, 6)).astype(dtype)
+    path = tmp_path / f"img{ending}"
+    write_image(path, array, ImageGeometry.identity(array.shape))
+    back, geom = read_image(path)
+    assert back.shape == (9, 6) and geom.shape == (9, 6)
+    np.testing.assert_array_equal(back, array)
+    assert geom.spacing == (1.0, 1.0)
+    np.testing.assert_array_equal(geom.affine, np.eye(4))
+
+
+def test_2d_rows_are_the_first_axis_as_in_nnunet(tmp_path):
+    array = np.zeros((3, 5), dtype=np.uint8)
+    array[2, 4] = 1
+    Image.fromarray(array).save(tmp_path / "p.png")
+    back, _ = read_image(tmp_path / "p.png")
+    assert back[2, 4] == 1 and back.shape == (3, 5)
+
+
+def test_tif_float_round_trip(tmp_path):
+    array = np.random.default_rng(2).normal(size=(8, 7)).astype(np.float32)
+    write_image(tmp_path / "f.tif", array, ImageGeometry.identity(array.shape))
+    np.testing.assert_array_equal(read_image(tmp_path / "f.tif")[0], array)
+
+
+def test_rgb_png_reads_as_three_channels(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 255, size=(6, 4, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    channels, geom = read_image_channels(tmp_path / "rgb.png")
+    assert channels.shape == (3, 6, 4) and geom.shape == (6, 4)
+    np.testing.assert_array_equal(channels[1], rgb[..., 1])
+    with pytest.raises(DataError, match="rgb.png.*3 channels"):
+        read_image(tmp_path / "rgb.png")
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (9, 6, 1)])
+def test_2d_nifti_reads_as_2d_and_keeps_affine(tmp_path, shape):
+    affine = np.diag([0.5, -0.25, 3.0, 1.0])
+    affine[:3, 3] = [1, 2, 3]
+    array = np.arange(54, dtype=np.float32).reshape(shape)
+    nib.save(nib.Nifti1Image(array, affine), str(tmp_path / "s.nii.gz"))
+    back, geom = read_image(tmp_path / "s.nii.gz")
+    assert back.shape == (9, 6) and geom.shape == (9, 6)
+    np.testing.assert_array_equal(back, array.reshape(9, 6))
+    np.testing.assert_allclose(geom.affine, affine)
+    assert geom.spacing == pytest.approx((0.5, 0.25))
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nrrd"])
+def test_2d_volume_formats_round_trip_with_spacing(tmp_path, ending):
+    array = np.random.default_rng(4).normal(size=(8, 5)).astype(np.float32)
+    geom = ImageGeometry.from_spacing(array.shape, (0.6, 1.7), origin=(4.0, -3.0), direction=np.diag([-1.0, 1.0, 1.0]))
+    write_image(tmp_path / f"s{ending}", array, geom)
+    back, back_geom = read_image(tmp_path / f"s{ending}")
+    np.testing.assert_array_equal(back, array)
+    assert back_geom.shape == (8, 5)
+    np.testing.assert_allclose(back_geom.affine[:2, [0, 1, 3]], geom.affine[:2, [0, 1, 3]], atol=1e-5)
+
+
+def test_msd_4d_nifti_reads_channels_first(tmp_path):
+    data = np.random.default_rng(5).normal(size=(5, 4, 3, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "brats.nii.gz"))
+    channels, geom = read_image_channels(tmp_path / "brats.nii.gz")
+    assert channels.shape == (2, 5, 4, 3) and geom.shape == (5, 4, 3)
+    np.testing.assert_array_equal(channels[1], data[..., 1])
+
+
+# --------------------------------------------------------------------------- bad files
+
+def _write_valid(path):
+    array = np.random.default_rng(6).normal(size=(24, 20, 16)).astype(np.float32)
+    if ending_of(path) in (".png", ".tif"):
+        array = (np.abs(array[..., 0]) * 50).astype(np.uint8)
+    write_image(path, array, ImageGeometry.identity(array.shape))
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif"])
+def test_truncated_file_is_data_error_naming_it(tmp_path, ending):
+    path = tmp_path / f"case_007_0000{ending}"
+    _write_valid(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"case_007_0000" + ending.replace(".", r"\.")) as info:
+        read_image(path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nrrd", ".mha", ".png", ".tif"])
+def test_garbage_file_is_data_error(tmp_path, ending):
+    path = tmp_path / f"junk{ending}"
+    path.write_bytes(b"this is not an image" * 10)
+    with pytest.raises(DataError, match="junk"):
+        read_image(path)
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(DataError, match="nothere.nii.gz: file not found"):
+        read_image(tmp_path / "nothere.nii.gz")
+    (tmp_path / "scan.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="scan.jpg: unsupported file ending"):
+        read_image(tmp_path / "scan.jpg")
+    with pytest.raises(DataError, match="unsupported"):
+        write_image(tmp_path / "out.jpg", np.zeros((2, 2)), ImageGeometry.identity((2, 2)))
+
+
+def test_supported_endings_are_the_contract():
+    assert SUPPORTED_ENDINGS == (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff")
+
+
+def test_big_endian_nifti_reads_native(tmp_path):
+    data = np.arange(24, dtype=">i2").reshape(2, 3, 4)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.set_data_dtype(">i2")
+    nib.save(img, str(tmp_path / "be.nii"))
+    back, _ = read_image(tmp_path / "be.nii")
+    assert back.dtype.isnative
+    np.testing.assert_array_equal(back, data)
+    assert os.path.getsize(tmp_path / "be.nii") > 0
+
+
+def test_reference_keeps_2d_nifti_on_disk_shape_and_resets_value_fields(tmp_path):
+    ref = tmp_path / "scan.nii.gz"
+    img = nib.Nifti1Image(np.random.default_rng(7).normal(size=(9, 6, 1)).astype(np.float32), np.diag([0.5, 0.5, 2.0, 1.0]))
+    img.header.set_intent("vector")
+    img.header["cal_max"] = 99.0
+    nib.save(img, str(ref))
+    array, geom = read_image(ref)
+    assert array.shape == (9, 6)
+    out = tmp_path / "seg.nii.gz"
+    write_image(out, (array > 0).astype(np.uint8), geom, reference_path=ref)
+    written = nib.load(str(out))
+    assert written.shape == (9, 6, 1)
+    assert written.header.get_intent()[0] == "none" and float(written.header["cal_max"]) == 0.0
+    back, back_geom = read_image(out)
+    np.testing.assert_array_equal(back, array > 0)
+    assert back_geom.allclose(geom)
