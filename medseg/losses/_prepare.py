@@ -1,0 +1,123 @@
+"""Shared input handling of medseg's losses: activation, one-hot targets, channel selection.
+
+Every medseg loss receives the network's raw output (B, C, *spatial) and an integer label
+map (B, 1, *spatial) (or an already one-hot target (B, C, *spatial)). The MONAI arguments
+``sigmoid``, ``softmax`` and ``to_onehot_y`` keep their meaning, but their default is
+``None`` = *inferred from the number of channels*:
+
+- C == 1: a binary head. ``sigmoid`` is applied, the target is used as it is (values 0/1),
+  and the single channel is the foreground, so ``include_background`` has no effect. This
+  is the case MONAI's clDice got wrong (MONAI issue 8239: the only channel was dropped as
+  "background" and the loss became a constant).
+- C > 1: ``softmax`` over the channels and a one-hot target with C classes.
+
+Pass ``True``/``False`` explicitly to override (e.g. ``sigmoid=True`` with C > 1 for
+multi-label heads, or ``sigmoid=False`` when the input already holds probabilities).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks import one_hot
+
+#: Floor of every denominator in medseg's losses, so that smoothing terms of 0 never give 0/0.
+EPS = 1e-6
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    return reduction
+
+
+def check_activation_flags(sigmoid: bool | None, softmax: bool | None) -> None:
+    if sigmoid and softmax:
+        raise ValueError("sigmoid=True and softmax=True are incompatible; set at most one")
+
+
+def resolve_activation(n_channels: int, sigmoid: bool | None, softmax: bool | None) -> str:
+    """'sigmoid', 'softmax' or 'none' for an input with ``n_channels`` channels."""
+    if sigmoid:
+        return "sigmoid"
+    if softmax:
+        if n_channels == 1:
+            raise ValueError("softmax=True needs more than one output channel (got 1); use sigmoid")
+        return "softmax"
+    if sigmoid is None and softmax is None:
+        return "sigmoid" if n_channels == 1 else "softmax"
+    # One flag explicitly False and the other unset: only the explicit choice is honoured.
+    if sigmoid is None and n_channels == 1:
+        return "sigmoid"
+    if softmax is None and n_channels > 1:
+        return "softmax"
+    return "none"
+
+
+def activate(input: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "sigmoid":
+        return torch.sigmoid(input)
+    if activation == "softmax":
+        return torch.softmax(input, dim=1)
+    return input
+
+
+def target_as_channels(target: torch.Tensor, n_channels: int, to_onehot_y: bool | None) -> torch.Tensor:
+    """The target with ``n_channels`` channels, as a float tensor."""
+    if target.dim() < 3:
+        raise ValueError(f"target must be (B, 1 or C, *spatial), got shape {tuple(target.shape)}")
+    if to_onehot_y is None:
+        to_onehot_y = n_channels > 1 and target.shape[1] == 1
+    if to_onehot_y and n_channels > 1:
+        if target.shape[1] != 1:
+            raise ValueError(f"to_onehot_y needs a (B, 1, ...) label map, got shape {tuple(target.shape)}")
+        target = one_hot(target.long(), num_classes=n_channels, dim=1)
+    target = target.float()
+    if target.shape[1] != n_channels:
+        raise ValueError(
+            f"target has {target.shape[1]} channels but input has {n_channels}; "
+            "pass an integer label map (B, 1, ...) or a one-hot target (B, C, ...)"
+        )
+    return target
+
+
+def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    if input.dim() not in (4, 5):
+        raise ValueError(f"{name}: input must be (B, C, H, W) or (B, C, H, W, D), got shape {tuple(input.shape)}")
+    if target.dim() != input.dim():
+        raise ValueError(
+            f"{name}: input {tuple(input.shape)} and target {tuple(target.shape)} must have the same number of "
+            "dimensions; give the target a channel axis (B, 1, ...)"
+        )
+    if target.shape[0] != input.shape[0] or target.shape[2:] != input.shape[2:]:
+        raise ValueError(f"{name}: input {tuple(input.shape)} and target {tuple(target.shape)} differ in batch or spatial size")
+
+
+def probabilities_and_target(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    sigmoid: bool | None,
+    softmax: bool | None,
+    to_onehot_y: bool | None,
+    include_background: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activated input and channel-matched target, with channel 0 dropped where asked.
+
+    With a single channel nothing is dropped: that channel is the foreground.
+    """
+    n = input.shape[1]
+    probs = activate(input, resolve_activation(n, sigmoid, softmax))
+    tgt = target_as_channels(target, n, to_onehot_y)
+    if not include_background and n > 1:
+        probs, tgt = probs[:, 1:], tgt[:, 1:]
+    return probs, tgt
+
+
+def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values

@@ -1,0 +1,173 @@
+"""Dice and Dice + cross-entropy: thin wrappers of MONAI's losses with medseg's activation rule.
+
+The computation is MONAI's (``monai.losses.DiceLoss``, ``monai.losses.DiceCELoss``); what
+the wrappers add is the activation chosen from the number of channels (see
+:mod:`medseg.losses._prepare`): a 1-channel head gets sigmoid and, in Dice+CE, binary
+cross-entropy on the logits (MONAI's ``DiceCELoss`` switches to ``BCEWithLogitsLoss`` when
+``input.shape[1] == 1``); a C-channel head gets softmax, a one-hot target for Dice and
+cross-entropy on the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.losses import DiceCELoss as _MonaiDiceCELoss
+from monai.losses import DiceLoss as _MonaiDiceLoss
+from torch import nn
+
+from medseg.losses._prepare import check_activation_flags, check_input, resolve_activation
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss (Milletari et al., V-Net, 3DV 2016), computed by MONAI's ``DiceLoss``.
+
+    Per sample and class, ``L = 1 - (2·Σ p·g + smooth_nr) / (Σ p + Σ g + smooth_dr)``,
+    averaged over classes, then reduced over the batch. ``input`` is the raw network output
+    (B, C, H, W[, D]), ``target`` an integer label map (B, 1, ...) or one-hot (B, C, ...).
+
+    Args:
+        include_background: if False, channel 0 (background) is left out; ignored for a
+            1-channel head, whose only channel is the foreground.
+        to_onehot_y: one-hot the target to C classes. ``None``: when C > 1 and the target
+            has one channel.
+        sigmoid: apply sigmoid to ``input``. ``None``: when C == 1.
+        softmax: apply softmax to ``input``. ``None``: when C > 1.
+        squared_pred: squared predictions and targets in the denominator.
+        jaccard: soft Jaccard (IoU) instead of Dice.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch (and classes).
+        smooth_nr: added to the numerator.
+        smooth_dr: added to the denominator.
+        batch: sum intersection and union over the batch before the ratio.
+        class_weights: one weight per (kept) class. Called ``weight`` in MONAI; renamed
+            because ``weight`` is the term's weight in a medseg loss config.
+
+    Raises:
+        ValueError: ``sigmoid`` and ``softmax`` both True, or ``softmax`` with one channel.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool | None = None,
+        sigmoid: bool | None = None,
+        softmax: bool | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        check_activation_flags(sigmoid, softmax)
+        self.include_background = include_background
+        self.to_onehot_y = to_onehot_y
+        self.sigmoid = sigmoid
+        self.softmax = softmax
+        self._kwargs = dict(
+            squared_pred=squared_pred,
+            jaccard=jaccard,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+        )
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        # Validate the MONAI arguments now rather than at the first batch.
+        _MonaiDiceLoss(**self._kwargs)
+        self._cache: dict[tuple, nn.Module] = {}
+
+    def _monai_flags(self, n_channels: int) -> dict:
+        activation = resolve_activation(n_channels, self.sigmoid, self.softmax)
+        to_onehot = self.to_onehot_y if self.to_onehot_y is not None else n_channels > 1
+        return dict(
+            # A 1-channel head has no background channel to drop.
+            include_background=self.include_background or n_channels == 1,
+            to_onehot_y=bool(to_onehot) and n_channels > 1,
+            sigmoid=activation == "sigmoid",
+            softmax=activation == "softmax",
+        )
+
+    def _loss_for(self, input: torch.Tensor, target: torch.Tensor) -> nn.Module:
+        flags = self._monai_flags(input.shape[1])
+        if flags["to_onehot_y"] and target.shape[1] != 1:
+            flags["to_onehot_y"] = False  # already one-hot
+        key = (tuple(sorted(flags.items())), input.device, input.dtype)
+        if key not in self._cache:
+            weight = None
+            if self.class_weights is not None:
+                weight = torch.tensor(self.class_weights, dtype=input.dtype, device=input.device)
+            self._cache[key] = self._build(flags, weight)
+        return self._cache[key]
+
+    def _build(self, flags: dict, weight: torch.Tensor | None) -> nn.Module:
+        return _MonaiDiceLoss(**flags, **self._kwargs, weight=weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_input(input, target, type(self).__name__)
+        return self._loss_for(input, target)(input, target.to(input.dtype) if input.shape[1] == 1 else target)
+
+
+class DiceCELoss(DiceLoss):
+    """Dice + cross-entropy, ``lambda_dice·Dice + lambda_ce·CE``, computed by MONAI's ``DiceCELoss``.
+
+    The Dice part is :class:`DiceLoss`. The cross-entropy is taken on the raw logits:
+    ``CrossEntropyLoss`` for C > 1 (label map or one-hot target), ``BCEWithLogitsLoss`` for a
+    1-channel head (MONAI selects it from ``input.shape[1] == 1``). This is nnU-Net's default
+    training loss (Isensee et al., Nature Methods 2021).
+
+    Args:
+        include_background, to_onehot_y, sigmoid, softmax, squared_pred, jaccard, smooth_nr,
+        smooth_dr, batch, class_weights: as in :class:`DiceLoss` (``class_weights`` also
+            weights the cross-entropy, or is BCE's ``pos_weight`` for one channel).
+        reduction: ``"mean"`` or ``"sum"`` (MONAI's Dice+CE cannot return per-sample values).
+        lambda_dice: weight of the Dice part (>= 0).
+        lambda_ce: weight of the cross-entropy part (>= 0).
+        label_smoothing: cross-entropy label smoothing in [0, 1].
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool | None = None,
+        sigmoid: bool | None = None,
+        softmax: bool | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        class_weights: Sequence[float] | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        nn.Module.__init__(self)
+        check_activation_flags(sigmoid, softmax)
+        self.include_background = include_background
+        self.to_onehot_y = to_onehot_y
+        self.sigmoid = sigmoid
+        self.softmax = softmax
+        self._kwargs = dict(
+            squared_pred=squared_pred,
+            jaccard=jaccard,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            lambda_dice=lambda_dice,
+            lambda_ce=lambda_ce,
+            label_smoothing=label_smoothing,
+        )
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        _MonaiDiceCELoss(**self._kwargs)
+        self._cache = {}
+
+    def _build(self, flags: dict, weight: torch.Tensor | None) -> nn.Module:
+        return _MonaiDiceCELoss(**flags, **self._kwargs, weight=weight)

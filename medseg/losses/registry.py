@@ -1,0 +1,277 @@
+"""Loss names -> loss modules, and the weighted sum a run config asks for.
+
+A run config lists loss terms, each ``{name, weight, **params}``::
+
+    losses:
+      - {name: dice_ce, weight: 1.0}
+      - {name: cldice, weight: 0.5, iterations: 5}
+
+:func:`build_loss` turns that list into a :class:`CompositeLoss`; :func:`get_loss` builds
+one loss by name. Parameters are checked against the loss's constructor, so a typo is an
+error that names the loss and the parameter instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from medseg.config import LossTerm
+from medseg.errors import ConfigError
+
+
+def _import(module: str, attr: str) -> Callable[[], type]:
+    def load() -> type:
+        return getattr(importlib.import_module(module), attr)
+
+    return load
+
+
+# Each entry is loaded on first use. betti_matching lives in a module written separately
+# (issue B); the registry must work, and name it, whether or not that module is present.
+_REGISTRY: dict[str, Callable[[], type]] = {
+    "dice": _import("medseg.losses.dice", "DiceLoss"),
+    "dice_ce": _import("medseg.losses.dice", "DiceCELoss"),
+    "cldice": _import("medseg.losses.cldice", "SoftclDiceLoss"),
+    "skeleton_recall": _import("medseg.losses.skeleton_recall", "SkeletonRecallLoss"),
+    "mip": _import("medseg.losses.mip", "MIPLoss"),
+    "sauna": _import("medseg.losses.sauna", "SaunaLoss"),
+    "betti_matching": _import("medseg.losses.betti_matching", "BettiMatchingLoss"),
+}
+
+#: Every loss name a config may use.
+LOSS_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def _loss_class(name: str, where: str) -> type:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, LOSS_NAMES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: unknown loss '{name}'{hint}; valid: {', '.join(LOSS_NAMES)}")
+    try:
+        return _REGISTRY[name]()
+    except ModuleNotFoundError as err:
+        raise ConfigError(
+            f"{where} ({name}): this loss is not available in this installation "
+            f"(module {err.name or 'unknown'} is missing)"
+        ) from None
+    except ImportError as err:
+        raise ConfigError(f"{where} ({name}): this loss could not be loaded: {err}") from None
+
+
+def _parameters(cls: type) -> tuple[list[str], bool]:
+    """Constructor parameter names, and whether it takes ``**kwargs``."""
+    sig = inspect.signature(cls.__init__)
+    names, var_kw = [], False
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.append(p.name)
+    return names, var_kw
+
+
+def _make(name: str, params: Mapping[str, Any], where: str) -> nn.Module:
+    cls = _loss_class(name, where)
+    valid, var_kw = _parameters(cls)
+    if not var_kw:
+        for key in params:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"{where} ({name}): unknown parameter '{key}'{hint}; valid: {', '.join(valid) or '(none)'}"
+                )
+    try:
+        return cls(**params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where} ({name}): {err}") from None
+
+
+def get_loss(name: str, **params: Any) -> nn.Module:
+    """The loss called ``name``, built with ``params``; called as ``loss(input, target)``.
+
+    ``input`` is the raw network output (B, C, *spatial), ``target`` the integer label map
+    (B, 1, *spatial). Activations default to sigmoid for one channel and softmax for more
+    (see :mod:`medseg.losses._prepare`).
+
+    Raises:
+        ConfigError: unknown name, unknown parameter, or a bad parameter value.
+    """
+    return _make(name, params, "loss")
+
+
+def _accepts(module_cls: type, key: str) -> bool:
+    valid, var_kw = _parameters(module_cls)
+    return key in valid or var_kw
+
+
+def _term_name(name: str, seen: dict[str, int]) -> str:
+    seen[name] = seen.get(name, 0) + 1
+    return name if seen[name] == 1 else f"{name}_{seen[name]}"
+
+
+class CompositeLoss(nn.Module):
+    """``total = Σ weight_i · term_i(input, target)``, with each term's value for logging.
+
+    ``forward(input, target, batch)`` returns ``(total, parts)`` where ``parts`` maps each
+    term's unique name (``'cldice'``, ``'cldice_2'`` when repeated) to its detached,
+    *unweighted* value. Terms that can use a target precomputed by the data pipeline
+    (``skeleton_recall``: ``'skeleton'``, ``sauna``: ``'sauna'``, ``mip`` with
+    ``target_projection='volume'``: ``'label_mip'``) receive ``batch[key]`` when present.
+    The terms see ``input`` as float32, also under mixed precision.
+    """
+
+    def __init__(self, terms: Iterable[tuple[str, float, nn.Module]], out_channels: int) -> None:
+        super().__init__()
+        terms = list(terms)
+        if not terms:
+            raise ConfigError("losses: at least one loss term is required")
+        self.names = [t[0] for t in terms]
+        self.weights = [float(t[1]) for t in terms]
+        self.terms = nn.ModuleList(t[2] for t in terms)
+        self.out_channels = out_channels
+
+    @property
+    def derived_target_keys(self) -> set[str]:
+        """Batch keys that the terms read when present (and compute themselves otherwise)."""
+        keys: set[str] = set()
+        for term in self.terms:
+            keys.update(getattr(term, "batch_keys", {}) or {})
+        return keys
+
+    @property
+    def output_activation(self) -> str:
+        """How the model's output becomes a map: 'tanh' if every term is a regression, else
+        'sigmoid' (1 channel) or 'softmax'. In all cases the mask is ``output > 0`` for one
+        channel and the argmax for more."""
+        if all(getattr(t, "output_activation", None) == "tanh" for t in self.terms):
+            return "tanh"
+        return "sigmoid" if self.out_channels == 1 else "softmax"
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Sums over a 96^3 patch overflow float16; the terms are computed in float32 even
+        # when the network runs under autocast.
+        input = input.float()
+        total = torch.zeros((), device=input.device)
+        parts: dict[str, torch.Tensor] = {}
+        for name, weight, term in zip(self.names, self.weights, self.terms):
+            extra = {}
+            if batch is not None:
+                for key, arg in (getattr(term, "batch_keys", {}) or {}).items():
+                    if key in batch and batch[key] is not None:
+                        value = batch[key]
+                        extra[arg] = value.to(input.device) if isinstance(value, torch.Tensor) else value
+            value = term(input, target, **extra)
+            if value.dim() != 0:
+                raise ValueError(f"loss term '{name}' returned shape {tuple(value.shape)}; a scalar is required")
+            value = _plain(value)
+            parts[name] = value.detach()
+            total = total + weight * value
+        return total, parts
+
+    def target_transforms(self) -> list:
+        """MONAI dictionary transforms (on key 'label') that precompute the terms' targets.
+
+        To run after spatial augmentation and cropping; see :func:`required_target_transforms`.
+        """
+        from medseg.data.topology_targets import SaunaTargetd, SkeletonTubed
+
+        transforms, done = [], set()
+        for term in self.terms:
+            keys = getattr(term, "batch_keys", {}) or {}
+            if "skeleton" in keys and "skeleton" not in done:
+                transforms.append(SkeletonTubed("label", "skeleton", term.tube_radius, term.footprint))
+                done.add("skeleton")
+            if "sauna" in keys and "sauna" not in done:
+                transforms.append(
+                    SaunaTargetd(
+                        "label",
+                        "sauna",
+                        num_classes=self.out_channels,
+                        spacing=term.spacing,
+                        inside_window=term.inside_window,
+                        outside_window=term.outside_window,
+                    )
+                )
+                done.add("sauna")
+        return transforms
+
+    def pre_crop_transforms(self) -> list:
+        """Transforms to run on the whole volume *before* cropping (the MIP loss's
+        ``target_projection='volume'``: writes 'label_mip', which the crop must also cut)."""
+        from medseg.data.topology_targets import LabelProjectiond
+
+        for term in self.terms:
+            if "label_mip" in (getattr(term, "batch_keys", {}) or {}):
+                axes = [a if isinstance(a, int) else {"x": 0, "y": 1, "z": 2}[a] for a in term.axes]
+                return [LabelProjectiond("label", "label_mip", axes=axes)]
+        return []
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (MONAI's MetaTensor inputs propagate into the loss values), same graph."""
+    return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
+    """The weighted sum of the config's loss terms for a model with ``out_channels`` outputs.
+
+    Activation convention: for ``out_channels == 1`` every term that takes ``sigmoid`` gets
+    ``sigmoid=True`` (a binary sigmoid head); for ``out_channels > 1``, ``softmax=True`` and
+    ``to_onehot_y=True``. A value the user set in the term wins.
+
+    Raises:
+        ConfigError: naming the term (``losses[1] (cldice): unknown parameter 'iteratons';
+            valid: ...``) for an unknown loss or parameter, a bad value, ``softmax`` with one
+            output channel, or a term that does not return a scalar (``reduction='none'``).
+    """
+    if out_channels < 1:
+        raise ConfigError(f"losses: out_channels must be >= 1, got {out_channels}")
+    if not terms:
+        raise ConfigError("losses: at least one loss term is required")
+    built, seen = [], {}
+    for i, term in enumerate(terms):
+        if not isinstance(term, LossTerm):
+            term = LossTerm.model_validate(term)
+        where = f"losses[{i}]"
+        params = term.params()
+        cls = _loss_class(term.name, where)
+        if params.get("reduction") == "none":
+            raise ConfigError(f"{where} ({term.name}): reduction 'none' gives no scalar to train on; use 'mean' or 'sum'")
+        if out_channels == 1 and params.get("softmax"):
+            raise ConfigError(f"{where} ({term.name}): softmax=True needs out_channels > 1 (the model has 1)")
+        defaults = (
+            {"sigmoid": True, "softmax": False}
+            if out_channels == 1
+            else {"softmax": True, "sigmoid": False, "to_onehot_y": True}
+        )
+        if params.get("sigmoid") and out_channels > 1:
+            defaults = {"softmax": False}  # multi-label sigmoid head chosen by the user
+        for key, value in defaults.items():
+            if key not in params and _accepts(cls, key):
+                params[key] = value
+        module = _make(term.name, params, where)
+        built.append((_term_name(term.name, seen), term.weight, module))
+    return CompositeLoss(built, out_channels)
+
+
+def required_target_transforms(terms: list[LossTerm] | CompositeLoss, out_channels: int | None = None) -> list:
+    """MONAI dictionary transforms that precompute the derived targets of ``terms``.
+
+    They read key ``'label'`` and write ``'skeleton'`` (for ``skeleton_recall``) and
+    ``'sauna'`` (for ``sauna``), and belong in the training pipeline after spatial
+    augmentation and cropping. Losses whose key is missing from the batch compute the target
+    themselves (slower). ``out_channels`` sets the SAUNA target's channels; it is taken
+    from a :class:`CompositeLoss`, and defaults to 1 for a list of terms.
+    """
+    composite = terms if isinstance(terms, CompositeLoss) else build_loss(list(terms), out_channels or 1)
+    return composite.target_transforms()

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from medseg.evaluation.cldice_metric import cldice_metric
+
+
+def _line():
+    ref = np.zeros((9, 9), bool)
+    ref[4, 1:8] = True
+    return ref
+
+
+def test_identical_masks():
+    assert cldice_metric(_line(), _line()) == 1.0
+
+
+def test_broken_line_hand_computed():
+    ref = _line()
+    pred = ref.copy()
+    pred[4, 4] = False
+    # Tprec = 6/6, Tsens = 6/7 -> 2·(6/7) / (13/7) = 12/13
+    assert cldice_metric(pred, ref) == pytest.approx(12 / 13)
+    assert cldice_metric(ref, pred) == pytest.approx(12 / 13)  # symmetric
+
+
+def test_empty_conventions():
+    empty = np.zeros((9, 9), bool)
+    assert cldice_metric(empty, empty) == 1.0
+    assert cldice_metric(empty, _line()) == 0.0
+    assert cldice_metric(_line(), empty) == 0.0
+
+
+def test_disjoint_structures_score_zero():
+    other = np.zeros((9, 9), bool)
+    other[1, 1:8] = True
+    assert cldice_metric(other, _line()) == 0.0
+
+
+def test_3d_tube_broken_in_the_middle():
+    ref = np.zeros((7, 7, 14), bool)
+    ref[2:5, 2:5, 1:13] = True
+    pred = ref.copy()
+    pred[:, :, 6:8] = False
+    value = cldice_metric(pred, ref)
+    assert 0.7 < value < 1.0
+    assert cldice_metric(ref.astype(np.uint8) * 3, ref) == 1.0  # any non-zero is foreground
+
+
+def test_shape_checks():
+    with pytest.raises(ValueError, match="shapes differ"):
+        cldice_metric(np.zeros((4, 4)), np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        cldice_metric(np.zeros(4), np.zeros(4))

@@ -1,0 +1,183 @@
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from medseg.config import LossTerm
+from medseg.data.topology_targets import SaunaTargetd, SkeletonTubed
+from medseg.errors import ConfigError
+from medseg.losses import LOSS_NAMES, CompositeLoss, build_loss, get_loss, required_target_transforms
+from medseg.losses.cldice import SoftclDiceLoss
+
+
+def _terms(*items):
+    return [LossTerm(**item) for item in items]
+
+
+def _line_batch(channels=1):
+    target = torch.zeros(2, 1, 10, 10, dtype=torch.long)
+    target[:, :, 4:6, 1:9] = 1
+    logits = torch.randn(2, channels, 10, 10, generator=torch.Generator().manual_seed(0))
+    return logits, target
+
+
+def test_names():
+    assert LOSS_NAMES == ("dice", "dice_ce", "cldice", "skeleton_recall", "mip", "sauna", "betti_matching")
+
+
+def test_unknown_loss_names_the_choices():
+    with pytest.raises(ConfigError, match=r"losses\[0\]: unknown loss 'cldcie' \(did you mean 'cldice'\?\); valid: dice, "):
+        build_loss(_terms({"name": "cldcie"}), 1)
+    with pytest.raises(ConfigError, match="unknown loss 'nope'"):
+        get_loss("nope")
+
+
+def test_unknown_parameter_names_loss_and_parameter():
+    with pytest.raises(ConfigError) as err:
+        build_loss(_terms({"name": "dice_ce"}, {"name": "cldice", "iteratons": 3}), 1)
+    msg = str(err.value)
+    assert msg.startswith("losses[1] (cldice): unknown parameter 'iteratons'")
+    assert "valid: iterations, alpha, smooth" in msg
+
+
+def test_bad_value_names_the_loss():
+    with pytest.raises(ConfigError, match=r"losses\[0\] \(cldice\): alpha must be in \[0, 1\]"):
+        build_loss(_terms({"name": "cldice", "alpha": 2.0}), 1)
+    with pytest.raises(ConfigError, match=r"^loss \(mip\): axes: 'w'"):
+        get_loss("mip", axes="w")
+
+
+def test_softmax_with_one_channel_and_reduction_none_are_rejected():
+    with pytest.raises(ConfigError, match="softmax=True needs out_channels > 1"):
+        build_loss(_terms({"name": "dice", "softmax": True}), 1)
+    with pytest.raises(ConfigError, match="reduction 'none'"):
+        build_loss(_terms({"name": "cldice", "reduction": "none"}), 2)
+
+
+def test_activation_convention_from_out_channels():
+    binary = build_loss(_terms({"name": "cldice"}, {"name": "dice_ce"}), 1)
+    assert binary.terms[0].sigmoid is True and binary.terms[0].softmax is False
+    multi = build_loss(_terms({"name": "cldice"}), 3)
+    assert multi.terms[0].softmax is True and multi.terms[0].to_onehot_y is True
+    # the user's choice wins
+    user = build_loss(_terms({"name": "cldice", "sigmoid": False}), 1)
+    assert user.terms[0].sigmoid is False
+    # sauna takes no activation flags and gets none
+    assert not hasattr(build_loss(_terms({"name": "sauna"}), 1).terms[0], "sigmoid")
+
+
+def test_composite_total_is_weighted_sum_and_names_are_unique():
+    logits, target = _line_batch()
+    logits.requires_grad_(True)
+    comp = build_loss(
+        _terms({"name": "dice_ce", "weight": 1.0}, {"name": "cldice", "weight": 0.5, "iterations": 5}, {"name": "cldice", "weight": 0.25}),
+        1,
+    )
+    assert isinstance(comp, CompositeLoss)
+    assert comp.terms[1].iterations == 5 and comp.terms[2].iterations == 3
+    total, parts = comp(logits, target)
+    assert list(parts) == ["dice_ce", "cldice", "cldice_2"]
+    expected = parts["dice_ce"] + 0.5 * parts["cldice"] + 0.25 * parts["cldice_2"]
+    assert torch.allclose(total, expected)
+    assert all(not p.requires_grad for p in parts.values())
+    manual = get_loss("cldice", iterations=5, sigmoid=True)(logits, target)
+    assert torch.allclose(parts["cldice"], manual)
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_derived_target_keys():
+    assert build_loss(_terms({"name": "dice_ce"}), 1).derived_target_keys == set()
+    comp = build_loss(_terms({"name": "dice_ce"}, {"name": "skeleton_recall"}, {"name": "sauna"}), 1)
+    assert comp.derived_target_keys == {"skeleton", "sauna"}
+    assert build_loss(_terms({"name": "mip"}), 1).derived_target_keys == set()
+    assert build_loss(_terms({"name": "mip", "target_projection": "volume"}), 1).derived_target_keys == {"label_mip"}
+
+
+def test_required_target_transforms_match_the_terms_and_feed_the_batch_path():
+    terms = _terms({"name": "dice_ce"}, {"name": "skeleton_recall", "tube_radius": 1}, {"name": "sauna"})
+    transforms = required_target_transforms(terms)
+    assert [type(t) for t in transforms] == [SkeletonTubed, SaunaTargetd]
+    assert transforms[0].transform.tube_radius == 1
+    assert required_target_transforms(_terms({"name": "dice"})) == []
+
+    logits, target = _line_batch()
+    comp = build_loss(terms, 1)
+    samples = [{"label": target[b]} for b in range(2)]
+    for t in transforms:
+        samples = [t(s) for s in samples]
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("skeleton", "sauna")}
+    assert batch["skeleton"].shape == target.shape and batch["sauna"].shape == (2, 1, 10, 10)
+    fast_total, fast = comp(logits, target, batch)
+    slow_total, slow = comp(logits, target)
+    for key in fast:
+        assert torch.allclose(fast[key], slow[key], atol=1e-6), key
+    # the batch value is really used: a different skeleton changes the term
+    other = dict(batch, skeleton=torch.zeros_like(batch["skeleton"]))
+    _, changed = comp(logits, target, other)
+    assert not torch.allclose(changed["skeleton_recall"], slow["skeleton_recall"])
+
+
+def test_sauna_targets_follow_out_channels():
+    comp = build_loss(_terms({"name": "sauna"}), 3)
+    assert comp.output_activation == "tanh"
+    (t,) = comp.target_transforms()
+    assert t.transform.num_classes == 3
+    assert build_loss(_terms({"name": "dice_ce"}, {"name": "sauna"}), 1).output_activation == "sigmoid"
+    assert build_loss(_terms({"name": "dice_ce"}), 4).output_activation == "softmax"
+
+
+def test_betti_matching_missing_module_fails_only_when_requested(monkeypatch):
+    monkeypatch.setitem(sys.modules, "medseg.losses.betti_matching", None)
+    build_loss(_terms({"name": "dice"}), 1)  # the registry itself works
+    with pytest.raises(ConfigError, match=r"losses\[1\] \(betti_matching\): this loss is not available.*betti_matching"):
+        build_loss(_terms({"name": "dice"}, {"name": "betti_matching"}), 1)
+
+
+def test_betti_matching_is_built_lazily_with_activation(monkeypatch):
+    class FakeBettiMatchingLoss(nn.Module):
+        def __init__(self, include_background=False, sigmoid=False, softmax=False, reduction="mean", filtration="superlevel"):
+            super().__init__()
+            self.sigmoid, self.softmax, self.filtration = sigmoid, softmax, filtration
+
+        def forward(self, input, target):
+            return input.mean() * 0
+
+    fake = types.ModuleType("medseg.losses.betti_matching")
+    fake.BettiMatchingLoss = FakeBettiMatchingLoss
+    monkeypatch.setitem(sys.modules, "medseg.losses.betti_matching", fake)
+    comp = build_loss(_terms({"name": "dice"}, {"name": "betti_matching", "filtration": "sublevel"}), 1)
+    assert comp.terms[1].sigmoid is True and comp.terms[1].filtration == "sublevel"
+    with pytest.raises(ConfigError, match="unknown parameter 'filtraton'"):
+        get_loss("betti_matching", filtraton="x")
+
+
+def test_get_loss_builds_each_loss():
+    for name in LOSS_NAMES[:-1]:
+        module = get_loss(name)
+        assert isinstance(module, nn.Module)
+    assert isinstance(get_loss("cldice", iterations=7), SoftclDiceLoss)
+    assert get_loss("cldice", iterations=7).iterations == 7
+
+
+def test_dict_terms_are_accepted():
+    comp = build_loss([{"name": "dice", "weight": 2.0}], 2)
+    logits, target = _line_batch(channels=2)
+    total, parts = comp(logits, target)
+    assert math.isclose(float(total), 2.0 * float(parts["dice"]), rel_tol=1e-6)
+
+
+def test_metatensor_half_input_gives_plain_float32_values():
+    from monai.data import MetaTensor
+
+    comp = build_loss(_terms({"name": "dice_ce"}, {"name": "cldice"}, {"name": "mip"}), 1)
+    logits, target = _line_batch()
+    logits = MetaTensor(logits.half()).requires_grad_(True)
+    total, parts = comp(logits, MetaTensor(target.float()))
+    assert type(total) is torch.Tensor and total.dtype == torch.float32 and torch.isfinite(total)
+    assert all(type(v) is torch.Tensor for v in parts.values())
+    total.backward()
+    assert torch.isfinite(logits.grad).all()
