@@ -1,0 +1,113 @@
+"""data_scripts/convert_2d.py: folders of PNG/TIFF/GIF images and masks -> nnU-Net v2 layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from medseg.data.dataset import check_dataset, load_case
+from medseg.data.io import read_image
+from medseg.data.prepare.natural2d import convert_2d_folders
+from medseg.errors import DataError
+
+SHAPE = (20, 24)
+
+
+@pytest.fixture
+def convert(load_script):
+    return load_script("convert_2d").main
+
+
+def _drive_like(tmp_path, rng):
+    """DRIVE-style: RGB PNG images ``NN_training.png``, 0/255 masks ``NN_manual1`` (PNG and GIF)."""
+    images, masks = tmp_path / "images", tmp_path / "1st_manual"
+    images.mkdir()
+    masks.mkdir()
+    rgb, fg = {}, {}
+    for i, key in enumerate(["01", "02", "03"]):
+        rgb[key] = rng.integers(0, 256, SHAPE + (3,), dtype=np.uint8)
+        Image.fromarray(rgb[key], "RGB").save(images / f"{key}_training.png")
+        if key == "03":
+            continue  # an image without a mask
+        fg[key] = rng.random(SHAPE) > 0.6
+        mask = Image.fromarray(fg[key].astype(np.uint8) * 255, "L")
+        mask.save(masks / (f"{key}_manual1.gif" if i == 1 else f"{key}_manual1.png"))
+    Image.fromarray(np.zeros(SHAPE, np.uint8), "L").save(masks / "04_manual1.png")  # a mask without an image
+    return images, masks, rgb, fg
+
+
+def test_rgb_png_pairs_become_three_channel_files_and_binary_labels(tmp_path, convert, capsys):
+    images, masks, rgb, fg = _drive_like(tmp_path, np.random.default_rng(0))
+    out = tmp_path / "Dataset101_DRIVE"
+    rc = convert(["--images", str(images), "--masks", str(masks), "--out", str(out), "--image-suffix", "_training",
+                  "--mask-suffix", "_manual1", "--label-names", "vessel", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "skipping 1 image(s) without a mask: 03_training.png" in err
+    assert "skipping 1 mask(s) without an image: 04_manual1.png" in err
+
+    info, cases = check_dataset(out)
+    assert [c.name for c in cases] == ["01", "02"]
+    assert info.channel_names == {0: "R", 1: "G", 2: "B"}
+    assert info.labels == {"background": 0, "vessel": 1}
+    assert json.loads((out / "dataset.json").read_text())["file_ending"] == ".png"
+    for case in cases:
+        assert [f.name for f in case.image_files] == [f"{case.name}_000{c}.png" for c in range(3)]
+        for c, f in enumerate(case.image_files):
+            plane, geometry = read_image(f)
+            np.testing.assert_array_equal(plane, rgb[case.name][..., c])
+            assert geometry.shape == SHAPE
+        loaded = load_case(case, info)
+        assert loaded["image"].shape == (3,) + SHAPE
+        np.testing.assert_array_equal(loaded["label"][0], fg[case.name].astype(np.uint8))  # GIF one too
+
+
+def test_grey_tiff_with_noisy_masks_needs_threshold(tmp_path, convert, capsys):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "mortar"
+    folder.mkdir()
+    truth = {}
+    for key in ("a", "b"):
+        image = rng.integers(0, 4096, SHAPE, dtype=np.uint16)  # 12-bit grey, as microscopy TIFFs
+        tifffile.imwrite(folder / f"{key}.tif", image)
+        truth[key] = (image, rng.random(SHAPE) > 0.5)
+        noisy = np.where(truth[key][1], 255 - rng.integers(0, 20, SHAPE), rng.integers(0, 20, SHAPE)).astype(np.uint8)
+        tifffile.imwrite(folder / f"{key}_gt.tiff", noisy)
+    args = ["--images", str(folder), "--masks", str(folder), "--mask-suffix", "_gt", "--quiet"]
+
+    assert convert(args + ["--out", str(tmp_path / "no_threshold")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("convert_2d.py: error: ") and "distinct values" in err and "--foreground-threshold" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "no_threshold").exists()
+
+    out = tmp_path / "Dataset200_Mortar"
+    assert convert(args + ["--out", str(out), "--foreground-threshold", "127"]) == 0, capsys.readouterr().err
+    info, cases = check_dataset(out)
+    assert info.channel_names == {0: "gray"} and info.labels == {"background": 0, "foreground": 1}
+    for case in cases:
+        assert [f.name for f in case.image_files] == [f"{case.name}_0000.png"]
+        image, _ = read_image(case.image_files[0])
+        np.testing.assert_array_equal(image, truth[case.name][0])  # 16-bit values kept
+        label, _ = read_image(case.label_file)
+        np.testing.assert_array_equal(label, truth[case.name][1].astype(np.uint8))
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    images, masks = tmp_path / "img", tmp_path / "msk"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.zeros(SHAPE, np.uint8)).save(images / "x.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "x.png")
+    Image.fromarray(np.zeros(SHAPE, np.uint8)).save(images / "y.png")
+    with pytest.raises(DataError, match=r"msk/x\.png: mask size \(10, 10\) differs from image x\.png \(20, 24\)"):
+        convert_2d_folders(images, masks, tmp_path / "out", progress=False, log=lambda m: None)
+    with pytest.raises(DataError, match=r"1 image\(s\) without a mask: y\.png"):
+        convert_2d_folders(images, masks, tmp_path / "out", strict=True, progress=False, log=lambda m: None)
+    with pytest.raises(DataError, match="no image matches a mask"):
+        convert_2d_folders(images, masks, tmp_path / "out", mask_suffix="_gt", progress=False, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
