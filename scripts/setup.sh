@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Create .venv, install PyTorch deliberately, then medseg (building its C++ engine) with test extras.
+#
+# PyTorch is installed *before* medseg so that pip never picks a build for us:
+#   - a machine with an NVIDIA driver (nvidia-smi works) gets PyPI's default Linux wheel,
+#     which is the CUDA build;
+#   - a machine without one gets the CPU build. On this project's CI machines
+#     `torch==2.13.0` is a CPU wheel on local disk; elsewhere set
+#     MEDSEG_TORCH_INDEX=https://download.pytorch.org/whl/cpu to fetch the CPU wheel
+#     instead of the multi-GB CUDA one.
+# Overrides: MEDSEG_TORCH_SPEC (default torch==2.13.0), MEDSEG_TORCH_INDEX, MEDSEG_VENV (default .venv),
+# MEDSEG_EXTRAS (default test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=${MEDSEG_VENV:-.venv}
+torch_spec=${MEDSEG_TORCH_SPEC:-torch==2.13.0}
+extras=${MEDSEG_EXTRAS:-test}
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "[setup] creating virtual environment $venv"
+    python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+"$py" -m pip install --quiet --upgrade pip
+
+if "$py" -c "import torch" 2>/dev/null; then
+    echo "[setup] torch $("$py" -c 'import torch; print(torch.__version__)') already installed; keeping it"
+else
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+        echo "[setup] NVIDIA GPU found: installing $torch_spec (CUDA build)"
+        "$py" -m pip install --quiet "$torch_spec"
+    elif [ -n "${MEDSEG_TORCH_INDEX:-}" ]; then
+        echo "[setup] installing $torch_spec from $MEDSEG_TORCH_INDEX"
+        "$py" -m pip install --quiet "$torch_spec" --index-url "$MEDSEG_TORCH_INDEX"
+    else
+        echo "[setup] no GPU: installing $torch_spec (CPU build where the local wheel exists)"
+        "$py" -m pip install --quiet "$torch_spec"
+    fi
+fi
+
+echo "[setup] installing medseg[$extras] (builds the C++ persistent-homology engine)"
+"$py" -m pip install --quiet -e ".[$extras]"
+if [ "$extras" = "test" ] || [[ "$extras" == *test* ]]; then
+    # Reference Betti matching implementation, used by the tests only (its own
+    # dependencies are not needed: the tests load its compiled module directly).
+    "$py" -m pip install --quiet --no-deps "topolosses==0.2.0"
+fi
+"$py" -c "import medseg, medseg.topology; print('[setup] medseg', medseg.__version__, 'ready in', '$venv')"
