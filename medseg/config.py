@@ -87,12 +87,27 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A MONAI network. ``params`` go to the MONAI constructor unchanged.
+    """A MONAI network (:func:`medseg.models.build_model`). ``params`` go to the MONAI
+    constructor unchanged; ``spatial_dims``, ``in_channels`` and ``out_channels`` are set
+    by medseg and may not appear in ``params``.
+
+    Output convention: ``out_channels`` is the number of classes in dataset.json,
+    background included (2 for a binary vessel dataset); the network emits logits for a
+    softmax over classes and the segmentation is their argmax.
 
     Defaults per name (overridden by ``params``):
-    ``unet``: channels (16, 32, 64, 128), strides (2, 2, 2), num_res_units 2, norm INSTANCE;
-    ``dynunet``: kernels/strides derived from the patch size as nnU-Net does;
-    ``unetr`` / ``swinunetr``: img_size = patch size where required, feature_size 16.
+
+    ``unet`` (MONAI ``UNet``): channels (16, 32, 64, 128), strides (2, 2, 2) (one 2 per
+    level when only ``channels`` is given), num_res_units 2, norm INSTANCE; the patch
+    must be divisible by the product of the strides.
+    ``dynunet`` (``DynUNet``): kernels 3 and strides planned from the patch size as
+    nnU-Net does (:func:`medseg.models.dynunet_plan`: stride 1 first, then halve every
+    axis while it stays >= 8), upsample_kernel_size = strides[1:], norm_name instance,
+    deep_supervision false (true is not supported by the trainer).
+    ``unetr`` (``UNETR``): img_size = the patch size (each axis a multiple of 16),
+    feature_size 16, MONAI's hidden_size 768 / mlp_dim 3072 / num_heads 12.
+    ``swinunetr`` (``SwinUNETR``): feature_size 24 (a multiple of 12); each patch axis a
+    multiple of 32 and, with instance norm, at least 64.
     """
 
     name: Literal["unet", "dynunet", "unetr", "swinunetr"] = "unet"
@@ -128,6 +143,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(2, gt=0)
     val_interval: int = Field(100, gt=0, description="validate (sliding window on whole val cases) every N steps")
     checkpoint_interval: int = Field(50, gt=0, description="write checkpoint 'latest' every N steps")
+    log_interval: int = Field(10, gt=0, description="append the mean training loss to metrics.csv every N steps")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     amp: bool = Field(True, description="automatic mixed precision; only takes effect on CUDA")
@@ -150,7 +166,7 @@ class RunConfig(_Strict):
     train: TrainConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     output_dir: Path = Field(..., description="the run folder: checkpoints, logs, resolved config")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds the split, model init, patch sampling and augmentation")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

@@ -8,7 +8,13 @@ A checkpoint is a plain dict saved with :func:`torch.save` that loads with
 data), ``dataset`` (``channel_names``, ``labels``, ``file_ending`` from dataset.json),
 ``preprocessing`` (per-channel normalisation statistics fitted on the training set),
 ``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler`` (state dicts or None),
-``rng`` (torch / numpy / python states), ``best_metric`` (best validation Dice so far).
+``rng`` (torch / numpy / python states, see :func:`capture_rng_state`), ``best_metric``
+(best mean validation Dice so far, or None) and ``best_iteration``.
+Written by the trainer as well: ``network`` (``spatial_dims``, ``in_channels``,
+``out_channels``, ``patch_size`` the model was built with), ``split`` (``train`` /
+``val`` case names), ``loss_terms`` (names of the logged loss terms) and
+``loss_average`` (the running loss sums since the last ``metrics.csv`` row, so a
+resumed run writes the same rows).
 
 A run folder keeps ``checkpoints/latest.pt`` and ``checkpoints/best.pt``.
 """
@@ -81,3 +87,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format_version {version!r}, this medseg reads {FORMAT_VERSION}")
     return payload
+
+
+# --------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states in ``weights_only``-loadable form."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [int(version), list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"].cpu())
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

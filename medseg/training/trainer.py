@@ -1,0 +1,444 @@
+"""``medseg train``: a training run composed from small parts.
+
+:func:`run_training` wires together :mod:`medseg.training.data` (validated, cached
+cases), :func:`medseg.models.build_model`, :func:`medseg.losses.build_loss`,
+:mod:`medseg.training.optim` (optimizer, per-iteration LR schedule),
+:mod:`medseg.training.sampling` (patches as a pure function of seed and iteration),
+:mod:`medseg.training.validation` (sliding-window Dice) and
+:mod:`medseg.training.logs` (``metrics.csv``, TensorBoard, ``progress.png``).
+
+The run folder (``output_dir``)::
+
+    config.yaml           the resolved config
+    label_stats.json      class-ratio statistics of the training labels
+    metrics.csv           one row per log interval / validation
+    progress.png          loss curves and validation Dice
+    train.log             the log lines
+    tensorboard/          SummaryWriter events
+    checkpoints/latest.pt every train.checkpoint_interval steps and at the end
+    checkpoints/best.pt   best mean validation Dice so far
+
+``--resume`` restores model, optimizer, scheduler, AMP scaler, RNG states, the
+iteration, the best metric and the partial loss averages from ``latest.pt``, drops the
+``metrics.csv`` rows written after it, and continues; patches are a function of
+``(seed, iteration)``, so on the CPU the resumed run ends with exactly the parameters of
+an uninterrupted one. A resumed config may change ``train.iterations`` (to extend a run),
+the intervals, workers and ``inference``; changing ``model``, ``losses``, ``seed`` or the
+data keys that shape the patches is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from medseg.config import RunConfig, dump_config
+from medseg.data.dataset import label_statistics
+from medseg.errors import CheckpointError, ConfigError, MedsegError
+from medseg.losses import build_loss
+from medseg.models import build_model
+from medseg.training.checkpoint import (
+    CHECKPOINT_DIR,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from medseg.training.data import TrainingData, prepare_data
+from medseg.training.logs import RunLog, mean_dice
+from medseg.training.optim import build_optimizer, build_scheduler
+from medseg.training.sampling import patch_loader
+from medseg.training.validation import validate
+
+log = logging.getLogger("medseg.training")
+
+LATEST = "latest.pt"
+BEST = "best.pt"
+# Keys of the config that shape the model or the data it sees; a resumed run must keep them.
+_RESUME_FIXED = (
+    ("model",),
+    ("losses",),
+    ("seed",),
+    ("data", "dataset"),
+    ("data", "patch_size"),
+    ("data", "target_spacing"),
+    ("data", "orientation"),
+    ("data", "normalization"),
+    ("data", "split_file"),
+    ("data", "val_fraction"),
+)
+
+
+# --------------------------------------------------------------------------- small parts
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but torch sees no CUDA device (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.iterdir())
+
+
+def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _check_resumable(cfg: RunConfig, checkpoint: dict[str, Any], path: Path) -> None:
+    now = cfg.model_dump(mode="json")
+    then = checkpoint["config"]
+    changed = [".".join(p) for p in _RESUME_FIXED if _get(now, p) != _get(then, p)]
+    if changed:
+        raise ConfigError(
+            f"{path}: cannot resume, the config changed {', '.join(changed)} since the checkpoint; "
+            "resume with the run's config.yaml or start a new output_dir"
+        )
+
+
+class _LossAverage:
+    """Mean total loss and per-term losses since the last metrics row (checkpointed)."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        self.count = int(state.get("count", 0))
+        self.total = float(state.get("total", 0.0))
+        self.terms: dict[str, float] = {k: float(v) for k, v in state.get("terms", {}).items()}
+
+    def add(self, total: float, terms: dict[str, float]) -> None:
+        self.count += 1
+        self.total += total
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v
+
+    def means(self) -> tuple[float, dict[str, float]]:
+        n = max(self.count, 1)
+        return self.total / n, {k: v / n for k, v in self.terms.items()}
+
+    def reset(self) -> None:
+        self.count, self.total, self.terms = 0, 0.0, {}
+
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "total": self.total, "terms": dict(self.terms)}
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.as_tensor() if hasattr(value, "as_tensor") else value
+            out[key] = value.to(device, non_blocking=True)
+        else:
+            out[key] = value
+    return out
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _attach_console_handler() -> list[logging.Handler]:
+    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured logging."""
+    package = logging.getLogger("medseg")
+    if package.level == logging.NOTSET or package.level > logging.INFO:
+        package.setLevel(logging.INFO)
+    if package.handlers or logging.getLogger().handlers:
+        return []
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    package.addHandler(console)
+    return [console]
+
+
+def _attach_file_handler(run_dir: Path) -> list[logging.Handler]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("medseg").addHandler(handler)
+    return [handler]
+
+
+def _detach(handlers: list[logging.Handler]) -> None:
+    package = logging.getLogger("medseg")
+    for h in handlers:
+        package.removeHandler(h)
+        h.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+def run_training(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train as ``cfg`` says; returns the run folder.
+
+    Raises
+    ------
+    ConfigError
+        Bad model parameters or a patch size the network cannot take; ``output_dir``
+        already holds a run and ``resume`` is false; the config changed model/data keys
+        since the checkpoint being resumed.
+    DataError
+        A dataset problem (named file), found before anything is written.
+    CheckpointError
+        ``resume`` without ``checkpoints/latest.pt``, or an unreadable checkpoint.
+    """
+    handlers = _attach_console_handler()
+    try:
+        return _run(cfg, resume, handlers)
+    finally:
+        _detach(handlers)
+
+
+@dataclass
+class _Parts:
+    """What a run trains and how: built from the config, restored from a checkpoint."""
+
+    cfg: RunConfig
+    data: TrainingData
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: bool
+
+
+@dataclass
+class _Progress:
+    """The counters a checkpoint must carry besides the state dicts."""
+
+    iteration: int = 0
+    best_metric: float | None = None
+    best_iteration: int | None = None
+    average: _LossAverage = field(default_factory=_LossAverage)
+    loss_terms: list[str] | None = None
+
+
+def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels
+    device = resolve_device(cfg.device)
+    amp = bool(cfg.train.amp and device.type == "cuda")
+    data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None)
+    info = data.info
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
+    loss_fn = build_loss(cfg.losses, info.num_classes)
+    model.to(device)
+    loss_fn.to(device)
+    optimizer = build_optimizer(model.parameters(), cfg.train.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.iterations)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    return _Parts(cfg, data, model, loss_fn, optimizer, scheduler, scaler, device, amp)
+
+
+def _payload(parts: _Parts, progress: _Progress) -> dict[str, Any]:
+    """The checkpoint (format in :mod:`medseg.training.checkpoint`)."""
+    cfg, data, info = parts.cfg, parts.data, parts.data.info
+    return {
+        "iteration": progress.iteration,
+        "config": cfg.model_dump(mode="json"),
+        "dataset": info.to_json(),
+        "preprocessing": data.preprocessing,
+        "network": {
+            "spatial_dims": cfg.spatial_dims,
+            "in_channels": info.num_channels,
+            "out_channels": info.num_classes,
+            "patch_size": list(cfg.data.patch_size),
+        },
+        "split": {"train": [c.name for c in data.train_cases], "val": [c.name for c in data.val_cases]},
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.amp else None,
+        "rng": capture_rng_state(),
+        "best_metric": progress.best_metric,
+        "best_iteration": progress.best_iteration,
+        "loss_average": progress.average.state(),
+        "loss_terms": progress.loss_terms,
+    }
+
+
+def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> _Progress:
+    """Load the state dicts (RNG states are restored last, just before training)."""
+    try:
+        parts.model.load_state_dict(checkpoint["model"])
+        parts.optimizer.load_state_dict(checkpoint["optimizer"])
+        parts.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            parts.scaler.load_state_dict(checkpoint["scaler"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: does not match this model ({str(err).splitlines()[0]})") from None
+    return _Progress(
+        iteration=int(checkpoint["iteration"]),
+        best_metric=checkpoint.get("best_metric"),
+        best_iteration=checkpoint.get("best_iteration"),
+        average=_LossAverage(checkpoint.get("loss_average")),
+        loss_terms=checkpoint.get("loss_terms"),
+    )
+
+
+def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
+    run_dir = Path(cfg.output_dir)
+    latest_path = run_dir / CHECKPOINT_DIR / LATEST
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        if not latest_path.is_file():
+            raise CheckpointError(
+                f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)"
+            )
+        checkpoint = load_checkpoint(latest_path)
+        _check_resumable(cfg, checkpoint, latest_path)
+    elif _holds_run(run_dir):
+        raise ConfigError(
+            f"output_dir {run_dir} already exists and is not empty; pass --resume to continue that run "
+            "or choose a new output_dir"
+        )
+
+    # Everything that can fail on user input happens before the run folder is touched.
+    parts = _build_parts(cfg, checkpoint)
+    progress = _restore(parts, checkpoint, latest_path) if checkpoint is not None else _Progress()
+
+    handlers += _attach_file_handler(run_dir)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if checkpoint is None:
+        stats = label_statistics(parts.data.train_cases, parts.data.info)
+        (run_dir / "label_stats.json").write_text(json.dumps(stats, indent=2))
+    else:
+        restore_rng_state(checkpoint["rng"])
+        log.info("resuming %s at iteration %d of %d", run_dir, progress.iteration, cfg.train.iterations)
+    _train_loop(parts, progress, run_dir)
+    return run_dir
+
+
+def _train_step(parts: _Parts, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step on one batch; returns the loss and its terms."""
+    model, optimizer, scaler, tc = parts.model, parts.optimizer, parts.scaler, parts.cfg.train
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=parts.device.type, enabled=parts.amp):
+        logits = model(batch["image"])
+        loss, terms = parts.loss_fn(logits, batch["label"], batch=batch)
+    if not torch.isfinite(loss):
+        raise MedsegError(
+            f"the loss is {loss.item()} (training diverged); lower train.optimizer.lr "
+            f"or resume from {CHECKPOINT_DIR}/{LATEST}"
+        )
+    scaler.scale(loss).backward()
+    if tc.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    parts.scheduler.step()
+    return loss.detach(), {k: float(v) for k, v in terms.items()}
+
+
+def _train_loop(parts: _Parts, progress: _Progress, run_dir: Path) -> None:
+    cfg, data, tc = parts.cfg, parts.data, parts.cfg.train
+    total, start = tc.iterations, progress.iteration
+    class_names = list(data.info.foreground_labels)
+    runlog: RunLog | None = None
+    if progress.loss_terms is not None:
+        runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start)
+    if start >= total:
+        log.info("run already complete: %d of %d iterations done", start, total)
+        if runlog is not None:
+            runlog.close()
+        return
+
+    loader = patch_loader(
+        data.train_set, cfg.seed, tc.batch_size, start, total, cfg.data.num_workers,
+        pin_memory=parts.device.type == "cuda",
+    )
+    log.info(
+        "training %s (%dD, %.2fM parameters) on %s%s for iterations %d-%d, batch %d, patch %s",
+        cfg.model.name, cfg.spatial_dims, sum(p.numel() for p in parts.model.parameters()) / 1e6,
+        parts.device, " with AMP" if parts.amp else "", start + 1, total, tc.batch_size,
+        "x".join(str(p) for p in cfg.data.patch_size),
+    )
+    parts.model.train()
+    bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, disable=None)
+    started = time.perf_counter()
+    try:
+        for batch in loader:
+            lr = parts.optimizer.param_groups[0]["lr"]
+            loss, terms = _train_step(parts, _to_device(batch, parts.device))
+            progress.iteration += 1
+            iteration = progress.iteration
+            if progress.loss_terms is None:
+                progress.loss_terms = list(terms)
+                runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start or None)
+            assert runlog is not None
+            progress.average.add(float(loss), terms)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+
+            validate_now = iteration % tc.val_interval == 0 or iteration == total
+            if validate_now or iteration % tc.log_interval == 0:
+                dice = validate(parts.model, data.val_items, cfg, data.info.num_classes, parts.device, parts.amp) \
+                    if validate_now and data.val_items else None
+                mean_loss, mean_terms = progress.average.means()
+                progress.average.reset()
+                runlog.add_row(iteration, lr, mean_loss, mean_terms, dice)
+                if validate_now:
+                    rate = (iteration - start) / max(time.perf_counter() - started, 1e-9)
+                    _report_validation(parts, progress, run_dir, iteration, mean_loss, lr, dice, rate)
+                    runlog.draw()
+            if iteration % tc.checkpoint_interval == 0 or iteration == total:
+                save_checkpoint(run_dir / CHECKPOINT_DIR / LATEST, _payload(parts, progress))
+    finally:
+        bar.close()
+        if runlog is not None:
+            runlog.close()
+    elapsed = time.perf_counter() - started
+    done = progress.iteration - start
+    best = progress.best_metric
+    log.info(
+        "finished %d iterations in %.0f s (%.2f it/s); best mean val Dice %s; run folder %s",
+        done, elapsed, done / max(elapsed, 1e-9),
+        "n/a" if best is None else f"{best:.4f} at iteration {progress.best_iteration}", run_dir,
+    )
+
+
+def _report_validation(
+    parts: _Parts, progress: _Progress, run_dir: Path, iteration: int, loss: float, lr: float,
+    dice: list[float] | None, rate: float,
+) -> None:
+    """One log line per validation; ``best.pt`` when the mean Dice improved."""
+    total = parts.cfg.train.iterations
+    if dice is None:
+        log.info("iteration %d/%d  loss %.4f  lr %.3g  (no validation cases)  (%.2f it/s)", iteration, total, loss, lr, rate)
+        return
+    score = mean_dice(dice)
+    improved = not math.isnan(score) and (progress.best_metric is None or score > progress.best_metric)
+    if improved:
+        progress.best_metric, progress.best_iteration = score, iteration
+    names = list(parts.data.info.foreground_labels)
+    per_class = " ".join(f"{n}={d:.4f}" for n, d in zip(names, dice))
+    log.info(
+        "iteration %d/%d  loss %.4f  lr %.3g  val Dice %s  mean %.4f%s  (%.2f it/s)",
+        iteration, total, loss, lr, per_class, score, "  *best*" if improved else "", rate,
+    )
+    if improved:
+        save_checkpoint(run_dir / CHECKPOINT_DIR / BEST, _payload(parts, progress))

@@ -1,0 +1,93 @@
+"""build_model: the four MONAI networks in 2D and 3D, defaults, and ConfigErrors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg.config import ModelConfig
+from medseg.errors import ConfigError
+from medseg.models import build_model, dynunet_plan, model_defaults
+
+torch.set_num_threads(2)
+
+# Tiny versions of each network: same code paths as the defaults, a fraction of the cost.
+TINY = {
+    "unet": ({"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}, 16),
+    "dynunet": ({"filters": [4, 8, 16, 32]}, 16),
+    "unetr": ({"hidden_size": 24, "mlp_dim": 48, "num_heads": 2, "feature_size": 4}, 32),
+    "swinunetr": ({"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}, 64),
+}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name", list(TINY))
+def test_forward_shape(name, dims):
+    params, size = TINY[name]
+    if name == "swinunetr" and dims == 3:  # batch norm lets a 32^3 patch (1-voxel bottleneck) run in eval
+        params, size = {**params, "norm_name": "batch"}, 32
+    patch = [size] * dims
+    model = build_model(ModelConfig(name=name, params=params), dims, in_channels=2, out_channels=3, patch_size=patch)
+    model.eval() if (name == "swinunetr" and dims == 3) else model.train()
+    with torch.no_grad():
+        out = model(torch.randn(1, 2, *patch))
+    assert out.shape == (1, 3, *patch)
+
+
+def test_unet_defaults_are_the_documented_ones():
+    d = model_defaults("unet", 3, [64, 64, 64])
+    assert d == {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 2, "norm": "INSTANCE"}
+    model = build_model(ModelConfig(name="unet"), 3, 1, 2, [64, 64, 64])
+    assert model.channels == (16, 32, 64, 128)
+
+
+def test_unet_strides_follow_channels_when_omitted():
+    model = build_model(ModelConfig(name="unet", params={"channels": [4, 8]}), 2, 1, 2, [8, 8])
+    assert tuple(model.strides) == (2,)
+
+
+def test_dynunet_plan_follows_patch_size():
+    kernels, strides = dynunet_plan([64, 64, 16])
+    assert strides[0] == [1, 1, 1]
+    assert strides[1] == strides[2] == [2, 2, 2] and strides[3] == [2, 2, 1]
+    # bottleneck keeps at least 4 voxels on every axis
+    sizes = [64, 64, 16]
+    for s in strides:
+        sizes = [a // b for a, b in zip(sizes, s)]
+    assert min(sizes) >= 4 and len(kernels) == len(strides)
+    model = build_model(ModelConfig(name="dynunet", params={"filters": [2, 4, 8, 16, 32]}), 3, 1, 2, [64, 64, 16])
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 1, 64, 64, 16)).shape == (1, 2, 64, 64, 16)
+
+
+@pytest.mark.parametrize(
+    "name, params, key",
+    [
+        ("unet", {"chanels": [4, 8]}, "model.params.chanels"),
+        ("unet", {"in_channels": 3}, "model.params.in_channels"),
+        ("unet", {"channels": [4, 8, 16], "strides": [2]}, "model.params.strides"),
+        ("unet", {"channels": [4, 8], "num_res_units": "two"}, "model.params"),
+        ("dynunet", {"deep_supervision": True}, "model.params.deep_supervision"),
+        ("unetr", {"hidden_size": 30, "num_heads": 4}, "model.params.(hidden_size|num_heads)"),
+        ("unetr", {"img_size": [96, 96, 96]}, "model.params.img_size"),
+        ("swinunetr", {"feature_size": 13}, "model.params.feature_size"),
+        ("swinunetr", {"img_size": [64, 64, 64]}, "model.params.img_size"),
+    ],
+)
+def test_bad_params_name_the_key(name, params, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_model(ModelConfig(name=name, params=params), 3, 1, 2, [64, 64, 64])
+
+
+@pytest.mark.parametrize(
+    "name, patch",
+    [("unet", [30, 32, 32]), ("unetr", [40, 32, 32]), ("swinunetr", [48, 64, 64]), ("swinunetr", [32, 32, 32])],
+)
+def test_patch_incompatible_with_downsampling(name, patch):
+    with pytest.raises(ConfigError, match=r"data\.patch_size"):
+        build_model(ModelConfig(name=name), 3, 1, 2, patch)
+
+
+def test_patch_size_length_must_match_dims():
+    with pytest.raises(ConfigError, match=r"data\.patch_size"):
+        build_model(ModelConfig(name="unet"), 3, 1, 2, [32, 32])

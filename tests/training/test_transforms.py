@@ -1,0 +1,163 @@
+"""Preprocessing and augmentation pipelines: patch shapes, normalisation, exact inverse."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+
+from medseg.config import validate_config
+from medseg.data.dataset import DatasetInfo, check_dataset, load_case
+from medseg.data.io import ImageGeometry
+from medseg.data.transforms import build_transforms, channel_schemes, fit_preprocessing
+from medseg.errors import ConfigError
+
+
+def _cfg(patch, **data):
+    return validate_config(
+        {"data": {"dataset": "ds", "patch_size": patch, **data}, "train": {"iterations": 1}, "output_dir": "run", "seed": 3}
+    )
+
+
+def _info(channels=("CT",), labels=("background", "vessel")):
+    return DatasetInfo(
+        root=".", name="t", channel_names=dict(enumerate(channels)), labels={n: i for i, n in enumerate(labels)},
+        file_ending=".nii.gz", num_training=1,
+    )
+
+
+def _oblique_case(shape=(40, 30, 20), channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    a = 0.3
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([-1, 1, 1])
+    geom = ImageGeometry.from_spacing(shape, (0.8, 1.3, 2.0), origin=(10.0, -5.0, 3.0), direction=rot)
+    image = (rng.normal(size=(channels, *shape)) * 100 + 40).astype(np.float32)
+    label = np.zeros((1, *shape), dtype=np.uint8)
+    label[0, 10:20, 5:15, 4:12] = 1
+    return {"name": "case", "image": image, "label": label, "geometry": geom}
+
+
+def test_ct_statistics_follow_nnunet():
+    case = _oblique_case()
+    cfg = _cfg([16, 16, 16])
+    prep = fit_preprocessing([case], _info(), cfg)
+    (ch,) = prep["channels"]
+    fg = case["image"][0][case["label"][0] > 0].astype(np.float64)
+    assert ch["scheme"] == "ct"
+    np.testing.assert_allclose(ch["clip"], np.percentile(fg, [0.5, 99.5]), rtol=1e-5)
+    assert ch["mean"] == pytest.approx(fg.mean(), rel=1e-5) and ch["std"] == pytest.approx(fg.std(), rel=1e-5)
+    # fixed clip overrides the percentiles; the result is JSON/weights_only safe
+    prep2 = fit_preprocessing([case], _info(), _cfg([16, 16, 16], normalization={"ct_clip": [-100, 200]}))
+    assert prep2["channels"][0]["clip"] == [-100.0, 200.0]
+    import json
+
+    json.dumps(prep)
+
+
+def test_channel_schemes_by_name_and_override():
+    info = _info(channels=("ct", "T2", "ADC"))
+    assert channel_schemes(info, _cfg([16, 16, 16])) == ["ct", "zscore", "zscore"]
+    assert channel_schemes(info, _cfg([16, 16, 16], normalization={"scheme": "none"})) == ["none"] * 3
+
+
+def test_zscore_is_per_image():
+    case = _oblique_case(channels=2)
+    info = _info(channels=("T1", "T2"))
+    cfg = _cfg([16, 16, 16], orientation=None)
+    prep = fit_preprocessing([case], info, cfg)
+    out = build_transforms(cfg, info, prep, "val")(copy.deepcopy(case))
+    image = out["image"].as_tensor()
+    assert torch.allclose(image.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(image.std(dim=(1, 2, 3), unbiased=False), torch.ones(2), atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_train_patches_have_patch_shape(dims):
+    shape = (40, 30, 20)[:dims] if dims == 3 else (50, 12)  # an axis smaller than the patch gets padded
+    rng = np.random.default_rng(1)
+    case = {
+        "name": "c",
+        "image": rng.normal(size=(1, *shape)).astype(np.float32),
+        "label": (rng.random((1, *shape)) > 0.9).astype(np.uint8),
+        "geometry": ImageGeometry.from_spacing(shape, (1.0,) * dims),
+    }
+    patch = [24] * dims
+    aug = {"affine_prob": 1.0, "rotate90_prob": 0.5, "gaussian_smooth_prob": 1.0, "gamma_prob": 1.0}
+    cfg = _cfg(patch, target_spacing=[1.2] * dims, augmentation=aug)
+    prep = fit_preprocessing([case], _info(), cfg)
+    tf = build_transforms(cfg, _info(), prep, "train")
+    tf.set_random_state(seed=0)
+    for _ in range(3):
+        out = tf(copy.deepcopy(case))
+        out = out[0] if isinstance(out, list) else out
+        assert tuple(out["image"].shape) == (1, *patch)
+        assert tuple(out["label"].shape) == (1, *patch)
+        assert out["label"].dtype == torch.int64
+        assert set(torch.unique(out["label"]).tolist()) <= {0, 1}
+        assert "geometry" not in out and "label_fg_indices" not in out
+
+
+def test_train_pipeline_is_reproducible_by_seed():
+    case = _oblique_case()
+    cfg = _cfg([16, 16, 16])
+    prep = fit_preprocessing([case], _info(), cfg)
+    runs = []
+    for _ in range(2):
+        tf = build_transforms(cfg, _info(), prep, "train")
+        tf.set_random_state(seed=42)
+        runs.append(tf(copy.deepcopy(case))[0]["image"].as_tensor())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_infer_is_invertible_to_the_original_grid():
+    case = _oblique_case()
+    cfg = _cfg([16, 16, 16], target_spacing=[1.0, 1.0, 1.0])
+    prep = fit_preprocessing([case], _info(), cfg)
+    tf = build_transforms(cfg, _info(), prep, "infer")
+    data = {"name": "case", "image": case["image"], "geometry": case["geometry"]}
+    out = tf(data)
+    assert tuple(out["image"].shape[1:]) != case["geometry"].shape  # it was resampled and reoriented
+    # what the predictor does: a prediction on the preprocessed grid, mapped back with Invertd
+    out["pred"] = MetaTensor(torch.rand(2, *out["image"].shape[1:]))
+    back = Invertd(keys="pred", transform=tf, orig_keys="image", nearest_interp=False)(out)["pred"]
+    assert tuple(back.shape) == (2, *case["geometry"].shape)
+    np.testing.assert_allclose(back.affine.numpy(), case["geometry"].affine, atol=1e-6)
+    # and the image itself comes back exactly (nearest-free resampling of an identity grid)
+    img = tf.inverse(copy.deepcopy(out))["image"]
+    np.testing.assert_allclose(img.affine.numpy(), case["geometry"].affine, atol=1e-6)
+
+
+def test_infer_without_resampling_restores_values_exactly():
+    case = _oblique_case()
+    cfg = _cfg([16, 16, 16], normalization={"scheme": "none"})  # RAS reorientation only
+    prep = fit_preprocessing([case], _info(), cfg)
+    tf = build_transforms(cfg, _info(), prep, "infer")
+    out = tf({"name": "case", "image": case["image"], "geometry": case["geometry"]})
+    back = tf.inverse(out)["image"]
+    np.testing.assert_array_equal(back.as_tensor().numpy(), case["image"])
+
+
+def test_pipelines_on_a_dataset_fixture(synthetic_dataset_2d):
+    info, cases = check_dataset(synthetic_dataset_2d)
+    loaded = load_case(cases[0], info)
+    cfg = _cfg([32, 32])
+    prep = fit_preprocessing(cases[:2], info, cfg)  # Case objects are loaded
+    patch = build_transforms(cfg, info, prep, "train")(dict(loaded))[0]
+    assert tuple(patch["image"].shape) == (1, 32, 32)
+    whole = build_transforms(cfg, info, prep, "val")(dict(loaded))
+    assert tuple(whole["image"].shape[1:]) == loaded["geometry"].shape
+
+
+def test_inconsistent_settings_are_config_errors():
+    case = _oblique_case()
+    prep = fit_preprocessing([case], _info(), _cfg([16, 16, 16]))
+    with pytest.raises(ConfigError, match=r"data\.target_spacing"):
+        build_transforms(_cfg([16, 16, 16], target_spacing=[1.0, 1.0]), _info(), prep, "val")
+    with pytest.raises(ConfigError, match=r"rotate90_prob"):
+        build_transforms(_cfg([16, 24, 16], augmentation={"rotate90_prob": 0.5}), _info(), prep, "train")
+    with pytest.raises(ConfigError, match="preprocessing"):
+        build_transforms(_cfg([16, 16, 16]), _info(channels=("CT", "MR")), prep, "val")
