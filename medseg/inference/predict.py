@@ -1,0 +1,185 @@
+"""``medseg predict``: segment a batch of scans with a trained model.
+
+For every case found in ``--input`` (folders and/or files, nnU-Net naming
+``CASE_0000.nii.gz`` for channels), :class:`~medseg.inference.predictor.Predictor`
+preprocesses, runs the sliding window and maps the probabilities back to the input grid.
+The output ``OUTPUT/CASE<ending>`` (the input's file ending) has exactly the input's
+shape and affine, and reuses the input's header (``write_image(reference_path=...)``).
+With probabilities requested, ``OUTPUT/CASE_prob.nii.gz`` holds them as a 4D NIfTI
+(channels last, one per class, float32) with the same affine.
+
+Batch behaviour:
+
+* the next case is read and preprocessed in a background thread while the current one
+  is on the network;
+* a case whose output exists is skipped unless ``overwrite`` (an interrupted batch
+  resumes where it stopped); outputs are written atomically, so a killed run never
+  leaves a half-written file under a final name;
+* a case that fails (unreadable file, NaN voxels, wrong channel count, ...) is reported
+  as one line naming it and the others go on; the return value says whether all passed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import DataError, MedsegError
+
+__all__ = ["run_prediction", "PROBABILITY_SUFFIX"]
+
+PROBABILITY_SUFFIX = "_prob.nii.gz"
+
+
+def _output_paths(case, output: Path) -> tuple[Path, Path]:
+    from medseg.data.io import ending_of
+
+    ending = ending_of(case.image_files[0])
+    return output / f"{case.name}{ending}", output / f"{case.name}{PROBABILITY_SUFFIX}"
+
+
+def _write_probabilities(path: Path, prob: np.ndarray, geometry) -> None:
+    """``(classes, *spatial)`` as a channels-last 4D NIfTI with the case's affine, atomically."""
+    import nibabel as nib
+
+    data = np.moveaxis(prob.astype(np.float32, copy=False), 0, -1)
+    if data.ndim == 3:  # 2D image: (X, Y, 1, classes), the layout medseg's reader takes back
+        data = data[:, :, None, :]
+    image = nib.Nifti1Image(data, np.asarray(geometry.affine))
+    image.header.set_xyzt_units("mm")
+    image.header.set_intent("vector")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp-{uuid.uuid4().hex[:8]}.nii.gz")
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load(predictor, case, info) -> tuple[dict[str, Any], dict[str, Any]]:
+    from medseg.data.dataset import load_case
+
+    loaded = load_case(case, info, check_labels=False)
+    return loaded, predictor.preprocess(loaded)
+
+
+def _one_line(case_name: str, err: BaseException) -> str:
+    if isinstance(err, MedsegError):
+        text = str(err)
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return f"case {case_name}: {text.splitlines()[0] if text else type(err).__name__}"
+
+
+def run_prediction(
+    model: str | Path,
+    inputs: list[str | Path],
+    output: str | Path,
+    overwrite: bool = False,
+    tta: bool | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    save_probabilities: bool = False,
+    device: str = "auto",
+) -> bool:
+    """Predict every case of ``inputs`` into ``output``.
+
+    Parameters
+    ----------
+    model : path
+        Run folder (checkpoint ``best``, else ``latest``) or a checkpoint file.
+    inputs : list of paths
+        Folders of scans and/or scan files; ``CASE_XXXX`` suffixes group channels.
+    output : path
+        Folder for ``CASE<ending>`` (created).
+    overwrite : bool
+        Recompute cases whose output exists (default: skip them).
+    tta, overlap, sw_batch_size : optional
+        Flip test-time augmentation, sliding-window overlap and windows per forward
+        pass; ``None`` takes the run config's ``inference`` section.
+    save_probabilities : bool
+        Also write ``CASE_prob.nii.gz`` (or when the run config says so).
+    device : str
+        ``auto``, ``cpu`` or ``cuda``; AMP autocast is used on CUDA.
+
+    Returns
+    -------
+    bool
+        True if every case was predicted (or skipped because its output existed).
+
+    Raises
+    ------
+    CheckpointError
+        No checkpoint in the run folder, or an unreadable/incompatible checkpoint.
+    DataError
+        Inputs that do not exist, hold no images, or miss a channel file.
+    MedsegError
+        Bad option values (device, overlap, sw_batch_size).
+    """
+    from tqdm import tqdm
+
+    from medseg.data.dataset import cases_from_paths
+    from medseg.inference.predictor import Predictor
+
+    if overlap is not None and not 0 <= overlap < 1:
+        raise MedsegError(f"--overlap {overlap}: must be in [0, 1)")
+    if sw_batch_size is not None and sw_batch_size < 1:
+        raise MedsegError(f"--sw-batch-size {sw_batch_size}: must be a positive integer")
+    output = Path(output)
+    predictor = Predictor.from_path(model, device)
+    info = predictor.info
+    cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
+    save_probabilities = save_probabilities or predictor.config.inference.save_probabilities
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{output}: exists and is not a folder")
+    output.mkdir(parents=True, exist_ok=True)
+
+    todo = []
+    skipped = 0
+    for case in cases:
+        seg_path, prob_path = _output_paths(case, output)
+        done = seg_path.is_file() and (not save_probabilities or prob_path.is_file())
+        if done and not overwrite:
+            skipped += 1
+        else:
+            todo.append(case)
+    if skipped:
+        print(f"medseg: {skipped} case(s) already predicted in {output}, skipped (--overwrite recomputes them)", file=sys.stderr)
+
+    failed: list[str] = []
+    from medseg.data.io import write_image
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as loader:
+        pending: Future | None = loader.submit(_load, predictor, todo[0], info) if todo else None
+        for i, case in enumerate(tqdm(todo, desc="predict", unit="case", disable=None, file=sys.stderr)):
+            current, pending = pending, (loader.submit(_load, predictor, todo[i + 1], info) if i + 1 < len(todo) else None)
+            seg_path, prob_path = _output_paths(case, output)
+            try:
+                loaded, preprocessed = current.result()
+                label, prob = predictor.predict_case(
+                    loaded, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, preprocessed=preprocessed
+                )
+                if save_probabilities:
+                    _write_probabilities(prob_path, prob, loaded["geometry"])
+                write_image(seg_path, label, loaded["geometry"], reference_path=case.image_files[0])
+            except MemoryError as err:
+                failed.append(case.name)
+                print(f"medseg: {_one_line(case.name, err)} (out of memory)", file=sys.stderr)
+            except Exception as err:  # one bad case must not stop the batch
+                failed.append(case.name)
+                print(f"medseg: {_one_line(case.name, err)}", file=sys.stderr)
+    done = len(todo) - len(failed)
+    print(
+        f"medseg: predicted {done} case(s), skipped {skipped}, failed {len(failed)}"
+        + (f" ({', '.join(failed)})" if failed else "")
+        + f"; outputs in {output}"
+    )
+    return not failed

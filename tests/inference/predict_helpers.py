@@ -1,0 +1,60 @@
+"""Helpers for predict tests: a tiny untrained run folder and oblique, anisotropic scans.
+
+Imported by tests/inference/conftest.py and tests/test_cli.py.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from medseg.config import validate_config
+from medseg.data.io import ImageGeometry
+from medseg.models.factory import build_model
+from medseg.training.checkpoint import save_checkpoint
+
+
+def make_run(root: Path, patch=(16, 16, 16), target_spacing=(1.5, 1.5, 1.5), channels=("MR",), labels=None, seed=0):
+    """Write ``root/checkpoints/best.pt`` for a 2-level UNet (random weights, seeded)."""
+    import torch
+
+    labels = labels or {"background": 0, "vessel": 1}
+    torch.manual_seed(seed)
+    cfg = validate_config(
+        {
+            "data": {"dataset": str(root / "dataset"), "patch_size": list(patch), "target_spacing": list(target_spacing)},
+            "model": {"name": "unet", "params": {"channels": [4, 8], "strides": [2], "num_res_units": 0}},
+            "train": {"iterations": 1},
+            "inference": {"sw_batch_size": 2},
+            "output_dir": str(root),
+        }
+    )
+    net = build_model(cfg.model, len(patch), len(channels), max(labels.values()) + 1, list(patch))
+    save_checkpoint(
+        root / "checkpoints" / "best.pt",
+        {
+            "iteration": 0,
+            "config": cfg.model_dump(mode="json"),
+            "dataset": {
+                "channel_names": {str(i): c for i, c in enumerate(channels)},
+                "labels": labels,
+                "file_ending": ".nii.gz",
+                "numTraining": 1,
+            },
+            "preprocessing": {"version": 1, "channels": [{"name": c, "scheme": "zscore"} for c in channels]},
+            "model": net.state_dict(),
+        },
+    )
+    return root
+
+
+def oblique_geometry(shape=(21, 17, 11), spacing=(0.8, 1.1, 2.3)):
+    rotation = Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix()
+    return ImageGeometry.from_spacing(shape, spacing, origin=(10.0, -5.0, 3.0), direction=rotation)
+
+
+def blob_image(shape=(21, 17, 11), spacing=(0.8, 1.1, 2.3), centre=(9.0, 7.0, 5.0)):
+    """A smooth blob (world-space ball) over noise: bright inside, dark outside."""
+    grid = np.indices(shape).astype(np.float64)
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing))
+    return (np.exp(-d2 / (2 * 4.0**2)) * 10).astype(np.float32)
