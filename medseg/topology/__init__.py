@@ -1,0 +1,43 @@
+"""Persistent homology of 2D and 3D images: barcodes, Betti matching, Betti numbers.
+
+Functions over arrays returning small result objects (numpy only; no torch import):
+
+- :func:`barcode` -> :class:`Barcode`: cubical persistence (sublevel or superlevel,
+  V- or T-construction), every pair's values and voxel coordinates.
+- :func:`betti_matching` -> :class:`BettiMatching`: the induced matching between a
+  prediction and a target (Stucki et al. 2023), its loss and counts.
+- :func:`betti_matching_error`: unmatched features per dimension of two masks.
+- ``*_batch`` variants process lists or (B, C, ...) arrays in parallel threads.
+- :func:`betti_numbers` of binary masks.
+
+The engine is C++ (``medseg.topology._engine``, sources in ``csrc/``); see
+``csrc/cells.hpp`` for how cells are encoded and ordered.
+"""
+
+from medseg.topology._inputs import TopologyInputError
+from medseg.topology.matching import (
+    BettiMatching,
+    betti_matching,
+    betti_matching_batch,
+    betti_matching_error,
+    betti_matching_error_batch,
+)
+from medseg.topology.persistence import Barcode, barcode, barcode_batch
+
+try:
+    from medseg.topology.betti_numbers import betti_numbers
+except ImportError:  # pragma: no cover - written separately (issue A)
+    pass
+
+__all__ = [
+    "Barcode",
+    "BettiMatching",
+    "TopologyInputError",
+    "barcode",
+    "barcode_batch",
+    "betti_matching",
+    "betti_matching_batch",
+    "betti_matching_error",
+    "betti_matching_error_batch",
+    "betti_numbers",
+]

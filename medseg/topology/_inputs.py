@@ -1,0 +1,131 @@
+"""Validation and conversion of the arrays handed to the engine.
+
+The engine takes C-contiguous float32 or float64 arrays; float32 stays float32 (no
+float64 copy). Everything a user can get wrong is reported here as a
+:class:`TopologyInputError` (a ``ValueError``) naming the argument.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+
+FILTRATIONS = ("superlevel", "sublevel")
+CONSTRUCTIONS = ("V", "T")
+COMPARISONS = ("union", "intersection")
+#: Largest image (voxels) the engine handles: 3 x voxels must fit in 32 bits (cells.hpp).
+MAX_VOXELS = 1431655765
+
+
+class TopologyInputError(MedsegError, ValueError):
+    """An image, mask or option given to :mod:`medseg.topology` is invalid."""
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def as_image(x: Any, name: str) -> np.ndarray:
+    """``x`` as a finite, non-empty, C-contiguous 2D/3D float32 or float64 array."""
+    arr = to_numpy(x)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype == np.bool_ or (np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2):
+        arr = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.float64)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype not in (np.float32, np.float64):
+        raise TopologyInputError(f"{name}: expected a real-valued array, got dtype {arr.dtype}")
+    if arr.ndim not in (2, 3):
+        raise TopologyInputError(
+            f"{name}: expected a 2D or 3D array, got {arr.ndim}D with shape {arr.shape}"
+        )
+    if arr.size == 0:
+        raise TopologyInputError(f"{name}: the array is empty (shape {arr.shape})")
+    if arr.size > MAX_VOXELS:
+        raise TopologyInputError(
+            f"{name}: {arr.size} voxels is more than the engine supports ({MAX_VOXELS}, about 1100^3)"
+        )
+    finite = np.isfinite(arr)
+    if not finite.all():
+        n_nan = int(np.isnan(arr).sum())
+        n_inf = int(arr.size - finite.sum() - n_nan)
+        raise TopologyInputError(f"{name}: contains {n_nan} NaN and {n_inf} infinite values")
+    return np.ascontiguousarray(arr)
+
+
+def as_pair(prediction: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = as_image(prediction, "prediction")
+    t = as_image(target, "target")
+    if p.shape != t.shape:
+        raise TopologyInputError(f"prediction has shape {p.shape} but target has shape {t.shape}")
+    if p.dtype != t.dtype:  # rank both in the wider type
+        p, t = p.astype(np.float64), t.astype(np.float64)
+    return p, t
+
+
+def check_filtration(filtration: str) -> bool:
+    """True for a superlevel filtration."""
+    if filtration not in FILTRATIONS:
+        raise TopologyInputError(f"filtration must be one of {FILTRATIONS}, got {filtration!r}")
+    return filtration == "superlevel"
+
+
+def check_construction(construction: str) -> str:
+    if construction not in CONSTRUCTIONS:
+        raise TopologyInputError(f"construction must be 'V' or 'T', got {construction!r}")
+    return construction
+
+
+def check_comparison(comparison: str) -> bool:
+    """True for the intersection comparison image."""
+    if comparison not in COMPARISONS:
+        raise TopologyInputError(f"comparison must be 'union' or 'intersection', got {comparison!r}")
+    return comparison == "intersection"
+
+
+def default_threads(threads: int | None) -> int:
+    if threads is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    if int(threads) < 1:
+        raise TopologyInputError(f"threads must be at least 1, got {threads}")
+    return int(threads)
+
+
+def pad_relative(images: list[np.ndarray], superlevel: bool) -> list[np.ndarray]:
+    """Pad by one voxel whose value enters the filtration first (relative to the border)."""
+    if superlevel:
+        value = max(float(im.max()) for im in images)
+    else:
+        value = min(float(im.min()) for im in images)
+    return [np.pad(im, 1, mode="constant", constant_values=im.dtype.type(value)) for im in images]
+
+
+def unpad(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if coords.size == 0:
+        return coords
+    out = coords - 1
+    np.clip(out, 0, np.asarray(shape) - 1, out=out)
+    return out
+
+
+def engine():
+    try:
+        from medseg.topology import _engine
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        raise ImportError(
+            "medseg's topology engine (medseg.topology._engine) is not built; "
+            "reinstall medseg with `pip install -e .` (needs a C++17 compiler and CMake)"
+        ) from exc
+    return _engine

@@ -1,0 +1,40 @@
+// Public C++ entry points of the engine (CPU backend). See cells.hpp for the cell
+// encoding, the filtration order and the result types.
+#pragma once
+
+#include <memory>
+
+#include "cells.hpp"
+
+namespace medseg {
+
+enum class DType { Float32, Float64 };
+
+// A C-contiguous 2D or 3D image owned by the caller.
+struct ImageView {
+    const void* data = nullptr;
+    DType dtype = DType::Float64;
+    int ndim = 0;
+    std::int64_t shape[3] = {1, 1, 1};
+};
+
+// Cubical persistence of one image: every finite pair in every dimension, as voxel
+// coordinates, plus the essential class of dimension 0 (a box is contractible, so it
+// is the only one).
+BarcodeResult compute_barcode(const ImageView& image, const Options& options);
+
+// The part of a matching that depends on one image only (its filtration, sorted
+// cells and barcode), computed once and reused when the same target recurs.
+struct PreparedImage;
+std::shared_ptr<const PreparedImage> prepare_image(const ImageView& image, const Options& options);
+std::size_t prepared_bytes(const PreparedImage& prepared);
+
+// Betti matching between a and b (Stucki et al. 2023): the comparison image is the
+// elementwise union (min for sublevel, max for superlevel), image persistence of both
+// inclusions into it, and the induced matchings composed through it. Each image is
+// ranked on its own (only orders within one filtration are ever compared). If
+// prepared_b is given (prepare_image(b) with the same options) b's own work is reused.
+MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Options& options,
+                                const PreparedImage* prepared_b = nullptr);
+
+}  // namespace medseg

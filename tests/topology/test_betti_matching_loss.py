@@ -1,0 +1,161 @@
+"""BettiMatchingLoss: value, gradients, options, cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import medseg.topology as topo  # noqa: E402
+from medseg.losses.betti_matching import BettiMatchingLoss  # noqa: E402
+
+
+def logits_and_labels(shape=(2, 1, 12, 12, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    y = (torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.6).long()
+    return x, y
+
+
+def test_value_equals_topology_api_and_gradients_sit_on_pairs():
+    x, y = logits_and_labels()
+    x.requires_grad_(True)
+    loss = BettiMatchingLoss()(x, y)
+    p = torch.sigmoid(x).detach().numpy()
+    expected = np.mean([topo.betti_matching(p[i, 0], y[i, 0].numpy()).loss() for i in range(2)])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    touched = set()
+    for i in range(2):
+        m = topo.betti_matching(p[i, 0], y[i, 0].numpy())
+        for group in (
+            m.matched_prediction_birth_coordinates,
+            m.matched_prediction_death_coordinates,
+            m.unmatched_prediction_birth_coordinates,
+            m.unmatched_prediction_death_coordinates,
+        ):
+            for c in group:
+                touched.update((i, *map(int, row)) for row in c)
+    nz = {(int(b), *map(int, r)) for b, _, *r in torch.nonzero(x.grad).tolist()}
+    assert nz and nz <= touched
+
+
+def test_matches_reference_convention_sublevel(reference):
+    rng = np.random.default_rng(4)
+    a, b = rng.random((10, 10, 10)), (rng.random((10, 10, 10)) > 0.5).astype(np.float64)
+    r = reference.compute_matching(a, b)
+    m = topo.betti_matching(a, b, filtration="sublevel")
+    loss = BettiMatchingLoss(sigmoid=False, filtration="sublevel")(
+        torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None].long()
+    )
+    assert m.num_matched.tolist() == list(r.num_matched)
+    assert loss.item() == pytest.approx(m.loss(), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 1, 8, 8, 8)])
+def test_finite_on_degenerate_inputs(shape):
+    loss_fn = BettiMatchingLoss()
+    for x in (torch.zeros(shape), torch.full(shape, -20.0), torch.full(shape, 5.0)):
+        x = x.clone().requires_grad_(True)
+        for y in (torch.zeros(shape, dtype=torch.long), torch.ones(shape, dtype=torch.long)):
+            v = loss_fn(x, y)
+            v.backward()
+            assert torch.isfinite(v) and torch.isfinite(x.grad).all()
+            assert v.item() == pytest.approx(0.0)
+
+
+def test_multiclass_softmax_channels_and_reductions():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 10, 10, generator=g, requires_grad=True)
+    y = torch.randint(0, 3, (2, 1, 10, 10), generator=g)
+    none = BettiMatchingLoss(reduction="none")(x, y)
+    assert none.shape == (2, 2)  # background left out
+    with_bg = BettiMatchingLoss(reduction="none", include_background=True)(x, y)
+    assert with_bg.shape == (2, 3)
+    torch.testing.assert_close(with_bg[:, 1:], none)
+    total = BettiMatchingLoss(reduction="sum")(x, y)
+    torch.testing.assert_close(total, none.sum())
+    onehot = torch.nn.functional.one_hot(y[:, 0], 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(BettiMatchingLoss(reduction="none")(x, onehot), none)
+    probs = torch.softmax(x, 1).detach().numpy()
+    expected = topo.betti_matching(probs[1, 2], (y[1, 0] == 2).numpy()).loss()
+    assert none[1, 1].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_options_change_the_value_as_documented():
+    x, y = logits_and_labels(shape=(1, 1, 10, 10, 10), seed=3)
+    base = BettiMatchingLoss()(x, y)
+    sup = BettiMatchingLoss(filtration="superlevel")(x, y)
+    sub = BettiMatchingLoss(filtration="sublevel")(x, y)
+    both = BettiMatchingLoss(filtration="both")(x, y)
+    torch.testing.assert_close(both, sup + sub)
+    torch.testing.assert_close(base, sup)
+    weighted = BettiMatchingLoss(dimension_weights=[0.0, 0.0, 0.0])(x, y)
+    assert weighted.item() == 0.0
+    thresh = BettiMatchingLoss(barcode_length_threshold=0.99)(x, y)
+    assert thresh.item() <= base.item()
+    p = torch.sigmoid(x).detach().numpy()[0, 0]
+    m = topo.betti_matching(p, y[0, 0].numpy())
+    push = BettiMatchingLoss(push_unmatched_to_1_0=True)(x, y)
+    expected = 2 * sum(
+        ((m.matched_prediction_births[d] - m.matched_target_births[d]) ** 2).sum()
+        + ((m.matched_prediction_deaths[d] - m.matched_target_deaths[d]) ** 2).sum()
+        + (m.unmatched_prediction_births[d] ** 2).sum()
+        + ((m.unmatched_prediction_deaths[d] - 1) ** 2).sum()
+        + (m.unmatched_target_births[d] ** 2).sum()
+        + ((m.unmatched_target_deaths[d] - 1) ** 2).sum()
+        for d in range(3)
+    )
+    assert push.item() == pytest.approx(expected, rel=1e-5)
+    t = BettiMatchingLoss(construction="T")(x, y)
+    assert torch.isfinite(t)
+    rel = BettiMatchingLoss(relative=True)(x, y)
+    assert torch.isfinite(rel)
+    inter = BettiMatchingLoss(comparison="intersection")(x, y)
+    expected_inter = topo.betti_matching(p, y[0, 0].numpy(), comparison="intersection").loss()
+    assert inter.item() == pytest.approx(expected_inter, rel=1e-5)
+
+
+def test_target_cache_reuses_barcodes():
+    x, y = logits_and_labels(shape=(2, 1, 8, 8, 8), seed=5)
+    loss_fn = BettiMatchingLoss()
+    first = loss_fn(x, y)
+    second = loss_fn(x * 0.5, y)
+    assert loss_fn.cache_misses == 2 and loss_fn.cache_hits == 2
+    fresh = BettiMatchingLoss(target_cache_bytes=0)(x * 0.5, y)
+    torch.testing.assert_close(second, fresh)
+    assert first.item() != second.item()
+    small = BettiMatchingLoss(target_cache_bytes=1)
+    small(x, y)
+    small(x, y[[1, 0]])
+    assert len(small._cache) == 2  # only the targets of the last call are kept
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        BettiMatchingLoss(reduction="avg")
+    with pytest.raises(ValueError):
+        BettiMatchingLoss(filtration="up")
+    with pytest.raises(ValueError):
+        BettiMatchingLoss(sigmoid=True, softmax=True)
+    with pytest.raises(ValueError):
+        BettiMatchingLoss(barcode_length_threshold=-1)
+    with pytest.raises(ValueError):
+        BettiMatchingLoss(comparison="avg")
+    x, y = logits_and_labels(shape=(1, 1, 6, 6))
+    with pytest.raises(ValueError):
+        BettiMatchingLoss(dimension_weights=[1.0])(x, y)
+    with pytest.raises(ValueError):
+        BettiMatchingLoss()(x, y[:, :, :5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors():
+    x, y = logits_and_labels(shape=(1, 1, 8, 8, 8))
+    xc = x.cuda().requires_grad_(True)
+    v = BettiMatchingLoss()(xc, y.cuda())
+    v.backward()
+    assert v.item() == pytest.approx(BettiMatchingLoss()(x, y).item(), rel=1e-5)
+    assert xc.grad.is_cuda
