@@ -1,4 +1,4 @@
-"""The ``medseg`` command line: ``train``, ``predict``, ``evaluate``.
+"""The ``medseg`` command line: ``train``, ``adapt``, ``predict``, ``evaluate``, ``report compare``, ``report html``.
 
 Input mistakes (a bad config key, an unreadable file, a folder without a checkpoint)
 are :class:`medseg.errors.MedsegError`; they are printed as one line
@@ -40,6 +40,19 @@ def train(
 
 
 @app.command()
+def adapt(
+    config: Path = typer.Argument(..., help="YAML adaptation config (see configs/adapt_sfda.yaml)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key: --set adapt.iterations=50"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the adapted run's 'latest' checkpoint"),
+) -> None:
+    """Adapt a trained run to unlabelled target scans (pseudo_label, mean_teacher, sfda, tent) into a new run folder."""
+    from medseg.adaptation import load_adapt_config, run_adaptation
+
+    cfg = load_adapt_config(config, set_ or [])
+    run_adaptation(cfg, resume=resume)
+
+
+@app.command()
 def predict(
     model: Path = typer.Option(..., "--model", help="run folder (uses checkpoint 'best', else 'latest') or a .pt checkpoint"),
     input: List[Path] = typer.Option(..., "--input", help="folder of scans (nnU-Net naming CASE_0000.nii.gz) or files"),
@@ -73,12 +86,21 @@ def predict(
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="folder of predicted CASE.nii.gz"),
     ref: Path = typer.Option(..., "--ref", help="folder of reference CASE.nii.gz (e.g. labelsTs)"),
-    output: Path = typer.Option(..., "--output", help="folder for summary.json and metrics.csv"),
+    output: Path = typer.Option(..., "--output", help="folder for summary.json, metrics.csv and report.html"),
     dataset_json: Optional[Path] = typer.Option(None, "--dataset-json", help="labels to evaluate (default: found next to --ref, else all labels present)"),
     connectivity: Optional[int] = typer.Option(None, "--connectivity", help="foreground connectivity: 8/4 (2D), 26/6 (3D); default full"),
     workers: int = typer.Option(2, "--workers", help="parallel processes"),
+    metrics: Optional[str] = typer.Option(
+        None, "--metrics",
+        help="comma-separated: dice, iou, hd95, surface_dice (nsd), cldice, betti, betti_matching (bme), "
+        "components, volume; default all (hd95 and betti_matching are the costly ones)",
+    ),
+    tolerance_mm: float = typer.Option(1.0, "--tolerance-mm", help="tolerance of the normalised surface Dice, mm"),
+    images: Optional[Path] = typer.Option(None, "--images", help="scans CASE_0000.nii.gz shown in report.html (default: imagesTs next to --ref)"),
+    worst_cases: int = typer.Option(5, "--worst-cases", help="worst cases by Betti matching error pictured in report.html"),
+    report: bool = typer.Option(True, "--report/--no-report", help="write report.html"),
 ) -> None:
-    """Overlap and topology metrics per case and label; summary.json + metrics.csv."""
+    """Overlap and topology metrics per case and label; summary.json, metrics.csv, report.html."""
     from medseg.evaluation.evaluate import run_evaluation
 
     ok = run_evaluation(
@@ -88,15 +110,66 @@ def evaluate(
         dataset_json=dataset_json,
         connectivity=connectivity,
         workers=workers,
+        metrics=metrics,
+        tolerance_mm=tolerance_mm,
+        report=report,
+        images_dir=images,
+        worst_cases=worst_cases,
     )
     if not ok:
         raise typer.Exit(code=1)
 
 
+report_app = typer.Typer(
+    name="report",
+    help="Reports of evaluations: compare two runs, or (re)write report.html.",
+    no_args_is_help=True,
+)
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("compare")
+def report_compare(
+    a: Path = typer.Argument(..., metavar="RUN_OR_EVAL_A", help="a run folder (with evaluation/), an evaluation folder or a summary.json"),
+    b: Path = typer.Argument(..., metavar="RUN_OR_EVAL_B", help="the same for run B; differences are B - A"),
+    output: Optional[Path] = typer.Option(None, "--output", help="folder for compare.html and compare.json (default: terminal only)"),
+    permutations: int = typer.Option(10000, "--permutations", help="resamples of the paired permutation test (exact when 2^n is fewer)"),
+) -> None:
+    """Two evaluations of the same cases side by side: paired differences, Wilcoxon and permutation tests."""
+    from medseg.evaluation.compare import run_compare
+
+    run_compare(a, b, output=output, permutations=permutations)
+
+
+@report_app.command("html")
+def report_html(
+    evaluation: Path = typer.Argument(..., metavar="EVALUATION", help="an evaluation folder or its summary.json"),
+    output: Optional[Path] = typer.Option(None, "--output", help="HTML file to write (default: report.html next to summary.json)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="scans CASE_0000.nii.gz shown under the worst cases"),
+    worst_cases: int = typer.Option(5, "--worst-cases", help="worst cases by Betti matching error pictured"),
+) -> None:
+    """(Re)write report.html from an existing summary.json."""
+    import json
+
+    from medseg.evaluation.compare import find_summary
+    from medseg.evaluation.report import default_images_dir, write_report
+
+    summary = find_summary(evaluation)
+    if images is None:  # as medseg evaluate: imagesTs next to the summary's labelsTs, if there
+        try:
+            reference_folder = json.loads(summary.read_text()).get("reference_folder")
+        except (OSError, ValueError, AttributeError):
+            reference_folder = None
+        images = default_images_dir(reference_folder) if isinstance(reference_folder, str) else None
+    path = write_report(summary, output or summary.parent / "report.html", images_dir=images, worst_cases=worst_cases)
+    print(f"medseg: wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console command; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
+        result = app(args=argv, standalone_mode=False)
     except MedsegError as err:
         print(f"medseg: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -110,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as err:  # usage errors (missing option, bad value)
         err.show()
         return err.exit_code
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

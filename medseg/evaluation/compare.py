@@ -1,0 +1,378 @@
+"""``medseg report compare A B``: two evaluations of the same cases, paired.
+
+A and B are each a run folder (whose ``evaluation/summary.json`` is used), an
+evaluation folder (with ``summary.json``) or a ``summary.json`` itself; nnU-Net's
+``summary.json`` works too (case names then come from the reference file names).
+
+For every label and metric present in both, the cases evaluated in both with a defined
+value in both are paired, and the differences ``B - A`` are summarised: means of A and
+B, mean and median difference, and two two-sided paired tests of "no difference":
+
+* the Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped;
+  p = 1 when every difference is zero);
+* a sign-flip permutation test of the mean difference (TopoMortar's choice): under
+  the null hypothesis each difference is as likely to have the other sign, so
+  ``p = P(|mean(s * d)| >= |mean(d)|)`` over random signs ``s``; exact (all ``2^n``
+  sign vectors) when that is at most ``permutations``, else ``permutations`` random
+  ones (seed 0) with ``p = (1 + hits) / (1 + permutations)``.
+
+"better" says which run has the better mean for metrics with a direction (Dice up,
+HD95 and the topology errors down; :func:`medseg.evaluation.aggregate.better_direction`).
+Cases that are not evaluated in both are listed, not compared.
+
+Results go to the terminal (an aligned table) and, with ``output``, to
+``compare.json`` and a self-contained ``compare.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import DataError
+from medseg.evaluation import _page
+from medseg.evaluation.aggregate import better_direction, is_number
+
+__all__ = ["Evaluation", "find_summary", "load_evaluation", "paired_tests", "compare_evaluations", "format_table", "run_compare"]
+
+SIGNIFICANCE = 0.05  # only for marking rows; the p-values are reported as they are
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: per evaluated case ``{label: {metric: value}}``, and the cases that were not evaluated."""
+
+    path: Path
+    per_case: dict[str, dict[str, dict[str, float]]]
+    not_evaluated: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def find_summary(path: str | Path) -> Path:
+    """The ``summary.json`` that ``path`` stands for: the file, ``path/summary.json`` or ``path/evaluation/summary.json``.
+
+    A run folder with a single other subfolder holding a ``summary.json`` is accepted too.
+
+    Raises
+    ------
+    DataError
+        When there is none, or several to choose from.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise DataError(f"{path}: not found (give a run folder, an evaluation folder or a summary.json)")
+    for candidate in (path / "summary.json", path / "evaluation" / "summary.json"):
+        if candidate.is_file():
+            return candidate
+    found = sorted(p for p in path.iterdir() if p.is_dir() and (p / "summary.json").is_file())
+    if len(found) == 1:
+        return found[0] / "summary.json"
+    if found:
+        names = ", ".join(p.name for p in found)
+        raise DataError(f"{path}: several evaluations in it ({names}); pass the one to compare")
+    raise DataError(
+        f"{path}: no summary.json in it or in {path / 'evaluation'} "
+        f"(write one with: medseg evaluate ... --output {path / 'evaluation'})"
+    )
+
+
+def load_evaluation(path: str | Path) -> Evaluation:
+    """Read the evaluation ``path`` stands for (see :func:`find_summary`).
+
+    Raises
+    ------
+    DataError
+        The file is not JSON, or not a summary (no ``metric_per_case`` list).
+    """
+    from medseg.data.io import strip_ending
+
+    source = find_summary(path)
+    try:
+        data = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{source}: not a readable summary.json ({type(err).__name__}: {err})") from None
+    entries = data.get("metric_per_case") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{source}: not an evaluation summary (no 'metric_per_case' list; write one with medseg evaluate)")
+    per_case: dict[str, dict] = {}
+    not_evaluated: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(f"{source}: metric_per_case[{i}] is not an object")
+        case = entry.get("case")
+        if case is None:
+            ref = entry.get("reference_file")
+            if not isinstance(ref, str):
+                raise DataError(f"{source}: metric_per_case[{i}] has neither 'case' nor 'reference_file'")
+            case = strip_ending(Path(ref))
+        case = str(case)
+        metrics = entry.get("metrics")
+        if isinstance(metrics, dict) and metrics:
+            per_case[case] = {
+                str(label): {k: float(v) for k, v in m.items() if is_number(v)}
+                for label, m in metrics.items() if isinstance(m, dict)
+            }
+        else:
+            not_evaluated[case] = str(entry.get("status", "not evaluated"))
+    labels = data.get("labels") if isinstance(data.get("labels"), dict) else {}
+    return Evaluation(path=source, per_case=per_case, not_evaluated=not_evaluated, labels={str(k): str(v) for k, v in labels.items()})
+
+
+# --------------------------------------------------------------------------- statistics
+
+def _permutation_p(d: np.ndarray, permutations: int, seed: int = 0) -> float:
+    n = d.size
+    observed = abs(d.mean())
+    tolerance = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if 2**n <= permutations:
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1)
+        stats = np.abs((signs * d).mean(axis=1))
+        return float(np.mean(stats >= observed - tolerance))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, permutations, 2000):  # chunks keep memory small for many cases
+        m = min(2000, permutations - start)
+        signs = rng.choice((-1.0, 1.0), size=(m, n))
+        hits += int(np.count_nonzero(np.abs((signs * d).mean(axis=1)) >= observed - tolerance))
+    return (1 + hits) / (1 + permutations)
+
+
+def _wilcoxon_p(d: np.ndarray) -> float:
+    from scipy.stats import wilcoxon
+
+    if not np.any(d != 0):
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return float(wilcoxon(d).pvalue)
+        except ValueError:
+            return math.nan
+
+
+def paired_tests(a: np.ndarray, b: np.ndarray, permutations: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Paired differences ``b - a`` summarised and tested (two-sided; see the module docstring).
+
+    Examples
+    --------
+    >>> r = paired_tests(np.array([0.5, 0.6, 0.7, 0.8]), np.array([0.6, 0.7, 0.8, 0.9]))
+    >>> round(r["mean_difference"], 6), r["permutation_p"]
+    (0.1, 0.125)
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    d = b - a
+    n = int(d.size)
+    if n == 0:
+        return {"n": 0, "mean_a": math.nan, "mean_b": math.nan, "mean_difference": math.nan,
+                "median_difference": math.nan, "std_difference": math.nan, "wilcoxon_p": math.nan,
+                "permutation_p": math.nan}
+    return {
+        "n": n,
+        "mean_a": float(a.mean()),
+        "mean_b": float(b.mean()),
+        "mean_difference": float(d.mean()),
+        "median_difference": float(np.median(d)),
+        "std_difference": float(d.std(ddof=1)) if n > 1 else math.nan,
+        "wilcoxon_p": _wilcoxon_p(d),
+        "permutation_p": _permutation_p(d, permutations, seed),
+    }
+
+
+def _shown(names) -> list[str]:
+    from medseg.evaluation.report import PRIMARY_METRICS, _ordered
+
+    return [n for n in _ordered(names) if n in PRIMARY_METRICS or n.endswith("_error")]
+
+
+def compare_evaluations(a: Evaluation, b: Evaluation, permutations: int = 10000) -> dict[str, Any]:
+    """The comparison (what ``compare.json`` holds): per label and metric the paired statistics.
+
+    Raises
+    ------
+    DataError
+        When no case is evaluated in both.
+    """
+    cases_a = set(a.per_case) | set(a.not_evaluated)
+    cases_b = set(b.per_case) | set(b.not_evaluated)
+    paired = sorted(set(a.per_case) & set(b.per_case))
+    not_evaluated = {
+        c: {"A": "ok" if c in a.per_case else a.not_evaluated[c], "B": "ok" if c in b.per_case else b.not_evaluated[c]}
+        for c in sorted(cases_a & cases_b) if c not in paired
+    }
+    if not paired:
+        raise DataError(
+            f"{a.path} and {b.path}: no case is evaluated in both "
+            f"({len(a.per_case)} and {len(b.per_case)} evaluated cases; are they evaluations of the same cases?)"
+        )
+    labels_a = {l for c in paired for l in a.per_case[c]}
+    labels_b = {l for c in paired for l in b.per_case[c]}
+    results: dict[str, Any] = {}
+    per_case: dict[str, Any] = {}
+    for label in sorted(labels_a & labels_b, key=lambda x: (len(x), x)):
+        names_a = {k for c in paired for k in a.per_case[c].get(label, {})}
+        names_b = {k for c in paired for k in b.per_case[c].get(label, {})}
+        rows = {}
+        cases_rows: dict[str, dict[str, list]] = {}
+        for metric in _shown(names_a & names_b):
+            pairs = []
+            for c in paired:
+                va = a.per_case[c].get(label, {}).get(metric, math.nan)
+                vb = b.per_case[c].get(label, {}).get(metric, math.nan)
+                cases_rows.setdefault(c, {})[metric] = [va, vb]
+                if math.isfinite(va) and math.isfinite(vb):
+                    pairs.append((va, vb))
+            arr = np.asarray(pairs, dtype=float).reshape(-1, 2)
+            stats = paired_tests(arr[:, 0], arr[:, 1], permutations)
+            stats["undefined"] = len(paired) - stats["n"]
+            direction = better_direction(metric)
+            diff = stats["mean_difference"]
+            if direction == 0 or not math.isfinite(diff):
+                stats["better"] = ""
+            elif diff == 0:
+                stats["better"] = "="
+            else:
+                stats["better"] = "B" if diff * direction > 0 else "A"
+            rows[metric] = stats
+        results[label] = rows
+        per_case[label] = cases_rows
+    return {
+        "a": str(a.path),
+        "b": str(b.path),
+        "difference": "B - A",
+        "tests": "two-sided: Wilcoxon signed-rank (scipy.stats.wilcoxon) and sign-flip permutation of the mean "
+        f"difference (exact when 2^n <= {permutations}, else {permutations} random sign vectors, seed 0)",
+        "labels": {l: a.labels.get(l) or b.labels.get(l) or f"label {l}" for l in results},
+        "paired_cases": paired,
+        "only_in_a": sorted(cases_a - cases_b),
+        "only_in_b": sorted(cases_b - cases_a),
+        "not_evaluated_in_both": not_evaluated,
+        "labels_only_in_a": sorted(labels_a - labels_b),
+        "labels_only_in_b": sorted(labels_b - labels_a),
+        "metrics": results,
+        "per_case": per_case,
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+_COLUMNS = (
+    ("metric", None), ("n", "n"), ("mean A", "mean_a"), ("mean B", "mean_b"), ("mean B-A", "mean_difference"),
+    ("median B-A", "median_difference"), ("Wilcoxon p", "wilcoxon_p"), ("perm. p", "permutation_p"), ("better", "better"),
+)
+
+
+def _row(metric: str, stats: dict) -> list[str]:
+    out = [metric]
+    for _, key in _COLUMNS[1:]:
+        value = stats.get(key)
+        out.append(value if isinstance(value, str) else _page.fmt(value, 4))
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison as aligned text, one table per label, then the cases left out."""
+    lines = [f"A: {result['a']}", f"B: {result['b']}",
+             f"paired cases: {len(result['paired_cases'])}; differences are B - A; {result['tests']}"]
+    for label, rows in result["metrics"].items():
+        lines.append("")
+        lines.append(f"label {label} ({result['labels'].get(label, '')})")
+        table = [[h for h, _ in _COLUMNS]] + [_row(m, s) for m, s in rows.items()]
+        widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
+        for i, r in enumerate(table):
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+    for key, text in (("only_in_a", "cases only in A"), ("only_in_b", "cases only in B"),
+                      ("labels_only_in_a", "labels only in A"), ("labels_only_in_b", "labels only in B")):
+        if result[key]:
+            lines.append(f"{text} ({len(result[key])}): {', '.join(result[key])}")
+    if result["not_evaluated_in_both"]:
+        items = ", ".join(f"{c} (A {s['A']}, B {s['B']})" for c, s in result["not_evaluated_in_both"].items())
+        lines.append(f"cases not evaluated in both ({len(result['not_evaluated_in_both'])}): {items}")
+    return "\n".join(lines)
+
+
+def render_compare_html(result: dict[str, Any]) -> str:
+    """``compare.html``: the tables, a plot of the per-case differences and a per-case table per label."""
+    from medseg.evaluation.plots import paired_difference_figure
+
+    body = ["<h1>medseg comparison</h1>",
+            f"<p class=\"meta\">A: <code>{_page.esc(result['a'])}</code><br>B: <code>{_page.esc(result['b'])}</code><br>"
+            f"{len(result['paired_cases'])} paired cases; differences are B - A; {_page.esc(result['tests'])}</p>"]
+    for label, rows in result["metrics"].items():
+        name = result["labels"].get(label, label)
+        body.append(f"<h2>{_page.esc(name)} (label {_page.esc(label)})</h2>")
+        table_rows = []
+        for metric, stats in rows.items():
+            cells = [_page.cell(metric)]
+            for _, key in _COLUMNS[1:]:
+                value = stats.get(key)
+                klass = ""
+                if key == "better" and value in ("A", "B"):
+                    klass = "better" if value == "B" else "worse"
+                cells.append(_page.cell(value, cls=klass))
+            table_rows.append(cells)
+        body.append(_page.table([h for h, _ in _COLUMNS], table_rows, table_id=f"compare-{label}", sortable=True))
+        per_case = result["per_case"].get(label, {})
+        plotted = [m for m in rows if not re.search(r"_\d+_error$", m)
+                   and m not in ("components_pred", "components_ref", "volume_difference_mm3")]
+        differences = {m: [v[m][1] - v[m][0] for v in per_case.values() if m in v] for m in plotted}
+        if differences:
+            png = paired_difference_figure(differences, title=f"{name}: per-case differences B - A")
+            body.append(f"<figure>{_page.img(png, f'per-case differences of {name}')}</figure>")
+        metrics = list(rows)
+        headers = ["case"] + [f"{m} {x}" for m in metrics for x in ("A", "B", "B-A")]
+        keys = ["case"] + [f"{m}.{x}" for m in metrics for x in ("A", "B", "diff")]
+        case_rows = []
+        for case, values in per_case.items():
+            cells = [_page.cell(case)]
+            for m in metrics:
+                va, vb = values.get(m, [math.nan, math.nan])
+                cells += [_page.cell(va), _page.cell(vb), _page.cell(vb - va)]
+            case_rows.append(cells)
+        body.append("<h3>Cases</h3><div class=\"scroll\">" + _page.table(
+            headers, case_rows, table_id=f"compare-cases-{label}", sortable=True, keys=keys) + "</div>")
+    left_out = []
+    for key, text in (("only_in_a", "Cases only in A"), ("only_in_b", "Cases only in B")):
+        if result[key]:
+            left_out.append(f"<p>{text} ({len(result[key])}): {_page.esc(', '.join(result[key]))}</p>")
+    if result["not_evaluated_in_both"]:
+        items = ", ".join(f"{c} (A {s['A']}, B {s['B']})" for c, s in result["not_evaluated_in_both"].items())
+        left_out.append(f"<p>Cases not evaluated in both: {_page.esc(items)}</p>")
+    if left_out:
+        body.append("<h2>Not compared</h2>" + "".join(left_out))
+    return _page.page("medseg comparison", "\n".join(body))
+
+
+def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, permutations: int = 10000) -> dict[str, Any]:
+    """``medseg report compare``: print the comparison; with ``output`` write compare.json and compare.html.
+
+    Raises
+    ------
+    DataError
+        An input is missing or not a summary, or no case is evaluated in both.
+    """
+    from medseg.evaluation.evaluate import _atomic_write_text, _plain
+
+    if permutations < 1:
+        raise DataError(f"--permutations {permutations}: must be at least 1")
+    result = compare_evaluations(load_evaluation(a), load_evaluation(b), permutations)
+    print(format_table(result))
+    if output is not None:
+        output = Path(output)
+        if output.exists() and not output.is_dir():
+            raise DataError(f"{output}: exists and is not a folder")
+        _atomic_write_text(output / "compare.json", json.dumps(result, indent=2, default=_plain) + "\n")
+        _atomic_write_text(output / "compare.html", render_compare_html(result))
+        print(f"medseg: wrote {output / 'compare.json'} and {output / 'compare.html'}", file=sys.stderr)
+    return result

@@ -1,0 +1,530 @@
+"""``medseg evaluate``: predictions against references, per case and per label.
+
+Cases are matched by name: ``REF_DIR/CASE<ending>`` is compared with
+``PRED_DIR/CASE<ending>``. The registered per-label metrics
+(:data:`medseg.evaluation.metrics.LABEL_METRICS`: Dice, IoU, HD95 and surface Dice in
+mm, clDice, Betti number errors, Betti matching error, components, volumes; all, or
+those chosen with ``metrics``) are computed for every foreground label. Results go to
+
+* ``summary.json`` in nnU-Net's shape: ``metric_per_case`` (``reference_file``,
+  ``prediction_file``, ``metrics: {label: {metric: value}}``), ``mean`` (per label,
+  NaN-skipping mean over cases) and ``foreground_mean`` (mean of the per-label means),
+  extended with ``statistics`` (per label and metric: mean, std, median, percentiles,
+  number of undefined cases; :mod:`medseg.evaluation.aggregate`), ``conventions``
+  (connectivity, filtration, units, tolerances, empty-mask rules), ``metrics_computed``,
+  ``missing_predictions``, ``failed_cases`` and ``empty_cases``;
+* ``metrics.csv``: one row per case and label, missing and failed cases included;
+* ``report.html`` (:mod:`medseg.evaluation.report`): the same as one self-contained page
+  with plots, a sortable per-case table and pictures of the worst cases.
+
+A missing prediction is listed, never dropped; a case that cannot be evaluated
+(unreadable file, shape or affine mismatch, not a label map) is reported with its
+reason and the others are still evaluated. The run returns False if any case is
+missing or failed, which the CLI turns into a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import DataError, MedsegError
+
+__all__ = ["run_evaluation", "evaluate_case", "find_cases", "AFFINE_TOLERANCE_MM"]
+
+AFFINE_TOLERANCE_MM = 1e-3
+"""Largest difference of any affine entry (mm) between prediction and reference."""
+
+
+# --------------------------------------------------------------------------- labels
+
+def _labels_from_json(path: Path) -> tuple[dict[int, str], int | None, str | None]:
+    """Foreground labels ``{value: name}``, the ignore label and the file ending of a dataset.json."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: dataset.json not found") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable dataset.json ({type(err).__name__}: {err})") from None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{path}: no 'labels' mapping (expected e.g. {{\"background\": 0, \"vessel\": 1}})")
+    if all(isinstance(v, str) for v in labels.values()) and all(str(k).strip().isdigit() for k in labels):
+        labels = {name: int(value) for value, name in labels.items()}  # MSD form: {"0": "background", ...}
+    foreground: dict[int, str] = {}
+    ignore: int | None = None
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise DataError(f"{path}: label '{name}' is a region {value}; medseg evaluate needs one value per label")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DataError(f"{path}: label '{name}' has value {value!r}, expected an integer")
+        if name == "ignore":
+            ignore = value
+        elif value != 0:
+            foreground[value] = name
+    ending = data.get("file_ending") if isinstance(data.get("file_ending"), str) else None
+    return dict(sorted(foreground.items())), ignore, ending
+
+
+# --------------------------------------------------------------------------- cases
+
+def find_cases(ref_dir: Path, ending: str | None = None) -> tuple[dict[str, Path], str]:
+    """Reference files by case name, and the file ending used to match predictions."""
+    from medseg.data.io import SUPPORTED_ENDINGS, ending_of, strip_ending
+
+    if not ref_dir.is_dir():
+        raise DataError(f"{ref_dir}: reference folder not found")
+    files = [p for p in sorted(ref_dir.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if ending is None:
+        endings = sorted({ending_of(p) for p in files} & set(SUPPORTED_ENDINGS))
+        if len(endings) > 1:
+            raise DataError(
+                f"{ref_dir}: reference files with several endings ({', '.join(endings)}); "
+                "pass --dataset-json with 'file_ending'"
+            )
+        ending = endings[0] if endings else ".nii.gz"
+    cases = {strip_ending(p, ending): p for p in files if p.name.lower().endswith(ending.lower())}
+    if not cases:
+        raise DataError(f"{ref_dir}: no reference files ending in {ending}")
+    return cases, ending
+
+
+def _read_label_map(path: Path) -> tuple[np.ndarray, Any]:
+    from medseg.data.io import read_image
+
+    array, geometry = read_image(path)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise DataError(f"{path}: not a label map (non-integer or non-finite values)")
+        array = array.astype(np.int32)
+    return array, geometry
+
+
+def _label_values(path: Path) -> list[int]:
+    array, _ = _read_label_map(path)
+    return [int(v) for v in np.unique(array) if v != 0]
+
+
+def evaluate_case(
+    pred_file: Path,
+    ref_file: Path,
+    labels: list[int],
+    connectivity: int | None = None,
+    ignore_label: int | None = None,
+    metrics: list[str] | None = None,
+    tolerance_mm: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """The chosen metrics (default all) for every label of one case: ``{str(label): {metric: value}}``.
+
+    ``metrics`` names registry entries (:func:`medseg.evaluation.metrics.resolve_metrics`);
+    ``tolerance_mm`` is the surface Dice tolerance (default
+    :data:`medseg.evaluation.metrics.DEFAULT_TOLERANCE_MM`).
+
+    Raises
+    ------
+    DataError
+        A file is unreadable, the two differ in shape or affine (beyond
+        :data:`AFFINE_TOLERANCE_MM`), or a file is not a label map.
+    """
+    return _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm)[0]
+
+
+def read_case_pair(pred_file: Path, ref_file: Path, connectivity: int | None = None):
+    """Prediction and reference label maps checked against each other: ``(pred, ref, ref_geometry)``.
+
+    Raises
+    ------
+    DataError
+        As :func:`evaluate_case`.
+    """
+    ref, ref_geometry = _read_label_map(ref_file)
+    if connectivity is not None and connectivity not in {2: (8, 4), 3: (26, 6)}[ref.ndim]:
+        raise DataError(
+            f"{ref_file}: --connectivity {connectivity} does not fit a {ref.ndim}D image "
+            f"(use {'8 or 4' if ref.ndim == 2 else '26 or 6'})"
+        )
+    pred, pred_geometry = _read_label_map(pred_file)
+    if pred.shape != ref.shape:
+        raise DataError(f"{pred_file}: shape {pred.shape} differs from the reference's {ref.shape} ({ref_file})")
+    if not pred_geometry.allclose(ref_geometry, atol=AFFINE_TOLERANCE_MM):
+        diff = pred_geometry.max_affine_difference(ref_geometry)
+        raise DataError(
+            f"{pred_file}: affine differs from the reference's by up to {diff:.3g} mm "
+            f"(tolerance {AFFINE_TOLERANCE_MM} mm; {ref_file})"
+        )
+    return pred, ref, ref_geometry
+
+
+def label_masks(pred: np.ndarray, ref: np.ndarray, label: int, ignore_label: int | None = None):
+    """Boolean masks of one label; prediction voxels where the reference is ``ignore_label`` are dropped."""
+    pred_mask = pred == label
+    if ignore_label is not None:
+        pred_mask &= ref != ignore_label
+    return pred_mask, ref == label
+
+
+def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm):
+    """:func:`evaluate_case` and the case's ``{"shape", "spacing"}``."""
+    from medseg.evaluation.metrics import DEFAULT_TOLERANCE_MM, MetricContext, compute_label_metrics
+
+    pred, ref, ref_geometry = read_case_pair(pred_file, ref_file, connectivity)
+    context = MetricContext(
+        spacing=ref_geometry.spacing,
+        connectivity=connectivity,
+        tolerance_mm=DEFAULT_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm),
+    )
+    result = {}
+    for label in labels:
+        pred_mask, ref_mask = label_masks(pred, ref, label, ignore_label)
+        result[str(label)] = compute_label_metrics(pred_mask, ref_mask, context, metrics)
+    info = {"shape": [int(n) for n in ref.shape], "spacing": [float(s) for s in ref_geometry.spacing]}
+    return result, info
+
+
+def _evaluate_job(case: str, pred_file: Path, ref_file: Path, labels, connectivity, ignore_label, metrics=None, tolerance_mm=None):
+    """Worker entry point: never raises for bad input, returns ``(case, {"metrics", "shape", "spacing"}, error)``."""
+    try:
+        result, info = _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm)
+        return case, {"metrics": result, **info}, None
+    except MedsegError as err:
+        return case, None, str(err)
+    except MemoryError:
+        return case, None, f"{ref_file.name}: out of memory"
+    except Exception as err:  # keep the batch going; the reason names the type
+        return case, None, f"{ref_file.name}: {type(err).__name__}: {err}".split("\n")[0]
+
+
+# --------------------------------------------------------------------------- running
+
+def _worker_context():
+    """Workers fork from a clean server process that imported the metrics once.
+
+    Forking the caller directly could copy a process that already runs torch/OpenMP
+    threads (evaluate called after predict), which may deadlock; spawning each worker
+    would import torch and MONAI again per worker.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["medseg.evaluation.evaluate", "medseg.evaluation.metrics", "monai.metrics"])
+    return context
+
+
+def _map_cases(fn, jobs: list[tuple], workers: int, desc: str):
+    """Yield ``fn(*job)`` for every job, in parallel processes when ``workers > 1``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=None, file=sys.stderr)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield fn(*job)
+                bar.update()
+            return
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_worker_context()) as pool:
+            futures = {pool.submit(fn, *job): job for job in jobs}
+            for future in as_completed(futures):
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    yield futures[future][0], None, "worker process died (out of memory?)"
+                bar.update()
+    finally:
+        bar.close()
+
+
+def _values_of(path: Path) -> tuple[str, list[int] | None, str | None]:
+    try:
+        return str(path), _label_values(path), None
+    except MedsegError as err:
+        return str(path), None, str(err)
+    except Exception as err:  # as _evaluate_job: report, do not stop
+        return str(path), None, f"{path.name}: {type(err).__name__}: {err}".split("\n")[0]
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write to a hidden temporary file next to ``path``, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _resolve_labels(dataset_json: Path | None, ref_dir: Path):
+    """Labels, ignore label, ending and where they came from (dataset.json or the data)."""
+    if dataset_json is not None:
+        return (*_labels_from_json(Path(dataset_json)), str(dataset_json))
+    candidate = ref_dir.parent / "dataset.json"
+    if candidate.is_file():
+        return (*_labels_from_json(candidate), str(candidate))
+    return None, None, None, None
+
+
+def run_evaluation(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    output: str | Path,
+    dataset_json: str | Path | None = None,
+    connectivity: int | None = None,
+    workers: int = 2,
+    metrics: str | list[str] | None = None,
+    tolerance_mm: float | None = None,
+    report: bool = True,
+    images_dir: str | Path | None = None,
+    worst_cases: int = 5,
+) -> bool:
+    """Evaluate every reference case; write ``summary.json``, ``metrics.csv`` and ``report.html`` to ``output``.
+
+    Parameters
+    ----------
+    pred_dir, ref_dir : path
+        Folders of predicted and reference label maps, matched by case name.
+    output : path
+        Folder for ``summary.json`` and ``metrics.csv`` (created; files replaced atomically).
+    dataset_json : path, optional
+        dataset.json whose ``labels`` are evaluated (``ignore`` excluded and masked
+        out). Default: ``dataset.json`` in ``ref_dir``'s parent, else every label value
+        present in the references or predictions.
+    connectivity : int, optional
+        Foreground connectivity for Betti numbers: 8 or 4 (2D), 26 or 6 (3D).
+        Default full (8/26), as :func:`medseg.topology.betti_numbers`.
+    workers : int
+        Parallel processes (1 evaluates in this process).
+    metrics : str or list of str, optional
+        Metrics to compute, e.g. ``"dice,hd95,betti"`` (names of
+        :data:`medseg.evaluation.metrics.LABEL_METRICS` or their aliases). Default all;
+        HD95, surface Dice, clDice and the Betti matching error are the costly ones.
+    tolerance_mm : float, optional
+        Tolerance of the normalised surface Dice in mm (default 1.0).
+    report : bool
+        Also write ``report.html`` (:func:`medseg.evaluation.report.write_report`).
+    images_dir : path, optional
+        Scans shown under the worst cases' masks (``CASE_0000<ending>``). Default:
+        ``imagesTs`` next to a ``labelsTs`` reference folder (``imagesXx`` for
+        ``labelsXx``) when it exists; else the pictures show the masks only.
+    worst_cases : int
+        How many (case, label) pairs with the largest Betti matching error are pictured.
+
+    Returns
+    -------
+    bool
+        True if every reference case had a prediction and was evaluated.
+
+    Raises
+    ------
+    DataError
+        A folder is missing or empty, or dataset.json is unusable.
+    MedsegError
+        A connectivity that is not 4, 6, 8 or 26 (one that does not fit the images
+        fails every case, each reported), an unknown metric name, a tolerance that is
+        not positive.
+    """
+    from medseg.evaluation.aggregate import STATISTICS_CONVENTION
+    from medseg.evaluation.metrics import CONVENTIONS, DEFAULT_TOLERANCE_MM, matching_construction, resolve_metrics
+
+    pred_dir, ref_dir, output = Path(pred_dir), Path(ref_dir), Path(output)
+    if connectivity is not None and connectivity not in (4, 6, 8, 26):
+        raise MedsegError(f"--connectivity {connectivity}: use 8 or 4 for 2D images, 26 or 6 for 3D")
+    chosen = resolve_metrics(metrics)
+    tolerance_mm = DEFAULT_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm)
+    if not (math.isfinite(tolerance_mm) and tolerance_mm > 0):
+        raise MedsegError(f"--tolerance-mm {tolerance_mm}: the surface Dice tolerance must be a positive number of mm")
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: prediction folder not found")
+    label_names, ignore_label, ending, label_source = _resolve_labels(
+        Path(dataset_json) if dataset_json is not None else None, ref_dir
+    )
+    references, ending = find_cases(ref_dir, ending)
+
+    missing = {case: pred_dir / f"{case}{ending}" for case in references if not (pred_dir / f"{case}{ending}").is_file()}
+    present = [case for case in references if case not in missing]
+    for case, path in missing.items():
+        print(f"medseg: missing prediction for case {case} ({path})", file=sys.stderr)
+    failed: dict[str, str] = {}
+
+    if label_names is None:  # no dataset.json: every label value found in the files
+        values: set[int] = set()
+        files = [references[c] for c in present] + [pred_dir / f"{c}{ending}" for c in present]
+        bad: dict[str, str] = {}
+        for path, found, error in _map_cases(_values_of, [(p,) for p in files], workers, "labels"):
+            if error is None:
+                values.update(found)
+            else:
+                bad[path] = error
+        for case in present:
+            for path in (str(references[case]), str(pred_dir / f"{case}{ending}")):
+                if path in bad and case not in failed:
+                    failed[case] = bad[path]
+        label_names = {v: f"label_{v}" for v in sorted(values)}
+        label_source = "label values present in the files"
+    labels = list(label_names)
+
+    jobs = [
+        (case, pred_dir / f"{case}{ending}", references[case], labels, connectivity, ignore_label, chosen, tolerance_mm)
+        for case in present
+        if case not in failed
+    ]
+    per_case: dict[str, dict] = {}
+    case_info: dict[str, dict] = {}
+    for case, payload, error in _map_cases(_evaluate_job, jobs, workers, "evaluate"):
+        if error is None:
+            per_case[case] = payload["metrics"]
+            case_info[case] = {"shape": payload["shape"], "spacing": payload["spacing"]}
+        else:
+            failed[case] = error
+    for case, error in sorted(failed.items()):
+        print(f"medseg: case {case} failed: {error}", file=sys.stderr)
+
+    if connectivity is None:
+        dims = {len(info["shape"]) for info in case_info.values()}
+        conn_desc: Any = "full (8 in 2D, 26 in 3D)" if len(dims) != 1 else {2: 8, 3: 26}[dims.pop()]
+    else:
+        conn_desc = connectivity
+    conventions = {
+        "connectivity": conn_desc,
+        "filtration": "superlevel of the binary masks (foreground enters first), cubical construction "
+        f"{matching_construction(connectivity)} ({'closed voxel cubes' if matching_construction(connectivity) == 'T' else 'voxels as vertices'})",
+        "hd95_units": "mm",
+        "nsd_tolerance_mm": tolerance_mm,
+        "volume_units": "mm^3",
+        "statistics": STATISTICS_CONVENTION,
+        **CONVENTIONS,
+    }
+    summary = _summary(
+        references, pred_dir, ending, per_case, missing, failed, label_names, ignore_label, label_source,
+        conventions=conventions, case_info=case_info,
+    )
+    summary["metrics_computed"] = chosen
+    summary["reference_folder"] = str(ref_dir)
+    summary["prediction_folder"] = str(pred_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(output / "summary.json", json.dumps(summary, indent=2, default=_plain) + "\n")
+    _atomic_write_text(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
+    written = ["summary.json", "metrics.csv"]
+    if report:
+        from medseg.evaluation.report import default_images_dir, write_report
+
+        images = Path(images_dir) if images_dir is not None else default_images_dir(ref_dir)
+        write_report(
+            summary, output / "report.html", images_dir=images, image_ending=ending,
+            connectivity=connectivity, worst_cases=worst_cases,
+        )
+        written.append("report.html")
+
+    fg = summary["foreground_mean"]
+    headline = ", ".join(f"{k} {fg[k]:.4f}" for k in ("Dice", "betti_matching_error", "betti_error") if k in fg)
+    print(
+        f"medseg: evaluated {len(per_case)}/{len(references)} cases"
+        + (f", foreground mean {headline}" if headline else "")
+        + f"; {len(missing)} missing, {len(failed)} failed; results in {output} ({', '.join(written)})"
+    )
+    return not missing and not failed
+
+
+def _summary(
+    references, pred_dir, ending, per_case, missing, failed, label_names, ignore_label, label_source, conventions,
+    case_info=None,
+):
+    from medseg.evaluation.aggregate import describe
+
+    metric_per_case = []
+    for case, ref_file in references.items():
+        entry = {
+            "reference_file": str(ref_file),
+            "prediction_file": str(pred_dir / f"{case}{ending}"),
+            "case": case,
+        }
+        if case in per_case:
+            entry["metrics"] = {label: {k: _plain(v) for k, v in m.items()} for label, m in per_case[case].items()}
+            entry.update((case_info or {}).get(case, {}))
+        else:
+            entry["status"] = "missing" if case in missing else "failed"
+            if case in failed:
+                entry["error"] = failed[case]
+        metric_per_case.append(entry)
+
+    mean: dict[str, dict[str, float]] = {}
+    statistics: dict[str, dict[str, dict[str, float]]] = {}
+    empty: dict[str, dict[str, list[str]]] = {}
+    for label in label_names:
+        key = str(label)
+        rows = [per_case[c][key] for c in per_case if key in per_case[c]]
+        names = sorted({k for r in rows for k in r})
+        mean[key] = {k: _nanmean([r.get(k, math.nan) for r in rows]) for k in names}
+        statistics[key] = {k: describe(r.get(k, math.nan) for r in rows) for k in names}
+        empty[key] = {
+            "reference_and_prediction_empty": sorted(c for c in per_case if per_case[c][key]["n_ref"] == 0 and per_case[c][key]["n_pred"] == 0),
+            "reference_empty": sorted(c for c in per_case if per_case[c][key]["n_ref"] == 0),
+        }
+    metric_names = sorted({k for m in mean.values() for k in m})
+    foreground_mean = {k: _nanmean([mean[l].get(k, math.nan) for l in mean]) for k in metric_names}
+    return {
+        "metric_per_case": metric_per_case,
+        "mean": mean,
+        "foreground_mean": foreground_mean,
+        "statistics": statistics,
+        "labels": {str(v): name for v, name in label_names.items()},
+        "label_source": label_source,
+        "ignore_label": ignore_label,
+        "conventions": conventions,
+        "num_cases": len(references),
+        "num_evaluated": len(per_case),
+        "missing_predictions": sorted(missing),
+        "failed_cases": dict(sorted(failed.items())),
+        "empty_cases": empty,
+    }
+
+
+def _csv(references, pred_dir, ending, per_case, missing, failed, label_names) -> str:
+    metric_names: list[str] = []
+    for metrics in per_case.values():
+        for m in metrics.values():
+            metric_names.extend(k for k in m if k not in metric_names)
+    fields = ["case", "label", "label_name", "status", "reference_file", "prediction_file", *metric_names, "error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for case, ref_file in references.items():
+        status = "ok" if case in per_case else "missing" if case in missing else "failed"
+        for label, name in label_names.items():
+            row = {
+                "case": case, "label": label, "label_name": name, "status": status,
+                "reference_file": str(ref_file), "prediction_file": str(pred_dir / f"{case}{ending}"),
+                "error": failed.get(case, ""),
+            }
+            if status == "ok":
+                row.update(per_case[case][str(label)])
+            writer.writerow(row)
+        if not label_names:
+            writer.writerow({"case": case, "status": status, "reference_file": str(ref_file),
+                             "prediction_file": str(pred_dir / f"{case}{ending}"), "error": failed.get(case, "")})
+    return buffer.getvalue()

@@ -1,0 +1,348 @@
+"""Per-label metrics of a predicted mask against a reference mask: a registry.
+
+Every metric is a function ``fn(pred, ref, context) -> {name: value}`` over two
+boolean arrays of the same spatial shape (one label, one case). ``medseg evaluate``
+calls every function in :data:`LABEL_METRICS`; adding a metric is one entry::
+
+    @register_metric("my_metric")
+    def my_metric(pred, ref, context):
+        return {"my_metric": ...}
+
+Conventions for empty masks follow nnU-Net where it has one and are recorded in
+``summary.json`` under ``conventions`` (see :data:`CONVENTIONS`):
+
+* Dice (and IoU) are NaN when reference and prediction are both empty; nnU-Net
+  does the same, and the summary's means skip NaN (``np.nanmean``).
+* HD95 is NaN when both are empty, and the largest possible distance (the
+  diagonal of the image in mm) when exactly one is empty, so a missed or
+  hallucinated structure is penalised instead of silently skipped.
+* Normalised surface Dice (NSD) is NaN when both are empty and 0 when exactly one is.
+* Betti number errors are always defined (an empty mask has all Betti numbers 0).
+* The relative volume difference is NaN when the reference is empty.
+
+``--metrics`` chooses entries of the registry by name (:func:`resolve_metrics`); the
+confusion counts (TP, FP, FN, TN, ``n_pred``, ``n_ref``) are always computed, since the
+summary's empty-case lists need them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.errors import MedsegError
+from medseg.topology.betti_numbers import betti_numbers, default_connectivity
+
+__all__ = [
+    "MetricContext",
+    "LABEL_METRICS",
+    "METRIC_ALIASES",
+    "CONVENTIONS",
+    "DEFAULT_TOLERANCE_MM",
+    "register_metric",
+    "resolve_metrics",
+    "compute_label_metrics",
+    "matching_construction",
+]
+
+DEFAULT_TOLERANCE_MM = 1.0
+"""Default tolerance of the normalised surface Dice, in mm."""
+
+
+@dataclass(frozen=True)
+class MetricContext:
+    """What a metric may need besides the two masks.
+
+    spacing: voxel spacing in mm per array axis (from the reference geometry).
+    connectivity: foreground connectivity for topology metrics (8/4 in 2D, 26/6 in
+        3D); ``None`` is full connectivity.
+    shape: the image's full shape. Metrics receive the masks cropped to the bounding
+        box of both foregrounds plus one background voxel (which changes no overlap,
+        distance or topology value and keeps large scans cheap); counts of the whole
+        image (TN, the image diagonal) use this.
+    tolerance_mm: tolerance of the normalised surface Dice: a boundary voxel of one
+        mask agrees when it lies within this distance of the other's boundary.
+    """
+
+    spacing: tuple[float, ...]
+    connectivity: int | None = None
+    shape: tuple[int, ...] | None = None
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM
+
+
+MetricFn = Callable[[np.ndarray, np.ndarray, MetricContext], dict[str, float]]
+
+LABEL_METRICS: dict[str, MetricFn] = {}
+
+METRIC_ALIASES = {"overlap": ("dice", "iou"), "nsd": ("surface_dice",), "bme": ("betti_matching",)}
+"""Other names ``--metrics`` accepts, and the registry entries they stand for."""
+
+CONVENTIONS = {
+    "dice_both_empty": "NaN (as nnU-Net); means skip NaN; the same for IoU, NSD and clDice",
+    "hd95_both_empty": "NaN",
+    "hd95_one_empty": "image diagonal in mm (largest possible distance)",
+    "nsd": "normalised surface Dice (MONAI compute_surface_dice, boundary voxels, spacing-aware) at "
+    "nsd_tolerance_mm; 0 when exactly one mask is empty",
+    "betti_error": "|beta_k(pred) - beta_k(ref)| per dimension k; betti_error is their sum",
+    "betti_matching_error": "unmatched features per dimension k (superlevel filtration of the binary masks: "
+    "foreground enters first; comparison image the union; construction T for 8/26-, V for 4/6-connectivity); "
+    "left out when the topology engine is not built",
+    "components": "connected components of the foreground at the evaluation connectivity",
+    "volume_difference": "volume_pred - volume_ref in mm^3; relative: divided by volume_ref (NaN if empty)",
+}
+
+
+def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
+    """Add ``fn`` to :data:`LABEL_METRICS` under ``name`` (decorator)."""
+
+    def add(fn: MetricFn) -> MetricFn:
+        LABEL_METRICS[name] = fn
+        return fn
+
+    return add
+
+
+def _as_batch(mask: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+
+
+def matching_construction(connectivity: int | None) -> str:
+    """The cubical construction whose superlevel features are those of ``connectivity``.
+
+    T (voxels as closed cubes) for full connectivity (8/26, also ``None``), V (voxels
+    as vertices) for face connectivity (4/6): the Betti matching then counts the same
+    components, loops and cavities as :func:`medseg.topology.betti_numbers`.
+    """
+    return "T" if connectivity in (None, 8, 26) else "V"
+
+
+def confusion_counts(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, int]:
+    """TP, FP, FN, TN and the two foreground sizes, as nnU-Net reports them (always computed)."""
+    tp = int(np.count_nonzero(pred & ref))
+    fp = int(np.count_nonzero(pred & ~ref))
+    fn = int(np.count_nonzero(~pred & ref))
+    size = int(np.prod(context.shape)) if context.shape is not None else pred.size
+    tn = int(size - tp - fp - fn)
+    return {"TP": tp, "FP": fp, "FN": fn, "TN": tn, "n_pred": tp + fp, "n_ref": tp + fn}
+
+
+@register_metric("dice")
+def dice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Dice coefficient (MONAI ``compute_dice``); NaN when both masks are empty."""
+    from monai.metrics import compute_dice
+
+    if not pred.any() and not ref.any():
+        return {"Dice": math.nan}
+    return {"Dice": float(compute_dice(_as_batch(pred), _as_batch(ref), include_background=True, ignore_empty=False)[0, 0])}
+
+
+@register_metric("iou")
+def iou(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Intersection over union (Jaccard index) ``|P & R| / |P | R|``; NaN when both are empty."""
+    union = int(np.count_nonzero(pred | ref))
+    return {"IoU": int(np.count_nonzero(pred & ref)) / union if union else math.nan}
+
+
+@register_metric("hd95")
+def hd95(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """95th-percentile symmetric Hausdorff distance in mm (MONAI, spacing-aware)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    if not has_pred and not has_ref:
+        return {"HD95": math.nan}
+    if has_pred != has_ref:
+        shape = context.shape if context.shape is not None else pred.shape
+        extent = np.asarray(shape, dtype=float) * np.asarray(context.spacing, dtype=float)
+        return {"HD95": float(np.linalg.norm(extent))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = compute_hausdorff_distance(
+            _as_batch(pred),
+            _as_batch(ref),
+            include_background=True,
+            percentile=95,
+            spacing=list(context.spacing),
+        )
+    return {"HD95": float(value[0, 0])}
+
+
+@register_metric("surface_dice")
+def surface_dice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Normalised surface Dice at ``context.tolerance_mm`` (MONAI ``compute_surface_dice``).
+
+    The share of boundary voxels of both masks that lie within the tolerance of the
+    other mask's boundary (Nikolov et al. 2021), distances in mm. NaN when both masks
+    are empty, 0 when exactly one is.
+    """
+    from monai.metrics import compute_surface_dice
+
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    if not has_pred and not has_ref:
+        return {"NSD": math.nan}
+    if has_pred != has_ref:
+        return {"NSD": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = compute_surface_dice(
+            _as_batch(pred),
+            _as_batch(ref),
+            class_thresholds=[float(context.tolerance_mm)],
+            include_background=True,
+            spacing=list(context.spacing),
+        )
+    return {"NSD": float(value[0, 0])}
+
+
+@register_metric("betti")
+def betti_errors(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Betti numbers of both masks and their absolute differences per dimension."""
+    b_pred = betti_numbers(pred, connectivity=context.connectivity)
+    b_ref = betti_numbers(ref, connectivity=context.connectivity)
+    out: dict[str, float] = {}
+    for k, (p, r) in enumerate(zip(b_pred.tolist(), b_ref.tolist())):
+        out[f"betti_{k}_pred"] = p
+        out[f"betti_{k}_ref"] = r
+        out[f"betti_{k}_error"] = abs(p - r)
+    out["betti_error"] = int(np.abs(b_pred - b_ref).sum())
+    return out
+
+
+@register_metric("cldice")
+def cldice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Centreline Dice (:func:`medseg.evaluation.cldice_metric.cldice_metric`); NaN when both are empty, as Dice."""
+    try:
+        from medseg.evaluation.cldice_metric import cldice_metric
+    except ImportError:
+        return {}
+    if not pred.any() and not ref.any():
+        return {"clDice": math.nan}
+    return {"clDice": float(cldice_metric(pred, ref))}
+
+
+@register_metric("betti_matching")
+def betti_matching(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Betti matching error (Stucki et al. 2023): unmatched features per dimension.
+
+    The cubical construction follows the connectivity: T (closed voxel cubes) for 8/26,
+    V (voxels as vertices) for 4/6, so it counts the same features as the Betti errors.
+    Left out (no keys) when medseg's C++ topology engine is not built.
+    """
+    try:
+        from medseg.topology import _engine  # noqa: F401  (ImportError when the engine is not built)
+        from medseg.topology import betti_matching_error
+
+        if np.array_equal(pred, ref):  # every feature is matched with itself: skip the costly part
+            unmatched = np.zeros(pred.ndim, dtype=np.int64)
+        else:
+            unmatched = betti_matching_error(pred, ref, construction=matching_construction(context.connectivity))
+    except ImportError:
+        return {}
+    unmatched = np.asarray(unmatched, dtype=float).ravel()
+    out = {f"betti_matching_{k}_error": float(v) for k, v in enumerate(unmatched)}
+    out["betti_matching_error"] = float(unmatched.sum())
+    return out
+
+
+@register_metric("components")
+def components(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Number of connected foreground components of prediction and reference."""
+    ndim = pred.ndim
+    connectivity = context.connectivity if context.connectivity is not None else default_connectivity(ndim)
+    structure = ndimage.generate_binary_structure(ndim, ndim if connectivity in (8, 26) else 1)
+    return {
+        "components_pred": int(ndimage.label(pred, structure=structure)[1]),
+        "components_ref": int(ndimage.label(ref, structure=structure)[1]),
+    }
+
+
+@register_metric("volume")
+def volume(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
+    """Volumes in mm^3 and their difference, absolute (pred - ref) and relative to the reference."""
+    voxel = float(np.prod(np.asarray(context.spacing, dtype=float)))
+    v_pred = int(np.count_nonzero(pred)) * voxel
+    v_ref = int(np.count_nonzero(ref)) * voxel
+    return {
+        "volume_pred_mm3": v_pred,
+        "volume_ref_mm3": v_ref,
+        "volume_difference_mm3": v_pred - v_ref,
+        "volume_difference_relative": (v_pred - v_ref) / v_ref if v_ref > 0 else math.nan,
+    }
+
+
+def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
+    """Registry entries named by ``--metrics`` (comma-separated or a list); None or "all": every one.
+
+    Raises
+    ------
+    MedsegError
+        For a name that is neither a registry entry nor an alias (the message lists them).
+    """
+    if names is None:
+        return list(LABEL_METRICS)
+    if isinstance(names, str):
+        names = names.split(",")
+    chosen: list[str] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name == "all":
+            return list(LABEL_METRICS)
+        entries = METRIC_ALIASES.get(name, (name,))
+        for entry in entries:
+            if entry not in LABEL_METRICS:
+                known = ", ".join([*LABEL_METRICS, *METRIC_ALIASES, "all"])
+                raise MedsegError(f"--metrics: unknown metric '{raw.strip()}' (choose from {known})")
+            if entry not in chosen:
+                chosen.append(entry)
+    if not chosen:
+        raise MedsegError("--metrics: no metric named (e.g. --metrics dice,hd95,betti)")
+    return chosen
+
+
+def _union_box(pred: np.ndarray, ref: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of ``pred | ref`` grown by one voxel (clipped to the image); empty: one voxel."""
+    either = pred | ref
+    box = []
+    for axis in range(either.ndim):
+        hit = np.flatnonzero(either.any(axis=tuple(a for a in range(either.ndim) if a != axis)))
+        if hit.size == 0:
+            return tuple(slice(0, 1) for _ in range(either.ndim))
+        box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, either.shape[axis])))
+    return tuple(box)
+
+
+def compute_label_metrics(
+    pred: np.ndarray, ref: np.ndarray, context: MetricContext, metrics: Iterable[str] | None = None
+) -> dict[str, float]:
+    """Run the registered metrics on one label of one case; returns the merged dict.
+
+    ``metrics`` names registry entries (default: all, see :func:`resolve_metrics`); the
+    confusion counts are always included.
+    """
+    chosen = resolve_metrics(metrics)
+    pred = np.asarray(pred, dtype=bool)
+    ref = np.asarray(ref, dtype=bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}")
+    context = MetricContext(
+        spacing=context.spacing,
+        connectivity=context.connectivity if context.connectivity is not None else default_connectivity(ref.ndim),
+        shape=tuple(ref.shape) if context.shape is None else context.shape,
+        tolerance_mm=context.tolerance_mm,
+    )
+    box = _union_box(pred, ref)
+    pred, ref = pred[box], ref[box]
+    out: dict[str, float] = {}
+    for name in chosen:
+        out.update(LABEL_METRICS[name](pred, ref, context))
+    out.update(confusion_counts(pred, ref, context))
+    return out

@@ -1,0 +1,508 @@
+"""``report.html``: an evaluation as one self-contained page.
+
+The page (written by :func:`write_report` from a ``summary.json``) holds
+
+* the run: folders, cases evaluated, missing and failed (with reasons), conventions;
+* per label, the aggregate table (mean, std, median, percentiles, undefined cases of
+  every metric; :mod:`medseg.evaluation.aggregate`) and the metrics' distributions
+  (box and strip plots);
+* the per-case table (one row per reference case, missing and failed ones included),
+  sortable by clicking a header;
+* the worst cases by Betti matching error (by Betti number error when the matching was
+  not computed): reference and prediction side by side, maximum-intensity projections
+  of 3D masks along their thinnest axis or the 2D masks themselves, over the scan when
+  one is found, with the features that the Betti matching leaves unmatched marked at
+  their birth and death voxels, and a legend such as "reference: 2 components and 1
+  loop not matched in the prediction".
+
+Images are embedded as base64 PNG and style and script are inline, so the file can be
+mailed or archived on its own and opens without network access.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medseg.errors import DataError, MedsegError
+from medseg.evaluation import _page
+from medseg.evaluation.aggregate import STATISTICS, describe, is_number
+
+__all__ = [
+    "write_report",
+    "render_report",
+    "default_images_dir",
+    "UnmatchedFeatures",
+    "unmatched_features",
+    "describe_features",
+    "legend_lines",
+    "FEATURE_NAMES",
+]
+
+FEATURE_NAMES = {0: ("component", "components"), 1: ("loop", "loops"), 2: ("cavity", "cavities")}
+"""What a homology class of each dimension is called in legends (singular, plural)."""
+
+PRIMARY_METRICS = (
+    "Dice", "IoU", "NSD", "clDice", "HD95", "betti_matching_error", "betti_error",
+    "components_pred", "components_ref", "volume_difference_mm3", "volume_difference_relative",
+)
+"""Metrics shown first (and plotted), in this order; the per-dimension errors follow their sums."""
+
+_PICTURE_MARGIN = 3  # voxels around the union of both masks in the worst-case pictures
+
+
+# --------------------------------------------------------------------------- features
+
+@dataclass(frozen=True)
+class UnmatchedFeatures:
+    """Features of a reference and a prediction that the Betti matching leaves unmatched.
+
+    ``reference_births[d]`` / ``reference_deaths[d]`` are (N, ndim) voxel coordinates of
+    the reference's unmatched features of dimension d (missing from the prediction);
+    ``prediction_*`` the same for the prediction (not in the reference).
+    """
+
+    reference_births: tuple[np.ndarray, ...]
+    reference_deaths: tuple[np.ndarray, ...]
+    prediction_births: tuple[np.ndarray, ...]
+    prediction_deaths: tuple[np.ndarray, ...]
+
+    @property
+    def reference_counts(self) -> list[int]:
+        return [len(x) for x in self.reference_births]
+
+    @property
+    def prediction_counts(self) -> list[int]:
+        return [len(x) for x in self.prediction_births]
+
+
+def unmatched_features(pred_mask: np.ndarray, ref_mask: np.ndarray, connectivity: int | None = None) -> UnmatchedFeatures:
+    """Unmatched features of two binary masks, with the conventions of ``medseg evaluate``.
+
+    Superlevel filtration of the masks (the foreground enters first), construction T
+    for full connectivity (8/26, the default) and V for face connectivity (4/6), the
+    same as the ``betti_matching_error`` metric, whose per-dimension values are the
+    counts of the two sides added.
+
+    Raises
+    ------
+    ImportError
+        When medseg's topology engine is not built.
+    """
+    from medseg.evaluation.metrics import matching_construction
+    from medseg.topology import betti_matching
+
+    m = betti_matching(
+        np.asarray(pred_mask, dtype=bool).astype(np.float32),
+        np.asarray(ref_mask, dtype=bool).astype(np.float32),
+        filtration="superlevel",
+        construction=matching_construction(connectivity),
+    )
+    return UnmatchedFeatures(
+        reference_births=tuple(m.unmatched_target_birth_coordinates),
+        reference_deaths=tuple(m.unmatched_target_death_coordinates),
+        prediction_births=tuple(m.unmatched_prediction_birth_coordinates),
+        prediction_deaths=tuple(m.unmatched_prediction_death_coordinates),
+    )
+
+
+def describe_features(counts: Sequence[int]) -> str:
+    """Counts per dimension in words: ``[2, 1]`` -> "2 components and 1 loop"; all zero -> "no feature".
+
+    Examples
+    --------
+    >>> describe_features([2, 1, 0])
+    '2 components and 1 loop'
+    >>> describe_features([1, 0, 3])
+    '1 component and 3 cavities'
+    """
+    parts = []
+    for dim, n in enumerate(counts):
+        if n:
+            singular, plural = FEATURE_NAMES.get(dim, (f"{dim}-dimensional feature", f"{dim}-dimensional features"))
+            parts.append(f"{n} {singular if n == 1 else plural}")
+    if not parts:
+        return "no feature"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def legend_lines(features: UnmatchedFeatures) -> list[str]:
+    """The legend of a worst-case picture: what each side has that the other does not match."""
+    def line(side: str, counts: list[int], other: str) -> str:
+        if not any(counts):
+            return f"{side}: every feature matched in the {other}"
+        return f"{side}: {describe_features(counts)} not matched in the {other}"
+
+    return [
+        line("reference", features.reference_counts, "prediction"),
+        line("prediction", features.prediction_counts, "reference"),
+    ]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def default_images_dir(ref_dir: str | Path) -> Path | None:
+    """``imagesTs`` next to a ``labelsTs`` folder (``imagesXx`` for ``labelsXx``) if it exists, else None."""
+    ref_dir = Path(ref_dir)
+    if not ref_dir.name.startswith("labels"):
+        return None
+    candidate = ref_dir.parent / ("images" + ref_dir.name[len("labels"):])
+    return candidate if candidate.is_dir() else None
+
+
+def _ordered(names: Sequence[str]) -> list[str]:
+    """Primary metrics first (each followed by its per-dimension parts), then the rest alphabetically."""
+    names = list(dict.fromkeys(names))
+    out: list[str] = []
+    for name in PRIMARY_METRICS:
+        if name in names:
+            out.append(name)
+        if name.endswith("_error"):
+            stem = name[: -len("_error")]
+            out.extend(sorted(n for n in names if n.startswith(stem + "_") and n.endswith("_error")
+                              and n[len(stem) + 1 : -len("_error")].isdigit()))
+    return out + sorted(n for n in names if n not in out)
+
+
+def _plotted(names: Sequence[str]) -> list[str]:
+    keep = [n for n in _ordered(names) if n in PRIMARY_METRICS and n not in ("components_pred", "components_ref", "volume_difference_mm3")]
+    keep += [n for n in _ordered(names) if n.startswith("betti_matching_") and n[len("betti_matching_"):-len("_error")].isdigit()]
+    return keep
+
+
+def _connectivity_from(summary: dict) -> int | None:
+    value = summary.get("conventions", {}).get("connectivity")
+    return value if isinstance(value, int) else None
+
+
+def _entries(summary: dict) -> list[dict]:
+    entries = summary.get("metric_per_case")
+    if not isinstance(entries, list):
+        raise DataError("summary has no 'metric_per_case' list")
+    return entries
+
+
+def _case_name(entry: dict) -> str:
+    if "case" in entry:
+        return str(entry["case"])
+    from medseg.data.io import strip_ending
+
+    return strip_ending(Path(entry.get("reference_file", "?")))
+
+
+def _status(entry: dict) -> str:
+    return "ok" if "metrics" in entry else str(entry.get("status", "failed"))
+
+
+# --------------------------------------------------------------------------- sections
+
+def _run_section(summary: dict) -> str:
+    entries = _entries(summary)
+    failed = summary.get("failed_cases", {})
+    missing = summary.get("missing_predictions", [])
+    items = [
+        ("prediction folder", summary.get("prediction_folder", "")),
+        ("reference folder", summary.get("reference_folder", "")),
+        ("cases", f"{summary.get('num_evaluated', sum('metrics' in e for e in entries))} of "
+                  f"{summary.get('num_cases', len(entries))} evaluated, {len(missing)} missing, {len(failed)} failed"),
+        ("labels", ", ".join(f"{v} = {n}" for v, n in summary.get("labels", {}).items()) + f" ({summary.get('label_source', '')})"),
+        ("metrics computed", ", ".join(summary.get("metrics_computed", [])) or "all"),
+    ]
+    rows = "".join(f"<tr><td>{_page.esc(k)}</td><td style=\"text-align:left\">{_page.esc(v)}</td></tr>" for k, v in items)
+    html = f"<table>{rows}</table>"
+    if missing or failed:
+        problem_rows = [[_page.cell(c), _page.cell("missing"), _page.cell("no prediction file")] for c in missing]
+        problem_rows += [[_page.cell(c), _page.cell("failed"), _page.cell(reason)] for c, reason in failed.items()]
+        html += "<h3>Cases not evaluated</h3>" + _page.table(["case", "status", "reason"], problem_rows, table_id="problems")
+    conventions = summary.get("conventions", {})
+    if conventions:
+        conv = "".join(
+            f"<tr><td>{_page.esc(k)}</td><td style=\"text-align:left;white-space:normal\">{_page.esc(v)}</td></tr>"
+            for k, v in conventions.items()
+        )
+        html += f"<details><summary>Conventions</summary><table>{conv}</table></details>"
+    return "<h2>Run</h2>" + html
+
+
+def _aggregate_section(summary: dict, label: str, name: str, rows_by_case: dict[str, dict]) -> str:
+    stats = summary.get("statistics", {}).get(label)
+    values = [m for m in rows_by_case.values()]
+    names = _ordered({k for m in values for k in m})
+    if stats is None:  # an older or foreign summary: compute them here
+        stats = {k: describe(m.get(k, math.nan) for m in values) for k in names}
+    headers = ["metric", *STATISTICS]
+    main = [n for n in names if n in stats and (n in PRIMARY_METRICS or n.endswith("_error"))]
+    rest = [n for n in names if n in stats and n not in main]
+
+    def rows(metric_names):
+        return [[_page.cell(n), *(_page.cell(stats[n].get(s, math.nan)) for s in STATISTICS)] for n in metric_names]
+
+    html = f"<h3>{_page.esc(name)} (label {_page.esc(label)})</h3>"
+    html += _page.table(headers, rows(main), table_id=f"aggregate-{label}")
+    if rest:
+        html += "<details><summary>All other metrics</summary>" + _page.table(headers, rows(rest)) + "</details>"
+    return html
+
+
+def _distribution_section(label: str, name: str, rows_by_case: dict[str, dict]) -> str:
+    from medseg.evaluation.plots import distribution_figure
+
+    names = _plotted({k for m in rows_by_case.values() for k in m})
+    if not names or not rows_by_case:
+        return ""
+    values = {n: [m.get(n, math.nan) for m in rows_by_case.values()] for n in names}
+    png = distribution_figure(values, title=f"{name}: {len(rows_by_case)} cases")
+    return f"<figure>{_page.img(png, f'distributions of the metrics of {name}')}</figure>"
+
+
+def _case_table(summary: dict, labels: dict[str, str]) -> str:
+    entries = _entries(summary)
+    present = {label: set() for label in labels}
+    for entry in entries:
+        for label, metrics in entry.get("metrics", {}).items():
+            if label in present:
+                present[label].update(k for k, v in metrics.items() if is_number(v))
+    single = len(labels) == 1
+    columns: list[tuple[str, str, str]] = []  # (label, metric, header)
+    for label, name in labels.items():
+        shown = [n for n in _ordered(present[label]) if n in PRIMARY_METRICS or n.endswith("_error")]
+        columns += [(label, n, n if single else f"{n} [{name}]") for n in shown]
+    headers = ["case", "status", *(h for _, _, h in columns)]
+    keys = ["case", "status", *(n if single else f"{n}@{label}" for label, n, _ in columns)]
+    rows, classes = [], []
+    for entry in entries:
+        status = _status(entry)
+        cells = [_page.cell(_case_name(entry)), _page.cell(status)]
+        metrics = entry.get("metrics", {})
+        for label, n, _ in columns:
+            value = metrics.get(label, {}).get(n)
+            cells.append(_page.cell(value if is_number(value) else None))
+        rows.append(cells)
+        classes.append("" if status == "ok" else "bad")
+    note = "<p class=\"meta\">One row per reference case; click a header to sort (undefined values stay last).</p>"
+    return "<h2>Cases</h2>" + note + "<div class=\"scroll\">" + _page.table(
+        headers, rows, table_id="cases", sortable=True, keys=keys, row_classes=classes
+    ) + "</div>"
+
+
+def _worst(summary: dict, count: int) -> tuple[str | None, list[tuple[float, str, str, dict]]]:
+    entries = [e for e in _entries(summary) if "metrics" in e]
+    for metric in ("betti_matching_error", "betti_error"):
+        if any(metric in m for e in entries for m in e["metrics"].values()):
+            break
+    else:
+        return None, []
+    ranked = []
+    for entry in entries:
+        for label, metrics in entry["metrics"].items():
+            value = metrics.get(metric)
+            if is_number(value) and math.isfinite(value) and value > 0:
+                ranked.append((float(value), _case_name(entry), label, entry))
+    ranked.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return metric, ranked[: max(count, 0)]
+
+
+def _union_box(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
+    either = a | b
+    box = []
+    for axis in range(either.ndim):
+        hit = np.flatnonzero(either.any(axis=tuple(x for x in range(either.ndim) if x != axis)))
+        if hit.size == 0:
+            return tuple(slice(None) for _ in range(either.ndim))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + margin + 1, either.shape[axis])))
+    return tuple(box)
+
+
+def _read_scan(images_dir: Path | None, case: str, ending: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    if images_dir is None:
+        return None, "no scan folder: masks only"
+    from medseg.data.io import read_image
+
+    path = images_dir / f"{case}_0000{ending}"
+    if not path.is_file():
+        return None, f"no scan {path.name} in {images_dir}: masks only"
+    try:
+        image, _ = read_image(path)
+    except MedsegError as err:
+        return None, f"scan unreadable ({err}): masks only"
+    if image.shape != shape:
+        return None, f"scan {path.name} has shape {image.shape}, the masks {shape}: masks only"
+    return np.asarray(image, dtype=np.float32), f"scan {path.name} underneath"
+
+
+def _project(coords: np.ndarray, axis: int | None) -> np.ndarray:
+    coords = np.asarray(coords, dtype=float)
+    if coords.size == 0:
+        return np.zeros((0, 2))
+    return np.delete(coords, axis, axis=1) if axis is not None else coords
+
+
+def _picture(entry: dict, label: str, label_name: str, summary: dict, images_dir: Path | None,
+             ending: str | None, connectivity: int | None) -> tuple[bytes | None, list[str], str]:
+    """(PNG, legend lines, note) for one worst case; PNG None with the reason in note when it cannot be drawn."""
+    from medseg.data.io import ending_of
+    from medseg.evaluation.evaluate import label_masks, read_case_pair
+    from medseg.evaluation.plots import Marks, case_figure
+
+    ref_file, pred_file = Path(entry["reference_file"]), Path(entry["prediction_file"])
+    try:
+        pred, ref, geometry = read_case_pair(pred_file, ref_file, connectivity)
+    except MedsegError as err:
+        return None, [], f"picture unavailable: {err}"
+    pred_mask, ref_mask = label_masks(pred, ref, int(label), summary.get("ignore_label"))
+    box = _union_box(pred_mask, ref_mask, _PICTURE_MARGIN)
+    p, r = pred_mask[box], ref_mask[box]
+    try:
+        features = unmatched_features(p, r, connectivity)
+        legend = legend_lines(features)
+    except ImportError:
+        features, legend = None, ["topology engine not built: unmatched features not marked"]
+    image, scan_note = _read_scan(images_dir, _case_name(entry), ending or ending_of(ref_file), ref.shape)
+    if image is not None:
+        image = image[box]
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    axis = None
+    if r.ndim == 3:
+        axis = int(np.argmin(np.asarray(r.shape) * spacing))
+        r_view, p_view = r.max(axis=axis), p.max(axis=axis)
+        image_view = image.max(axis=axis) if image is not None else None
+        kept = [a for a in range(3) if a != axis]
+        view_note = f"maximum-intensity projection along axis {axis}"
+    else:
+        r_view, p_view, image_view, kept = r, p, image, [0, 1]
+        view_note = "2D masks"
+    aspect = float(spacing[kept[0]] / spacing[kept[1]])
+
+    def marks(births, deaths) -> Marks:
+        return Marks(
+            births={d: _project(b, axis) for d, b in enumerate(births)},
+            deaths={d: _project(x, axis) for d, x in enumerate(deaths)},
+        )
+
+    names = {d: FEATURE_NAMES[d][0] for d in FEATURE_NAMES}
+    if features is not None:
+        ref_marks = marks(features.reference_births, features.reference_deaths)
+        pred_marks = marks(features.prediction_births, features.prediction_deaths)
+    else:
+        ref_marks = pred_marks = Marks()
+    png = case_figure(
+        r_view, p_view, ref_marks, pred_marks, names, image=image_view, aspect=aspect,
+        titles=("reference", "prediction"), legend=legend, suptitle=f"{_case_name(entry)} - {label_name}",
+    )
+    origin = ", ".join(str(s.start or 0) for s in box)
+    return png, legend, f"{view_note}; crop origin ({origin}); {scan_note}"
+
+
+def _worst_section(summary: dict, labels: dict[str, str], images_dir: Path | None, ending: str | None,
+                   connectivity: int | None, count: int) -> str:
+    metric, worst = _worst(summary, count)
+    html = "<h2>Worst cases</h2>"
+    if not any("metrics" in e for e in _entries(summary)):
+        return html + "<p class=\"meta\">No case was evaluated.</p>"
+    if metric is None:
+        return html + "<p class=\"meta\">No topology metric was computed (see --metrics), so no case is pictured.</p>"
+    if not worst:
+        return html + f"<p class=\"meta\">Every case has {metric} 0: nothing to picture.</p>"
+    html += (
+        f"<p class=\"meta\">The {len(worst)} (case, label) pairs with the largest {metric}. Red: reference features "
+        "the prediction does not match (missing); blue: prediction features the reference does not match (extra). "
+        "Hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), x at the death voxel.</p>"
+    )
+    for value, case, label, entry in worst:
+        name = labels.get(label, f"label {label}")
+        png, legend, note = _picture(entry, label, name, summary, images_dir, ending, connectivity)
+        metrics = entry["metrics"][label]
+        stem = metric[: -len("_error")]
+        per_dim = [metrics[f"{stem}_{d}_error"] for d in range(3) if f"{stem}_{d}_error" in metrics]
+        head = f"{case} &middot; {_page.esc(name)} &middot; {metric} {_page.fmt(value)}"
+        if per_dim:
+            head += " (" + ", ".join(f"dim {d}: {_page.fmt(v)}" for d, v in enumerate(per_dim)) + ")"
+        legend_html = "".join(f"<div class=\"legend\">{_page.esc(line)}</div>" for line in legend)
+        picture = _page.img(png, f"{case} {name}: reference and prediction") if png is not None else ""
+        html += (
+            f"<figure class=\"worst\" data-case=\"{_page.esc(case)}\" data-label=\"{_page.esc(label)}\">{picture}"
+            f"<figcaption><div>{head}</div>{legend_html}<div class=\"meta\">{_page.esc(note)}</div></figcaption></figure>"
+        )
+    return html
+
+
+# --------------------------------------------------------------------------- entry points
+
+def render_report(
+    summary: dict,
+    images_dir: str | Path | None = None,
+    image_ending: str | None = None,
+    connectivity: int | None = None,
+    worst_cases: int = 5,
+    title: str = "medseg evaluation",
+) -> str:
+    """The HTML text of the report of ``summary`` (a ``summary.json`` as a dict); see the module docstring."""
+    images_dir = Path(images_dir) if images_dir is not None else None
+    connectivity = connectivity if connectivity is not None else _connectivity_from(summary)
+    labels = {str(k): str(v) for k, v in summary.get("labels", {}).items()}
+    entries = _entries(summary)
+    if not labels:
+        labels = {k: f"label {k}" for e in entries for k in e.get("metrics", {})}
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = [f"<h1>{_page.esc(title)}</h1><p class=\"meta\">written {created} by medseg evaluate</p>", _run_section(summary)]
+    body.append("<h2>Aggregates</h2>")
+    for label, name in labels.items():
+        rows_by_case = {_case_name(e): e["metrics"][label] for e in entries if label in e.get("metrics", {})}
+        body.append(_aggregate_section(summary, label, name, rows_by_case))
+        body.append(_distribution_section(label, name, rows_by_case))
+    body.append(_case_table(summary, labels))
+    body.append(_worst_section(summary, labels, images_dir, image_ending, connectivity, worst_cases))
+    return _page.page(title, "\n".join(body))
+
+
+def write_report(
+    summary: dict | str | Path,
+    path: str | Path,
+    images_dir: str | Path | None = None,
+    image_ending: str | None = None,
+    connectivity: int | None = None,
+    worst_cases: int = 5,
+) -> Path:
+    """Write ``report.html`` for an evaluation (atomically); returns its path.
+
+    Parameters
+    ----------
+    summary : dict or path
+        The evaluation: a ``summary.json`` written by ``medseg evaluate`` (or its dict).
+    path : path
+        The HTML file to write.
+    images_dir : path, optional
+        Folder of scans (``CASE_0000<ending>``) shown under the worst cases' masks.
+    image_ending : str, optional
+        File ending of the scans; default that of the reference files.
+    connectivity : int, optional
+        Connectivity of the evaluation (default: the one recorded in the summary).
+    worst_cases : int
+        How many (case, label) pairs are pictured.
+
+    Raises
+    ------
+    DataError
+        When ``summary`` is a file that cannot be read as a summary.
+    """
+    from medseg.evaluation.evaluate import _atomic_write_text
+
+    if not isinstance(summary, dict):
+        source = Path(summary)
+        try:
+            summary = json.loads(source.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{source}: summary.json not found") from None
+        except (OSError, ValueError) as err:
+            raise DataError(f"{source}: not a readable summary.json ({type(err).__name__}: {err})") from None
+        if not isinstance(summary, dict):
+            raise DataError(f"{source}: not a summary.json (expected an object with 'metric_per_case')")
+    path = Path(path)
+    _atomic_write_text(path, render_report(summary, images_dir, image_ending, connectivity, worst_cases))
+    return path

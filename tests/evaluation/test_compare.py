@@ -1,0 +1,124 @@
+"""medseg report compare on synthetic evaluations with known paired differences."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.cli import main
+from medseg.evaluation.compare import compare_evaluations, load_evaluation, paired_tests, run_compare
+
+
+def _summary(path: Path, values: dict[str, dict[str, float]], not_evaluated=(), nnunet=False):
+    entries = []
+    for case, metrics in values.items():
+        entry = {"reference_file": f"/data/labelsTs/{case}.nii.gz", "prediction_file": f"/p/{case}.nii.gz",
+                 "metrics": {"1": metrics}}
+        if not nnunet:
+            entry["case"] = case
+        entries.append(entry)
+    for case in not_evaluated:
+        entries.append({"case": case, "reference_file": f"/data/labelsTs/{case}.nii.gz", "status": "failed"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metric_per_case": entries, "labels": {"1": "vessel"}}))
+    return path
+
+
+CASES = [f"case_{i}" for i in range(8)]
+RNG = np.random.default_rng(0)
+DICE_A = RNG.uniform(0.6, 0.8, 8)
+NOISE = np.array([0.03, -0.02, 0.01, -0.04, 0.02, -0.01, 0.04, -0.03])  # mean 0
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = {c: {"Dice": DICE_A[i], "HD95": 5.0, "clDice": 0.7, "betti_matching_error": 4.0} for i, c in enumerate(CASES)}
+    b = {c: {"Dice": DICE_A[i] + 0.1, "HD95": 3.0 + i * 0.1, "clDice": 0.7 + NOISE[i], "betti_matching_error": 4.0}
+         for i, c in enumerate(CASES)}
+    b["case_7"]["HD95"] = float("nan")
+    a["only_a"] = dict(a["case_0"])
+    b["only_b"] = dict(b["case_0"])
+    run_a = tmp_path / "run_a"
+    _summary(run_a / "evaluation" / "summary.json", a)
+    eval_b = _summary(tmp_path / "eval_b" / "summary.json", b, not_evaluated=["case_broken"], nnunet=True)
+    # B: nnU-Net style (case names from reference_file), case_broken only in B and not evaluated
+    return run_a, eval_b.parent
+
+
+def test_paired_tests_known_differences():
+    a = np.array([0.5, 0.6, 0.7, 0.8, 0.55, 0.65])
+    r = paired_tests(a, a + 0.1)
+    assert r["mean_difference"] == pytest.approx(0.1) and r["median_difference"] == pytest.approx(0.1)
+    assert r["permutation_p"] == pytest.approx(2 / 64)  # exact: only all-plus and all-minus are as extreme
+    assert r["wilcoxon_p"] == pytest.approx(0.03125)  # exact two-sided signed-rank, n=6, all positive
+    same = paired_tests(a, a)
+    assert same["wilcoxon_p"] == 1.0 and same["permutation_p"] == 1.0
+    many = paired_tests(np.zeros(40), np.full(40, 0.01), permutations=500)  # random signs
+    assert many["permutation_p"] == pytest.approx(1 / 501)
+    assert paired_tests(np.array([]), np.array([]))["n"] == 0
+
+
+def test_compare_direction_p_values_and_left_out_cases(two_runs):
+    run_a, eval_b = two_runs
+    result = compare_evaluations(load_evaluation(run_a), load_evaluation(eval_b))
+    dice = result["metrics"]["1"]["Dice"]
+    assert dice["n"] == 8 and dice["mean_difference"] == pytest.approx(0.1)
+    assert dice["permutation_p"] == pytest.approx(2 / 256) and dice["wilcoxon_p"] < 0.01
+    assert dice["better"] == "B"
+    hd = result["metrics"]["1"]["HD95"]
+    assert hd["n"] == 7 and hd["undefined"] == 1  # B's NaN leaves the pair out
+    assert hd["mean_difference"] == pytest.approx(np.mean([3.0 + i * 0.1 - 5.0 for i in range(7)]))
+    assert hd["better"] == "B"  # lower HD95 is better
+    cl = result["metrics"]["1"]["clDice"]
+    assert cl["mean_difference"] == pytest.approx(0.0, abs=1e-12) and cl["permutation_p"] > 0.5 and cl["wilcoxon_p"] > 0.5
+    assert result["metrics"]["1"]["betti_matching_error"]["better"] == "="
+    assert result["only_in_a"] == ["only_a"]
+    assert result["only_in_b"] == ["case_broken", "only_b"]
+    assert result["paired_cases"] == CASES
+
+
+def test_run_compare_writes_json_html_and_prints_a_table(two_runs, tmp_path, capsys):
+    run_a, eval_b = two_runs
+    out = tmp_path / "cmp"
+    assert main(["report", "compare", str(run_a), str(eval_b / "summary.json"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("metric"))
+    dice = next(line for line in printed.splitlines() if line.startswith("Dice "))
+    assert header.index("mean B-A") + len("mean B-A") == dice.index("0.1") + len("0.1")  # right-aligned column
+    assert "cases only in A (1): only_a" in printed
+    data = json.loads((out / "compare.json").read_text())
+    assert data["metrics"]["1"]["Dice"]["better"] == "B"
+    html = (out / "compare.html").read_text()
+    assert html.count("<tr><td data-v=\"case_") == 8 and "data:image/png;base64," in html
+
+
+def test_compare_the_same_evaluation(two_runs):
+    run_a, _ = two_runs
+    result = run_compare(run_a, run_a / "evaluation")
+    assert all(s["mean_difference"] == 0 and s["permutation_p"] == 1.0 for s in result["metrics"]["1"].values())
+
+
+@pytest.mark.parametrize("bad", ["missing", "not_json", "no_cases", "empty_dir", "disjoint", "two_evals"])
+def test_report_compare_bad_inputs_are_one_line_errors(two_runs, tmp_path, capsys, bad):
+    run_a, eval_b = two_runs
+    target = tmp_path / bad
+    if bad == "not_json":
+        target.write_text("case,Dice\n")
+    elif bad == "no_cases":
+        target.write_text(json.dumps({"mean": {}}))
+    elif bad == "empty_dir":
+        target.mkdir()
+    elif bad == "disjoint":
+        _summary(target / "summary.json", {"other": {"Dice": 1.0}})
+    elif bad == "two_evals":
+        _summary(target / "e1" / "summary.json", {"case_0": {"Dice": 1.0}})
+        _summary(target / "e2" / "summary.json", {"case_0": {"Dice": 1.0}})
+    code = main(["report", "compare", str(run_a), str(target)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("medseg: error: ") and str(target) in err
+    expected = {"missing": "not found", "not_json": "not a readable summary.json", "no_cases": "metric_per_case",
+                "empty_dir": "no summary.json", "disjoint": "no case is evaluated in both", "two_evals": "several evaluations"}
+    assert expected[bad] in err

@@ -1,0 +1,294 @@
+"""medseg evaluate on hand-made masks whose Dice, HD95 and Betti errors are known."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.cli import main
+from medseg.data.io import ImageGeometry, write_image
+from medseg.evaluation.evaluate import run_evaluation
+
+SPACING = (2.0, 1.0, 1.0)
+SHAPE = (12, 12, 12)
+
+
+def _geometry(shape=SHAPE, spacing=SPACING):
+    return ImageGeometry.from_spacing(shape, spacing, origin=(-10.0, 5.0, 3.0))
+
+
+def _write(folder: Path, case: str, array, geometry=None):
+    array = np.asarray(array, dtype=np.uint8)
+    write_image(folder / f"{case}.nii.gz", array, geometry or _geometry(array.shape))
+
+
+def _cube(lo, hi, shape=SHAPE, value=1):
+    a = np.zeros(shape, np.uint8)
+    a[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = value
+    return a
+
+
+def _hollow_sphere(shape=SHAPE):
+    grid = np.indices(shape) - np.array(shape)[:, None, None, None] // 2
+    r2 = (grid**2).sum(0)
+    return ((r2 <= 25) & (r2 > 6)).astype(np.uint8)
+
+
+def _dataset_json(root: Path, labels):
+    (root / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "MR"}, "labels": labels, "numTraining": 0, "file_ending": ".nii.gz"})
+    )
+
+
+@pytest.fixture
+def folders(tmp_path):
+    ref, pred, out = tmp_path / "labelsTs", tmp_path / "pred", tmp_path / "eval"
+    ref.mkdir()
+    pred.mkdir()
+    _dataset_json(tmp_path, {"background": 0, "vessel": 1, "tumour": 2})
+    return ref, pred, out
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def _case(summary, name):
+    return next(c for c in summary["metric_per_case"] if c["case"] == name)
+
+
+def test_known_dice_hd95_and_betti(folders):
+    ref, pred, out = folders
+    # Dice: 4x4x4 cube against the same cube shifted one voxel: overlap 48 of 64+64.
+    _write(ref, "shift", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "shift", _cube((3, 2, 2), (7, 6, 6)))
+    # HD95: one-voxel slabs 3 voxels apart along axis 0, whose spacing is 2 mm: 6 mm.
+    _write(ref, "slabs", _cube((2, 1, 1), (3, 11, 11)))
+    _write(pred, "slabs", _cube((5, 1, 1), (6, 11, 11)))
+    # Betti: a hollow sphere (1, 0, 1) against two blobs (2, 0, 0).
+    _write(ref, "topo", _hollow_sphere())
+    _write(pred, "topo", _cube((1, 1, 1), (3, 3, 3)) | _cube((8, 8, 8), (10, 10, 10)))
+
+    assert run_evaluation(pred, ref, out, workers=1) is True
+    summary = _summary(out)
+    shift = _case(summary, "shift")["metrics"]["1"]
+    assert shift["Dice"] == pytest.approx(0.75)
+    assert (shift["TP"], shift["FP"], shift["FN"]) == (48, 16, 16)
+    assert shift["betti_error"] == 0
+
+    slabs = _case(summary, "slabs")["metrics"]["1"]
+    assert slabs["Dice"] == 0.0
+    assert slabs["HD95"] == pytest.approx(6.0)
+
+    topo = _case(summary, "topo")["metrics"]["1"]
+    assert [topo[f"betti_{k}_ref"] for k in range(3)] == [1, 0, 1]
+    assert [topo[f"betti_{k}_pred"] for k in range(3)] == [2, 0, 0]
+    assert [topo[f"betti_{k}_error"] for k in range(3)] == [1, 0, 1]
+    assert topo["betti_error"] == 2
+
+    # Label 2 is declared but absent everywhere: Dice NaN (nnU-Net), HD95 NaN, counted.
+    tumour = shift = _case(summary, "shift")["metrics"]["2"]
+    assert math.isnan(tumour["Dice"]) and math.isnan(tumour["HD95"])
+    assert tumour["betti_error"] == 0
+    assert summary["empty_cases"]["2"]["reference_and_prediction_empty"] == ["shift", "slabs", "topo"]
+    assert math.isnan(summary["mean"]["2"]["Dice"])
+
+    mean_dice = np.mean([0.75, 0.0, _case(summary, "topo")["metrics"]["1"]["Dice"]])
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(mean_dice)
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(mean_dice)  # NaN label skipped
+    assert summary["conventions"]["connectivity"] == 26
+    assert summary["conventions"]["hd95_units"] == "mm"
+    assert summary["missing_predictions"] == [] and summary["failed_cases"] == {}
+    assert summary["labels"] == {"1": "vessel", "2": "tumour"}
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 3 * 2
+    assert {r["status"] for r in rows} == {"ok"}
+    assert float(next(r for r in rows if r["case"] == "shift" and r["label"] == "1")["Dice"]) == pytest.approx(0.75)
+
+
+def test_one_sided_empty_hd95_is_image_diagonal(folders):
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (5, 5, 5)))
+    _write(pred, "a", np.zeros(SHAPE))
+    assert run_evaluation(pred, ref, out, workers=1)
+    metrics = _case(_summary(out), "a")["metrics"]["1"]
+    assert metrics["Dice"] == 0.0
+    assert metrics["HD95"] == pytest.approx(np.linalg.norm(np.array(SHAPE) * np.array(SPACING)))
+
+
+def test_connectivity_changes_betti_numbers(folders):
+    ref, pred, out = folders
+    corner = np.zeros(SHAPE, np.uint8)
+    corner[3, 3, 3] = corner[4, 4, 4] = 1
+    _write(ref, "a", corner)
+    _write(pred, "a", _cube((3, 3, 3), (5, 5, 5)))
+    assert run_evaluation(pred, ref, out, connectivity=26, workers=1)
+    assert _case(_summary(out), "a")["metrics"]["1"]["betti_0_error"] == 0
+    assert run_evaluation(pred, ref, out, connectivity=6, workers=1)
+    summary = _summary(out)
+    assert _case(summary, "a")["metrics"]["1"]["betti_0_error"] == 1
+    assert summary["conventions"]["connectivity"] == 6
+
+
+def test_missing_and_broken_cases_are_reported_and_others_evaluated(folders):
+    ref, pred, out = folders
+    good = _cube((2, 2, 2), (6, 6, 6))
+    for case in ("good", "missing", "shape", "affine", "truncated"):
+        _write(ref, case, good)
+    _write(pred, "good", good)
+    _write(pred, "shape", np.zeros((12, 12, 11)))
+    _write(pred, "affine", good, ImageGeometry.from_spacing(SHAPE, (2.0, 1.0, 1.5)))
+    _write(pred, "truncated", good)
+    data = (pred / "truncated.nii.gz").read_bytes()
+    (pred / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+
+    assert run_evaluation(pred, ref, out, workers=1) is False
+    summary = _summary(out)
+    assert summary["missing_predictions"] == ["missing"]
+    assert set(summary["failed_cases"]) == {"shape", "affine", "truncated"}
+    assert "shape" in summary["failed_cases"]["shape"] and "(12, 12, 11)" in summary["failed_cases"]["shape"]
+    assert "affine" in summary["failed_cases"]["affine"]
+    assert "truncated.nii.gz" in summary["failed_cases"]["truncated"]
+    assert _case(summary, "good")["metrics"]["1"]["Dice"] == 1.0
+    assert _case(summary, "missing")["status"] == "missing"
+    assert summary["num_cases"] == 5 and summary["num_evaluated"] == 1
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {r["case"]: r["status"] for r in rows} == {
+        "good": "ok", "missing": "missing", "shape": "failed", "affine": "failed", "truncated": "failed"
+    }
+
+
+def test_parallel_workers_give_the_same_summary(folders):
+    ref, pred, out = folders
+    for i in range(3):
+        _write(ref, f"c{i}", _cube((1, 1, 1), (4 + i, 5, 5)))
+        _write(pred, f"c{i}", _cube((1, 1, 1), (5, 5, 4 + i)))
+    assert run_evaluation(pred, ref, out / "serial", workers=1)
+    assert run_evaluation(pred, ref, out / "parallel", workers=2)
+    serial, parallel = _summary(out / "serial"), _summary(out / "parallel")
+    assert json.dumps(serial["mean"]) == json.dumps(parallel["mean"])
+    assert [c["case"] for c in serial["metric_per_case"]] == [c["case"] for c in parallel["metric_per_case"]]
+
+
+def test_labels_from_the_data_without_dataset_json(tmp_path):
+    ref, pred, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
+    ref.mkdir()
+    pred.mkdir()
+    a = _cube((1, 1, 1), (4, 4, 4)) + _cube((6, 6, 6), (9, 9, 9), value=3)
+    _write(ref, "a", a)
+    _write(pred, "a", a)
+    assert run_evaluation(pred, ref, out, workers=1)
+    summary = _summary(out)
+    assert sorted(summary["mean"]) == ["1", "3"]
+    assert summary["mean"]["3"]["Dice"] == 1.0
+
+
+def test_explicit_dataset_json_and_ignore_label(tmp_path):
+    ref, pred, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
+    ref.mkdir()
+    pred.mkdir()
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labels": {"background": 0, "vessel": 1, "ignore": 4}}))
+    ref_array = _cube((1, 1, 1), (4, 4, 4)) + _cube((6, 6, 6), (9, 9, 9), value=4)
+    pred_array = _cube((1, 1, 1), (4, 4, 4)) + _cube((6, 6, 6), (9, 9, 9), value=1)  # inside ignore: not counted
+    _write(ref, "a", ref_array)
+    _write(pred, "a", pred_array)
+    assert run_evaluation(pred, ref, out, dataset_json=labels, workers=1)
+    summary = _summary(out)
+    assert list(summary["mean"]) == ["1"]
+    assert summary["mean"]["1"]["Dice"] == 1.0
+    assert summary["ignore_label"] == 4
+
+
+def test_2d_png_masks(tmp_path):
+    ref, pred, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
+    ring = np.zeros((9, 9), np.uint8)
+    ring[2:7, 2:7] = 1
+    ring[4, 4] = 0
+    filled = ring.copy()
+    filled[4, 4] = 1
+    write_image(ref / "a.png", ring, ImageGeometry.identity(ring.shape))
+    write_image(pred / "a.png", filled, ImageGeometry.identity(ring.shape))
+    assert run_evaluation(pred, ref, out, workers=1)
+    metrics = _case(_summary(out), "a")["metrics"]["1"]
+    assert [metrics["betti_0_error"], metrics["betti_1_error"]] == [0, 1]
+    assert "betti_2_error" not in metrics
+    assert metrics["Dice"] == pytest.approx(2 * 24 / (24 + 25))
+
+
+def test_cli_exit_codes_and_one_line_errors(folders, capsys):
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
+    _write(ref, "b", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "a", _cube((2, 2, 2), (6, 6, 6)))
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1"]
+    assert main(args) == 1  # b is missing
+    assert "missing prediction for case b" in capsys.readouterr().err
+    _write(pred, "b", _cube((2, 2, 2), (6, 6, 6)))
+    assert main(args) == 0
+    assert main(["evaluate", "--pred", str(pred / "nope"), "--ref", str(ref), "--output", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
+    assert main(args + ["--connectivity", "5"]) != 0
+    assert "--connectivity 5" in capsys.readouterr().err
+    assert main(args + ["--connectivity", "8"]) == 1  # 2D connectivity on 3D images: every case fails
+    assert "does not fit a 3D image" in capsys.readouterr().err
+    empty = ref.parent / "empty"
+    empty.mkdir()
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(empty), "--output", str(out)]) == 3
+    assert "no reference files" in capsys.readouterr().err
+
+
+def test_msd_style_labels(tmp_path):
+    ref, pred, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
+    labels = tmp_path / "dataset.json"
+    labels.write_text(json.dumps({"labels": {"0": "background", "1": "vessel", "2": "tumour"}}))
+    _write(ref, "a", _cube((1, 1, 1), (4, 4, 4)))
+    _write(pred, "a", _cube((1, 1, 1), (4, 4, 4)))
+    assert run_evaluation(pred, ref, out, workers=1)
+    assert _summary(out)["labels"] == {"1": "vessel", "2": "tumour"}
+
+
+def test_metrics_subset_tolerance_and_statistics(folders, capsys):
+    ref, pred, out = folders
+    _write(ref, "shift", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "shift", _cube((3, 2, 2), (7, 6, 6)))  # shifted 2 mm along axis 0
+    _write(ref, "same", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "same", _cube((2, 2, 2), (6, 6, 6)))
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1"]
+    assert main(args + ["--metrics", "dice,nsd", "--tolerance-mm", "2.0", "--no-report"]) == 0
+    summary = _summary(out)
+    assert summary["metrics_computed"] == ["dice", "surface_dice"]
+    assert summary["conventions"]["nsd_tolerance_mm"] == 2.0
+    shift = _case(summary, "shift")["metrics"]["1"]
+    assert set(shift) == {"Dice", "NSD", "TP", "FP", "FN", "TN", "n_pred", "n_ref"}
+    assert shift["NSD"] == 1.0  # every boundary voxel is within 2 mm of the other boundary
+    assert not (out / "report.html").exists()
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert "HD95" not in header and "betti_error" not in header and "NSD" in header
+    # statistics per label: label 2 is absent everywhere, so every Dice is undefined
+    stats = summary["statistics"]
+    assert stats["1"]["Dice"]["n"] == 2 and stats["1"]["Dice"]["median"] == pytest.approx((0.75 + 1.0) / 2)
+    assert stats["2"]["Dice"]["n"] == 0 and stats["2"]["Dice"]["n_undefined"] == 2
+    capsys.readouterr()
+
+    assert main(args + ["--metrics", "dice,hausdorff"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown metric 'hausdorff'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--tolerance-mm", "-1"]) == 1
+    assert "--tolerance-mm" in capsys.readouterr().err
+
+
+def test_report_is_written_with_the_summary(folders):
+    ref, pred, out = folders
+    for i in range(3):
+        _write(ref, f"c{i}", _cube((1, 1, 1), (4 + i, 5, 5)))
+        _write(pred, f"c{i}", _cube((1, 1, 1), (5, 5, 4 + i)))
+    assert run_evaluation(pred, ref, out, workers=1, metrics="dice,betti")
+    text = (out / "report.html").read_text()
+    assert text.count('<tr><td data-v="c') == 3  # one row per case in the per-case table
+    assert "Dice [vessel]" in text and "Dice [tumour]" in text  # two labels: one column each

@@ -1,0 +1,178 @@
+"""report.html: one row per case, embedded pictures, legends that say what is unmatched."""
+
+import base64
+import importlib.util
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.data.io import ImageGeometry, write_image
+from medseg.evaluation.evaluate import run_evaluation
+from medseg.evaluation.report import describe_features, legend_lines, unmatched_features, write_report
+
+needs_engine = pytest.mark.skipif(
+    importlib.util.find_spec("medseg.topology._engine") is None,
+    reason="medseg's topology engine is not built",
+)
+
+
+class _Tables(HTMLParser):
+    """Rows of each table's tbody by table id, and every <img> src."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, list[list[str]]] = {}
+        self.images: list[str] = []
+        self.figures: list[dict] = []
+        self._table = None
+        self._in_body = False
+        self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = attrs.get("id", "")
+            self.rows.setdefault(self._table, [])
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows[self._table].append([])
+        elif tag == "td" and self._in_body:
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag == "figure" and "data-case" in attrs:
+            self.figures.append(attrs)
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._in_body = False
+        elif tag == "td" and self._cell is not None:
+            self.rows[self._table][-1].append(self._cell)
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def _parse(path: Path) -> _Tables:
+    parser = _Tables()
+    parser.feed(path.read_text())
+    return parser
+
+
+def _ring_case():
+    """A reference with 3 components and 1 loop; the prediction keeps only the first square."""
+    ref = np.zeros((20, 20), np.uint8)
+    ref[2:6, 2:6] = 1  # kept
+    ref[2:6, 12:16] = 1  # missed component
+    ref[11:17, 4:10] = 1
+    ref[13:15, 6:8] = 0  # missed ring: a component and a loop
+    pred = np.zeros_like(ref)
+    pred[2:6, 2:6] = 1
+    return pred, ref
+
+
+def test_describe_features():
+    assert describe_features([2, 1]) == "2 components and 1 loop"
+    assert describe_features([0, 0, 1]) == "1 cavity"
+    assert describe_features([1, 2, 3]) == "1 component, 2 loops and 3 cavities"
+    assert describe_features([0, 0]) == "no feature"
+
+
+@needs_engine
+def test_unmatched_features_of_a_constructed_case():
+    pred, ref = _ring_case()
+    features = unmatched_features(pred, ref)
+    assert features.reference_counts == [2, 1] and features.prediction_counts == [0, 0]
+    assert legend_lines(features) == [
+        "reference: 2 components and 1 loop not matched in the prediction",
+        "prediction: every feature matched in the reference",
+    ]
+    births = features.reference_births
+    assert all(ref[tuple(c)] == 1 for c in births[0])  # components are born on the reference's foreground
+    assert {int(c[1]) >= 12 or int(c[0]) >= 11 for c in births[0]} == {True}  # in the missed parts, not the kept square
+    loop_death = features.reference_deaths[1][0]
+    assert (13 <= loop_death[0] < 15 and 6 <= loop_death[1] < 8)  # the loop dies in its hole
+
+
+def _evaluate_2d(tmp_path, cases: dict, missing=()):
+    ref_dir, pred_dir, out = tmp_path / "labelsTs", tmp_path / "pred", tmp_path / "eval"
+    for name, (pred, ref) in cases.items():
+        geometry = ImageGeometry.identity(ref.shape)
+        write_image(ref_dir / f"{name}.nii.gz", ref, geometry)
+        if name not in missing:
+            write_image(pred_dir / f"{name}.nii.gz", pred, geometry)
+    ok = run_evaluation(pred_dir, ref_dir, out, workers=1)
+    return ok, out
+
+
+@needs_engine
+def test_report_rows_pictures_and_legend(tmp_path):
+    pred, ref = _ring_case()
+    cases = {"ring": (pred, ref), "same": (ref, ref), "shifted": (np.roll(ref, 1, axis=0), ref), "gone": (pred, ref)}
+    ok, out = _evaluate_2d(tmp_path, cases, missing=("gone",))
+    assert ok is False  # one prediction missing
+    report = out / "report.html"
+    parsed = _parse(report)
+    rows = parsed.rows["cases"]
+    assert [r[0] for r in rows] == ["gone", "ring", "same", "shifted"]  # one row per reference case
+    assert dict((r[0], r[1]) for r in rows)["gone"] == "missing"
+
+    pngs = [src for src in parsed.images if src.startswith("data:image/png;base64,")]
+    assert pngs and len(pngs) == len(parsed.images)
+    assert base64.b64decode(pngs[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # nothing to fetch
+
+    # worst case first: the ring case has Betti matching error 3
+    assert parsed.figures[0]["data-case"] == "ring"
+    assert "reference: 2 components and 1 loop not matched in the prediction" in text
+    summary = json.loads((out / "summary.json").read_text())
+    ring = next(c for c in summary["metric_per_case"] if c["case"] == "ring")["metrics"]["1"]
+    assert (ring["betti_matching_0_error"], ring["betti_matching_1_error"]) == (2, 1)
+    assert summary["statistics"]["1"]["Dice"]["n"] == 3
+
+
+def test_report_without_topology_metrics_says_so(tmp_path):
+    pred, ref = _ring_case()
+    ref_dir, pred_dir, out = tmp_path / "labelsTs", tmp_path / "pred", tmp_path / "eval"
+    for name in ("a", "b", "c"):
+        write_image(ref_dir / f"{name}.nii.gz", ref, ImageGeometry.identity(ref.shape))
+        write_image(pred_dir / f"{name}.nii.gz", pred, ImageGeometry.identity(ref.shape))
+    assert run_evaluation(pred_dir, ref_dir, out, workers=1, metrics="dice,hd95")
+    parsed = _parse(out / "report.html")
+    assert len(parsed.rows["cases"]) == 3
+    assert "No topology metric was computed" in (out / "report.html").read_text()
+    assert [r[0] for r in parsed.rows["aggregate-1"]] == ["Dice", "HD95"]
+
+
+@needs_engine
+def test_report_3d_projections_over_the_scan(tmp_path, make_synthetic_dataset):
+    dataset = make_synthetic_dataset(cases=1, test_cases=3, size=24, dims=3, seed=1)
+    from medseg.data.io import read_image
+
+    pred_dir = tmp_path / "pred"
+    for i, f in enumerate(sorted((dataset / "labelsTs").iterdir())):
+        label, geometry = read_image(f)
+        label = label.copy()
+        if i == 0:  # cut the tree through the middle: components not matched
+            label[:, label.shape[1] // 2 - 1 : label.shape[1] // 2 + 1] = 0
+        write_image(pred_dir / f.name, label, geometry)
+    out = tmp_path / "eval"
+    assert run_evaluation(pred_dir, dataset / "labelsTs", out, workers=1, metrics="dice,betti_matching")
+    text = (out / "report.html").read_text()
+    parsed = _parse(out / "report.html")
+    assert len(parsed.rows["cases"]) == 3
+    assert parsed.figures and parsed.figures[0]["data-case"] == "vessel_001"
+    assert "maximum-intensity projection along axis" in text
+    assert "scan vessel_001_0000.nii.gz underneath" in text  # imagesTs found next to labelsTs
+
+    # rewriting from summary.json alone gives the same tables
+    again = write_report(out / "summary.json", tmp_path / "again.html")
+    assert _parse(again).rows["cases"] == parsed.rows["cases"]
