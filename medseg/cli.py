@@ -149,19 +149,9 @@ def report_html(
     worst_cases: int = typer.Option(5, "--worst-cases", help="worst cases by Betti matching error pictured"),
 ) -> None:
     """(Re)write report.html from an existing summary.json."""
-    import json
+    from medseg.evaluation.report import rewrite_report
 
-    from medseg.evaluation.compare import find_summary
-    from medseg.evaluation.report import default_images_dir, write_report
-
-    summary = find_summary(evaluation)
-    if images is None:  # as medseg evaluate: imagesTs next to the summary's labelsTs, if there
-        try:
-            reference_folder = json.loads(summary.read_text()).get("reference_folder")
-        except (OSError, ValueError, AttributeError):
-            reference_folder = None
-        images = default_images_dir(reference_folder) if isinstance(reference_folder, str) else None
-    path = write_report(summary, output or summary.parent / "report.html", images_dir=images, worst_cases=worst_cases)
+    path = rewrite_report(evaluation, output=output, images_dir=images, worst_cases=worst_cases)
     print(f"medseg: wrote {path}")
 
 

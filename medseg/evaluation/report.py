@@ -506,3 +506,28 @@ def write_report(
     path = Path(path)
     _atomic_write_text(path, render_report(summary, images_dir, image_ending, connectivity, worst_cases))
     return path
+
+
+def rewrite_report(
+    evaluation: str | Path,
+    output: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    worst_cases: int = 5,
+) -> Path:
+    """``medseg report html``: (re)write ``report.html`` from an evaluation folder or summary.json.
+
+    Scans default to ``imagesTs`` next to the summary's reference folder, as in
+    ``medseg evaluate``; the page goes next to ``summary.json`` unless ``output`` says otherwise.
+    """
+    from medseg.evaluation.compare import find_summary
+
+    summary_path = find_summary(evaluation)
+    if images_dir is None:
+        try:
+            reference_folder = json.loads(summary_path.read_text()).get("reference_folder")
+        except (OSError, ValueError, AttributeError):
+            reference_folder = None
+        if isinstance(reference_folder, str):
+            images_dir = default_images_dir(reference_folder)
+    return write_report(summary_path, output or summary_path.parent / "report.html",
+                        images_dir=images_dir, worst_cases=worst_cases)
