@@ -176,3 +176,15 @@ def test_report_3d_projections_over_the_scan(tmp_path, make_synthetic_dataset):
     # rewriting from summary.json alone gives the same tables
     again = write_report(out / "summary.json", tmp_path / "again.html")
     assert _parse(again).rows["cases"] == parsed.rows["cases"]
+
+
+def test_report_html_command_rewrites_the_page(tmp_path):
+    from medseg.cli import main
+
+    pred, ref = _ring_case()
+    _, out = _evaluate_2d(tmp_path, {"a": (pred, ref), "b": (ref, ref)})
+    (out / "report.html").unlink()
+    assert main(["report", "html", str(out), "--output", str(tmp_path / "again.html")]) == 0
+    assert len(_parse(tmp_path / "again.html").rows["cases"]) == 2
+    assert not (out / "report.html").exists()  # --output was honoured
+    assert main(["report", "html", str(tmp_path / "nowhere")]) != 0
