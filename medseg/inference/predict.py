@@ -17,6 +17,12 @@ Batch behaviour:
   leaves a half-written file under a final name;
 * a case that fails (unreadable file, NaN voxels, wrong channel count, ...) is reported
   as one line naming it and the others go on; the return value says whether all passed.
+
+Under ``torchrun`` (:mod:`medseg.distributed`) the cases are sharded: case ``i`` of the
+sorted case list goes to rank ``i % N``, each rank on its own device (GPU
+``LOCAL_RANK``), and writes exactly the files one process would write for it. Rank 0
+prints the summary of all ranks; the return value (hence every rank's exit code) is
+false when a case failed on any rank.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from medseg import distributed
 from medseg.errors import DataError, MedsegError
 
 __all__ = ["run_prediction", "PROBABILITY_SUFFIX"]
@@ -122,36 +130,50 @@ def run_prediction(
     DataError
         Inputs that do not exist, hold no images, or miss a channel file.
     MedsegError
-        Bad option values (device, overlap, sw_batch_size).
+        Bad option values (device, overlap, sw_batch_size); under torchrun, one of
+        the above on another rank.
     """
-    from tqdm import tqdm
-
-    from medseg.data.dataset import cases_from_paths
-    from medseg.inference.predictor import Predictor
+    from medseg.inference.predictor import resolve_device
 
     if overlap is not None and not 0 <= overlap < 1:
         raise MedsegError(f"--overlap {overlap}: must be in [0, 1)")
     if sw_batch_size is not None and sw_batch_size < 1:
         raise MedsegError(f"--sw-batch-size {sw_batch_size}: must be a positive integer")
-    output = Path(output)
-    predictor = Predictor.from_path(model, device)
-    info = predictor.info
-    cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
-    save_probabilities = save_probabilities or predictor.config.inference.save_probabilities
-    if output.exists() and not output.is_dir():
-        raise DataError(f"{output}: exists and is not a folder")
-    output.mkdir(parents=True, exist_ok=True)
+    where = distributed.device_for_rank(resolve_device(device))
+    with distributed.process_group(where):
+        return _predict_all(
+            model, inputs, Path(output), overwrite, tta, overlap, sw_batch_size, save_probabilities, where
+        )
+
+
+def _predict_all(model, inputs, output: Path, overwrite, tta, overlap, sw_batch_size, save_probabilities, device) -> bool:
+    from tqdm import tqdm
+
+    from medseg.data.dataset import cases_from_paths
+    from medseg.inference.predictor import Predictor
+
+    with distributed.synchronized("reading the model and the inputs"):
+        predictor = Predictor.from_path(model, device)
+        info = predictor.info
+        cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
+        save_probabilities = save_probabilities or predictor.config.inference.save_probabilities
+        if output.exists() and not output.is_dir():
+            raise DataError(f"{output}: exists and is not a folder")
+        output.mkdir(parents=True, exist_ok=True)
 
     todo = []
     skipped = 0
-    for case in cases:
+    # this rank's share; deciding before any rank writes keeps the skip test race-free
+    for case in cases[distributed.rank() :: distributed.world_size()]:
         seg_path, prob_path = _output_paths(case, output)
         done = seg_path.is_file() and (not save_probabilities or prob_path.is_file())
         if done and not overwrite:
             skipped += 1
         else:
             todo.append(case)
-    if skipped:
+    skipped = int(distributed.all_reduce_sum(torch.tensor([skipped])).item())
+    main = distributed.is_main()
+    if skipped and main:
         print(f"medseg: {skipped} case(s) already predicted in {output}, skipped (--overwrite recomputes them)", file=sys.stderr)
 
     failed: list[str] = []
@@ -159,7 +181,8 @@ def run_prediction(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as loader:
         pending: Future | None = loader.submit(_load, predictor, todo[0], info) if todo else None
-        for i, case in enumerate(tqdm(todo, desc="predict", unit="case", disable=None, file=sys.stderr)):
+        bar = tqdm(todo, desc="predict", unit="case", disable=None if main else True, file=sys.stderr)
+        for i, case in enumerate(bar):
             current, pending = pending, (loader.submit(_load, predictor, todo[i + 1], info) if i + 1 < len(todo) else None)
             seg_path, prob_path = _output_paths(case, output)
             try:
@@ -176,10 +199,13 @@ def run_prediction(
             except Exception as err:  # one bad case must not stop the batch
                 failed.append(case.name)
                 print(f"medseg: {_one_line(case.name, err)}", file=sys.stderr)
-    done = len(todo) - len(failed)
-    print(
-        f"medseg: predicted {done} case(s), skipped {skipped}, failed {len(failed)}"
-        + (f" ({', '.join(failed)})" if failed else "")
-        + f"; outputs in {output}"
-    )
+    done = int(distributed.all_reduce_sum(torch.tensor([len(todo) - len(failed)])).item())
+    order = {case.name: i for i, case in enumerate(cases)}
+    failed = sorted(distributed.gather_lists(failed), key=lambda name: order.get(name, len(order)))
+    if main:
+        print(
+            f"medseg: predicted {done} case(s), skipped {skipped}, failed {len(failed)}"
+            + (f" ({', '.join(failed)})" if failed else "")
+            + f"; outputs in {output}"
+        )
     return not failed

@@ -25,6 +25,18 @@ iteration, the best metric and the partial loss averages from ``latest.pt``, dro
 an uninterrupted one. A resumed config may change ``train.iterations`` (to extend a run),
 the intervals, workers and ``inference``; changing ``model``, ``losses``, ``seed`` or the
 data keys that shape the patches is refused.
+
+Under ``torchrun`` (:mod:`medseg.distributed`) the same function trains with
+:class:`~torch.nn.parallel.DistributedDataParallel`: ``train.batch_size`` is the global
+batch, split evenly over the ranks (rank ``r`` of ``N`` makes samples ``r, r + N, ...``
+of each iteration, :mod:`medseg.training.sampling`); each rank's loss is the mean over
+its local batch and DDP averages the gradients, so a step is the step one process takes
+on the whole batch. The logged loss is the mean over ranks, validation cases are
+sharded and their Dice sums all-reduced. Rank 0 alone logs, draws the progress bar and
+writes the run folder (checkpoints hold the unwrapped model's state dict, readable by a
+single process); the others wait for its writes. ``--resume`` loads ``latest.pt`` on
+every rank. Batch-coupled computations do not split: a loss with ``batch: true``
+(batch Dice) or a BatchNorm network sees only the local batch on each rank.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from medseg import distributed
 from medseg.config import RunConfig, dump_config
 from medseg.data.dataset import label_statistics
 from medseg.errors import CheckpointError, ConfigError, MedsegError
@@ -55,7 +68,7 @@ from medseg.training.checkpoint import (
 from medseg.training.data import TrainingData, prepare_data
 from medseg.training.logs import RunLog, mean_dice
 from medseg.training.optim import build_optimizer, build_scheduler
-from medseg.training.sampling import patch_loader
+from medseg.training.sampling import local_batch_size, patch_loader
 from medseg.training.validation import validate
 
 log = logging.getLogger("medseg.training")
@@ -155,14 +168,20 @@ class _TqdmHandler(logging.Handler):
 
 
 def _attach_console_handler() -> list[logging.Handler]:
-    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured logging."""
+    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured logging.
+
+    Under torchrun only rank 0 logs progress; the other ranks log warnings, prefixed with their rank.
+    """
     package = logging.getLogger("medseg")
-    if package.level == logging.NOTSET or package.level > logging.INFO:
+    if not distributed.is_main():
+        package.setLevel(logging.WARNING)
+    elif package.level == logging.NOTSET or package.level > logging.INFO:
         package.setLevel(logging.INFO)
     if package.handlers or logging.getLogger().handlers:
         return []
     console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
+    console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
     package.addHandler(console)
     return [console]
 
@@ -197,12 +216,16 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         A dataset problem (named file), found before anything is written.
     CheckpointError
         ``resume`` without ``checkpoints/latest.pt``, or an unreadable checkpoint.
+    MedsegError
+        Under torchrun: the step failed on another rank (that rank reports its error).
     """
-    handlers = _attach_console_handler()
-    try:
-        return _run(cfg, resume, handlers)
-    finally:
-        _detach(handlers)
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    with distributed.process_group(device):
+        handlers = _attach_console_handler()
+        try:
+            return _run(cfg, resume, handlers)
+        finally:
+            _detach(handlers)
 
 
 @dataclass
@@ -218,6 +241,9 @@ class _Parts:
     scaler: torch.amp.GradScaler
     device: torch.device
     amp: bool
+    # What the training step calls: the DistributedDataParallel wrapper of ``model``
+    # under torchrun, else None (``model`` itself). Checkpoints always store ``model``.
+    train_model: torch.nn.Module | None = None
 
 
 @dataclass
@@ -238,7 +264,7 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels
-    device = resolve_device(cfg.device)
+    device = distributed.device_for_rank(resolve_device(cfg.device))
     amp = bool(cfg.train.amp and device.type == "cuda")
     data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None)
     info = data.info
@@ -299,49 +325,97 @@ def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> _Progress
     )
 
 
+def _check_world_size(cfg: RunConfig) -> None:
+    world = distributed.world_size()
+    try:
+        local_batch_size(cfg.train.batch_size, world)
+    except ValueError:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is the global batch and must be a multiple of the "
+            f"{world} processes torchrun started"
+        ) from None
+
+
+def _wrap_for_training(parts: _Parts) -> None:
+    """DistributedDataParallel around the model under torchrun (it broadcasts rank 0's weights)."""
+    if not distributed.is_distributed():
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [parts.device.index] if parts.device.type == "cuda" else None
+    parts.train_model = DistributedDataParallel(parts.model, device_ids=device_ids)
+
+
 def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
     run_dir = Path(cfg.output_dir)
     latest_path = run_dir / CHECKPOINT_DIR / LATEST
     checkpoint: dict[str, Any] | None = None
-    if resume:
-        if not latest_path.is_file():
-            raise CheckpointError(
-                f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)"
+    # Every rank checks and builds before rank 0 writes anything (the rank check of an
+    # existing run folder must not see rank 0's fresh files).
+    with distributed.synchronized("setting up the run"):
+        _check_world_size(cfg)
+        if resume:
+            if not latest_path.is_file():
+                raise CheckpointError(
+                    f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)"
+                )
+            checkpoint = load_checkpoint(latest_path)
+            _check_resumable(cfg, checkpoint, latest_path)
+        elif _holds_run(run_dir):
+            raise ConfigError(
+                f"output_dir {run_dir} already exists and is not empty; pass --resume to continue that run "
+                "or choose a new output_dir"
             )
-        checkpoint = load_checkpoint(latest_path)
-        _check_resumable(cfg, checkpoint, latest_path)
-    elif _holds_run(run_dir):
-        raise ConfigError(
-            f"output_dir {run_dir} already exists and is not empty; pass --resume to continue that run "
-            "or choose a new output_dir"
-        )
 
-    # Everything that can fail on user input happens before the run folder is touched.
-    parts = _build_parts(cfg, checkpoint)
-    progress = _restore(parts, checkpoint, latest_path) if checkpoint is not None else _Progress()
+        # Everything that can fail on user input happens before the run folder is touched.
+        parts = _build_parts(cfg, checkpoint)
+        progress = _restore(parts, checkpoint, latest_path) if checkpoint is not None else _Progress()
+    _wrap_for_training(parts)
 
-    handlers += _attach_file_handler(run_dir)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    if checkpoint is None:
-        stats = label_statistics(parts.data.train_cases, parts.data.info)
-        (run_dir / "label_stats.json").write_text(json.dumps(stats, indent=2))
-    else:
+    with distributed.main_process("writing the run folder") as main:
+        if main:
+            handlers += _attach_file_handler(run_dir)
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+            if checkpoint is None:
+                stats = label_statistics(parts.data.train_cases, parts.data.info)
+                (run_dir / "label_stats.json").write_text(json.dumps(stats, indent=2))
+    if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
         log.info("resuming %s at iteration %d of %d", run_dir, progress.iteration, cfg.train.iterations)
     _train_loop(parts, progress, run_dir)
     return run_dir
 
 
+def _save(path: Path, parts: _Parts, progress: _Progress) -> None:
+    """Rank 0 writes the checkpoint; under torchrun the other ranks wait for it."""
+    with distributed.main_process(f"saving {path}") as main:
+        if main:
+            save_checkpoint(path, _payload(parts, progress))
+
+
 def _train_step(parts: _Parts, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """One optimizer step on one batch; returns the loss and its terms."""
-    model, optimizer, scaler, tc = parts.model, parts.optimizer, parts.scaler, parts.cfg.train
+    """One optimizer step on one batch; returns the loss and its terms.
+
+    Under torchrun ``batch`` is this rank's share of the global batch; the returned loss
+    and terms are their means over the ranks (the global batch's, for losses that are
+    means over samples), the same on every rank.
+    """
+    model = parts.train_model if parts.train_model is not None else parts.model
+    optimizer, scaler, tc = parts.optimizer, parts.scaler, parts.cfg.train
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=parts.device.type, enabled=parts.amp):
         logits = model(batch["image"])
         loss, terms = parts.loss_fn(logits, batch["label"], batch=batch)
-    if not torch.isfinite(loss):
+    shown = loss
+    if distributed.is_distributed():
+        # every rank sees the mean, so all of them stop together on a diverged loss
+        values = [loss.detach()] + [torch.as_tensor(v).detach() for v in terms.values()]
+        means = distributed.all_reduce_mean(torch.stack([v.to(torch.float64).cpu().reshape(()) for v in values]))
+        shown = means[0]
+        terms = dict(zip(terms, means[1:].tolist()))
+    if not torch.isfinite(shown):
         raise MedsegError(
-            f"the loss is {loss.item()} (training diverged); lower train.optimizer.lr "
+            f"the loss is {shown.item()} (training diverged); lower train.optimizer.lr "
             f"or resume from {CHECKPOINT_DIR}/{LATEST}"
         )
     scaler.scale(loss).backward()
@@ -351,15 +425,17 @@ def _train_step(parts: _Parts, batch: dict[str, Any]) -> tuple[torch.Tensor, dic
     scaler.step(optimizer)
     scaler.update()
     parts.scheduler.step()
-    return loss.detach(), {k: float(v) for k, v in terms.items()}
+    return shown.detach(), {k: float(v) for k, v in terms.items()}
 
 
 def _train_loop(parts: _Parts, progress: _Progress, run_dir: Path) -> None:
     cfg, data, tc = parts.cfg, parts.data, parts.cfg.train
     total, start = tc.iterations, progress.iteration
     class_names = list(data.info.foreground_labels)
-    runlog: RunLog | None = None
-    if progress.loss_terms is not None:
+    main = distributed.is_main()
+    rank, world = distributed.rank(), distributed.world_size()
+    runlog: RunLog | None = None  # rank 0 only
+    if progress.loss_terms is not None and main:
         runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start)
     if start >= total:
         log.info("run already complete: %d of %d iterations done", start, total)
@@ -369,16 +445,17 @@ def _train_loop(parts: _Parts, progress: _Progress, run_dir: Path) -> None:
 
     loader = patch_loader(
         data.train_set, cfg.seed, tc.batch_size, start, total, cfg.data.num_workers,
-        pin_memory=parts.device.type == "cuda",
+        pin_memory=parts.device.type == "cuda", rank=rank, world_size=world,
     )
     log.info(
-        "training %s (%dD, %.2fM parameters) on %s%s for iterations %d-%d, batch %d, patch %s",
+        "training %s (%dD, %.2fM parameters) on %s%s for iterations %d-%d, batch %d, patch %s%s",
         cfg.model.name, cfg.spatial_dims, sum(p.numel() for p in parts.model.parameters()) / 1e6,
         parts.device, " with AMP" if parts.amp else "", start + 1, total, tc.batch_size,
         "x".join(str(p) for p in cfg.data.patch_size),
+        f", {world} processes of batch {tc.batch_size // world} ({distributed.backend_name()})" if world > 1 else "",
     )
     parts.model.train()
-    bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, disable=None if main else True)
     started = time.perf_counter()
     try:
         for batch in loader:
@@ -388,8 +465,8 @@ def _train_loop(parts: _Parts, progress: _Progress, run_dir: Path) -> None:
             iteration = progress.iteration
             if progress.loss_terms is None:
                 progress.loss_terms = list(terms)
-                runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start or None)
-            assert runlog is not None
+                if main:
+                    runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start or None)
             progress.average.add(float(loss), terms)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
@@ -400,13 +477,15 @@ def _train_loop(parts: _Parts, progress: _Progress, run_dir: Path) -> None:
                     if validate_now and data.val_items else None
                 mean_loss, mean_terms = progress.average.means()
                 progress.average.reset()
-                runlog.add_row(iteration, lr, mean_loss, mean_terms, dice)
+                if runlog is not None:
+                    runlog.add_row(iteration, lr, mean_loss, mean_terms, dice)
                 if validate_now:
                     rate = (iteration - start) / max(time.perf_counter() - started, 1e-9)
                     _report_validation(parts, progress, run_dir, iteration, mean_loss, lr, dice, rate)
-                    runlog.draw()
+                    if runlog is not None:
+                        runlog.draw()
             if iteration % tc.checkpoint_interval == 0 or iteration == total:
-                save_checkpoint(run_dir / CHECKPOINT_DIR / LATEST, _payload(parts, progress))
+                _save(run_dir / CHECKPOINT_DIR / LATEST, parts, progress)
     finally:
         bar.close()
         if runlog is not None:
@@ -441,4 +520,4 @@ def _report_validation(
         iteration, total, loss, lr, per_class, score, "  *best*" if improved else "", rate,
     )
     if improved:
-        save_checkpoint(run_dir / CHECKPOINT_DIR / BEST, _payload(parts, progress))
+        _save(run_dir / CHECKPOINT_DIR / BEST, parts, progress)
