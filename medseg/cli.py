@@ -41,7 +41,7 @@ def train(
 
 @app.command()
 def adapt(
-    config: Path = typer.Argument(..., help="YAML adaptation config (see configs/adapt_sfda.yaml)"),
+    config: Path = typer.Argument(..., help="YAML adaptation config (see configs/adapt/sfda.yaml)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key: --set adapt.iterations=50"),
     resume: bool = typer.Option(False, "--resume", help="continue from the adapted run's 'latest' checkpoint"),
 ) -> None:

@@ -1,0 +1,204 @@
+"""medseg adapt end to end: a new run folder, provenance, untouched source, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medseg.adaptation import load_adapt_config, run_adaptation, validate_adapt_config
+from medseg.adaptation.source import sha256_file
+from medseg.cli import main as cli_main
+from medseg.errors import CheckpointError, ConfigError, DataError
+from medseg.inference.predictor import Predictor
+from medseg.training.checkpoint import load_checkpoint
+
+from adapt_helpers import adapt_raw, folder_digest, make_target_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(raw, resume=False):
+    return run_adaptation(validate_adapt_config(raw), resume=resume)
+
+
+@pytest.mark.parametrize("method", ["pseudo_label", "mean_teacher", "sfda", "tent"])
+def test_adapted_run_is_a_normal_run_and_the_source_is_untouched(method, source_run, target_dataset, tmp_path):
+    before = folder_digest(source_run)
+    extra = {"pseudo_label": {"rounds": 2, "curriculum": [0.5, 1.0]}} if method == "pseudo_label" else {}
+    run = _run(adapt_raw(source_run, target_dataset, tmp_path / "adapted", method, iterations=4, **extra))
+    assert folder_digest(source_run) == before  # byte-identical, no file added or removed
+
+    for name in ("config.yaml", "source_config.yaml", "provenance.json", "label_stats.json", "metrics.csv",
+                 "target_eval.json", "adapt.log", "progress.png", "checkpoints/latest.pt"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["method"] == method
+    assert provenance["source_checkpoint_sha256"] == sha256_file(source_run / "checkpoints" / "latest.pt")
+    assert provenance["config"]["adapt"]["method"] == method
+    assert provenance["target_cases"] == [f"vessel_{i:03d}" for i in range(6)]
+    assert load_adapt_config(run / "config.yaml").adapt.method == method
+
+    checkpoint = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert checkpoint["iteration"] == 4
+    assert checkpoint["adaptation"]["provenance"]["source_checkpoint_sha256"] == provenance["source_checkpoint_sha256"]
+    source_ckpt = load_checkpoint(source_run / "checkpoints" / "latest.pt")
+    assert checkpoint["preprocessing"] == source_ckpt["preprocessing"]  # documented: the source's statistics
+    predictor = Predictor.from_path(run, "cpu")  # what medseg predict loads
+    assert predictor.num_classes == 2
+    evaluation = json.loads((run / "target_eval.json").read_text())
+    assert set(evaluation) == {"before", "after"}
+    assert 0 <= evaluation["after"]["mean"]["vessel"]["dice"] <= 1
+
+
+def test_predict_and_evaluate_accept_the_adapted_run(source_run, target_dataset, tmp_path):
+    run = _run(adapt_raw(source_run, target_dataset, tmp_path / "adapted", "sfda", iterations=2))
+    pred = tmp_path / "pred"
+    code = cli_main(["predict", "--model", str(run), "--input", str(target_dataset / "imagesTr"), "--output", str(pred),
+                     "--device", "cpu"])
+    assert code == 0
+    assert len(list(pred.glob("*.nii.gz"))) == 6
+    code = cli_main(["evaluate", "--pred", str(pred), "--ref", str(target_dataset / "labelsTr"),
+                     "--output", str(tmp_path / "eval"), "--metrics", "dice", "--workers", "1", "--no-report"])
+    assert code == 0
+    assert (tmp_path / "eval" / "summary.json").is_file()
+
+
+def _weights(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "latest.pt")["model"]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("sfda", {}),
+    ("mean_teacher", {}),
+    ("pseudo_label", {"pseudo_label": {"rounds": 2, "threshold": 0.8}}),
+])
+def test_resume_ends_where_an_uninterrupted_run_ends(method, extra, source_run, target_dataset, tmp_path, monkeypatch):
+    whole = _run(adapt_raw(source_run, target_dataset, tmp_path / "whole", method, iterations=6, **extra))
+
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "parts", method, iterations=6, **extra)
+    from medseg.adaptation import runner
+
+    real = runner.save_checkpoint
+    saved = []
+
+    def save_then_stop(path, payload):
+        real(path, payload)
+        saved.append(payload["iteration"])
+        if payload["iteration"] == 4:
+            raise KeyboardInterrupt  # killed right after the step-4 checkpoint
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _run(raw)
+    monkeypatch.setattr(runner, "save_checkpoint", real)
+    assert saved == [2, 4]
+    parts = _run(raw, resume=True)
+    a, b = _weights(whole), _weights(parts)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = (parts / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "2", "4", "6"]
+
+
+def test_refusals(source_run, target_dataset, tmp_path):
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "a", "sfda", iterations=2)
+    _run(raw)
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        _run(raw)
+    with pytest.raises(ConfigError, match="cannot resume, the config changed adapt.lr"):
+        _run({**raw, "adapt": {**raw["adapt"], "lr": 0.1}}, resume=True)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        _run(adapt_raw(source_run, target_dataset, tmp_path / "b", "sfda"), resume=True)
+    with pytest.raises(ConfigError, match="inside\\) the source run"):
+        _run(adapt_raw(source_run, target_dataset, source_run / "adapted", "sfda"))
+    with pytest.raises(ConfigError, match="adapt.sfda.prior: 3 ratios given"):
+        _run(adapt_raw(source_run, target_dataset, tmp_path / "c", "sfda", sfda={"prior": [0.5, 0.25, 0.25]}))
+    assert not (tmp_path / "c").exists()
+
+
+def test_target_with_another_channel_count_is_refused(source_run, tmp_path):
+    target = make_target_dataset(tmp_path / "two_channels", cases=1, channels=2)
+    with pytest.raises(DataError, match="the target has 2 channel\\(s\\), the source model takes 1"):
+        _run(adapt_raw(source_run, target, tmp_path / "out", "sfda"))
+
+
+def test_target_with_other_spatial_dims_is_refused(source_run, make_synthetic_dataset, tmp_path):
+    target = make_synthetic_dataset(cases=1, test_cases=0, size=32, dims=2, seed=0)
+    raw = adapt_raw(source_run, target, tmp_path / "out", "sfda")
+    raw["target"]["eval_labels"] = None
+    with pytest.raises(DataError, match="2D image, but the source model was trained on 3D"):
+        _run(raw)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    base = {"source_run": "r", "target": {"dataset": "t"}, "adapt": {"method": "sfda", "iterations": 5}, "output_dir": "o"}
+    with pytest.raises(ConfigError, match="unknown key 'adapt.iteratons'"):
+        validate_adapt_config({**base, "adapt": {"method": "sfda", "iteratons": 5, "iterations": 5}})
+    with pytest.raises(ConfigError, match="adapt.method"):
+        validate_adapt_config({**base, "adapt": {"method": "magic", "iterations": 5}})
+    with pytest.raises(ConfigError, match="summing to 1"):
+        validate_adapt_config({**base, "adapt": {"method": "sfda", "iterations": 5, "sfda": {"prior": [0.5, 0.6]}}})
+    with pytest.raises(ConfigError, match="tent.max_iterations"):
+        validate_adapt_config({**base, "adapt": {"method": "tent", "iterations": 500}})
+    with pytest.raises(ConfigError, match="source-free"):
+        validate_adapt_config({**base, "source_data": {"dataset": "s"}})
+    with pytest.raises(ConfigError, match="must not decrease"):
+        validate_adapt_config({**base, "adapt": {"method": "pseudo_label", "iterations": 5,
+                                                 "pseudo_label": {"curriculum": [0.5, 0.2, 0.9]}}})
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "medseg", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_cli_one_line_errors(source_run, target_dataset, tmp_path):
+    empty_run = tmp_path / "not_a_run"
+    empty_run.mkdir()
+    raw = adapt_raw(empty_run, target_dataset, tmp_path / "out", "sfda")
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
+    result = _cli(["adapt", str(tmp_path / "a.yaml")], tmp_path)
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("medseg:")]
+    assert len(lines) == 1 and "no checkpoint found" in lines[0]
+
+    raw["adapt"]["iteratons"] = 3
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    result = _cli(["adapt", str(tmp_path / "b.yaml")], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unknown key 'adapt.iteratons'" in result.stderr
+
+
+def test_cli_adapt_with_set_override(source_run, target_dataset, tmp_path):
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "out", "tent", iterations=50)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
+    assert cli_main(["adapt", str(tmp_path / "a.yaml"), "--set", "adapt.iterations=2"]) == 0
+    assert load_checkpoint(tmp_path / "out" / "checkpoints" / "latest.pt")["iteration"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "adapt").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_adapt_configs_validate(path):
+    cfg = load_adapt_config(path)
+    assert cfg.adapt.method == path.stem
+
+
+@pytest.mark.parametrize("method", ["pseudo_label", "mean_teacher"])
+def test_semi_supervised_mixing_with_labelled_source_patches(method, source_run, source_dataset, target_dataset, tmp_path):
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "mix", method, iterations=2,
+                    **({"pseudo_label": {"rounds": 1}} if method == "pseudo_label" else {}))
+    raw["source_data"] = {"dataset": str(source_dataset), "batch_size": 1, "weight": 0.5}
+    run = _run(raw)
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "loss/source" in header
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[2:]]
+    assert float(rows[0][header.index("loss/source")]) > 0
