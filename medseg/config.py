@@ -140,7 +140,7 @@ class SchedulerConfig(_Strict):
 
 class TrainConfig(_Strict):
     iterations: int = Field(..., gt=0, description="total optimizer steps")
-    batch_size: int = Field(2, gt=0)
+    batch_size: int = Field(2, gt=0, description="the global batch: patches per optimizer step, split evenly over torchrun processes")
     val_interval: int = Field(100, gt=0, description="validate (sliding window on whole val cases) every N steps")
     checkpoint_interval: int = Field(50, gt=0, description="write checkpoint 'latest' every N steps")
     log_interval: int = Field(10, gt=0, description="append the mean training loss to metrics.csv every N steps")

@@ -30,6 +30,8 @@ prediction made on the resampled grid back to the input's exact shape and affine
 
 from __future__ import annotations
 
+import warnings
+
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -281,7 +283,10 @@ def _spatial_transforms(config: "RunConfig", keys: list[str], dims: int) -> list
             raise ConfigError(f"data.orientation: {axcodes!r} needs at least {dims} axis codes")
         # medseg affines are RAS+ (see medseg.data.io); say so rather than rely on MONAI's default
         labels = (("L", "R"), ("P", "A"), ("I", "S"))
-        transforms.append(Orientationd(keys=keys, axcodes=axcodes[:dims] if dims == 2 else axcodes, labels=labels))
+        with warnings.catch_warnings():
+            # MONAI 1.5+ warns about the old default of `labels` even when it is passed explicitly
+            warnings.filterwarnings("ignore", message=".*Orientationd.__init__:labels.*", category=FutureWarning)
+            transforms.append(Orientationd(keys=keys, axcodes=axcodes[:dims] if dims == 2 else axcodes, labels=labels))
     spacing = config.data.target_spacing
     if spacing is not None:
         if len(spacing) != dims:
