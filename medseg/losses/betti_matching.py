@@ -74,6 +74,7 @@ class BettiMatchingLoss(torch.nn.Module):
         push_unmatched_to_1_0: bool = False,
         threads: int | None = None,
         target_cache_bytes: int = 1 << 30,
+        backend: str = "auto",
     ) -> None:
         """
         Args:
@@ -103,6 +104,9 @@ class BettiMatchingLoss(torch.nn.Module):
             threads: engine threads for a batch; default all available cores.
             target_cache_bytes: memory budget of the cache of targets' barcodes (keyed by
                 a hash of the target's bytes); 0 disables the cache.
+            backend: engine backend, "auto", "cpu", "cuda" or "cpu-parallel" (see
+                :func:`medseg.topology.betti_matching`; the matching runs on the CPU
+                engine on every backend for now, with identical results).
 
         Raises:
             ValueError: for an unknown reduction, filtration, construction or comparison, both
@@ -134,6 +138,9 @@ class BettiMatchingLoss(torch.nn.Module):
         self.unmatched_weight = float(unmatched_weight)
         self.barcode_length_threshold = float(barcode_length_threshold)
         self.push_unmatched_to_1_0 = push_unmatched_to_1_0
+        if backend not in _inputs.BACKENDS:
+            raise ValueError(f"backend must be one of {_inputs.BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.threads = threads
         self.target_cache_bytes = int(target_cache_bytes)
         self._cache: OrderedDict[tuple, object] = OrderedDict()
@@ -227,6 +234,7 @@ class BettiMatchingLoss(torch.nn.Module):
                 threads=self.threads,
                 prepared=prepared,
                 comparison=self.comparison,
+                backend=self.backend,
             )
             for i, raw in enumerate(raws):
                 terms[i].append(self._instance_loss(flat_probs[i], flat_tgt[i], raw, superlevel))

@@ -14,7 +14,7 @@ The engine is C++ (``medseg.topology._engine``, sources in ``csrc/``); see
 ``csrc/cells.hpp`` for how cells are encoded and ordered.
 """
 
-from medseg.topology._inputs import TopologyInputError
+from medseg.topology._inputs import TopologyBackendError, TopologyInputError
 from medseg.topology.matching import (
     BettiMatching,
     betti_matching,
@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - written separately (issue A)
 __all__ = [
     "Barcode",
     "BettiMatching",
+    "TopologyBackendError",
     "TopologyInputError",
     "barcode",
     "barcode_batch",

@@ -17,12 +17,21 @@ from medseg.errors import MedsegError
 FILTRATIONS = ("superlevel", "sublevel")
 CONSTRUCTIONS = ("V", "T")
 COMPARISONS = ("union", "intersection")
+#: Engine backends. "cpu-parallel" runs the CUDA backend's algorithm on CPU threads
+#: (for testing it where there is no GPU); "auto" picks "cuda" for CUDA tensors when
+#: the CUDA backend is built and a device exists, else "cpu". The environment variable
+#: MEDSEG_TOPOLOGY_BACKEND replaces "auto" (e.g. to run a test suite on "cuda").
+BACKENDS = ("auto", "cpu", "cuda", "cpu-parallel")
 #: Largest image (voxels) the engine handles: 3 x voxels must fit in 32 bits (cells.hpp).
 MAX_VOXELS = 1431655765
 
 
 class TopologyInputError(MedsegError, ValueError):
     """An image, mask or option given to :mod:`medseg.topology` is invalid."""
+
+
+class TopologyBackendError(MedsegError, RuntimeError):
+    """The requested engine backend is not available here (e.g. "cuda" without a GPU)."""
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -129,3 +138,70 @@ def engine():
             "reinstall medseg with `pip install -e .` (needs a C++17 compiler and CMake)"
         ) from exc
     return _engine
+
+
+def cuda_engine():
+    """The CUDA backend module, or None when it was not built."""
+    try:
+        from medseg.topology import _engine_cuda
+    except ImportError:
+        return None
+    return _engine_cuda
+
+
+def cuda_available() -> bool:
+    """True when the CUDA backend is built and at least one CUDA device is usable."""
+    mod = cuda_engine()
+    return mod is not None and mod.device_count() > 0
+
+
+def is_cuda_array(x: Any) -> bool:
+    """A CUDA torch tensor or any object exposing ``__cuda_array_interface__`` (CuPy)."""
+    device = getattr(x, "device", None)
+    if getattr(device, "type", None) == "cuda":
+        return True
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def resolve_backend(backend: str, *arrays: Any) -> str:
+    """The concrete backend ("cpu", "cuda" or "cpu-parallel") for ``backend`` and the inputs."""
+    if backend not in BACKENDS:
+        raise TopologyInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("MEDSEG_TOPOLOGY_BACKEND", "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise TopologyInputError(f"MEDSEG_TOPOLOGY_BACKEND must be one of {BACKENDS}, got {env!r}")
+            backend = env
+        else:
+            return "cuda" if any(is_cuda_array(a) for a in arrays) and cuda_available() else "cpu"
+    if backend == "cuda" and not cuda_available():
+        why = "was not built (no CUDA compiler at install time)" if cuda_engine() is None else "found no CUDA device"
+        raise TopologyBackendError(f"backend='cuda' requested but medseg's CUDA backend {why}")
+    return backend
+
+
+def as_device_image(x: Any, name: str):
+    """A CUDA tensor (torch) as a finite, C-contiguous 2D/3D float32/float64 tensor on its device."""
+    import torch  # only reached with a torch tensor in hand
+
+    if not isinstance(x, torch.Tensor):  # CuPy and others: through DLPack
+        x = torch.from_dlpack(x)
+    x = x.detach()
+    if x.dtype == torch.bool or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16):
+        x = x.to(torch.float32)
+    elif not x.is_floating_point() and not x.is_complex():
+        x = x.to(torch.float64)
+    elif x.dtype not in (torch.float32, torch.float64):
+        raise TopologyInputError(f"{name}: expected a real-valued tensor, got dtype {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise TopologyInputError(f"{name}: expected a 2D or 3D array, got {x.dim()}D with shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise TopologyInputError(f"{name}: the array is empty (shape {tuple(x.shape)})")
+    if x.numel() > MAX_VOXELS:
+        raise TopologyInputError(f"{name}: {x.numel()} voxels is more than the engine supports ({MAX_VOXELS})")
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int((~torch.isfinite(x)).sum()) - n_nan
+        raise TopologyInputError(f"{name}: contains {n_nan} NaN and {n_inf} infinite values")
+    return x.contiguous()

@@ -178,6 +178,7 @@ def betti_matching(
     include_unmatched_prediction: bool = True,
     include_unmatched_target: bool = True,
     threads: int | None = 1,
+    backend: str = "auto",
 ) -> BettiMatching:
     """Betti matching between a prediction and a target image.
 
@@ -208,6 +209,11 @@ def betti_matching(
         pairs of each side; the counts are always returned.
     threads : int or None, default 1
         Threads used inside this one computation (None: all available cores).
+    backend : {"auto", "cpu", "cuda", "cpu-parallel"}, default "auto"
+        As in :func:`medseg.topology.barcode`; the name is checked (``"cuda"`` needs
+        the CUDA backend and a device) but the matching itself runs on the CPU engine
+        on every backend for now (CUDA tensors are copied to the host; the device
+        computes barcodes only, see ``csrc/CUDA.md``), so results are the same.
 
     Returns
     -------
@@ -230,6 +236,7 @@ def betti_matching(
     >>> round(m.loss(), 6)
     0.25
     """
+    _inputs.resolve_backend(backend, prediction, target)
     superlevel, p, t, shape = _prepare(prediction, target, filtration, construction, comparison, relative)
     raw = _inputs.engine().matching(
         p,
@@ -256,13 +263,16 @@ def betti_matching_batch(
     include_unmatched_prediction: bool = True,
     include_unmatched_target: bool = True,
     threads: int | None = None,
+    backend: str = "auto",
 ) -> list:
     """:func:`betti_matching` of many pairs, in parallel threads (the GIL is released).
 
     ``predictions`` and ``targets`` are lists of images (giving a list of results) or
     (B, C, *spatial) arrays (giving B lists of C results). ``threads`` defaults to the
-    number of available cores; pairs are spread over them.
+    number of available cores; pairs are spread over them. ``backend`` as in
+    :func:`betti_matching`.
     """
+    _inputs.resolve_backend(backend, predictions, targets)
     nested_p, flat_p = _flatten(predictions)
     nested_t, flat_t = _flatten(targets)
     if nested_p != nested_t or len(flat_p) != len(flat_t):
@@ -383,8 +393,10 @@ def _raw_matchings(
     threads: int | None = None,
     prepared: list | None = None,
     comparison: str = "union",
+    backend: str = "auto",
 ) -> list[dict]:
     """Coordinates only (no values), straight from the engine: the loss's fast path."""
+    _inputs.resolve_backend(backend, *predictions[:1])
     pairs = [_inputs.as_pair(p, t) for p, t in zip(predictions, targets)]
     shape = None
     if relative:

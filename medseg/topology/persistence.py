@@ -87,10 +87,27 @@ class Barcode:
         return np.abs(self.deaths[dim] - self.births[dim])
 
 
-def _values(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
+def _values(image: Any, coords: np.ndarray) -> np.ndarray:
     if len(coords) == 0:
         return np.zeros(0, dtype=np.float64)
-    return image[tuple(coords.T)].astype(np.float64)
+    if isinstance(image, np.ndarray):
+        return image[tuple(coords.T)].astype(np.float64)
+    import torch  # a CUDA tensor: gather on its device, bring back the values only
+
+    index = torch.from_numpy(np.ascontiguousarray(coords.T)).to(image.device)
+    return image[tuple(index)].to(torch.float64).cpu().numpy()
+
+
+def _run_barcode(image: Any, name: str, superlevel: bool, construction: str, backend: str, threads: int | None):
+    """(validated image, raw engine result) on the resolved backend."""
+    backend = _inputs.resolve_backend(backend, image)
+    if backend == "cuda":
+        img = _inputs.as_device_image(image, name) if _inputs.is_cuda_array(image) else _inputs.as_image(image, name)
+        return img, _inputs.cuda_engine().barcode(img, superlevel, construction)
+    img = _inputs.as_image(image, name)
+    if backend == "cpu-parallel":
+        return img, _inputs.engine().barcode_parallel(img, superlevel, construction, _inputs.default_threads(threads))
+    return img, _inputs.engine().barcode(img, superlevel, construction)
 
 
 def _to_barcode(image: np.ndarray, raw: dict, filtration: str, construction: str) -> Barcode:
@@ -109,7 +126,9 @@ def _to_barcode(image: np.ndarray, raw: dict, filtration: str, construction: str
     )
 
 
-def barcode(image: Any, filtration: str = "superlevel", construction: str = "V") -> Barcode:
+def barcode(
+    image: Any, filtration: str = "superlevel", construction: str = "V", backend: str = "auto"
+) -> Barcode:
     """Cubical persistence barcode of a 2D or 3D image.
 
     Parameters
@@ -120,6 +139,12 @@ def barcode(image: Any, filtration: str = "superlevel", construction: str = "V")
         Direction in which cells enter (see the module docstring).
     construction : {"V", "T"}, default "V"
         Values on voxels (V) or on top cells (T).
+    backend : {"auto", "cpu", "cuda", "cpu-parallel"}, default "auto"
+        Engine backend: "auto" is "cuda" for a CUDA tensor when the CUDA backend is
+        built and a device exists, else "cpu" (``MEDSEG_TOPOLOGY_BACKEND`` overrides
+        it). A CUDA tensor stays on its device; only the pairs' coordinates (and the
+        values there) come back. "cpu-parallel" runs the CUDA algorithm on CPU
+        threads (testing). Every backend gives the same pairs (``csrc/CUDA.md``).
 
     Returns
     -------
@@ -131,6 +156,9 @@ def barcode(image: Any, filtration: str = "superlevel", construction: str = "V")
     ValueError
         (:class:`~medseg.topology._inputs.TopologyInputError`) for NaN/Inf values, an
         empty array, a dimension other than 2 or 3, or an unknown option.
+    RuntimeError
+        (:class:`~medseg.topology._inputs.TopologyBackendError`) for
+        ``backend="cuda"`` where the CUDA backend is not built or has no device.
 
     Notes
     -----
@@ -150,8 +178,7 @@ def barcode(image: Any, filtration: str = "superlevel", construction: str = "V")
     """
     superlevel = _inputs.check_filtration(filtration)
     _inputs.check_construction(construction)
-    img = _inputs.as_image(image, "image")
-    raw = _inputs.engine().barcode(img, superlevel, construction)
+    img, raw = _run_barcode(image, "image", superlevel, construction, backend, 1)
     return _to_barcode(img, raw, filtration, construction)
 
 
@@ -160,14 +187,25 @@ def barcode_batch(
     filtration: str = "superlevel",
     construction: str = "V",
     threads: int | None = None,
+    backend: str = "auto",
 ) -> list:
     """Barcodes of a list of images or of a (B, C, ...) array, computed in parallel.
 
     A list gives a list of :class:`Barcode`; a (B, C, *spatial) array gives a list of B
     lists of C barcodes. ``threads`` defaults to the number of available cores.
+    ``backend`` as in :func:`barcode` (the CUDA backend takes the images one by one).
     """
     superlevel = _inputs.check_filtration(filtration)
     _inputs.check_construction(construction)
+    first = images[0] if isinstance(images, (list, tuple)) and len(images) else images
+    resolved = _inputs.resolve_backend(backend, first)
+    if resolved != "cpu":
+        nested, flat = _flatten_any(images)
+        out = []
+        for i, x in enumerate(flat):
+            img, raw = _run_barcode(x, f"images[{i}]", superlevel, construction, resolved, threads)
+            out.append(_to_barcode(img, raw, filtration, construction))
+        return _unflatten(out, nested)
     nested, flat = _flatten(images)
     imgs = [_inputs.as_image(x, f"images[{i}]") for i, x in enumerate(flat)]
     raws = _inputs.engine().barcode_batch(imgs, superlevel, construction, _inputs.default_threads(threads))
@@ -185,6 +223,18 @@ def _flatten(batch: Any) -> tuple[tuple[int, int] | None, list]:
         )
     b, c = arr.shape[:2]
     return (b, c), [arr[i, j] for i in range(b) for j in range(c)]
+
+
+def _flatten_any(batch: Any) -> tuple[tuple[int, int] | None, list]:
+    """Like _flatten, but a (B, C, ...) CUDA tensor stays on its device."""
+    if isinstance(batch, (list, tuple)) or not _inputs.is_cuda_array(batch):
+        return _flatten(batch)
+    if batch.dim() not in (4, 5):
+        raise _inputs.TopologyInputError(
+            f"a batch must be a list of images or a (B, C, *spatial) array, got shape {tuple(batch.shape)}"
+        )
+    b, c = batch.shape[:2]
+    return (b, c), [batch[i, j] for i in range(b) for j in range(c)]
 
 
 def _unflatten(items: list, nested: tuple[int, int] | None) -> list:

@@ -16,14 +16,15 @@
 #include <thread>
 
 #include "engine.hpp"
+#include "py_results.hpp"
 
 namespace nb = nanobind;
 using namespace medseg;
+using namespace medseg::py;
 
 namespace {
 
 using InArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
-using OutArray = nb::ndarray<nb::numpy, std::int64_t>;
 
 ImageView view_of(const InArray& arr) {
     ImageView v;
@@ -35,24 +36,6 @@ ImageView view_of(const InArray& arr) {
     for (int a = 0; a < v.ndim; ++a) v.shape[a] = static_cast<std::int64_t>(arr.shape(a));
     v.data = arr.data();
     return v;
-}
-
-OutArray to_array(std::vector<std::int64_t>&& values, std::size_t cols) {
-    const std::size_t rows = cols ? values.size() / cols : 0;
-    auto* heap = new std::vector<std::int64_t>(std::move(values));
-    if (heap->empty()) heap->reserve(1);
-    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<std::int64_t>*>(p); });
-    std::size_t shape[2] = {rows, cols};
-    return OutArray(heap->data(), 2, shape, owner);
-}
-
-OutArray to_vector(std::vector<std::int64_t>&& values) {
-    auto* heap = new std::vector<std::int64_t>(std::move(values));
-    const std::size_t n = heap->size();
-    if (heap->empty()) heap->reserve(1);
-    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<std::int64_t>*>(p); });
-    std::size_t shape[1] = {n};
-    return OutArray(heap->data(), 1, shape, owner);
 }
 
 Options make_options(bool superlevel, const std::string& construction, bool include_a, bool include_b,
@@ -67,46 +50,6 @@ Options make_options(bool superlevel, const std::string& construction, bool incl
     o.include_unmatched_b = include_b;
     o.threads = std::max(1, threads);
     return o;
-}
-
-nb::dict barcode_to_python(BarcodeResult&& r) {
-    nb::list births, deaths;
-    for (auto& p : r.pairs) {
-        births.append(to_array(std::move(p.birth), r.ndim));
-        deaths.append(to_array(std::move(p.death), r.ndim));
-    }
-    nb::dict d;
-    d["birth"] = births;
-    d["death"] = deaths;
-    d["essential_birth"] = to_array(std::move(r.essential_birth), r.ndim);
-    return d;
-}
-
-nb::dict matching_to_python(MatchingResult&& r) {
-    auto lists = [&](std::vector<VoxelPairs>& vps) {
-        nb::list b, d;
-        for (auto& p : vps) {
-            b.append(to_array(std::move(p.birth), r.ndim));
-            d.append(to_array(std::move(p.death), r.ndim));
-        }
-        return std::make_pair(b, d);
-    };
-    nb::dict out;
-    auto [mab, mad] = lists(r.matched_a);
-    auto [mbb, mbd] = lists(r.matched_b);
-    auto [uab, uad] = lists(r.unmatched_a);
-    auto [ubb, ubd] = lists(r.unmatched_b);
-    out["matched_a_birth"] = mab;
-    out["matched_a_death"] = mad;
-    out["matched_b_birth"] = mbb;
-    out["matched_b_death"] = mbd;
-    out["unmatched_a_birth"] = uab;
-    out["unmatched_a_death"] = uad;
-    out["unmatched_b_birth"] = ubb;
-    out["unmatched_b_death"] = ubd;
-    out["num_unmatched_a"] = to_vector(std::move(r.num_unmatched_a));
-    out["num_unmatched_b"] = to_vector(std::move(r.num_unmatched_b));
-    return out;
 }
 
 // Runs job(i) for i in [0, n) on `threads` threads, each job single-threaded.
@@ -180,6 +123,36 @@ NB_MODULE(_engine, m) {
             return barcode_to_python(std::move(r));
         },
         nb::arg("image"), nb::arg("superlevel"), nb::arg("construction"));
+
+    m.def(
+        "barcode_parallel",
+        [](InArray image, bool superlevel, const std::string& construction, int threads) {
+            const ImageView v = view_of(image);
+            const Options o = make_options(superlevel, construction, true, true, threads);
+            BarcodeResult r;
+            {
+                nb::gil_scoped_release release;
+                r = compute_barcode_parallel(v, o);
+            }
+            return barcode_to_python(std::move(r));
+        },
+        nb::arg("image"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("threads"),
+        "The CUDA backend's algorithm on CPU threads (testing; same pairs as barcode)");
+
+    m.def(
+        "matching_dim0_parallel",
+        [](InArray a, InArray b, bool superlevel, const std::string& construction, int threads) {
+            const ImageView va = view_of(a), vb = view_of(b);
+            const Options o = make_options(superlevel, construction, true, true, threads);
+            MatchingResult r;
+            {
+                nb::gil_scoped_release release;
+                r = compute_matching_dim0_parallel(va, vb, o);
+            }
+            return matching_to_python(std::move(r));
+        },
+        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("threads"),
+        "Dimension 0 of matching() by the CUDA backend's algorithm on CPU threads (testing)");
 
     m.def(
         "barcode_batch",

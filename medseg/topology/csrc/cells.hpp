@@ -34,6 +34,13 @@
 #include <limits>
 #include <vector>
 
+// Functions that the CUDA backend also calls on the device (see parallel.hpp).
+#if defined(__CUDACC__)
+#define MEDSEG_HD __host__ __device__
+#else
+#define MEDSEG_HD
+#endif
+
 namespace medseg {
 
 using rank_t = std::uint32_t;
@@ -44,11 +51,11 @@ constexpr std::uint32_t kNone = std::numeric_limits<std::uint32_t>::max();
 constexpr key_t kNoKey = std::numeric_limits<key_t>::max();
 constexpr std::int64_t kMaxPoints = 1431655765;  // 3 * points < 2^32
 
-inline key_t make_key(rank_t rank, std::uint64_t cell) {
+MEDSEG_HD inline key_t make_key(rank_t rank, std::uint64_t cell) {
     return (static_cast<key_t>(rank) << 32) | cell;
 }
-inline rank_t key_rank(key_t key) { return static_cast<rank_t>(key >> 32); }
-inline std::uint32_t key_cell(key_t key) { return static_cast<std::uint32_t>(key); }
+MEDSEG_HD inline rank_t key_rank(key_t key) { return static_cast<rank_t>(key >> 32); }
+MEDSEG_HD inline std::uint32_t key_cell(key_t key) { return static_cast<std::uint32_t>(key); }
 
 struct Lattice {
     std::int64_t n[3] = {1, 1, 1};
@@ -57,7 +64,7 @@ struct Lattice {
     int ndim = 2;  // 2 or 3: the dimension of the complex (top cells)
 
     Lattice() = default;
-    Lattice(int ndim_, std::int64_t n0, std::int64_t n1, std::int64_t n2) : ndim(ndim_) {
+    MEDSEG_HD Lattice(int ndim_, std::int64_t n0, std::int64_t n1, std::int64_t n2) : ndim(ndim_) {
         n[0] = n0;
         n[1] = n1;
         n[2] = n2;
@@ -66,10 +73,10 @@ struct Lattice {
         stride[0] = n1 * n2;
         points = n0 * n1 * n2;
     }
-    std::int64_t lin(std::int64_t x, std::int64_t y, std::int64_t z) const {
+    MEDSEG_HD std::int64_t lin(std::int64_t x, std::int64_t y, std::int64_t z) const {
         return (x * n[1] + y) * n[2] + z;
     }
-    void coords(std::int64_t l, std::int64_t c[3]) const {
+    MEDSEG_HD void coords(std::int64_t l, std::int64_t c[3]) const {
         c[2] = l % n[2];
         l /= n[2];
         c[1] = l % n[1];

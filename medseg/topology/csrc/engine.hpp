@@ -37,4 +37,13 @@ std::size_t prepared_bytes(const PreparedImage& prepared);
 MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Options& options,
                                 const PreparedImage* prepared_b = nullptr);
 
+// The data-parallel backend's algorithm (spanning.hpp) on options.threads CPU threads:
+// the same pairs as compute_barcode. Dimensions 0 and d-1 by spanning forests; 3D
+// dimension 1 by the sequential reduction.
+BarcodeResult compute_barcode_parallel(const ImageView& image, const Options& options);
+
+// Dimension 0 of compute_matching (union comparison) by the data-parallel backend's
+// algorithm on CPU threads: entries of dimension 0 only (testing; see CUDA.md).
+MatchingResult compute_matching_dim0_parallel(const ImageView& a, const ImageView& b, const Options& options);
+
 }  // namespace medseg

@@ -1,0 +1,79 @@
+// nanobind module medseg.topology._engine_cuda: the CUDA backend. A separate module so
+// that importing medseg.topology never loads CUDA; the runtime is linked statically,
+// so importing this one needs no libcudart either (only a driver to do any work).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include "../py_results.hpp"
+#include "engine_cuda.hpp"
+
+namespace nb = nanobind;
+using namespace medseg;
+
+namespace {
+
+// Host (numpy) or CUDA (torch, CuPy: DLPack) arrays, C-contiguous float32/float64.
+using AnyArray = nb::ndarray<nb::c_contig>;
+
+ImageView view_of(const AnyArray& arr, int& device_id) {
+    ImageView v;
+    if (arr.dtype() == nb::dtype<float>()) v.dtype = DType::Float32;
+    else if (arr.dtype() == nb::dtype<double>()) v.dtype = DType::Float64;
+    else throw nb::type_error("engine expects float32 or float64 arrays");
+    if (arr.ndim() != 2 && arr.ndim() != 3) throw nb::value_error("engine expects 2D or 3D arrays");
+    if (arr.device_type() == nb::device::cuda::value) device_id = arr.device_id();
+    else if (arr.device_type() == nb::device::cpu::value) device_id = -1;
+    else throw nb::type_error("engine expects host or CUDA arrays");
+    v.ndim = static_cast<int>(arr.ndim());
+    for (int a = 0; a < v.ndim; ++a) v.shape[a] = static_cast<std::int64_t>(arr.shape(a));
+    v.data = arr.data();
+    return v;
+}
+
+}  // namespace
+
+NB_MODULE(_engine_cuda, m) {
+    m.doc() = "medseg persistent-homology engine, CUDA backend (see csrc/CUDA.md)";
+    m.attr("built_with_cuda") = true;
+    m.def("device_count", &cuda::device_count, "CUDA devices usable here (0 without driver or device)");
+    m.def("runtime_version", &cuda::runtime_version);
+    m.def(
+        "barcode",
+        [](AnyArray image, bool superlevel, const std::string& construction) {
+            int device_id = -1;
+            const ImageView v = view_of(image, device_id);
+            Options o;
+            o.superlevel = superlevel;
+            if (construction == "V") o.construction = Construction::V;
+            else if (construction == "T") o.construction = Construction::T;
+            else throw nb::value_error("construction must be 'V' or 'T'");
+            BarcodeResult r;
+            {
+                nb::gil_scoped_release release;
+                r = cuda::barcode(v, device_id, o);
+            }
+            return py::barcode_to_python(std::move(r));
+        },
+        nb::arg("image"), nb::arg("superlevel"), nb::arg("construction"));
+    m.def(
+        "matching_dim0_parallel",
+        [](AnyArray a, AnyArray b, bool superlevel, const std::string& construction) {
+            int da = -1, db = -1;
+            const ImageView va = view_of(a, da), vb = view_of(b, db);
+            if (da != db) throw nb::value_error("both images must be on the same device");
+            Options o;
+            o.superlevel = superlevel;
+            if (construction == "V") o.construction = Construction::V;
+            else if (construction == "T") o.construction = Construction::T;
+            else throw nb::value_error("construction must be 'V' or 'T'");
+            MatchingResult r;
+            {
+                nb::gil_scoped_release release;
+                r = cuda::matching_dim0(va, vb, da, o);
+            }
+            return py::matching_to_python(std::move(r));
+        },
+        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"),
+        "Dimension 0 of the union Betti matching on the device (entries of dimension 0 only)");
+}

@@ -1,0 +1,749 @@
+// Data-parallel barcode of dimensions 0 and d-1, written once for CPU threads and
+// CUDA (parallel.hpp supplies the execution: HostExec or DeviceExec).
+//
+// Why the result is exactly the sequential engine's (engine.cpp):
+//   * Ranks. The same order bits (-0.0 folded onto +0.0) and a stable radix sort of
+//     (bits, index) give the same dense ranks, so every cell gets the same key
+//     (rank << 32) | cell, and keys of one dimension are unique.
+//   * Dimension 0. The sequential engine runs Kruskal over all edges in key order; an
+//     edge that merges nothing is skipped. With unique keys the minimum spanning
+//     forest (MSF) is unique and is exactly the set of edges Kruskal merges along, in
+//     the same order. So: find the MSF in parallel (Boruvka), then run the same
+//     elder-rule union-find over the MSF edges only (at most points - 1 of them): the
+//     same merges in the same order give the same pairs, ties included.
+//   * Dimension d-1. The same on the dual graph (top cells plus the point at
+//     infinity, faces as edges), processed in decreasing order: a maximum spanning
+//     forest, found as the MSF of the complemented keys.
+//   * Coordinates. CellReporter below is the engine's Reporter over raw arrays.
+//
+// Boruvka round (all of it is launches over vertices or edges):
+//   1. every edge between two different components offers its key to both roots
+//      (atomic min); 2. every root hooks onto the component across its lightest
+//      edge and marks that edge as a forest edge; with unique keys the only cycles of
+//      the hooks are mutual pairs, broken towards the smaller root; 3. pointer jumping
+//      until every vertex points at its root. Rounds end when no root has an edge.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.hpp"
+
+namespace medseg {
+namespace par {
+
+// ---------------------------------------------------------------------------------
+// Ranks
+
+MEDSEG_HD inline std::uint64_t order_bits32(float v) {
+    if (v == 0.0f) v = 0.0f;
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return u;
+}
+MEDSEG_HD inline std::uint64_t order_bits64(double v) {
+    if (v == 0.0) v = 0.0;
+    std::uint64_t u;
+    std::memcpy(&u, &v, sizeof u);
+    u = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+    return u;
+}
+
+struct KeysF32 {  // key = (order bits << 32) | index
+    const float* x;
+    std::uint64_t* keys;
+    MEDSEG_HD void operator()(std::size_t i) const { keys[i] = (order_bits32(x[i]) << 32) | i; }
+};
+struct KeysF64 {  // key = order bits, value = index
+    const double* x;
+    std::uint64_t* keys;
+    std::uint32_t* idx;
+    MEDSEG_HD void operator()(std::size_t i) const {
+        keys[i] = order_bits64(x[i]);
+        idx[i] = static_cast<std::uint32_t>(i);
+    }
+};
+// new_value[i] = 1 where sorted position i starts a new value.
+struct NewValue {
+    const std::uint64_t* keys;
+    std::uint64_t mask;  // the bits that hold the value
+    std::uint32_t* flag;
+    MEDSEG_HD void operator()(std::size_t i) const {
+        flag[i] = (i == 0 || (keys[i] & mask) != (keys[i - 1] & mask)) ? 1u : 0u;
+    }
+};
+struct ScatterRanks {
+    const std::uint64_t* keys;
+    const std::uint32_t* idx;  // null: the index is the low half of the key
+    const std::uint32_t* scan;
+    rank_t* ranks;
+    MEDSEG_HD void operator()(std::size_t i) const {
+        const std::uint32_t at = idx ? idx[i] : static_cast<std::uint32_t>(keys[i]);
+        ranks[at] = scan[i] - 1;
+    }
+};
+struct Reverse {
+    rank_t* ranks;
+    rank_t num;
+    MEDSEG_HD void operator()(std::size_t i) const { ranks[i] = num - 1 - ranks[i]; }
+};
+
+// ---------------------------------------------------------------------------------
+// Cell ranks: the filtration of every edge, square and cube (engine.cpp's
+// build_edges_faces_cubes_V and build_T, one cell per index).
+
+struct Cells {
+    Lattice L;       // points of the complex
+    Lattice P;       // T: voxels (top cells); V: = L
+    bool T = false;
+    rank_t* v = nullptr;        // L.points
+    rank_t* e = nullptr;        // 3 L.points
+    rank_t* f = nullptr;        // 3 L.points
+    rank_t* c = nullptr;        // L.points (3D)
+    const rank_t* pix = nullptr;  // T: P.points
+
+    MEDSEG_HD rank_t top(std::int64_t l) const { return L.ndim == 3 ? c[l] : f[3 * l + 2]; }
+    MEDSEG_HD const rank_t* sub() const { return L.ndim == 3 ? f : e; }
+};
+
+MEDSEG_HD inline void other_axes_hd(int t, int& u, int& w) {
+    u = (t == 0) ? 1 : 0;
+    w = (t == 2) ? 1 : 2;
+}
+
+// V: a cell's rank is the largest rank of its corners; ext[a] = the cell spans axis a.
+MEDSEG_HD inline rank_t corner_max(const Cells& X, const std::int64_t b[3], const bool ext[3]) {
+    rank_t r = 0;
+    for (int dx = 0; dx <= (ext[0] ? 1 : 0); ++dx)
+        for (int dy = 0; dy <= (ext[1] ? 1 : 0); ++dy)
+            for (int dz = 0; dz <= (ext[2] ? 1 : 0); ++dz)
+                r = max_of(r, X.v[X.L.lin(b[0] + dx, b[1] + dy, b[2] + dz)]);
+    return r;
+}
+// T: a cell's rank is the smallest rank of the voxels containing it.
+MEDSEG_HD inline rank_t voxel_min(const Cells& X, const std::int64_t b[3], const bool ext[3]) {
+    std::int64_t lo[3], hi[3];
+    for (int a = 0; a < 3; ++a) {
+        if (a >= X.L.ndim || ext[a]) {
+            lo[a] = hi[a] = b[a];
+        } else {
+            lo[a] = b[a] > 0 ? b[a] - 1 : 0;
+            hi[a] = b[a] < X.P.n[a] - 1 ? b[a] : X.P.n[a] - 1;
+        }
+    }
+    rank_t r = kInfRank;
+    for (std::int64_t x = lo[0]; x <= hi[0]; ++x)
+        for (std::int64_t y = lo[1]; y <= hi[1]; ++y)
+            for (std::int64_t z = lo[2]; z <= hi[2]; ++z) r = min_of(r, X.pix[X.P.lin(x, y, z)]);
+    return r;
+}
+
+// All cells based at point l (vertex, 3 edges, 3 squares, cube); absent cells get kInfRank.
+struct BuildCells {
+    Cells X;
+    MEDSEG_HD rank_t rank(const std::int64_t b[3], const bool ext[3]) const {
+        return X.T ? voxel_min(X, b, ext) : corner_max(X, b, ext);
+    }
+    MEDSEG_HD void operator()(std::size_t i) const {
+        const Lattice& L = X.L;
+        const std::int64_t l = static_cast<std::int64_t>(i);
+        std::int64_t b[3];
+        L.coords(l, b);
+        bool fits[3];
+        for (int a = 0; a < 3; ++a) fits[a] = b[a] + 1 < L.n[a];
+        if (X.T) {
+            const bool none[3] = {false, false, false};
+            X.v[l] = rank(b, none);
+        }
+        for (int t = 0; t < 3; ++t) {
+            bool ext[3] = {false, false, false};
+            ext[t] = true;
+            X.e[3 * l + t] = fits[t] ? rank(b, ext) : kInfRank;
+        }
+        for (int t = 0; t < 3; ++t) {
+            int u, w;
+            other_axes_hd(t, u, w);
+            bool ext[3] = {true, true, true};
+            ext[t] = false;
+            rank_t r = kInfRank;
+            if (fits[u] && fits[w]) {
+                // 3D T squares need a voxel on either side (engine: b_t + 1 < n_t or b_t > 0)
+                if (X.T && L.ndim == 3) {
+                    const bool ok = fits[t] || b[t] > 0;
+                    r = ok ? voxel_min(X, b, ext) : kInfRank;
+                } else {
+                    r = rank(b, ext);
+                }
+            }
+            X.f[3 * l + t] = r;
+        }
+        if (L.ndim == 3) {
+            const bool all[3] = {true, true, true};
+            X.c[l] = (fits[0] && fits[1] && fits[2]) ? rank(b, all) : kInfRank;
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------
+// Graphs for Boruvka: a weight per edge slot (kNoKey: no such edge), its endpoints,
+// and the slot back from a weight.
+
+struct PrimalEdges {  // vertices: points; edges: 1-cells, weight = key
+    Lattice L;
+    const rank_t* e;
+    MEDSEG_HD std::uint64_t weight(std::size_t i) const {
+        return e[i] == kInfRank ? kNoKey : make_key(e[i], i);
+    }
+    MEDSEG_HD void ends(std::size_t i, std::uint32_t& a, std::uint32_t& b) const {
+        a = static_cast<std::uint32_t>(i / 3);
+        b = static_cast<std::uint32_t>(a + L.stride[i % 3]);
+    }
+    MEDSEG_HD std::size_t slot(std::uint64_t w) const { return key_cell(w); }
+    std::size_t vertices() const { return static_cast<std::size_t>(L.points); }
+};
+
+// Dual graph: vertices are the top cells (by base point) and infinity (= L.points);
+// an edge is a (d-1)-cell between the two top cells it bounds, weight = ~key so that
+// the minimum spanning forest of the weights is the maximum one of the keys.
+struct DualFaces {
+    Lattice L;
+    const rank_t* sub;  // ranks of the (d-1)-cells
+    const rank_t* topr; // a top cell's rank by base point: c (3D) or every third f (2D)
+    int top_stride;     // 1 (3D: c[l]) or 3 with offset 2 (2D: f[3l + 2])
+    int top_offset;
+    bool have_top;
+    MEDSEG_HD rank_t top(std::int64_t l) const { return topr[top_stride * l + top_offset]; }
+    MEDSEG_HD std::uint64_t weight(std::size_t i) const {
+        if (!have_top || sub[i] == kInfRank) return kNoKey;
+        std::uint32_t a, b;
+        ends(i, a, b);
+        if (a == b) return kNoKey;  // both sides at infinity: never merges
+        return ~make_key(sub[i], i);
+    }
+    MEDSEG_HD void ends(std::size_t i, std::uint32_t& a, std::uint32_t& b) const {
+        const std::uint32_t inf = static_cast<std::uint32_t>(L.points);
+        const std::int64_t l = static_cast<std::int64_t>(i / 3);
+        const int t = static_cast<int>(i % 3);
+        const std::int64_t s = L.stride[L.ndim == 3 ? t : 1 - t];
+        b = top(l) != kInfRank ? static_cast<std::uint32_t>(l) : inf;
+        a = (l >= s && top(l - s) != kInfRank) ? static_cast<std::uint32_t>(l - s) : inf;
+    }
+    MEDSEG_HD std::size_t slot(std::uint64_t w) const { return key_cell(~w); }
+    std::size_t vertices() const { return static_cast<std::size_t>(L.points) + 1; }
+};
+
+template <class G>
+struct OfferEdges {
+    G g;
+    const std::uint32_t* parent;
+    std::uint64_t* best;
+    MEDSEG_HD void operator()(std::size_t i) const {
+        const std::uint64_t w = g.weight(i);
+        if (w == kNoKey) return;
+        std::uint32_t a, b;
+        g.ends(i, a, b);
+        const std::uint32_t ra = parent[a], rb = parent[b];
+        if (ra == rb) return;
+        atomic_min_u64(&best[ra], w);
+        atomic_min_u64(&best[rb], w);
+    }
+};
+
+template <class G>
+struct ChooseEdges {
+    G g;
+    const std::uint32_t* parent;
+    const std::uint64_t* best;
+    std::uint32_t* next;
+    std::uint32_t* in_forest;
+    std::uint32_t* changed;
+    MEDSEG_HD void operator()(std::size_t r) const {
+        next[r] = static_cast<std::uint32_t>(r);
+        if (parent[r] != r || best[r] == kNoKey) return;
+        const std::size_t s = g.slot(best[r]);
+        std::uint32_t a, b;
+        g.ends(s, a, b);
+        const std::uint32_t ra = parent[a], rb = parent[b];
+        next[r] = ra == r ? rb : ra;
+        store_u32(&in_forest[s], 1u);  // both ends may mark the same edge
+        store_u32(changed, 1u);
+    }
+};
+
+struct Hook {
+    const std::uint32_t* next;
+    std::uint32_t* parent;
+    MEDSEG_HD void operator()(std::size_t r) const {
+        const std::uint32_t o = next[r];
+        if (o == r) return;
+        if (next[o] == r && r < o) return;  // mutual choice: the smaller root stays
+        parent[r] = o;
+    }
+};
+
+struct Jump {
+    std::uint32_t* parent;
+    std::uint32_t* changed;
+    MEDSEG_HD void operator()(std::size_t v) const {
+        const std::uint32_t p = load_u32(&parent[v]);
+        const std::uint32_t pp = load_u32(&parent[p]);
+        if (p != pp) {
+            store_u32(&parent[v], pp);
+            store_u32(changed, 1u);
+        }
+    }
+};
+
+template <class T>
+struct Fill {
+    T* p;
+    T value;
+    MEDSEG_HD void operator()(std::size_t i) const { p[i] = value; }
+};
+struct Iota {
+    std::uint32_t* p;
+    MEDSEG_HD void operator()(std::size_t i) const { p[i] = static_cast<std::uint32_t>(i); }
+};
+template <class G>
+struct Weights {
+    G g;
+    std::uint64_t* w;
+    MEDSEG_HD void operator()(std::size_t i) const { w[i] = g.weight(i); }
+};
+
+// Minimum spanning forest of g: its edges' weights, ascending.
+template <class Exec, class G>
+std::vector<std::uint64_t> spanning_forest(const Exec& ex, const G& g, std::size_t slots, int key_bits) {
+    const std::size_t nv = g.vertices();
+    auto parent = ex.template array<std::uint32_t>(nv);
+    auto next = ex.template array<std::uint32_t>(nv);
+    auto best = ex.template array<std::uint64_t>(nv);
+    auto in_forest = ex.template array<std::uint32_t>(slots);
+    auto changed = ex.template array<std::uint32_t>(1);
+    ex.for_each(nv, Iota{parent.data()});
+    ex.for_each(slots, Fill<std::uint32_t>{in_forest.data(), 0u});
+    for (;;) {
+        ex.for_each(nv, Fill<std::uint64_t>{best.data(), kNoKey});
+        ex.write(changed.data(), 0u);
+        ex.for_each(slots, OfferEdges<G>{g, parent.data(), best.data()});
+        ex.for_each(nv, ChooseEdges<G>{g, parent.data(), best.data(), next.data(), in_forest.data(), changed.data()});
+        if (!ex.read(changed.data())) break;
+        ex.for_each(nv, Hook{next.data(), parent.data()});
+        do {
+            ex.write(changed.data(), 0u);
+            ex.for_each(nv, Jump{parent.data(), changed.data()});
+        } while (ex.read(changed.data()));
+    }
+    auto w = ex.template array<std::uint64_t>(slots);
+    ex.for_each(slots, Weights<G>{g, w.data()});
+    auto forest = ex.select_flagged(w.data(), in_forest.data(), slots);
+    ex.sort_keys(forest.data(), forest.size(), 0, key_bits);
+    return ex.to_host(forest.data(), forest.size());
+}
+
+// ---------------------------------------------------------------------------------
+// Coordinates: the voxel a cell's value is read from (engine.cpp's Reporter).
+
+struct CellReporter {
+    Cells X;
+
+    MEDSEG_HD void report(int k, std::uint64_t cell, std::int64_t out[3]) const {
+        const Lattice& L = X.L;
+        if (X.T) return report_T(k, cell, out);
+        if (k == 0) return L.coords(static_cast<std::int64_t>(cell), out);
+        if (k == 1) {
+            const std::int64_t l = static_cast<std::int64_t>(cell / 3);
+            const int t = static_cast<int>(cell % 3);
+            L.coords(X.v[l + L.stride[t]] == X.e[cell] ? l + L.stride[t] : l, out);
+            return;
+        }
+        if (k == 2) {
+            const std::int64_t l = static_cast<std::int64_t>(cell / 3);
+            int u, w;
+            other_axes_hd(static_cast<int>(cell % 3), u, w);
+            const rank_t r = X.f[cell];
+            const std::int64_t cand[4] = {l + L.stride[u] + L.stride[w], l + L.stride[u], l + L.stride[w], l};
+            for (int q = 0; q < 4; ++q)
+                if (X.v[cand[q]] == r) return L.coords(cand[q], out);
+            return L.coords(l, out);
+        }
+        const std::int64_t l = static_cast<std::int64_t>(cell);
+        const rank_t r = X.c[l];
+        for (int dx = 0; dx < 2; ++dx)
+            for (int dy = 0; dy < 2; ++dy)
+                for (int dz = 0; dz < 2; ++dz) {
+                    const std::int64_t q = l + dx * L.stride[0] + dy * L.stride[1] + dz * L.stride[2];
+                    if (X.v[q] == r) return L.coords(q, out);
+                }
+        L.coords(l, out);
+    }
+
+    MEDSEG_HD void report_T(int k, std::uint64_t cell, std::int64_t out[3]) const {
+        const Lattice& L = X.L;
+        const Lattice& P = X.P;
+        std::int64_t l;
+        bool extends[3] = {false, false, false};
+        rank_t r;
+        if (k == 0) {
+            l = static_cast<std::int64_t>(cell);
+            r = X.v[l];
+        } else if (k == L.ndim) {
+            l = static_cast<std::int64_t>(L.ndim == 3 ? cell : cell / 3);
+            r = X.top(l);
+            extends[0] = extends[1] = extends[2] = true;
+        } else if (k == 1) {
+            l = static_cast<std::int64_t>(cell / 3);
+            extends[cell % 3] = true;
+            r = X.e[cell];
+        } else {
+            l = static_cast<std::int64_t>(cell / 3);
+            extends[0] = extends[1] = extends[2] = true;
+            extends[cell % 3] = false;
+            r = X.f[cell];
+        }
+        std::int64_t b[3];
+        L.coords(l, b);
+        std::int64_t lo[3], hi[3];
+        for (int a = 0; a < 3; ++a) {
+            if (a >= L.ndim || extends[a]) {
+                lo[a] = hi[a] = b[a];
+            } else {
+                lo[a] = b[a] > 0 ? b[a] - 1 : 0;
+                hi[a] = b[a] < P.n[a] - 1 ? b[a] : P.n[a] - 1;
+            }
+        }
+        for (std::int64_t x = lo[0]; x <= hi[0]; ++x)
+            for (std::int64_t y = lo[1]; y <= hi[1]; ++y)
+                for (std::int64_t z = lo[2]; z <= hi[2]; ++z)
+                    if (X.pix[P.lin(x, y, z)] == r) {
+                        out[0] = x;
+                        out[1] = y;
+                        out[2] = z;
+                        return;
+                    }
+        out[0] = lo[0];
+        out[1] = lo[1];
+        out[2] = lo[2];
+    }
+};
+
+// One reported pair per index: (dimension, cell) of birth and death -> coordinates.
+struct ReportPairs {
+    CellReporter rep;
+    const std::uint64_t* cells;  // birth, death interleaved
+    int kb, kd, ndim;
+    std::int64_t* birth;  // (n, ndim)
+    std::int64_t* death;
+    MEDSEG_HD void operator()(std::size_t i) const {
+        std::int64_t c[3];
+        rep.report(kb, cells[2 * i], c);
+        for (int a = 0; a < ndim; ++a) birth[i * ndim + a] = c[a];
+        rep.report(kd, cells[2 * i + 1], c);
+        for (int a = 0; a < ndim; ++a) death[i * ndim + a] = c[a];
+    }
+};
+
+// ---------------------------------------------------------------------------------
+// The driver: ranks, cells, both spanning forests, the elder-rule passes (host,
+// over the forest edges only) and the coordinates.
+
+inline int bit_width_u64(std::uint64_t x) {
+    int b = 0;
+    while (x) {
+        ++b;
+        x >>= 1;
+    }
+    return b;
+}
+
+struct HostUnionFind {
+    std::vector<std::uint32_t> parent;
+    explicit HostUnionFind(std::size_t n) : parent(n) {
+        for (std::size_t i = 0; i < n; ++i) parent[i] = static_cast<std::uint32_t>(i);
+    }
+    std::uint32_t find(std::uint32_t x) {
+        while (parent[x] != x) {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        return x;
+    }
+};
+
+// Image values: one of the two pointers is set (device memory for DeviceExec).
+struct Values {
+    const float* f32 = nullptr;
+    const double* f64 = nullptr;
+};
+
+// The dense ranks of one image into `ranks` (P.points); returns their number.
+template <class Exec, class Array>
+rank_t rank_values(const Exec& ex, Values x, std::size_t n, bool superlevel, Array& ranks) {
+    auto keys = ex.template array<std::uint64_t>(n);
+    auto flag = ex.template array<std::uint32_t>(n);
+    auto scan = ex.template array<std::uint32_t>(n);
+    if (x.f32) {
+        ex.for_each(n, KeysF32{x.f32, keys.data()});
+        ex.sort_keys(keys.data(), n, 32, 64);
+        ex.for_each(n, NewValue{keys.data(), 0xffffffff00000000ull, flag.data()});
+        ex.inclusive_scan(flag.data(), scan.data(), n);
+        ex.for_each(n, ScatterRanks{keys.data(), nullptr, scan.data(), ranks.data()});
+    } else {
+        auto idx = ex.template array<std::uint32_t>(n);
+        ex.for_each(n, KeysF64{x.f64, keys.data(), idx.data()});
+        ex.sort_pairs(keys.data(), idx.data(), n, 0, 64);
+        ex.for_each(n, NewValue{keys.data(), ~0ull, flag.data()});
+        ex.inclusive_scan(flag.data(), scan.data(), n);
+        ex.for_each(n, ScatterRanks{keys.data(), idx.data(), scan.data(), ranks.data()});
+    }
+    const rank_t num = ex.read(scan.data() + (n - 1));
+    if (superlevel) ex.for_each(n, Reverse{ranks.data(), num});
+    return num;
+}
+
+// Pairs of dimensions 0 and d-1 (as packed cells, in the engine's order) and the
+// essential vertex. pairs0: (vertex, edge); top: ((d-1)-cell, top cell base point).
+struct LowHighPairs {
+    std::vector<CellPair> pairs0, top;
+    std::uint32_t essential = 0;
+};
+
+template <class Exec>
+struct ParallelBarcode {
+    const Exec& ex;
+    typename Exec::template Array<rank_t> pix, v, e, f, c;
+    Cells X;
+    rank_t num_ranks = 0;
+
+    ParallelBarcode(const Exec& ex_, Values x, int ndim, const std::int64_t shape[3], bool superlevel, bool T)
+        : ex(ex_) {
+        const Lattice P = ndim == 2 ? Lattice(2, shape[0], shape[1], 1) : Lattice(3, shape[0], shape[1], shape[2]);
+        Lattice L = P;
+        if (T) L = ndim == 2 ? Lattice(2, P.n[0] + 1, P.n[1] + 1, 1) : Lattice(3, P.n[0] + 1, P.n[1] + 1, P.n[2] + 1);
+        pix = ex.template array<rank_t>(static_cast<std::size_t>(P.points));
+        num_ranks = rank_values(ex, x, static_cast<std::size_t>(P.points), superlevel, pix);
+        const std::size_t N = static_cast<std::size_t>(L.points);
+        if (T) v = ex.template array<rank_t>(N);
+        e = ex.template array<rank_t>(3 * N);
+        f = ex.template array<rank_t>(3 * N);
+        if (ndim == 3) c = ex.template array<rank_t>(N);
+        X.L = L;
+        X.P = P;
+        X.T = T;
+        X.pix = pix.data();
+        X.v = T ? v.data() : pix.data();
+        X.e = e.data();
+        X.f = f.data();
+        X.c = ndim == 3 ? c.data() : nullptr;
+        ex.for_each(N, BuildCells{X});
+    }
+
+    // The minimum spanning forest of the edges, ascending keys.
+    std::vector<std::uint64_t> forest0() const {
+        const std::size_t N = static_cast<std::size_t>(X.L.points);
+        return spanning_forest(ex, PrimalEdges{X.L, X.e}, 3 * N, 32 + bit_width_u64(num_ranks));
+    }
+    std::vector<rank_t> vertex_ranks() const { return ex.to_host(X.v, static_cast<std::size_t>(X.L.points)); }
+
+    LowHighPairs pairs() const {
+        const Lattice& L = X.L;
+        const std::size_t N = static_cast<std::size_t>(L.points);
+        LowHighPairs out;
+        const std::vector<rank_t> vh = ex.to_host(X.v, N);
+        auto vkey = [&](std::uint32_t l) { return make_key(vh[l], l); };
+        for (std::uint32_t l = 1; l < N; ++l)
+            if (vkey(l) < vkey(out.essential)) out.essential = l;
+
+        // dimension 0: elder rule over the MSF edges, ascending
+        {
+            const std::vector<std::uint64_t> forest = forest0();
+            HostUnionFind uf(N);
+            for (std::uint64_t key : forest) {
+                const std::uint32_t cell = key_cell(key);
+                const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
+                const std::uint32_t ra = uf.find(a), rb = uf.find(b);
+                const bool a_younger = vkey(ra) > vkey(rb);
+                const std::uint32_t younger = a_younger ? ra : rb;
+                uf.parent[younger] = a_younger ? rb : ra;
+                if (vh[younger] != key_rank(key)) out.pairs0.push_back({younger, cell});
+            }
+        }
+        // dimension d-1: elder rule over the maximum spanning forest of the dual graph,
+        // descending; the point at infinity is the eldest
+        {
+            bool have_top = true;
+            for (int a = 0; a < L.ndim; ++a) have_top = have_top && L.n[a] >= 2;
+            DualFaces g{L, X.sub(), L.ndim == 3 ? X.c : X.f, L.ndim == 3 ? 1 : 3, L.ndim == 3 ? 0 : 2, have_top};
+            const std::vector<std::uint64_t> forest = spanning_forest(ex, g, 3 * N, 64);
+            std::vector<key_t> tk(N + 1, kNoKey);
+            {
+                const std::vector<rank_t> th = L.ndim == 3 ? ex.to_host(X.c, N) : ex.to_host(X.f, 3 * N);
+                for (std::size_t p = 0; p < N; ++p) {
+                    const rank_t r = L.ndim == 3 ? th[p] : th[3 * p + 2];
+                    tk[p] = r == kInfRank ? kNoKey : make_key(r, p);
+                }
+            }
+            HostUnionFind uf(N + 1);
+            for (std::uint64_t w : forest) {
+                const std::uint64_t key = ~w;
+                const std::uint32_t cell = key_cell(key);
+                std::uint32_t p0, p1;
+                g.ends(cell, p0, p1);
+                const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
+                const bool first_younger = tk[r0] < tk[r1];
+                const std::uint32_t younger = first_younger ? r0 : r1;
+                uf.parent[younger] = first_younger ? r1 : r0;
+                if (key_rank(tk[younger]) != key_rank(key)) out.top.push_back({cell, younger});
+            }
+        }
+        return out;
+    }
+
+    // Coordinates of pairs of dimensions (kb, kd), given as (birth cell, death cell)
+    // interleaved, computed where the filtration lives; only coordinates come back.
+    void report(const std::vector<std::uint64_t>& cells, int kb, int kd, VoxelPairs& out) const {
+        const std::size_t n = cells.size() / 2;
+        const int nd = X.L.ndim;
+        if (n == 0) return;
+        auto dc = ex.from_host(cells);
+        auto b = ex.template array<std::int64_t>(n * nd);
+        auto d = ex.template array<std::int64_t>(n * nd);
+        ex.for_each(n, ReportPairs{CellReporter{X}, dc.data(), kb, kd, nd, b.data(), d.data()});
+        out.birth = ex.to_host(b.data(), n * nd);
+        out.death = ex.to_host(d.data(), n * nd);
+    }
+
+    // Dimensions 0 and d-1 and the essential class; a 3D caller fills pairs[1].
+    BarcodeResult barcode() const {
+        const int d = X.L.ndim;
+        const LowHighPairs lh = pairs();
+        BarcodeResult res;
+        res.ndim = d;
+        res.pairs.resize(d);
+        std::vector<std::uint64_t> cells;
+        for (const CellPair& p : lh.pairs0) {
+            cells.push_back(p.birth_cell);
+            cells.push_back(p.death_cell);
+        }
+        report(cells, 0, 1, res.pairs[0]);
+        cells.clear();
+        for (const CellPair& p : lh.top) {
+            cells.push_back(p.birth_cell);
+            cells.push_back(d == 3 ? std::uint64_t(p.death_cell) : 3ull * p.death_cell + 2);
+        }
+        report(cells, d - 1, d, res.pairs[d - 1]);
+        VoxelPairs ess;
+        report({lh.essential, lh.essential}, 0, 0, ess);
+        res.essential_birth = ess.birth;
+        return res;
+    }
+};
+
+// Dimension-0 image persistence for the matching: the comparison's union-find, run over
+// its forest edges only, carrying the elders of X0 and X1 (engine.cpp's
+// dimension0_image; the same merges in the same order, so the same births). For every
+// non-trivial comparison pair, the X0- and X1-younger vertices.
+template <class Exec>
+std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0(const ParallelBarcode<Exec>& C,
+                                                                   const std::vector<rank_t>& v0,
+                                                                   const std::vector<rank_t>& v1) {
+    const Lattice& L = C.X.L;
+    const std::size_t N = static_cast<std::size_t>(L.points);
+    const std::vector<rank_t> vc = C.vertex_ranks();
+    const std::vector<std::uint64_t> forest = C.forest0();
+    HostUnionFind uf(N);
+    std::vector<std::uint32_t> lab0(N), lab1(N);
+    for (std::size_t i = 0; i < N; ++i) lab0[i] = lab1[i] = static_cast<std::uint32_t>(i);
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> out;
+    for (std::uint64_t key : forest) {
+        const std::uint32_t cell = key_cell(key);
+        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
+        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
+        const bool a_younger = make_key(vc[ra], ra) > make_key(vc[rb], rb);
+        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
+        uf.parent[younger] = elder;
+        const std::uint32_t x0a = lab0[ra], x0b = lab0[rb];
+        const bool x0a_younger = make_key(v0[x0a], x0a) > make_key(v0[x0b], x0b);
+        lab0[elder] = x0a_younger ? x0b : x0a;
+        const std::uint32_t x1a = lab1[ra], x1b = lab1[rb];
+        const bool x1a_younger = make_key(v1[x1a], x1a) > make_key(v1[x1b], x1b);
+        lab1[elder] = x1a_younger ? x1b : x1a;
+        if (vc[younger] != key_rank(key)) out.emplace_back(x0a_younger ? x0a : x0b, x1a_younger ? x1a : x1b);
+    }
+    return out;
+}
+
+// Dimension 0 of the Betti matching of a and b with the union comparison c (c's values
+// given): matched and unmatched pairs of each side, as the engine's MatchingResult
+// entries of dimension 0.
+template <class Exec>
+void matching_dim0(const ParallelBarcode<Exec>& A, const ParallelBarcode<Exec>& B, const ParallelBarcode<Exec>& C,
+                   VoxelPairs& matched_a, VoxelPairs& matched_b, VoxelPairs& unmatched_a, VoxelPairs& unmatched_b) {
+    const std::size_t N = static_cast<std::size_t>(A.X.L.points);
+    const LowHighPairs pa = A.pairs(), pb = B.pairs();
+    std::vector<std::int32_t> pob_a(N, -1), pob_b(N, -1);
+    for (std::size_t i = 0; i < pa.pairs0.size(); ++i) pob_a[pa.pairs0[i].birth_cell] = static_cast<std::int32_t>(i);
+    for (std::size_t i = 0; i < pb.pairs0.size(); ++i) pob_b[pb.pairs0[i].birth_cell] = static_cast<std::int32_t>(i);
+    std::vector<char> used_a(pa.pairs0.size(), 0), used_b(pb.pairs0.size(), 0);
+    std::vector<std::uint64_t> ca, cb, ua, ub;
+    for (const auto& [y0, y1] : image_births0(C, A.vertex_ranks(), B.vertex_ranks())) {
+        const std::int32_t i0 = pob_a[y0], i1 = pob_b[y1];
+        if (i0 < 0 || i1 < 0) continue;
+        used_a[i0] = used_b[i1] = 1;
+        ca.insert(ca.end(), {pa.pairs0[i0].birth_cell, pa.pairs0[i0].death_cell});
+        cb.insert(cb.end(), {pb.pairs0[i1].birth_cell, pb.pairs0[i1].death_cell});
+    }
+    for (std::size_t i = 0; i < pa.pairs0.size(); ++i)
+        if (!used_a[i]) ua.insert(ua.end(), {pa.pairs0[i].birth_cell, pa.pairs0[i].death_cell});
+    for (std::size_t i = 0; i < pb.pairs0.size(); ++i)
+        if (!used_b[i]) ub.insert(ub.end(), {pb.pairs0[i].birth_cell, pb.pairs0[i].death_cell});
+    A.report(ca, 0, 1, matched_a);
+    B.report(cb, 0, 1, matched_b);
+    A.report(ua, 0, 1, unmatched_a);
+    B.report(ub, 0, 1, unmatched_b);
+}
+
+template <class T>
+struct Combine {  // the comparison image: elementwise max or min
+    const T* a;
+    const T* b;
+    T* c;
+    bool take_max;
+    MEDSEG_HD void operator()(std::size_t i) const { c[i] = take_max ? max_of(a[i], b[i]) : min_of(a[i], b[i]); }
+};
+
+// Dimension 0 of the union Betti matching as MatchingResult entries of dimension 0
+// (the other dimensions left empty); a and b live where Exec computes.
+template <class Exec>
+MatchingResult matching_dim0_result(const Exec& ex, Values a, Values b, int ndim, const std::int64_t shape[3],
+                                    bool superlevel, bool T) {
+    std::size_t n = 1;
+    for (int q = 0; q < ndim; ++q) n *= static_cast<std::size_t>(shape[q]);
+    auto cf = ex.template array<float>(a.f32 ? n : 0);
+    auto cd = ex.template array<double>(a.f32 ? 0 : n);
+    Values c;
+    if (a.f32) {
+        ex.for_each(n, Combine<float>{a.f32, b.f32, cf.data(), superlevel});
+        c.f32 = cf.data();
+    } else {
+        ex.for_each(n, Combine<double>{a.f64, b.f64, cd.data(), superlevel});
+        c.f64 = cd.data();
+    }
+    ParallelBarcode<Exec> A(ex, a, ndim, shape, superlevel, T), B(ex, b, ndim, shape, superlevel, T),
+        C(ex, c, ndim, shape, superlevel, T);
+    MatchingResult res;
+    res.ndim = ndim;
+    res.matched_a.resize(1);
+    res.matched_b.resize(1);
+    res.unmatched_a.resize(1);
+    res.unmatched_b.resize(1);
+    matching_dim0(A, B, C, res.matched_a[0], res.matched_b[0], res.unmatched_a[0], res.unmatched_b[0]);
+    res.num_unmatched_a = {static_cast<std::int64_t>(res.unmatched_a[0].size(ndim))};
+    res.num_unmatched_b = {static_cast<std::int64_t>(res.unmatched_b[0].size(ndim))};
+    return res;
+}
+
+}  // namespace par
+}  // namespace medseg

@@ -1,0 +1,234 @@
+"""The data-parallel backend (issue F) gives exactly the sequential engine's pairs.
+
+"cpu-parallel" runs the CUDA backend's algorithm (csrc/spanning.hpp: spanning forests
+by Boruvka, elder rule over the forest edges) on CPU threads, so these tests check the
+GPU algorithm's logic on machines without a GPU. The CUDA tests run where a device is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import medseg.topology as topo
+from medseg.topology import _engine, _inputs
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "reference"
+CASES = json.loads((DATA / "expected.json").read_text())["cases"]
+CUDA = _inputs.cuda_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device (or the CUDA backend was not built)")
+
+
+def assert_same_raw(seq: dict, par: dict) -> None:
+    assert len(seq["birth"]) == len(par["birth"])
+    for k in ("birth", "death"):
+        for d, (a, b) in enumerate(zip(seq[k], par[k])):
+            assert a.shape == b.shape, f"dimension {d}: {a.shape[0]} vs {b.shape[0]} pairs"
+            np.testing.assert_array_equal(a, b, err_msg=f"{k} coordinates of dimension {d}")
+    np.testing.assert_array_equal(seq["essential_birth"], par["essential_birth"])
+
+
+def check_parallel(x: np.ndarray, superlevel: bool, construction: str, threads: int = 2) -> None:
+    x = np.ascontiguousarray(x)
+    seq = _engine.barcode(x, superlevel, construction)
+    par = _engine.barcode_parallel(x, superlevel, construction, threads)
+    assert_same_raw(seq, par)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+@pytest.mark.parametrize("construction", ["V", "T"])
+def test_reference_cases(case, construction):
+    for name in ("a", "b"):
+        x = np.load(DATA / case[name])
+        for superlevel in (False, True):
+            check_parallel(x, superlevel, construction)
+    check_parallel(np.load(DATA / case["a"]).astype(np.float32), False, construction, threads=1)
+
+
+def test_reference_counts_through_the_api():
+    case = next(c for c in CASES if c["name"] == "random16")
+    for name in ("a", "b"):
+        bc = topo.barcode(np.load(DATA / case[name]), filtration="sublevel", backend="cpu-parallel")
+        assert bc.num_pairs.tolist() == case[f"num_pairs_{name}"]
+
+
+def images(draw_ties: bool):
+    @st.composite
+    def strategy(draw):
+        ndim = draw(st.sampled_from([2, 3]))
+        hi = 9 if ndim == 2 else 6
+        shape = tuple(draw(st.integers(1, hi)) for _ in range(ndim))
+        seed = draw(st.integers(0, 2**31 - 1))
+        rng = np.random.default_rng(seed)
+        if draw_ties:
+            levels = draw(st.integers(1, 4))
+            x = rng.integers(0, levels, size=shape).astype(np.float64)
+        else:
+            x = rng.standard_normal(shape)
+        dtype = draw(st.sampled_from([np.float32, np.float64]))
+        return x.astype(dtype)
+
+    return strategy()
+
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(x=images(draw_ties=True), superlevel=st.booleans(), construction=st.sampled_from("VT"),
+       threads=st.integers(1, 3))
+def test_property_tied_values(x, superlevel, construction, threads):
+    check_parallel(x, superlevel, construction, threads)
+
+
+@SETTINGS
+@given(x=images(draw_ties=False), superlevel=st.booleans(), construction=st.sampled_from("VT"))
+def test_property_random_values(x, superlevel, construction):
+    check_parallel(x, superlevel, construction)
+
+
+def test_larger_images_many_threads():
+    rng = np.random.default_rng(7)
+    check_parallel(rng.random((160, 150)), True, "V", threads=4)
+    check_parallel(rng.integers(0, 3, size=(40, 41, 42)).astype(np.float32), False, "T", threads=3)
+    check_parallel(np.where(rng.random((33, 34, 35)) > 0.5, 1.0, -0.0), True, "V", threads=2)
+
+
+def test_signed_zero_and_extremes_tie():
+    x = np.array([[0.0, -0.0, 1.0], [-0.0, np.finfo(np.float64).max, -np.finfo(np.float64).max]])
+    for construction in "VT":
+        for superlevel in (False, True):
+            check_parallel(x, superlevel, construction, threads=1)
+
+
+def test_backend_validation():
+    x = np.zeros((4, 4))
+    with pytest.raises(ValueError, match="backend"):
+        topo.barcode(x, backend="gpu")
+    if not CUDA:
+        with pytest.raises(topo.TopologyBackendError):
+            topo.barcode(x, backend="cuda")
+    assert _inputs.resolve_backend("cpu", x) == "cpu"
+    assert _inputs.resolve_backend("cpu-parallel", x) == "cpu-parallel"
+
+
+def test_environment_variable_replaces_auto(monkeypatch):
+    monkeypatch.setenv("MEDSEG_TOPOLOGY_BACKEND", "cpu-parallel")
+    assert _inputs.resolve_backend("auto", np.zeros((3, 3))) == "cpu-parallel"
+    assert _inputs.resolve_backend("cpu", np.zeros((3, 3))) == "cpu"
+    monkeypatch.setenv("MEDSEG_TOPOLOGY_BACKEND", "nope")
+    with pytest.raises(ValueError):
+        _inputs.resolve_backend("auto")
+
+
+def test_importing_topology_does_not_load_cuda():
+    code = (
+        "import sys, medseg.topology as t, numpy as np; t.barcode(np.zeros((3, 3)));"
+        "assert 'medseg.topology._engine_cuda' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the CUDA backend is not built here")
+@pytest.mark.skipif(
+    os.environ.get("MEDSEG_CUDA", "ON").upper() in ("OFF", "0", "FALSE", "NO"),
+    reason="the CUDA backend was switched off (MEDSEG_CUDA=OFF)",
+)
+def test_cuda_module_was_built():
+    mod = _inputs.cuda_engine()
+    assert mod is not None, "nvcc is on PATH but medseg.topology._engine_cuda was not built (see the CMake log)"
+    assert mod.built_with_cuda
+    assert mod.device_count() >= 0
+
+
+# ------------------------------------------------------------------------ on a GPU
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+@pytest.mark.parametrize("construction", ["V", "T"])
+def test_cuda_reference_cases(case, construction):
+    cuda = _inputs.cuda_engine()
+    for name in ("a", "b"):
+        x = np.load(DATA / case[name])
+        for superlevel in (False, True):
+            assert_same_raw(_engine.barcode(x, superlevel, construction), cuda.barcode(x, superlevel, construction))
+
+
+@needs_cuda
+@settings(max_examples=60, deadline=None)
+@given(x=images(draw_ties=True), superlevel=st.booleans(), construction=st.sampled_from("VT"))
+def test_cuda_property(x, superlevel, construction):
+    x = np.ascontiguousarray(x)
+    cuda = _inputs.cuda_engine()
+    assert_same_raw(_engine.barcode(x, superlevel, construction), cuda.barcode(x, superlevel, construction))
+
+
+@needs_cuda
+def test_cuda_tensor_stays_on_device():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    rng = np.random.default_rng(3)
+    x = rng.random((24, 25, 26)).astype(np.float32)
+    t = torch.from_numpy(x).cuda()
+    on_device = topo.barcode(t)  # auto -> cuda
+    on_host = topo.barcode(x, backend="cpu")
+    for d in range(3):
+        np.testing.assert_array_equal(on_device.birth_coordinates[d], on_host.birth_coordinates[d])
+        np.testing.assert_array_equal(on_device.death_coordinates[d], on_host.death_coordinates[d])
+        np.testing.assert_array_equal(on_device.births[d], on_host.births[d])
+
+
+# ------------------------------------------------- dimension-0 matching (several forests)
+
+MATCH_KEYS = [f"{s}_{side}_{end}" for s in ("matched", "unmatched") for side in "ab" for end in ("birth", "death")]
+
+
+def check_matching_dim0(a, b, superlevel, construction, threads=2, module=None):
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    seq = _engine.matching(a, b, superlevel, construction, True, True, 1, False)
+    fn = (module or _engine).matching_dim0_parallel
+    par = fn(a, b, superlevel, construction, threads) if module is None else fn(a, b, superlevel, construction)
+    for k in MATCH_KEYS:
+        np.testing.assert_array_equal(seq[k][0], par[k][0], err_msg=k)
+    assert seq["num_unmatched_a"][0] == par["num_unmatched_a"][0]
+    assert seq["num_unmatched_b"][0] == par["num_unmatched_b"][0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_matching_dim0_reference_cases(case):
+    a, b = np.load(DATA / case["a"]), np.load(DATA / case["b"])
+    for superlevel in (False, True):
+        for construction in "VT":
+            check_matching_dim0(a, b, superlevel, construction)
+
+
+@st.composite
+def image_pairs(draw):
+    a = draw(images(draw_ties=draw(st.booleans())))
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = (np.random.default_rng(seed).random(a.shape) > 0.5).astype(a.dtype)
+    return a, b
+
+
+@SETTINGS
+@given(ab=image_pairs(), superlevel=st.booleans(), construction=st.sampled_from("VT"), threads=st.integers(1, 3))
+def test_matching_dim0_property(ab, superlevel, construction, threads):
+    check_matching_dim0(*ab, superlevel, construction, threads)
+
+
+@needs_cuda
+@settings(max_examples=40, deadline=None)
+@given(ab=image_pairs(), superlevel=st.booleans(), construction=st.sampled_from("VT"))
+def test_cuda_matching_dim0(ab, superlevel, construction):
+    check_matching_dim0(*ab, superlevel, construction, module=_inputs.cuda_engine())
