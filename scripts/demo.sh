@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up plus demo: environment, synthetic vessel dataset, train, predict, evaluate.
-# About 6-8 minutes on 2 CPU cores. Everything goes under demo/ (safe to delete).
+# About 2 minutes on 2 CPU cores. Everything goes under demo/ (safe to delete).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
