@@ -17,7 +17,7 @@ Example (``configs/quickstart.yaml``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -224,20 +224,19 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return f"{source}: " + "; ".join(problems)
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a raw dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the key."""
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_model(schema: type[ModelT], raw: dict[str, Any], source: str = "config") -> ModelT:
+    """Validate a raw dict against a config schema; :class:`ConfigError` names the key."""
     try:
-        return RunConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(source, err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply ``--set`` overrides, validate.
-
-    Relative paths in the config (``data.dataset``, ``output_dir``, ``data.split_file``)
-    are taken relative to the current working directory, as the CLI user typed them.
-    """
+def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML mapping and apply ``--set`` overrides; one-line ConfigError on a bad file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -249,8 +248,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
-    raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source=str(path))
+    return apply_overrides(raw, overrides or [])
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the key."""
+    return validate_model(RunConfig, raw, source)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate.
+
+    Relative paths in the config (``data.dataset``, ``output_dir``, ``data.split_file``)
+    are taken relative to the current working directory, as the CLI user typed them.
+    """
+    return validate_model(RunConfig, read_yaml_with_overrides(path, overrides), source=str(path))
 
 
 def dump_config(config: RunConfig) -> str:

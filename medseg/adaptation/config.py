@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from medseg.config import _format_validation_error, _Strict, apply_overrides
-from medseg.errors import ConfigError
+from medseg.config import _Strict, read_yaml_with_overrides, validate_model
 
 METHODS = ("pseudo_label", "mean_teacher", "sfda", "tent")
 
@@ -223,25 +222,12 @@ class AdaptConfig(_Strict):
 
 
 def validate_adapt_config(raw: dict, source: str = "config") -> AdaptConfig:
-    try:
-        return AdaptConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err)) from None
+    return validate_model(AdaptConfig, raw, source)
 
 
 def load_adapt_config(path: str | Path, overrides: list[str] | None = None) -> AdaptConfig:
     """Read a YAML adaptation config, apply ``--set`` overrides, validate (ConfigError naming the key)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys")
-    return validate_adapt_config(apply_overrides(raw, overrides or []), source=str(path))
+    return validate_model(AdaptConfig, read_yaml_with_overrides(path, overrides), source=str(path))
 
 
 def dump_adapt_config(cfg: AdaptConfig) -> str:
