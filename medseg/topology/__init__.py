@@ -26,7 +26,7 @@ from medseg.topology.persistence import Barcode, barcode, barcode_batch
 
 try:
     from medseg.topology.betti_numbers import betti_numbers
-except ImportError:  # pragma: no cover - written separately (issue A)
+except ImportError:  # pragma: no cover - needs scipy and scikit-image, absent on a bare GPU machine
     pass
 
 __all__ = [
