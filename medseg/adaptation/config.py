@@ -67,8 +67,11 @@ class PseudoLabelConfig(_Strict):
     argmax pseudo-label when its confidence (max probability) is at least ``threshold``
     and, with ``curriculum``, is among the top ``curriculum[round]`` fraction of voxels
     predicted as the same class (class-wise, so that background does not take all the
-    places; Cascante-Bonilla et al. 2021 grow the fraction by 20% each round). Other
-    voxels are ignored by the loss.
+    places; Cascante-Bonilla et al. 2021 grow the fraction by 20% each round; by default
+    for the foreground classes only, ``curriculum_classes``). Other voxels are ignored by
+    the loss. With ``prior_matching`` (default) the foreground pseudo-labels are the
+    ``prior[k]`` fraction of voxels with the highest ``p_k`` instead of the argmax (see
+    :mod:`medseg.adaptation.pseudo_label`).
     """
 
     rounds: int = Field(3, gt=0)
@@ -82,6 +85,27 @@ class PseudoLabelConfig(_Strict):
         "Curriculum Labeling's remedy for concept drift (they restart from random weights, which needs labels)",
     )
     dice_weight: float = Field(0.0, ge=0, description="add a masked soft Dice term to the masked cross-entropy")
+    curriculum_classes: Literal["foreground", "all"] = Field(
+        "foreground",
+        description="classes the curriculum percentiles apply to; 'foreground': background voxels are kept on the "
+        "threshold alone (its least confident voxels are the hard negatives around the source model's false "
+        "positives, which a background percentile would drop first)",
+    )
+    prior_matching: bool = Field(
+        True,
+        description="pseudo-label foreground class k as the prior[k] fraction of target voxels with the highest "
+        "p_k (CBST-style class-balanced selection), other voxels background above threshold and ignored below; "
+        "False: argmax pseudo-labels",
+    )
+    prior: list[float] | None = Field(
+        None, description="class ratios incl. background for prior_matching; default: label_stats.json of the source run"
+    )
+    class_share_weighting: bool = Field(
+        True,
+        description="with a curriculum, weight the admitted voxels per class so that each class keeps the share it "
+        "has among the voxels above the threshold (a class-wise curriculum drops background hard negatives first "
+        "and would otherwise tilt the loss towards the rare class)",
+    )
 
     @field_validator("curriculum")
     @classmethod
@@ -121,7 +145,8 @@ class SFDAConfig(_Strict):
 
     ``loss = sum_k w_k mean_voxels(-p_k log p_k) + kl_weight * KL(tau_hat || tau)`` with
     ``tau_hat`` the mean softmax over the voxels of a sample (``ratio_scope``) and ``tau``
-    the prior. A foreground class whose predicted ratio on a sample is below
+    the prior (``ratio_scope``: ``scan`` by default, see :mod:`medseg.adaptation.sfda`).
+    A foreground class whose predicted ratio on a sample is below
     ``absent_threshold`` is taken as absent there: its prior mass moves to background
     and its term leaves the KL, so the prior does not force a structure into a sample
     that does not show it.
@@ -136,9 +161,12 @@ class SFDAConfig(_Strict):
         description="class ratios incl. background, summing to 1; default: ratio_mean of label_stats.json of the source run",
     )
     absent_threshold: float = Field(1e-4, ge=0, lt=1)
-    ratio_scope: Literal["sample", "batch"] = Field(
-        "batch", description="tau_hat per patch, or pooled over the batch's patches (less noisy)"
+    ratio_scope: Literal["sample", "batch", "scan"] = Field(
+        "scan",
+        description="tau_hat per patch, pooled over the batch's patches, or of the patch's whole scan (the scan's "
+        "sliding-window ratio corrected by the patch's change since; the prior is a whole-image statistic)",
     )
+    refresh_interval: int = Field(25, gt=0, description="scan scope: steps between sliding-window passes over the scans")
 
     @field_validator("prior")
     @classmethod

@@ -9,7 +9,23 @@ pseudo-label ``argmax_k p_k(v)`` and takes part in the loss when
 * with a curriculum, ``confidence(v)`` is among the top ``curriculum[r]`` fraction of the
   voxels pseudo-labelled with the same class, over all target scans (class-wise
   percentiles, so that the abundant background does not take every place; Curriculum
-  Labeling grows the admitted fraction by 20% each round).
+  Labeling grows the admitted fraction by 20% each round). By default
+  (``curriculum_classes="foreground"``) the percentiles apply to the foreground classes
+  only: the least confident background voxels are the hard negatives around the source
+  model's false positives, and dropping them first teaches the student to over-segment.
+
+With ``prior_matching`` (the default, :func:`prior_matched_labels`) the pseudo-labels are
+not the argmax: foreground class ``k`` takes the ``prior[k]`` fraction of all target
+voxels with the highest ``p_k`` (class-balanced selection as in CBST, Zou et al. 2018,
+with the proportions of the class-ratio prior from the source run's
+``label_stats.json``), the rest is background above ``threshold`` and ignored below.
+Under a shift the source model's calibration breaks (it over-segments noise, or misses
+dim structures) while its ranking of voxels largely survives, so the argmax would feed
+its size bias back into the student round after round.
+
+With a curriculum, ``class_share_weighting`` weights the admitted voxels per class so
+each class keeps its share among the voxels above the threshold
+(:func:`class_share_weights`).
 
 The student minimises the cross-entropy over admitted voxels (plus an optional masked
 soft Dice), optionally with labelled source patches (``source_data``) through the source
@@ -21,6 +37,8 @@ References
 ----------
 P. Cascante-Bonilla, F. Tan, Y. Qi, V. Ordonez. Curriculum Labeling: Revisiting
 pseudo-labeling for semi-supervised learning. AAAI 2021.
+Y. Zou, Z. Yu, B. V. K. V. Kumar, J. Wang. Unsupervised domain adaptation for semantic
+segmentation via class-balanced self-training. ECCV 2018.
 """
 
 from __future__ import annotations
@@ -39,13 +57,15 @@ log = logging.getLogger("medseg.adaptation")
 
 
 def confidence_mask(
-    probs: Sequence[torch.Tensor], threshold: float | None = None, fraction: float | None = None
+    probs: Sequence[torch.Tensor], threshold: float | None = None, fraction: float | None = None,
+    classes: Sequence[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Pseudo-labels and admitted-voxel masks for a list of ``(K, *spatial)`` probability maps.
 
     ``fraction``: per class, keep the voxels whose confidence is at least the
     ``1 - fraction`` quantile of the confidences of all voxels labelled with that class
-    (ties at the cut are kept). Returns ``(labels, masks)``, int64 and bool, ``(*spatial)``.
+    (ties at the cut are kept); only for the classes in ``classes`` (default: all), the
+    others keep every voxel above ``threshold``. Returns ``(labels, masks)``, int64 and bool, ``(*spatial)``.
     """
     labels = [p.argmax(dim=0) for p in probs]
     confs = [p.max(dim=0).values for p in probs]
@@ -54,7 +74,7 @@ def confidence_mask(
         masks = [m & (c >= threshold) for m, c in zip(masks, confs)]
     if fraction is not None and fraction < 1:
         k = probs[0].shape[0]
-        for cls in range(k):
+        for cls in (range(k) if classes is None else classes):
             values = torch.cat([c[l == cls] for c, l in zip(confs, labels)])
             if values.numel() == 0:
                 continue
@@ -63,11 +83,84 @@ def confidence_mask(
     return labels, masks
 
 
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over voxels where ``mask`` is true (0 when none is)."""
+def prior_matched_labels(
+    probs: Sequence[torch.Tensor], prior: Sequence[float], threshold: float | None = None,
+    fraction: float | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pseudo-labels whose class proportions follow the class-ratio prior, and admitted masks.
+
+    Under a domain shift the argmax of the source model over- or under-segments (its
+    confidence *ranking* transfers much better than its calibration), so instead of the
+    argmax, foreground class ``k`` takes the ``prior[k]`` fraction of all target voxels
+    (pooled over scans) with the highest ``p_k`` — the class-balanced selection of Zou et
+    al. (CBST, 2018) with the proportions given by the prior. Every other voxel is
+    background when ``p_0 >= threshold`` and *ignored* otherwise (not labelled
+    background: it is the uncertain margin). With ``fraction``, only the top ``fraction``
+    of each foreground class' voxels (by ``p_k``) are admitted; background is kept on the
+    threshold alone (its least confident voxels are the hard negatives).
+    """
+    k = probs[0].shape[0]
+    labels = [torch.zeros(p.shape[1:], dtype=torch.int64) for p in probs]
+    fg_score = [torch.full(p.shape[1:], -1.0, dtype=p.dtype) for p in probs]
+    for cls in range(1, k):
+        values = torch.cat([p[cls].reshape(-1) for p in probs]).double().numpy()
+        count = int(round(float(prior[cls]) * values.size))
+        if count <= 0:
+            continue
+        cut = float(np.sort(values)[-count])
+        for lab, score, p in zip(labels, fg_score, probs):
+            take = (p[cls] >= cut) & (p[cls] > score)
+            lab[take] = cls
+            score[take] = p[cls][take]
+    if threshold is None:
+        masks = [torch.ones_like(lab, dtype=torch.bool) for lab in labels]
+    else:
+        masks = [(lab > 0) | (p[0] >= threshold) for lab, p in zip(labels, probs)]
+    if fraction is not None and fraction < 1:
+        for cls in range(1, k):
+            values = torch.cat([p[cls][l == cls] for p, l in zip(probs, labels)])
+            if values.numel() == 0:
+                continue
+            cut = float(np.quantile(values.double().numpy(), 1.0 - fraction, method="higher"))
+            masks = [m & ((l != cls) | (p[cls] >= cut)) for m, p, l in zip(masks, probs, labels)]
+    return labels, masks
+
+
+def class_share_weights(labels: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], reference: Sequence[torch.Tensor],
+                        num_classes: int) -> list[float]:
+    """Per-class weights ``w_k`` that give each class, over the admitted voxels, the share it has in ``reference``.
+
+    ``w_k = (R_k / R) / (n_k / n)`` with ``R_k`` the voxels pseudo-labelled ``k`` among the
+    ``reference`` voxels (those above the confidence threshold, or all) and ``n_k`` those
+    admitted by the curriculum; 1 for a class with no admitted voxel. A class-wise
+    curriculum (the same top fraction of every class) keeps the rare class's share of the
+    *predicted* map, but drops the least confident background — the hard negatives next
+    to the structure — first; weighting by class share keeps the loss' class balance that
+    of the confident pseudo-labels, so the student is not pushed towards the rare class.
+    """
+    ref = torch.zeros(num_classes, dtype=torch.float64)
+    adm = torch.zeros(num_classes, dtype=torch.float64)
+    for lab, m, r in zip(labels, masks, reference):
+        ref += torch.bincount(lab[r].reshape(-1), minlength=num_classes)[:num_classes].double()
+        adm += torch.bincount(lab[m].reshape(-1), minlength=num_classes)[:num_classes].double()
+    if float(adm.sum()) == 0 or float(ref.sum()) == 0:
+        return [1.0] * num_classes
+    w = (ref / ref.sum()) / (adm / adm.sum()).clamp_min(1e-12)
+    return [float(v) if a > 0 else 1.0 for v, a in zip(w, adm)]
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                         class_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Mean cross-entropy over voxels where ``mask`` is true (0 when none is).
+
+    With ``class_weights``, voxel ``v`` counts ``w[label(v)]`` times (normalised by the
+    total weight of the admitted voxels).
+    """
     ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
     m = mask.to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp_min(1.0)
+    if class_weights is not None:
+        m = m * torch.as_tensor(class_weights, dtype=ce.dtype, device=ce.device)[labels]
+    return (ce * m).sum() / m.sum().clamp_min(1e-12 if class_weights is not None else 1.0)
 
 
 def masked_soft_dice(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,6 +197,25 @@ class PseudoLabel(Method):
         self.labels: list[torch.Tensor] | None = None
         self.masks: list[torch.Tensor] | None = None
         self.admitted: list[float] = []
+        self.class_weights: list[float] | None = None
+        self.prior: list[float] | None = None
+        if pl.prior_matching:
+            self.prior = pl.prior
+            if self.prior is None:
+                from medseg.adaptation.source import LABEL_STATS, class_prior
+
+                stats = ctx.source.label_stats()
+                if stats is None:
+                    log.warning("pseudo_label: the source run has no %s; argmax pseudo-labels (set "
+                                "adapt.pseudo_label.prior for prior-matched ones)", LABEL_STATS)
+                else:
+                    labels = {str(n): int(v) for n, v in ctx.source.payload["dataset"]["labels"].items()}
+                    self.prior = class_prior(stats, labels, ctx.num_classes, LABEL_STATS)
+            if self.prior is not None and len(self.prior) != ctx.num_classes:
+                from medseg.errors import ConfigError
+
+                raise ConfigError(f"adapt.pseudo_label.prior: {len(self.prior)} ratios given, the source model has "
+                                  f"{ctx.num_classes} classes (incl. background)")
 
     def _make_labels(self) -> None:
         pl = self.ctx.cfg.adapt.pseudo_label
@@ -111,7 +223,30 @@ class PseudoLabel(Method):
         teacher.load_state_dict(self.teacher_state)
         probs = [probabilities_with(self.ctx.predictor, teacher, scan) for scan in self.ctx.scans]
         fraction = pl.curriculum[self.round] if pl.curriculum is not None else None
-        self.labels, self.masks = confidence_mask(probs, pl.threshold, fraction)
+        classes = list(range(1, probs[0].shape[0])) if pl.curriculum_classes == "foreground" else None
+        if self.prior is not None:
+            # the prior counts the scans' own voxels: rank without the padding, which is never admitted
+            from medseg.adaptation.sfda import _unpadded
+            from medseg.adaptation.target import pad_to
+
+            full = [tuple(p.shape[1:]) for p in probs]
+            probs = [_unpadded(p, scan) for p, scan in zip(probs, self.ctx.scans)]
+            labels, masks = prior_matched_labels(probs, self.prior, pl.threshold, fraction)
+        else:
+            labels, masks = confidence_mask(probs, pl.threshold, fraction, classes)
+        self.class_weights = None
+        if pl.class_share_weighting and fraction is not None and fraction < 1:
+            if self.prior is not None:
+                _, reference = prior_matched_labels(probs, self.prior, pl.threshold, None)
+            else:
+                _, reference = confidence_mask(probs, pl.threshold, None)
+            self.class_weights = class_share_weights(labels, masks, reference, probs[0].shape[0])
+            log.info("pseudo_label round %d: class weights %s", self.round + 1,
+                     ", ".join(f"{w:.3g}" for w in self.class_weights))
+        if self.prior is not None:
+            labels = [pad_to(l[None], f, 0)[0] for l, f in zip(labels, full)]
+            masks = [pad_to(m[None].to(torch.uint8), f, 0)[0].bool() for m, f in zip(masks, full)]
+        self.labels, self.masks = labels, masks
         kept = float(sum(int(m.sum()) for m in self.masks)) / sum(m.numel() for m in self.masks)
         fg = [float(((l > 0) & m).sum()) / max(float(m.sum()), 1.0) for l, m in zip(self.labels, self.masks)]
         log.info("pseudo_label round %d: %.1f%% of target voxels admitted (foreground %.2f%% of them)%s",
@@ -147,7 +282,7 @@ class PseudoLabel(Method):
         y = torch.stack(targets).to(self.ctx.device)
         m = torch.stack(masks).to(self.ctx.device)
         logits = model(x)
-        ce = masked_cross_entropy(logits, y, m)
+        ce = masked_cross_entropy(logits, y, m, self.class_weights)
         loss, terms = ce, {"ce": float(ce.detach())}
         if pl.dice_weight > 0:
             d = masked_soft_dice(logits, y, m)

@@ -17,6 +17,16 @@ and the term of ``k`` leaves the sum, so the prior never forces a structure into
 that does not show it (Bateson et al. likewise do not apply the size prior to images
 where the structure is predicted absent).
 
+Ratio scope: the prior is a statistic of whole images (Bateson et al. apply it per 2D
+image), but a step sees random patches, whose true ratio varies from 0 to several times
+the scan's. Holding every patch (or batch of patches) to ``tau`` forces foreground into
+patches without structure and removes it from patches full of it. With
+``ratio_scope="scan"`` (the default) ``tau_hat`` is the ratio of the patch's *whole scan*:
+the scan's ratio from a sliding-window pass of the model (refreshed every
+``sfda.refresh_interval`` steps), plus the change of the patch's own mean since that pass
+``tau_hat = tau_scan + mean_patch(p) - stopgrad(mean_patch(p_refresh))``. Its value is the
+whole-scan ratio and its gradient that of the patch ratio.
+
 Defaults follow the paper and the authors' released code: class weights 0.1 (background)
 and 0.9 (foreground) in the entropy, ``lambda = 1``, Adam with a small learning rate
 (5e-4 in their 2D experiments; ``adapt.lr``).
@@ -33,7 +43,10 @@ from typing import Sequence
 
 import torch
 
+import copy
+
 from medseg.adaptation.base import AdaptContext, Method
+from medseg.adaptation.target import crop, probabilities_with
 from medseg.errors import ConfigError
 
 _EPS = 1e-8
@@ -66,6 +79,12 @@ def class_ratio_kl(
         tau_hat = flat.reshape(k, -1).mean(dim=1, keepdim=True)  # (K, 1)
     else:
         tau_hat = flat.mean(dim=2)  # (K, B)
+    return ratio_kl(tau_hat, tau, absent_threshold)
+
+
+def ratio_kl(tau_hat: torch.Tensor, prior: Sequence[float] | torch.Tensor, absent_threshold: float = 0.0) -> torch.Tensor:
+    """Mean over columns of ``KL(tau_hat[:, j] || tau)`` for estimated ratios ``(K, J)``, structure-absent rule included."""
+    tau = torch.as_tensor(prior, dtype=tau_hat.dtype, device=tau_hat.device)
     present = tau_hat.detach() >= absent_threshold
     present[0] = True
     prior_b = tau[:, None].expand_as(tau_hat).clone()
@@ -104,9 +123,50 @@ class SFDA(Method):
             raise ConfigError(f"adapt.sfda.entropy_weights: {len(weights)} given, the model has {ctx.num_classes} classes")
         self.prior = list(prior)
         self.weights = list(weights)
+        self.refresh_state: dict | None = None  # weights of the last sliding-window pass (scan scope)
+        self.maps: list[torch.Tensor] | None = None
+
+    def before_step(self, model, iteration):
+        sc = self.ctx.cfg.adapt.sfda
+        if sc.ratio_scope != "scan":
+            return
+        if iteration % sc.refresh_interval == 0 or self.refresh_state is None:
+            self.refresh_state = copy.deepcopy(model.state_dict())
+            self.maps = None
+        if self.maps is None:  # a refresh, or resumed: recompute from the stored weights
+            net = self.ctx.build_model()
+            net.load_state_dict(self.refresh_state)
+            self.maps = [probabilities_with(self.ctx.predictor, net, scan) for scan in self.ctx.scans]
+            self.scan_ratio = [_unpadded(m, scan).reshape(m.shape[0], -1).mean(dim=1)
+                               for m, scan in zip(self.maps, self.ctx.scans)]
 
     def loss(self, model, iteration, source_batch):
         sc = self.ctx.cfg.adapt.sfda
-        x = self.ctx.views(self.ctx.batch_specs(iteration))
+        specs = self.ctx.batch_specs(iteration)
+        x = self.ctx.views(specs)
         probs = torch.softmax(model(x).float(), dim=1)
-        return sfda_loss(probs, self.prior, self.weights, sc.kl_weight, sc.absent_threshold, sc.ratio_scope)
+        if sc.ratio_scope != "scan":
+            return sfda_loss(probs, self.prior, self.weights, sc.kl_weight, sc.absent_threshold, sc.ratio_scope)
+        k = probs.shape[1]
+        patch_now = probs.transpose(0, 1).reshape(k, probs.shape[0], -1).mean(dim=2)  # (K, B); flips keep the mean
+        cols = []
+        for b, s in enumerate(specs):
+            before = crop(self.maps[s.case], s.start, self.ctx.patch).reshape(k, -1).mean(dim=1).to(probs)
+            cols.append(self.scan_ratio[s.case].to(probs) + patch_now[:, b] - before)
+        tau_hat = torch.stack(cols, dim=1).clamp(0.0, 1.0)
+        ent = weighted_entropy(probs, self.weights)
+        kl = ratio_kl(tau_hat, self.prior, sc.absent_threshold)
+        return ent + sc.kl_weight * kl, {"entropy": float(ent.detach()), "kl_prior": float(kl.detach())}
+
+    def state_dict(self):
+        return {"refresh": self.refresh_state}
+
+    def load_state_dict(self, state):
+        self.refresh_state = state.get("refresh")
+        self.maps = None
+
+
+def _unpadded(probs: torch.Tensor, scan) -> torch.Tensor:
+    """``(K, *spatial)`` restricted to the scan's own voxels (without the padding up to the patch size)."""
+    shape = tuple(scan.preprocessed["image"].shape[1:])
+    return probs[(slice(None),) + tuple(slice(0, n) for n in shape)]

@@ -38,6 +38,14 @@ def target_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shifted_target_dataset(tmp_path_factory) -> Path:
+    """The generator's standard shifted domain (SHIFTED_DOMAIN): the source model over-segments noise there."""
+    from medseg.data.synthetic import SHIFTED_DOMAIN
+
+    return make_target_dataset(tmp_path_factory.mktemp("adapt_tgt_shifted") / "dataset", params=SHIFTED_DOMAIN)
+
+
+@pytest.fixture(scope="session")
 def source_run(tmp_path_factory, source_dataset) -> Path:
     """A tiny UNet trained for 200 steps on the source domain (about 10 s); read-only."""
     return train_source(source_dataset, tmp_path_factory.mktemp("adapt_run") / "source")

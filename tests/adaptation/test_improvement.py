@@ -1,7 +1,9 @@
-"""The evidence test: on a strongly shifted target, pseudo_label and sfda raise target Dice clearly.
+"""The evidence test: on shifted targets, pseudo_label and sfda raise target Dice clearly.
 
-Seeded and small (6 target scans of about 26x26x40 voxels, a tiny UNet, 150 steps); the
-unadapted source model scores about 0.23 target Dice (it under-segments the dim vessels).
+Seeded and small (6 target scans of about 26x26x40 voxels, a tiny UNet, 150 steps). On the
+low-contrast target the unadapted source model scores about 0.23 target Dice (it
+under-segments the dim vessels); on the generator's shifted domain about 0.61 (it
+over-segments the noise), and the methods reach about 0.73.
 """
 
 from __future__ import annotations
@@ -30,3 +32,14 @@ def test_adaptation_raises_target_dice(method, source_run, target_dataset, tmp_p
     after = result["after"]["mean"]["vessel"]["dice"]
     assert before < 0.4, f"the shift is too weak for this test (unadapted Dice {before:.3f})"
     assert after > before + 0.1, f"{method}: target Dice {before:.3f} -> {after:.3f}"
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_adaptation_raises_target_dice_on_the_shifted_domain(method, source_run, shifted_target_dataset, tmp_path):
+    raw = adapt_raw(source_run, shifted_target_dataset, tmp_path / method, method, **SETTINGS[method])
+    raw["adapt"].update(log_interval=50, checkpoint_interval=150)
+    run = run_adaptation(validate_adapt_config(raw))
+    result = json.loads((run / "target_eval.json").read_text())
+    before = result["before"]["mean"]["vessel"]["dice"]
+    after = result["after"]["mean"]["vessel"]["dice"]
+    assert after > before + 0.05, f"{method}: shifted-domain target Dice {before:.3f} -> {after:.3f}"

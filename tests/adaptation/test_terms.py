@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from medseg.adaptation.mean_teacher import ema_decay, ema_update, sigmoid_rampup
-from medseg.adaptation.pseudo_label import confidence_mask, masked_cross_entropy, round_of, round_start
-from medseg.adaptation.sfda import class_ratio_kl, sfda_loss, weighted_entropy
+from medseg.adaptation.pseudo_label import (class_share_weights, confidence_mask, masked_cross_entropy,
+                                            prior_matched_labels, round_of, round_start)
+from medseg.adaptation.sfda import class_ratio_kl, ratio_kl, sfda_loss, weighted_entropy
 from medseg.adaptation.source import class_prior
 from medseg.errors import ConfigError
 
@@ -128,3 +129,50 @@ def test_ema_decay_and_sigmoid_rampup_schedules():
     assert sigmoid_rampup(5, 10) == pytest.approx(math.exp(-5 * 0.25))
     assert sigmoid_rampup(10, 10) == sigmoid_rampup(99, 10) == 1.0
     assert sigmoid_rampup(3, 0) == 1.0
+
+
+def test_curriculum_on_foreground_only_keeps_background_on_the_threshold():
+    fg_a = torch.tensor([0.95, 0.9, 0.01, 0.2])
+    fg_b = torch.tensor([0.7, 0.6, 0.45, 0.49])
+    probs = [torch.stack([1 - f, f]) for f in (fg_a, fg_b)]
+    _, masks = confidence_mask(probs, threshold=None, fraction=0.5, classes=[1])
+    # class 1 keeps its top half (0.95, 0.9); every background voxel stays
+    assert [m.tolist() for m in masks] == [[True, True, True, True], [False, False, True, True]]
+
+
+def test_prior_matched_labels_by_hand():
+    # 8 voxels over two scans, prior 25% foreground: the 2 highest p_fg become foreground, whatever the argmax
+    fg_a = torch.tensor([0.30, 0.20, 0.01, 0.05])
+    fg_b = torch.tensor([0.10, 0.02, 0.12, 0.03])
+    probs = [torch.stack([1 - f, f]) for f in (fg_a, fg_b)]
+    labels, masks = prior_matched_labels(probs, [0.75, 0.25], threshold=0.9)
+    assert [l.tolist() for l in labels] == [[1, 1, 0, 0], [0, 0, 0, 0]]
+    # background needs p_bg >= 0.9: 0.99, 0.95 | 0.9, 0.98, 0.97 (0.88 of the 0.12 voxel is ignored)
+    assert [m.tolist() for m in masks] == [[True, True, True, True], [True, True, False, True]]
+    # the curriculum on foreground keeps the top half of the prior-matched foreground
+    _, masks = prior_matched_labels(probs, [0.75, 0.25], threshold=None, fraction=0.5)
+    assert [m.tolist() for m in masks] == [[True, False, True, True], [True, True, True, True]]
+    # an over-confident argmax does not leak its size into the labels
+    over = [torch.stack([1 - f, f]) for f in (torch.tensor([0.99, 0.98, 0.97, 0.6]),)]
+    labels, _ = prior_matched_labels(over, [0.5, 0.5])
+    assert labels[0].tolist() == [1, 1, 0, 0]
+
+
+def test_class_share_weights_restore_the_reference_proportions():
+    labels = [torch.tensor([1, 1, 0, 0, 0, 0, 0, 0])]
+    reference = [torch.ones(8, dtype=torch.bool)]  # 25% foreground
+    admitted = [torch.tensor([True, False, True, True, True, True, True, True])]  # 1 of 7 admitted is foreground
+    w = class_share_weights(labels, admitted, reference, 2)
+    share = w[1] * 1 / (w[1] * 1 + w[0] * 6)
+    assert share == pytest.approx(0.25)
+    logits = torch.zeros(1, 2, 8)
+    ce = masked_cross_entropy(logits, labels[0][None], admitted[0][None], w)
+    assert float(ce) == pytest.approx(math.log(2))
+
+
+def test_ratio_kl_on_given_ratios():
+    tau_hat = torch.tensor([[0.9, 0.99995], [0.1, 0.00005]], dtype=torch.float64)  # two scans, the second without vessel
+    prior = [0.8, 0.2]
+    kl0 = 0.9 * math.log(0.9 / 0.8) + 0.1 * math.log(0.1 / 0.2)
+    kl1 = 0.99995 * math.log(0.99995 / 1.0)  # absent: the prior's foreground mass moved to background
+    assert float(ratio_kl(tau_hat, prior, absent_threshold=1e-4)) == pytest.approx((kl0 + kl1) / 2, rel=1e-6)
