@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 try:
@@ -20,7 +19,7 @@ try:
 except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg.data.dataset import check_dataset  # noqa: E402
+from medseg.data.prepare.verify import check_converted  # noqa: E402
 from medseg.data.prepare.msd import convert_msd_task  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 
@@ -43,11 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         convert_msd_task(
             args.task, args.out, overwrite=args.force, include_test=not args.no_test, progress=not args.quiet, log=log
         )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            check_dataset(args.out)
-        for w in caught:
-            log(f"warning: {w.message}")
+        check_converted(args.out, log)
     except MedsegError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code

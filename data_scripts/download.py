@@ -20,7 +20,6 @@ import argparse
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 try:
@@ -28,7 +27,7 @@ try:
 except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg.data.dataset import check_dataset  # noqa: E402
+from medseg.data.prepare.verify import check_converted  # noqa: E402
 from medseg.data.prepare.archive import extract_archive  # noqa: E402
 from medseg.data.prepare.download import PARTIAL_DIR, download_file  # noqa: E402
 from medseg.data.prepare.msd import convert_msd_task, find_msd_task  # noqa: E402
@@ -129,11 +128,7 @@ def run(args: argparse.Namespace) -> Path:
             _log(f"converting {task.name} -> {target.name}")
             # The extracted copy is thrown away: move unchanged files rather than copy them.
             convert_msd_task(task, target, overwrite=args.force, move=True, progress=progress, log=_log)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                info, cases = check_dataset(target, verify=args.verify)
-            for w in caught:
-                _log(f"warning: {w.message}")
+            info, cases = check_converted(target, _log, verify=args.verify)
             _log(f"{target}: {len(cases)} training case(s) readable, channels {info.channel_names}, labels {info.labels}")
     finally:
         shutil.rmtree(extract_dir, ignore_errors=True)
