@@ -28,6 +28,7 @@
 // vertex / top cell, the point at infinity being the eldest. Reported voxels follow
 // the reference too (Reporter below).
 #include "engine.hpp"
+#include "spanning.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -357,94 +358,29 @@ std::vector<key_t> sorted_keys(const std::vector<rank_t>& ranks, rank_t num_rank
 // Voxel reported for a cell: where its filtration value is read from.
 
 struct Reporter {
-    const Filtration& F;
+    // The rules (V: the corner holding the cell's value; T: the first voxel containing the
+    // cell with its value) live once, in par::CellReporter (spanning.hpp), which the
+    // parallel and CUDA backends run too: all backends report the same voxels.
+    par::CellReporter rep;
 
-    void point(std::int64_t l, std::int64_t out[3]) const { F.L.coords(l, out); }
+    explicit Reporter(const Filtration& F) : rep{view(F)} {}
 
     // Coordinates of the cell of dimension k with packed index cell.
-    void report(int k, std::uint64_t cell, std::int64_t out[3]) const {
-        if (F.construction == Construction::T) return report_T(k, cell, out);
-        const Lattice& L = F.L;
-        if (k == 0) return point(cell, out);
-        if (k == 1) {
-            const std::int64_t l = cell / 3;
-            const int t = cell % 3;
-            const rank_t r = F.e[cell];
-            point(F.v[l + L.stride[t]] == r ? l + L.stride[t] : l, out);
-            return;
-        }
-        if (k == 2) {  // the last of the 4 corners (reverse lexicographic) with the value
-            const std::int64_t l = cell / 3;
-            const int t = cell % 3;
-            int u, w;
-            other_axes(t, u, w);
-            const rank_t r = F.f[cell];
-            const std::int64_t cand[4] = {l + L.stride[u] + L.stride[w], l + L.stride[u],
-                                          l + L.stride[w], l};
-            for (std::int64_t q : cand)
-                if (F.v[q] == r) return point(q, out);
-            return point(l, out);
-        }
-        // k == 3: the first of the 8 corners (lexicographic) with the value
-        const std::int64_t l = cell;
-        const rank_t r = F.c[l];
-        for (int dx = 0; dx < 2; ++dx)
-            for (int dy = 0; dy < 2; ++dy)
-                for (int dz = 0; dz < 2; ++dz) {
-                    const std::int64_t q = l + dx * L.stride[0] + dy * L.stride[1] + dz * L.stride[2];
-                    if (F.v[q] == r) return point(q, out);
-                }
-        point(l, out);
-    }
+    void report(int k, std::uint64_t cell, std::int64_t out[3]) const { rep.report(k, cell, out); }
 
-    // T: the first voxel (lexicographic) containing the cell with the cell's value.
-    void report_T(int k, std::uint64_t cell, std::int64_t out[3]) const {
-        const Lattice& L = F.L;
-        const Lattice& P = F.pixels;
-        std::int64_t l;
-        bool extends[3] = {false, false, false};
-        rank_t r;
-        if (k == 0) {
-            l = cell;
-            r = F.v[l];
-        } else if (k == F.L.ndim) {
-            l = F.L.ndim == 3 ? cell : cell / 3;
-            r = F.top(l);
-            extends[0] = extends[1] = extends[2] = true;
-        } else if (k == 1) {
-            l = cell / 3;
-            extends[cell % 3] = true;
-            r = F.e[cell];
-        } else {  // square in 3D
-            l = cell / 3;
-            const int t = cell % 3;
-            extends[0] = extends[1] = extends[2] = true;
-            extends[t] = false;
-            r = F.f[cell];
-        }
-        std::int64_t b[3];
-        L.coords(l, b);
-        std::int64_t lo[3], hi[3];
-        for (int a = 0; a < 3; ++a) {
-            if (a >= L.ndim || extends[a]) {
-                lo[a] = hi[a] = b[a];
-            } else {
-                lo[a] = std::max<std::int64_t>(b[a] - 1, 0);
-                hi[a] = std::min<std::int64_t>(b[a], P.n[a] - 1);
-            }
-        }
-        for (std::int64_t x = lo[0]; x <= hi[0]; ++x)
-            for (std::int64_t y = lo[1]; y <= hi[1]; ++y)
-                for (std::int64_t z = lo[2]; z <= hi[2]; ++z)
-                    if (F.pix[P.lin(x, y, z)] == r) {
-                        out[0] = x;
-                        out[1] = y;
-                        out[2] = z;
-                        return;
-                    }
-        out[0] = lo[0];
-        out[1] = lo[1];
-        out[2] = lo[2];
+    // A read-only view of F's arrays in the layout the shared reporter reads.
+    static par::Cells view(const Filtration& F) {
+        auto ptr = [](const std::vector<rank_t>& a) { return a.empty() ? nullptr : const_cast<rank_t*>(a.data()); };
+        par::Cells X;
+        X.L = F.L;
+        X.T = F.construction == Construction::T;
+        X.P = X.T ? F.pixels : F.L;
+        X.v = ptr(F.v);
+        X.e = ptr(F.e);
+        X.f = ptr(F.f);
+        X.c = ptr(F.c);
+        X.pix = F.pix.empty() ? nullptr : F.pix.data();
+        return X;
     }
 };
 
