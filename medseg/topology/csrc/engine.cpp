@@ -29,14 +29,17 @@
 // the reference too (Reporter below).
 #include "engine.hpp"
 #include "spanning.hpp"
+#include "big_vector.hpp"
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -88,6 +91,80 @@ void run_tasks(std::vector<std::function<void()>>& tasks, int threads) {
         if (e) std::rethrow_exception(e);
 }
 
+// A small task graph: a task starts once the tasks it depends on have finished, and
+// of the ready tasks the one added first starts first (add long ones early). With the
+// phase timer on, the tasks run one by one in the order they were added (dependencies
+// always point to earlier tasks) and are timed one by one.
+class TaskGraph {
+  public:
+    int add(const char* name, std::function<void()> fn, std::initializer_list<int> deps = {}) {
+        const int id = static_cast<int>(tasks_.size());
+        tasks_.push_back({name, std::move(fn), 0, {}});
+        for (int dep : deps) {
+            if (dep < 0) continue;  // an optional task that was not added
+            if (dep >= id) throw std::logic_error("task graph: a dependency must be added first");
+            ++tasks_[id].waiting;
+            tasks_[dep].dependents.push_back(id);
+        }
+        return id;
+    }
+
+    void run(int threads, PhaseTimer& timer) {
+        if (timer.on || threads <= 1) {
+            for (Task& t : tasks_) {
+                t.fn();
+                timer.mark(t.name);
+            }
+            return;
+        }
+        std::mutex mutex;
+        std::condition_variable wake;
+        std::vector<int> ready;  // kept sorted, descending: the smallest id at the back
+        for (int i = static_cast<int>(tasks_.size()) - 1; i >= 0; --i)
+            if (tasks_[i].waiting == 0) ready.push_back(i);
+        std::size_t finished = 0;
+        std::exception_ptr error;
+        auto worker = [&]() {
+            std::unique_lock<std::mutex> lock(mutex);
+            for (;;) {
+                wake.wait(lock, [&] { return !ready.empty() || finished == tasks_.size() || error; });
+                if (ready.empty() || error) return;
+                const int id = ready.back();
+                ready.pop_back();
+                lock.unlock();
+                std::exception_ptr failed;
+                try {
+                    tasks_[id].fn();
+                } catch (...) {
+                    failed = std::current_exception();
+                }
+                lock.lock();
+                ++finished;
+                if (failed && !error) error = failed;
+                for (int next : tasks_[id].dependents)
+                    if (--tasks_[next].waiting == 0)
+                        ready.insert(std::upper_bound(ready.begin(), ready.end(), next, std::greater<int>()), next);
+                wake.notify_all();
+            }
+        };
+        const int n = std::min<int>(threads, static_cast<int>(tasks_.size()));
+        std::vector<std::thread> pool;
+        for (int i = 1; i < n; ++i) pool.emplace_back(worker);
+        worker();
+        for (auto& th : pool) th.join();
+        if (error) std::rethrow_exception(error);
+    }
+
+  private:
+    struct Task {
+        const char* name;
+        std::function<void()> fn;
+        int waiting;
+        std::vector<int> dependents;
+    };
+    std::vector<Task> tasks_;
+};
+
 // ---------------------------------------------------------------------------------
 // Radix sorts
 
@@ -95,9 +172,9 @@ constexpr int kDigitBits = 11;
 constexpr std::uint64_t kDigitMask = (1u << kDigitBits) - 1;
 
 // Stable LSD radix sort of 64-bit words by bits [lo, hi).
-void radix_sort_u64(std::vector<std::uint64_t>& a, int lo, int hi) {
+void radix_sort_u64(big_vector<std::uint64_t>& a, int lo, int hi) {
     if (a.size() < 2 || hi <= lo) return;
-    std::vector<std::uint64_t> tmp(a.size());
+    big_vector<std::uint64_t> tmp(a.size());
     std::vector<std::size_t> count(std::size_t(1) << kDigitBits);
     for (int shift = lo; shift < hi; shift += kDigitBits) {
         std::fill(count.begin(), count.end(), 0);
@@ -143,70 +220,101 @@ inline std::uint64_t order_bits(double v) {
     return u;
 }
 
-// Dense ranks of the values of all images together (equal values, equal ranks).
-// Returns the number of distinct values.
+// Dense ranks when the image holds at most kFewValues distinct values (masks, label
+// maps, quantised images): two streaming passes instead of a radix sort of 64-bit
+// (value, index) keys. Returns false, with `out` untouched, for more values.
+constexpr std::size_t kFewValues = 64;
+
 template <class T>
-rank_t dense_ranks(const std::vector<const T*>& images, std::int64_t n,
-                   std::vector<std::vector<rank_t>>& ranks, bool superlevel) {
-    const std::size_t total = images.size() * static_cast<std::size_t>(n);
-    ranks.assign(images.size(), std::vector<rank_t>(n));
-    if (total == 0) return 0;
+bool few_value_ranks(const T* x, std::int64_t n, big_vector<rank_t>& out, rank_t& num) {
+    std::uint64_t values[kFewValues];
+    std::size_t count = 0;
+    std::uint64_t last = 0;
+    bool have_last = false;
+    for (std::int64_t i = 0; i < n; ++i) {
+        const std::uint64_t v = order_bits(x[i]);
+        if (have_last && v == last) continue;
+        last = v;
+        have_last = true;
+        if (std::find(values, values + count, v) != values + count) continue;
+        if (count == kFewValues) return false;
+        values[count++] = v;
+    }
+    std::sort(values, values + count);
+    out.resize(n);
+    rank_t last_rank = 0;
+    have_last = false;
+    for (std::int64_t i = 0; i < n; ++i) {
+        const std::uint64_t v = order_bits(x[i]);
+        if (!have_last || v != last) {
+            last = v;
+            have_last = true;
+            last_rank = static_cast<rank_t>(std::lower_bound(values, values + count, v) - values);
+        }
+        out[i] = last_rank;
+    }
+    num = static_cast<rank_t>(count);
+    return true;
+}
+
+// Dense ranks of one image (equal values, equal ranks), sublevel order. Returns the
+// number of distinct values.
+template <class T>
+rank_t dense_ranks(const T* x, std::int64_t n, big_vector<rank_t>& out) {
+    if (n == 0) {
+        out.clear();
+        return 0;
+    }
+    rank_t num = 0;
+    if (few_value_ranks(x, n, out, num)) return num;
+    out.resize(n);
     std::uint64_t count = 0;
-    auto assign = [&](std::uint64_t index, bool new_value) {
-        if (new_value) ++count;
-        ranks[index / n][index % n] = static_cast<rank_t>(count - 1);
-    };
     if (sizeof(T) == 4) {
-        std::vector<std::uint64_t> keys(total);
-        for (std::size_t k = 0; k < images.size(); ++k)
-            for (std::int64_t i = 0; i < n; ++i)
-                keys[k * n + i] = (order_bits(images[k][i]) << 32) | (k * n + i);
+        big_vector<std::uint64_t> keys(n);
+        for (std::int64_t i = 0; i < n; ++i) keys[i] = (order_bits(x[i]) << 32) | static_cast<std::uint64_t>(i);
         radix_sort_u64(keys, 32, 64);
         std::uint64_t prev = ~0ull;
-        for (std::uint64_t x : keys) {
-            assign(x & 0xffffffffull, (x >> 32) != prev);
-            prev = x >> 32;
+        for (std::uint64_t k : keys) {
+            count += (k >> 32) != prev;
+            prev = k >> 32;
+            out[k & 0xffffffffull] = static_cast<rank_t>(count - 1);
         }
-    } else {
-        // Sort by the upper 32 bits of the 64-bit order key with the index packed in
-        // the lower half (3 radix passes over 8-byte words instead of 6 over 16-byte
-        // records), then order the rare runs that tie on the upper half by full key.
-        std::vector<std::uint64_t> keys(total);
-        std::vector<std::uint64_t> full(total);
-        for (std::size_t k = 0; k < images.size(); ++k)
-            for (std::int64_t i = 0; i < n; ++i) {
-                full[k * n + i] = order_bits(images[k][i]);
-                keys[k * n + i] = (full[k * n + i] & 0xffffffff00000000ull) | (k * n + i);
-            }
-        radix_sort_u64(keys, 32, 64);
-        for (std::size_t s = 0; s < total;) {
-            std::size_t e = s + 1;
-            while (e < total && (keys[e] >> 32) == (keys[s] >> 32)) ++e;
-            if (e - s > 1) {
-                const std::uint64_t f0 = full[keys[s] & 0xffffffffull];
-                bool same = true;
-                for (std::size_t q = s + 1; q < e && same; ++q) same = full[keys[q] & 0xffffffffull] == f0;
-                if (!same)
-                    std::sort(keys.begin() + s, keys.begin() + e, [&](std::uint64_t x, std::uint64_t y) {
-                        return full[x & 0xffffffffull] < full[y & 0xffffffffull];
-                    });
-            }
-            s = e;
-        }
-        bool first = true;
-        std::uint64_t prev = 0;
-        for (std::uint64_t x : keys) {
-            const std::uint64_t f = full[x & 0xffffffffull];
-            assign(x & 0xffffffffull, first || f != prev);
-            prev = f;
-            first = false;
-        }
+        return static_cast<rank_t>(count);
     }
-    const rank_t num = static_cast<rank_t>(count);
-    if (superlevel)
-        for (auto& r : ranks)
-            for (auto& x : r) x = num - 1 - x;
-    return num;
+    // Sort by the upper 32 bits of the 64-bit order key with the index packed in the
+    // lower half (3 radix passes over 8-byte words instead of 6 over 16-byte records),
+    // then order the rare runs that tie on the upper half by the full key.
+    big_vector<std::uint64_t> keys(n), full(n);
+    for (std::int64_t i = 0; i < n; ++i) {
+        full[i] = order_bits(x[i]);
+        keys[i] = (full[i] & 0xffffffff00000000ull) | static_cast<std::uint64_t>(i);
+    }
+    radix_sort_u64(keys, 32, 64);
+    const std::size_t total = static_cast<std::size_t>(n);
+    for (std::size_t s = 0; s < total;) {
+        std::size_t e = s + 1;
+        while (e < total && (keys[e] >> 32) == (keys[s] >> 32)) ++e;
+        if (e - s > 1) {
+            const std::uint64_t f0 = full[keys[s] & 0xffffffffull];
+            bool same = true;
+            for (std::size_t q = s + 1; q < e && same; ++q) same = full[keys[q] & 0xffffffffull] == f0;
+            if (!same)
+                std::sort(keys.begin() + s, keys.begin() + e, [&](std::uint64_t a, std::uint64_t b) {
+                    return full[a & 0xffffffffull] < full[b & 0xffffffffull];
+                });
+        }
+        s = e;
+    }
+    bool first = true;
+    std::uint64_t prev = 0;
+    for (std::uint64_t k : keys) {
+        const std::uint64_t f = full[k & 0xffffffffull];
+        count += first || f != prev;
+        prev = f;
+        first = false;
+        out[k & 0xffffffffull] = static_cast<rank_t>(count - 1);
+    }
+    return static_cast<rank_t>(count);
 }
 
 // ---------------------------------------------------------------------------------
@@ -216,14 +324,14 @@ struct Filtration {
     Lattice L;                 // lattice of points of the complex
     Construction construction = Construction::V;
     Lattice pixels;            // T only: lattice of voxels (top cells)
-    std::vector<rank_t> pix;   // T only: voxel ranks
-    std::vector<rank_t> v, e, f, c;
+    big_vector<rank_t> pix;   // T only: voxel ranks
+    big_vector<rank_t> v, e, f, c;
     rank_t num_ranks = 0;
 
     int dim() const { return L.ndim; }
     rank_t top(std::int64_t l) const { return L.ndim == 3 ? c[l] : f[3 * l + 2]; }
     // rank of a (d-1)-cell
-    const std::vector<rank_t>& sub() const { return L.ndim == 3 ? f : e; }
+    const big_vector<rank_t>& sub() const { return L.ndim == 3 ? f : e; }
     key_t vkey(std::uint32_t l) const { return make_key(v[l], l); }
 };
 
@@ -342,11 +450,26 @@ void build_T(Filtration& F) {
             }
 }
 
-// Sorted keys of all cells of one dimension that exist.
-std::vector<key_t> sorted_keys(const std::vector<rank_t>& ranks, rank_t num_ranks) {
+// Sorted keys of all cells of one dimension that exist. Few ranks (masks): a counting
+// sort straight into place (cells are visited in index order, so each rank's run is
+// ordered by index, as the key order wants); otherwise an LSD radix sort on the rank
+// bits of the keys.
+constexpr rank_t kCountingSortRanks = 1u << 12;
+
+big_vector<key_t> sorted_keys(const big_vector<rank_t>& ranks, rank_t num_ranks) {
+    if (num_ranks <= kCountingSortRanks) {
+        std::vector<std::size_t> start(num_ranks + 1, 0);
+        for (rank_t r : ranks)
+            if (r != kInfRank) ++start[r + 1];
+        for (rank_t r = 0; r < num_ranks; ++r) start[r + 1] += start[r];
+        big_vector<key_t> keys(start[num_ranks]);
+        for (std::size_t i = 0; i < ranks.size(); ++i)
+            if (ranks[i] != kInfRank) keys[start[ranks[i]]++] = make_key(ranks[i], i);
+        return keys;
+    }
     std::size_t count = 0;
     for (rank_t r : ranks) count += (r != kInfRank);
-    std::vector<key_t> keys;
+    big_vector<key_t> keys;
     keys.reserve(count);
     for (std::size_t i = 0; i < ranks.size(); ++i)
         if (ranks[i] != kInfRank) keys.push_back(make_key(ranks[i], i));
@@ -370,7 +493,7 @@ struct Reporter {
 
     // A read-only view of F's arrays in the layout the shared reporter reads.
     static par::Cells view(const Filtration& F) {
-        auto ptr = [](const std::vector<rank_t>& a) { return a.empty() ? nullptr : const_cast<rank_t*>(a.data()); };
+        auto ptr = [](const big_vector<rank_t>& a) { return a.empty() ? nullptr : const_cast<rank_t*>(a.data()); };
         par::Cells X;
         X.L = F.L;
         X.T = F.construction == Construction::T;
@@ -388,7 +511,7 @@ struct Reporter {
 // Union-find
 
 struct UnionFind {
-    std::vector<std::uint32_t> parent;
+    big_vector<std::uint32_t> parent;
     explicit UnionFind(std::size_t n) : parent(n) {
         std::iota(parent.begin(), parent.end(), 0u);
     }
@@ -406,7 +529,7 @@ struct UnionFind {
 
 struct TopDim {
     std::vector<CellPair> pairs;   // (d-1)-cell, top cell
-    std::vector<key_t> columns;    // (d-1)-cells that did not merge, ascending
+    big_vector<std::uint32_t> columns;  // (d-1)-cells that did not merge, in ascending key order
 };
 
 // (d-1)-cell with normal axis u joins the top cells at b - e_u and b.
@@ -418,12 +541,12 @@ inline int normal_axis(const Lattice& L, std::uint32_t cell) {
 // X: the complex; sub_sorted: its (d-1)-cells ascending. If comp is given, the comp
 // elder of every component is carried along (image persistence into comp) and
 // match_top[comp-younger top cell] receives the index of X's pair.
-void top_dimension(const Filtration& X, const std::vector<key_t>& sub_sorted, const Filtration* comp,
-                   std::vector<std::int32_t>* match_top, TopDim& out, bool keep_columns) {
+void top_dimension(const Filtration& X, const big_vector<key_t>& sub_sorted, const Filtration* comp,
+                   big_vector<std::int32_t>* match_top, TopDim& out, bool keep_columns) {
     const Lattice& L = X.L;
     const std::uint32_t inf = static_cast<std::uint32_t>(L.points);
     UnionFind uf(L.points + 1);
-    std::vector<std::uint32_t> label;
+    big_vector<std::uint32_t> label;
     if (comp) {
         label.resize(L.points + 1);
         std::iota(label.begin(), label.end(), 0u);
@@ -432,14 +555,14 @@ void top_dimension(const Filtration& X, const std::vector<key_t>& sub_sorted, co
     // Compact copies of the top-cell ranks (in 2D they are every third square rank),
     // with the point at infinity last and largest.
     auto compact_top = [&](const Filtration& F) {
-        std::vector<key_t> k(L.points + 1);
+        big_vector<key_t> k(L.points + 1);
         for (std::int64_t p = 0; p < L.points; ++p)
             k[p] = F.top(p) == kInfRank ? kNoKey : make_key(F.top(p), static_cast<std::uint64_t>(p));
         k[L.points] = kNoKey;
         return k;
     };
-    const std::vector<key_t> xtop = compact_top(X);
-    const std::vector<key_t> ctop = comp ? compact_top(*comp) : std::vector<key_t>();
+    const big_vector<key_t> xtop = compact_top(X);
+    const big_vector<key_t> ctop = comp ? compact_top(*comp) : big_vector<key_t>();
     auto xkey = [&](std::uint32_t p) { return xtop[p]; };
     auto ckey = [&](std::uint32_t p) { return ctop[p]; };
     const bool have_top = [&] {
@@ -452,7 +575,7 @@ void top_dimension(const Filtration& X, const std::vector<key_t>& sub_sorted, co
         const key_t key = *it;
         const std::uint32_t cell = key_cell(key);
         if (!have_top) {
-            if (keep_columns) out.columns.push_back(key);
+            if (keep_columns) out.columns.push_back(cell);
             continue;
         }
         // The top cell at b exists iff b_u + 1 < n_u, i.e. iff its rank is finite; the
@@ -465,7 +588,7 @@ void top_dimension(const Filtration& X, const std::vector<key_t>& sub_sorted, co
         const std::uint32_t p0 = (l >= s && xtop[l - s] != kNoKey) ? static_cast<std::uint32_t>(l - s) : inf;
         const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
         if (r0 == r1) {
-            if (keep_columns) out.columns.push_back(key);
+            if (keep_columns) out.columns.push_back(cell);
             continue;
         }
         const bool first_younger = xkey(r0) < xkey(r1);
@@ -535,29 +658,57 @@ class BitTree {
     }
 
   private:
-    std::vector<std::vector<std::uint64_t>> levels_;
+    std::vector<big_vector<std::uint64_t>> levels_;
 };
 
+// The row side of a dimension-1 reduction: the edges in the order of one filtration.
+// It depends on the row filtration only (square boundaries are geometric), so one
+// instance serves every reduction with the same rows (a's own and the image a -> C).
+struct RowOrder {
+    const big_vector<key_t>* rows = nullptr;  // the edges, ascending keys
+    big_vector<std::uint32_t> pos;            // edge -> its position in *rows
+    big_vector<std::uint32_t> raw_pivot;      // square -> largest position in its boundary
+};
+
+// Largest boundary position of every square, in one streaming pass in index order
+// (the column loop visits squares in filtration order, i.e. at random; this turns its
+// four scattered lookups per column into one, which is prefetched).
+RowOrder row_order(const Lattice& L, const big_vector<rank_t>& squares, const big_vector<key_t>& rows_sorted) {
+    RowOrder R;
+    R.rows = &rows_sorted;
+    R.pos.assign(3 * L.points, kNone);
+    for (std::size_t r = 0; r < rows_sorted.size(); ++r) R.pos[key_cell(rows_sorted[r])] = static_cast<std::uint32_t>(r);
+    R.raw_pivot.assign(3 * L.points, 0);
+    for (std::size_t c = 0; c < R.raw_pivot.size(); ++c) {
+        if (squares[c] == kInfRank) continue;  // no such square
+        std::uint32_t e[4];
+        square_boundary(L, static_cast<std::uint32_t>(c), e);
+        R.raw_pivot[c] = std::max(std::max(R.pos[e[0]], R.pos[e[1]]), std::max(R.pos[e[2]], R.pos[e[3]]));
+    }
+    return R;
+}
+
 // Reduces the columns (squares, in the given order) against the rows, the edges in the
-// order `rows_sorted` (ascending keys of the row filtration); clearing has already
-// removed every positive square, so all columns are expected to be non-zero.
+// order R.rows (ascending keys of the row filtration); clearing has already removed
+// every positive square, so all columns are expected to be non-zero.
 // pivot[i] = the pivot edge (packed cell) of column i, or kNone for a zero column.
 // Rows are handled by their position in rows_sorted, so a column is a set of 32-bit
 // positions and its pivot is the largest position.
 template <class Owner>
-void reduce_dim1_impl(const Lattice& L, const std::vector<rank_t>& squares, const std::vector<key_t>& rows_sorted,
-                      const std::vector<key_t>& columns, std::vector<std::uint32_t>& pivot) {
+void reduce_dim1_impl(const Lattice& L, const RowOrder& R, const big_vector<std::uint32_t>& columns,
+                      big_vector<std::uint32_t>& pivot) {
+    const big_vector<key_t>& rows_sorted = *R.rows;
+    const big_vector<std::uint32_t>& pos = R.pos;
+    const big_vector<std::uint32_t>& raw_pivot = R.raw_pivot;
     const std::size_t ncols = columns.size();
     const std::size_t nrows = rows_sorted.size();
     pivot.assign(ncols, kNone);
-    std::vector<std::uint32_t> pos(3 * L.points, kNone);
-    for (std::size_t r = 0; r < nrows; ++r) pos[key_cell(rows_sorted[r])] = static_cast<std::uint32_t>(r);
     // What owns a row position (as a pivot), in one word so that the pivot lookup
     // also fetches the column to add: kFree, kRaw | square (the column is its boundary,
     // recomputed), or the offset of a stored reduced column in `arena` (length first).
     constexpr Owner kFree = ~Owner(0), kRaw = Owner(1) << (8 * sizeof(Owner) - 1);
     std::vector<Owner> owner(nrows, kFree);
-    std::vector<std::uint32_t> arena;
+    big_vector<std::uint32_t> arena;
     BitTree work(nrows);
     std::size_t st_reduced = 0, st_additions = 0;
     auto boundary = [&](std::uint32_t cell, std::uint32_t out[4]) {
@@ -565,20 +716,10 @@ void reduce_dim1_impl(const Lattice& L, const std::vector<rank_t>& squares, cons
         square_boundary(L, cell, edges);
         for (int q = 0; q < 4; ++q) out[q] = pos[edges[q]];
     };
-    // Largest boundary position of every square, in one streaming pass in index order
-    // (the column loop below visits squares in filtration order, i.e. at random; this
-    // turns its four scattered lookups into one, which is prefetched).
-    std::vector<std::uint32_t> raw_pivot(3 * L.points, 0);
-    for (std::size_t c = 0; c < raw_pivot.size(); ++c) {
-        if (squares[c] == kInfRank) continue;  // no such square
-        std::uint32_t b[4];
-        boundary(static_cast<std::uint32_t>(c), b);
-        raw_pivot[c] = std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
-    }
     // The working column is a descending vector while it is short (adding a column is
     // a merge with Z/2 cancellation, in L1); a long one moves to the bit tree.
     constexpr std::size_t kShort = 1024;
-    std::vector<std::uint32_t> wv, tmp;
+    big_vector<std::uint32_t> wv, tmp;
     auto sort4_desc = [](std::uint32_t v[4]) {
         auto cs = [&](int a, int b) {
             if (v[a] < v[b]) std::swap(v[a], v[b]);
@@ -599,9 +740,9 @@ void reduce_dim1_impl(const Lattice& L, const std::vector<rank_t>& squares, cons
     };
     constexpr std::size_t kAhead = 16;
     for (std::size_t i = 0; i < ncols; ++i) {
-        if (i + 2 * kAhead < ncols) __builtin_prefetch(&raw_pivot[key_cell(columns[i + 2 * kAhead])]);
-        if (i + kAhead < ncols) __builtin_prefetch(&owner[raw_pivot[key_cell(columns[i + kAhead])]]);
-        const std::uint32_t cell = key_cell(columns[i]);
+        if (i + 2 * kAhead < ncols) __builtin_prefetch(&raw_pivot[columns[i + 2 * kAhead]]);
+        if (i + kAhead < ncols) __builtin_prefetch(&owner[raw_pivot[columns[i + kAhead]]]);
+        const std::uint32_t cell = columns[i];
         std::uint32_t p = raw_pivot[cell];
         if (owner[p] == kFree) {  // apparent pivot: the column is reduced as it is
             owner[p] = kRaw | cell;
@@ -667,15 +808,15 @@ void reduce_dim1_impl(const Lattice& L, const std::vector<rank_t>& squares, cons
 }
 
 // 32-bit owner words (half the cache footprint) whenever the cells fit in 31 bits.
-void reduce_dim1(const Lattice& L, const std::vector<rank_t>& squares, const std::vector<key_t>& rows_sorted,
-                 const std::vector<key_t>& columns, std::vector<std::uint32_t>& pivot) {
+void reduce_dim1(const Lattice& L, const RowOrder& R, const big_vector<std::uint32_t>& columns,
+                 big_vector<std::uint32_t>& pivot) {
     if (3 * L.points < (std::int64_t(1) << 31)) {
         try {
-            return reduce_dim1_impl<std::uint32_t>(L, squares, rows_sorted, columns, pivot);
+            return reduce_dim1_impl<std::uint32_t>(L, R, columns, pivot);
         } catch (const std::length_error&) {  // more than 2^31 stored entries: retry wide
         }
     }
-    reduce_dim1_impl<std::uint64_t>(L, squares, rows_sorted, columns, pivot);
+    reduce_dim1_impl<std::uint64_t>(L, R, columns, pivot);
 }
 
 // ---------------------------------------------------------------------------------
@@ -683,10 +824,10 @@ void reduce_dim1(const Lattice& L, const std::vector<rank_t>& squares, const std
 
 struct Dim0 {
     std::vector<CellPair> pairs;               // birth vertex, death edge
-    std::vector<std::int32_t> pair_of_birth;   // vertex -> index in pairs, or -1
+    big_vector<std::int32_t> pair_of_birth;   // vertex -> index in pairs, or -1
 };
 
-void dimension0(const Filtration& X, const std::vector<key_t>& edges, Dim0& out) {
+void dimension0(const Filtration& X, const big_vector<key_t>& edges, Dim0& out) {
     const Lattice& L = X.L;
     UnionFind uf(L.points);
     out.pair_of_birth.assign(L.points, -1);
@@ -709,11 +850,11 @@ void dimension0(const Filtration& X, const std::vector<key_t>& edges, Dim0& out)
 // have the same partition as the comparison's at every step). For every non-trivial
 // comparison pair, the X0- and X1-younger vertices are returned.
 void dimension0_image(const Filtration& C, const Filtration& X0, const Filtration& X1,
-                      const std::vector<key_t>& edges,
+                      const big_vector<key_t>& edges,
                       std::vector<std::pair<std::uint32_t, std::uint32_t>>& image_births) {
     const Lattice& L = C.L;
     UnionFind uf(L.points);
-    std::vector<std::uint32_t> lab0(L.points), lab1(L.points);
+    big_vector<std::uint32_t> lab0(L.points), lab1(L.points);
     std::iota(lab0.begin(), lab0.end(), 0u);
     std::iota(lab1.begin(), lab1.end(), 0u);
     for (key_t key : edges) {
@@ -740,13 +881,13 @@ void dimension0_image(const Filtration& C, const Filtration& X0, const Filtratio
 
 struct Complex {
     Filtration F;
-    std::vector<key_t> edges;    // sorted
-    std::vector<key_t> subs;     // sorted (d-1)-cells (3D only; in 2D these are the edges)
+    big_vector<key_t> edges;    // sorted
+    big_vector<key_t> subs;     // sorted (d-1)-cells (3D only; in 2D these are the edges)
     TopDim top;
-    std::vector<std::uint32_t> pivot1;  // 3D: pivot edge of each column of top.columns
+    big_vector<std::uint32_t> pivot1;  // 3D: pivot edge of each column of top.columns
     std::vector<CellPair> pairs1;       // 3D: (edge, square)
-    std::vector<std::int32_t> pair1_of_birth;  // 3D: edge -> index in pairs1
-    std::vector<std::uint32_t> pair1_column;   // 3D: column index of each pair
+    std::vector<std::pair<std::uint32_t, std::int32_t>> pair1_by_birth;  // 3D: (edge, index in pairs1), by edge
+    big_vector<std::uint32_t> pair1_column;   // 3D: column index of each pair
     Dim0 dim0;
 };
 
@@ -761,7 +902,7 @@ Lattice image_lattice(const ImageView& im) {
     return Lattice(3, im.shape[0], im.shape[1], im.shape[2]);
 }
 
-void make_filtration(Filtration& F, const Lattice& pixels, std::vector<rank_t>&& ranks,
+void make_filtration(Filtration& F, const Lattice& pixels, big_vector<rank_t>&& ranks,
                      rank_t num_ranks, Construction construction) {
     F.construction = construction;
     F.num_ranks = num_ranks;
@@ -784,21 +925,30 @@ void sort_cells(Complex& X) {
     if (X.F.dim() == 3) X.subs = sorted_keys(X.F.f, X.F.num_ranks);
 }
 
-const std::vector<key_t>& sub_cells(const Complex& X) { return X.F.dim() == 3 ? X.subs : X.edges; }
+const big_vector<key_t>& sub_cells(const Complex& X) { return X.F.dim() == 3 ? X.subs : X.edges; }
 
-void own_dim1(Complex& X) {
-    reduce_dim1(X.F.L, X.F.f, X.edges, X.top.columns, X.pivot1);
-    X.pair1_of_birth.assign(3 * X.F.L.points, -1);
+// X's own dimension-1 pairs; R = row_order of X's edges.
+void own_dim1(Complex& X, const RowOrder& R) {
+    reduce_dim1(X.F.L, R, X.top.columns, X.pivot1);
     for (std::size_t i = 0; i < X.top.columns.size(); ++i) {
-        const std::uint32_t p = X.pivot1[i];
+        const std::uint32_t p = X.pivot1[i], square = X.top.columns[i];
         if (p == kNone) continue;
-        if (X.F.e[p] != key_rank(X.top.columns[i])) {
-            X.pair1_of_birth[p] = static_cast<std::int32_t>(X.pairs1.size());
-            X.pairs1.push_back({p, key_cell(X.top.columns[i])});
+        if (X.F.e[p] != X.F.f[square]) {
+            X.pair1_by_birth.emplace_back(p, static_cast<std::int32_t>(X.pairs1.size()));
+            X.pairs1.push_back({p, square});
             X.pair1_column.push_back(static_cast<std::uint32_t>(i));
         }
     }
-    std::vector<std::uint32_t>().swap(X.pivot1);
+    std::sort(X.pair1_by_birth.begin(), X.pair1_by_birth.end());
+    big_vector<std::uint32_t>().swap(X.pivot1);
+}
+
+// Index in X.pairs1 of the pair born at `edge`, or -1 (a sorted list rather than a
+// per-edge array: dimension-1 pairs are few next to the 3 * points edges).
+std::int32_t pair1_of_birth(const Complex& X, std::uint32_t edge) {
+    auto it = std::lower_bound(X.pair1_by_birth.begin(), X.pair1_by_birth.end(),
+                               std::make_pair(edge, std::int32_t(-1)));
+    return it != X.pair1_by_birth.end() && it->first == edge ? it->second : -1;
 }
 
 // Top cells are numbered by their base point; in 2D they are squares with normal z.
@@ -813,15 +963,13 @@ void append(VoxelPairs& vp, const Reporter& rep, int ndim, int kb, std::uint64_t
     vp.death.insert(vp.death.end(), c, c + ndim);
 }
 
-// Dense ranks of one image (float32 stays float32).
-rank_t rank_image(const ImageView& im, std::int64_t n, bool superlevel, std::vector<rank_t>& out) {
-    std::vector<std::vector<rank_t>> ranks;
-    rank_t num;
-    if (im.dtype == DType::Float32)
-        num = dense_ranks<float>({static_cast<const float*>(im.data)}, n, ranks, superlevel);
-    else
-        num = dense_ranks<double>({static_cast<const double*>(im.data)}, n, ranks, superlevel);
-    out = std::move(ranks[0]);
+// Dense ranks of one image (float32 stays float32); superlevel filtrations reverse
+// them, so everything downstream is sublevel.
+rank_t rank_image(const ImageView& im, std::int64_t n, bool superlevel, big_vector<rank_t>& out) {
+    const rank_t num = im.dtype == DType::Float32 ? dense_ranks(static_cast<const float*>(im.data), n, out)
+                                                  : dense_ranks(static_cast<const double*>(im.data), n, out);
+    if (superlevel)
+        for (auto& r : out) r = num - 1 - r;
     return num;
 }
 
@@ -837,7 +985,7 @@ void union_values(const T* a, const T* b, std::int64_t n, bool take_max, std::ve
 // Ranks of the comparison image: the union of the two filtrations (the elementwise
 // value that enters first) or their intersection (the one that enters last).
 rank_t rank_comparison(const ImageView& a, const ImageView& b, std::int64_t n, bool superlevel,
-                       bool intersection, std::vector<rank_t>& out) {
+                       bool intersection, big_vector<rank_t>& out) {
     if (a.dtype != b.dtype) throw std::invalid_argument("both images must have the same dtype");
     const bool take_max = superlevel != intersection;
     ImageView c = a;
@@ -855,14 +1003,17 @@ rank_t rank_comparison(const ImageView& a, const ImageView& b, std::int64_t n, b
 
 // Everything about one image that does not depend on the other image of a matching:
 // its filtration, sorted cells and its own barcode.
-void prepare_complex(Complex& X, const Lattice& P, const ImageView& im, const Options& opt) {
-    std::vector<rank_t> r;
+// keep_subs: keep the sorted (d-1)-cells (a prepared target needs them in every
+// matching); otherwise they are freed once the top dimension is done.
+void prepare_complex(Complex& X, const Lattice& P, const ImageView& im, const Options& opt, bool keep_subs) {
+    big_vector<rank_t> r;
     const rank_t num = rank_image(im, P.points, opt.superlevel, r);
     make_filtration(X.F, P, std::move(r), num, opt.construction);
     sort_cells(X);
     const int d = X.F.dim();
     top_dimension(X.F, sub_cells(X), nullptr, nullptr, X.top, d == 3);
-    if (d == 3) own_dim1(X);
+    if (d == 3 && !keep_subs) big_vector<key_t>().swap(X.subs);
+    if (d == 3) own_dim1(X, row_order(X.F.L, X.F.f, X.edges));
     dimension0(X.F, X.edges, X.dim0);
 }
 
@@ -870,13 +1021,13 @@ void prepare_complex(Complex& X, const Lattice& P, const ImageView& im, const Op
 // the union case swap: X's own order is walked (codomain) carrying H's elders
 // (domain). For every non-trivial pair of X, in the order of X.dim0.pairs, the index of
 // the H pair born at the H-younger vertex (or -1).
-std::vector<std::int32_t> dimension0_into(const Filtration& X, const std::vector<key_t>& edges,
+big_vector<std::int32_t> dimension0_into(const Filtration& X, const big_vector<key_t>& edges,
                                           const Filtration& H, const Dim0& h0) {
     const Lattice& L = X.L;
     UnionFind uf(L.points);
-    std::vector<std::uint32_t> lab(L.points);
+    big_vector<std::uint32_t> lab(L.points);
     std::iota(lab.begin(), lab.end(), 0u);
-    std::vector<std::int32_t> out;
+    big_vector<std::int32_t> out;
     for (key_t key : edges) {
         const std::uint32_t cell = key_cell(key);
         const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
@@ -895,19 +1046,20 @@ std::vector<std::int32_t> dimension0_into(const Filtration& X, const std::vector
 
 // Pairs of X matched to pairs of H through the image of H -> X (intersection), per
 // dimension: out[k][i] = index of the H pair matched with X's i-th pair, or -1.
-std::vector<std::vector<std::int32_t>> into_comparison(const Complex& X, const Complex& H) {
+// RH = row_order of H's edges.
+std::vector<big_vector<std::int32_t>> into_comparison(const Complex& X, const Complex& H, const RowOrder* RH) {
     const int d = X.F.dim();
-    std::vector<std::vector<std::int32_t>> out(d);
+    std::vector<big_vector<std::int32_t>> out(d);
     out[0] = dimension0_into(X.F, X.edges, H.F, H.dim0);
     if (d == 3) {
-        std::vector<std::uint32_t> pivot;
-        reduce_dim1(X.F.L, X.F.f, H.edges, X.top.columns, pivot);
+        big_vector<std::uint32_t> pivot;
+        reduce_dim1(X.F.L, *RH, X.top.columns, pivot);
         for (std::size_t q = 0; q < X.pairs1.size(); ++q) {
             const std::uint32_t e = pivot[X.pair1_column[q]];
-            out[1].push_back(e == kNone ? -1 : H.pair1_of_birth[e]);
+            out[1].push_back(e == kNone ? -1 : pair1_of_birth(H, e));
         }
     }
-    std::vector<std::int32_t> match_top;
+    big_vector<std::int32_t> match_top;
     TopDim unused;
     top_dimension(H.F, sub_cells(H), &X.F, &match_top, unused, false);
     for (const CellPair& p : X.top.pairs) out[d - 1].push_back(match_top[p.death_cell]);
@@ -966,7 +1118,7 @@ std::shared_ptr<const PreparedImage> prepare_image(const ImageView& image, const
     const Lattice P = image_lattice(image);
     check_size(P);
     auto prep = std::make_shared<PreparedImage>();
-    prepare_complex(prep->X, P, image, opt);
+    prepare_complex(prep->X, P, image, opt, true);
     prep->options = opt;
     prep->ndim = image.ndim;
     for (int a = 0; a < 3; ++a) prep->shape[a] = image.shape[a];
@@ -977,7 +1129,7 @@ std::size_t prepared_bytes(const PreparedImage& p) {
     const Complex& X = p.X;
     auto sz = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
     return sz(X.F.v) + sz(X.F.e) + sz(X.F.f) + sz(X.F.c) + sz(X.F.pix) + sz(X.edges) + sz(X.subs) +
-           sz(X.top.pairs) + sz(X.pairs1) + sz(X.pair1_of_birth) + sz(X.pair1_column) + sz(X.dim0.pairs) +
+           sz(X.top.pairs) + sz(X.pairs1) + sz(X.pair1_by_birth) + sz(X.pair1_column) + sz(X.dim0.pairs) +
            sz(X.dim0.pair_of_birth) + sizeof(PreparedImage);
 }
 
@@ -987,7 +1139,7 @@ BarcodeResult compute_barcode(const ImageView& image, const Options& opt) {
     const Lattice P = image_lattice(image);
     check_size(P);
     Complex X;
-    prepare_complex(X, P, image, opt);
+    prepare_complex(X, P, image, opt, false);
     const int d = X.F.dim();
 
     BarcodeResult res;
@@ -1022,36 +1174,50 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
     const int threads = std::max(1, opt.threads);
     Complex X0, C, X1_local;
     const Complex& X1 = prepared_b ? prepared_b->X : X1_local;
+    // Filtration and sorted cells of one image (ranks_of fills the dense ranks).
+    auto filtration = [&](Complex& X, const std::function<rank_t(big_vector<rank_t>&)>& ranks_of) {
+        big_vector<rank_t> r;
+        const rank_t num = ranks_of(r);
+        make_filtration(X.F, P, std::move(r), num, opt.construction);
+        sort_cells(X);
+    };
+    auto own_ranks = [&](const ImageView& im) {
+        return [&](big_vector<rank_t>& r) { return rank_image(im, P.points, opt.superlevel, r); };
+    };
+    auto comparison_ranks = [&](big_vector<rank_t>& r) {
+        return rank_comparison(a, b, P.points, opt.superlevel, opt.intersection, r);
+    };
     std::vector<std::vector<std::pair<std::int32_t, std::int32_t>>> matches;
     if (opt.intersection) {
         // Every image has its own barcode; a and b are matched when they are matched
-        // with the same pair of the intersection.
+        // with the same pair of the intersection H.
         Complex H;
+        RowOrder RH;
         std::vector<std::function<void()>> tasks = {
             [&] {
-                std::vector<rank_t> r;
-                const rank_t num = rank_comparison(a, b, P.points, opt.superlevel, true, r);
-                make_filtration(H.F, P, std::move(r), num, opt.construction);
-                sort_cells(H);
+                filtration(H, comparison_ranks);
                 top_dimension(H.F, sub_cells(H), nullptr, nullptr, H.top, H.F.dim() == 3);
-                if (H.F.dim() == 3) own_dim1(H);
+                if (H.F.dim() == 3) {
+                    RH = row_order(H.F.L, H.F.f, H.edges);
+                    own_dim1(H, RH);
+                }
                 dimension0(H.F, H.edges, H.dim0);
             },
-            [&] { prepare_complex(X0, P, a, opt); },
+            [&] { prepare_complex(X0, P, a, opt, false); },
         };
-        if (!prepared_b) tasks.push_back([&] { prepare_complex(X1_local, P, b, opt); });
+        if (!prepared_b) tasks.push_back([&] { prepare_complex(X1_local, P, b, opt, false); });
         run_tasks(tasks, threads);
-        std::vector<std::vector<std::int32_t>> to_h0, to_h1;
+        std::vector<big_vector<std::int32_t>> to_h0, to_h1;
         std::vector<std::function<void()>> more = {
-            [&] { to_h0 = into_comparison(X0, H); },
-            [&] { to_h1 = into_comparison(X1, H); },
+            [&] { to_h0 = into_comparison(X0, H, &RH); },
+            [&] { to_h1 = into_comparison(X1, H, &RH); },
         };
         run_tasks(more, threads);
         const int d = X0.F.dim();
         matches.resize(d);
         for (int k = 0; k < d; ++k) {
             const std::size_t nh = k == 0 ? H.dim0.pairs.size() : k == d - 1 ? H.top.pairs.size() : H.pairs1.size();
-            std::vector<std::int32_t> b_of_h(nh, -1);
+            big_vector<std::int32_t> b_of_h(nh, -1);
             for (std::size_t j = 0; j < to_h1[k].size(); ++j)
                 if (to_h1[k][j] >= 0) b_of_h[to_h1[k][j]] = static_cast<std::int32_t>(j);
             for (std::size_t i = 0; i < to_h0[k].size(); ++i)
@@ -1060,64 +1226,56 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
         }
         return assemble(X0, X1, matches, opt);
     }
-    {
-        std::vector<std::function<void()>> tasks;
-        // The target's own barcode is independent of the prediction (and cacheable).
-        if (!prepared_b) tasks.push_back([&] { prepare_complex(X1_local, P, b, opt); });
-        std::vector<std::function<void()>> more = {
-            [&] {
-                std::vector<rank_t> r;
-                const rank_t num = rank_image(a, P.points, opt.superlevel, r);
-                make_filtration(X0.F, P, std::move(r), num, opt.construction);
-                sort_cells(X0);
-            },
-            [&] {
-                std::vector<rank_t> r;
-                const rank_t num = rank_comparison(a, b, P.points, opt.superlevel, false, r);
-                make_filtration(C.F, P, std::move(r), num, opt.construction);
-                sort_cells(C);
-            },
-        };
-        tasks.insert(tasks.end(), more.begin(), more.end());
-        run_tasks(tasks, threads);
-    }
-    timer.mark("ranks + cells + sort");
-    const int d = X0.F.dim();
-    std::vector<std::int32_t> match_top0, match_top1;
-    TopDim top1;  // the target's pairs again, now with the comparison's labels
-    {
-        std::vector<std::function<void()>> tasks = {
-            [&] { top_dimension(X0.F, sub_cells(X0), &C.F, &match_top0, X0.top, d == 3); },
-            [&] { top_dimension(X1.F, sub_cells(X1), &C.F, &match_top1, top1, false); },
-            [&] { top_dimension(C.F, sub_cells(C), nullptr, nullptr, C.top, d == 3); },
-        };
-        run_tasks(tasks, threads);
-    }
-    timer.mark("top dimension");
-    std::vector<std::uint32_t> image_pivot0, image_pivot1;
+    // Union comparison C, as a task graph. The target's own barcode (filtration, top
+    // pairs, dimension 1 and 0) is independent of the prediction and is skipped when it
+    // is prepared (cached). The top-dimension passes over a and b carry C's labels
+    // (image persistence into C) and give a's (and a fresh b's) own pairs and columns.
+    // The (d-1)-cells serve the top dimension only and are freed right after it.
+    const int d = P.ndim;
+    const bool fresh_b = !prepared_b;
+    auto free_subs = [d](Complex& X) {
+        if (d == 3) big_vector<key_t>().swap(X.subs);
+    };
+    big_vector<std::int32_t> match_top0, match_top1;
+    TopDim top1_again;  // a prepared b's top pairs once more, now with C's labels
+    RowOrder R0, R1, RC;  // rows of the dimension-1 reductions: a's serve a's own and a -> C
+    big_vector<std::uint32_t> image_pivot0, image_pivot1;
     std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0;
-    {
-        std::vector<std::function<void()>> tasks;
-        if (d == 3) {  // longest first: the image reductions
-            tasks.push_back([&] { reduce_dim1(C.F.L, C.F.f, X0.edges, C.top.columns, image_pivot0); });
-            tasks.push_back([&] { reduce_dim1(C.F.L, C.F.f, X1.edges, C.top.columns, image_pivot1); });
-            tasks.push_back([&] { own_dim1(X0); });
-            tasks.push_back([&] { own_dim1(C); });
-        }
-        tasks.push_back([&] { dimension0(X0.F, X0.edges, X0.dim0); });
-        tasks.push_back([&] { dimension0_image(C.F, X0.F, X1.F, C.edges, image_births0); });
-        if (timer.on) {  // time the tasks one by one
-            const char* names[] = {"dim1 image a", "dim1 image b", "dim1 a", "dim1 comparison", "dim0 a",
-                                   "dim0 comparison+images"};
-            const std::size_t skip = d == 3 ? 0 : 4;
-            for (std::size_t q = 0; q < tasks.size(); ++q) {
-                tasks[q]();
-                timer.mark(names[q + skip]);
-            }
+    TaskGraph g;
+    const int fc = g.add("filtration comparison", [&] { filtration(C, comparison_ranks); });
+    const int fa = g.add("filtration a", [&] { filtration(X0, own_ranks(a)); });
+    const int fb = fresh_b ? g.add("filtration b", [&] { filtration(X1_local, own_ranks(b)); }) : -1;
+    const int tc = g.add("top comparison", [&] {
+        top_dimension(C.F, sub_cells(C), nullptr, nullptr, C.top, d == 3);
+        free_subs(C);
+    }, {fc});
+    const int ta = g.add("top a (into comparison)", [&] {
+        top_dimension(X0.F, sub_cells(X0), &C.F, &match_top0, X0.top, d == 3);
+        free_subs(X0);
+    }, {fc, fa});
+    const int tb = g.add("top b (into comparison)", [&] {
+        if (prepared_b) {
+            top_dimension(X1.F, sub_cells(X1), &C.F, &match_top1, top1_again, false);
         } else {
-            run_tasks(tasks, threads);
+            top_dimension(X1_local.F, sub_cells(X1_local), &C.F, &match_top1, X1_local.top, d == 3);
+            free_subs(X1_local);
         }
+    }, {fc, fb});
+    if (d == 3) {
+        const int ra = g.add("rows a", [&] { R0 = row_order(X0.F.L, X0.F.f, X0.edges); }, {fa});
+        const int rb = g.add("rows b", [&] { R1 = row_order(X1.F.L, X1.F.f, X1.edges); }, {fb});
+        const int rc = g.add("rows comparison", [&] { RC = row_order(C.F.L, C.F.f, C.edges); }, {fc});
+        g.add("dim1 image a", [&] { reduce_dim1(C.F.L, R0, C.top.columns, image_pivot0); }, {tc, ra});
+        g.add("dim1 image b", [&] { reduce_dim1(C.F.L, R1, C.top.columns, image_pivot1); }, {tc, rb});
+        g.add("dim1 a", [&] { own_dim1(X0, R0); }, {ta, ra});
+        g.add("dim1 comparison", [&] { own_dim1(C, RC); }, {tc, rc});
+        if (fresh_b) g.add("dim1 b", [&] { own_dim1(X1_local, R1); }, {tb, rb});
     }
+    g.add("dim0 a", [&] { dimension0(X0.F, X0.edges, X0.dim0); }, {fa});
+    if (fresh_b) g.add("dim0 b", [&] { dimension0(X1_local.F, X1_local.edges, X1_local.dim0); }, {fb});
+    g.add("dim0 comparison+images", [&] { dimension0_image(C.F, X0.F, X1.F, C.edges, image_births0); },
+          {fc, fa, fb});
+    g.run(threads, timer);
 
     // Matchings per dimension: (index in X0's pairs, index in X1's pairs).
     matches.resize(d);
@@ -1130,7 +1288,7 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
             const std::uint32_t col = C.pair1_column[q];
             const std::uint32_t e0 = image_pivot0[col], e1 = image_pivot1[col];
             if (e0 == kNone || e1 == kNone) continue;
-            const std::int32_t i0 = X0.pair1_of_birth[e0], i1 = X1.pair1_of_birth[e1];
+            const std::int32_t i0 = pair1_of_birth(X0, e0), i1 = pair1_of_birth(X1, e1);
             if (i0 >= 0 && i1 >= 0) matches[1].emplace_back(i0, i1);
         }
     }
