@@ -103,7 +103,8 @@ class ModelConfig(_Strict):
     ``dynunet`` (``DynUNet``): kernels 3 and strides planned from the patch size as
     nnU-Net does (:func:`medseg.models.dynunet_plan`: stride 1 first, then halve every
     axis while it stays >= 8), upsample_kernel_size = strides[1:], norm_name instance,
-    deep_supervision false (true is not supported by the trainer).
+    deep_supervision false (true: the loss is taken on every head, nnU-Net's weights,
+    see :mod:`medseg.losses.deep_supervision`; inference uses the final output).
     ``unetr`` (``UNETR``): img_size = the patch size (each axis a multiple of 16),
     feature_size 16, MONAI's hidden_size 768 / mlp_dim 3072 / num_heads 12.
     ``swinunetr`` (``SwinUNETR``): feature_size 24 (a multiple of 12); each patch axis a

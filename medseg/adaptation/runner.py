@@ -276,7 +276,12 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
     source_patch = list(source.config.data.patch_size)
 
     def build(model_json: dict[str, Any]) -> torch.nn.Module:
-        return build_model(ModelConfig.model_validate(model_json), dims, in_channels, num_classes, source_patch)
+        m = build_model(ModelConfig.model_validate(model_json), dims, in_channels, num_classes, source_patch)
+        # Adaptation trains on the final output only: a DynUNet trained with deep
+        # supervision keeps its heads (same state dict) but returns one output.
+        if getattr(m, "deep_supervision", False):
+            m.deep_supervision = False
+        return m
 
     model_json = source.payload["config"]["model"]
     student = build(model_json)

@@ -17,6 +17,9 @@ name                      loss
 ``betti_matching``        ``medseg.losses.betti_matching.BettiMatchingLoss`` (loaded on request)
 ========================  ==========================================================
 
+A network with deep supervision (DynUNet ``deep_supervision: true``) is trained with
+:func:`~medseg.losses.deep_supervision.deep_supervision_loss` over its heads.
+
 Example::
 
     >>> import torch
@@ -25,6 +28,7 @@ Example::
     >>> value = loss(torch.randn(2, 1, 32, 32), torch.randint(0, 2, (2, 1, 32, 32)))
 """
 
+from medseg.losses.deep_supervision import deep_supervision_loss
 from medseg.losses.registry import (
     LOSS_NAMES,
     CompositeLoss,
@@ -33,4 +37,4 @@ from medseg.losses.registry import (
     required_target_transforms,
 )
 
-__all__ = ["LOSS_NAMES", "CompositeLoss", "build_loss", "get_loss", "required_target_transforms"]
+__all__ = ["LOSS_NAMES", "CompositeLoss", "build_loss", "deep_supervision_loss", "get_loss", "required_target_transforms"]

@@ -137,8 +137,6 @@ def _check_params(name: str, params: dict[str, Any]) -> None:
                 f"model.params.strides: {len(params['strides'])} values given, UNet needs len(channels) - 1 = "
                 f"{len(params['channels']) - 1}"
             )
-    if name == "dynunet" and params.get("deep_supervision"):
-        raise ConfigError("model.params.deep_supervision: not supported by the medseg trainer; set it to false")
 
 
 def build_model(

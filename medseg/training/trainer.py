@@ -56,7 +56,8 @@ from medseg import distributed
 from medseg.config import RunConfig, dump_config
 from medseg.data.dataset import label_statistics
 from medseg.errors import CheckpointError, ConfigError, MedsegError
-from medseg.losses import build_loss
+from medseg.losses import build_loss, deep_supervision_loss
+from medseg.losses.deep_supervision import is_deep_supervision_output
 from medseg.models import build_model
 from medseg.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -405,7 +406,10 @@ def _train_step(parts: _Parts, batch: dict[str, Any]) -> tuple[torch.Tensor, dic
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=parts.device.type, enabled=parts.amp):
         logits = model(batch["image"])
-        loss, terms = parts.loss_fn(logits, batch["label"], batch=batch)
+        if is_deep_supervision_output(logits, batch["image"]):  # DynUNet deep_supervision: true
+            loss, terms = deep_supervision_loss(parts.loss_fn, logits, batch["label"], batch=batch)
+        else:
+            loss, terms = parts.loss_fn(logits, batch["label"], batch=batch)
     shown = loss
     if distributed.is_distributed():
         # every rank sees the mean, so all of them stop together on a diverged loss

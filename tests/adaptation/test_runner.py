@@ -202,3 +202,17 @@ def test_semi_supervised_mixing_with_labelled_source_patches(method, source_run,
     assert "loss/source" in header
     rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[2:]]
     assert float(rows[0][header.index("loss/source")]) > 0
+
+
+@pytest.mark.parametrize("method", ["pseudo_label", "sfda"])
+def test_source_trained_with_deep_supervision_adapts_on_its_final_output(method, source_dataset, target_dataset, tmp_path):
+    from adapt_helpers import train_source
+
+    dynunet = {"name": "dynunet", "params": {"filters": [4, 8, 16], "deep_supervision": True}}
+    source = train_source(source_dataset, tmp_path / "ds_source", iterations=4, model=dynunet)
+    run = _run(adapt_raw(source, target_dataset, tmp_path / "adapted", method, iterations=3))
+    adapted = load_checkpoint(run / "checkpoints" / "latest.pt")["model"]
+    # the heads stay in the state dict (predict rebuilds the same network) ...
+    assert any("deep_supervision_heads" in key for key in adapted)
+    assert adapted.keys() == load_checkpoint(source / "checkpoints" / "latest.pt")["model"].keys()
+    assert Predictor.from_path(run, "cpu").num_classes == 2

@@ -67,7 +67,6 @@ def test_dynunet_plan_follows_patch_size():
         ("unet", {"in_channels": 3}, "model.params.in_channels"),
         ("unet", {"channels": [4, 8, 16], "strides": [2]}, "model.params.strides"),
         ("unet", {"channels": [4, 8], "num_res_units": "two"}, "model.params"),
-        ("dynunet", {"deep_supervision": True}, "model.params.deep_supervision"),
         ("unetr", {"hidden_size": 30, "num_heads": 4}, "model.params.(hidden_size|num_heads)"),
         ("unetr", {"img_size": [96, 96, 96]}, "model.params.img_size"),
         ("swinunetr", {"feature_size": 13}, "model.params.feature_size"),

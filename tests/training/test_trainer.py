@@ -275,3 +275,22 @@ def test_topology_losses_train_from_the_config(synthetic_dataset_3d, tmp_path):
     assert all(v == v and v >= 0 for v in values)  # finite, non-negative
     assert any(v > 0 for v in values)  # an untrained net's topology differs from the label's
     assert all(float(row["loss/cldice"]) > 0 for row in logged)
+
+
+def test_dynunet_with_deep_supervision_trains_validates_and_predicts(synthetic_dataset_3d, tmp_path):
+    raw = _raw(synthetic_dataset_3d, tmp_path / "run", iterations=4, patch=(32, 32, 32), val_interval=4)
+    raw["model"] = {"name": "dynunet", "params": {"filters": [4, 8, 16, 32], "deep_supervision": True}}
+    run = run_training(validate_config(raw))
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")["model"]
+    assert any("deep_supervision_heads" in key for key in state)
+    rows = _rows(run)
+    losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
+    assert losses and all(v == v for v in losses)
+    assert any(r.get("val_dice_mean") not in (None, "") for r in rows)  # validation ran on the final output
+    out = tmp_path / "pred"
+    images = synthetic_dataset_3d / "imagesTs"
+    if not images.is_dir():
+        images = synthetic_dataset_3d / "imagesTr"
+    code = cli_main(["predict", "--model", str(run), "--input", str(images), "--output", str(out), "--device", "cpu"])
+    assert code == 0
+    assert sorted(out.glob("*.nii.gz"))

@@ -35,8 +35,17 @@ namespace medseg {
 
 namespace detail {
 
-// Blocks are rounded up to this, so that similar requests share cached blocks.
+// Arrays from this size on are recycled.
 constexpr std::size_t kBlockUnit = std::size_t(1) << 21;
+
+// Blocks are rounded up to a size class (steps of 1/8 of a power of two, at least
+// kBlockUnit: at most 12.5% slack), so that the slightly larger arrays of the next
+// image (another shape, the T construction's extra layer) still fit cached blocks.
+inline std::size_t block_size(std::size_t bytes) {
+    std::size_t step = kBlockUnit;
+    while (step * 16 <= bytes) step *= 2;
+    return (bytes + step - 1) / step * step;
+}
 
 inline std::size_t cache_limit_bytes() {
     if (const char* mb = std::getenv("MEDSEG_TOPOLOGY_CACHE_MB")) return std::strtoull(mb, nullptr, 10) << 20;
@@ -71,7 +80,7 @@ class BlockCache {
         return b.ptr;
     }
     void* fresh(std::size_t bytes) {
-        const std::size_t rounded = (bytes + kBlockUnit - 1) & ~(kBlockUnit - 1);
+        const std::size_t rounded = block_size(bytes);
         void* p = std::malloc(rounded);
         if (!p) {
             release();

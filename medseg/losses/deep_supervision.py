@@ -1,0 +1,52 @@
+"""Deep supervision: the loss on every output head of a network, weighted by resolution.
+
+MONAI's DynUNet with ``deep_supervision: true`` returns, in training mode, a tensor of
+shape (B, 1 + H, C, *spatial): the final output first, then the H deep-supervision heads
+(from ever coarser decoder levels) interpolated to the final size. The loss is
+
+    L = sum_i w_i * loss(out[:, i], y),   w_i = 2^-i / sum_j 2^-j,
+
+as in nnU-Net (Isensee et al., Nature Methods 2021), here with full-resolution targets
+(MONAI upsamples the heads rather than downsampling the targets), so that every loss
+term, topology losses and their per-sample targets included, applies unchanged. In
+evaluation mode the network returns only the final output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """``w_i = 2^-i`` normalised to sum 1, for ``i = 0 .. num_outputs - 1``."""
+    raw = [0.5**i for i in range(num_outputs)]
+    return [w / sum(raw) for w in raw]
+
+
+def is_deep_supervision_output(output: torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether ``output`` is DynUNet's stacked (B, 1 + H, C, *spatial) training output for ``image``."""
+    return output.dim() == image.dim() + 1
+
+
+def deep_supervision_loss(
+    loss_fn: torch.nn.Module,
+    outputs: torch.Tensor,
+    target: torch.Tensor,
+    batch: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of ``loss_fn`` (a :class:`~medseg.losses.CompositeLoss`) over the heads.
+
+    ``outputs`` (B, 1 + H, C, *spatial); returns the total and each term's weighted sum
+    over the heads (what the run logs as that term).
+    """
+    total = torch.zeros((), device=outputs.device)
+    terms: dict[str, torch.Tensor] = {}
+    for i, weight in enumerate(deep_supervision_weights(outputs.shape[1])):
+        loss, parts = loss_fn(outputs[:, i], target, batch=batch)
+        total = total + weight * loss
+        for name, value in parts.items():
+            terms[name] = terms.get(name, 0.0) + weight * value
+    return total, terms
