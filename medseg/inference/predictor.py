@@ -32,6 +32,13 @@ from medseg.errors import CheckpointError, DataError, MedsegError
 __all__ = ["Predictor", "resolve_device"]
 
 
+def _class_maps(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """(B, C, *spatial) network outputs -> per-class maps in [0, 1] (see Predictor.probabilities)."""
+    if activation == "tanh":
+        return (1.0 + torch.tanh(logits)) / 2.0
+    return torch.softmax(logits, dim=1)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
     name = str(device).lower()
@@ -99,6 +106,10 @@ class Predictor:
         self.spatial_dims = self.config.spatial_dims
         self.num_classes = self.info.num_classes
         try:
+            from medseg.losses.registry import output_activation
+
+            # a model trained by regression (SAUNA only) emits tanh maps, not softmax logits
+            self.output_activation = output_activation(self.config.losses, self.num_classes)
             self.transforms = build_transforms(self.config, self.info, checkpoint["preprocessing"], mode="infer")
             self.model = build_model(
                 self.config.model, self.spatial_dims, self.info.num_channels, self.num_classes,
@@ -141,7 +152,12 @@ class Predictor:
         sw_batch_size: int | None = None,
         tta: bool | None = None,
     ) -> torch.Tensor:
-        """Softmax ``(classes, *spatial)`` on the preprocessed grid, on the CPU, float32."""
+        """Class maps ``(classes, *spatial)`` on the preprocessed grid, on the CPU, float32.
+
+        Softmax probabilities, or for a model trained by regression only (SAUNA) the
+        per-class soft maps ``(1 + tanh(output)) / 2`` in [0, 1] (0.5 on the regressed
+        mask's boundary; they need not sum to 1). The label is their argmax either way.
+        """
         from monai.inferers import sliding_window_inference
 
         inference = self.config.inference
@@ -164,7 +180,7 @@ class Predictor:
                     overlap=overlap,
                     mode=inference.mode,
                 )
-            prob = torch.softmax(logits.float(), dim=1)
+            prob = _class_maps(logits.float(), self.output_activation)
             prob = torch.flip(prob, axes) if axes else prob
             total = prob if total is None else total + prob
         return (total / len(flips))[0].cpu()

@@ -65,6 +65,22 @@ def _loss_class(name: str, where: str) -> type:
         raise ConfigError(f"{where} ({name}): this loss could not be loaded: {err}") from None
 
 
+def _activation(term_classes: Iterable[type], out_channels: int) -> str:
+    if all(getattr(cls, "output_activation", None) == "tanh" for cls in term_classes):
+        return "tanh"
+    return "sigmoid" if out_channels == 1 else "softmax"
+
+
+def output_activation(terms: Iterable[LossTerm], out_channels: int) -> str:
+    """How a model trained with the loss ``terms`` maps its output to per-class maps.
+
+    'tanh' when every term is a regression of signed targets (SAUNA), else 'sigmoid'
+    (one channel) or 'softmax'. The mask is ``output > 0`` for one channel and the
+    argmax over channels for more, whatever the activation.
+    """
+    return _activation([_loss_class(t.name, "losses") for t in terms], out_channels)
+
+
 def _parameters(cls: type) -> tuple[list[str], bool]:
     """Constructor parameter names, and whether it takes ``**kwargs``."""
     sig = inspect.signature(cls.__init__)
@@ -148,12 +164,8 @@ class CompositeLoss(nn.Module):
 
     @property
     def output_activation(self) -> str:
-        """How the model's output becomes a map: 'tanh' if every term is a regression, else
-        'sigmoid' (1 channel) or 'softmax'. In all cases the mask is ``output > 0`` for one
-        channel and the argmax for more."""
-        if all(getattr(t, "output_activation", None) == "tanh" for t in self.terms):
-            return "tanh"
-        return "sigmoid" if self.out_channels == 1 else "softmax"
+        """See :func:`output_activation`."""
+        return _activation([type(t) for t in self.terms], self.out_channels)
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None = None

@@ -48,7 +48,8 @@ class SaunaLoss(nn.Module):
     """Regression of the signed soft SAUNA target with focal-L1 and the hypercube soft Jaccard.
 
     The model's output is read as ``p = tanh(input)`` in [-1, 1]; its mask is ``p > 0``
-    (equivalently ``input > 0``; the tanh map is the saved "probability"). The target ``g``
+    (equivalently ``input > 0``; ``medseg predict`` saves ``(1 + p) / 2`` as the class map
+    of a model trained with this loss alone). The target ``g``
     is :func:`medseg.data.topology_targets.sauna_target` of the label: ``+1`` on
     centrelines, soft near the boundary of thick structures, ``-1`` far outside, with
     ``sign(g) == mask``. Per sample and channel:

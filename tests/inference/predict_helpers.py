@@ -14,7 +14,8 @@ from medseg.models.factory import build_model
 from medseg.training.checkpoint import save_checkpoint
 
 
-def make_run(root: Path, patch=(16, 16, 16), target_spacing=(1.5, 1.5, 1.5), channels=("MR",), labels=None, seed=0):
+def make_run(root: Path, patch=(16, 16, 16), target_spacing=(1.5, 1.5, 1.5), channels=("MR",), labels=None, seed=0,
+             losses=None):
     """Write ``root/checkpoints/best.pt`` for a 2-level UNet (random weights, seeded)."""
     import torch
 
@@ -27,6 +28,7 @@ def make_run(root: Path, patch=(16, 16, 16), target_spacing=(1.5, 1.5, 1.5), cha
             "train": {"iterations": 1},
             "inference": {"sw_batch_size": 2},
             "output_dir": str(root),
+            **({"losses": losses} if losses else {}),
         }
     )
     net = build_model(cfg.model, len(patch), len(channels), max(labels.values()) + 1, list(patch))

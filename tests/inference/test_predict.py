@@ -190,3 +190,26 @@ def test_scan_of_the_wrong_dimension_is_a_case_error(tmp_path, scans, capsys):
     err = capsys.readouterr().err
     assert "case_a_0000.nii.gz: 3D image, but the model was trained on 2D patches" in err
     assert "Traceback" not in err
+
+
+def test_sauna_only_model_saves_tanh_class_maps(tmp_path, scans):
+    """A model trained by SAUNA regression alone emits tanh maps: saved as (1 + tanh) / 2."""
+
+    class Regression(torch.nn.Module):  # two one-vs-rest regression channels
+        def forward(self, x):
+            return torch.cat([0.5 - x[:, :1], x[:, :1]], dim=1) * 2
+
+    run = make_run(tmp_path / "sauna_run", losses=[{"name": "sauna", "weight": 1.0}])
+    predictor = Predictor.from_path(run, device="cpu")
+    predictor.model = Regression()
+    assert predictor.output_activation == "tanh"
+    assert Predictor.from_path(make_run(tmp_path / "ce_run"), device="cpu").output_activation == "softmax"
+    case = _load(scans / "case_a_0000.nii.gz")
+    pre = predictor.preprocess(case)
+    maps = predictor.probabilities(pre["image"], tta=False)
+    logits = Regression()(pre["image"].as_tensor().unsqueeze(0).float())[0]
+    assert torch.allclose(maps, (1 + torch.tanh(logits)) / 2, atol=1e-5)
+    assert not torch.allclose(maps, torch.softmax(logits, dim=0), atol=1e-2)
+    seg, prob = predictor.predict_case(case, tta=False)
+    assert np.array_equal(prob.argmax(0), seg)
+    assert prob.min() >= 0 and prob.max() <= 1
