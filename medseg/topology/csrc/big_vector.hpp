@@ -28,6 +28,7 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <unistd.h>
 #endif
 
@@ -38,7 +39,7 @@ namespace detail {
 // Arrays from this size on are recycled.
 constexpr std::size_t kBlockUnit = std::size_t(1) << 21;
 
-// Blocks are rounded up to a size class (steps of 1/8 of a power of two, at least
+// Blocks are rounded up to a size class (steps of 1/16 to 1/8 of the size, at least
 // kBlockUnit: at most 12.5% slack), so that the slightly larger arrays of the next
 // image (another shape, the T construction's extra layer) still fit cached blocks.
 inline std::size_t block_size(std::size_t bytes) {
@@ -61,7 +62,15 @@ inline std::size_t cache_limit_bytes() {
 class BlockCache {
   public:
     static BlockCache& instance() {
-        static BlockCache* cache = new BlockCache();  // never destroyed: usable at exit
+        static BlockCache* cache = [] {
+            auto* c = new BlockCache();  // never destroyed: usable at exit
+#if defined(__linux__)
+            // A fork (a DataLoader worker) while another thread holds the lock would leave
+            // the child's copy locked forever: the child starts with a fresh one.
+            pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+#endif
+            return c;
+        }();
         return *cache;
     }
     void* take(std::size_t bytes) {
