@@ -1,16 +1,20 @@
 """Benchmark of the CUDA backend against the CPU engine (and the reference, if importable).
 
-Barcodes of realistic predictions at 64^3, 96^3, 128^3 and a batch of 8 at 96^3, on
-backend="cuda" and backend="cpu", checked identical; Betti matching of the same pairs
-on the CPU engine against Betti-Matching-3D (the matching has no device path yet, see
-medseg/topology/csrc/CUDA.md). Needs numpy (scipy only to build the data if present).
+Realistic prediction/target pairs at 64^3, 96^3, 128^3 and a batch of 8 at 96^3:
+barcodes and Betti matchings on backend="cuda" (numpy in, and CUDA tensors in when
+torch has CUDA) and on the sequential CPU engine, checked identical (every coordinate,
+in order), and the matching of Betti-Matching-3D (the reference) when importable.
+Needs numpy (scipy only to build the data if present).
 
-Usage: python benchmarks/gpu_bench.py [--repeat 3] [--sizes 64 96 128] [--batch 8]
+Usage: python benchmarks/gpu_bench.py [--repeat 2] [--sizes 64 96 128] [--batch 8]
+Dry run without a GPU (the same code paths on CPU threads, small sizes):
+       python benchmarks/gpu_bench.py --backend cpu-parallel --sizes 32 --batch 2 --repeat 1
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's medseg
 
 import medseg.topology as topo  # noqa: E402
 from medseg.topology import _inputs  # noqa: E402
@@ -67,21 +72,43 @@ def same(a, b) -> bool:
     )
 
 
+MATCH_FIELDS = [
+    f"{s}_{side}_{end}_coordinates"
+    for s in ("matched", "unmatched")
+    for side in ("prediction", "target")
+    for end in ("birth", "death")
+]
+
+
+def same_matching(a, b) -> bool:
+    if not (np.array_equal(a.num_unmatched_prediction, b.num_unmatched_prediction)
+            and np.array_equal(a.num_unmatched_target, b.num_unmatched_target)):
+        return False
+    return all(np.array_equal(x, y) for f in MATCH_FIELDS for x, y in zip(getattr(a, f), getattr(b, f)))
+
+
+def fmt(t: float) -> str:
+    return f"{t:8.3f}s" if t == t else f"{'-':>9}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sizes", type=int, nargs="*", default=[64, 96, 128])
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--backend", default="cuda", help=argparse.SUPPRESS)  # cpu-parallel: dry run without GPU
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU engine threads")
+    ap.add_argument("--backend", default="cuda", help="cpu-parallel: dry run without a GPU")
     args = ap.parse_args()
     if args.backend == "cuda" and not _inputs.cuda_available():
         sys.exit("no CUDA backend or device: nothing to benchmark")
-    try:
-        import torch
+    torch, dev = None, False
+    if args.backend == "cuda":
+        try:
+            import torch
 
-        dev = torch.cuda.is_available()
-    except ImportError:
-        torch, dev = None, False
+            dev = torch.cuda.is_available()
+        except ImportError:
+            torch = None
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "topology"))
     try:
         from _bm_reference import load_reference
@@ -90,46 +117,71 @@ def main() -> None:
     except Exception:  # pytest missing or reference not installed
         ref = None
 
-    rows = []
-    topo.barcode(np.zeros((8, 8, 8)), backend=args.backend)  # warm-up (context, CUB)
+    bar_rows, match_rows = [], []
+    topo.barcode(np.zeros((8, 8, 8)), backend=args.backend)  # warm-up (context, CUB, memory pool)
+    topo.betti_matching(np.zeros((8, 8, 8)), np.ones((8, 8, 8)), backend=args.backend)
     for n in args.sizes:
         pred, target = realistic_pair(n)
-        x = pred.astype(np.float32)
-        t_cpu, b_cpu = best(lambda: topo.barcode(x, backend="cpu"), args.repeat)
+        x, y = pred.astype(np.float32), target.astype(np.float32)
+        # barcodes
+        t_cpu, b_cpu = best(lambda: topo.barcode(x, backend="cpu"), 1)
         t_gpu, b_gpu = best(lambda: topo.barcode(x, backend=args.backend), args.repeat)
+        assert same(b_gpu, b_cpu), f"{args.backend} barcode differs from the CPU engine at {n}^3"
         t_dev = float("nan")
         if dev:
             xt = torch.from_numpy(x).cuda()
-            t_dev, b_dev = best(lambda: topo.barcode(xt, backend=args.backend), args.repeat)
+            t_dev, b_dev = best(lambda: topo.barcode(xt), args.repeat)
             assert same(b_dev, b_cpu), "CUDA tensor barcode differs from the CPU engine"
-        assert same(b_gpu, b_cpu), f"CUDA barcode differs from the CPU engine at {n}^3"
-        t_m, _ = best(lambda: topo.betti_matching(pred, target, threads=2), 1)
+        bar_rows.append((f"realistic {n}^3", t_gpu, t_dev, t_cpu, b_cpu.num_pairs.tolist()))
+        # matchings
+        t_mc, m_cpu = best(lambda: topo.betti_matching(x, y, backend="cpu", threads=args.threads), 1)
+        t_mg, m_gpu = best(lambda: topo.betti_matching(x, y, backend=args.backend, threads=args.threads), args.repeat)
+        assert same_matching(m_gpu, m_cpu), f"{args.backend} matching differs from the CPU engine at {n}^3"
+        t_md = float("nan")
+        if dev:
+            xt, yt = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+            t_md, m_dev = best(lambda: topo.betti_matching(xt, yt, threads=args.threads), args.repeat)
+            assert same_matching(m_dev, m_cpu), "CUDA tensor matching differs from the CPU engine"
         t_ref = float("nan")
         if ref is not None:
             t_ref, _ = best(lambda: ref.compute_matching(1.0 - pred, 1.0 - target), 1)
-        rows.append((f"realistic {n}^3", t_gpu, t_dev, t_cpu, t_m, t_ref, b_cpu.num_pairs.tolist()))
+        match_rows.append((f"realistic {n}^3", t_mg, t_md, t_mc, t_ref, m_cpu.num_matched.tolist()))
 
     n = 96
     pairs = [realistic_pair(n, seed) for seed in range(args.batch)]
     xs = [p.astype(np.float32) for p, _ in pairs]
-    t_cpu, bc = best(lambda: topo.barcode_batch(xs, backend="cpu", threads=2), 1)
+    ys = [t.astype(np.float32) for _, t in pairs]
+    t_cpu, bc = best(lambda: topo.barcode_batch(xs, backend="cpu", threads=args.threads), 1)
     t_gpu, bg = best(lambda: topo.barcode_batch(xs, backend=args.backend), args.repeat)
     assert all(same(a, b) for a, b in zip(bc, bg)), "batch barcodes differ"
-    t_m, _ = best(lambda: topo.betti_matching_batch([p for p, _ in pairs], [t for _, t in pairs], threads=2), 1)
+    bar_rows.append((f"batch {args.batch} x {n}^3", t_gpu, float("nan"), t_cpu, ""))
+    t_mc, mc = best(lambda: topo.betti_matching_batch(xs, ys, backend="cpu", threads=args.threads), 1)
+    t_mg, mg = best(lambda: topo.betti_matching_batch(xs, ys, backend=args.backend), args.repeat)
+    assert all(same_matching(a, b) for a, b in zip(mc, mg)), "batch matchings differ"
+    t_md = float("nan")
+    if dev:
+        bx = torch.from_numpy(np.stack(xs)[:, None]).cuda()
+        by = torch.from_numpy(np.stack(ys)[:, None]).cuda()
+        t_md, md = best(lambda: topo.betti_matching_batch(bx, by), args.repeat)
+        assert all(same_matching(a[0], b) for a, b in zip(md, mc)), "batch matchings (tensors) differ"
     t_ref = float("nan")
     if ref is not None:
         t_ref, _ = best(lambda: [ref.compute_matching(1.0 - p, 1.0 - t) for p, t in pairs], 1)
-    rows.append((f"batch {args.batch} x {n}^3", t_gpu, float("nan"), t_cpu, t_m, t_ref, ""))
+    match_rows.append((f"batch {args.batch} x {n}^3", t_mg, t_md, t_mc, t_ref, ""))
 
+    gpu = args.backend
     print()
-    print("barcodes: CUDA backend vs CPU engine (identical pairs checked); matching: CPU engine vs reference")
-    hdr = f"{'case':<20} {'cuda (numpy in)':>15} {'cuda (tensor)':>13} {'cpu engine':>11} {'cpu/cuda':>9} "
-    hdr += f"{'matching cpu':>13} {'reference':>10}  pairs"
-    print(hdr)
-    for name, tg, td, tc, tm, tr, pairs_ in rows:
-        print(
-            f"{name:<20} {tg:>14.3f}s {td:>12.3f}{"s" if td == td else " "} {tc:>10.3f}s {tc / tg:>8.1f}x {tm:>12.3f}s {tr:>9.3f}{"s" if tr == tr else " "}  {pairs_}"
-        )
+    print(f"barcodes: {gpu} vs CPU engine (identical pairs checked)")
+    print(f"{'case':<20} {gpu + ' (numpy)':>16} {gpu + ' (tensor)':>16} {'cpu engine':>11} {'cpu/' + gpu:>10}  pairs")
+    for name, tg, td, tc, np_ in bar_rows:
+        print(f"{name:<20} {fmt(tg):>16} {fmt(td):>16} {fmt(tc):>11} {tc / tg:>9.1f}x  {np_}")
+    print()
+    print(f"Betti matching: {gpu} vs CPU engine ({args.threads} host thread(s) each; identical results checked)"
+          " vs reference (1 thread)")
+    print(f"{'case':<20} {gpu + ' (numpy)':>16} {gpu + ' (tensor)':>16} {'cpu engine':>11} {'cpu/' + gpu:>10} "
+          f"{'reference':>10}  matched")
+    for name, tg, td, tc, tr, nm in match_rows:
+        print(f"{name:<20} {fmt(tg):>16} {fmt(td):>16} {fmt(tc):>11} {tc / tg:>9.1f}x {fmt(tr):>10}  {nm}")
 
 
 if __name__ == "__main__":

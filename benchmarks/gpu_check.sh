@@ -1,88 +1,123 @@
 #!/usr/bin/env bash
 # One prepared check of the CUDA backend on a machine with an NVIDIA GPU (< 5 min on
 # one H200): build with CUDA, the topology tests on the CUDA backend, compute-sanitizer
-# (memcheck, racecheck) on a small case, and the benchmark table (benchmarks/gpu_bench.py).
-# Usage: bash benchmarks/gpu_check.sh   (from the repository root; PYTHON=... to choose)
+# (memcheck, racecheck) on a small case (barcodes, matchings, a batch on streams), and
+# the benchmark table (benchmarks/gpu_bench.py: barcodes and Betti matchings, CUDA vs
+# CPU engine vs reference, identical results checked).
+# Usage: bash benchmarks/gpu_check.sh          (from anywhere; PYTHON=... to choose)
+#        bash benchmarks/gpu_check.sh --dry    (no GPU: the same steps on backend
+#                                               "cpu-parallel", no build, no sanitizer)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
 [ -x .venv/bin/python ] && py=${PYTHON:-.venv/bin/python}
+dry=0
+[ "${1:-}" = "--dry" ] && dry=1
+backend=cuda
+[ $dry -eq 1 ] && backend=cpu-parallel
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
+t_start=$(date +%s)
 
-step "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
-nvcc --version | tail -1
+if [ $dry -eq 0 ]; then
+    step "device"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
+    nvcc --version | tail -1
 
-step "build (pip install --no-build-isolation -e ., CUDA on)"
-t0=$(date +%s)
-if ! "$py" -m pip install --no-build-isolation --no-deps -e . -Ccmake.define.MEDSEG_CUDA=ON > /tmp/medseg_gpu_build.log 2>&1; then
-    echo "pip build failed (needs scikit-build-core and nanobind in the environment); log tail:"
-    tail -20 /tmp/medseg_gpu_build.log
-    exit 1
-fi
-grep "medseg:" /tmp/medseg_gpu_build.log | sed 's/^ *//'
-echo "built in $(( $(date +%s) - t0 )) s"
-"$py" - <<'PY' || exit 1
+    step "build (pip install --no-build-isolation -e ., CUDA on)"
+    t0=$(date +%s)
+    if ! "$py" -m pip install --no-build-isolation --no-deps -e . -Ccmake.define.MEDSEG_CUDA=ON > /tmp/medseg_gpu_build.log 2>&1; then
+        echo "pip build failed (needs scikit-build-core and nanobind in the environment); log tail:"
+        tail -20 /tmp/medseg_gpu_build.log
+        exit 1
+    fi
+    grep "medseg:" /tmp/medseg_gpu_build.log | sed 's/^ *//'
+    echo "built in $(( $(date +%s) - t0 )) s"
+    "$py" - <<'PY' || exit 1
 from medseg.topology import _inputs
 m = _inputs.cuda_engine()
 assert m is not None, "_engine_cuda was not built"
 print("CUDA runtime", m.runtime_version(), "devices", m.device_count())
 assert _inputs.cuda_available(), "no usable CUDA device"
 PY
+fi
 
-step "topology tests on the CUDA backend (MEDSEG_TOPOLOGY_BACKEND=cuda)"
+step "topology tests on the $backend backend (MEDSEG_TOPOLOGY_BACKEND=$backend)"
+# The loss tests run without the variable: their target-cache test is about the CPU
+# engine's cache; their CUDA-tensor test picks "cuda" through "auto" anyway.
 if "$py" -c "import pytest, hypothesis" 2>/dev/null; then
-    MEDSEG_TOPOLOGY_BACKEND=cuda timeout 150 "$py" -m pytest -q -x -p no:cacheprovider \
-        tests/topology/test_parallel_backend.py tests/topology/test_reference_cases.py tests/topology/test_api.py \
+    MEDSEG_TOPOLOGY_BACKEND=$backend timeout 120 "$py" -m pytest -q -x -p no:cacheprovider \
+        tests/topology/test_parallel_backend.py tests/topology/test_parallel_matching.py \
+        tests/topology/test_reference_cases.py tests/topology/test_api.py \
         || status=1
+    timeout 60 "$py" -m pytest -q -x -p no:cacheprovider tests/topology/test_betti_matching_loss.py || status=1
 else
     echo "pytest/hypothesis missing: checking the reference cases directly"
-    timeout 150 "$py" - <<'PY' || status=1
-import json, pathlib, numpy as np
+    MEDSEG_BACKEND=$backend timeout 120 "$py" - <<'PY' || status=1
+import json, os, pathlib, numpy as np
 from medseg.topology import _engine, _inputs
-cuda = _inputs.cuda_engine()
+cuda = _inputs.cuda_engine() if os.environ["MEDSEG_BACKEND"] == "cuda" else None
 data = pathlib.Path("tests/data/reference")
+keys = [f"{s}_{side}_{end}" for s in ("matched", "unmatched") for side in "ab" for end in ("birth", "death")]
 for case in json.loads((data / "expected.json").read_text())["cases"]:
-    for k in ("a", "b"):
-        x = np.load(data / case[k])
-        for sup in (False, True):
-            for con in "VT":
-                s, c = _engine.barcode(x, sup, con), cuda.barcode(x, sup, con)
+    a, b = np.load(data / case["a"]), np.load(data / case["b"])
+    for sup in (False, True):
+        for con in "VT":
+            for x in (a, b):
+                s = _engine.barcode(x, sup, con)
+                c = cuda.barcode(x, sup, con) if cuda else _engine.barcode_parallel(x, sup, con, 2)
                 for f in ("birth", "death"):
-                    assert all(np.array_equal(p, q) for p, q in zip(s[f], c[f])), (case["name"], k, sup, con)
+                    assert all(np.array_equal(p, q) for p, q in zip(s[f], c[f])), (case["name"], sup, con)
                 assert np.array_equal(s["essential_birth"], c["essential_birth"])
-print("all reference cases identical on CUDA")
+            args = (sup, con, True, True, 1, False)
+            s = _engine.matching(a, b, *args)
+            c = cuda.matching(a, b, *args) if cuda else _engine.matching_parallel(a, b, *args)
+            for k in keys:
+                assert all(np.array_equal(p, q) for p, q in zip(s[k], c[k])), (case["name"], sup, con, k)
+print("all reference cases identical (barcodes and matchings)")
 PY
 fi
 
-step "compute-sanitizer (memcheck, racecheck) on a small case"
-cat > /tmp/medseg_small_case.py <<'PY'
+if [ $dry -eq 0 ]; then
+    step "compute-sanitizer (memcheck, racecheck) on a small case"
+    cat > /tmp/medseg_small_case.py <<'PY'
 import numpy as np
-from medseg.topology import _inputs
+from medseg.topology import _engine, _inputs
 cuda = _inputs.cuda_engine()
 rng = np.random.default_rng(0)
 for x in (rng.integers(0, 3, (12, 13, 14)).astype(np.float32), rng.random((40, 41))):
+    y = (x > 0.5).astype(x.dtype)
     for con in "VT":
         cuda.barcode(x, True, con)
-        cuda.matching_dim0_parallel(x, (x > 0.5).astype(x.dtype), True, con)
+        for inter in (False, True):
+            r = cuda.matching(x, y, True, con, True, True, 2, inter)
+            s = _engine.matching(x, y, True, con, True, True, 1, inter)
+            assert all(np.array_equal(p, q) for k in s if k.startswith(("matched", "unmatched"))
+                       for p, q in zip(s[k], r[k]))
+xs = [rng.random((10, 11, 9)).astype(np.float32) for _ in range(3)]
+cuda.matching_batch(xs, [(x > 0.5).astype(np.float32) for x in xs], False, "V", True, True, 3, False)
 print("small case done")
 PY
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in memcheck racecheck; do
-        timeout 120 compute-sanitizer --tool $tool --error-exitcode 7 "$py" /tmp/medseg_small_case.py \
-            > /tmp/medseg_sanitizer_$tool.log 2>&1
-        rc=$?
-        tail -3 /tmp/medseg_sanitizer_$tool.log
-        echo "$tool rc=$rc"
-        [ $rc -eq 0 ] || status=1
-    done
-else
-    echo "compute-sanitizer not found"
+    if command -v compute-sanitizer >/dev/null 2>&1; then
+        for tool in memcheck racecheck; do
+            timeout 75 compute-sanitizer --tool $tool --error-exitcode 7 "$py" /tmp/medseg_small_case.py \
+                > /tmp/medseg_sanitizer_$tool.log 2>&1
+            rc=$?
+            tail -3 /tmp/medseg_sanitizer_$tool.log
+            echo "$tool rc=$rc"
+            [ $rc -eq 0 ] || status=1
+        done
+    else
+        echo "compute-sanitizer not found"
+    fi
 fi
 
 step "benchmark"
-timeout 150 "$py" benchmarks/gpu_bench.py --repeat 2 || status=1
+if [ $dry -eq 0 ]; then
+    timeout 150 "$py" benchmarks/gpu_bench.py --repeat 2 || status=1
+else
+    timeout 150 "$py" benchmarks/gpu_bench.py --backend cpu-parallel --sizes 24 32 --batch 2 --repeat 1 || status=1
+fi
 
-step "done (status $status)"
+step "done (status $status, $(( $(date +%s) - t_start )) s)"
 exit $status

@@ -105,8 +105,10 @@ class BettiMatchingLoss(torch.nn.Module):
             target_cache_bytes: memory budget of the cache of targets' barcodes (keyed by
                 a hash of the target's bytes); 0 disables the cache.
             backend: engine backend, "auto", "cpu", "cuda" or "cpu-parallel" (see
-                :func:`medseg.topology.betti_matching`; the matching runs on the CPU
-                engine on every backend for now, with identical results).
+                :func:`medseg.topology.betti_matching`; identical results on every
+                backend). On "cuda" a CUDA input stays on its device (only coordinates
+                come back) and the B x C pairs run on several CUDA streams; the target
+                cache serves the "cpu" backend only.
 
         Raises:
             ValueError: for an unknown reduction, filtration, construction or comparison, both
@@ -212,18 +214,23 @@ class BettiMatchingLoss(torch.nn.Module):
             )
         if channels == 0:
             return probs.sum() * 0.0
-        preds_np = probs.detach().to("cpu", torch.float32).numpy().reshape(batch * channels, *probs.shape[2:])
-        tgt_np = tgt.detach().to("cpu", torch.float32).numpy().reshape(batch * channels, *probs.shape[2:])
-        preds_list = [np.ascontiguousarray(p) for p in preds_np]
-        tgt_list = [np.ascontiguousarray(t) for t in tgt_np]
         flat_probs = probs.reshape(batch * channels, *probs.shape[2:])
         flat_tgt = tgt.reshape(batch * channels, *probs.shape[2:]).to(probs.dtype)
+        backend = _inputs.resolve_backend(self.backend, probs)
+        if backend == "cuda" and probs.is_cuda:  # the images stay on the device
+            preds_list = [p.detach().to(torch.float32).contiguous() for p in flat_probs]
+            tgt_list = [t.detach().to(torch.float32).contiguous() for t in flat_tgt]
+        else:
+            preds_np = probs.detach().to("cpu", torch.float32).numpy().reshape(batch * channels, *probs.shape[2:])
+            tgt_np = tgt.detach().to("cpu", torch.float32).numpy().reshape(batch * channels, *probs.shape[2:])
+            preds_list = [np.ascontiguousarray(p) for p in preds_np]
+            tgt_list = [np.ascontiguousarray(t) for t in tgt_np]
 
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
         terms: list[list[torch.Tensor]] = [[] for _ in range(batch * channels)]
         for filtration in filtrations:
             superlevel = filtration == "superlevel"
-            prepared = self._prepared(tgt_list, superlevel)
+            prepared = self._prepared(tgt_list, superlevel) if backend == "cpu" else None
             raws = _raw_matchings(
                 preds_list,
                 tgt_list,
@@ -234,7 +241,7 @@ class BettiMatchingLoss(torch.nn.Module):
                 threads=self.threads,
                 prepared=prepared,
                 comparison=self.comparison,
-                backend=self.backend,
+                backend=backend,
             )
             for i, raw in enumerate(raws):
                 terms[i].append(self._instance_loss(flat_probs[i], flat_tgt[i], raw, superlevel))

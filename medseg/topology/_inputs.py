@@ -205,3 +205,31 @@ def as_device_image(x: Any, name: str):
         n_inf = int((~torch.isfinite(x)).sum()) - n_nan
         raise TopologyInputError(f"{name}: contains {n_nan} NaN and {n_inf} infinite values")
     return x.contiguous()
+
+
+def as_device_pair(prediction: Any, target: Any):
+    """A validated (prediction, target) pair of tensors on the CUDA device of the CUDA one(s)."""
+    import torch
+
+    named = (("prediction", prediction), ("target", target))
+    out = {name: as_device_image(x, name) for name, x in named if is_cuda_array(x)}
+    device = next(iter(out.values())).device
+    for name, x in named:  # a host array next to a CUDA tensor: validated here, then moved
+        if name not in out:
+            out[name] = torch.from_numpy(as_image(x, name)).to(device)
+    p, t = out["prediction"], out["target"]
+    if p.device != t.device:
+        raise TopologyInputError(f"prediction is on {p.device} but target is on {t.device}")
+    if tuple(p.shape) != tuple(t.shape):
+        raise TopologyInputError(f"prediction has shape {tuple(p.shape)} but target has shape {tuple(t.shape)}")
+    if p.dtype != t.dtype:  # rank both in the wider type
+        p, t = p.to(torch.float64), t.to(torch.float64)
+    return p.contiguous(), t.contiguous()
+
+
+def pad_relative_device(images: list, superlevel: bool) -> list:
+    """:func:`pad_relative` for tensors, on their device."""
+    import torch
+
+    value = max(float(im.max()) for im in images) if superlevel else min(float(im.min()) for im in images)
+    return [torch.nn.functional.pad(im, (1, 1) * im.dim(), mode="constant", value=value).contiguous() for im in images]

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medseg.topology import _inputs
-from medseg.topology.persistence import _flatten, _unflatten
+from medseg.topology.persistence import _flatten, _flatten_any, _unflatten
+from medseg.topology.persistence import _values as _values_any
 
 __all__ = [
     "BettiMatching",
@@ -113,12 +114,6 @@ class BettiMatching:
         return self.num_unmatched_prediction + self.num_unmatched_target
 
 
-def _values(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    if len(coords) == 0:
-        return np.zeros(0, dtype=np.float64)
-    return image[tuple(coords.T)].astype(np.float64)
-
-
 def _to_matching(
     pred: np.ndarray, target: np.ndarray, raw: dict, filtration: str, construction: str, shape: tuple | None
 ) -> BettiMatching:
@@ -140,8 +135,8 @@ def _to_matching(
         births, deaths = c[short + "_birth"], c[short + "_death"]
         kwargs[long + "_birth_coordinates"] = births
         kwargs[long + "_death_coordinates"] = deaths
-        kwargs[long + "_births"] = tuple(_values(image, x) for x in births)
-        kwargs[long + "_deaths"] = tuple(_values(image, x) for x in deaths)
+        kwargs[long + "_births"] = tuple(_values_any(image, x) for x in births)
+        kwargs[long + "_deaths"] = tuple(_values_any(image, x) for x in deaths)
     return BettiMatching(
         num_matched=np.array([len(x) for x in c["matched_a_birth"]], dtype=np.int64),
         num_unmatched_prediction=np.asarray(raw["num_unmatched_a"], dtype=np.int64).copy(),
@@ -152,16 +147,45 @@ def _to_matching(
     )
 
 
-def _prepare(prediction, target, filtration, construction, comparison, relative):
+def _prepare(prediction, target, filtration, construction, comparison, relative, backend="cpu"):
+    """(superlevel, p, t, shape): numpy arrays, or tensors on their device when the
+    ``cuda`` backend is given a CUDA tensor (the images then stay there)."""
     superlevel = _inputs.check_filtration(filtration)
     _inputs.check_construction(construction)
     _inputs.check_comparison(comparison)
-    p, t = _inputs.as_pair(prediction, target)
+    on_device = backend == "cuda" and (_inputs.is_cuda_array(prediction) or _inputs.is_cuda_array(target))
+    if on_device:
+        p, t = _inputs.as_device_pair(prediction, target)
+    else:
+        p, t = _inputs.as_pair(prediction, target)
     shape = None
     if relative:
-        shape = p.shape
-        p, t = _inputs.pad_relative([p, t], superlevel)
+        shape = tuple(p.shape)
+        p, t = (_inputs.pad_relative_device if on_device else _inputs.pad_relative)([p, t], superlevel)
     return superlevel, p, t, shape
+
+
+def _run_pairs(backend, ps, ts, superlevel, construction, include_a, include_b, threads, intersection, prepared=None):
+    """Raw engine results of validated pairs on the resolved ``backend``: the sequential
+    engine ("cpu"), the data-parallel matching on CPU threads ("cpu-parallel", pairs on
+    threads) or on the device ("cuda", pairs on CUDA streams). All give the same result."""
+    if backend == "cuda":
+        return list(
+            _inputs.cuda_engine().matching_batch(
+                ps, ts, superlevel, construction, include_a, include_b, max(1, min(4, len(ps))), intersection
+            )
+        )
+    if backend == "cpu-parallel":
+        return list(
+            _inputs.engine().matching_batch_parallel(
+                ps, ts, superlevel, construction, include_a, include_b, threads, intersection
+            )
+        )
+    return list(
+        _inputs.engine().matching_batch(
+            ps, ts, superlevel, construction, include_a, include_b, threads, prepared, intersection
+        )
+    )
 
 
 def _intersection(comparison: str) -> bool:
@@ -210,10 +234,13 @@ def betti_matching(
     threads : int or None, default 1
         Threads used inside this one computation (None: all available cores).
     backend : {"auto", "cpu", "cuda", "cpu-parallel"}, default "auto"
-        As in :func:`medseg.topology.barcode`; the name is checked (``"cuda"`` needs
-        the CUDA backend and a device) but the matching itself runs on the CPU engine
-        on every backend for now (CUDA tensors are copied to the host; the device
-        computes barcodes only, see ``csrc/CUDA.md``), so results are the same.
+        As in :func:`medseg.topology.barcode`: ``"cpu"`` is the sequential engine,
+        ``"cuda"`` the data-parallel matching on the device (spanning forests and
+        apparent pairs on the GPU, the remaining elder-rule passes and column
+        reductions on the host; a CUDA tensor stays on its device and only
+        coordinates and values come back), ``"cpu-parallel"`` the same algorithm on
+        CPU threads. Every backend gives the same result, bit for bit (order
+        included), for both comparisons (see ``csrc/CUDA.md``).
 
     Returns
     -------
@@ -236,11 +263,9 @@ def betti_matching(
     >>> round(m.loss(), 6)
     0.25
     """
-    _inputs.resolve_backend(backend, prediction, target)
-    superlevel, p, t, shape = _prepare(prediction, target, filtration, construction, comparison, relative)
-    raw = _inputs.engine().matching(
-        p,
-        t,
+    backend = _inputs.resolve_backend(backend, prediction, target)
+    superlevel, p, t, shape = _prepare(prediction, target, filtration, construction, comparison, relative, backend)
+    args = (
         superlevel,
         construction,
         bool(include_unmatched_prediction),
@@ -248,6 +273,12 @@ def betti_matching(
         _inputs.default_threads(threads),
         _intersection(comparison),
     )
+    if backend == "cuda":
+        raw = _inputs.cuda_engine().matching(p, t, *args)
+    elif backend == "cpu-parallel":
+        raw = _inputs.engine().matching_parallel(p, t, *args)
+    else:
+        raw = _inputs.engine().matching(p, t, *args)
     if shape is not None:
         p, t = p[(slice(1, -1),) * p.ndim], t[(slice(1, -1),) * t.ndim]
     return _to_matching(p, t, raw, filtration, construction, shape)
@@ -270,11 +301,15 @@ def betti_matching_batch(
     ``predictions`` and ``targets`` are lists of images (giving a list of results) or
     (B, C, *spatial) arrays (giving B lists of C results). ``threads`` defaults to the
     number of available cores; pairs are spread over them. ``backend`` as in
-    :func:`betti_matching`.
+    :func:`betti_matching`; on ``"cuda"`` the pairs run on several CUDA streams (and a
+    (B, C, ...) CUDA tensor stays on its device).
     """
-    _inputs.resolve_backend(backend, predictions, targets)
-    nested_p, flat_p = _flatten(predictions)
-    nested_t, flat_t = _flatten(targets)
+    first_p = predictions[0] if isinstance(predictions, (list, tuple)) and len(predictions) else predictions
+    first_t = targets[0] if isinstance(targets, (list, tuple)) and len(targets) else targets
+    backend = _inputs.resolve_backend(backend, first_p, first_t)
+    flatten = _flatten_any if backend == "cuda" else _flatten
+    nested_p, flat_p = flatten(predictions)
+    nested_t, flat_t = flatten(targets)
     if nested_p != nested_t or len(flat_p) != len(flat_t):
         raise _inputs.TopologyInputError(
             f"predictions and targets differ in batch layout: {nested_p or len(flat_p)} vs "
@@ -283,10 +318,11 @@ def betti_matching_batch(
     if not flat_p:
         return []
     prepared = [
-        _prepare(p, t, filtration, construction, comparison, relative) for p, t in zip(flat_p, flat_t)
+        _prepare(p, t, filtration, construction, comparison, relative, backend) for p, t in zip(flat_p, flat_t)
     ]
     superlevel = prepared[0][0]
-    raws = _inputs.engine().matching_batch(
+    raws = _run_pairs(
+        backend,
         [x[1] for x in prepared],
         [x[2] for x in prepared],
         superlevel,
@@ -294,7 +330,6 @@ def betti_matching_batch(
         bool(include_unmatched_prediction),
         bool(include_unmatched_target),
         _inputs.default_threads(threads),
-        None,
         _intersection(comparison),
     )
     out = []
@@ -305,7 +340,11 @@ def betti_matching_batch(
     return _unflatten(out, nested_p)
 
 
-def _binary(mask: Any, name: str) -> np.ndarray:
+def _binary(mask: Any, name: str, backend: str = "cpu"):
+    if backend == "cuda" and _inputs.is_cuda_array(mask):  # stays on its device
+        import torch
+
+        return (_inputs.as_device_image(mask, name) > 0).to(torch.float32)
     arr = _inputs.as_image(mask, name)
     return (arr > 0).astype(np.float32)
 
@@ -317,6 +356,7 @@ def betti_matching_error(
     construction: str = "V",
     comparison: str = "union",
     relative: bool = False,
+    backend: str = "auto",
 ) -> np.ndarray:
     """Betti matching error of two binary masks: unmatched features per dimension.
 
@@ -324,6 +364,7 @@ def betti_matching_error(
     filtration the features are those of the foreground (4/6-connected for the V
     construction, 8/26-connected for T). Returns an int64 array with, per dimension,
     the number of unmatched features of the prediction plus those of the target.
+    ``backend`` as in :func:`betti_matching`.
 
     Examples
     --------
@@ -332,15 +373,17 @@ def betti_matching_error(
     >>> betti_matching_error(a, a).tolist()
     [0, 0]
     """
+    backend = _inputs.resolve_backend(backend, pred_mask, target_mask)
     m = betti_matching(
-        _binary(pred_mask, "pred_mask"),
-        _binary(target_mask, "target_mask"),
+        _binary(pred_mask, "pred_mask", backend),
+        _binary(target_mask, "target_mask", backend),
         filtration=filtration,
         construction=construction,
         comparison=comparison,
         relative=relative,
         include_unmatched_prediction=False,
         include_unmatched_target=False,
+        backend=backend,
     )
     return m.error
 
@@ -353,13 +396,18 @@ def betti_matching_error_batch(
     comparison: str = "union",
     relative: bool = False,
     threads: int | None = None,
+    backend: str = "auto",
 ) -> np.ndarray:
-    """:func:`betti_matching_error` of many pairs: an (N, ndim) or (B, C, ndim) array."""
-    nested, flat_p = _flatten(pred_masks)
-    _, flat_t = _flatten(target_masks)
+    """:func:`betti_matching_error` of many pairs: an (N, ndim) or (B, C, ndim) array.
+    ``backend`` as in :func:`betti_matching_batch`."""
+    first = pred_masks[0] if isinstance(pred_masks, (list, tuple)) and len(pred_masks) else pred_masks
+    backend = _inputs.resolve_backend(backend, first)
+    flatten = _flatten_any if backend == "cuda" else _flatten
+    nested, flat_p = flatten(pred_masks)
+    _, flat_t = flatten(target_masks)
     results = betti_matching_batch(
-        [_binary(x, f"pred_masks[{i}]") for i, x in enumerate(flat_p)],
-        [_binary(x, f"target_masks[{i}]") for i, x in enumerate(flat_t)],
+        [_binary(x, f"pred_masks[{i}]", backend) for i, x in enumerate(flat_p)],
+        [_binary(x, f"target_masks[{i}]", backend) for i, x in enumerate(flat_t)],
         filtration=filtration,
         construction=construction,
         comparison=comparison,
@@ -367,6 +415,7 @@ def betti_matching_error_batch(
         include_unmatched_prediction=False,
         include_unmatched_target=False,
         threads=threads,
+        backend=backend,
     )
     errors = np.array([r.error for r in results], dtype=np.int64)
     if nested is not None:
@@ -395,15 +444,21 @@ def _raw_matchings(
     comparison: str = "union",
     backend: str = "auto",
 ) -> list[dict]:
-    """Coordinates only (no values), straight from the engine: the loss's fast path."""
-    _inputs.resolve_backend(backend, *predictions[:1])
-    pairs = [_inputs.as_pair(p, t) for p, t in zip(predictions, targets)]
+    """Coordinates only (no values), straight from the engine: the loss's fast path.
+
+    On ``backend="cuda"`` CUDA tensors stay on their device; ``prepared`` targets (the
+    CPU engine's cache) are used by the ``"cpu"`` backend only."""
+    backend = _inputs.resolve_backend(backend, *predictions[:1])
+    on_device = backend == "cuda" and any(_inputs.is_cuda_array(p) for p in predictions[:1])
+    pairs = [(_inputs.as_device_pair if on_device else _inputs.as_pair)(p, t) for p, t in zip(predictions, targets)]
     shape = None
     if relative:
-        shape = pairs[0][0].shape
-        pairs = [tuple(_inputs.pad_relative(list(pt), superlevel)) for pt in pairs]
+        shape = tuple(pairs[0][0].shape)
+        pad = _inputs.pad_relative_device if on_device else _inputs.pad_relative
+        pairs = [tuple(pad(list(pt), superlevel)) for pt in pairs]
         prepared = None
-    raws = _inputs.engine().matching_batch(
+    raws = _run_pairs(
+        backend,
         [p for p, _ in pairs],
         [t for _, t in pairs],
         superlevel,
@@ -411,8 +466,8 @@ def _raw_matchings(
         True,
         bool(include_unmatched_target),
         _inputs.default_threads(threads),
-        prepared,
         _intersection(comparison),
+        prepared if backend == "cpu" else None,
     )
     if shape is not None:
         for raw in raws:

@@ -140,19 +140,46 @@ NB_MODULE(_engine, m) {
         "The CUDA backend's algorithm on CPU threads (testing; same pairs as barcode)");
 
     m.def(
-        "matching_dim0_parallel",
-        [](InArray a, InArray b, bool superlevel, const std::string& construction, int threads) {
+        "matching_parallel",
+        [](InArray a, InArray b, bool superlevel, const std::string& construction, bool include_a,
+           bool include_b, int threads, bool intersection) {
             const ImageView va = view_of(a), vb = view_of(b);
-            const Options o = make_options(superlevel, construction, true, true, threads);
+            const Options o = make_options(superlevel, construction, include_a, include_b, threads, intersection);
             MatchingResult r;
             {
                 nb::gil_scoped_release release;
-                r = compute_matching_dim0_parallel(va, vb, o);
+                r = compute_matching_parallel(va, vb, o);
             }
             return matching_to_python(std::move(r));
         },
-        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("threads"),
-        "Dimension 0 of matching() by the CUDA backend's algorithm on CPU threads (testing)");
+        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
+        nb::arg("include_b"), nb::arg("threads"), nb::arg("intersection") = false,
+        "matching() by the CUDA backend's algorithm on CPU threads (backend='cpu-parallel'; same result)");
+
+    m.def(
+        "matching_batch_parallel",
+        [](std::vector<InArray> as, std::vector<InArray> bs, bool superlevel, const std::string& construction,
+           bool include_a, bool include_b, int threads, bool intersection) {
+            if (as.size() != bs.size()) throw nb::value_error("batches differ in length");
+            std::vector<ImageView> va, vb;
+            for (auto& x : as) va.push_back(view_of(x));
+            for (auto& x : bs) vb.push_back(view_of(x));
+            const std::size_t n = va.size();
+            // Pairs are spread over the threads; a lone pair uses them inside.
+            const int inner = n == 1 ? threads : 1;
+            const Options o = make_options(superlevel, construction, include_a, include_b, inner, intersection);
+            std::vector<MatchingResult> rs(n);
+            {
+                nb::gil_scoped_release release;
+                parallel_jobs(n, threads, [&](std::size_t i) { rs[i] = compute_matching_parallel(va[i], vb[i], o); });
+            }
+            nb::list out;
+            for (auto& r : rs) out.append(matching_to_python(std::move(r)));
+            return out;
+        },
+        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
+        nb::arg("include_b"), nb::arg("threads"), nb::arg("intersection") = false,
+        "matching_batch() on the 'cpu-parallel' backend: pairs on threads");
 
     m.def(
         "barcode_batch",

@@ -37,13 +37,14 @@ std::size_t prepared_bytes(const PreparedImage& prepared);
 MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Options& options,
                                 const PreparedImage* prepared_b = nullptr);
 
-// The data-parallel backend's algorithm (spanning.hpp) on options.threads CPU threads:
-// the same pairs as compute_barcode. Dimensions 0 and d-1 by spanning forests; 3D
-// dimension 1 by the sequential reduction.
+// The data-parallel backend's algorithm (spanning.hpp, matching_parallel.hpp) on
+// options.threads CPU threads: the same pairs as compute_barcode. Dimensions 0 and d-1
+// by spanning forests; 3D dimension 1 by apparent pairs screened in parallel and the
+// remaining columns reduced on the host.
 BarcodeResult compute_barcode_parallel(const ImageView& image, const Options& options);
 
-// Dimension 0 of compute_matching (union comparison) by the data-parallel backend's
-// algorithm on CPU threads: entries of dimension 0 only (testing; see CUDA.md).
-MatchingResult compute_matching_dim0_parallel(const ImageView& a, const ImageView& b, const Options& options);
+// compute_matching by the data-parallel backend's algorithm (matching_parallel.hpp) on
+// options.threads CPU threads: the same result, bit for bit, for both comparisons.
+MatchingResult compute_matching_parallel(const ImageView& a, const ImageView& b, const Options& options);
 
 }  // namespace medseg

@@ -313,9 +313,11 @@ struct Weights {
     MEDSEG_HD void operator()(std::size_t i) const { w[i] = g.weight(i); }
 };
 
-// Minimum spanning forest of g: its edges' weights, ascending.
+// Minimum spanning forest of g: its edges' weights, ascending. With flags_out, the
+// per-slot forest flags stay where Exec computes (the matching's clearing uses them).
 template <class Exec, class G>
-std::vector<std::uint64_t> spanning_forest(const Exec& ex, const G& g, std::size_t slots, int key_bits) {
+std::vector<std::uint64_t> spanning_forest(const Exec& ex, const G& g, std::size_t slots, int key_bits,
+                                           typename Exec::template Array<std::uint32_t>* flags_out = nullptr) {
     const std::size_t nv = g.vertices();
     auto parent = ex.template array<std::uint32_t>(nv);
     auto next = ex.template array<std::uint32_t>(nv);
@@ -340,6 +342,7 @@ std::vector<std::uint64_t> spanning_forest(const Exec& ex, const G& g, std::size
     ex.for_each(slots, Weights<G>{g, w.data()});
     auto forest = ex.select_flagged(w.data(), in_forest.data(), slots);
     ex.sort_keys(forest.data(), forest.size(), 0, key_bits);
+    if (flags_out) *flags_out = std::move(in_forest);
     return ex.to_host(forest.data(), forest.size());
 }
 
@@ -447,7 +450,8 @@ struct ReportPairs {
 
 // ---------------------------------------------------------------------------------
 // The driver: ranks, cells, both spanning forests, the elder-rule passes (host,
-// over the forest edges only) and the coordinates.
+// over the forest edges only) and the coordinates. matching_parallel.hpp builds the
+// barcode and the matching (and 3D dimension 1) on top of it.
 
 inline int bit_width_u64(std::uint64_t x) {
     int b = 0;
@@ -503,11 +507,78 @@ rank_t rank_values(const Exec& ex, Values x, std::size_t n, bool superlevel, Arr
     return num;
 }
 
-// Pairs of dimensions 0 and d-1 (as packed cells, in the engine's order) and the
-// essential vertex. pairs0: (vertex, edge); top: ((d-1)-cell, top cell base point).
-struct LowHighPairs {
-    std::vector<CellPair> pairs0, top;
-    std::uint32_t essential = 0;
+// Host side of the dual graph: the ends of a (d-1)-cell from the host copy of the
+// top-cell keys (DualFaces::ends reads arrays that may live on the device).
+inline void dual_ends(const Lattice& L, const std::vector<key_t>& tk, std::uint32_t cell, std::uint32_t& a,
+                      std::uint32_t& b) {
+    const std::uint32_t inf = static_cast<std::uint32_t>(L.points);
+    const std::int64_t l = cell / 3;
+    const int t = static_cast<int>(cell % 3);
+    const std::int64_t s = L.stride[L.ndim == 3 ? t : 1 - t];
+    b = tk[l] != kNoKey ? static_cast<std::uint32_t>(l) : inf;
+    a = (l >= s && tk[l - s] != kNoKey) ? static_cast<std::uint32_t>(l - s) : inf;
+}
+
+// Dimension 0 on the host: the elder rule over the minimum spanning forest, ascending
+// (engine.cpp's dimension0 minus the edges that merge nothing).
+inline void dim0_pass(const Lattice& L, const std::vector<std::uint64_t>& forest, const std::vector<rank_t>& vh,
+                      std::vector<CellPair>& pairs) {
+    auto vkey = [&](std::uint32_t l) { return make_key(vh[l], l); };
+    HostUnionFind uf(static_cast<std::size_t>(L.points));
+    for (std::uint64_t key : forest) {
+        const std::uint32_t cell = key_cell(key);
+        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
+        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
+        const bool a_younger = vkey(ra) > vkey(rb);
+        const std::uint32_t younger = a_younger ? ra : rb;
+        uf.parent[younger] = a_younger ? rb : ra;
+        if (vh[younger] != key_rank(key)) pairs.push_back({younger, cell});
+    }
+}
+
+// Dimension d-1 on the host: the elder rule over the maximum spanning forest of the
+// dual graph (weights ~key ascending, i.e. keys descending), the point at infinity
+// (xtop[N] = kNoKey) the eldest. With ctop, the comparison's elder of every component
+// is carried along and match_top[comparison-younger top cell] receives the index of
+// the pair (engine.cpp's top_dimension with comp, over the forest edges only).
+inline void top_pass(const Lattice& L, const std::vector<std::uint64_t>& forest, const std::vector<key_t>& xtop,
+                     const std::vector<key_t>* ctop, std::vector<std::int32_t>* match_top,
+                     std::vector<CellPair>& pairs) {
+    const std::size_t N = static_cast<std::size_t>(L.points);
+    HostUnionFind uf(N + 1);
+    std::vector<std::uint32_t> label;
+    if (ctop) {
+        label.resize(N + 1);
+        for (std::size_t i = 0; i <= N; ++i) label[i] = static_cast<std::uint32_t>(i);
+        match_top->assign(N + 1, -1);
+    }
+    for (std::uint64_t w : forest) {
+        const std::uint64_t key = ~w;
+        const std::uint32_t cell = key_cell(key);
+        std::uint32_t p0, p1;
+        dual_ends(L, xtop, cell, p0, p1);
+        const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
+        const bool first_younger = xtop[r0] < xtop[r1];
+        const std::uint32_t younger = first_younger ? r0 : r1, elder = first_younger ? r1 : r0;
+        uf.parent[younger] = elder;
+        std::uint32_t comp_younger = 0;
+        if (ctop) {
+            const std::uint32_t c0 = label[r0], c1 = label[r1];
+            const bool c0_younger = (*ctop)[c0] < (*ctop)[c1];
+            comp_younger = c0_younger ? c0 : c1;
+            label[elder] = c0_younger ? c1 : c0;
+        }
+        if (key_rank(xtop[younger]) != key_rank(key)) {
+            if (ctop) (*match_top)[comp_younger] = static_cast<std::int32_t>(pairs.size());
+            pairs.push_back({cell, younger});
+        }
+    }
+}
+
+struct TopRanks {  // a top cell's rank by base point (kInfRank: none)
+    Cells X;
+    rank_t* out;
+    MEDSEG_HD void operator()(std::size_t l) const { out[l] = X.top(static_cast<std::int64_t>(l)); }
 };
 
 template <class Exec>
@@ -547,58 +618,36 @@ struct ParallelBarcode {
     }
     std::vector<rank_t> vertex_ranks() const { return ex.to_host(X.v, static_cast<std::size_t>(X.L.points)); }
 
-    LowHighPairs pairs() const {
+    int key_bits() const { return 32 + bit_width_u64(num_ranks); }
+    bool have_top() const {
+        bool h = true;
+        for (int a = 0; a < X.L.ndim; ++a) h = h && X.L.n[a] >= 2;
+        return h;
+    }
+    DualFaces dual_graph() const {
         const Lattice& L = X.L;
-        const std::size_t N = static_cast<std::size_t>(L.points);
-        LowHighPairs out;
-        const std::vector<rank_t> vh = ex.to_host(X.v, N);
-        auto vkey = [&](std::uint32_t l) { return make_key(vh[l], l); };
-        for (std::uint32_t l = 1; l < N; ++l)
-            if (vkey(l) < vkey(out.essential)) out.essential = l;
-
-        // dimension 0: elder rule over the MSF edges, ascending
-        {
-            const std::vector<std::uint64_t> forest = forest0();
-            HostUnionFind uf(N);
-            for (std::uint64_t key : forest) {
-                const std::uint32_t cell = key_cell(key);
-                const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-                const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-                const bool a_younger = vkey(ra) > vkey(rb);
-                const std::uint32_t younger = a_younger ? ra : rb;
-                uf.parent[younger] = a_younger ? rb : ra;
-                if (vh[younger] != key_rank(key)) out.pairs0.push_back({younger, cell});
-            }
-        }
-        // dimension d-1: elder rule over the maximum spanning forest of the dual graph,
-        // descending; the point at infinity is the eldest
-        {
-            bool have_top = true;
-            for (int a = 0; a < L.ndim; ++a) have_top = have_top && L.n[a] >= 2;
-            DualFaces g{L, X.sub(), L.ndim == 3 ? X.c : X.f, L.ndim == 3 ? 1 : 3, L.ndim == 3 ? 0 : 2, have_top};
-            const std::vector<std::uint64_t> forest = spanning_forest(ex, g, 3 * N, 64);
-            std::vector<key_t> tk(N + 1, kNoKey);
-            {
-                const std::vector<rank_t> th = L.ndim == 3 ? ex.to_host(X.c, N) : ex.to_host(X.f, 3 * N);
-                for (std::size_t p = 0; p < N; ++p) {
-                    const rank_t r = L.ndim == 3 ? th[p] : th[3 * p + 2];
-                    tk[p] = r == kInfRank ? kNoKey : make_key(r, p);
-                }
-            }
-            HostUnionFind uf(N + 1);
-            for (std::uint64_t w : forest) {
-                const std::uint64_t key = ~w;
-                const std::uint32_t cell = key_cell(key);
-                std::uint32_t p0, p1;
-                g.ends(cell, p0, p1);
-                const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
-                const bool first_younger = tk[r0] < tk[r1];
-                const std::uint32_t younger = first_younger ? r0 : r1;
-                uf.parent[younger] = first_younger ? r1 : r0;
-                if (key_rank(tk[younger]) != key_rank(key)) out.top.push_back({cell, younger});
-            }
-        }
-        return out;
+        return DualFaces{L, X.sub(), L.ndim == 3 ? X.c : X.f, L.ndim == 3 ? 1 : 3, L.ndim == 3 ? 0 : 2, have_top()};
+    }
+    // The maximum spanning forest of the dual graph (weights ~key, ascending); with
+    // flags, which (d-1)-cells are in it (where Exec computes).
+    std::vector<std::uint64_t> forest_top(typename Exec::template Array<std::uint32_t>* flags = nullptr) const {
+        return spanning_forest(ex, dual_graph(), 3 * static_cast<std::size_t>(X.L.points), 64, flags);
+    }
+    // Host keys of the top cells by base point, plus the point at infinity (kNoKey).
+    std::vector<key_t> top_keys() const {
+        const std::size_t N = static_cast<std::size_t>(X.L.points);
+        auto r = ex.template array<rank_t>(N);
+        ex.for_each(N, TopRanks{X, r.data()});
+        const std::vector<rank_t> h = ex.to_host(r.data(), N);
+        std::vector<key_t> tk(N + 1, kNoKey);
+        for (std::size_t p = 0; p < N; ++p) tk[p] = h[p] == kInfRank ? kNoKey : make_key(h[p], p);
+        return tk;
+    }
+    std::uint32_t essential(const std::vector<rank_t>& vh) const {
+        std::uint32_t best = 0;
+        for (std::uint32_t l = 1; l < vh.size(); ++l)
+            if (make_key(vh[l], l) < make_key(vh[best], best)) best = l;
+        return best;
     }
 
     // Coordinates of pairs of dimensions (kb, kd), given as (birth cell, death cell)
@@ -614,136 +663,16 @@ struct ParallelBarcode {
         out.birth = ex.to_host(b.data(), n * nd);
         out.death = ex.to_host(d.data(), n * nd);
     }
-
-    // Dimensions 0 and d-1 and the essential class; a 3D caller fills pairs[1].
-    BarcodeResult barcode() const {
-        const int d = X.L.ndim;
-        const LowHighPairs lh = pairs();
-        BarcodeResult res;
-        res.ndim = d;
-        res.pairs.resize(d);
-        std::vector<std::uint64_t> cells;
-        for (const CellPair& p : lh.pairs0) {
-            cells.push_back(p.birth_cell);
-            cells.push_back(p.death_cell);
-        }
-        report(cells, 0, 1, res.pairs[0]);
-        cells.clear();
-        for (const CellPair& p : lh.top) {
-            cells.push_back(p.birth_cell);
-            cells.push_back(d == 3 ? std::uint64_t(p.death_cell) : 3ull * p.death_cell + 2);
-        }
-        report(cells, d - 1, d, res.pairs[d - 1]);
-        VoxelPairs ess;
-        report({lh.essential, lh.essential}, 0, 0, ess);
-        res.essential_birth = ess.birth;
-        return res;
-    }
 };
 
-// Dimension-0 image persistence for the matching: the comparison's union-find, run over
-// its forest edges only, carrying the elders of X0 and X1 (engine.cpp's
-// dimension0_image; the same merges in the same order, so the same births). For every
-// non-trivial comparison pair, the X0- and X1-younger vertices.
-template <class Exec>
-std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0(const ParallelBarcode<Exec>& C,
-                                                                   const std::vector<rank_t>& v0,
-                                                                   const std::vector<rank_t>& v1) {
-    const Lattice& L = C.X.L;
-    const std::size_t N = static_cast<std::size_t>(L.points);
-    const std::vector<rank_t> vc = C.vertex_ranks();
-    const std::vector<std::uint64_t> forest = C.forest0();
-    HostUnionFind uf(N);
-    std::vector<std::uint32_t> lab0(N), lab1(N);
-    for (std::size_t i = 0; i < N; ++i) lab0[i] = lab1[i] = static_cast<std::uint32_t>(i);
-    std::vector<std::pair<std::uint32_t, std::uint32_t>> out;
-    for (std::uint64_t key : forest) {
-        const std::uint32_t cell = key_cell(key);
-        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        const bool a_younger = make_key(vc[ra], ra) > make_key(vc[rb], rb);
-        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
-        uf.parent[younger] = elder;
-        const std::uint32_t x0a = lab0[ra], x0b = lab0[rb];
-        const bool x0a_younger = make_key(v0[x0a], x0a) > make_key(v0[x0b], x0b);
-        lab0[elder] = x0a_younger ? x0b : x0a;
-        const std::uint32_t x1a = lab1[ra], x1b = lab1[rb];
-        const bool x1a_younger = make_key(v1[x1a], x1a) > make_key(v1[x1b], x1b);
-        lab1[elder] = x1a_younger ? x1b : x1a;
-        if (vc[younger] != key_rank(key)) out.emplace_back(x0a_younger ? x0a : x0b, x1a_younger ? x1a : x1b);
-    }
-    return out;
-}
-
-// Dimension 0 of the Betti matching of a and b with the union comparison c (c's values
-// given): matched and unmatched pairs of each side, as the engine's MatchingResult
-// entries of dimension 0.
-template <class Exec>
-void matching_dim0(const ParallelBarcode<Exec>& A, const ParallelBarcode<Exec>& B, const ParallelBarcode<Exec>& C,
-                   VoxelPairs& matched_a, VoxelPairs& matched_b, VoxelPairs& unmatched_a, VoxelPairs& unmatched_b) {
-    const std::size_t N = static_cast<std::size_t>(A.X.L.points);
-    const LowHighPairs pa = A.pairs(), pb = B.pairs();
-    std::vector<std::int32_t> pob_a(N, -1), pob_b(N, -1);
-    for (std::size_t i = 0; i < pa.pairs0.size(); ++i) pob_a[pa.pairs0[i].birth_cell] = static_cast<std::int32_t>(i);
-    for (std::size_t i = 0; i < pb.pairs0.size(); ++i) pob_b[pb.pairs0[i].birth_cell] = static_cast<std::int32_t>(i);
-    std::vector<char> used_a(pa.pairs0.size(), 0), used_b(pb.pairs0.size(), 0);
-    std::vector<std::uint64_t> ca, cb, ua, ub;
-    for (const auto& [y0, y1] : image_births0(C, A.vertex_ranks(), B.vertex_ranks())) {
-        const std::int32_t i0 = pob_a[y0], i1 = pob_b[y1];
-        if (i0 < 0 || i1 < 0) continue;
-        used_a[i0] = used_b[i1] = 1;
-        ca.insert(ca.end(), {pa.pairs0[i0].birth_cell, pa.pairs0[i0].death_cell});
-        cb.insert(cb.end(), {pb.pairs0[i1].birth_cell, pb.pairs0[i1].death_cell});
-    }
-    for (std::size_t i = 0; i < pa.pairs0.size(); ++i)
-        if (!used_a[i]) ua.insert(ua.end(), {pa.pairs0[i].birth_cell, pa.pairs0[i].death_cell});
-    for (std::size_t i = 0; i < pb.pairs0.size(); ++i)
-        if (!used_b[i]) ub.insert(ub.end(), {pb.pairs0[i].birth_cell, pb.pairs0[i].death_cell});
-    A.report(ca, 0, 1, matched_a);
-    B.report(cb, 0, 1, matched_b);
-    A.report(ua, 0, 1, unmatched_a);
-    B.report(ub, 0, 1, unmatched_b);
-}
-
 template <class T>
-struct Combine {  // the comparison image: elementwise max or min
+struct Combine {  // the comparison image: elementwise max or min (std::max / std::min)
     const T* a;
     const T* b;
     T* c;
     bool take_max;
     MEDSEG_HD void operator()(std::size_t i) const { c[i] = take_max ? max_of(a[i], b[i]) : min_of(a[i], b[i]); }
 };
-
-// Dimension 0 of the union Betti matching as MatchingResult entries of dimension 0
-// (the other dimensions left empty); a and b live where Exec computes.
-template <class Exec>
-MatchingResult matching_dim0_result(const Exec& ex, Values a, Values b, int ndim, const std::int64_t shape[3],
-                                    bool superlevel, bool T) {
-    std::size_t n = 1;
-    for (int q = 0; q < ndim; ++q) n *= static_cast<std::size_t>(shape[q]);
-    auto cf = ex.template array<float>(a.f32 ? n : 0);
-    auto cd = ex.template array<double>(a.f32 ? 0 : n);
-    Values c;
-    if (a.f32) {
-        ex.for_each(n, Combine<float>{a.f32, b.f32, cf.data(), superlevel});
-        c.f32 = cf.data();
-    } else {
-        ex.for_each(n, Combine<double>{a.f64, b.f64, cd.data(), superlevel});
-        c.f64 = cd.data();
-    }
-    ParallelBarcode<Exec> A(ex, a, ndim, shape, superlevel, T), B(ex, b, ndim, shape, superlevel, T),
-        C(ex, c, ndim, shape, superlevel, T);
-    MatchingResult res;
-    res.ndim = ndim;
-    res.matched_a.resize(1);
-    res.matched_b.resize(1);
-    res.unmatched_a.resize(1);
-    res.unmatched_b.resize(1);
-    matching_dim0(A, B, C, res.matched_a[0], res.matched_b[0], res.unmatched_a[0], res.unmatched_b[0]);
-    res.num_unmatched_a = {static_cast<std::int64_t>(res.unmatched_a[0].size(ndim))};
-    res.num_unmatched_b = {static_cast<std::int64_t>(res.unmatched_b[0].size(ndim))};
-    return res;
-}
 
 }  // namespace par
 }  // namespace medseg

@@ -4,6 +4,9 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <vector>
 
 #include "../py_results.hpp"
 #include "engine_cuda.hpp"
@@ -29,6 +32,20 @@ ImageView view_of(const AnyArray& arr, int& device_id) {
     for (int a = 0; a < v.ndim; ++a) v.shape[a] = static_cast<std::int64_t>(arr.shape(a));
     v.data = arr.data();
     return v;
+}
+
+Options make_options(bool superlevel, const std::string& construction, bool include_a, bool include_b, int threads,
+                     bool intersection) {
+    Options o;
+    o.superlevel = superlevel;
+    o.intersection = intersection;
+    if (construction == "V") o.construction = Construction::V;
+    else if (construction == "T") o.construction = Construction::T;
+    else throw nb::value_error("construction must be 'V' or 'T'");
+    o.include_unmatched_a = include_a;
+    o.include_unmatched_b = include_b;
+    o.threads = threads < 1 ? 1 : threads;
+    return o;
 }
 
 }  // namespace
@@ -57,23 +74,49 @@ NB_MODULE(_engine_cuda, m) {
         },
         nb::arg("image"), nb::arg("superlevel"), nb::arg("construction"));
     m.def(
-        "matching_dim0_parallel",
-        [](AnyArray a, AnyArray b, bool superlevel, const std::string& construction) {
+        "matching",
+        [](AnyArray a, AnyArray b, bool superlevel, const std::string& construction, bool include_a,
+           bool include_b, int threads, bool intersection) {
             int da = -1, db = -1;
             const ImageView va = view_of(a, da), vb = view_of(b, db);
             if (da != db) throw nb::value_error("both images must be on the same device");
-            Options o;
-            o.superlevel = superlevel;
-            if (construction == "V") o.construction = Construction::V;
-            else if (construction == "T") o.construction = Construction::T;
-            else throw nb::value_error("construction must be 'V' or 'T'");
+            const Options o = make_options(superlevel, construction, include_a, include_b, threads, intersection);
             MatchingResult r;
             {
                 nb::gil_scoped_release release;
-                r = cuda::matching_dim0(va, vb, da, o);
+                r = cuda::matching(va, vb, da, o);
             }
             return py::matching_to_python(std::move(r));
         },
-        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"),
-        "Dimension 0 of the union Betti matching on the device (entries of dimension 0 only)");
+        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
+        nb::arg("include_b"), nb::arg("threads"), nb::arg("intersection") = false,
+        "The Betti matching on the device (same result as _engine.matching)");
+    m.def(
+        "matching_batch",
+        [](std::vector<AnyArray> as, std::vector<AnyArray> bs, bool superlevel, const std::string& construction,
+           bool include_a, bool include_b, int streams, bool intersection) {
+            if (as.size() != bs.size()) throw nb::value_error("batches differ in length");
+            std::vector<ImageView> va, vb;
+            int dev = -2;
+            for (std::size_t i = 0; i < as.size(); ++i) {
+                int da = -1, db = -1;
+                va.push_back(view_of(as[i], da));
+                vb.push_back(view_of(bs[i], db));
+                if (da != db || (dev != -2 && da != dev))
+                    throw nb::value_error("all images of a batch must be on the same device");
+                dev = da;
+            }
+            const Options o = make_options(superlevel, construction, include_a, include_b, 1, intersection);
+            std::vector<MatchingResult> rs;
+            {
+                nb::gil_scoped_release release;
+                rs = cuda::matching_batch(va, vb, dev == -2 ? -1 : dev, o, streams);
+            }
+            nb::list out;
+            for (auto& r : rs) out.append(py::matching_to_python(std::move(r)));
+            return out;
+        },
+        nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
+        nb::arg("include_b"), nb::arg("streams") = 4, nb::arg("intersection") = false,
+        "matching() of many pairs on several CUDA streams");
 }

@@ -8,11 +8,14 @@
 #include <cub/device/device_scan.cuh>
 #include <cub/device/device_select.cuh>
 
+#include <atomic>
+#include <exception>
 #include <stdexcept>
+#include <thread>
 #include <string>
 #include <vector>
 
-#include "../spanning.hpp"
+#include "../matching_parallel.hpp"
 
 namespace medseg {
 namespace cuda {
@@ -27,10 +30,12 @@ template <class T>
 class DeviceArray {
   public:
     DeviceArray() = default;
-    explicit DeviceArray(std::size_t n) : n_(n) {
-        if (n) check(cudaMalloc(&p_, n * sizeof(T)), "cudaMalloc");
+    // Stream-ordered allocation (cudaMallocAsync): pairs of a batch run on their own
+    // streams without the device-wide synchronisation of cudaMalloc/cudaFree.
+    DeviceArray(std::size_t n, cudaStream_t s) : n_(n), s_(s) {
+        if (n) check(cudaMallocAsync(reinterpret_cast<void**>(&p_), n * sizeof(T), s), "cudaMallocAsync");
     }
-    DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) {
+    DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_), s_(o.s_) {
         o.p_ = nullptr;
         o.n_ = 0;
     }
@@ -39,6 +44,7 @@ class DeviceArray {
             release();
             p_ = o.p_;
             n_ = o.n_;
+            s_ = o.s_;
             o.p_ = nullptr;
             o.n_ = 0;
         }
@@ -53,11 +59,12 @@ class DeviceArray {
 
   private:
     void release() {
-        if (p_) cudaFree(p_);
+        if (p_) cudaFreeAsync(p_, s_);  // ordered after the work queued on s_
         p_ = nullptr;
     }
     T* p_ = nullptr;
     std::size_t n_ = 0;
+    cudaStream_t s_ = nullptr;
 };
 
 template <class F>
@@ -75,7 +82,7 @@ struct DeviceExec {
     int sms = 1;
 
     template <class T>
-    Array<T> array(std::size_t n) const { return Array<T>(n); }
+    Array<T> array(std::size_t n) const { return Array<T>(n, stream); }
 
     template <class F>
     void for_each(std::size_t n, const F& f) const {
@@ -89,15 +96,15 @@ struct DeviceExec {
 
     void sort_pairs(std::uint64_t* keys, std::uint32_t* vals, std::size_t n, int lo, int hi) const {
         if (n < 2 || hi <= lo) return;
-        Array<std::uint64_t> k2(n);
-        Array<std::uint32_t> v2(vals ? n : 0);
+        Array<std::uint64_t> k2(n, stream);
+        Array<std::uint32_t> v2(vals ? n : 0, stream);
         cub::DoubleBuffer<std::uint64_t> kb(keys, k2.data());
         cub::DoubleBuffer<std::uint32_t> vb(vals, v2.data());
         std::size_t bytes = 0;
         const int num = static_cast<int>(n);
         if (vals) check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, kb, vb, num, lo, hi, stream), "sort");
         else check(cub::DeviceRadixSort::SortKeys(nullptr, bytes, kb, num, lo, hi, stream), "sort");
-        Array<unsigned char> tmp(bytes);
+        Array<unsigned char> tmp(bytes, stream);
         if (vals) check(cub::DeviceRadixSort::SortPairs(tmp.data(), bytes, kb, vb, num, lo, hi, stream), "sort");
         else check(cub::DeviceRadixSort::SortKeys(tmp.data(), bytes, kb, num, lo, hi, stream), "sort");
         if (kb.Current() != keys)
@@ -106,7 +113,6 @@ struct DeviceExec {
         if (vals && vb.Current() != vals)
             check(cudaMemcpyAsync(vals, vb.Current(), n * sizeof(std::uint32_t), cudaMemcpyDeviceToDevice, stream),
                   "copy");
-        check(cudaStreamSynchronize(stream), "sort");  // before the buffers go
     }
     void sort_keys(std::uint64_t* keys, std::size_t n, int lo, int hi) const {
         sort_pairs(keys, nullptr, n, lo, hi);
@@ -116,18 +122,17 @@ struct DeviceExec {
         std::size_t bytes = 0;
         const int num = static_cast<int>(n);
         check(cub::DeviceScan::InclusiveSum(nullptr, bytes, in, out, num, stream), "scan");
-        Array<unsigned char> tmp(bytes);
+        Array<unsigned char> tmp(bytes, stream);
         check(cub::DeviceScan::InclusiveSum(tmp.data(), bytes, in, out, num, stream), "scan");
-        check(cudaStreamSynchronize(stream), "scan");
     }
 
     Array<std::uint64_t> select_flagged(const std::uint64_t* keys, const std::uint32_t* flags, std::size_t n) const {
-        Array<std::uint64_t> out(n);
-        Array<int> count(1);
+        Array<std::uint64_t> out(n, stream);
+        Array<int> count(1, stream);
         std::size_t bytes = 0;
         const int num = static_cast<int>(n);
         check(cub::DeviceSelect::Flagged(nullptr, bytes, keys, flags, out.data(), count.data(), num, stream), "select");
-        Array<unsigned char> tmp(bytes);
+        Array<unsigned char> tmp(bytes, stream);
         check(cub::DeviceSelect::Flagged(tmp.data(), bytes, keys, flags, out.data(), count.data(), num, stream),
               "select");
         out.shrink(static_cast<std::size_t>(read(count.data())));
@@ -143,7 +148,7 @@ struct DeviceExec {
     }
     template <class T>
     Array<T> from_host(const std::vector<T>& v) const {
-        Array<T> a(v.size());
+        Array<T> a(v.size(), stream);
         if (!v.empty())
             check(cudaMemcpyAsync(a.data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, stream),
                   "copy to device");
@@ -167,12 +172,73 @@ struct DeviceExec {
 class Stream {
   public:
     Stream() { check(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "stream"); }
-    ~Stream() { cudaStreamDestroy(s_); }
+    ~Stream() {
+        cudaStreamSynchronize(s_);
+        cudaStreamDestroy(s_);
+    }
+    Stream(const Stream&) = delete;
+    Stream& operator=(const Stream&) = delete;
     cudaStream_t get() const { return s_; }
 
   private:
     cudaStream_t s_ = nullptr;
 };
+
+// An executor on a fresh stream of the current device.
+DeviceExec make_exec(const Stream& stream) {
+    DeviceExec ex;
+    ex.stream = stream.get();
+    int dev = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&ex.sms, cudaDevAttrMultiProcessorCount, dev), "attribute");
+    // Keep up to 2 GiB of freed blocks in the stream-ordered pool between calls (the
+    // default, 0, hands memory back to the driver at every synchronisation).
+    cudaMemPool_t pool;
+    check(cudaDeviceGetDefaultMemPool(&pool, dev), "memory pool");
+    std::uint64_t keep = std::uint64_t(2) << 30;
+    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "memory pool");
+    return ex;
+}
+
+std::size_t image_bytes(const ImageView& im) {
+    std::size_t n = 1;
+    for (int a = 0; a < im.ndim; ++a) n *= static_cast<std::size_t>(im.shape[a]);
+    return n * (im.dtype == DType::Float32 ? 4 : 8);
+}
+
+void check_image(const ImageView& image, bool T) {
+    if (image.ndim != 2 && image.ndim != 3) throw std::invalid_argument("engine expects 2D or 3D arrays");
+    std::int64_t lattice = 1;
+    for (int a = 0; a < image.ndim; ++a) lattice *= image.shape[a] + (T ? 1 : 0);
+    if (lattice > kMaxPoints) throw std::length_error("image too large for the engine");
+}
+
+// The image's values on the device: itself (device_id >= 0) or a copy staged on ex's stream.
+par::Values device_values(const DeviceExec& ex, const ImageView& im, int device_id, DeviceArray<unsigned char>& staged) {
+    const void* p = im.data;
+    if (device_id < 0) {
+        const std::size_t bytes = image_bytes(im);
+        staged = DeviceArray<unsigned char>(bytes, ex.stream);
+        check(cudaMemcpyAsync(staged.data(), im.data, bytes, cudaMemcpyHostToDevice, ex.stream), "copy");
+        p = staged.data();
+    }
+    par::Values x;
+    if (im.dtype == DType::Float32) x.f32 = static_cast<const float*>(p);
+    else x.f64 = static_cast<const double*>(p);
+    return x;
+}
+
+// One pair on ex's stream (the caller has ordered the inputs' producers before it).
+MatchingResult match_one(const DeviceExec& ex, const ImageView& a, const ImageView& b, int device_id,
+                         const Options& opt) {
+    if (a.dtype != b.dtype || a.ndim != b.ndim || a.shape[0] != b.shape[0] || a.shape[1] != b.shape[1] ||
+        a.shape[2] != b.shape[2])
+        throw std::invalid_argument("both images must have the same shape and dtype");
+    check_image(a, opt.construction == Construction::T);
+    DeviceArray<unsigned char> sa, sb;
+    const par::Values xa = device_values(ex, a, device_id, sa), xb = device_values(ex, b, device_id, sb);
+    return par::matching_result(ex, xa, xb, a.ndim, a.shape, opt);
+}
 
 }  // namespace
 
@@ -192,90 +258,67 @@ std::string runtime_version() {
 }
 
 BarcodeResult barcode(const ImageView& image, int device_id, const Options& opt) {
-    if (image.ndim != 2 && image.ndim != 3) throw std::invalid_argument("engine expects 2D or 3D arrays");
     const bool T = opt.construction == Construction::T;
-    std::int64_t points = 1, lattice = 1;
-    for (int a = 0; a < image.ndim; ++a) {
-        points *= image.shape[a];
-        lattice *= image.shape[a] + (T ? 1 : 0);
-    }
-    if (lattice > kMaxPoints) throw std::length_error("image too large for the engine");
-    const std::size_t elem = image.dtype == DType::Float32 ? 4 : 8;
-    const std::size_t bytes = static_cast<std::size_t>(points) * elem;
+    check_image(image, T);
     check(cudaSetDevice(device_id < 0 ? 0 : device_id), "cudaSetDevice");
-    Stream stream;
-    DeviceExec ex;
-    ex.stream = stream.get();
-    int dev = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&ex.sms, cudaDevAttrMultiProcessorCount, dev), "attribute");
     // The caller's tensor may still be written by its own stream: order after it.
     check(cudaDeviceSynchronize(), "synchronize");
+    Stream stream;
+    const DeviceExec ex = make_exec(stream);
     DeviceArray<unsigned char> staged;
-    const void* values = image.data;
-    if (device_id < 0) {
-        staged = DeviceArray<unsigned char>(bytes);
-        check(cudaMemcpyAsync(staged.data(), image.data, bytes, cudaMemcpyHostToDevice, ex.stream), "copy");
-        values = staged.data();
-    }
-    par::Values x;
-    if (image.dtype == DType::Float32) x.f32 = static_cast<const float*>(values);
-    else x.f64 = static_cast<const double*>(values);
-    BarcodeResult res;
-    {
-        par::ParallelBarcode<DeviceExec> pb(ex, x, image.ndim, image.shape, opt.superlevel, T);
-        res = pb.barcode();
-    }
-    if (image.ndim == 3) {  // dimension 1 by the CPU reduction (CUDA.md: not on the device yet)
-        std::vector<unsigned char> host;
-        ImageView hv = image;
-        if (device_id >= 0) {
-            host.resize(bytes);
-            check(cudaMemcpy(host.data(), image.data, bytes, cudaMemcpyDeviceToHost), "copy to host");
-            hv.data = host.data();
-        }
-        Options o = opt;
-        o.threads = 1;
-        res.pairs[1] = std::move(compute_barcode(hv, o).pairs[1]);
-    }
-    return res;
+    const par::Values x = device_values(ex, image, device_id, staged);
+    return par::barcode_result(ex, x, image.ndim, image.shape, opt.superlevel, T);
 }
 
-MatchingResult matching_dim0(const ImageView& a, const ImageView& b, int device_id, const Options& opt) {
-    if (a.dtype != b.dtype || a.ndim != b.ndim || a.shape[0] != b.shape[0] || a.shape[1] != b.shape[1] ||
-        a.shape[2] != b.shape[2])
-        throw std::invalid_argument("both images must have the same shape and dtype");
-    std::int64_t points = 1;
-    for (int q = 0; q < a.ndim; ++q) points *= a.shape[q];
-    const std::size_t bytes = static_cast<std::size_t>(points) * (a.dtype == DType::Float32 ? 4 : 8);
+MatchingResult matching(const ImageView& a, const ImageView& b, int device_id, const Options& opt) {
     check(cudaSetDevice(device_id < 0 ? 0 : device_id), "cudaSetDevice");
-    Stream stream;
-    DeviceExec ex;
-    ex.stream = stream.get();
-    int dev = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&ex.sms, cudaDevAttrMultiProcessorCount, dev), "attribute");
     check(cudaDeviceSynchronize(), "synchronize");
-    DeviceArray<unsigned char> sa, sb;
-    const void* pa = a.data;
-    const void* pb = b.data;
-    if (device_id < 0) {
-        sa = DeviceArray<unsigned char>(bytes);
-        sb = DeviceArray<unsigned char>(bytes);
-        check(cudaMemcpyAsync(sa.data(), a.data, bytes, cudaMemcpyHostToDevice, ex.stream), "copy");
-        check(cudaMemcpyAsync(sb.data(), b.data, bytes, cudaMemcpyHostToDevice, ex.stream), "copy");
-        pa = sa.data();
-        pb = sb.data();
-    }
-    par::Values xa, xb;
-    if (a.dtype == DType::Float32) {
-        xa.f32 = static_cast<const float*>(pa);
-        xb.f32 = static_cast<const float*>(pb);
-    } else {
-        xa.f64 = static_cast<const double*>(pa);
-        xb.f64 = static_cast<const double*>(pb);
-    }
-    return par::matching_dim0_result(ex, xa, xb, a.ndim, a.shape, opt.superlevel, opt.construction == Construction::T);
+    Stream stream;
+    return match_one(make_exec(stream), a, b, device_id, opt);
+}
+
+std::vector<MatchingResult> matching_batch(const std::vector<ImageView>& as, const std::vector<ImageView>& bs,
+                                           int device_id, const Options& opt, int streams) {
+    if (as.size() != bs.size()) throw std::invalid_argument("batches differ in length");
+    const std::size_t n = as.size();
+    std::vector<MatchingResult> out(n);
+    if (n == 0) return out;
+    const int dev = device_id < 0 ? 0 : device_id;
+    check(cudaSetDevice(dev), "cudaSetDevice");
+    check(cudaDeviceSynchronize(), "synchronize");  // once, before any stream starts
+    // A small pool of host threads, each with its own stream, takes the pairs in turn:
+    // the device overlaps one pair's kernels with another's, the host passes run in
+    // parallel. Every pair's buffers are stream-ordered on its thread's stream.
+    const std::size_t k = std::min<std::size_t>(n, static_cast<std::size_t>(std::max(1, streams)));
+    std::atomic<std::size_t> next{0};
+    std::vector<std::exception_ptr> errors(n);
+    Options inner = opt;
+    inner.threads = 1;
+    auto worker = [&]() {
+        try {
+            check(cudaSetDevice(dev), "cudaSetDevice");  // the current device is per host thread
+            Stream stream;
+            const DeviceExec ex = make_exec(stream);
+            for (;;) {
+                const std::size_t i = next.fetch_add(1);
+                if (i >= n) return;
+                try {
+                    out[i] = match_one(ex, as[i], bs[i], device_id, inner);
+                } catch (...) {
+                    errors[i] = std::current_exception();
+                }
+            }
+        } catch (...) {
+            for (std::size_t i = next.fetch_add(n); i < n; ++i) errors[i] = std::current_exception();
+        }
+    };
+    std::vector<std::thread> pool;
+    for (std::size_t t = 1; t < k; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& t : pool) t.join();
+    for (auto& e : errors)
+        if (e) std::rethrow_exception(e);
+    return out;
 }
 
 }  // namespace cuda

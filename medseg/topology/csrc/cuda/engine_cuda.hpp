@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "../engine.hpp"
 
@@ -17,9 +18,13 @@ std::string runtime_version();
 // memory of CUDA device device_id. Same pairs as compute_barcode.
 BarcodeResult barcode(const ImageView& image, int device_id, const Options& options);
 
-// Dimension 0 of the union Betti matching (MatchingResult entries of dimension 0 only);
-// both images in host memory (device_id < 0) or on device device_id.
-MatchingResult matching_dim0(const ImageView& a, const ImageView& b, int device_id, const Options& options);
+// The Betti matching of a and b, as compute_matching gives it (either comparison).
+// Both images in host memory (device_id < 0) or on device device_id.
+MatchingResult matching(const ImageView& a, const ImageView& b, int device_id, const Options& options);
+
+// Pairs (as[i], bs[i]) on `streams` CUDA streams (one host thread each), all on one device.
+std::vector<MatchingResult> matching_batch(const std::vector<ImageView>& as, const std::vector<ImageView>& bs,
+                                           int device_id, const Options& options, int streams);
 
 }  // namespace cuda
 }  // namespace medseg
