@@ -357,6 +357,7 @@ def betti_matching_error(
     comparison: str = "union",
     relative: bool = False,
     backend: str = "auto",
+    threads: int | None = None,
 ) -> np.ndarray:
     """Betti matching error of two binary masks: unmatched features per dimension.
 
@@ -364,7 +365,8 @@ def betti_matching_error(
     filtration the features are those of the foreground (4/6-connected for the V
     construction, 8/26-connected for T). Returns an int64 array with, per dimension,
     the number of unmatched features of the prediction plus those of the target.
-    ``backend`` as in :func:`betti_matching`.
+    ``backend`` as in :func:`betti_matching`; ``threads`` inside this one computation
+    (default None: all available cores).
 
     Examples
     --------
@@ -383,6 +385,7 @@ def betti_matching_error(
         relative=relative,
         include_unmatched_prediction=False,
         include_unmatched_target=False,
+        threads=threads,
         backend=backend,
     )
     return m.error

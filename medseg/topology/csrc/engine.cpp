@@ -28,19 +28,17 @@
 // vertex / top cell, the point at infinity being the eldest. Reported voxels follow
 // the reference too (Reporter below).
 #include "engine.hpp"
-#include "spanning.hpp"
 #include "big_vector.hpp"
+#include "host_passes.hpp"
+#include "spanning.hpp"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
-#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -48,48 +46,11 @@
 namespace medseg {
 namespace {
 
-// Phase timings on stderr when MEDSEG_TOPOLOGY_PROFILE is set (development aid).
-struct PhaseTimer {
-    bool on = std::getenv("MEDSEG_TOPOLOGY_PROFILE") != nullptr;
-    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
-    void mark(const char* what) {
-        if (!on) return;
-        auto now = std::chrono::steady_clock::now();
-        std::fprintf(stderr, "[medseg.topology] %-28s %8.1f ms\n", what,
-                     std::chrono::duration<double, std::milli>(now - t).count());
-        t = now;
-    }
-};
+using host::PhaseTimer;
+using host::run_tasks;
 
 // ---------------------------------------------------------------------------------
 // Parallel tasks
-
-void run_tasks(std::vector<std::function<void()>>& tasks, int threads) {
-    if (threads <= 1 || tasks.size() <= 1) {
-        for (auto& t : tasks) t();
-        return;
-    }
-    std::atomic<std::size_t> next{0};
-    std::vector<std::exception_ptr> errors(tasks.size());
-    auto worker = [&]() {
-        for (;;) {
-            std::size_t i = next.fetch_add(1);
-            if (i >= tasks.size()) return;
-            try {
-                tasks[i]();
-            } catch (...) {
-                errors[i] = std::current_exception();
-            }
-        }
-    };
-    int n = std::min<int>(threads, static_cast<int>(tasks.size()));
-    std::vector<std::thread> pool;
-    for (int i = 1; i < n; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
-    for (auto& e : errors)
-        if (e) std::rethrow_exception(e);
-}
 
 // A small task graph: a task starts once the tasks it depends on have finished, and
 // of the ready tasks the one added first starts first (add long ones early). With the
@@ -508,23 +469,6 @@ struct Reporter {
 };
 
 // ---------------------------------------------------------------------------------
-// Union-find
-
-struct UnionFind {
-    big_vector<std::uint32_t> parent;
-    explicit UnionFind(std::size_t n) : parent(n) {
-        std::iota(parent.begin(), parent.end(), 0u);
-    }
-    std::uint32_t find(std::uint32_t x) {
-        while (parent[x] != x) {
-            parent[x] = parent[parent[x]];  // path halving
-            x = parent[x];
-        }
-        return x;
-    }
-};
-
-// ---------------------------------------------------------------------------------
 // Top dimension: union-find on the dual graph.
 
 struct TopDim {
@@ -532,10 +476,15 @@ struct TopDim {
     big_vector<std::uint32_t> columns;  // (d-1)-cells that did not merge, in ascending key order
 };
 
-// (d-1)-cell with normal axis u joins the top cells at b - e_u and b.
-inline int normal_axis(const Lattice& L, std::uint32_t cell) {
-    const int t = cell % 3;
-    return L.ndim == 3 ? t : 1 - t;
+// Top-cell keys by base point (in 2D the squares with normal z), with the point at
+// infinity last and largest (kNoKey).
+big_vector<key_t> top_keys(const Filtration& F) {
+    const std::int64_t N = F.L.points;
+    big_vector<key_t> k(N + 1);
+    for (std::int64_t p = 0; p < N; ++p)
+        k[p] = F.top(p) == kInfRank ? kNoKey : make_key(F.top(p), static_cast<std::uint64_t>(p));
+    k[N] = kNoKey;
+    return k;
 }
 
 // X: the complex; sub_sorted: its (d-1)-cells ascending. If comp is given, the comp
@@ -543,123 +492,20 @@ inline int normal_axis(const Lattice& L, std::uint32_t cell) {
 // match_top[comp-younger top cell] receives the index of X's pair.
 void top_dimension(const Filtration& X, const big_vector<key_t>& sub_sorted, const Filtration* comp,
                    big_vector<std::int32_t>* match_top, TopDim& out, bool keep_columns) {
-    const Lattice& L = X.L;
-    const std::uint32_t inf = static_cast<std::uint32_t>(L.points);
-    UnionFind uf(L.points + 1);
-    big_vector<std::uint32_t> label;
-    if (comp) {
-        label.resize(L.points + 1);
-        std::iota(label.begin(), label.end(), 0u);
-        match_top->assign(L.points + 1, -1);
-    }
-    // Compact copies of the top-cell ranks (in 2D they are every third square rank),
-    // with the point at infinity last and largest.
-    auto compact_top = [&](const Filtration& F) {
-        big_vector<key_t> k(L.points + 1);
-        for (std::int64_t p = 0; p < L.points; ++p)
-            k[p] = F.top(p) == kInfRank ? kNoKey : make_key(F.top(p), static_cast<std::uint64_t>(p));
-        k[L.points] = kNoKey;
-        return k;
-    };
-    const big_vector<key_t> xtop = compact_top(X);
-    const big_vector<key_t> ctop = comp ? compact_top(*comp) : big_vector<key_t>();
-    auto xkey = [&](std::uint32_t p) { return xtop[p]; };
-    auto ckey = [&](std::uint32_t p) { return ctop[p]; };
-    const bool have_top = [&] {
-        for (int a = 0; a < L.ndim; ++a)
-            if (L.n[a] < 2) return false;
-        return true;
-    }();
-    if (keep_columns) out.columns.reserve(sub_sorted.size());
-    for (auto it = sub_sorted.rbegin(); it != sub_sorted.rend(); ++it) {
-        const key_t key = *it;
-        const std::uint32_t cell = key_cell(key);
-        if (!have_top) {
+    const big_vector<key_t> xtop = top_keys(X);
+    const big_vector<key_t> ctop = comp ? top_keys(*comp) : big_vector<key_t>();
+    const std::size_t n = sub_sorted.size();
+    if (keep_columns) out.columns.reserve(n);
+    host::top_pass(
+        X.L, n, [&](std::size_t i) { return sub_sorted[n - 1 - i]; }, xtop.data(), comp ? ctop.data() : nullptr,
+        match_top, out.pairs, [&](std::uint32_t cell) {
             if (keep_columns) out.columns.push_back(cell);
-            continue;
-        }
-        // The top cell at b exists iff b_u + 1 < n_u, i.e. iff its rank is finite; the
-        // one at b - e_u iff b_u > 0: for b_u = 0 the index l - stride_u is either
-        // negative (u = 0) or a cell in the last layer of a lower axis, which has no
-        // top cell either. So no coordinates (no divisions) are needed.
-        const std::int64_t l = cell / 3;
-        const std::int64_t s = L.stride[normal_axis(L, cell)];
-        const std::uint32_t p1 = xtop[l] != kNoKey ? static_cast<std::uint32_t>(l) : inf;
-        const std::uint32_t p0 = (l >= s && xtop[l - s] != kNoKey) ? static_cast<std::uint32_t>(l - s) : inf;
-        const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
-        if (r0 == r1) {
-            if (keep_columns) out.columns.push_back(cell);
-            continue;
-        }
-        const bool first_younger = xkey(r0) < xkey(r1);
-        const std::uint32_t younger = first_younger ? r0 : r1;
-        const std::uint32_t elder = first_younger ? r1 : r0;
-        uf.parent[younger] = elder;
-        std::uint32_t comp_younger = 0;
-        if (comp) {
-            const std::uint32_t c0 = label[r0], c1 = label[r1];
-            const bool c0_younger = ckey(c0) < ckey(c1);
-            comp_younger = c0_younger ? c0 : c1;
-            label[elder] = c0_younger ? c1 : c0;
-        }
-        if (key_rank(xtop[younger]) != key_rank(key)) {
-            if (comp) (*match_top)[comp_younger] = static_cast<std::int32_t>(out.pairs.size());
-            out.pairs.push_back({cell, younger});
-        }
-    }
+        });
     std::reverse(out.columns.begin(), out.columns.end());
 }
 
 // ---------------------------------------------------------------------------------
 // Dimension 1 in 3D: boundary-matrix reduction of the squares.
-
-inline void square_boundary(const Lattice& L, std::uint32_t cell, std::uint32_t out[4]) {
-    const std::int64_t l = cell / 3;
-    const int t = cell % 3;
-    int u, w;
-    other_axes(t, u, w);
-    out[0] = static_cast<std::uint32_t>(3 * l + u);
-    out[1] = static_cast<std::uint32_t>(3 * (l + L.stride[w]) + u);
-    out[2] = static_cast<std::uint32_t>(3 * l + w);
-    out[3] = static_cast<std::uint32_t>(3 * (l + L.stride[u]) + w);
-}
-
-// Long working columns of the reduction: a set of row positions with Z/2 toggling and
-// "largest element" queries, as a 64-ary tree of bit words (each level marks the
-// non-zero words of the level below). Toggle and max cost a few word operations
-// whatever the column's length.
-class BitTree {
-  public:
-    explicit BitTree(std::size_t n) {
-        std::size_t m = std::max<std::size_t>(n, 1);
-        do {
-            m = (m + 63) / 64;
-            levels_.emplace_back(m, 0);
-        } while (m > 1);
-    }
-    void toggle(std::uint32_t i) {
-        std::uint64_t idx = i;
-        for (auto& level : levels_) {
-            std::uint64_t& w = level[idx >> 6];
-            const bool was = w != 0;
-            w ^= 1ull << (idx & 63);
-            if (was == (w != 0)) return;
-            idx >>= 6;
-        }
-    }
-    std::uint32_t max() const {
-        if (levels_.back()[0] == 0) return kNone;
-        std::uint64_t idx = 0;
-        for (std::size_t l = levels_.size(); l-- > 0;) {
-            const std::uint64_t w = levels_[l][idx];
-            idx = idx * 64 + (63 - __builtin_clzll(w));
-        }
-        return static_cast<std::uint32_t>(idx);
-    }
-
-  private:
-    std::vector<big_vector<std::uint64_t>> levels_;
-};
 
 // The row side of a dimension-1 reduction: the edges in the order of one filtration.
 // It depends on the row filtration only (square boundaries are geometric), so one
@@ -682,7 +528,7 @@ RowOrder row_order(const Lattice& L, const big_vector<rank_t>& squares, const bi
     for (std::size_t c = 0; c < R.raw_pivot.size(); ++c) {
         if (squares[c] == kInfRank) continue;  // no such square
         std::uint32_t e[4];
-        square_boundary(L, static_cast<std::uint32_t>(c), e);
+        host::square_edges(L, static_cast<std::uint32_t>(c), e);
         R.raw_pivot[c] = std::max(std::max(R.pos[e[0]], R.pos[e[1]]), std::max(R.pos[e[2]], R.pos[e[3]]));
     }
     return R;
@@ -697,114 +543,28 @@ RowOrder row_order(const Lattice& L, const big_vector<rank_t>& squares, const bi
 template <class Owner>
 void reduce_dim1_impl(const Lattice& L, const RowOrder& R, const big_vector<std::uint32_t>& columns,
                       big_vector<std::uint32_t>& pivot) {
-    const big_vector<key_t>& rows_sorted = *R.rows;
-    const big_vector<std::uint32_t>& pos = R.pos;
     const big_vector<std::uint32_t>& raw_pivot = R.raw_pivot;
     const std::size_t ncols = columns.size();
-    const std::size_t nrows = rows_sorted.size();
     pivot.assign(ncols, kNone);
-    // What owns a row position (as a pivot), in one word so that the pivot lookup
-    // also fetches the column to add: kFree, kRaw | square (the column is its boundary,
-    // recomputed), or the offset of a stored reduced column in `arena` (length first).
-    constexpr Owner kFree = ~Owner(0), kRaw = Owner(1) << (8 * sizeof(Owner) - 1);
-    std::vector<Owner> owner(nrows, kFree);
-    big_vector<std::uint32_t> arena;
-    BitTree work(nrows);
-    std::size_t st_reduced = 0, st_additions = 0;
-    auto boundary = [&](std::uint32_t cell, std::uint32_t out[4]) {
-        std::uint32_t edges[4];
-        square_boundary(L, cell, edges);
-        for (int q = 0; q < 4; ++q) out[q] = pos[edges[q]];
-    };
-    // The working column is a descending vector while it is short (adding a column is
-    // a merge with Z/2 cancellation, in L1); a long one moves to the bit tree.
-    constexpr std::size_t kShort = 1024;
-    big_vector<std::uint32_t> wv, tmp;
-    auto sort4_desc = [](std::uint32_t v[4]) {
-        auto cs = [&](int a, int b) {
-            if (v[a] < v[b]) std::swap(v[a], v[b]);
-        };
-        cs(0, 1), cs(2, 3), cs(0, 2), cs(1, 3), cs(1, 2);
-    };
-    auto merge_into = [&](const std::uint32_t* c, std::size_t n) {
-        tmp.clear();
-        std::size_t a = 0, b = 0;
-        while (a < wv.size() && b < n) {
-            if (wv[a] > c[b]) tmp.push_back(wv[a++]);
-            else if (c[b] > wv[a]) tmp.push_back(c[b++]);
-            else ++a, ++b;
-        }
-        tmp.insert(tmp.end(), wv.begin() + a, wv.end());
-        tmp.insert(tmp.end(), c + b, c + n);
-        wv.swap(tmp);
-    };
+    host::ColumnReduction<Owner> red(L, R.pos.data(), R.rows->size());
     constexpr std::size_t kAhead = 16;
     for (std::size_t i = 0; i < ncols; ++i) {
         if (i + 2 * kAhead < ncols) __builtin_prefetch(&raw_pivot[columns[i + 2 * kAhead]]);
-        if (i + kAhead < ncols) __builtin_prefetch(&owner[raw_pivot[columns[i + kAhead]]]);
+        if (i + kAhead < ncols) red.prefetch_owner(raw_pivot[columns[i + kAhead]]);
         const std::uint32_t cell = columns[i];
-        std::uint32_t p = raw_pivot[cell];
-        if (owner[p] == kFree) {  // apparent pivot: the column is reduced as it is
-            owner[p] = kRaw | cell;
+        const std::uint32_t p = raw_pivot[cell];
+        if (red.is_free(p)) {  // the pivot is free when reached: the column stays as it is
+            red.own_raw(p, cell);
             pivot[i] = p;
-            continue;
-        }
-        ++st_reduced;
-        std::uint32_t b[4];
-        boundary(cell, b);
-        sort4_desc(b);
-        wv.assign(b, b + 4);
-        bool in_tree = false;
-        for (;;) {
-            const Owner o = owner[p];
-            ++st_additions;
-            const std::uint32_t* col;
-            std::size_t n;
-            std::uint32_t other[4];
-            if (o & kRaw) {
-                boundary(static_cast<std::uint32_t>(o & ~kRaw), other);
-                sort4_desc(other);
-                col = other;
-                n = 4;
-            } else {
-                col = arena.data() + o + 1;
-                n = arena[o];
-            }
-            if (!in_tree && wv.size() + n > kShort) {
-                for (std::uint32_t q : wv) work.toggle(q);
-                in_tree = true;
-            }
-            if (in_tree) {
-                for (std::size_t q = 0; q < n; ++q) work.toggle(col[q]);
-                p = work.max();
-            } else {
-                merge_into(col, n);
-                p = wv.empty() ? kNone : wv[0];
-            }
-            if (p == kNone) break;  // zero column
-            if (owner[p] == kFree) {
-                pivot[i] = p;
-                if (arena.size() >= kRaw) throw std::length_error("reduction too large for the engine");
-                owner[p] = static_cast<Owner>(arena.size());
-                arena.push_back(0);
-                if (in_tree) {
-                    for (std::uint32_t q = work.max(); q != kNone; q = work.max()) {
-                        arena.push_back(q);
-                        work.toggle(q);
-                    }
-                } else {
-                    arena.insert(arena.end(), wv.begin(), wv.end());
-                }
-                arena[owner[p]] = static_cast<std::uint32_t>(arena.size() - owner[p] - 1);
-                break;
-            }
+        } else {
+            pivot[i] = red.reduce(cell, p);
         }
     }
     for (auto& p : pivot)
-        if (p != kNone) p = key_cell(rows_sorted[p]);
+        if (p != kNone) p = key_cell((*R.rows)[p]);
     if (std::getenv("MEDSEG_TOPOLOGY_PROFILE"))
         std::fprintf(stderr, "  reduce: %zu columns, %zu reduced, %zu additions, stored entries %zu\n", ncols,
-                     st_reduced, st_additions, arena.size());
+                     red.reduced, red.additions, red.stored());
 }
 
 // 32-bit owner words (half the cache footprint) whenever the cells fit in 31 bits.
@@ -827,53 +587,22 @@ struct Dim0 {
     big_vector<std::int32_t> pair_of_birth;   // vertex -> index in pairs, or -1
 };
 
-void dimension0(const Filtration& X, const big_vector<key_t>& edges, Dim0& out) {
-    const Lattice& L = X.L;
-    UnionFind uf(L.points);
-    out.pair_of_birth.assign(L.points, -1);
-    for (key_t key : edges) {
-        const std::uint32_t cell = key_cell(key);
-        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        if (ra == rb) continue;
-        const bool a_younger = X.vkey(ra) > X.vkey(rb);
-        const std::uint32_t younger = a_younger ? ra : rb;
-        uf.parent[younger] = a_younger ? rb : ra;
-        if (X.v[younger] != key_rank(key)) {
-            out.pair_of_birth[younger] = static_cast<std::int32_t>(out.pairs.size());
-            out.pairs.push_back({younger, cell});
-        }
-    }
+// Reads the keys of a sorted cell array (the passes' key_at).
+inline auto keys_of(const big_vector<key_t>& keys) {
+    return [&keys](std::size_t i) { return keys[i]; };
 }
 
-// The comparison's union-find, carrying the elders of X0 and X1 along (their forests
-// have the same partition as the comparison's at every step). For every non-trivial
-// comparison pair, the X0- and X1-younger vertices are returned.
-void dimension0_image(const Filtration& C, const Filtration& X0, const Filtration& X1,
-                      const big_vector<key_t>& edges,
-                      std::vector<std::pair<std::uint32_t, std::uint32_t>>& image_births) {
-    const Lattice& L = C.L;
-    UnionFind uf(L.points);
-    big_vector<std::uint32_t> lab0(L.points), lab1(L.points);
-    std::iota(lab0.begin(), lab0.end(), 0u);
-    std::iota(lab1.begin(), lab1.end(), 0u);
-    for (key_t key : edges) {
-        const std::uint32_t cell = key_cell(key);
-        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        if (ra == rb) continue;
-        const bool a_younger = C.vkey(ra) > C.vkey(rb);
-        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
-        uf.parent[younger] = elder;
-        const std::uint32_t x0a = lab0[ra], x0b = lab0[rb];
-        const bool x0a_younger = X0.vkey(x0a) > X0.vkey(x0b);
-        lab0[elder] = x0a_younger ? x0b : x0a;
-        const std::uint32_t x1a = lab1[ra], x1b = lab1[rb];
-        const bool x1a_younger = X1.vkey(x1a) > X1.vkey(x1b);
-        lab1[elder] = x1a_younger ? x1b : x1a;
-        if (C.v[younger] != key_rank(key))
-            image_births.emplace_back(x0a_younger ? x0a : x0b, x1a_younger ? x1a : x1b);
-    }
+void dimension0(const Filtration& X, const big_vector<key_t>& edges, Dim0& out) {
+    host::dim0_pass(X.L, edges.size(), keys_of(edges), X.v.data(), out.pairs);
+    out.pair_of_birth = host::pairs_by_birth(out.pairs, static_cast<std::size_t>(X.L.points));
+}
+
+// The comparison's union-find carrying the elders of X0 and X1: for every non-trivial
+// comparison pair, the X0- and X1-younger vertices.
+std::vector<std::pair<std::uint32_t, std::uint32_t>> dimension0_image(const Filtration& C, const Filtration& X0,
+                                                                      const Filtration& X1,
+                                                                      const big_vector<key_t>& edges) {
+    return host::image_births0(C.L, edges.size(), keys_of(edges), C.v.data(), X0.v.data(), X1.v.data());
 }
 
 // ---------------------------------------------------------------------------------
@@ -1021,35 +750,17 @@ void prepare_complex(Complex& X, const Lattice& P, const ImageView& im, const Op
 // the union case swap: X's own order is walked (codomain) carrying H's elders
 // (domain). For every non-trivial pair of X, in the order of X.dim0.pairs, the index of
 // the H pair born at the H-younger vertex (or -1).
-big_vector<std::int32_t> dimension0_into(const Filtration& X, const big_vector<key_t>& edges,
-                                          const Filtration& H, const Dim0& h0) {
-    const Lattice& L = X.L;
-    UnionFind uf(L.points);
-    big_vector<std::uint32_t> lab(L.points);
-    std::iota(lab.begin(), lab.end(), 0u);
-    big_vector<std::int32_t> out;
-    for (key_t key : edges) {
-        const std::uint32_t cell = key_cell(key);
-        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        if (ra == rb) continue;
-        const bool a_younger = X.vkey(ra) > X.vkey(rb);
-        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
-        uf.parent[younger] = elder;
-        const std::uint32_t ha = lab[ra], hb = lab[rb];
-        const bool ha_younger = H.vkey(ha) > H.vkey(hb);
-        lab[elder] = ha_younger ? hb : ha;
-        if (X.v[younger] != key_rank(key)) out.push_back(h0.pair_of_birth[ha_younger ? ha : hb]);
-    }
-    return out;
+std::vector<std::int32_t> dimension0_into(const Filtration& X, const big_vector<key_t>& edges, const Filtration& H,
+                                          const Dim0& h0) {
+    return host::dim0_into(X.L, edges.size(), keys_of(edges), X.v.data(), H.v.data(), h0.pair_of_birth.data());
 }
 
 // Pairs of X matched to pairs of H through the image of H -> X (intersection), per
 // dimension: out[k][i] = index of the H pair matched with X's i-th pair, or -1.
 // RH = row_order of H's edges.
-std::vector<big_vector<std::int32_t>> into_comparison(const Complex& X, const Complex& H, const RowOrder* RH) {
+std::vector<std::vector<std::int32_t>> into_comparison(const Complex& X, const Complex& H, const RowOrder* RH) {
     const int d = X.F.dim();
-    std::vector<big_vector<std::int32_t>> out(d);
+    std::vector<std::vector<std::int32_t>> out(d);
     out[0] = dimension0_into(X.F, X.edges, H.F, H.dim0);
     if (d == 3) {
         big_vector<std::uint32_t> pivot;
@@ -1207,7 +918,7 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
         };
         if (!prepared_b) tasks.push_back([&] { prepare_complex(X1_local, P, b, opt, false); });
         run_tasks(tasks, threads);
-        std::vector<big_vector<std::int32_t>> to_h0, to_h1;
+        std::vector<std::vector<std::int32_t>> to_h0, to_h1;
         std::vector<std::function<void()>> more = {
             [&] { to_h0 = into_comparison(X0, H, &RH); },
             [&] { to_h1 = into_comparison(X1, H, &RH); },
@@ -1273,7 +984,7 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
     }
     g.add("dim0 a", [&] { dimension0(X0.F, X0.edges, X0.dim0); }, {fa});
     if (fresh_b) g.add("dim0 b", [&] { dimension0(X1_local.F, X1_local.edges, X1_local.dim0); }, {fb});
-    g.add("dim0 comparison+images", [&] { dimension0_image(C.F, X0.F, X1.F, C.edges, image_births0); },
+    g.add("dim0 comparison+images", [&] { image_births0 = dimension0_image(C.F, X0.F, X1.F, C.edges); },
           {fc, fa, fb});
     g.run(threads, timer);
 

@@ -1,0 +1,420 @@
+// Host-side passes shared by the sequential engine (engine.cpp) and the host steps of
+// the data-parallel backend (matching_parallel.hpp): the elder-rule union-finds of
+// dimensions 0 and d-1 (own and image persistence), the dimension-1 column reduction,
+// and small helpers (phase timings, a task pool).
+//
+// The union-find passes read the cells of one dimension in filtration order through
+// key_at(i), i < count. The sequential engine hands them every cell and they skip those
+// that merge nothing; the data-parallel backend hands them only its spanning-forest
+// cells, which are exactly the cells that merge (CUDA.md), so both backends make the
+// same pairs in the same order from the same code.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "big_vector.hpp"
+#include "cells.hpp"
+
+namespace medseg {
+namespace host {
+
+// Phase timings on stderr when MEDSEG_TOPOLOGY_PROFILE is set (development aid).
+struct PhaseTimer {
+    const char* prefix = "";
+    bool on = std::getenv("MEDSEG_TOPOLOGY_PROFILE") != nullptr;
+    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+    void mark(const char* what) {
+        if (!on) return;
+        const auto now = std::chrono::steady_clock::now();
+        std::fprintf(stderr, "[medseg.topology] %s%-28s %8.1f ms\n", prefix, what,
+                     std::chrono::duration<double, std::milli>(now - t).count());
+        t = now;
+    }
+};
+
+// Runs independent tasks on up to `threads` threads; the first exception is rethrown
+// once all have stopped.
+inline void run_tasks(std::vector<std::function<void()>>& tasks, int threads) {
+    if (threads <= 1 || tasks.size() <= 1) {
+        for (auto& t : tasks) t();
+        return;
+    }
+    std::atomic<std::size_t> next{0};
+    std::vector<std::exception_ptr> errors(tasks.size());
+    auto worker = [&]() {
+        for (;;) {
+            const std::size_t i = next.fetch_add(1);
+            if (i >= tasks.size()) return;
+            try {
+                tasks[i]();
+            } catch (...) {
+                errors[i] = std::current_exception();
+            }
+        }
+    };
+    const int n = std::min<int>(threads, static_cast<int>(tasks.size()));
+    std::vector<std::thread> pool;
+    for (int i = 1; i < n; ++i) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+    for (auto& e : errors)
+        if (e) std::rethrow_exception(e);
+}
+
+// ---------------------------------------------------------------------------------
+// Union-find with the elder rule
+
+struct UnionFind {
+    big_vector<std::uint32_t> parent;
+    explicit UnionFind(std::size_t n) : parent(n) {
+        for (std::size_t i = 0; i < n; ++i) parent[i] = static_cast<std::uint32_t>(i);
+    }
+    std::uint32_t find(std::uint32_t x) {
+        while (parent[x] != x) {
+            parent[x] = parent[parent[x]];  // path halving
+            x = parent[x];
+        }
+        return x;
+    }
+};
+
+inline big_vector<std::uint32_t> identity_labels(std::size_t n) {
+    big_vector<std::uint32_t> label(n);
+    for (std::size_t i = 0; i < n; ++i) label[i] = static_cast<std::uint32_t>(i);
+    return label;
+}
+
+// The ends of an edge (packed 1-cell) of the lattice.
+inline void edge_ends(const Lattice& L, std::uint32_t cell, std::uint32_t& a, std::uint32_t& b) {
+    a = cell / 3;
+    b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
+}
+
+// index[birth vertex] = the index of the pair born there, or -1.
+inline big_vector<std::int32_t> pairs_by_birth(const std::vector<CellPair>& pairs, std::size_t points) {
+    big_vector<std::int32_t> index(points, -1);
+    for (std::size_t i = 0; i < pairs.size(); ++i) index[pairs[i].birth_cell] = static_cast<std::int32_t>(i);
+    return index;
+}
+
+// Dimension 0: (birth vertex, death edge) pairs of positive persistence; v = vertex
+// ranks. Elders by (rank, index) of the vertex.
+template <class KeyAt>
+void dim0_pass(const Lattice& L, std::size_t count, KeyAt key_at, const rank_t* v, std::vector<CellPair>& pairs) {
+    UnionFind uf(static_cast<std::size_t>(L.points));
+    for (std::size_t i = 0; i < count; ++i) {
+        const key_t key = key_at(i);
+        const std::uint32_t cell = key_cell(key);
+        std::uint32_t a, b;
+        edge_ends(L, cell, a, b);
+        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
+        if (ra == rb) continue;
+        const bool a_younger = make_key(v[ra], ra) > make_key(v[rb], rb);
+        const std::uint32_t younger = a_younger ? ra : rb;
+        uf.parent[younger] = a_younger ? rb : ra;
+        if (v[younger] != key_rank(key)) pairs.push_back({younger, cell});
+    }
+}
+
+// Dimension-0 image persistence into the union C: C's union-find (vc) carrying the
+// elders of X0 (v0) and X1 (v1) along (their forests have the same partition as C's at
+// every step). For every pair of C, the X0- and X1-younger vertices.
+template <class KeyAt>
+std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0(const Lattice& L, std::size_t count, KeyAt key_at,
+                                                                   const rank_t* vc, const rank_t* v0,
+                                                                   const rank_t* v1) {
+    const std::size_t N = static_cast<std::size_t>(L.points);
+    UnionFind uf(N);
+    big_vector<std::uint32_t> lab0 = identity_labels(N), lab1 = identity_labels(N);
+    auto younger_of = [](const rank_t* v, std::uint32_t x, std::uint32_t y) {
+        return make_key(v[x], x) > make_key(v[y], y);  // true: x is the younger
+    };
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> out;
+    for (std::size_t i = 0; i < count; ++i) {
+        const key_t key = key_at(i);
+        std::uint32_t a, b;
+        edge_ends(L, key_cell(key), a, b);
+        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
+        if (ra == rb) continue;
+        const bool a_younger = younger_of(vc, ra, rb);
+        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
+        uf.parent[younger] = elder;
+        const std::uint32_t x0a = lab0[ra], x0b = lab0[rb], x1a = lab1[ra], x1b = lab1[rb];
+        const bool x0a_younger = younger_of(v0, x0a, x0b), x1a_younger = younger_of(v1, x1a, x1b);
+        lab0[elder] = x0a_younger ? x0b : x0a;
+        lab1[elder] = x1a_younger ? x1b : x1a;
+        if (vc[younger] != key_rank(key)) out.emplace_back(x0a_younger ? x0a : x0b, x1a_younger ? x1a : x1b);
+    }
+    return out;
+}
+
+// Dimension 0 with the intersection H as comparison (H is contained in X): X's own
+// union-find (vx) carrying H's elders (vh). For every pair of X, in order, the index of
+// H's pair born at the H-younger vertex (h_pair_of_birth), or -1.
+template <class KeyAt>
+std::vector<std::int32_t> dim0_into(const Lattice& L, std::size_t count, KeyAt key_at, const rank_t* vx,
+                                    const rank_t* vh, const std::int32_t* h_pair_of_birth) {
+    const std::size_t N = static_cast<std::size_t>(L.points);
+    UnionFind uf(N);
+    big_vector<std::uint32_t> lab = identity_labels(N);
+    std::vector<std::int32_t> out;
+    for (std::size_t i = 0; i < count; ++i) {
+        const key_t key = key_at(i);
+        std::uint32_t a, b;
+        edge_ends(L, key_cell(key), a, b);
+        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
+        if (ra == rb) continue;
+        const bool a_younger = make_key(vx[ra], ra) > make_key(vx[rb], rb);
+        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
+        uf.parent[younger] = elder;
+        const std::uint32_t ha = lab[ra], hb = lab[rb];
+        const bool ha_younger = make_key(vh[ha], ha) > make_key(vh[hb], hb);
+        lab[elder] = ha_younger ? hb : ha;
+        if (vx[younger] != key_rank(key)) out.push_back(h_pair_of_birth[ha_younger ? ha : hb]);
+    }
+    return out;
+}
+
+// The two top cells a (d-1)-cell with normal axis u joins: those based at b - e_u and
+// b, or the point at infinity (index points) where there is none. tk = top-cell keys by
+// base point (kNoKey: no such cell). The cell at b exists iff its key does; the one at
+// b - e_u iff b_u > 0: for b_u = 0 the index l - stride_u is either negative (u = 0) or
+// in the last layer of a lower axis, which has no top cell either, so no coordinates
+// (no divisions) are needed.
+inline void dual_ends(const Lattice& L, const key_t* tk, std::uint32_t cell, std::uint32_t& a, std::uint32_t& b) {
+    const std::uint32_t inf = static_cast<std::uint32_t>(L.points);
+    const std::int64_t l = cell / 3;
+    const int t = static_cast<int>(cell % 3);
+    const std::int64_t s = L.stride[L.ndim == 3 ? t : 1 - t];
+    b = tk[l] != kNoKey ? static_cast<std::uint32_t>(l) : inf;
+    a = (l >= s && tk[l - s] != kNoKey) ? static_cast<std::uint32_t>(l - s) : inf;
+}
+
+// Dimension d-1: union-find on the dual graph (top cells plus the point at infinity,
+// the eldest), the (d-1)-cells in *decreasing* order through key_at. xtop: the complex's
+// top-cell keys by base point with kNoKey at index points (infinity). Pairs are
+// ((d-1)-cell, top cell). With ctop (another complex's top keys), that complex's elder
+// of every component is carried along (image persistence) and match_top[its younger
+// top cell] receives the index of the pair. on_column(cell) receives every cell that
+// merges nothing (the columns of the dimension-1 reduction, after clearing).
+template <class KeyAt, class OnColumn>
+void top_pass(const Lattice& L, std::size_t count, KeyAt key_at, const key_t* xtop, const key_t* ctop,
+              big_vector<std::int32_t>* match_top, std::vector<CellPair>& pairs, OnColumn on_column) {
+    const std::size_t N = static_cast<std::size_t>(L.points);
+    bool have_top = true;
+    for (int a = 0; a < L.ndim; ++a) have_top = have_top && L.n[a] >= 2;
+    UnionFind uf(N + 1);
+    big_vector<std::uint32_t> label;
+    if (ctop) {
+        label = identity_labels(N + 1);
+        match_top->assign(N + 1, -1);
+    }
+    for (std::size_t i = 0; i < count; ++i) {
+        const key_t key = key_at(i);
+        const std::uint32_t cell = key_cell(key);
+        if (!have_top) {
+            on_column(cell);
+            continue;
+        }
+        std::uint32_t p0, p1;
+        dual_ends(L, xtop, cell, p0, p1);
+        const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
+        if (r0 == r1) {
+            on_column(cell);
+            continue;
+        }
+        const bool first_younger = xtop[r0] < xtop[r1];
+        const std::uint32_t younger = first_younger ? r0 : r1, elder = first_younger ? r1 : r0;
+        uf.parent[younger] = elder;
+        std::uint32_t comp_younger = 0;
+        if (ctop) {
+            const std::uint32_t c0 = label[r0], c1 = label[r1];
+            const bool c0_younger = ctop[c0] < ctop[c1];
+            comp_younger = c0_younger ? c0 : c1;
+            label[elder] = c0_younger ? c1 : c0;
+        }
+        if (key_rank(xtop[younger]) != key_rank(key)) {
+            if (ctop) (*match_top)[comp_younger] = static_cast<std::int32_t>(pairs.size());
+            pairs.push_back({cell, younger});
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Dimension 1 in 3D: Z/2 column reduction of squares against edges
+
+// The 4 edges of a square (normal t, spanning the two other axes u < w).
+inline void square_edges(const Lattice& L, std::uint32_t cell, std::uint32_t out[4]) {
+    const std::int64_t l = cell / 3;
+    const int t = static_cast<int>(cell % 3);
+    const int u = (t == 0) ? 1 : 0, w = (t == 2) ? 1 : 2;
+    out[0] = static_cast<std::uint32_t>(3 * l + u);
+    out[1] = static_cast<std::uint32_t>(3 * (l + L.stride[w]) + u);
+    out[2] = static_cast<std::uint32_t>(3 * l + w);
+    out[3] = static_cast<std::uint32_t>(3 * (l + L.stride[u]) + w);
+}
+
+// Long working columns: a set of row positions with Z/2 toggling and "largest element"
+// queries, as a 64-ary tree of bit words (each level marks the non-zero words of the
+// level below). Toggle and max cost a few word operations whatever the column's length.
+class BitTree {
+  public:
+    explicit BitTree(std::size_t n) {
+        std::size_t m = std::max<std::size_t>(n, 1);
+        do {
+            m = (m + 63) / 64;
+            levels_.emplace_back(m, 0);
+        } while (m > 1);
+    }
+    void toggle(std::uint32_t i) {
+        std::uint64_t idx = i;
+        for (auto& level : levels_) {
+            std::uint64_t& w = level[idx >> 6];
+            const bool was = w != 0;
+            w ^= 1ull << (idx & 63);
+            if (was == (w != 0)) return;
+            idx >>= 6;
+        }
+    }
+    std::uint32_t max() const {
+        if (levels_.back()[0] == 0) return kNone;
+        std::uint64_t idx = 0;
+        for (std::size_t l = levels_.size(); l-- > 0;) idx = idx * 64 + (63 - __builtin_clzll(levels_[l][idx]));
+        return static_cast<std::uint32_t>(idx);
+    }
+
+  private:
+    std::vector<std::vector<std::uint64_t>> levels_;
+};
+
+// The left-to-right reduction (Z/2) of square columns against edge rows, rows by their
+// position in the row filtration's order (pos: edge -> position). A column is either
+// taken as it stands (own_raw: its pivot, the largest position, was free when reached)
+// or reduced by adding the columns that own its pivots until the pivot is free (the
+// reduced column is then stored) or the column vanishes. What owns a row position is one
+// word, so the pivot lookup also fetches the column to add: kFree, kRaw | square (the
+// column is its boundary, recomputed), or the offset of a stored column in the arena
+// (length first). Owner = std::uint32_t halves the cache footprint where the cells fit
+// in 31 bits; reduce() then throws std::length_error past 2^31 stored entries (retry
+// with std::uint64_t).
+template <class Owner>
+class ColumnReduction {
+  public:
+    static constexpr Owner kFree = ~Owner(0);
+    static constexpr Owner kRaw = Owner(1) << (8 * sizeof(Owner) - 1);
+    // Columns longer than this leave the sorted vector for the bit tree (128: about 2x
+    // faster than 1024 on tie-heavy images, where long columns are common).
+    static constexpr std::size_t kShortColumn = 128;
+
+    ColumnReduction(const Lattice& L, const std::uint32_t* pos, std::size_t rows)
+        : L_(L), pos_(pos), rows_(rows), owner_(rows, kFree) {}
+
+    bool is_free(std::uint32_t p) const { return owner_[p] == kFree; }
+    void own_raw(std::uint32_t p, std::uint32_t square) { owner_[p] = kRaw | square; }
+    void prefetch_owner(std::uint32_t p) const { __builtin_prefetch(&owner_[p]); }
+
+    // Row positions of the boundary of `square`, descending.
+    void boundary(std::uint32_t square, std::uint32_t out[4]) const {
+        std::uint32_t e[4];
+        square_edges(L_, square, e);
+        for (int q = 0; q < 4; ++q) out[q] = pos_[e[q]];
+        auto cs = [&](int a, int b) {
+            if (out[a] < out[b]) std::swap(out[a], out[b]);
+        };
+        cs(0, 1), cs(2, 3), cs(0, 2), cs(1, 3), cs(1, 2);
+    }
+
+    // Reduces the column of `square`, whose largest position p is owned. Returns the
+    // pivot position of the reduced column (now owned by it), or kNone if it vanished.
+    std::uint32_t reduce(std::uint32_t square, std::uint32_t p) {
+        ++reduced;
+        std::uint32_t b[4];
+        boundary(square, b);
+        wv_.assign(b, b + 4);
+        bool in_tree = false;
+        for (;;) {
+            const Owner o = owner_[p];
+            ++additions;
+            const std::uint32_t* col;
+            std::size_t n;
+            std::uint32_t other[4];
+            if (o & kRaw) {
+                boundary(static_cast<std::uint32_t>(o & ~kRaw), other);
+                col = other;
+                n = 4;
+            } else {
+                col = arena_.data() + o + 1;
+                n = arena_[o];
+            }
+            if (!in_tree && wv_.size() + n > kShortColumn) {
+                if (!tree_) tree_ = std::make_unique<BitTree>(rows_);
+                for (std::uint32_t q : wv_) tree_->toggle(q);
+                in_tree = true;
+            }
+            if (in_tree) {
+                for (std::size_t q = 0; q < n; ++q) tree_->toggle(col[q]);
+                p = tree_->max();
+            } else {
+                merge_into(col, n);
+                p = wv_.empty() ? kNone : wv_[0];
+            }
+            if (p == kNone) return kNone;  // zero column (the tree is empty again)
+            if (owner_[p] == kFree) {
+                if (arena_.size() >= kRaw) throw std::length_error("reduction too large for the engine");
+                const std::size_t at = arena_.size();
+                owner_[p] = static_cast<Owner>(at);
+                arena_.push_back(0);
+                if (in_tree) {
+                    for (std::uint32_t q = tree_->max(); q != kNone; q = tree_->max()) {
+                        arena_.push_back(q);
+                        tree_->toggle(q);
+                    }
+                } else {
+                    arena_.insert(arena_.end(), wv_.begin(), wv_.end());
+                }
+                arena_[at] = static_cast<std::uint32_t>(arena_.size() - at - 1);
+                return p;
+            }
+        }
+    }
+
+    std::size_t stored() const { return arena_.size(); }
+    std::size_t reduced = 0, additions = 0;
+
+  private:
+    // wv_ += c (both descending), equal entries cancel (Z/2).
+    void merge_into(const std::uint32_t* c, std::size_t n) {
+        tmp_.clear();
+        std::size_t a = 0, b = 0;
+        while (a < wv_.size() && b < n) {
+            if (wv_[a] > c[b]) tmp_.push_back(wv_[a++]);
+            else if (c[b] > wv_[a]) tmp_.push_back(c[b++]);
+            else ++a, ++b;
+        }
+        tmp_.insert(tmp_.end(), wv_.begin() + a, wv_.end());
+        tmp_.insert(tmp_.end(), c + b, c + n);
+        wv_.swap(tmp_);
+    }
+
+    Lattice L_;
+    const std::uint32_t* pos_;
+    std::size_t rows_;
+    big_vector<Owner> owner_;
+    std::vector<std::uint32_t> arena_, wv_, tmp_;
+    std::unique_ptr<BitTree> tree_;
+};
+
+}  // namespace host
+}  // namespace medseg
