@@ -7,15 +7,13 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include <algorithm>
-#include <atomic>
+#include <functional>
 #include <memory>
 #include <optional>
-#include <exception>
 #include <stdexcept>
-#include <thread>
 
 #include "engine.hpp"
+#include "host_passes.hpp"
 #include "py_results.hpp"
 
 namespace nb = nanobind;
@@ -38,43 +36,35 @@ ImageView view_of(const InArray& arr) {
     return v;
 }
 
-Options make_options(bool superlevel, const std::string& construction, bool include_a, bool include_b,
-                     int threads, bool intersection = false) {
-    Options o;
-    o.superlevel = superlevel;
-    o.intersection = intersection;
-    if (construction == "V") o.construction = Construction::V;
-    else if (construction == "T") o.construction = Construction::T;
-    else throw nb::value_error("construction must be 'V' or 'T'");
-    o.include_unmatched_a = include_a;
-    o.include_unmatched_b = include_b;
-    o.threads = std::max(1, threads);
-    return o;
-}
-
 // Runs job(i) for i in [0, n) on `threads` threads, each job single-threaded.
 template <class Job>
 void parallel_jobs(std::size_t n, int threads, Job job) {
-    std::atomic<std::size_t> next{0};
-    std::vector<std::exception_ptr> errors(n);
-    auto worker = [&]() {
-        for (;;) {
-            const std::size_t i = next.fetch_add(1);
-            if (i >= n) return;
-            try {
-                job(i);
-            } catch (...) {
-                errors[i] = std::current_exception();
-            }
-        }
-    };
-    const int k = static_cast<int>(std::min<std::size_t>(std::max(1, threads), n));
-    std::vector<std::thread> pool;
-    for (int i = 1; i < k; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-    for (auto& e : errors)
-        if (e) std::rethrow_exception(e);
+    std::vector<std::function<void()>> tasks;
+    for (std::size_t i = 0; i < n; ++i) tasks.push_back([&job, i] { job(i); });
+    host::run_tasks(tasks, threads);
+}
+
+// The pairs of a batch, spread over `threads` threads (a lone pair uses them inside):
+// compute(i, a, b, options) -> MatchingResult, with the GIL released.
+template <class Compute>
+nb::list matching_batch_of(const std::vector<InArray>& as, const std::vector<InArray>& bs, bool superlevel,
+                           const std::string& construction, bool include_a, bool include_b, int threads,
+                           bool intersection, Compute compute) {
+    if (as.size() != bs.size()) throw nb::value_error("batches differ in length");
+    std::vector<ImageView> va, vb;
+    for (auto& x : as) va.push_back(view_of(x));
+    for (auto& x : bs) vb.push_back(view_of(x));
+    const std::size_t n = va.size();
+    const int inner = n == 1 ? threads : 1;
+    const Options o = make_options(superlevel, construction, include_a, include_b, inner, intersection);
+    std::vector<MatchingResult> rs(n);
+    {
+        nb::gil_scoped_release release;
+        parallel_jobs(n, threads, [&](std::size_t i) { rs[i] = compute(i, va[i], vb[i], o); });
+    }
+    nb::list out;
+    for (auto& r : rs) out.append(matching_to_python(std::move(r)));
+    return out;
 }
 
 }  // namespace
@@ -160,22 +150,10 @@ NB_MODULE(_engine, m) {
         "matching_batch_parallel",
         [](std::vector<InArray> as, std::vector<InArray> bs, bool superlevel, const std::string& construction,
            bool include_a, bool include_b, int threads, bool intersection) {
-            if (as.size() != bs.size()) throw nb::value_error("batches differ in length");
-            std::vector<ImageView> va, vb;
-            for (auto& x : as) va.push_back(view_of(x));
-            for (auto& x : bs) vb.push_back(view_of(x));
-            const std::size_t n = va.size();
-            // Pairs are spread over the threads; a lone pair uses them inside.
-            const int inner = n == 1 ? threads : 1;
-            const Options o = make_options(superlevel, construction, include_a, include_b, inner, intersection);
-            std::vector<MatchingResult> rs(n);
-            {
-                nb::gil_scoped_release release;
-                parallel_jobs(n, threads, [&](std::size_t i) { rs[i] = compute_matching_parallel(va[i], vb[i], o); });
-            }
-            nb::list out;
-            for (auto& r : rs) out.append(matching_to_python(std::move(r)));
-            return out;
+            return matching_batch_of(as, bs, superlevel, construction, include_a, include_b, threads, intersection,
+                                     [](std::size_t, const ImageView& a, const ImageView& b, const Options& o) {
+                                         return compute_matching_parallel(a, b, o);
+                                     });
         },
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
         nb::arg("include_b"), nb::arg("threads"), nb::arg("intersection") = false,
@@ -219,27 +197,13 @@ NB_MODULE(_engine, m) {
         [](std::vector<InArray> as, std::vector<InArray> bs, bool superlevel, const std::string& construction,
            bool include_a, bool include_b, int threads, std::optional<std::vector<std::optional<Prepared>>> prepared,
            bool intersection) {
-            if (as.size() != bs.size()) throw nb::value_error("batches differ in length");
             if (prepared && prepared->size() != as.size()) throw nb::value_error("prepared targets differ in length");
-            std::vector<ImageView> va, vb;
-            for (auto& x : as) va.push_back(view_of(x));
-            for (auto& x : bs) vb.push_back(view_of(x));
-            const std::size_t n = va.size();
-            // Pairs are spread over the threads; a lone pair uses them inside.
-            const int inner = n == 1 ? threads : 1;
-            const Options o = make_options(superlevel, construction, include_a, include_b, inner, intersection);
-            std::vector<MatchingResult> rs(n);
-            {
-                nb::gil_scoped_release release;
-                parallel_jobs(n, threads, [&](std::size_t i) {
-                    const PreparedImage* pb = nullptr;
-                    if (prepared && (*prepared)[i]) pb = (*prepared)[i]->ptr.get();
-                    rs[i] = compute_matching(va[i], vb[i], o, pb);
-                });
-            }
-            nb::list out;
-            for (auto& r : rs) out.append(matching_to_python(std::move(r)));
-            return out;
+            return matching_batch_of(as, bs, superlevel, construction, include_a, include_b, threads, intersection,
+                                     [&](std::size_t i, const ImageView& a, const ImageView& b, const Options& o) {
+                                         const PreparedImage* pb = nullptr;
+                                         if (prepared && (*prepared)[i]) pb = (*prepared)[i]->ptr.get();
+                                         return compute_matching(a, b, o, pb);
+                                     });
         },
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
         nb::arg("include_b"), nb::arg("threads"), nb::arg("prepared") = nb::none(),

@@ -57,6 +57,9 @@ MEDSEG_HD inline key_t make_key(rank_t rank, std::uint64_t cell) {
 MEDSEG_HD inline rank_t key_rank(key_t key) { return static_cast<rank_t>(key >> 32); }
 MEDSEG_HD inline std::uint32_t key_cell(key_t key) { return static_cast<std::uint32_t>(key); }
 
+struct Lattice;
+MEDSEG_HD inline void square_edges(const Lattice& L, std::uint32_t cell, std::uint32_t out[4]);
+
 struct Lattice {
     std::int64_t n[3] = {1, 1, 1};
     std::int64_t stride[3] = {1, 1, 1};
@@ -83,6 +86,17 @@ struct Lattice {
         c[0] = l / n[1];
     }
 };
+
+// The 4 edges of a square (packed cell, normal t, spanning the two other axes u < w).
+MEDSEG_HD inline void square_edges(const Lattice& L, std::uint32_t cell, std::uint32_t out[4]) {
+    const std::int64_t l = cell / 3;
+    const int t = static_cast<int>(cell % 3);
+    const int u = (t == 0) ? 1 : 0, w = (t == 2) ? 1 : 2;
+    out[0] = static_cast<std::uint32_t>(3 * l + u);
+    out[1] = static_cast<std::uint32_t>(3 * (l + L.stride[w]) + u);
+    out[2] = static_cast<std::uint32_t>(3 * l + w);
+    out[3] = static_cast<std::uint32_t>(3 * (l + L.stride[u]) + w);
+}
 
 // One persistence pair, as packed cells of the complex it was computed on.
 // birth_cell has dimension d, death_cell dimension d + 1.

@@ -528,7 +528,7 @@ RowOrder row_order(const Lattice& L, const big_vector<rank_t>& squares, const bi
     for (std::size_t c = 0; c < R.raw_pivot.size(); ++c) {
         if (squares[c] == kInfRank) continue;  // no such square
         std::uint32_t e[4];
-        host::square_edges(L, static_cast<std::uint32_t>(c), e);
+        square_edges(L, static_cast<std::uint32_t>(c), e);
         R.raw_pivot[c] = std::max(std::max(R.pos[e[0]], R.pos[e[1]]), std::max(R.pos[e[2]], R.pos[e[3]]));
     }
     return R;
@@ -779,41 +779,26 @@ std::vector<std::vector<std::int32_t>> into_comparison(const Complex& X, const C
 
 // Voxel coordinates of matched and unmatched pairs; matches[k] holds (index in a's
 // pairs, index in b's pairs) of dimension k.
-MatchingResult assemble(const Complex& X0, const Complex& X1,
-                        const std::vector<std::vector<std::pair<std::int32_t, std::int32_t>>>& matches,
-                        const Options& opt) {
+MatchingResult assemble(const Complex& X0, const Complex& X1, const host::Matches& matches, const Options& opt) {
     const int d = X0.F.dim();
-    MatchingResult res;
-    res.ndim = d;
-    res.matched_a.resize(d);
-    res.matched_b.resize(d);
-    res.unmatched_a.resize(d);
-    res.unmatched_b.resize(d);
-    res.num_unmatched_a.assign(d, 0);
-    res.num_unmatched_b.assign(d, 0);
-    Reporter rep0{X0.F}, rep1{X1.F};
-    auto death = [d](int k, const CellPair& p) -> std::uint64_t {
-        return k == d - 1 ? top_packed(d, p.death_cell) : p.death_cell;
+    auto pairs_of = [d](const Complex& X) {
+        return [&X, d](int k) -> const std::vector<CellPair>& {
+            return k == 0 ? X.dim0.pairs : k == d - 1 ? X.top.pairs : X.pairs1;
+        };
     };
-    for (int k = 0; k < d; ++k) {
-        const std::vector<CellPair>& p0 = (k == 0) ? X0.dim0.pairs : (k == d - 1) ? X0.top.pairs : X0.pairs1;
-        const std::vector<CellPair>& p1 = (k == 0) ? X1.dim0.pairs : (k == d - 1) ? X1.top.pairs : X1.pairs1;
-        std::vector<char> used0(p0.size(), 0), used1(p1.size(), 0);
-        for (const auto& [i0, i1] : matches[k]) {
-            used0[i0] = used1[i1] = 1;
-            append(res.matched_a[k], rep0, d, k, p0[i0].birth_cell, k + 1, death(k, p0[i0]));
-            append(res.matched_b[k], rep1, d, k, p1[i1].birth_cell, k + 1, death(k, p1[i1]));
-        }
-        res.num_unmatched_a[k] = static_cast<std::int64_t>(p0.size() - matches[k].size());
-        res.num_unmatched_b[k] = static_cast<std::int64_t>(p1.size() - matches[k].size());
-        if (opt.include_unmatched_a)
-            for (std::size_t i = 0; i < p0.size(); ++i)
-                if (!used0[i]) append(res.unmatched_a[k], rep0, d, k, p0[i].birth_cell, k + 1, death(k, p0[i]));
-        if (opt.include_unmatched_b)
-            for (std::size_t i = 0; i < p1.size(); ++i)
-                if (!used1[i]) append(res.unmatched_b[k], rep1, d, k, p1[i].birth_cell, k + 1, death(k, p1[i]));
-    }
-    return res;
+    auto report_with = [d](const Reporter& rep) {
+        return [&rep, d](const std::vector<std::uint64_t>& cells, int k, VoxelPairs& out) {
+            std::int64_t c[3];
+            for (std::size_t i = 0; i + 1 < cells.size(); i += 2) {
+                rep.report(k, cells[i], c);
+                out.birth.insert(out.birth.end(), c, c + d);
+                rep.report(k + 1, cells[i + 1], c);
+                out.death.insert(out.death.end(), c, c + d);
+            }
+        };
+    };
+    const Reporter rep0{X0.F}, rep1{X1.F};
+    return host::assemble_matching(d, pairs_of(X0), pairs_of(X1), matches, opt, report_with(rep0), report_with(rep1));
 }
 
 }  // namespace
@@ -898,7 +883,7 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
     auto comparison_ranks = [&](big_vector<rank_t>& r) {
         return rank_comparison(a, b, P.points, opt.superlevel, opt.intersection, r);
     };
-    std::vector<std::vector<std::pair<std::int32_t, std::int32_t>>> matches;
+    host::Matches matches;
     if (opt.intersection) {
         // Every image has its own barcode; a and b are matched when they are matched
         // with the same pair of the intersection H.
@@ -928,12 +913,7 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
         matches.resize(d);
         for (int k = 0; k < d; ++k) {
             const std::size_t nh = k == 0 ? H.dim0.pairs.size() : k == d - 1 ? H.top.pairs.size() : H.pairs1.size();
-            big_vector<std::int32_t> b_of_h(nh, -1);
-            for (std::size_t j = 0; j < to_h1[k].size(); ++j)
-                if (to_h1[k][j] >= 0) b_of_h[to_h1[k][j]] = static_cast<std::int32_t>(j);
-            for (std::size_t i = 0; i < to_h0[k].size(); ++i)
-                if (to_h0[k][i] >= 0 && b_of_h[to_h0[k][i]] >= 0)
-                    matches[k].emplace_back(static_cast<std::int32_t>(i), b_of_h[to_h0[k][i]]);
+            matches[k] = host::matched_through(to_h0[k], to_h1[k], nh);
         }
         return assemble(X0, X1, matches, opt);
     }

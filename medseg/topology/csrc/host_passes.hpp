@@ -253,18 +253,72 @@ void top_pass(const Lattice& L, std::size_t count, KeyAt key_at, const key_t* xt
 }
 
 // ---------------------------------------------------------------------------------
-// Dimension 1 in 3D: Z/2 column reduction of squares against edges
+// Matchings
 
-// The 4 edges of a square (normal t, spanning the two other axes u < w).
-inline void square_edges(const Lattice& L, std::uint32_t cell, std::uint32_t out[4]) {
-    const std::int64_t l = cell / 3;
-    const int t = static_cast<int>(cell % 3);
-    const int u = (t == 0) ? 1 : 0, w = (t == 2) ? 1 : 2;
-    out[0] = static_cast<std::uint32_t>(3 * l + u);
-    out[1] = static_cast<std::uint32_t>(3 * (l + L.stride[w]) + u);
-    out[2] = static_cast<std::uint32_t>(3 * l + w);
-    out[3] = static_cast<std::uint32_t>(3 * (l + L.stride[u]) + w);
+using Matches = std::vector<std::vector<std::pair<std::int32_t, std::int32_t>>>;  // per dimension: (i in a, i in b)
+
+// Pairs of a and b matched through the same pair of a comparison: to_c0[i] / to_c1[j] =
+// the comparison pair matched with a's pair i / b's pair j (or -1); nc comparison pairs.
+inline std::vector<std::pair<std::int32_t, std::int32_t>> matched_through(const std::vector<std::int32_t>& to_c0,
+                                                                          const std::vector<std::int32_t>& to_c1,
+                                                                          std::size_t nc) {
+    std::vector<std::int32_t> b_of_c(nc, -1);
+    for (std::size_t j = 0; j < to_c1.size(); ++j)
+        if (to_c1[j] >= 0) b_of_c[to_c1[j]] = static_cast<std::int32_t>(j);
+    std::vector<std::pair<std::int32_t, std::int32_t>> out;
+    for (std::size_t i = 0; i < to_c0.size(); ++i)
+        if (to_c0[i] >= 0 && b_of_c[to_c0[i]] >= 0) out.emplace_back(static_cast<std::int32_t>(i), b_of_c[to_c0[i]]);
+    return out;
 }
+
+// The result of a matching of dimension-d images: for every dimension k, the matched
+// pairs (row i of a with row i of b) and the unmatched ones (if opt asks for them) as
+// voxel coordinates. pairs_a(k) / pairs_b(k): the pairs of dimension k of each image;
+// report_a / report_b(cells, k, out): voxels of (birth, death) packed cells of
+// dimensions (k, k + 1), interleaved (2D top cells are squares with normal z).
+template <class PairsOf, class Report>
+MatchingResult assemble_matching(int d, PairsOf pairs_a, PairsOf pairs_b, const Matches& matches, const Options& opt,
+                                 Report report_a, Report report_b) {
+    MatchingResult res;
+    res.ndim = d;
+    res.matched_a.resize(d);
+    res.matched_b.resize(d);
+    res.unmatched_a.resize(d);
+    res.unmatched_b.resize(d);
+    res.num_unmatched_a.assign(d, 0);
+    res.num_unmatched_b.assign(d, 0);
+    for (int k = 0; k < d; ++k) {
+        const std::vector<CellPair>& p0 = pairs_a(k);
+        const std::vector<CellPair>& p1 = pairs_b(k);
+        auto add = [&](std::vector<std::uint64_t>& cells, const CellPair& p) {
+            cells.push_back(p.birth_cell);
+            cells.push_back(k == d - 1 && d == 2 ? 3ull * p.death_cell + 2 : p.death_cell);
+        };
+        std::vector<char> used0(p0.size(), 0), used1(p1.size(), 0);
+        std::vector<std::uint64_t> ma, mb, ua, ub;
+        for (const auto& [i0, i1] : matches[k]) {
+            used0[i0] = used1[i1] = 1;
+            add(ma, p0[i0]);
+            add(mb, p1[i1]);
+        }
+        res.num_unmatched_a[k] = static_cast<std::int64_t>(p0.size() - matches[k].size());
+        res.num_unmatched_b[k] = static_cast<std::int64_t>(p1.size() - matches[k].size());
+        if (opt.include_unmatched_a)
+            for (std::size_t i = 0; i < p0.size(); ++i)
+                if (!used0[i]) add(ua, p0[i]);
+        if (opt.include_unmatched_b)
+            for (std::size_t i = 0; i < p1.size(); ++i)
+                if (!used1[i]) add(ub, p1[i]);
+        report_a(ma, k, res.matched_a[k]);
+        report_b(mb, k, res.matched_b[k]);
+        report_a(ua, k, res.unmatched_a[k]);
+        report_b(ub, k, res.unmatched_b[k]);
+    }
+    return res;
+}
+
+// ---------------------------------------------------------------------------------
+// Dimension 1 in 3D: Z/2 column reduction of squares against edges
 
 // Long working columns: a set of row positions with Z/2 toggling and "largest element"
 // queries, as a 64-ary tree of bit words (each level marks the non-zero words of the

@@ -28,30 +28,17 @@
 #pragma once
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "host_passes.hpp"
 #include "spanning.hpp"
 
 namespace medseg {
 namespace par {
-
-// The 4 edges of a square (engine.cpp's square_boundary).
-MEDSEG_HD inline void square_edges(const Lattice& L, std::uint32_t cell, std::uint32_t out[4]) {
-    const std::int64_t l = cell / 3;
-    int u, w;
-    other_axes_hd(static_cast<int>(cell % 3), u, w);
-    out[0] = static_cast<std::uint32_t>(3 * l + u);
-    out[1] = static_cast<std::uint32_t>(3 * (l + L.stride[w]) + u);
-    out[2] = static_cast<std::uint32_t>(3 * l + w);
-    out[3] = static_cast<std::uint32_t>(3 * (l + L.stride[u]) + w);
-}
 
 // Columns of a complex's dimension-1 reduction: existing squares outside its dual forest.
 struct ColumnKeys {
@@ -119,156 +106,36 @@ struct RowPositions {
     MEDSEG_HD void operator()(std::size_t i) const { pos[key_cell(rows[i])] = static_cast<std::uint32_t>(i); }
 };
 
-// Long working columns: a set of row positions with Z/2 toggling and "largest element"
-// queries, a 64-ary tree of bit words (each level marks the non-zero words of the level
-// below; engine.cpp's BitTree, reimplemented here as that one is private to it).
-class BitSetTree {
-  public:
-    explicit BitSetTree(std::size_t n) {
-        std::size_t m = std::max<std::size_t>(n, 1);
-        do {
-            m = (m + 63) / 64;
-            levels_.emplace_back(m, 0);
-        } while (m > 1);
-    }
-    void toggle(std::uint32_t i) {
-        std::uint64_t idx = i;
-        for (auto& level : levels_) {
-            std::uint64_t& w = level[idx >> 6];
-            const bool was = w != 0;
-            w ^= 1ull << (idx & 63);
-            if (was == (w != 0)) return;
-            idx >>= 6;
-        }
-    }
-    std::uint32_t max() const {
-        if (levels_.back()[0] == 0) return kNone;
-        std::uint64_t idx = 0;
-        for (std::size_t l = levels_.size(); l-- > 0;) idx = idx * 64 + (63 - __builtin_clzll(levels_[l][idx]));
-        return static_cast<std::uint32_t>(idx);
-    }
-
-  private:
-    std::vector<std::vector<std::uint64_t>> levels_;
-};
-
-// Host: the left-to-right reduction (Z/2) of the columns that are not apparent, rows
-// by their position in row order (pos: edge -> position, rows: the row keys in order).
-// The owner of every apparent pivot is filled in first. A working column is a short
-// descending vector, moved to a BitSetTree when it grows long; a reduced column is
-// stored only when it differs from its boundary. pivot[i] = the pivot edge of column
-// i, or kNone for a zero column (engine.cpp's reduce_dim1 output).
+// Host: the left-to-right reduction of the columns that are not apparent, with the
+// owner of every apparent pivot filled in first (host::ColumnReduction, the sequential
+// engine's reduction; pos: edge -> position in row order, rows: the row keys in order).
+// pivot[i] = the pivot edge of column i, or kNone for a zero column.
 inline std::vector<std::uint32_t> reduce_remaining(const Lattice& L, const std::vector<key_t>& cols,
                                                    const std::vector<std::uint32_t>& apparent,
                                                    const std::vector<std::uint32_t>& pos,
                                                    const std::vector<key_t>& rows, std::size_t* reduced = nullptr) {
     const std::size_t n = cols.size();
-    constexpr std::size_t kShort = 128;  // longer columns go to the tree (tie-heavy inputs: ~2x faster than 1024)
-    // What owns a row position, in one word (as in engine.cpp): kFree, kRaw | square
-    // (the column is its boundary) or the offset of a stored column in `arena`.
-    constexpr std::uint64_t kFree = ~std::uint64_t(0), kRaw = std::uint64_t(1) << 63;
     std::vector<std::uint32_t> pivot(n, kNone);
-    std::vector<std::uint64_t> owner(rows.size(), kFree);
+    host::ColumnReduction<std::uint64_t> red(L, pos.data(), rows.size());
     for (std::size_t i = 0; i < n; ++i)
         if (apparent[i] != kNone) {
-            owner[pos[apparent[i]]] = kRaw | key_cell(cols[i]);
+            red.own_raw(pos[apparent[i]], key_cell(cols[i]));
             pivot[i] = apparent[i];
         }
-    std::vector<std::uint32_t> arena, wv, tmp;
-    std::unique_ptr<BitSetTree> tree;
-    auto boundary = [&](std::uint32_t square, std::uint32_t out[4]) {
-        std::uint32_t e[4];
-        square_edges(L, square, e);
-        for (int q = 0; q < 4; ++q) out[q] = pos[e[q]];
-        std::sort(out, out + 4, [](std::uint32_t x, std::uint32_t y) { return x > y; });
-    };
     std::size_t count = 0;
     for (std::size_t i = 0; i < n; ++i) {
         if (apparent[i] != kNone) continue;
         ++count;
         const std::uint32_t cell = key_cell(cols[i]);
         std::uint32_t b[4];
-        boundary(cell, b);
+        red.boundary(cell, b);
         std::uint32_t p = b[0];
-        if (owner[p] == kFree) {  // pivot free when reached: reduced as it stands
-            owner[p] = kRaw | cell;
-            pivot[i] = key_cell(rows[p]);
-            continue;
-        }
-        wv.assign(b, b + 4);
-        bool in_tree = false;
-        for (;;) {
-            const std::uint64_t o = owner[p];
-            std::uint32_t other[4];
-            const std::uint32_t* c;
-            std::size_t m;
-            if (o & kRaw) {
-                boundary(static_cast<std::uint32_t>(o & ~kRaw), other);
-                c = other;
-                m = 4;
-            } else {
-                c = arena.data() + o + 1;
-                m = arena[o];
-            }
-            if (!in_tree && wv.size() + m > kShort) {
-                if (!tree) tree = std::make_unique<BitSetTree>(rows.size());
-                for (std::uint32_t q : wv) tree->toggle(q);
-                in_tree = true;
-            }
-            if (in_tree) {
-                for (std::size_t q = 0; q < m; ++q) tree->toggle(c[q]);
-                p = tree->max();
-            } else {
-                tmp.clear();  // merge, equal entries cancel
-                std::size_t x = 0, y = 0;
-                while (x < wv.size() && y < m) {
-                    if (wv[x] > c[y]) tmp.push_back(wv[x++]);
-                    else if (c[y] > wv[x]) tmp.push_back(c[y++]);
-                    else ++x, ++y;
-                }
-                tmp.insert(tmp.end(), wv.begin() + x, wv.end());
-                tmp.insert(tmp.end(), c + y, c + m);
-                wv.swap(tmp);
-                p = wv.empty() ? kNone : wv[0];
-            }
-            if (p == kNone) break;  // zero column (the tree is empty again)
-            if (owner[p] == kFree) {
-                pivot[i] = key_cell(rows[p]);
-                owner[p] = arena.size();
-                const std::size_t at = arena.size();
-                arena.push_back(0);
-                if (in_tree) {
-                    for (std::uint32_t q = tree->max(); q != kNone; q = tree->max()) {
-                        arena.push_back(q);
-                        tree->toggle(q);
-                    }
-                } else {
-                    arena.insert(arena.end(), wv.begin(), wv.end());
-                }
-                arena[at] = static_cast<std::uint32_t>(arena.size() - at - 1);
-                break;
-            }
-        }
+        if (red.is_free(p)) red.own_raw(p, cell);  // pivot free when reached: taken as it stands
+        else p = red.reduce(cell, p);
+        if (p != kNone) pivot[i] = key_cell(rows[p]);
     }
     if (reduced) *reduced = count;
     return pivot;
-}
-
-// Runs the tasks on up to `threads` std::threads (host work only).
-template <class Task>
-void run_host_tasks(std::vector<Task>& tasks, int threads) {
-    if (threads <= 1 || tasks.size() <= 1) {
-        for (auto& t : tasks) t();
-        return;
-    }
-    std::vector<std::thread> pool;
-    const std::size_t k = std::min<std::size_t>(static_cast<std::size_t>(threads), tasks.size());
-    for (std::size_t w = 1; w < k; ++w)
-        pool.emplace_back([&, w] {
-            for (std::size_t i = w; i < tasks.size(); i += k) tasks[i]();
-        });
-    for (std::size_t i = 0; i < tasks.size(); i += k) tasks[i]();
-    for (auto& t : pool) t.join();
 }
 
 // One complex of the matching: its filtration (where Exec computes) and its host-side
@@ -282,7 +149,7 @@ struct MatchComplex {
     std::vector<key_t> top;              // top-cell keys, infinity last
     typename Exec::template Array<std::uint32_t> cleared;  // (d-1)-cell in the dual forest
     std::vector<CellPair> pairs0, top_pairs, pairs1;
-    std::vector<std::int32_t> match_top;  // (a, b) comparison-younger top cell -> top pair
+    big_vector<std::int32_t> match_top;  // (a, b) comparison-younger top cell -> top pair
     std::vector<std::int32_t> pair1_of_birth;
     std::vector<std::uint32_t> pair1_column;
     typename Exec::template Array<std::uint64_t> cols_dev;  // 3D: columns, ascending
@@ -348,80 +215,29 @@ std::vector<std::uint32_t> screen_apparent(const Exec& ex, const MatchComplex<Ex
     return h;
 }
 
-// Dimension-0 image persistence: c's union-find over c's forest edges carrying the
-// elders of a and b (engine.cpp's dimension0_image). For every non-trivial pair of c,
-// the a- and b-younger vertices.
-inline std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0(const Lattice& L,
-                                                                          const std::vector<std::uint64_t>& forest,
-                                                                          const std::vector<rank_t>& vc,
-                                                                          const std::vector<rank_t>& v0,
-                                                                          const std::vector<rank_t>& v1) {
-    const std::size_t N = static_cast<std::size_t>(L.points);
-    HostUnionFind uf(N);
-    std::vector<std::uint32_t> lab0(N), lab1(N);
-    for (std::size_t i = 0; i < N; ++i) lab0[i] = lab1[i] = static_cast<std::uint32_t>(i);
-    std::vector<std::pair<std::uint32_t, std::uint32_t>> out;
-    for (std::uint64_t key : forest) {
-        const std::uint32_t cell = key_cell(key);
-        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        const bool a_younger = make_key(vc[ra], ra) > make_key(vc[rb], rb);
-        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
-        uf.parent[younger] = elder;
-        const std::uint32_t x0a = lab0[ra], x0b = lab0[rb];
-        const bool x0a_younger = make_key(v0[x0a], x0a) > make_key(v0[x0b], x0b);
-        lab0[elder] = x0a_younger ? x0b : x0a;
-        const std::uint32_t x1a = lab1[ra], x1b = lab1[rb];
-        const bool x1a_younger = make_key(v1[x1a], x1a) > make_key(v1[x1b], x1b);
-        lab1[elder] = x1a_younger ? x1b : x1a;
-        if (vc[younger] != key_rank(key)) out.emplace_back(x0a_younger ? x0a : x0b, x1a_younger ? x1a : x1b);
-    }
-    return out;
-}
-
-// Phase timings on stderr when MEDSEG_TOPOLOGY_PROFILE is set (as engine.cpp's).
-struct PhaseClock {
-    bool on = std::getenv("MEDSEG_TOPOLOGY_PROFILE") != nullptr;
-    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
-    void mark(const char* what) {
-        if (!on) return;
-        const auto now = std::chrono::steady_clock::now();
-        std::fprintf(stderr, "[medseg.topology] parallel %-26s %8.1f ms\n", what,
-                     std::chrono::duration<double, std::milli>(now - t).count());
-        t = now;
-    }
-};
-
 struct MatchingStats {  // dimension-1 work (for the benchmark)
     std::size_t columns = 0, apparent = 0, reduced = 0;
 };
 
-// Intersection comparison, dimension 0: X's union-find over X's forest edges carrying
-// the elders of H (contained in X; engine.cpp's dimension0_into). For every non-trivial
-// pair of X, in order, the index of H's pair born at the H-younger vertex (or -1).
-inline std::vector<std::int32_t> dim0_into(const Lattice& L, const std::vector<std::uint64_t>& forest,
-                                           const std::vector<rank_t>& vx, const std::vector<rank_t>& vh,
-                                           const std::vector<CellPair>& h_pairs) {
-    const std::size_t N = static_cast<std::size_t>(L.points);
-    std::vector<std::int32_t> h_pob(N, -1);
-    for (std::size_t i = 0; i < h_pairs.size(); ++i) h_pob[h_pairs[i].birth_cell] = static_cast<std::int32_t>(i);
-    HostUnionFind uf(N);
-    std::vector<std::uint32_t> lab(N);
-    for (std::size_t i = 0; i < N; ++i) lab[i] = static_cast<std::uint32_t>(i);
-    std::vector<std::int32_t> out;
-    for (std::uint64_t key : forest) {
-        const std::uint32_t cell = key_cell(key);
-        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        const bool a_younger = make_key(vx[ra], ra) > make_key(vx[rb], rb);
-        const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
-        uf.parent[younger] = elder;
-        const std::uint32_t ha = lab[ra], hb = lab[rb];
-        const bool ha_younger = make_key(vh[ha], ha) > make_key(vh[hb], hb);
-        lab[elder] = ha_younger ? hb : ha;
-        if (vx[younger] != key_rank(key)) out.push_back(h_pob[ha_younger ? ha : hb]);
-    }
-    return out;
+// The host passes over spanning-forest edges (host_passes.hpp; forests hold keys
+// ascending, dual forests complemented keys ascending, i.e. keys descending).
+inline auto forest_keys(const std::vector<std::uint64_t>& forest) {
+    return [&forest](std::size_t i) { return forest[i]; };
+}
+inline auto dual_keys(const std::vector<std::uint64_t>& dual) {
+    return [&dual](std::size_t i) { return ~dual[i]; };
+}
+template <class Exec>
+void dim0_pass(const MatchComplex<Exec>& X, std::vector<CellPair>& pairs) {
+    host::dim0_pass(X.pb.X.L, X.forest0.size(), forest_keys(X.forest0), X.v.data(), pairs);
+}
+// X's top pairs; with comp_top (another complex's top keys) its labels are carried
+// (image persistence), see host::top_pass.
+template <class Exec>
+void top_pass(const MatchComplex<Exec>& X, const key_t* comp_top, big_vector<std::int32_t>* match_top,
+              std::vector<CellPair>& pairs) {
+    host::top_pass(X.pb.X.L, X.dual.size(), dual_keys(X.dual), X.top.data(), comp_top, match_top, pairs,
+                   [](std::uint32_t) {});
 }
 
 // The Betti matching of a and b, as compute_matching gives it (opt: superlevel,
@@ -431,7 +247,7 @@ inline std::vector<std::int32_t> dim0_into(const Lattice& L, const std::vector<s
 template <class Exec>
 MatchingResult matching_result(const Exec& ex, Values a, Values b, int ndim, const std::int64_t shape[3],
                                const Options& opt, MatchingStats* stats = nullptr) {
-    PhaseClock clock;
+    host::PhaseTimer clock{"parallel "};
     const bool superlevel = opt.superlevel, T = opt.construction == Construction::T, inter = opt.intersection;
     const bool take_max = superlevel != inter;  // engine.cpp's rank_comparison
     std::size_t n = 1;
@@ -475,7 +291,7 @@ MatchingResult matching_result(const Exec& ex, Values a, Values b, int ndim, con
             tasks.push_back([&, r] {
                 piv[r] = reduce_remaining(L, cr[r][0]->cols, ap[r], cr[r][1]->pos, cr[r][1]->rows, &red[r]);
             });
-        run_host_tasks(tasks, threads);
+        host::run_tasks(tasks, threads);
         clock.mark("dim 1: host reductions");
         MatchingStats st;
         for (int r = 0; r < 5; ++r) {
@@ -493,40 +309,47 @@ MatchingResult matching_result(const Exec& ex, Values a, Values b, int ndim, con
     std::vector<CellPair> c_top_again[2];  // intersection: c's top pairs with a's / b's labels
     {
         std::vector<std::function<void()>> tasks = {
-            [&] { dim0_pass(L, A.forest0, A.v, A.pairs0); },
-            [&] { dim0_pass(L, B.forest0, B.v, B.pairs0); },
+            [&] { dim0_pass(A, A.pairs0); },
+            [&] { dim0_pass(B, B.pairs0); },
         };
         if (!inter) {
-            tasks.push_back([&] { births0 = image_births0(L, C.forest0, C.v, A.v, B.v); });
-            tasks.push_back([&] { top_pass(L, A.dual, A.top, &C.top, &A.match_top, A.top_pairs); });
-            tasks.push_back([&] { top_pass(L, B.dual, B.top, &C.top, &B.match_top, B.top_pairs); });
-            tasks.push_back([&] { top_pass(L, C.dual, C.top, nullptr, nullptr, C.top_pairs); });
+            tasks.push_back([&] {
+                births0 = host::image_births0(L, C.forest0.size(), forest_keys(C.forest0), C.v.data(), A.v.data(),
+                                              B.v.data());
+            });
+            tasks.push_back([&] { top_pass(A, C.top.data(), &A.match_top, A.top_pairs); });
+            tasks.push_back([&] { top_pass(B, C.top.data(), &B.match_top, B.top_pairs); });
+            tasks.push_back([&] { top_pass(C, nullptr, nullptr, C.top_pairs); });
         } else {  // match_top[a/b-younger top cell] = index of c's pair (engine.cpp's into_comparison)
-            tasks.push_back([&] { dim0_pass(L, C.forest0, C.v, C.pairs0); });
-            tasks.push_back([&] { top_pass(L, A.dual, A.top, nullptr, nullptr, A.top_pairs); });
-            tasks.push_back([&] { top_pass(L, B.dual, B.top, nullptr, nullptr, B.top_pairs); });
-            tasks.push_back([&] { top_pass(L, C.dual, C.top, &A.top, &A.match_top, c_top_again[0]); });
-            tasks.push_back([&] { top_pass(L, C.dual, C.top, &B.top, &B.match_top, c_top_again[1]); });
+            tasks.push_back([&] { dim0_pass(C, C.pairs0); });
+            tasks.push_back([&] { top_pass(A, nullptr, nullptr, A.top_pairs); });
+            tasks.push_back([&] { top_pass(B, nullptr, nullptr, B.top_pairs); });
+            tasks.push_back([&] { top_pass(C, A.top.data(), &A.match_top, c_top_again[0]); });
+            tasks.push_back([&] { top_pass(C, B.top.data(), &B.match_top, c_top_again[1]); });
         }
         if (d == 3) {
             tasks.push_back([&] { A.own_pairs(piv[0]); });
             tasks.push_back([&] { B.own_pairs(piv[1]); });
             tasks.push_back([&] { C.own_pairs(piv[2]); });
         }
-        run_host_tasks(tasks, threads);
+        host::run_tasks(tasks, threads);
     }
     std::vector<std::int32_t> into0[2];  // intersection, dimension 0 (needs c's pairs)
     if (inter) {
-        std::vector<std::function<void()>> tasks = {
-            [&] { into0[0] = dim0_into(L, A.forest0, A.v, C.v, C.pairs0); },
-            [&] { into0[1] = dim0_into(L, B.forest0, B.v, C.v, C.pairs0); },
+        const big_vector<std::int32_t> c_pob = host::pairs_by_birth(C.pairs0, static_cast<std::size_t>(L.points));
+        auto into = [&](const MatchComplex<Exec>& X) {
+            return host::dim0_into(L, X.forest0.size(), forest_keys(X.forest0), X.v.data(), C.v.data(), c_pob.data());
         };
-        run_host_tasks(tasks, threads);
+        std::vector<std::function<void()>> tasks = {
+            [&] { into0[0] = into(A); },
+            [&] { into0[1] = into(B); },
+        };
+        host::run_tasks(tasks, threads);
     }
     clock.mark("elder-rule passes");
 
     // Matches per dimension (index in a's pairs, index in b's pairs), in the engine's order.
-    std::vector<std::vector<std::pair<std::int32_t, std::int32_t>>> matches(d);
+    host::Matches matches(d);
     if (inter) {
         // to_c[side][k][i] = the pair of c matched with pair i of side's dimension k
         std::vector<std::vector<std::int32_t>> to_c[2];
@@ -543,18 +366,11 @@ MatchingResult matching_result(const Exec& ex, Values a, Values b, int ndim, con
         }
         for (int k = 0; k < d; ++k) {
             const std::size_t nc = k == 0 ? C.pairs0.size() : k == d - 1 ? c_top_again[0].size() : C.pairs1.size();
-            std::vector<std::int32_t> b_of_c(nc, -1);
-            for (std::size_t j = 0; j < to_c[1][k].size(); ++j)
-                if (to_c[1][k][j] >= 0) b_of_c[to_c[1][k][j]] = static_cast<std::int32_t>(j);
-            for (std::size_t i = 0; i < to_c[0][k].size(); ++i)
-                if (to_c[0][k][i] >= 0 && b_of_c[to_c[0][k][i]] >= 0)
-                    matches[k].emplace_back(static_cast<std::int32_t>(i), b_of_c[to_c[0][k][i]]);
+            matches[k] = host::matched_through(to_c[0][k], to_c[1][k], nc);
         }
     } else {
         const std::size_t N = static_cast<std::size_t>(L.points);
-        std::vector<std::int32_t> pob0(N, -1), pob1(N, -1);
-        for (std::size_t i = 0; i < A.pairs0.size(); ++i) pob0[A.pairs0[i].birth_cell] = static_cast<std::int32_t>(i);
-        for (std::size_t i = 0; i < B.pairs0.size(); ++i) pob1[B.pairs0[i].birth_cell] = static_cast<std::int32_t>(i);
+        const big_vector<std::int32_t> pob0 = host::pairs_by_birth(A.pairs0, N), pob1 = host::pairs_by_birth(B.pairs0, N);
         for (const auto& [y0, y1] : births0)
             if (pob0[y0] >= 0 && pob1[y1] >= 0) matches[0].emplace_back(pob0[y0], pob1[y1]);
         if (d == 3)
@@ -571,41 +387,16 @@ MatchingResult matching_result(const Exec& ex, Values a, Values b, int ndim, con
         }
     }
 
-    // Coordinates (engine.cpp's assemble).
-    MatchingResult res;
-    res.ndim = d;
-    res.matched_a.resize(d);
-    res.matched_b.resize(d);
-    res.unmatched_a.resize(d);
-    res.unmatched_b.resize(d);
-    res.num_unmatched_a.assign(d, 0);
-    res.num_unmatched_b.assign(d, 0);
-    auto death = [d](int k, const CellPair& p) -> std::uint64_t {
-        return k == d - 1 && d == 2 ? 3ull * p.death_cell + 2 : p.death_cell;
+    // Coordinates, reported where the filtration lives.
+    auto pairs_of = [d](const MatchComplex<Exec>& X) {
+        return [&X, d](int k) -> const std::vector<CellPair>& {
+            return k == 0 ? X.pairs0 : k == d - 1 ? X.top_pairs : X.pairs1;
+        };
     };
-    for (int k = 0; k < d; ++k) {
-        const std::vector<CellPair>& p0 = k == 0 ? A.pairs0 : k == d - 1 ? A.top_pairs : A.pairs1;
-        const std::vector<CellPair>& p1 = k == 0 ? B.pairs0 : k == d - 1 ? B.top_pairs : B.pairs1;
-        std::vector<char> used0(p0.size(), 0), used1(p1.size(), 0);
-        std::vector<std::uint64_t> ma, mb, ua, ub;
-        for (const auto& [i0, i1] : matches[k]) {
-            used0[i0] = used1[i1] = 1;
-            ma.insert(ma.end(), {p0[i0].birth_cell, death(k, p0[i0])});
-            mb.insert(mb.end(), {p1[i1].birth_cell, death(k, p1[i1])});
-        }
-        res.num_unmatched_a[k] = static_cast<std::int64_t>(p0.size() - matches[k].size());
-        res.num_unmatched_b[k] = static_cast<std::int64_t>(p1.size() - matches[k].size());
-        if (opt.include_unmatched_a)
-            for (std::size_t i = 0; i < p0.size(); ++i)
-                if (!used0[i]) ua.insert(ua.end(), {p0[i].birth_cell, death(k, p0[i])});
-        if (opt.include_unmatched_b)
-            for (std::size_t i = 0; i < p1.size(); ++i)
-                if (!used1[i]) ub.insert(ub.end(), {p1[i].birth_cell, death(k, p1[i])});
-        A.pb.report(ma, k, k + 1, res.matched_a[k]);
-        B.pb.report(mb, k, k + 1, res.matched_b[k]);
-        A.pb.report(ua, k, k + 1, res.unmatched_a[k]);
-        B.pb.report(ub, k, k + 1, res.unmatched_b[k]);
-    }
+    auto report_with = [](const MatchComplex<Exec>& X) {
+        return [&X](const std::vector<std::uint64_t>& cells, int k, VoxelPairs& out) { X.pb.report(cells, k, k + 1, out); };
+    };
+    MatchingResult res = host::assemble_matching(d, pairs_of(A), pairs_of(B), matches, opt, report_with(A), report_with(B));
     clock.mark("matches, coordinates");
     return res;
 }
@@ -619,8 +410,8 @@ BarcodeResult barcode_result(const Exec& ex, Values x, int ndim, const std::int6
     MatchComplex<Exec> X(ex, x, ndim, shape, superlevel, T);
     const Lattice& L = X.pb.X.L;
     const int d = L.ndim;
-    dim0_pass(L, X.forest0, X.v, X.pairs0);
-    top_pass(L, X.dual, X.top, nullptr, nullptr, X.top_pairs);
+    dim0_pass(X, X.pairs0);
+    top_pass(X, nullptr, nullptr, X.top_pairs);
     if (d == 3) {
         X.columns();
         std::size_t app = 0, red = 0;

@@ -5,7 +5,9 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -16,6 +18,21 @@ namespace py {
 
 namespace nb = nanobind;
 using OutArray = nb::ndarray<nb::numpy, std::int64_t>;
+
+// Engine options from the Python arguments (names checked here; policy lives in Python).
+inline Options make_options(bool superlevel, const std::string& construction, bool include_a, bool include_b,
+                            int threads, bool intersection = false) {
+    Options o;
+    o.superlevel = superlevel;
+    o.intersection = intersection;
+    if (construction == "V") o.construction = Construction::V;
+    else if (construction == "T") o.construction = Construction::T;
+    else throw nb::value_error("construction must be 'V' or 'T'");
+    o.include_unmatched_a = include_a;
+    o.include_unmatched_b = include_b;
+    o.threads = std::max(1, threads);
+    return o;
+}
 
 inline OutArray to_array(std::vector<std::int64_t>&& values, std::size_t cols) {
     const std::size_t rows = cols ? values.size() / cols : 0;

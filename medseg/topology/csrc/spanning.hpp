@@ -462,20 +462,6 @@ inline int bit_width_u64(std::uint64_t x) {
     return b;
 }
 
-struct HostUnionFind {
-    std::vector<std::uint32_t> parent;
-    explicit HostUnionFind(std::size_t n) : parent(n) {
-        for (std::size_t i = 0; i < n; ++i) parent[i] = static_cast<std::uint32_t>(i);
-    }
-    std::uint32_t find(std::uint32_t x) {
-        while (parent[x] != x) {
-            parent[x] = parent[parent[x]];
-            x = parent[x];
-        }
-        return x;
-    }
-};
-
 // Image values: one of the two pointers is set (device memory for DeviceExec).
 struct Values {
     const float* f32 = nullptr;
@@ -505,74 +491,6 @@ rank_t rank_values(const Exec& ex, Values x, std::size_t n, bool superlevel, Arr
     const rank_t num = ex.read(scan.data() + (n - 1));
     if (superlevel) ex.for_each(n, Reverse{ranks.data(), num});
     return num;
-}
-
-// Host side of the dual graph: the ends of a (d-1)-cell from the host copy of the
-// top-cell keys (DualFaces::ends reads arrays that may live on the device).
-inline void dual_ends(const Lattice& L, const std::vector<key_t>& tk, std::uint32_t cell, std::uint32_t& a,
-                      std::uint32_t& b) {
-    const std::uint32_t inf = static_cast<std::uint32_t>(L.points);
-    const std::int64_t l = cell / 3;
-    const int t = static_cast<int>(cell % 3);
-    const std::int64_t s = L.stride[L.ndim == 3 ? t : 1 - t];
-    b = tk[l] != kNoKey ? static_cast<std::uint32_t>(l) : inf;
-    a = (l >= s && tk[l - s] != kNoKey) ? static_cast<std::uint32_t>(l - s) : inf;
-}
-
-// Dimension 0 on the host: the elder rule over the minimum spanning forest, ascending
-// (engine.cpp's dimension0 minus the edges that merge nothing).
-inline void dim0_pass(const Lattice& L, const std::vector<std::uint64_t>& forest, const std::vector<rank_t>& vh,
-                      std::vector<CellPair>& pairs) {
-    auto vkey = [&](std::uint32_t l) { return make_key(vh[l], l); };
-    HostUnionFind uf(static_cast<std::size_t>(L.points));
-    for (std::uint64_t key : forest) {
-        const std::uint32_t cell = key_cell(key);
-        const std::uint32_t a = cell / 3, b = static_cast<std::uint32_t>(a + L.stride[cell % 3]);
-        const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        const bool a_younger = vkey(ra) > vkey(rb);
-        const std::uint32_t younger = a_younger ? ra : rb;
-        uf.parent[younger] = a_younger ? rb : ra;
-        if (vh[younger] != key_rank(key)) pairs.push_back({younger, cell});
-    }
-}
-
-// Dimension d-1 on the host: the elder rule over the maximum spanning forest of the
-// dual graph (weights ~key ascending, i.e. keys descending), the point at infinity
-// (xtop[N] = kNoKey) the eldest. With ctop, the comparison's elder of every component
-// is carried along and match_top[comparison-younger top cell] receives the index of
-// the pair (engine.cpp's top_dimension with comp, over the forest edges only).
-inline void top_pass(const Lattice& L, const std::vector<std::uint64_t>& forest, const std::vector<key_t>& xtop,
-                     const std::vector<key_t>* ctop, std::vector<std::int32_t>* match_top,
-                     std::vector<CellPair>& pairs) {
-    const std::size_t N = static_cast<std::size_t>(L.points);
-    HostUnionFind uf(N + 1);
-    std::vector<std::uint32_t> label;
-    if (ctop) {
-        label.resize(N + 1);
-        for (std::size_t i = 0; i <= N; ++i) label[i] = static_cast<std::uint32_t>(i);
-        match_top->assign(N + 1, -1);
-    }
-    for (std::uint64_t w : forest) {
-        const std::uint64_t key = ~w;
-        const std::uint32_t cell = key_cell(key);
-        std::uint32_t p0, p1;
-        dual_ends(L, xtop, cell, p0, p1);
-        const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
-        const bool first_younger = xtop[r0] < xtop[r1];
-        const std::uint32_t younger = first_younger ? r0 : r1, elder = first_younger ? r1 : r0;
-        uf.parent[younger] = elder;
-        std::uint32_t comp_younger = 0;
-        if (ctop) {
-            const std::uint32_t c0 = label[r0], c1 = label[r1];
-            const bool c0_younger = (*ctop)[c0] < (*ctop)[c1];
-            comp_younger = c0_younger ? c0 : c1;
-            label[elder] = c0_younger ? c1 : c0;
-        }
-        if (key_rank(xtop[younger]) != key_rank(key)) {
-            if (ctop) (*match_top)[comp_younger] = static_cast<std::int32_t>(pairs.size());
-            pairs.push_back({cell, younger});
-        }
-    }
 }
 
 struct TopRanks {  // a top cell's rank by base point (kInfRank: none)

@@ -34,20 +34,6 @@ ImageView view_of(const AnyArray& arr, int& device_id) {
     return v;
 }
 
-Options make_options(bool superlevel, const std::string& construction, bool include_a, bool include_b, int threads,
-                     bool intersection) {
-    Options o;
-    o.superlevel = superlevel;
-    o.intersection = intersection;
-    if (construction == "V") o.construction = Construction::V;
-    else if (construction == "T") o.construction = Construction::T;
-    else throw nb::value_error("construction must be 'V' or 'T'");
-    o.include_unmatched_a = include_a;
-    o.include_unmatched_b = include_b;
-    o.threads = threads < 1 ? 1 : threads;
-    return o;
-}
-
 }  // namespace
 
 NB_MODULE(_engine_cuda, m) {
@@ -60,11 +46,7 @@ NB_MODULE(_engine_cuda, m) {
         [](AnyArray image, bool superlevel, const std::string& construction) {
             int device_id = -1;
             const ImageView v = view_of(image, device_id);
-            Options o;
-            o.superlevel = superlevel;
-            if (construction == "V") o.construction = Construction::V;
-            else if (construction == "T") o.construction = Construction::T;
-            else throw nb::value_error("construction must be 'V' or 'T'");
+            const Options o = py::make_options(superlevel, construction, true, true, 1);
             BarcodeResult r;
             {
                 nb::gil_scoped_release release;
@@ -80,7 +62,7 @@ NB_MODULE(_engine_cuda, m) {
             int da = -1, db = -1;
             const ImageView va = view_of(a, da), vb = view_of(b, db);
             if (da != db) throw nb::value_error("both images must be on the same device");
-            const Options o = make_options(superlevel, construction, include_a, include_b, threads, intersection);
+            const Options o = py::make_options(superlevel, construction, include_a, include_b, threads, intersection);
             MatchingResult r;
             {
                 nb::gil_scoped_release release;
@@ -106,7 +88,7 @@ NB_MODULE(_engine_cuda, m) {
                     throw nb::value_error("all images of a batch must be on the same device");
                 dev = da;
             }
-            const Options o = make_options(superlevel, construction, include_a, include_b, 1, intersection);
+            const Options o = py::make_options(superlevel, construction, include_a, include_b, 1, intersection);
             std::vector<MatchingResult> rs;
             {
                 nb::gil_scoped_release release;
