@@ -9,6 +9,9 @@ Functions over arrays returning small result objects (numpy only; no torch impor
 - :func:`betti_matching_error`: unmatched features per dimension of two masks.
 - ``*_batch`` variants process lists or (B, C, ...) arrays in parallel threads.
 - :func:`betti_numbers` of binary masks.
+- :func:`release_cached_memory`: the engine keeps its large working arrays for the next
+  call (like PyTorch's caching allocator; at most min(4 GiB, RAM / 4), or
+  ``MEDSEG_TOPOLOGY_CACHE_MB``); this gives them back.
 
 The engine is C++ (``medseg.topology._engine``, sources in ``csrc/``); see
 ``csrc/cells.hpp`` for how cells are encoded and ordered.
@@ -23,6 +26,20 @@ from medseg.topology.matching import (
     betti_matching_error_batch,
 )
 from medseg.topology.persistence import Barcode, barcode, barcode_batch
+
+
+def release_cached_memory() -> int:
+    """Free the working memory the engine keeps for reuse; returns the bytes freed.
+
+    Large arrays (2 MiB and more) of a computation are recycled by the next one, which
+    saves the page faults of fresh memory (on the 256^3 evaluation case: 4.0 s first
+    call, 1.8 s after). The cache holds at most min(4 GiB, a quarter of the RAM), or
+    ``MEDSEG_TOPOLOGY_CACHE_MB`` megabytes (0 disables it).
+    """
+    from medseg.topology import _inputs
+
+    return int(_inputs.engine().release_cached_memory())
+
 
 try:
     from medseg.topology.betti_numbers import betti_numbers
@@ -41,4 +58,5 @@ __all__ = [
     "betti_matching_error",
     "betti_matching_error_batch",
     "betti_numbers",
+    "release_cached_memory",
 ]

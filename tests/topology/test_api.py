@@ -262,3 +262,26 @@ def test_barcode_of_a_mask_gives_its_betti_numbers(construction, conn):
             counts[0] += 1  # the essential component, born at 1
             expected = list(betti_numbers(mask, connectivity=conn[mask.ndim]))
             assert counts == expected
+
+
+def test_working_memory_is_recycled_and_can_be_released():
+    """Large arrays are kept for the next call (same results) until release_cached_memory()."""
+    from medseg.topology import _inputs, release_cached_memory
+
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    # 3 * 65^3 cells of 4-8 bytes: arrays of 3-7 MiB, above the 2 MiB from which arrays are recycled
+    a, b = (gaussian_filter(rng.random((64, 64, 64)), 2) for _ in range(2))
+    first = topo.betti_matching(a, b, construction="T")
+    assert _inputs.engine().cached_memory_bytes() > 0
+    again = topo.betti_matching(a, b, construction="T")  # on recycled (not zeroed by the kernel) memory
+    for name in ("num_matched", "num_unmatched_prediction", "num_unmatched_target"):
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+    for x, y in zip(first.matched_prediction_birth_coordinates, again.matched_prediction_birth_coordinates):
+        assert np.array_equal(x, y)
+    freed = release_cached_memory()
+    assert freed > 0 and _inputs.engine().cached_memory_bytes() == 0
+    assert release_cached_memory() == 0
+    third = topo.betti_matching(a, b, construction="T")
+    assert np.array_equal(third.num_matched, first.num_matched)

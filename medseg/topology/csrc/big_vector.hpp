@@ -125,6 +125,10 @@ class BlockCache {
         }
         std::free(p);
     }
+    std::size_t cached_bytes() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return cached_;
+    }
     // Frees every cached block (what is in use stays).
     void release() {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -174,7 +178,14 @@ struct BigAllocator {
 template <class T>
 using big_vector = std::vector<T, BigAllocator<T>>;
 
-// Returns the engine's cached blocks to the system (see the top of this file).
-inline void release_cached_memory() { detail::BlockCache::instance().release(); }
+// Returns the engine's cached blocks to the system (see the top of this file); returns
+// the bytes freed.
+inline std::size_t release_cached_memory() {
+    auto& cache = detail::BlockCache::instance();
+    const std::size_t bytes = cache.cached_bytes();
+    cache.release();
+    return bytes;
+}
+inline std::size_t cached_memory_bytes() { return detail::BlockCache::instance().cached_bytes(); }
 
 }  // namespace medseg

@@ -12,6 +12,7 @@
 #include <optional>
 #include <stdexcept>
 
+#include "big_vector.hpp"
 #include "engine.hpp"
 #include "host_passes.hpp"
 #include "py_results.hpp"
@@ -82,6 +83,9 @@ NB_MODULE(_engine, m) {
     nb::class_<Prepared>(m, "PreparedImage", "The target-only part of a Betti matching, reusable across calls")
         .def_ro("nbytes", &Prepared::nbytes);
 
+    m.def("release_cached_memory", &release_cached_memory,
+          "Frees the engine's cached working memory (big_vector.hpp); returns the bytes freed");
+    m.def("cached_memory_bytes", &cached_memory_bytes, "Bytes of working memory the engine keeps for reuse");
     m.def(
         "prepare_batch",
         [](std::vector<InArray> images, bool superlevel, const std::string& construction, int threads) {
