@@ -84,12 +84,15 @@ class BlockCache {
         Block b = blocks_[best];
         blocks_[best] = blocks_.back();
         blocks_.pop_back();
-        cached_ -= b.bytes;
+        cached_ -= b.touched;
+        b.touched = std::max(b.touched, bytes);
         sizes_.push_back(b);
         return b.ptr;
     }
     void* fresh(std::size_t bytes) {
-        const std::size_t rounded = block_size(bytes);
+        // 25% slack: the next image is often a little larger (another crop of the same
+        // scan size); untouched slack pages cost no memory and no faults.
+        const std::size_t rounded = block_size(bytes + bytes / 4);
         void* p = std::malloc(rounded);
         if (!p) {
             release();
@@ -98,7 +101,7 @@ class BlockCache {
         }
         std::lock_guard<std::mutex> lock(mutex_);
         try {
-            sizes_.push_back({p, rounded});
+            sizes_.push_back({p, rounded, bytes});
         } catch (...) {
             std::free(p);
             throw;
@@ -107,18 +110,18 @@ class BlockCache {
     }
     void give_back(void* p) {
         std::lock_guard<std::mutex> lock(mutex_);
-        std::size_t bytes = 0;
+        Block b{p, 0, 0};
         for (std::size_t i = 0; i < sizes_.size(); ++i)
             if (sizes_[i].ptr == p) {
-                bytes = sizes_[i].bytes;
+                b = sizes_[i];
                 sizes_[i] = sizes_.back();
                 sizes_.pop_back();
                 break;
             }
-        if (cached_ + bytes <= limit_) {
+        if (cached_ + b.touched <= limit_) {
             try {
-                blocks_.push_back({p, bytes});
-                cached_ += bytes;
+                blocks_.push_back(b);
+                cached_ += b.touched;
                 return;
             } catch (const std::bad_alloc&) {
             }
@@ -140,12 +143,13 @@ class BlockCache {
   private:
     struct Block {
         void* ptr;
-        std::size_t bytes;
+        std::size_t bytes;    // allocated
+        std::size_t touched;  // the most any user asked for: what can be resident
     };
     std::mutex mutex_;
     std::vector<Block> blocks_;  // cached, free
     std::vector<Block> sizes_;   // handed out
-    std::size_t cached_ = 0;
+    std::size_t cached_ = 0;  // touched bytes of the cached blocks (the limit's measure)
     const std::size_t limit_ = cache_limit_bytes();
 };
 
