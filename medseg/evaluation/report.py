@@ -103,6 +103,7 @@ def unmatched_features(pred_mask: np.ndarray, ref_mask: np.ndarray, connectivity
         np.asarray(ref_mask, dtype=bool).astype(np.float32),
         filtration="superlevel",
         construction=matching_construction(connectivity),
+        threads=None,  # all cores: the report draws its pictures after the workers are done
     )
     return UnmatchedFeatures(
         reference_births=tuple(m.unmatched_target_birth_coordinates),
