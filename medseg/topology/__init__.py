@@ -32,8 +32,8 @@ def release_cached_memory() -> int:
     """Free the working memory the engine keeps for reuse; returns the bytes freed.
 
     Large arrays (2 MiB and more) of a computation are recycled by the next one, which
-    saves the page faults of fresh memory (on the 256^3 evaluation case: 4.0 s first
-    call, 1.8 s after). The cache holds at most min(4 GiB, a quarter of the RAM), or
+    saves the page faults of fresh memory (on the 256^3 evaluation case: 3.9 s first
+    call, 1.5 s after). The cache holds at most min(4 GiB, a quarter of the RAM), or
     ``MEDSEG_TOPOLOGY_CACHE_MB`` megabytes (0 disables it).
     """
     from medseg.topology import _inputs

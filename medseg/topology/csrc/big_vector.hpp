@@ -9,7 +9,7 @@
 // handed to the next allocation of a similar size, in this call (sort buffers become
 // the reductions' arrays) or the next one (an evaluation worker's next case, the next
 // step of a topology loss); a recycled page costs a memset. On the 256^3 case this
-// took the steady-state time from 8.5 s to 3.1 s on 2 cores.
+// took that case from 8.5 s to 3.1 s, single-threaded (1.5 s on 2 threads today).
 //
 // Like PyTorch's caching allocator, the cache keeps what it holds until
 // release_cached_memory(); it holds at most min(4 GiB, a quarter of the RAM), or
