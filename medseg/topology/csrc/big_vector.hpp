@@ -8,8 +8,9 @@
 // development VM). So arrays of 2 MiB and more are recycled: a freed block is kept and
 // handed to the next allocation of a similar size, in this call (sort buffers become
 // the reductions' arrays) or the next one (an evaluation worker's next case, the next
-// step of a topology loss); a recycled page costs a memset. On the 256^3 case this
-// took that case from 8.5 s to 3.1 s, single-threaded (1.5 s on 2 threads today).
+// step of a topology loss); a recycled page costs a memset. Recycling is about a third
+// of what took the 256^3 evaluation case from 8.5 s to 1.5 s (the rest: engine.cpp's
+// mask path and task graph).
 //
 // Like PyTorch's caching allocator, the cache keeps what it holds until
 // release_cached_memory(); it holds at most min(4 GiB, a quarter of the RAM), or
