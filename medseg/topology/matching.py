@@ -188,6 +188,18 @@ def _run_pairs(backend, ps, ts, superlevel, construction, include_a, include_b, 
     )
 
 
+def _resolve_batch(backend: str, predictions, targets):
+    """(backend, (layout, items) of predictions, same of targets) of a batch: the backend
+    resolved from its first pair; CUDA tensors are kept as tensors on ``cuda``."""
+
+    def first(x):
+        return x[0] if isinstance(x, (list, tuple)) and len(x) else x
+
+    backend = _inputs.resolve_backend(backend, first(predictions), first(targets))
+    flatten = _flatten_any if backend == "cuda" else _flatten
+    return backend, flatten(predictions), flatten(targets)
+
+
 def _intersection(comparison: str) -> bool:
     return _inputs.check_comparison(comparison)
 
@@ -304,12 +316,7 @@ def betti_matching_batch(
     :func:`betti_matching`; on ``"cuda"`` the pairs run on several CUDA streams (and a
     (B, C, ...) CUDA tensor stays on its device).
     """
-    first_p = predictions[0] if isinstance(predictions, (list, tuple)) and len(predictions) else predictions
-    first_t = targets[0] if isinstance(targets, (list, tuple)) and len(targets) else targets
-    backend = _inputs.resolve_backend(backend, first_p, first_t)
-    flatten = _flatten_any if backend == "cuda" else _flatten
-    nested_p, flat_p = flatten(predictions)
-    nested_t, flat_t = flatten(targets)
+    backend, (nested_p, flat_p), (nested_t, flat_t) = _resolve_batch(backend, predictions, targets)
     if nested_p != nested_t or len(flat_p) != len(flat_t):
         raise _inputs.TopologyInputError(
             f"predictions and targets differ in batch layout: {nested_p or len(flat_p)} vs "
@@ -403,11 +410,7 @@ def betti_matching_error_batch(
 ) -> np.ndarray:
     """:func:`betti_matching_error` of many pairs: an (N, ndim) or (B, C, ndim) array.
     ``backend`` as in :func:`betti_matching_batch`."""
-    first = pred_masks[0] if isinstance(pred_masks, (list, tuple)) and len(pred_masks) else pred_masks
-    backend = _inputs.resolve_backend(backend, first)
-    flatten = _flatten_any if backend == "cuda" else _flatten
-    nested, flat_p = flatten(pred_masks)
-    _, flat_t = flatten(target_masks)
+    backend, (nested, flat_p), (_, flat_t) = _resolve_batch(backend, pred_masks, target_masks)
     results = betti_matching_batch(
         [_binary(x, f"pred_masks[{i}]", backend) for i, x in enumerate(flat_p)],
         [_binary(x, f"target_masks[{i}]", backend) for i, x in enumerate(flat_t)],
