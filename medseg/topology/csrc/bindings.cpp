@@ -45,6 +45,20 @@ void parallel_jobs(std::size_t n, int threads, Job job) {
     host::run_tasks(tasks, threads);
 }
 
+// One pair with the GIL released: compute(a, b, options) -> MatchingResult.
+template <class Compute>
+nb::dict matching_of(const InArray& a, const InArray& b, bool superlevel, const std::string& construction,
+                     bool include_a, bool include_b, int threads, bool intersection, Compute compute) {
+    const ImageView va = view_of(a), vb = view_of(b);
+    const Options o = make_options(superlevel, construction, include_a, include_b, threads, intersection);
+    MatchingResult r;
+    {
+        nb::gil_scoped_release release;
+        r = compute(va, vb, o);
+    }
+    return matching_to_python(std::move(r));
+}
+
 // The pairs of a batch, spread over `threads` threads (a lone pair uses them inside):
 // compute(i, a, b, options) -> MatchingResult, with the GIL released.
 template <class Compute>
@@ -137,14 +151,8 @@ NB_MODULE(_engine, m) {
         "matching_parallel",
         [](InArray a, InArray b, bool superlevel, const std::string& construction, bool include_a,
            bool include_b, int threads, bool intersection) {
-            const ImageView va = view_of(a), vb = view_of(b);
-            const Options o = make_options(superlevel, construction, include_a, include_b, threads, intersection);
-            MatchingResult r;
-            {
-                nb::gil_scoped_release release;
-                r = compute_matching_parallel(va, vb, o);
-            }
-            return matching_to_python(std::move(r));
+            return matching_of(a, b, superlevel, construction, include_a, include_b, threads, intersection,
+                               [](const ImageView& x, const ImageView& y, const Options& o) { return compute_matching_parallel(x, y, o); });
         },
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
         nb::arg("include_b"), nb::arg("threads"), nb::arg("intersection") = false,
@@ -184,14 +192,8 @@ NB_MODULE(_engine, m) {
         "matching",
         [](InArray a, InArray b, bool superlevel, const std::string& construction, bool include_a,
            bool include_b, int threads, bool intersection) {
-            const ImageView va = view_of(a), vb = view_of(b);
-            const Options o = make_options(superlevel, construction, include_a, include_b, threads, intersection);
-            MatchingResult r;
-            {
-                nb::gil_scoped_release release;
-                r = compute_matching(va, vb, o);
-            }
-            return matching_to_python(std::move(r));
+            return matching_of(a, b, superlevel, construction, include_a, include_b, threads, intersection,
+                               [](const ImageView& x, const ImageView& y, const Options& o) { return compute_matching(x, y, o); });
         },
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
         nb::arg("include_b"), nb::arg("threads"), nb::arg("intersection") = false);
