@@ -27,7 +27,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
-from skimage.morphology import ball, diamond, disk, octahedron, skeletonize
+from skimage.morphology import ball, diamond, disk, octahedron
+
+from medseg.topology.skeleton import skeletonize
 
 Footprint = Literal["ball", "diamond"]
 
@@ -82,7 +84,10 @@ def skeleton_tube(label: np.ndarray, tube_radius: int = 2, footprint: Footprint 
     disjoint, so they fit in one label map. Skeletonising the union of the classes and
     multiplying by the labels (as the reference code does) is wrong where classes touch:
     the union's skeleton runs along the middle of the pair and misses both.
-    ``skimage.morphology.skeletonize`` uses Zhang's method in 2D and Lee's in 3D.
+    Skeletons are :func:`medseg.topology.skeletonize` (topology-preserving thinning):
+    every component of a class keeps a centreline. With scikit-image's 3D skeletonize a
+    bar 2, 4 or 6 voxels thick had an empty target, so the loss was the constant
+    ``-1`` for a right and a wrong prediction alike.
 
     References
     ----------
@@ -108,7 +113,7 @@ def skeleton_tube(label: np.ndarray, tube_radius: int = 2, footprint: Footprint 
         if c == 0:
             continue
         mask = label == c
-        skel = skeletonize(mask) > 0
+        skel = skeletonize(mask)
         if structure is not None:
             skel = ndimage.binary_dilation(skel, structure=structure) & mask
         out[skel] = c

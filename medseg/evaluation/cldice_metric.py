@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-from skimage.morphology import skeletonize
+from medseg.topology.skeleton import skeletonize
 
 
-def cldice_metric(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
+def cldice_metric(pred_mask: np.ndarray, ref_mask: np.ndarray, connectivity: int | None = None) -> float:
     """Centreline Dice of a predicted and a reference mask, 2D or 3D.
 
     Parameters
     ----------
     pred_mask, ref_mask : ndarray, same shape, 2D or 3D
         Binary masks (non-zero = foreground).
+    connectivity : int, optional
+        Foreground connectivity of the skeletons: 8 or 4 (2D), 26 or 6 (3D); default full.
 
     Returns
     -------
@@ -23,7 +25,10 @@ def cldice_metric(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
 
     Notes
     -----
-    Skeletons are ``skimage.morphology.skeletonize`` (Zhang's method in 2D, Lee's in 3D).
+    Skeletons are :func:`medseg.topology.skeletonize`, a topology-preserving thinning:
+    every component of a mask keeps a skeleton. scikit-image's 3D skeletonize deletes
+    bars of even width entirely, which scored a prediction 5 voxels thick of a reference
+    bar 4 voxels thick as 0.0.
     Conventions where a ratio is undefined:
 
     - both skeletons empty (both masks empty): 1.0, nothing to find and nothing found;
@@ -50,8 +55,8 @@ def cldice_metric(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
         raise ValueError(f"cldice_metric: shapes differ: prediction {pred.shape}, reference {ref.shape}")
     if pred.ndim not in (2, 3):
         raise ValueError(f"cldice_metric: masks must be 2D or 3D, got shape {pred.shape}")
-    skel_pred = skeletonize(pred) > 0 if pred.any() else np.zeros_like(pred)
-    skel_ref = skeletonize(ref) > 0 if ref.any() else np.zeros_like(ref)
+    skel_pred = skeletonize(pred, connectivity)
+    skel_ref = skeletonize(ref, connectivity)
     n_pred, n_ref = int(skel_pred.sum()), int(skel_ref.sum())
     if n_pred == 0 and n_ref == 0:
         return 1.0

@@ -93,6 +93,9 @@ CONVENTIONS = {
     "foreground enters first; comparison image the union; construction T for 8/26-, V for 4/6-connectivity); "
     "left out when the topology engine is not built",
     "components": "connected components of the foreground at the evaluation connectivity",
+    "cldice_skeleton": "medseg.topology.skeletonize at the evaluation connectivity: topology-preserving "
+    "directional thinning (Palagyi & Kuba 1998; simple points by Bertrand & Malandain 1994) that keeps end "
+    "points and never loses a component, loop or cavity (scikit-image's 3D skeletonize deletes even-width bars)",
     "volume_difference": "volume_pred - volume_ref in mm^3; relative: divided by volume_ref (NaN if empty)",
 }
 
@@ -224,7 +227,7 @@ def cldice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[st
         return {}
     if not pred.any() and not ref.any():
         return {"clDice": math.nan}
-    return {"clDice": float(cldice_metric(pred, ref))}
+    return {"clDice": float(cldice_metric(pred, ref, connectivity=context.connectivity))}
 
 
 @register_metric("betti_matching")

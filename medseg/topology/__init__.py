@@ -9,6 +9,8 @@ Functions over arrays returning small result objects (numpy only; no torch impor
 - :func:`betti_matching_error`: unmatched features per dimension of two masks.
 - ``*_batch`` variants process lists or (B, C, ...) arrays in parallel threads.
 - :func:`betti_numbers` of binary masks.
+- :func:`skeletonize` / :func:`skeletonize_labels`: topology-preserving skeletons
+  (every component, loop and cavity kept; ``csrc/skeleton.hpp``).
 - :func:`release_cached_memory`: the engine keeps its large working arrays for the next
   call (like PyTorch's caching allocator; at most min(4 GiB, RAM / 4), or
   ``MEDSEG_TOPOLOGY_CACHE_MB``); this gives them back.
@@ -43,6 +45,7 @@ def release_cached_memory() -> int:
 
 try:
     from medseg.topology.betti_numbers import betti_numbers
+    from medseg.topology.skeleton import skeletonize, skeletonize_labels
 except ImportError:  # pragma: no cover - needs scipy and scikit-image, absent on a bare GPU machine
     pass
 
@@ -59,4 +62,6 @@ __all__ = [
     "betti_matching_error_batch",
     "betti_numbers",
     "release_cached_memory",
+    "skeletonize",
+    "skeletonize_labels",
 ]

@@ -51,3 +51,22 @@ def test_shape_checks():
         cldice_metric(np.zeros((4, 4)), np.zeros((4, 5)))
     with pytest.raises(ValueError, match="2D or 3D"):
         cldice_metric(np.zeros(4), np.zeros(4))
+
+
+def test_even_width_bars_are_scored():
+    """The case scikit-image's 3D skeleton got wrong: a 4-voxel bar had no skeleton, so a
+    prediction 5 voxels thick of it scored 0.0."""
+    ref = np.zeros((24, 24, 24), bool)
+    ref[8:12, 8:12, 2:20] = True
+    pred = np.zeros_like(ref)
+    pred[8:13, 8:13, 2:20] = True
+    assert cldice_metric(pred, ref) > 0.95
+    assert cldice_metric(ref, ref) == 1.0
+
+
+def test_connectivity_is_passed_to_the_skeleton():
+    diagonal = np.eye(6, dtype=bool)
+    assert cldice_metric(diagonal, diagonal, connectivity=8) == 1.0
+    assert cldice_metric(diagonal, diagonal, connectivity=4) == 1.0
+    with pytest.raises(ValueError, match="connectivity 26 is not valid for a 2D mask"):
+        cldice_metric(diagonal, diagonal, connectivity=26)

@@ -83,3 +83,16 @@ def test_batch_mode_and_validation():
         SkeletonRecallLoss(footprint="cube")
     with pytest.raises(ValueError, match="must match target"):
         SkeletonRecallLoss()(probs, target, skeleton=torch.zeros(2, 1, 3, 3))
+
+
+def test_even_width_bar_has_a_target_that_tells_right_from_wrong():
+    """A 4-voxel-thick 3D bar: scikit-image's skeleton was empty, so the loss was -1 for
+    every prediction; medseg's skeleton keeps the centreline."""
+    target = torch.zeros(1, 1, 24, 24, 24, dtype=torch.long)
+    target[..., 8:12, 8:12, 2:20] = 1
+    tube = skeleton_tube(target[0, 0].numpy(), tube_radius=1)
+    assert tube.any() and not (tube & (target[0, 0].numpy() == 0)).any()
+    loss = SkeletonRecallLoss(tube_radius=1, sigmoid=False)
+    right = float(loss(target.float(), target))
+    wrong = float(loss(torch.zeros_like(target, dtype=torch.float32), target))
+    assert right < -0.95 and wrong > -0.1

@@ -16,6 +16,7 @@
 #include "engine.hpp"
 #include "host_passes.hpp"
 #include "py_results.hpp"
+#include "skeleton.hpp"
 
 namespace nb = nanobind;
 using namespace medseg;
@@ -117,6 +118,33 @@ NB_MODULE(_engine, m) {
             return out;
         },
         nb::arg("images"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("threads"));
+
+    m.def(
+        "skeletonize",
+        [](nb::ndarray<std::uint8_t, nb::c_contig, nb::device::cpu> mask, bool full_connectivity, int threads) {
+            if (mask.ndim() != 2 && mask.ndim() != 3) throw nb::value_error("skeletonize expects a 2D or 3D array");
+            const int ndim = static_cast<int>(mask.ndim());
+            std::int64_t shape[3] = {0, 0, 0};
+            std::size_t out_shape[3] = {0, 0, 0};
+            for (int a = 0; a < ndim; ++a) shape[a] = static_cast<std::int64_t>(out_shape[a] = mask.shape(a));
+            auto* skeleton = new std::vector<std::uint8_t>();
+            {
+                nb::gil_scoped_release release;
+                *skeleton = skeletonize_mask(mask.data(), ndim, shape, full_connectivity, threads);
+            }
+            nb::capsule owner(skeleton, [](void* p) noexcept { delete static_cast<std::vector<std::uint8_t>*>(p); });
+            return nb::ndarray<nb::numpy, std::uint8_t>(skeleton->data(), static_cast<std::size_t>(ndim), out_shape, owner);
+        },
+        nb::arg("mask"), nb::arg("full_connectivity"), nb::arg("threads"),
+        "Topology-preserving thinning of a binary uint8 mask (skeleton.hpp); returns uint8 0/1");
+    m.def(
+        "is_simple_point",
+        [](std::uint32_t config, int ndim, bool full_connectivity) {
+            if (ndim != 2 && ndim != 3) throw nb::value_error("ndim must be 2 or 3");
+            return is_simple_point(config, ndim, full_connectivity);
+        },
+        nb::arg("config"), nb::arg("ndim"), nb::arg("full_connectivity"),
+        "Whether the centre of a 3^ndim neighbourhood (bit k = neighbour k in C order) is simple");
 
     m.def(
         "barcode",
