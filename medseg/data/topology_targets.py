@@ -9,7 +9,9 @@ channel-first label (1, *spatial) and a dictionary transform, so they compose wi
 - :func:`sauna_target` / :class:`SaunaTarget` / :class:`SaunaTargetd` - the signed soft
   SAUNA target in [-1, 1] (Dang et al., WACV 2025);
 - :func:`label_projection` / :class:`LabelProjection` / :class:`LabelProjectiond` - the
-  whole-volume maximum intensity projection of the label for the MIP loss's paper variant.
+  whole-volume maximum intensity projection of the label for the MIP loss's paper variant;
+- :func:`skeleton_distance` / :class:`SkeletonDistance` / :class:`SkeletonDistanced` - each
+  class's skeleton and inner distance map, the targets of cbDice and clCE.
 
 Skeleton and SAUNA targets depend on the geometry of the patch, so they run after spatial
 augmentation and cropping. The label projection is the exception: it runs *before*
@@ -437,6 +439,158 @@ class LabelProjectiond(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.output_keys = _output_keys(self.keys, output_keys)
         self.transform = LabelProjection(axes)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.transform(d[key])
+        return d
+
+
+# --------------------------------------------------------------------------- skeleton and distance
+
+
+def inner_distance(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance (voxels) of every voxel of a binary mask to the nearest voxel outside it.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (H, W) or (H, W, D)
+        Binary mask (non-zero = inside).
+
+    Returns
+    -------
+    ndarray of float32, same shape
+        ``scipy.ndimage.distance_transform_edt(mask)``: >= 1 inside, 0 outside. A mask that
+        fills the whole patch has no boundary to measure from; it gets 1 everywhere (every
+        ratio of distances the cbDice loss forms is then 1, whatever the constant).
+
+    Examples
+    --------
+    >>> m = np.zeros((5, 5), bool); m[1:4, 1:4] = True
+    >>> inner_distance(m)[2]
+    array([0., 1., 2., 1., 0.], dtype=float32)
+    """
+    mask = np.asarray(mask) != 0
+    if mask.all():
+        return np.ones(mask.shape, dtype=np.float32)
+    return ndimage.distance_transform_edt(mask).astype(np.float32)
+
+
+def skeleton_distance(label: np.ndarray, num_classes: int = 1, include_background: bool = False) -> np.ndarray:
+    """Skeleton and inner distance of every class of a label map, in two channels.
+
+    The label-side targets of the cbDice and clCE losses. Classes are disjoint, so one
+    channel each holds every class: a voxel carries the values of its own class.
+
+    Parameters
+    ----------
+    label : ndarray of int, shape (H, W) or (H, W, D)
+        Label map; 0 is background.
+    num_classes : int, default 1
+        Output channels of the model. 1 (a binary head): one class, ``label > 0``. C > 1:
+        the classes ``1 .. C-1`` (and 0 with ``include_background``).
+    include_background : bool, default False
+        Also skeletonise the background (class 0) and measure distances inside it (for a
+        loss that scores channel 0; skeletonising the background of a 3D patch is slow).
+
+    Returns
+    -------
+    ndarray of float32, shape (2, *label.shape)
+        Channel 0: 1 where the voxel lies on the skeleton of its own class
+        (:func:`medseg.topology.skeletonize`, each class on its own), else 0. Channel 1: the
+        voxel's :func:`inner_distance` within its own class. Voxels of a class not scored
+        (the background by default) are 0 in both.
+
+    Examples
+    --------
+    >>> lab = np.zeros((5, 7), int); lab[2, 1:6] = 1
+    >>> skeleton_distance(lab)[:, 2]
+    array([[0., 1., 1., 1., 1., 1., 0.],
+           [0., 1., 1., 1., 1., 1., 0.]], dtype=float32)
+    """
+    from medseg.topology import skeletonize, skeletonize_labels
+
+    label = np.asarray(label)
+    if label.ndim not in (2, 3):
+        raise ValueError(f"skeleton_distance: label must be 2D or 3D, got shape {label.shape}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes == 1:
+        label = (label > 0).astype(np.int64)
+    out = np.zeros((2, *label.shape), dtype=np.float32)
+    out[0] = skeletonize_labels(label) != 0
+    for c in np.unique(label):
+        if c == 0:
+            continue
+        mask = label == c
+        out[1][mask] = inner_distance(mask)[mask]
+    if include_background and num_classes > 1 and (label == 0).any():
+        background = label == 0
+        out[0][skeletonize(background)] = 1.0
+        out[1][background] = inner_distance(background)[background]
+    return out
+
+
+def skeleton_distance_batch(
+    target: torch.Tensor, num_classes: int = 1, include_background: bool = False
+) -> torch.Tensor:
+    """:func:`skeleton_distance` of every sample of a target batch, (B, 2, *spatial) float32 on its device.
+
+    ``target`` is a label map (B, 1, *spatial) or a one-hot target (B, C, *spatial), read as
+    the label map ``argmax`` over channels. Computed on the CPU; what the losses do when the
+    data pipeline did not (:class:`SkeletonDistanced`).
+    """
+    labels = target.detach()
+    labels = labels[:, 0] if labels.shape[1] == 1 else labels.argmax(dim=1)
+    labels = labels.to("cpu").numpy().astype(np.int64)
+    maps = np.stack([skeleton_distance(labels[b], num_classes, include_background) for b in range(len(labels))])
+    return torch.from_numpy(maps).to(target.device)
+
+
+class SkeletonDistance(Transform):
+    """Array transform: channel-first label (1, *spatial) -> skeleton and distance (2, *spatial), float32.
+
+    See :func:`skeleton_distance`.
+    """
+
+    backend = [torch.Tensor, np.ndarray]
+
+    def __init__(self, num_classes: int = 1, include_background: bool = False) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.include_background = include_background
+
+    def __call__(self, img):
+        label = _channel_first_label(img, "SkeletonDistance")
+        maps = skeleton_distance(label.astype(np.int64), self.num_classes, self.include_background)
+        out, *_ = convert_to_dst_type(maps, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)
+        return out
+
+
+class SkeletonDistanced(MapTransform):
+    """Dictionary transform: writes :func:`skeleton_distance` of ``data[key]`` to ``data[output_key]``.
+
+    Args:
+        keys: label keys (default ``"label"``).
+        output_keys: one per key (default ``"skeleton_distance"``, what the ``cbdice`` and
+            ``clce`` losses read).
+        num_classes, include_background: see :func:`skeleton_distance`.
+        allow_missing_keys: skip absent keys instead of raising.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        output_keys: KeysCollection = "skeleton_distance",
+        num_classes: int = 1,
+        include_background: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = _output_keys(self.keys, output_keys)
+        self.transform = SkeletonDistance(num_classes, include_background)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

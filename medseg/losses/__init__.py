@@ -14,6 +14,8 @@ name                      loss
 ``skeleton_recall``       :class:`~medseg.losses.skeleton_recall.SkeletonRecallLoss` (Kirchhoff et al. 2024)
 ``mip``                   :class:`~medseg.losses.mip.MIPLoss` (SPOCKMIP, Radhakrishna et al. 2024)
 ``sauna``                 :class:`~medseg.losses.sauna.SaunaLoss` (Dang et al. 2025)
+``cbdice``                :class:`~medseg.losses.cbdice.CenterlineBoundaryDiceLoss` (Shi et al. 2024)
+``clce``                  :class:`~medseg.losses.clce.CenterlineCrossEntropyLoss` (Acebes et al. 2024)
 ``betti_matching``        ``medseg.losses.betti_matching.BettiMatchingLoss`` (loaded on request)
 ========================  ==========================================================
 

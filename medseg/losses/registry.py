@@ -42,6 +42,8 @@ _REGISTRY: dict[str, Callable[[], type]] = {
     "skeleton_recall": _import("medseg.losses.skeleton_recall", "SkeletonRecallLoss"),
     "mip": _import("medseg.losses.mip", "MIPLoss"),
     "sauna": _import("medseg.losses.sauna", "SaunaLoss"),
+    "cbdice": _import("medseg.losses.cbdice", "CenterlineBoundaryDiceLoss"),
+    "clce": _import("medseg.losses.clce", "CenterlineCrossEntropyLoss"),
     "betti_matching": _import("medseg.losses.betti_matching", "BettiMatchingLoss"),
 }
 
@@ -139,8 +141,9 @@ class CompositeLoss(nn.Module):
     ``forward(input, target, batch)`` returns ``(total, parts)`` where ``parts`` maps each
     term's unique name (``'cldice'``, ``'cldice_2'`` when repeated) to its detached,
     *unweighted* value. Terms that can use a target precomputed by the data pipeline
-    (``skeleton_recall``: ``'skeleton'``, ``sauna``: ``'sauna'``, ``mip`` with
-    ``target_projection='volume'``: ``'label_mip'``) receive ``batch[key]`` when present.
+    (``skeleton_recall``: ``'skeleton'``, ``sauna``: ``'sauna'``, ``cbdice`` and ``clce``:
+    ``'skeleton_distance'``, ``mip`` with ``target_projection='volume'``: ``'label_mip'``)
+    receive ``batch[key]`` when present.
     The terms see ``input`` as float32, also under mixed precision.
     """
 
@@ -195,7 +198,7 @@ class CompositeLoss(nn.Module):
 
         To run after spatial augmentation and cropping; see :func:`required_target_transforms`.
         """
-        from medseg.data.topology_targets import SaunaTargetd, SkeletonTubed
+        from medseg.data.topology_targets import SaunaTargetd, SkeletonDistanced, SkeletonTubed
 
         transforms, done = [], set()
         for term in self.terms:
@@ -215,6 +218,19 @@ class CompositeLoss(nn.Module):
                     )
                 )
                 done.add("sauna")
+            if "skeleton_distance" in keys and "skeleton_distance" not in done:
+                # one target for every term that reads it: with the background if any scores it
+                background = any(
+                    getattr(t, "include_background", False)
+                    for t in self.terms
+                    if "skeleton_distance" in (getattr(t, "batch_keys", {}) or {})
+                )
+                transforms.append(
+                    SkeletonDistanced(
+                        "label", "skeleton_distance", num_classes=self.out_channels, include_background=background
+                    )
+                )
+                done.add("skeleton_distance")
         return transforms
 
     def pre_crop_transforms(self) -> list:
@@ -279,11 +295,12 @@ def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
 def required_target_transforms(terms: list[LossTerm] | CompositeLoss, out_channels: int | None = None) -> list:
     """MONAI dictionary transforms that precompute the derived targets of ``terms``.
 
-    They read key ``'label'`` and write ``'skeleton'`` (for ``skeleton_recall``) and
-    ``'sauna'`` (for ``sauna``), and belong in the training pipeline after spatial
-    augmentation and cropping. Losses whose key is missing from the batch compute the target
-    themselves (slower). ``out_channels`` sets the SAUNA target's channels; it is taken
-    from a :class:`CompositeLoss`, and defaults to 1 for a list of terms.
+    They read key ``'label'`` and write ``'skeleton'`` (for ``skeleton_recall``), ``'sauna'``
+    (for ``sauna``) and ``'skeleton_distance'`` (for ``cbdice`` and ``clce``), and belong in
+    the training pipeline after spatial augmentation and cropping. Losses whose key is
+    missing from the batch compute the target themselves (slower). ``out_channels`` sets the
+    SAUNA target's channels and the classes of ``'skeleton_distance'``; it is taken from a
+    :class:`CompositeLoss`, and defaults to 1 for a list of terms.
     """
     composite = terms if isinstance(terms, CompositeLoss) else build_loss(list(terms), out_channels or 1)
     return composite.target_transforms()

@@ -5,7 +5,7 @@ import torch
 
 from medseg.losses import get_loss
 
-NAMES = ["dice", "dice_ce", "cldice", "skeleton_recall", "mip", "sauna"]
+NAMES = ["dice", "dice_ce", "cldice", "skeleton_recall", "mip", "sauna", "cbdice", "clce"]
 SHAPES = {2: (12, 12), 3: (6, 7, 8)}
 
 

@@ -25,7 +25,9 @@ def _line_batch(channels=1):
 
 
 def test_names():
-    assert LOSS_NAMES == ("dice", "dice_ce", "cldice", "skeleton_recall", "mip", "sauna", "betti_matching")
+    assert LOSS_NAMES == (
+        "dice", "dice_ce", "cldice", "skeleton_recall", "mip", "sauna", "cbdice", "clce", "betti_matching"
+    )
 
 
 def test_unknown_loss_names_the_choices():
