@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from monai.data import MetaTensor
 from monai.transforms import Compose, RandFlipd
 
@@ -166,3 +168,22 @@ def test_label_projection_broadcast_and_crop():
     assert torch.equal(torch.as_tensor(LabelProjection((2,))(lab[None])), torch.as_tensor(d["label_mip"]))
     with pytest.raises(ValueError):
         label_projection(lab, axes=(3,))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    ndim=st.sampled_from([2, 3]),
+    density=st.floats(0.0, 0.3),
+    radius=st.integers(1, 3),
+    shape_name=st.sampled_from(["ball", "diamond"]),
+)
+def test_sparse_dilation_equals_scipy(seed, ndim, density, radius, shape_name):
+    from scipy import ndimage
+
+    from medseg.data.topology_targets import _footprint, dilate_sparse
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random((17, 19) if ndim == 2 else (9, 11, 10)) < density
+    structure = _footprint(ndim, radius, shape_name)
+    np.testing.assert_array_equal(dilate_sparse(mask, structure), ndimage.binary_dilation(mask, structure=structure))

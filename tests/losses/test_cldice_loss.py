@@ -3,10 +3,12 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from monai.losses import SoftclDiceLoss as MonaiSoftclDice
 from monai.losses.cldice import soft_skel
 
-from medseg.losses import get_loss
+from medseg.losses import cldice, get_loss
 from medseg.losses.cldice import SoftclDiceLoss, soft_skeleton
 
 
@@ -145,3 +147,132 @@ def test_matches_topolosses_cldice(monkeypatch, channels):
         warnings.simplefilter("ignore")  # it warns that include_background is moot for one channel
         expected = reference(probs, onehot)
     assert torch.allclose(ours, expected, atol=1e-6)
+
+
+# --------------------------------------------------- soft skeleton against MONAI's soft_skel
+#
+# medseg computes the soft skeleton its own way (shifted minima/maxima, one erosion per
+# iteration, a hand-written backward); MONAI's soft_skel is the reference for the values
+# (bit for bit) and the gradients (the same voxels get the same shares, ties included; only
+# the order of float additions differs).
+
+
+def _image(shape, kind: str, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    if kind == "ties":  # few distinct values: ties in every pooling window
+        x = torch.round(x * 4) / 4
+    elif kind == "binary":
+        x = (x > 0.6).double()
+    elif kind == "saturated":  # probabilities exactly 0 or 1 where a network is sure
+        x = torch.where(x > 0.8, 1.0, torch.where(x < 0.2, 0.0, x))
+    return x.to(dtype)
+
+
+def _values_and_grads(skeleton_fn, image: torch.Tensor, iterations: int, weight: torch.Tensor):
+    x = image.clone().requires_grad_(True)
+    skel = skeleton_fn(x, iterations)
+    (skel * weight).sum().backward()
+    return skel.detach(), x.grad
+
+
+def _assert_same_as_monai(image: torch.Tensor, iterations: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(image.shape, generator=g, dtype=torch.float64).to(image.dtype)
+    ours, ours_grad = _values_and_grads(soft_skeleton, image, iterations, weight)
+    theirs, theirs_grad = _values_and_grads(soft_skel, image, iterations, weight)
+    assert torch.equal(ours, theirs)
+    tol = 1e-12 if image.dtype == torch.float64 else 1e-6
+    scale = max(1.0, float(theirs_grad.abs().max()))
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=tol, atol=tol * scale)
+    with torch.no_grad():
+        assert torch.equal(soft_skeleton(image, iterations), theirs)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "binary", "saturated"])
+@pytest.mark.parametrize("iterations", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("shape", [(2, 3, 11, 9), (2, 2, 9, 7, 8)], ids=["2d", "3d"])
+def test_soft_skeleton_values_and_gradients_are_monais(shape, iterations, kind):
+    for dtype in (torch.float64, torch.float32):
+        _assert_same_as_monai(_image(shape, kind, seed=iterations, dtype=dtype), iterations)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 6), (1, 1, 2, 2, 2), (1, 1, 5, 1, 4), (1, 1, 1, 1, 1), (1, 2, 6, 1)])
+def test_soft_skeleton_thin_and_degenerate_shapes(shape):
+    for iterations in (0, 2):
+        _assert_same_as_monai(_image(shape, "ties", seed=1, dtype=torch.float64), iterations)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spatial=st.lists(st.integers(1, 7), min_size=2, max_size=3),
+    batch=st.integers(1, 2),
+    iterations=st.integers(0, 4),
+    levels=st.sampled_from([2, 3, 5, 0]),  # 0: continuous values, else this many distinct values
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_soft_skeleton_is_monais_property(spatial, batch, iterations, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand((batch, 1, *spatial), generator=g, dtype=torch.float64)
+    if levels:
+        image = torch.floor(image * levels) / (levels - 1)
+    _assert_same_as_monai(image, iterations, seed)
+
+
+def test_soft_skeleton_of_a_strided_view_and_repeated_backward():
+    base = _image((2, 3, 8, 9, 7), "ties", seed=3)
+    weight = torch.randn(2, 2, 8, 9, 7, generator=torch.Generator().manual_seed(4))
+    x = base.clone().requires_grad_(True)
+    skel = soft_skeleton(x[:, 1:], 3)  # not contiguous: the loss drops the background like this
+    (skel * weight).sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    (skel * weight).sum().backward()  # the saved tensors are left intact for a second pass
+    torch.testing.assert_close(x.grad, 2 * first)
+    _, expected = _values_and_grads(soft_skel, base[:, 1:].contiguous(), 3, weight)
+    torch.testing.assert_close(first[:, 1:], expected, rtol=1e-6, atol=1e-6)
+    assert not first[:, :1].any()
+
+
+def test_soft_skeleton_binary_shortcut_matches_the_soft_path():
+    target = _image((2, 1, 10, 11, 9), "binary", seed=5)
+    for iterations in (0, 1, 3):
+        assert torch.equal(soft_skeleton(target, iterations), cldice._skeleton(target, iterations, keep=False))
+    almost = target.clone()
+    almost[0, 0, 0, 0, 0] = 0.5  # not binary: the soft path
+    assert torch.equal(soft_skeleton(almost, 3), soft_skel(almost, 3))
+
+
+def test_soft_skeleton_rejects_other_ranks():
+    with pytest.raises(ValueError, match="4D or 5D"):
+        soft_skeleton(torch.rand(4, 4, 4), 2)
+
+
+@pytest.mark.parametrize("channels, include_background", [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_loss_values_and_gradients_are_those_of_the_monai_skeleton(monkeypatch, channels, include_background, alpha):
+    """The loss with the fast skeleton equals the loss with MONAI's soft_skel (its previous
+    implementation): value and gradient w.r.t. the logits, 2D and 3D."""
+    for spatial in ((12, 10), (10, 9, 8)):
+        g = torch.Generator().manual_seed(channels + len(spatial))
+        logits = 3 * torch.randn(2, channels, *spatial, generator=g)
+        labels = torch.randint(0, max(channels, 2), (2, 1, *spatial), generator=g)
+        loss = SoftclDiceLoss(iterations=3, alpha=alpha, include_background=include_background)
+
+        def value_and_grad():
+            x = logits.clone().requires_grad_(True)
+            value = loss(x, labels)
+            value.backward()
+            return value.detach(), x.grad
+
+        ours, ours_grad = value_and_grad()
+        with monkeypatch.context() as m:
+            m.setattr(cldice, "soft_skeleton", lambda image, iterations: soft_skel(image, iterations))
+            reference, reference_grad = value_and_grad()
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_soft_skeleton_on_cuda_is_monais():
+    image = _image((2, 2, 12, 10, 9), "ties", seed=6).cuda()
+    _assert_same_as_monai(image, 3)
