@@ -1,4 +1,4 @@
-"""The ``medseg`` command line: ``train``, ``adapt``, ``predict``, ``evaluate``, ``report compare``, ``report html``.
+"""The ``medseg`` command line: ``plan``, ``train``, ``preprocess``, ``adapt``, ``predict``, ``evaluate``, ``study``, ``report compare``, ``report html``.
 
 Input mistakes (a bad config key, an unreadable file, a folder without a checkpoint)
 are :class:`medseg.errors.MedsegError`; they are printed as one line
@@ -26,6 +26,36 @@ app = typer.Typer(
 
 
 @app.command()
+def plan(
+    dataset: Path = typer.Argument(..., help="dataset folder in nnU-Net v2 / MSD layout (dataset.json inside)"),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output",
+        help="run config to write; fingerprint.json and plans.json go next to it (default: plans/DATASET/config.yaml)",
+    ),
+    gpu_memory_gb: float = typer.Option(8.0, "--gpu-memory-gb", help="memory of the training GPU in GiB (nnU-Net's default: 8)"),
+    model: str = typer.Option("dynunet", "--model", help="dynunet, unet, unetr or swinunetr"),
+    topology_loss: str = typer.Option("none", "--topology-loss", help="loss added to dice_ce: cldice, skeleton_recall, betti_matching, mip, sauna, ... or none"),
+    workers: int = typer.Option(2, "--workers", help="processes for the fingerprint"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="run folder written into the config (default: runs/NAME_MODEL)"),
+) -> None:
+    """Fingerprint a dataset and plan a run: a commented CONFIG.yaml for medseg train, plus plans.json and fingerprint.json."""
+    from medseg.planning import run_plan
+
+    result = run_plan(
+        dataset, output=output, gpu_memory_gb=gpu_memory_gb, model=model, topology_loss=topology_loss,
+        workers=workers, output_dir=output_dir,
+    )
+    for message in result.warnings:
+        print(f"medseg: warning: {message}", file=sys.stderr)
+    p = result.plan
+    print(
+        f"medseg: planned {p['model']} {p['spatial_dims']}D: spacing {p['target_spacing']}, patch {p['patch_size']}, "
+        f"batch {p['batch_size']} (~{p['memory']['estimate_gib']:.1f} of {p['gpu_memory_gb']:g} GiB); "
+        f"wrote {result.config}, {result.plans.name}, {result.fingerprint.name}"
+    )
+
+
+@app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML run config (see configs/quickstart.yaml)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key: --set train.iterations=100"),
@@ -37,6 +67,24 @@ def train(
 
     cfg = load_config(config, set_ or [])
     run_training(cfg, resume=resume)
+
+
+@app.command()
+def preprocess(
+    config: Path = typer.Argument(..., help="YAML run config: the data.* keys decide the cache"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key: --set data.cache_dir=/scratch/cache"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes (default: the cores, divided among torchrun processes)"),
+) -> None:
+    """Preprocess every training and validation case once into the on-disk cache that train reads (resumable)."""
+    import os
+
+    from medseg.config import load_config
+    from medseg.preprocessing import run_preprocessing
+
+    cfg = load_config(config, set_ or [])
+    result = run_preprocessing(cfg, workers=workers)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(f"medseg: {len(result.cases)} cases ({result.done} preprocessed now) in {result.folder}")
 
 
 @app.command()
@@ -63,6 +111,11 @@ def predict(
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", help="windows per forward pass"),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="also write CASE_prob.nii.gz"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    stitch_device: Optional[str] = typer.Option(
+        None, "--stitch-device",
+        help="keep the stitched class maps on cuda (the network's GPU) or cpu; auto: the GPU when they fit "
+        "(default: run config, auto)",
+    ),
 ) -> None:
     """Segment a folder of scans with a trained model (sliding window, geometry restored)."""
     from medseg.inference.predict import run_prediction
@@ -77,6 +130,7 @@ def predict(
         sw_batch_size=sw_batch_size,
         save_probabilities=save_probabilities,
         device=device,
+        stitch_device=stitch_device,
     )
     if not ok:
         raise typer.Exit(code=1)
@@ -120,6 +174,19 @@ def evaluate(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def study(
+    study_file: Path = typer.Argument(..., metavar="STUDY.yaml", help="the study: base config, variants, seeds, test folders (see benchmarks/topomortar_study.yaml)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key of every run: --set train.iterations=5"),
+    parallel: int = typer.Option(1, "--parallel", help="runs at a time on this machine, each in its own process (GPUs shared out)"),
+) -> None:
+    """Train, test and evaluate every variant x seed (resumable), then compare: study.json, study.csv, study.html."""
+    from medseg.study import run_study
+
+    if not run_study(study_file, set_ or [], parallel=parallel):
+        raise typer.Exit(code=1)
+
+
 report_app = typer.Typer(
     name="report",
     help="Reports of evaluations: compare two runs, or (re)write report.html.",
@@ -133,12 +200,14 @@ def report_compare(
     a: Path = typer.Argument(..., metavar="RUN_OR_EVAL_A", help="a run folder (with evaluation/), an evaluation folder or a summary.json"),
     b: Path = typer.Argument(..., metavar="RUN_OR_EVAL_B", help="the same for run B; differences are B - A"),
     output: Optional[Path] = typer.Option(None, "--output", help="folder for compare.html and compare.json (default: terminal only)"),
-    permutations: int = typer.Option(10000, "--permutations", help="resamples of the paired permutation test (exact when 2^n is fewer)"),
+    permutations: Optional[int] = typer.Option(
+        None, "--permutations", help="resamples of the paired permutation test (exact when 2^n is fewer; default 10000)"
+    ),
 ) -> None:
     """Two evaluations of the same cases side by side: paired differences, Wilcoxon and permutation tests."""
-    from medseg.evaluation.compare import run_compare
+    from medseg.evaluation.compare import DEFAULT_PERMUTATIONS, run_compare
 
-    run_compare(a, b, output=output, permutations=permutations)
+    run_compare(a, b, output=output, permutations=DEFAULT_PERMUTATIONS if permutations is None else permutations)
 
 
 @report_app.command("html")

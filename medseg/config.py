@@ -73,10 +73,25 @@ class DataConfig(_Strict):
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     foreground_oversample: float = Field(
-        0.33, ge=0, le=1, description="fraction of patches centred on foreground (RandCropByPosNegLabeld)"
+        0.33, ge=0, le=1,
+        description="fraction of patches centred on a foreground voxel (of a class drawn among the case's); "
+        "the others are placed uniformly at random",
     )
-    cache_rate: float = Field(1.0, ge=0, le=1, description="fraction of preprocessed cases kept in memory")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cache_dir: Path | None = Field(
+        None,
+        description="folder of the preprocessed cache (medseg preprocess); None: $MEDSEG_CACHE, else "
+        "$XDG_CACHE_HOME/medseg, else ~/.cache/medseg",
+    )
+    cache_rate: float = Field(
+        0.0, ge=0, le=1,
+        description="fraction of the training cases held decompressed in memory (read once from the cache); "
+        "the others are read patch by patch, so memory does not grow with them",
+    )
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes making patches; auto: min(cores - 1, 8) of the cores per "
+        "process (0 on one core)",
+    )
 
     @field_validator("patch_size")
     @classmethod
@@ -84,6 +99,13 @@ class DataConfig(_Strict):
         if len(value) not in (2, 3) or any(v < 1 for v in value):
             raise ValueError("must be 2 or 3 positive integers")
         return value
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError(f"must be 'auto' or a non-negative integer, got {value!r}")
 
 
 class ModelConfig(_Strict):
@@ -158,6 +180,11 @@ class InferenceConfig(_Strict):
     mode: Literal["gaussian", "constant"] = "gaussian"
     tta_flips: bool = Field(False, description="average predictions over axis flips")
     save_probabilities: bool = False
+    stitch_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where the whole-volume class maps (float16) are kept while windows are stitched: "
+        "cuda (the network's GPU), cpu, or auto (the GPU when they take at most half of its free memory)",
+    )
 
 
 class RunConfig(_Strict):

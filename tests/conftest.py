@@ -8,6 +8,7 @@ For other sizes use ``make_synthetic_dataset(**kwargs)`` (arguments of
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,19 @@ from medseg.data.synthetic import make_dataset  # noqa: E402
 SYNTHETIC_3D = dict(cases=6, test_cases=2, size=32, dims=3, seed=0)
 # 8 training + 2 test cases of 64^2 pixels, 2D NIfTI
 SYNTHETIC_2D = dict(cases=8, test_cases=2, size=64, dims=2, seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _medseg_cache(tmp_path_factory):
+    """Every test's preprocessing cache lives in the session's temporary folder, never in
+    the user's ``~/.cache/medseg`` (subprocesses inherit the variable)."""
+    previous = os.environ.get("MEDSEG_CACHE")
+    os.environ["MEDSEG_CACHE"] = str(tmp_path_factory.mktemp("medseg_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MEDSEG_CACHE", None)
+    else:
+        os.environ["MEDSEG_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

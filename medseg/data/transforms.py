@@ -1,8 +1,10 @@
 """Preprocessing and augmentation: from a loaded case to a network-ready patch.
 
-The pipeline is a MONAI :class:`~monai.transforms.Compose` over the dicts that
-:func:`medseg.data.dataset.load_case` returns (``image`` ``(C, *spatial)`` float32,
-``label`` ``(1, *spatial)`` int or absent, ``geometry``):
+The deterministic part is a MONAI :class:`~monai.transforms.Compose` over the dicts
+that :func:`medseg.data.dataset.load_case` returns (``image`` ``(C, *spatial)``
+float32, ``label`` ``(1, *spatial)`` int or absent, ``geometry``), defined once in
+:func:`preprocessing_transforms` and used by both the preprocessing cache
+(:mod:`medseg.preprocessing`) and the whole-case pipelines of :func:`build_transforms`:
 
 1. :class:`ToMetaTensord` wraps ``image``/``label`` as :class:`~monai.data.MetaTensor`
    carrying the case's affine (RAS+), so every spatial transform after it is recorded
@@ -13,19 +15,20 @@ The pipeline is a MONAI :class:`~monai.transforms.Compose` over the dicts that
    that :func:`fit_preprocessing` fitted on the training set (nnU-Net's scheme by channel
    name: ``CT`` -> clip to the foreground [0.5, 99.5] percentiles, then z-score with the
    foreground mean/std; any other channel -> per-image z-score).
-4. ``train`` only: ``SpatialPadd`` to the patch size, ``RandCropByPosNegLabeld``
-   (``data.foreground_oversample`` of the patches centred on foreground), the MONAI random
-   augmentations enabled in ``data.augmentation``, and then the label-derived targets the
-   losses need (``CompositeLoss.target_transforms``: skeletons, SAUNA maps), computed on
-   the augmented patch. Whole-volume targets (``CompositeLoss.pre_crop_transforms``: the
-   MIP loss's label projection) are made before the crop and cropped and augmented with
-   the label. The label leaves as int64 ``(1, *patch)``.
 
-``val`` stops after step 3 and keeps the label; ``infer`` has no label. Steps 1-3 are
-deterministic, so :class:`monai.data.CacheDataset` caches their result and only step 4
-runs per patch. The ``infer`` pipeline is invertible: ``Compose.inverse`` or
-``monai.transforms.Invertd(keys="pred", transform=..., orig_keys="image")`` maps a
-prediction made on the resampled grid back to the input's exact shape and affine.
+``val`` is steps 1-3 with the label; ``infer`` has no label and is invertible:
+``Compose.inverse`` or ``monai.transforms.Invertd(keys="pred", transform=...,
+orig_keys="image")`` maps a prediction made on the resampled grid back to the input's
+exact shape and affine.
+
+The random part acts on a crop of a preprocessed case, and
+:mod:`medseg.training.sampling` chooses the crop: :func:`affine_augmentation` (rotation
+and scaling, which needs :func:`affine_box_margin` voxels of context around the patch
+for the angles drawn), then :func:`patch_augmentations` (flips, 90-degree rotations, intensity changes, the
+label cast to int64, and the label-derived targets the losses need,
+``CompositeLoss.target_transforms``: skeletons, SAUNA maps). Whole-volume targets
+(``CompositeLoss.pre_crop_transforms``: the MIP loss's label projection) come from the
+per-axis projections the cache stores with each case.
 """
 
 from __future__ import annotations
@@ -40,12 +43,10 @@ from monai.data import MetaTensor
 from monai.transforms import (
     CastToTyped,
     Compose,
-    DeleteItemsd,
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
-    RandAffined,
-    RandCropByPosNegLabeld,
+    RandAffine,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -53,8 +54,8 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     Spacingd,
-    SpatialPadd,
 )
+from monai.transforms.utils import create_rotate
 
 from medseg.errors import ConfigError
 
@@ -68,17 +69,19 @@ __all__ = [
     "fit_preprocessing",
     "ToMetaTensord",
     "NormalizeChannelsd",
-    "CropIndicesd",
+    "preprocessing_transforms",
     "build_transforms",
+    "affine_augmentation",
+    "affine_box_margin",
+    "affine_matrix",
+    "affine_margin",
+    "patch_augmentations",
+    "whole_volume_targets",
 ]
 
 PREPROCESSING_VERSION = 1
 # nnU-Net samples this many foreground voxels per case and channel for the CT statistics.
 _FG_SAMPLES_PER_CASE = 10_000
-# Patch centres are drawn from at most this many stored voxel indices per class (pos/neg)
-# per case; all indices of a 512x512x300 CT would cost hundreds of MB per case.
-_MAX_CROP_INDICES = 200_000
-_INDEX_KEYS = ("label_fg_indices", "label_bg_indices")
 # load_case bookkeeping that DataLoader collation cannot batch (paths, geometry objects)
 _UNCOLLATABLE = ("image_files", "label_file")
 
@@ -245,33 +248,6 @@ class NormalizeChannelsd(MapTransform):
         return d
 
 
-class CropIndicesd(MapTransform):
-    """Store foreground / background voxel indices of ``label`` for patch sampling.
-
-    Deterministic (cached by CacheDataset) so ``RandCropByPosNegLabeld`` does not scan
-    the label for every patch; each list is subsampled to at most ``max_indices``
-    entries with a fixed seed, which keeps large CT volumes cheap while patch centres stay
-    uniform over the class.
-    """
-
-    def __init__(self, label_key: str = "label", max_indices: int = _MAX_CROP_INDICES) -> None:
-        super().__init__([label_key])
-        self.label_key = label_key
-        self.max_indices = max_indices
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        label = d[self.label_key]
-        flat = (np.asarray(label.detach().cpu()) if isinstance(label, torch.Tensor) else np.asarray(label))[0].ravel()
-        rng = np.random.default_rng(0)
-        for key, mask in zip(_INDEX_KEYS, (flat > 0, flat <= 0)):
-            idx = np.flatnonzero(mask)
-            if idx.size > self.max_indices:
-                idx = np.sort(rng.choice(idx, self.max_indices, replace=False))
-            d[key] = idx
-        return d
-
-
 # --------------------------------------------------------------------------- pipelines
 
 def _spatial_transforms(config: "RunConfig", keys: list[str], dims: int) -> list:
@@ -295,25 +271,104 @@ def _spatial_transforms(config: "RunConfig", keys: list[str], dims: int) -> list
     return transforms
 
 
-def _augmentations(config: "RunConfig", dims: int, label_keys: list[str]) -> list:
+def affine_augmentation(config: "RunConfig") -> RandAffine | None:
+    """The random rotation and scaling of ``data.augmentation`` (array transform), or None.
+
+    It always fires (``prob=1``): :mod:`medseg.training.sampling` draws whether a patch
+    gets it (with ``affine_prob``), then draws its angles and scales
+    (``randomize()``), reads the box those need around the patch
+    (:func:`affine_box_margin`) and resamples image (bilinear) and label (nearest)
+    with the same parameters (``randomize=False``). Input: the patch plus a margin on
+    every side; output: the patch (``spatial_size``), centred on the input's centre.
+    """
     aug = config.data.augmentation
+    if aug.affine_prob <= 0:
+        return None
+    dims = config.spatial_dims
+    angle = float(np.deg2rad(aug.rotate_range_deg))
+    transform = RandAffine(
+        prob=1.0,
+        rotate_range=[angle] * (3 if dims == 3 else 1),
+        scale_range=[aug.scale_range] * dims,
+        padding_mode="border",
+        spatial_size=list(config.data.patch_size),
+        cache_grid=True,
+    )
+    # MONAI resamples in float64 by default: a copy of the box at twice the size of the
+    # float32 image, for no visible difference in a float32 patch
+    transform.resampler.dtype = np.float32
+    return transform
+
+
+def affine_box_margin(matrix: np.ndarray, patch: Sequence[int]) -> tuple[int, ...]:
+    """Voxels of context each side of ``patch`` that the linear map ``matrix`` samples.
+
+    The affine maps an output voxel at offset ``x`` from the patch centre to
+    ``matrix @ x`` in the input; along axis ``i`` the input reaches
+    ``sum_j |matrix_ij| (p_j - 1) / 2`` over the patch corners, plus one voxel for the
+    bilinear neighbour.
+    """
+    half = (np.asarray(patch, dtype=np.float64) - 1) / 2
+    reach = np.abs(np.asarray(matrix, dtype=np.float64)) @ half
+    return tuple(int(v) for v in np.maximum(np.ceil(reach - half + 1 - 1e-9), 0))
+
+
+def affine_matrix(transform: RandAffine) -> np.ndarray:
+    """The ``(dims, dims)`` map of ``transform``'s current parameters (after ``randomize()``):
+    MONAI's ``rotate @ scale`` (no shear or translation here)."""
+    grid = transform.rand_affine_grid
+    scales = np.asarray(grid.scale_params, dtype=np.float64)
+    dims = len(scales)
+    rotation = np.asarray(create_rotate(dims, list(grid.rotate_params)), dtype=np.float64)[:dims, :dims]
+    return rotation @ np.diag(scales)
+
+
+def affine_margin(config: "RunConfig") -> tuple[int, ...]:
+    """The largest :func:`affine_box_margin` any draw of :func:`affine_augmentation` needs.
+
+    Rotation angles up to ``rotate_range_deg`` about each axis and scale factors up to
+    ``1 + scale_range``; the maximum over rotations is taken on a grid of 9 angles per
+    axis (MONAI's own rotation matrices). A 96^3 patch at 15 degrees and 10 % scaling
+    needs 29-31 voxels each side (a 154x158x154 read, 4.4 times the patch). nnU-Net
+    reads such an enlarged box for every patch; medseg reads, for the ``affine_prob``
+    share of patches that are rotated, the box of the angles drawn (on average a good
+    deal smaller). Zeros when the affine is disabled.
+    """
+    aug = config.data.augmentation
+    patch = list(config.data.patch_size)
+    dims = len(patch)
+    if aug.affine_prob <= 0:
+        return (0,) * dims
+    theta = float(np.deg2rad(aug.rotate_range_deg))
+    angles = np.linspace(-theta, theta, 9)
+    grids = [(a,) for a in angles] if dims == 2 else [(a, b, c) for a in angles for b in angles for c in angles]
+    scale = np.diag([1.0 + aug.scale_range] * dims)
+    margin = np.zeros(dims, dtype=np.int64)
+    for radians in grids:
+        rotation = np.asarray(create_rotate(dims, list(radians)), dtype=np.float64)[:dims, :dims]
+        margin = np.maximum(margin, affine_box_margin(rotation @ scale, patch))
+    return tuple(int(v) for v in margin)
+
+
+def patch_augmentations(config: "RunConfig", info: "DatasetInfo", label_keys: Sequence[str]) -> Compose:
+    """The random transforms after the crop (and after :func:`affine_augmentation`).
+
+    Flips per axis, 90-degree rotations in the first two axes, intensity scaling and
+    shifting, Gaussian noise and smoothing, gamma, each with its probability from
+    ``data.augmentation``; then ``label_keys`` cast to int64 (one label dtype for the
+    whole batch: interpolation makes it float) and the label-derived targets the losses
+    need (``CompositeLoss.target_transforms``), computed on the augmented patch.
+
+    Raises
+    ------
+    ConfigError
+        90-degree rotations on a patch whose first two axes differ.
+    """
+    aug = config.data.augmentation
+    dims = config.spatial_dims
     both = ["image", *label_keys]
     patch = list(config.data.patch_size)
     transforms: list = []
-    if aug.affine_prob > 0:
-        angle = float(np.deg2rad(aug.rotate_range_deg))
-        transforms.append(
-            RandAffined(
-                keys=both,
-                prob=aug.affine_prob,
-                rotate_range=[angle] * (3 if dims == 3 else 1),
-                scale_range=[aug.scale_range] * dims,
-                mode=["bilinear"] + ["nearest"] * len(label_keys),
-                padding_mode="border",
-                spatial_size=patch,
-                cache_grid=True,
-            )
-        )
     if aug.flip_prob > 0:
         transforms.extend(RandFlipd(keys=both, prob=aug.flip_prob, spatial_axis=axis) for axis in range(dims))
     if aug.rotate90_prob > 0:
@@ -337,7 +392,37 @@ def _augmentations(config: "RunConfig", dims: int, label_keys: list[str]) -> lis
         )
     if aug.gamma_prob > 0:
         transforms.append(RandAdjustContrastd(keys="image", prob=aug.gamma_prob, gamma=(0.7, 1.5)))
-    return transforms
+    transforms.append(CastToTyped(keys=list(label_keys), dtype=torch.int64))
+    loss = _loss_composite(config, info)
+    if loss is not None:
+        transforms += list(loss.target_transforms())
+    return Compose(transforms)
+
+
+def whole_volume_targets(config: "RunConfig", info: "DatasetInfo") -> list[tuple[str, tuple[int, ...]]]:
+    """The label projections the losses want cropped with the label: ``(key, axes)`` pairs.
+
+    These are the ``LabelProjectiond`` transforms of ``CompositeLoss.pre_crop_transforms``
+    (the MIP loss's ``target_projection='volume'``): channel ``k`` of ``key`` is the
+    foreground's maximum along ``axes[k]`` over the *whole* volume, broadcast back along
+    that axis, so a patch cannot compute it from its own crop.
+
+    Raises
+    ------
+    ConfigError
+        A loss asks for a whole-volume target of another kind.
+    """
+    from medseg.data.topology_targets import LabelProjectiond
+
+    loss = _loss_composite(config, info)
+    targets: list[tuple[str, tuple[int, ...]]] = []
+    for t in (loss.pre_crop_transforms() if loss is not None else []):
+        if not isinstance(t, LabelProjectiond):
+            raise ConfigError(f"losses: whole-volume target {type(t).__name__} is not supported by the patch sampler")
+        dims = config.spatial_dims
+        axes = tuple(int(a) % dims for a in t.transform.axes)
+        targets.extend((str(key), axes) for key in t.output_keys)
+    return targets
 
 
 def _loss_composite(config: "RunConfig", info: "DatasetInfo"):
@@ -349,81 +434,63 @@ def _loss_composite(config: "RunConfig", info: "DatasetInfo"):
     return build_loss(config.losses, info.num_classes)
 
 
-def _output_keys(transforms: list) -> list[str]:
-    keys: list[str] = []
-    for t in transforms:
-        keys.extend(str(k) for k in getattr(t, "output_keys", ()) or ())
-    return keys
+def preprocessing_transforms(
+    config: "RunConfig", info: "DatasetInfo", preprocessing: Mapping[str, Any], keys: Sequence[str]
+) -> list:
+    """The deterministic part of every pipeline, in order; the normalisation comes last.
+
+    ``[ToMetaTensord, Orientationd?, Spacingd?, NormalizeChannelsd]`` over ``keys``
+    (``image``, and ``label`` when there is one). The preprocessing cache runs the list
+    up to the normalisation, finds the non-zero bounding box on the resampled
+    intensities, then normalises and crops (:mod:`medseg.preprocessing.case`).
+
+    Raises
+    ------
+    ConfigError
+        Spacing or orientation of the wrong length, preprocessing fitted for another
+        channel count.
+    """
+    dims = config.spatial_dims
+    if len(preprocessing["channels"]) != info.num_channels:
+        raise ConfigError(
+            f"preprocessing: fitted for {len(preprocessing['channels'])} channels, dataset has {info.num_channels}"
+        )
+    keys = list(keys)
+    return [
+        ToMetaTensord(keys=keys),
+        *_spatial_transforms(config, keys, dims),
+        NormalizeChannelsd(keys=["image"], preprocessing=preprocessing),
+    ]
 
 
 def build_transforms(
     config: "RunConfig",
     info: "DatasetInfo",
     preprocessing: Mapping[str, Any],
-    mode: Literal["train", "val", "infer"],
+    mode: Literal["val", "infer"],
 ) -> Compose:
-    """The MONAI pipeline for ``mode`` (see the module docstring for the steps).
+    """The whole-case MONAI pipeline for ``mode``: :func:`preprocessing_transforms`.
 
     Parameters
     ----------
     config : RunConfig
-        ``data.*`` (orientation, target spacing, patch size, foreground oversampling,
-        augmentation) and ``losses`` (extra label-derived targets).
+        ``data.*`` (orientation, target spacing, normalisation).
     info : DatasetInfo
         The dataset (channel count, checked against ``preprocessing``).
     preprocessing : dict
         :func:`fit_preprocessing`'s result (stored in checkpoints as ``preprocessing``).
-    mode : {"train", "val", "infer"}
-        ``train``: random patches of ``data.patch_size`` with augmentation, one dict per
-        call (``RandCropByPosNegLabeld`` returns a list of one); ``val``: whole
-        preprocessed case with label; ``infer``: whole preprocessed image, invertible.
+    mode : {"val", "infer"}
+        ``val``: whole preprocessed case with label; ``infer``: whole preprocessed
+        image, invertible. Training patches are made from the preprocessing cache by
+        :mod:`medseg.training.sampling`.
 
     Raises
     ------
     ConfigError
         Settings that cannot work together (spacing or orientation of the wrong length,
-        90-degree rotations on a non-square patch, preprocessing for another channel count).
+        preprocessing for another channel count).
     """
-    if mode not in ("train", "val", "infer"):
-        raise ValueError(f"mode must be 'train', 'val' or 'infer', got {mode!r}")
-    dims = config.spatial_dims
-    if len(preprocessing["channels"]) != info.num_channels:
-        raise ConfigError(
-            f"preprocessing: fitted for {len(preprocessing['channels'])} channels, dataset has {info.num_channels}"
-        )
+    if mode not in ("val", "infer"):
+        raise ValueError(f"mode must be 'val' or 'infer', got {mode!r} (training patches: medseg.training.sampling)")
     keys = ["image"] if mode == "infer" else ["image", "label"]
-    transforms: list = [ToMetaTensord(keys=keys)]
-    transforms += _spatial_transforms(config, keys, dims)
-    transforms.append(NormalizeChannelsd(keys=["image"], preprocessing=preprocessing))
-    if mode == "train":
-        patch = list(config.data.patch_size)
-        pos = config.data.foreground_oversample
-        loss = _loss_composite(config, info)
-        # whole-volume targets (e.g. the MIP loss's label projection) are made before the
-        # crop and then cropped and augmented like the label
-        pre_crop = list(loss.pre_crop_transforms()) if loss is not None else []
-        label_keys = ["label", *_output_keys(pre_crop)]
-        keys = ["image", *label_keys]
-        transforms += pre_crop
-        transforms += [
-            SpatialPadd(keys=keys, spatial_size=patch, mode="constant"),
-            CropIndicesd("label"),
-            RandCropByPosNegLabeld(
-                keys=keys,
-                label_key="label",
-                spatial_size=patch,
-                pos=pos,
-                neg=1.0 - pos,
-                num_samples=1,
-                fg_indices_key=_INDEX_KEYS[0],
-                bg_indices_key=_INDEX_KEYS[1],
-                allow_smaller=False,
-            ),
-            DeleteItemsd(keys=list(_INDEX_KEYS)),
-        ]
-        transforms += _augmentations(config, dims, label_keys)
-        # one label dtype for the whole batch (interpolating augmentations make it float)
-        transforms.append(CastToTyped(keys=label_keys, dtype=torch.int64))
-        if loss is not None:
-            transforms += list(loss.target_transforms())
-    return Compose(transforms)
+    return Compose(preprocessing_transforms(config, info, preprocessing, keys))

@@ -44,6 +44,8 @@ from medseg.evaluation.aggregate import better_direction, is_number
 __all__ = ["Evaluation", "find_summary", "load_evaluation", "paired_tests", "compare_evaluations", "format_table", "run_compare"]
 
 SIGNIFICANCE = 0.05  # only for marking rows; the p-values are reported as they are
+#: Resamples of the paired permutation test (exact enumeration when 2^n is fewer).
+DEFAULT_PERMUTATIONS = 10000
 
 
 @dataclass
@@ -160,7 +162,7 @@ def _wilcoxon_p(d: np.ndarray) -> float:
             return math.nan
 
 
-def paired_tests(a: np.ndarray, b: np.ndarray, permutations: int = 10000, seed: int = 0) -> dict[str, float]:
+def paired_tests(a: np.ndarray, b: np.ndarray, permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0) -> dict[str, float]:
     """Paired differences ``b - a`` summarised and tested (two-sided; see the module docstring).
 
     Examples
@@ -194,7 +196,7 @@ def _shown(names) -> list[str]:
     return [n for n in _ordered(names) if n in PRIMARY_METRICS or n.endswith("_error")]
 
 
-def compare_evaluations(a: Evaluation, b: Evaluation, permutations: int = 10000) -> dict[str, Any]:
+def compare_evaluations(a: Evaluation, b: Evaluation, permutations: int = DEFAULT_PERMUTATIONS) -> dict[str, Any]:
     """The comparison (what ``compare.json`` holds): per label and metric the paired statistics.
 
     Raises
@@ -354,7 +356,7 @@ def render_compare_html(result: dict[str, Any]) -> str:
     return _page.page("medseg comparison", "\n".join(body))
 
 
-def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, permutations: int = 10000) -> dict[str, Any]:
+def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, permutations: int = DEFAULT_PERMUTATIONS) -> dict[str, Any]:
     """``medseg report compare``: print the comparison; with ``output`` write compare.json and compare.html.
 
     Raises

@@ -29,9 +29,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.atomic import write_atomic
 from medseg.errors import DataError, MedsegError
 
 __all__ = ["run_evaluation", "evaluate_case", "find_cases", "AFFINE_TOLERANCE_MM"]
@@ -267,16 +266,8 @@ def _plain(value: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a hidden temporary file next to ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``text`` to ``path`` atomically (:func:`medseg.atomic.write_atomic`)."""
+    write_atomic(path, text)
 
 
 def _resolve_labels(dataset_json: Path | None, ref_dir: Path):

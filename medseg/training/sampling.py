@@ -1,10 +1,10 @@
-"""Training patches as a pure function of (seed, sample number).
+"""Training patches as a pure function of (seed, sample number), read from the cache.
 
 Sample ``k`` (the ``k % batch_size``-th patch of iteration ``k // batch_size``) is drawn
 from case ``perm_e[k % n]`` where ``perm_e`` is a seeded permutation of the ``n``
 training cases for "epoch" ``e = k // n`` (every case once per ``n`` samples, like
-nnU-Net's random case order), and the random transforms are reseeded from
-``(seed, k)`` before it is made. Nothing depends on which worker process makes a sample
+nnU-Net's random case order), and everything random about it is drawn from
+``transform_seed(seed, k)``. Nothing depends on which worker process makes a sample
 or on what was sampled before, so a run resumed at iteration ``i`` sees exactly the
 patches the uninterrupted run saw, with any number of workers.
 
@@ -12,19 +12,55 @@ Under torchrun ``batch_size`` is the *global* batch: of the ``batch_size`` sampl
 iteration, rank ``r`` of ``N`` makes samples ``r, r + N, r + 2N, ...``, so the ``N``
 ranks together see exactly the patches one process sees at the same ``batch_size``,
 and the shards are a pure function of ``(seed, sample, rank, N)`` as well.
+
+How :class:`PatchSource` makes a patch from a case of the preprocessing cache
+(:mod:`medseg.preprocessing`), reading only the voxels it needs:
+
+1. its place: with probability ``data.foreground_oversample`` centred on a stored
+   voxel of a foreground class drawn uniformly among the case's classes (nnU-Net's
+   oversampling), else uniformly at random; moved inside the case where the case is
+   larger than the patch, centred where it is smaller (its border voxels repeated
+   around it);
+2. whether it is rotated and scaled (``data.augmentation.affine_prob``); if so its
+   angles and scales are drawn first and the read box grows by what they need on every
+   side (:func:`~medseg.data.transforms.affine_box_margin`), so the rotated patch sees
+   real context instead of repeated border voxels, and an unrotated patch reads no more
+   than itself;
+3. the box is read from the cache (image, label, and the label projections a loss may
+   want), then :func:`~medseg.data.transforms.affine_augmentation` resamples it to the
+   patch and :func:`~medseg.data.transforms.patch_augmentations` does the rest.
+
+``data.cache_rate`` of the cases (the first ones) are held decompressed in memory; the
+others are read box by box, so memory does not grow with the number of cases.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, list_data_collate
+from monai.data import list_data_collate
+from monai.data.meta_obj import get_track_meta, set_track_meta
 from torch.utils.data import DataLoader, Dataset
+
+from medseg.data.transforms import (
+    affine_augmentation,
+    affine_box_margin,
+    affine_matrix,
+    patch_augmentations,
+    whole_volume_targets,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medseg.config import RunConfig
+    from medseg.data.dataset import DatasetInfo
+    from medseg.preprocessing import CachedCase
 
 _PERM_STREAM = 1
 _TRANSFORM_STREAM = 2
+# `data.num_workers: auto` never starts more workers than this per process
+_MAX_AUTO_WORKERS = 8
 
 
 def case_for_sample(seed: int, sample: int, num_cases: int) -> int:
@@ -55,18 +91,105 @@ def sample_number(iteration: int, slot: int, batch_size: int, rank: int = 0, wor
     return iteration * batch_size + slot * world_size + rank
 
 
+def resolve_num_workers(num_workers: int | str) -> int:
+    """``data.num_workers``: an integer as given; ``auto`` -> ``min(cores - 1, 8)``.
+
+    ``cores`` are those of this process's affinity mask divided among the torchrun
+    processes of the node; one is left to the training process itself, so a machine
+    with one core (per process) loads in the main process (0 workers).
+    """
+    if num_workers != "auto":
+        return int(num_workers)
+    from medseg.preprocessing.run import cpus_per_process
+
+    return max(min(cpus_per_process() - 1, _MAX_AUTO_WORKERS), 0)
+
+
+class PatchSource:
+    """The training cases of the cache and how a patch is made from one of them.
+
+    Parameters
+    ----------
+    cases : sequence of CachedCase
+        The training cases, in the split's order (sample ``k`` uses index
+        :func:`case_for_sample`).
+    config : RunConfig
+        ``data.patch_size``, ``data.foreground_oversample``, ``data.augmentation``,
+        ``data.cache_rate`` and ``losses`` (label-derived targets).
+    info : DatasetInfo
+        Classes (for the loss targets).
+    """
+
+    def __init__(self, cases: Sequence["CachedCase"], config: "RunConfig", info: "DatasetInfo") -> None:
+        self.cases = list(cases)
+        in_memory = int(round(config.data.cache_rate * len(self.cases)))
+        for case in self.cases[:in_memory]:
+            case.load()
+        self.patch = np.asarray(config.data.patch_size, dtype=np.int64)
+        self.foreground = float(config.data.foreground_oversample)
+        self.affine_prob = float(config.data.augmentation.affine_prob)
+        self.targets = whole_volume_targets(config, info)
+        self.label_keys = ["label", *(key for key, _ in self.targets)]
+        self.affine = affine_augmentation(config)
+        self.augment = patch_augmentations(config, info, self.label_keys)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def _lower_corner(self, case: "CachedCase", rng: np.random.Generator) -> np.ndarray:
+        shape = np.asarray(case.shape, dtype=np.int64)
+        classes = [v for v, n in sorted(case.class_counts.items()) if n > 0]
+        if rng.random() < self.foreground and classes:
+            value = classes[int(rng.integers(len(classes)))]
+            locations = case.class_locations(value)
+            lower = locations[int(rng.integers(len(locations)))].astype(np.int64) - self.patch // 2
+        else:
+            lower = np.array([int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, self.patch)])
+        inside = np.clip(lower, 0, np.maximum(shape - self.patch, 0))
+        centred = -((self.patch - shape) // 2)  # smaller than the patch: padded on both sides
+        return np.where(shape >= self.patch, inside, centred)
+
+    def make(self, index: int, seed: int) -> dict[str, Any]:
+        """Patch of case ``index`` for the sample whose :func:`transform_seed` is ``seed``:
+        ``image`` float32 ``(C, *patch)``, ``label`` int64 ``(1, *patch)``, and the loss targets."""
+        rng = np.random.default_rng(seed)
+        case = self.cases[index]
+        lower = self._lower_corner(case, rng)
+        margin = np.zeros_like(self.patch)
+        affine = self.affine is not None and rng.random() < self.affine_prob
+        if affine:
+            self.affine.set_random_state(seed=int(rng.integers(2**31)))
+            self.affine.randomize()  # the angles and scales first: they decide the box
+            margin = np.asarray(affine_box_margin(affine_matrix(self.affine), self.patch))
+        start, size = lower - margin, self.patch + 2 * margin
+        image, label = case.read(start, size)
+        data: dict[str, Any] = {"image": torch.from_numpy(image), "label": torch.from_numpy(label)}
+        for key, axes in self.targets:
+            data[key] = torch.from_numpy(case.projection_region(axes, start, size))
+        tracking = get_track_meta()
+        set_track_meta(False)  # plain tensors: no MetaTensor bookkeeping per patch
+        try:
+            if affine:
+                for key in data:
+                    mode = "bilinear" if key == "image" else "nearest"
+                    data[key] = self.affine(data[key], mode=mode, randomize=False)
+            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+            data = self.augment(data)
+        finally:
+            set_track_meta(tracking)
+        return {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in data.items()}
+
+
 class PatchStream(Dataset):
     """Patches for iterations ``start .. stop - 1`` of a run, ``batch_size`` per iteration.
 
-    Wraps a :class:`~monai.data.CacheDataset` whose transform is the ``train`` pipeline:
-    the cached (deterministic) part is reused, the random part is reseeded per sample.
     ``batch_size`` is the global batch; with ``world_size`` > 1 the stream holds only
     rank ``rank``'s ``batch_size // world_size`` patches of each iteration (see the
     module docstring).
     """
 
     def __init__(
-        self, cases: CacheDataset, seed: int, batch_size: int, start: int, stop: int,
+        self, cases: PatchSource, seed: int, batch_size: int, start: int, stop: int,
         rank: int = 0, world_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -87,38 +210,39 @@ class PatchStream(Dataset):
         step, slot = divmod(index, self.local_batch_size)
         sample = sample_number(self.start + step, slot, self.batch_size, self.rank, self.world_size)
         case = case_for_sample(self.seed, sample, len(self.cases))
-        self.cases.transform.set_random_state(seed=transform_seed(self.seed, sample))
-        item = self.cases[case]
-        return item[0] if isinstance(item, list) else item
+        return self.cases.make(case, transform_seed(self.seed, sample))
 
 
 def _worker_init(worker_id: int) -> None:
-    # Transforms are reseeded per sample; this only keeps stray global RNG use in
+    # Patches are reseeded per sample; this only keeps stray global RNG use in
     # workers (e.g. third-party transforms) from being identical across workers.
     info = torch.utils.data.get_worker_info()
     np.random.seed((info.seed if info is not None else worker_id) % 2**32)
 
 
 def patch_loader(
-    cases: CacheDataset, seed: int, batch_size: int, start: int, stop: int, num_workers: int, pin_memory: bool,
-    rank: int = 0, world_size: int = 1,
+    cases: PatchSource, seed: int, batch_size: int, start: int, stop: int, num_workers: int | str,
+    pin_memory: bool, rank: int = 0, world_size: int = 1,
 ) -> DataLoader:
     """Batches for iterations ``start .. stop - 1`` in order (one batch per iteration).
 
     ``batch_size`` is the global batch; each of ``world_size`` ranks gets its
-    ``batch_size // world_size`` share of every iteration.
+    ``batch_size // world_size`` share of every iteration. ``num_workers`` may be
+    ``"auto"`` (:func:`resolve_num_workers`); workers stay up for the whole run.
     """
     stream = PatchStream(cases, seed, batch_size, start, stop, rank=rank, world_size=world_size)
+    workers = resolve_num_workers(num_workers)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         stream,
         batch_size=stream.local_batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=workers,
         collate_fn=list_data_collate,
         worker_init_fn=_worker_init,
         generator=generator,
         pin_memory=pin_memory,
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=workers > 0,
+        # two batches ahead per worker: enough to hide a slow patch, few patches held
+        prefetch_factor=2 if workers > 0 else None,
     )

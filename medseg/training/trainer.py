@@ -1,7 +1,8 @@
 """``medseg train``: a training run composed from small parts.
 
-:func:`run_training` wires together :mod:`medseg.training.data` (validated, cached
-cases), :func:`medseg.models.build_model`, :func:`medseg.losses.build_loss`,
+:func:`run_training` wires together :mod:`medseg.training.data` (the preprocessing
+cache, filled first where needed by :mod:`medseg.preprocessing`),
+:func:`medseg.models.build_model`, :func:`medseg.losses.build_loss`,
 :mod:`medseg.training.optim` (optimizer, per-iteration LR schedule),
 :mod:`medseg.training.sampling` (patches as a pure function of seed and iteration),
 :mod:`medseg.training.validation` (sliding-window Dice) and
@@ -54,7 +55,7 @@ from tqdm.auto import tqdm
 
 from medseg import distributed
 from medseg.config import RunConfig, dump_config
-from medseg.data.dataset import label_statistics
+from medseg.data.dataset import read_dataset_json
 from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.losses import build_loss, deep_supervision_loss
 from medseg.losses.deep_supervision import is_deep_supervision_output
@@ -267,11 +268,12 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest kernels
     device = distributed.device_for_rank(resolve_device(cfg.device))
     amp = bool(cfg.train.amp and device.type == "cuda")
-    data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None)
-    info = data.info
+    # the model and loss first: a config mistake shows before a long preprocessing
+    info = read_dataset_json(cfg.data.dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     loss_fn = build_loss(cfg.losses, info.num_classes)
+    data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None)
     model.to(device)
     loss_fn.to(device)
     optimizer = build_optimizer(model.parameters(), cfg.train.optimizer)
@@ -378,7 +380,8 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
             handlers += _attach_file_handler(run_dir)
             (run_dir / "config.yaml").write_text(dump_config(cfg))
             if checkpoint is None:
-                stats = label_statistics(parts.data.train_cases, parts.data.info)
+                # from the raw label histograms the cache keeps: no label file is read again
+                stats = parts.data.cache.label_statistics([c.name for c in parts.data.train_cases], parts.data.info)
                 (run_dir / "label_stats.json").write_text(json.dumps(stats, indent=2))
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])

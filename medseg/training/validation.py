@@ -1,8 +1,9 @@
 """Validation during training: sliding-window inference on whole validation cases.
 
-Dice is computed per foreground class on the preprocessed grid (after reorientation and
-resampling to ``target_spacing``), as nnU-Net's online validation does; the exact
-evaluation on the original grid is ``medseg predict`` + ``medseg evaluate``.
+Dice is computed per foreground class on the preprocessed grid (after reorientation,
+resampling to ``target_spacing`` and the crop to the non-zero region, which holds all
+the reference foreground), as nnU-Net's online validation does; the exact evaluation on
+the original grid is ``medseg predict`` + ``medseg evaluate``.
 
 Under torchrun each rank validates its share of the cases (case ``i`` on rank
 ``i % N``) and the per-class Dice sums and case counts are all-reduced, so every rank
@@ -15,7 +16,6 @@ from typing import Any, Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
-from monai.metrics import compute_dice
 
 from medseg import distributed
 from medseg.config import RunConfig
@@ -51,6 +51,10 @@ def validate(
 ) -> list[float]:
     """Mean Dice over ``cases`` for each foreground class ``1 .. num_classes - 1``.
 
+    ``cases`` is a sequence of ``{"image": (C, *spatial), "label": (1, *spatial)}``;
+    it is indexed one case at a time (a :class:`~medseg.training.data.ValidationCases`
+    reads each from the preprocessing cache then), so only one is in memory.
+
     A class absent from the reference of a case is left out of that class's mean
     (MONAI ``ignore_empty``); a class absent from the reference of every case scores 0
     (MONAI ``DiceMetric``'s ``mean_batch`` reduction, which this reproduces).
@@ -58,20 +62,14 @@ def validate(
     """
     was_training = model.training
     model.eval()
-    shard = list(cases)[distributed.rank() :: distributed.world_size()]
     # Per-case scores with MONAI's functional Dice: DiceMetric's buffers would all-gather
     # across ranks by themselves (and hang on a rank without cases).
     scores = torch.zeros(0, num_classes - 1)
     try:
         per_case = []
-        for case in shard:
-            logits = predict_logits(model, case["image"], cfg, device, amp)
-            pred = logits.argmax(dim=1, keepdim=True)
-            label = _plain(case["label"]).unsqueeze(0).to(device).long()
-            per_case.append(compute_dice(
-                _one_hot(pred, num_classes), _one_hot(label, num_classes),
-                include_background=False, ignore_empty=True, num_classes=num_classes,
-            ).float().cpu())
+        # one case at a time: ``cases`` may read each from the cache on access
+        for index in range(distributed.rank(), len(cases), distributed.world_size()):
+            per_case.append(_case_dice(model, cases[index], cfg, num_classes, device, amp))
         if per_case:
             scores = torch.cat(per_case, dim=0)
         # DiceMetric's "mean_batch" reduction (a nan case weighs 0), as sums and counts
@@ -85,8 +83,25 @@ def validate(
     return [float(v) for v in per_class]
 
 
-def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    shape = list(labels.shape)
-    shape[1] = num_classes
-    out = torch.zeros(shape, dtype=torch.float32, device=labels.device)
-    return out.scatter_(1, labels.clamp(0, num_classes - 1), 1.0)
+def _case_dice(
+    model: torch.nn.Module, case: dict[str, Any], cfg: RunConfig, num_classes: int, device: torch.device, amp: bool
+) -> torch.Tensor:
+    """``(1, num_classes - 1)`` Dice of one case, ``nan`` where the reference lacks the class.
+
+    MONAI's ``compute_dice(..., ignore_empty=True)`` on one-hot maps, computed from
+    voxel counts per class instead (one-hot maps of a 512x512x100 CT would take 0.4 GB
+    per class); the case's arrays are freed on return, before the next case is read.
+    """
+    logits = predict_logits(model, case["image"], cfg, device, amp)
+    pred = logits.argmax(dim=1)[0]
+    del logits
+    label = _plain(case["label"])[0].to(device)
+    scores = []
+    for c in range(1, num_classes):
+        truth, guess = label == c, pred == c
+        reference = int(truth.sum())
+        if reference == 0:
+            scores.append(float("nan"))
+        else:
+            scores.append(2.0 * int((truth & guess).sum()) / (reference + int(guess.sum())))
+    return torch.tensor([scores], dtype=torch.float32)

@@ -14,16 +14,9 @@ from medseg.errors import CheckpointError, DataError, MedsegError
 from medseg.inference.predict import run_prediction
 from medseg.inference.predictor import Predictor
 
-from predict_helpers import blob_image, make_run, oblique_geometry
+from predict_helpers import Threshold, blob_image, make_run, oblique_geometry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class Threshold(torch.nn.Module):
-    """Logits (-x, x) of the first channel: predicts foreground where the normalised image > 0."""
-
-    def forward(self, x):
-        return torch.cat([-x[:, :1], x[:, :1]], dim=1) * 4
 
 
 def _predict(run, scans, out, **kw):
@@ -43,7 +36,8 @@ def test_outputs_keep_input_shape_and_affine(tiny_run, scans, tmp_path):
         assert seg.dtype.kind in "iu" and set(np.unique(seg)) <= {0, 1}
         prob, prob_geometry = read_image_channels(out / f"{name}_prob.nii.gz")
         assert prob.shape == (2, *image.shape)
-        assert np.allclose(prob.sum(0), 1, atol=1e-4)
+        # class maps are stitched in float16: each within 1.2e-4 of float32 (sliding_window.py)
+        assert np.allclose(prob.sum(0), 1, atol=3e-4)
         assert np.allclose(prob_geometry.affine, geometry.affine, atol=1e-5)
         assert np.array_equal(prob.argmax(0), seg)
 

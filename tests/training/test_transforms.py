@@ -1,4 +1,8 @@
-"""Preprocessing and augmentation pipelines: patch shapes, normalisation, exact inverse."""
+"""Preprocessing and augmentation pipelines: patch shapes, normalisation, exact inverse.
+
+Training patches come from the preprocessing cache (``medseg.training.sampling``); the
+patch tests write the case into a temporary cache folder first.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,11 @@ from monai.transforms import Invertd
 from medseg.config import validate_config
 from medseg.data.dataset import DatasetInfo, check_dataset, load_case
 from medseg.data.io import ImageGeometry
-from medseg.data.transforms import build_transforms, channel_schemes, fit_preprocessing
+from medseg.data.transforms import build_transforms, channel_schemes, fit_preprocessing, patch_augmentations
 from medseg.errors import ConfigError
+from medseg.preprocessing.case import preprocess_loaded
+from medseg.preprocessing.storage import CachedCase, write_case
+from medseg.training.sampling import PatchSource
 
 
 def _cfg(patch, **data):
@@ -75,8 +82,13 @@ def test_zscore_is_per_image():
     assert torch.allclose(image.std(dim=(1, 2, 3), unbiased=False), torch.ones(2), atol=1e-4)
 
 
+def _patch_source(folder, case, cfg, info, prep):
+    meta = write_case(folder, preprocess_loaded(copy.deepcopy(case), info, cfg, prep), key="test")
+    return PatchSource([CachedCase(folder, meta)], cfg, info)
+
+
 @pytest.mark.parametrize("dims", [2, 3])
-def test_train_patches_have_patch_shape(dims):
+def test_train_patches_have_patch_shape(dims, tmp_path):
     shape = (40, 30, 20)[:dims] if dims == 3 else (50, 12)  # an axis smaller than the patch gets padded
     rng = np.random.default_rng(1)
     case = {
@@ -89,11 +101,9 @@ def test_train_patches_have_patch_shape(dims):
     aug = {"affine_prob": 1.0, "rotate90_prob": 0.5, "gaussian_smooth_prob": 1.0, "gamma_prob": 1.0}
     cfg = _cfg(patch, target_spacing=[1.2] * dims, augmentation=aug)
     prep = fit_preprocessing([case], _info(), cfg)
-    tf = build_transforms(cfg, _info(), prep, "train")
-    tf.set_random_state(seed=0)
-    for _ in range(3):
-        out = tf(copy.deepcopy(case))
-        out = out[0] if isinstance(out, list) else out
+    source = _patch_source(tmp_path, case, cfg, _info(), prep)
+    for seed in range(3):
+        out = source.make(0, seed)
         assert tuple(out["image"].shape) == (1, *patch)
         assert tuple(out["label"].shape) == (1, *patch)
         assert out["label"].dtype == torch.int64
@@ -101,16 +111,13 @@ def test_train_patches_have_patch_shape(dims):
         assert "geometry" not in out and "label_fg_indices" not in out
 
 
-def test_train_pipeline_is_reproducible_by_seed():
+def test_train_pipeline_is_reproducible_by_seed(tmp_path):
     case = _oblique_case()
-    cfg = _cfg([16, 16, 16])
+    cfg = _cfg([16, 16, 16], augmentation={"affine_prob": 0.5, "gaussian_noise_prob": 0.5})
     prep = fit_preprocessing([case], _info(), cfg)
-    runs = []
-    for _ in range(2):
-        tf = build_transforms(cfg, _info(), prep, "train")
-        tf.set_random_state(seed=42)
-        runs.append(tf(copy.deepcopy(case))[0]["image"].as_tensor())
+    runs = [_patch_source(tmp_path, case, cfg, _info(), prep).make(0, 42)["image"] for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], _patch_source(tmp_path, case, cfg, _info(), prep).make(0, 43)["image"])
 
 
 def test_infer_is_invertible_to_the_original_grid():
@@ -141,12 +148,12 @@ def test_infer_without_resampling_restores_values_exactly():
     np.testing.assert_array_equal(back.as_tensor().numpy(), case["image"])
 
 
-def test_pipelines_on_a_dataset_fixture(synthetic_dataset_2d):
+def test_pipelines_on_a_dataset_fixture(synthetic_dataset_2d, tmp_path):
     info, cases = check_dataset(synthetic_dataset_2d)
     loaded = load_case(cases[0], info)
     cfg = _cfg([32, 32])
     prep = fit_preprocessing(cases[:2], info, cfg)  # Case objects are loaded
-    patch = build_transforms(cfg, info, prep, "train")(dict(loaded))[0]
+    patch = _patch_source(tmp_path, loaded, cfg, info, prep).make(0, 0)
     assert tuple(patch["image"].shape) == (1, 32, 32)
     whole = build_transforms(cfg, info, prep, "val")(dict(loaded))
     assert tuple(whole["image"].shape[1:]) == loaded["geometry"].shape
@@ -158,6 +165,6 @@ def test_inconsistent_settings_are_config_errors():
     with pytest.raises(ConfigError, match=r"data\.target_spacing"):
         build_transforms(_cfg([16, 16, 16], target_spacing=[1.0, 1.0]), _info(), prep, "val")
     with pytest.raises(ConfigError, match=r"rotate90_prob"):
-        build_transforms(_cfg([16, 24, 16], augmentation={"rotate90_prob": 0.5}), _info(), prep, "train")
+        patch_augmentations(_cfg([16, 24, 16], augmentation={"rotate90_prob": 0.5}), _info(), ["label"])
     with pytest.raises(ConfigError, match="preprocessing"):
         build_transforms(_cfg([16, 16, 16]), _info(channels=("CT", "MR")), prep, "val")

@@ -1,0 +1,127 @@
+"""``medseg plan``: fingerprint a dataset, plan a run, write the config and the plans."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import ConfigError, DataError
+
+__all__ = ["PlanResult", "run_plan", "default_config_path"]
+
+
+@dataclass
+class PlanResult:
+    config: Path
+    plans: Path
+    fingerprint: Path
+    plan: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_config_path(dataset: Path) -> Path:
+    """``plans/<dataset folder name>/config.yaml`` under the current directory."""
+    return Path("plans") / Path(os.path.abspath(dataset)).name / "config.yaml"
+
+
+def _make_writable_folder(folder: Path, option: str) -> list[Path]:
+    """Create ``folder`` (and its missing parents) and check a file can be written there,
+    before the (long) fingerprint; returns the folders created, to remove on failure."""
+    created = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        created.append(parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".medseg-plan-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        _remove_empty(created)
+        raise ConfigError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def run_plan(
+    dataset: str | Path,
+    output: str | Path | None = None,
+    gpu_memory_gb: float = 8.0,
+    model: str = "dynunet",
+    topology_loss: str | None = None,
+    workers: int = 2,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+) -> PlanResult:
+    """Fingerprint ``dataset``, plan, and write ``CONFIG.yaml``, ``plans.json``,
+    ``fingerprint.json`` and ``fingerprint_samples.npz`` (the last three next to the config).
+
+    Warnings (extreme cases, a numTraining mismatch) are collected, written into the
+    config and ``plans.json``, and returned.
+
+    Raises
+    ------
+    DataError
+        Not a dataset, or a case that cannot be read.
+    ConfigError
+        A bad option (model, loss, memory), an output that cannot be written, or a plan
+        that does not validate as a run config.
+    """
+    from medseg.config import validate_config
+    from medseg.planning.fingerprint import compute_fingerprint
+    from medseg.planning.planner import MODELS, plan_experiment, plan_losses
+    from medseg.planning.writer import render_config, write_fingerprint, write_plans, write_text_atomic
+
+    dataset = Path(dataset)
+    if model not in MODELS:
+        raise ConfigError(f"--model: {model!r} is not one of {', '.join(MODELS)}")
+    if not gpu_memory_gb > 0:
+        raise ConfigError(f"--gpu-memory-gb: must be positive, got {gpu_memory_gb}")
+    if workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {workers}")
+    if not dataset.is_dir():
+        raise DataError(f"{dataset}: dataset folder not found")
+    if topology_loss not in (None, "none"):  # an unknown loss name should not cost a fingerprint
+        plan_losses(topology_loss, {})
+    config_path = Path(output) if output is not None else default_config_path(dataset)
+    if config_path.is_dir():
+        raise ConfigError(f"--output {config_path}: is a folder; give the config file's name, e.g. {config_path / 'config.yaml'}")
+    folder = config_path.parent
+    created = _make_writable_folder(folder, "--output")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fingerprint, samples = compute_fingerprint(dataset, workers=workers, progress=progress)
+            plan = plan_experiment(
+                fingerprint, model=model, gpu_memory_gb=gpu_memory_gb, topology_loss=topology_loss,
+                output_dir=str(output_dir) if output_dir is not None else None,
+            )
+    except BaseException:
+        _remove_empty(created)
+        raise
+    from medseg.data.dataset import DatasetWarning
+
+    extra = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning) and str(w.message) not in plan["warnings"]]
+    plan["warnings"] = extra + plan["warnings"]
+    plan["files"] = {"config": config_path.name, "fingerprint": "fingerprint.json", "samples": fingerprint["samples_file"]}
+
+    text = render_config(plan, config_path)
+    import yaml
+
+    validate_config(yaml.safe_load(text), source=f"planned config {config_path}")  # a plan must be runnable
+    fingerprint_path = write_fingerprint(folder, fingerprint, samples)
+    plans_path = write_plans(folder, plan)
+    write_text_atomic(config_path, text)
+    return PlanResult(config_path, plans_path, fingerprint_path, plan, list(plan["warnings"]))

@@ -1,0 +1,318 @@
+"""``medseg preprocess``: fill the cache, in parallel, resumably, on one or many processes.
+
+:func:`preprocess_dataset` is what ``medseg preprocess`` and ``medseg train`` both call:
+
+1. the split (the normalisation statistics are fitted on the training cases) and the
+   statistics: given (a resumed run's), found in the cache's ``statistics/``, or fitted
+   once and stored there;
+2. the cache folder of this dataset and plan (:mod:`medseg.preprocessing.cache`) and
+   its ``manifest.json``;
+3. every case whose files are not complete and valid
+   (:func:`~medseg.preprocessing.storage.valid_case_meta`) is preprocessed
+   (:func:`~medseg.preprocessing.case.preprocess_case`) and written, in ``workers``
+   processes with a progress bar. A
+   rerun after a kill or a failure skips the complete cases and redoes the rest; the
+   output does not depend on the order, the worker count or the interruption, so the
+   cache ends byte for byte the same.
+
+Under ``torchrun`` the cases left to do are sharded over the processes (case ``i`` to
+rank ``i % N``, as prediction shards); each rank runs its own pool of
+``workers`` processes (default: this node's cores divided among its ranks). On a shared
+file system the ranks of every node fill one cache; with a node-local ``cache_dir``,
+each node then fills in the cases its node did not do, sharded over its local ranks.
+An error on any rank stops every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medseg import distributed
+from medseg.data.dataset import Case, DatasetInfo, check_dataset, load_case, split_cases
+from medseg.data.transforms import fit_preprocessing
+from medseg.errors import DataError, MedsegError
+from medseg.preprocessing.cache import (
+    cache_folder,
+    cache_inputs,
+    cache_root,
+    dataset_fingerprint,
+    digest,
+    read_statistics,
+    statistics_inputs,
+    write_manifest,
+    write_statistics,
+)
+from medseg.preprocessing.case import preprocess_case
+from medseg.preprocessing.storage import CachedCase, valid_case_meta, write_case
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medseg.config import RunConfig
+
+__all__ = [
+    "PreprocessedDataset",
+    "available_cpus",
+    "select_cases",
+    "preprocess_dataset",
+    "run_preprocessing",
+]
+
+log = logging.getLogger("medseg.preprocessing")
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return max(os.cpu_count() or 1, 1)
+
+
+def cpus_per_process() -> int:
+    """This node's cores divided among the torchrun processes on it (all of them alone)."""
+    local = distributed._env_int("LOCAL_WORLD_SIZE", 1)
+    return max(available_cpus() // max(local, 1), 1)
+
+
+def select_cases(cfg: "RunConfig") -> tuple[DatasetInfo, list[Case], list[Case]]:
+    """The dataset and its training / validation cases, as ``medseg train`` splits them.
+
+    Raises
+    ------
+    DataError
+        No training cases, an ``ignore`` label, a split leaving no training case, or
+        what :func:`~medseg.data.dataset.check_dataset` and
+        :func:`~medseg.data.dataset.split_cases` report.
+    """
+    root = cfg.data.dataset
+    info, cases = check_dataset(root, "Tr")
+    if not cases:
+        raise DataError(f"{root}: no training cases in imagesTr/")
+    if info.ignore_label is not None:
+        raise DataError(f"{info.dataset_json}: the 'ignore' label is not supported by the medseg trainer yet")
+    train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.seed, cfg.data.split_file, root=root)
+    if not train_cases:
+        raise DataError(f"{root}: the split leaves no training cases")
+    return info, train_cases, val_cases
+
+
+@dataclass
+class PreprocessedDataset:
+    """A complete cache folder: its statistics and its cases."""
+
+    folder: Path
+    key: str
+    preprocessing: dict[str, Any]
+    cases: dict[str, CachedCase]
+    done: int = 0  # cases that were missing and were preprocessed by this call (all ranks)
+
+    def label_statistics(self, names: Sequence[str], info: DatasetInfo) -> dict[str, Any]:
+        """:func:`medseg.data.dataset.label_statistics` of the cases ``names``, from the raw
+        label histograms in the cache instead of reading the label files again."""
+        label_names = {v: k for k, v in info.labels.items()}
+        ratios: dict[int, list[float]] = {v: [] for v in label_names}
+        for name in names:
+            hist = self.cases[name].raw_histogram
+            total = float(sum(hist.values())) or 1.0
+            for v in label_names:
+                ratios[v].append(hist.get(v, 0) / total)
+        classes = {}
+        for v, label in sorted(label_names.items()):
+            r = np.asarray(ratios[v], dtype=np.float64)
+            classes[label] = {
+                "value": int(v),
+                "ratio_mean": float(r.mean()),
+                "ratio_std": float(r.std()),
+                "presence": float(np.mean(r > 0)),
+            }
+        return {"num_cases": len(names), "classes": classes}
+
+
+# --------------------------------------------------------------------------- workers
+
+# What each pool process needs, set once by the pool's initializer (fork) or arguments.
+_JOB: dict[str, Any] = {}
+
+
+def _init_worker(job: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _JOB.clear()
+    _JOB.update(job)
+
+
+def _preprocess_one(case: Case) -> str:
+    job = _JOB
+    written = preprocess_case(case, job["info"], job["config"], job["preprocessing"])
+    write_case(job["folder"], written, job["key"])
+    return case.name
+
+
+def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool) -> None:
+    """Preprocess ``cases`` in ``workers`` processes (in this one for one worker or case)."""
+    if not cases:
+        return
+    bar = tqdm(total=len(cases), desc="preprocess", unit="case", dynamic_ncols=True, disable=None if show else True)
+    try:
+        if workers <= 1 or len(cases) == 1:
+            previous = dict(_JOB)
+            _JOB.clear()
+            _JOB.update(job)
+            try:
+                for case in cases:
+                    _preprocess_one(case)
+                    bar.update(1)
+            finally:
+                _JOB.clear()
+                _JOB.update(previous)
+            return
+        # fork: the workers start at once with this process's imports (spawn would
+        # import torch and MONAI again in each); they run torch on one thread
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(min(workers, len(cases)), mp_context=context, initializer=_init_worker,
+                                 initargs=(job,)) as pool:
+            futures: list[Future] = [pool.submit(_preprocess_one, c) for c in cases]
+            pending = set(futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for future in finished:
+                        future.result()  # the first error stops the run (the others are cancelled)
+                        bar.update(1)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------- the cache
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise MedsegError(
+            f"{root}: the preprocessing cache folder is not writable ({err.strerror or err}); "
+            "set data.cache_dir or $MEDSEG_CACHE to a writable folder"
+        ) from None
+
+
+def _loaded(cases: list[Case], info: DatasetInfo) -> Iterator[dict[str, Any]]:
+    for case in cases:
+        yield load_case(case, info)
+
+
+def _statistics(cfg: "RunConfig", info: DatasetInfo, root: Path, fingerprint: dict[str, Any],
+                train_cases: list[Case]) -> dict[str, Any]:
+    """Fitted statistics from ``statistics/``, else fitted now (on rank 0 under torchrun) and stored."""
+    fit_key = digest(statistics_inputs(cfg, info, fingerprint, train_cases))
+    with distributed.main_process("fitting the normalisation statistics") as main:
+        if main and read_statistics(root, info, fit_key) is None:
+            log.info("fitting the normalisation statistics on %d training cases", len(train_cases))
+            write_statistics(root, info, fit_key, fit_preprocessing(_loaded(train_cases, info), info, cfg))
+    found = read_statistics(root, info, fit_key)
+    if found is None:  # a node-local cache_dir on another node: the fit is deterministic
+        found = fit_preprocessing(_loaded(train_cases, info), info, cfg)
+        write_statistics(root, info, fit_key, found)
+    return found
+
+
+def _scan(folder: Path, cases: list[Case], key: str) -> tuple[dict[str, dict[str, Any]], list[Case]]:
+    """The complete cases' JSON, and the cases still to do."""
+    metas = {c.name: valid_case_meta(folder, c.name, key) for c in cases}
+    return {n: m for n, m in metas.items() if m is not None}, [c for c in cases if metas[c.name] is None]
+
+
+def preprocess_dataset(
+    cfg: "RunConfig",
+    info: DatasetInfo,
+    train_cases: list[Case],
+    val_cases: list[Case],
+    preprocessing: dict[str, Any] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> PreprocessedDataset:
+    """Make sure the cache holds every training and validation case; return it.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        ``data.*`` (dataset, cache_dir, orientation, spacing, normalisation) and ``seed``.
+    info, train_cases, val_cases
+        :func:`select_cases`'s result.
+    preprocessing : dict, optional
+        Normalisation statistics to use (a resumed run's); fitted (or found) otherwise.
+    workers : int, optional
+        Processes per rank (default :func:`cpus_per_process`).
+    progress : bool
+        Show a progress bar (rank 0) while cases are written.
+
+    Raises
+    ------
+    MedsegError
+        The cache folder is not writable or the disk is full (one line naming it).
+    DataError, ConfigError
+        A case cannot be read or does not fit the config (named); the cases done so
+        far stay in the cache.
+    """
+    root = cache_root(cfg)
+    _check_writable(root)
+    cases = sorted(list(train_cases) + list(val_cases), key=lambda c: c.name)
+    fingerprint = dataset_fingerprint(info, cases)
+    if preprocessing is None:
+        preprocessing = _statistics(cfg, info, root, fingerprint, list(train_cases))
+    inputs = cache_inputs(cfg, info, fingerprint, preprocessing)
+    key = digest(inputs)
+    folder = cache_folder(root, info, key)
+    # every rank (idempotent: the same bytes, renamed into place), so that a node-local
+    # cache_dir gets one on every node
+    write_manifest(folder, key, inputs, [c.name for c in cases])
+
+    job = {"info": info, "config": cfg, "preprocessing": preprocessing, "folder": folder, "key": key}
+    workers = cpus_per_process() if workers is None else max(int(workers), 1)
+    show = progress and distributed.is_main()
+    metas, todo = _scan(folder, cases, key)
+    # a collective: every rank has listed its cases before any rank writes one
+    if distributed.any_rank(bool(todo)):
+        log.info("preprocessing %d of %d cases into %s (%d worker process%s per rank)", len(todo), len(cases),
+                 folder, workers, "" if workers == 1 else "es")
+        with distributed.synchronized("preprocessing"):
+            mine = todo[distributed.rank() :: distributed.world_size()]
+            _run_cases(mine, job, workers, show)
+        # a node-local cache_dir lacks the other nodes' cases: this node's ranks add them
+        _, left = _scan(folder, cases, key)
+        if distributed.any_rank(bool(left)):
+            local_rank, local_world = distributed.local_rank(), distributed._env_int("LOCAL_WORLD_SIZE", 1)
+            with distributed.synchronized("preprocessing"):
+                _run_cases(left[local_rank::local_world], job, workers, show)
+        metas, missing = _scan(folder, cases, key)
+        if missing:
+            raise MedsegError(f"{folder}: cases {', '.join(c.name for c in missing[:5])} are missing after preprocessing")
+    else:
+        log.info("using the preprocessed cache %s (%d cases)", folder, len(cases))
+    return PreprocessedDataset(folder, key, preprocessing, {n: CachedCase(folder, m) for n, m in metas.items()}, len(todo))
+
+
+def run_preprocessing(cfg: "RunConfig", workers: int | None = None) -> PreprocessedDataset:
+    """``medseg preprocess``: :func:`preprocess_dataset` of the config's split, under
+    torchrun with the cases sharded over the processes (gloo, CPU)."""
+    import torch
+
+    with distributed.process_group(torch.device("cpu")):
+        info, train_cases, val_cases = select_cases(cfg)
+        return preprocess_dataset(cfg, info, train_cases, val_cases, workers=workers)

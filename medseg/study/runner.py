@@ -1,0 +1,254 @@
+"""``medseg study STUDY.yaml``: every variant x seed trained, tested and evaluated, then compared.
+
+:func:`run_study` checks the whole study first (:func:`medseg.study.config.load_study`),
+then starts one process per run that is not finished (:mod:`medseg.study.worker`;
+finished runs are skipped, interrupted ones resume), and writes ``study.json``,
+``study.csv`` and ``study.html`` (:mod:`medseg.study.summary`, :mod:`medseg.study.report`).
+A failed run is reported (its error line and log) and the others go on; the summary
+covers the runs that finished.
+
+Spreading the runs:
+
+* ``parallel=N``: N runs at a time on this machine. With GPUs, run slot k gets GPU
+  k mod (number of visible GPUs) through ``CUDA_VISIBLE_DEVICES``; on the CPU each run
+  gets ``cpu_count // N`` threads unless ``OMP_NUM_THREADS`` is set.
+* under torchrun (``WORLD_SIZE`` > 1): rank r of W takes runs r, r + W, ... (on GPU
+  ``LOCAL_RANK``). No process group is joined: when a rank is done it leaves a marker in
+  ``OUTPUT_DIR/.ranks/`` (tagged with torchrun's run id), and the rank that finds every
+  rank's marker, the last one to finish, writes the summary. So ranks never wait for
+  each other, however unequal their runs.
+
+Each run's process writes its output to ``OUTPUT_DIR/logs/VARIANT_seed_N.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from medseg.errors import MedsegError
+from medseg.study.config import Study, StudyRun, load_study
+from medseg.study.state import is_finished, read_state, training_summary, write_state
+
+__all__ = ["run_study", "runs_of_rank"]
+
+_LOGS = "logs"
+_RANKS = ".ranks"
+# torchrun's variables: a run's process must not see them, or its trainer would join the study's group.
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _say(message: str) -> None:
+    print(f"medseg study: {message}", file=sys.stderr, flush=True)
+
+
+def _launch() -> tuple[int, int]:
+    """(rank, world size) as torchrun set them; (0, 1) otherwise."""
+    from medseg.distributed import _env_int
+
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise MedsegError(f"RANK={rank}, WORLD_SIZE={world}: not a valid rank of the launch")
+    return rank, world
+
+
+def runs_of_rank(runs: list[StudyRun], rank: int, world: int) -> list[StudyRun]:
+    """The runs rank ``rank`` of ``world`` takes: ``rank, rank + world, ...``."""
+    return runs[rank::world]
+
+
+def _visible_gpus() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _child_env(gpu: str | None, threads: int | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _error_line(log: Path, start: int) -> str:
+    """The run's error: its last ``medseg: error:`` line, else the last line it wrote."""
+    with open(log, "rb") as handle:
+        handle.seek(start)
+        lines = [ln.strip() for ln in handle.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("medseg: error:"):
+            return line.removeprefix("medseg: error:").strip()
+    return lines[-1] if lines else ""
+
+
+def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None) -> str | None:
+    """Run ``run``'s process; None on success, else the error (also recorded in its study_run.json)."""
+    log = study.output_dir / _LOGS / f"{run.variant}_seed_{run.seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    job = {
+        "study": study.config.model_dump(mode="json", by_alias=True),
+        "variant": run.variant,
+        "seed": run.seed,
+        "config": run.config.model_dump(mode="json"),
+    }
+    with open(log, "a") as handle:
+        handle.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {run.name}\n")
+        handle.flush()
+        start = handle.tell()
+        proc = subprocess.run(
+            [sys.executable, "-m", "medseg.study.worker"], input=json.dumps(job), text=True,
+            stdout=handle, stderr=subprocess.STDOUT, env=_child_env(gpu, threads),
+        )
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        error = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    else:
+        error = _error_line(log, start) or f"exited with code {proc.returncode}"
+    try:  # recorded for the summary; a folder that cannot take it must not stop the other runs
+        state = read_state(run.run_dir)
+        state.update(variant=run.variant, seed=run.seed, status="failed", error=error, log=str(log))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_state(run.run_dir, state)
+    except (OSError, MedsegError) as err:
+        error += f"; its state could not be recorded ({type(err).__name__}: {err})"
+    return f"{error} (log: {log})"
+
+
+def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int | None) -> dict[str, str]:
+    """Run ``runs``, ``parallel`` at a time; returns the failed ones' errors by run name."""
+    gpus = _visible_gpus() if (parallel > 1 or local_rank is not None) else []
+    threads = None
+    if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // parallel)
+    slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for slot in range(parallel):
+        slots.put(slot)
+
+    def one(run: StudyRun) -> tuple[StudyRun, str | None, float]:
+        slot = slots.get()
+        try:
+            gpu = None
+            if gpus:
+                gpu = gpus[(local_rank if local_rank is not None else slot) % len(gpus)]
+            _say(f"{run.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
+            began = time.perf_counter()
+            return run, _run_one(run, study, gpu, threads), time.perf_counter() - began
+        finally:
+            slots.put(slot)
+
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-study") as pool:
+        for future in as_completed([pool.submit(one, run) for run in runs]):
+            run, error, seconds = future.result()
+            if error is None:
+                stats = training_summary(read_state(run.run_dir))
+                _say(f"{run.name}: finished in {seconds:.0f} s ({_resources(stats)})")
+            else:
+                failed[run.name] = error
+                _say(f"{run.name}: FAILED: {error}")
+    return failed
+
+
+def _resources(stats: dict) -> str:
+    parts = [f"{stats['seconds_per_step']:.3g} s/step", f"peak RSS {stats['peak_rss_mib']:.0f} MiB"]
+    if stats.get("peak_cuda_mib") is not None:
+        parts.append(f"peak CUDA {stats['peak_cuda_mib']:.0f} MiB")
+    return ", ".join(parts)
+
+
+def _rank_marker(study: Study, rank: int) -> Path:
+    return study.output_dir / _RANKS / f"rank_{rank}"
+
+
+def _launch_id() -> str:
+    """Tells this torchrun launch from earlier ones: its run id, else its rendezvous address."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
+def _all_ranks_done(study: Study, rank: int, world: int) -> bool:
+    """Leave this rank's marker; True when every rank of this launch has left one."""
+    from medseg.atomic import write_atomic
+
+    launch = _launch_id()
+    write_atomic(_rank_marker(study, rank), launch)
+    for r in range(world):
+        marker = _rank_marker(study, r)
+        try:
+            if marker.read_text() != launch:
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def run_study(path: str | Path, overrides: list[str] | None = None, parallel: int = 1) -> bool:
+    """``medseg study``: run what is left of the study, then write its summary.
+
+    Parameters
+    ----------
+    path : path
+        ``STUDY.yaml`` (:mod:`medseg.study.config`).
+    overrides : list of str
+        ``KEY=VALUE`` added to every run's overrides (``--set``).
+    parallel : int
+        Runs at a time on this machine (each its own process).
+
+    Returns
+    -------
+    bool
+        True when every run of this process finished (and, for the process that wrote
+        the summary, every run of the study).
+
+    Raises
+    ------
+    ConfigError
+        Anything wrong with the study, found before any run starts.
+    """
+    if parallel < 1:
+        raise MedsegError(f"--parallel {parallel}: must be at least 1")
+    study = load_study(path, overrides)
+    rank, world = _launch()
+    mine = runs_of_rank(study.runs, rank, world)
+    if world > 1:
+        _rank_marker(study, rank).unlink(missing_ok=True)
+    todo = [run for run in mine if not is_finished(run, study.config)]
+    variants, seeds = study.config.variants, study.config.seeds
+    where = f"rank {rank} of {world}: {len(mine)} of " if world > 1 else ""
+    _say(
+        f"{where}{len(study.runs)} runs ({len(variants)} variants x {len(seeds)} seeds, baseline {study.baseline}); "
+        f"{len(mine) - len(todo)} finished, {len(todo)} to run" + (f", {parallel} at a time" if parallel > 1 and todo else "")
+    )
+    failed = _execute(todo, study, min(parallel, max(len(todo), 1)), _local_rank() if world > 1 else None)
+    if world > 1 and not _all_ranks_done(study, rank, world):
+        _say(f"rank {rank}: done; the last rank to finish writes the summary")
+        return not failed
+
+    from medseg.study.report import write_outputs
+
+    summary = write_outputs(study)
+    unfinished = [r["run"] for r in summary["runs"] if r["status"] != "finished"]
+    if unfinished:
+        _say(f"{len(unfinished)} run(s) not finished: {', '.join(unfinished)}; rerun the same command to retry them")
+    return not failed and not unfinished
+
+
+def _local_rank() -> int:
+    from medseg.distributed import local_rank
+
+    return local_rank()

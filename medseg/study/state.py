@@ -1,0 +1,187 @@
+"""A run's progress in a study: ``study_run.json`` in its folder, and what is left to do.
+
+The file (written atomically by the run's process, after the trainer created the folder)::
+
+    {"variant": "cldice", "seed": 1, "status": "finished" | "running" | "failed", "error": null,
+     "config": {...},                      # the resolved run config it was trained with
+     "training": {"iterations": 2000,      # the model in checkpoints/latest.pt is final for these
+                  "segments": [{"from_iteration": 0, "to_iteration": 2000, "seconds": 812.4,
+                                "peak_rss_mib": 2410.0, "peak_cuda_mib": 5120.3, "device": "cuda"}]},
+     "tests": {"in_distribution": {"predicted": {...}, "evaluated": {...}}}}
+
+A run is *finished* when ``checkpoints/latest.pt`` holds the final iteration (recorded
+under ``training``) and, for every test folder, ``evaluation/TEST/summary.json`` exists
+and was computed with the study's current settings (``evaluated``). ``predicted`` is
+written before the predictions are made, so an interrupted prediction resumes (existing
+outputs of the same model are kept) while a changed model or inference setting
+recomputes them. Each segment is one training call: a resumed run adds one, so the time
+per step covers every call that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medseg.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medseg.study.config import StudyConfig, StudyRun
+
+__all__ = [
+    "STATE_FILE",
+    "read_state",
+    "write_state",
+    "latest_checkpoint",
+    "predictions_dir",
+    "evaluation_dir",
+    "prediction_record",
+    "evaluation_record",
+    "training_done",
+    "test_done",
+    "is_finished",
+    "check_reusable",
+    "training_summary",
+]
+
+STATE_FILE = "study_run.json"
+_PREDICTIONS = "predictions"
+_EVALUATION = "evaluation"
+# Run-config keys that may change between invocations without retraining: how long and
+# how often (a larger train.iterations resumes the run), where and with what it runs.
+# inference.* is part of the prediction record instead (a change re-predicts).
+_REUSABLE_WITH_CHANGES = ("train.iterations", "train.val_interval", "train.checkpoint_interval",
+                          "train.log_interval", "data.num_workers", "data.cache_rate", "device", "output_dir",
+                          "inference")
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """The run's ``study_run.json``, or ``{}`` when there is none yet.
+
+    Raises
+    ------
+    ConfigError
+        When the file is not readable JSON (it is written atomically, so only a hand edit does that).
+    """
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not readable ({type(err).__name__}: {err}); delete it to redo the run's steps") from None
+    return state if isinstance(state, dict) else {}
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    from medseg.evaluation.evaluate import _plain
+    from medseg.atomic import write_atomic
+
+    write_atomic(Path(run_dir) / STATE_FILE, json.dumps(state, indent=2, default=_plain) + "\n")
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    from medseg.training.checkpoint import CHECKPOINT_DIR
+    from medseg.training.trainer import LATEST
+
+    return Path(run_dir) / CHECKPOINT_DIR / LATEST
+
+
+def predictions_dir(run_dir: Path, test: str) -> Path:
+    return Path(run_dir) / _PREDICTIONS / test
+
+
+def evaluation_dir(run_dir: Path, test: str) -> Path:
+    return Path(run_dir) / _EVALUATION / test
+
+
+def prediction_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[str, Any]:
+    """What the predictions of ``test`` depend on; a change recomputes them."""
+    return {
+        "model_iteration": run.config.train.iterations,
+        "checkpoint": study.predict.checkpoint,
+        "tta": study.predict.tta,
+        "inference": run.config.inference.model_dump(mode="json"),
+        "images": str(study.test[test].images),
+    }
+
+
+def evaluation_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[str, Any]:
+    """What the evaluation of ``test`` depends on; a change re-evaluates."""
+    settings = study.evaluate.model_dump(mode="json", exclude={"workers"})
+    return {**prediction_record(run, study, test), "labels": str(study.test[test].labels), "evaluate": settings}
+
+
+def training_done(run: "StudyRun", state: dict[str, Any]) -> bool:
+    trained = (state.get("training") or {}).get("iterations")
+    return trained == run.config.train.iterations and latest_checkpoint(run.run_dir).is_file()
+
+
+def test_done(run: "StudyRun", study: "StudyConfig", test: str, state: dict[str, Any]) -> bool:
+    entry = (state.get("tests") or {}).get(test) or {}
+    return (
+        entry.get("evaluated") == evaluation_record(run, study, test)
+        and (evaluation_dir(run.run_dir, test) / "summary.json").is_file()
+    )
+
+
+def is_finished(run: "StudyRun", study: "StudyConfig") -> bool:
+    """Trained to the final iteration, and every test folder predicted and evaluated with the current settings."""
+    state = read_state(run.run_dir)
+    return training_done(run, state) and all(test_done(run, study, t, state) for t in study.test)
+
+
+def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ; keys on one side only (a newer or older medseg's schema) are not compared."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in old if k in new for c in _changed(old[k], new[k], f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_reusable(run: "StudyRun") -> None:
+    """Refuse a run folder trained with other settings than the study now asks for.
+
+    Raises
+    ------
+    ConfigError
+        The stored config differs in a key that shapes the model (anything but the
+        iteration count, the intervals, workers, device and inference settings), or the
+        run was trained for more iterations than asked.
+    """
+    state = read_state(run.run_dir)
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        return
+    changed = [
+        key for key in _changed(stored, run.config.model_dump(mode="json"))
+        if not any(key == k or key.startswith(k + ".") for k in _REUSABLE_WITH_CHANGES)
+    ]
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")
+        raise ConfigError(
+            f"{run.run_dir}: trained with other settings than the study now gives variant {run.variant} "
+            f"({shown} changed); restore them, or delete the folder to train the run again"
+        )
+    trained = (state.get("training") or {}).get("iterations")
+    if isinstance(trained, int) and trained > run.config.train.iterations:
+        raise ConfigError(
+            f"{run.run_dir}: trained for {trained} iterations but the study asks for {run.config.train.iterations}; "
+            "use another output_dir for shorter runs"
+        )
+
+
+def training_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """Seconds per step over the recorded training calls, and their peak memory (NaN/None when unknown)."""
+    segments = (state.get("training") or {}).get("segments") or []
+    steps = sum(max(0, s["to_iteration"] - s["from_iteration"]) for s in segments)
+    seconds = sum(s["seconds"] for s in segments if s["to_iteration"] > s["from_iteration"])
+    rss = [s["peak_rss_mib"] for s in segments if s.get("peak_rss_mib") is not None]
+    cuda = [s["peak_cuda_mib"] for s in segments if s.get("peak_cuda_mib") is not None]
+    return {
+        "seconds_per_step": seconds / steps if steps else math.nan,
+        "peak_rss_mib": max(rss) if rss else math.nan,
+        "peak_cuda_mib": max(cuda) if cuda else None,
+        "devices": sorted({s.get("device", "?") for s in segments}),
+    }

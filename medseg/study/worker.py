@@ -1,0 +1,150 @@
+"""One run of a study, in its own process: train (or resume), predict every test folder, evaluate.
+
+``python -m medseg.study.worker`` reads its job from stdin (JSON: the study config, the
+variant, the seed and the resolved run config) and does what :mod:`medseg.study.state`
+says is left. :mod:`medseg.study.runner` starts one such process per run, so that a
+crash or an out-of-memory kill ends that run only, the peak memory measured is the
+run's own, and torchrun's environment of the study's processes never reaches the
+trainer. Errors are printed as ``medseg: error: ...`` (one line, as the CLI does) and
+give the exit code of :class:`~medseg.errors.MedsegError`.
+
+Measured per training call (recorded in ``study_run.json``): the wall time of
+:func:`~medseg.training.trainer.run_training` (data preparation and validation
+included, interpreter start-up not), the iterations it trained, the peak resident
+memory of this process (DataLoader worker processes not included) and, on CUDA, the
+peak memory allocated by torch.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medseg.config import validate_config
+from medseg.errors import MedsegError
+from medseg.study.config import StudyConfig, StudyRun
+from medseg.study.state import (
+    evaluation_dir,
+    evaluation_record,
+    latest_checkpoint,
+    prediction_record,
+    predictions_dir,
+    read_state,
+    test_done,
+    training_done,
+    write_state,
+)
+
+__all__ = ["execute_run", "main"]
+
+
+def _say(message: str) -> None:
+    print(f"[medseg study] {message}", file=sys.stderr, flush=True)
+
+
+def _train(run: StudyRun, state: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from medseg.training.checkpoint import load_checkpoint
+    from medseg.training.trainer import resolve_device, run_training
+
+    run_dir, cfg = run.run_dir, run.config
+    latest = latest_checkpoint(run_dir)
+    resume = latest.is_file()
+    start = int(load_checkpoint(latest)["iteration"]) if resume else 0
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        _say(f"{run_dir}: no checkpoint to resume from; starting the run over")
+        shutil.rmtree(run_dir)
+        state = {}
+    _say(f"training {run.name}: " + (f"resuming at iteration {start} of {cfg.train.iterations}" if resume
+                                      else f"{cfg.train.iterations} iterations"))
+    began = time.perf_counter()
+    run_training(cfg, resume=resume)
+    seconds = time.perf_counter() - began
+    device = resolve_device(cfg.device)
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" and torch.cuda.is_initialized() else None
+    state = {**read_state(run_dir), "variant": run.variant, "seed": run.seed, "status": "running", "error": None,
+             "config": cfg.model_dump(mode="json")}
+    training = dict(state.get("training") or {})
+    training["iterations"] = cfg.train.iterations
+    training["segments"] = list(training.get("segments") or []) + [{
+        "from_iteration": start,
+        "to_iteration": cfg.train.iterations,
+        "seconds": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_cuda_mib": peak_cuda,
+        "device": device.type,
+    }]
+    state["training"] = training
+    write_state(run_dir, state)
+    return state
+
+
+def _test(run: StudyRun, study: StudyConfig, name: str, state: dict[str, Any]) -> dict[str, Any]:
+    from medseg.evaluation.evaluate import run_evaluation
+    from medseg.inference.predict import run_prediction
+
+    run_dir, test = run.run_dir, study.test[name]
+    tests = state.setdefault("tests", {})
+    entry = tests.setdefault(name, {})
+    record = prediction_record(run, study, name)
+    overwrite = entry.get("predicted") != record  # other model or settings: earlier outputs are stale
+    entry["predicted"] = record
+    entry.pop("evaluated", None)
+    write_state(run_dir, state)  # before predicting: an interrupted prediction resumes with the same model
+
+    predicted = predictions_dir(run_dir, name)
+    model = run_dir if study.predict.checkpoint == "best" else latest_checkpoint(run_dir)
+    _say(f"predicting {name} with {run.name}")
+    if not run_prediction(model, [test.images], predicted, overwrite=overwrite, tta=study.predict.tta,
+                          device=run.config.device):
+        raise MedsegError(f"test {name}: prediction failed for some case(s) (see the lines above)")
+    settings = study.evaluate
+    ok = run_evaluation(
+        predicted, test.labels, evaluation_dir(run_dir, name),
+        dataset_json=Path(run.config.data.dataset) / "dataset.json",
+        connectivity=settings.connectivity, workers=settings.workers, metrics=settings.metrics,
+        tolerance_mm=settings.tolerance_mm, report=settings.report,
+    )
+    if not ok:
+        raise MedsegError(f"test {name}: some case(s) could not be evaluated (see {evaluation_dir(run_dir, name) / 'summary.json'})")
+    entry["evaluated"] = evaluation_record(run, study, name)
+    write_state(run_dir, state)
+    return state
+
+
+def execute_run(run: StudyRun, study: StudyConfig) -> None:
+    """Do what is left of ``run``: training to the final iteration, then every test folder."""
+    state = read_state(run.run_dir)
+    if not training_done(run, state):
+        state = _train(run, state)
+    for name in study.test:
+        if not test_done(run, study, name, state):
+            state = _test(run, study, name, state)
+    state.update(status="finished", error=None)
+    write_state(run.run_dir, state)
+
+
+def main() -> int:
+    """Entry point: the job as JSON on stdin; returns the exit code."""
+    try:
+        job = json.loads(sys.stdin.read())
+        study = StudyConfig.model_validate(job["study"])
+        run = StudyRun(job["variant"], int(job["seed"]), validate_config(job["config"], source="study run config"))
+        execute_run(run, study)
+    except MedsegError as err:
+        print(f"medseg: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("medseg: error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Plans of small synthetic datasets, nnU-Net's rules, and the memory budget on made-up fingerprints."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from medseg.config import load_config
+from medseg.errors import ConfigError
+from medseg.models.factory import downsampling_factors
+from medseg.planning import compute_fingerprint, plan_experiment, run_plan, target_spacing, unet_topology
+from medseg.planning.memory import _build_on_meta, estimate_training_memory
+from medseg.planning.planner import PlanWarning
+
+# nnunetv2 2.8.1's get_pool_and_conv_props(spacing, patch, 4, 999999) on these inputs:
+# (spacing, patch) -> (strides, kernels, patch, divisor)
+NNUNET_TOPOLOGIES = [
+    ([1.0, 1.0, 1.0], [128, 128, 128], [[1, 1, 1]] + [[2, 2, 2]] * 5, [[3, 3, 3]] * 6, [128, 128, 128], [32, 32, 32]),
+    ([0.8, 0.8, 5.0], [224, 224, 32], [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+     [[3, 3, 1], [3, 3, 1]] + [[3, 3, 3]] * 4, [224, 224, 32], [32, 32, 8]),
+    ([0.7, 0.7, 2.5], [160, 192, 56], [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1]],
+     [[3, 3, 1]] + [[3, 3, 3]] * 5, [160, 192, 56], [32, 32, 8]),
+    ([1.0, 1.0], [512, 512], [[1, 1]] + [[2, 2]] * 7, [[3, 3]] * 8, [512, 512], [128, 128]),
+    ([0.5, 1.5], [300, 100], [[1, 1], [2, 1], [2, 2], [2, 2], [2, 2], [2, 2]], [[3, 1]] + [[3, 3]] * 5, [320, 112], [32, 16]),
+    ([3.0, 0.6, 0.6], [20, 300, 280], [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]],
+     [[1, 3, 3], [1, 3, 3]] + [[3, 3, 3]] * 5, [20, 320, 320], [4, 64, 64]),
+    ([1.0, 1.0, 1.0], [13, 40, 40], [[1, 1, 1], [2, 2, 2], [1, 2, 2], [1, 2, 2]], [[3, 3, 3]] * 4, [14, 40, 40], [2, 8, 8]),
+]
+
+
+@pytest.mark.parametrize("spacing, patch, strides, kernels, padded, divisor", NNUNET_TOPOLOGIES)
+def test_topology_matches_nnunet(spacing, patch, strides, kernels, padded, divisor):
+    topo = unet_topology(spacing, patch)
+    assert (topo.strides, topo.kernel_sizes, topo.patch_size, topo.divisor) == (strides, kernels, padded, divisor)
+
+
+def test_target_spacing_rules():
+    iso = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 1.2], [0.9, 0.9, 1.0]])
+    assert target_spacing(iso, np.full((3, 3), 100.0))[0] == [1.0, 1.0, 1.0]
+    # anisotropic spacing and voxels: the coarse axis takes the 10th percentile of its spacings
+    z = np.array([5, 5, 5, 5, 5, 5, 5, 5, 2.0, 3.0])
+    spacings = np.stack([np.full(10, 0.8), np.full(10, 0.8), z], axis=1)
+    shapes = np.tile([256.0, 256.0, 40.0], (10, 1))
+    spacing, rule = target_spacing(spacings, shapes)
+    assert spacing == pytest.approx([0.8, 0.8, 2.9]) and "10th percentile" in rule
+    # ... but never finer than the other axes
+    spacings[:, 2] = [5, 5, 5, 5, 5, 5, 5, 5, 0.5, 0.5]
+    assert target_spacing(spacings, shapes)[0] == pytest.approx([0.8, 0.8, 0.8 + 1e-5])
+    # anisotropic spacing alone (as many slices as in-plane voxels) keeps the median
+    assert target_spacing(spacings, np.tile([256.0, 256.0, 200.0], (10, 1)))[0] == pytest.approx([0.8, 0.8, 5.0])
+
+
+def _check_runnable(config_path, plan):
+    cfg = load_config(config_path)
+    patch = cfg.data.patch_size
+    assert patch == plan["patch_size"] and cfg.train.batch_size == plan["batch_size"] >= 2
+    info = plan["dataset"]
+    classes = max(v for k, v in info["labels"].items() if k != "ignore") + 1
+    # builds (on the meta device where the network allows) and checks divisibility
+    _build_on_meta(cfg.model.name, cfg.model.params, len(patch), len(info["channel_names"]), classes, patch)
+    if cfg.model.name in ("dynunet", "unet"):
+        factors = downsampling_factors(cfg.model.name, cfg.model.params, len(patch))
+        assert factors == plan["divisible_by"] and all(p % f == 0 for p, f in zip(patch, factors))
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "fixture, spacing, kernel0",
+    [("iso_dataset", [1.0, 1.0, 1.0], [3, 3, 3]), ("aniso_dataset", [0.8, 0.8, 5.0], [3, 3, 1]),
+     ("flat_dataset", [1.0, 1.0], [3, 3]), ("multi_dataset", [1.0, 1.0, 1.5], [3, 3, 3])],
+)
+def test_plan_datasets(fixture, spacing, kernel0, request, tmp_path):
+    dataset = request.getfixturevalue(fixture)
+    config = tmp_path / "plan" / "config.yaml"
+    result = run_plan(dataset, output=config, workers=1, progress=False, output_dir=tmp_path / "run")
+    plan = result.plan
+    assert plan["target_spacing"] == pytest.approx(spacing)
+    assert {p.name for p in config.parent.iterdir()} == {
+        "config.yaml", "plans.json", "fingerprint.json", "fingerprint_samples.npz"
+    }
+    assert json.loads((config.parent / "plans.json").read_text())["patch_size"] == plan["patch_size"]
+    cfg = _check_runnable(config, plan)
+    assert cfg.data.target_spacing == pytest.approx(spacing)
+    assert cfg.model.params["kernel_size"][0] == kernel0
+    # the images are smaller than any memory limit: the patch is the median image, rounded up
+    topo = unet_topology(spacing, [round(v) for v in plan["median_shape_at_target"]])
+    assert plan["patch_size"] == topo.patch_size
+    text = config.read_text()
+    assert text.count("\n  # ") >= 8  # each planned choice is explained
+    assert result.warnings == []
+
+
+def test_plan_natural_images(synthetic_dataset_2d_png, tmp_path):
+    """PNGs carry no geometry: unit spacing and no reorientation."""
+    result = run_plan(synthetic_dataset_2d_png, output=tmp_path / "c.yaml", workers=1, progress=False)
+    cfg = _check_runnable(tmp_path / "c.yaml", result.plan)
+    assert cfg.data.orientation is None and cfg.data.target_spacing == [1.0, 1.0]
+
+
+def test_plan_multichannel_multilabel(multi_dataset, tmp_path):
+    result = run_plan(multi_dataset, output=tmp_path / "c.yaml", workers=2, progress=False, topology_loss="cldice")
+    plan = result.plan
+    ct, t2 = plan["normalization"]
+    assert ct["scheme"] == "ct" and len(ct["clip"]) == 2 and t2 == {"name": "T2", "scheme": "zscore"}
+    fingerprint = json.loads((tmp_path / "fingerprint.json").read_text())
+    assert ct["clip"] == [fingerprint["intensity"][0]["percentile_00_5"], fingerprint["intensity"][0]["percentile_99_5"]]
+    # the lesion is in two of three cases and under 1% of the voxels: rare; vessels are thin
+    assert "rare label(s) lesion" in plan["foreground_oversample_rule"]
+    assert plan["foreground_oversample"] > 0.33
+    cldice = plan["losses"][1]
+    p90 = max(t["radius_voxels"]["p90"] for t in plan["thickness"].values())
+    assert cldice["name"] == "cldice" and cldice["iterations"] == min(max(math.ceil(p90), 1), 10)
+    cfg = _check_runnable(tmp_path / "c.yaml", plan)
+    assert [t.name for t in cfg.losses] == ["dice_ce", "cldice"]
+
+
+@pytest.mark.parametrize("model", ["unet", "unetr", "swinunetr"])
+def test_plan_other_models(model, iso_dataset, tmp_path):
+    fingerprint, _ = compute_fingerprint(iso_dataset, workers=1, progress=False)
+    plan = plan_experiment(fingerprint, model=model)
+    factor = {"unet": None, "unetr": 16, "swinunetr": 32}[model]
+    if factor:
+        assert all(p % factor == 0 for p in plan["patch_size"])
+    assert plan["batch_size"] >= 2
+    from medseg.planning.writer import render_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(render_config(plan))
+    _check_runnable(path, plan)
+
+
+def _fake_fingerprint(shape, spacing, cases=20, channels=("CT",)):
+    """A fingerprint of ``cases`` images of ``shape`` voxels at ``spacing`` mm (no data needed)."""
+    dims = len(shape)
+    voxels = int(np.prod(shape))
+    record = {
+        "shape": list(shape), "spacing": list(spacing), "axcodes": "RAS"[:dims], "num_voxels": voxels,
+        "label_voxels": {"0": voxels - voxels // 50, "1": voxels // 50}, "has_foreground": True,
+        "intensity": [], "thickness": {"1": {"skeleton_voxels": 100, "radius_mm": {"p10": 1.0, "p50": 2.0, "p90": 4.0}, "sampled": True}},
+    }
+    return {
+        "dataset": {"root": "/data/x", "name": "Fake", "file_ending": ".nii.gz",
+                    "channel_names": {str(i): c for i, c in enumerate(channels)},
+                    "labels": {"background": 0, "vessel": 1}, "num_cases": cases},
+        "cases": [dict(record, name=f"case_{i:03d}") for i in range(cases)],
+        "labels": {"background": {"value": 0, "ratio_mean": 0.98, "ratio_std": 0.0, "presence": 1.0},
+                   "vessel": {"value": 1, "ratio_mean": 0.02, "ratio_std": 0.0, "presence": 1.0,
+                              "radius_mm": {"p10": 1.0, "p50": 2.0, "p90": 4.0}}},
+        "intensity": [{"name": c, "n": 0} for c in channels],
+    }
+
+
+def test_memory_budget_bounds_patch_and_batch():
+    """CT-sized images: the patch shrinks to the budget, and more memory buys patch, then batch."""
+    fingerprint = _fake_fingerprint([512, 512, 300], [0.7, 0.7, 1.0])
+    plans = {gb: plan_experiment(fingerprint, gpu_memory_gb=gb) for gb in (4, 8, 24)}
+    for gb, plan in plans.items():
+        assert plan["target_spacing"] == pytest.approx([0.7, 0.7, 1.0])
+        assert plan["memory"]["estimate_gib"] <= gb
+        assert all(p % d == 0 for p, d in zip(plan["patch_size"], plan["divisible_by"]))
+        assert plan["batch_size"] >= 2
+    volume = {gb: np.prod(p["patch_size"]) for gb, p in plans.items()}
+    assert volume[4] < volume[8] <= volume[24]
+    assert np.prod(plans[8]["patch_size"]) < 512 * 512 * 300  # the budget, not the image, bounded it
+    # one more shrinking step would have fitted the budget too: the plan stops at the first fit
+    params = plans[8]["network"]["params"]
+    est = estimate_training_memory("dynunet", params, 3, 1, 2, plans[8]["patch_size"], 2)
+    assert est.total_gib == pytest.approx(plans[8]["memory"]["estimate_gib"], abs=1e-3)
+
+
+def test_anisotropic_ct_plan():
+    fingerprint = _fake_fingerprint([512, 512, 40], [0.8, 0.8, 5.0])
+    plan = plan_experiment(fingerprint)
+    params = plan["network"]["params"]
+    assert plan["target_spacing"] == pytest.approx([0.8, 0.8, 5.0])
+    assert params["strides"][1] == [2, 2, 1] and params["kernel_size"][0] == [3, 3, 1]
+    assert plan["patch_size"][2] <= 40
+
+
+def test_bad_options(iso_dataset):
+    fingerprint, _ = compute_fingerprint(iso_dataset, workers=1, progress=False)
+    with pytest.raises(ConfigError, match="--model"):
+        plan_experiment(fingerprint, model="vnet")
+    with pytest.raises(ConfigError, match="unknown loss 'cldise'"):
+        plan_experiment(fingerprint, topology_loss="cldise")
+    with pytest.raises(ConfigError, match="not a topology loss"):
+        plan_experiment(fingerprint, topology_loss="dice_ce")
+    with pytest.raises(ConfigError, match="--gpu-memory-gb"):
+        plan_experiment(fingerprint, gpu_memory_gb=0)
+
+
+def test_extreme_cases_are_named_and_kept(extreme_dataset):
+    fingerprint, _ = compute_fingerprint(extreme_dataset, workers=1, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_experiment(fingerprint)
+    messages = [str(w.message) for w in caught if issubclass(w.category, PlanWarning)]
+    assert messages == plan["warnings"]
+    assert any("'thick_slices'" in m and "10x the median" in m for m in messages), messages
+    assert any("'one_slice'" in m and "2D" in m for m in messages), messages
+    # kept: every case is in the fingerprint; the 3D plan uses the five 3D cases
+    assert len(fingerprint["cases"]) == 6
+    assert plan["target_spacing"] == pytest.approx([1.0, 1.0, 1.0])
+
+
+@pytest.mark.slow
+def test_planned_config_trains(iso_dataset, tmp_path):
+    """Two iterations of medseg train from a planned config (deep supervision, SGD, cldice)."""
+    from medseg.training.trainer import run_training
+
+    result = run_plan(iso_dataset, output=tmp_path / "config.yaml", workers=1, progress=False, topology_loss="cldice")
+    cfg = load_config(result.config, [
+        "train.iterations=2", f"output_dir={tmp_path / 'run'}", "device=cpu", "data.num_workers=0",
+        "train.checkpoint_interval=1",
+    ])
+    run_dir = run_training(cfg)
+    assert (run_dir / "checkpoints" / "latest.pt").is_file()
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(rows) >= 2

@@ -1,0 +1,251 @@
+"""The preprocessing cache: equal to the in-memory pipeline, reused only when valid,
+resumable to the same bytes, and one-line errors for a folder it cannot write."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from cache_helpers import cache_files, make_padded_dataset, raw_config
+
+import medseg
+from medseg.cli import main as cli_main
+from medseg.config import validate_config
+from medseg.data.dataset import load_case
+from medseg.data.topology_targets import label_projection
+from medseg.data.transforms import build_transforms
+from medseg.errors import ConfigError
+from medseg.preprocessing import preprocess_dataset, select_cases
+from medseg.preprocessing import run as run_module
+from medseg.preprocessing.storage import case_files, valid_case_meta
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _preprocess(raw: dict, **kwargs):
+    cfg = validate_config(raw)
+    info, train, val = select_cases(cfg)
+    return cfg, info, preprocess_dataset(cfg, info, train, val, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("normalization", ["ct", "zscore"])
+def test_the_cache_is_the_in_memory_pipeline_voxel_for_voxel(padded_dataset, tmp_path, normalization):
+    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", normalization={"scheme": normalization})
+    cfg, info, cache = _preprocess(raw, workers=2)
+    assert cache.done == 5 and len(cache.cases) == 5
+    val = build_transforms(cfg, info, cache.preprocessing, "val")
+    cropped = 0
+    for case in select_cases(cfg)[1] + select_cases(cfg)[2]:
+        want = val(load_case(case, info))
+        image, label = cache.cases[case.name].whole()
+        bbox = cache.cases[case.name].bbox
+        window = tuple(slice(a, b) for a, b in bbox)
+        want_image = want["image"].as_tensor().numpy()
+        want_label = want["label"].as_tensor().numpy()
+        np.testing.assert_array_equal(image, want_image[(slice(None), *window)])
+        np.testing.assert_array_equal(label, want_label[(slice(None), *window)])
+        assert image.dtype == np.float32 and label.dtype == np.uint8
+        cropped += image[0].size < want_image[0].size
+        assert want_label.sum() == label.astype(np.int64).sum()  # the crop keeps every foreground voxel
+
+        stored = cache.cases[case.name]
+        for value in (1, 2):
+            locations = stored.class_locations(value)
+            assert len(locations) == stored.class_counts[value] == min((label == value).sum(), 10_000) > 0
+            assert np.all(label[0][tuple(locations.T)] == value)
+        projection = label_projection(label[0], axes=(0, 1, 2))
+        region = stored.projection_region((0, 1, 2), [0, 0, 0], label.shape[1:])
+        np.testing.assert_array_equal(region, projection)
+    assert cropped == 5  # the zero border is cropped away in every case
+
+
+def test_a_rerun_reuses_the_cache_without_reading_the_dataset(padded_dataset, tmp_path, monkeypatch):
+    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache")
+    first = _preprocess(raw)[2]
+    before = cache_files(tmp_path / "cache")
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the statistics were fitted again")
+
+    monkeypatch.setattr(run_module, "fit_preprocessing", no_fit)
+    monkeypatch.setattr(run_module, "preprocess_case", no_fit)
+    second = _preprocess(raw)[2]
+    assert second.done == 0 and second.folder == first.folder and second.preprocessing == first.preprocessing
+    assert cache_files(tmp_path / "cache") == before
+
+
+def test_a_stale_cache_is_rebuilt_never_reused(padded_dataset, tmp_path, monkeypatch):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(padded_dataset, dataset)
+    raw = raw_config(dataset, tmp_path / "run", tmp_path / "cache")
+    base = _preprocess(raw)[2]
+    folders = {base.folder}
+
+    # another plan: another folder, every case preprocessed again
+    other = _preprocess({**raw, "data": {**raw["data"], "target_spacing": [1.2, 1.2, 1.5]}})[2]
+    assert other.folder not in folders and other.done == 5
+    folders.add(other.folder)
+    # another medseg version
+    monkeypatch.setattr(medseg, "__version__", "99.0")
+    newer = _preprocess(raw)[2]
+    assert newer.folder not in folders and newer.done == 5
+    folders.add(newer.folder)
+    monkeypatch.undo()
+    # a changed input file (new content, new time)
+    victim = sorted((dataset / "labelsTr").iterdir())[0]
+    time.sleep(0.01)
+    victim.write_bytes(victim.read_bytes())
+    changed = _preprocess(raw)[2]
+    assert changed.folder not in folders and changed.done == 5
+
+    # inside a folder: a case whose JSON is from another key, or whose image is cut short, is redone
+    again = _preprocess(raw)[2]
+    assert again.done == 0
+    folder = again.folder
+    reference = cache_files(folder)
+    names = sorted(again.cases)
+    meta_file = folder / case_files(names[0])[2]
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "key": "0" * 64}))
+    image_file = folder / case_files(names[1])[0]
+    image_file.write_bytes(image_file.read_bytes()[:-10])
+    assert valid_case_meta(folder, names[0], again.key) is None
+    assert valid_case_meta(folder, names[1], again.key) is None
+    repaired = _preprocess(raw)[2]
+    assert repaired.done == 2
+    assert cache_files(folder) == reference
+
+
+def test_a_killed_preprocess_resumes_to_the_same_cache(padded_dataset, tmp_path):
+    reference_raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "reference")
+    _preprocess(reference_raw)
+    reference = cache_files(tmp_path / "reference")
+
+    root = tmp_path / "killed"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw_config(padded_dataset, tmp_path / "run", root)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "preprocess", str(config), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not any(root.glob("*/case_*.json")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    folders = [p for p in root.glob("*-*") if p.is_dir()]
+    assert len(folders) == 1, proc.stderr.read().decode()[-2000:]
+    folder = folders[0]
+    done = sorted(folder.glob("case_*.json"))
+    assert 1 <= len(done) < 5, "the run finished before it could be killed"
+
+    # what a kill in the middle of a write leaves: a dead writer's temporary file, and
+    # an image renamed into place without its JSON
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from medseg.atomic import host_tag
+
+    (folder / f".case_004.b2nd.{host_tag()}-{dead.stdout.strip()}.tmp").write_bytes(b"partial")
+    (folder / "case_004.b2nd").write_bytes(b"an image without its JSON")
+
+    assert cli_main(["preprocess", str(config), "--workers", "2"]) == 0
+    assert cache_files(root) == reference
+
+
+def test_an_unwritable_cache_folder_is_one_line_naming_it(padded_dataset, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw_config(padded_dataset, tmp_path / "run", blocker / "cache")))
+    for command in (["preprocess", str(config)], ["train", str(config)]):
+        assert cli_main(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"medseg: error: {blocker / 'cache'}: the preprocessing cache folder is not writable" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_leaves_no_partial_case(padded_dataset, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "cache"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw_config(padded_dataset, tmp_path / "run", root)))
+    real_fsync = os.fsync
+
+    def full_disk(fd):  # the disk fills up while case_002's label is written
+        if "case_002_seg" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to name the file being written")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert cli_main(["preprocess", str(config), "--workers", "1"]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    (folder,) = [p for p in root.glob("*-*") if p.is_dir()]
+    assert f"medseg: error: {folder}: cannot write the preprocessing cache (No space left on device)" in err
+    assert not list(folder.glob(".*.tmp")) and not (folder / "case_002.json").exists()
+    assert not (folder / "case_002_seg.b2nd").exists()
+
+    # after freeing space, the rerun completes the cache as one uninterrupted run writes it
+    assert cli_main(["preprocess", str(config), "--workers", "1"]) == 0
+    _preprocess(raw_config(padded_dataset, tmp_path / "run", tmp_path / "reference"))
+    assert cache_files(root) == cache_files(tmp_path / "reference")
+
+
+def test_dimensionality_mismatch_is_a_config_error(padded_dataset, tmp_path):
+    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", patch_size=[16, 16], target_spacing=None)
+    with pytest.raises(ConfigError, match=r"data\.patch_size.*3D"):
+        _preprocess(raw)
+
+
+@pytest.mark.skipif(not hasattr(__import__("torch").distributed, "is_gloo_available")
+                    or not __import__("torch").distributed.is_gloo_available(), reason="no gloo")
+def test_torchrun_shards_the_cases_and_writes_the_same_cache(padded_dataset, tmp_path):
+    import socket
+
+    _preprocess(raw_config(padded_dataset, tmp_path / "run", tmp_path / "single"))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw_config(padded_dataset, tmp_path / "run", tmp_path / "ddp")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--local_addr", "127.0.0.1",
+         "-m", "medseg", "preprocess", str(config), "--workers", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("medseg: 5 cases (5 preprocessed now)") == 1  # rank 0 reports
+    assert cache_files(tmp_path / "ddp") == cache_files(tmp_path / "single")
+
+
+def test_a_second_dataset_layout_works(tmp_path):
+    """Two channels (CT + an MR-like one): one normalisation scheme each, in the manifest."""
+    root = make_padded_dataset(tmp_path / "two", cases=3, channels=("CT", "T2"))
+    cfg, info, cache = _preprocess(raw_config(root, tmp_path / "run", tmp_path / "cache"))
+    image, label = next(iter(cache.cases.values())).whole()
+    assert image.shape[0] == 2 and label.shape[0] == 1
+    manifest = json.loads((cache.folder / "manifest.json").read_text())
+    assert manifest["key"] == cache.key and [c["scheme"] for c in manifest["preprocessing"]["channels"]] == ["ct", "zscore"]
+
+
+def test_label_statistics_from_the_cache_equal_those_from_the_files(padded_dataset, tmp_path):
+    from medseg.data.dataset import label_statistics
+
+    cfg, info, cache = _preprocess(raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache"))
+    train = select_cases(cfg)[1]
+    assert cache.label_statistics([c.name for c in train], info) == label_statistics(train, info)

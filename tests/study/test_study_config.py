@@ -1,0 +1,106 @@
+"""STUDY.yaml: runs resolved from base + set + variant + --set, and bad studies refused before any training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from medseg.cli import main
+from medseg.errors import ConfigError
+from medseg.study.config import load_study
+from medseg.study.state import STATE_FILE
+
+
+def test_runs_resolved_in_order(write_study, tiny_dataset, tmp_path):
+    path = write_study(variants={
+        "a": {"train.optimizer.lr": 0.01, "train": {"batch_size": 4}},
+        "b": {"losses": [{"name": "dice", "weight": 2.0}], "train": {"optimizer": {"name": "sgd"}}},
+    })
+    study = load_study(path, ["train.iterations=3"])
+    assert [(r.variant, r.seed) for r in study.runs] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert study.baseline == "a"
+    a0, b1 = study.runs[0].config, study.runs[3].config
+    assert a0.train.iterations == 3  # --set comes last
+    assert a0.train.optimizer.lr == 0.01 and a0.train.batch_size == 4  # dotted and nested keys
+    assert a0.train.val_interval == 2  # nested sections merge: the base's other keys stay
+    assert [t.name for t in a0.losses] == ["dice_ce"]  # the schema's default loss
+    assert [(t.name, t.weight) for t in b1.losses] == [("dice", 2.0)]  # lists replace
+    assert b1.train.optimizer.name == "sgd" and b1.train.optimizer.lr == 1e-3
+    assert b1.seed == 1 and b1.output_dir == tmp_path / "study" / "b" / "seed_1"
+    assert study.config.test["synth"].images == tiny_dataset / "imagesTs"  # {dataset} filled in
+
+
+def _fails(capsys, args) -> str:
+    assert main(["study", *map(str, args)]) == ConfigError.exit_code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("medseg: error: ")
+    return lines[0]
+
+
+def test_unknown_study_key(write_study, capsys, tmp_path):
+    line = _fails(capsys, [write_study(sedes=[0])])
+    assert "study.yaml" in line and "unknown key 'sedes'" in line
+    assert not (tmp_path / "study").exists()  # nothing started
+
+
+def test_missing_base_config(write_study, capsys, tmp_path):
+    line = _fails(capsys, [write_study(base=str(tmp_path / "nope.yaml"))])
+    assert "base:" in line and "nope.yaml: config file not found" in line
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"train.iteratons": 3}, "train.iteratons"),
+    ({"train": {"optimizer": {"lrr": 0.1}}}, "train.optimizer.lrr"),
+    ({"augmentation": {"flip_prob": 0.1}}, "augmentation"),
+])
+def test_variant_override_with_unknown_key(write_study, capsys, tmp_path, override, key):
+    line = _fails(capsys, [write_study(variants={"cedice": {}, "broken": override})])
+    assert "variants.broken" in line and f"unknown config key '{key}'" in line
+    assert not (tmp_path / "study").exists()
+
+
+def test_bad_value_and_bad_loss_name_the_variant(write_study, capsys):
+    line = _fails(capsys, [write_study(variants={"cedice": {}, "neg": {"train.iterations": -1}})])
+    assert "variants.neg" in line and "train.iterations" in line
+    line = _fails(capsys, [write_study(variants={"cedice": {}, "typo": {"losses": [{"name": "cldice", "iteratons": 3}]}})])
+    assert "variants.typo" in line and "unknown parameter 'iteratons'" in line
+
+
+def test_command_line_set_is_checked(write_study, capsys):
+    path = write_study()
+    assert "--set: unknown config key 'train.iteratons'" in _fails(capsys, [path, "--set", "train.iteratons=3"])
+    assert "'seed' is set by the study" in _fails(capsys, [path, "--set", "seed=3"])
+
+
+def test_test_folder_without_labels(write_study, capsys, tiny_dataset, tmp_path):
+    line = _fails(capsys, [write_study(test={"synth": {"images": str(tiny_dataset / "imagesTs"), "labels": str(tmp_path / "none")}})])
+    assert "test.synth.labels" in line and "none: folder not found" in line
+    partial = tmp_path / "labels"
+    shutil.copytree(tiny_dataset / "labelsTs", partial)
+    missing = sorted(partial.iterdir())[0]
+    missing.unlink()
+    line = _fails(capsys, [write_study(test={"synth": {"images": str(tiny_dataset / "imagesTs"), "labels": str(partial)}})])
+    assert "test.synth.labels" in line and f"{missing}: no label for scan" in line
+
+
+def test_test_key_without_labels_key(write_study, capsys, tiny_dataset):
+    line = _fails(capsys, [write_study(test={"synth": {"images": str(tiny_dataset / "imagesTs")}})])
+    assert "missing required key 'test.synth.labels'" in line
+
+
+def test_run_trained_with_other_settings_is_refused(write_study, capsys, tmp_path):
+    path = write_study()
+    run = load_study(path).runs[0]
+    run.run_dir.mkdir(parents=True)
+    config = run.config.model_dump(mode="json")
+    config["train"]["optimizer"]["lr"] = 0.5
+    (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 2}}))
+    line = _fails(capsys, [path])
+    assert str(run.run_dir) in line and "train.optimizer.lr changed" in line
+    # more iterations than the run had is fine (it resumes), fewer is refused
+    config["train"]["optimizer"]["lr"] = run.config.train.optimizer.lr
+    (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 5}}))
+    assert "trained for 5 iterations but the study asks for 2" in _fails(capsys, [path])

@@ -1,0 +1,106 @@
+"""``medseg study`` end to end on a tiny 2D dataset: two variants x two seeds, two iterations each.
+
+One test walks a study through its life, since every step needs the runs of the one
+before: an interrupted run resumes and a damaged one fails without stopping the
+others; a rerun redoes only what is missing (a retrained run, an evaluation) and skips
+finished runs; torchrun-style ranks leave the summary to the last one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from medseg.cli import main
+from medseg.config import validate_config
+from medseg.study.config import load_study
+from medseg.study.runner import runs_of_rank
+from medseg.study.state import STATE_FILE, evaluation_dir, latest_checkpoint, predictions_dir
+from medseg.training.trainer import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def _mtimes(paths) -> dict:
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+def _state(run) -> dict:
+    return json.loads((run.run_dir / STATE_FILE).read_text())
+
+
+def _csv(study) -> list[dict]:
+    with open(study.output_dir / "study.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_study_runs_resumes_and_skips(write_study, capsys, monkeypatch):
+    path = write_study()
+    study = load_study(path)
+    runs = {(r.variant, r.seed): r for r in study.runs}
+    interrupted, damaged = runs[("cedice", 0)], runs[("cldice", 1)]
+
+    # an interrupted run (checkpoint at iteration 1 of 2, no study record) and a damaged one
+    raw = interrupted.config.model_dump(mode="json")
+    raw["train"]["iterations"] = 1
+    run_training(validate_config(raw))
+    latest_checkpoint(damaged.run_dir).parent.mkdir(parents=True)
+    latest_checkpoint(damaged.run_dir).write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+
+    assert main(["study", str(path), "--parallel", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "0 finished, 4 to run, 2 at a time" in err
+    assert "cldice seed 1: FAILED" in err and "latest.pt" in err
+    summary = json.loads((study.output_dir / "study.json").read_text())
+    assert [(r["run"], r["status"]) for r in summary["runs"]] == [
+        ("cedice seed 0", "finished"), ("cedice seed 1", "finished"), ("cldice seed 0", "finished"), ("cldice seed 1", "failed")]
+    assert "latest.pt" in summary["runs"][3]["error"]
+    segments = _state(interrupted)["training"]["segments"]
+    assert [(s["from_iteration"], s["to_iteration"]) for s in segments] == [(1, 2)]
+    assert segments[0]["seconds"] > 0 and segments[0]["peak_rss_mib"] > 0
+    for name in ("study.json", "study.csv", "study.html"):
+        assert (study.output_dir / name).is_file()
+    assert (study.output_dir / "logs" / "cldice_seed_1.log").is_file()
+    table = _csv(study)
+    assert [(r["test"], r["label"], r["variant"], r["seeds"]) for r in table] == [
+        ("synth", "1", "cedice", "2"), ("synth", "1", "cldice", "1")]
+    metrics = summary["metrics"]
+    assert {"betti_0_error", "betti_1_error", "betti_matching_error", "Dice", "clDice", "HD95"} <= set(metrics)
+    assert list(table[0]) == ["test", "label", "label_name", "variant", "seeds",
+                              *[f"{m}{s}" for m in metrics for s in ("", "_std", "_p", "_mark")],
+                              "seconds_per_step", "peak_rss_mib", "peak_cuda_mib"]
+    html = (study.output_dir / "study.html").read_text()
+    assert "data:image/png;base64," in html and "failed" in html
+
+    # rerun: the damaged run trains from scratch, a lost evaluation is recomputed, the rest is skipped
+    shutil.rmtree(damaged.run_dir)
+    lost = runs[("cedice", 1)]
+    (evaluation_dir(lost.run_dir, "synth") / "summary.json").unlink()
+    kept = _mtimes([latest_checkpoint(r.run_dir) for r in study.runs if r is not damaged]
+                   + sorted(predictions_dir(lost.run_dir, "synth").iterdir()))
+    assert main(["study", str(path), "--parallel", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "2 finished, 2 to run" in err
+    assert _mtimes(kept) == kept
+    assert (evaluation_dir(lost.run_dir, "synth") / "summary.json").is_file()
+    assert [r["seeds"] for r in _csv(study)] == ["2", "2"]
+    assert all(r["status"] == "finished" for r in json.loads((study.output_dir / "study.json").read_text())["runs"])
+
+    # torchrun-style ranks, nothing left to run: rank 1 leaves the summary to rank 0, which finishes last
+    assert [r.name for r in runs_of_rank(study.runs, 1, 2)] == ["cedice seed 1", "cldice seed 1"]
+    (study.output_dir / "study.json").unlink()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "e2e")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["study", str(path)]) == 0
+    assert "last rank to finish writes the summary" in capsys.readouterr().err
+    assert not (study.output_dir / "study.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(["study", str(path)]) == 0
+    assert "rank 0 of 2: 2 of 4 runs" in capsys.readouterr().err
+    assert (study.output_dir / "study.json").is_file()
+    assert _mtimes(kept) == kept
