@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device of both sides")
     parser.add_argument("--no-tta-run", action="store_true", help="skip medseg's --tta --save-probabilities run")
     parser.add_argument("--extra", default="", help="extra `medseg predict` options, e.g. '--stitch-device cpu'")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the scan and run here (default: a temp folder)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the scan and run here (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--child", choices=["monai", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--scan", type=Path, help=argparse.SUPPRESS)

@@ -77,6 +77,11 @@ class DataConfig(_Strict):
         description="fraction of patches centred on a foreground voxel (of a class drawn among the case's); "
         "the others are placed uniformly at random",
     )
+    fingerprint: Path | None = Field(
+        None,
+        description="fingerprint.json written by medseg plan: the normalisation statistics come from it "
+        "instead of a pass over the training cases (refused when a case file changed since)",
+    )
     cache_dir: Path | None = Field(
         None,
         description="folder of the preprocessed cache (medseg preprocess); None: $MEDSEG_CACHE, else "

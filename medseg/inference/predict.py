@@ -203,7 +203,8 @@ def run_prediction(
         resolve_stitch_device(stitch_device, where)
     with distributed.process_group(where):
         return _predict_all(
-            model, inputs, Path(output), overwrite, tta, overlap, sw_batch_size, save_probabilities, where, stitch_device
+            model, inputs, Path(output), overwrite, tta, overlap, sw_batch_size, save_probabilities, where,
+            stitch_device,
         )
 
 

@@ -82,7 +82,9 @@ def resolve_stitch_device(stitch_device: str, device: torch.device) -> str:
         if not torch.cuda.is_available():
             raise MedsegError("--stitch-device cuda: CUDA is not available on this machine (use --stitch-device cpu)")
         if device.type != "cuda":
-            raise MedsegError("--stitch-device cuda: the network runs on the CPU; stitching on the GPU needs --device cuda")
+            raise MedsegError(
+                "--stitch-device cuda: the network runs on the CPU; stitching on the GPU needs --device cuda"
+            )
     return name
 
 
@@ -285,7 +287,7 @@ class Predictor:
         geometry,
         on_probabilities: ProbabilitySink | None = None,
     ) -> np.ndarray:
-        """The label map on the case's original grid (``geometry``) from (centred) class maps on the network's grid.
+        """The label map on the case's original grid (``geometry``) from centred class maps.
 
         The class maps are resampled back (linear interpolation in float64 with border
         padding, what ``Invertd`` of the preprocessing did) one slab of the original grid

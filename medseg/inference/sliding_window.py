@@ -115,7 +115,8 @@ class _Band:
 
     def mean(self, start: int, stop: int, crop: tuple[slice, ...]) -> torch.Tensor:
         """``output / count`` of rows [start, stop), the other axes cut to ``crop``."""
-        pieces = [self.logits[(slice(None), s, *crop)] / self.weights[(s, *crop)] for s in _ring(start, stop, self.depth)]
+        slots = _ring(start, stop, self.depth)
+        pieces = [self.logits[(slice(None), s, *crop)] / self.weights[(s, *crop)] for s in slots]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def clear(self, start: int, stop: int) -> None:

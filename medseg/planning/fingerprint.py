@@ -202,6 +202,20 @@ def case_fingerprint(
     return record, samples
 
 
+def stale_cases(fingerprint: Mapping[str, Any], info: DatasetInfo, cases: Iterable[Case]) -> list[str]:
+    """Names of ``cases`` missing from the fingerprint or whose files changed since (size, mtime)."""
+    records = fingerprint.get("cases", {})
+    if isinstance(records, list):
+        records = {r["name"]: r for r in records}
+    stale = []
+    for case in cases:
+        record = records.get(case.name)
+        files = [f for f in [*case.image_files, case.label_file] if f is not None]
+        if record is None or record.get("files") != [_file_stamp(f, info.root) for f in files]:
+            stale.append(case.name)
+    return stale
+
+
 def _file_stamp(path: Path, root: Path) -> dict[str, Any]:
     """Where a case's file is and what it was when fingerprinted (to tell a stale fingerprint)."""
     stat = Path(path).stat()

@@ -129,6 +129,9 @@ def render_config(plan: Mapping[str, Any], config_path: str | Path | None = None
             norm.append(f"{c['name']}: {c['scheme']} (per image)")
     lines += _comment("normalisation per channel, by channel name as nnU-Net chooses it: " + "; ".join(norm), 2)
     add("  normalization: {scheme: auto}")
+    if config_path is not None:
+        lines += _comment("the normalisation statistics are read from the fingerprint, not fitted again", 2)
+        add(f"  fingerprint: {_y(str((Path(config_path).parent / FINGERPRINT_FILE).resolve()))}")
     lines += _comment(f"patches centred on foreground: {plan['foreground_oversample_rule']}", 2)
     add(f"  foreground_oversample: {plan['foreground_oversample']}")
     lines += _comment(

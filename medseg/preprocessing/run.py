@@ -217,9 +217,29 @@ def _loaded(cases: list[Case], info: DatasetInfo) -> Iterator[dict[str, Any]]:
         yield load_case(case, info)
 
 
+def _statistics_from_plan(cfg: "RunConfig", info: DatasetInfo, train_cases: list[Case]) -> dict[str, Any]:
+    """The normalisation statistics from ``data.fingerprint`` (``medseg plan``): no pass over the data."""
+    from medseg.planning.fingerprint import load_samples, preprocessing_from_fingerprint, stale_cases
+    from medseg.planning.writer import read_fingerprint
+
+    path = Path(cfg.data.fingerprint)
+    planned = read_fingerprint(path)
+    stale = stale_cases(planned, info, train_cases)
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise DataError(
+            f"{path}: data.fingerprint does not describe the dataset's current files ({shown} missing or "
+            "changed since); rerun medseg plan, or unset data.fingerprint"
+        )
+    return preprocessing_from_fingerprint(planned, load_samples(path), info, cfg, train_cases)
+
+
 def _statistics(cfg: "RunConfig", info: DatasetInfo, root: Path, fingerprint: dict[str, Any],
                 train_cases: list[Case]) -> dict[str, Any]:
-    """Fitted statistics from ``statistics/``, else fitted now (on rank 0 under torchrun) and stored."""
+    """The normalisation statistics: from ``data.fingerprint`` when the config names one; else
+    from ``statistics/``, else fitted now (on rank 0 under torchrun) and stored."""
+    if cfg.data.fingerprint is not None:
+        return _statistics_from_plan(cfg, info, train_cases)
     fit_key = digest(statistics_inputs(cfg, info, fingerprint, train_cases))
     with distributed.main_process("fitting the normalisation statistics") as main:
         if main and read_statistics(root, info, fit_key) is None:

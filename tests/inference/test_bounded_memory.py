@@ -100,7 +100,8 @@ def test_2d_probabilities_stream_in_medseg_layout(tmp_path):
     run = make_run(tmp_path / "run2d", patch=(16, 16), target_spacing=(0.7, 0.7))
     scans = tmp_path / "png"
     rng = np.random.default_rng(0)
-    write_image(scans / "img_0000.png", rng.integers(0, 255, (23, 30)).astype(np.uint8), ImageGeometry.identity((23, 30)))
+    image = rng.integers(0, 255, (23, 30)).astype(np.uint8)
+    write_image(scans / "img_0000.png", image, ImageGeometry.identity((23, 30)))
     assert run_prediction(run, [scans], tmp_path / "out", save_probabilities=True, device="cpu", tta=True)
     prob, _ = read_image_channels(tmp_path / "out" / "img_prob.nii.gz")
     assert nib.load(str(tmp_path / "out" / "img_prob.nii.gz")).shape == (23, 30, 1, 2)
@@ -113,7 +114,8 @@ def test_large_cases_are_not_prefetched_alongside(tiny_run, scans, tmp_path, mon
     monkeypatch.setattr(predict_module, "PREFETCH_MAX_VOXELS", 0)  # every case "large": one at a time
     assert run_prediction(tiny_run, [scans], tmp_path / "b", device="cpu")
     for name in ("case_a", "case_b", "case_c"):
-        assert np.array_equal(read_image(tmp_path / "a" / f"{name}.nii.gz")[0], read_image(tmp_path / "b" / f"{name}.nii.gz")[0])
+        a, b = (read_image(tmp_path / run / f"{name}.nii.gz")[0] for run in ("a", "b"))
+        assert np.array_equal(a, b)
 
 
 def test_stitch_device_options(tiny_run, scans, tmp_path):
@@ -216,7 +218,7 @@ def test_peak_memory_is_a_few_times_the_scan(tmp_path):
         write_image(tmp_path / folder / f"{folder}_0000.nii.gz", image, ImageGeometry.from_spacing(size, spacing))
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(run), str(tmp_path / "small"), str(tmp_path / "big"), str(tmp_path / "out")],
+        [sys.executable, "-c", _MEASURE, *(str(p) for p in (run, tmp_path / "small", tmp_path / "big", tmp_path / "out"))],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,11 +15,15 @@ def _case(image, geometry):
     return {"image": image[None].astype(np.float32), "geometry": geometry, "name": "x"}
 
 
+def _noise(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape)
+
+
 GEOMETRIES_3D = {
     "oblique": (blob_image(), oblique_geometry()),
-    "oblique noise": (np.random.default_rng(0).normal(size=(40, 33, 20)), oblique_geometry((40, 33, 20))),
-    "lps": (np.random.default_rng(1).normal(size=(30, 31, 12)), ImageGeometry(np.diag([-0.7, -0.9, 2.0, 1.0]), (30, 31, 12))),
-    "already on the grid": (np.random.default_rng(2).normal(size=(30, 31, 12)), ImageGeometry(np.diag([1.5, 1.5, 1.5, 1.0]), (30, 31, 12))),
+    "oblique noise": (_noise((40, 33, 20), 0), oblique_geometry((40, 33, 20))),
+    "lps": (_noise((30, 31, 12), 1), ImageGeometry(np.diag([-0.7, -0.9, 2.0, 1.0]), (30, 31, 12))),
+    "already on the grid": (_noise((30, 31, 12), 2), ImageGeometry(np.diag([1.5, 1.5, 1.5, 1.0]), (30, 31, 12))),
 }
 
 
@@ -36,7 +40,8 @@ def test_run_transforms_matches_monai_eager(tmp_path, name):
 
 @pytest.mark.parametrize("affine", [np.eye(4), np.diag([-0.5, 1.1, 1.0, 1.0])])
 def test_run_transforms_2d(tmp_path, affine):
-    predictor = Predictor.from_path(make_run(tmp_path / "run2d", patch=(16, 16), target_spacing=(0.7, 0.7)), device="cpu")
+    run = make_run(tmp_path / "run2d", patch=(16, 16), target_spacing=(0.7, 0.7))
+    predictor = Predictor.from_path(run, device="cpu")
     image = np.random.default_rng(3).normal(size=(23, 30))
     geometry = ImageGeometry(affine, (23, 30))
     eager = predictor.transforms(_case(image, geometry))["image"]
@@ -62,7 +67,8 @@ def test_the_scan_array_is_released_once_resampled(tmp_path):
             seen.append(alive() is not None)
             return self.transform(data)
 
-    predictor.transforms.transforms = (*predictor.transforms.transforms[:-1], Watch(predictor.transforms.transforms[-1]))
+    *spatial, normalise = predictor.transforms.transforms
+    predictor.transforms.transforms = (*spatial, Watch(normalise))
     del scan
     pre = predictor.preprocess(case, consume=True)
     assert "image" not in case and pre["image"].shape[0] == 1

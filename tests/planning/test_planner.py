@@ -221,3 +221,41 @@ def test_planned_config_trains(iso_dataset, tmp_path):
     assert (run_dir / "checkpoints" / "latest.pt").is_file()
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 2
+
+
+def test_preprocessing_takes_statistics_from_the_fingerprint(tmp_path):
+    """data.fingerprint (written by plan) replaces the pass of fit_preprocessing; a case file
+    changed after planning makes preprocess refuse the fingerprint with one line."""
+    import os
+    import subprocess
+    import sys
+
+    from medseg.data.dataset import check_dataset, split_cases
+    from medseg.data.synthetic import make_dataset
+    from medseg.planning.fingerprint import load_samples, preprocessing_from_fingerprint
+    from medseg.planning.writer import read_fingerprint
+    from medseg.preprocessing import run_preprocessing
+
+    dataset = tmp_path / "Dataset805_Ct"
+    make_dataset(dataset, cases=3, size=24, dims=3, spacing=(1.0, 1.0, 1.0), test_cases=0, loops=0, seed=3)
+    result = run_plan(dataset, output=tmp_path / "plan" / "config.yaml", workers=1, progress=False)
+    cfg = load_config(result.config, [f"output_dir={tmp_path / 'run'}", "data.cache_dir=" + str(tmp_path / "cache")])
+    assert cfg.data.fingerprint == (tmp_path / "plan" / "fingerprint.json").resolve()
+    cached = run_preprocessing(cfg, workers=1)
+    info, cases = check_dataset(dataset, "Tr")
+    train, _ = split_cases(cases, cfg.data.val_fraction, cfg.seed, cfg.data.split_file, root=dataset)
+    expected = preprocessing_from_fingerprint(
+        read_fingerprint(cfg.data.fingerprint), load_samples(cfg.data.fingerprint), info, cfg, train
+    )
+    assert cached.preprocessing == expected
+
+    label = sorted((dataset / "labelsTr").iterdir())[0]  # same bytes, a new modification time
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
+    proc = subprocess.run(
+        [sys.executable, "-m", "medseg", "preprocess", str(result.config), "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "data.fingerprint does not describe the dataset's current files" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
