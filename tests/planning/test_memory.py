@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # One training forward + backward in a fresh process; prints the growth of the peak
 # resident memory (VmHWM, reset through /proc/self/clear_refs) over the resident memory
-# just before, in bytes. The weights are resident before: the growth is the gradients
-# and the activations. glibc's fixed mmap threshold returns freed tensors at once.
+# just before, in bytes, of a second step. The weights are resident before: the growth is
+# the gradients and the activations. glibc's fixed mmap threshold returns freed tensors at once.
 _MEASURE = r"""
 import json, sys, torch
 torch.set_num_threads(1)
@@ -40,11 +40,17 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
+def step():
+    out = net(x)
+    out = out[:, 0] if out.dim() == x.dim() + 1 else out
+    torch.nn.functional.cross_entropy(out, target).backward()
+# A first step pages in the kernels' code and one-time buffers (they differ between
+# environments: 16 MB more in a fresh CI environment); the second step is measured.
+step()
+net.zero_grad(set_to_none=True)
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
-out = net(x)
-out = out[:, 0] if out.dim() == x.dim() + 1 else out
-torch.nn.functional.cross_entropy(out, target).backward()
+step()
 print(status("VmHWM") - before)
 """
 
@@ -71,8 +77,10 @@ def test_estimate_against_measured_peak(spacing, patch, batch):
     # the measurement has no optimizer state, and its weights are resident before it starts
     predicted = est.total_bytes - est.parameters * (4 + 4)
     measured = _measure("dynunet", params, patch, batch)
-    # measured 1.11-1.30 (the constant is the upper end of DynUNet's measurements)
-    assert 1.0 <= predicted / measured <= 1.5, (predicted / 2**20, measured / 2**20)
+    # An upper bound that is not loose: measured 1.58 (3D) and 1.68 (2D) on a second, warm
+    # step; a first step, with the kernels' one-time costs, measured 1.1-1.3 in one
+    # environment and 0.83 in a fresh one, which is why the second step is measured.
+    assert 1.0 <= predicted / measured <= 2.0, (predicted / 2**20, measured / 2**20)
 
 
 def test_count_is_exact_and_linear_in_batch():
