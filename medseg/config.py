@@ -232,16 +232,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"--set {item!r}: empty key segment")
-        node = raw
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-            node = child
-        node[parts[-1]] = _parse_scalar(value)
+        section(raw, parts[:-1], f"--set {key}")[parts[-1]] = _parse_scalar(value)
     return raw
+
+
+def section(raw: dict[str, Any], path: list[str], where: str) -> dict[str, Any]:
+    """The mapping at dotted ``path`` in a raw config, created where missing.
+
+    Raises:
+        ConfigError: ``{where}: 'part' is not a section`` when a value stands in the way.
+    """
+    node = raw
+    for part in path:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{part}' is not a section")
+        node = child
+    return node
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

@@ -32,6 +32,13 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+def check_iterations(iterations: int) -> int:
+    """The erosion steps of a soft skeleton: a non-negative integer (not a bool)."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    return iterations
+
+
 def check_activation_flags(sigmoid: bool | None, softmax: bool | None) -> None:
     if sigmoid and softmax:
         raise ValueError("sigmoid=True and softmax=True are incompatible; set at most one")

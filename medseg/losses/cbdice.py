@@ -12,6 +12,7 @@ from medseg.losses._prepare import (
     EPS,
     activate,
     check_activation_flags,
+    check_iterations,
     check_input,
     check_reduction,
     reduce,
@@ -184,8 +185,7 @@ class CenterlineBoundaryDiceLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+        check_iterations(iterations)
         for key, value in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")

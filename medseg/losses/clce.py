@@ -10,6 +10,7 @@ from medseg.losses._prepare import (
     EPS,
     activate,
     check_activation_flags,
+    check_iterations,
     check_input,
     check_reduction,
     reduce,
@@ -107,8 +108,7 @@ class CenterlineCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+        check_iterations(iterations)
         check_activation_flags(sigmoid, softmax)
         self.iterations = iterations
         self.include_background = include_background

@@ -51,6 +51,7 @@ from torch.autograd.function import once_differentiable
 from medseg.losses._prepare import (
     EPS,
     check_activation_flags,
+    check_iterations,
     check_input,
     check_reduction,
     probabilities_and_target,
@@ -364,8 +365,7 @@ class SoftclDiceLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+        check_iterations(iterations)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         for key, value in (("smooth", smooth), ("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):

@@ -41,7 +41,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from medseg.config import RunConfig, apply_overrides, read_yaml_with_overrides, validate_config, validate_model
+from medseg.config import (
+    RunConfig,
+    apply_overrides,
+    read_yaml_with_overrides,
+    section,
+    validate_config,
+    validate_model,
+)
 from medseg.errors import ConfigError, MedsegError
 from medseg.evaluation.compare import SIGNIFICANCE
 
@@ -248,14 +255,7 @@ def _merge(raw: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[s
     """Apply overrides to a raw config: dotted keys walk into sections, mappings merge, the rest replaces."""
     for key, value in overrides.items():
         parts = str(key).split(".")
-        node = raw
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{where}: {key}: '{part}' is not a section")
-            node = child
+        node = section(raw, parts[:-1], f"{where}: {key}")
         leaf = parts[-1]
         if isinstance(value, dict) and isinstance(node.get(leaf), dict):
             _merge(node[leaf], value, f"{where}: {key}")
