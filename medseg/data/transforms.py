@@ -234,16 +234,15 @@ class NormalizeChannelsd(MapTransform):
                     f"preprocessing: fitted for {len(self.channels)} channels, image has {image.shape[0]}"
                 )
             out = image.clone().float() if isinstance(image, torch.Tensor) else torch.as_tensor(image).float()
+            # in place on the one copy: a whole resampled CT is the peak of predict's memory
             for c, stats in enumerate(self.channels):
-                x = out[c]
+                x = out[c].as_tensor() if isinstance(out, MetaTensor) else out[c]
                 if stats["scheme"] == "ct":
                     low, high = stats["clip"]
-                    x = (x.clamp(low, high) - stats["mean"]) / max(stats["std"], 1e-8)
+                    x.clamp_(low, high).sub_(stats["mean"]).div_(max(stats["std"], 1e-8))
                 elif stats["scheme"] == "zscore":
-                    plain = x.as_tensor() if isinstance(x, MetaTensor) else x
-                    mean, std = plain.double().mean(), plain.double().std(unbiased=False)
-                    x = (x - mean.float()) / max(float(std), 1e-8)
-                out[c] = x
+                    mean, std = x.double().mean(), x.double().std(unbiased=False)
+                    x.sub_(mean.float()).div_(max(float(std), 1e-8))
             d[key] = out
         return d
 
