@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import warnings
 
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ __all__ = [
     "PREPROCESSING_VERSION",
     "channel_schemes",
     "fit_preprocessing",
+    "normalization_from_samples",
     "ToMetaTensord",
     "NormalizeChannelsd",
     "preprocessing_transforms",
@@ -158,14 +159,28 @@ def fit_preprocessing(
             else:
                 fallback[c].append(_subsample(image[c].ravel(), rng))
 
-    channels: list[dict[str, Any]] = []
+    return normalization_from_samples(info, config, lambda c: samples[c] or fallback[c])
+
+
+def normalization_from_samples(
+    info: "DatasetInfo", config: "RunConfig", pool: Callable[[int], list[np.ndarray]]
+) -> dict[str, Any]:
+    """The preprocessing dict (:func:`fit_preprocessing`'s result) from pooled intensity samples.
+
+    ``pool(c)`` gives the sample arrays of ``ct`` channel ``c`` (foreground voxels, or all
+    voxels when no case has foreground); the clip is their [0.5, 99.5] percentiles (or
+    ``normalization.ct_clip``), mean and std are over all of them. Shared by the fit over
+    the training cases and by :func:`medseg.planning.fingerprint.preprocessing_from_fingerprint`.
+    """
+    schemes = channel_schemes(info, config)
     names = [info.channel_names[k] for k in sorted(info.channel_names)]
     fixed_clip = config.data.normalization.ct_clip
+    channels: list[dict[str, Any]] = []
     for c, (name, scheme) in enumerate(zip(names, schemes)):
         entry: dict[str, Any] = {"name": str(name), "scheme": scheme}
         if scheme == "ct":
-            pool = samples[c] or fallback[c]
-            values = np.concatenate(pool).astype(np.float64) if pool else np.zeros(1)
+            arrays = pool(c)
+            values = np.concatenate(arrays).astype(np.float64) if arrays else np.zeros(1)
             if fixed_clip is not None:
                 low, high = float(fixed_clip[0]), float(fixed_clip[1])
             else:

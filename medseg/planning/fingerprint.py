@@ -453,23 +453,9 @@ def preprocessing_from_fingerprint(
     cases : iterable of Case or str, optional
         The cases to fit on (the training split); default all.
     """
-    from medseg.data.transforms import PREPROCESSING_VERSION, channel_schemes
+    from medseg.data.transforms import normalization_from_samples
 
     records = _select(fingerprint["cases"], cases)
-    schemes = channel_schemes(info, config)
-    names = [info.channel_names[k] for k in sorted(info.channel_names)]
     with_fg = [samples[r["name"]] for r in records if r["has_foreground"]]
     pool = with_fg or [samples[r["name"]] for r in records]
-    fixed_clip = config.data.normalization.ct_clip
-    channels: list[dict[str, Any]] = []
-    for c, (name, scheme) in enumerate(zip(names, schemes)):
-        entry: dict[str, Any] = {"name": str(name), "scheme": scheme}
-        if scheme == "ct":
-            values = np.concatenate([p[c] for p in pool]).astype(np.float64) if pool else np.zeros(1)
-            if fixed_clip is not None:
-                low, high = float(fixed_clip[0]), float(fixed_clip[1])
-            else:
-                low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
-            entry.update(clip=[low, high], mean=float(values.mean()), std=float(values.std()))
-        channels.append(entry)
-    return {"version": PREPROCESSING_VERSION, "channels": channels}
+    return normalization_from_samples(info, config, lambda c: [p[c] for p in pool])
