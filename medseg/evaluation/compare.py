@@ -364,7 +364,8 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
     DataError
         An input is missing or not a summary, or no case is evaluated in both.
     """
-    from medseg.evaluation.evaluate import _atomic_write_text, _plain
+    from medseg.atomic import write_atomic
+    from medseg.evaluation.evaluate import _plain
 
     if permutations < 1:
         raise DataError(f"--permutations {permutations}: must be at least 1")
@@ -374,7 +375,7 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
         output = Path(output)
         if output.exists() and not output.is_dir():
             raise DataError(f"{output}: exists and is not a folder")
-        _atomic_write_text(output / "compare.json", json.dumps(result, indent=2, default=_plain) + "\n")
-        _atomic_write_text(output / "compare.html", render_compare_html(result))
+        write_atomic(output / "compare.json", json.dumps(result, indent=2, default=_plain) + "\n")
+        write_atomic(output / "compare.html", render_compare_html(result))
         print(f"medseg: wrote {output / 'compare.json'} and {output / 'compare.html'}", file=sys.stderr)
     return result

@@ -265,11 +265,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`medseg.atomic.write_atomic`)."""
-    write_atomic(path, text)
-
-
 def _resolve_labels(dataset_json: Path | None, ref_dir: Path):
     """Labels, ignore label, ending and where they came from (dataset.json or the data)."""
     if dataset_json is not None:
@@ -418,8 +413,8 @@ def run_evaluation(
     summary["reference_folder"] = str(ref_dir)
     summary["prediction_folder"] = str(pred_dir)
     output.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(output / "summary.json", json.dumps(summary, indent=2, default=_plain) + "\n")
-    _atomic_write_text(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
+    write_atomic(output / "summary.json", json.dumps(summary, indent=2, default=_plain) + "\n")
+    write_atomic(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
     written = ["summary.json", "metrics.csv"]
     if report:
         from medseg.evaluation.report import default_images_dir, write_report

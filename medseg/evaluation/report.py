@@ -492,7 +492,7 @@ def write_report(
     DataError
         When ``summary`` is a file that cannot be read as a summary.
     """
-    from medseg.evaluation.evaluate import _atomic_write_text
+    from medseg.atomic import write_atomic
 
     if not isinstance(summary, dict):
         source = Path(summary)
@@ -505,7 +505,7 @@ def write_report(
         if not isinstance(summary, dict):
             raise DataError(f"{source}: not a summary.json (expected an object with 'metric_per_case')")
     path = Path(path)
-    _atomic_write_text(path, render_report(summary, images_dir, image_ending, connectivity, worst_cases))
+    write_atomic(path, render_report(summary, images_dir, image_ending, connectivity, worst_cases))
     return path
 
 
