@@ -19,6 +19,11 @@ then, side by side in one run, with ratios:
    augmentation, after the workers started: medseg's loader (``patch_loader`` over the
    cache) against nnU-Net's ``nnUNetTrainer.get_dataloaders()`` (its data loader and
    batchgeneratorsv2 augmentation on its own preprocessed data), same worker count.
+   nnU-Net's default augmentation does more per patch than medseg's (mirroring,
+   low-resolution simulation, two gamma steps, deep-supervision targets), so a second
+   row times both at equal work: medseg with every augmentation probability 0 against
+   ``nnUNetTrainerNoDA`` (crop, oversampling and batching only; nnU-Net still makes its
+   deep-supervision targets).
 3. Peak RSS of a short ``medseg train`` (tiny UNet, warm cache, a few iterations and one
    validation) with 10, 20 and 40 cases (10 % of them validation cases): the training
    process's own peak (``wait4``) and the process tree's (with the DataLoader workers,
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reads", type=int, default=40, help="patch reads per storage format and state")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--child", choices=["nnunet_loader"], help=argparse.SUPPRESS)
+    parser.add_argument("--trainer", default="nnUNetTrainer", help=argparse.SUPPRESS)
     return parser
 
 
@@ -409,12 +415,19 @@ def nnunet_patch(args) -> tuple[list[int], int] | None:
     return list(reversed(patch_sitk)), int(c["batch_size"])
 
 
-def child_nnunet_loader(batches: int) -> None:
-    """In the nnU-Net environment: patches/s of nnUNetTrainer's training data loader."""
+def child_nnunet_loader(batches: int, trainer_name: str) -> None:
+    """In the nnU-Net environment: patches/s of ``trainer_name``'s training data loader."""
+    import nnunetv2.run.run_training as run_training
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
-    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, device=torch.device("cpu"))
+    # nnU-Net finds a trainer by importing every trainer module, and one of them imports
+    # torchvision, whose compiled operators do not match the pinned CPU torch here
+    known = {"nnUNetTrainer": nnUNetTrainer, "nnUNetTrainerNoDA": nnUNetTrainerNoDA}
+    run_training.recursive_find_trainer_class_by_name = lambda name: known[name]
+    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, trainer_name=trainer_name, device=torch.device("cpu"))
     trainer.initialize()  # batch size, oversampling, the network (for the deep-supervision scales)
     loader, val_loader = trainer.get_dataloaders()
     batch = None
@@ -456,7 +469,7 @@ def medseg_throughput(args, config_raw: dict[str, Any], batches: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.child == "nnunet_loader":
-        child_nnunet_loader(args.batches)
+        child_nnunet_loader(args.batches, args.trainer)
         return 0
     items = set(args.only.split(",")) if args.only else set(ITEMS) - {"storage", "predict"}
     if args.storage:
@@ -522,26 +535,34 @@ def main(argv: list[str] | None = None) -> int:
         _table(f"storage: median time of a 96^3 read at a random place, 4 z-scored cases of {'x'.join(map(str, shape))} float32",
                ["format", "MB/case", "cold (ms)", "warm (ms)", "cold / medseg", "warm / medseg"], rows)
 
-    # 2. throughput
+    # 2. throughput: as configured, then at equal work (no augmentation on either side)
     if "throughput" in items:
-        raw = medseg_raw(args, dataset, splits[cases], args.workdir / "run_tp", patch, batch_size=batch)
-        ours_tp = medseg_throughput(args, raw, args.batches)
-        row = ["patches/s", _f(ours_tp), "", ""]
-        if nnunet:
-            done = subprocess.run([nnunet, str(Path(__file__).resolve()), "--child", "nnunet_loader", "--batches",
-                                   str(args.batches), "--workdir", str(args.workdir)],
-                                  env=_nnunet_env(args), capture_output=True, text=True)
-            if done.returncode == 0:
-                theirs_tp = json.loads(done.stdout.strip().splitlines()[-1])
-                row[2:] = [_f(theirs_tp["patches_per_s"]), _f(ours_tp / theirs_tp["patches_per_s"])]
-                results["throughput_nnunet"] = theirs_tp
+        rows = []
+        no_augmentation = {k: 0.0 for k in ("flip_prob", "rotate90_prob", "affine_prob", "intensity_scale_prob",
+                                            "intensity_shift_prob", "gaussian_noise_prob", "gaussian_smooth_prob",
+                                            "gamma_prob")}
+        for label, augmentation, trainer in (("default augmentation", {}, "nnUNetTrainer"),
+                                             ("no augmentation (equal work)", no_augmentation, "nnUNetTrainerNoDA")):
+            raw = medseg_raw(args, dataset, splits[cases], args.workdir / "run_tp", patch, batch_size=batch)
+            raw["data"]["augmentation"] = augmentation
+            ours_tp = medseg_throughput(args, raw, args.batches)
+            row = [label, _f(ours_tp), "", ""]
+            if nnunet:
+                done = subprocess.run([nnunet, str(Path(__file__).resolve()), "--child", "nnunet_loader", "--batches",
+                                       str(args.batches), "--trainer", trainer, "--workdir", str(args.workdir)],
+                                      env=_nnunet_env(args), capture_output=True, text=True)
+                if done.returncode == 0:
+                    theirs_tp = json.loads(done.stdout.strip().splitlines()[-1])
+                    row[2:] = [_f(theirs_tp["patches_per_s"]), _f(ours_tp / theirs_tp["patches_per_s"])]
+                    results[f"throughput_nnunet_{trainer}"] = theirs_tp
+                else:
+                    row[2] = "failed: " + done.stderr.strip().splitlines()[-1][:80]
             else:
-                row[2] = "failed: " + done.stderr.strip().splitlines()[-1][:80]
-        else:
-            row[2] = f"skipped: {why_not}"
-        results["throughput_medseg"] = ours_tp
-        _table(f"2. training data throughput, patch {'x'.join(map(str, patch))}, batch {batch}, {args.workers} workers",
-               ["", "medseg", "nnU-Net v2", "medseg / nnU-Net"], [row])
+                row[2] = f"skipped: {why_not}"
+            results[f"throughput_medseg_{trainer}"] = ours_tp
+            rows.append(row)
+        _table(f"2. training data throughput (patches/s), patch {'x'.join(map(str, patch))}, batch {batch}, "
+               f"{args.workers} workers", ["", "medseg", "nnU-Net v2", "medseg / nnU-Net"], rows)
 
     # 3. memory
     if "memory" in items:

@@ -143,14 +143,47 @@ class ModelConfig(_Strict):
 
 
 class LossTerm(_Strict):
-    """One weighted term of the training loss; extra keys are the loss's parameters."""
+    """One weighted term of the training loss; extra keys are the loss's parameters.
+
+    ``start`` and ``ramp`` schedule the term's weight over training, as the clDice
+    authors and TopoMortar (``activate_when``) switch a topology loss on only once the
+    network segments roughly: the weight is 0 before ``start``, then rises linearly to
+    ``weight`` over ``ramp`` iterations. Each is an iteration count (an integer) or a
+    fraction of ``train.iterations`` (a number in [0, 1)). A term whose weight is 0 at
+    an iteration is not computed at that iteration.
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str
     weight: float = Field(1.0, ge=0)
+    start: int | float = Field(0, ge=0, description="first iteration of the term: an integer, or a fraction < 1 of train.iterations")
+    ramp: int | float = Field(0, ge=0, description="iterations (or a fraction < 1 of train.iterations) to reach the full weight")
+
+    @field_validator("start", "ramp")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float, info) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            if value.is_integer():
+                return int(value)
+            raise ValueError(f"{info.field_name} must be an integer iteration or a fraction below 1, got {value}")
+        return value
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    def schedule(self, iterations: int) -> tuple[int, int]:
+        """(first iteration index, ramp length) in iterations for a run of ``iterations``."""
+        return resolve_schedule(self.start, self.ramp, iterations)
+
+
+def resolve_schedule(start: int | float, ramp: int | float, iterations: int) -> tuple[int, int]:
+    """A loss term's ``start`` and ``ramp`` (integers: iterations; floats: fractions of
+    ``iterations``) as (first iteration index, ramp length in iterations)."""
+
+    def count(value: int | float) -> int:
+        return int(round(value * iterations)) if isinstance(value, float) else int(value)
+
+    return count(start), count(ramp)
 
 
 class OptimizerConfig(_Strict):
@@ -206,6 +239,13 @@ class RunConfig(_Strict):
     def _has_loss(self) -> "RunConfig":
         if not self.losses:
             raise ValueError("losses: at least one loss term is required")
+        for i, term in enumerate(self.losses):
+            first, _ = term.schedule(self.train.iterations)
+            if first >= self.train.iterations:
+                raise ValueError(
+                    f"losses[{i}] ({term.name}): start {term.start} is iteration {first}, at or after the end of "
+                    f"training (train.iterations = {self.train.iterations}); the term would never be used"
+                )
         return self
 
     @property

@@ -112,3 +112,18 @@ def test_shipped_configs_validate_and_build(path):
     assert isinstance(cfg, RunConfig)
     # the network must accept its own patch size (ConfigError otherwise); 1 channel, 2 classes
     build_model(cfg.model, cfg.spatial_dims, 1, 2, list(cfg.data.patch_size))
+
+
+def test_a_loss_term_that_would_never_start_is_refused(tmp_path):
+    from medseg.config import validate_config
+
+    raw = {
+        "data": {"dataset": str(tmp_path)},
+        "train": {"iterations": 100},
+        "losses": [{"name": "dice_ce"}, {"name": "betti_matching", "weight": 0.5, "start": 100}],
+        "output_dir": str(tmp_path / "run"),
+    }
+    with pytest.raises(ConfigError, match=r"losses\[1\] \(betti_matching\): start 100 is iteration 100.*never be used"):
+        validate_config(raw)
+    raw["losses"][1]["start"] = 0.99
+    assert validate_config(raw).losses[1].schedule(100) == (99, 0)

@@ -22,6 +22,7 @@ from medseg.topology.matching import _prepare_targets, _raw_matchings
 __all__ = ["BettiMatchingLoss"]
 
 _FILTRATIONS = ("superlevel", "sublevel", "both")
+_NORMALIZE = ("none", "pairs", "voxels")
 
 
 class BettiMatchingLoss(torch.nn.Module):
@@ -38,7 +39,19 @@ class BettiMatchingLoss(torch.nn.Module):
           + \sum_{g\ \text{unmatched}} (b_g - d_g)^2 \Big]
 
     where (b, d) are the values of P (or G) at the birth and death voxels of a
-    persistence pair of dimension d. Gradients flow to those voxels of P; only the
+    persistence pair of dimension d.
+
+    Scale. Every term of the sum is at most 4, and there is one per persistence pair, so
+    with ``normalize="none"`` (the papers' formula) the loss grows with the number of
+    features: about with the patch's area or volume for a noisy prediction. Measured on
+    TopoMortar (``benchmarks/topomortar.py --loss-scale``), an untrained network's loss
+    is in the hundreds on 256² crops against about 1.6 for Dice + CE, which is why the
+    papers' weight 0.5, chosen on 48² patches, swamps Dice + CE there.
+    ``normalize="pairs"`` divides each image's loss by its number of pairs (all three
+    sums, all dimensions), which bounds it by 4 whatever the patch: a mean per
+    feature, large when few features are wrong. ``normalize="voxels"`` divides by the
+    number of voxels. The schedule of the term (``start``, ``ramp`` of the loss term
+    in the run config) is the other half of using it on large patches. Gradients flow to those voxels of P; only the
     coordinates come back from the engine (which runs on the CPU), so CPU and CUDA
     tensors are both accepted. With ``push_unmatched_to_1_0`` an unmatched pair of
     the prediction is pulled to the point (1, 0) of the reference's sublevel
@@ -72,6 +85,7 @@ class BettiMatchingLoss(torch.nn.Module):
         unmatched_weight: float = 1.0,
         barcode_length_threshold: float = 0.0,
         push_unmatched_to_1_0: bool = False,
+        normalize: str = "none",
         threads: int | None = None,
         target_cache_bytes: int = 1 << 30,
         backend: str = "auto",
@@ -101,6 +115,9 @@ class BettiMatchingLoss(torch.nn.Module):
                 |b - d| <= this value are ignored (treated as noise).
             push_unmatched_to_1_0: pull unmatched prediction pairs to (1, 0) in the
                 reference's convention instead of onto the diagonal.
+            normalize: "none" (the sum over pairs, the papers' formula), "pairs" (that sum
+                divided by the number of pairs of the image) or "voxels" (divided by the
+                number of voxels); see Scale above.
             threads: engine threads for a batch; default all available cores.
             target_cache_bytes: memory budget of the cache of targets' barcodes (keyed by
                 a hash of the target's bytes); 0 disables the cache.
@@ -117,6 +134,9 @@ class BettiMatchingLoss(torch.nn.Module):
         super().__init__()
         check_activation_flags(sigmoid, softmax)
         self.reduction = check_reduction(reduction)
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+        self.normalize = normalize
         if filtration not in _FILTRATIONS:
             raise ValueError(f"filtration must be one of {_FILTRATIONS}, got {filtration!r}")
         _inputs.check_construction(construction)
@@ -228,6 +248,7 @@ class BettiMatchingLoss(torch.nn.Module):
 
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
         terms: list[list[torch.Tensor]] = [[] for _ in range(batch * channels)]
+        pairs = [0] * (batch * channels)
         for filtration in filtrations:
             superlevel = filtration == "superlevel"
             prepared = self._prepared(tgt_list, superlevel) if backend == "cpu" else None
@@ -244,8 +265,15 @@ class BettiMatchingLoss(torch.nn.Module):
                 backend=backend,
             )
             for i, raw in enumerate(raws):
-                terms[i].append(self._instance_loss(flat_probs[i], flat_tgt[i], raw, superlevel))
+                value, count = self._instance_loss(flat_probs[i], flat_tgt[i], raw, superlevel)
+                terms[i].append(value)
+                pairs[i] += count
         per_instance = torch.stack([sum(t[1:], t[0]) for t in terms])
+        if self.normalize == "pairs":
+            per_instance = per_instance / torch.tensor([max(c, 1) for c in pairs], dtype=per_instance.dtype,
+                                                       device=per_instance.device)
+        elif self.normalize == "voxels":
+            per_instance = per_instance / float(flat_probs[0].numel())
         # keep the graph connected when no pair exists anywhere (constant predictions)
         per_instance = per_instance + flat_probs.sum() * 0.0
         losses = per_instance.reshape(batch, channels)
@@ -255,7 +283,10 @@ class BettiMatchingLoss(torch.nn.Module):
             return losses.sum()
         return losses
 
-    def _instance_loss(self, pred: torch.Tensor, target: torch.Tensor, raw: dict, superlevel: bool) -> torch.Tensor:
+    def _instance_loss(
+        self, pred: torch.Tensor, target: torch.Tensor, raw: dict, superlevel: bool
+    ) -> tuple[torch.Tensor, int]:
+        """The loss of one image and channel, and the number of pairs it sums over."""
         ndim = pred.dim()
         keys = [
             "matched_a_birth",
@@ -272,12 +303,13 @@ class BettiMatchingLoss(torch.nn.Module):
         sizes = [len(a) for a in arrays]
         total = pred.new_zeros(())
         if sum(sizes) == 0:
-            return total
+            return total, 0
         coords = torch.from_numpy(np.concatenate(arrays, axis=0)).to(pred.device)
         index = tuple(coords[:, a] for a in range(ndim))
         chunks_p = torch.split(pred[index], sizes)
         chunks_t = torch.split(target[index], sizes)
         target_point = (0.0, 1.0) if superlevel else (1.0, 0.0)
+        pairs = 0
         for d in range(ndim):
             c = {k: (chunks_p, chunks_t)[k.split("_")[1] == "b"][d * len(keys) + j] for j, k in enumerate(keys)}
             matched = 2.0 * (
@@ -297,4 +329,5 @@ class BettiMatchingLoss(torch.nn.Module):
                 unmatched_t = ((tb - td) ** 2).sum()
             w = 1.0 if self.dimension_weights is None else self.dimension_weights[d]
             total = total + w * (self.matched_weight * matched + self.unmatched_weight * unmatched_p + unmatched_t)
-        return total
+            pairs += len(c["matched_a_birth"]) + len(ub) + len(tb)
+        return total, pairs

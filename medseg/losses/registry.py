@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medseg.config import LossTerm
+from medseg.config import LossTerm, resolve_schedule
 from medseg.errors import ConfigError
 
 
@@ -145,9 +145,20 @@ class CompositeLoss(nn.Module):
     ``'skeleton_distance'``, ``mip`` with ``target_projection='volume'``: ``'label_mip'``)
     receive ``batch[key]`` when present.
     The terms see ``input`` as float32, also under mixed precision.
+
+    Schedules: ``schedules[i] = (start, ramp)`` of :class:`~medseg.config.LossTerm`. After
+    :meth:`set_iteration` the weight of term i is ``weight_i · clip((t - start + 1) / ramp,
+    0, 1)`` at iteration index t (0 before ``start``, full at once when ``ramp`` is 0); a
+    term of weight 0 is skipped (not computed, and absent from ``parts``). Without
+    :meth:`set_iteration` every term has its full weight.
     """
 
-    def __init__(self, terms: Iterable[tuple[str, float, nn.Module]], out_channels: int) -> None:
+    def __init__(
+        self,
+        terms: Iterable[tuple[str, float, nn.Module]],
+        out_channels: int,
+        schedules: Iterable[tuple[int | float, int | float]] | None = None,
+    ) -> None:
         super().__init__()
         terms = list(terms)
         if not terms:
@@ -156,6 +167,23 @@ class CompositeLoss(nn.Module):
         self.weights = [float(t[1]) for t in terms]
         self.terms = nn.ModuleList(t[2] for t in terms)
         self.out_channels = out_channels
+        self.schedules = list(schedules) if schedules is not None else [(0, 0)] * len(terms)
+        if len(self.schedules) != len(terms):
+            raise ValueError(f"{len(self.schedules)} schedules for {len(terms)} loss terms")
+        self.current_weights = list(self.weights)
+
+    def set_iteration(self, iteration: int, total: int) -> list[float]:
+        """Set (and return) each term's weight for iteration index ``iteration`` of ``total``."""
+        weights = []
+        for weight, (start, ramp) in zip(self.weights, self.schedules):
+            first, length = resolve_schedule(start, ramp, total)
+            if iteration < first:
+                factor = 0.0
+            else:
+                factor = 1.0 if length <= 0 else min(1.0, (iteration - first + 1) / length)
+            weights.append(weight * factor)
+        self.current_weights = weights
+        return weights
 
     @property
     def derived_target_keys(self) -> set[str]:
@@ -178,7 +206,9 @@ class CompositeLoss(nn.Module):
         input = input.float()
         total = torch.zeros((), device=input.device)
         parts: dict[str, torch.Tensor] = {}
-        for name, weight, term in zip(self.names, self.weights, self.terms):
+        for name, weight, configured, term in zip(self.names, self.current_weights, self.weights, self.terms):
+            if weight == 0.0 and configured != 0.0:
+                continue  # scheduled off at this iteration: not computed
             extra = {}
             if batch is not None:
                 for key, arg in (getattr(term, "batch_keys", {}) or {}).items():
@@ -266,10 +296,11 @@ def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
         raise ConfigError(f"losses: out_channels must be >= 1, got {out_channels}")
     if not terms:
         raise ConfigError("losses: at least one loss term is required")
-    built, seen = [], {}
+    built, schedules, seen = [], [], {}
     for i, term in enumerate(terms):
         if not isinstance(term, LossTerm):
             term = LossTerm.model_validate(term)
+        schedules.append((term.start, term.ramp))
         where = f"losses[{i}]"
         params = term.params()
         cls = _loss_class(term.name, where)
@@ -289,7 +320,7 @@ def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
                 params[key] = value
         module = _make(term.name, params, where)
         built.append((_term_name(term.name, seen), term.weight, module))
-    return CompositeLoss(built, out_channels)
+    return CompositeLoss(built, out_channels, schedules=schedules)
 
 
 def required_target_transforms(terms: list[LossTerm] | CompositeLoss, out_channels: int | None = None) -> list:

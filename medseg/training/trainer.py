@@ -125,29 +125,38 @@ def _check_resumable(cfg: RunConfig, checkpoint: dict[str, Any], path: Path) -> 
 
 
 class _LossAverage:
-    """Mean total loss and per-term losses since the last metrics row (checkpointed)."""
+    """Mean total loss and per-term losses since the last metrics row (checkpointed).
+
+    A term scheduled off at some iterations (``LossTerm.start``) is averaged over the
+    iterations that computed it.
+    """
 
     def __init__(self, state: dict[str, Any] | None = None) -> None:
         state = state or {}
         self.count = int(state.get("count", 0))
         self.total = float(state.get("total", 0.0))
         self.terms: dict[str, float] = {k: float(v) for k, v in state.get("terms", {}).items()}
+        self.term_counts: dict[str, int] = {
+            k: int(state.get("term_counts", {}).get(k, self.count)) for k in self.terms
+        }
 
     def add(self, total: float, terms: dict[str, float]) -> None:
         self.count += 1
         self.total += total
         for k, v in terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v
+            self.term_counts[k] = self.term_counts.get(k, 0) + 1
 
     def means(self) -> tuple[float, dict[str, float]]:
         n = max(self.count, 1)
-        return self.total / n, {k: v / n for k, v in self.terms.items()}
+        return self.total / n, {k: v / max(self.term_counts[k], 1) for k, v in self.terms.items()}
 
     def reset(self) -> None:
-        self.count, self.total, self.terms = 0, 0.0, {}
+        self.count, self.total, self.terms, self.term_counts = 0, 0.0, {}, {}
 
     def state(self) -> dict[str, Any]:
-        return {"count": self.count, "total": self.total, "terms": dict(self.terms)}
+        return {"count": self.count, "total": self.total, "terms": dict(self.terms),
+                "term_counts": dict(self.term_counts)}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -467,11 +476,12 @@ def _train_loop(parts: _Parts, progress: _Progress, run_dir: Path) -> None:
     try:
         for batch in loader:
             lr = parts.optimizer.param_groups[0]["lr"]
+            parts.loss_fn.set_iteration(progress.iteration, total)  # the terms' schedules
             loss, terms = _train_step(parts, _to_device(batch, parts.device))
             progress.iteration += 1
             iteration = progress.iteration
             if progress.loss_terms is None:
-                progress.loss_terms = list(terms)
+                progress.loss_terms = list(parts.loss_fn.names)
                 if main:
                     runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start or None)
             progress.average.add(float(loss), terms)

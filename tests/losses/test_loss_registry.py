@@ -183,3 +183,47 @@ def test_metatensor_half_input_gives_plain_float32_values():
     assert all(type(v) is torch.Tensor for v in parts.values())
     total.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_schedule_switches_a_term_on_and_ramps_its_weight():
+    loss = build_loss(_terms({"name": "dice"}, {"name": "cldice", "weight": 0.5, "start": 0.5, "ramp": 4}), 1)
+    total = 20
+    assert loss.set_iteration(9, total) == [1.0, 0.0]  # before start = 10
+    assert loss.set_iteration(10, total) == [1.0, 0.125]  # (10 - 10 + 1) / 4 of 0.5
+    assert loss.set_iteration(12, total) == [1.0, 0.375]
+    assert loss.set_iteration(13, total) == [1.0, 0.5]
+    assert loss.set_iteration(19, total) == [1.0, 0.5]
+    logits, target = _line_batch()
+    dice_only = get_loss("dice", sigmoid=True)(logits, target)
+    loss.set_iteration(0, total)
+    value, parts = loss(logits, target)
+    assert set(parts) == {"dice"}  # not computed while off
+    assert value.item() == pytest.approx(dice_only.item())
+    loss.set_iteration(11, total)
+    value, parts = loss(logits, target)
+    assert set(parts) == {"dice", "cldice"}
+    assert value.item() == pytest.approx(parts["dice"].item() + 0.25 * parts["cldice"].item())
+
+
+def test_without_set_iteration_every_term_has_its_full_weight_and_zero_weight_terms_still_log():
+    loss = build_loss(_terms({"name": "dice"}, {"name": "cldice", "weight": 0.0, "start": 3}), 1)
+    logits, target = _line_batch()
+    value, parts = loss(logits, target)
+    assert set(parts) == {"dice", "cldice"}
+    loss.set_iteration(0, 10)
+    assert set(loss(logits, target)[1]) == {"dice", "cldice"}  # weight 0 by choice, not by schedule
+
+
+@pytest.mark.parametrize(
+    ("start", "ramp", "iterations", "expected"),
+    [(0, 0, 100, (0, 0)), (0.25, 0.1, 200, (50, 20)), (30, 0.5, 10, (30, 5)), (1.0, 2.0, 10, (1, 2))],
+)
+def test_schedule_counts_integers_as_iterations_and_floats_below_one_as_fractions(start, ramp, iterations, expected):
+    assert LossTerm(name="dice", start=start, ramp=ramp).schedule(iterations) == expected
+
+
+def test_schedule_rejects_a_fraction_above_one_and_negative_values():
+    with pytest.raises(ValueError, match="start must be an integer iteration or a fraction below 1"):
+        LossTerm(name="dice", start=1.5)
+    with pytest.raises(ValueError):
+        LossTerm(name="dice", ramp=-1)

@@ -159,3 +159,35 @@ def test_cuda_tensors():
     v.backward()
     assert v.item() == pytest.approx(BettiMatchingLoss()(x, y).item(), rel=1e-5)
     assert xc.grad.is_cuda
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 24, 24), (2, 1, 8, 8, 8)])
+def test_normalize_divides_by_the_pairs_or_the_voxels(shape):
+    """'pairs' = the image's sum over pairs / its number of pairs (the matching's counts),
+    'voxels' = / its voxels; both bounded by the largest term, 4."""
+    x, y = logits_and_labels(shape, seed=3)
+    per_image = BettiMatchingLoss(reduction="none")(x, y)[:, 0]
+    by_pairs = BettiMatchingLoss(reduction="none", normalize="pairs")(x, y)[:, 0]
+    by_voxels = BettiMatchingLoss(reduction="none", normalize="voxels")(x, y)[:, 0]
+    p = torch.sigmoid(x).numpy()
+    for i in range(shape[0]):
+        m = topo.betti_matching(p[i, 0], y[i, 0].numpy())
+        pairs = int(m.num_matched.sum() + m.num_unmatched_prediction.sum() + m.num_unmatched_target.sum())
+        assert pairs > 0
+        assert by_pairs[i].item() == pytest.approx(per_image[i].item() / pairs, rel=1e-5)
+        assert by_voxels[i].item() == pytest.approx(per_image[i].item() / np.prod(shape[2:]), rel=1e-5)
+        assert 0 < by_pairs[i].item() <= 4
+
+
+def test_normalize_pairs_is_patch_size_free_and_rejects_unknown():
+    """Tiling an image 2x2 doubles the features: the plain sum grows about 4x, the per-pair
+    value stays the same."""
+    x, y = logits_and_labels((1, 1, 20, 20), seed=5)
+    # mirrored tiles keep every tile's features intact at the seams
+    tile = lambda t: torch.cat([torch.cat([t, t.flip(-1)], -1)] * 2, -2)  # noqa: E731
+    small = BettiMatchingLoss(normalize="pairs")(x, y).item()
+    large = BettiMatchingLoss(normalize="pairs")(tile(x), tile(y)).item()
+    assert BettiMatchingLoss()(tile(x), tile(y)).item() > 2.5 * BettiMatchingLoss()(x, y).item()
+    assert large == pytest.approx(small, rel=0.35)
+    with pytest.raises(ValueError, match="normalize"):
+        BettiMatchingLoss(normalize="pair")

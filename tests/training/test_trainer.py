@@ -259,16 +259,19 @@ def test_any_channel_count_and_label_count(synthetic_dataset_3d, tmp_path):
 
 
 def test_topology_losses_train_from_the_config(synthetic_dataset_3d, tmp_path):
-    """Every term of a composite is logged; betti_matching runs on the real engine."""
+    """Every term of a composite is logged; betti_matching runs on the real engine, from
+    its scheduled start (iteration index 2: not computed in the first row's iterations)."""
     raw = _raw(synthetic_dataset_3d, tmp_path / "run", iterations=4, val_interval=4, log_interval=2)
     raw["losses"] = [
         {"name": "dice_ce", "weight": 1.0},
         {"name": "cldice", "weight": 0.5, "iterations": 3},
-        {"name": "betti_matching", "weight": 0.1},
+        {"name": "betti_matching", "weight": 0.1, "start": 2},
     ]
     run_training(validate_config(raw))
     with open(tmp_path / "run" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
+    assert [row["iteration"] for row in rows] == ["2", "4"]
+    assert rows[0]["loss/betti_matching"] == "" and rows[0]["loss/cldice"] != ""
     logged = [row for row in rows if row.get("loss/betti_matching") not in (None, "")]
     assert logged, f"no betti_matching column in {list(rows[0])}"
     values = [float(row["loss/betti_matching"]) for row in logged]
