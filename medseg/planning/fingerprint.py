@@ -96,8 +96,6 @@ def label_thickness(
         ``{"skeleton_voxels": n, "radius_mm": {"p10", "p50", "p90"}, "sampled": bool}``;
         None for an empty mask.
     """
-    from scipy import ndimage
-
     from medseg.topology import skeletonize
 
     if not mask.any():
@@ -105,7 +103,7 @@ def label_thickness(
     coords = np.nonzero(mask)
     box = tuple(slice(max(int(c.min()) - 1, 0), min(int(c.max()) + 2, n)) for c, n in zip(coords, mask.shape))
     sub = np.ascontiguousarray(mask[box])
-    distance = ndimage.distance_transform_edt(sub, sampling=[float(s) for s in spacing])
+    distance_at = _distance_to_background(sub, spacing)
     sampled = sub.size > budget
     if not sampled:
         skeleton = np.asarray(skeletonize(sub), dtype=bool)
@@ -123,11 +121,41 @@ def label_thickness(
                 break
             skeleton[window] = np.asarray(skeletonize(sub[window]), dtype=bool)
             spent += sub[window].size
-    values = distance[skeleton & sub]
+    values = distance_at(np.nonzero(skeleton & sub))
     if values.size == 0:  # a skeleton can vanish on tiny blobs: fall back to the deepest voxel
-        values = np.array([float(distance.max())])
+        values = np.array([float(distance_at(np.nonzero(sub)).max())])
     p10, p50, p90 = (float(v) for v in np.percentile(values, [10, 50, 90]))
     return {"skeleton_voxels": int(values.size), "radius_mm": {"p10": p10, "p50": p50, "p90": p90}, "sampled": sampled}
+
+
+def _distance_to_background(mask: np.ndarray, spacing: Sequence[float]):
+    """A function giving, at voxel coordinates of ``mask``, the Euclidean distance in mm to
+    the nearest background voxel of the array: ``scipy.ndimage.distance_transform_edt``'s
+    value there, for the few voxels of a skeleton only.
+
+    The nearest background voxel of a foreground voxel always touches the foreground (one
+    step from it towards the voxel would be closer), so a k-d tree over the background
+    voxels with a foreground neighbour answers exactly. On a 512x512x100 vessel tree this
+    takes a fraction of a second where the whole distance transform takes 3 s, most of a
+    case's fingerprint. A mask without background falls back to the transform.
+    """
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    scale = np.asarray([float(s) for s in spacing])
+    near = ndimage.maximum_filter(mask.view(np.uint8), size=3, mode="constant", cval=0).view(bool)
+    border = np.argwhere(near & ~mask)
+    if border.size == 0:
+        distance = ndimage.distance_transform_edt(mask, sampling=scale)
+        return lambda where: distance[where]
+    tree = cKDTree(border * scale)
+
+    def at(where: tuple[np.ndarray, ...]) -> np.ndarray:
+        if len(where[0]) == 0:
+            return np.empty(0)
+        return tree.query(np.stack(where, axis=1) * scale, k=1)[0]
+
+    return at
 
 
 def _intensity_stats(values: np.ndarray) -> dict[str, float]:
