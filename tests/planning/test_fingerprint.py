@@ -6,6 +6,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from medseg.config import validate_config
@@ -131,3 +133,24 @@ def test_thickness_of_large_masks_is_sampled():
     assert exact["radius_mm"]["p50"] == pytest.approx(np.sqrt(37))  # the nearest background voxel: (6, 1) away
     assert sampled["radius_mm"]["p50"] == pytest.approx(exact["radius_mm"]["p50"], abs=0.5)
     assert label_thickness(np.zeros((8, 8), bool), (1.0, 1.0)) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.lists(st.integers(3, 24), min_size=2, max_size=3),
+    smooth=st.floats(0.5, 2.5),
+    level=st.floats(0.3, 0.7),
+)
+def test_distance_to_background_equals_the_distance_transform(seed, shape, smooth, level):
+    """The k-d tree over the background voxels touching the mask gives scipy's exact
+    Euclidean distance transform at every mask voxel, with anisotropic spacing; a mask
+    with no background falls back to the transform itself."""
+    from medseg.planning.fingerprint import _distance_to_background
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.random(shape), smooth) > level
+    spacing = rng.uniform(0.3, 3.0, len(shape))
+    where = np.nonzero(mask)
+    expected = ndimage.distance_transform_edt(mask, sampling=spacing)[where]
+    np.testing.assert_allclose(_distance_to_background(mask, spacing)(where), expected, rtol=1e-12)
