@@ -25,6 +25,24 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medseg.provenance import version_text
+
+        print(version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True,
+        help="print medseg's version, the topology engine's build (CPU/CUDA, architectures), torch and MONAI, and exit",
+    ),
+) -> None:
+    """Topology-aware segmentation of 3D and 2D medical scans."""
+
+
 @app.command()
 def plan(
     dataset: Path = typer.Argument(..., help="dataset folder in nnU-Net v2 / MSD layout (dataset.json inside)"),

@@ -39,6 +39,12 @@ ImageView view_of(const AnyArray& arr, int& device_id) {
 NB_MODULE(_engine_cuda, m) {
     m.doc() = "medseg persistent-homology engine, CUDA backend (see csrc/CUDA.md)";
     m.attr("built_with_cuda") = true;
+#ifdef MEDSEG_CUDA_ARCHITECTURES_TEXT
+    m.attr("cuda_architectures") = MEDSEG_CUDA_ARCHITECTURES_TEXT;  // e.g. "80 90"
+#endif
+#ifdef MEDSEG_CUDA_COMPILER_VERSION
+    m.attr("cuda_compiler_version") = MEDSEG_CUDA_COMPILER_VERSION;
+#endif
     m.def("device_count", &cuda::device_count, "CUDA devices usable here (0 without driver or device)");
     m.def("runtime_version", &cuda::runtime_version);
     m.def(

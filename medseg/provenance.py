@@ -1,0 +1,103 @@
+"""What made a run folder: medseg's version, the engine's build, the libraries, the device
+and the command line, recorded next to every result and printed by ``medseg --version``.
+
+A result without its provenance cannot be trusted a month later: was it the CPU engine or
+the CUDA one, which torch, which command? :func:`build_info` answers for this
+installation, :func:`provenance` adds the run (device, command line, host, time).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shlex
+import socket
+import sys
+from typing import Any
+
+__all__ = ["build_info", "provenance", "version_text"]
+
+
+def _engine_info() -> dict[str, Any]:
+    try:
+        from medseg.topology import _engine  # noqa: F401
+    except ImportError as err:
+        return {"cpu": False, "cuda": False, "error": str(err)}
+    info: dict[str, Any] = {"cpu": True, "cuda": False}
+    try:
+        from medseg.topology import _engine_cuda
+    except ImportError:
+        return info
+    info["cuda"] = True
+    info["cuda_architectures"] = getattr(_engine_cuda, "cuda_architectures", "unknown")
+    info["cuda_compiler"] = getattr(_engine_cuda, "cuda_compiler_version", "unknown")
+    try:
+        info["cuda_devices"] = int(_engine_cuda.device_count())
+    except Exception:  # a driver problem must not break a provenance record
+        info["cuda_devices"] = 0
+    return info
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def build_info() -> dict[str, Any]:
+    """This installation: medseg, its engine build and the libraries that shape results."""
+    import medseg
+
+    try:
+        import torch
+
+        torch_cuda = torch.version.cuda
+    except ImportError:
+        torch_cuda = None
+    return {
+        "medseg": medseg.__version__,
+        "engine": _engine_info(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "torch_cuda": torch_cuda,
+        "monai": _version("monai"),
+        "numpy": _version("numpy"),
+        "platform": platform.platform(),
+    }
+
+
+def provenance(device: Any = None, argv: list[str] | None = None) -> dict[str, Any]:
+    """:func:`build_info` plus this run: the device, the command line, the host and the time (UTC)."""
+    info = build_info()
+    info["device"] = None if device is None else str(device)
+    if device is not None and str(device).startswith("cuda"):
+        try:
+            import torch
+
+            info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        except Exception:
+            info["device_name"] = None
+    info["command"] = shlex.join(sys.argv if argv is None else argv)
+    info["host"] = socket.gethostname()
+    info["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return info
+
+
+def version_text() -> str:
+    """The lines ``medseg --version`` prints."""
+    info = build_info()
+    engine = info["engine"]
+    if not engine["cpu"]:
+        built = f"not built ({engine.get('error', 'import failed')})"
+    elif engine["cuda"]:
+        built = (f"CPU + CUDA (sm {engine['cuda_architectures']}, nvcc {engine['cuda_compiler']}, "
+                 f"{engine['cuda_devices']} device(s) usable here)")
+    else:
+        built = "CPU only"
+    return "\n".join([
+        f"medseg {info['medseg']}",
+        f"topology engine: {built}",
+        f"torch {info['torch']}" + (f" (CUDA {info['torch_cuda']})" if info["torch_cuda"] else " (CPU build)"),
+        f"MONAI {info['monai']}, numpy {info['numpy']}, Python {info['python']}",
+    ])

@@ -1,0 +1,34 @@
+"""`medseg --version` and the provenance record every run folder carries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import medseg
+from medseg.cli import main
+from medseg.provenance import build_info, provenance
+
+
+def test_version_prints_the_build_and_exits_zero(capsys):
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"medseg {medseg.__version__}"
+    assert out[1].startswith("topology engine: CPU")  # the engine is built in every test environment
+    assert out[2].startswith("torch ")
+
+
+def test_version_as_a_console_command():
+    done = subprocess.run([sys.executable, "-m", "medseg", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"medseg {medseg.__version__}" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_provenance_names_the_build_the_device_and_the_command():
+    record = provenance("cpu", argv=["medseg", "train", "a b.yaml"])
+    assert record["medseg"] == medseg.__version__
+    assert record["engine"]["cpu"] is True and isinstance(record["engine"]["cuda"], bool)
+    assert record["device"] == "cpu"
+    assert record["command"] == "medseg train 'a b.yaml'"  # quoted so it can be pasted back
+    assert record["torch"] and record["monai"]
+    assert set(build_info()) <= set(record)
