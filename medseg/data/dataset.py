@@ -190,7 +190,8 @@ def read_dataset_json(root: str | Path) -> DatasetInfo:
     ------
     DataError
         Missing or malformed file; a required key missing or of the wrong kind
-        (naming the key); region-based labels (nnU-Net v2 lists), not supported yet.
+        (naming the key, and the index inside a list, e.g. ``training[3].image``);
+        a negative label value; region-based labels (nnU-Net v2 lists), not supported yet.
     """
     root = Path(root)
     path = root / "dataset.json"
@@ -239,7 +240,7 @@ def read_dataset_json(root: str | Path) -> DatasetInfo:
         explicit["Tr"] = _parse_v2_dataset_key(path, root, raw["dataset"])
     if "training" in raw:
         explicit.setdefault("Tr", _parse_msd_list(path, root, raw["training"], "training", file_ending, len(channel_names)))
-    if "test" in raw and isinstance(raw["test"], list) and raw["test"]:
+    if raw.get("test") not in (None, []):  # MSD lists its test images; empty or absent: none
         explicit["Ts"] = _parse_msd_list(path, root, raw["test"], "test", file_ending, len(channel_names))
 
     num_training = raw.get("numTraining")
@@ -280,7 +281,7 @@ def _parse_labels(path: Path, labels_raw: Any) -> dict[str, int]:
     else:  # name -> value
         for k, v in labels_raw.items():
             value = _as_int(v)
-            if value is None:
+            if value is None or value < 0:
                 raise _key_error(path, "labels", f"'{k}': {v!r} is not a non-negative integer label value")
             labels[str(k)] = value
     by_value: dict[int, list[str]] = {}
@@ -299,6 +300,13 @@ def _parse_labels(path: Path, labels_raw: Any) -> dict[str, int]:
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
+def _path_entry(path: Path, root: Path, key: str, value: Any) -> Path:
+    """A file named in ``dataset.json`` at ``key`` (e.g. ``training[3].image``), inside ``root``."""
+    if not isinstance(value, str) or not value.strip():
+        raise _key_error(path, key, f"{json.dumps(value)} is not a path (expected a string such as \"./imagesTr/case.nii.gz\")")
+    return safe_join(root, value)
+
+
 def _parse_msd_list(
     path: Path, root: Path, entries: Any, key: str, file_ending: str, num_channels: int
 ) -> list[Case]:
@@ -312,14 +320,14 @@ def _parse_msd_list(
         if isinstance(entry, str):  # MSD "test": ["./imagesTs/x.nii.gz", ...]
             entry = {"image": entry}
         if not isinstance(entry, dict) or "image" not in entry:
-            raise _key_error(path, key, f"entry {i} must have an 'image' path")
-        image = safe_join(root, entry["image"])
+            raise _key_error(path, f"{key}[{i}]", f"{json.dumps(entry)} must be an object with an 'image' path")
+        image = _path_entry(path, root, f"{key}[{i}].image", entry["image"])
         name = strip_ending(image, ending_of(image))
         if image.is_file():
             images = [image]
         else:
             images = [image.with_name(f"{name}_{c:04d}{file_ending}") for c in range(num_channels)]
-        label = safe_join(root, entry["label"]) if entry.get("label") else None
+        label = _path_entry(path, root, f"{key}[{i}].label", entry["label"]) if entry.get("label") not in (None, "") else None
         cases.append(Case(name=name, image_files=images, label_file=label))
     return cases
 
@@ -332,8 +340,8 @@ def _parse_v2_dataset_key(path: Path, root: Path, mapping: Any) -> list[Case]:
     for name, entry in mapping.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("images"), list):
             raise _key_error(path, "dataset", f"case '{name}' needs an 'images' list")
-        images = [safe_join(root, p) for p in entry["images"]]
-        label = safe_join(root, entry["label"]) if entry.get("label") else None
+        images = [_path_entry(path, root, f"dataset.{name}.images[{j}]", p) for j, p in enumerate(entry["images"])]
+        label = _path_entry(path, root, f"dataset.{name}.label", entry["label"]) if entry.get("label") not in (None, "") else None
         cases.append(Case(name=str(name), image_files=images, label_file=label))
     return sorted(cases, key=lambda c: c.name)
 
@@ -548,7 +556,12 @@ def cases_from_paths(
 # --------------------------------------------------------------------------- splits
 
 def _load_split_file(path: Path) -> Any:
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise DataError(f"{path}: unreadable split file ({err.strerror or err})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 

@@ -12,7 +12,8 @@ those chosen with ``metrics``) are computed for every foreground label. Results 
   extended with ``statistics`` (per label and metric: mean, std, median, percentiles,
   number of undefined cases; :mod:`medseg.evaluation.aggregate`), ``conventions``
   (connectivity, filtration, units, tolerances, empty-mask rules), ``metrics_computed``,
-  ``missing_predictions``, ``failed_cases`` and ``empty_cases``;
+  ``metrics_skipped`` (default metrics that cannot be computed here, with the reason,
+  also printed), ``missing_predictions``, ``failed_cases`` and ``empty_cases``;
 * ``metrics.csv``: one row per case and label, missing and failed cases included;
 * ``report.html`` (:mod:`medseg.evaluation.report`): the same as one self-contained page
   with plots, a sortable per-case table and pictures of the worst cases.
@@ -66,8 +67,8 @@ def _labels_from_json(path: Path) -> tuple[dict[int, str], int | None, str | Non
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
             raise DataError(f"{path}: label '{name}' is a region {value}; medseg evaluate needs one value per label")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise DataError(f"{path}: label '{name}' has value {value!r}, expected an integer")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataError(f"{path}: label '{name}' has value {value!r}, expected a non-negative integer")
         if name == "ignore":
             ignore = value
         elif value != 0:
@@ -328,19 +329,33 @@ def run_evaluation(
     Raises
     ------
     DataError
-        A folder is missing or empty, or dataset.json is unusable.
+        A folder is missing or empty, dataset.json is unusable, or ``output`` (or a
+        folder above it) is a file.
     MedsegError
         A connectivity that is not 4, 6, 8 or 26 (one that does not fit the images
-        fails every case, each reported), an unknown metric name, a tolerance that is
-        not positive.
+        fails every case, each reported), an unknown metric name, a metric named in
+        ``metrics`` that cannot be computed here (e.g. ``betti_matching`` without the
+        topology engine; by default such a metric is skipped, and the summary says
+        why), a tolerance that is not positive.
     """
     from medseg.evaluation.aggregate import STATISTICS_CONVENTION
-    from medseg.evaluation.metrics import CONVENTIONS, DEFAULT_TOLERANCE_MM, matching_construction, resolve_metrics
+    from medseg.evaluation.metrics import (
+        CONVENTIONS,
+        DEFAULT_TOLERANCE_MM,
+        matching_construction,
+        resolve_metrics,
+        unavailable_metrics,
+    )
 
     pred_dir, ref_dir, output = Path(pred_dir), Path(ref_dir), Path(output)
     if connectivity is not None and connectivity not in (4, 6, 8, 26):
         raise MedsegError(f"--connectivity {connectivity}: use 8 or 4 for 2D images, 26 or 6 for 3D")
-    chosen = resolve_metrics(metrics)
+    existing = next((p for p in (output, *output.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # found before the cases are evaluated, not after
+        raise DataError(f"--output {output}: {existing} exists and is not a folder")
+    chosen = resolve_metrics(metrics)  # a metric named here that cannot be computed is an error
+    skipped = unavailable_metrics(chosen)  # so only defaults are left to skip, with the reason
+    chosen = [name for name in chosen if name not in skipped]
     tolerance_mm = DEFAULT_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm)
     if not (math.isfinite(tolerance_mm) and tolerance_mm > 0):
         raise MedsegError(f"--tolerance-mm {tolerance_mm}: the surface Dice tolerance must be a positive number of mm")
@@ -410,6 +425,7 @@ def run_evaluation(
         conventions=conventions, case_info=case_info,
     )
     summary["metrics_computed"] = chosen
+    summary["metrics_skipped"] = skipped
     summary["reference_folder"] = str(ref_dir)
     summary["prediction_folder"] = str(pred_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -433,6 +449,11 @@ def run_evaluation(
         + (f", foreground mean {headline}" if headline else "")
         + f"; {len(missing)} missing, {len(failed)} failed; results in {output} ({', '.join(written)})"
     )
+    reasons: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        reasons.setdefault(reason, []).append(name)
+    for reason, names in reasons.items():
+        print(f"medseg: skipped metric(s) {', '.join(names)}: {reason}")
     return not missing and not failed
 
 

@@ -22,7 +22,10 @@ Conventions for empty masks follow nnU-Net where it has one and are recorded in
 
 ``--metrics`` chooses entries of the registry by name (:func:`resolve_metrics`); the
 confusion counts (TP, FP, FN, TN, ``n_pred``, ``n_ref``) are always computed, since the
-summary's empty-case lists need them.
+summary's empty-case lists need them. A metric may need something that is not always
+there (clDice and the Betti matching error need medseg's C++ topology engine):
+:func:`unavailable_metrics` says which cannot be computed here and why; one named in
+``--metrics`` is then an error, one of the defaults is skipped and reported.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "DEFAULT_TOLERANCE_MM",
     "register_metric",
     "resolve_metrics",
+    "unavailable_metrics",
     "compute_label_metrics",
     "matching_construction",
 ]
@@ -79,6 +83,9 @@ MetricFn = Callable[[np.ndarray, np.ndarray, MetricContext], dict[str, float]]
 
 LABEL_METRICS: dict[str, MetricFn] = {}
 
+_REQUIREMENTS: dict[str, Callable[[], str | None]] = {}
+"""Per registry entry, a check that returns why the metric cannot be computed here (None: it can)."""
+
 METRIC_ALIASES = {"overlap": ("dice", "iou"), "nsd": ("surface_dice",), "bme": ("betti_matching",)}
 """Other names ``--metrics`` accepts, and the registry entries they stand for."""
 
@@ -91,7 +98,7 @@ CONVENTIONS = {
     "betti_error": "|beta_k(pred) - beta_k(ref)| per dimension k; betti_error is their sum",
     "betti_matching_error": "unmatched features per dimension k (superlevel filtration of the binary masks: "
     "foreground enters first; comparison image the union; construction T for 8/26-, V for 4/6-connectivity); "
-    "left out when the topology engine is not built",
+    "left out, and listed under metrics_skipped, when the topology engine is not built",
     "components": "connected components of the foreground at the evaluation connectivity",
     "cldice_skeleton": "medseg.topology.skeletonize at the evaluation connectivity: topology-preserving "
     "directional thinning (Palagyi & Kuba 1998; simple points by Bertrand & Malandain 1994) that keeps end "
@@ -100,14 +107,50 @@ CONVENTIONS = {
 }
 
 
-def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
-    """Add ``fn`` to :data:`LABEL_METRICS` under ``name`` (decorator)."""
+def register_metric(name: str, requires: Callable[[], str | None] | None = None) -> Callable[[MetricFn], MetricFn]:
+    """Add ``fn`` to :data:`LABEL_METRICS` under ``name`` (decorator).
+
+    ``requires``: a check returning why the metric cannot be computed here (a missing
+    extension, say), or None when it can; see :func:`unavailable_metrics`.
+    """
 
     def add(fn: MetricFn) -> MetricFn:
         LABEL_METRICS[name] = fn
+        if requires is not None:
+            _REQUIREMENTS[name] = requires
+        else:
+            _REQUIREMENTS.pop(name, None)
         return fn
 
     return add
+
+
+def _topology_engine_missing() -> str | None:
+    """Why medseg's C++ topology engine cannot be imported, or None when it can."""
+    from medseg.topology import _inputs
+
+    try:
+        _inputs.engine()
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+def unavailable_metrics(names: Iterable[str]) -> dict[str, str]:
+    """The registry entries among ``names`` that cannot be computed here, with the reason.
+
+    Examples
+    --------
+    >>> unavailable_metrics(["dice", "iou"])
+    {}
+    """
+    out = {}
+    for name in names:
+        check = _REQUIREMENTS.get(name)
+        reason = check() if check is not None else None
+        if reason:
+            out[name] = reason
+    return out
 
 
 def _as_batch(mask: np.ndarray):
@@ -218,7 +261,7 @@ def betti_errors(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> d
     return out
 
 
-@register_metric("cldice")
+@register_metric("cldice", requires=_topology_engine_missing)
 def cldice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
     """Centreline Dice (:func:`medseg.evaluation.cldice_metric.cldice_metric`); NaN when both are empty, as Dice."""
     try:
@@ -230,7 +273,7 @@ def cldice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[st
     return {"clDice": float(cldice_metric(pred, ref, connectivity=context.connectivity))}
 
 
-@register_metric("betti_matching")
+@register_metric("betti_matching", requires=_topology_engine_missing)
 def betti_matching(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
     """Betti matching error (Stucki et al. 2023): unmatched features per dimension.
 
@@ -283,10 +326,15 @@ def volume(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[st
 def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
     """Registry entries named by ``--metrics`` (comma-separated or a list); None or "all": every one.
 
+    Every entry is returned for None or "all", also those that cannot be computed here
+    (:func:`unavailable_metrics`; the caller skips them); a metric named explicitly must
+    be computable.
+
     Raises
     ------
     MedsegError
-        For a name that is neither a registry entry nor an alias (the message lists them).
+        For a name that is neither a registry entry nor an alias (the message lists
+        them), or one that cannot be computed here (the message says why).
     """
     if names is None:
         return list(LABEL_METRICS)
@@ -304,6 +352,10 @@ def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
             if entry not in LABEL_METRICS:
                 known = ", ".join([*LABEL_METRICS, *METRIC_ALIASES, "all"])
                 raise MedsegError(f"--metrics: unknown metric '{raw.strip()}' (choose from {known})")
+            reason = unavailable_metrics([entry]).get(entry)
+            if reason:
+                shown = entry if entry == name else f"{raw.strip()} ({entry})"
+                raise MedsegError(f"--metrics: {shown} cannot be computed: {reason}")
             if entry not in chosen:
                 chosen.append(entry)
     if not chosen:
@@ -328,10 +380,13 @@ def compute_label_metrics(
 ) -> dict[str, float]:
     """Run the registered metrics on one label of one case; returns the merged dict.
 
-    ``metrics`` names registry entries (default: all, see :func:`resolve_metrics`); the
-    confusion counts are always included.
+    ``metrics`` names registry entries (default: all that can be computed here, see
+    :func:`resolve_metrics` and :func:`unavailable_metrics`); the confusion counts are
+    always included.
     """
     chosen = resolve_metrics(metrics)
+    skipped = unavailable_metrics(chosen)  # only defaults: a named metric that cannot be computed raised
+    chosen = [name for name in chosen if name not in skipped]
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:

@@ -215,6 +215,9 @@ def _run_section(summary: dict) -> str:
         ("labels", ", ".join(f"{v} = {n}" for v, n in summary.get("labels", {}).items()) + f" ({summary.get('label_source', '')})"),
         ("metrics computed", ", ".join(summary.get("metrics_computed", [])) or "all"),
     ]
+    skipped = summary.get("metrics_skipped") or {}
+    if skipped:
+        items.append(("metrics skipped", "; ".join(f"{name}: {reason}" for name, reason in skipped.items())))
     rows = "".join(f"<tr><td>{_page.esc(k)}</td><td style=\"text-align:left\">{_page.esc(v)}</td></tr>" for k, v in items)
     html = f"<table>{rows}</table>"
     if missing or failed:
@@ -409,9 +412,9 @@ def _worst_section(summary: dict, labels: dict[str, str], images_dir: Path | Non
     if metric is None:
         return html + "<p class=\"meta\">No topology metric was computed (see --metrics), so no case is pictured.</p>"
     if not worst:
-        return html + f"<p class=\"meta\">Every case has {metric} 0: nothing to picture.</p>"
+        return html + f"<p class=\"meta\">Every case has {_page.esc(metric)} 0: nothing to picture.</p>"
     html += (
-        f"<p class=\"meta\">The {len(worst)} (case, label) pairs with the largest {metric}. Red: reference features "
+        f"<p class=\"meta\">The {len(worst)} (case, label) pairs with the largest {_page.esc(metric)}. Red: reference features "
         "the prediction does not match (missing); blue: prediction features the reference does not match (extra). "
         "Hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), x at the death voxel.</p>"
     )
@@ -421,14 +424,14 @@ def _worst_section(summary: dict, labels: dict[str, str], images_dir: Path | Non
         metrics = entry["metrics"][label]
         stem = metric[: -len("_error")]
         per_dim = [metrics[f"{stem}_{d}_error"] for d in range(3) if f"{stem}_{d}_error" in metrics]
-        head = f"{case} &middot; {_page.esc(name)} &middot; {metric} {_page.fmt(value)}"
+        head = f"{case} \u00b7 {name} \u00b7 {metric} {_page.fmt(value)}"
         if per_dim:
             head += " (" + ", ".join(f"dim {d}: {_page.fmt(v)}" for d, v in enumerate(per_dim)) + ")"
         legend_html = "".join(f"<div class=\"legend\">{_page.esc(line)}</div>" for line in legend)
         picture = _page.img(png, f"{case} {name}: reference and prediction") if png is not None else ""
         html += (
             f"<figure class=\"worst\" data-case=\"{_page.esc(case)}\" data-label=\"{_page.esc(label)}\">{picture}"
-            f"<figcaption><div>{head}</div>{legend_html}<div class=\"meta\">{_page.esc(note)}</div></figcaption></figure>"
+            f"<figcaption><div>{_page.esc(head)}</div>{legend_html}<div class=\"meta\">{_page.esc(note)}</div></figcaption></figure>"
         )
     return html
 

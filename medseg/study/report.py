@@ -164,7 +164,7 @@ def render_html(summary: dict[str, Any]) -> str:
         f"variants: {_page.esc(', '.join(summary['variants']))} (baseline <b>{_page.esc(summary['baseline'])}</b>); "
         f"seeds: {_page.esc(', '.join(map(str, summary['seeds'])))}"
         + (f"; --set {_page.esc(' '.join(summary['command_line_set']))}" if summary["command_line_set"] else "")
-        + f"<br>{_STAR} (bold): better than the baseline with permutation p &lt; {summary['alpha']}. "
+        + f"<br>{_STAR} (bold): better than the baseline with permutation p &lt; {_page.esc(summary['alpha'])}. "
         "Cells: mean ± std over seeds; the p-value of the test against the baseline under it; hover for more.<br>"
         f"{_page.esc(summary['statistics'])}</p>",
     ]
