@@ -1,0 +1,69 @@
+"""benchmarks/topomortar.py --quick on the crops of tests/data/topomortar: a smoke test, no timing checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg.losses import LOSS_NAMES
+
+REPO = Path(__file__).resolve().parents[2]
+CROPS = REPO / "tests" / "data" / "topomortar"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """The crops in nnU-Net layout, made by the project's converter (3 train + 2 val images, 160x160)."""
+    convert = _load("prepare_topomortar", REPO / "data_scripts" / "prepare_topomortar.py")
+    out = tmp_path_factory.mktemp("topomortar") / "Dataset201_TopoMortar"
+    convert.prepare_topomortar(CROPS, out, log=lambda message: None)
+    return out
+
+
+def test_quick_run_writes_a_row_per_loss_setting_and_state(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the script sets it on import; restored after the test
+    bench = _load("topomortar_benchmark", REPO / "benchmarks" / "topomortar.py")
+    out = tmp_path / "topomortar.json"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--data", str(dataset), "--threads", "1", "--betti-threads", "1", "--loss-scale",
+                    "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    assert "mip" in result["skipped"] and "skipped: mip" in printed
+    assert result["failures"] == []
+    losses = [n for n in LOSS_NAMES if n != "mip"]
+    settings = {s["setting"]: s for s in result["settings"]}
+    assert settings["crop"]["shape"] == [128, 128] and settings["crop"]["batch"] == 2
+    assert settings["full"]["shape"] == [160, 160] and settings["full"]["batch"] == 2
+    states = ("noisy", "partly trained")
+    rows = {(r["setting"], r["state"], r["loss"]): r for r in result["rows"]}
+    assert set(rows) == {(s, st, n) for s in settings for st in states for n in losses}
+    for row in rows.values():
+        assert row["seconds"] > 0 and row["network_seconds"] > 0 and row["ratio"] > 0
+    assert {(n["setting"], n["state"]) for n in result["network"]} == {(s, st) for s in settings for st in states}
+    # the pipeline's targets reach the terms that read them, as in training
+    assert rows[("crop", "noisy", "skeleton_recall")]["precomputed"] == ["skeleton"]
+    assert rows[("crop", "noisy", "cbdice")]["precomputed"] == ["skeleton_distance"]
+
+    scale = {(r["setting"], r["loss"]): r for r in result["loss_scale"]}
+    for setting in settings:
+        for state in states:
+            pairs = scale[(setting, "betti_matching (pairs)")][state]
+            none = scale[(setting, "betti_matching (none)")][state]
+            assert 0 <= pairs <= 4 and none >= pairs
+            assert scale[(setting, "dice_ce")][f"{state} / dice_ce"] == pytest.approx(1.0)
