@@ -5,15 +5,20 @@ is flushed to disk, and is renamed over the destination with :func:`os.replace`.
 temporary name ``.NAME.HOST-PID.tmp`` says which process wrote it, so a later run can
 tell a dead writer's leftovers from a live one's. On any failure the temporary file is
 removed and the destination is untouched.
+
+:func:`write_atomic` takes the bytes or text; :func:`atomic_path` is the same procedure
+for writers that want a file name (``torch.save``, matplotlib's ``savefig``).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["host_tag", "temporary_name", "write_atomic"]
+__all__ = ["atomic_path", "host_tag", "temporary_name", "write_atomic"]
 
 
 def host_tag() -> str:
@@ -35,16 +40,37 @@ def write_atomic(path: str | Path, data: str | bytes, mkdir: bool = True) -> Pat
     OSError
         As the file system reports it (no space, no permission, ...); ``path`` is unchanged.
     """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path, mkdir=mkdir) as tmp, open(tmp, "wb") as handle:
+        handle.write(payload)
+    return Path(path)
+
+
+@contextmanager
+def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
+    """The temporary file (:func:`temporary_name`) to write ``path``'s new content to.
+
+    When the block ends the file is flushed to disk and renamed over ``path``; when the
+    block raises (or the rename fails) it is removed and ``path`` is untouched. The name
+    ends in ``.tmp``, so tell a writer that guesses the format from it which one to use
+    (``fig.savefig(tmp, format="png")``).
+
+    Raises
+    ------
+    OSError
+        As the file system reports it; also when the block wrote no file.
+    """
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
     tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -52,4 +78,3 @@ def write_atomic(path: str | Path, data: str | bytes, mkdir: bool = True) -> Pat
         except FileNotFoundError:
             pass
         raise
-    return path

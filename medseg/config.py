@@ -199,7 +199,63 @@ class SchedulerConfig(_Strict):
     poly_power: float = Field(0.9, gt=0)
 
 
+# What ``medseg train CONFIG --resume`` may change against the run's checkpoint: dotted
+# keys, each covering its sub-keys (TrainConfig's docstring has the table). Any other
+# change is refused before the run folder is touched (medseg.training.trainer).
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "train.iterations",
+    "train.val_interval",
+    "train.checkpoint_interval",
+    "train.log_interval",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.cache_rate",
+    "inference",
+    "device",
+    "output_dir",
+)
+
+
 class TrainConfig(_Strict):
+    """Optimizer steps, batch, intervals, optimizer and learning-rate schedule.
+
+    What a resumed run (``medseg train CONFIG --resume``) may change is
+    :data:`RESUME_MAY_CHANGE`; everything else is fixed by the checkpoint:
+
+    =================================  ===================================================
+    key                                on ``--resume``
+    =================================  ===================================================
+    ``train.iterations``               may change, not below the checkpoint's iteration
+                                       (extend or shorten a run); the LR schedule and loss
+                                       terms' fractional ``start`` / ``ramp`` then follow
+                                       the new total from the resumed step on (with
+                                       ``poly`` the LR steps up at that step), so the
+                                       result is not the run trained with the new total
+                                       from the start
+    ``train.val_interval``,            may change
+    ``train.checkpoint_interval``,
+    ``train.log_interval``
+    ``data.num_workers``,              may change (where and how fast patches are read;
+    ``data.cache_dir``,                patches depend only on the seed and the iteration)
+    ``data.cache_rate``
+    ``inference.*``, ``device``,       may change (``device``: the run continues on it)
+    ``output_dir``
+    ``model.*``, ``losses``,           refused: they shape the network and what it is
+    ``seed``                           trained on
+    ``train.optimizer.*``,             refused: the optimizer state and the schedule in
+    ``train.scheduler.*``,             the checkpoint belong to them (a changed ``lr`` or
+    ``train.batch_size``,              ``weight_decay`` would be overridden by it)
+    ``train.amp``, ``train.grad_clip``,
+    ``train.deterministic``
+    ``data.*`` (all other keys:        refused: the patches (dataset, split, spacing,
+    ``dataset``, ``patch_size``, ...)  orientation, normalisation, augmentation,
+                                       foreground oversampling, fingerprint)
+    =================================  ===================================================
+
+    A refusal is one line naming the key and both values; the run folder (``config.yaml``
+    included) is left as it was. Start a new ``output_dir`` to train with other values.
+    """
+
     iterations: int = Field(..., gt=0, description="total optimizer steps")
     batch_size: int = Field(2, gt=0, description="the global batch: patches per optimizer step, split evenly over torchrun processes")
     val_interval: int = Field(100, gt=0, description="validate (sliding window on whole val cases) every N steps")
@@ -323,7 +379,11 @@ def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = Non
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: unreadable ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +46,7 @@ from medseg.adaptation.base import AdaptContext, Method
 from medseg.adaptation.config import AdaptConfig, dump_adapt_config
 from medseg.adaptation.source import LABEL_STATS, SourceRun, class_prior, ensure_affine_norms, load_source
 from medseg.adaptation.target import evaluate, load_target, read_eval_labels
+from medseg.atomic import write_atomic
 from medseg.config import ModelConfig, dump_config, validate_config
 from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.models import build_model
@@ -341,12 +341,10 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
     handlers += _file_handler(run_dir)
     class_values = dict(predictor.info.foreground_labels)
     if checkpoint is None:
-        (run_dir / "config.yaml").write_text(dump_adapt_config(cfg))
-        (run_dir / "source_config.yaml").write_text(dump_config(validate_config(run_config)))
-        (run_dir / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        stats_src = (source.run_dir or source.checkpoint_path.parent.parent) / LABEL_STATS
-        if stats_src.is_file():
-            shutil.copyfile(stats_src, run_dir / LABEL_STATS)
+        write_atomic(run_dir / "config.yaml", dump_adapt_config(cfg))
+        write_atomic(run_dir / "source_config.yaml", dump_config(validate_config(run_config)))
+        write_atomic(run_dir / PROVENANCE, json.dumps(provenance, indent=2) + "\n")
+        _copy_label_stats((source.run_dir or source.checkpoint_path.parent.parent) / LABEL_STATS, run_dir / LABEL_STATS)
     else:
         restore_rng_state(checkpoint["rng"])
         log.info("resuming %s at step %d of %d", run_dir, state["iteration"], cfg.adapt.iterations)
@@ -389,11 +387,25 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
         if references is not None:
             after = state.get("after") or evaluate(predictor, method.model_for_output(student), scans, references, class_values)
             _log_eval("after adaptation", after)
-            (run_dir / TARGET_EVAL).write_text(json.dumps({"before": state["before"], "after": after}, indent=2) + "\n")
+            write_atomic(run_dir / TARGET_EVAL, json.dumps({"before": state["before"], "after": after}, indent=2) + "\n")
     finally:
         runlog.draw()
         runlog.close()
     return run_dir
+
+
+def _copy_label_stats(source: Path, target: Path) -> None:
+    """The source run's ``label_stats.json`` into the adapted run (atomically); an unreadable
+    one is not copied (a method that needs it has refused to start already)."""
+    if not source.is_file():
+        return
+    try:
+        data = source.read_bytes()
+        json.loads(data)
+    except (OSError, ValueError) as err:
+        log.warning("%s: unreadable (%s), not copied into the adapted run", source, err)
+        return
+    write_atomic(target, data)
 
 
 def _file_handler(run_dir: Path) -> list[logging.Handler]:

@@ -49,7 +49,10 @@ class SourceRun:
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: unreadable ({err})") from None
+            raise CheckpointError(
+                f"{path}: unreadable ({err}); rewrite it with medseg train {folder / 'config.yaml'} --resume "
+                "(it comes from the preprocessing cache), or set the class prior in the adapt config"
+            ) from None
 
 
 def load_source(path: str | Path) -> SourceRun:

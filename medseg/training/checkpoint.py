@@ -21,13 +21,12 @@ A run folder keeps ``checkpoints/latest.pt`` and ``checkpoints/best.pt``.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medseg.atomic import atomic_path
 from medseg.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -36,24 +35,13 @@ CHECKPOINT_NAMES = ("best", "latest")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, then rename.
+    """Write ``payload`` to ``path`` atomically (:func:`medseg.atomic.atomic_path`).
 
     A run killed while saving leaves the previous checkpoint intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def find_checkpoint(run_or_file: str | Path, prefer: tuple[str, ...] = CHECKPOINT_NAMES) -> Path:

@@ -11,11 +11,13 @@ if the run had never stopped.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from medseg.atomic import atomic_path, write_atomic
 
 METRICS_FILE = "metrics.csv"
 PROGRESS_FILE = "progress.png"
@@ -83,12 +85,11 @@ class RunLog:
         return [{c: r.get(c, "") or "" for c in self.columns} for r in rows]
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.path, text.getvalue())
 
     def add_row(
         self,
@@ -179,6 +180,5 @@ def draw_progress(rows: list[dict[str, str]], loss_terms: Sequence[str], class_n
     ax_dice.legend(loc="lower right", fontsize=8)
     ax_dice.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

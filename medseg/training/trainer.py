@@ -23,9 +23,14 @@ The run folder (``output_dir``)::
 iteration, the best metric and the partial loss averages from ``latest.pt``, drops the
 ``metrics.csv`` rows written after it, and continues; patches are a function of
 ``(seed, iteration)``, so on the CPU the resumed run ends with exactly the parameters of
-an uninterrupted one. A resumed config may change ``train.iterations`` (to extend a run),
-the intervals, workers and ``inference``; changing ``model``, ``losses``, ``seed`` or the
-data keys that shape the patches is refused.
+an uninterrupted one. A resumed config may change only the keys of
+:data:`medseg.config.RESUME_MAY_CHANGE` (``train.iterations``, the intervals, workers,
+``inference``, ``device``; the table is in :class:`medseg.config.TrainConfig`); any other
+change is refused, naming the key and both values, before the run folder is touched. A
+changed ``train.iterations`` recomputes the LR schedule for the new total from the resumed
+step on. ``config.yaml`` is rewritten (atomically, as every file of the run folder) only
+when a resume changed it; a missing or unreadable ``label_stats.json`` is rewritten from
+the preprocessing cache.
 
 Under ``torchrun`` (:mod:`medseg.distributed`) the same function trains with
 :class:`~torch.nn.parallel.DistributedDataParallel`: ``train.batch_size`` is the global
@@ -54,7 +59,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medseg import distributed
-from medseg.config import RunConfig, dump_config
+from medseg.atomic import write_atomic
+from medseg.config import RESUME_MAY_CHANGE, RunConfig, dump_config, validate_config
 from medseg.data.dataset import read_dataset_json
 from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.losses import build_loss, deep_supervision_loss
@@ -69,7 +75,7 @@ from medseg.training.checkpoint import (
 )
 from medseg.training.data import TrainingData, prepare_data
 from medseg.training.logs import RunLog, mean_dice
-from medseg.training.optim import build_optimizer, build_scheduler
+from medseg.training.optim import build_optimizer, build_scheduler, lr_factor
 from medseg.training.sampling import local_batch_size, patch_loader
 from medseg.training.validation import validate
 
@@ -77,19 +83,8 @@ log = logging.getLogger("medseg.training")
 
 LATEST = "latest.pt"
 BEST = "best.pt"
-# Keys of the config that shape the model or the data it sees; a resumed run must keep them.
-_RESUME_FIXED = (
-    ("model",),
-    ("losses",),
-    ("seed",),
-    ("data", "dataset"),
-    ("data", "patch_size"),
-    ("data", "target_spacing"),
-    ("data", "orientation"),
-    ("data", "normalization"),
-    ("data", "split_file"),
-    ("data", "val_fraction"),
-)
+CONFIG_FILE = "config.yaml"
+LABEL_STATS = "label_stats.json"
 
 
 # --------------------------------------------------------------------------- small parts
@@ -107,20 +102,57 @@ def _holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(run_dir.iterdir())
 
 
-def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
+_UNSET = object()
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dump by dotted key; lists of mappings by index (``losses[1].weight``)."""
+    if isinstance(tree, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in tree.items()]
+    elif isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(tree)]
+    else:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_leaves(value, key))
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return any(key == free or key.startswith(free + ".") for free in RESUME_MAY_CHANGE)
+
+
+def _shown(value: Any) -> str:
+    if value is _UNSET:
+        return "nothing"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _check_resumable(cfg: RunConfig, checkpoint: dict[str, Any], path: Path) -> None:
-    now = cfg.model_dump(mode="json")
-    then = checkpoint["config"]
-    changed = [".".join(p) for p in _RESUME_FIXED if _get(now, p) != _get(then, p)]
+    """Refuse a resume that changes a key outside :data:`~medseg.config.RESUME_MAY_CHANGE`
+    (one line: the key and both values), or ends the run before its checkpoint."""
+    stored = checkpoint["config"]
+    try:  # a key added to the schema since the checkpoint was written gets its default
+        stored = validate_config(stored, source=f"{path} (stored config)").model_dump(mode="json")
+    except ConfigError:
+        pass
+    then, now = _leaves(stored), _leaves(cfg.model_dump(mode="json"))
+    changed = [k for k in dict.fromkeys([*now, *then])  # in the schema's order
+               if not _may_change(k) and then.get(k, _UNSET) != now.get(k, _UNSET)]
     if changed:
+        key, others = changed[0], changed[1:]
+        also = f" (also changed: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
         raise ConfigError(
-            f"{path}: cannot resume, the config changed {', '.join(changed)} since the checkpoint; "
-            "resume with the run's config.yaml or start a new output_dir"
+            f"{key}: the run used {_shown(then.get(key, _UNSET))}, the config says {_shown(now.get(key, _UNSET))}; "
+            f"a resume cannot change it{also} (resume with {Path(cfg.output_dir) / CONFIG_FILE} "
+            "or start a new output_dir)"
+        )
+    done = int(checkpoint["iteration"])
+    if cfg.train.iterations < done:
+        raise ConfigError(
+            f"train.iterations: the config says {cfg.train.iterations}, but {path} is at iteration {done}; "
+            "a resume may extend a run or end it sooner, not before its checkpoint"
         )
 
 
@@ -220,9 +252,9 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     Raises
     ------
     ConfigError
-        Bad model parameters or a patch size the network cannot take; ``output_dir``
-        already holds a run and ``resume`` is false; the config changed model/data keys
-        since the checkpoint being resumed.
+        Bad model parameters or a patch size the network cannot take; ``output_dir`` (or a
+        folder above it) is a file; ``output_dir`` already holds a run and ``resume`` is false; a resumed config changed a key
+        outside :data:`~medseg.config.RESUME_MAY_CHANGE` or ends before the checkpoint.
     DataError
         A dataset problem (named file), found before anything is written.
     CheckpointError
@@ -230,6 +262,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     MedsegError
         Under torchrun: the step failed on another rank (that rank reports its error).
     """
+    # a file in the way would otherwise fail only where the run folder is first written, after the data
+    run_dir = Path(cfg.output_dir)
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"output_dir {run_dir}: {existing} exists and is not a folder")
     device = distributed.device_for_rank(resolve_device(cfg.device))
     with distributed.process_group(device):
         handlers = _attach_console_handler()
@@ -328,6 +365,12 @@ def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> _Progress
             parts.scaler.load_state_dict(checkpoint["scaler"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: does not match this model ({str(err).splitlines()[0]})") from None
+    # The next step's LR as the scheduler computes it (the same value unless train.iterations
+    # changed: then the checkpoint holds the old schedule's, this is the new total's).
+    tc = parts.cfg.train
+    factor = lr_factor(parts.scheduler.last_epoch, tc.iterations, tc.scheduler)
+    for group, base_lr in zip(parts.optimizer.param_groups, parts.scheduler.base_lrs):
+        group["lr"] = base_lr * factor
     return _Progress(
         iteration=int(checkpoint["iteration"]),
         best_metric=checkpoint.get("best_metric"),
@@ -387,16 +430,39 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
     with distributed.main_process("writing the run folder") as main:
         if main:
             handlers += _attach_file_handler(run_dir)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
-            if checkpoint is None:
-                # from the raw label histograms the cache keeps: no label file is read again
-                stats = parts.data.cache.label_statistics([c.name for c in parts.data.train_cases], parts.data.info)
-                (run_dir / "label_stats.json").write_text(json.dumps(stats, indent=2))
+            _write_config(run_dir / CONFIG_FILE, cfg)
+            _write_label_stats(run_dir / LABEL_STATS, parts.data, resumed=checkpoint is not None)
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
         log.info("resuming %s at iteration %d of %d", run_dir, progress.iteration, cfg.train.iterations)
     _train_loop(parts, progress, run_dir)
     return run_dir
+
+
+def _write_config(path: Path, cfg: RunConfig) -> None:
+    """``config.yaml`` (atomically); left as it is when a resume did not change it."""
+    text = dump_config(cfg)
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, ValueError):
+        pass
+    write_atomic(path, text)
+
+
+def _write_label_stats(path: Path, data: TrainingData, resumed: bool) -> None:
+    """``label_stats.json`` from the raw label histograms the cache keeps (no label file is
+    read again); a resumed run rewrites it only when it is missing or unreadable."""
+    if resumed:
+        try:
+            json.loads(path.read_text())
+            return
+        except FileNotFoundError:
+            log.warning("%s: missing, writing it from the preprocessing cache", path)
+        except (OSError, ValueError) as err:
+            log.warning("%s: unreadable (%s), writing it again from the preprocessing cache", path, err)
+    stats = data.cache.label_statistics([c.name for c in data.train_cases], data.info)
+    write_atomic(path, json.dumps(stats, indent=2))
 
 
 def _save(path: Path, parts: _Parts, progress: _Progress) -> None:

@@ -1,0 +1,126 @@
+"""Every file of a run folder is replaced whole (medseg.atomic): a failure or kill while
+writing leaves the old file and no temporary one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg import atomic
+from medseg.atomic import atomic_path, write_atomic
+from medseg.config import validate_config
+from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.training.logs import RunLog, draw_progress
+from medseg.training.trainer import run_training
+
+from test_trainer import _raw
+
+
+class _Killed(BaseException):
+    """Stands in for a kill in the middle of a write."""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fail_replace(monkeypatch, name: str) -> None:
+    """``os.replace`` onto a file called ``name`` fails; every other rename works."""
+    original = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == name:
+            raise _Killed(f"killed before renaming onto {dst}")
+        return original(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(".tmp"))
+
+
+def test_write_atomic_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
+    path = tmp_path / "label_stats.json"
+    path.write_text('{"old": true}')
+    _fail_replace(monkeypatch, path.name)
+    with pytest.raises(_Killed):
+        write_atomic(path, '{"new": true}')
+    assert path.read_text() == '{"old": true}' and _leftovers(tmp_path) == []
+
+
+def test_atomic_path_keeps_the_old_file_when_the_writer_dies(tmp_path):
+    path = tmp_path / "progress.png"
+    path.write_bytes(b"old")
+    with pytest.raises(_Killed):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"half of the ne")
+            raise _Killed()
+    assert path.read_bytes() == b"old" and _leftovers(tmp_path) == []
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and _leftovers(tmp_path) == []
+
+
+def test_a_checkpoint_save_killed_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "latest.pt"
+    payload = {"model": {"w": torch.zeros(3)}, "config": {}, "iteration": 1}
+    save_checkpoint(path, payload)
+    before = path.read_bytes()
+
+    def torn_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 torn")
+        raise _Killed()
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(_Killed):
+        save_checkpoint(path, {**payload, "iteration": 2})
+    assert path.read_bytes() == before and load_checkpoint(path)["iteration"] == 1
+    assert _leftovers(tmp_path) == []
+
+
+def test_metrics_csv_and_progress_png_are_replaced_whole(tmp_path, monkeypatch):
+    runlog = RunLog(tmp_path, ["dice_ce"], ["vessel"])
+    for iteration in (2, 4, 6):
+        runlog.add_row(iteration, 1e-3, 0.5, {"dice_ce": 0.5}, [0.5] if iteration == 6 else None)
+    runlog.draw()
+    runlog.close()
+    metrics, png = (tmp_path / "metrics.csv").read_bytes(), (tmp_path / "progress.png").read_bytes()
+
+    _fail_replace(monkeypatch, "metrics.csv")
+    with pytest.raises(_Killed):
+        RunLog(tmp_path, ["dice_ce"], ["vessel"], resume_iteration=4)  # rewrites metrics.csv up to row 4
+    assert (tmp_path / "metrics.csv").read_bytes() == metrics
+
+    _fail_replace(monkeypatch, "progress.png")
+    with pytest.raises(_Killed):
+        draw_progress(runlog.rows, ["dice_ce"], ["vessel"], tmp_path / "progress.png")
+    assert (tmp_path / "progress.png").read_bytes() == png
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_run_killed_while_writing_label_stats_leaves_no_torn_file(synthetic_dataset_3d, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _fail_replace(monkeypatch, "label_stats.json")
+    with pytest.raises(_Killed):
+        run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=2)))
+    assert not (run / "label_stats.json").exists() and _leftovers(run) == []
+    assert (run / "config.yaml").is_file()
+
+
+def test_a_resume_killed_while_rewriting_config_yaml_keeps_the_old_one(synthetic_dataset_3d, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=2)))
+    before = (run / "config.yaml").read_bytes()
+    _fail_replace(monkeypatch, "config.yaml")
+    with pytest.raises(_Killed):
+        run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=4)), resume=True)
+    assert (run / "config.yaml").read_bytes() == before and _leftovers(run) == []
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["iteration"] == 2

@@ -1,0 +1,162 @@
+"""``medseg train --resume`` with a changed config: what is refused (one line, nothing
+touched), what may change (config.RESUME_MAY_CHANGE), and label_stats.json repair."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medseg.adaptation.source import load_source
+from medseg.cli import main as cli_main
+from medseg.config import RESUME_MAY_CHANGE, SchedulerConfig, validate_config
+from medseg.errors import CheckpointError, ConfigError
+from medseg.training.checkpoint import load_checkpoint
+from medseg.training.optim import lr_factor
+from medseg.training.trainer import run_training
+
+from test_trainer import _raw
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _digest(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``folder``: content hash and modification time."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = Path(dirpath) / name
+            out[str(path.relative_to(folder))] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+    return out
+
+
+def _train(dataset: Path, run: Path, iterations: int = 4) -> Path:
+    """A finished run and its config file (the run's own ``config.yaml``)."""
+    run_training(validate_config(_raw(dataset, run, iterations=iterations)))
+    return run / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_dataset_3d, tmp_path_factory) -> Path:
+    """A 4-iteration run (adamw, lr 1e-3, batch 2, affine_prob 0.3); the refusals must leave it as it is."""
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("resume_policy") / "run"
+    _train(synthetic_dataset_3d, run)
+    return run
+
+
+@pytest.mark.parametrize("override,key,old,new", [
+    ("train.optimizer.lr=0.01", "train.optimizer.lr", "0.001", "0.01"),
+    ("train.optimizer.name=sgd", "train.optimizer.name", "adamw", "sgd"),
+    ("train.optimizer.weight_decay=0.1", "train.optimizer.weight_decay", "1e-05", "0.1"),
+    ("train.batch_size=4", "train.batch_size", "2", "4"),
+    ("data.augmentation.affine_prob=0.5", "data.augmentation.affine_prob", "0.3", "0.5"),
+    ("train.scheduler.name=cosine", "train.scheduler.name", "poly", "cosine"),
+    ("seed=2", "seed", "1", "2"),
+])
+def test_a_changed_key_is_refused_in_one_line_and_nothing_is_touched(finished_run, capsys, override, key, old, new):
+    before = _digest(finished_run)
+    code = cli_main(["train", str(finished_run / "config.yaml"), "--resume", "--set", override])
+    captured = capsys.readouterr()
+    assert code == ConfigError.exit_code
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith(
+        f"medseg: error: {key}: the run used {old}, the config says {new}; a resume cannot change it"
+    ), captured.err
+    assert "new output_dir" in captured.err
+    assert _digest(finished_run) == before  # config.yaml, checkpoints, metrics.csv, train.log: not even rewritten
+
+
+def test_several_changes_name_the_first_and_list_the_others(synthetic_dataset_3d, finished_run):
+    raw = _raw(synthetic_dataset_3d, finished_run, iterations=4)
+    raw["train"]["batch_size"] = 4
+    raw["train"]["optimizer"] = {"lr": 0.01}
+    with pytest.raises(ConfigError) as info:
+        run_training(validate_config(raw), resume=True)
+    assert str(info.value).startswith(
+        "train.batch_size: the run used 2, the config says 4; a resume cannot change it (also changed: train.optimizer.lr)"
+    ), str(info.value)
+
+    raw = _raw(synthetic_dataset_3d, finished_run, iterations=4)
+    raw["losses"] = [{"name": "dice_ce"}, {"name": "cldice", "weight": 0.5}]
+    with pytest.raises(ConfigError, match=r"^losses\[1\]\.name: the run used nothing, the config says cldice;"):
+        run_training(validate_config(raw), resume=True)
+
+
+def test_iterations_may_not_end_before_the_checkpoint(finished_run, capsys):
+    before = _digest(finished_run)
+    assert cli_main(["train", str(finished_run / "config.yaml"), "--resume", "--set", "train.iterations=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.iterations: the config says 2" in err and "iteration 4" in err
+    assert _digest(finished_run) == before
+
+
+def test_policy_keys_exist_in_the_schema(finished_run):
+    stored = load_checkpoint(finished_run / "checkpoints" / "latest.pt")["config"]
+    for key in RESUME_MAY_CHANGE:
+        node = stored
+        for part in key.split("."):
+            assert part in node, key
+            node = node[part]
+
+
+def test_an_unchanged_resume_leaves_config_yaml_alone(synthetic_dataset_3d, tmp_path):
+    config = _train(synthetic_dataset_3d, tmp_path / "run")
+    stamp = config.stat().st_mtime_ns, config.read_bytes()
+    assert cli_main(["train", str(config), "--resume"]) == 0  # complete: nothing to do
+    assert (config.stat().st_mtime_ns, config.read_bytes()) == stamp
+
+
+def test_a_larger_iterations_extends_the_run_on_the_new_schedule(synthetic_dataset_3d, tmp_path):
+    run = tmp_path / "run"
+    config = _train(synthetic_dataset_3d, run, iterations=4)
+    code = cli_main(["train", str(config), "--resume", "--set", "train.iterations=8", "--set", "train.log_interval=1",
+                     "--set", "data.num_workers=0", "--set", "inference.overlap=0.5"])
+    assert code == 0
+    latest = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert latest["iteration"] == 8 and latest["config"]["train"]["iterations"] == 8
+    stored = validate_config(yaml.safe_load(config.read_text()))
+    assert stored.train.iterations == 8 and stored.train.log_interval == 1 and stored.inference.overlap == 0.5
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # written atomically, nothing left over
+
+    with (run / "metrics.csv").open(newline="") as handle:
+        rows = {int(r["iteration"]): r for r in csv.DictReader(handle)}
+    assert sorted(rows) == [2, 4, 5, 6, 7, 8]
+    # The first resumed step (index 4) runs at the 8-iteration schedule's LR, not at the
+    # 4-iteration schedule's final value (0 for poly).
+    poly = SchedulerConfig()
+    for iteration in (5, 6, 7, 8):
+        expected = 1e-3 * lr_factor(iteration - 1, 8, poly)
+        assert float(rows[iteration]["lr"]) == pytest.approx(expected, rel=1e-6), iteration
+    assert float(rows[5]["lr"]) > 0
+
+
+def test_a_broken_label_stats_is_named_and_resume_rewrites_it(synthetic_dataset_3d, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = _train(synthetic_dataset_3d, run)
+    stats = run / "label_stats.json"
+    good = stats.read_bytes()
+    stats.write_bytes(good[: len(good) // 2])  # what a kill mid-write used to leave
+
+    with pytest.raises(CheckpointError) as info:
+        load_source(run).label_stats()
+    message = str(info.value)
+    assert "\n" not in message and str(stats) in message and f"medseg train {config} --resume" in message
+
+    checkpoints = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    assert cli_main(["train", str(config), "--resume"]) == 0
+    assert stats.read_bytes() == good
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == checkpoints
+    assert json.loads(stats.read_text())["classes"]
