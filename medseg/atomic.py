@@ -12,13 +12,29 @@ for writers that want a file name (``torch.save``, matplotlib's ``savefig``).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "host_tag", "temporary_name", "write_atomic"]
+__all__ = [
+    "atomic_path",
+    "check_output_folder",
+    "file_sha256",
+    "host_tag",
+    "process_alive",
+    "remove_dead_temporaries",
+    "temporary_name",
+    "write_atomic",
+]
+
+# ``.NAME.HOST-PID.tmp`` (see temporary_name)
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.-]+)-(?P<pid>\d+)\.tmp$")
 
 
 def host_tag() -> str:
@@ -78,3 +94,76 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
         except FileNotFoundError:
             pass
         raise
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (one we may not signal does)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temporaries(
+    folder: str | Path, names: Iterable[str] | None = None, other_hosts_after_s: float | None = None
+) -> int:
+    """Remove the temporaries (``.NAME.HOST-PID.tmp`` files and folders) that killed writers
+    left in ``folder``; returns how many were removed.
+
+    One of this host whose process is gone is removed; a running process's never is. One
+    of another host (a shared file system), whose process cannot be checked, only when
+    ``other_hosts_after_s`` is given and it is older than that. ``names`` limits the
+    clean-up to temporaries of those file names.
+    """
+    me, wanted = host_tag(), None if names is None else set(names)
+    removed = 0
+    for entry in Path(folder).iterdir():
+        found = _TEMPORARY.match(entry.name)
+        if found is None or (wanted is not None and found["name"] not in wanted):
+            continue
+        try:
+            if found["host"] == me:
+                if process_alive(int(found["pid"])):
+                    continue
+            elif other_hosts_after_s is None or time.time() - entry.lstat().st_mtime < other_hosts_after_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)  # another run may be removing it too
+            else:
+                entry.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
+        removed += 1
+    return removed
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (hex), read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a folder to write into, checked before any work: neither it nor a folder
+    above it may be a file (writing would otherwise fail after the work is done).
+
+    Raises
+    ------
+    DataError
+        Naming ``what`` (the option or key, e.g. ``--output``), the path and the file in the way.
+    """
+    from medseg.errors import DataError
+
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DataError(f"{what} {path}: {existing} exists and is not a folder")
+    return path

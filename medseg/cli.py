@@ -122,8 +122,15 @@ def adapt(
 def predict(
     model: Path = typer.Option(..., "--model", help="run folder (uses checkpoint 'best', else 'latest') or a .pt checkpoint"),
     input: List[Path] = typer.Option(..., "--input", help="folder of scans (nnU-Net naming CASE_0000.nii.gz) or files"),
-    output: Path = typer.Option(..., "--output", help="folder for CASE.nii.gz segmentations"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="recompute cases whose output exists"),
+    output: Path = typer.Option(
+        ..., "--output",
+        help="folder for CASE.nii.gz segmentations and predict_provenance.json (the model and options that made them); "
+        "never an input folder",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="recompute cases whose output exists, also when made by another model or other options",
+    ),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip test-time augmentation (default: run config)"),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="sliding-window overlap (default: run config)"),
     sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", help="windows per forward pass"),

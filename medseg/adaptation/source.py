@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,19 +10,12 @@ from typing import Any
 
 import torch
 
+from medseg.atomic import file_sha256
 from medseg.config import RunConfig, validate_config
 from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.training.checkpoint import find_checkpoint, load_checkpoint
 
 LABEL_STATS = "label_stats.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -79,7 +71,7 @@ def load_source(path: str | Path) -> SourceRun:
     return SourceRun(
         run_dir=path if path.is_dir() else None,
         checkpoint_path=checkpoint_path,
-        sha256=sha256_file(checkpoint_path),
+        sha256=file_sha256(checkpoint_path),
         payload=payload,
         config=config,
     )

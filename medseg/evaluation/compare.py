@@ -364,17 +364,16 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
     DataError
         An input is missing or not a summary, or no case is evaluated in both.
     """
-    from medseg.atomic import write_atomic
+    from medseg.atomic import check_output_folder, write_atomic
     from medseg.evaluation.evaluate import _plain
 
     if permutations < 1:
         raise DataError(f"--permutations {permutations}: must be at least 1")
+    if output is not None:
+        output = check_output_folder(output, "--output")  # before the comparison, not after
     result = compare_evaluations(load_evaluation(a), load_evaluation(b), permutations)
     print(format_table(result))
     if output is not None:
-        output = Path(output)
-        if output.exists() and not output.is_dir():
-            raise DataError(f"{output}: exists and is not a folder")
         write_atomic(output / "compare.json", json.dumps(result, indent=2, default=_plain) + "\n")
         write_atomic(output / "compare.html", render_compare_html(result))
         print(f"medseg: wrote {output / 'compare.json'} and {output / 'compare.html'}", file=sys.stderr)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.atomic import write_atomic
+from medseg.atomic import check_output_folder, write_atomic
 from medseg.errors import DataError, MedsegError
 
 __all__ = ["run_evaluation", "evaluate_case", "find_cases", "AFFINE_TOLERANCE_MM"]
@@ -350,9 +350,7 @@ def run_evaluation(
     pred_dir, ref_dir, output = Path(pred_dir), Path(ref_dir), Path(output)
     if connectivity is not None and connectivity not in (4, 6, 8, 26):
         raise MedsegError(f"--connectivity {connectivity}: use 8 or 4 for 2D images, 26 or 6 for 3D")
-    existing = next((p for p in (output, *output.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():  # found before the cases are evaluated, not after
-        raise DataError(f"--output {output}: {existing} exists and is not a folder")
+    check_output_folder(output, "--output")  # before the cases are evaluated, not after
     chosen = resolve_metrics(metrics)  # a metric named here that cannot be computed is an error
     skipped = unavailable_metrics(chosen)  # so only defaults are left to skip, with the reason
     chosen = [name for name in chosen if name not in skipped]

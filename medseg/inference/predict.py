@@ -21,9 +21,23 @@ Batch behaviour:
   is on the network, unless the current one has more than ``PREFETCH_MAX_VOXELS``
   voxels: then the next is read only after it, so that two large scans are never in
   memory together;
-* a case whose output exists is skipped unless ``overwrite`` (an interrupted batch
-  resumes where it stopped); outputs are written atomically, so a killed run never
-  leaves a half-written file under a final name;
+* ``--output`` may neither be an input folder nor hold a name that is an input file
+  (compared by name and by real path, symlinks resolved): such a run is refused before
+  the model is read, and nothing is written;
+* ``OUTPUT/predict_provenance.json`` (:data:`PROVENANCE`) records what the outputs are
+  made of: the SHA-256 of the checkpoint file (the digest ``medseg adapt`` records of
+  its source) and every option that changes their values (:func:`_provenance`). A
+  case whose output exists is skipped unless ``overwrite`` (an interrupted batch
+  resumes where it stopped), but only under the same record: a folder predicted with
+  another checkpoint or other options, or holding outputs without a record, is refused
+  (naming the differing keys) unless ``overwrite``, which first removes those outputs,
+  so that the folder never mixes two models' results, even after a kill or a failed
+  case;
+* outputs are written atomically: each process writes into its own hidden folder
+  ``OUTPUT/.predict.HOST-PID.tmp`` (:func:`medseg.atomic.temporary_name`) and renames
+  the finished file into place, so a killed run never leaves a half-written file under
+  a final name; the next run removes the temporaries of this host's writers that are
+  no longer running, and never takes a temporary file for an output;
 * a case that fails (unreadable file, NaN voxels, wrong channel count, ...) is reported
   as one line naming it and the others go on; the return value says whether all passed.
 
@@ -31,29 +45,39 @@ Under ``torchrun`` (:mod:`medseg.distributed`) the cases are sharded: case ``i``
 sorted case list goes to rank ``i % N``, each rank on its own device (GPU
 ``LOCAL_RANK``), and writes exactly the files one process would write for it. Rank 0
 prints the summary of all ranks; the return value (hence every rank's exit code) is
-false when a case failed on any rank.
+false when a case failed on any rank. Every rank checks the output folder and its
+record before any case is read; rank 0 alone cleans the folder and writes the record.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import shutil
 import sys
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from medseg import distributed
-from medseg.errors import DataError, MedsegError
+from medseg.errors import MedsegError
 
-__all__ = ["run_prediction", "PROBABILITY_SUFFIX", "PREFETCH_MAX_VOXELS"]
+__all__ = ["run_prediction", "PROBABILITY_SUFFIX", "PREFETCH_MAX_VOXELS", "PROVENANCE"]
 
 PROBABILITY_SUFFIX = "_prob.nii.gz"
+# what made the outputs of a folder (see _provenance)
+PROVENANCE = "predict_provenance.json"
+# recorded for the reader but not compared: a run folder may be moved or copied
+_NOT_COMPARED = ("checkpoint",)
+# a temporary file or folder of medseg.atomic.temporary_name: .NAME.HOST-PID.tmp
+# a channel suffix of nnU-Net's naming (medseg.data.dataset groups CASE_XXXX files)
+_CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")
 # a scan up to 256^3 overlaps with reading the next one (cheap); a larger one does not
 PREFETCH_MAX_VOXELS = 256**3
 
@@ -65,6 +89,158 @@ def _output_paths(case, output: Path) -> tuple[Path, Path]:
     return output / f"{case.name}{ending}", output / f"{case.name}{PROBABILITY_SUFFIX}"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal real paths, or one existing file (hard links,
+    a case-insensitive file system)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _check_output_is_not_input(inputs: list[str | Path], output: Path) -> None:
+    """Refuse an ``output`` that is an input folder or file, or would overwrite an input.
+
+    Run before the model is read, when the case names (which depend on the model's
+    channel count) are not known yet, so every name an input file can give its case is
+    checked: its own name (a case without a channel suffix) and the name without
+    ``_XXXX``, each as the segmentation and as the probabilities.
+
+    Raises
+    ------
+    MedsegError
+        Naming ``output``, the input it collides with, and the problem.
+    """
+    from medseg.data.io import SUPPORTED_ENDINGS, ending_of, strip_ending
+
+    files: list[Path] = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            if _same_file(given, output):
+                raise MedsegError(
+                    f"--output {output}: is the input folder {given}; the predictions would be mixed with "
+                    "the scans (choose another --output)"
+                )
+            files.extend(p for p in sorted(given.iterdir()) if p.is_file() and ending_of(p) in SUPPORTED_ENDINGS)
+        elif given.is_file():
+            files.append(given)
+    for file in files:
+        if _same_file(file, output):
+            raise MedsegError(f"--output {output}: is the input scan {file} (choose an output folder)")
+        ending = ending_of(file)
+        stem = strip_ending(file, ending)
+        channel = _CHANNEL.match(stem)
+        for case in (stem, *((channel["case"],) if channel else ())):
+            for name in (f"{case}{ending}", f"{case}{PROBABILITY_SUFFIX}"):
+                if _same_file(output / name, file):
+                    raise MedsegError(
+                        f"--output {output}: {name} would overwrite the input scan {file} (choose another --output)"
+                    )
+
+
+def _provenance(predictor, tta: bool, overlap: float, save_probabilities: bool) -> dict[str, Any]:
+    """What the outputs of this run are made of, as recorded in :data:`PROVENANCE`.
+
+    The checkpoint's SHA-256 stands for the network, its preprocessing and the run
+    config; then every option that changes the values written: the test-time flips,
+    the overlap and the blending mode of the windows, whether probabilities are written,
+    the stitched class maps' dtype, and mixed precision (used on CUDA). The windows per
+    forward pass and where the class maps are stitched change no value and are left out.
+    The checkpoint's path is recorded for the reader, not compared.
+    """
+    from medseg import __version__
+    from medseg.atomic import file_sha256
+    from medseg.inference.predictor import STITCH_DTYPE
+
+    return {
+        "medseg_version": __version__,
+        "checkpoint_sha256": file_sha256(predictor.checkpoint_path),
+        "tta": bool(tta),
+        "overlap": float(overlap),
+        "mode": predictor.config.inference.mode,
+        "save_probabilities": bool(save_probabilities),
+        "stitch_dtype": str(STITCH_DTYPE).removeprefix("torch."),
+        "amp": predictor.amp,
+        "checkpoint": str(predictor.checkpoint_path),
+    }
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    text = json.dumps(value)
+    return text[:13] + '..."' if isinstance(value, str) and len(value) > 16 else text
+
+
+def _check_provenance(output: Path, provenance: dict[str, Any], cases, overwrite: bool) -> tuple[bool, list[Path]]:
+    """Compare ``output``'s record with this run's: whether to write the record, and the
+    outputs of other settings to remove first (only with ``overwrite``).
+
+    Only the final names of the cases' outputs count; hidden temporaries never do.
+
+    Raises
+    ------
+    MedsegError
+        Without ``overwrite``: the record differs (naming the keys, old -> new), is
+        unreadable, or is missing while outputs exist.
+    """
+    advice = "use another --output, or --overwrite to redo every case"
+    path = output / PROVENANCE
+    existing = [p for case in cases for p in _output_paths(case, output) if p.is_file()]
+    if not path.exists():
+        if existing and not overwrite:
+            raise MedsegError(
+                f"{output}: holds {len(existing)} prediction file(s) ({existing[0].name}, ...) but no {PROVENANCE} "
+                f"saying which model and options made them; {advice}"
+            )
+        return True, existing
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        if not overwrite:
+            raise MedsegError(f"{path}: unreadable ({(str(err).splitlines() or [''])[0]}); {advice}") from None
+        return True, existing
+    keys = [k for k in dict.fromkeys([*provenance, *recorded]) if k not in _NOT_COMPARED]
+    changed = [k for k in keys if recorded.get(k) != provenance.get(k)]
+    if not changed:
+        return False, []
+    if not overwrite:
+        differences = ", ".join(f"{k} {_shown(recorded.get(k))} -> {_shown(provenance.get(k))}" for k in changed)
+        raise MedsegError(f"{output}: predicted with other settings ({differences}; see {PROVENANCE}); {advice}")
+    return True, existing
+
+
+def _prepare_output(output: Path, provenance: dict[str, Any] | None, stale: list[Path]) -> None:
+    """Before any case: remove dead writers' temporaries and the ``stale`` outputs of other
+    settings, then write ``provenance`` (``None``: the folder's record is already it)."""
+    from medseg.atomic import remove_dead_temporaries, write_atomic
+
+    remove_dead_temporaries(output)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"medseg: removed {len(stale)} file(s) of other settings from {output} (--overwrite)", file=sys.stderr)
+    if provenance is not None:
+        write_atomic(output / PROVENANCE, json.dumps(provenance, indent=2) + "\n")
+
+
+@contextmanager
+def _staging(output: Path) -> Iterator[Path]:
+    """This process's folder for unfinished outputs, ``OUTPUT/.predict.HOST-PID.tmp``
+    (created when first written to); removed with what a failed case left in it."""
+    from medseg.atomic import temporary_name
+
+    staging = temporary_name(output / "predict")
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class _ProbabilityFile:
     """``CASE_prob.nii.gz`` written while the classes are mapped back, atomically.
 
@@ -73,11 +249,12 @@ class _ProbabilityFile:
     <medseg.inference.predictor.Predictor.to_original_grid>` hands over (classes in order,
     slabs ascending along the last axis) are appended as they come. The header is the
     one ``nib.save(nib.Nifti1Image(data, affine))`` writes (sform "aligned", qform
-    "unknown", float32), with millimetre units and the "vector" intent. The file appears
-    under its name only when every slab was written.
+    "unknown", float32), with millimetre units and the "vector" intent. The file is
+    written in the process's ``staging`` folder and appears under its name only when
+    every slab was written.
     """
 
-    def __init__(self, path: Path, geometry, classes: int) -> None:
+    def __init__(self, path: Path, geometry, classes: int, staging: Path) -> None:
         import nibabel as nib
         from nibabel.openers import Opener
 
@@ -95,8 +272,8 @@ class _ProbabilityFile:
         self.path = path
         self.classes = classes
         self.next = (0, 0)  # the class and the first index along the last axis expected next
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp-{uuid.uuid4().hex[:8]}.nii.gz")
+        staging.mkdir(parents=True, exist_ok=True)
+        self.tmp = staging / path.name
         self.file = Opener(str(self.tmp), "wb")  # gzip, nibabel's compression level
         header.write_to(self.file)
 
@@ -162,9 +339,11 @@ def run_prediction(
     inputs : list of paths
         Folders of scans and/or scan files; ``CASE_XXXX`` suffixes group channels.
     output : path
-        Folder for ``CASE<ending>`` (created).
+        Folder for ``CASE<ending>`` (created), and :data:`PROVENANCE`; neither an input
+        folder nor a folder where an output would replace an input.
     overwrite : bool
-        Recompute cases whose output exists (default: skip them).
+        Recompute cases whose output exists (default: skip them), also when they were
+        made with another checkpoint or other options (their outputs are removed first).
     tta, overlap, sw_batch_size : optional
         Flip test-time augmentation, sliding-window overlap and windows per forward
         pass; ``None`` takes the run config's ``inference`` section.
@@ -189,8 +368,10 @@ def run_prediction(
     DataError
         Inputs that do not exist, hold no images, or miss a channel file.
     MedsegError
-        Bad option values (device, stitch device, overlap, sw_batch_size); under
-        torchrun, one of the above on another rank.
+        Bad option values (device, stitch device, overlap, sw_batch_size); an output
+        folder that is or would overwrite an input; without ``overwrite``, an output
+        folder predicted with another checkpoint or other options (or whose outputs have
+        no record); under torchrun, one of the above on another rank.
     """
     from medseg.inference.predictor import resolve_device, resolve_stitch_device
 
@@ -213,18 +394,28 @@ def _predict_all(
 ) -> bool:
     from tqdm import tqdm
 
+    from medseg.atomic import check_output_folder
     from medseg.data.dataset import cases_from_paths
     from medseg.inference.predictor import Predictor, release_freed_memory, resolve_stitch_device
 
     with distributed.synchronized("reading the model and the inputs"):
+        _check_output_is_not_input(inputs, output)
+        check_output_folder(output, "--output")
         predictor = Predictor.from_path(model, device)
         stitch_device = resolve_stitch_device(stitch_device or predictor.config.inference.stitch_device, device)
         info = predictor.info
         cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
-        save_probabilities = save_probabilities or predictor.config.inference.save_probabilities
-        if output.exists() and not output.is_dir():
-            raise DataError(f"{output}: exists and is not a folder")
+        inference = predictor.config.inference
+        tta = inference.tta_flips if tta is None else tta
+        overlap = inference.overlap if overlap is None else overlap
+        save_probabilities = save_probabilities or inference.save_probabilities
+        provenance = _provenance(predictor, tta, overlap, save_probabilities)
+        record, stale = _check_provenance(output, provenance, cases, overwrite)
         output.mkdir(parents=True, exist_ok=True)
+
+    with distributed.main_process(f"preparing {output}") as main:
+        if main:
+            _prepare_output(output, provenance if record else None, stale)
 
     todo = []
     skipped = 0
@@ -237,14 +428,17 @@ def _predict_all(
         else:
             todo.append(case)
     skipped = int(distributed.all_reduce_sum(torch.tensor([skipped])).item())
-    main = distributed.is_main()
     if skipped and main:
-        print(f"medseg: {skipped} case(s) already predicted in {output}, skipped (--overwrite recomputes them)", file=sys.stderr)
+        print(
+            f"medseg: {skipped} case(s) already predicted in {output} with this model and these options, skipped "
+            "(--overwrite recomputes them)",
+            file=sys.stderr,
+        )
 
     failed: list[str] = []
     from medseg.data.io import write_image
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as loader:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as loader, _staging(output) as staging:
         upcoming: Future | None = loader.submit(_load, predictor, todo[0], info) if todo else None
         bar = tqdm(todo, desc="predict", unit="case", disable=None if main else True, file=sys.stderr)
         for i, case in enumerate(bar):
@@ -256,7 +450,7 @@ def _predict_all(
                 if following is not None and math.prod(loaded["geometry"].shape) <= PREFETCH_MAX_VOXELS:
                     upcoming = loader.submit(_load, predictor, following, info)
                 probabilities = (
-                    _ProbabilityFile(prob_path, loaded["geometry"], predictor.num_classes)
+                    _ProbabilityFile(prob_path, loaded["geometry"], predictor.num_classes, staging)
                     if save_probabilities else nullcontext()
                 )
                 with probabilities as sink:
@@ -264,7 +458,8 @@ def _predict_all(
                         loaded, preprocessed, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta,
                         stitch_device=stitch_device, on_probabilities=sink, consume=True,
                     )
-                write_image(seg_path, label, loaded["geometry"], reference_path=case.image_files[0])
+                write_image(staging / seg_path.name, label, loaded["geometry"], reference_path=case.image_files[0])
+                os.replace(staging / seg_path.name, seg_path)
             except MemoryError as err:
                 failed.append(case.name)
                 print(f"medseg: {_one_line(case.name, err)} (out of memory)", file=sys.stderr)

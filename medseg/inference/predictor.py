@@ -129,6 +129,12 @@ class Predictor:
     source : str
         Where the checkpoint came from, for error messages.
 
+    Attributes
+    ----------
+    checkpoint_path : Path or None
+        The checkpoint file, when loaded by :meth:`from_path` (``medseg predict``
+        records its digest).
+
     Raises
     ------
     CheckpointError
@@ -160,6 +166,7 @@ class Predictor:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"{source}: unusable 'dataset' entry ({type(err).__name__}: {err})") from None
         self.source = source
+        self.checkpoint_path: Path | None = None
         self.device = device
         self.spatial_dims = self.config.spatial_dims
         self.num_classes = self.info.num_classes
@@ -189,7 +196,15 @@ class Predictor:
         from medseg.training.checkpoint import find_checkpoint, load_checkpoint
 
         path = find_checkpoint(model)
-        return cls(load_checkpoint(path, map_location="cpu"), resolve_device(device), source=str(path))
+        predictor = cls(load_checkpoint(path, map_location="cpu"), resolve_device(device), source=str(path))
+        predictor.checkpoint_path = Path(path)
+        return predictor
+
+    @property
+    def amp(self) -> bool:
+        """Whether the network runs under mixed-precision autocast (on CUDA); it changes
+        the values, so ``medseg predict`` records it."""
+        return self.device.type == "cuda"
 
     # ------------------------------------------------------------------ steps
 
@@ -253,7 +268,7 @@ class Predictor:
             flips=_flip_combinations(self.spatial_dims) if (inference.tta_flips if tta is None else tta) else [()],
             device=self.device,
             dtype=dtype,
-            amp=self.device.type == "cuda",
+            amp=self.amp,
         )
         if choice == "cuda":
             try:

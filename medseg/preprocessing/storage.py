@@ -50,13 +50,12 @@ import base64
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from medseg.atomic import host_tag, write_atomic
+from medseg.atomic import remove_dead_temporaries, write_atomic
 from medseg.errors import MedsegError
 from medseg.preprocessing.case import PreprocessedCase
 
@@ -89,32 +88,7 @@ def remove_stale_temporaries(folder: Path, name: str) -> None:
     A file from this host whose process is gone is removed; one from another host (a
     shared file system) only after a day, since that process cannot be checked.
     """
-    me = host_tag()
-    for file in case_files(name):
-        for tmp in folder.glob(f".{file}.*.tmp"):
-            owner = tmp.name[len(file) + 2 : -len(".tmp")]
-            host, _, pid = owner.rpartition("-")
-            try:
-                if host == me and pid.isdigit():
-                    if _alive(int(pid)):
-                        continue
-                elif time.time() - tmp.stat().st_mtime < _STALE_TEMPORARY_S:
-                    continue
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    remove_dead_temporaries(folder, names=case_files(name), other_hosts_after_s=_STALE_TEMPORARY_S)
 
 
 def _chunking(shape: Sequence[int], itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medseg.config import RESUME_MAY_CHANGE
 from medseg.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,12 +50,9 @@ __all__ = [
 STATE_FILE = "study_run.json"
 _PREDICTIONS = "predictions"
 _EVALUATION = "evaluation"
-# Run-config keys that may change between invocations without retraining: how long and
-# how often (a larger train.iterations resumes the run), where and with what it runs.
-# inference.* is part of the prediction record instead (a change re-predicts).
-_REUSABLE_WITH_CHANGES = ("train.iterations", "train.val_interval", "train.checkpoint_interval",
-                          "train.log_interval", "data.num_workers", "data.cache_rate", "device", "output_dir",
-                          "inference")
+# Run-config keys that may change between invocations without retraining are those a
+# resume may change (medseg.config.RESUME_MAY_CHANGE): a larger train.iterations resumes
+# the run; inference.* is part of the prediction record instead (a change re-predicts).
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -156,7 +154,7 @@ def check_reusable(run: "StudyRun") -> None:
         return
     changed = [
         key for key in _changed(stored, run.config.model_dump(mode="json"))
-        if not any(key == k or key.startswith(k + ".") for k in _REUSABLE_WITH_CHANGES)
+        if not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
     ]
     if changed:
         shown = ", ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")

@@ -59,7 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medseg import distributed
-from medseg.atomic import write_atomic
+from medseg.atomic import check_output_folder, write_atomic
 from medseg.config import RESUME_MAY_CHANGE, RunConfig, dump_config, validate_config
 from medseg.data.dataset import read_dataset_json
 from medseg.errors import CheckpointError, ConfigError, MedsegError
@@ -263,10 +263,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         Under torchrun: the step failed on another rank (that rank reports its error).
     """
     # a file in the way would otherwise fail only where the run folder is first written, after the data
-    run_dir = Path(cfg.output_dir)
-    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"output_dir {run_dir}: {existing} exists and is not a folder")
+    check_output_folder(cfg.output_dir, "output_dir")
     device = distributed.device_for_rank(resolve_device(cfg.device))
     with distributed.process_group(device):
         handlers = _attach_console_handler()

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from medseg.adaptation import load_adapt_config, run_adaptation, validate_adapt_config
-from medseg.adaptation.source import sha256_file
+from medseg.atomic import file_sha256
 from medseg.cli import main as cli_main
 from medseg.errors import CheckpointError, ConfigError, DataError
 from medseg.inference.predictor import Predictor
@@ -40,7 +40,7 @@ def test_adapted_run_is_a_normal_run_and_the_source_is_untouched(method, source_
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["method"] == method
-    assert provenance["source_checkpoint_sha256"] == sha256_file(source_run / "checkpoints" / "latest.pt")
+    assert provenance["source_checkpoint_sha256"] == file_sha256(source_run / "checkpoints" / "latest.pt")
     assert provenance["config"]["adapt"]["method"] == method
     assert provenance["target_cases"] == [f"vessel_{i:03d}" for i in range(6)]
     assert load_adapt_config(run / "config.yaml").adapt.method == method

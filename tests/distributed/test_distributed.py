@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import yaml
 import medseg.distributed as distributed
 from medseg.config import validate_config
 from medseg.data.io import read_image, read_image_channels, write_image
-from medseg.inference.predict import PROBABILITY_SUFFIX, run_prediction
+from medseg.inference.predict import PROBABILITY_SUFFIX, PROVENANCE, run_prediction
 from medseg.training.checkpoint import load_checkpoint
 from medseg.training.trainer import run_training
 
@@ -264,9 +265,10 @@ def test_sharded_predict_writes_the_single_process_files(tmp_path):
     assert proc.stdout.count("medseg: predicted 4 case(s), skipped 0, failed 1 (case_d)") == 1, proc.stdout
     assert sum("case case_d" in line for line in proc.stderr.splitlines()) == 1
 
-    names = sorted(p.name for p in single.iterdir())
-    assert names == sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in single.iterdir() if p.name != PROVENANCE)
+    assert names == sorted(p.name for p in out.iterdir() if p.name != PROVENANCE)
     assert len(names) == 8 and "case_d.nii.gz" not in names
+    assert json.loads((single / PROVENANCE).read_text()) == json.loads((out / PROVENANCE).read_text())
     for name in names:
         if name.endswith(PROBABILITY_SUFFIX):
             a, ga = read_image_channels(single / name)

@@ -1,0 +1,198 @@
+"""``medseg predict``'s output folder through the command line: never an input, and
+never a mix of two models' or two settings' results (``predict_provenance.json``)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from medseg.atomic import host_tag
+from medseg.cli import main
+from medseg.data.io import write_image
+from medseg.inference.predict import PROVENANCE
+
+from predict_helpers import blob_image, make_run, oblique_geometry
+
+
+def predict(model, inputs, output, *options) -> int:
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    args = ["predict", "--model", str(model), "--output", str(output), "--device", "cpu", *options]
+    for given in inputs:
+        args += ["--input", str(given)]
+    return main(args)
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file and link under ``root``: content and modification time."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"", p.lstat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("medseg: error: "), err
+    assert all(n in lines[0] for n in needles), (needles, err)
+    return lines[0]
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+# --------------------------------------------------------------------------- output is an input
+
+def test_an_output_that_is_or_would_overwrite_an_input_is_refused(tiny_run, scans, tmp_path, capsys):
+    plain = tmp_path / "plain"  # cases without a channel suffix: CASE.nii.gz in, CASE.nii.gz out
+    for name in ("a", "b"):
+        write_image(plain / f"{name}.nii.gz", blob_image(), oblique_geometry())
+    (tmp_path / "linked").symlink_to(plain, target_is_directory=True)
+    links = tmp_path / "links"  # an output folder holding a link to an input under its output name
+    links.mkdir()
+    (links / "a.nii.gz").symlink_to(plain / "a.nii.gz")
+    no_model = tmp_path / "no_model"  # refused before the model is read: it is never looked for
+    no_model.mkdir()
+    refused = [
+        (tiny_run, plain, plain, "is the input folder"),
+        (tiny_run, scans, scans, "is the input folder"),  # CASE_0000 in, CASE out: mixed into the scans
+        (tiny_run, plain, tmp_path / "linked", "is the input folder"),
+        (tiny_run, [plain / "a.nii.gz", plain / "b.nii.gz"], plain, "a.nii.gz would overwrite the input scan"),
+        (tiny_run, plain, links, "a.nii.gz would overwrite the input scan"),
+        (tiny_run, plain / "b.nii.gz", plain / "b.nii.gz", "is the input scan"),
+        (no_model, plain, plain, "is the input folder"),
+    ]
+    before = snapshot(tmp_path)
+    for model, inputs, output, problem in refused:
+        for overwrite in ((), ("--overwrite",)):
+            assert predict(model, inputs, output, *overwrite) != 0
+            one_error_line(capsys.readouterr().err, f"--output {output}: ", problem)
+            assert snapshot(tmp_path) == before, (output, problem)  # nothing written, not even a folder
+    # the same inputs into a folder of its own are predicted
+    assert predict(tiny_run, plain, tmp_path / "pred") == 0
+    assert (tmp_path / "pred" / "a.nii.gz").is_file()
+
+
+def test_output_is_input_through_a_subprocess_is_one_line(tiny_run, scans):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "medseg", "predict", "--model", str(tiny_run), "--input", str(scans),
+         "--output", str(scans), "--overwrite"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    one_error_line(proc.stderr, f"--output {scans}: is the input folder")
+    assert sorted(p.name for p in scans.iterdir()) == ["case_a_0000.nii.gz", "case_b_0000.nii.gz", "case_c_0000.nii.gz"]
+
+
+# --------------------------------------------------------------------------- provenance
+
+def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tiny_run, scans, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert predict(tiny_run, scans, out) == 0
+    record = json.loads((out / PROVENANCE).read_text())
+    checkpoint = tiny_run / "checkpoints" / "best.pt"
+    assert record["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert record["checkpoint"] == str(checkpoint)
+    assert {k: record[k] for k in ("tta", "overlap", "mode", "save_probabilities", "stitch_dtype", "amp")} == {
+        "tta": False, "overlap": 0.5, "mode": "gaussian", "save_probabilities": False, "stitch_dtype": "float16",
+        "amp": False,
+    }
+    done = snapshot(out)
+    capsys.readouterr()
+
+    # the same model and options: finished cases are skipped, the record is left as it is
+    assert predict(tiny_run, scans, out, "--sw-batch-size", "1") == 0
+    assert "3 case(s) already predicted" in capsys.readouterr().err
+    assert snapshot(out) == done
+
+    # another model or other options: refused, one line naming what differs, nothing touched
+    other = make_run(tmp_path / "other", seed=1)
+    for options, needles in [
+        (("--tta",), ("tta false -> true",)),
+        (("--overlap", "0.25", "--save-probabilities"), ("overlap 0.5 -> 0.25", "save_probabilities false -> true")),
+        ((), ("checkpoint_sha256", "->")),
+    ]:
+        model = other if not options else tiny_run
+        assert predict(model, scans, out, *options) != 0
+        line = one_error_line(capsys.readouterr().err, str(out), *needles, "another --output", "--overwrite")
+        assert ("checkpoint_sha256" in line) == (model is other)
+        assert snapshot(out) == done
+
+    # --overwrite redoes every case and records the new settings; a rerun with them skips
+    assert predict(tiny_run, scans, out, "--tta", "--overwrite") == 0
+    assert json.loads((out / PROVENANCE).read_text())["tta"] is True
+    redone = snapshot(out)
+    assert all(redone[name][1] != done[name][1] for name in done)
+    capsys.readouterr()
+    assert predict(tiny_run, scans, out, "--tta") == 0
+    assert "3 case(s) already predicted" in capsys.readouterr().err
+    assert snapshot(out) == redone
+
+
+def test_outputs_without_a_record_are_refused_unless_overwrite(tiny_run, scans, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert predict(tiny_run, scans, out, "--save-probabilities") == 0
+    (out / PROVENANCE).unlink()  # a folder predicted by an older medseg, or by hand
+    done = snapshot(out)
+    capsys.readouterr()
+    assert predict(tiny_run, scans, out) != 0
+    one_error_line(capsys.readouterr().err, str(out), "6 prediction file(s)", f"no {PROVENANCE}", "--overwrite")
+    assert snapshot(out) == done
+
+    (out / PROVENANCE).write_text("{not json")
+    assert predict(tiny_run, scans, out) != 0
+    one_error_line(capsys.readouterr().err, str(out / PROVENANCE), "unreadable", "--overwrite")
+
+    # --overwrite removes the outputs of unknown origin first: the probabilities are not kept
+    assert predict(tiny_run, scans, out, "--overwrite") == 0
+    assert "removed 6 file(s) of other settings" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [PROVENANCE, "case_a.nii.gz", "case_b.nii.gz", "case_c.nii.gz"])
+    assert json.loads((out / PROVENANCE).read_text())["save_probabilities"] is False
+
+
+def test_dead_writers_temporaries_are_removed_and_never_taken_for_outputs(tiny_run, scans, tmp_path, capsys):
+    out = tmp_path / "pred"
+    out.mkdir()
+    me, dead, live = host_tag(), dead_pid(), os.getppid()
+    # what kills leave: a writer's staging folder with a finished-looking case, an atomic write
+    staged = out / f".predict.{me}-{dead}.tmp"
+    staged.mkdir()
+    (staged / "case_a.nii.gz").write_bytes(b"half a case")
+    leftovers = [staged, out / f".{PROVENANCE}.{me}-{dead}.tmp"]
+    leftovers[1].write_text("{")
+    # a running writer's, and another host's (whose process cannot be checked), are kept
+    kept = [out / f".predict.{me}-{live}.tmp", out / f".case_b.nii.gz.otherhost-{dead}.tmp"]
+    kept[0].mkdir()
+    kept[1].write_bytes(b"partial")
+
+    # no outputs and no record: a fresh folder, not one "holding predictions"
+    assert predict(tiny_run, scans, out) == 0
+    assert "predicted 3 case(s), skipped 0" in capsys.readouterr().out
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in kept)
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == sorted(p.name for p in kept)  # the run's own staging folder is gone too
+
+    # a case whose output is missing is redone, whatever a dead writer left for it
+    (out / "case_a.nii.gz").unlink()
+    staged.mkdir()
+    (staged / "case_a.nii.gz").write_bytes(b"half a case")
+    assert predict(tiny_run, scans, out) == 0
+    assert "predicted 1 case(s), skipped 2" in capsys.readouterr().out
+    assert (out / "case_a.nii.gz").stat().st_size > len(b"half a case") and not staged.exists()
+
+
+def test_a_failed_case_leaves_no_staging_folder(tiny_run, scans, tmp_path):
+    broken = scans / "case_b_0000.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:200])
+    out = tmp_path / "pred"
+    assert predict(tiny_run, scans, out, "--save-probabilities") == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [PROVENANCE, "case_a.nii.gz", "case_a_prob.nii.gz", "case_c.nii.gz", "case_c_prob.nii.gz"])
