@@ -16,6 +16,8 @@ photographs of brick walls with masks of the mortar (0/255 PNGs): ``train/`` (50
     labelsTr/001.png         0/1 masks of the chosen --labels kind (train and val alike)
     splits_final.json        nnU-Net's list of folds, one fold: train = train/ (50), val = val/ (20)
     splits_small.json        the "small" setting (splits_small.yaml: 10 train, 20 val), when present
+    imagesVal/ labelsVal/    the 20 validation cases again, as a test folder for choosing
+                             settings without touching the test set (labels as labelsTr)
     imagesTs/  labelsTs/     the in-distribution test images, accurate labels
     imagesTs_GROUP/ labelsTs_GROUP/   each out-of-distribution group present (colors, shadows, ...)
     LICENSE                  the dataset's licence
@@ -191,7 +193,8 @@ def prepare_topomortar(src: Path, out: Path, labels: str = "accurate", overwrite
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        for folder, items in [("Tr", training["train"] + training["val"]), *sorted(tests.items())]:
+        for folder, items in [("Tr", training["train"] + training["val"]), ("Val", training["val"]),
+                              *sorted(tests.items())]:
             (tmp / f"images{folder}").mkdir(parents=True)
             for case, image, mask in items:
                 _write_case(case, image, mask, tmp / f"images{folder}", tmp / f"labels{folder}")

@@ -42,8 +42,9 @@ def _mask(path: Path) -> np.ndarray:
 
 def test_layout_and_dataset_json(converted):
     assert sorted(p.name for p in converted.iterdir()) == [
-        "LICENSE", "dataset.json", "imagesTr", "imagesTs", "imagesTs_colors", "imagesTs_shadows",
-        "labelsTr", "labelsTs", "labelsTs_colors", "labelsTs_shadows", "splits_final.json", "splits_small.json"]
+        "LICENSE", "dataset.json", "imagesTr", "imagesTs", "imagesTs_colors", "imagesTs_shadows", "imagesVal",
+        "labelsTr", "labelsTs", "labelsTs_colors", "labelsTs_shadows", "labelsVal", "splits_final.json",
+        "splits_small.json"]
     assert sorted(p.name for p in (converted / "imagesTr").iterdir()) == [f"{c}_0000.png" for c in TRAIN + VAL]
     for folder, cases in TESTS.items():
         assert sorted(p.name for p in (converted / f"images{folder}").iterdir()) == [f"{c}_0000.png" for c in cases]
@@ -57,7 +58,9 @@ def test_layout_and_dataset_json(converted):
 
 
 def test_images_copied_and_masks_binarised(converted):
-    for folder, part, cases in [("Tr", "train", TRAIN), ("Tr", "val", VAL)] + [(f, "test", c) for f, c in TESTS.items()]:
+    parts = [("Tr", "train", TRAIN), ("Tr", "val", VAL), ("Val", "val", VAL)]
+    assert sorted(p.name for p in (converted / "imagesVal").iterdir()) == [f"{c}_0000.png" for c in VAL]
+    for folder, part, cases in parts + [(f, "test", c) for f, c in TESTS.items()]:
         for case in cases:
             assert (converted / f"images{folder}" / f"{case}_0000.png").read_bytes() == (SRC / part / "images" / f"{case}.png").read_bytes()
             label, _ = read_image(converted / f"labels{folder}" / f"{case}.png")
