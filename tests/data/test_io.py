@@ -338,3 +338,43 @@ def test_reference_keeps_2d_nifti_on_disk_shape_and_resets_value_fields(tmp_path
     back, back_geom = read_image(out)
     np.testing.assert_array_equal(back, array > 0)
     assert back_geom.allclose(geom)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "nifti2"), [(np.int16, None, False), (np.uint8, None, False), (np.int16, 0.5, False), (np.float32, None, True)]
+)
+def test_fast_gzip_reader_equals_nibabel(tmp_path, monkeypatch, dtype, slope, nifti2):
+    """The ISA-L path gives nibabel's values, scaling and geometry; NIfTI-2 falls back."""
+    import medseg.data.io as io
+
+    rng = np.random.default_rng(0)
+    data = np.asfortranarray(rng.integers(0, 200, (37, 21, 9)).astype(dtype))
+    cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    img = cls(data, oblique_affine())
+    if slope is not None:
+        img.header.set_slope_inter(slope, 3.0)
+    path = tmp_path / "case.nii.gz"
+    nib.save(img, path)
+    fast, fast_geometry = read_image_channels(path)
+    monkeypatch.setattr(io, "_igzip", None)
+    slow, slow_geometry = read_image_channels(path)
+    assert fast.dtype == slow.dtype and np.array_equal(fast, slow) and fast.flags.c_contiguous
+    assert np.allclose(fast_geometry.affine, slow_geometry.affine)
+
+
+def test_truncated_gzip_is_a_data_error_on_the_fast_path(tmp_path):
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((30, 30, 30), np.int16), np.eye(4)), path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match="case.nii.gz"):
+        read_image_channels(path)
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 70, 60), (2, 129, 130, 64), (1, 8, 8, 20000)])
+def test_blocked_c_order_copy_equals_ascontiguousarray(shape):
+    from medseg.data.io import _c_order
+
+    rng = np.random.default_rng(1)
+    array = np.asfortranarray(rng.integers(-1000, 1000, shape).astype(np.int16))
+    out = _c_order(array)
+    assert out.flags.c_contiguous and np.array_equal(out, array)
