@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-            from medseg.training.checkpoint import load_checkpoint
+            from medseg.runfolder.checkpoint import load_checkpoint
 
             state = load_checkpoint(run / "checkpoints" / "latest.pt")["model"]
             n = args.test_cases

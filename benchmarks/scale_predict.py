@@ -107,7 +107,7 @@ def make_run(root: Path, patch: int, sw_batch_size: int, seed: int = 0) -> Path:
 
     from medseg.config import validate_config
     from medseg.models.factory import build_model
-    from medseg.training.checkpoint import save_checkpoint
+    from medseg.runfolder.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = validate_config({

@@ -213,7 +213,7 @@ def untrained_network(cfg: ModelConfig, shape: tuple[int, int], seed: int, devic
 def checkpoint_network(path: Path, device: str):
     """(network, preprocessing, description) of a medseg checkpoint, loaded as ``medseg predict`` loads it."""
     from medseg.inference.predictor import Predictor
-    from medseg.training.checkpoint import find_checkpoint, load_checkpoint
+    from medseg.runfolder.checkpoint import find_checkpoint, load_checkpoint
 
     file = find_checkpoint(path)
     checkpoint = load_checkpoint(file, map_location="cpu")

@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from medseg.errors import MedsegError
+from medseg.evaluation.summary import DEFAULT_PERMUTATIONS, DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES
 
 app = typer.Typer(
     name="medseg",
@@ -174,9 +175,13 @@ def evaluate(
         help="comma-separated: dice, iou, hd95, surface_dice (nsd), cldice, betti, betti_matching (bme), "
         "components, volume; default all (hd95 and betti_matching are the costly ones)",
     ),
-    tolerance_mm: float = typer.Option(1.0, "--tolerance-mm", help="tolerance of the normalised surface Dice, mm"),
+    tolerance_mm: float = typer.Option(
+        DEFAULT_TOLERANCE_MM, "--tolerance-mm", help="tolerance of the normalised surface Dice, mm"
+    ),
     images: Optional[Path] = typer.Option(None, "--images", help="scans CASE_0000.nii.gz shown in report.html (default: imagesTs next to --ref)"),
-    worst_cases: int = typer.Option(5, "--worst-cases", help="worst cases by Betti matching error pictured in report.html"),
+    worst_cases: int = typer.Option(
+        DEFAULT_WORST_CASES, "--worst-cases", help="worst cases by Betti matching error pictured in report.html"
+    ),
     report: bool = typer.Option(True, "--report/--no-report", help="write report.html"),
 ) -> None:
     """Overlap and topology metrics per case and label; summary.json, metrics.csv, report.html."""
@@ -225,14 +230,14 @@ def report_compare(
     a: Path = typer.Argument(..., metavar="RUN_OR_EVAL_A", help="a run folder (with evaluation/), an evaluation folder or a summary.json"),
     b: Path = typer.Argument(..., metavar="RUN_OR_EVAL_B", help="the same for run B; differences are B - A"),
     output: Optional[Path] = typer.Option(None, "--output", help="folder for compare.html and compare.json (default: terminal only)"),
-    permutations: Optional[int] = typer.Option(
-        None, "--permutations", help="resamples of the paired permutation test (exact when 2^n is fewer; default 10000)"
+    permutations: int = typer.Option(
+        DEFAULT_PERMUTATIONS, "--permutations", help="resamples of the paired permutation test (exact when 2^n is fewer)"
     ),
 ) -> None:
     """Two evaluations of the same cases side by side: paired differences, Wilcoxon and permutation tests."""
-    from medseg.evaluation.compare import DEFAULT_PERMUTATIONS, run_compare
+    from medseg.evaluation.compare import run_compare
 
-    run_compare(a, b, output=output, permutations=DEFAULT_PERMUTATIONS if permutations is None else permutations)
+    run_compare(a, b, output=output, permutations=permutations)
 
 
 @report_app.command("html")
@@ -240,7 +245,7 @@ def report_html(
     evaluation: Path = typer.Argument(..., metavar="EVALUATION", help="an evaluation folder or its summary.json"),
     output: Optional[Path] = typer.Option(None, "--output", help="HTML file to write (default: report.html next to summary.json)"),
     images: Optional[Path] = typer.Option(None, "--images", help="scans CASE_0000.nii.gz shown under the worst cases"),
-    worst_cases: int = typer.Option(5, "--worst-cases", help="worst cases by Betti matching error pictured"),
+    worst_cases: int = typer.Option(DEFAULT_WORST_CASES, "--worst-cases", help="worst cases by Betti matching error pictured"),
 ) -> None:
     """(Re)write report.html from an existing summary.json."""
     from medseg.evaluation.report import rewrite_report
@@ -255,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
         result = app(args=argv, standalone_mode=False)
     except MedsegError as err:
-        print(f"medseg: error: {err}", file=sys.stderr)
+        # one write: the ranks of a torchrun share stderr, and print's two writes interleave
+        sys.stderr.write(f"medseg: error: {err}\n")
+        sys.stderr.flush()
         return err.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code

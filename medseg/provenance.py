@@ -39,8 +39,8 @@ def _engine_info() -> dict[str, Any]:
 
 
 def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
+    try:  # a plain str: torch's TorchVersion would not load from a weights_only checkpoint
+        return str(__import__(module).__version__)
     except Exception:
         return None
 

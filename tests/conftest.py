@@ -41,6 +41,26 @@ def _medseg_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def topolosses_spec():
+    """The import spec of ``topolosses==0.2.0``, the reference implementations the
+    independent cross-checks compare with (Betti matching, clDice).
+
+    A test-only dependency that ``scripts/setup.sh`` installs (``pip install --no-deps
+    topolosses==0.2.0``). Missing, it fails the tests that need it, so that CI cannot pass
+    without the cross-checks; ``MEDSEG_ALLOW_MISSING_REFERENCE=1`` turns that into a skip.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("topolosses")
+    if spec is None or spec.origin is None or not spec.submodule_search_locations:
+        message = "topolosses is not installed (pip install --no-deps topolosses==0.2.0, as scripts/setup.sh does)"
+        if os.environ.get("MEDSEG_ALLOW_MISSING_REFERENCE") == "1":
+            pytest.skip(message)
+        pytest.fail(message + "; MEDSEG_ALLOW_MISSING_REFERENCE=1 skips the cross-checks instead", pytrace=False)
+    return spec
+
+
+@pytest.fixture(scope="session")
 def make_synthetic_dataset(tmp_path_factory):
     """Factory: ``make_synthetic_dataset(cases=4, size=48, ...) -> Path`` (cached)."""
     cache: dict[tuple, Path] = {}

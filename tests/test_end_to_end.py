@@ -17,7 +17,7 @@ from medseg.cli import main
 from medseg.config import validate_config
 from medseg.data.io import read_image
 from medseg.models.factory import build_model
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.runfolder.checkpoint import load_checkpoint, save_checkpoint
 
 CONFIG = {
     "data": {"patch_size": [32, 32, 32], "cache_rate": 1.0},

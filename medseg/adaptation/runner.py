@@ -13,12 +13,15 @@ The adapted run folder (``output_dir``)::
     config.yaml            the resolved adaptation config (AdaptConfig)
     source_config.yaml     the run config stored in the adapted checkpoint (the source's,
                            output_dir changed; Tent may add affine: true to the norm)
-    provenance.json        source run, checkpoint path and SHA-256, method, target cases
+    provenance.json        source run, checkpoint path and SHA-256, method, target cases,
+                           and what ran it (medseg, engine build, torch, device, command;
+                           :mod:`medseg.runfolder.provenance`; a resume is appended to ``resumes``)
     label_stats.json       copied from the source run (the prior of a further SFDA)
     metrics.csv            loss rows; target Dice rows (val_dice/*) with target.eval_labels
     target_eval.json       Dice and Betti errors per class before and after (eval_labels only)
     progress.png, tensorboard/, adapt.log
-    checkpoints/latest.pt  the adapted model, in the training checkpoint format
+    checkpoints/latest.pt  the adapted model, in the checkpoint format of
+                           :mod:`medseg.runfolder.checkpoint`
 
 There is no ``best.pt``: without target labels nothing can choose a best step, and
 choosing one with ``eval_labels`` would leak the target labels into the adaptation.
@@ -43,21 +46,34 @@ import torch
 from tqdm.auto import tqdm
 
 from medseg.adaptation.base import AdaptContext, Method
-from medseg.adaptation.config import AdaptConfig, dump_adapt_config
+from medseg.adaptation.config import AdaptConfig, dump_adapt_config, validate_adapt_config
 from medseg.adaptation.source import LABEL_STATS, SourceRun, class_prior, ensure_affine_norms, load_source
 from medseg.adaptation.target import evaluate, load_target, read_eval_labels
 from medseg.atomic import write_atomic
 from medseg.config import ModelConfig, dump_config, validate_config
 from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.models import build_model
-from medseg.training.checkpoint import CHECKPOINT_DIR, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from medseg.runfolder import (
+    CHECKPOINT_DIR,
+    LATEST,
+    LossAverage,
+    attach_console_handler,
+    attach_file_handler,
+    capture_rng_state,
+    check_unchanged,
+    detach,
+    load_checkpoint,
+    resolve_device,
+    restore_rng_state,
+    save_checkpoint,
+    write_provenance,
+)
 from medseg.training.logs import RunLog
 
 log = logging.getLogger("medseg.adaptation")
 
-LATEST = "latest.pt"
-PROVENANCE = "provenance.json"
 TARGET_EVAL = "target_eval.json"
+CONFIG_FILE = "config.yaml"
 # keys a resumed adaptation may change; everything else must match the checkpoint
 _RESUME_FREE = {
     "adapt.checkpoint_interval", "adapt.log_interval", "target.eval_interval", "target.eval_labels", "device",
@@ -65,65 +81,17 @@ _RESUME_FREE = {
 }
 
 
-# --------------------------------------------------------------------------- logging
-
-class _TqdmHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record))
-        except Exception:  # pragma: no cover
-            self.handleError(record)
-
-
-def _attach_console() -> list[logging.Handler]:
-    package = logging.getLogger("medseg")
-    if package.level == logging.NOTSET or package.level > logging.INFO:
-        package.setLevel(logging.INFO)
-    added: list[logging.Handler] = []
-    if not package.handlers and not logging.getLogger().handlers:
-        console = _TqdmHandler()
-        console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        added.append(console)
-    for h in added:
-        package.addHandler(h)
-    return added
-
-
-def _detach(handlers: list[logging.Handler]) -> None:
-    package = logging.getLogger("medseg")
-    for h in handlers:
-        package.removeHandler(h)
-        h.close()
-
-
 # --------------------------------------------------------------------------- parts
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def _check_resumable(cfg: AdaptConfig, stored: dict[str, Any], path: Path) -> None:
-    now, then = _flatten(cfg.model_dump(mode="json")), _flatten(stored)
+    """Refuse a resume that changes a key outside ``_RESUME_FREE`` (and ``adapt.iterations``
+    for the methods without a curriculum), naming the key and both values."""
+    try:  # a key added to the schema since the checkpoint was written gets its default
+        stored = validate_adapt_config(stored, source=f"{path} (stored config)").model_dump(mode="json")
+    except ConfigError:
+        pass
     free = set(_RESUME_FREE) | ({"adapt.iterations"} if cfg.adapt.method != "pseudo_label" else set())
-    changed = sorted(k for k in set(now) | set(then) if k not in free and now.get(k) != then.get(k))
-    if changed:
-        raise ConfigError(
-            f"{path}: cannot resume, the config changed {', '.join(changed[:5])} since the checkpoint; "
-            "resume with the run's config.yaml or choose a new output_dir"
-        )
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but torch sees no CUDA device (use 'auto' or 'cpu')")
-    return torch.device(name)
+    check_unchanged(stored, cfg.model_dump(mode="json"), free, Path(cfg.output_dir) / CONFIG_FILE)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -193,28 +161,6 @@ def _source_batches(cfg: AdaptConfig, source: SourceRun, start: int, device: tor
                for k, v in batch.items()}
 
 
-class _Average:
-    def __init__(self, state: dict | None = None) -> None:
-        state = state or {}
-        self.count, self.total = int(state.get("count", 0)), float(state.get("total", 0.0))
-        self.terms = {k: float(v) for k, v in state.get("terms", {}).items()}
-
-    def add(self, total: float, terms: dict[str, float]) -> None:
-        self.count += 1
-        self.total += total
-        for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v
-
-    def pop(self) -> tuple[float, dict[str, float]]:
-        n = max(self.count, 1)
-        out = self.total / n, {k: v / n for k, v in self.terms.items()}
-        self.count, self.total, self.terms = 0, 0.0, {}
-        return out
-
-    def state(self) -> dict[str, Any]:
-        return {"count": self.count, "total": self.total, "terms": dict(self.terms)}
-
-
 # --------------------------------------------------------------------------- the run
 
 def run_adaptation(cfg: AdaptConfig, resume: bool = False) -> Path:
@@ -231,11 +177,11 @@ def run_adaptation(cfg: AdaptConfig, resume: bool = False) -> Path:
         A target scan with another channel count or dimensionality than the source
         model, an unreadable file, a missing ``eval_labels`` file.
     """
-    console = _attach_console()
+    console = attach_console_handler()
     try:
         return _run(cfg, resume, console)
     finally:
-        _detach(console)
+        detach(console)
 
 
 def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
@@ -261,7 +207,7 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
     source = load_source(source_path)
     if checkpoint is not None and checkpoint["adaptation"]["provenance"]["source_checkpoint_sha256"] != source.sha256:
         raise CheckpointError(f"{source.checkpoint_path}: changed since this adaptation started (SHA-256 differs)")
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     predictor = Predictor(source.payload, device, source=str(source.checkpoint_path))
     dims = predictor.spatial_dims
     patch = list(cfg.adapt.patch_size or source.config.data.patch_size)
@@ -326,7 +272,7 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
         "config": cfg.model_dump(mode="json"),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    state: dict[str, Any] = {"iteration": 0, "average": _Average(), "loss_terms": list(method.loss_terms), "before": None}
+    state: dict[str, Any] = {"iteration": 0, "average": LossAverage(), "loss_terms": list(method.loss_terms), "before": None}
     if checkpoint is not None:
         try:
             student.load_state_dict(checkpoint["adaptation"]["student"])
@@ -335,17 +281,19 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{latest}: does not match this adaptation ({str(err).splitlines()[0]})") from None
         provenance = checkpoint["adaptation"]["provenance"]
-        state.update(iteration=int(checkpoint["iteration"]), average=_Average(checkpoint.get("loss_average")),
+        state.update(iteration=int(checkpoint["iteration"]), average=LossAverage(checkpoint.get("loss_average")),
                      before=checkpoint["adaptation"].get("before"))
 
-    handlers += _file_handler(run_dir)
+    handlers += attach_file_handler(run_dir / "adapt.log")
     class_values = dict(predictor.info.foreground_labels)
     if checkpoint is None:
-        write_atomic(run_dir / "config.yaml", dump_adapt_config(cfg))
+        write_atomic(run_dir / CONFIG_FILE, dump_adapt_config(cfg))
         write_atomic(run_dir / "source_config.yaml", dump_config(validate_config(run_config)))
-        write_atomic(run_dir / PROVENANCE, json.dumps(provenance, indent=2) + "\n")
+        # the adaptation's keys and the build record, also kept in every checkpoint
+        provenance = write_provenance(run_dir, device, extra=provenance)
         _copy_label_stats((source.run_dir or source.checkpoint_path.parent.parent) / LABEL_STATS, run_dir / LABEL_STATS)
     else:
+        write_provenance(run_dir, device, extra=provenance, resumed_at=state["iteration"])
         restore_rng_state(checkpoint["rng"])
         log.info("resuming %s at step %d of %d", run_dir, state["iteration"], cfg.adapt.iterations)
 
@@ -406,14 +354,6 @@ def _copy_label_stats(source: Path, target: Path) -> None:
         log.warning("%s: unreadable (%s), not copied into the adapted run", source, err)
         return
     write_atomic(target, data)
-
-
-def _file_handler(run_dir: Path) -> list[logging.Handler]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "adapt.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("medseg").addHandler(handler)
-    return [handler]
 
 
 def _ending(scan) -> str:

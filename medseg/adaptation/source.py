@@ -13,7 +13,7 @@ import torch
 from medseg.atomic import file_sha256
 from medseg.config import RunConfig, validate_config
 from medseg.errors import CheckpointError, ConfigError, MedsegError
-from medseg.training.checkpoint import find_checkpoint, load_checkpoint
+from medseg.runfolder import find_checkpoint, load_checkpoint
 
 LABEL_STATS = "label_stats.json"
 

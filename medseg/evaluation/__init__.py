@@ -6,17 +6,32 @@ per-label metrics it computes (add one with :func:`register_metric`, choose with
 :func:`run_compare` is ``medseg report compare``.
 """
 
-from medseg.evaluation.aggregate import describe
-from medseg.evaluation.compare import compare_evaluations, load_evaluation, run_compare
-from medseg.evaluation.evaluate import evaluate_case, run_evaluation
-from medseg.evaluation.metrics import (
-    LABEL_METRICS,
-    MetricContext,
-    compute_label_metrics,
-    register_metric,
-    resolve_metrics,
-)
-from medseg.evaluation.report import write_report
+from importlib import import_module
+from typing import Any
+
+# Imported when first used, so that the command line can read the defaults of
+# medseg.evaluation.summary without loading SciPy and MONAI.
+_WHERE = {
+    "describe": "aggregate",
+    "compare_evaluations": "compare",
+    "load_evaluation": "compare",
+    "run_compare": "compare",
+    "evaluate_case": "evaluate",
+    "run_evaluation": "evaluate",
+    "LABEL_METRICS": "metrics",
+    "MetricContext": "metrics",
+    "compute_label_metrics": "metrics",
+    "register_metric": "metrics",
+    "resolve_metrics": "metrics",
+    "write_report": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "run_evaluation",

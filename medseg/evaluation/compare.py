@@ -40,12 +40,18 @@ import numpy as np
 from medseg.errors import DataError
 from medseg.evaluation import _page
 from medseg.evaluation.aggregate import better_direction, is_number
+from medseg.evaluation.summary import (
+    DEFAULT_PERMUTATIONS,
+    PRIMARY_METRICS,
+    find_summary,
+    json_default,
+    ordered_metrics,
+    read_summary,
+)
 
 __all__ = ["Evaluation", "find_summary", "load_evaluation", "paired_tests", "compare_evaluations", "format_table", "run_compare"]
 
 SIGNIFICANCE = 0.05  # only for marking rows; the p-values are reported as they are
-#: Resamples of the paired permutation test (exact enumeration when 2^n is fewer).
-DEFAULT_PERMUTATIONS = 10000
 
 
 @dataclass
@@ -56,36 +62,6 @@ class Evaluation:
     per_case: dict[str, dict[str, dict[str, float]]]
     not_evaluated: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
-
-
-def find_summary(path: str | Path) -> Path:
-    """The ``summary.json`` that ``path`` stands for: the file, ``path/summary.json`` or ``path/evaluation/summary.json``.
-
-    A run folder with a single other subfolder holding a ``summary.json`` is accepted too.
-
-    Raises
-    ------
-    DataError
-        When there is none, or several to choose from.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise DataError(f"{path}: not found (give a run folder, an evaluation folder or a summary.json)")
-    for candidate in (path / "summary.json", path / "evaluation" / "summary.json"):
-        if candidate.is_file():
-            return candidate
-    found = sorted(p for p in path.iterdir() if p.is_dir() and (p / "summary.json").is_file())
-    if len(found) == 1:
-        return found[0] / "summary.json"
-    if found:
-        names = ", ".join(p.name for p in found)
-        raise DataError(f"{path}: several evaluations in it ({names}); pass the one to compare")
-    raise DataError(
-        f"{path}: no summary.json in it or in {path / 'evaluation'} "
-        f"(write one with: medseg evaluate ... --output {path / 'evaluation'})"
-    )
 
 
 def load_evaluation(path: str | Path) -> Evaluation:
@@ -99,13 +75,8 @@ def load_evaluation(path: str | Path) -> Evaluation:
     from medseg.data.io import strip_ending
 
     source = find_summary(path)
-    try:
-        data = json.loads(source.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{source}: not a readable summary.json ({type(err).__name__}: {err})") from None
-    entries = data.get("metric_per_case") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise DataError(f"{source}: not an evaluation summary (no 'metric_per_case' list; write one with medseg evaluate)")
+    data = read_summary(source)
+    entries = data["metric_per_case"]
     per_case: dict[str, dict] = {}
     not_evaluated: dict[str, str] = {}
     for i, entry in enumerate(entries):
@@ -191,9 +162,7 @@ def paired_tests(a: np.ndarray, b: np.ndarray, permutations: int = DEFAULT_PERMU
 
 
 def _shown(names) -> list[str]:
-    from medseg.evaluation.report import PRIMARY_METRICS, _ordered
-
-    return [n for n in _ordered(names) if n in PRIMARY_METRICS or n.endswith("_error")]
+    return [n for n in ordered_metrics(names) if n in PRIMARY_METRICS or n.endswith("_error")]
 
 
 def compare_evaluations(a: Evaluation, b: Evaluation, permutations: int = DEFAULT_PERMUTATIONS) -> dict[str, Any]:
@@ -365,7 +334,6 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
         An input is missing or not a summary, or no case is evaluated in both.
     """
     from medseg.atomic import check_output_folder, write_atomic
-    from medseg.evaluation.evaluate import _plain
 
     if permutations < 1:
         raise DataError(f"--permutations {permutations}: must be at least 1")
@@ -374,7 +342,7 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
     result = compare_evaluations(load_evaluation(a), load_evaluation(b), permutations)
     print(format_table(result))
     if output is not None:
-        write_atomic(output / "compare.json", json.dumps(result, indent=2, default=_plain) + "\n")
+        write_atomic(output / "compare.json", json.dumps(result, indent=2, default=json_default) + "\n")
         write_atomic(output / "compare.html", render_compare_html(result))
         print(f"medseg: wrote {output / 'compare.json'} and {output / 'compare.html'}", file=sys.stderr)
     return result

@@ -13,7 +13,9 @@ those chosen with ``metrics``) are computed for every foreground label. Results 
   number of undefined cases; :mod:`medseg.evaluation.aggregate`), ``conventions``
   (connectivity, filtration, units, tolerances, empty-mask rules), ``metrics_computed``,
   ``metrics_skipped`` (default metrics that cannot be computed here, with the reason,
-  also printed), ``missing_predictions``, ``failed_cases`` and ``empty_cases``;
+  also printed), ``missing_predictions``, ``failed_cases``, ``empty_cases`` and
+  ``provenance`` (:func:`medseg.provenance.provenance`: medseg, engine build, libraries,
+  command line, host and time of the evaluation);
 * ``metrics.csv``: one row per case and label, missing and failed cases included;
 * ``report.html`` (:mod:`medseg.evaluation.report`): the same as one self-contained page
   with plots, a sortable per-case table and pictures of the worst cases.
@@ -40,11 +42,12 @@ import numpy as np
 
 from medseg.atomic import check_output_folder, write_atomic
 from medseg.errors import DataError, MedsegError
+from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map
+from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES, SUMMARY_FILE, json_default
+from medseg.provenance import provenance
 
 __all__ = ["run_evaluation", "evaluate_case", "find_cases", "AFFINE_TOLERANCE_MM"]
 
-AFFINE_TOLERANCE_MM = 1e-3
-"""Largest difference of any affine entry (mm) between prediction and reference."""
 
 
 # --------------------------------------------------------------------------- labels
@@ -100,19 +103,8 @@ def find_cases(ref_dir: Path, ending: str | None = None) -> tuple[dict[str, Path
     return cases, ending
 
 
-def _read_label_map(path: Path) -> tuple[np.ndarray, Any]:
-    from medseg.data.io import read_image
-
-    array, geometry = read_image(path)
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            raise DataError(f"{path}: not a label map (non-integer or non-finite values)")
-        array = array.astype(np.int32)
-    return array, geometry
-
-
 def _label_values(path: Path) -> list[int]:
-    array, _ = _read_label_map(path)
+    array, _ = read_label_map(path)
     return [int(v) for v in np.unique(array) if v != 0]
 
 
@@ -129,7 +121,7 @@ def evaluate_case(
 
     ``metrics`` names registry entries (:func:`medseg.evaluation.metrics.resolve_metrics`);
     ``tolerance_mm`` is the surface Dice tolerance (default
-    :data:`medseg.evaluation.metrics.DEFAULT_TOLERANCE_MM`).
+    :data:`medseg.evaluation.summary.DEFAULT_TOLERANCE_MM`).
 
     Raises
     ------
@@ -140,43 +132,9 @@ def evaluate_case(
     return _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm)[0]
 
 
-def read_case_pair(pred_file: Path, ref_file: Path, connectivity: int | None = None):
-    """Prediction and reference label maps checked against each other: ``(pred, ref, ref_geometry)``.
-
-    Raises
-    ------
-    DataError
-        As :func:`evaluate_case`.
-    """
-    ref, ref_geometry = _read_label_map(ref_file)
-    if connectivity is not None and connectivity not in {2: (8, 4), 3: (26, 6)}[ref.ndim]:
-        raise DataError(
-            f"{ref_file}: --connectivity {connectivity} does not fit a {ref.ndim}D image "
-            f"(use {'8 or 4' if ref.ndim == 2 else '26 or 6'})"
-        )
-    pred, pred_geometry = _read_label_map(pred_file)
-    if pred.shape != ref.shape:
-        raise DataError(f"{pred_file}: shape {pred.shape} differs from the reference's {ref.shape} ({ref_file})")
-    if not pred_geometry.allclose(ref_geometry, atol=AFFINE_TOLERANCE_MM):
-        diff = pred_geometry.max_affine_difference(ref_geometry)
-        raise DataError(
-            f"{pred_file}: affine differs from the reference's by up to {diff:.3g} mm "
-            f"(tolerance {AFFINE_TOLERANCE_MM} mm; {ref_file})"
-        )
-    return pred, ref, ref_geometry
-
-
-def label_masks(pred: np.ndarray, ref: np.ndarray, label: int, ignore_label: int | None = None):
-    """Boolean masks of one label; prediction voxels where the reference is ``ignore_label`` are dropped."""
-    pred_mask = pred == label
-    if ignore_label is not None:
-        pred_mask &= ref != ignore_label
-    return pred_mask, ref == label
-
-
 def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm):
     """:func:`evaluate_case` and the case's ``{"shape", "spacing"}``."""
-    from medseg.evaluation.metrics import DEFAULT_TOLERANCE_MM, MetricContext, compute_label_metrics
+    from medseg.evaluation.metrics import MetricContext, compute_label_metrics
 
     pred, ref, ref_geometry = read_case_pair(pred_file, ref_file, connectivity)
     context = MetricContext(
@@ -258,14 +216,6 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    return value
-
-
 def _resolve_labels(dataset_json: Path | None, ref_dir: Path):
     """Labels, ignore label, ending and where they came from (dataset.json or the data)."""
     if dataset_json is not None:
@@ -287,7 +237,7 @@ def run_evaluation(
     tolerance_mm: float | None = None,
     report: bool = True,
     images_dir: str | Path | None = None,
-    worst_cases: int = 5,
+    worst_cases: int = DEFAULT_WORST_CASES,
 ) -> bool:
     """Evaluate every reference case; write ``summary.json``, ``metrics.csv`` and ``report.html`` to ``output``.
 
@@ -311,7 +261,8 @@ def run_evaluation(
         :data:`medseg.evaluation.metrics.LABEL_METRICS` or their aliases). Default all;
         HD95, surface Dice, clDice and the Betti matching error are the costly ones.
     tolerance_mm : float, optional
-        Tolerance of the normalised surface Dice in mm (default 1.0).
+        Tolerance of the normalised surface Dice in mm (default
+        :data:`~medseg.evaluation.summary.DEFAULT_TOLERANCE_MM`).
     report : bool
         Also write ``report.html`` (:func:`medseg.evaluation.report.write_report`).
     images_dir : path, optional
@@ -341,7 +292,6 @@ def run_evaluation(
     from medseg.evaluation.aggregate import STATISTICS_CONVENTION
     from medseg.evaluation.metrics import (
         CONVENTIONS,
-        DEFAULT_TOLERANCE_MM,
         matching_construction,
         resolve_metrics,
         unavailable_metrics,
@@ -351,7 +301,7 @@ def run_evaluation(
     if connectivity is not None and connectivity not in (4, 6, 8, 26):
         raise MedsegError(f"--connectivity {connectivity}: use 8 or 4 for 2D images, 26 or 6 for 3D")
     check_output_folder(output, "--output")  # before the cases are evaluated, not after
-    chosen = resolve_metrics(metrics)  # a metric named here that cannot be computed is an error
+    chosen = resolve_metrics(metrics, "--metrics")  # a metric named here that cannot be computed is an error
     skipped = unavailable_metrics(chosen)  # so only defaults are left to skip, with the reason
     chosen = [name for name in chosen if name not in skipped]
     tolerance_mm = DEFAULT_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm)
@@ -426,10 +376,11 @@ def run_evaluation(
     summary["metrics_skipped"] = skipped
     summary["reference_folder"] = str(ref_dir)
     summary["prediction_folder"] = str(pred_dir)
+    summary["provenance"] = provenance("cpu")  # what computed it (medseg.runfolder.provenance)
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "summary.json", json.dumps(summary, indent=2, default=_plain) + "\n")
+    write_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2, default=json_default) + "\n")
     write_atomic(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
-    written = ["summary.json", "metrics.csv"]
+    written = [SUMMARY_FILE, "metrics.csv"]
     if report:
         from medseg.evaluation.report import default_images_dir, write_report
 
@@ -469,7 +420,7 @@ def _summary(
             "case": case,
         }
         if case in per_case:
-            entry["metrics"] = {label: {k: _plain(v) for k, v in m.items()} for label, m in per_case[case].items()}
+            entry["metrics"] = {label: {k: json_default(v) for k, v in m.items()} for label, m in per_case[case].items()}
             entry.update((case_info or {}).get(case, {}))
         else:
             entry["status"] = "missing" if case in missing else "failed"

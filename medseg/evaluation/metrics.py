@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM  # defined with the other defaults of the commands
 from medseg.topology.betti_numbers import betti_numbers, default_connectivity
 
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
     "matching_construction",
 ]
 
-DEFAULT_TOLERANCE_MM = 1.0
-"""Default tolerance of the normalised surface Dice, in mm."""
 
 
 @dataclass(frozen=True)
@@ -323,12 +322,13 @@ def volume(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[st
     }
 
 
-def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
-    """Registry entries named by ``--metrics`` (comma-separated or a list); None or "all": every one.
+def resolve_metrics(names: str | Iterable[str] | None, what: str = "metrics") -> list[str]:
+    """Registry entries named by ``names`` (comma-separated or a list); None or "all": every one.
 
     Every entry is returned for None or "all", also those that cannot be computed here
     (:func:`unavailable_metrics`; the caller skips them); a metric named explicitly must
-    be computable.
+    be computable. ``what`` is the option or key the names came from (``--metrics``,
+    ``evaluate.metrics``), named in the messages.
 
     Raises
     ------
@@ -351,15 +351,15 @@ def resolve_metrics(names: str | Iterable[str] | None) -> list[str]:
         for entry in entries:
             if entry not in LABEL_METRICS:
                 known = ", ".join([*LABEL_METRICS, *METRIC_ALIASES, "all"])
-                raise MedsegError(f"--metrics: unknown metric '{raw.strip()}' (choose from {known})")
+                raise MedsegError(f"{what}: unknown metric '{raw.strip()}' (choose from {known})")
             reason = unavailable_metrics([entry]).get(entry)
             if reason:
                 shown = entry if entry == name else f"{raw.strip()} ({entry})"
-                raise MedsegError(f"--metrics: {shown} cannot be computed: {reason}")
+                raise MedsegError(f"{what}: {shown} cannot be computed: {reason}")
             if entry not in chosen:
                 chosen.append(entry)
     if not chosen:
-        raise MedsegError("--metrics: no metric named (e.g. --metrics dice,hd95,betti)")
+        raise MedsegError(f"{what}: no metric named (e.g. dice,hd95,betti)")
     return chosen
 
 

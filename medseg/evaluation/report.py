@@ -33,6 +33,13 @@ import numpy as np
 from medseg.errors import DataError, MedsegError
 from medseg.evaluation import _page
 from medseg.evaluation.aggregate import STATISTICS, describe, is_number
+from medseg.evaluation.summary import (
+    DEFAULT_WORST_CASES,
+    PRIMARY_METRICS,
+    find_summary,
+    ordered_metrics,
+    read_summary,
+)
 
 __all__ = [
     "write_report",
@@ -47,12 +54,6 @@ __all__ = [
 
 FEATURE_NAMES = {0: ("component", "components"), 1: ("loop", "loops"), 2: ("cavity", "cavities")}
 """What a homology class of each dimension is called in legends (singular, plural)."""
-
-PRIMARY_METRICS = (
-    "Dice", "IoU", "NSD", "clDice", "HD95", "betti_matching_error", "betti_error",
-    "components_pred", "components_ref", "volume_difference_mm3", "volume_difference_relative",
-)
-"""Metrics shown first (and plotted), in this order; the per-dimension errors follow their sums."""
 
 _PICTURE_MARGIN = 3  # voxels around the union of both masks in the worst-case pictures
 
@@ -157,23 +158,9 @@ def default_images_dir(ref_dir: str | Path) -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def _ordered(names: Sequence[str]) -> list[str]:
-    """Primary metrics first (each followed by its per-dimension parts), then the rest alphabetically."""
-    names = list(dict.fromkeys(names))
-    out: list[str] = []
-    for name in PRIMARY_METRICS:
-        if name in names:
-            out.append(name)
-        if name.endswith("_error"):
-            stem = name[: -len("_error")]
-            out.extend(sorted(n for n in names if n.startswith(stem + "_") and n.endswith("_error")
-                              and n[len(stem) + 1 : -len("_error")].isdigit()))
-    return out + sorted(n for n in names if n not in out)
-
-
 def _plotted(names: Sequence[str]) -> list[str]:
-    keep = [n for n in _ordered(names) if n in PRIMARY_METRICS and n not in ("components_pred", "components_ref", "volume_difference_mm3")]
-    keep += [n for n in _ordered(names) if n.startswith("betti_matching_") and n[len("betti_matching_"):-len("_error")].isdigit()]
+    keep = [n for n in ordered_metrics(names) if n in PRIMARY_METRICS and n not in ("components_pred", "components_ref", "volume_difference_mm3")]
+    keep += [n for n in ordered_metrics(names) if n.startswith("betti_matching_") and n[len("betti_matching_"):-len("_error")].isdigit()]
     return keep
 
 
@@ -237,7 +224,7 @@ def _run_section(summary: dict) -> str:
 def _aggregate_section(summary: dict, label: str, name: str, rows_by_case: dict[str, dict]) -> str:
     stats = summary.get("statistics", {}).get(label)
     values = [m for m in rows_by_case.values()]
-    names = _ordered({k for m in values for k in m})
+    names = ordered_metrics({k for m in values for k in m})
     if stats is None:  # an older or foreign summary: compute them here
         stats = {k: describe(m.get(k, math.nan) for m in values) for k in names}
     headers = ["metric", *STATISTICS]
@@ -275,7 +262,7 @@ def _case_table(summary: dict, labels: dict[str, str]) -> str:
     single = len(labels) == 1
     columns: list[tuple[str, str, str]] = []  # (label, metric, header)
     for label, name in labels.items():
-        shown = [n for n in _ordered(present[label]) if n in PRIMARY_METRICS or n.endswith("_error")]
+        shown = [n for n in ordered_metrics(present[label]) if n in PRIMARY_METRICS or n.endswith("_error")]
         columns += [(label, n, n if single else f"{n} [{name}]") for n in shown]
     headers = ["case", "status", *(h for _, _, h in columns)]
     keys = ["case", "status", *(n if single else f"{n}@{label}" for label, n, _ in columns)]
@@ -351,7 +338,7 @@ def _picture(entry: dict, label: str, label_name: str, summary: dict, images_dir
              ending: str | None, connectivity: int | None) -> tuple[bytes | None, list[str], str]:
     """(PNG, legend lines, note) for one worst case; PNG None with the reason in note when it cannot be drawn."""
     from medseg.data.io import ending_of
-    from medseg.evaluation.evaluate import label_masks, read_case_pair
+    from medseg.evaluation.pair import label_masks, read_case_pair
     from medseg.evaluation.plots import Marks, case_figure
 
     ref_file, pred_file = Path(entry["reference_file"]), Path(entry["prediction_file"])
@@ -443,7 +430,7 @@ def render_report(
     images_dir: str | Path | None = None,
     image_ending: str | None = None,
     connectivity: int | None = None,
-    worst_cases: int = 5,
+    worst_cases: int = DEFAULT_WORST_CASES,
     title: str = "medseg evaluation",
 ) -> str:
     """The HTML text of the report of ``summary`` (a ``summary.json`` as a dict); see the module docstring."""
@@ -471,7 +458,7 @@ def write_report(
     images_dir: str | Path | None = None,
     image_ending: str | None = None,
     connectivity: int | None = None,
-    worst_cases: int = 5,
+    worst_cases: int = DEFAULT_WORST_CASES,
 ) -> Path:
     """Write ``report.html`` for an evaluation (atomically); returns its path.
 
@@ -498,15 +485,7 @@ def write_report(
     from medseg.atomic import write_atomic
 
     if not isinstance(summary, dict):
-        source = Path(summary)
-        try:
-            summary = json.loads(source.read_text())
-        except FileNotFoundError:
-            raise DataError(f"{source}: summary.json not found") from None
-        except (OSError, ValueError) as err:
-            raise DataError(f"{source}: not a readable summary.json ({type(err).__name__}: {err})") from None
-        if not isinstance(summary, dict):
-            raise DataError(f"{source}: not a summary.json (expected an object with 'metric_per_case')")
+        summary = read_summary(summary)
     path = Path(path)
     write_atomic(path, render_report(summary, images_dir, image_ending, connectivity, worst_cases))
     return path
@@ -516,15 +495,13 @@ def rewrite_report(
     evaluation: str | Path,
     output: str | Path | None = None,
     images_dir: str | Path | None = None,
-    worst_cases: int = 5,
+    worst_cases: int = DEFAULT_WORST_CASES,
 ) -> Path:
     """``medseg report html``: (re)write ``report.html`` from an evaluation folder or summary.json.
 
     Scans default to ``imagesTs`` next to the summary's reference folder, as in
     ``medseg evaluate``; the page goes next to ``summary.json`` unless ``output`` says otherwise.
     """
-    from medseg.evaluation.compare import find_summary
-
     summary_path = find_summary(evaluation)
     if images_dir is None:
         try:

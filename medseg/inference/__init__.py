@@ -4,6 +4,7 @@
 """
 
 from medseg.inference.predict import run_prediction
-from medseg.inference.predictor import Predictor, resolve_device
+from medseg.inference.predictor import Predictor
+from medseg.runfolder import resolve_device  # re-exported: the one device resolution
 
 __all__ = ["run_prediction", "Predictor", "resolve_device"]

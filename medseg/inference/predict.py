@@ -26,7 +26,9 @@ Batch behaviour:
   the model is read, and nothing is written;
 * ``OUTPUT/predict_provenance.json`` (:data:`PROVENANCE`) records what the outputs are
   made of: the SHA-256 of the checkpoint file (the digest ``medseg adapt`` records of
-  its source) and every option that changes their values (:func:`_provenance`). A
+  its source) and every option that changes their values (:func:`_provenance`), and,
+  under ``made_by``, which medseg, engine build, torch, device and command wrote the
+  record (:func:`medseg.provenance.provenance`; recorded, not compared). A
   case whose output exists is skipped unless ``overwrite`` (an interrupted batch
   resumes where it stopped), but only under the same record: a folder predicted with
   another checkpoint or other options, or holding outputs without a record, is refused
@@ -68,13 +70,14 @@ import torch
 from medseg import distributed
 from medseg.errors import MedsegError
 
-__all__ = ["run_prediction", "PROBABILITY_SUFFIX", "PREFETCH_MAX_VOXELS", "PROVENANCE"]
+__all__ = ["run_prediction", "compared_provenance", "PROBABILITY_SUFFIX", "PREFETCH_MAX_VOXELS", "PROVENANCE"]
 
 PROBABILITY_SUFFIX = "_prob.nii.gz"
 # what made the outputs of a folder (see _provenance)
 PROVENANCE = "predict_provenance.json"
-# recorded for the reader but not compared: a run folder may be moved or copied
-_NOT_COMPARED = ("checkpoint",)
+# recorded for the reader but not compared: a run folder may be moved or copied, and
+# another process (host, time, command, a rank of torchrun) may continue the folder
+_NOT_COMPARED = ("checkpoint", "made_by")
 # a temporary file or folder of medseg.atomic.temporary_name: .NAME.HOST-PID.tmp
 # a channel suffix of nnU-Net's naming (medseg.data.dataset groups CASE_XXXX files)
 _CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")
@@ -148,11 +151,14 @@ def _provenance(predictor, tta: bool, overlap: float, save_probabilities: bool) 
     the overlap and the blending mode of the windows, whether probabilities are written,
     the stitched class maps' dtype, and mixed precision (used on CUDA). The windows per
     forward pass and where the class maps are stitched change no value and are left out.
-    The checkpoint's path is recorded for the reader, not compared.
+    The checkpoint's path and ``made_by`` (:func:`medseg.provenance.provenance`: the
+    build, device, command, host and time of the process that wrote the record) are
+    recorded for the reader, not compared (:func:`compared_provenance`).
     """
     from medseg import __version__
     from medseg.atomic import file_sha256
     from medseg.inference.predictor import STITCH_DTYPE
+    from medseg.provenance import provenance
 
     return {
         "medseg_version": __version__,
@@ -164,7 +170,13 @@ def _provenance(predictor, tta: bool, overlap: float, save_probabilities: bool) 
         "stitch_dtype": str(STITCH_DTYPE).removeprefix("torch."),
         "amp": predictor.amp,
         "checkpoint": str(predictor.checkpoint_path),
+        "made_by": provenance(predictor.device),
     }
+
+
+def compared_provenance(record: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a :data:`PROVENANCE` record that must match for a folder to take more outputs."""
+    return {k: v for k, v in record.items() if k not in _NOT_COMPARED}
 
 
 def _shown(value: Any) -> str:
@@ -204,8 +216,8 @@ def _check_provenance(output: Path, provenance: dict[str, Any], cases, overwrite
         if not overwrite:
             raise MedsegError(f"{path}: unreadable ({(str(err).splitlines() or [''])[0]}); {advice}") from None
         return True, existing
-    keys = [k for k in dict.fromkeys([*provenance, *recorded]) if k not in _NOT_COMPARED]
-    changed = [k for k in keys if recorded.get(k) != provenance.get(k)]
+    then, now = compared_provenance(recorded), compared_provenance(provenance)
+    changed = [k for k in dict.fromkeys([*now, *then]) if then.get(k) != now.get(k)]
     if not changed:
         return False, []
     if not overwrite:
@@ -373,15 +385,16 @@ def run_prediction(
         folder predicted with another checkpoint or other options (or whose outputs have
         no record); under torchrun, one of the above on another rank.
     """
-    from medseg.inference.predictor import resolve_device, resolve_stitch_device
+    from medseg.inference.predictor import resolve_stitch_device
+    from medseg.runfolder import resolve_device
 
     if overlap is not None and not 0 <= overlap < 1:
         raise MedsegError(f"--overlap {overlap}: must be in [0, 1)")
     if sw_batch_size is not None and sw_batch_size < 1:
         raise MedsegError(f"--sw-batch-size {sw_batch_size}: must be a positive integer")
-    where = distributed.device_for_rank(resolve_device(device))
+    where = distributed.device_for_rank(resolve_device(device, "--device"))
     if stitch_device is not None:
-        resolve_stitch_device(stitch_device, where)
+        stitch_device = resolve_stitch_device(stitch_device, where, "--stitch-device", "--device")
     with distributed.process_group(where):
         return _predict_all(
             model, inputs, Path(output), overwrite, tta, overlap, sw_batch_size, save_probabilities, where,
@@ -402,7 +415,10 @@ def _predict_all(
         _check_output_is_not_input(inputs, output)
         check_output_folder(output, "--output")
         predictor = Predictor.from_path(model, device)
-        stitch_device = resolve_stitch_device(stitch_device or predictor.config.inference.stitch_device, device)
+        if stitch_device is None:  # the run config's, named as its key
+            stitch_device = resolve_stitch_device(
+                predictor.config.inference.stitch_device, device, "inference.stitch_device", "--device"
+            )
         info = predictor.info
         cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
         inference = predictor.config.inference

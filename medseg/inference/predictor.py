@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from medseg.errors import CheckpointError, DataError, MedsegError
+from medseg.runfolder import find_checkpoint, load_checkpoint, resolve_device
 
 __all__ = ["Predictor", "resolve_device", "resolve_stitch_device", "release_freed_memory", "STITCH_DTYPE"]
 
@@ -51,22 +52,10 @@ _GPU_SHARE = 0.5
 ProbabilitySink = Callable[[int, tuple, np.ndarray], None]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MedsegError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise MedsegError(f"--device {device}: expected auto, cpu or cuda")
-
-
-def resolve_stitch_device(stitch_device: str, device: torch.device) -> str:
-    """Check ``--stitch-device`` against the network's device; returns ``auto``, ``cpu`` or ``cuda``.
+def resolve_stitch_device(
+    stitch_device: str, device: torch.device, what: str = "stitch_device", device_what: str = "device"
+) -> str:
+    """Check a stitch device against the network's device; returns ``auto``, ``cpu`` or ``cuda``.
 
     ``cpu``: the class maps of the whole volume are kept in host memory (finished bands
     are moved there). ``cuda``: kept on the network's GPU (2 bytes per class and voxel
@@ -74,17 +63,24 @@ def resolve_stitch_device(stitch_device: str, device: torch.device) -> str:
     the CPU; on a GPU, ``cuda`` when the class maps and the band take at most half of its
     free memory, else ``cpu``, and ``cpu`` again if the GPU runs out of memory during the
     pass (nnU-Net's fallback when its results do not fit on the device).
+
+    ``what`` is the option or key the value came from (``--stitch-device``,
+    ``inference.stitch_device``) and ``device_what`` the network's device option (``--device``),
+    named in the messages.
+
+    Raises
+    ------
+    MedsegError
+        A name other than the three; ``cuda`` without CUDA, or with the network on the CPU.
     """
     name = str(stitch_device).lower()
     if name not in ("auto", "cpu", "cuda"):
-        raise MedsegError(f"--stitch-device {stitch_device}: expected auto, cpu or cuda")
+        raise MedsegError(f"{what} {stitch_device}: expected auto, cpu or cuda")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise MedsegError("--stitch-device cuda: CUDA is not available on this machine (use --stitch-device cpu)")
+            raise MedsegError(f"{what} cuda: CUDA is not available on this machine (use {what} cpu)")
         if device.type != "cuda":
-            raise MedsegError(
-                "--stitch-device cuda: the network runs on the CPU; stitching on the GPU needs --device cuda"
-            )
+            raise MedsegError(f"{what} cuda: the network runs on the CPU; stitching on the GPU needs {device_what} cuda")
     return name
 
 
@@ -123,7 +119,7 @@ class Predictor:
     Parameters
     ----------
     checkpoint : dict
-        A loaded medseg checkpoint (:func:`medseg.training.checkpoint.load_checkpoint`).
+        A loaded medseg checkpoint (:func:`medseg.runfolder.checkpoint.load_checkpoint`).
     device : torch.device
         Where the network runs; inputs are moved there window batch by window batch.
     source : str
@@ -193,8 +189,6 @@ class Predictor:
     @classmethod
     def from_path(cls, model: str | Path, device: str | torch.device = "auto") -> "Predictor":
         """Load a run folder (checkpoint ``best``, else ``latest``) or a checkpoint file."""
-        from medseg.training.checkpoint import find_checkpoint, load_checkpoint
-
         path = find_checkpoint(model)
         predictor = cls(load_checkpoint(path, map_location="cpu"), resolve_device(device), source=str(path))
         predictor.checkpoint_path = Path(path)
@@ -249,8 +243,11 @@ class Predictor:
         from medseg.inference.sliding_window import band_bytes, class_maps
 
         inference = self.config.inference
-        requested = inference.stitch_device if stitch_device is None else stitch_device
-        choice = resolve_stitch_device(requested, self.device)
+        if stitch_device is None:
+            requested, what = inference.stitch_device, "inference.stitch_device"
+        else:
+            requested, what = stitch_device, "stitch_device"
+        choice = resolve_stitch_device(requested, self.device, what)
         plain = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
         plain = plain.float()
         if choice == "auto" and self.device.type == "cuda":

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, safe load, and finding a run folder's checkpoint.
+"""Checkpoints: the format, atomic save, ``weights_only`` load, and finding a run folder's checkpoint.
 
 A checkpoint is a plain dict saved with :func:`torch.save` that loads with
 ``torch.load(weights_only=True)``: only tensors, numbers, strings, lists and dicts
@@ -16,7 +16,8 @@ Written by the trainer as well: ``network`` (``spatial_dims``, ``in_channels``,
 ``loss_average`` (the running loss sums since the last ``metrics.csv`` row, so a
 resumed run writes the same rows).
 
-A run folder keeps ``checkpoints/latest.pt`` and ``checkpoints/best.pt``.
+A run folder keeps ``checkpoints/latest.pt`` (:data:`LATEST`) and ``checkpoints/best.pt``
+(:data:`BEST`); an adapted run adds an ``adaptation`` entry (:mod:`medseg.adaptation.runner`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from medseg.errors import CheckpointError
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAMES = ("best", "latest")
+LATEST = "latest.pt"  # every checkpoint interval and at the end; what --resume continues from
+BEST = "best.pt"  # best mean validation Dice so far (training only)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

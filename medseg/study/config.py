@@ -328,9 +328,9 @@ def _check_runs(study: Study) -> None:
 
     path = study.path
     try:
-        resolve_metrics(study.config.evaluate.metrics)
+        resolve_metrics(study.config.evaluate.metrics, "evaluate.metrics")
     except MedsegError as err:
-        raise ConfigError(f"{path}: evaluate.metrics: {str(err).removeprefix('--metrics: ')}") from None
+        raise ConfigError(f"{path}: {err}") from None
     infos = {}
     checked_variants = set()
     for run in study.runs:
@@ -363,7 +363,7 @@ def _check_parts(cfg: RunConfig, info, where: str) -> None:
     from medseg.data.dataset import list_cases, split_cases
     from medseg.losses import build_loss
     from medseg.models import build_model
-    from medseg.training.trainer import resolve_device
+    from medseg.runfolder import resolve_device
 
     try:
         resolve_device(cfg.device)

@@ -74,15 +74,14 @@ def read_state(run_dir: Path) -> dict[str, Any]:
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    from medseg.evaluation.evaluate import _plain
+    from medseg.evaluation.summary import json_default
     from medseg.atomic import write_atomic
 
-    write_atomic(Path(run_dir) / STATE_FILE, json.dumps(state, indent=2, default=_plain) + "\n")
+    write_atomic(Path(run_dir) / STATE_FILE, json.dumps(state, indent=2, default=json_default) + "\n")
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    from medseg.training.checkpoint import CHECKPOINT_DIR
-    from medseg.training.trainer import LATEST
+    from medseg.runfolder import CHECKPOINT_DIR, LATEST
 
     return Path(run_dir) / CHECKPOINT_DIR / LATEST
 
@@ -148,13 +147,15 @@ def check_reusable(run: "StudyRun") -> None:
         iteration count, the intervals, workers, device and inference settings), or the
         run was trained for more iterations than asked.
     """
+    from medseg.runfolder.resume import may_change
+
     state = read_state(run.run_dir)
     stored = state.get("config")
     if not isinstance(stored, dict):
         return
     changed = [
         key for key in _changed(stored, run.config.model_dump(mode="json"))
-        if not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+        if not may_change(key, RESUME_MAY_CHANGE)
     ]
     if changed:
         shown = ", ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from medseg.evaluation.aggregate import better_direction
-from medseg.evaluation.compare import DEFAULT_PERMUTATIONS, load_evaluation, paired_tests
+from medseg.evaluation.compare import load_evaluation, paired_tests
+from medseg.evaluation.summary import DEFAULT_PERMUTATIONS
 from medseg.study.config import Study
 from medseg.study.state import evaluation_dir, is_finished, read_state, test_done, training_summary
 

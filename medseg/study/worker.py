@@ -50,8 +50,8 @@ def _say(message: str) -> None:
 def _train(run: StudyRun, state: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from medseg.training.checkpoint import load_checkpoint
-    from medseg.training.trainer import resolve_device, run_training
+    from medseg.runfolder import load_checkpoint, resolve_device
+    from medseg.training.trainer import run_training
 
     run_dir, cfg = run.run_dir, run.config
     latest = latest_checkpoint(run_dir)

@@ -15,6 +15,8 @@ The run folder (``output_dir``)::
     metrics.csv           one row per log interval / validation
     progress.png          loss curves and validation Dice
     train.log             the log lines
+    provenance.json       what made the run: medseg, engine build, torch, device, command
+                          (:mod:`medseg.runfolder.provenance`; a resume is appended to ``resumes``)
     tensorboard/          SummaryWriter events
     checkpoints/latest.pt every train.checkpoint_interval steps and at the end
     checkpoints/best.pt   best mean validation Dice so far
@@ -66,12 +68,21 @@ from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.losses import build_loss, deep_supervision_loss
 from medseg.losses.deep_supervision import is_deep_supervision_output
 from medseg.models import build_model
-from medseg.training.checkpoint import (
+from medseg.runfolder import (
+    BEST,
     CHECKPOINT_DIR,
+    LATEST,
+    LossAverage,
+    attach_console_handler,
+    attach_file_handler,
     capture_rng_state,
+    check_unchanged,
+    detach,
     load_checkpoint,
+    resolve_device,
     restore_rng_state,
     save_checkpoint,
+    write_provenance,
 )
 from medseg.training.data import TrainingData, prepare_data
 from medseg.training.logs import RunLog, mean_dice
@@ -81,52 +92,14 @@ from medseg.training.validation import validate
 
 log = logging.getLogger("medseg.training")
 
-LATEST = "latest.pt"
-BEST = "best.pt"
 CONFIG_FILE = "config.yaml"
 LABEL_STATS = "label_stats.json"
 
 
 # --------------------------------------------------------------------------- small parts
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but torch sees no CUDA device (use 'auto' or 'cpu')")
-    return torch.device(name)
-
-
 def _holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(run_dir.iterdir())
-
-
-_UNSET = object()
-
-
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A config dump by dotted key; lists of mappings by index (``losses[1].weight``)."""
-    if isinstance(tree, dict):
-        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in tree.items()]
-    elif isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
-        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(tree)]
-    else:
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in items:
-        out.update(_leaves(value, key))
-    return out
-
-
-def _may_change(key: str) -> bool:
-    return any(key == free or key.startswith(free + ".") for free in RESUME_MAY_CHANGE)
-
-
-def _shown(value: Any) -> str:
-    if value is _UNSET:
-        return "nothing"
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _check_resumable(cfg: RunConfig, checkpoint: dict[str, Any], path: Path) -> None:
@@ -137,58 +110,13 @@ def _check_resumable(cfg: RunConfig, checkpoint: dict[str, Any], path: Path) -> 
         stored = validate_config(stored, source=f"{path} (stored config)").model_dump(mode="json")
     except ConfigError:
         pass
-    then, now = _leaves(stored), _leaves(cfg.model_dump(mode="json"))
-    changed = [k for k in dict.fromkeys([*now, *then])  # in the schema's order
-               if not _may_change(k) and then.get(k, _UNSET) != now.get(k, _UNSET)]
-    if changed:
-        key, others = changed[0], changed[1:]
-        also = f" (also changed: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
-        raise ConfigError(
-            f"{key}: the run used {_shown(then.get(key, _UNSET))}, the config says {_shown(now.get(key, _UNSET))}; "
-            f"a resume cannot change it{also} (resume with {Path(cfg.output_dir) / CONFIG_FILE} "
-            "or start a new output_dir)"
-        )
+    check_unchanged(stored, cfg.model_dump(mode="json"), RESUME_MAY_CHANGE, Path(cfg.output_dir) / CONFIG_FILE)
     done = int(checkpoint["iteration"])
     if cfg.train.iterations < done:
         raise ConfigError(
             f"train.iterations: the config says {cfg.train.iterations}, but {path} is at iteration {done}; "
             "a resume may extend a run or end it sooner, not before its checkpoint"
         )
-
-
-class _LossAverage:
-    """Mean total loss and per-term losses since the last metrics row (checkpointed).
-
-    A term scheduled off at some iterations (``LossTerm.start``) is averaged over the
-    iterations that computed it.
-    """
-
-    def __init__(self, state: dict[str, Any] | None = None) -> None:
-        state = state or {}
-        self.count = int(state.get("count", 0))
-        self.total = float(state.get("total", 0.0))
-        self.terms: dict[str, float] = {k: float(v) for k, v in state.get("terms", {}).items()}
-        self.term_counts: dict[str, int] = {
-            k: int(state.get("term_counts", {}).get(k, self.count)) for k in self.terms
-        }
-
-    def add(self, total: float, terms: dict[str, float]) -> None:
-        self.count += 1
-        self.total += total
-        for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v
-            self.term_counts[k] = self.term_counts.get(k, 0) + 1
-
-    def means(self) -> tuple[float, dict[str, float]]:
-        n = max(self.count, 1)
-        return self.total / n, {k: v / max(self.term_counts[k], 1) for k, v in self.terms.items()}
-
-    def reset(self) -> None:
-        self.count, self.total, self.terms, self.term_counts = 0, 0.0, {}, {}
-
-    def state(self) -> dict[str, Any]:
-        return {"count": self.count, "total": self.total, "terms": dict(self.terms),
-                "term_counts": dict(self.term_counts)}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -200,48 +128,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-class _TqdmHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record))
-        except Exception:  # pragma: no cover - logging must never raise
-            self.handleError(record)
-
-
-def _attach_console_handler() -> list[logging.Handler]:
-    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured logging.
-
-    Under torchrun only rank 0 logs progress; the other ranks log warnings, prefixed with their rank.
-    """
-    package = logging.getLogger("medseg")
-    if not distributed.is_main():
-        package.setLevel(logging.WARNING)
-    elif package.level == logging.NOTSET or package.level > logging.INFO:
-        package.setLevel(logging.INFO)
-    if package.handlers or logging.getLogger().handlers:
-        return []
-    console = _TqdmHandler()
-    prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
-    console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
-    package.addHandler(console)
-    return [console]
-
-
-def _attach_file_handler(run_dir: Path) -> list[logging.Handler]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("medseg").addHandler(handler)
-    return [handler]
-
-
-def _detach(handlers: list[logging.Handler]) -> None:
-    package = logging.getLogger("medseg")
-    for h in handlers:
-        package.removeHandler(h)
-        h.close()
 
 
 # --------------------------------------------------------------------------- the run
@@ -266,11 +152,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     check_output_folder(cfg.output_dir, "output_dir")
     device = distributed.device_for_rank(resolve_device(cfg.device))
     with distributed.process_group(device):
-        handlers = _attach_console_handler()
+        handlers = attach_console_handler()
         try:
             return _run(cfg, resume, handlers)
         finally:
-            _detach(handlers)
+            detach(handlers)
 
 
 @dataclass
@@ -298,7 +184,7 @@ class _Progress:
     iteration: int = 0
     best_metric: float | None = None
     best_iteration: int | None = None
-    average: _LossAverage = field(default_factory=_LossAverage)
+    average: LossAverage = field(default_factory=LossAverage)
     loss_terms: list[str] | None = None
 
 
@@ -326,7 +212,7 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
 
 
 def _payload(parts: _Parts, progress: _Progress) -> dict[str, Any]:
-    """The checkpoint (format in :mod:`medseg.training.checkpoint`)."""
+    """The checkpoint (format in :mod:`medseg.runfolder.checkpoint`)."""
     cfg, data, info = parts.cfg, parts.data, parts.data.info
     return {
         "iteration": progress.iteration,
@@ -372,7 +258,7 @@ def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> _Progress
         iteration=int(checkpoint["iteration"]),
         best_metric=checkpoint.get("best_metric"),
         best_iteration=checkpoint.get("best_iteration"),
-        average=_LossAverage(checkpoint.get("loss_average")),
+        average=LossAverage(checkpoint.get("loss_average")),
         loss_terms=checkpoint.get("loss_terms"),
     )
 
@@ -426,7 +312,8 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
 
     with distributed.main_process("writing the run folder") as main:
         if main:
-            handlers += _attach_file_handler(run_dir)
+            handlers += attach_file_handler(run_dir / "train.log")
+            write_provenance(run_dir, parts.device, resumed_at=progress.iteration if checkpoint is not None else None)
             _write_config(run_dir / CONFIG_FILE, cfg)
             _write_label_stats(run_dir / LABEL_STATS, parts.data, resumed=checkpoint is not None)
     if checkpoint is not None:

@@ -16,7 +16,7 @@ from medseg.atomic import file_sha256
 from medseg.cli import main as cli_main
 from medseg.errors import CheckpointError, ConfigError, DataError
 from medseg.inference.predictor import Predictor
-from medseg.training.checkpoint import load_checkpoint
+from medseg.runfolder.checkpoint import load_checkpoint
 
 from adapt_helpers import adapt_raw, folder_digest, make_target_dataset
 
@@ -43,6 +43,8 @@ def test_adapted_run_is_a_normal_run_and_the_source_is_untouched(method, source_
     assert provenance["source_checkpoint_sha256"] == file_sha256(source_run / "checkpoints" / "latest.pt")
     assert provenance["config"]["adapt"]["method"] == method
     assert provenance["target_cases"] == [f"vessel_{i:03d}" for i in range(6)]
+    # merged with the build record (medseg.runfolder.provenance)
+    assert provenance["device"] == "cpu" and provenance["medseg"] and provenance["engine"]["cpu"] and provenance["command"]
     assert load_adapt_config(run / "config.yaml").adapt.method == method
 
     checkpoint = load_checkpoint(run / "checkpoints" / "latest.pt")
@@ -106,6 +108,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(method, extra, source_run, 
         assert torch.equal(a[key], b[key]), key
     rows = (parts / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "2", "4", "6"]
+    provenance = json.loads((parts / "provenance.json").read_text())  # the start kept, the resume appended
+    assert provenance["method"] == method and [r["from_iteration"] for r in provenance["resumes"]] == [4]
 
 
 def test_refusals(source_run, target_dataset, tmp_path):
@@ -113,7 +117,7 @@ def test_refusals(source_run, target_dataset, tmp_path):
     _run(raw)
     with pytest.raises(ConfigError, match="already exists and is not empty"):
         _run(raw)
-    with pytest.raises(ConfigError, match="cannot resume, the config changed adapt.lr"):
+    with pytest.raises(ConfigError, match="adapt.lr: the run used .*, the config says 0.1; a resume cannot change it"):
         _run({**raw, "adapt": {**raw["adapt"], "lr": 0.1}}, resume=True)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         _run(adapt_raw(source_run, target_dataset, tmp_path / "b", "sfda"), resume=True)

@@ -12,6 +12,7 @@ import yaml
 from medseg.adaptation import run_adaptation, runner, validate_adapt_config
 from medseg.cli import main as cli_main
 from medseg.errors import CheckpointError
+from medseg.runfolder import provenance as runfolder_provenance
 
 from adapt_helpers import adapt_raw
 
@@ -25,6 +26,7 @@ def test_every_run_file_goes_through_write_atomic(source_run, target_dataset, tm
         return original(path, data, *args, **kwargs)
 
     monkeypatch.setattr(runner, "write_atomic", spy)
+    monkeypatch.setattr(runfolder_provenance, "write_atomic", spy)  # provenance.json
     run = run_adaptation(validate_adapt_config(adapt_raw(source_run, target_dataset, tmp_path / "adapted", "sfda",
                                                          iterations=2)))
     assert set(written) == {"config.yaml", "source_config.yaml", "provenance.json", "label_stats.json", "target_eval.json"}

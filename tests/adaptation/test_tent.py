@@ -9,7 +9,7 @@ from medseg.adaptation import run_adaptation, validate_adapt_config
 from medseg.adaptation.source import norm_layers
 from medseg.errors import ConfigError
 from medseg.inference.predictor import Predictor
-from medseg.training.checkpoint import load_checkpoint
+from medseg.runfolder.checkpoint import load_checkpoint
 
 from adapt_helpers import TINY_UNET, adapt_raw, train_source
 

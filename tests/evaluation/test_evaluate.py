@@ -103,6 +103,8 @@ def test_known_dice_hd95_and_betti(folders):
     assert summary["conventions"]["hd95_units"] == "mm"
     assert summary["missing_predictions"] == [] and summary["failed_cases"] == {}
     assert summary["labels"] == {"1": "vessel", "2": "tumour"}
+    made = summary["provenance"]  # medseg.provenance: the build and the command that computed it
+    assert made["medseg"] and made["engine"]["cpu"] and made["device"] == "cpu" and made["command"] and made["time"]
 
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 3 * 2

@@ -1,23 +1,16 @@
 """report.html: one row per case, embedded pictures, legends that say what is unmatched."""
 
 import base64
-import importlib.util
 import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from medseg.data.io import ImageGeometry, write_image
 from medseg.evaluation.evaluate import run_evaluation
 from medseg.evaluation.report import describe_features, legend_lines, unmatched_features, write_report
-
-needs_engine = pytest.mark.skipif(
-    importlib.util.find_spec("medseg.topology._engine") is None,
-    reason="medseg's topology engine is not built",
-)
 
 
 class _Tables(HTMLParser):
@@ -85,7 +78,6 @@ def test_describe_features():
     assert describe_features([0, 0]) == "no feature"
 
 
-@needs_engine
 def test_unmatched_features_of_a_constructed_case():
     pred, ref = _ring_case()
     features = unmatched_features(pred, ref)
@@ -112,7 +104,6 @@ def _evaluate_2d(tmp_path, cases: dict, missing=()):
     return ok, out
 
 
-@needs_engine
 def test_report_rows_pictures_and_legend(tmp_path):
     pred, ref = _ring_case()
     cases = {"ring": (pred, ref), "same": (ref, ref), "shifted": (np.roll(ref, 1, axis=0), ref), "gone": (pred, ref)}
@@ -152,7 +143,6 @@ def test_report_without_topology_metrics_says_so(tmp_path):
     assert [r[0] for r in parsed.rows["aggregate-1"]] == ["Dice", "HD95"]
 
 
-@needs_engine
 def test_report_3d_projections_over_the_scan(tmp_path, make_synthetic_dataset):
     dataset = make_synthetic_dataset(cases=1, test_cases=3, size=24, dims=3, seed=1)
     from medseg.data.io import read_image

@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 from medseg.config import validate_config
 from medseg.data.io import ImageGeometry
 from medseg.models.factory import build_model
-from medseg.training.checkpoint import save_checkpoint
+from medseg.runfolder.checkpoint import save_checkpoint
 
 
 class Threshold(torch.nn.Module):

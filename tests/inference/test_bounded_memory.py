@@ -131,14 +131,14 @@ def test_stitch_device_options(tiny_run, scans, tmp_path):
 
 
 def test_stitch_device_from_the_run_config(tmp_path, scans):
-    from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+    from medseg.runfolder.checkpoint import load_checkpoint, save_checkpoint
 
     run = make_run(tmp_path / "run")
     path = run / "checkpoints" / "best.pt"
     payload = load_checkpoint(path)
     payload["config"]["inference"]["stitch_device"] = "cuda"
     save_checkpoint(path, payload)
-    with pytest.raises(MedsegError, match="--stitch-device cuda"):
+    with pytest.raises(MedsegError, match="inference.stitch_device cuda"):  # named as the run config's key
         run_prediction(run, [scans], tmp_path / "out", device="cpu")
     assert run_prediction(run, [scans], tmp_path / "out", device="cpu", stitch_device="cpu")  # the option wins
 
@@ -171,7 +171,7 @@ def test_stitching_on_the_gpu_gives_the_cpu_result(tiny_run, tmp_path):
     label_gpu = predictor.segment(case, stitch_device="cuda")
     label_cpu = predictor.segment(case, stitch_device="cpu")
     assert (label_gpu != label_cpu).mean() < 1e-3  # float64 resampling on either device
-    with pytest.raises(MedsegError, match="needs --device cuda"):
+    with pytest.raises(MedsegError, match="stitch_device cuda: .*needs device cuda"):  # Python names
         Predictor.from_path(tiny_run, device="cpu").class_maps(pre["image"], stitch_device="cuda")
 
 

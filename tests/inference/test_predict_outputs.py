@@ -103,6 +103,10 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tiny_run, scans
         "tta": False, "overlap": 0.5, "mode": "gaussian", "save_probabilities": False, "stitch_dtype": "float16",
         "amp": False,
     }
+    assert record["made_by"]["medseg"] and record["made_by"]["device"] == "cpu" and record["made_by"]["engine"]["cpu"]
+    # made_by is recorded, not compared: another process (host, command, time) may continue the folder
+    record["made_by"] = dict(record["made_by"], host="elsewhere", command="medseg predict ...")
+    (out / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
     done = snapshot(out)
     capsys.readouterr()
 

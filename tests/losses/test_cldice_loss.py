@@ -107,21 +107,17 @@ def test_bad_arguments():
             SoftclDiceLoss(**kwargs)
 
 
-def _topolosses_cldice(monkeypatch):
-    """topolosses' CLDiceLoss, if installed (test-only reference).
+def _topolosses_cldice(monkeypatch, spec):
+    """topolosses' CLDiceLoss (test-only reference; ``spec``: the ``topolosses_spec`` fixture).
 
     Its ``topolosses.losses`` package imports every loss, some needing OpenCV; a stub
     package lets the clDice module load on its own.
     """
     import importlib
-    import importlib.util
     import sys
     import types
     from pathlib import Path
 
-    spec = importlib.util.find_spec("topolosses")
-    if spec is None or spec.origin is None:
-        pytest.skip("topolosses is not installed")
     stub = types.ModuleType("topolosses.losses")
     stub.__path__ = [str(Path(spec.origin).parent / "losses")]
     monkeypatch.setitem(sys.modules, "topolosses.losses", stub)
@@ -131,8 +127,8 @@ def _topolosses_cldice(monkeypatch):
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_matches_topolosses_cldice(monkeypatch, channels):
-    reference_cls = _topolosses_cldice(monkeypatch)
+def test_matches_topolosses_cldice(monkeypatch, topolosses_spec, channels):
+    reference_cls = _topolosses_cldice(monkeypatch, topolosses_spec)
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(2, channels, 14, 14, generator=g)
     labels = torch.randint(0, max(channels, 2), (2, 1, 14, 14), generator=g)

@@ -3,6 +3,8 @@
 ``topolosses==0.2.0`` is a test-only dependency, installed with ``--no-deps``; its
 compiled ``betti_matching`` extension is loaded directly from the file so that
 topolosses' own Python package (which imports torch and more) is never imported.
+Without topolosses the tests that use the ``reference`` fixture fail (see
+``topolosses_spec`` in tests/conftest.py; ``MEDSEG_ALLOW_MISSING_REFERENCE=1`` skips them).
 """
 
 from __future__ import annotations
@@ -13,11 +15,8 @@ import os
 import pytest
 
 
-def load_reference():
-    """The reference extension module, or None when topolosses is not installed."""
-    spec = importlib.util.find_spec("topolosses")
-    if spec is None or not spec.submodule_search_locations:
-        return None
+def load_reference(spec):
+    """The reference extension module of topolosses (its import ``spec``), or None when it has none."""
     base = os.path.join(spec.submodule_search_locations[0], "losses", "betti_matching", "src")
     if not os.path.isdir(base):
         return None
@@ -30,11 +29,10 @@ def load_reference():
     return None
 
 
-_REFERENCE = load_reference()
-
-
 @pytest.fixture(scope="session")
-def reference():
-    if _REFERENCE is None:
-        pytest.skip("reference implementation not installed (pip install topolosses==0.2.0 --no-deps)")
-    return _REFERENCE
+def reference(topolosses_spec):
+    module = load_reference(topolosses_spec)
+    if module is None:
+        pytest.fail(f"{topolosses_spec.origin}: topolosses without its compiled betti_matching extension "
+                    "(reinstall: pip install --no-deps --force-reinstall topolosses==0.2.0)", pytrace=False)
+    return module

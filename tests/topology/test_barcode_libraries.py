@@ -3,13 +3,13 @@ multisets of (birth, death) per dimension, on random, quantised and smooth input
 
 from __future__ import annotations
 
+import cripser  # a test dependency (pyproject's [test] extra)
+import gudhi  # a dependency of medseg
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
 import medseg.topology as topo
-
-gudhi = pytest.importorskip("gudhi")
 
 
 def multiset(pairs):
@@ -53,7 +53,6 @@ def test_equals_gudhi(kind, image, filtration, construction):
 
 @pytest.mark.parametrize("kind,image", CASES, ids=[f"{k}-{im.shape}" for k, im in CASES])
 def test_equals_cripser(kind, image):
-    cripser = pytest.importorskip("cripser")
     if min(image.shape) == 1:
         pytest.skip("cripser does not treat 1-voxel-thick arrays as 2D/3D complexes")
     pd = cripser.computePH(image.astype(np.float64), maxdim=image.ndim - 1)

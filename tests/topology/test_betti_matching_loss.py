@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import medseg.topology as topo  # noqa: E402
-from medseg.losses.betti_matching import BettiMatchingLoss  # noqa: E402
+import medseg.topology as topo
+from medseg.losses.betti_matching import BettiMatchingLoss
 
 
 def logits_and_labels(shape=(2, 1, 12, 12, 12), seed=0):

@@ -9,6 +9,7 @@ is the foreground, and its Betti numbers are the persistence pairs alive at 0.
 import gudhi
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -115,7 +116,6 @@ def test_rejects_connectivity_of_other_dimension(shape, connectivity):
 
 
 def test_accepts_torch_tensors():
-    torch = pytest.importorskip("torch")
     mask = torch.from_numpy(torus())
     assert betti_numbers(mask).tolist() == [1, 1, 0]
 

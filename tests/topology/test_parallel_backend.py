@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -176,7 +177,6 @@ def test_cuda_property(x, superlevel, construction):
 
 @needs_cuda
 def test_cuda_tensor_stays_on_device():
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
     rng = np.random.default_rng(3)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -189,7 +190,6 @@ def test_environment_variable_routes_the_matching(monkeypatch):
 
 
 def test_loss_identical_on_cpu_parallel():
-    torch = pytest.importorskip("torch")
     from medseg.losses.betti_matching import BettiMatchingLoss
 
     g = torch.Generator().manual_seed(0)
@@ -241,7 +241,6 @@ def test_cuda_batch_on_streams():
 
 @needs_cuda
 def test_cuda_tensors_stay_on_device():
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
     rng = np.random.default_rng(9)

@@ -12,7 +12,7 @@ import torch
 from medseg import atomic
 from medseg.atomic import atomic_path, write_atomic
 from medseg.config import validate_config
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.runfolder.checkpoint import load_checkpoint, save_checkpoint
 from medseg.training.logs import RunLog, draw_progress
 from medseg.training.trainer import run_training
 

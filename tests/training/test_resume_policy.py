@@ -17,7 +17,7 @@ from medseg.adaptation.source import load_source
 from medseg.cli import main as cli_main
 from medseg.config import RESUME_MAY_CHANGE, SchedulerConfig, validate_config
 from medseg.errors import CheckpointError, ConfigError
-from medseg.training.checkpoint import load_checkpoint
+from medseg.runfolder.checkpoint import load_checkpoint
 from medseg.training.optim import lr_factor
 from medseg.training.trainer import run_training
 
@@ -122,9 +122,15 @@ def test_an_unchanged_resume_leaves_config_yaml_alone(synthetic_dataset_3d, tmp_
 def test_a_larger_iterations_extends_the_run_on_the_new_schedule(synthetic_dataset_3d, tmp_path):
     run = tmp_path / "run"
     config = _train(synthetic_dataset_3d, run, iterations=4)
+    started = json.loads((run / "provenance.json").read_text())
+    assert started["device"] == "cpu" and started["medseg"] and "cpu" in started["engine"] and started["command"]
+    assert "resumes" not in started
     code = cli_main(["train", str(config), "--resume", "--set", "train.iterations=8", "--set", "train.log_interval=1",
                      "--set", "data.num_workers=0", "--set", "inference.overlap=0.5"])
     assert code == 0
+    record = json.loads((run / "provenance.json").read_text())  # the start kept, the resume appended
+    assert {k: v for k, v in record.items() if k != "resumes"} == started
+    assert [(r["from_iteration"], r["device"], r["medseg"]) for r in record["resumes"]] == [(4, "cpu", started["medseg"])]
     latest = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert latest["iteration"] == 8 and latest["config"]["train"]["iterations"] == 8
     stored = validate_config(yaml.safe_load(config.read_text()))

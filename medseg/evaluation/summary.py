@@ -1,0 +1,122 @@
+"""``summary.json`` and the defaults the evaluation commands share.
+
+``medseg evaluate`` (:mod:`~medseg.evaluation.evaluate`) writes ``summary.json``;
+``medseg report html`` (:mod:`~medseg.evaluation.report`), ``medseg report compare``
+(:mod:`~medseg.evaluation.compare`) and the study read it. What they share lives here,
+below all three (none of them imports another for it): finding and reading a summary,
+the order metrics are shown in, the JSON encoding of numpy numbers, and each default
+that the command line, the library functions and the study configs all name. The module
+imports nothing heavy, so the command line reads its defaults from here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from medseg.errors import DataError
+
+__all__ = [
+    "SUMMARY_FILE",
+    "DEFAULT_TOLERANCE_MM",
+    "DEFAULT_WORST_CASES",
+    "DEFAULT_PERMUTATIONS",
+    "PRIMARY_METRICS",
+    "find_summary",
+    "read_summary",
+    "ordered_metrics",
+    "json_default",
+]
+
+SUMMARY_FILE = "summary.json"
+
+DEFAULT_TOLERANCE_MM = 1.0
+"""Default tolerance of the normalised surface Dice, in mm."""
+
+DEFAULT_WORST_CASES = 5
+"""(case, label) pairs with the largest topology error pictured in ``report.html``."""
+
+DEFAULT_PERMUTATIONS = 10000
+"""Resamples of the paired permutation test (exact enumeration when 2^n is fewer)."""
+
+PRIMARY_METRICS = (
+    "Dice", "IoU", "NSD", "clDice", "HD95", "betti_matching_error", "betti_error",
+    "components_pred", "components_ref", "volume_difference_mm3", "volume_difference_relative",
+)
+"""Metrics shown first (and plotted), in this order; the per-dimension errors follow their sums."""
+
+
+def find_summary(path: str | Path) -> Path:
+    """The ``summary.json`` that ``path`` stands for: the file, ``path/summary.json`` or ``path/evaluation/summary.json``.
+
+    A run folder with a single other subfolder holding a ``summary.json`` is accepted too.
+
+    Raises
+    ------
+    DataError
+        When there is none, or several to choose from.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise DataError(f"{path}: not found (give a run folder, an evaluation folder or a summary.json)")
+    for candidate in (path / SUMMARY_FILE, path / "evaluation" / SUMMARY_FILE):
+        if candidate.is_file():
+            return candidate
+    found = sorted(p for p in path.iterdir() if p.is_dir() and (p / SUMMARY_FILE).is_file())
+    if len(found) == 1:
+        return found[0] / SUMMARY_FILE
+    if found:
+        names = ", ".join(p.name for p in found)
+        raise DataError(f"{path}: several evaluations in it ({names}); pass the one to compare")
+    raise DataError(
+        f"{path}: no summary.json in it or in {path / 'evaluation'} "
+        f"(write one with: medseg evaluate ... --output {path / 'evaluation'})"
+    )
+
+
+def read_summary(source: str | Path) -> dict[str, Any]:
+    """A ``summary.json`` file as a dict, checked to hold a ``metric_per_case`` list.
+
+    Raises
+    ------
+    DataError
+        The file is missing, not JSON, or not a summary.
+    """
+    source = Path(source)
+    try:
+        data = json.loads(source.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{source}: summary.json not found") from None
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"{source}: not a readable summary.json ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metric_per_case"), list):
+        raise DataError(f"{source}: not an evaluation summary (no 'metric_per_case' list; write one with medseg evaluate)")
+    return data
+
+
+def ordered_metrics(names: Sequence[str]) -> list[str]:
+    """Primary metrics first (each followed by its per-dimension parts), then the rest alphabetically."""
+    names = list(dict.fromkeys(names))
+    out: list[str] = []
+    for name in PRIMARY_METRICS:
+        if name in names:
+            out.append(name)
+        if name.endswith("_error"):
+            stem = name[: -len("_error")]
+            out.extend(sorted(n for n in names if n.startswith(stem + "_") and n.endswith("_error")
+                              and n[len(stem) + 1 : -len("_error")].isdigit()))
+    return out + sorted(n for n in names if n not in out)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: numpy integers and floats as Python numbers."""
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value

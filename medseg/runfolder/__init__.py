@@ -1,0 +1,55 @@
+"""The run folder: what ``medseg train`` and ``medseg adapt`` write and ``medseg predict`` reads.
+
+One package owns the run folder's conventions, so that training, adaptation and
+inference share them instead of keeping copies (and inference never imports
+:mod:`medseg.training`):
+
+* :mod:`~medseg.runfolder.checkpoint`: the checkpoint format, its atomic save and its
+  ``weights_only`` load, finding ``checkpoints/best.pt`` / ``latest.pt``, RNG states;
+* :mod:`~medseg.runfolder.resume`: what a ``--resume`` may change in the config;
+* :mod:`~medseg.runfolder.device`: ``auto`` / ``cpu`` / ``cuda`` to a torch device;
+* :mod:`~medseg.runfolder.log_handlers`: the terminal and ``train.log`` / ``adapt.log``;
+* :mod:`~medseg.runfolder.loss_average`: the loss means of each ``metrics.csv`` row;
+* :mod:`~medseg.runfolder.provenance`: ``provenance.json``, what made the folder.
+"""
+
+from medseg.runfolder.checkpoint import (
+    BEST,
+    CHECKPOINT_DIR,
+    CHECKPOINT_NAMES,
+    FORMAT_VERSION,
+    LATEST,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from medseg.runfolder.device import resolve_device
+from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach
+from medseg.runfolder.loss_average import LossAverage
+from medseg.runfolder.provenance import PROVENANCE_FILE, read_provenance, write_provenance
+from medseg.runfolder.resume import check_unchanged, may_change
+
+__all__ = [
+    "BEST",
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_NAMES",
+    "FORMAT_VERSION",
+    "LATEST",
+    "PROVENANCE_FILE",
+    "LossAverage",
+    "attach_console_handler",
+    "attach_file_handler",
+    "capture_rng_state",
+    "check_unchanged",
+    "detach",
+    "find_checkpoint",
+    "load_checkpoint",
+    "may_change",
+    "read_provenance",
+    "resolve_device",
+    "restore_rng_state",
+    "save_checkpoint",
+    "write_provenance",
+]

@@ -1,0 +1,65 @@
+"""Where a run's log lines go: the terminal (around the progress bar) and the run folder's log file.
+
+``medseg train`` logs to ``train.log``, ``medseg adapt`` to ``adapt.log``; both attach
+the handlers below to the ``medseg`` logger for the length of the run and detach them
+after (:func:`detach`), so that a run started from Python leaves logging as it found it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from medseg import distributed
+
+__all__ = ["attach_console_handler", "attach_file_handler", "detach"]
+
+_PACKAGE = "medseg"
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def attach_console_handler() -> list[logging.Handler]:
+    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured logging.
+
+    Under torchrun only rank 0 logs progress; the other ranks log warnings, prefixed with their rank.
+    Returns the handlers added (for :func:`detach`).
+    """
+    package = logging.getLogger(_PACKAGE)
+    if not distributed.is_main():
+        package.setLevel(logging.WARNING)
+    elif package.level == logging.NOTSET or package.level > logging.INFO:
+        package.setLevel(logging.INFO)
+    if package.handlers or logging.getLogger().handlers:
+        return []
+    console = _TqdmHandler()
+    prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
+    console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+    package.addHandler(console)
+    return [console]
+
+
+def attach_file_handler(path: str | Path) -> list[logging.Handler]:
+    """Append every log line (with its level) to ``path``, creating its folder; returns the handler added."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger(_PACKAGE).addHandler(handler)
+    return [handler]
+
+
+def detach(handlers: list[logging.Handler]) -> None:
+    """Remove and close the handlers the two functions above added."""
+    package = logging.getLogger(_PACKAGE)
+    for h in handlers:
+        package.removeHandler(h)
+        h.close()
