@@ -29,6 +29,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: Most DataLoader workers a config may ask for (each is a process holding its own copy
+#: of the pipeline; a typo such as 1000000 would otherwise fork until memory runs out).
+MAX_DATA_WORKERS = 64
+
+
 class AugmentationConfig(_Strict):
     """MONAI random augmentations applied to training patches (probabilities per patch)."""
 
@@ -94,8 +99,8 @@ class DataConfig(_Strict):
     )
     num_workers: int | Literal["auto"] = Field(
         "auto",
-        description="DataLoader worker processes making patches; auto: min(cores - 1, 8) of the cores per "
-        "process (0 on one core)",
+        description=f"DataLoader worker processes making patches (0-{MAX_DATA_WORKERS}; at most twice the cores "
+        "are started); auto: min(cores - 1, 8) of the cores per process (0 on one core)",
     )
 
     @field_validator("patch_size")
@@ -108,9 +113,9 @@ class DataConfig(_Strict):
     @field_validator("num_workers", mode="before")
     @classmethod
     def _workers(cls, value: Any) -> Any:
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_DATA_WORKERS):
             return value
-        raise ValueError(f"must be 'auto' or a non-negative integer, got {value!r}")
+        raise ValueError(f"must be 'auto' or an integer from 0 to {MAX_DATA_WORKERS}, got {value!r}")
 
 
 class ModelConfig(_Strict):

@@ -36,6 +36,7 @@ others are read box by box, so memory does not grow with the number of cases.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _PERM_STREAM = 1
 _TRANSFORM_STREAM = 2
+log = logging.getLogger("medseg")
 # `data.num_workers: auto` never starts more workers than this per process
 _MAX_AUTO_WORKERS = 8
 
@@ -92,17 +94,24 @@ def sample_number(iteration: int, slot: int, batch_size: int, rank: int = 0, wor
 
 
 def resolve_num_workers(num_workers: int | str) -> int:
-    """``data.num_workers``: an integer as given; ``auto`` -> ``min(cores - 1, 8)``.
+    """``data.num_workers``: an integer as given (at most twice the cores, with a warning);
+    ``auto`` -> ``min(cores - 1, 8)``.
 
     ``cores`` are those of this process's affinity mask divided among the torchrun
     processes of the node; one is left to the training process itself, so a machine
     with one core (per process) loads in the main process (0 workers).
     """
-    if num_workers != "auto":
-        return int(num_workers)
     from medseg.preprocessing.run import cpus_per_process
 
-    return max(min(cpus_per_process() - 1, _MAX_AUTO_WORKERS), 0)
+    cores = cpus_per_process()
+    if num_workers != "auto":
+        requested = int(num_workers)
+        if requested > 2 * cores:  # patches are CPU-bound: more processes only cost memory
+            log.warning("data.num_workers %d: this process has %d core(s); starting %d workers", requested, cores,
+                        2 * cores)
+            return 2 * cores
+        return requested
+    return max(min(cores - 1, _MAX_AUTO_WORKERS), 0)
 
 
 class PatchSource:

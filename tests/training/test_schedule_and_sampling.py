@@ -60,3 +60,20 @@ def test_sampling_is_a_pure_function_and_visits_every_case_per_epoch():
     assert first != [case_for_sample(4, k, n) for k in range(3 * n)]
     seeds = [transform_seed(3, k) for k in range(100)]
     assert len(set(seeds)) == 100 and seeds == [transform_seed(3, k) for k in range(100)]
+
+
+def test_num_workers_is_bounded_in_the_config_and_by_the_cores(monkeypatch, caplog):
+    """A typo such as 1000000 workers is refused by the schema; more than twice the cores
+    are not started (each worker is a process with its own pipeline)."""
+    import medseg.preprocessing.run as prep
+    from medseg.config import MAX_DATA_WORKERS, DataConfig
+    from medseg.training.sampling import resolve_num_workers
+
+    with pytest.raises(ValueError, match=f"integer from 0 to {MAX_DATA_WORKERS}"):
+        DataConfig(dataset=".", num_workers=1_000_000)
+    assert DataConfig(dataset=".", num_workers=MAX_DATA_WORKERS).num_workers == MAX_DATA_WORKERS
+    monkeypatch.setattr(prep, "cpus_per_process", lambda: 2)
+    assert resolve_num_workers(3) == 3 and resolve_num_workers("auto") == 1
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert resolve_num_workers(64) == 4
+    assert "data.num_workers 64" in caplog.text
