@@ -88,10 +88,6 @@ class ImagingParams:
 
 
 SOURCE_DOMAIN = ImagingParams()
-# The demo's domain: the source trees imaged at a low contrast-to-noise ratio and blurred
-# over about a thin branch's radius, so thin branches fade into the noise (partial volume)
-# and a Dice + CE model breaks them: the case topology losses are made for.
-FAINT_DOMAIN = ImagingParams(vessel=200.0, noise_std=50.0, texture_std=20.0, blur_mm=1.0)
 SHIFTED_DOMAIN = ImagingParams(
     background=90.0,
     vessel=230.0,
@@ -570,7 +566,7 @@ def make_dataset(
 ) -> dict[str, Any]:
     """Write a synthetic dataset in the nnU-Net v2 layout and return what was written.
 
-    ``params`` images the cases in another domain (e.g. :data:`FAINT_DOMAIN`; default the
+    ``params`` images the cases in another domain (an :class:`ImagingParams`; default the
     source domain, or the shifted one with ``shifted``).
 
     ``out/dataset.json``, ``imagesTr/vessel_000_0000<ending>``, ``labelsTr/vessel_000<ending>``
