@@ -5,12 +5,14 @@
 // all. Fresh memory is expensive: every first touch of a page is a fault that the
 // kernel serves by zeroing it (perf: ~40% of such a matching, 2.2 million faults),
 // and on virtual machines often a host-side fault as well (~2.5 s per GB on the
-// development VM). So arrays of 2 MiB and more are recycled: a freed block is kept and
+// development VM). So arrays of 64 KiB and more are recycled: a freed block is kept and
 // handed to the next allocation of a similar size, in this call (sort buffers become
 // the reductions' arrays) or the next one (an evaluation worker's next case, the next
 // step of a topology loss); a recycled page costs a memset. Recycling is about a third
 // of what took the 256^3 evaluation case from 8.5 s to 1.5 s (the rest: engine.cpp's
-// mask path and task graph).
+// mask path and task graph). Small images need it too: the arrays of a 256^2 matching
+// (0.1-1 MB) are mapped and unmapped by malloc around its trim threshold, ~1700 page
+// faults per matching, 15% of its time, before the threshold came down from 2 MiB.
 //
 // Like PyTorch's caching allocator, the cache keeps what it holds until
 // release_cached_memory(); it holds at most min(4 GiB, a quarter of the RAM), or
@@ -38,7 +40,7 @@ namespace medseg {
 namespace detail {
 
 // Arrays from this size on are recycled.
-constexpr std::size_t kBlockUnit = std::size_t(1) << 21;
+constexpr std::size_t kBlockUnit = std::size_t(1) << 16;
 
 // Blocks are rounded up to a size class (steps of 1/16 to 1/8 of the size, at least
 // kBlockUnit: at most 12.5% slack), so that the slightly larger arrays of the next
@@ -182,6 +184,26 @@ struct BigAllocator {
 
 template <class T>
 using big_vector = std::vector<T, BigAllocator<T>>;
+
+// Scratch array from the same recycled blocks, left uninitialised (a big_vector's
+// zero-fill would be a wasted pass for arrays that are written before they are read).
+template <class T>
+class big_buffer {
+  public:
+    explicit big_buffer(std::size_t n) : n_(n), p_(n ? BigAllocator<T>().allocate(n) : nullptr) {}
+    ~big_buffer() {
+        if (p_) BigAllocator<T>().deallocate(p_, n_);
+    }
+    big_buffer(const big_buffer&) = delete;
+    big_buffer& operator=(const big_buffer&) = delete;
+    T* data() { return p_; }
+    T& operator[](std::size_t i) { return p_[i]; }
+    std::size_t size() const { return n_; }
+
+  private:
+    std::size_t n_;
+    T* p_;
+};
 
 // Returns the engine's cached blocks to the system (see the top of this file); returns
 // the bytes freed.

@@ -129,27 +129,33 @@ class TaskGraph {
 // ---------------------------------------------------------------------------------
 // Radix sorts
 
+// Stable LSD radix sort of n 64-bit words by bits [lo, hi), 11 bits a pass, tmp a
+// buffer of n words; returns where the sorted words are (a or tmp). The counts of all
+// digits come from one pass, and a digit that puts every word in one bucket is skipped.
 constexpr int kDigitBits = 11;
 constexpr std::uint64_t kDigitMask = (1u << kDigitBits) - 1;
 
-// Stable LSD radix sort of 64-bit words by bits [lo, hi).
-void radix_sort_u64(big_vector<std::uint64_t>& a, int lo, int hi) {
-    if (a.size() < 2 || hi <= lo) return;
-    big_vector<std::uint64_t> tmp(a.size());
-    std::vector<std::size_t> count(std::size_t(1) << kDigitBits);
-    for (int shift = lo; shift < hi; shift += kDigitBits) {
-        std::fill(count.begin(), count.end(), 0);
-        for (std::uint64_t x : a) ++count[(x >> shift) & kDigitMask];
-        if (count[(a[0] >> shift) & kDigitMask] == a.size()) continue;  // one bucket
+key_t* radix_sort_u64(key_t* a, key_t* tmp, std::size_t n, int lo, int hi) {
+    if (n < 2 || hi <= lo) return a;
+    const int digits = (hi - lo + kDigitBits - 1) / kDigitBits;
+    std::vector<std::size_t> count(static_cast<std::size_t>(digits) << kDigitBits, 0);
+    for (std::size_t i = 0; i < n; ++i)
+        for (int q = 0; q < digits; ++q)
+            ++count[(std::size_t(q) << kDigitBits) + ((a[i] >> (lo + q * kDigitBits)) & kDigitMask)];
+    for (int q = 0; q < digits; ++q) {
+        const int shift = lo + q * kDigitBits;
+        std::size_t* c = count.data() + (std::size_t(q) << kDigitBits);
+        if (c[(a[0] >> shift) & kDigitMask] == n) continue;  // one bucket
         std::size_t sum = 0;
-        for (auto& c : count) {
-            std::size_t t = c;
-            c = sum;
+        for (std::size_t d = 0; d <= kDigitMask; ++d) {
+            const std::size_t t = c[d];
+            c[d] = sum;
             sum += t;
         }
-        for (std::uint64_t x : a) tmp[count[(x >> shift) & kDigitMask]++] = x;
-        a.swap(tmp);
+        for (std::size_t i = 0; i < n; ++i) tmp[c[(a[i] >> shift) & kDigitMask]++] = a[i];
+        std::swap(a, tmp);
     }
+    return a;
 }
 
 int bit_width(std::uint64_t x) {
@@ -218,40 +224,64 @@ bool few_value_ranks(const T* x, std::int64_t n, big_vector<rank_t>& out, rank_t
     return true;
 }
 
-// Dense ranks of one image (equal values, equal ranks), sublevel order. Returns the
-// number of distinct values.
+// The pixels by (rank, index) from their ranks (few of them): a counting sort.
+void counting_order(const big_vector<rank_t>& ranks, rank_t num, big_vector<std::uint32_t>& order) {
+    std::vector<std::size_t> start(static_cast<std::size_t>(num) + 1, 0);
+    for (rank_t r : ranks) ++start[r + 1];
+    for (rank_t r = 0; r < num; ++r) start[r + 1] += start[r];
+    order.resize(ranks.size());
+    for (std::size_t i = 0; i < ranks.size(); ++i) order[start[ranks[i]]++] = static_cast<std::uint32_t>(i);
+}
+
+// Dense ranks of one image (equal values, equal ranks) and its pixels in filtration
+// order, i.e. by (rank, index). Superlevel filtrations reverse the ranks (the values
+// are sorted by complemented order bits), so everything downstream is sublevel.
+// Returns the number of distinct values.
 template <class T>
-rank_t dense_ranks(const T* x, std::int64_t n, big_vector<rank_t>& out) {
+rank_t dense_ranks(const T* x, std::int64_t n, bool superlevel, big_vector<rank_t>& out,
+                   big_vector<std::uint32_t>& order) {
     if (n == 0) {
         out.clear();
+        order.clear();
         return 0;
     }
     rank_t num = 0;
-    if (few_value_ranks(x, n, out, num)) return num;
-    out.resize(n);
+    if (few_value_ranks(x, n, out, num)) {
+        if (superlevel)
+            for (auto& r : out) r = num - 1 - r;
+        counting_order(out, num, order);
+        return num;
+    }
+    const std::size_t total = static_cast<std::size_t>(n);
+    out.resize(total);
+    order.resize(total);
     std::uint64_t count = 0;
+    big_buffer<key_t> buf(total), tmp(total);
+    const std::uint64_t flip = superlevel ? ~0ull : 0;
     if (sizeof(T) == 4) {
-        big_vector<std::uint64_t> keys(n);
-        for (std::int64_t i = 0; i < n; ++i) keys[i] = (order_bits(x[i]) << 32) | static_cast<std::uint64_t>(i);
-        radix_sort_u64(keys, 32, 64);
+        for (std::size_t i = 0; i < total; ++i)
+            buf[i] = ((order_bits(x[i]) ^ flip) << 32) | static_cast<std::uint64_t>(i);
+        const key_t* keys = radix_sort_u64(buf.data(), tmp.data(), total, 32, 64);
         std::uint64_t prev = ~0ull;
-        for (std::uint64_t k : keys) {
+        for (std::size_t j = 0; j < total; ++j) {
+            const std::uint64_t k = keys[j];
             count += (k >> 32) != prev;
             prev = k >> 32;
             out[k & 0xffffffffull] = static_cast<rank_t>(count - 1);
+            order[j] = static_cast<std::uint32_t>(k);
         }
         return static_cast<rank_t>(count);
     }
     // Sort by the upper 32 bits of the 64-bit order key with the index packed in the
     // lower half (3 radix passes over 8-byte words instead of 6 over 16-byte records),
-    // then order the rare runs that tie on the upper half by the full key.
-    big_vector<std::uint64_t> keys(n), full(n);
-    for (std::int64_t i = 0; i < n; ++i) {
-        full[i] = order_bits(x[i]);
-        keys[i] = (full[i] & 0xffffffff00000000ull) | static_cast<std::uint64_t>(i);
+    // then order the rare runs that tie on the upper half by the full key (then index:
+    // the order keeps ties by index).
+    big_buffer<std::uint64_t> full(total);
+    for (std::size_t i = 0; i < total; ++i) {
+        full[i] = order_bits(x[i]) ^ flip;
+        buf[i] = (full[i] & 0xffffffff00000000ull) | static_cast<std::uint64_t>(i);
     }
-    radix_sort_u64(keys, 32, 64);
-    const std::size_t total = static_cast<std::size_t>(n);
+    key_t* keys = radix_sort_u64(buf.data(), tmp.data(), total, 32, 64);
     for (std::size_t s = 0; s < total;) {
         std::size_t e = s + 1;
         while (e < total && (keys[e] >> 32) == (keys[s] >> 32)) ++e;
@@ -260,20 +290,83 @@ rank_t dense_ranks(const T* x, std::int64_t n, big_vector<rank_t>& out) {
             bool same = true;
             for (std::size_t q = s + 1; q < e && same; ++q) same = full[keys[q] & 0xffffffffull] == f0;
             if (!same)
-                std::sort(keys.begin() + s, keys.begin() + e, [&](std::uint64_t a, std::uint64_t b) {
-                    return full[a & 0xffffffffull] < full[b & 0xffffffffull];
+                std::sort(keys + s, keys + e, [&](std::uint64_t a, std::uint64_t b) {
+                    const std::uint64_t fa = full[a & 0xffffffffull], fb = full[b & 0xffffffffull];
+                    return fa < fb || (fa == fb && a < b);
                 });
         }
         s = e;
     }
     bool first = true;
     std::uint64_t prev = 0;
-    for (std::uint64_t k : keys) {
+    for (std::size_t j = 0; j < total; ++j) {
+        const std::uint64_t k = keys[j];
         const std::uint64_t f = full[k & 0xffffffffull];
         count += first || f != prev;
         prev = f;
         first = false;
         out[k & 0xffffffffull] = static_cast<rank_t>(count - 1);
+        order[j] = static_cast<std::uint32_t>(k);
+    }
+    return static_cast<rank_t>(count);
+}
+
+// The comparison image c (elementwise max or min of a and b) ranked from a's and b's
+// ranking, without sorting c: every c_i is a_i or b_i, so the pixels where it is a_i,
+// taken in a's order, are already in c's order (by value, then index), and so are the
+// others in b's order; one merge of the two gives c's order. oa, ob: a's and b's
+// orders, both of the same direction (superlevel: by decreasing value). Returns c's
+// number of distinct values; ranks and order as dense_ranks of c gives them.
+template <class T>
+rank_t merged_ranks(const T* a, const T* b, std::size_t n, bool superlevel, bool take_max, const std::uint32_t* oa,
+                    const std::uint32_t* ob, big_vector<rank_t>& out, big_vector<std::uint32_t>& order) {
+    out.resize(n);
+    order.resize(n);
+    if (n == 0) return 0;
+    // c's filtration key (order bits, complemented for superlevel), and whether c_i = a_i
+    big_buffer<std::uint64_t> ck(n);
+    big_buffer<std::uint8_t> from_a(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        const T c = take_max ? std::max(a[i], b[i]) : std::min(a[i], b[i]);
+        const std::uint64_t bits = order_bits(c);
+        from_a[i] = bits == order_bits(a[i]);
+        ck[i] = superlevel ? ~bits : bits;
+    }
+    // Each pixel as one word, in c's order when compared: for floats (key << 32) |
+    // index, the key fitting 32 bits; for doubles the index, compared through ck.
+    constexpr bool packed = sizeof(T) == 4;
+    auto word = [&](std::uint32_t i) -> std::uint64_t { return packed ? ((ck[i] & 0xffffffffull) << 32) | i : i; };
+    auto before = [&](std::uint64_t x, std::uint64_t y) {
+        if (packed) return x < y;
+        return ck[x] < ck[y] || (ck[x] == ck[y] && x < y);
+    };
+    auto key_of = [&](std::uint64_t w) { return packed ? w >> 32 : ck[w]; };
+    big_buffer<std::uint64_t> sa(n), sb(n), merged(n);
+    std::size_t na = 0, nb = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+        sa[na] = word(oa[j]);
+        na += from_a[oa[j]];
+        sb[nb] = word(ob[j]);
+        nb += !from_a[ob[j]];
+    }
+    std::size_t ia = 0, ib = 0, o = 0;
+    while (ia < na && ib < nb) {
+        const std::uint64_t x = sa[ia], y = sb[ib];
+        const bool take_a = before(x, y);
+        merged[o++] = take_a ? x : y;
+        ia += take_a;
+        ib += !take_a;
+    }
+    for (; ia < na; ++ia) merged[o++] = sa[ia];
+    for (; ib < nb; ++ib) merged[o++] = sb[ib];
+    std::uint64_t count = 0, prev = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+        const std::uint64_t w = merged[j], key = key_of(w);
+        const std::uint32_t i = static_cast<std::uint32_t>(w);
+        count += j == 0 || key != prev;
+        prev = key;
+        out[i] = static_cast<rank_t>(count - 1);
+        order[j] = i;
     }
     return static_cast<rank_t>(count);
 }
@@ -286,13 +379,14 @@ struct Filtration {
     Construction construction = Construction::V;
     Lattice pixels;            // T only: lattice of voxels (top cells)
     big_vector<rank_t> pix;   // T only: voxel ranks
-    big_vector<rank_t> v, e, f, c;
+    big_vector<rank_t> v, e, f, c;  // 3D: c has one more entry, kInfRank (infinity)
+    big_vector<std::uint32_t> order;  // the ranked points (V: v, T: pix) by (rank, index)
+    big_vector<rank_t> topr;  // 2D: the squares' ranks by base point, kInfRank last (infinity)
     rank_t num_ranks = 0;
 
     int dim() const { return L.ndim; }
-    rank_t top(std::int64_t l) const { return L.ndim == 3 ? c[l] : f[3 * l + 2]; }
-    // rank of a (d-1)-cell
-    const big_vector<rank_t>& sub() const { return L.ndim == 3 ? f : e; }
+    // Top ranks by base point plus the point at infinity (the dual passes' vertices).
+    const rank_t* top_ranks() const { return L.ndim == 3 ? c.data() : topr.data(); }
     key_t vkey(std::uint32_t l) const { return make_key(v[l], l); }
 };
 
@@ -301,12 +395,42 @@ inline void other_axes(int t, int& u, int& w) {
     w = (t == 2) ? 1 : 2;
 }
 
+// 2D V: the edges along axes 0 and 1 and the squares with normal 2 exist (the other
+// slots are kInfRank), built row by row in one pass, with the squares' compact copy.
+void build_V_2d(Filtration& F) {
+    const Lattice& L = F.L;
+    const std::int64_t n0 = L.n[0], n1 = L.n[1], N = L.points;
+    F.e.resize(3 * N);
+    F.f.resize(3 * N);
+    F.topr.resize(N + 1);
+    const rank_t* v = F.v.data();
+    rank_t* e = F.e.data();
+    rank_t* f = F.f.data();
+    for (std::int64_t x = 0; x < n0; ++x) {
+        const bool down = x + 1 < n0;
+        for (std::int64_t y = 0; y < n1; ++y) {
+            const std::int64_t l = x * n1 + y;
+            const bool right = y + 1 < n1;
+            const rank_t r = v[l];
+            e[3 * l] = down ? std::max(r, v[l + n1]) : kInfRank;
+            e[3 * l + 1] = right ? std::max(r, v[l + 1]) : kInfRank;
+            e[3 * l + 2] = kInfRank;
+            f[3 * l] = f[3 * l + 1] = kInfRank;
+            const rank_t sq =
+                down && right ? std::max(std::max(r, v[l + 1]), std::max(v[l + n1], v[l + n1 + 1])) : kInfRank;
+            f[3 * l + 2] = sq;
+            F.topr[l] = sq;
+        }
+    }
+    F.topr[N] = kInfRank;
+}
+
 void build_edges_faces_cubes_V(Filtration& F) {
     const Lattice& L = F.L;
     const std::int64_t N = L.points;
     F.e.assign(3 * N, kInfRank);
     F.f.assign(3 * N, kInfRank);
-    if (L.ndim == 3) F.c.assign(N, kInfRank);
+    if (L.ndim == 3) F.c.assign(N + 1, kInfRank);
     for (std::int64_t x = 0; x < L.n[0]; ++x)
         for (std::int64_t y = 0; y < L.n[1]; ++y)
             for (std::int64_t z = 0; z < L.n[2]; ++z) {
@@ -346,7 +470,7 @@ void build_T(Filtration& F) {
     F.v.assign(N, kInfRank);
     F.e.assign(3 * N, kInfRank);
     F.f.assign(3 * N, kInfRank);
-    if (L.ndim == 3) F.c.assign(N, kInfRank);
+    if (L.ndim == 3) F.c.assign(N + 1, kInfRank);
     for (std::int64_t x = 0; x < P.n[0]; ++x)
         for (std::int64_t y = 0; y < P.n[1]; ++y)
             for (std::int64_t z = 0; z < P.n[2]; ++z) {
@@ -430,11 +554,92 @@ big_vector<key_t> sorted_keys(const big_vector<rank_t>& ranks, rank_t num_ranks)
     }
     std::size_t count = 0;
     for (rank_t r : ranks) count += (r != kInfRank);
-    big_vector<key_t> keys;
-    keys.reserve(count);
-    for (std::size_t i = 0; i < ranks.size(); ++i)
-        if (ranks[i] != kInfRank) keys.push_back(make_key(ranks[i], i));
-    radix_sort_u64(keys, 32, 32 + bit_width(num_ranks));
+    big_vector<key_t> keys(count + 1);  // + 1: every cell is written, the missing ones overwritten
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < ranks.size(); ++i) {
+        keys[k] = make_key(ranks[i], i);
+        k += ranks[i] != kInfRank;
+    }
+    keys.resize(count);
+    big_buffer<key_t> tmp(count);
+    const key_t* sorted = radix_sort_u64(keys.data(), tmp.data(), count, 32, 32 + bit_width(num_ranks));
+    if (sorted != keys.data()) std::copy(sorted, sorted + count, keys.data());
+    return keys;
+}
+
+// The sorted keys of the edges of a V-construction filtration, generated from its
+// vertices in filtration order (F.order) rather than sorted: an edge's rank is the
+// larger of its ends' ranks, so the edges of rank r are those at the vertices of rank r
+// whose other end is not later. The edges at a vertex p come in key order as
+// 3(p - s0) < 3(p - s1) + 1 < 3(p - s2) + 2 < 3p < 3p + 1 < 3p + 2 (strides s0 >= s1 >=
+// s2), so a vertex alone at its rank (nearly every vertex of a noisy image) needs no
+// sorting; the edges of tied vertices are listed by a scan of their range of cells when
+// they are many and close, or else collected (an edge between two of them taken at its
+// upper end only) and sorted. Same keys, same order as sorted_keys(F.e).
+big_vector<key_t> sorted_edges_V(const Filtration& F) {
+    const Lattice& L = F.L;
+    const int d = L.ndim;
+    const std::size_t N = static_cast<std::size_t>(L.points);
+    std::size_t count = 0;
+    for (int t = 0; t < d; ++t) count += N / L.n[t] * (L.n[t] - 1);
+    big_vector<key_t> keys(count + 1);  // + 1: a candidate is written before it is kept
+    key_t* out = keys.data();
+    const rank_t* v = F.v.data();
+    const rank_t* e = F.e.data();
+    const std::uint32_t* order = F.order.data();
+    const std::uint32_t s[3] = {static_cast<std::uint32_t>(L.stride[0]), static_cast<std::uint32_t>(L.stride[1]),
+                                static_cast<std::uint32_t>(L.stride[2])};
+    std::vector<key_t> tied;
+    constexpr std::size_t kAhead = 16;  // the vertices lie anywhere: their ranks are fetched ahead
+    for (std::size_t i = 0; i < N;) {
+        if (i + kAhead < N) {
+            const std::uint32_t q = order[i + kAhead];
+            __builtin_prefetch(&e[3 * q]);
+            __builtin_prefetch(&v[q]);
+            if (q >= s[0]) __builtin_prefetch(&e[3 * (q - s[0])]);
+        }
+        const std::uint32_t p = order[i];
+        const rank_t r = v[p];
+        std::size_t j = i + 1;
+        while (j < N && v[order[j]] == r) ++j;
+        if (j == i + 1) {
+            for (int t = 0; t < d; ++t)
+                if (p >= s[t]) {
+                    const std::uint32_t c = 3 * (p - s[t]) + t;
+                    *out = make_key(r, c);
+                    out += e[c] == r;
+                }
+            for (int t = 0; t < d; ++t) {
+                const std::uint32_t c = 3 * p + t;
+                *out = make_key(r, c);
+                out += e[c] == r;
+            }
+        } else if (3 * (std::size_t(order[j - 1] - order[i]) + s[0]) <= 16 * (j - i)) {
+            // many tied vertices close together (a mask's level set in a comparison
+            // image): every edge of rank r lies in this range of cells, so a scan of
+            // it lists them in order
+            const std::size_t lo = 3 * static_cast<std::size_t>(order[i] >= s[0] ? order[i] - s[0] : 0);
+            const std::size_t hi = 3 * static_cast<std::size_t>(order[j - 1]) + 3;
+            for (std::size_t c = lo; c < hi; ++c) {
+                *out = make_key(r, c);
+                out += e[c] == r;
+            }
+        } else {
+            tied.clear();
+            for (std::size_t q = i; q < j; ++q) {
+                const std::uint32_t u = order[q];
+                for (int t = 0; t < d; ++t)
+                    if (u >= s[t] && e[3 * (u - s[t]) + t] == r) tied.push_back(make_key(r, 3 * (u - s[t]) + t));
+                for (int t = 0; t < d; ++t)
+                    if (e[3 * u + t] == r && v[u + s[t]] != r) tied.push_back(make_key(r, 3 * u + t));
+            }
+            std::sort(tied.begin(), tied.end());
+            out = std::copy(tied.begin(), tied.end(), out);
+        }
+        i = j;
+    }
+    if (static_cast<std::size_t>(out - keys.data()) != count) throw std::logic_error("sorted_edges_V: edges lost");
+    keys.resize(count);
     return keys;
 }
 
@@ -476,31 +681,29 @@ struct TopDim {
     big_vector<std::uint32_t> columns;  // (d-1)-cells that did not merge, in ascending key order
 };
 
-// Top-cell keys by base point (in 2D the squares with normal z), with the point at
-// infinity last and largest (kNoKey).
-big_vector<key_t> top_keys(const Filtration& F) {
-    const std::int64_t N = F.L.points;
-    big_vector<key_t> k(N + 1);
-    for (std::int64_t p = 0; p < N; ++p)
-        k[p] = F.top(p) == kInfRank ? kNoKey : make_key(F.top(p), static_cast<std::uint64_t>(p));
-    k[N] = kNoKey;
-    return k;
-}
-
 // X: the complex; sub_sorted: its (d-1)-cells ascending. If comp is given, the comp
 // elder of every component is carried along (image persistence into comp) and
-// match_top[comp-younger top cell] receives the index of X's pair.
+// match_top[comp-younger top cell] receives the index of X's pair. merges: X's merges
+// are recorded (a prepared target replays them for every comparison, replay_top).
 void top_dimension(const Filtration& X, const big_vector<key_t>& sub_sorted, const Filtration* comp,
-                   big_vector<std::int32_t>* match_top, TopDim& out, bool keep_columns) {
-    const big_vector<key_t> xtop = top_keys(X);
-    const big_vector<key_t> ctop = comp ? top_keys(*comp) : big_vector<key_t>();
+                   big_vector<std::int32_t>* match_top, TopDim& out, bool keep_columns,
+                   std::vector<host::TopMerge>* merges = nullptr) {
     const std::size_t n = sub_sorted.size();
     if (keep_columns) out.columns.reserve(n);
-    host::top_pass(
-        X.L, n, [&](std::size_t i) { return sub_sorted[n - 1 - i]; }, xtop.data(), comp ? ctop.data() : nullptr,
-        match_top, out.pairs, [&](std::uint32_t cell) {
-            if (keep_columns) out.columns.push_back(cell);
-        });
+    auto key_at = [&](std::size_t i) { return sub_sorted[n - 1 - i]; };
+    auto on_column = [&](std::uint32_t cell) {
+        if (keep_columns) out.columns.push_back(cell);
+    };
+    if (comp) {
+        host::TopLabels labels(X.L.points, comp->top_ranks(), *match_top);
+        host::top_pass(X.L, n, key_at, X.top_ranks(), out.pairs, [&](const host::TopMerge& m) { labels(m); },
+                       on_column);
+    } else if (merges) {
+        host::top_pass(X.L, n, key_at, X.top_ranks(), out.pairs,
+                       [&](const host::TopMerge& m) { merges->push_back(m); }, on_column);
+    } else {
+        host::top_pass(X.L, n, key_at, X.top_ranks(), out.pairs, [](const host::TopMerge&) {}, on_column);
+    }
     std::reverse(out.columns.begin(), out.columns.end());
 }
 
@@ -592,8 +795,9 @@ inline auto keys_of(const big_vector<key_t>& keys) {
     return [&keys](std::size_t i) { return keys[i]; };
 }
 
-void dimension0(const Filtration& X, const big_vector<key_t>& edges, Dim0& out) {
-    host::dim0_pass(X.L, edges.size(), keys_of(edges), X.v.data(), out.pairs);
+void dimension0(const Filtration& X, const big_vector<key_t>& edges, Dim0& out,
+                big_vector<key_t>* unmerged = nullptr) {
+    host::dim0_pass(X.L, edges.size(), keys_of(edges), X.v.data(), out.pairs, unmerged);
     out.pair_of_birth = host::pairs_by_birth(out.pairs, static_cast<std::size_t>(X.L.points));
 }
 
@@ -601,8 +805,9 @@ void dimension0(const Filtration& X, const big_vector<key_t>& edges, Dim0& out) 
 // comparison pair, the X0- and X1-younger vertices.
 std::vector<std::pair<std::uint32_t, std::uint32_t>> dimension0_image(const Filtration& C, const Filtration& X0,
                                                                       const Filtration& X1,
-                                                                      const big_vector<key_t>& edges) {
-    return host::image_births0(C.L, edges.size(), keys_of(edges), C.v.data(), X0.v.data(), X1.v.data());
+                                                                      const big_vector<key_t>& edges,
+                                                                      big_vector<key_t>* unmerged = nullptr) {
+    return host::image_births0(C.L, edges.size(), keys_of(edges), C.v.data(), X0.v.data(), X1.v.data(), unmerged);
 }
 
 // ---------------------------------------------------------------------------------
@@ -611,14 +816,27 @@ std::vector<std::pair<std::uint32_t, std::uint32_t>> dimension0_image(const Filt
 struct Complex {
     Filtration F;
     big_vector<key_t> edges;    // sorted
-    big_vector<key_t> subs;     // sorted (d-1)-cells (3D only; in 2D these are the edges)
+    big_vector<key_t> subs;     // 3D: sorted (d-1)-cells (in 2D these are the edges)
     TopDim top;
     big_vector<std::uint32_t> pivot1;  // 3D: pivot edge of each column of top.columns
     std::vector<CellPair> pairs1;       // 3D: (edge, square)
     std::vector<std::pair<std::uint32_t, std::int32_t>> pair1_by_birth;  // 3D: (edge, index in pairs1), by edge
     big_vector<std::uint32_t> pair1_column;   // 3D: column index of each pair
     Dim0 dim0;
+    std::vector<host::TopMerge> top_merges;  // prepared targets: the top dimension's merges
+    big_vector<key_t> unmerged0;  // 2D: the edges dimension 0 does not merge, ascending
 };
+
+// 2D: dimension 0 collects the edges it does not merge, the only ones that merge in the
+// top dimension (host::top_pass), which then walks those alone; nullptr in 3D.
+big_vector<key_t>* unmerged_edges(Complex& X) {
+    if (X.F.dim() != 2) return nullptr;
+    X.unmerged0.clear();
+    X.unmerged0.reserve(X.edges.size() / 2 + 1);
+    return &X.unmerged0;
+}
+// The (d-1)-cells the top dimension walks: 2D, those (after dimension 0).
+const big_vector<key_t>& top_cells(const Complex& X) { return X.F.dim() == 2 ? X.unmerged0 : X.subs; }
 
 void check_size(const Lattice& L) {
     if (L.points > kMaxPoints)
@@ -632,13 +850,15 @@ Lattice image_lattice(const ImageView& im) {
 }
 
 void make_filtration(Filtration& F, const Lattice& pixels, big_vector<rank_t>&& ranks,
-                     rank_t num_ranks, Construction construction) {
+                     big_vector<std::uint32_t>&& order, rank_t num_ranks, Construction construction) {
     F.construction = construction;
     F.num_ranks = num_ranks;
+    F.order = std::move(order);
     if (construction == Construction::V) {
         F.L = pixels;
         F.v = std::move(ranks);
-        build_edges_faces_cubes_V(F);
+        if (pixels.ndim == 2) build_V_2d(F);
+        else build_edges_faces_cubes_V(F);
     } else {
         F.pixels = pixels;
         F.pix = std::move(ranks);
@@ -647,14 +867,20 @@ void make_filtration(Filtration& F, const Lattice& pixels, big_vector<rank_t>&& 
         check_size(F.L);
         build_T(F);
     }
+    if (F.L.ndim == 2 && construction == Construction::T) {
+        const std::int64_t N = F.L.points;
+        F.topr.resize(N + 1);
+        for (std::int64_t l = 0; l < N; ++l) F.topr[l] = F.f[3 * l + 2];
+        F.topr[N] = kInfRank;
+    }
 }
 
 void sort_cells(Complex& X) {
-    X.edges = sorted_keys(X.F.e, X.F.num_ranks);
+    const bool many = X.F.num_ranks > kCountingSortRanks;
+    X.edges = many && X.F.construction == Construction::V ? sorted_edges_V(X.F) : sorted_keys(X.F.e, X.F.num_ranks);
     if (X.F.dim() == 3) X.subs = sorted_keys(X.F.f, X.F.num_ranks);
 }
 
-const big_vector<key_t>& sub_cells(const Complex& X) { return X.F.dim() == 3 ? X.subs : X.edges; }
 
 // X's own dimension-1 pairs; R = row_order of X's edges.
 void own_dim1(Complex& X, const RowOrder& R) {
@@ -692,58 +918,61 @@ void append(VoxelPairs& vp, const Reporter& rep, int ndim, int kb, std::uint64_t
     vp.death.insert(vp.death.end(), c, c + ndim);
 }
 
-// Dense ranks of one image (float32 stays float32); superlevel filtrations reverse
-// them, so everything downstream is sublevel.
-rank_t rank_image(const ImageView& im, std::int64_t n, bool superlevel, big_vector<rank_t>& out) {
-    const rank_t num = im.dtype == DType::Float32 ? dense_ranks(static_cast<const float*>(im.data), n, out)
-                                                  : dense_ranks(static_cast<const double*>(im.data), n, out);
-    if (superlevel)
-        for (auto& r : out) r = num - 1 - r;
-    return num;
+// Dense ranks of one image (float32 stays float32) and its pixels in filtration order.
+rank_t rank_image(const ImageView& im, std::int64_t n, bool superlevel, big_vector<rank_t>& out,
+                  big_vector<std::uint32_t>& order) {
+    return im.dtype == DType::Float32 ? dense_ranks(static_cast<const float*>(im.data), n, superlevel, out, order)
+                                      : dense_ranks(static_cast<const double*>(im.data), n, superlevel, out, order);
 }
 
-template <class T>
-void union_values(const T* a, const T* b, std::int64_t n, bool take_max, std::vector<T>& out) {
-    out.resize(n);
-    if (take_max)
-        for (std::int64_t i = 0; i < n; ++i) out[i] = std::max(a[i], b[i]);
-    else
-        for (std::int64_t i = 0; i < n; ++i) out[i] = std::min(a[i], b[i]);
-}
-
-// Ranks of the comparison image: the union of the two filtrations (the elementwise
-// value that enters first) or their intersection (the one that enters last).
-rank_t rank_comparison(const ImageView& a, const ImageView& b, std::int64_t n, bool superlevel,
-                       bool intersection, big_vector<rank_t>& out) {
+// Ranks and order of the comparison image: the union of the two filtrations (the
+// elementwise value that enters first) or their intersection (the one that enters
+// last), merged from the orders of a and b (oa, ob; see merged_ranks).
+rank_t rank_comparison(const ImageView& a, const ImageView& b, std::int64_t n, bool superlevel, bool intersection,
+                       const big_vector<std::uint32_t>& oa, const big_vector<std::uint32_t>& ob,
+                       big_vector<rank_t>& out, big_vector<std::uint32_t>& order) {
     if (a.dtype != b.dtype) throw std::invalid_argument("both images must have the same dtype");
     const bool take_max = superlevel != intersection;
-    ImageView c = a;
-    if (a.dtype == DType::Float32) {
-        std::vector<float> v;
-        union_values(static_cast<const float*>(a.data), static_cast<const float*>(b.data), n, take_max, v);
-        c.data = v.data();
-        return rank_image(c, n, superlevel, out);
-    }
-    std::vector<double> v;
-    union_values(static_cast<const double*>(a.data), static_cast<const double*>(b.data), n, take_max, v);
-    c.data = v.data();
-    return rank_image(c, n, superlevel, out);
+    const std::size_t total = static_cast<std::size_t>(n);
+    if (a.dtype == DType::Float32)
+        return merged_ranks(static_cast<const float*>(a.data), static_cast<const float*>(b.data), total, superlevel,
+                            take_max, oa.data(), ob.data(), out, order);
+    return merged_ranks(static_cast<const double*>(a.data), static_cast<const double*>(b.data), total, superlevel,
+                        take_max, oa.data(), ob.data(), out, order);
 }
 
 // Everything about one image that does not depend on the other image of a matching:
-// its filtration, sorted cells and its own barcode.
-// keep_subs: keep the sorted (d-1)-cells (a prepared target needs them in every
-// matching); otherwise they are freed once the top dimension is done.
-void prepare_complex(Complex& X, const Lattice& P, const ImageView& im, const Options& opt, bool keep_subs) {
+// its filtration and sorted cells (own_filtration), and its own barcode (own_barcode).
+void own_filtration(Complex& X, const Lattice& P, const ImageView& im, const Options& opt) {
     big_vector<rank_t> r;
-    const rank_t num = rank_image(im, P.points, opt.superlevel, r);
-    make_filtration(X.F, P, std::move(r), num, opt.construction);
+    big_vector<std::uint32_t> order;
+    const rank_t num = rank_image(im, P.points, opt.superlevel, r, order);
+    make_filtration(X.F, P, std::move(r), std::move(order), num, opt.construction);
     sort_cells(X);
+}
+
+// prepared: record the merges of the top dimension, which every matching with this
+// target (or with this intersection) replays against the other complex (replay_top)
+// instead of a pass of its own. In 2D dimension 0 goes first: the edges it leaves are
+// the top dimension's. The cells the top dimension walks are freed after it. rows: 3D,
+// receives the row order of X's dimension-1 reduction.
+void own_barcode(Complex& X, bool prepared, RowOrder* rows = nullptr) {
     const int d = X.F.dim();
-    top_dimension(X.F, sub_cells(X), nullptr, nullptr, X.top, d == 3);
-    if (d == 3 && !keep_subs) big_vector<key_t>().swap(X.subs);
-    if (d == 3) own_dim1(X, row_order(X.F.L, X.F.f, X.edges));
-    dimension0(X.F, X.edges, X.dim0);
+    if (d == 2) dimension0(X.F, X.edges, X.dim0, unmerged_edges(X));
+    top_dimension(X.F, top_cells(X), nullptr, nullptr, X.top, d == 3, prepared ? &X.top_merges : nullptr);
+    big_vector<key_t>().swap(d == 3 ? X.subs : X.unmerged0);
+    if (d == 3) {
+        RowOrder local;
+        RowOrder& R = rows ? *rows : local;
+        R = row_order(X.F.L, X.F.f, X.edges);
+        own_dim1(X, R);
+        dimension0(X.F, X.edges, X.dim0);
+    }
+}
+
+void prepare_complex(Complex& X, const Lattice& P, const ImageView& im, const Options& opt, bool prepared) {
+    own_filtration(X, P, im, opt);
+    own_barcode(X, prepared);
 }
 
 // Intersection comparison H: now H is contained in X at every step, so the roles of
@@ -771,8 +1000,7 @@ std::vector<std::vector<std::int32_t>> into_comparison(const Complex& X, const C
         }
     }
     big_vector<std::int32_t> match_top;
-    TopDim unused;
-    top_dimension(H.F, sub_cells(H), &X.F, &match_top, unused, false);
+    host::replay_top(H.top_merges, static_cast<std::size_t>(H.F.L.points), X.F.top_ranks(), match_top);
     for (const CellPair& p : X.top.pairs) out[d - 1].push_back(match_top[p.death_cell]);
     return out;
 }
@@ -788,12 +1016,17 @@ MatchingResult assemble(const Complex& X0, const Complex& X1, const host::Matche
     };
     auto report_with = [d](const Reporter& rep) {
         return [&rep, d](const std::vector<std::uint64_t>& cells, int k, VoxelPairs& out) {
-            std::int64_t c[3];
-            for (std::size_t i = 0; i + 1 < cells.size(); i += 2) {
-                rep.report(k, cells[i], c);
-                out.birth.insert(out.birth.end(), c, c + d);
-                rep.report(k + 1, cells[i + 1], c);
-                out.death.insert(out.death.end(), c, c + d);
+            const std::size_t n = cells.size() / 2, at = out.birth.size();
+            out.birth.resize(at + n * d);
+            out.death.resize(at + n * d);
+            std::int64_t* birth = out.birth.data() + at;
+            std::int64_t* death = out.death.data() + at;
+            for (std::size_t i = 0; i < n; ++i) {
+                std::int64_t c[3];
+                rep.report(k, cells[2 * i], c);
+                for (int q = 0; q < d; ++q) birth[i * d + q] = c[q];
+                rep.report(k + 1, cells[2 * i + 1], c);
+                for (int q = 0; q < d; ++q) death[i * d + q] = c[q];
             }
         };
     };
@@ -824,9 +1057,10 @@ std::shared_ptr<const PreparedImage> prepare_image(const ImageView& image, const
 std::size_t prepared_bytes(const PreparedImage& p) {
     const Complex& X = p.X;
     auto sz = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
-    return sz(X.F.v) + sz(X.F.e) + sz(X.F.f) + sz(X.F.c) + sz(X.F.pix) + sz(X.edges) + sz(X.subs) +
-           sz(X.top.pairs) + sz(X.pairs1) + sz(X.pair1_by_birth) + sz(X.pair1_column) + sz(X.dim0.pairs) +
-           sz(X.dim0.pair_of_birth) + sizeof(PreparedImage);
+    return sz(X.F.v) + sz(X.F.e) + sz(X.F.f) + sz(X.F.c) + sz(X.F.topr) + sz(X.F.order) + sz(X.F.pix) +
+           sz(X.edges) + sz(X.subs) + sz(X.top.pairs) + sz(X.top.columns) + sz(X.pairs1) + sz(X.pair1_by_birth) +
+           sz(X.pair1_column) + sz(X.dim0.pairs) + sz(X.dim0.pair_of_birth) + sz(X.top_merges) +
+           sizeof(PreparedImage);
 }
 
 // ---------------------------------------------------------------------------------
@@ -870,18 +1104,14 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
     const int threads = std::max(1, opt.threads);
     Complex X0, C, X1_local;
     const Complex& X1 = prepared_b ? prepared_b->X : X1_local;
-    // Filtration and sorted cells of one image (ranks_of fills the dense ranks).
-    auto filtration = [&](Complex& X, const std::function<rank_t(big_vector<rank_t>&)>& ranks_of) {
+    // Filtration and sorted cells of the comparison image, ranked from a's and b's order.
+    auto comparison_filtration = [&](Complex& X) {
         big_vector<rank_t> r;
-        const rank_t num = ranks_of(r);
-        make_filtration(X.F, P, std::move(r), num, opt.construction);
+        big_vector<std::uint32_t> order;
+        const rank_t num = rank_comparison(a, b, P.points, opt.superlevel, opt.intersection, X0.F.order, X1.F.order,
+                                           r, order);
+        make_filtration(X.F, P, std::move(r), std::move(order), num, opt.construction);
         sort_cells(X);
-    };
-    auto own_ranks = [&](const ImageView& im) {
-        return [&](big_vector<rank_t>& r) { return rank_image(im, P.points, opt.superlevel, r); };
-    };
-    auto comparison_ranks = [&](big_vector<rank_t>& r) {
-        return rank_comparison(a, b, P.points, opt.superlevel, opt.intersection, r);
     };
     host::Matches matches;
     if (opt.intersection) {
@@ -889,19 +1119,17 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
         // with the same pair of the intersection H.
         Complex H;
         RowOrder RH;
+        std::vector<std::function<void()>> filtrations = {[&] { own_filtration(X0, P, a, opt); }};
+        if (!prepared_b) filtrations.push_back([&] { own_filtration(X1_local, P, b, opt); });
+        run_tasks(filtrations, threads);
         std::vector<std::function<void()>> tasks = {
             [&] {
-                filtration(H, comparison_ranks);
-                top_dimension(H.F, sub_cells(H), nullptr, nullptr, H.top, H.F.dim() == 3);
-                if (H.F.dim() == 3) {
-                    RH = row_order(H.F.L, H.F.f, H.edges);
-                    own_dim1(H, RH);
-                }
-                dimension0(H.F, H.edges, H.dim0);
+                comparison_filtration(H);
+                own_barcode(H, true, &RH);
             },
-            [&] { prepare_complex(X0, P, a, opt, false); },
+            [&] { own_barcode(X0, false); },
         };
-        if (!prepared_b) tasks.push_back([&] { prepare_complex(X1_local, P, b, opt, false); });
+        if (!prepared_b) tasks.push_back([&] { own_barcode(X1_local, false); });
         run_tasks(tasks, threads);
         std::vector<std::vector<std::int32_t>> to_h0, to_h1;
         std::vector<std::function<void()>> more = {
@@ -920,38 +1148,50 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
     // Union comparison C, as a task graph. The target's own barcode (filtration, top
     // pairs, dimension 1 and 0) is independent of the prediction and is skipped when it
     // is prepared (cached). The top-dimension passes over a and b carry C's labels
-    // (image persistence into C) and give a's (and a fresh b's) own pairs and columns.
-    // The (d-1)-cells serve the top dimension only and are freed right after it.
+    // (image persistence into C) and give a's (and a fresh b's) own pairs and columns;
+    // a prepared b replays its recorded merges instead. The (d-1)-cells the top
+    // dimension walks are freed right after it.
     const int d = P.ndim;
     const bool fresh_b = !prepared_b;
-    auto free_subs = [d](Complex& X) {
-        if (d == 3) big_vector<key_t>().swap(X.subs);
-    };
+    auto free_subs = [d](Complex& X) { big_vector<key_t>().swap(d == 3 ? X.subs : X.unmerged0); };
     big_vector<std::int32_t> match_top0, match_top1;
-    TopDim top1_again;  // a prepared b's top pairs once more, now with C's labels
     RowOrder R0, R1, RC;  // rows of the dimension-1 reductions: a's serve a's own and a -> C
     big_vector<std::uint32_t> image_pivot0, image_pivot1;
     std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0;
     TaskGraph g;
-    const int fc = g.add("filtration comparison", [&] { filtration(C, comparison_ranks); });
-    const int fa = g.add("filtration a", [&] { filtration(X0, own_ranks(a)); });
-    const int fb = fresh_b ? g.add("filtration b", [&] { filtration(X1_local, own_ranks(b)); }) : -1;
+    const int fa = g.add("filtration a", [&] { own_filtration(X0, P, a, opt); });
+    const int fb = fresh_b ? g.add("filtration b", [&] { own_filtration(X1_local, P, b, opt); }) : -1;
+    const int fc = g.add("filtration comparison", [&] { comparison_filtration(C); }, {fa, fb});
+    // 2D: dimension 0 first, the edges it leaves are the top dimension's (the tops wait
+    // for it); 3D: the tops first, they lead to the longer dimension 1.
+    int da = -1, db = -1, dc = -1;
+    auto add_dim0 = [&] {
+        da = g.add("dim0 a", [&] { dimension0(X0.F, X0.edges, X0.dim0, unmerged_edges(X0)); }, {fa});
+        if (fresh_b)
+            db = g.add("dim0 b", [&] {
+                dimension0(X1_local.F, X1_local.edges, X1_local.dim0, unmerged_edges(X1_local));
+            }, {fb});
+        dc = g.add("dim0 comparison+images", [&] {
+            image_births0 = dimension0_image(C.F, X0.F, X1.F, C.edges, unmerged_edges(C));
+        }, {fc, fa, fb});
+    };
+    if (d == 2) add_dim0();
     const int tc = g.add("top comparison", [&] {
-        top_dimension(C.F, sub_cells(C), nullptr, nullptr, C.top, d == 3);
+        top_dimension(C.F, top_cells(C), nullptr, nullptr, C.top, d == 3);
         free_subs(C);
-    }, {fc});
+    }, {fc, dc});
     const int ta = g.add("top a (into comparison)", [&] {
-        top_dimension(X0.F, sub_cells(X0), &C.F, &match_top0, X0.top, d == 3);
+        top_dimension(X0.F, top_cells(X0), &C.F, &match_top0, X0.top, d == 3);
         free_subs(X0);
-    }, {fc, fa});
+    }, {fc, fa, da});
     const int tb = g.add("top b (into comparison)", [&] {
         if (prepared_b) {
-            top_dimension(X1.F, sub_cells(X1), &C.F, &match_top1, top1_again, false);
+            host::replay_top(X1.top_merges, static_cast<std::size_t>(C.F.L.points), C.F.top_ranks(), match_top1);
         } else {
-            top_dimension(X1_local.F, sub_cells(X1_local), &C.F, &match_top1, X1_local.top, d == 3);
+            top_dimension(X1_local.F, top_cells(X1_local), &C.F, &match_top1, X1_local.top, d == 3);
             free_subs(X1_local);
         }
-    }, {fc, fb});
+    }, {fc, fb, db});
     if (d == 3) {
         const int ra = g.add("rows a", [&] { R0 = row_order(X0.F.L, X0.F.f, X0.edges); }, {fa});
         const int rb = g.add("rows b", [&] { R1 = row_order(X1.F.L, X1.F.f, X1.edges); }, {fb});
@@ -961,11 +1201,8 @@ MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Op
         g.add("dim1 a", [&] { own_dim1(X0, R0); }, {ta, ra});
         g.add("dim1 comparison", [&] { own_dim1(C, RC); }, {tc, rc});
         if (fresh_b) g.add("dim1 b", [&] { own_dim1(X1_local, R1); }, {tb, rb});
+        add_dim0();
     }
-    g.add("dim0 a", [&] { dimension0(X0.F, X0.edges, X0.dim0); }, {fa});
-    if (fresh_b) g.add("dim0 b", [&] { dimension0(X1_local.F, X1_local.edges, X1_local.dim0); }, {fb});
-    g.add("dim0 comparison+images", [&] { image_births0 = dimension0_image(C.F, X0.F, X1.F, C.edges); },
-          {fc, fa, fb});
     g.run(threads, timer);
 
     // Matchings per dimension: (index in X0's pairs, index in X1's pairs).

@@ -76,19 +76,54 @@ inline void run_tasks(std::vector<std::function<void()>>& tasks, int threads) {
 // ---------------------------------------------------------------------------------
 // Union-find with the elder rule
 
-struct UnionFind {
-    big_vector<std::uint32_t> parent;
-    explicit UnionFind(std::size_t n) : parent(n) {
-        for (std::size_t i = 0; i < n; ++i) parent[i] = static_cast<std::uint32_t>(i);
+// The forest of a pass: every vertex's parent and rank side by side, so that comparing
+// the elders of two roots reads the cache lines find has just loaded (a pass took ~15%
+// longer with parents and ranks in two arrays). A root is the eldest vertex of its
+// component (the younger root is always linked under the elder), whatever the shape
+// of the trees, so path halving changes no result.
+class Forest {
+  public:
+    // Every vertex on its own, except that with absent != kNone the vertices of rank
+    // kInfRank (cells that do not exist) start linked under it.
+    Forest(std::size_t n, const rank_t* ranks, std::uint32_t absent = kNone) : node_(n) {
+        for (std::size_t i = 0; i < n; ++i) node_[i] = {static_cast<std::uint32_t>(i), ranks[i]};
+        if (absent != kNone)
+            for (std::size_t i = 0; i < n; ++i)
+                if (ranks[i] == kInfRank && i != absent) node_[i].parent = absent;
     }
     std::uint32_t find(std::uint32_t x) {
-        while (parent[x] != x) {
-            parent[x] = parent[parent[x]];  // path halving
-            x = parent[x];
+        while (node_[x].parent != x) {
+            node_[x].parent = node_[node_[x].parent].parent;  // path halving
+            x = node_[x].parent;
         }
         return x;
     }
+    rank_t rank(std::uint32_t x) const { return node_[x].rank; }
+    key_t key(std::uint32_t x) const { return make_key(node_[x].rank, x); }
+    void link(std::uint32_t younger, std::uint32_t elder) { node_[younger].parent = elder; }
+
+  private:
+    struct Node {
+        std::uint32_t parent;
+        rank_t rank;
+    };
+    big_vector<Node> node_;
 };
+
+// A vertex of another filtration carried along a forest (its elder of a component),
+// with its rank there beside it: comparing two elders reads no other array.
+struct Elder {
+    std::uint32_t cell;
+    rank_t rank;
+    key_t key() const { return make_key(rank, cell); }
+};
+
+// Every vertex its own elder in the filtration of ranks v.
+inline big_vector<Elder> own_elders(std::size_t n, const rank_t* v) {
+    big_vector<Elder> e(n);
+    for (std::size_t i = 0; i < n; ++i) e[i] = {static_cast<std::uint32_t>(i), v[i]};
+    return e;
+}
 
 inline big_vector<std::uint32_t> identity_labels(std::size_t n) {
     big_vector<std::uint32_t> label(n);
@@ -110,52 +145,66 @@ inline big_vector<std::int32_t> pairs_by_birth(const std::vector<CellPair>& pair
 }
 
 // Dimension 0: (birth vertex, death edge) pairs of positive persistence; v = vertex
-// ranks. Elders by (rank, index) of the vertex.
+// ranks. Elders by (rank, index) of the vertex. unmerged: receives the keys of the
+// edges that merge nothing, in order (2D: the top dimension's edges, see top_pass).
 template <class KeyAt>
-void dim0_pass(const Lattice& L, std::size_t count, KeyAt key_at, const rank_t* v, std::vector<CellPair>& pairs) {
-    UnionFind uf(static_cast<std::size_t>(L.points));
+void dim0_pass(const Lattice& L, std::size_t count, KeyAt key_at, const rank_t* v, std::vector<CellPair>& pairs,
+               big_vector<key_t>* unmerged = nullptr) {
+    Forest uf(static_cast<std::size_t>(L.points), v);
     for (std::size_t i = 0; i < count; ++i) {
         const key_t key = key_at(i);
         const std::uint32_t cell = key_cell(key);
         std::uint32_t a, b;
         edge_ends(L, cell, a, b);
         const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        if (ra == rb) continue;
-        const bool a_younger = make_key(v[ra], ra) > make_key(v[rb], rb);
+        if (ra == rb) {
+            if (unmerged) unmerged->push_back(key);
+            continue;
+        }
+        const bool a_younger = uf.key(ra) > uf.key(rb);
         const std::uint32_t younger = a_younger ? ra : rb;
-        uf.parent[younger] = a_younger ? rb : ra;
-        if (v[younger] != key_rank(key)) pairs.push_back({younger, cell});
+        uf.link(younger, a_younger ? rb : ra);
+        if (uf.rank(younger) != key_rank(key)) pairs.push_back({younger, cell});
     }
 }
 
 // Dimension-0 image persistence into the union C: C's union-find (vc) carrying the
 // elders of X0 (v0) and X1 (v1) along (their forests have the same partition as C's at
-// every step). For every pair of C, the X0- and X1-younger vertices.
+// every step). For every pair of C, the X0- and X1-younger vertices. unmerged: as in
+// dim0_pass, for C.
 template <class KeyAt>
 std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0(const Lattice& L, std::size_t count, KeyAt key_at,
                                                                    const rank_t* vc, const rank_t* v0,
-                                                                   const rank_t* v1) {
+                                                                   const rank_t* v1,
+                                                                   big_vector<key_t>* unmerged = nullptr) {
     const std::size_t N = static_cast<std::size_t>(L.points);
-    UnionFind uf(N);
-    big_vector<std::uint32_t> lab0 = identity_labels(N), lab1 = identity_labels(N);
-    auto younger_of = [](const rank_t* v, std::uint32_t x, std::uint32_t y) {
-        return make_key(v[x], x) > make_key(v[y], y);  // true: x is the younger
+    Forest uf(N, vc);
+    struct Elders {  // X0's and X1's elder of a component, by its root
+        Elder x0, x1;
     };
+    big_vector<Elders> lab(N);
+    for (std::size_t i = 0; i < N; ++i) {
+        lab[i].x0 = {static_cast<std::uint32_t>(i), v0[i]};
+        lab[i].x1 = {static_cast<std::uint32_t>(i), v1[i]};
+    }
     std::vector<std::pair<std::uint32_t, std::uint32_t>> out;
     for (std::size_t i = 0; i < count; ++i) {
         const key_t key = key_at(i);
         std::uint32_t a, b;
         edge_ends(L, key_cell(key), a, b);
         const std::uint32_t ra = uf.find(a), rb = uf.find(b);
-        if (ra == rb) continue;
-        const bool a_younger = younger_of(vc, ra, rb);
+        if (ra == rb) {
+            if (unmerged) unmerged->push_back(key);
+            continue;
+        }
+        const bool a_younger = uf.key(ra) > uf.key(rb);
         const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
-        uf.parent[younger] = elder;
-        const std::uint32_t x0a = lab0[ra], x0b = lab0[rb], x1a = lab1[ra], x1b = lab1[rb];
-        const bool x0a_younger = younger_of(v0, x0a, x0b), x1a_younger = younger_of(v1, x1a, x1b);
-        lab0[elder] = x0a_younger ? x0b : x0a;
-        lab1[elder] = x1a_younger ? x1b : x1a;
-        if (vc[younger] != key_rank(key)) out.emplace_back(x0a_younger ? x0a : x0b, x1a_younger ? x1a : x1b);
+        uf.link(younger, elder);
+        const Elders ea = lab[ra], eb = lab[rb];
+        const bool x0a_younger = ea.x0.key() > eb.x0.key(), x1a_younger = ea.x1.key() > eb.x1.key();
+        lab[elder] = {x0a_younger ? eb.x0 : ea.x0, x1a_younger ? eb.x1 : ea.x1};
+        if (uf.rank(younger) != key_rank(key))
+            out.emplace_back(x0a_younger ? ea.x0.cell : eb.x0.cell, x1a_younger ? ea.x1.cell : eb.x1.cell);
     }
     return out;
 }
@@ -167,7 +216,7 @@ template <class KeyAt>
 std::vector<std::int32_t> dim0_into(const Lattice& L, std::size_t count, KeyAt key_at, const rank_t* vx,
                                     const rank_t* vh, const std::int32_t* h_pair_of_birth) {
     const std::size_t N = static_cast<std::size_t>(L.points);
-    UnionFind uf(N);
+    Forest uf(N, vx);
     big_vector<std::uint32_t> lab = identity_labels(N);
     std::vector<std::int32_t> out;
     for (std::size_t i = 0; i < count; ++i) {
@@ -176,80 +225,117 @@ std::vector<std::int32_t> dim0_into(const Lattice& L, std::size_t count, KeyAt k
         edge_ends(L, key_cell(key), a, b);
         const std::uint32_t ra = uf.find(a), rb = uf.find(b);
         if (ra == rb) continue;
-        const bool a_younger = make_key(vx[ra], ra) > make_key(vx[rb], rb);
+        const bool a_younger = uf.key(ra) > uf.key(rb);
         const std::uint32_t younger = a_younger ? ra : rb, elder = a_younger ? rb : ra;
-        uf.parent[younger] = elder;
+        uf.link(younger, elder);
         const std::uint32_t ha = lab[ra], hb = lab[rb];
         const bool ha_younger = make_key(vh[ha], ha) > make_key(vh[hb], hb);
         lab[elder] = ha_younger ? hb : ha;
-        if (vx[younger] != key_rank(key)) out.push_back(h_pair_of_birth[ha_younger ? ha : hb]);
+        if (uf.rank(younger) != key_rank(key)) out.push_back(h_pair_of_birth[ha_younger ? ha : hb]);
     }
     return out;
 }
 
 // The two top cells a (d-1)-cell with normal axis u joins: those based at b - e_u and
-// b, or the point at infinity (index points) where there is none. tk = top-cell keys by
-// base point (kNoKey: no such cell). The cell at b exists iff its key does; the one at
-// b - e_u iff b_u > 0: for b_u = 0 the index l - stride_u is either negative (u = 0) or
-// in the last layer of a lower axis, which has no top cell either, so no coordinates
-// (no divisions) are needed.
-inline void dual_ends(const Lattice& L, const key_t* tk, std::uint32_t cell, std::uint32_t& a, std::uint32_t& b) {
+// b (indices l - stride_u and l), or the point at infinity (index points) for l - s < 0.
+// Top cells that do not exist (the last layer along some axis; for b_u = 0 the index
+// l - stride_u lies in the last layer of a lower axis) are linked to infinity before a
+// pass starts (Forest's absent), so no existence test and no coordinates are needed.
+inline void dual_ends(const Lattice& L, std::uint32_t cell, std::uint32_t& a, std::uint32_t& b) {
     const std::uint32_t inf = static_cast<std::uint32_t>(L.points);
-    const std::int64_t l = cell / 3;
+    const std::uint32_t l = cell / 3;
     const int t = static_cast<int>(cell % 3);
-    const std::int64_t s = L.stride[L.ndim == 3 ? t : 1 - t];
-    b = tk[l] != kNoKey ? static_cast<std::uint32_t>(l) : inf;
-    a = (l >= s && tk[l - s] != kNoKey) ? static_cast<std::uint32_t>(l - s) : inf;
+    const std::uint32_t s = static_cast<std::uint32_t>(L.stride[L.ndim == 3 ? t : 1 - t]);
+    b = l;
+    a = l >= s ? l - s : inf;
 }
+
+// A merge of the dual pass: the roots of the younger and the elder component, and the
+// index of the pair it makes (-1 when the pair has zero persistence).
+struct TopMerge {
+    std::uint32_t younger, elder;
+    std::int32_t pair;
+};
+
+// Image persistence of dimension d-1: another complex's (C's) elder of every component
+// of X's dual forest, carried along X's merges. At a merge that makes pair i of X,
+// match_top[the C-younger of the two elders] = i. ctop: C's top ranks by base point
+// (kInfRank at index points, infinity). Two labels are never the same cell (they are
+// elders of disjoint components), so which merging root comes first does not matter.
+class TopLabels {
+  public:
+    TopLabels(std::size_t points, const rank_t* ctop, big_vector<std::int32_t>& match_top)
+        : label_(own_elders(points + 1, ctop)), match_top_(match_top) {
+        match_top_.assign(points + 1, -1);
+    }
+    void operator()(const TopMerge& m) {
+        const Elder c0 = label_[m.younger], c1 = label_[m.elder];
+        const bool c0_younger = c0.key() < c1.key();
+        label_[m.elder] = c0_younger ? c1 : c0;
+        if (m.pair >= 0) match_top_[c0_younger ? c0.cell : c1.cell] = m.pair;
+    }
+
+  private:
+    big_vector<Elder> label_;
+    big_vector<std::int32_t>& match_top_;
+};
 
 // Dimension d-1: union-find on the dual graph (top cells plus the point at infinity,
 // the eldest), the (d-1)-cells in *decreasing* order through key_at. xtop: the complex's
-// top-cell keys by base point with kNoKey at index points (infinity). Pairs are
-// ((d-1)-cell, top cell). With ctop (another complex's top keys), that complex's elder
-// of every component is carried along (image persistence) and match_top[its younger
-// top cell] receives the index of the pair. on_column(cell) receives every cell that
-// merges nothing (the columns of the dimension-1 reduction, after clearing).
-template <class KeyAt, class OnColumn>
-void top_pass(const Lattice& L, std::size_t count, KeyAt key_at, const key_t* xtop, const key_t* ctop,
-              big_vector<std::int32_t>* match_top, std::vector<CellPair>& pairs, OnColumn on_column) {
+// top ranks by base point (kInfRank: no top cell) with kInfRank at index points
+// (infinity); elders by (rank, index), so infinity is the eldest. Pairs are
+// ((d-1)-cell, top cell). on_merge(TopMerge) sees every merge (TopLabels: image
+// persistence; a recorded list replays the merges of a fixed complex for every other
+// C, see replay_top). on_column(cell) receives every cell that merges nothing (the
+// columns of the dimension-1 reduction, after clearing).
+//
+// In 2D the (d-1)-cells are the edges, and the edges that merge nothing here are
+// exactly those that merge in dimension 0: the complement of a minimum spanning tree of
+// a plane graph is a maximum spanning tree of its dual (all keys differ). So a 2D pass
+// after dimension 0 needs only the edges dimension 0 left unmerged (dim0_pass's
+// unmerged), all of which merge here: half the edges, and no column to report (2D has
+// no dimension-1 reduction).
+template <class KeyAt, class OnMerge, class OnColumn>
+void top_pass(const Lattice& L, std::size_t count, KeyAt key_at, const rank_t* xtop, std::vector<CellPair>& pairs,
+              OnMerge on_merge, OnColumn on_column) {
     const std::size_t N = static_cast<std::size_t>(L.points);
     bool have_top = true;
     for (int a = 0; a < L.ndim; ++a) have_top = have_top && L.n[a] >= 2;
-    UnionFind uf(N + 1);
-    big_vector<std::uint32_t> label;
-    if (ctop) {
-        label = identity_labels(N + 1);
-        match_top->assign(N + 1, -1);
+    if (!have_top) {
+        for (std::size_t i = 0; i < count; ++i) on_column(key_cell(key_at(i)));
+        return;
     }
+    // the top cells and infinity (the eldest, the root of its component throughout),
+    // with the missing top cells already joined to it
+    Forest uf(N + 1, xtop, static_cast<std::uint32_t>(N));
     for (std::size_t i = 0; i < count; ++i) {
         const key_t key = key_at(i);
         const std::uint32_t cell = key_cell(key);
-        if (!have_top) {
-            on_column(cell);
-            continue;
-        }
         std::uint32_t p0, p1;
-        dual_ends(L, xtop, cell, p0, p1);
+        dual_ends(L, cell, p0, p1);
         const std::uint32_t r0 = uf.find(p0), r1 = uf.find(p1);
         if (r0 == r1) {
             on_column(cell);
             continue;
         }
-        const bool first_younger = xtop[r0] < xtop[r1];
+        const bool first_younger = uf.key(r0) < uf.key(r1);
         const std::uint32_t younger = first_younger ? r0 : r1, elder = first_younger ? r1 : r0;
-        uf.parent[younger] = elder;
-        std::uint32_t comp_younger = 0;
-        if (ctop) {
-            const std::uint32_t c0 = label[r0], c1 = label[r1];
-            const bool c0_younger = ctop[c0] < ctop[c1];
-            comp_younger = c0_younger ? c0 : c1;
-            label[elder] = c0_younger ? c1 : c0;
-        }
-        if (key_rank(xtop[younger]) != key_rank(key)) {
-            if (ctop) (*match_top)[comp_younger] = static_cast<std::int32_t>(pairs.size());
+        uf.link(younger, elder);
+        std::int32_t pair = -1;
+        if (uf.rank(younger) != key_rank(key)) {
+            pair = static_cast<std::int32_t>(pairs.size());
             pairs.push_back({cell, younger});
         }
+        on_merge(TopMerge{younger, elder, pair});
     }
+}
+
+// The image part of top_pass for a complex whose merges were recorded (a prepared
+// target): the same labels and match_top as a pass with TopLabels, without the pass.
+inline void replay_top(const std::vector<TopMerge>& merges, std::size_t points, const rank_t* ctop,
+                       big_vector<std::int32_t>& match_top) {
+    TopLabels labels(points, ctop, match_top);
+    for (const TopMerge& m : merges) labels(m);
 }
 
 // ---------------------------------------------------------------------------------
@@ -296,6 +382,10 @@ MatchingResult assemble_matching(int d, PairsOf pairs_a, PairsOf pairs_b, const 
         };
         std::vector<char> used0(p0.size(), 0), used1(p1.size(), 0);
         std::vector<std::uint64_t> ma, mb, ua, ub;
+        ma.reserve(2 * matches[k].size());
+        mb.reserve(2 * matches[k].size());
+        if (opt.include_unmatched_a) ua.reserve(2 * (p0.size() - matches[k].size()));
+        if (opt.include_unmatched_b) ub.reserve(2 * (p1.size() - matches[k].size()));
         for (const auto& [i0, i1] : matches[k]) {
             used0[i0] = used1[i1] = 1;
             add(ma, p0[i0]);

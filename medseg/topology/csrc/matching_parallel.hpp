@@ -146,7 +146,7 @@ struct MatchComplex {
     std::vector<rank_t> v;               // vertex ranks
     std::vector<std::uint64_t> forest0;  // ascending keys
     std::vector<std::uint64_t> dual;     // ~keys ascending
-    std::vector<key_t> top;              // top-cell keys, infinity last
+    std::vector<rank_t> top;             // top-cell ranks, infinity last
     typename Exec::template Array<std::uint32_t> cleared;  // (d-1)-cell in the dual forest
     std::vector<CellPair> pairs0, top_pairs, pairs1;
     big_vector<std::int32_t> match_top;  // (a, b) comparison-younger top cell -> top pair
@@ -162,7 +162,7 @@ struct MatchComplex {
         v = pb.vertex_ranks();
         forest0 = pb.forest0();
         dual = pb.forest_top(&cleared);
-        top = pb.top_keys();
+        top = pb.top_ranks();
     }
 
     void columns() {
@@ -231,13 +231,20 @@ template <class Exec>
 void dim0_pass(const MatchComplex<Exec>& X, std::vector<CellPair>& pairs) {
     host::dim0_pass(X.pb.X.L, X.forest0.size(), forest_keys(X.forest0), X.v.data(), pairs);
 }
-// X's top pairs; with comp_top (another complex's top keys) its labels are carried
+// X's top pairs; with comp_top (another complex's top ranks) its labels are carried
 // (image persistence), see host::top_pass.
 template <class Exec>
-void top_pass(const MatchComplex<Exec>& X, const key_t* comp_top, big_vector<std::int32_t>* match_top,
+void top_pass(const MatchComplex<Exec>& X, const rank_t* comp_top, big_vector<std::int32_t>* match_top,
               std::vector<CellPair>& pairs) {
-    host::top_pass(X.pb.X.L, X.dual.size(), dual_keys(X.dual), X.top.data(), comp_top, match_top, pairs,
-                   [](std::uint32_t) {});
+    auto no_column = [](std::uint32_t) {};
+    if (!comp_top) {
+        host::top_pass(X.pb.X.L, X.dual.size(), dual_keys(X.dual), X.top.data(), pairs, [](const host::TopMerge&) {},
+                       no_column);
+        return;
+    }
+    host::TopLabels labels(static_cast<std::size_t>(X.pb.X.L.points), comp_top, *match_top);
+    host::top_pass(X.pb.X.L, X.dual.size(), dual_keys(X.dual), X.top.data(), pairs,
+                   [&](const host::TopMerge& m) { labels(m); }, no_column);
 }
 
 // The Betti matching of a and b, as compute_matching gives it (opt: superlevel,

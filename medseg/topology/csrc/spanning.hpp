@@ -551,15 +551,15 @@ struct ParallelBarcode {
     std::vector<std::uint64_t> forest_top(typename Exec::template Array<std::uint32_t>* flags = nullptr) const {
         return spanning_forest(ex, dual_graph(), 3 * static_cast<std::size_t>(X.L.points), 64, flags);
     }
-    // Host keys of the top cells by base point, plus the point at infinity (kNoKey).
-    std::vector<key_t> top_keys() const {
+    // Host ranks of the top cells by base point (kInfRank: none), plus the point at
+    // infinity (kInfRank), as host::top_pass reads them.
+    std::vector<rank_t> top_ranks() const {
         const std::size_t N = static_cast<std::size_t>(X.L.points);
         auto r = ex.template array<rank_t>(N);
         ex.for_each(N, TopRanks{X, r.data()});
-        const std::vector<rank_t> h = ex.to_host(r.data(), N);
-        std::vector<key_t> tk(N + 1, kNoKey);
-        for (std::size_t p = 0; p < N; ++p) tk[p] = h[p] == kInfRank ? kNoKey : make_key(h[p], p);
-        return tk;
+        std::vector<rank_t> h = ex.to_host(r.data(), N);
+        h.push_back(kInfRank);
+        return h;
     }
     std::uint32_t essential(const std::vector<rank_t>& vh) const {
         std::uint32_t best = 0;
