@@ -12,6 +12,7 @@ for writers that want a file name (``torch.save``, matplotlib's ``savefig``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -23,8 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
+    "STORAGE_ERRNOS",
     "atomic_path",
     "check_output_folder",
+    "storage_error",
     "file_sha256",
     "host_tag",
     "process_alive",
@@ -32,6 +35,10 @@ __all__ = [
     "temporary_name",
     "write_atomic",
 ]
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+"""Errors of the place written to, not of the data: full disk, quota, file too large,
+read-only file system, no permission."""
 
 # ``.NAME.HOST-PID.tmp`` (see temporary_name)
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.-]+)-(?P<pid>\d+)\.tmp$")
@@ -46,6 +53,19 @@ def temporary_name(path: str | Path) -> Path:
     """The hidden temporary file :func:`write_atomic` uses for ``path``: ``.NAME.HOST-PID.tmp``."""
     path = Path(path)
     return path.with_name(f".{path.name}.{host_tag()}-{os.getpid()}.tmp")
+
+
+def storage_error(err: BaseException | None, path: str | Path) -> OSError | None:
+    """The :data:`STORAGE_ERRNOS` error behind ``err`` (itself, or what it was raised from
+    or during: torch's writer turns the OSError of a full disk into a RuntimeError), as an
+    OSError naming ``path``; None when ``err`` has another cause."""
+    for _ in range(8):
+        if err is None:
+            return None
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return OSError(err.errno, os.strerror(err.errno), str(path))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def write_atomic(path: str | Path, data: str | bytes, mkdir: bool = True) -> Path:
@@ -74,7 +94,8 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     Raises
     ------
     OSError
-        As the file system reports it; also when the block wrote no file.
+        As the file system reports it; also when the block wrote no file. A full or
+        read-only file system (:func:`storage_error`) is reported naming ``path``.
     """
     path = Path(path)
     if mkdir:
@@ -88,11 +109,14 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        cause = storage_error(err, path)
+        if cause is not None:
+            raise cause from err
         raise
 
 

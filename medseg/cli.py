@@ -8,9 +8,11 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
@@ -24,6 +26,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@contextmanager
+def _writing(folder: Path | str) -> Iterator[None]:
+    """A full disk, a read-only file system or a missing permission while the command
+    writes is one line naming the file (``folder`` when the error does not say which)."""
+    import errno
+
+    from medseg.atomic import storage_error
+
+    try:
+        yield
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's writer wraps the OSError
+        cause = storage_error(err, getattr(err, "filename", None) or folder)
+        if cause is None:
+            raise
+        hint = {errno.EROFS: "; choose a folder on a writable file system"}.get(
+            cause.errno, "" if cause.errno in (errno.EACCES, errno.EPERM) else "; make room, then run the command again"
+        )
+        raise MedsegError(f"{cause.filename}: {cause.strerror}{hint}") from None
 
 
 def _print_version(value: bool) -> None:
@@ -85,7 +107,8 @@ def train(
     from medseg.training.trainer import run_training
 
     cfg = load_config(config, set_ or [])
-    run_training(cfg, resume=resume)
+    with _writing(cfg.output_dir):
+        run_training(cfg, resume=resume)
 
 
 @app.command()
@@ -116,7 +139,8 @@ def adapt(
     from medseg.adaptation import load_adapt_config, run_adaptation
 
     cfg = load_adapt_config(config, set_ or [])
-    run_adaptation(cfg, resume=resume)
+    with _writing(cfg.output_dir):
+        run_adaptation(cfg, resume=resume)
 
 
 @app.command()
@@ -146,18 +170,19 @@ def predict(
     """Segment a folder of scans with a trained model (sliding window, geometry restored)."""
     from medseg.inference.predict import run_prediction
 
-    ok = run_prediction(
-        model=model,
-        inputs=list(input),
-        output=output,
-        overwrite=overwrite,
-        tta=tta,
-        overlap=overlap,
-        sw_batch_size=sw_batch_size,
-        save_probabilities=save_probabilities,
-        device=device,
-        stitch_device=stitch_device,
-    )
+    with _writing(output):
+        ok = run_prediction(
+            model=model,
+            inputs=list(input),
+            output=output,
+            overwrite=overwrite,
+            tta=tta,
+            overlap=overlap,
+            sw_batch_size=sw_batch_size,
+            save_probabilities=save_probabilities,
+            device=device,
+            stitch_device=stitch_device,
+        )
     if not ok:
         raise typer.Exit(code=1)
 
@@ -187,19 +212,20 @@ def evaluate(
     """Overlap and topology metrics per case and label; summary.json, metrics.csv, report.html."""
     from medseg.evaluation.evaluate import run_evaluation
 
-    ok = run_evaluation(
-        pred_dir=pred,
-        ref_dir=ref,
-        output=output,
-        dataset_json=dataset_json,
-        connectivity=connectivity,
-        workers=workers,
-        metrics=metrics,
-        tolerance_mm=tolerance_mm,
-        report=report,
-        images_dir=images,
-        worst_cases=worst_cases,
-    )
+    with _writing(output):
+        ok = run_evaluation(
+            pred_dir=pred,
+            ref_dir=ref,
+            output=output,
+            dataset_json=dataset_json,
+            connectivity=connectivity,
+            workers=workers,
+            metrics=metrics,
+            tolerance_mm=tolerance_mm,
+            report=report,
+            images_dir=images,
+            worst_cases=worst_cases,
+        )
     if not ok:
         raise typer.Exit(code=1)
 
@@ -256,6 +282,9 @@ def report_html(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console command; returns the exit code."""
+    # a log file on a full disk must not print a traceback per line; the next write of the
+    # output reports the full disk in one line
+    logging.raiseExceptions = False
     try:
         # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
         result = app(args=argv, standalone_mode=False)

@@ -26,12 +26,30 @@ from medseg.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite float is no setting (a NaN clip bound or
+    # learning rate surfaces only as a NaN loss, a negative infinity as a silent no-op)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: Any, info) -> Any:
+        """An empty string for a path would be the current folder (a run written into it)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, str) and not value.strip() and Path in getattr(annotation, "__args__", (annotation,)):
+            raise ValueError("is empty; give a path (or leave the key out)")
+        return value
 
 
 #: Most DataLoader workers a config may ask for (each is a process holding its own copy
 #: of the pipeline; a typo such as 1000000 would otherwise fork until memory runs out).
 MAX_DATA_WORKERS = 64
+
+#: Largest ``data.patch_size`` entry, and largest count (iterations, intervals): beyond
+#: them a value is a typo, which would otherwise overflow deep inside numpy or torch.
+MAX_PATCH = 4096
+MAX_COUNT = 2**31 - 1
+#: Largest weight of a loss term (a larger one only overflows the loss).
+MAX_WEIGHT = 1e6
 
 
 class AugmentationConfig(_Strict):
@@ -62,6 +80,13 @@ class NormalizationConfig(_Strict):
     ct_clip: tuple[float, float] | None = Field(
         None, description="fixed (low, high) clip for the ct scheme instead of dataset percentiles"
     )
+
+    @field_validator("ct_clip")
+    @classmethod
+    def _clip_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not -1e30 < value[0] < value[1] < 1e30:
+            raise ValueError(f"must be (low, high) with low < high, both within +-1e30, got {list(value)}")
+        return value
 
 
 class DataConfig(_Strict):
@@ -106,8 +131,26 @@ class DataConfig(_Strict):
     @field_validator("patch_size")
     @classmethod
     def _patch_dims(cls, value: list[int]) -> list[int]:
-        if len(value) not in (2, 3) or any(v < 1 for v in value):
-            raise ValueError("must be 2 or 3 positive integers")
+        if len(value) not in (2, 3) or any(not 1 <= v <= MAX_PATCH for v in value):
+            raise ValueError(f"must be 2 or 3 integers from 1 to {MAX_PATCH}, got {value}")
+        return value
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _spacing(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) not in (2, 3) or any(not 0 < v < 1e6 for v in value)):
+            raise ValueError(f"must be 2 or 3 positive spacings in mm (below 1e6), got {value}")
+        return value
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, value: str | None) -> str | None:
+        if value:
+            axes = ["LRPAIS".find(c) // 2 if c and c in "LRPAIS" else -1 for c in value]
+            if len(value) not in (2, 3) or min(axes) < 0 or len(set(axes)) != len(axes):
+                raise ValueError(
+                    f"must be 2 or 3 axis codes, one of L/R, P/A, I/S per axis (e.g. RAS), or null, got {value!r}"
+                )
         return value
 
     @field_validator("num_workers", mode="before")
@@ -146,6 +189,35 @@ class ModelConfig(_Strict):
     name: Literal["unet", "dynunet", "unetr", "swinunetr"] = "unet"
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("params")
+    @classmethod
+    def _sizes(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The sizes and counts among the MONAI arguments, checked before MONAI sees them
+        (a float, a zero or 10**30 there fails deep in the first forward pass, or never ends)."""
+        for key, (low, high) in _SIZE_PARAMS.items():
+            if key in params and not (key in _OPTIONAL_PARAMS and params[key] is None) \
+                    and not _sizes_within(params[key], low, high):
+                raise ValueError(
+                    f"{key}: must be an integer from {low} to {high} or a non-empty list of them, got {params[key]!r}"
+                )
+        return params
+
+
+# MONAI constructor arguments that are sizes or counts (per axis, per level), with their ranges
+_SIZE_PARAMS: dict[str, tuple[int, int]] = {
+    **{k: (1, 2**16) for k in ("channels", "strides", "kernel_size", "upsample_kernel_size", "filters", "img_size",
+                              "feature_size", "hidden_size", "mlp_dim", "num_heads", "patch_size")},
+    "num_res_units": (0, 64),  # blocks per level
+    "depths": (1, 64),
+}
+_OPTIONAL_PARAMS = {"filters", "upsample_kernel_size"}
+
+
+def _sizes_within(value: Any, low: int, high: int, depth: int = 0) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and depth < 2 and all(_sizes_within(v, low, high, depth + 1) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
 
 class LossTerm(_Strict):
     """One weighted term of the training loss; extra keys are the loss's parameters.
@@ -158,9 +230,9 @@ class LossTerm(_Strict):
     an iteration is not computed at that iteration.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     start: int | float = Field(0, ge=0, description="first iteration of the term: an integer, or a fraction < 1 of train.iterations")
     ramp: int | float = Field(0, ge=0, description="iterations (or a fraction < 1 of train.iterations) to reach the full weight")
 
@@ -261,15 +333,17 @@ class TrainConfig(_Strict):
     included) is left as it was. Start a new ``output_dir`` to train with other values.
     """
 
-    iterations: int = Field(..., gt=0, description="total optimizer steps")
-    batch_size: int = Field(2, gt=0, description="the global batch: patches per optimizer step, split evenly over torchrun processes")
-    val_interval: int = Field(100, gt=0, description="validate (sliding window on whole val cases) every N steps")
-    checkpoint_interval: int = Field(50, gt=0, description="write checkpoint 'latest' every N steps")
-    log_interval: int = Field(10, gt=0, description="append the mean training loss to metrics.csv every N steps")
+    iterations: int = Field(..., gt=0, le=MAX_COUNT, description="total optimizer steps")
+    batch_size: int = Field(
+        2, gt=0, le=2**16, description="the global batch: patches per optimizer step, split evenly over torchrun processes"
+    )
+    val_interval: int = Field(100, gt=0, le=MAX_COUNT, description="validate (sliding window on whole val cases) every N steps")
+    checkpoint_interval: int = Field(50, gt=0, le=MAX_COUNT, description="write checkpoint 'latest' every N steps")
+    log_interval: int = Field(10, gt=0, le=MAX_COUNT, description="append the mean training loss to metrics.csv every N steps")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     amp: bool = Field(True, description="automatic mixed precision; only takes effect on CUDA")
-    grad_clip: float | None = Field(12.0, description="clip the gradient norm; None disables")
+    grad_clip: float | None = Field(12.0, gt=0, description="clip the gradient norm; None disables")
     deterministic: bool = False
 
 
@@ -293,7 +367,7 @@ class RunConfig(_Strict):
     train: TrainConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     output_dir: Path = Field(..., description="the run folder: checkpoints, logs, resolved config")
-    seed: int = Field(0, ge=0, description="seeds the split, model init, patch sampling and augmentation")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the split, model init, patch sampling and augmentation")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

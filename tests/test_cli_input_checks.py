@@ -83,7 +83,7 @@ def test_train_malformed_dataset_json(problem, dataset, tmp_path):
 def test_negative_label_value_is_named(dataset, tmp_path):
     _change_dataset_json(dataset, labels={"background": 0, "vessel": -1})
     line = assert_one_line_error(medseg("train", write_config(tmp_path, dataset)), "dataset.json", alone=True)
-    assert "'vessel': -1 is not a non-negative integer" in line
+    assert "'vessel': -1 is not an integer label value" in line
 
 
 def test_config_that_is_not_utf8(dataset, tmp_path):

@@ -33,7 +33,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from medseg.config import _Strict, read_yaml_with_overrides, validate_model
+from medseg.config import MAX_COUNT, MAX_PATCH, MAX_WEIGHT, _Strict, read_yaml_with_overrides, validate_model
 
 METHODS = ("pseudo_label", "mean_teacher", "sfda", "tent")
 
@@ -55,8 +55,8 @@ class SourceDataConfig(_Strict):
     """Labelled source data mixed into each step (semi-supervised; pseudo_label and mean_teacher)."""
 
     dataset: Path = Field(..., description="labelled source dataset (the layout medseg train reads)")
-    batch_size: int = Field(1, gt=0, description="labelled source patches per step, besides the target batch")
-    weight: float = Field(1.0, ge=0, description="weight of the supervised source loss (the source run's losses)")
+    batch_size: int = Field(1, gt=0, le=2**16, description="labelled source patches per step, besides the target batch")
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of the supervised source loss (the source run's losses)")
 
 
 class PseudoLabelConfig(_Strict):
@@ -74,7 +74,7 @@ class PseudoLabelConfig(_Strict):
     :mod:`medseg.adaptation.pseudo_label`).
     """
 
-    rounds: int = Field(3, gt=0)
+    rounds: int = Field(3, gt=0, le=MAX_COUNT)
     threshold: float | None = Field(0.9, ge=0, le=1, description="minimum confidence; None: no threshold")
     curriculum: list[float] | None = Field(
         None, description="fraction of voxels kept per class and round, non-decreasing in (0, 1], e.g. [0.2, 0.4, 0.6]"
@@ -84,7 +84,7 @@ class PseudoLabelConfig(_Strict):
         description="restart the student from the source weights (and a fresh optimizer) each round: "
         "Curriculum Labeling's remedy for concept drift (they restart from random weights, which needs labels)",
     )
-    dice_weight: float = Field(0.0, ge=0, description="add a masked soft Dice term to the masked cross-entropy")
+    dice_weight: float = Field(0.0, ge=0, le=MAX_WEIGHT, description="add a masked soft Dice term to the masked cross-entropy")
     curriculum_classes: Literal["foreground", "all"] = Field(
         "foreground",
         description="classes the curriculum percentiles apply to; 'foreground': background voxels are kept on the "
@@ -132,10 +132,10 @@ class MeanTeacherConfig(_Strict):
     """
 
     decay: float = Field(0.99, ge=0, lt=1)
-    weight: float = Field(1.0, ge=0)
-    rampup_iterations: int = Field(50, ge=0)
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    rampup_iterations: int = Field(50, ge=0, le=MAX_COUNT)
     confidence_weight: float = Field(
-        0.0, ge=0, description="also train on the teacher's argmax where its confidence >= threshold (cross-entropy)"
+        0.0, ge=0, le=MAX_WEIGHT, description="also train on the teacher's argmax where its confidence >= threshold (cross-entropy)"
     )
     threshold: float = Field(0.9, ge=0, le=1)
 
@@ -152,7 +152,7 @@ class SFDAConfig(_Strict):
     that does not show it.
     """
 
-    kl_weight: float = Field(1.0, ge=0, description="lambda of the KL term")
+    kl_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="lambda of the KL term")
     entropy_weights: list[float] | None = Field(
         None, description="w_k per class incl. background; default 0.1 for background, 0.9 for each foreground class"
     )
@@ -166,7 +166,7 @@ class SFDAConfig(_Strict):
         description="tau_hat per patch, pooled over the batch's patches, or of the patch's whole scan (the scan's "
         "sliding-window ratio corrected by the patch's change since; the prior is a whole-image statistic)",
     )
-    refresh_interval: int = Field(25, gt=0, description="scan scope: steps between sliding-window passes over the scans")
+    refresh_interval: int = Field(25, gt=0, le=MAX_COUNT, description="scan scope: steps between sliding-window passes over the scans")
 
     @field_validator("prior")
     @classmethod
@@ -190,13 +190,13 @@ class TentConfig(_Strict):
     """
 
     enable_affine: bool = True
-    max_iterations: int = Field(200, gt=0, description="refuse adapt.iterations above this: Tent degrades with many passes")
+    max_iterations: int = Field(200, gt=0, le=MAX_COUNT, description="refuse adapt.iterations above this: Tent degrades with many passes")
 
 
 class AdaptSection(_Strict):
     method: Literal["pseudo_label", "mean_teacher", "sfda", "tent"]
-    iterations: int = Field(..., gt=0, description="optimizer steps in all (pseudo_label: over all rounds)")
-    batch_size: int = Field(2, gt=0, description="target patches per step")
+    iterations: int = Field(..., gt=0, le=MAX_COUNT, description="optimizer steps in all (pseudo_label: over all rounds)")
+    batch_size: int = Field(2, gt=0, le=2**16, description="target patches per step")
     patch_size: list[int] | None = Field(None, description="default: the source run's data.patch_size")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(5e-4, gt=0, description="Bateson et al. use Adam 5e-4 (2D); Tent 1e-3 Adam")
@@ -204,8 +204,8 @@ class AdaptSection(_Strict):
     grad_clip: float | None = Field(12.0, gt=0)
     flip_prob: float = Field(0.5, ge=0, le=1, description="random flips of target patches (per axis)")
     intensity_prob: float = Field(0.5, ge=0, le=1, description="random intensity scale/shift/gamma of target patches")
-    checkpoint_interval: int = Field(50, gt=0)
-    log_interval: int = Field(10, gt=0)
+    checkpoint_interval: int = Field(50, gt=0, le=MAX_COUNT)
+    log_interval: int = Field(10, gt=0, le=MAX_COUNT)
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     mean_teacher: MeanTeacherConfig = Field(default_factory=MeanTeacherConfig)
     sfda: SFDAConfig = Field(default_factory=SFDAConfig)
@@ -226,8 +226,9 @@ class AdaptSection(_Strict):
                 raise ValueError(f"pseudo_label.curriculum: {len(pl.curriculum)} fraction(s) for {pl.rounds} rounds")
             if self.iterations < pl.rounds:
                 raise ValueError(f"iterations: {self.iterations} is fewer than pseudo_label.rounds {pl.rounds}")
-        if self.patch_size is not None and (len(self.patch_size) not in (2, 3) or min(self.patch_size) < 1):
-            raise ValueError("patch_size: must be 2 or 3 positive integers")
+        if self.patch_size is not None and (len(self.patch_size) not in (2, 3) or min(self.patch_size) < 1
+                                            or max(self.patch_size) > MAX_PATCH):
+            raise ValueError(f"patch_size: must be 2 or 3 integers from 1 to {MAX_PATCH}")
         return self
 
 
@@ -239,7 +240,7 @@ class AdaptConfig(_Strict):
     source_data: SourceDataConfig | None = None
     adapt: AdaptSection
     output_dir: Path = Field(..., description="the NEW run folder of the adapted model")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

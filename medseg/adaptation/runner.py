@@ -28,7 +28,9 @@ choosing one with ``eval_labels`` would leak the target labels into the adaptati
 ``medseg predict --model RUN`` therefore takes ``latest.pt``. ``--resume`` restores the
 student, the optimizer, the method's state (EMA teacher, pseudo-label round and
 teacher), the RNG states and the partial loss sums; target patches are a pure function
-of ``(seed, sample)``, so the resumed run continues as the uninterrupted one would.
+of ``(seed, sample)``, so the resumed run continues as the uninterrupted one would. A
+run killed before its first checkpoint (``adapt.log`` but no ``latest.pt``) is started
+again by ``--resume``.
 """
 
 from __future__ import annotations
@@ -63,9 +65,11 @@ from medseg.runfolder import (
     check_unchanged,
     detach,
     load_checkpoint,
+    remove_dead_writes,
     resolve_device,
     restore_rng_state,
     save_checkpoint,
+    unfinished_start,
     write_provenance,
 )
 from medseg.training.logs import RunLog
@@ -169,7 +173,8 @@ def run_adaptation(cfg: AdaptConfig, resume: bool = False) -> Path:
     Raises
     ------
     CheckpointError
-        The source run has no (readable) checkpoint; ``resume`` without ``latest.pt``.
+        The source run has no (readable) checkpoint; ``resume`` without ``latest.pt`` in a
+        folder that holds no started adaptation.
     ConfigError
         ``output_dir`` is the source run (or inside it) or already holds a run without
         ``resume``; a prior of the wrong length; a resumed config that changed.
@@ -191,9 +196,14 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
     if _inside(run_dir, source_path if source_path.is_dir() else source_path.parent.parent):
         raise ConfigError(f"output_dir {run_dir}: is (inside) the source run; the source run is never written to")
     checkpoint: dict[str, Any] | None = None
-    if resume:
-        if not latest.is_file():
+    if resume and not latest.is_file():
+        stored = unfinished_start(run_dir, "adapt.log", CONFIG_FILE)
+        if stored is None:
             raise CheckpointError(f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)")
+        if stored:  # killed before its first checkpoint: nothing was adapted, the run starts again
+            _check_resumable(cfg, stored, run_dir / CONFIG_FILE)
+        log.warning("%s: stopped before its first checkpoint; starting the adaptation again", run_dir)
+    elif resume:
         checkpoint = load_checkpoint(latest)
         if "adaptation" not in checkpoint:
             raise CheckpointError(f"{latest}: not an adapted run (no 'adaptation' entry); resume it with medseg train")
@@ -284,6 +294,7 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
         state.update(iteration=int(checkpoint["iteration"]), average=LossAverage(checkpoint.get("loss_average")),
                      before=checkpoint["adaptation"].get("before"))
 
+    remove_dead_writes(run_dir)
     handlers += attach_file_handler(run_dir / "adapt.log")
     class_values = dict(predictor.info.foreground_labels)
     if checkpoint is None:

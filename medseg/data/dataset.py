@@ -64,6 +64,8 @@ __all__ = [
 ]
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+MAX_LABEL = 2**16 - 1
+"""Highest label value (the largest a 16-bit label file holds)."""
 IGNORE_LABEL_NAME = "ignore"
 
 
@@ -277,12 +279,15 @@ def _parse_labels(path: Path, labels_raw: Any) -> dict[str, int]:
     labels: dict[str, int] = {}
     if msd_style:  # value -> name
         for k, v in labels_raw.items():
+            if int(k) > MAX_LABEL:
+                raise _key_error(path, "labels", f"{k!r}: not an integer label value from 0 to {MAX_LABEL}")
             labels[v] = int(k)
     else:  # name -> value
         for k, v in labels_raw.items():
             value = _as_int(v)
-            if value is None or value < 0:
-                raise _key_error(path, "labels", f"'{k}': {v!r} is not a non-negative integer label value")
+            # a network has an output per value up to the highest: 10**30 cannot be one
+            if value is None or not 0 <= value <= MAX_LABEL:
+                raise _key_error(path, "labels", f"'{k}': {v!r} is not an integer label value from 0 to {MAX_LABEL}")
             labels[str(k)] = value
     by_value: dict[int, list[str]] = {}
     for k, v in labels.items():

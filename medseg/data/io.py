@@ -30,12 +30,15 @@ import os
 import re
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg.atomic import storage_error
 from medseg.errors import DataError
 
 try:  # ISA-L's gzip: NIfTI .gz files decompress 2-2.5x faster (see _load_nifti)
@@ -254,7 +257,24 @@ def read_image_channels(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
         array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype.kind not in "biuf":
         raise DataError(f"{path}: unsupported voxel type {array.dtype}")
+    if 0 in array.shape:
+        raise DataError(f"{path}: empty image (shape {array.shape[1:]})")
+    _check_geometry(path, geometry)
     return array, geometry
+
+
+def _check_geometry(path: Path, geometry: ImageGeometry) -> None:
+    """Refuse a header whose voxel-to-world affine cannot place the voxels: NaN/Inf
+    entries, a zero spacing or voxel axes that are not independent (resampling,
+    reorienting and every distance in mm would be undefined)."""
+    affine = geometry.affine
+    if not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: the header's voxel-to-world affine has NaN or infinite entries")
+    axes = affine[:3, : geometry.ndim]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0) or np.linalg.matrix_rank(axes / np.where(spacing > 0, spacing, 1), tol=1e-6) < geometry.ndim:
+        shown = ", ".join(f"{s:.4g}" for s in spacing)
+        raise DataError(f"{path}: degenerate voxel axes in the header (spacing {shown} mm, or axes not independent)")
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
@@ -297,17 +317,55 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
     """
     import nibabel as nib
 
-    if _igzip is not None and path.name.lower().endswith(".gz"):
-        try:
-            with _igzip.open(path, "rb") as handle:
-                img = nib.Nifti1Image.from_stream(handle)
-                return img, np.asarray(np.asanyarray(img.dataobj))
-        except Exception:  # noqa: BLE001 - the standard reader below reports it
-            pass
-    img = nib.load(str(path), mmap=False)
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
-    return img, np.asarray(np.asanyarray(img.dataobj))
+    with _nibabel_notes() as notes:
+        img = data = None
+        if _igzip is not None and path.name.lower().endswith(".gz"):
+            try:
+                with _igzip.open(path, "rb") as handle:
+                    img = nib.Nifti1Image.from_stream(handle)
+                    data = np.asarray(np.asanyarray(img.dataobj))
+            except Exception:  # noqa: BLE001 - the standard reader below reports it
+                img = None
+        if img is None:
+            img = nib.load(str(path), mmap=False)
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+            data = np.asarray(np.asanyarray(img.dataobj))
+    # nibabel sets a zero pixdim to 1; where pixdim places the voxels (no sform), that
+    # spacing is a guess
+    if any("pixdim" in n and "non-zero" in n for n in notes) and int(img.header["sform_code"]) == 0:
+        from nibabel.openers import Opener
+
+        with Opener(str(path)) as handle:
+            raw = type(img.header).from_fileobj(handle, check=False)["pixdim"][1:4]
+        spatial = 2 if len(img.shape) == 2 or (len(img.shape) == 3 and img.shape[2] == 1) else 3
+        if np.any(raw[:spatial] == 0):
+            shown = ", ".join(f"{v:g}" for v in raw[:spatial])
+            raise DataError(f"{path}: zero voxel spacing in the header (pixdim {shown})")
+    return img, data
+
+
+@contextmanager
+def _nibabel_notes() -> Iterator[list[str]]:
+    """The header problems nibabel logs while reading (and fixes where it can), collected
+    instead of printed to stderr: medseg reports what matters in one line."""
+    import logging
+
+    import nibabel as nib
+
+    logger = nib.imageglobals.logger
+    notes: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [_Collect()], False
+    try:
+        yield notes
+    finally:
+        logger.handlers, logger.propagate = saved
 
 
 def _c_order(array: np.ndarray, block: int = 8) -> np.ndarray:
@@ -354,10 +412,41 @@ def _itk_affine(image: Any) -> np.ndarray:
     return _LPS_TO_RAS @ lps
 
 
+@contextmanager
+def _stderr_held() -> Iterator[None]:
+    """What C++ code prints to stderr (file descriptor 2) while the block runs, held back.
+
+    ITK's MetaImage and NRRD readers print their diagnostics there besides raising; the
+    exception already says what is wrong. The held text is printed after all when the
+    block succeeds (it may hold another thread's output too), and dropped when it raises.
+    """
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no file descriptor 2
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)  # reached only when the block succeeded
+        text = sink.read()
+        if text:
+            os.write(2, text)
+
+
 def _read_itk(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(path))
+    with _stderr_held():
+        image = sitk.ReadImage(str(path))
     ndim = image.GetDimension()
     if ndim == 4:  # a trailing singleton 4th axis, e.g. from a time series of one
         size = image.GetSize()
@@ -470,6 +559,11 @@ def write_image(
             else:
                 _write_tiff(tmp, array)
         os.replace(tmp, path)
+    except OSError as err:
+        cause = storage_error(err, path)
+        if cause is None:
+            raise
+        raise cause from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -546,7 +640,10 @@ def _write_itk(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference:
             reader.ReadImageInformation()
             for key in reader.GetMetaDataKeys():
                 if not key.startswith(("ITK_", "NRRD_")):
-                    image.SetMetaData(key, reader.GetMetaData(key))
+                    try:
+                        image.SetMetaData(key, reader.GetMetaData(key))
+                    except (TypeError, UnicodeError):  # a damaged key (not text) is not carried over
+                        continue
         except RuntimeError as err:
             raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
     sitk.WriteImage(image, str(tmp), useCompression=True)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.atomic import check_output_folder, write_atomic
+from medseg.atomic import check_output_folder, remove_dead_temporaries, write_atomic
 from medseg.errors import DataError, MedsegError
 from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES, SUMMARY_FILE, json_default
@@ -76,7 +76,11 @@ def _labels_from_json(path: Path) -> tuple[dict[int, str], int | None, str | Non
             ignore = value
         elif value != 0:
             foreground[value] = name
-    ending = data.get("file_ending") if isinstance(data.get("file_ending"), str) else None
+    from medseg.data.io import SUPPORTED_ENDINGS
+
+    ending = data.get("file_ending")
+    if ending is not None and (not isinstance(ending, str) or ending.lower() not in SUPPORTED_ENDINGS):
+        raise DataError(f"{path}: key 'file_ending': {ending!r} is not one of {', '.join(SUPPORTED_ENDINGS)}")
     return dict(sorted(foreground.items())), ignore, ending
 
 
@@ -378,6 +382,8 @@ def run_evaluation(
     summary["prediction_folder"] = str(pred_dir)
     summary["provenance"] = provenance("cpu")  # what computed it (medseg.runfolder.provenance)
     output.mkdir(parents=True, exist_ok=True)
+    # what a killed evaluation left (.summary.json.HOST-PID.tmp, ...); a live writer's is kept
+    remove_dead_temporaries(output, names=(SUMMARY_FILE, "metrics.csv", "report.html"))
     write_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2, default=json_default) + "\n")
     write_atomic(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
     written = [SUMMARY_FILE, "metrics.csv"]

@@ -407,7 +407,7 @@ def _predict_all(
 ) -> bool:
     from tqdm import tqdm
 
-    from medseg.atomic import check_output_folder
+    from medseg.atomic import check_output_folder, storage_error
     from medseg.data.dataset import cases_from_paths
     from medseg.inference.predictor import Predictor, release_freed_memory, resolve_stitch_device
 
@@ -479,6 +479,11 @@ def _predict_all(
             except MemoryError as err:
                 failed.append(case.name)
                 print(f"medseg: {_one_line(case.name, err)} (out of memory)", file=sys.stderr)
+            except OSError as err:
+                if storage_error(err, output) is not None:
+                    raise  # the output folder (full, read-only), not this case: every next case would fail too
+                failed.append(case.name)
+                print(f"medseg: {_one_line(case.name, err)}", file=sys.stderr)
             except Exception as err:  # one bad case must not stop the batch
                 failed.append(case.name)
                 print(f"medseg: {_one_line(case.name, err)}", file=sys.stderr)

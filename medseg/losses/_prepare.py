@@ -32,10 +32,14 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+MAX_SKELETON_ITERATIONS = 1000
+"""More erosion steps than any patch has voxels to erode: a typo (each step is a pass over the batch)."""
+
+
 def check_iterations(iterations: int) -> int:
-    """The erosion steps of a soft skeleton: a non-negative integer (not a bool)."""
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    """The erosion steps of a soft skeleton: a non-negative integer up to :data:`MAX_SKELETON_ITERATIONS` (not a bool)."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= MAX_SKELETON_ITERATIONS:
+        raise ValueError(f"iterations must be a non-negative integer (at most {MAX_SKELETON_ITERATIONS}), got {iterations!r}")
     return iterations
 
 

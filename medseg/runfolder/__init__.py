@@ -29,7 +29,7 @@ from medseg.runfolder.device import resolve_device
 from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach
 from medseg.runfolder.loss_average import LossAverage
 from medseg.runfolder.provenance import PROVENANCE_FILE, read_provenance, write_provenance
-from medseg.runfolder.resume import check_unchanged, may_change
+from medseg.runfolder.resume import check_unchanged, may_change, remove_dead_writes, unfinished_start
 
 __all__ = [
     "BEST",
@@ -48,8 +48,10 @@ __all__ = [
     "load_checkpoint",
     "may_change",
     "read_provenance",
+    "remove_dead_writes",
     "resolve_device",
     "restore_rng_state",
     "save_checkpoint",
+    "unfinished_start",
     "write_provenance",
 ]

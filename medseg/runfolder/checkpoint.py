@@ -43,8 +43,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     A run killed while saving leaves the previous checkpoint intact.
     """
     payload = {"format_version": FORMAT_VERSION, **payload}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # through a Python file: a full disk then surfaces as its OSError (torch's own writer
+    # reports only "iostream error")
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def find_checkpoint(run_or_file: str | Path, prefer: tuple[str, ...] = CHECKPOINT_NAMES) -> Path:

@@ -7,6 +7,11 @@ line naming the first changed key and both values, any change outside the keys t
 caller allows: :data:`medseg.config.RESUME_MAY_CHANGE` for training, the adaptation
 runner's own list for ``medseg adapt``. A key allowed to change frees everything under
 it (``inference`` frees ``inference.overlap``).
+
+A run killed before its first checkpoint has nothing to resume from, but a folder that
+``--resume`` refused and a new start refused too (it is not empty): :func:`unfinished_start`
+tells such a folder from one that holds no run, so that the resume starts it again, and
+:func:`remove_dead_writes` removes what killed writers left in it.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import RESUME_MAY_CHANGE
-from medseg.errors import ConfigError
+from medseg.errors import CheckpointError, ConfigError
 
-__all__ = ["config_leaves", "may_change", "changed_keys", "check_unchanged"]
+__all__ = ["config_leaves", "may_change", "changed_keys", "check_unchanged", "unfinished_start", "remove_dead_writes"]
 
 _UNSET = object()
 
@@ -89,3 +94,46 @@ def check_unchanged(
         f"{key}: the run used {_shown(old.get(key, _UNSET))}, the config says {_shown(new.get(key, _UNSET))}; "
         f"a resume cannot change it{also} (resume with {config_file} or start a new output_dir)"
     )
+
+
+def unfinished_start(run_dir: str | Path, log_file: str, config_file: str = "config.yaml") -> dict[str, Any] | None:
+    """What a resume finds in a run folder without ``checkpoints/latest.pt``.
+
+    Returns
+    -------
+    dict or None
+        The stored config (``config_file`` as data; ``{}`` when the run was killed before
+        writing it) of a run killed before its first checkpoint: nothing was trained, the
+        resume starts it again. None when ``run_dir`` holds no started run (nothing to
+        resume). ``log_file`` (``train.log``, ``adapt.log``) is the first file a run
+        writes, so it marks a started run.
+
+    Raises
+    ------
+    CheckpointError
+        ``config_file`` exists but is not a readable mapping.
+    """
+    import yaml
+
+    run_dir = Path(run_dir)
+    path = run_dir / config_file
+    if not path.is_file():
+        return {} if (run_dir / log_file).is_file() else None
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as err:  # written atomically: whole or absent
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}); start a new output_dir") from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: not a config; start a new output_dir")
+    return stored
+
+
+def remove_dead_writes(run_dir: str | Path) -> None:
+    """Remove the temporaries (``.NAME.HOST-PID.tmp``) that killed writers left in the run
+    folder and its ``checkpoints/`` (a checkpoint's is as large as the checkpoint)."""
+    from medseg.atomic import remove_dead_temporaries
+    from medseg.runfolder.checkpoint import CHECKPOINT_DIR
+
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
+        if folder.is_dir():
+            remove_dead_temporaries(folder)

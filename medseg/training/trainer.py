@@ -32,7 +32,9 @@ change is refused, naming the key and both values, before the run folder is touc
 changed ``train.iterations`` recomputes the LR schedule for the new total from the resumed
 step on. ``config.yaml`` is rewritten (atomically, as every file of the run folder) only
 when a resume changed it; a missing or unreadable ``label_stats.json`` is rewritten from
-the preprocessing cache.
+the preprocessing cache. A run killed before its first checkpoint (``train.log`` but no
+``latest.pt``) has trained nothing: ``--resume`` starts it again (its ``config.yaml``, if
+written, is held to the same rule), and the temporaries of killed writers are removed.
 
 Under ``torchrun`` (:mod:`medseg.distributed`) the same function trains with
 :class:`~torch.nn.parallel.DistributedDataParallel`: ``train.batch_size`` is the global
@@ -79,9 +81,11 @@ from medseg.runfolder import (
     check_unchanged,
     detach,
     load_checkpoint,
+    remove_dead_writes,
     resolve_device,
     restore_rng_state,
     save_checkpoint,
+    unfinished_start,
     write_provenance,
 )
 from medseg.training.data import TrainingData, prepare_data
@@ -144,7 +148,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     DataError
         A dataset problem (named file), found before anything is written.
     CheckpointError
-        ``resume`` without ``checkpoints/latest.pt``, or an unreadable checkpoint.
+        ``resume`` without ``checkpoints/latest.pt`` in a folder that holds no started run,
+        or an unreadable checkpoint.
     MedsegError
         Under torchrun: the step failed on another rank (that rank reports its error).
     """
@@ -292,11 +297,16 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
     # existing run folder must not see rank 0's fresh files).
     with distributed.synchronized("setting up the run"):
         _check_world_size(cfg)
-        if resume:
-            if not latest_path.is_file():
+        if resume and not latest_path.is_file():
+            stored = unfinished_start(run_dir, "train.log")
+            if stored is None:
                 raise CheckpointError(
                     f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)"
                 )
+            if stored:  # killed before its first checkpoint: nothing was trained, the run starts again
+                _check_resumable(cfg, {"config": stored, "iteration": 0}, run_dir / CONFIG_FILE)
+            log.warning("%s: stopped before its first checkpoint; starting the run again", run_dir)
+        elif resume:
             checkpoint = load_checkpoint(latest_path)
             _check_resumable(cfg, checkpoint, latest_path)
         elif _holds_run(run_dir):
@@ -312,6 +322,7 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
 
     with distributed.main_process("writing the run folder") as main:
         if main:
+            remove_dead_writes(run_dir)
             handlers += attach_file_handler(run_dir / "train.log")
             write_provenance(run_dir, parts.device, resumed_at=progress.iteration if checkpoint is not None else None)
             _write_config(run_dir / CONFIG_FILE, cfg)

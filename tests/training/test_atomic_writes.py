@@ -76,7 +76,7 @@ def test_a_checkpoint_save_killed_midway_keeps_the_previous_checkpoint(tmp_path,
     before = path.read_bytes()
 
     def torn_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 torn")
+        f.write(b"PK\x03\x04 torn")  # save_checkpoint hands torch an open file
         raise _Killed()
 
     monkeypatch.setattr(torch, "save", torn_save)
