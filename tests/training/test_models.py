@@ -66,7 +66,6 @@ def test_dynunet_plan_follows_patch_size():
         ("unet", {"chanels": [4, 8]}, "model.params.chanels"),
         ("unet", {"in_channels": 3}, "model.params.in_channels"),
         ("unet", {"channels": [4, 8, 16], "strides": [2]}, "model.params.strides"),
-        ("unet", {"channels": [4, 8], "num_res_units": "two"}, "model.params"),
         ("unetr", {"hidden_size": 30, "num_heads": 4}, "model.params.(hidden_size|num_heads)"),
         ("unetr", {"img_size": [96, 96, 96]}, "model.params.img_size"),
         ("swinunetr", {"feature_size": 13}, "model.params.feature_size"),
@@ -76,6 +75,16 @@ def test_dynunet_plan_follows_patch_size():
 def test_bad_params_name_the_key(name, params, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_model(ModelConfig(name=name, params=params), 3, 1, 2, [64, 64, 64])
+
+
+def test_a_size_param_of_the_wrong_type_is_refused_by_the_schema_naming_the_key():
+    """Counts and sizes are checked when the config is read, before any network is built."""
+    from medseg.config import validate_config
+
+    raw = {"data": {"dataset": "."}, "train": {"iterations": 1}, "output_dir": "x",
+           "model": {"name": "unet", "params": {"channels": [4, 8], "num_res_units": "two"}}}
+    with pytest.raises(ConfigError, match=r"model\.params.*num_res_units.*'two'"):
+        validate_config(raw)
 
 
 @pytest.mark.parametrize(
