@@ -40,6 +40,19 @@ def _medseg_cache(tmp_path_factory):
         os.environ["MEDSEG_CACHE"] = previous
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, then the previous count: bitwise comparisons of runs
+    (exact resume, cache contents, torchrun workers) need the same thread count everywhere.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def topolosses_spec():
     """The import spec of ``topolosses==0.2.0``, the reference implementations the

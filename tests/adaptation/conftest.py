@@ -11,18 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from adapt_helpers import make_target_dataset, train_source
 from medseg.data.synthetic import make_dataset
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this folder runs with one torch thread (tests/conftest.py's one_thread)."""
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from cache_helpers import make_padded_dataset
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # the cache is written with one torch thread; compare with the same
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this folder runs with one torch thread (tests/conftest.py's one_thread)."""
 
 
 @pytest.fixture(scope="session")

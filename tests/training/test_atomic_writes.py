@@ -23,12 +23,7 @@ class _Killed(BaseException):
     """Stands in for a kill in the middle of a write."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fail_replace(monkeypatch, name: str) -> None:

@@ -24,12 +24,7 @@ from medseg.training.trainer import run_training
 from test_trainer import _raw
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digest(folder: Path) -> dict[str, tuple[str, int]]:

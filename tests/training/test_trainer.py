@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_UNET = {"name": "unet", "params": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # bitwise comparisons across processes need the same thread count everywhere
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _raw(dataset: Path, out: Path, iterations: int = 12, patch=(16, 16, 16), **train) -> dict:
