@@ -18,7 +18,7 @@ foreground, as TopoMortar counts it): Dice and the Betti 0 and 1 errors, means o
     python benchmarks/adaptation_topomortar.py --methods sfda --targets colors --seeds 0
 
 Runs go to ``--workdir`` (default ``studies/topomortar_adaptation``); a finished run
-(its ``target_eval.json`` exists) is read back instead of run again, so the script
+(its ``evaluation/summary.json`` exists) is read back instead of run again, so the script
 resumes where it stopped.
 """
 
@@ -74,11 +74,11 @@ def target_dataset(data: Path, group: str, workdir: Path) -> tuple[Path, Path]:
     return folder, labels
 
 
-def adapt_config(method: str, source: Path, target: Path, labels: Path, out: Path, seed: int,
-                 iterations: int | None) -> dict:
+def adapt_config(method: str, source: Path, target: Path, out: Path, seed: int, iterations: int | None) -> dict:
     raw = yaml.safe_load((REPO / "configs" / "adapt" / f"{method}.yaml").read_text())
     raw["source_run"] = str(source)
-    raw["target"] = {**raw.get("target", {}), "dataset": str(target), "subset": "Ts", "eval_labels": str(labels)}
+    # scored once afterwards by predict + evaluate (score), not also by adapt's own target evaluation
+    raw["target"] = {**raw.get("target", {}), "dataset": str(target), "subset": "Ts", "eval_labels": None}
     if iterations is not None:
         raw["adapt"]["iterations"] = iterations
     raw["output_dir"] = str(out)
@@ -88,12 +88,11 @@ def adapt_config(method: str, source: Path, target: Path, labels: Path, out: Pat
 
 
 def adapt(raw: dict) -> Path:
-    """``medseg adapt``'s code path; a finished run (its target_eval.json) is kept."""
+    """``medseg adapt``'s code path; a finished and scored run (its evaluation/summary.json) is kept."""
     from medseg.adaptation import run_adaptation, validate_adapt_config
-    from medseg.adaptation.runner import TARGET_EVAL
 
     out = Path(raw["output_dir"])
-    if (out / TARGET_EVAL).is_file():
+    if (out / "evaluation" / "summary.json").is_file():
         return out
     if out.exists():  # an interrupted run: start it again (an adaptation takes minutes)
         shutil.rmtree(out)
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             before = score(source, images, labels, args.workdir / group / "source" / f"seed_{seed}")
             for method in methods:
                 t0 = time.perf_counter()
-                run = adapt(adapt_config(method, source, target, labels, args.workdir / group / method / f"seed_{seed}",
+                run = adapt(adapt_config(method, source, target, args.workdir / group / method / f"seed_{seed}",
                                          seed, args.iterations))
                 after = score(run, images, labels, run)
                 row = rows.setdefault((group, method), {})
