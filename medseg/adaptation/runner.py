@@ -6,7 +6,12 @@ without writing to it, preprocesses the target scans exactly as the source model
 :mod:`medseg.adaptation.config`), and runs the configured method
 (:mod:`~medseg.adaptation.pseudo_label`, :mod:`~medseg.adaptation.mean_teacher`,
 :mod:`~medseg.adaptation.sfda`, :mod:`~medseg.adaptation.tent`) for ``adapt.iterations``
-optimizer steps on target patches.
+optimizer steps on target patches. The steps run in the trainer's own loop
+(:func:`medseg.training.loop.run_loop`): the method enters it through the
+:class:`~medseg.adaptation.base.Method` seam as an :class:`~medseg.training.loop.Objective`,
+and the loop does the step, the loss rows, the evaluations, the checkpoints and the
+progress bar exactly as for ``medseg train``; whether a run starts or resumes is decided
+by :func:`medseg.runfolder.resume_point`, as for training.
 
 The adapted run folder (``output_dir``)::
 
@@ -39,13 +44,12 @@ import json
 import logging
 import math
 import os
-import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from medseg.adaptation.base import AdaptContext, Method
 from medseg.adaptation.config import AdaptConfig, dump_adapt_config, validate_adapt_config
@@ -53,7 +57,7 @@ from medseg.adaptation.source import LABEL_STATS, SourceRun, class_prior, ensure
 from medseg.adaptation.target import evaluate, load_target, read_eval_labels
 from medseg.atomic import write_atomic
 from medseg.config import ModelConfig, dump_config, validate_config
-from medseg.errors import CheckpointError, ConfigError, MedsegError
+from medseg.errors import CheckpointError, ConfigError
 from medseg.models import build_model
 from medseg.runfolder import (
     CHECKPOINT_DIR,
@@ -64,15 +68,15 @@ from medseg.runfolder import (
     capture_rng_state,
     check_unchanged,
     detach,
-    load_checkpoint,
     remove_dead_writes,
     resolve_device,
     restore_rng_state,
+    resume_point,
     save_checkpoint,
-    unfinished_start,
     write_provenance,
 )
 from medseg.training.logs import RunLog
+from medseg.training.loop import Objective, Progress, Schedule, run_loop
 
 log = logging.getLogger("medseg.adaptation")
 
@@ -87,7 +91,7 @@ _RESUME_FREE = {
 
 # --------------------------------------------------------------------------- parts
 
-def _check_resumable(cfg: AdaptConfig, stored: dict[str, Any], path: Path) -> None:
+def _check_resumable(cfg: AdaptConfig, stored: dict[str, Any], done: int, path: Path) -> None:
     """Refuse a resume that changes a key outside ``_RESUME_FREE`` (and ``adapt.iterations``
     for the methods without a curriculum), naming the key and both values."""
     try:  # a key added to the schema since the checkpoint was written gets its default
@@ -96,6 +100,13 @@ def _check_resumable(cfg: AdaptConfig, stored: dict[str, Any], path: Path) -> No
         pass
     free = set(_RESUME_FREE) | ({"adapt.iterations"} if cfg.adapt.method != "pseudo_label" else set())
     check_unchanged(stored, cfg.model_dump(mode="json"), free, Path(cfg.output_dir) / CONFIG_FILE)
+
+
+def _adaptation_config(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The adaptation config an adapted run's checkpoint stores."""
+    if "adaptation" not in checkpoint:
+        raise CheckpointError(f"{path}: not an adapted run (no 'adaptation' entry); resume it with medseg train")
+    return checkpoint["adaptation"]["config"]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -195,21 +206,8 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
     source_path = Path(cfg.source_run)
     if _inside(run_dir, source_path if source_path.is_dir() else source_path.parent.parent):
         raise ConfigError(f"output_dir {run_dir}: is (inside) the source run; the source run is never written to")
-    checkpoint: dict[str, Any] | None = None
-    if resume and not latest.is_file():
-        stored = unfinished_start(run_dir, "adapt.log", CONFIG_FILE)
-        if stored is None:
-            raise CheckpointError(f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)")
-        if stored:  # killed before its first checkpoint: nothing was adapted, the run starts again
-            _check_resumable(cfg, stored, run_dir / CONFIG_FILE)
-        log.warning("%s: stopped before its first checkpoint; starting the adaptation again", run_dir)
-    elif resume:
-        checkpoint = load_checkpoint(latest)
-        if "adaptation" not in checkpoint:
-            raise CheckpointError(f"{latest}: not an adapted run (no 'adaptation' entry); resume it with medseg train")
-        _check_resumable(cfg, checkpoint["adaptation"]["config"], latest)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"output_dir {run_dir} already exists and is not empty; pass --resume or choose a new output_dir")
+    checkpoint = resume_point(run_dir, resume, "adapt.log", check=partial(_check_resumable, cfg),
+                              config_of=_adaptation_config, config_file=CONFIG_FILE)
 
     # Everything that can fail on user input happens before the run folder is touched.
     from medseg.inference.predictor import Predictor
@@ -262,12 +260,8 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
         ctx.source_loss = build_loss(source.config.losses, num_classes).to(device)
     method = _make_method(ctx)
     student = method.prepare_model(student)
-    optimizer = [_build_optimizer(method.trainable_parameters(student), cfg)]
-
-    def reset_optimizer() -> None:
-        optimizer[0] = _build_optimizer(method.trainable_parameters(student), cfg)
-
-    ctx.reset_optimizer = reset_optimizer
+    objective = _Adapting(cfg, ctx, method, student, run_dir, references, dict(predictor.info.foreground_labels))
+    ctx.reset_optimizer = objective.reset_optimizer
 
     provenance = {
         "method": cfg.adapt.method,
@@ -282,21 +276,21 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
         "config": cfg.model_dump(mode="json"),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    state: dict[str, Any] = {"iteration": 0, "average": LossAverage(), "loss_terms": list(method.loss_terms), "before": None}
+    progress = Progress(loss_terms=list(method.loss_terms))
     if checkpoint is not None:
         try:
             student.load_state_dict(checkpoint["adaptation"]["student"])
-            optimizer[0].load_state_dict(checkpoint["optimizer"])
+            objective.optimizer.load_state_dict(checkpoint["optimizer"])
             method.load_state_dict(checkpoint["adaptation"]["method_state"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{latest}: does not match this adaptation ({str(err).splitlines()[0]})") from None
         provenance = checkpoint["adaptation"]["provenance"]
-        state.update(iteration=int(checkpoint["iteration"]), average=LossAverage(checkpoint.get("loss_average")),
-                     before=checkpoint["adaptation"].get("before"))
+        progress = Progress(iteration=int(checkpoint["iteration"]), average=LossAverage(checkpoint.get("loss_average")),
+                            loss_terms=progress.loss_terms)
+        objective.before = checkpoint["adaptation"].get("before")
 
     remove_dead_writes(run_dir)
     handlers += attach_file_handler(run_dir / "adapt.log")
-    class_values = dict(predictor.info.foreground_labels)
     if checkpoint is None:
         write_atomic(run_dir / CONFIG_FILE, dump_adapt_config(cfg))
         write_atomic(run_dir / "source_config.yaml", dump_config(validate_config(run_config)))
@@ -304,53 +298,131 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
         provenance = write_provenance(run_dir, device, extra=provenance)
         _copy_label_stats((source.run_dir or source.checkpoint_path.parent.parent) / LABEL_STATS, run_dir / LABEL_STATS)
     else:
-        write_provenance(run_dir, device, extra=provenance, resumed_at=state["iteration"])
+        write_provenance(run_dir, device, extra=provenance, resumed_at=progress.iteration)
         restore_rng_state(checkpoint["rng"])
-        log.info("resuming %s at step %d of %d", run_dir, state["iteration"], cfg.adapt.iterations)
+        log.info("resuming %s at step %d of %d", run_dir, progress.iteration, cfg.adapt.iterations)
 
-    runlog = RunLog(run_dir, state["loss_terms"], list(class_values),
-                    resume_iteration=state["iteration"] if checkpoint is not None else None)
+    def payload() -> dict[str, Any]:
+        return {
+            "iteration": progress.iteration,
+            "config": run_config,
+            "dataset": source.payload["dataset"],
+            "preprocessing": source.payload["preprocessing"],
+            "network": source.payload.get("network"),
+            "split": source.payload.get("split"),
+            "model": method.model_for_output(student).state_dict(),
+            "optimizer": objective.optimizer.state_dict(),
+            "scheduler": None,
+            "scaler": None,
+            "rng": capture_rng_state(),
+            "best_metric": None,
+            "best_iteration": None,
+            "loss_average": progress.average.state(),
+            "loss_terms": progress.loss_terms,
+            "adaptation": {
+                "provenance": provenance,
+                "config": cfg.model_dump(mode="json"),
+                "student": student.state_dict(),
+                "method_state": method.state_dict(),
+                "before": objective.before,
+            },
+        }
+
+    objective.payload = payload
+    class_values = objective.class_values
+    runlog = RunLog(run_dir, progress.loss_terms, list(class_values),
+                    resume_iteration=progress.iteration if checkpoint is not None else None)
     try:
         if checkpoint is None and references is not None:
-            state["before"] = evaluate(predictor, predictor.model, scans, references, class_values)
-            _log_eval("before adaptation", state["before"])
-            runlog.add_row(0, cfg.adapt.lr, math.nan, {}, _dice_list(state["before"], class_values))
-
-        def payload() -> dict[str, Any]:
-            return {
-                "iteration": state["iteration"],
-                "config": run_config,
-                "dataset": source.payload["dataset"],
-                "preprocessing": source.payload["preprocessing"],
-                "network": source.payload.get("network"),
-                "split": source.payload.get("split"),
-                "model": method.model_for_output(student).state_dict(),
-                "optimizer": optimizer[0].state_dict(),
-                "scheduler": None,
-                "scaler": None,
-                "rng": capture_rng_state(),
-                "best_metric": None,
-                "best_iteration": None,
-                "loss_average": state["average"].state(),
-                "loss_terms": state["loss_terms"],
-                "adaptation": {
-                    "provenance": provenance,
-                    "config": cfg.model_dump(mode="json"),
-                    "student": student.state_dict(),
-                    "method_state": method.state_dict(),
-                    "before": state["before"],
-                },
-            }
-
-        _loop(cfg, ctx, method, student, optimizer, state, runlog, payload, run_dir, references, class_values)
+            objective.before = evaluate(predictor, predictor.model, scans, references, class_values)
+            _log_eval("before adaptation", objective.before)
+            runlog.add_row(0, cfg.adapt.lr, math.nan, {}, _dice_list(objective.before, class_values))
+        a = cfg.adapt
+        schedule = Schedule(total=a.iterations, log_interval=a.log_interval, checkpoint_interval=a.checkpoint_interval,
+                            eval_interval=cfg.target.eval_interval if references is not None else None,
+                            grad_clip=a.grad_clip)
+        run_loop(objective, progress, schedule, run_dir, list(class_values), runlog=runlog)
         if references is not None:
-            after = state.get("after") or evaluate(predictor, method.model_for_output(student), scans, references, class_values)
+            after = objective.after or evaluate(predictor, method.model_for_output(student), scans, references, class_values)
             _log_eval("after adaptation", after)
-            write_atomic(run_dir / TARGET_EVAL, json.dumps({"before": state["before"], "after": after}, indent=2) + "\n")
+            write_atomic(run_dir / TARGET_EVAL, json.dumps({"before": objective.before, "after": after}, indent=2) + "\n")
     finally:
         runlog.draw()
         runlog.close()
     return run_dir
+
+
+class _Adapting(Objective):
+    """An adaptation :class:`~medseg.adaptation.base.Method` as the objective of the one
+    training loop (:func:`medseg.training.loop.run_loop`): per step the method's
+    ``before_step`` (a pseudo-label round), its ``loss`` on target patches (and labelled
+    source patches with ``source_data``), then its ``after_step`` (the EMA teacher).
+    Evaluated on the target (``target.eval_labels`` only) every ``target.eval_interval``
+    steps and at the end."""
+
+    bar_label = "adapt"
+
+    def __init__(self, cfg: AdaptConfig, ctx: AdaptContext, method: Method, student: torch.nn.Module, run_dir: Path,
+                 references: Any, class_values: dict[str, int]) -> None:
+        self.cfg, self.ctx, self.method, self.student, self.run_dir = cfg, ctx, method, student, run_dir
+        self.references, self.class_values = references, class_values
+        self.device = ctx.device
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        self.optimizer = _build_optimizer(method.trainable_parameters(student), cfg)
+        self.before: dict[str, Any] | None = None  # target scores of the source model
+        self.after: dict[str, Any] | None = None  # ... and of the adapted one, at the last step
+        self.payload = None  # the checkpoint's contents, set by the runner
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer (a new pseudo-label round starts from a fresh state)."""
+        self.optimizer = _build_optimizer(self.method.trainable_parameters(self.student), self.cfg)
+
+    def batches(self, start: int, total: int):
+        if self.cfg.source_data is None:
+            yield from super().batches(start, total)
+        else:
+            yield from _source_batches(self.cfg, self.ctx.source, start, self.device)
+
+    def before_step(self, iteration: int) -> None:
+        self.method.before_step(self.student, iteration)
+
+    def loss(self, batch: dict | None, iteration: int):
+        return self.method.loss(self.student, iteration, batch)
+
+    def after_step(self, iteration: int) -> None:
+        self.method.after_step(self.student, iteration)
+
+    def clip_parameters(self):
+        return self.method.trainable_parameters(self.student)
+
+    def loss_terms(self) -> list[str]:
+        return list(self.method.loss_terms)
+
+    def diverged(self, value: float, step: int) -> str:
+        return f"the adaptation loss is {value} at step {step}; lower adapt.lr"
+
+    def evaluate(self, iteration: int) -> list[float] | None:
+        if self.references is None:
+            return None
+        ctx = self.ctx
+        result = evaluate(ctx.predictor, self.method.model_for_output(self.student), ctx.scans, self.references,
+                          self.class_values)
+        if iteration == self.cfg.adapt.iterations:
+            self.after = result
+        else:
+            _log_eval(f"at step {iteration}", result)
+        return _dice_list(result, self.class_values)
+
+    def save_latest(self) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT_DIR / LATEST, self.payload())
+
+    def start_message(self, start: int, total: int) -> str:
+        a, ctx = self.cfg.adapt, self.ctx
+        return (f"adapting with {a.method} on {ctx.device} for steps {start + 1}-{total}, {len(ctx.scans)} target "
+                f"scan(s), batch {a.batch_size}, patch {'x'.join(map(str, ctx.patch))}")
+
+    def end_message(self, progress: Progress) -> str:
+        return f"adapted run {self.run_dir}"
 
 
 def _copy_label_stats(source: Path, target: Path) -> None:
@@ -380,53 +452,3 @@ def _dice_list(result: dict[str, Any], class_values: dict[str, int]) -> list[flo
 def _log_eval(what: str, result: dict[str, Any]) -> None:
     parts = [f"{n} Dice {v['dice']:.4f} Betti error {v['betti_error']:.2f}" for n, v in result["mean"].items()]
     log.info("target %s: %s", what, "; ".join(parts))
-
-
-def _loop(cfg, ctx, method, student, optimizer, state, runlog, payload, run_dir, references, class_values) -> None:
-    a = cfg.adapt
-    total, start = a.iterations, state["iteration"]
-    if start >= total:
-        log.info("adaptation already complete: %d of %d steps done", start, total)
-        return
-    source_iter = _source_batches(cfg, ctx.source, start, ctx.device) if cfg.source_data is not None else None
-    log.info("adapting with %s on %s for steps %d-%d, %d target scan(s), batch %d, patch %s",
-             a.method, ctx.device, start + 1, total, len(ctx.scans), a.batch_size, "x".join(map(str, ctx.patch)))
-    bar = tqdm(total=total, initial=start, desc=f"adapt {a.method}", unit="it", dynamic_ncols=True, disable=None)
-    started = time.perf_counter()
-    try:
-        for it in range(start, total):
-            method.before_step(student, it)
-            opt = optimizer[0]
-            source_batch = next(source_iter) if source_iter is not None else None
-            opt.zero_grad(set_to_none=True)
-            loss, terms = method.loss(student, it, source_batch)
-            if not torch.isfinite(loss):
-                raise MedsegError(f"the adaptation loss is {loss.item()} at step {it + 1}; lower adapt.lr")
-            loss.backward()
-            if a.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(method.trainable_parameters(student), a.grad_clip)
-            opt.step()
-            method.after_step(student, it)
-            state["iteration"] = step = it + 1
-            state["average"].add(float(loss.detach()), terms)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
-            evaluate_now = references is not None and cfg.target.eval_interval and step % cfg.target.eval_interval == 0
-            if step % a.log_interval == 0 or step == total or evaluate_now:
-                dice = None
-                if references is not None and (evaluate_now or step == total):
-                    result = evaluate(ctx.predictor, method.model_for_output(student), ctx.scans, references, class_values)
-                    if step == total:
-                        state["after"] = result
-                    else:
-                        _log_eval(f"at step {step}", result)
-                    dice = _dice_list(result, class_values)
-                mean_loss, mean_terms = state["average"].pop()
-                runlog.add_row(step, opt.param_groups[0]["lr"], mean_loss, mean_terms, dice)
-            if step % a.checkpoint_interval == 0 or step == total:
-                save_checkpoint(run_dir / CHECKPOINT_DIR / LATEST, payload())
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - started
-    log.info("finished %d steps in %.0f s (%.2f it/s); adapted run %s", total - start, elapsed,
-             (total - start) / max(elapsed, 1e-9), run_dir)

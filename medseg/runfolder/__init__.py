@@ -6,7 +6,8 @@ inference share them instead of keeping copies (and inference never imports
 
 * :mod:`~medseg.runfolder.checkpoint`: the checkpoint format, its atomic save and its
   ``weights_only`` load, finding ``checkpoints/best.pt`` / ``latest.pt``, RNG states;
-* :mod:`~medseg.runfolder.resume`: what a ``--resume`` may change in the config;
+* :mod:`~medseg.runfolder.resume`: whether a run starts or resumes, and what a
+  ``--resume`` may change in the config;
 * :mod:`~medseg.runfolder.device`: ``auto`` / ``cpu`` / ``cuda`` to a torch device;
 * :mod:`~medseg.runfolder.log_handlers`: the terminal and ``train.log`` / ``adapt.log``;
 * :mod:`~medseg.runfolder.loss_average`: the loss means of each ``metrics.csv`` row;
@@ -29,7 +30,7 @@ from medseg.runfolder.device import resolve_device
 from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach
 from medseg.runfolder.loss_average import LossAverage
 from medseg.runfolder.provenance import PROVENANCE_FILE, read_provenance, write_provenance
-from medseg.runfolder.resume import check_unchanged, may_change, remove_dead_writes, unfinished_start
+from medseg.runfolder.resume import check_unchanged, may_change, remove_dead_writes, resume_point, unfinished_start
 
 __all__ = [
     "BEST",
@@ -51,6 +52,7 @@ __all__ = [
     "remove_dead_writes",
     "resolve_device",
     "restore_rng_state",
+    "resume_point",
     "save_checkpoint",
     "unfinished_start",
     "write_provenance",

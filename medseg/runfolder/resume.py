@@ -11,20 +11,27 @@ it (``inference`` frees ``inference.overlap``).
 A run killed before its first checkpoint has nothing to resume from, but a folder that
 ``--resume`` refused and a new start refused too (it is not empty): :func:`unfinished_start`
 tells such a folder from one that holds no run, so that the resume starts it again, and
-:func:`remove_dead_writes` removes what killed writers left in it.
+:func:`remove_dead_writes` removes what killed writers left in it. :func:`resume_point`
+makes that decision for ``medseg train`` and ``medseg adapt`` alike.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from medseg.config import RESUME_MAY_CHANGE
 from medseg.errors import CheckpointError, ConfigError
 
-__all__ = ["config_leaves", "may_change", "changed_keys", "check_unchanged", "unfinished_start", "remove_dead_writes"]
+__all__ = [
+    "config_leaves", "may_change", "changed_keys", "check_unchanged", "unfinished_start", "remove_dead_writes",
+    "resume_point",
+]
+
+log = logging.getLogger("medseg.runfolder")
 
 _UNSET = object()
 
@@ -126,6 +133,55 @@ def unfinished_start(run_dir: str | Path, log_file: str, config_file: str = "con
     if not isinstance(stored, dict):
         raise CheckpointError(f"{path}: not a config; start a new output_dir")
     return stored
+
+
+def resume_point(
+    run_dir: str | Path,
+    resume: bool,
+    log_file: str,
+    check: Callable[[dict[str, Any], int, Path], None],
+    config_of: Callable[[dict[str, Any], Path], dict[str, Any]] = lambda checkpoint, path: checkpoint["config"],
+    config_file: str = "config.yaml",
+) -> dict[str, Any] | None:
+    """The checkpoint a run continues from; None to start at step 0. Nothing is written.
+
+    * ``resume`` and ``checkpoints/latest.pt`` exists: the loaded checkpoint, after
+      ``check(config_of(checkpoint, path), iteration, path)`` accepted its stored config;
+    * ``resume`` in a run killed before its first checkpoint (:func:`unfinished_start`):
+      None, after ``check`` accepted its ``config_file`` (when it was written);
+    * no ``resume``: None, provided ``run_dir`` holds nothing yet.
+
+    ``check`` raises :class:`ConfigError` naming a key the resume may not change.
+
+    Raises
+    ------
+    CheckpointError
+        ``resume`` but ``run_dir`` holds no started run; an unreadable checkpoint or config.
+    ConfigError
+        Not ``resume`` and ``run_dir`` is not empty; from ``check``.
+    """
+    from medseg.runfolder.checkpoint import CHECKPOINT_DIR, LATEST, load_checkpoint
+
+    run_dir = Path(run_dir)
+    latest = run_dir / CHECKPOINT_DIR / LATEST
+    if resume and latest.is_file():
+        checkpoint = load_checkpoint(latest)
+        check(config_of(checkpoint, latest), int(checkpoint["iteration"]), latest)
+        return checkpoint
+    if resume:
+        stored = unfinished_start(run_dir, log_file, config_file)
+        if stored is None:
+            raise CheckpointError(f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)")
+        if stored:  # killed before its first checkpoint: nothing was done, the run starts again
+            check(stored, 0, run_dir / config_file)
+        log.warning("%s: stopped before its first checkpoint; starting it again", run_dir)
+        return None
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"output_dir {run_dir} already exists and is not empty; pass --resume to continue that run "
+            "or choose a new output_dir"
+        )
+    return None
 
 
 def remove_dead_writes(run_dir: str | Path) -> None:

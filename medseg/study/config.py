@@ -185,7 +185,11 @@ class StudyRun:
 
 @dataclass
 class Study:
-    """A checked study: its config, where it came from, and its runs (variant-major order)."""
+    """A checked study: its config, where it came from, and its runs (seed-major order).
+
+    Seed-major: every variant at the first seed runs before any variant at the next one,
+    so a study stopped early already compares every variant (on fewer seeds).
+    """
 
     path: Path
     config: StudyConfig
@@ -299,6 +303,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             run_raw = {**raw, "seed": seed, "output_dir": str(run_dir_of(study_cfg.output_dir, variant, seed))}
             runs.append(StudyRun(variant, seed, validate_config(run_raw, source=f"{path}: variants.{variant}")))
 
+    runs.sort(key=lambda run: study_cfg.seeds.index(run.seed))  # seed-major (stable: variants keep their order)
     _fill_dataset(path, study_cfg, runs)
     study = Study(path=path, config=study_cfg, runs=runs, overrides=overrides)
     _check_runs(study)

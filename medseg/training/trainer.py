@@ -6,7 +6,9 @@ cache, filled first where needed by :mod:`medseg.preprocessing`),
 :mod:`medseg.training.optim` (optimizer, per-iteration LR schedule),
 :mod:`medseg.training.sampling` (patches as a pure function of seed and iteration),
 :mod:`medseg.training.validation` (sliding-window Dice) and
-:mod:`medseg.training.logs` (``metrics.csv``, TensorBoard, ``progress.png``).
+:mod:`medseg.training.logs` (``metrics.csv``, TensorBoard, ``progress.png``), and runs
+them in :mod:`medseg.training.loop`, the one optimisation loop ``medseg adapt`` runs too
+(the supervised loss is its :class:`~medseg.training.loop.Objective`).
 
 The run folder (``output_dir``)::
 
@@ -54,19 +56,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from medseg import distributed
 from medseg.atomic import check_output_folder, write_atomic
 from medseg.config import RESUME_MAY_CHANGE, RunConfig, dump_config, validate_config
 from medseg.data.dataset import read_dataset_json
-from medseg.errors import CheckpointError, ConfigError, MedsegError
+from medseg.errors import CheckpointError, ConfigError
 from medseg.losses import build_loss, deep_supervision_loss
 from medseg.losses.deep_supervision import is_deep_supervision_output
 from medseg.models import build_model
@@ -80,16 +81,16 @@ from medseg.runfolder import (
     capture_rng_state,
     check_unchanged,
     detach,
-    load_checkpoint,
     remove_dead_writes,
     resolve_device,
     restore_rng_state,
+    resume_point,
     save_checkpoint,
-    unfinished_start,
     write_provenance,
 )
 from medseg.training.data import TrainingData, prepare_data
-from medseg.training.logs import RunLog, mean_dice
+from medseg.training.logs import mean_dice
+from medseg.training.loop import Objective, Progress, Schedule, run_loop
 from medseg.training.optim import build_optimizer, build_scheduler, lr_factor
 from medseg.training.sampling import local_batch_size, patch_loader
 from medseg.training.validation import validate
@@ -102,20 +103,14 @@ LABEL_STATS = "label_stats.json"
 
 # --------------------------------------------------------------------------- small parts
 
-def _holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(run_dir.iterdir())
-
-
-def _check_resumable(cfg: RunConfig, checkpoint: dict[str, Any], path: Path) -> None:
+def _check_resumable(cfg: RunConfig, stored: dict[str, Any], done: int, path: Path) -> None:
     """Refuse a resume that changes a key outside :data:`~medseg.config.RESUME_MAY_CHANGE`
-    (one line: the key and both values), or ends the run before its checkpoint."""
-    stored = checkpoint["config"]
+    (one line: the key and both values), or ends the run before its checkpoint (step ``done``)."""
     try:  # a key added to the schema since the checkpoint was written gets its default
         stored = validate_config(stored, source=f"{path} (stored config)").model_dump(mode="json")
     except ConfigError:
         pass
     check_unchanged(stored, cfg.model_dump(mode="json"), RESUME_MAY_CHANGE, Path(cfg.output_dir) / CONFIG_FILE)
-    done = int(checkpoint["iteration"])
     if cfg.train.iterations < done:
         raise ConfigError(
             f"train.iterations: the config says {cfg.train.iterations}, but {path} is at iteration {done}; "
@@ -182,17 +177,6 @@ class _Parts:
     train_model: torch.nn.Module | None = None
 
 
-@dataclass
-class _Progress:
-    """The counters a checkpoint must carry besides the state dicts."""
-
-    iteration: int = 0
-    best_metric: float | None = None
-    best_iteration: int | None = None
-    average: LossAverage = field(default_factory=LossAverage)
-    loss_terms: list[str] | None = None
-
-
 def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -216,7 +200,7 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     return _Parts(cfg, data, model, loss_fn, optimizer, scheduler, scaler, device, amp)
 
 
-def _payload(parts: _Parts, progress: _Progress) -> dict[str, Any]:
+def _payload(parts: _Parts, progress: Progress) -> dict[str, Any]:
     """The checkpoint (format in :mod:`medseg.runfolder.checkpoint`)."""
     cfg, data, info = parts.cfg, parts.data, parts.data.info
     return {
@@ -243,7 +227,7 @@ def _payload(parts: _Parts, progress: _Progress) -> dict[str, Any]:
     }
 
 
-def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> _Progress:
+def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> Progress:
     """Load the state dicts (RNG states are restored last, just before training)."""
     try:
         parts.model.load_state_dict(checkpoint["model"])
@@ -259,7 +243,7 @@ def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> _Progress
     factor = lr_factor(parts.scheduler.last_epoch, tc.iterations, tc.scheduler)
     for group, base_lr in zip(parts.optimizer.param_groups, parts.scheduler.base_lrs):
         group["lr"] = base_lr * factor
-    return _Progress(
+    return Progress(
         iteration=int(checkpoint["iteration"]),
         best_metric=checkpoint.get("best_metric"),
         best_iteration=checkpoint.get("best_iteration"),
@@ -292,32 +276,15 @@ def _wrap_for_training(parts: _Parts) -> None:
 def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
     run_dir = Path(cfg.output_dir)
     latest_path = run_dir / CHECKPOINT_DIR / LATEST
-    checkpoint: dict[str, Any] | None = None
     # Every rank checks and builds before rank 0 writes anything (the rank check of an
     # existing run folder must not see rank 0's fresh files).
     with distributed.synchronized("setting up the run"):
         _check_world_size(cfg)
-        if resume and not latest_path.is_file():
-            stored = unfinished_start(run_dir, "train.log")
-            if stored is None:
-                raise CheckpointError(
-                    f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)"
-                )
-            if stored:  # killed before its first checkpoint: nothing was trained, the run starts again
-                _check_resumable(cfg, {"config": stored, "iteration": 0}, run_dir / CONFIG_FILE)
-            log.warning("%s: stopped before its first checkpoint; starting the run again", run_dir)
-        elif resume:
-            checkpoint = load_checkpoint(latest_path)
-            _check_resumable(cfg, checkpoint, latest_path)
-        elif _holds_run(run_dir):
-            raise ConfigError(
-                f"output_dir {run_dir} already exists and is not empty; pass --resume to continue that run "
-                "or choose a new output_dir"
-            )
+        checkpoint = resume_point(run_dir, resume, "train.log", check=partial(_check_resumable, cfg))
 
         # Everything that can fail on user input happens before the run folder is touched.
         parts = _build_parts(cfg, checkpoint)
-        progress = _restore(parts, checkpoint, latest_path) if checkpoint is not None else _Progress()
+        progress = _restore(parts, checkpoint, latest_path) if checkpoint is not None else Progress()
     _wrap_for_training(parts)
 
     with distributed.main_process("writing the run folder") as main:
@@ -360,126 +327,91 @@ def _write_label_stats(path: Path, data: TrainingData, resumed: bool) -> None:
     write_atomic(path, json.dumps(stats, indent=2))
 
 
-def _save(path: Path, parts: _Parts, progress: _Progress) -> None:
+def _save(path: Path, parts: _Parts, progress: Progress) -> None:
     """Rank 0 writes the checkpoint; under torchrun the other ranks wait for it."""
     with distributed.main_process(f"saving {path}") as main:
         if main:
             save_checkpoint(path, _payload(parts, progress))
 
 
-def _train_step(parts: _Parts, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """One optimizer step on one batch; returns the loss and its terms.
+class _Supervised(Objective):
+    """Supervised training for :func:`~medseg.training.loop.run_loop`: the run's loss on
+    patch batches of the training set, validated by sliding-window Dice, ``best.pt`` on
+    the best mean Dice."""
 
-    Under torchrun ``batch`` is this rank's share of the global batch; the returned loss
-    and terms are their means over the ranks (the global batch's, for losses that are
-    means over samples), the same on every rank.
-    """
-    model = parts.train_model if parts.train_model is not None else parts.model
-    optimizer, scaler, tc = parts.optimizer, parts.scaler, parts.cfg.train
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=parts.device.type, enabled=parts.amp):
-        logits = model(batch["image"])
-        if is_deep_supervision_output(logits, batch["image"]):  # DynUNet deep_supervision: true
-            loss, terms = deep_supervision_loss(parts.loss_fn, logits, batch["label"], batch=batch)
-        else:
-            loss, terms = parts.loss_fn(logits, batch["label"], batch=batch)
-    shown = loss
-    if distributed.is_distributed():
-        # every rank sees the mean, so all of them stop together on a diverged loss
-        values = [loss.detach()] + [torch.as_tensor(v).detach() for v in terms.values()]
-        means = distributed.all_reduce_mean(torch.stack([v.to(torch.float64).cpu().reshape(()) for v in values]))
-        shown = means[0]
-        terms = dict(zip(terms, means[1:].tolist()))
-    if not torch.isfinite(shown):
-        raise MedsegError(
-            f"the loss is {shown.item()} (training diverged); lower train.optimizer.lr "
-            f"or resume from {CHECKPOINT_DIR}/{LATEST}"
+    def __init__(self, parts: _Parts, progress: Progress, run_dir: Path) -> None:
+        self.parts, self.progress, self.run_dir = parts, progress, run_dir
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.amp, self.device = parts.amp, parts.device
+        # what the step calls: the DistributedDataParallel wrapper under torchrun
+        self.model = parts.train_model if parts.train_model is not None else parts.model
+
+    def batches(self, start: int, total: int):
+        cfg = self.parts.cfg
+        loader = patch_loader(
+            self.parts.data.train_set, cfg.seed, cfg.train.batch_size, start, total, cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", rank=distributed.rank(), world_size=distributed.world_size(),
         )
-    scaler.scale(loss).backward()
-    if tc.grad_clip is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    parts.scheduler.step()
-    return shown.detach(), {k: float(v) for k, v in terms.items()}
-
-
-def _train_loop(parts: _Parts, progress: _Progress, run_dir: Path) -> None:
-    cfg, data, tc = parts.cfg, parts.data, parts.cfg.train
-    total, start = tc.iterations, progress.iteration
-    class_names = list(data.info.foreground_labels)
-    main = distributed.is_main()
-    rank, world = distributed.rank(), distributed.world_size()
-    runlog: RunLog | None = None  # rank 0 only
-    if progress.loss_terms is not None and main:
-        runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start)
-    if start >= total:
-        log.info("run already complete: %d of %d iterations done", start, total)
-        if runlog is not None:
-            runlog.close()
-        return
-
-    loader = patch_loader(
-        data.train_set, cfg.seed, tc.batch_size, start, total, cfg.data.num_workers,
-        pin_memory=parts.device.type == "cuda", rank=rank, world_size=world,
-    )
-    log.info(
-        "training %s (%dD, %.2fM parameters) on %s%s for iterations %d-%d, batch %d, patch %s%s",
-        cfg.model.name, cfg.spatial_dims, sum(p.numel() for p in parts.model.parameters()) / 1e6,
-        parts.device, " with AMP" if parts.amp else "", start + 1, total, tc.batch_size,
-        "x".join(str(p) for p in cfg.data.patch_size),
-        f", {world} processes of batch {tc.batch_size // world} ({distributed.backend_name()})" if world > 1 else "",
-    )
-    parts.model.train()
-    bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, disable=None if main else True)
-    started = time.perf_counter()
-    try:
         for batch in loader:
-            lr = parts.optimizer.param_groups[0]["lr"]
-            parts.loss_fn.set_iteration(progress.iteration, total)  # the terms' schedules
-            loss, terms = _train_step(parts, _to_device(batch, parts.device))
-            progress.iteration += 1
-            iteration = progress.iteration
-            if progress.loss_terms is None:
-                progress.loss_terms = list(parts.loss_fn.names)
-                if main:
-                    runlog = RunLog(run_dir, progress.loss_terms, class_names, resume_iteration=start or None)
-            progress.average.add(float(loss), terms)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            yield _to_device(batch, self.device)
 
-            validate_now = iteration % tc.val_interval == 0 or iteration == total
-            if validate_now or iteration % tc.log_interval == 0:
-                dice = validate(parts.model, data.val_items, cfg, data.info.num_classes, parts.device, parts.amp) \
-                    if validate_now and data.val_items else None
-                mean_loss, mean_terms = progress.average.means()
-                progress.average.reset()
-                if runlog is not None:
-                    runlog.add_row(iteration, lr, mean_loss, mean_terms, dice)
-                if validate_now:
-                    rate = (iteration - start) / max(time.perf_counter() - started, 1e-9)
-                    _report_validation(parts, progress, run_dir, iteration, mean_loss, lr, dice, rate)
-                    if runlog is not None:
-                        runlog.draw()
-            if iteration % tc.checkpoint_interval == 0 or iteration == total:
-                _save(run_dir / CHECKPOINT_DIR / LATEST, parts, progress)
-    finally:
-        bar.close()
-        if runlog is not None:
-            runlog.close()
-    elapsed = time.perf_counter() - started
-    done = progress.iteration - start
-    best = progress.best_metric
-    log.info(
-        "finished %d iterations in %.0f s (%.2f it/s); best mean val Dice %s; run folder %s",
-        done, elapsed, done / max(elapsed, 1e-9),
-        "n/a" if best is None else f"{best:.4f} at iteration {progress.best_iteration}", run_dir,
-    )
+    def before_step(self, iteration: int) -> None:
+        self.parts.loss_fn.set_iteration(iteration, self.parts.cfg.train.iterations)  # the terms' schedules
+
+    def loss(self, batch: dict[str, Any], iteration: int):
+        logits = self.model(batch["image"])
+        if is_deep_supervision_output(logits, batch["image"]):  # DynUNet deep_supervision: true
+            return deep_supervision_loss(self.parts.loss_fn, logits, batch["label"], batch=batch)
+        return self.parts.loss_fn(logits, batch["label"], batch=batch)
+
+    def clip_parameters(self):
+        return self.model.parameters()
+
+    def loss_terms(self) -> list[str]:
+        return list(self.parts.loss_fn.names)
+
+    def diverged(self, value: float, step: int) -> str:
+        return (f"the loss is {value} at iteration {step} (training diverged); lower train.optimizer.lr "
+                f"or resume from {CHECKPOINT_DIR}/{LATEST}")
+
+    def evaluate(self, iteration: int) -> list[float] | None:
+        parts = self.parts
+        if not parts.data.val_items:
+            return None
+        return validate(parts.model, parts.data.val_items, parts.cfg, parts.data.info.num_classes, parts.device, parts.amp)
+
+    def evaluated(self, iteration: int, loss: float, lr: float, dice: list[float] | None, rate: float) -> None:
+        _report_validation(self.parts, self.progress, self.run_dir, iteration, loss, lr, dice, rate)
+
+    def save_latest(self) -> None:
+        _save(self.run_dir / CHECKPOINT_DIR / LATEST, self.parts, self.progress)
+
+    def start_message(self, start: int, total: int) -> str:
+        cfg, parts, world = self.parts.cfg, self.parts, distributed.world_size()
+        params = sum(p.numel() for p in parts.model.parameters()) / 1e6
+        patch = "x".join(str(p) for p in cfg.data.patch_size)
+        ranks = (f", {world} processes of batch {cfg.train.batch_size // world} ({distributed.backend_name()})"
+                 if world > 1 else "")
+        return (f"training {cfg.model.name} ({cfg.spatial_dims}D, {params:.2f}M parameters) on {parts.device}"
+                f"{' with AMP' if parts.amp else ''} for iterations {start + 1}-{total}, batch {cfg.train.batch_size}, "
+                f"patch {patch}{ranks}")
+
+    def end_message(self, progress: Progress) -> str:
+        best = progress.best_metric
+        best_text = "n/a" if best is None else f"{best:.4f} at iteration {progress.best_iteration}"
+        return f"best mean val Dice {best_text}; run folder {self.run_dir}"
+
+
+def _train_loop(parts: _Parts, progress: Progress, run_dir: Path) -> None:
+    tc = parts.cfg.train
+    schedule = Schedule(total=tc.iterations, log_interval=tc.log_interval, checkpoint_interval=tc.checkpoint_interval,
+                        eval_interval=tc.val_interval, grad_clip=tc.grad_clip)
+    parts.model.train()
+    run_loop(_Supervised(parts, progress, run_dir), progress, schedule, run_dir, list(parts.data.info.foreground_labels))
 
 
 def _report_validation(
-    parts: _Parts, progress: _Progress, run_dir: Path, iteration: int, loss: float, lr: float,
+    parts: _Parts, progress: Progress, run_dir: Path, iteration: int, loss: float, lr: float,
     dice: list[float] | None, rate: float,
 ) -> None:
     """One log line per validation; ``best.pt`` when the mean Dice improved."""

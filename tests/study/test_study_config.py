@@ -19,7 +19,7 @@ def test_runs_resolved_in_order(write_study, tiny_dataset, tmp_path):
         "b": {"losses": [{"name": "dice", "weight": 2.0}], "train": {"optimizer": {"name": "sgd"}}},
     })
     study = load_study(path, ["train.iterations=3"])
-    assert [(r.variant, r.seed) for r in study.runs] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert [(r.variant, r.seed) for r in study.runs] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]  # seed-major
     assert study.baseline == "a"
     a0, b1 = study.runs[0].config, study.runs[3].config
     assert a0.train.iterations == 3  # --set comes last

@@ -57,8 +57,8 @@ def test_study_runs_resumes_and_skips(write_study, capsys, monkeypatch):
     assert "cldice seed 1: FAILED" in err and "latest.pt" in err
     summary = json.loads((study.output_dir / "study.json").read_text())
     assert [(r["run"], r["status"]) for r in summary["runs"]] == [
-        ("cedice seed 0", "finished"), ("cedice seed 1", "finished"), ("cldice seed 0", "finished"), ("cldice seed 1", "failed")]
-    assert "latest.pt" in summary["runs"][3]["error"]
+        ("cedice seed 0", "finished"), ("cldice seed 0", "finished"), ("cedice seed 1", "finished"), ("cldice seed 1", "failed")]
+    assert "latest.pt" in summary["runs"][3]["error"]  # seed-major: every variant at seed 0 first
     segments = _state(interrupted)["training"]["segments"]
     assert [(s["from_iteration"], s["to_iteration"]) for s in segments] == [(1, 2)]
     assert segments[0]["seconds"] > 0 and segments[0]["peak_rss_mib"] > 0
@@ -91,7 +91,7 @@ def test_study_runs_resumes_and_skips(write_study, capsys, monkeypatch):
     assert all(r["status"] == "finished" for r in json.loads((study.output_dir / "study.json").read_text())["runs"])
 
     # torchrun-style ranks, nothing left to run: rank 1 leaves the summary to rank 0, which finishes last
-    assert [r.name for r in runs_of_rank(study.runs, 1, 2)] == ["cedice seed 1", "cldice seed 1"]
+    assert [r.name for r in runs_of_rank(study.runs, 1, 2)] == ["cldice seed 0", "cldice seed 1"]
     (study.output_dir / "study.json").unlink()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "e2e")

@@ -20,8 +20,8 @@ import yaml
 from medseg.cli import main as cli_main
 from medseg.config import validate_config
 from medseg.errors import CheckpointError, ConfigError, DataError
-from medseg.training import trainer as trainer_module
 from medseg.runfolder.checkpoint import load_checkpoint
+from medseg.training.logs import RunLog
 from medseg.training.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,17 +121,17 @@ def test_resume_after_interruption_equals_uninterrupted_run(synthetic_dataset_3d
 
     # "kill" at iteration 10: two iterations after checkpoint 8, after the metrics row of 10
     cfg = validate_config(_raw(synthetic_dataset_3d, tmp_path / "killed", iterations=14))
-    original = trainer_module.RunLog.add_row
+    original = RunLog.add_row
 
     def add_row_then_die(self, iteration, *args, **kwargs):
         original(self, iteration, *args, **kwargs)
         if iteration == 10:
             raise _Killed()
 
-    monkeypatch.setattr(trainer_module.RunLog, "add_row", add_row_then_die)
+    monkeypatch.setattr(RunLog, "add_row", add_row_then_die)
     with pytest.raises(_Killed):
         run_training(cfg)
-    monkeypatch.setattr(trainer_module.RunLog, "add_row", original)
+    monkeypatch.setattr(RunLog, "add_row", original)
     assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "latest.pt")["iteration"] == 8
     assert int(_rows(tmp_path / "killed")[-1]["iteration"]) == 10  # a row past the checkpoint
 

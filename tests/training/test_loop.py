@@ -1,0 +1,136 @@
+"""The one optimisation loop (medseg.training.loop): the order of the hooks, when it logs,
+evaluates and saves, resuming from a step, and the divergence error. ``medseg train`` and
+``medseg adapt`` are tested through it in test_trainer.py and tests/adaptation."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from medseg.errors import MedsegError
+from medseg.runfolder import LossAverage
+from medseg.training.loop import Objective, Progress, Schedule, run_loop
+
+
+class _Quadratic(Objective):
+    """Minimise ``|w - 3|^2`` with SGD; records every hook call."""
+
+    def __init__(self, diverge_at: int | None = None) -> None:
+        self.w = torch.nn.Parameter(torch.zeros(2))
+        self.optimizer = torch.optim.SGD([self.w], lr=0.1)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        self.device = torch.device("cpu")
+        self.calls: list[tuple[str, int]] = []
+        self.diverge_at = diverge_at
+
+    def batches(self, start, total):
+        for i in range(start, total):
+            yield torch.full((2,), 3.0)
+
+    def before_step(self, iteration):
+        self.calls.append(("before", iteration))
+
+    def loss(self, batch, iteration):
+        self.calls.append(("loss", iteration))
+        loss = ((self.w - batch) ** 2).sum()
+        if iteration == self.diverge_at:
+            loss = loss * math.inf
+        return loss, {"squared": loss.detach()}
+
+    def after_step(self, iteration):
+        self.calls.append(("after", iteration))
+
+    def clip_parameters(self):
+        return [self.w]
+
+    def loss_terms(self):
+        return ["squared"]
+
+    def evaluate(self, iteration):
+        self.calls.append(("evaluate", iteration))
+        return [float(-((self.w.detach() - 3) ** 2).sum())]
+
+    def save_latest(self):
+        self.calls.append(("save", int(self.progress.iteration)))
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _run(objective, run_dir, start=0, total=6, **schedule):
+    progress = Progress(iteration=start)
+    objective.progress = progress
+    settings = dict(log_interval=2, checkpoint_interval=3, eval_interval=4) | schedule
+    run_loop(objective, progress, Schedule(total=total, **settings), run_dir, ["thing"])
+    return progress
+
+
+def test_hooks_in_order_rows_evaluations_and_checkpoints(tmp_path):
+    objective = _Quadratic()
+    progress = _run(objective, tmp_path)
+    assert progress.iteration == 6 and progress.loss_terms == ["squared"]
+    steps = [c for c in objective.calls if c[0] in ("before", "loss", "after")]
+    assert steps == [(name, i) for i in range(6) for name in ("before", "loss", "after")]
+    assert [i for name, i in objective.calls if name == "evaluate"] == [4, 6]  # the interval and the end
+    assert [i for name, i in objective.calls if name == "save"] == [3, 6]
+    rows = _rows(tmp_path)
+    assert [int(r["iteration"]) for r in rows] == [2, 4, 6]  # log interval; the evaluations fall on it
+    assert rows[0]["val_dice/thing"] == "" and float(rows[1]["val_dice/thing"]) < 0
+    # SGD on |w - 3|^2 with lr 0.1: w_k = 3 (1 - 0.8^k)
+    assert torch.allclose(objective.w.detach(), torch.full((2,), 3 * (1 - 0.8**6)))
+    assert (tmp_path / "progress.png").is_file()
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL (not an Exception: nothing may catch it)."""
+
+
+def test_a_resumed_loop_continues_where_the_killed_one_stopped(tmp_path):
+    whole = _Quadratic()
+    _run(whole, tmp_path / "whole")
+
+    killed = _Quadratic()
+    save = killed.save_latest
+
+    def save_then_die():
+        save()
+        raise _Killed  # right after the checkpoint of step 3, with step 3's loss not yet in a row
+
+    killed.save_latest = save_then_die
+    with pytest.raises(_Killed):
+        _run(killed, tmp_path / "parts")
+    resumed = _Quadratic()
+    resumed.w.data.copy_(killed.w.detach())  # what the checkpoint holds
+    progress = Progress(iteration=3, average=LossAverage(killed.progress.average.state()), loss_terms=["squared"])
+    resumed.progress = progress
+    run_loop(resumed, progress, Schedule(total=6, log_interval=2, checkpoint_interval=3, eval_interval=4),
+             tmp_path / "parts", ["thing"])
+    assert [i for name, i in resumed.calls if name == "loss"] == [3, 4, 5]
+    assert torch.equal(resumed.w.detach(), whole.w.detach())
+    assert _rows(tmp_path / "parts") == _rows(tmp_path / "whole")  # the row of 4 averages steps 3 and 4
+
+
+def test_a_finished_run_does_no_step(tmp_path):
+    objective = _Quadratic()
+    _run(objective, tmp_path, start=6)
+    assert objective.calls == []
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_no_update(tmp_path):
+    objective = _Quadratic(diverge_at=2)
+    with pytest.raises(MedsegError, match=r"^the loss is inf at step 3 \(training diverged\)"):
+        _run(objective, tmp_path)
+    assert ("after", 2) not in objective.calls  # the diverged step was not taken
+    assert torch.allclose(objective.w.detach(), torch.full((2,), 3 * (1 - 0.8**2)))
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    objective = _Quadratic()
+    _run(objective, tmp_path, total=1, grad_clip=1.0)
+    # gradient 2 (w - 3) = (-6, -6), norm 8.49, clipped to 1: w = 0.1 * (6, 6) / |(6, 6)|
+    assert torch.allclose(objective.w.detach(), torch.full((2,), 0.1 / math.sqrt(2)), atol=1e-6)
