@@ -3,12 +3,15 @@ and the command line, recorded next to every result and printed by ``medseg --ve
 
 A result without its provenance cannot be trusted a month later: was it the CPU engine or
 the CUDA one, which torch, which command? :func:`build_info` answers for this
-installation, :func:`provenance` adds the run (device, command line, host, time).
+installation, :func:`provenance` adds the run (device, command line, host, time). Under
+``torchrun`` the command is the launcher's (``torchrun --nproc-per-node 4 -m medseg.cli
+train ...``, what a user reruns), next to the worker's own argv and the world size.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import shlex
 import socket
@@ -67,6 +70,20 @@ def build_info() -> dict[str, Any]:
     }
 
 
+def _launcher_command() -> str | None:
+    """Under torchrun, the launcher's command line: the workers' parent process, as Linux's
+    ``/proc`` gives it (None elsewhere, or outside torchrun)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+    return shlex.join(words) if words else None
+
+
 def provenance(device: Any = None, argv: list[str] | None = None) -> dict[str, Any]:
     """:func:`build_info` plus this run: the device, the command line, the host and the time (UTC)."""
     info = build_info()
@@ -78,7 +95,13 @@ def provenance(device: Any = None, argv: list[str] | None = None) -> dict[str, A
             info["device_name"] = torch.cuda.get_device_name(torch.device(device))
         except Exception:
             info["device_name"] = None
-    info["command"] = shlex.join(sys.argv if argv is None else argv)
+    command = shlex.join(sys.argv if argv is None else argv)
+    launcher = _launcher_command()
+    if launcher is not None:
+        info["command"], info["worker_command"] = launcher, command
+        info["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    else:
+        info["command"] = command
     info["host"] = socket.gethostname()
     info["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return info

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import subprocess
 import sys
+
+import pytest
 
 import medseg
 from medseg.cli import main
@@ -32,3 +37,17 @@ def test_provenance_names_the_build_the_device_and_the_command():
     assert record["command"] == "medseg train 'a b.yaml'"  # quoted so it can be pasted back
     assert record["torch"] and record["monai"]
     assert set(build_info()) <= set(record)
+    assert "worker_command" not in record
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="reads the launcher's command line from Linux's /proc")
+def test_under_torchrun_the_command_is_the_launchers():
+    # a worker's parent is the torchrun agent; here the parent is this test process
+    script = "import json; from medseg.provenance import provenance; print(json.dumps(provenance('cpu')))"
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="r1", WORLD_SIZE="2")
+    out = subprocess.run([sys.executable, "-c", script, "worker-arg"], env=env, capture_output=True, text=True, check=True)
+    record = json.loads(out.stdout)
+    with open("/proc/self/cmdline", "rb") as handle:
+        ours = [w.decode() for w in handle.read().split(b"\0") if w]
+    assert record["command"] == shlex.join(ours)
+    assert record["worker_command"].endswith("worker-arg") and record["world_size"] == 2
