@@ -175,19 +175,21 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_output_folder(path: str | Path, what: str) -> Path:
+def check_output_folder(path: str | Path, what: str, argument: bool = False) -> Path:
     """``path`` as a folder to write into, checked before any work: neither it nor a folder
     above it may be a file (writing would otherwise fail after the work is done).
 
     Raises
     ------
     DataError
-        Naming ``what`` (the option or key, e.g. ``--output``), the path and the file in the way.
+        Naming ``what`` (a config key, e.g. ``output_dir``), the path and the file in the way;
+        an :class:`~medseg.errors.ArgumentError` when ``what`` is a function's ``argument``.
     """
-    from medseg.errors import DataError
+    from medseg.errors import ArgumentError, DataError
 
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise DataError(f"{what} {path}: {existing} exists and is not a folder")
+        problem = f"{existing} exists and is not a folder"
+        raise ArgumentError(what, problem, path) if argument else DataError(f"{what} {path}: {problem}")
     return path

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from medseg.errors import MedsegError
+from medseg.errors import ArgumentError, MedsegError
 from medseg.evaluation.summary import DEFAULT_PERMUTATIONS, DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES
 
 app = typer.Typer(
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         result = app(args=argv, standalone_mode=False)
     except MedsegError as err:
         # one write: the ranks of a torchrun share stderr, and print's two writes interleave
-        sys.stderr.write(f"medseg: error: {err}\n")
+        message = err.for_cli() if isinstance(err, ArgumentError) else str(err)  # the library names arguments
+        sys.stderr.write(f"medseg: error: {message}\n")
         sys.stderr.flush()
         return err.exit_code
     except typer.Exit as exit_:

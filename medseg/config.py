@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medseg.errors import ConfigError
+from medseg.errors import ArgumentError, ConfigError
 
 
 class _Strict(BaseModel):
@@ -402,11 +402,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``KEY=VALUE`` overrides with dotted keys (``train.iterations=10``) to a raw dict."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.iterations=100")
+            raise ArgumentError("overrides", "expected KEY=VALUE, e.g. train.iterations=100", repr(item), flag="--set")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise ConfigError(f"--set {item!r}: empty key segment")
+            raise ArgumentError("overrides", "empty key segment", repr(item), flag="--set")
         section(raw, parts[:-1], f"--set {key}")[parts[-1]] = _parse_scalar(value)
     return raw
 

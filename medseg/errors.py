@@ -8,6 +8,9 @@ dataset.json (declared: 0, 1)``.
 """
 
 
+_NO_VALUE = object()
+
+
 class MedsegError(Exception):
     """Base class of every error medseg raises for bad user input."""
 
@@ -24,6 +27,28 @@ class DataError(MedsegError, ValueError):
     """A dataset, image or label file is missing, unreadable or inconsistent."""
 
     exit_code = 3
+
+
+class ArgumentError(ConfigError):
+    """A function argument has a bad value.
+
+    Library code names the argument as Python spells it (``connectivity=5: use 8 or 4 for
+    2D images, ...``); the command line, which owns its flags, shows the same error under
+    the flag (``--connectivity 5: ...``, :meth:`for_cli`), so neither speaks the other's
+    language. ``value`` is left out of the message when not given; ``flag`` is the
+    command line's name where it is not ``--ARGUMENT`` (underscores as dashes).
+    """
+
+    def __init__(self, argument: str, problem: str, value: object = _NO_VALUE, flag: str | None = None) -> None:
+        self.argument, self.problem, self.value = argument, problem, value
+        self.flag = flag or "--" + argument.replace("_", "-")
+        shown = argument if value is _NO_VALUE else f"{argument}={value}"
+        super().__init__(f"{shown}: {problem}")
+
+    def for_cli(self) -> str:
+        """The message under the command line's flag."""
+        shown = self.flag if self.value is _NO_VALUE else f"{self.flag} {self.value}"
+        return f"{shown}: {self.problem}"
 
 
 class CheckpointError(MedsegError):

@@ -227,3 +227,18 @@ def test_case_names_are_escaped_in_every_page(folders, tmp_path):
     proc = medseg("report", "compare", out_a, out_b, "--output", compared)
     assert proc.returncode == 0, proc.stderr
     assert_names_are_text(compared / "compare.html", HOSTILE, HOSTILE_MISSING)
+
+
+def test_library_names_the_argument_and_the_cli_its_flag(tmp_path, capsys):
+    from medseg.cli import main
+    from medseg.errors import ArgumentError
+    from medseg.evaluation.evaluate import run_evaluation
+
+    with pytest.raises(ArgumentError, match=r"^connectivity=5: use 8 or 4 for 2D images") as raised:
+        run_evaluation(tmp_path, tmp_path, tmp_path / "out", connectivity=5)
+    assert raised.value.for_cli().startswith("--connectivity 5: use 8 or 4")
+    assert ArgumentError("sw_batch_size", "must be a positive integer", 0).for_cli() == "--sw-batch-size 0: must be a positive integer"
+    assert main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--connectivity", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["medseg: error: --connectivity 5: use 8 or 4 for 2D images, 26 or 6 for 3D"]

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import DataError
+from medseg.errors import ArgumentError, DataError
 from medseg.evaluation import _page
 from medseg.evaluation.aggregate import better_direction, is_number
 from medseg.evaluation.summary import (
@@ -336,9 +336,9 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
     from medseg.atomic import check_output_folder, write_atomic
 
     if permutations < 1:
-        raise DataError(f"--permutations {permutations}: must be at least 1")
+        raise ArgumentError("permutations", "must be at least 1", permutations)
     if output is not None:
-        output = check_output_folder(output, "--output")  # before the comparison, not after
+        output = check_output_folder(output, "output", argument=True)  # before the comparison, not after
     result = compare_evaluations(load_evaluation(a), load_evaluation(b), permutations)
     print(format_table(result))
     if output is not None:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from medseg.atomic import check_output_folder, remove_dead_temporaries, write_atomic
-from medseg.errors import DataError, MedsegError
+from medseg.errors import ArgumentError, DataError, MedsegError
 from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES, SUMMARY_FILE, json_default
 from medseg.provenance import provenance
@@ -303,14 +303,14 @@ def run_evaluation(
 
     pred_dir, ref_dir, output = Path(pred_dir), Path(ref_dir), Path(output)
     if connectivity is not None and connectivity not in (4, 6, 8, 26):
-        raise MedsegError(f"--connectivity {connectivity}: use 8 or 4 for 2D images, 26 or 6 for 3D")
-    check_output_folder(output, "--output")  # before the cases are evaluated, not after
-    chosen = resolve_metrics(metrics, "--metrics")  # a metric named here that cannot be computed is an error
+        raise ArgumentError("connectivity", "use 8 or 4 for 2D images, 26 or 6 for 3D", connectivity)
+    check_output_folder(output, "output", argument=True)  # before the cases are evaluated, not after
+    chosen = resolve_metrics(metrics, "metrics", argument=True)  # a metric named here that cannot be computed is an error
     skipped = unavailable_metrics(chosen)  # so only defaults are left to skip, with the reason
     chosen = [name for name in chosen if name not in skipped]
     tolerance_mm = DEFAULT_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm)
     if not (math.isfinite(tolerance_mm) and tolerance_mm > 0):
-        raise MedsegError(f"--tolerance-mm {tolerance_mm}: the surface Dice tolerance must be a positive number of mm")
+        raise ArgumentError("tolerance_mm", "the surface Dice tolerance must be a positive number of mm", tolerance_mm)
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found")
     label_names, ignore_label, ending, label_source = _resolve_labels(

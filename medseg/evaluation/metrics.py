@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import numpy as np
 from scipy import ndimage
 
-from medseg.errors import MedsegError
+from medseg.errors import ArgumentError, MedsegError
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM  # defined with the other defaults of the commands
 from medseg.topology.betti_numbers import betti_numbers, default_connectivity
 
@@ -322,13 +322,14 @@ def volume(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[st
     }
 
 
-def resolve_metrics(names: str | Iterable[str] | None, what: str = "metrics") -> list[str]:
+def resolve_metrics(names: str | Iterable[str] | None, what: str = "metrics", argument: bool = False) -> list[str]:
     """Registry entries named by ``names`` (comma-separated or a list); None or "all": every one.
 
     Every entry is returned for None or "all", also those that cannot be computed here
     (:func:`unavailable_metrics`; the caller skips them); a metric named explicitly must
-    be computable. ``what`` is the option or key the names came from (``--metrics``,
-    ``evaluate.metrics``), named in the messages.
+    be computable. ``what`` is the config key the names came from (``evaluate.metrics``),
+    named in the messages; with ``argument``, the function argument (an
+    :class:`~medseg.errors.ArgumentError`, which the CLI shows under its flag).
 
     Raises
     ------
@@ -338,6 +339,9 @@ def resolve_metrics(names: str | Iterable[str] | None, what: str = "metrics") ->
     """
     if names is None:
         return list(LABEL_METRICS)
+    def bad(problem: str) -> MedsegError:
+        return ArgumentError(what, problem) if argument else MedsegError(f"{what}: {problem}")
+
     if isinstance(names, str):
         names = names.split(",")
     chosen: list[str] = []
@@ -351,15 +355,15 @@ def resolve_metrics(names: str | Iterable[str] | None, what: str = "metrics") ->
         for entry in entries:
             if entry not in LABEL_METRICS:
                 known = ", ".join([*LABEL_METRICS, *METRIC_ALIASES, "all"])
-                raise MedsegError(f"{what}: unknown metric '{raw.strip()}' (choose from {known})")
+                raise bad(f"unknown metric '{raw.strip()}' (choose from {known})")
             reason = unavailable_metrics([entry]).get(entry)
             if reason:
                 shown = entry if entry == name else f"{raw.strip()} ({entry})"
-                raise MedsegError(f"{what}: {shown} cannot be computed: {reason}")
+                raise bad(f"{shown} cannot be computed: {reason}")
             if entry not in chosen:
                 chosen.append(entry)
     if not chosen:
-        raise MedsegError(f"{what}: no metric named (e.g. dice,hd95,betti)")
+        raise bad("no metric named (e.g. dice,hd95,betti)")
     return chosen
 
 

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from medseg import distributed
-from medseg.errors import MedsegError
+from medseg.errors import ArgumentError, MedsegError
 
 __all__ = ["run_prediction", "compared_provenance", "PROBABILITY_SUFFIX", "PREFETCH_MAX_VOXELS", "PROVENANCE"]
 
@@ -122,24 +122,24 @@ def _check_output_is_not_input(inputs: list[str | Path], output: Path) -> None:
     for given in map(Path, inputs):
         if given.is_dir():
             if _same_file(given, output):
-                raise MedsegError(
-                    f"--output {output}: is the input folder {given}; the predictions would be mixed with "
-                    "the scans (choose another --output)"
+                raise ArgumentError(
+                    "output", f"is the input folder {given}; the predictions would be mixed with the scans "
+                    "(choose another output folder)", output,
                 )
             files.extend(p for p in sorted(given.iterdir()) if p.is_file() and ending_of(p) in SUPPORTED_ENDINGS)
         elif given.is_file():
             files.append(given)
     for file in files:
         if _same_file(file, output):
-            raise MedsegError(f"--output {output}: is the input scan {file} (choose an output folder)")
+            raise ArgumentError("output", f"is the input scan {file} (choose an output folder)", output)
         ending = ending_of(file)
         stem = strip_ending(file, ending)
         channel = _CHANNEL.match(stem)
         for case in (stem, *((channel["case"],) if channel else ())):
             for name in (f"{case}{ending}", f"{case}{PROBABILITY_SUFFIX}"):
                 if _same_file(output / name, file):
-                    raise MedsegError(
-                        f"--output {output}: {name} would overwrite the input scan {file} (choose another --output)"
+                    raise ArgumentError(
+                        "output", f"{name} would overwrite the input scan {file} (choose another output folder)", output
                     )
 
 
@@ -389,12 +389,12 @@ def run_prediction(
     from medseg.runfolder import resolve_device
 
     if overlap is not None and not 0 <= overlap < 1:
-        raise MedsegError(f"--overlap {overlap}: must be in [0, 1)")
+        raise ArgumentError("overlap", "must be in [0, 1)", overlap)
     if sw_batch_size is not None and sw_batch_size < 1:
-        raise MedsegError(f"--sw-batch-size {sw_batch_size}: must be a positive integer")
-    where = distributed.device_for_rank(resolve_device(device, "--device"))
+        raise ArgumentError("sw_batch_size", "must be a positive integer", sw_batch_size)
+    where = distributed.device_for_rank(resolve_device(device, "device", argument=True))
     if stitch_device is not None:
-        stitch_device = resolve_stitch_device(stitch_device, where, "--stitch-device", "--device")
+        stitch_device = resolve_stitch_device(stitch_device, where, "stitch_device", argument=True)
     with distributed.process_group(where):
         return _predict_all(
             model, inputs, Path(output), overwrite, tta, overlap, sw_batch_size, save_probabilities, where,
@@ -413,11 +413,11 @@ def _predict_all(
 
     with distributed.synchronized("reading the model and the inputs"):
         _check_output_is_not_input(inputs, output)
-        check_output_folder(output, "--output")
+        check_output_folder(output, "output", argument=True)
         predictor = Predictor.from_path(model, device)
         if stitch_device is None:  # the run config's, named as its key
             stitch_device = resolve_stitch_device(
-                predictor.config.inference.stitch_device, device, "inference.stitch_device", "--device"
+                predictor.config.inference.stitch_device, device, "inference.stitch_device"
             )
         info = predictor.info
         cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)

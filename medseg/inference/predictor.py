@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from medseg.errors import CheckpointError, DataError, MedsegError
+from medseg.errors import ArgumentError, CheckpointError, DataError, MedsegError
 from medseg.runfolder import find_checkpoint, load_checkpoint, resolve_device
 
 __all__ = ["Predictor", "resolve_device", "resolve_stitch_device", "release_freed_memory", "STITCH_DTYPE"]
@@ -53,7 +53,7 @@ ProbabilitySink = Callable[[int, tuple, np.ndarray], None]
 
 
 def resolve_stitch_device(
-    stitch_device: str, device: torch.device, what: str = "stitch_device", device_what: str = "device"
+    stitch_device: str, device: torch.device, what: str = "stitch_device", argument: bool = False
 ) -> str:
     """Check a stitch device against the network's device; returns ``auto``, ``cpu`` or ``cuda``.
 
@@ -64,23 +64,26 @@ def resolve_stitch_device(
     free memory, else ``cpu``, and ``cpu`` again if the GPU runs out of memory during the
     pass (nnU-Net's fallback when its results do not fit on the device).
 
-    ``what`` is the option or key the value came from (``--stitch-device``,
-    ``inference.stitch_device``) and ``device_what`` the network's device option (``--device``),
-    named in the messages.
+    ``what`` is the config key the value came from (``inference.stitch_device``), named in
+    the messages; with ``argument``, the function argument (an
+    :class:`~medseg.errors.ArgumentError`, which the CLI shows under its flag).
 
     Raises
     ------
     MedsegError
         A name other than the three; ``cuda`` without CUDA, or with the network on the CPU.
     """
+    def bad(problem: str) -> MedsegError:
+        return ArgumentError(what, problem, stitch_device) if argument else MedsegError(f"{what} {stitch_device}: {problem}")
+
     name = str(stitch_device).lower()
     if name not in ("auto", "cpu", "cuda"):
-        raise MedsegError(f"{what} {stitch_device}: expected auto, cpu or cuda")
+        raise bad("expected auto, cpu or cuda")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise MedsegError(f"{what} cuda: CUDA is not available on this machine (use {what} cpu)")
+            raise bad("CUDA is not available on this machine (use cpu)")
         if device.type != "cuda":
-            raise MedsegError(f"{what} cuda: the network runs on the CPU; stitching on the GPU needs {device_what} cuda")
+            raise bad("the network runs on the CPU; stitching on the GPU needs the network on cuda too")
     return name
 
 
@@ -247,7 +250,7 @@ class Predictor:
             requested, what = inference.stitch_device, "inference.stitch_device"
         else:
             requested, what = stitch_device, "stitch_device"
-        choice = resolve_stitch_device(requested, self.device, what)
+        choice = resolve_stitch_device(requested, self.device, what, argument=stitch_device is not None)
         plain = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
         plain = plain.float()
         if choice == "auto" and self.device.type == "cuda":

@@ -40,7 +40,7 @@ import numpy as np
 
 from medseg.data.dataset import DatasetWarning
 from medseg.data.io import NATURAL_IMAGE_ENDINGS
-from medseg.errors import ConfigError
+from medseg.errors import ArgumentError, ConfigError
 from medseg.planning.memory import estimate_training_memory, usable_bytes
 from medseg.planning.network_topology import round_up, unet_topology
 
@@ -210,7 +210,7 @@ def _network(model: str, spacing: Sequence[float], patch: Sequence[int], deep_su
     if model == "swinunetr":
         divisor = [32] * dims
         return {"feature_size": 24}, round_up([max(p, 64) for p in patch], divisor), divisor
-    raise ConfigError(f"--model: {model!r} is not one of {', '.join(MODELS)}")
+    raise ArgumentError("model", f"{model!r} is not one of {', '.join(MODELS)}")
 
 
 def _min_patch(model: str) -> int:
@@ -368,9 +368,9 @@ def plan_losses(topology_loss: str | None, thickness: dict[str, Any]) -> tuple[l
         valid = [n for n in LOSS_NAMES if n not in _BASE_LOSSES]
         close = difflib.get_close_matches(topology_loss, valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"--topology-loss: unknown loss '{topology_loss}'{hint}; valid: none, {', '.join(valid)}")
+        raise ArgumentError("topology_loss", f"unknown loss '{topology_loss}'{hint}; valid: none, {', '.join(valid)}")
     if topology_loss in _BASE_LOSSES:
-        raise ConfigError(f"--topology-loss: '{topology_loss}' is not a topology loss (dice_ce is always planned)")
+        raise ArgumentError("topology_loss", f"'{topology_loss}' is not a topology loss (dice_ce is always planned)")
     weight, params, why = TOPOLOGY_LOSSES.get(
         topology_loss, (1.0, {}, "no recommended weight is recorded for this loss; 1.0")
     )
@@ -418,9 +418,9 @@ def plan_experiment(
         Unknown model or loss, a non-positive memory budget, images too small to plan.
     """
     if model not in MODELS:
-        raise ConfigError(f"--model: {model!r} is not one of {', '.join(MODELS)}")
+        raise ArgumentError("model", f"{model!r} is not one of {', '.join(MODELS)}")
     if not gpu_memory_gb > 0:
-        raise ConfigError(f"--gpu-memory-gb: must be positive, got {gpu_memory_gb}")
+        raise ArgumentError("gpu_memory_gb", f"must be positive, got {gpu_memory_gb}")
     warn: list[str] = []
     dataset = fingerprint["dataset"]
     records = fingerprint["cases"]

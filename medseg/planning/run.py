@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import ConfigError, DataError
+from medseg.errors import ArgumentError, DataError
 
 __all__ = ["PlanResult", "run_plan", "default_config_path"]
 
@@ -28,7 +28,7 @@ def default_config_path(dataset: Path) -> Path:
     return Path("plans") / Path(os.path.abspath(dataset)).name / "config.yaml"
 
 
-def _make_writable_folder(folder: Path, option: str) -> list[Path]:
+def _make_writable_folder(folder: Path, argument: str) -> list[Path]:
     """Create ``folder`` (and its missing parents) and check a file can be written there,
     before the (long) fingerprint; returns the folders created, to remove on failure."""
     created = []
@@ -43,7 +43,7 @@ def _make_writable_folder(folder: Path, option: str) -> list[Path]:
         probe.unlink()
     except OSError as err:
         _remove_empty(created)
-        raise ConfigError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
+        raise ArgumentError(argument, f"cannot write there ({err.strerror or err})", folder) from None
     return created
 
 
@@ -86,20 +86,21 @@ def run_plan(
 
     dataset = Path(dataset)
     if model not in MODELS:
-        raise ConfigError(f"--model: {model!r} is not one of {', '.join(MODELS)}")
+        raise ArgumentError("model", f"{model!r} is not one of {', '.join(MODELS)}")
     if not gpu_memory_gb > 0:
-        raise ConfigError(f"--gpu-memory-gb: must be positive, got {gpu_memory_gb}")
+        raise ArgumentError("gpu_memory_gb", f"must be positive, got {gpu_memory_gb}")
     if workers < 1:
-        raise ConfigError(f"--workers: must be at least 1, got {workers}")
+        raise ArgumentError("workers", f"must be at least 1, got {workers}")
     if not dataset.is_dir():
         raise DataError(f"{dataset}: dataset folder not found")
     if topology_loss not in (None, "none"):  # an unknown loss name should not cost a fingerprint
         plan_losses(topology_loss, {})
     config_path = Path(output) if output is not None else default_config_path(dataset)
     if config_path.is_dir():
-        raise ConfigError(f"--output {config_path}: is a folder; give the config file's name, e.g. {config_path / 'config.yaml'}")
+        raise ArgumentError("output", f"is a folder; give the config file's name, e.g. {config_path / 'config.yaml'}",
+                            config_path)
     folder = config_path.parent
-    created = _make_writable_folder(folder, "--output")
+    created = _make_writable_folder(folder, "output")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

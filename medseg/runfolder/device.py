@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from medseg.errors import ConfigError
+from medseg.errors import ArgumentError, ConfigError
 
 __all__ = ["resolve_device"]
 
 
-def resolve_device(device: str | torch.device, what: str = "device") -> torch.device:
+def resolve_device(device: str | torch.device, what: str = "device", argument: bool = False) -> torch.device:
     """``auto`` -> CUDA when torch sees a GPU, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given.
 
     Parameters
@@ -22,7 +22,8 @@ def resolve_device(device: str | torch.device, what: str = "device") -> torch.de
     device : str or torch.device
         The requested device.
     what : str
-        The config key or command-line flag the value came from, for the message.
+        The config key the value came from, for the message; with ``argument``, the
+        function argument (an :class:`~medseg.errors.ArgumentError`).
 
     Raises
     ------
@@ -30,6 +31,9 @@ def resolve_device(device: str | torch.device, what: str = "device") -> torch.de
         ``cuda`` without a CUDA device torch can use, or a name other than the above,
         as ``{what} {device}: ...``.
     """
+    def bad(problem: str) -> ConfigError:
+        return ArgumentError(what, problem, device) if argument else ConfigError(f"{what} {device}: {problem}")
+
     name = str(device).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,9 +41,9 @@ def resolve_device(device: str | torch.device, what: str = "device") -> torch.de
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"{what} {device}: CUDA is not available on this machine (use {what} cpu or auto)")
+            raise bad("CUDA is not available on this machine (use cpu or auto)")
         try:
             return torch.device(name)
         except RuntimeError:
             pass
-    raise ConfigError(f"{what} {device}: expected auto, cpu or cuda")
+    raise bad("expected auto, cpu or cuda")

@@ -278,10 +278,10 @@ def test_metrics_subset_tolerance_and_statistics(folders, capsys):
     assert stats["2"]["Dice"]["n"] == 0 and stats["2"]["Dice"]["n_undefined"] == 2
     capsys.readouterr()
 
-    assert main(args + ["--metrics", "dice,hausdorff"]) == 1
+    assert main(args + ["--metrics", "dice,hausdorff"]) == 2  # a bad argument, as argparse's usage errors
     err = capsys.readouterr().err
     assert "unknown metric 'hausdorff'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert main(args + ["--tolerance-mm", "-1"]) == 1
+    assert main(args + ["--tolerance-mm", "-1"]) == 2
     assert "--tolerance-mm" in capsys.readouterr().err
 
 

@@ -123,9 +123,9 @@ def test_stitch_device_options(tiny_run, scans, tmp_path):
     assert run_prediction(tiny_run, [scans], tmp_path / "auto", device="cpu", stitch_device="auto")
     a = read_image(tmp_path / "cpu" / "case_a.nii.gz")[0]
     assert np.array_equal(a, read_image(tmp_path / "auto" / "case_a.nii.gz")[0])
-    with pytest.raises(MedsegError, match="--stitch-device gpu: expected auto, cpu or cuda"):
+    with pytest.raises(MedsegError, match="^stitch_device=gpu: expected auto, cpu or cuda"):
         run_prediction(tiny_run, [scans], tmp_path / "bad", device="cpu", stitch_device="gpu")
-    with pytest.raises(MedsegError, match="--stitch-device cuda"):  # no CUDA, or the network on the CPU
+    with pytest.raises(MedsegError, match="^stitch_device=cuda: "):  # no CUDA, or the network on the CPU
         run_prediction(tiny_run, [scans], tmp_path / "bad", device="cpu", stitch_device="cuda")
     assert not (tmp_path / "bad").exists()
 

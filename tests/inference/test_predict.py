@@ -153,7 +153,7 @@ def test_multichannel_cases_and_missing_channel(tmp_path):
 
 
 def test_bad_options(tiny_run, scans, tmp_path):
-    with pytest.raises(MedsegError, match="--overlap"):
+    with pytest.raises(MedsegError, match=r"^overlap=1\.5: "):
         _predict(tiny_run, scans, tmp_path / "o", overlap=1.5)
     if not torch.cuda.is_available():
         with pytest.raises(MedsegError, match="CUDA is not available"):

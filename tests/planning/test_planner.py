@@ -183,13 +183,13 @@ def test_anisotropic_ct_plan():
 
 def test_bad_options(iso_dataset):
     fingerprint, _ = compute_fingerprint(iso_dataset, workers=1, progress=False)
-    with pytest.raises(ConfigError, match="--model"):
+    with pytest.raises(ConfigError, match="^model: "):
         plan_experiment(fingerprint, model="vnet")
     with pytest.raises(ConfigError, match="unknown loss 'cldise'"):
         plan_experiment(fingerprint, topology_loss="cldise")
     with pytest.raises(ConfigError, match="not a topology loss"):
         plan_experiment(fingerprint, topology_loss="dice_ce")
-    with pytest.raises(ConfigError, match="--gpu-memory-gb"):
+    with pytest.raises(ConfigError, match="^gpu_memory_gb: "):
         plan_experiment(fingerprint, gpu_memory_gb=0)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from medseg.data.dataset import write_dataset_json
 from medseg.data.io import ImageGeometry, write_image
-from medseg.errors import DataError
+from medseg.errors import ArgumentError, DataError
 
 __all__ = ["INPUT_ENDINGS", "Pairing", "pair_files", "convert_2d_folders"]
 
@@ -328,10 +328,12 @@ def convert_2d_folders(
         else:
             labels["foreground" if binary and value == 1 else f"label_{value}"] = value
     if label_names and len(label_names) > max_label:
-        raise DataError(f"--label-names: {len(label_names)} name(s) given but the masks use labels 1..{max_label}")
+        raise ArgumentError("label_names", f"{len(label_names)} name(s) given but the masks use labels 1..{max_label}")
     if channel_names:
         if len(channel_names) != num_channels:
-            raise DataError(f"--channel-names: {len(channel_names)} name(s) given but the images have {num_channels} channel(s)")
+            raise ArgumentError(
+                "channel_names", f"{len(channel_names)} name(s) given but the images have {num_channels} channel(s)"
+            )
         channels_json = dict(enumerate(channel_names))
     else:
         channels_json = dict(enumerate(["R", "G", "B"] if num_channels == 3 else ["gray"]))
