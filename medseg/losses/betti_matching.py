@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medseg.losses._prepare import check_activation_flags, check_input, check_reduction, probabilities_and_target
-from medseg.topology import _inputs
+from medseg.topology import _backends, _inputs
 from medseg.topology.matching import _prepare_targets, _raw_matchings
 
 __all__ = ["BettiMatchingLoss"]
@@ -98,7 +98,7 @@ class BettiMatchingLoss(torch.nn.Module):
         push_unmatched_to_1_0: bool = False,
         normalize: str = "none",
         threads: int | None = None,
-        target_cache_bytes: int = 1 << 30,
+        target_cache_bytes: int = 64 << 20,
         backend: str = "auto",
     ) -> None:
         """
@@ -131,7 +131,17 @@ class BettiMatchingLoss(torch.nn.Module):
                 number of voxels); see Scale above.
             threads: engine threads for a batch; default all available cores.
             target_cache_bytes: memory budget of the cache of targets' barcodes (keyed by
-                a hash of the target's bytes); 0 disables the cache.
+                a hash of the target's bytes); 0 disables the cache. A cached target
+                takes about 70 bytes per pixel in 2D, 90 per voxel in 3D (4.3 MiB for
+                256², 17 MiB for 512², 77 MiB for 96³), and only helps when the same
+                target comes back (whole images, fixed patches): random crops give a
+                new target every step, so a large budget only fills up (1 GiB doubled
+                a TopoMortar training run's peak memory) while never hitting. The
+                default, 64 MiB, holds a batch or two of 2D crops; the targets of the
+                current call are kept even over budget. A target that never recurs
+                costs its hash (about 2 ms for 8 x 256² float32 targets) and preparing
+                its barcode apart from the matching (a few ms on a batch); raise the
+                budget when whole images or fixed patches recur.
             backend: engine backend, "auto", "cpu", "cuda" or "cpu-parallel" (see
                 :func:`medseg.topology.betti_matching`; identical results on every
                 backend). On "cuda" a CUDA input stays on its device (only coordinates
@@ -188,7 +198,7 @@ class BettiMatchingLoss(torch.nn.Module):
             return [None] * len(targets)
         keys = [
             (
-                hashlib.blake2b(t.tobytes(), digest_size=16).hexdigest(),
+                hashlib.blake2b(np.ascontiguousarray(t), digest_size=16).hexdigest(),  # no copy
                 t.shape,
                 t.dtype.str,
                 superlevel,
@@ -247,8 +257,8 @@ class BettiMatchingLoss(torch.nn.Module):
             return probs.sum() * 0.0
         flat_probs = probs.reshape(batch * channels, *probs.shape[2:])
         flat_tgt = tgt.reshape(batch * channels, *probs.shape[2:]).to(probs.dtype)
-        backend = _inputs.resolve_backend(self.backend, probs)
-        if backend == "cuda" and probs.is_cuda:  # the images stay on the device
+        backend = _backends.resolve_backend(self.backend, probs)
+        if backend.on_device(probs):  # the images stay on the device
             preds_list = [p.detach().to(torch.float32).contiguous() for p in flat_probs]
             tgt_list = [t.detach().to(torch.float32).contiguous() for t in flat_tgt]
         else:
@@ -258,11 +268,18 @@ class BettiMatchingLoss(torch.nn.Module):
             tgt_list = [np.ascontiguousarray(t) for t in tgt_np]
 
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
-        terms: list[list[torch.Tensor]] = [[] for _ in range(batch * channels)]
-        pairs = [0] * (batch * channels)
+        instances = batch * channels
+        shape = tuple(probs.shape[2:])
+        # one flat view of all instances: a pair's value is read by its flat index
+        # instance * voxels + (ravelled coordinates), all pairs of the batch at once
+        values_p = flat_probs.reshape(-1)
+        values_t = flat_tgt.reshape(-1)
+        contributions: list[torch.Tensor] = []
+        owners: list[np.ndarray] = []
+        pairs = np.zeros(instances, dtype=np.int64)
         for filtration in filtrations:
             superlevel = filtration == "superlevel"
-            prepared = self._prepared(tgt_list, superlevel) if backend == "cpu" else None
+            prepared = self._prepared(tgt_list, superlevel) if backend.takes_prepared_targets else None
             raws = _raw_matchings(
                 preds_list,
                 tgt_list,
@@ -275,18 +292,17 @@ class BettiMatchingLoss(torch.nn.Module):
                 comparison=self.comparison,
                 backend=backend,
             )
-            for i, raw in enumerate(raws):
-                value, count = self._instance_loss(flat_probs[i], flat_tgt[i], raw, superlevel)
-                terms[i].append(value)
-                pairs[i] += count
-        per_instance = torch.stack([sum(t[1:], t[0]) for t in terms])
+            self._batch_terms(values_p, values_t, raws, shape, superlevel, contributions, owners, pairs)
+        owner = torch.from_numpy(np.concatenate(owners)).to(values_p.device)
+        # per-instance sums in float64, then back to the input's dtype: summing tens of
+        # thousands of terms one after the other adds no float32 rounding of its own
+        per_instance = torch.zeros(instances, dtype=torch.float64, device=values_p.device)
+        per_instance = per_instance.index_add(0, owner, torch.cat(contributions).to(torch.float64))
+        per_instance = per_instance.to(probs.dtype)
         if self.normalize == "pairs":
-            per_instance = per_instance / torch.tensor([max(c, 1) for c in pairs], dtype=per_instance.dtype,
-                                                       device=per_instance.device)
+            per_instance = per_instance / torch.from_numpy(np.maximum(pairs, 1)).to(per_instance)
         elif self.normalize == "voxels":
             per_instance = per_instance / float(flat_probs[0].numel())
-        # keep the graph connected when no pair exists anywhere (constant predictions)
-        per_instance = per_instance + flat_probs.sum() * 0.0
         losses = per_instance.reshape(batch, channels)
         if self.reduction == "mean":
             return losses.mean()
@@ -294,51 +310,90 @@ class BettiMatchingLoss(torch.nn.Module):
             return losses.sum()
         return losses
 
-    def _instance_loss(
-        self, pred: torch.Tensor, target: torch.Tensor, raw: dict, superlevel: bool
-    ) -> tuple[torch.Tensor, int]:
-        """The loss of one image and channel, and the number of pairs it sums over."""
-        ndim = pred.dim()
-        keys = [
-            "matched_a_birth",
-            "matched_a_death",
-            "matched_b_birth",
-            "matched_b_death",
-            "unmatched_a_birth",
-            "unmatched_a_death",
-            "unmatched_b_birth",
-            "unmatched_b_death",
-        ]
-        # one host-to-device transfer of all coordinates of this instance
-        arrays = [raw[k][d] for d in range(ndim) for k in keys]
-        sizes = [len(a) for a in arrays]
-        total = pred.new_zeros(())
-        if sum(sizes) == 0:
-            return total, 0
-        coords = torch.from_numpy(np.concatenate(arrays, axis=0)).to(pred.device)
-        index = tuple(coords[:, a] for a in range(ndim))
-        chunks_p = torch.split(pred[index], sizes)
-        chunks_t = torch.split(target[index], sizes)
+    def _batch_terms(
+        self,
+        values_p: torch.Tensor,
+        values_t: torch.Tensor,
+        raws: list[dict],
+        shape: tuple[int, ...],
+        superlevel: bool,
+        contributions: list[torch.Tensor],
+        owners: list[np.ndarray],
+        pairs: np.ndarray,
+    ) -> None:
+        """The terms of every pair of one filtration, vectorised over the whole batch.
+
+        Appends to ``contributions`` the per-pair terms (weights applied) and to
+        ``owners`` the instance of each; adds each instance's number of pairs to
+        ``pairs`` (for ``normalize="pairs"``). ``values_p``/``values_t``: the batch's
+        prediction / target flattened (instances first); ``raws``: the engine's
+        coordinates, one dict per instance.
+        """
+        n = len(raws)
+        # the prediction's values at the births and deaths of its matched and unmatched
+        # pairs, and the target's at those of its own: one gather each for the batch
+        index_p, sizes_p = _flat_indices(raws, _KEYS_PREDICTION, shape)
+        index_t, sizes_t = _flat_indices(raws, _KEYS_TARGET, shape)
+        m, ua, ub = sizes_p[0], sizes_p[2], sizes_t[2]  # (n, ndim) pairs per instance and dimension
+        n_m, n_ua, n_ub = int(m.sum()), int(ua.sum()), int(ub.sum())
+        device = values_p.device
+        pm_b, pm_d, pu_b, pu_d = values_p.index_select(0, index_p.to(device)).split([n_m, n_m, n_ua, n_ua])
+        tm_b, tm_d, tu_b, tu_d = values_t.index_select(0, index_t.to(device)).split([n_m, n_m, n_ub, n_ub])
+
         target_point = (0.0, 1.0) if superlevel else (1.0, 0.0)
-        pairs = 0
-        for d in range(ndim):
-            c = {k: (chunks_p, chunks_t)[k.split("_")[1] == "b"][d * len(keys) + j] for j, k in enumerate(keys)}
-            matched = 2.0 * (
-                ((c["matched_a_birth"] - c["matched_b_birth"]) ** 2).sum()
-                + ((c["matched_a_death"] - c["matched_b_death"]) ** 2).sum()
-            )
-            ub, ud = c["unmatched_a_birth"], c["unmatched_a_death"]
-            if self.barcode_length_threshold > 0:
-                keep = (ub - ud).abs() > self.barcode_length_threshold
-                ub, ud = ub[keep], ud[keep]
-            tb, td = c["unmatched_b_birth"], c["unmatched_b_death"]
-            if self.push_unmatched_to_1_0:
-                unmatched_p = 2.0 * (((ub - target_point[0]) ** 2) + ((ud - target_point[1]) ** 2)).sum()
-                unmatched_t = 2.0 * (((tb - target_point[0]) ** 2) + ((td - target_point[1]) ** 2)).sum()
-            else:
-                unmatched_p = ((ub - ud) ** 2).sum()
-                unmatched_t = ((tb - td) ** 2).sum()
-            w = 1.0 if self.dimension_weights is None else self.dimension_weights[d]
-            total = total + w * (self.matched_weight * matched + self.unmatched_weight * unmatched_p + unmatched_t)
-            pairs += len(c["matched_a_birth"]) + len(ub) + len(tb)
-        return total, pairs
+        matched = (pm_b - tm_b) ** 2 + (pm_d - tm_d) ** 2
+        if self.push_unmatched_to_1_0:
+            unmatched_p = (pu_b - target_point[0]) ** 2 + (pu_d - target_point[1]) ** 2
+            unmatched_t = (tu_b - target_point[0]) ** 2 + (tu_d - target_point[1]) ** 2
+            factor_u = 2.0
+        else:
+            unmatched_p = (pu_b - pu_d) ** 2
+            unmatched_t = (tu_b - tu_d) ** 2
+            factor_u = 1.0
+        instance = np.arange(n)
+        owner_m, owner_ua, owner_ub = (np.repeat(instance, s.sum(1)) for s in (m, ua, ub))
+        counted_ua = owner_ua
+        if self.barcode_length_threshold > 0:  # short unmatched pairs of the prediction: no term, not counted
+            keep = (pu_b - pu_d).abs() > self.barcode_length_threshold
+            unmatched_p = torch.where(keep, unmatched_p, torch.zeros_like(unmatched_p))
+            if self.normalize == "pairs":
+                counted_ua = owner_ua[keep.cpu().numpy()]
+        if self.normalize == "pairs":
+            for counted in (owner_m, counted_ua, owner_ub):
+                pairs += np.bincount(counted, minlength=n)
+
+        def weighted(terms: torch.Tensor, factor: float, sizes: np.ndarray) -> torch.Tensor:
+            if self.dimension_weights is None:
+                return factor * terms
+            w = np.repeat(factor * np.tile(np.asarray(self.dimension_weights, dtype=np.float64), n), sizes.ravel())
+            return torch.from_numpy(w).to(device=device, dtype=terms.dtype) * terms
+
+        contributions += [
+            weighted(matched, 2.0 * self.matched_weight, m),
+            weighted(unmatched_p, factor_u * self.unmatched_weight, ua),
+            weighted(unmatched_t, factor_u, ub),
+        ]
+        owners += [owner_m, owner_ua, owner_ub]
+
+
+_KEYS_PREDICTION = ("matched_a_birth", "matched_a_death", "unmatched_a_birth", "unmatched_a_death")
+_KEYS_TARGET = ("matched_b_birth", "matched_b_death", "unmatched_b_birth", "unmatched_b_death")
+
+
+def _flat_indices(raws: list[dict], keys: Sequence[str], shape: tuple[int, ...]) -> tuple[torch.Tensor, list]:
+    """Indices into the flattened batch (instance * voxels + ravelled coordinates) of the
+    voxels of ``keys`` of the engine's results ``raws``, key by key, then instance by
+    instance, then dimension by dimension; and, per key, the (instances, dimensions)
+    array of their numbers."""
+    n, ndim = len(raws), len(shape)
+    arrays = [a for k in keys for raw in raws for a in raw[k]]
+    sizes = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)).reshape(len(keys), n, ndim)
+    voxels = int(np.prod(shape))
+    # the instance's offset, then each axis's coordinate times its stride
+    index = np.repeat(np.tile(np.arange(n, dtype=np.int64) * voxels, len(keys)), sizes.sum(2).ravel())
+    if len(index):
+        coords = np.concatenate(arrays, axis=0)
+        for axis in range(ndim):
+            stride = int(np.prod(shape[axis + 1 :]))
+            index += coords[:, axis] * stride if stride != 1 else coords[:, axis]
+    return torch.from_numpy(index), list(sizes)

@@ -21,6 +21,7 @@ COMPARISONS = ("union", "intersection")
 #: (for testing it where there is no GPU); "auto" picks "cuda" for CUDA tensors when
 #: the CUDA backend is built and a device exists, else "cpu". The environment variable
 #: MEDSEG_TOPOLOGY_BACKEND replaces "auto" (e.g. to run a test suite on "cuda").
+#: :func:`medseg.topology._backends.resolve_backend` turns a name into a backend object.
 BACKENDS = ("auto", "cpu", "cuda", "cpu-parallel")
 #: Largest image (voxels) the engine handles: 3 x voxels must fit in 32 bits (cells.hpp).
 MAX_VOXELS = 1431655765
@@ -161,24 +162,6 @@ def is_cuda_array(x: Any) -> bool:
     if getattr(device, "type", None) == "cuda":
         return True
     return hasattr(x, "__cuda_array_interface__")
-
-
-def resolve_backend(backend: str, *arrays: Any) -> str:
-    """The concrete backend ("cpu", "cuda" or "cpu-parallel") for ``backend`` and the inputs."""
-    if backend not in BACKENDS:
-        raise TopologyInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        env = os.environ.get("MEDSEG_TOPOLOGY_BACKEND", "").strip()
-        if env and env != "auto":
-            if env not in BACKENDS:
-                raise TopologyInputError(f"MEDSEG_TOPOLOGY_BACKEND must be one of {BACKENDS}, got {env!r}")
-            backend = env
-        else:
-            return "cuda" if any(is_cuda_array(a) for a in arrays) and cuda_available() else "cpu"
-    if backend == "cuda" and not cuda_available():
-        why = "was not built (no CUDA compiler at install time)" if cuda_engine() is None else "found no CUDA device"
-        raise TopologyBackendError(f"backend='cuda' requested but medseg's CUDA backend {why}")
-    return backend
 
 
 def as_device_image(x: Any, name: str):

@@ -28,8 +28,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from medseg.topology import _inputs
-from medseg.topology.persistence import _flatten, _flatten_any, _unflatten
+from medseg.topology import _backends, _inputs
+from medseg.topology._backends import Backend
+from medseg.topology.persistence import _flatten_on, _unflatten
 from medseg.topology.persistence import _values as _values_any
 
 __all__ = [
@@ -147,13 +148,13 @@ def _to_matching(
     )
 
 
-def _prepare(prediction, target, filtration, construction, comparison, relative, backend="cpu"):
-    """(superlevel, p, t, shape): numpy arrays, or tensors on their device when the
-    ``cuda`` backend is given a CUDA tensor (the images then stay there)."""
+def _prepare(prediction, target, filtration, construction, comparison, relative, backend: Backend):
+    """(superlevel, p, t, shape): numpy arrays, or tensors on their device when
+    ``backend`` keeps a CUDA input there."""
     superlevel = _inputs.check_filtration(filtration)
     _inputs.check_construction(construction)
     _inputs.check_comparison(comparison)
-    on_device = backend == "cuda" and (_inputs.is_cuda_array(prediction) or _inputs.is_cuda_array(target))
+    on_device = backend.on_device(prediction, target)
     if on_device:
         p, t = _inputs.as_device_pair(prediction, target)
     else:
@@ -165,39 +166,15 @@ def _prepare(prediction, target, filtration, construction, comparison, relative,
     return superlevel, p, t, shape
 
 
-def _run_pairs(backend, ps, ts, superlevel, construction, include_a, include_b, threads, intersection, prepared=None):
-    """Raw engine results of validated pairs on the resolved ``backend``: the sequential
-    engine ("cpu"), the data-parallel matching on CPU threads ("cpu-parallel", pairs on
-    threads) or on the device ("cuda", pairs on CUDA streams). All give the same result."""
-    if backend == "cuda":
-        return list(
-            _inputs.cuda_engine().matching_batch(
-                ps, ts, superlevel, construction, include_a, include_b, max(1, min(4, len(ps))), intersection
-            )
-        )
-    if backend == "cpu-parallel":
-        return list(
-            _inputs.engine().matching_batch_parallel(
-                ps, ts, superlevel, construction, include_a, include_b, threads, intersection
-            )
-        )
-    return list(
-        _inputs.engine().matching_batch(
-            ps, ts, superlevel, construction, include_a, include_b, threads, prepared, intersection
-        )
-    )
-
-
-def _resolve_batch(backend: str, predictions, targets):
+def _resolve_batch(backend: str | Backend, predictions, targets):
     """(backend, (layout, items) of predictions, same of targets) of a batch: the backend
-    resolved from its first pair; CUDA tensors are kept as tensors on ``cuda``."""
+    resolved from its first pair; CUDA tensors are kept as tensors where it keeps them."""
 
     def first(x):
         return x[0] if isinstance(x, (list, tuple)) and len(x) else x
 
-    backend = _inputs.resolve_backend(backend, first(predictions), first(targets))
-    flatten = _flatten_any if backend == "cuda" else _flatten
-    return backend, flatten(predictions), flatten(targets)
+    backend = _backends.resolve_backend(backend, first(predictions), first(targets))
+    return backend, _flatten_on(backend, predictions), _flatten_on(backend, targets)
 
 
 def _intersection(comparison: str) -> bool:
@@ -214,7 +191,7 @@ def betti_matching(
     include_unmatched_prediction: bool = True,
     include_unmatched_target: bool = True,
     threads: int | None = 1,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
 ) -> BettiMatching:
     """Betti matching between a prediction and a target image.
 
@@ -252,7 +229,8 @@ def betti_matching(
         reductions on the host; a CUDA tensor stays on its device and only
         coordinates and values come back), ``"cpu-parallel"`` the same algorithm on
         CPU threads. Every backend gives the same result, bit for bit (order
-        included), for both comparisons (see ``csrc/CUDA.md``).
+        included), for both comparisons (see ``csrc/CUDA.md``). A backend already
+        resolved (``_backends.resolve_backend``) is used as is.
 
     Returns
     -------
@@ -275,7 +253,7 @@ def betti_matching(
     >>> round(m.loss(), 6)
     0.25
     """
-    backend = _inputs.resolve_backend(backend, prediction, target)
+    backend = _backends.resolve_backend(backend, prediction, target)
     superlevel, p, t, shape = _prepare(prediction, target, filtration, construction, comparison, relative, backend)
     args = (
         superlevel,
@@ -285,12 +263,7 @@ def betti_matching(
         _inputs.default_threads(threads),
         _intersection(comparison),
     )
-    if backend == "cuda":
-        raw = _inputs.cuda_engine().matching(p, t, *args)
-    elif backend == "cpu-parallel":
-        raw = _inputs.engine().matching_parallel(p, t, *args)
-    else:
-        raw = _inputs.engine().matching(p, t, *args)
+    raw = backend.matching(p, t, *args)
     if shape is not None:
         p, t = p[(slice(1, -1),) * p.ndim], t[(slice(1, -1),) * t.ndim]
     return _to_matching(p, t, raw, filtration, construction, shape)
@@ -306,7 +279,7 @@ def betti_matching_batch(
     include_unmatched_prediction: bool = True,
     include_unmatched_target: bool = True,
     threads: int | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
 ) -> list:
     """:func:`betti_matching` of many pairs, in parallel threads (the GIL is released).
 
@@ -328,8 +301,7 @@ def betti_matching_batch(
         _prepare(p, t, filtration, construction, comparison, relative, backend) for p, t in zip(flat_p, flat_t)
     ]
     superlevel = prepared[0][0]
-    raws = _run_pairs(
-        backend,
+    raws = backend.matching_batch(
         [x[1] for x in prepared],
         [x[2] for x in prepared],
         superlevel,
@@ -347,8 +319,8 @@ def betti_matching_batch(
     return _unflatten(out, nested_p)
 
 
-def _binary(mask: Any, name: str, backend: str = "cpu"):
-    if backend == "cuda" and _inputs.is_cuda_array(mask):  # stays on its device
+def _binary(mask: Any, name: str, backend: Backend):
+    if backend.on_device(mask):  # stays on its device
         import torch
 
         return (_inputs.as_device_image(mask, name) > 0).to(torch.float32)
@@ -363,7 +335,7 @@ def betti_matching_error(
     construction: str = "V",
     comparison: str = "union",
     relative: bool = False,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     threads: int | None = None,
 ) -> np.ndarray:
     """Betti matching error of two binary masks: unmatched features per dimension.
@@ -382,7 +354,7 @@ def betti_matching_error(
     >>> betti_matching_error(a, a).tolist()
     [0, 0]
     """
-    backend = _inputs.resolve_backend(backend, pred_mask, target_mask)
+    backend = _backends.resolve_backend(backend, pred_mask, target_mask)
     m = betti_matching(
         _binary(pred_mask, "pred_mask", backend),
         _binary(target_mask, "target_mask", backend),
@@ -406,7 +378,7 @@ def betti_matching_error_batch(
     comparison: str = "union",
     relative: bool = False,
     threads: int | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
 ) -> np.ndarray:
     """:func:`betti_matching_error` of many pairs: an (N, ndim) or (B, C, ndim) array.
     ``backend`` as in :func:`betti_matching_batch`."""
@@ -448,14 +420,14 @@ def _raw_matchings(
     threads: int | None = None,
     prepared: list | None = None,
     comparison: str = "union",
-    backend: str = "auto",
+    backend: str | Backend = "auto",
 ) -> list[dict]:
     """Coordinates only (no values), straight from the engine: the loss's fast path.
 
     On ``backend="cuda"`` CUDA tensors stay on their device; ``prepared`` targets (the
-    CPU engine's cache) are used by the ``"cpu"`` backend only."""
-    backend = _inputs.resolve_backend(backend, *predictions[:1])
-    on_device = backend == "cuda" and any(_inputs.is_cuda_array(p) for p in predictions[:1])
+    CPU engine's cache) are used where ``backend.takes_prepared_targets``."""
+    backend = _backends.resolve_backend(backend, *predictions[:1])
+    on_device = backend.on_device(*predictions[:1])
     pairs = [(_inputs.as_device_pair if on_device else _inputs.as_pair)(p, t) for p, t in zip(predictions, targets)]
     shape = None
     if relative:
@@ -463,8 +435,7 @@ def _raw_matchings(
         pad = _inputs.pad_relative_device if on_device else _inputs.pad_relative
         pairs = [tuple(pad(list(pt), superlevel)) for pt in pairs]
         prepared = None
-    raws = _run_pairs(
-        backend,
+    raws = backend.matching_batch(
         [p for p, _ in pairs],
         [t for _, t in pairs],
         superlevel,
@@ -473,7 +444,7 @@ def _raw_matchings(
         bool(include_unmatched_target),
         _inputs.default_threads(threads),
         _intersection(comparison),
-        prepared if backend == "cpu" else None,
+        prepared,
     )
     if shape is not None:
         for raw in raws:

@@ -37,7 +37,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medseg.topology import _inputs
+from medseg.topology import _backends, _inputs
+from medseg.topology._backends import Backend
 
 __all__ = ["Barcode", "barcode", "barcode_batch"]
 
@@ -98,16 +99,9 @@ def _values(image: Any, coords: np.ndarray) -> np.ndarray:
     return image[tuple(index)].to(torch.float64).cpu().numpy()
 
 
-def _run_barcode(image: Any, name: str, superlevel: bool, construction: str, backend: str, threads: int | None):
-    """(validated image, raw engine result) on the resolved backend."""
-    backend = _inputs.resolve_backend(backend, image)
-    if backend == "cuda":
-        img = _inputs.as_device_image(image, name) if _inputs.is_cuda_array(image) else _inputs.as_image(image, name)
-        return img, _inputs.cuda_engine().barcode(img, superlevel, construction)
-    img = _inputs.as_image(image, name)
-    if backend == "cpu-parallel":
-        return img, _inputs.engine().barcode_parallel(img, superlevel, construction, _inputs.default_threads(threads))
-    return img, _inputs.engine().barcode(img, superlevel, construction)
+def _validated(image: Any, name: str, backend: Backend):
+    """``image`` checked: a tensor on its device where ``backend`` keeps it there, else a numpy array."""
+    return _inputs.as_device_image(image, name) if backend.on_device(image) else _inputs.as_image(image, name)
 
 
 def _to_barcode(image: np.ndarray, raw: dict, filtration: str, construction: str) -> Barcode:
@@ -127,7 +121,7 @@ def _to_barcode(image: np.ndarray, raw: dict, filtration: str, construction: str
 
 
 def barcode(
-    image: Any, filtration: str = "superlevel", construction: str = "V", backend: str = "auto"
+    image: Any, filtration: str = "superlevel", construction: str = "V", backend: str | Backend = "auto"
 ) -> Barcode:
     """Cubical persistence barcode of a 2D or 3D image.
 
@@ -145,6 +139,7 @@ def barcode(
         it). A CUDA tensor stays on its device; only the pairs' coordinates (and the
         values there) come back. "cpu-parallel" runs the CUDA algorithm on CPU
         threads (testing). Every backend gives the same pairs (``csrc/CUDA.md``).
+        A backend already resolved (``_backends.resolve_backend``) is used as is.
 
     Returns
     -------
@@ -178,8 +173,9 @@ def barcode(
     """
     superlevel = _inputs.check_filtration(filtration)
     _inputs.check_construction(construction)
-    img, raw = _run_barcode(image, "image", superlevel, construction, backend, 1)
-    return _to_barcode(img, raw, filtration, construction)
+    backend = _backends.resolve_backend(backend, image)
+    img = _validated(image, "image", backend)
+    return _to_barcode(img, backend.barcode(img, superlevel, construction, 1), filtration, construction)
 
 
 def barcode_batch(
@@ -187,7 +183,7 @@ def barcode_batch(
     filtration: str = "superlevel",
     construction: str = "V",
     threads: int | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
 ) -> list:
     """Barcodes of a list of images or of a (B, C, ...) array, computed in parallel.
 
@@ -198,19 +194,11 @@ def barcode_batch(
     superlevel = _inputs.check_filtration(filtration)
     _inputs.check_construction(construction)
     first = images[0] if isinstance(images, (list, tuple)) and len(images) else images
-    resolved = _inputs.resolve_backend(backend, first)
-    if resolved != "cpu":
-        nested, flat = _flatten_any(images)
-        out = []
-        for i, x in enumerate(flat):
-            img, raw = _run_barcode(x, f"images[{i}]", superlevel, construction, resolved, threads)
-            out.append(_to_barcode(img, raw, filtration, construction))
-        return _unflatten(out, nested)
-    nested, flat = _flatten(images)
-    imgs = [_inputs.as_image(x, f"images[{i}]") for i, x in enumerate(flat)]
-    raws = _inputs.engine().barcode_batch(imgs, superlevel, construction, _inputs.default_threads(threads))
-    out = [_to_barcode(im, r, filtration, construction) for im, r in zip(imgs, raws)]
-    return _unflatten(out, nested)
+    backend = _backends.resolve_backend(backend, first)
+    nested, flat = _flatten_on(backend, images)
+    imgs = [_validated(x, f"images[{i}]", backend) for i, x in enumerate(flat)]
+    raws = backend.barcode_batch(imgs, superlevel, construction, threads)
+    return _unflatten([_to_barcode(im, r, filtration, construction) for im, r in zip(imgs, raws)], nested)
 
 
 def _flatten(batch: Any) -> tuple[tuple[int, int] | None, list]:
@@ -225,9 +213,9 @@ def _flatten(batch: Any) -> tuple[tuple[int, int] | None, list]:
     return (b, c), [arr[i, j] for i in range(b) for j in range(c)]
 
 
-def _flatten_any(batch: Any) -> tuple[tuple[int, int] | None, list]:
-    """Like _flatten, but a (B, C, ...) CUDA tensor stays on its device."""
-    if isinstance(batch, (list, tuple)) or not _inputs.is_cuda_array(batch):
+def _flatten_on(backend: Backend, batch: Any) -> tuple[tuple[int, int] | None, list]:
+    """Like _flatten, but a (B, C, ...) CUDA tensor stays on its device where ``backend`` keeps it there."""
+    if isinstance(batch, (list, tuple)) or not backend.on_device(batch):
         return _flatten(batch)
     if batch.dim() not in (4, 5):
         raise _inputs.TopologyInputError(

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import medseg.topology as topo
-from medseg.topology import _engine, _inputs
+from medseg.topology import _backends, _engine, _inputs
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "reference"
 CASES = json.loads((DATA / "expected.json").read_text())["cases"]
@@ -113,22 +113,25 @@ def test_signed_zero_and_extremes_tie():
 
 def test_backend_validation():
     x = np.zeros((4, 4))
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match=r"^backend must be one of .*, got 'gpu'$"):
         topo.barcode(x, backend="gpu")
     if not CUDA:
         with pytest.raises(topo.TopologyBackendError):
             topo.barcode(x, backend="cuda")
-    assert _inputs.resolve_backend("cpu", x) == "cpu"
-    assert _inputs.resolve_backend("cpu-parallel", x) == "cpu-parallel"
+    assert _backends.resolve_backend("cpu", x).name == "cpu"
+    parallel = _backends.resolve_backend("cpu-parallel", x)
+    assert parallel.name == "cpu-parallel"
+    assert _backends.resolve_backend(parallel, x) is parallel  # a resolved backend is used as is
+    assert topo.barcode(x, backend=parallel).num_pairs.tolist() == topo.barcode(x, backend="cpu").num_pairs.tolist()
 
 
 def test_environment_variable_replaces_auto(monkeypatch):
     monkeypatch.setenv("MEDSEG_TOPOLOGY_BACKEND", "cpu-parallel")
-    assert _inputs.resolve_backend("auto", np.zeros((3, 3))) == "cpu-parallel"
-    assert _inputs.resolve_backend("cpu", np.zeros((3, 3))) == "cpu"
+    assert _backends.resolve_backend("auto", np.zeros((3, 3))).name == "cpu-parallel"
+    assert _backends.resolve_backend("cpu", np.zeros((3, 3))).name == "cpu"
     monkeypatch.setenv("MEDSEG_TOPOLOGY_BACKEND", "nope")
     with pytest.raises(ValueError):
-        _inputs.resolve_backend("auto")
+        _backends.resolve_backend("auto")
 
 
 def test_importing_topology_does_not_load_cuda():

@@ -17,13 +17,14 @@
 // so that, within one dimension, the packed index orders cells lexicographically by
 // (b0, b1, b2, type). This is the "x-y-z-type" tie-break of Betti-Matching-3D.
 //
-// Filtration order. Values are first replaced by dense ranks (equal values get equal
-// ranks, see engine.cpp), so a cell's filtration value is a 32-bit rank. Cells of one
-// dimension are totally ordered by the 64-bit key (rank << 32) | cell, i.e. by
-// (value, packed index): ties in value are broken by the packed index. Comparing keys
-// is a single integer comparison on the hot paths (sorting, union-find, the heap of
-// the matrix reduction). The persistence pairs are a function of this order only, so
-// any correct reduction yields the same pairs as the reference implementation.
+// Filtration order. Values are first replaced by the dense ranks of their order_bits
+// (below; equal values get equal ranks, see engine.cpp and spanning.hpp), so a cell's
+// filtration value is a 32-bit rank. Cells of one dimension are totally ordered by
+// the 64-bit key (rank << 32) | cell, i.e. by (value, packed index): ties in value are
+// broken by the packed index. Comparing keys is a single integer comparison on the
+// hot paths (sorting, union-find, the heap of the matrix reduction). The persistence
+// pairs are a function of this order only, so any correct reduction yields the same
+// pairs as the reference implementation.
 //
 // Size limit. The packed index must fit in the low 32 bits of the key, so 3 * points
 // < 2^32: at most 1,431,655,765 lattice points per image (e.g. 1100^3), checked at
@@ -31,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -56,6 +58,25 @@ MEDSEG_HD inline key_t make_key(rank_t rank, std::uint64_t cell) {
 }
 MEDSEG_HD inline rank_t key_rank(key_t key) { return static_cast<rank_t>(key >> 32); }
 MEDSEG_HD inline std::uint32_t key_cell(key_t key) { return static_cast<std::uint32_t>(key); }
+
+// Order-preserving unsigned image of a value, from which every backend's dense ranks
+// are sorted; -0.0 is folded onto +0.0 so that the two tie, as they compare equal as
+// floating-point numbers. One definition for the host and the device: any difference
+// between backends here would change ties, and so the pairs.
+MEDSEG_HD inline std::uint64_t order_bits(float v) {
+    if (v == 0.0f) v = 0.0f;
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return u;
+}
+MEDSEG_HD inline std::uint64_t order_bits(double v) {
+    if (v == 0.0) v = 0.0;
+    std::uint64_t u;
+    std::memcpy(&u, &v, sizeof u);
+    u = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+    return u;
+}
 
 struct Lattice;
 MEDSEG_HD inline void square_edges(const Lattice& L, std::uint32_t cell, std::uint32_t out[4]);

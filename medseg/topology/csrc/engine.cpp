@@ -36,7 +36,6 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <mutex>
 #include <stdexcept>
@@ -169,23 +168,6 @@ int bit_width(std::uint64_t x) {
 
 // ---------------------------------------------------------------------------------
 // Dense ranks
-
-// Order-preserving unsigned image of a float; -0.0 is folded onto +0.0 so that the
-// two compare equal, as they do as floating-point numbers.
-inline std::uint64_t order_bits(float v) {
-    if (v == 0.0f) v = 0.0f;
-    std::uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return u;
-}
-inline std::uint64_t order_bits(double v) {
-    if (v == 0.0) v = 0.0;
-    std::uint64_t u;
-    std::memcpy(&u, &v, sizeof u);
-    u = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
-    return u;
-}
 
 // Dense ranks when the image holds at most kFewValues distinct values (masks, label
 // maps, quantised images): two streaming passes instead of a radix sort of 64-bit

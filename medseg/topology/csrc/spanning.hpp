@@ -2,7 +2,7 @@
 // CUDA (parallel.hpp supplies the execution: HostExec or DeviceExec).
 //
 // Why the result is exactly the sequential engine's (engine.cpp):
-//   * Ranks. The same order bits (-0.0 folded onto +0.0) and a stable radix sort of
+//   * Ranks. The same order bits (cells.hpp's order_bits) and a stable radix sort of
 //     (bits, index) give the same dense ranks, so every cell gets the same key
 //     (rank << 32) | cell, and keys of one dimension are unique.
 //   * Dimension 0. The sequential engine runs Kruskal over all edges in key order; an
@@ -25,7 +25,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "parallel.hpp"
@@ -36,32 +35,17 @@ namespace par {
 // ---------------------------------------------------------------------------------
 // Ranks
 
-MEDSEG_HD inline std::uint64_t order_bits32(float v) {
-    if (v == 0.0f) v = 0.0f;
-    std::uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return u;
-}
-MEDSEG_HD inline std::uint64_t order_bits64(double v) {
-    if (v == 0.0) v = 0.0;
-    std::uint64_t u;
-    std::memcpy(&u, &v, sizeof u);
-    u = (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
-    return u;
-}
-
 struct KeysF32 {  // key = (order bits << 32) | index
     const float* x;
     std::uint64_t* keys;
-    MEDSEG_HD void operator()(std::size_t i) const { keys[i] = (order_bits32(x[i]) << 32) | i; }
+    MEDSEG_HD void operator()(std::size_t i) const { keys[i] = (order_bits(x[i]) << 32) | i; }
 };
 struct KeysF64 {  // key = order bits, value = index
     const double* x;
     std::uint64_t* keys;
     std::uint32_t* idx;
     MEDSEG_HD void operator()(std::size_t i) const {
-        keys[i] = order_bits64(x[i]);
+        keys[i] = order_bits(x[i]);
         idx[i] = static_cast<std::uint32_t>(i);
     }
 };
