@@ -235,11 +235,12 @@ def study(
     study_file: Path = typer.Argument(..., metavar="STUDY.yaml", help="the study: base config, variants, seeds, test folders (see benchmarks/topomortar_study.yaml)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key of every run: --set train.iterations=5"),
     parallel: int = typer.Option(1, "--parallel", help="runs at a time on this machine, each in its own process (GPUs shared out)"),
+    summary: bool = typer.Option(False, "--summary", help="run nothing: compare the runs finished so far (e.g. while the study runs)"),
 ) -> None:
     """Train, test and evaluate every variant x seed (resumable), then compare: study.json, study.csv, study.html."""
     from medseg.study import run_study
 
-    if not run_study(study_file, set_ or [], parallel=parallel):
+    if not run_study(study_file, set_ or [], parallel=parallel, summary_only=summary):
         raise typer.Exit(code=1)
 
 

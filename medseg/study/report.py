@@ -59,13 +59,14 @@ def _marked(cell: dict[str, Any]) -> bool:
 def format_table(summary: dict[str, Any]) -> str:
     """Mean ± std over seeds per test folder, label and variant; ``*`` marks TopoMortar's "better, p < alpha"."""
     metrics = summary["metrics"]
-    lines = [f"{len(summary['seeds'])} seed(s); baseline {summary['baseline']}; {MARK}: better than the baseline "
+    lines = [f"{len(summary['seeds'])} seed(s) planned; baseline {summary['baseline']}; {MARK}: better than the baseline "
              f"with permutation p < {summary['alpha']}"]
     for test, label, name, rows in _tables(summary):
         lines += ["", f"{test} ({name})"]
-        table = [["variant", *metrics]]
+        table = [["variant", "seeds", *metrics]]
         for variant, cells in rows.items():
-            table.append([variant] + [_mean_std(cells[m]) + (MARK if _marked(cells[m]) else "") for m in metrics])
+            seeds = max((cells[m].get("n_seeds", 0) for m in metrics), default=0)  # finished so far
+            table.append([variant, str(seeds)] + [_mean_std(cells[m]) + (MARK if _marked(cells[m]) else "") for m in metrics])
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         for i, row in enumerate(table):
             lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from medseg.errors import MedsegError
+from medseg.errors import ArgumentError, MedsegError
 from medseg.study.config import Study, StudyRun, load_study
 from medseg.study.state import is_finished, read_state, training_summary, write_state
 
@@ -197,7 +197,7 @@ def _all_ranks_done(study: Study, rank: int, world: int) -> bool:
     return True
 
 
-def run_study(path: str | Path, overrides: list[str] | None = None, parallel: int = 1) -> bool:
+def run_study(path: str | Path, overrides: list[str] | None = None, parallel: int = 1, summary_only: bool = False) -> bool:
     """``medseg study``: run what is left of the study, then write its summary.
 
     Parameters
@@ -208,6 +208,9 @@ def run_study(path: str | Path, overrides: list[str] | None = None, parallel: in
         ``KEY=VALUE`` added to every run's overrides (``--set``).
     parallel : int
         Runs at a time on this machine (each its own process).
+    summary_only : bool
+        Run nothing: write the summary of the runs finished so far (a long study, looked
+        at while it runs; the comparison covers the seeds each variant has finished).
 
     Returns
     -------
@@ -221,8 +224,15 @@ def run_study(path: str | Path, overrides: list[str] | None = None, parallel: in
         Anything wrong with the study, found before any run starts.
     """
     if parallel < 1:
-        raise MedsegError(f"--parallel {parallel}: must be at least 1")
+        raise ArgumentError("parallel", "must be at least 1", parallel)
     study = load_study(path, overrides)
+    if summary_only:
+        from medseg.study.report import write_outputs
+
+        summary = write_outputs(study)
+        done = sum(r["status"] == "finished" for r in summary["runs"])
+        _say(f"summary of {done} finished run(s) of {len(study.runs)}; nothing was run")
+        return True
     rank, world = _launch()
     mine = runs_of_rank(study.runs, rank, world)
     if world > 1:

@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -150,3 +151,20 @@ def test_summary_of_unfinished_runs(write_study):
     assert summary["runs"][3]["error"] == "boom"
     cell = summary["results"]["synth"]["1"]["variants"]["cldice"]["Dice"]
     assert cell["n_seeds"] == 1 and cell["vs_baseline"]["n"] == 3  # only seed 0 pairs
+
+
+def test_summary_flag_compares_the_finished_runs_and_runs_nothing(write_study, capsys):
+    from medseg.cli import main
+
+    path = write_study()
+    study = load_study(path)
+    dice = {(c, s): 0.5 for c in CASES for s in (0, 1)}
+    _fake_runs(study, {"cedice": {"Dice": dice}, "cldice": {"Dice": dice}})
+    unstarted = study.runs[3]
+    shutil.rmtree(unstarted.run_dir)  # a run the study has not reached yet
+    assert main(["study", str(path), "--summary"]) == 0
+    assert "summary of 3 finished run(s) of 4; nothing was run" in capsys.readouterr().err
+    assert not unstarted.run_dir.exists()  # nothing trained
+    summary = json.loads((study.output_dir / "study.json").read_text())
+    assert [r["status"] for r in summary["runs"]].count("finished") == 3
+    assert summary["results"]["synth"]["1"]["variants"]["cldice"]["Dice"]["n_seeds"] == 1
