@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__linux__)
@@ -89,7 +90,13 @@ class BlockCache {
         blocks_.pop_back();
         cached_ -= b.touched;
         b.touched = std::max(b.touched, bytes);
-        sizes_.push_back(b);
+        try {
+            sizes_.emplace(b.ptr, b);
+        } catch (...) {
+            blocks_.push_back(b);
+            cached_ += b.touched;
+            throw;
+        }
         return b.ptr;
     }
     void* fresh(std::size_t bytes) {
@@ -104,7 +111,7 @@ class BlockCache {
         }
         std::lock_guard<std::mutex> lock(mutex_);
         try {
-            sizes_.push_back({p, rounded, bytes});
+            sizes_.emplace(p, Block{p, rounded, bytes});
         } catch (...) {
             std::free(p);
             throw;
@@ -114,13 +121,11 @@ class BlockCache {
     void give_back(void* p) {
         std::lock_guard<std::mutex> lock(mutex_);
         Block b{p, 0, 0};
-        for (std::size_t i = 0; i < sizes_.size(); ++i)
-            if (sizes_[i].ptr == p) {
-                b = sizes_[i];
-                sizes_[i] = sizes_.back();
-                sizes_.pop_back();
-                break;
-            }
+        const auto it = sizes_.find(p);
+        if (it != sizes_.end()) {
+            b = it->second;
+            sizes_.erase(it);
+        }
         if (cached_ + b.touched <= limit_) {
             try {
                 blocks_.push_back(b);
@@ -151,7 +156,8 @@ class BlockCache {
     };
     std::mutex mutex_;
     std::vector<Block> blocks_;  // cached, free
-    std::vector<Block> sizes_;   // handed out
+    // handed out, by address (results handed to Python stay here while Python holds them)
+    std::unordered_map<void*, Block> sizes_;
     std::size_t cached_ = 0;  // touched bytes of the cached blocks (the limit's measure)
     const std::size_t limit_ = cache_limit_bytes();
 };

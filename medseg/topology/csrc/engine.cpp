@@ -206,6 +206,43 @@ bool few_value_ranks(const T* x, std::int64_t n, big_vector<rank_t>& out, rank_t
     return true;
 }
 
+// Dense ranks and order when the image holds at most two distinct values (binary masks
+// and targets, the loss's case): one pass that checks the values and writes the ranks
+// (already reversed for superlevel filtrations), one that writes the order. The same
+// ranks and order as few_value_ranks + counting_order. Returns false, with `out` and
+// `order` in an unspecified state, for more values.
+template <class T>
+bool two_value_ranks(const T* x, std::int64_t n, bool superlevel, big_vector<rank_t>& out,
+                     big_vector<std::uint32_t>& order, rank_t& num) {
+    const std::uint64_t u0 = order_bits(x[0]);
+    std::int64_t first = 1;
+    while (first < n && order_bits(x[first]) == u0) ++first;
+    const std::uint64_t u1 = first < n ? order_bits(x[first]) : u0;
+    num = first < n ? 2 : 1;
+    // rank 1 is the value that comes second: the larger one (sublevel) or the smaller
+    const std::uint64_t second = superlevel ? std::min(u0, u1) : std::max(u0, u1);
+    out.resize(static_cast<std::size_t>(n));
+    rank_t* r = out.data();
+    std::size_t ones = 0;
+    bool other = false;
+    for (std::int64_t i = 0; i < n; ++i) {
+        const std::uint64_t u = order_bits(x[i]);
+        const rank_t one = num == 2 && u == second;
+        other |= u != u0 && u != u1;
+        r[i] = one;
+        ones += one;
+    }
+    if (other) return false;
+    order.resize(static_cast<std::size_t>(n));
+    std::uint32_t* o = order.data();
+    std::size_t k0 = 0, k1 = static_cast<std::size_t>(n) - ones;
+    for (std::int64_t i = 0; i < n; ++i) {
+        if (r[i]) o[k1++] = static_cast<std::uint32_t>(i);
+        else o[k0++] = static_cast<std::uint32_t>(i);
+    }
+    return true;
+}
+
 // The pixels by (rank, index) from their ranks (few of them): a counting sort.
 void counting_order(const big_vector<rank_t>& ranks, rank_t num, big_vector<std::uint32_t>& order) {
     std::vector<std::size_t> start(static_cast<std::size_t>(num) + 1, 0);
@@ -228,6 +265,7 @@ rank_t dense_ranks(const T* x, std::int64_t n, bool superlevel, big_vector<rank_
         return 0;
     }
     rank_t num = 0;
+    if (two_value_ranks(x, n, superlevel, out, order, num)) return num;
     if (few_value_ranks(x, n, out, num)) {
         if (superlevel)
             for (auto& r : out) r = num - 1 - r;
@@ -524,6 +562,23 @@ void build_T(Filtration& F) {
 constexpr rank_t kCountingSortRanks = 1u << 12;
 
 big_vector<key_t> sorted_keys(const big_vector<rank_t>& ranks, rank_t num_ranks) {
+    if (num_ranks <= 2) {  // masks: two runs, counted in registers (no counter in memory)
+        const rank_t* r = ranks.data();
+        const std::size_t n = ranks.size();
+        std::size_t c0 = 0, c1 = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            c0 += r[i] == 0;
+            c1 += r[i] == 1;
+        }
+        big_vector<key_t> keys(c0 + c1);
+        key_t* k0 = keys.data();
+        key_t* k1 = keys.data() + c0;
+        for (std::size_t i = 0; i < n; ++i) {
+            if (r[i] == 0) *k0++ = make_key(0, i);
+            else if (r[i] == 1) *k1++ = make_key(1, i);
+        }
+        return keys;
+    }
     if (num_ranks <= kCountingSortRanks) {
         std::vector<std::size_t> start(num_ranks + 1, 0);
         for (rank_t r : ranks)

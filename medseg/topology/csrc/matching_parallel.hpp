@@ -444,7 +444,7 @@ BarcodeResult barcode_result(const Exec& ex, Values x, int ndim, const std::int6
     const std::uint32_t e = X.pb.essential(X.v);
     VoxelPairs ess;
     X.pb.report({e, e}, 0, 0, ess);
-    res.essential_birth = ess.birth;
+    res.essential_birth.assign(ess.birth.begin(), ess.birth.end());
     return res;
 }
 

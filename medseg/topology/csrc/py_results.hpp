@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,11 +35,13 @@ inline Options make_options(bool superlevel, const std::string& construction, bo
     return o;
 }
 
-inline OutArray to_array(std::vector<std::int64_t>&& values, std::size_t cols) {
+template <class Vector>
+inline OutArray to_array(Vector&& values, std::size_t cols) {
+    using V = std::decay_t<Vector>;
     const std::size_t rows = cols ? values.size() / cols : 0;
-    auto* heap = new std::vector<std::int64_t>(std::move(values));
+    auto* heap = new V(std::move(values));
     if (heap->empty()) heap->reserve(1);
-    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<std::int64_t>*>(p); });
+    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<V*>(p); });
     std::size_t shape[2] = {rows, cols};
     return OutArray(heap->data(), 2, shape, owner);
 }

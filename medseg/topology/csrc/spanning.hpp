@@ -562,8 +562,10 @@ struct ParallelBarcode {
         auto b = ex.template array<std::int64_t>(n * nd);
         auto d = ex.template array<std::int64_t>(n * nd);
         ex.for_each(n, ReportPairs{CellReporter{X}, dc.data(), kb, kd, nd, b.data(), d.data()});
-        out.birth = ex.to_host(b.data(), n * nd);
-        out.death = ex.to_host(d.data(), n * nd);
+        const auto hb = ex.to_host(b.data(), n * nd);
+        const auto hd = ex.to_host(d.data(), n * nd);
+        out.birth.assign(hb.begin(), hb.end());
+        out.death.assign(hd.begin(), hd.end());
     }
 };
 
