@@ -3,7 +3,8 @@
 # one H200): build with CUDA, the topology tests on the CUDA backend, compute-sanitizer
 # (memcheck, racecheck) on a small case (barcodes, matchings, a batch on streams), and
 # the benchmark table (benchmarks/gpu_bench.py: barcodes and Betti matchings, CUDA vs
-# CPU engine vs reference, identical results checked).
+# CPU engine vs reference, identical results checked), and the cost of the topology loss
+# terms in a TopoMortar training step of the paper's protocol (benchmarks/topomortar.py).
 # Usage: bash benchmarks/gpu_check.sh          (from anywhere; PYTHON=... to choose)
 #        bash benchmarks/gpu_check.sh --dry    (no GPU: the same steps on backend
 #                                               "cpu-parallel", no build, no sanitizer)
@@ -117,6 +118,26 @@ if [ $dry -eq 0 ]; then
     timeout 150 "$py" benchmarks/gpu_bench.py --repeat 2 || status=1
 else
     timeout 150 "$py" benchmarks/gpu_bench.py --backend cpu-parallel --sizes 24 32 --batch 2 --repeat 1 || status=1
+fi
+
+step "TopoMortar training step: DynUNet of the paper's protocol, batch 10 of 512², each loss term's cost"
+# Issue I's goal: adding betti_matching to dice_ce makes this step at most 1.5x slower
+# (x network <= 0.5 in the table). Needs the prepared training images: run with
+# carry=["data/Dataset201_TopoMortar/imagesTr", "data/Dataset201_TopoMortar/labelsTr",
+#        "data/Dataset201_TopoMortar/dataset.json", "data/Dataset201_TopoMortar/splits_final.json"] (28 MB).
+topomortar=${TOPOMORTAR:-data/Dataset201_TopoMortar}
+if [ $dry -eq 1 ]; then
+    rm -rf /tmp/medseg_topomortar_tiny
+    "$py" data_scripts/prepare_topomortar.py --src tests/data/topomortar --out /tmp/medseg_topomortar_tiny > /dev/null &&
+        timeout 150 "$py" benchmarks/topomortar.py --quick --data /tmp/medseg_topomortar_tiny \
+            --model-config benchmarks/topomortar_study.yaml --losses betti_matching || status=1
+elif [ -f "$topomortar/dataset.json" ] && [ -d "$topomortar/imagesTr" ]; then
+    timeout 240 "$py" benchmarks/topomortar.py --device cuda --data "$topomortar" \
+        --model-config benchmarks/topomortar_study.yaml --images 10 --crop-batch 10 --crop-size 512 \
+        --full-batch 10 --losses betti_matching,cldice,skeleton_recall --repeats 3 \
+        --json "${OUT:-/tmp}/topomortar_gpu.json" || status=1
+else
+    echo "skipped: no prepared TopoMortar training images at $topomortar (see the carry list above)"
 fi
 
 step "done (status $status, $(( $(date +%s) - t_start )) s)"

@@ -56,6 +56,8 @@ Usage::
     python benchmarks/topomortar.py --loss-scale --json topomortar.json
     python benchmarks/topomortar.py --checkpoint runs/topomortar/cedice/seed_0 --loss-scale
     python benchmarks/topomortar.py --model-config my_dynunet2d.yaml --losses cldice,betti_matching
+    python benchmarks/topomortar.py --device cuda --model-config benchmarks/topomortar_study.yaml \\
+        --crop-batch 10 --crop-size 512 --full-batch 10 --losses betti_matching   # the paper's protocol step
     python benchmarks/topomortar.py --loss-scale --repeats 0   # values only
     python benchmarks/topomortar.py --quick --data DIR         # 2 images, 1 repeat, 2 x 128² crops
 """
@@ -196,8 +198,24 @@ def stand_in_logits(label: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def model_config(path: Path) -> ModelConfig:
-    """The ``model`` section of a run config."""
+    """The ``model`` section of a run config, or of a STUDY.yaml's runs (its ``base`` config's
+    model with the study's ``model.*`` overrides, e.g. ``benchmarks/topomortar_study.yaml``:
+    TopoMortar's protocol network)."""
     raw = yaml.safe_load(path.read_text()) or {}
+    if "base" in raw and "model" not in raw:
+        base = Path(raw["base"])
+        base = base if base.is_file() else REPO / base  # relative to the working folder, or this checkout
+        model = (yaml.safe_load(base.read_text()) or {}).get("model", {})
+        for key, value in (raw.get("set") or {}).items():
+            if key == "model":
+                model.update(value)
+            elif key.startswith("model."):
+                *parents, leaf = key.split(".")[1:]
+                section = model
+                for name in parents:
+                    section = section.setdefault(name, {})
+                section[leaf] = value
+        raw = {"model": model}
     if "model" not in raw:
         raise SystemExit(f"{path}: no 'model' section")
     return ModelConfig.model_validate(raw["model"])

@@ -67,3 +67,29 @@ def test_quick_run_writes_a_row_per_loss_setting_and_state(dataset, tmp_path, mo
             none = scale[(setting, "betti_matching (none)")][state]
             assert 0 <= pairs <= 4 and none >= pairs
             assert scale[(setting, "dice_ce")][f"{state} / dice_ce"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["topomortar_study.yaml", "topomortar_cpu.yaml"])
+def test_the_benchmark_studies_load(name, dataset, tmp_path):
+    """The shipped TopoMortar studies resolve into valid runs (a copy, output elsewhere)."""
+    import yaml
+
+    from medseg.study.config import load_study
+
+    raw = yaml.safe_load((REPO / "benchmarks" / name).read_text())
+    raw["base"], raw["output_dir"] = str(REPO / raw["base"]), str(tmp_path / "out")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    study = load_study(path, [f"data.dataset={dataset}"])
+    assert len(study.runs) == len(raw["variants"]) * len(raw["seeds"]) and study.baseline == "cedice"
+    losses = {run.variant: {t.name: t for t in run.config.losses} for run in study.runs}
+    assert {"cldice", "skeleton_recall", "cbdice", "clce"} <= {n for terms in losses.values() for n in terms}
+    matching = [terms["betti_matching"] for terms in losses.values() if "betti_matching" in terms]
+    assert matching and all(t.normalize == "voxels" and t.start == 0.25 for t in matching)  # the validated setting
+
+
+def test_the_protocol_network_comes_from_the_study():
+    bench = _load("topomortar_benchmark", REPO / "benchmarks" / "topomortar.py")
+    cfg = bench.model_config(REPO / "benchmarks" / "topomortar_study.yaml")
+    assert cfg.name == "dynunet" and cfg.params["filters"] == [32, 64, 128, 256, 512, 512, 512]
+    assert cfg.params["deep_supervision"] is True  # from configs/dynunet.yaml, the study's base
