@@ -40,6 +40,7 @@ import torch
 
 from medseg.errors import ArgumentError, CheckpointError, DataError, MedsegError
 from medseg.runfolder import find_checkpoint, load_checkpoint, resolve_device
+from medseg.tensors import channel_argmax
 
 __all__ = ["Predictor", "resolve_device", "resolve_stitch_device", "release_freed_memory", "STITCH_DTYPE"]
 
@@ -325,7 +326,7 @@ class Predictor:
         label = np.zeros(shape, dtype=np.uint8 if self.num_classes <= 256 else np.int32)
         if on_probabilities is None:
             for index, slab in resample_slabs(maps, matrix, shape, axis=-1):
-                label[index] = uncentred(slab).argmax(0).cpu().numpy()
+                label[index] = channel_argmax(uncentred(slab), dim=0).cpu().numpy()
             return label
         best = np.empty(shape, dtype=np.float32)
         for c in range(maps.shape[0]):

@@ -20,6 +20,7 @@ from medseg.losses._prepare import (
     target_as_channels,
 )
 from medseg.losses.cldice import soft_skeleton
+from medseg.tensors import channel_argmax
 
 
 def label_skeleton_and_distance(
@@ -50,7 +51,7 @@ def hard_prediction(probs: torch.Tensor, activation: str) -> torch.Tensor:
     """The mask the model outputs, per channel: argmax over softmax channels, else ``p > 0.5``."""
     n = probs.shape[1]
     if activation == "softmax" or (activation == "none" and n > 1):
-        return one_hot(probs.argmax(dim=1, keepdim=True), num_classes=n, dim=1).to(probs.dtype)
+        return one_hot(channel_argmax(probs, dim=1, keepdim=True), num_classes=n, dim=1).to(probs.dtype)
     return (probs > 0.5).to(probs.dtype)
 
 

@@ -19,6 +19,7 @@ from monai.inferers import sliding_window_inference
 
 from medseg import distributed
 from medseg.config import RunConfig
+from medseg.tensors import channel_argmax
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def _case_dice(
     per class); the case's arrays are freed on return, before the next case is read.
     """
     logits = predict_logits(model, case["image"], cfg, device, amp)
-    pred = logits.argmax(dim=1)[0]
+    pred = channel_argmax(logits, dim=1)[0]
     del logits
     label = _plain(case["label"])[0].to(device)
     scores = []
