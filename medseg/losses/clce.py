@@ -129,10 +129,11 @@ class CenterlineCrossEntropyLoss(nn.Module):
             target, label, skeleton_distance, self.include_background, "CenterlineCrossEntropyLoss"
         )
         ce = cross_entropy_map(input, label, activation)
-        skel_p = soft_skeleton(activate(input, activation), self.iterations)
-        if not self.include_background and n > 1:
-            skel_y, skel_p = skel_y[:, 1:], skel_p[:, 1:]
+        probs = activate(input, activation)
+        if not self.include_background and n > 1:  # before the skeleton: it is per channel, and costly
+            skel_y, probs = skel_y[:, 1:], probs[:, 1:]
             if ce.shape[1] > 1:
                 ce = ce[:, 1:]
+        skel_p = soft_skeleton(probs, self.iterations)
         weighted = (ce * (skel_y + skel_p)).sum(dim=1)
         return reduce(weighted.flatten(1).mean(dim=1), self.reduction)
