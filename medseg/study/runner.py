@@ -27,6 +27,7 @@ import json
 import os
 import queue
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -153,16 +154,32 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
             slots.put(slot)
 
     failed: dict[str, str] = {}
+    left = {run.name: run for run in runs}
+    rates: list[float] = []  # seconds per training step of the runs finished so far
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-study") as pool:
         for future in as_completed([pool.submit(one, run) for run in runs]):
             run, error, seconds = future.result()
+            del left[run.name]
             if error is None:
                 stats = training_summary(read_state(run.run_dir))
-                _say(f"{run.name}: finished in {seconds:.0f} s ({_resources(stats)})")
+                if stats.get("seconds_per_step"):
+                    rates.append(stats["seconds_per_step"])
+                _say(f"{run.name}: finished in {seconds:.0f} s ({_resources(stats)}){_time_left(left, rates, parallel)}")
             else:
                 failed[run.name] = error
                 _say(f"{run.name}: FAILED: {error}")
     return failed
+
+
+def _time_left(left: dict[str, StudyRun], rates: list[float], parallel: int) -> str:
+    """``; N to go, about T``: the steps of the runs left at the median seconds per step so
+    far, ``parallel`` at a time (an estimate: a resumed run has fewer steps to go)."""
+    if not left or not rates:
+        return ""
+    rate = statistics.median(rates)
+    seconds = sum(run.config.train.iterations for run in left.values()) * rate / parallel
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"; {len(left)} to go, about {f'{hours} h {minutes:02d} min' if hours else f'{minutes} min'} at {rate:.3g} s/step"
 
 
 def _resources(stats: dict) -> str:

@@ -55,6 +55,7 @@ def test_study_runs_resumes_and_skips(write_study, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "0 finished, 4 to run, 2 at a time" in err
     assert "cldice seed 1: FAILED" in err and "latest.pt" in err
+    assert "to go, about" in err and "s/step" in err  # the time left, after the first run finished
     summary = json.loads((study.output_dir / "study.json").read_text())
     assert [(r["run"], r["status"]) for r in summary["runs"]] == [
         ("cedice seed 0", "finished"), ("cldice seed 0", "finished"), ("cedice seed 1", "finished"), ("cldice seed 1", "failed")]
