@@ -52,6 +52,7 @@ import torch
 
 from medseg.adaptation.base import Method
 from medseg.adaptation.target import crop, probabilities_with
+from medseg.tensors import channel_argmax
 
 log = logging.getLogger("medseg.adaptation")
 
@@ -67,8 +68,8 @@ def confidence_mask(
     (ties at the cut are kept); only for the classes in ``classes`` (default: all), the
     others keep every voxel above ``threshold``. Returns ``(labels, masks)``, int64 and bool, ``(*spatial)``.
     """
-    labels = [p.argmax(dim=0) for p in probs]
-    confs = [p.max(dim=0).values for p in probs]
+    labels = [channel_argmax(p, dim=0) for p in probs]  # torch's CPU argmax over dim 0 is slow
+    confs = [p.gather(0, label[None])[0] for p, label in zip(probs, labels)]  # the maximum, as p.max(0)
     masks = [torch.ones_like(c, dtype=torch.bool) for c in confs]
     if threshold is not None:
         masks = [m & (c >= threshold) for m, c in zip(masks, confs)]
