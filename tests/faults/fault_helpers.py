@@ -120,6 +120,21 @@ class Sweep:
     def record(self, point: str, problems: list[str]) -> None:
         (self.failed if problems else self.survived).append(point if not problems else f"{point}: {problems[0]}")
 
+    def judge(self, point: str, kill: dict, killed: dict, final: dict, step: str, err: str, check) -> None:
+        """Record one kill point: the killed run (``killed``), then the one that finished the
+        work (``final``, its ``step`` "rerun" or "resume", its stderr ``err``), whose outputs
+        ``check()`` compares with the uninterrupted run's. A run that finished before its
+        kill time was no kill point and is not recorded."""
+        if not killed["killed"]:
+            if "at_s" in kill and killed["code"] == 0:
+                return
+            problems = [f"not killed (exit code {killed['code']})"]
+        elif final["code"] != 0 or "Traceback" in err:
+            problems = [f"{step} exit code {final['code']}: {err.strip().splitlines()[-1] if err.strip() else ''}"]
+        else:
+            problems = check()
+        self.record(point, problems)
+
     def summary(self) -> str:
         total = len(self.survived) + len(self.failed)
         return (f"{self.name}: {len(self.survived)}/{total} kill points survived "

@@ -65,16 +65,8 @@ def _sweep(killer, name: str, tmp: Path, argv, output, seed: int = 0) -> Sweep:
         runs += [Run(argv(tag), logs, kill=kill).spec(f"{tag}.kill"), Run(argv(tag), logs).spec(f"{tag}.rerun")]
     results = killer.run(runs)
     for tag, (point, kill), killed, rerun in zip(tags, points, results[0::2], results[1::2]):
-        err = (logs / f"{tag}.rerun.err").read_text()
-        if not killed["killed"]:
-            if "at_s" in kill and killed["code"] == 0:
-                continue  # finished before its kill time: not a kill point
-            problems = [f"not killed (exit code {killed['code']})"]
-        elif rerun["code"] != 0 or "Traceback" in err:
-            problems = [f"rerun exit code {rerun['code']}: {err.strip().splitlines()[-1] if err.strip() else ''}"]
-        else:
-            problems = diff_trees(expected, _outputs(output(tag)))
-        sweep.record(point, problems)
+        sweep.judge(point, kill, killed, rerun, "rerun", (logs / f"{tag}.rerun.err").read_text(),
+                    lambda tag=tag: diff_trees(expected, _outputs(output(tag))))
     return sweep
 
 

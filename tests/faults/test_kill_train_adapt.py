@@ -73,16 +73,8 @@ def _sweep(killer, name: str, tmp: Path, argv, check, sample: int = SAMPLE, seed
 
     for tag, (point, kill), killed, resumed in zip(tags, points, results[0::2], results[1::2]):
         final, step = (again[tag], "rerun") if tag in again else (resumed, "resume")
-        err = (logs / f"{tag}.{step}.err").read_text()
-        if not killed["killed"]:
-            if "at_s" in kill and killed["code"] == 0:
-                continue  # finished before its kill time: not a kill point
-            problems = [f"not killed (exit code {killed['code']})"]
-        elif final["code"] != 0 or "Traceback" in err:
-            problems = [f"{step} exit code {final['code']}: {err.strip().splitlines()[-1] if err.strip() else ''}"]
-        else:
-            problems = check(tag)
-        sweep.record(point, problems)
+        sweep.judge(point, kill, killed, final, step, (logs / f"{tag}.{step}.err").read_text(),
+                    lambda tag=tag: check(tag))
     return sweep
 
 
