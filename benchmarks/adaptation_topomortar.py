@@ -12,6 +12,16 @@ changed. Each model (the source, and every adapted one) then segments the group 
 foreground, as TopoMortar counts it): Dice and the Betti 0 and 1 errors, means over the
 50 images. The table gives mean ± std over the seeds.
 
+Target ``train`` is TopoMortar's self-distillation setting instead: the method adapts on
+the 50 in-distribution training images (images only, from splits_final.json) and is
+scored on the in-distribution test set. With the models trained on noisy or pseudo labels
+(``benchmarks/topomortar_labels.yaml``) as sources, it asks whether a mean teacher on the
+training images repairs what the labels broke:
+
+    medseg study benchmarks/topomortar_labels.yaml --parallel 2
+    python benchmarks/adaptation_topomortar.py --sources studies/topomortar_labels/noisy \
+        --targets train --methods mean_teacher --workdir studies/topomortar_selftraining/noisy
+
     python data_scripts/prepare_topomortar.py --src ../shared/datasets/TopoMortar --out data/Dataset201_TopoMortar
     medseg study benchmarks/topomortar_cpu.yaml --parallel 2          # the source models
     python benchmarks/adaptation_topomortar.py                         # every method, both groups
@@ -42,7 +52,7 @@ import numpy as np
 import yaml
 
 METHODS = ("pseudo_label", "sfda", "mean_teacher", "tent")
-TARGETS = ("colors", "shadows")
+TARGETS = ("colors", "shadows", "train")  # train: adapt on the training images, score on the test set
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,18 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def target_dataset(data: Path, group: str, workdir: Path) -> tuple[Path, Path]:
-    """A dataset folder whose ``imagesTs`` is the group's images (links), and its labels."""
-    images, labels = data / f"imagesTs_{group}", data / f"labelsTs_{group}"
-    if not images.is_dir() or not labels.is_dir():
-        raise SystemExit(f"adaptation_topomortar.py: {images} or {labels} not found; run prepare_topomortar.py")
+def target_dataset(data: Path, group: str, workdir: Path) -> tuple[Path, Path, Path]:
+    """The folder to adapt on (its ``imagesTs``: links to the group's images), and the images and labels that score.
+
+    An out-of-distribution group adapts on and is scored on its own images; ``train`` adapts
+    on the split's 50 training images and is scored on the in-distribution test set.
+    """
+    if group == "train":
+        images, labels = data / "imagesTs", data / "labelsTs"
+        split = json.loads((data / "splits_final.json").read_text())[0]["train"]
+        adapt_on = [data / "imagesTr" / f"{case}_0000.png" for case in split]
+    else:
+        images, labels = data / f"imagesTs_{group}", data / f"labelsTs_{group}"
+        adapt_on = sorted(images.glob("*")) if images.is_dir() else []
+    if not images.is_dir() or not labels.is_dir() or not adapt_on or not all(f.is_file() for f in adapt_on):
+        raise SystemExit(f"adaptation_topomortar.py: {group}: images or labels under {data} not found; "
+                         "run prepare_topomortar.py")
     folder = workdir / "targets" / group
-    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "imagesTs").is_symlink():  # an older layout linked the whole folder
+        (folder / "imagesTs").unlink()
+    (folder / "imagesTs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data / "dataset.json", folder / "dataset.json")
-    link = folder / "imagesTs"
-    if not link.exists():
-        link.symlink_to(images.resolve(), target_is_directory=True)
-    return folder, labels
+    for image in adapt_on:
+        link = folder / "imagesTs" / image.name
+        if not link.is_symlink():
+            link.symlink_to(image.resolve())
+    return folder, images, labels
 
 
 def adapt_config(method: str, source: Path, target: Path, out: Path, seed: int, iterations: int | None) -> dict:
@@ -146,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[tuple[str, str], dict[str, list[float]]] = {}
     started = time.perf_counter()
     for group in targets:
-        target, labels = target_dataset(args.data, group, args.workdir)
-        images = target / "imagesTs"
+        target, images, labels = target_dataset(args.data, group, args.workdir)
         for seed in seeds:
             source = args.sources / f"seed_{seed}"
             before = score(source, images, labels, args.workdir / group / "source" / f"seed_{seed}")

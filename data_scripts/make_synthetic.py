@@ -4,9 +4,11 @@
     python data_scripts/make_synthetic.py --out demo/Dataset001_SyntheticVessels --cases 8 --size 64
     python data_scripts/make_synthetic.py --out demo/Dataset002_SyntheticVesselsShifted --cases 8 --size 64 --shifted
     python data_scripts/make_synthetic.py --out demo/Dataset003_Vessels2D --dims 2 --size 128 --format png
+    python data_scripts/make_synthetic.py --out demo/Dataset001_SyntheticVessels --faint --loops 2   # the demo's
 
 Same --seed (and --cases/--size/--dims) gives the same trees; --shifted images them in
-the shifted domain (contrast, noise, bias, blur, resolution). The generator itself is
+the shifted domain (contrast, noise, bias, blur, resolution); --faint images them with
+faint thin branches, where Dice+CE breaks topology. The generator itself is
 medseg.data.synthetic (importable from tests and the demo).
 """
 
@@ -22,7 +24,7 @@ try:
 except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg.data.synthetic import AFFINE_KINDS, make_dataset  # noqa: E402
+from medseg.data.synthetic import AFFINE_KINDS, FAINT_DOMAIN, make_dataset  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha", "png": ".png", "tif": ".tif"}
@@ -35,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=2, help="cases in imagesTs/labelsTs (default 2)")
     parser.add_argument("--size", type=int, nargs="+", default=[64], help="voxels per axis, one value or one per axis (default 64)")
     parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
-    parser.add_argument("--shifted", action="store_true", help="image the same trees in the shifted domain")
+    domain = parser.add_mutually_exclusive_group()
+    domain.add_argument("--shifted", action="store_true", help="image the same trees in the shifted domain")
+    domain.add_argument("--faint", action="store_true",
+                        help="faint thin branches (half the contrast, more noise, wider blur): where Dice+CE breaks topology")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loops", type=int, default=1, help="extra segments joining branches into cycles (default 1)")
     parser.add_argument("--spacing", type=float, nargs="+", default=None,
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             spacing=spacing,
             affine=args.affine,
             name=args.name,
+            params=FAINT_DOMAIN if args.faint else None,
         )
     except (ValueError, MedsegError) as err:
         print(f"make_synthetic: error: {err}", file=sys.stderr)

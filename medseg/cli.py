@@ -260,11 +260,14 @@ def report_compare(
     permutations: int = typer.Option(
         DEFAULT_PERMUTATIONS, "--permutations", help="resamples of the paired permutation test (exact when 2^n is fewer)"
     ),
+    pictured_cases: int = typer.Option(
+        3, "--pictured-cases", help="cases per label pictured in compare.html: those whose topology error differs most"
+    ),
 ) -> None:
     """Two evaluations of the same cases side by side: paired differences, Wilcoxon and permutation tests."""
     from medseg.evaluation.compare import run_compare
 
-    run_compare(a, b, output=output, permutations=permutations)
+    run_compare(a, b, output=output, permutations=permutations, pictured_cases=pictured_cases)
 
 
 @report_app.command("html")

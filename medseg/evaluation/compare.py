@@ -49,9 +49,11 @@ from medseg.evaluation.summary import (
     read_summary,
 )
 
-__all__ = ["Evaluation", "find_summary", "load_evaluation", "paired_tests", "compare_evaluations", "format_table", "run_compare"]
+__all__ = ["Evaluation", "find_summary", "load_evaluation", "paired_tests", "compare_evaluations", "most_different_cases",
+           "format_table", "run_compare"]
 
 SIGNIFICANCE = 0.05  # only for marking rows; the p-values are reported as they are
+DEFAULT_PICTURED_CASES = 3  # per label in compare.html: the cases whose topology error differs most
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Evaluation:
     per_case: dict[str, dict[str, dict[str, float]]]
     not_evaluated: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # the file as read: files, conventions
 
 
 def load_evaluation(path: str | Path) -> Evaluation:
@@ -98,7 +101,8 @@ def load_evaluation(path: str | Path) -> Evaluation:
         else:
             not_evaluated[case] = str(entry.get("status", "not evaluated"))
     labels = data.get("labels") if isinstance(data.get("labels"), dict) else {}
-    return Evaluation(path=source, per_case=per_case, not_evaluated=not_evaluated, labels={str(k): str(v) for k, v in labels.items()})
+    return Evaluation(path=source, per_case=per_case, not_evaluated=not_evaluated,
+                      labels={str(k): str(v) for k, v in labels.items()}, summary=data)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -273,8 +277,50 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_compare_html(result: dict[str, Any]) -> str:
-    """``compare.html``: the tables, a plot of the per-case differences and a per-case table per label."""
+def most_different_cases(result: dict[str, Any], count: int) -> list[tuple[str, str, str, float, float]]:
+    """Per label, up to ``count`` cases with the largest ``|B - A|`` of the Betti matching error (the Betti
+    number error when the matching was not computed), largest first: (label, case, metric, A, B)."""
+    chosen = []
+    for label, per_case in result["per_case"].items():
+        for metric in ("betti_matching_error", "betti_error"):
+            pairs = [(c, v[metric][0], v[metric][1]) for c, v in per_case.items()
+                     if metric in v and all(math.isfinite(x) for x in v[metric])]
+            if pairs:
+                break
+        else:
+            continue
+        differing = sorted((t for t in pairs if t[2] != t[1]), key=lambda t: (-abs(t[2] - t[1]), t[0]))
+        chosen += [(label, case, metric, va, vb) for case, va, vb in differing[: max(count, 0)]]
+    return chosen
+
+
+def _pictures(a: Evaluation, b: Evaluation, result: dict[str, Any], count: int) -> dict[str, list[str]]:
+    """Per label, the HTML figures of :func:`most_different_cases`: reference, A and B, errors marked."""
+    from medseg.evaluation.report import _case_name, _connectivity_from, comparison_picture, default_images_dir
+
+    entries = [{_case_name(e): e for e in ev.summary.get("metric_per_case", []) if isinstance(e, dict)} for ev in (a, b)]
+    reference_folder = a.summary.get("reference_folder")
+    images_dir = default_images_dir(reference_folder) if isinstance(reference_folder, str) else None
+    figures: dict[str, list[str]] = {}
+    for label, case, metric, va, vb in most_different_cases(result, count):
+        entry_a, entry_b = entries[0].get(case, {}), entries[1].get(case, {})
+        if not all(isinstance(e.get(k), str) for e in (entry_a, entry_b) for k in ("prediction_file", "reference_file")):
+            png, legend, note = None, [], "picture unavailable: the summaries do not name the case's files"
+        else:
+            png, legend, note = comparison_picture(entry_a, entry_b, label, result["labels"].get(label, label), a.summary,
+                                                   images_dir, _connectivity_from(a.summary))
+        head = f"{case} \u00b7 {metric} A {_page.fmt(va)}, B {_page.fmt(vb)} (B - A {_page.fmt(vb - va)})"
+        picture = _page.img(png, f"{case}: reference, prediction A, prediction B") if png is not None else ""
+        legend_html = "".join(f"<div class=\"legend\">{_page.esc(line)}</div>" for line in legend)
+        figures.setdefault(label, []).append(
+            f"<figure class=\"worst\" data-case=\"{_page.esc(case)}\">{picture}<figcaption><div>{_page.esc(head)}</div>"
+            f"{legend_html}<div class=\"meta\">{_page.esc(note)}</div></figcaption></figure>")
+    return figures
+
+
+def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] | None = None) -> str:
+    """``compare.html``: the tables, a plot of the per-case differences, ``pictures`` (per label, HTML figures
+    of the cases that differ most) and a per-case table per label."""
     from medseg.evaluation.plots import paired_difference_figure
 
     body = ["<h1>medseg comparison</h1>",
@@ -301,6 +347,12 @@ def render_compare_html(result: dict[str, Any]) -> str:
         if differences:
             png = paired_difference_figure(differences, title=f"{name}: per-case differences B - A")
             body.append(f"<figure>{_page.img(png, f'per-case differences of {name}')}</figure>")
+        if pictures and pictures.get(label):
+            body.append("<h3>Cases that differ most</h3><p class=\"meta\">The reference and both predictions of the "
+                        "cases whose topology error differs most. On each prediction, red marks the reference features "
+                        "it does not match (missing), blue its own features the reference does not have (extra); "
+                        "hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), "
+                        "x at the death voxel.</p>" + "".join(pictures[label]))
         metrics = list(rows)
         headers = ["case"] + [f"{m} {x}" for m in metrics for x in ("A", "B", "B-A")]
         keys = ["case"] + [f"{m}.{x}" for m in metrics for x in ("A", "B", "diff")]
@@ -325,8 +377,13 @@ def render_compare_html(result: dict[str, Any]) -> str:
     return _page.page("medseg comparison", "\n".join(body))
 
 
-def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, permutations: int = DEFAULT_PERMUTATIONS) -> dict[str, Any]:
+def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, permutations: int = DEFAULT_PERMUTATIONS,
+                pictured_cases: int = DEFAULT_PICTURED_CASES) -> dict[str, Any]:
     """``medseg report compare``: print the comparison; with ``output`` write compare.json and compare.html.
+
+    compare.html pictures, per label, the ``pictured_cases`` cases whose topology error
+    differs most (their prediction and reference files are read again, the scans from
+    ``imagesXx`` next to A's reference folder when there is one).
 
     Raises
     ------
@@ -337,12 +394,16 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
 
     if permutations < 1:
         raise ArgumentError("permutations", "must be at least 1", permutations)
+    if pictured_cases < 0:
+        raise ArgumentError("pictured_cases", "must be 0 or more", pictured_cases)
     if output is not None:
         output = check_output_folder(output, "output", argument=True)  # before the comparison, not after
-    result = compare_evaluations(load_evaluation(a), load_evaluation(b), permutations)
+    evaluation_a, evaluation_b = load_evaluation(a), load_evaluation(b)
+    result = compare_evaluations(evaluation_a, evaluation_b, permutations)
     print(format_table(result))
     if output is not None:
         write_atomic(output / "compare.json", json.dumps(result, indent=2, default=json_default) + "\n")
-        write_atomic(output / "compare.html", render_compare_html(result))
+        pictures = _pictures(evaluation_a, evaluation_b, result, pictured_cases)
+        write_atomic(output / "compare.html", render_compare_html(result, pictures))
         print(f"medseg: wrote {output / 'compare.json'} and {output / 'compare.html'}", file=sys.stderr)
     return result

@@ -4,7 +4,9 @@
   metric (metrics have their own scales, so each gets its own axes).
 * :func:`case_figure`: reference and prediction side by side (a maximum-intensity
   projection for 3D masks, the image itself for 2D), the scan underneath when there is
-  one, and the unmatched topological features marked at their birth and death voxels.
+  one, and the unmatched topological features marked at their birth and death voxels;
+  :func:`masks_figure` draws any number of such panels (reference and two predictions,
+  for a comparison).
 * :func:`paired_difference_figure`: per-case differences between two evaluations.
 
 Nothing here reads files or knows about summaries; :mod:`medseg.evaluation.report`
@@ -20,13 +22,14 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Marks", "FEATURE_MARKERS", "distribution_figure", "case_figure", "paired_difference_figure", "png_bytes"]
+__all__ = ["Marks", "Panel", "FEATURE_MARKERS", "REFERENCE_COLOUR", "PREDICTION_COLOUR", "distribution_figure",
+           "masks_figure", "case_figure", "paired_difference_figure", "png_bytes"]
 
 FEATURE_MARKERS = {0: "o", 1: "s", 2: "^"}
 """Marker per homology dimension: components, loops, cavities."""
 
-_REFERENCE_COLOUR = "#e03131"  # reference features the prediction misses
-_PREDICTION_COLOUR = "#1c7ed6"  # prediction features the reference does not have
+REFERENCE_COLOUR = "#e03131"  # reference features the prediction misses
+PREDICTION_COLOUR = "#1c7ed6"  # prediction features the reference does not have
 
 
 def _pyplot():
@@ -129,6 +132,60 @@ def _draw_marks(ax, marks: Marks, colour: str, names: dict[int, str], side: str)
     return handles
 
 
+@dataclass
+class Panel:
+    """One panel of :func:`masks_figure`: a 2D mask and the marks drawn on it.
+
+    ``marks`` lists (marks, colour, side) triples; ``side`` names them in the legend
+    ("missing", "extra").
+    """
+
+    mask: np.ndarray
+    title: str
+    marks: list[tuple[Marks, str, str]] = field(default_factory=list)
+
+
+def masks_figure(
+    panels: Sequence[Panel],
+    feature_names: dict[int, str],
+    image: np.ndarray | None = None,
+    aspect: float = 1.0,
+    legend: Sequence[str] = (),
+    suptitle: str = "",
+) -> bytes:
+    """Masks (2D arrays of one shape: projections or slices) side by side, features marked (PNG bytes).
+
+    A hollow marker is a feature's birth voxel (circle: component, square: loop,
+    triangle: cavity), an ``x`` its death voxel, a dotted line joins the two. ``image``
+    (the scan, same shape) is drawn under every mask. ``legend`` lines are written above
+    the panels.
+    """
+    plt = _pyplot()
+    height, width = panels[0].mask.shape
+    panel_w = 4.2
+    panel_h = float(np.clip(panel_w * height * aspect / max(width, 1), 2.0, 6.0))
+    lines = ([suptitle] if suptitle else []) + list(legend)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_w, panel_h + 0.25 * len(lines) + 0.8),
+                             layout="constrained", squeeze=False)
+    handles, seen = [], set()
+    for ax, panel in zip(axes[0], panels):
+        _panel(ax, panel.mask, image, "#2f9e44" if image is not None else "#ffffff", aspect)
+        for marks, colour, side in panel.marks:
+            drawn = _draw_marks(ax, marks, colour, feature_names, side)
+            handles += [h for h in drawn if h.get_label() not in seen]  # one legend entry per kind
+            seen.update(h.get_label() for h in drawn)
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(height - 0.5, -0.5)
+        ax.set_title(panel.title, fontsize=10)
+    if handles:
+        death = plt.Line2D([], [], marker="x", ls="", color="#495057", label="death voxel (hollow marker: birth)")
+        fig.legend(handles=handles + [death], loc="outside lower center", ncol=min(len(handles) + 1, 5), fontsize=8,
+                   frameon=False)
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=9)
+    return png_bytes(fig)
+
+
 def case_figure(
     reference: np.ndarray,
     prediction: np.ndarray,
@@ -141,38 +198,17 @@ def case_figure(
     legend: Sequence[str] = (),
     suptitle: str = "",
 ) -> bytes:
-    """Reference and prediction (2D arrays: projections or slices) side by side, features marked (PNG bytes).
+    """Reference and prediction side by side, features marked (PNG bytes; see :func:`masks_figure`).
 
     Reference marks are the reference's features that the prediction does not match
     (red, "missing"), prediction marks the prediction's features that the reference
-    does not (blue, "extra"); a hollow marker is a feature's birth voxel (circle:
-    component, square: loop, triangle: cavity), an ``x`` its death voxel, a dotted line
-    joins the two.
-    ``legend`` lines are written under the panels.
+    does not (blue, "extra").
     """
-    plt = _pyplot()
-    height, width = reference.shape
-    panel_w = 4.2
-    panel_h = float(np.clip(panel_w * height * aspect / max(width, 1), 2.0, 6.0))
-    lines = ([suptitle] if suptitle else []) + list(legend)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * panel_w, panel_h + 0.25 * len(lines) + 0.8), layout="constrained")
-    handles = []
-    for ax, mask, marks, colour, title, side in (
-        (axes[0], reference, reference_marks, _REFERENCE_COLOUR, titles[0], "missing"),
-        (axes[1], prediction, prediction_marks, _PREDICTION_COLOUR, titles[1], "extra"),
-    ):
-        _panel(ax, mask, image, "#2f9e44" if image is not None else "#ffffff", aspect)
-        handles += _draw_marks(ax, marks, colour, feature_names, side)
-        ax.set_xlim(-0.5, width - 0.5)
-        ax.set_ylim(height - 0.5, -0.5)
-        ax.set_title(title, fontsize=10)
-    if handles:
-        death = plt.Line2D([], [], marker="x", ls="", color="#495057", label="death voxel (hollow marker: birth)")
-        fig.legend(handles=handles + [death], loc="outside lower center", ncol=min(len(handles) + 1, 5), fontsize=8,
-                   frameon=False)
-    if lines:
-        fig.suptitle("\n".join(lines), fontsize=9)
-    return png_bytes(fig)
+    return masks_figure(
+        [Panel(reference, titles[0], [(reference_marks, REFERENCE_COLOUR, "missing")]),
+         Panel(prediction, titles[1], [(prediction_marks, PREDICTION_COLOUR, "extra")])],
+        feature_names, image=image, aspect=aspect, legend=legend, suptitle=suptitle,
+    )
 
 
 def paired_difference_figure(differences: dict[str, Sequence[float]], title: str = "") -> bytes:

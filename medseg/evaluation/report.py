@@ -49,6 +49,7 @@ __all__ = [
     "unmatched_features",
     "describe_features",
     "legend_lines",
+    "comparison_picture",
     "FEATURE_NAMES",
 ]
 
@@ -299,8 +300,8 @@ def _worst(summary: dict, count: int) -> tuple[str | None, list[tuple[float, str
     return metric, ranked[: max(count, 0)]
 
 
-def _union_box(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
-    either = a | b
+def _union_box(masks: Sequence[np.ndarray], margin: int) -> tuple[slice, ...]:
+    either = np.logical_or.reduce([np.asarray(m, dtype=bool) for m in masks])
     box = []
     for axis in range(either.ndim):
         hit = np.flatnonzero(either.any(axis=tuple(x for x in range(either.ndim) if x != axis)))
@@ -334,6 +335,50 @@ def _project(coords: np.ndarray, axis: int | None) -> np.ndarray:
     return np.delete(coords, axis, axis=1) if axis is not None else coords
 
 
+@dataclass
+class _CaseView:
+    """How a case's masks are drawn: cropped to ``box``, 3D ones projected along ``axis``."""
+
+    box: tuple[slice, ...]
+    axis: int | None
+    aspect: float
+    image: np.ndarray | None  # the cropped scan, projected like the masks
+    note: str
+
+    def project(self, mask: np.ndarray) -> np.ndarray:
+        return mask.max(axis=self.axis) if self.axis is not None else mask
+
+    def marks(self, births: Sequence[np.ndarray], deaths: Sequence[np.ndarray]):
+        from medseg.evaluation.plots import Marks
+
+        return Marks(births={d: _project(b, self.axis) for d, b in enumerate(births)},
+                     deaths={d: _project(x, self.axis) for d, x in enumerate(deaths)})
+
+
+def _case_view(masks: Sequence[np.ndarray], geometry, case: str, images_dir: Path | None, ending: str) -> _CaseView:
+    """The crop around every mask's foreground, the thinnest axis of a 3D crop (in mm), the scan under it."""
+    box = _union_box(masks, _PICTURE_MARGIN)
+    shape = masks[0][box].shape
+    image, scan_note = _read_scan(images_dir, case, ending, masks[0].shape)
+    if image is not None:
+        image = image[box]
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    if len(shape) == 3:
+        axis = int(np.argmin(np.asarray(shape) * spacing))
+        kept = [a for a in range(3) if a != axis]
+        view_note = f"maximum-intensity projection along axis {axis}"
+        image = image.max(axis=axis) if image is not None else None
+    else:
+        axis, kept, view_note = None, [0, 1], "2D masks"
+    origin = ", ".join(str(s.start or 0) for s in box)
+    return _CaseView(box, axis, float(spacing[kept[0]] / spacing[kept[1]]), image,
+                     f"{view_note}; crop origin ({origin}); {scan_note}")
+
+
+def _feature_names() -> dict[int, str]:
+    return {d: FEATURE_NAMES[d][0] for d in FEATURE_NAMES}
+
+
 def _picture(entry: dict, label: str, label_name: str, summary: dict, images_dir: Path | None,
              ending: str | None, connectivity: int | None) -> tuple[bytes | None, list[str], str]:
     """(PNG, legend lines, note) for one worst case; PNG None with the reason in note when it cannot be drawn."""
@@ -347,47 +392,66 @@ def _picture(entry: dict, label: str, label_name: str, summary: dict, images_dir
     except MedsegError as err:
         return None, [], f"picture unavailable: {err}"
     pred_mask, ref_mask = label_masks(pred, ref, int(label), summary.get("ignore_label"))
-    box = _union_box(pred_mask, ref_mask, _PICTURE_MARGIN)
-    p, r = pred_mask[box], ref_mask[box]
+    view = _case_view([pred_mask, ref_mask], geometry, _case_name(entry), images_dir, ending or ending_of(ref_file))
+    p, r = pred_mask[view.box], ref_mask[view.box]
     try:
         features = unmatched_features(p, r, connectivity)
         legend = legend_lines(features)
+        ref_marks = view.marks(features.reference_births, features.reference_deaths)
+        pred_marks = view.marks(features.prediction_births, features.prediction_deaths)
     except ImportError:
-        features, legend = None, ["topology engine not built: unmatched features not marked"]
-    image, scan_note = _read_scan(images_dir, _case_name(entry), ending or ending_of(ref_file), ref.shape)
-    if image is not None:
-        image = image[box]
-    spacing = np.asarray(geometry.spacing, dtype=float)
-    axis = None
-    if r.ndim == 3:
-        axis = int(np.argmin(np.asarray(r.shape) * spacing))
-        r_view, p_view = r.max(axis=axis), p.max(axis=axis)
-        image_view = image.max(axis=axis) if image is not None else None
-        kept = [a for a in range(3) if a != axis]
-        view_note = f"maximum-intensity projection along axis {axis}"
-    else:
-        r_view, p_view, image_view, kept = r, p, image, [0, 1]
-        view_note = "2D masks"
-    aspect = float(spacing[kept[0]] / spacing[kept[1]])
-
-    def marks(births, deaths) -> Marks:
-        return Marks(
-            births={d: _project(b, axis) for d, b in enumerate(births)},
-            deaths={d: _project(x, axis) for d, x in enumerate(deaths)},
-        )
-
-    names = {d: FEATURE_NAMES[d][0] for d in FEATURE_NAMES}
-    if features is not None:
-        ref_marks = marks(features.reference_births, features.reference_deaths)
-        pred_marks = marks(features.prediction_births, features.prediction_deaths)
-    else:
+        legend = ["topology engine not built: unmatched features not marked"]
         ref_marks = pred_marks = Marks()
     png = case_figure(
-        r_view, p_view, ref_marks, pred_marks, names, image=image_view, aspect=aspect,
+        view.project(r), view.project(p), ref_marks, pred_marks, _feature_names(), image=view.image, aspect=view.aspect,
         titles=("reference", "prediction"), legend=legend, suptitle=f"{_case_name(entry)} - {label_name}",
     )
-    origin = ", ".join(str(s.start or 0) for s in box)
-    return png, legend, f"{view_note}; crop origin ({origin}); {scan_note}"
+    return png, legend, view.note
+
+
+def comparison_picture(entry_a: dict, entry_b: dict, label: str, label_name: str, summary: dict,
+                       images_dir: Path | None, connectivity: int | None) -> tuple[bytes | None, list[str], str]:
+    """(PNG, legend lines, note): the reference and two runs' predictions of one case, each with its own errors.
+
+    On each prediction, red marks the reference features it does not match (missing),
+    blue its own features the reference does not have (extra); ``summary`` is A's (its
+    ignore label). PNG None with the reason in note when the case cannot be drawn.
+    """
+    from medseg.data.io import ending_of
+    from medseg.evaluation.pair import label_masks, read_case_pair
+    from medseg.evaluation.plots import PREDICTION_COLOUR, REFERENCE_COLOUR, Panel, masks_figure
+
+    ref_file = Path(entry_a["reference_file"])
+    masks = []
+    try:
+        for entry in (entry_a, entry_b):
+            pred, ref, geometry = read_case_pair(Path(entry["prediction_file"]), ref_file, connectivity)
+            masks.append(label_masks(pred, ref, int(label), summary.get("ignore_label")))
+    except MedsegError as err:
+        return None, [], f"picture unavailable: {err}"
+    (pred_a, ref_mask), (pred_b, _) = masks
+    if pred_a.shape != pred_b.shape:
+        return None, [], f"picture unavailable: the predictions have shapes {pred_a.shape} and {pred_b.shape}"
+    case = _case_name(entry_a)
+    view = _case_view([pred_a, pred_b, ref_mask], geometry, case, images_dir, ending_of(ref_file))
+    r = ref_mask[view.box]
+    panels, legend = [Panel(view.project(r), "reference")], []
+    for run, pred_mask in (("A", pred_a), ("B", pred_b)):
+        p = pred_mask[view.box]
+        marks = []
+        try:
+            features = unmatched_features(p, r, connectivity)
+            missing, extra = features.reference_counts, features.prediction_counts
+            legend.append(f"{run}: misses {describe_features(missing) if any(missing) else 'nothing'} of the reference, "
+                          f"adds {describe_features(extra) if any(extra) else 'nothing'}")
+            marks = [(view.marks(features.reference_births, features.reference_deaths), REFERENCE_COLOUR, "missing"),
+                     (view.marks(features.prediction_births, features.prediction_deaths), PREDICTION_COLOUR, "extra")]
+        except ImportError:
+            legend = ["topology engine not built: unmatched features not marked"]
+        panels.append(Panel(view.project(p), f"prediction {run}", marks))
+    png = masks_figure(panels, _feature_names(), image=view.image, aspect=view.aspect, legend=legend,
+                       suptitle=f"{case} - {label_name}")
+    return png, legend, view.note
 
 
 def _worst_section(summary: dict, labels: dict[str, str], images_dir: Path | None, ending: str | None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from scipy import ndimage
 
 from medseg.data.dataset import check_dataset, list_cases, load_case
 from medseg.data.io import read_image
-from medseg.data.synthetic import SHIFTED_SPACING_FACTOR, make_case, make_dataset
+from medseg.data.synthetic import FAINT_DOMAIN, SHIFTED_SPACING_FACTOR, make_case, make_dataset
 
 
 def n_components(label: np.ndarray) -> int:
@@ -162,11 +161,24 @@ def test_png_dataset_has_uint8_images_and_binary_labels(synthetic_dataset_2d_png
     assert geom.spacing == (1.0, 1.0)
 
 
-def test_generation_is_fast():
-    make_case(0, size=16)  # warm up imports
-    start = time.perf_counter()
-    make_case(1, size=64)
-    assert time.perf_counter() - start < 1.0
+def test_faint_domain_same_label_thin_branches_near_the_noise():
+    """The demo's domain: the source grid and label, half the contrast, and thin vessels fainter than thick ones."""
+    source = make_case(2, seed=0, size=48, loops=2)
+    faint = make_case(2, seed=0, size=48, loops=2, params=FAINT_DOMAIN)
+    np.testing.assert_array_equal(source["label"], faint["label"])
+    label = source["label"] > 0
+    distance = ndimage.distance_transform_edt(label, sampling=source["geometry"].spacing)
+    background = ~ndimage.binary_dilation(label, iterations=3)
+    thin = label & ~ndimage.binary_erosion(label, iterations=2)  # rims and whole thin vessels
+    thick = distance >= 2.0  # mm from the wall: the centre of the thick vessels only
+
+    def contrast_to_noise(case, where):
+        img = case["image"]
+        return (np.median(img[where]) - np.median(img[background])) / img[background].std()
+
+    assert contrast_to_noise(faint, thick) < 0.6 * contrast_to_noise(source, thick)
+    assert contrast_to_noise(faint, thin) < 0.6 * contrast_to_noise(source, thin)
+    assert contrast_to_noise(faint, thin) < contrast_to_noise(faint, thick)
 
 
 def test_cli_writes_dataset_and_reports(tmp_path, capsys):
@@ -184,6 +196,12 @@ def test_cli_writes_dataset_and_reports(tmp_path, capsys):
     info, cases = check_dataset(out)
     assert info.num_training == 2 and len(cases) == 2
     assert info.raw["medseg_synthetic"]["domain"] == "shifted"
+    faint = tmp_path / "Dataset006_Faint"
+    assert module.main(["--out", str(faint), "--cases", "1", "--test-cases", "0", "--size", "20", "--faint"]) == 0
+    assert check_dataset(faint)[0].raw["medseg_synthetic"]["domain"] == "faint"
+    with pytest.raises(SystemExit) as both:  # argparse: one domain at a time
+        module.main(["--out", str(tmp_path / "both"), "--faint", "--shifted"])
+    assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     assert module.main(["--out", str(tmp_path / "bad"), "--dims", "3", "--format", "png"]) == 2
     assert "PNG datasets are 2D" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "dataset.json").exists()

@@ -122,3 +122,59 @@ def test_report_compare_bad_inputs_are_one_line_errors(two_runs, tmp_path, capsy
     expected = {"missing": "not found", "not_json": "not a readable summary.json", "no_cases": "metric_per_case",
                 "empty_dir": "no summary.json", "disjoint": "no case is evaluated in both", "two_evals": "several evaluations"}
     assert expected[bad] in err
+
+
+def test_most_different_cases_ranks_by_the_topology_error():
+    result = {"per_case": {"1": {
+        "c0": {"betti_matching_error": [4.0, 4.0]},   # equal: never pictured
+        "c1": {"betti_matching_error": [3.0, 1.0]},
+        "c2": {"betti_matching_error": [1.0, 6.0]},
+        "c3": {"betti_matching_error": [2.0, float("nan")]},
+    }, "2": {"c0": {"betti_error": [1.0, 0.0]}}}}
+    from medseg.evaluation.compare import most_different_cases
+
+    assert most_different_cases(result, 5) == [("1", "c2", "betti_matching_error", 1.0, 6.0),
+                                               ("1", "c1", "betti_matching_error", 3.0, 1.0),
+                                               ("2", "c0", "betti_error", 1.0, 0.0)]
+    assert most_different_cases(result, 1)[0][1] == "c2" and most_different_cases(result, 0) == []
+
+
+def _ring(broken: bool) -> np.ndarray:
+    """A 24x24 square ring (1 component, 1 loop); broken: the prediction cut it once and left a speck."""
+    mask = np.zeros((24, 24), np.uint8)
+    mask[4:20, 4:20] = 1
+    mask[7:17, 7:17] = 0
+    if broken:
+        mask[4:7, 11:13] = 0  # the cut opens the loop
+        mask[22, 22] = 1      # and a stray pixel is one extra component
+    return mask
+
+
+def test_compare_html_pictures_the_cases_whose_topology_differs(tmp_path, capsys):
+    """Real masks through medseg evaluate: A broke case_b, B did not; compare.html pictures case_b only."""
+    from medseg.data.io import ImageGeometry, write_image
+    from medseg.evaluation.evaluate import run_evaluation
+
+    folders = {name: tmp_path / name for name in ("labelsTs", "pred_a", "pred_b")}
+    for case, a_broken in (("case_a", False), ("case_b", True)):
+        for name, mask in (("labelsTs", _ring(False)), ("pred_a", _ring(a_broken)), ("pred_b", _ring(False))):
+            write_image(folders[name] / f"{case}.png", mask, ImageGeometry.identity(mask.shape))
+    for run in ("a", "b"):
+        assert run_evaluation(folders[f"pred_{run}"], folders["labelsTs"], tmp_path / f"eval_{run}", connectivity=8,
+                              metrics="dice,betti,betti_matching", report=False)
+    out = tmp_path / "cmp"
+    assert main(["report", "compare", str(tmp_path / "eval_a"), str(tmp_path / "eval_b"), "--output", str(out)]) == 0
+    html = (out / "compare.html").read_text()
+    assert "Cases that differ most" in html
+    assert html.count('<figure class="worst"') == 1 and 'data-case="case_b"' in html
+    assert "A: misses 1 loop of the reference, adds 1 component" in html  # the cut loop, the speck
+    assert "B: misses nothing of the reference, adds nothing" in html
+    assert "betti_matching_error A 2, B 0" in html
+    none = tmp_path / "cmp0"
+    assert main(["report", "compare", str(tmp_path / "eval_a"), str(tmp_path / "eval_b"), "--output", str(none),
+                 "--pictured-cases", "0"]) == 0
+    assert '<figure class="worst"' not in (none / "compare.html").read_text()
+    capsys.readouterr()
+    assert main(["report", "compare", str(tmp_path / "eval_a"), str(tmp_path / "eval_b"), "--pictured-cases", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pictured-cases -1" in err[0]
