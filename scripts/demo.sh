@@ -29,7 +29,7 @@ Demo finished. The table above compares the two runs on the 8 test scans (B - A:
   runs             $runs/quickstart (Dice+CE), $runs/quickstart_cldice (Dice+CE+clDice):
                    config.yaml, checkpoints/, metrics.csv, progress.png, tensorboard/, predictions/
   evaluations      $runs/*/evaluation/report.html (worst cases pictured), summary.json, metrics.csv
-  comparison       $runs/compare/compare.html: paired tests, and the cases that differ most with the
-                   broken branches of each prediction marked
+  comparison       $runs/compare/compare.html: paired tests, and the cases that differ most with each
+                   prediction's extra components (specks, pieces of broken branches) marked
   TensorBoard      .venv/bin/tensorboard --logdir $runs
 MSG

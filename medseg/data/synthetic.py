@@ -33,8 +33,9 @@ The **faint domain** (``params=FAINT_DOMAIN``, ``make_synthetic.py --faint``) ke
 source grid and images the trees the way thin vessels look in real angiography: half the
 contrast, more noise and texture, and a point-spread function as wide as the thinnest
 vessels, so their partial-volume peak sinks towards the noise. A Dice+CE model then
-breaks thin branches into pieces (Betti 0 errors of 10-20 per 64^3 case) while its Dice
-stays near 0.8: the demo's data, where a topology loss has something to repair.
+leaves specks in the noise and breaks thin branches into pieces (Betti 0 errors of 10-20
+per 64^3 case) while its Dice stays near 0.8: the demo's data, where a topology loss has
+something to repair.
 
 Everything is deterministic given ``seed``; a 64^3 case takes about 0.2 s.
 
