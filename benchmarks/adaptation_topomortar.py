@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"Betti 1 {before['betti_1']:.2f} -> {after['betti_1']:.2f} ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
     print()
-    print(f"TopoMortar out-of-distribution groups, {len(seeds)} source model(s) (CE+Dice study runs), shipped adapt "
-          f"configs; mean ± std over seeds of the per-image means; {time.perf_counter() - started:.0f} s in all")
+    print(f"TopoMortar targets {', '.join(targets)} ('train': adapted on the training images, scored on the test set); "
+          f"{len(seeds)} source model(s) from {args.sources}; shipped adapt configs; mean ± std over seeds of the "
+          f"per-image means; {time.perf_counter() - started:.0f} s in all")
     print()
     print("| target | method | Dice before | Dice after | β0 err. before | β0 err. after | β1 err. before | β1 err. after |")
     print("|---|---|---|---|---|---|---|---|")

@@ -228,6 +228,12 @@ class LossTerm(_Strict):
     ``weight`` over ``ramp`` iterations. Each is an iteration count (an integer) or a
     fraction of ``train.iterations`` (a number in [0, 1)). A term whose weight is 0 at
     an iteration is not computed at that iteration.
+
+    ``heads`` matters with deep supervision only: ``all`` (the default) computes the term
+    on every output head, ``final`` on the full-resolution output alone, with the share of
+    the weight that head has under ``all`` (see :mod:`medseg.losses.deep_supervision`). A
+    persistence loss on DynUNet's upsampled heads costs one full-size matching per head;
+    ``final`` keeps one.
     """
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
@@ -235,6 +241,7 @@ class LossTerm(_Strict):
     weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     start: int | float = Field(0, ge=0, description="first iteration of the term: an integer, or a fraction < 1 of train.iterations")
     ramp: int | float = Field(0, ge=0, description="iterations (or a fraction < 1 of train.iterations) to reach the full weight")
+    heads: Literal["all", "final"] = Field("all", description="with deep supervision: the term on every head, or the final output only")
 
     @field_validator("start", "ramp")
     @classmethod

@@ -10,6 +10,10 @@ as in nnU-Net (Isensee et al., Nature Methods 2021), here with full-resolution t
 (MONAI upsamples the heads rather than downsampling the targets), so that every loss
 term, topology losses and their per-sample targets included, applies unchanged. In
 evaluation mode the network returns only the final output.
+
+A term configured with ``heads: final`` is left out on the heads i > 0 and keeps its
+``w_0`` share on the final output, so that switching it from ``all`` to ``final`` drops
+the coarse heads' contributions and leaves the final one as it was.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def deep_supervision_loss(
     total = torch.zeros((), device=outputs.device)
     terms: dict[str, torch.Tensor] = {}
     for i, weight in enumerate(deep_supervision_weights(outputs.shape[1])):
-        loss, parts = loss_fn(outputs[:, i], target, batch=batch)
+        loss, parts = loss_fn(outputs[:, i], target, batch=batch, head=i)
         total = total + weight * loss
         for name, value in parts.items():
             terms[name] = terms.get(name, 0.0) + weight * value

@@ -151,6 +151,9 @@ class CompositeLoss(nn.Module):
     0, 1)`` at iteration index t (0 before ``start``, full at once when ``ramp`` is 0); a
     term of weight 0 is skipped (not computed, and absent from ``parts``). Without
     :meth:`set_iteration` every term has its full weight.
+
+    ``final_only[i]``: term i is skipped on the deep-supervision heads (``forward`` with
+    ``head > 0``), the ``heads: final`` of :class:`~medseg.config.LossTerm`.
     """
 
     def __init__(
@@ -158,11 +161,15 @@ class CompositeLoss(nn.Module):
         terms: Iterable[tuple[str, float, nn.Module]],
         out_channels: int,
         schedules: Iterable[tuple[int | float, int | float]] | None = None,
+        final_only: Iterable[bool] | None = None,
     ) -> None:
         super().__init__()
         terms = list(terms)
         if not terms:
             raise ConfigError("losses: at least one loss term is required")
+        self.final_only = list(final_only) if final_only is not None else [False] * len(terms)
+        if len(self.final_only) != len(terms):
+            raise ValueError(f"{len(self.final_only)} final_only flags for {len(terms)} loss terms")
         self.names = [t[0] for t in terms]
         self.weights = [float(t[1]) for t in terms]
         self.terms = nn.ModuleList(t[2] for t in terms)
@@ -199,16 +206,21 @@ class CompositeLoss(nn.Module):
         return _activation([type(t) for t in self.terms], self.out_channels)
 
     def forward(
-        self, input: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None = None
+        self, input: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None = None, head: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``head``: which deep-supervision output ``input`` is (0: the final one)."""
         # Sums over a 96^3 patch overflow float16; the terms are computed in float32 even
         # when the network runs under autocast.
         input = input.float()
         total = torch.zeros((), device=input.device)
         parts: dict[str, torch.Tensor] = {}
-        for name, weight, configured, term in zip(self.names, self.current_weights, self.weights, self.terms):
+        for name, weight, configured, term, final_only in zip(
+            self.names, self.current_weights, self.weights, self.terms, self.final_only
+        ):
             if weight == 0.0 and configured != 0.0:
                 continue  # scheduled off at this iteration: not computed
+            if final_only and head > 0:
+                continue  # heads: final
             extra = {}
             if batch is not None:
                 for key, arg in (getattr(term, "batch_keys", {}) or {}).items():
@@ -296,11 +308,12 @@ def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
         raise ConfigError(f"losses: out_channels must be >= 1, got {out_channels}")
     if not terms:
         raise ConfigError("losses: at least one loss term is required")
-    built, schedules, seen = [], [], {}
+    built, schedules, final_only, seen = [], [], [], {}
     for i, term in enumerate(terms):
         if not isinstance(term, LossTerm):
             term = LossTerm.model_validate(term)
         schedules.append((term.start, term.ramp))
+        final_only.append(term.heads == "final")
         where = f"losses[{i}]"
         params = term.params()
         cls = _loss_class(term.name, where)
@@ -320,7 +333,7 @@ def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
                 params[key] = value
         module = _make(term.name, params, where)
         built.append((_term_name(term.name, seen), term.weight, module))
-    return CompositeLoss(built, out_channels, schedules=schedules)
+    return CompositeLoss(built, out_channels, schedules=schedules, final_only=final_only)
 
 
 def required_target_transforms(terms: list[LossTerm] | CompositeLoss, out_channels: int | None = None) -> list:

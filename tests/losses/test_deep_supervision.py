@@ -42,3 +42,25 @@ def test_loss_is_the_weighted_sum_over_dynunet_heads():
     # evaluation mode: the final output only
     with torch.no_grad():
         assert not is_deep_supervision_output(model.eval()(image), image)
+
+
+def test_a_final_only_term_is_computed_on_the_final_head_alone():
+    """heads: final drops the coarse heads' contributions of that term and keeps the final one's."""
+    torch.manual_seed(1)
+    outputs = torch.randn(2, 3, 2, 16, 16, requires_grad=True)  # (B, 1 + H, C, H, W)
+    target = (torch.rand(2, 1, 16, 16) > 0.6).long()
+    both = build_loss([{"name": "dice_ce"}, {"name": "cldice", "weight": 0.5, "iterations": 3}], 2)
+    final = build_loss([{"name": "dice_ce"}, {"name": "cldice", "weight": 0.5, "iterations": 3, "heads": "final"}], 2)
+    calls = []
+    final.terms[1].register_forward_hook(lambda module, args, out: calls.append(out.detach()))
+    total, terms = deep_supervision_loss(final, outputs, target)
+    assert len(calls) == 1  # the clDice term ran once, on head 0
+    w = deep_supervision_weights(3)
+    dice_ce = sum(wi * both(outputs[:, i], target)[1]["dice_ce"] for i, wi in enumerate(w))
+    cldice_final = both(outputs[:, 0], target)[1]["cldice"]
+    assert torch.allclose(terms["dice_ce"], dice_ce) and torch.allclose(terms["cldice"], w[0] * cldice_final)
+    assert torch.allclose(total, dice_ce + 0.5 * w[0] * cldice_final)
+    total.backward()
+    assert outputs.grad[:, 1:].abs().sum() > 0  # dice_ce still trains the coarse heads
+    with pytest.raises(Exception, match="heads"):
+        build_loss([{"name": "cldice", "heads": "coarse"}], 2)
