@@ -93,3 +93,29 @@ def test_the_protocol_network_comes_from_the_study():
     cfg = bench.model_config(REPO / "benchmarks" / "topomortar_study.yaml")
     assert cfg.name == "dynunet" and cfg.params["filters"] == [32, 64, 128, 256, 512, 512, 512]
     assert cfg.params["deep_supervision"] is True  # from configs/dynunet.yaml, the study's base
+
+
+def test_adaptation_targets_link_the_images_and_leave_the_dataset_alone(dataset, tmp_path):
+    """adaptation_topomortar.py: 'train' adapts on the split's training images and scores on the test set;
+    an out-of-distribution group on its own images; an old workdir (imagesTs linked as a folder) is migrated."""
+    bench = _load("adaptation_topomortar", REPO / "benchmarks" / "adaptation_topomortar.py")
+    before = sorted(str(p.relative_to(dataset)) for p in dataset.rglob("*"))
+    split = json.loads((dataset / "splits_final.json").read_text())[0]["train"]
+
+    folder, images, labels = bench.target_dataset(dataset, "train", tmp_path)
+    linked = sorted(folder.joinpath("imagesTs").iterdir())
+    assert [p.name for p in linked] == sorted(f"{case}_0000.png" for case in split)
+    assert all(p.is_symlink() and p.resolve().parent == (dataset / "imagesTr").resolve() for p in linked)
+    assert (images, labels) == (dataset / "imagesTs", dataset / "labelsTs")
+
+    group = next(p.name[len("imagesTs_"):] for p in dataset.glob("imagesTs_*"))
+    old = tmp_path / "targets" / group
+    old.mkdir(parents=True)
+    (old / "imagesTs").symlink_to((dataset / f"imagesTs_{group}").resolve(), target_is_directory=True)
+    folder, images, labels = bench.target_dataset(dataset, group, tmp_path)
+    assert not (folder / "imagesTs").is_symlink()
+    assert sorted(p.name for p in (folder / "imagesTs").iterdir()) == sorted(p.name for p in images.iterdir())
+    assert labels == dataset / f"labelsTs_{group}"
+    assert sorted(str(p.relative_to(dataset)) for p in dataset.rglob("*")) == before  # nothing written into it
+    with pytest.raises(SystemExit, match="nowhere"):
+        bench.target_dataset(dataset, "nowhere", tmp_path)
