@@ -17,7 +17,12 @@ from typing import Iterator, List, Optional
 import typer
 
 from medseg.errors import ArgumentError, MedsegError
-from medseg.evaluation.summary import DEFAULT_PERMUTATIONS, DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES
+from medseg.evaluation.summary import (
+    DEFAULT_PERMUTATIONS,
+    DEFAULT_PICTURED_CASES,
+    DEFAULT_TOLERANCE_MM,
+    DEFAULT_WORST_CASES,
+)
 
 app = typer.Typer(
     name="medseg",
@@ -261,7 +266,7 @@ def report_compare(
         DEFAULT_PERMUTATIONS, "--permutations", help="resamples of the paired permutation test (exact when 2^n is fewer)"
     ),
     pictured_cases: int = typer.Option(
-        3, "--pictured-cases", help="cases per label pictured in compare.html: those whose topology error differs most"
+        DEFAULT_PICTURED_CASES, "--pictured-cases", help="cases per label pictured in compare.html: those whose topology error differs most"
     ),
 ) -> None:
     """Two evaluations of the same cases side by side: paired differences, Wilcoxon and permutation tests."""

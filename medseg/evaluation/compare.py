@@ -42,6 +42,7 @@ from medseg.evaluation import _page
 from medseg.evaluation.aggregate import better_direction, is_number
 from medseg.evaluation.summary import (
     DEFAULT_PERMUTATIONS,
+    DEFAULT_PICTURED_CASES,
     PRIMARY_METRICS,
     find_summary,
     json_default,
@@ -53,7 +54,6 @@ __all__ = ["Evaluation", "find_summary", "load_evaluation", "paired_tests", "com
            "format_table", "run_compare"]
 
 SIGNIFICANCE = 0.05  # only for marking rows; the p-values are reported as they are
-DEFAULT_PICTURED_CASES = 3  # per label in compare.html: the cases whose topology error differs most
 
 
 @dataclass
@@ -296,7 +296,13 @@ def most_different_cases(result: dict[str, Any], count: int) -> list[tuple[str, 
 
 def _pictures(a: Evaluation, b: Evaluation, result: dict[str, Any], count: int) -> dict[str, list[str]]:
     """Per label, the HTML figures of :func:`most_different_cases`: reference, A and B, errors marked."""
-    from medseg.evaluation.report import _case_name, _connectivity_from, comparison_picture, default_images_dir
+    from medseg.evaluation.report import (
+        _case_name,
+        _connectivity_from,
+        comparison_picture,
+        default_images_dir,
+        picture_figure,
+    )
 
     entries = [{_case_name(e): e for e in ev.summary.get("metric_per_case", []) if isinstance(e, dict)} for ev in (a, b)]
     reference_folder = a.summary.get("reference_folder")
@@ -310,11 +316,8 @@ def _pictures(a: Evaluation, b: Evaluation, result: dict[str, Any], count: int) 
             png, legend, note = comparison_picture(entry_a, entry_b, label, result["labels"].get(label, label), a.summary,
                                                    images_dir, _connectivity_from(a.summary))
         head = f"{case} \u00b7 {metric} A {_page.fmt(va)}, B {_page.fmt(vb)} (B - A {_page.fmt(vb - va)})"
-        picture = _page.img(png, f"{case}: reference, prediction A, prediction B") if png is not None else ""
-        legend_html = "".join(f"<div class=\"legend\">{_page.esc(line)}</div>" for line in legend)
         figures.setdefault(label, []).append(
-            f"<figure class=\"worst\" data-case=\"{_page.esc(case)}\">{picture}<figcaption><div>{_page.esc(head)}</div>"
-            f"{legend_html}<div class=\"meta\">{_page.esc(note)}</div></figcaption></figure>")
+            picture_figure(png, f"{case}: reference, prediction A, prediction B", case, label, head, legend, note))
     return figures
 
 
@@ -322,6 +325,7 @@ def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] |
     """``compare.html``: the tables, a plot of the per-case differences, ``pictures`` (per label, HTML figures
     of the cases that differ most) and a per-case table per label."""
     from medseg.evaluation.plots import paired_difference_figure
+    from medseg.evaluation.report import MARKERS_EXPLAINED
 
     body = ["<h1>medseg comparison</h1>",
             f"<p class=\"meta\">A: <code>{_page.esc(result['a'])}</code><br>B: <code>{_page.esc(result['b'])}</code><br>"
@@ -350,9 +354,8 @@ def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] |
         if pictures and pictures.get(label):
             body.append("<h3>Cases that differ most</h3><p class=\"meta\">The reference and both predictions of the "
                         "cases whose topology error differs most. On each prediction, red marks the reference features "
-                        "it does not match (missing), blue its own features the reference does not have (extra); "
-                        "hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), "
-                        "x at the death voxel.</p>" + "".join(pictures[label]))
+                        "it does not match (missing), blue its own features the reference does not have (extra). "
+                        f"{MARKERS_EXPLAINED}</p>" + "".join(pictures[label]))
         metrics = list(rows)
         headers = ["case"] + [f"{m} {x}" for m in metrics for x in ("A", "B", "B-A")]
         keys = ["case"] + [f"{m}.{x}" for m in metrics for x in ("A", "B", "diff")]

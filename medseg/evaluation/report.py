@@ -57,6 +57,7 @@ FEATURE_NAMES = {0: ("component", "components"), 1: ("loop", "loops"), 2: ("cavi
 """What a homology class of each dimension is called in legends (singular, plural)."""
 
 _PICTURE_MARGIN = 3  # voxels around the union of both masks in the worst-case pictures
+MARKERS_EXPLAINED = "Hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), x at the death voxel."
 
 
 # --------------------------------------------------------------------------- features
@@ -466,8 +467,8 @@ def _worst_section(summary: dict, labels: dict[str, str], images_dir: Path | Non
         return html + f"<p class=\"meta\">Every case has {_page.esc(metric)} 0: nothing to picture.</p>"
     html += (
         f"<p class=\"meta\">The {len(worst)} (case, label) pairs with the largest {_page.esc(metric)}. Red: reference features "
-        "the prediction does not match (missing); blue: prediction features the reference does not match (extra). "
-        "Hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), x at the death voxel.</p>"
+        f"the prediction does not match (missing); blue: prediction features the reference does not match (extra). "
+        f"{MARKERS_EXPLAINED}</p>"
     )
     for value, case, label, entry in worst:
         name = labels.get(label, f"label {label}")
@@ -478,13 +479,18 @@ def _worst_section(summary: dict, labels: dict[str, str], images_dir: Path | Non
         head = f"{case} \u00b7 {name} \u00b7 {metric} {_page.fmt(value)}"
         if per_dim:
             head += " (" + ", ".join(f"dim {d}: {_page.fmt(v)}" for d, v in enumerate(per_dim)) + ")"
-        legend_html = "".join(f"<div class=\"legend\">{_page.esc(line)}</div>" for line in legend)
-        picture = _page.img(png, f"{case} {name}: reference and prediction") if png is not None else ""
-        html += (
-            f"<figure class=\"worst\" data-case=\"{_page.esc(case)}\" data-label=\"{_page.esc(label)}\">{picture}"
-            f"<figcaption><div>{_page.esc(head)}</div>{legend_html}<div class=\"meta\">{_page.esc(note)}</div></figcaption></figure>"
-        )
+        html += picture_figure(png, f"{case} {name}: reference and prediction", case, label, head, legend, note)
     return html
+
+
+def picture_figure(png: bytes | None, alt: str, case: str, label: str, head: str, legend: Sequence[str], note: str) -> str:
+    """One pictured case as an HTML ``<figure>``: the picture (when there is one), its heading, legend lines and note."""
+    picture = _page.img(png, alt) if png is not None else ""
+    legend_html = "".join(f"<div class=\"legend\">{_page.esc(line)}</div>" for line in legend)
+    return (
+        f"<figure class=\"worst\" data-case=\"{_page.esc(case)}\" data-label=\"{_page.esc(label)}\">{picture}"
+        f"<figcaption><div>{_page.esc(head)}</div>{legend_html}<div class=\"meta\">{_page.esc(note)}</div></figcaption></figure>"
+    )
 
 
 # --------------------------------------------------------------------------- entry points

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_TOLERANCE_MM",
     "DEFAULT_WORST_CASES",
     "DEFAULT_PERMUTATIONS",
+    "DEFAULT_PICTURED_CASES",
     "PRIMARY_METRICS",
     "find_summary",
     "read_summary",
@@ -39,6 +40,9 @@ DEFAULT_WORST_CASES = 5
 
 DEFAULT_PERMUTATIONS = 10000
 """Resamples of the paired permutation test (exact enumeration when 2^n is fewer)."""
+
+DEFAULT_PICTURED_CASES = 3
+"""Cases per label pictured in ``compare.html``: those whose topology error differs most between the runs."""
 
 PRIMARY_METRICS = (
     "Dice", "IoU", "NSD", "clDice", "HD95", "betti_matching_error", "betti_error",
