@@ -15,12 +15,12 @@ foreground, as TopoMortar counts it): Dice and the Betti 0 and 1 errors, means o
 Target ``train`` is TopoMortar's self-distillation setting instead: the method adapts on
 the 50 in-distribution training images (images only, from splits_final.json) and is
 scored on the in-distribution test set. With the models trained on noisy or pseudo labels
-(``benchmarks/topomortar_labels.yaml``) as sources, it asks whether a mean teacher on the
+(``benchmarks/topomortar_labels.yaml``) as sources, it asks whether self-training on the
 training images repairs what the labels broke:
 
     medseg study benchmarks/topomortar_labels.yaml --parallel 2
     python benchmarks/adaptation_topomortar.py --sources studies/topomortar_labels/noisy \
-        --targets train --methods mean_teacher --workdir studies/topomortar_selftraining/noisy
+        --targets train --methods mean_teacher,pseudo_label --workdir studies/topomortar_selftraining/noisy
 
     python data_scripts/prepare_topomortar.py --src ../shared/datasets/TopoMortar --out data/Dataset201_TopoMortar
     medseg study benchmarks/topomortar_cpu.yaml --parallel 2          # the source models
