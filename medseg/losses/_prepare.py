@@ -18,7 +18,6 @@ multi-label heads, or ``sigmoid=False`` when the input already holds probabiliti
 from __future__ import annotations
 
 import torch
-from monai.networks import one_hot
 
 #: Floor of every denominator in medseg's losses, so that smoothing terms of 0 never give 0/0.
 EPS = 1e-6
@@ -74,23 +73,43 @@ def activate(input: torch.Tensor, activation: str) -> torch.Tensor:
     return input
 
 
-def target_as_channels(target: torch.Tensor, n_channels: int, to_onehot_y: bool | None) -> torch.Tensor:
-    """The target with ``n_channels`` channels, as a float tensor."""
+def encodes_labels(target: torch.Tensor, n_channels: int, to_onehot_y: bool | None) -> bool:
+    """Whether :func:`target_as_channels` one-hot encodes ``target`` (a label map, C > 1):
+    its channels then hold 0 and 1 only."""
+    if to_onehot_y is None:
+        to_onehot_y = target.shape[1] == 1
+    return bool(to_onehot_y) and n_channels > 1
+
+
+def target_as_channels(
+    target: torch.Tensor, n_channels: int, to_onehot_y: bool | None, first: int = 0
+) -> torch.Tensor:
+    """The target with ``n_channels`` channels, as a float tensor; channels ``first`` on.
+
+    A label map is one-hot encoded by comparison, channel by channel, so that only the
+    channels asked for are built (``first=1``: no background); its labels must lie in
+    ``0 .. n_channels - 1``.
+    """
     if target.dim() < 3:
         raise ValueError(f"target must be (B, 1 or C, *spatial), got shape {tuple(target.shape)}")
-    if to_onehot_y is None:
-        to_onehot_y = n_channels > 1 and target.shape[1] == 1
-    if to_onehot_y and n_channels > 1:
+    if encodes_labels(target, n_channels, to_onehot_y):
         if target.shape[1] != 1:
             raise ValueError(f"to_onehot_y needs a (B, 1, ...) label map, got shape {tuple(target.shape)}")
-        target = one_hot(target.long(), num_classes=n_channels, dim=1)
+        labels = target.long()
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= n_channels:
+            raise ValueError(
+                f"the label map holds labels {low} to {high}, outside the {n_channels} classes 0 to {n_channels - 1}"
+            )
+        classes = torch.arange(first, n_channels, device=labels.device).view(1, -1, *([1] * (labels.dim() - 2)))
+        return (labels == classes).float()
     target = target.float()
     if target.shape[1] != n_channels:
         raise ValueError(
             f"target has {target.shape[1]} channels but input has {n_channels}; "
             "pass an integer label map (B, 1, ...) or a one-hot target (B, C, ...)"
         )
-    return target
+    return target[:, first:]
 
 
 def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
@@ -120,10 +139,8 @@ def probabilities_and_target(
     """
     n = input.shape[1]
     probs = activate(input, resolve_activation(n, sigmoid, softmax))
-    tgt = target_as_channels(target, n, to_onehot_y)
-    if not include_background and n > 1:
-        probs, tgt = probs[:, 1:], tgt[:, 1:]
-    return probs, tgt
+    first = 0 if include_background or n == 1 else 1
+    return probs[:, first:], target_as_channels(target, n, to_onehot_y, first)
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -15,9 +15,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medseg.losses._prepare import check_activation_flags, check_input, check_reduction, probabilities_and_target
+from medseg.losses._prepare import (
+    check_activation_flags,
+    check_input,
+    check_reduction,
+    encodes_labels,
+    probabilities_and_target,
+)
 from medseg.topology import _backends, _inputs
-from medseg.topology.matching import _prepare_targets, _raw_matchings
+from medseg.topology.matching import _matching_indices, _prepare_targets
 
 __all__ = ["BettiMatchingLoss"]
 
@@ -269,30 +275,36 @@ class BettiMatchingLoss(torch.nn.Module):
 
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
         instances = batch * channels
-        shape = tuple(probs.shape[2:])
         # one flat view of all instances: a pair's value is read by its flat index
         # instance * voxels + (ravelled coordinates), all pairs of the batch at once
         values_p = flat_probs.reshape(-1)
-        values_t = flat_tgt.reshape(-1)
+        # a 0/1 target (a label map's one-hot) needs no coordinates: each of its pairs
+        # runs from one value to the other (relative: a pair born on the padding is read
+        # at the nearest voxel of the image, which may hold the other value)
+        binary = not self.relative and (
+            encodes_labels(target, input.shape[1], self.to_onehot_y)
+            or bool(((flat_tgt == 0) | (flat_tgt == 1)).all())
+        )
+        values_t = None if binary else flat_tgt.reshape(-1)
         contributions: list[torch.Tensor] = []
         owners: list[np.ndarray] = []
         pairs = np.zeros(instances, dtype=np.int64)
         for filtration in filtrations:
             superlevel = filtration == "superlevel"
             prepared = self._prepared(tgt_list, superlevel) if backend.takes_prepared_targets else None
-            raws = _raw_matchings(
+            indices = _matching_indices(
                 preds_list,
                 tgt_list,
                 superlevel,
                 self.construction,
                 self.relative,
-                include_unmatched_target=True,
                 threads=self.threads,
                 prepared=prepared,
                 comparison=self.comparison,
                 backend=backend,
+                report_target=values_t is not None,
             )
-            self._batch_terms(values_p, values_t, raws, shape, superlevel, contributions, owners, pairs)
+            self._batch_terms(values_p, values_t, indices, superlevel, contributions, owners, pairs)
         owner = torch.from_numpy(np.concatenate(owners)).to(values_p.device)
         # per-instance sums in float64, then back to the input's dtype: summing tens of
         # thousands of terms one after the other adds no float32 rounding of its own
@@ -313,9 +325,8 @@ class BettiMatchingLoss(torch.nn.Module):
     def _batch_terms(
         self,
         values_p: torch.Tensor,
-        values_t: torch.Tensor,
-        raws: list[dict],
-        shape: tuple[int, ...],
+        values_t: torch.Tensor | None,
+        indices: tuple,
         superlevel: bool,
         contributions: list[torch.Tensor],
         owners: list[np.ndarray],
@@ -326,19 +337,28 @@ class BettiMatchingLoss(torch.nn.Module):
         Appends to ``contributions`` the per-pair terms (weights applied) and to
         ``owners`` the instance of each; adds each instance's number of pairs to
         ``pairs`` (for ``normalize="pairs"``). ``values_p``/``values_t``: the batch's
-        prediction / target flattened (instances first); ``raws``: the engine's
-        coordinates, one dict per instance.
+        prediction / target flattened (instances first), ``values_t`` None for a 0/1
+        target; ``indices``: the engine's ``(index_p, sizes_p, index_t, sizes_t)``
+        (:meth:`medseg.topology._backends.Backend.matching_batch_indices`).
         """
-        n = len(raws)
-        # the prediction's values at the births and deaths of its matched and unmatched
-        # pairs, and the target's at those of its own: one gather each for the batch
-        index_p, sizes_p = _flat_indices(raws, _KEYS_PREDICTION, shape)
-        index_t, sizes_t = _flat_indices(raws, _KEYS_TARGET, shape)
+        index_p, sizes_p, index_t, sizes_t = indices
+        n = sizes_p.shape[1]
         m, ua, ub = sizes_p[0], sizes_p[2], sizes_t[2]  # (n, ndim) pairs per instance and dimension
         n_m, n_ua, n_ub = int(m.sum()), int(ua.sum()), int(ub.sum())
         device = values_p.device
-        pm_b, pm_d, pu_b, pu_d = values_p.index_select(0, index_p.to(device)).split([n_m, n_m, n_ua, n_ua])
-        tm_b, tm_d, tu_b, tu_d = values_t.index_select(0, index_t.to(device)).split([n_m, n_m, n_ub, n_ub])
+        # the prediction's values at the births and deaths of its matched and unmatched
+        # pairs, and the target's at those of its own: one gather each for the batch
+        gather_p = values_p.index_select(0, torch.from_numpy(index_p).to(device))
+        pm_b, pm_d, pu_b, pu_d = gather_p.split([n_m, n_m, n_ua, n_ua])
+        if values_t is None:  # 0/1 target: born at 1 and dying at 0 (superlevel), or the reverse
+            born, dies = (1.0, 0.0) if superlevel else (0.0, 1.0)
+            tm_b, tm_d, tu_b, tu_d = (
+                torch.full((k,), v, dtype=values_p.dtype, device=device)
+                for k, v in ((n_m, born), (n_m, dies), (n_ub, born), (n_ub, dies))
+            )
+        else:
+            gather_t = values_t.index_select(0, torch.from_numpy(index_t).to(device))
+            tm_b, tm_d, tu_b, tu_d = gather_t.split([n_m, n_m, n_ub, n_ub])
 
         target_point = (0.0, 1.0) if superlevel else (1.0, 0.0)
         matched = (pm_b - tm_b) ** 2 + (pm_d - tm_d) ** 2
@@ -375,25 +395,3 @@ class BettiMatchingLoss(torch.nn.Module):
         ]
         owners += [owner_m, owner_ua, owner_ub]
 
-
-_KEYS_PREDICTION = ("matched_a_birth", "matched_a_death", "unmatched_a_birth", "unmatched_a_death")
-_KEYS_TARGET = ("matched_b_birth", "matched_b_death", "unmatched_b_birth", "unmatched_b_death")
-
-
-def _flat_indices(raws: list[dict], keys: Sequence[str], shape: tuple[int, ...]) -> tuple[torch.Tensor, list]:
-    """Indices into the flattened batch (instance * voxels + ravelled coordinates) of the
-    voxels of ``keys`` of the engine's results ``raws``, key by key, then instance by
-    instance, then dimension by dimension; and, per key, the (instances, dimensions)
-    array of their numbers."""
-    n, ndim = len(raws), len(shape)
-    arrays = [a for k in keys for raw in raws for a in raw[k]]
-    sizes = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)).reshape(len(keys), n, ndim)
-    voxels = int(np.prod(shape))
-    # the instance's offset, then each axis's coordinate times its stride
-    index = np.repeat(np.tile(np.arange(n, dtype=np.int64) * voxels, len(keys)), sizes.sum(2).ravel())
-    if len(index):
-        coords = np.concatenate(arrays, axis=0)
-        for axis in range(ndim):
-            stride = int(np.prod(shape[axis + 1 :]))
-            index += coords[:, axis] * stride if stride != 1 else coords[:, axis]
-    return torch.from_numpy(index), list(sizes)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
+import numpy as np
+
 from medseg.topology import _inputs
 
 __all__ = ["Backend", "CpuBackend", "CpuParallelBackend", "CudaBackend", "resolve_backend"]
@@ -52,8 +54,48 @@ class Backend:
         """Raw Betti matchings of many pairs; ``prepared`` targets only where :attr:`takes_prepared_targets`."""
         raise NotImplementedError
 
+    def matching_batch_indices(
+        self, ps, ts, superlevel, construction, threads, intersection, prepared=None, report_target=True
+    ) -> tuple:
+        """:meth:`matching_batch` (every unmatched pair) in the form the loss reads it.
+
+        Returns ``(index_a, sizes_a, index_b, sizes_b)``: int64 flat indices into the
+        batch (``instance * voxels`` + the voxel's ravelled index), key by key (matched
+        birth, matched death, unmatched birth, unmatched death), then instance by
+        instance, then dimension by dimension, and each key's ``(4, instances, ndim)``
+        numbers of pairs. ``index_b`` is None without ``report_target`` (the numbers
+        stay). All images share one shape. This generic form joins
+        :meth:`matching_batch`'s arrays in numpy; the CPU engine writes them itself.
+        """
+        raws = self.matching_batch(ps, ts, superlevel, construction, True, True, threads, intersection, prepared)
+        index_a, sizes_a, index_b, sizes_b = flat_batch_indices(raws, tuple(ps[0].shape))
+        return index_a, sizes_a, index_b if report_target else None, sizes_b
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+KEYS_A = ("matched_a_birth", "matched_a_death", "unmatched_a_birth", "unmatched_a_death")
+KEYS_B = ("matched_b_birth", "matched_b_death", "unmatched_b_birth", "unmatched_b_death")
+
+
+def flat_batch_indices(raws: list[dict], shape: tuple[int, ...]) -> tuple:
+    """``(index_a, sizes_a, index_b, sizes_b)`` of :meth:`Backend.matching_batch_indices`
+    from raw matchings (one dict of (pairs, ndim) voxel coordinates per instance)."""
+    out = []
+    for keys in (KEYS_A, KEYS_B):
+        n, ndim = len(raws), len(shape)
+        arrays = [a for k in keys for raw in raws for a in raw[k]]
+        sizes = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)).reshape(len(keys), n, ndim)
+        voxels = int(np.prod(shape))
+        # the instance's offset, then each axis's coordinate times its stride
+        index = np.repeat(np.tile(np.arange(n, dtype=np.int64) * voxels, len(keys)), sizes.sum(2).ravel())
+        if len(index):
+            coords = np.concatenate(arrays, axis=0)
+            for axis in range(ndim):
+                index += coords[:, axis] * int(np.prod(shape[axis + 1 :]))
+        out += [index, sizes]
+    return tuple(out)
 
 
 class CpuBackend(Backend):
@@ -82,6 +124,15 @@ class CpuBackend(Backend):
                 prepared, intersection,
             )
         )
+
+
+    def matching_batch_indices(
+        self, ps, ts, superlevel, construction, threads, intersection, prepared=None, report_target=True
+    ):
+        index_a, sizes_a, index_b, sizes_b = _inputs.engine().matching_batch_indices(
+            ps, ts, superlevel, construction, _inputs.default_threads(threads), prepared, intersection, report_target
+        )
+        return index_a, sizes_a, index_b if report_target else None, sizes_b
 
 
 class CpuParallelBackend(Backend):

@@ -453,3 +453,37 @@ def _raw_matchings(
                     raw[k] = [_inputs.unpad(a, shape) for a in raw[k]]
     return raws
 
+
+
+def _matching_indices(
+    predictions: list,
+    targets: list,
+    superlevel: bool,
+    construction: str,
+    relative: bool,
+    threads: int | None = None,
+    prepared: list | None = None,
+    comparison: str = "union",
+    backend: str | Backend = "auto",
+    report_target: bool = True,
+) -> tuple:
+    """The loss's fast path: :meth:`Backend.matching_batch_indices` of validated pairs
+    of one shape (every unmatched pair included); ``relative`` pads and unpads here."""
+    backend = _backends.resolve_backend(backend, *predictions[:1])
+    if relative:
+        raws = _raw_matchings(predictions, targets, superlevel, construction, True, True, threads,
+                              comparison=comparison, backend=backend)
+        index_a, sizes_a, index_b, sizes_b = _backends.flat_batch_indices(raws, tuple(predictions[0].shape))
+        return index_a, sizes_a, index_b if report_target else None, sizes_b
+    on_device = backend.on_device(*predictions[:1])
+    pairs = [(_inputs.as_device_pair if on_device else _inputs.as_pair)(p, t) for p, t in zip(predictions, targets)]
+    return backend.matching_batch_indices(
+        [p for p, _ in pairs],
+        [t for _, t in pairs],
+        superlevel,
+        construction,
+        _inputs.default_threads(threads),
+        _intersection(comparison),
+        prepared,
+        report_target,
+    )

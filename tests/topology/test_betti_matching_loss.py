@@ -190,3 +190,57 @@ def test_normalize_pairs_is_patch_size_free_and_rejects_unknown():
     assert large == pytest.approx(small, rel=0.35)
     with pytest.raises(ValueError, match="normalize"):
         BettiMatchingLoss(normalize="pair")
+
+
+@pytest.mark.parametrize("filtration", ["superlevel", "sublevel"])
+@pytest.mark.parametrize("construction", ["V", "T"])
+@pytest.mark.parametrize("comparison", ["union", "intersection"])
+@pytest.mark.parametrize("shape", [(2, 2, 14, 11), (1, 2, 6, 7, 5)])
+def test_label_map_target_equals_the_formula_on_its_values(filtration, construction, comparison, shape):
+    """A label map's one-hot target takes no coordinates from the engine (each of its
+    pairs runs from 1 to 0, or 0 to 1): the value still equals the formula read at the
+    coordinates the topology API returns, per option."""
+    x, y = logits_and_labels(shape=shape, seed=11)
+    x = x.double()
+    p = torch.softmax(x, 1)[:, 1].numpy()
+    loss = BettiMatchingLoss(filtration=filtration, construction=construction, comparison=comparison,
+                             reduction="none", dimension_weights=[0.5, 2.0, 3.0][: len(shape) - 2])
+    pushed = BettiMatchingLoss(filtration=filtration, construction=construction, comparison=comparison,
+                               reduction="none", push_unmatched_to_1_0=True)
+    got, got_pushed = loss(x, y), pushed(x, y)
+    corner = (0.0, 1.0) if filtration == "superlevel" else (1.0, 0.0)
+    for i in range(shape[0]):
+        m = topo.betti_matching(p[i], y[i, 0].numpy().astype(np.float64), filtration=filtration,
+                                construction=construction, comparison=comparison)
+        weights = [0.5, 2.0, 3.0][: m.ndim]
+        assert got[i, 0].item() == pytest.approx(float(np.dot(weights, m.loss_per_dim())), rel=1e-6, abs=1e-9)
+        expected = 2 * sum(
+            ((m.matched_prediction_births[d] - m.matched_target_births[d]) ** 2).sum()
+            + ((m.matched_prediction_deaths[d] - m.matched_target_deaths[d]) ** 2).sum()
+            + ((m.unmatched_prediction_births[d] - corner[0]) ** 2).sum()
+            + ((m.unmatched_prediction_deaths[d] - corner[1]) ** 2).sum()
+            + ((m.unmatched_target_births[d] - corner[0]) ** 2).sum()
+            + ((m.unmatched_target_deaths[d] - corner[1]) ** 2).sum()
+            for d in range(m.ndim)
+        )
+        assert got_pushed[i, 0].item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_soft_target_reads_its_values():
+    """A target with values other than 0 and 1 is read at its pairs' voxels."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 12, 12, generator=g, dtype=torch.float64)
+    t = torch.rand(2, 1, 12, 12, generator=g, dtype=torch.float64)
+    got = BettiMatchingLoss(reduction="none")(x, t)
+    p = torch.sigmoid(x).numpy()
+    for i in range(2):
+        assert got[i, 0].item() == pytest.approx(topo.betti_matching(p[i, 0], t[i, 0].numpy()).loss(), rel=1e-6)
+
+
+def test_label_outside_the_classes_is_a_clear_error():
+    x = torch.randn(1, 3, 8, 8)
+    for bad in (3, -1):
+        y = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+        y[0, 0, 2, 2] = bad
+        with pytest.raises(ValueError, match=r"outside the 3 classes 0 to 2"):
+            BettiMatchingLoss()(x, y)

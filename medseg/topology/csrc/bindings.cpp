@@ -22,6 +22,12 @@ namespace nb = nanobind;
 using namespace medseg;
 using namespace medseg::py;
 
+// Opaque handle of a prepared (cached) target.
+struct Prepared {
+    std::shared_ptr<const PreparedImage> ptr;
+    std::size_t nbytes = 0;
+};
+
 namespace {
 
 using InArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
@@ -63,33 +69,64 @@ nb::dict matching_of(const InArray& a, const InArray& b, bool superlevel, const 
 // The pairs of a batch, spread over `threads` threads (a lone pair uses them inside):
 // compute(i, a, b, options) -> MatchingResult, with the GIL released.
 template <class Compute>
-nb::list matching_batch_of(const std::vector<InArray>& as, const std::vector<InArray>& bs, bool superlevel,
-                           const std::string& construction, bool include_a, bool include_b, int threads,
-                           bool intersection, Compute compute) {
+std::vector<MatchingResult> matching_results(const std::vector<InArray>& as, const std::vector<InArray>& bs,
+                                             const Options& base, int threads, Compute compute) {
     if (as.size() != bs.size()) throw nb::value_error("batches differ in length");
     std::vector<ImageView> va, vb;
     for (auto& x : as) va.push_back(view_of(x));
     for (auto& x : bs) vb.push_back(view_of(x));
     const std::size_t n = va.size();
-    const int inner = n == 1 ? threads : 1;
-    const Options o = make_options(superlevel, construction, include_a, include_b, inner, intersection);
+    Options o = base;
+    o.threads = n == 1 ? std::max(1, threads) : 1;
     std::vector<MatchingResult> rs(n);
-    {
-        nb::gil_scoped_release release;
-        parallel_jobs(n, threads, [&](std::size_t i) { rs[i] = compute(i, va[i], vb[i], o); });
-    }
+    nb::gil_scoped_release release;
+    parallel_jobs(n, threads, [&](std::size_t i) { rs[i] = compute(i, va[i], vb[i], o); });
+    return rs;
+}
+
+template <class Compute>
+nb::list matching_batch_of(const std::vector<InArray>& as, const std::vector<InArray>& bs, bool superlevel,
+                           const std::string& construction, bool include_a, bool include_b, int threads,
+                           bool intersection, Compute compute) {
+    const Options o = make_options(superlevel, construction, include_a, include_b, 1, intersection);
+    std::vector<MatchingResult> rs = matching_results(as, bs, o, threads, compute);
     nb::list out;
     for (auto& r : rs) out.append(matching_to_python(std::move(r)));
     return out;
 }
 
-}  // namespace
+// The Betti matching loss's form of a batch (py::batch_indices): every unmatched pair,
+// flat indices into the batch; b's coordinates only with report_b.
+nb::tuple matching_batch_indices(const std::vector<InArray>& as, const std::vector<InArray>& bs, bool superlevel,
+                                 const std::string& construction, int threads,
+                                 const std::optional<std::vector<std::optional<Prepared>>>& prepared,
+                                 bool intersection, bool report_b) {
+    if (as.empty()) throw nb::value_error("empty batch");
+    if (prepared && prepared->size() != as.size()) throw nb::value_error("prepared targets differ in length");
+    const ImageView first = view_of(as[0]);
+    for (auto& x : as) {
+        const ImageView v = view_of(x);
+        if (v.ndim != first.ndim || !std::equal(v.shape, v.shape + 3, first.shape))
+            throw nb::value_error("the images of a batch must share one shape");
+    }
+    Options o = make_options(superlevel, construction, true, true, 1, intersection);
+    o.report_b = report_b;
+    o.flat_indices = true;
+    std::vector<MatchingResult> rs =
+        matching_results(as, bs, o, threads, [&](std::size_t i, const ImageView& a, const ImageView& b, const Options& op) {
+            const PreparedImage* pb = prepared && (*prepared)[i] ? (*prepared)[i]->ptr.get() : nullptr;
+            return compute_matching(a, b, op, pb);
+        });
+    BatchIndices b;
+    {
+        nb::gil_scoped_release release;
+        b = batch_indices(rs, first.shape, first.ndim, report_b);
+        std::vector<MatchingResult>().swap(rs);
+    }
+    return batch_indices_to_python(std::move(b), as.size(), first.ndim);
+}
 
-// Opaque handle of a prepared (cached) target.
-struct Prepared {
-    std::shared_ptr<const PreparedImage> ptr;
-    std::size_t nbytes = 0;
-};
+}  // namespace
 
 NB_MODULE(_engine, m) {
     m.doc() = "medseg persistent-homology engine (C++): cubical barcodes and Betti matching";
@@ -242,4 +279,11 @@ NB_MODULE(_engine, m) {
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
         nb::arg("include_b"), nb::arg("threads"), nb::arg("prepared") = nb::none(),
         nb::arg("intersection") = false);
+
+    m.def("matching_batch_indices", &matching_batch_indices, nb::arg("a"), nb::arg("b"), nb::arg("superlevel"),
+          nb::arg("construction"), nb::arg("threads"), nb::arg("prepared") = nb::none(),
+          nb::arg("intersection") = false, nb::arg("report_b") = true,
+          "matching_batch() with every unmatched pair, as (index_a, sizes_a, index_b, sizes_b): flat indices "
+          "into the batch, key by key (matched birth, death, unmatched birth, death), instance, dimension; "
+          "sizes (4, instances, ndim); b's indices only with report_b");
 }

@@ -174,6 +174,13 @@ struct Options {
     bool intersection = false;  // comparison image: union (default) or intersection
     bool include_unmatched_a = true;
     bool include_unmatched_b = true;
+    // Coordinates of b's pairs (matched and, with include_unmatched_b, unmatched); false
+    // leaves them out and counts alone come back (a binary target's pairs all run from
+    // one value to the other: the loss needs no coordinates of them).
+    bool report_b = true;
+    // Each reported voxel as its C-order index in the image (one int64) instead of ndim
+    // coordinates (VoxelPairs then hold one entry per voxel); compute_matching only.
+    bool flat_indices = false;
     int threads = 1;  // threads used inside one computation
 };
 

@@ -1051,13 +1051,20 @@ MatchingResult assemble(const Complex& X0, const Complex& X1, const host::Matche
             return k == 0 ? X.dim0.pairs : k == d - 1 ? X.top.pairs : X.pairs1;
         };
     };
-    auto report_with = [d](const Reporter& rep) {
-        return [&rep, d](const std::vector<std::uint64_t>& cells, int k, VoxelPairs& out) {
-            const std::size_t n = cells.size() / 2, at = out.birth.size();
-            out.birth.resize(at + n * d);
-            out.death.resize(at + n * d);
+    auto report_with = [d, flat = opt.flat_indices](const Reporter& rep) {
+        return [&rep, d, flat](const std::vector<std::uint64_t>& cells, int k, VoxelPairs& out) {
+            const std::size_t n = cells.size() / 2, at = out.birth.size(), width = flat ? 1 : d;
+            out.birth.resize(at + n * width);
+            out.death.resize(at + n * width);
             std::int64_t* birth = out.birth.data() + at;
             std::int64_t* death = out.death.data() + at;
+            if (flat) {
+                for (std::size_t i = 0; i < n; ++i) {
+                    birth[i] = rep.rep.index(k, cells[2 * i]);
+                    death[i] = rep.rep.index(k + 1, cells[2 * i + 1]);
+                }
+                return;
+            }
             for (std::size_t i = 0; i < n; ++i) {
                 std::int64_t c[3];
                 rep.report(k, cells[2 * i], c);

@@ -359,7 +359,7 @@ inline std::vector<std::pair<std::int32_t, std::int32_t>> matched_through(const 
 
 // The result of a matching of dimension-d images: for every dimension k, the matched
 // pairs (row i of a with row i of b) and the unmatched ones (if opt asks for them) as
-// voxel coordinates. pairs_a(k) / pairs_b(k): the pairs of dimension k of each image;
+// voxel coordinates; b's only with opt.report_b, its numbers of pairs always. pairs_a(k) / pairs_b(k): the pairs of dimension k of each image;
 // report_a / report_b(cells, k, out): voxels of (birth, death) packed cells of
 // dimensions (k, k + 1), interleaved (2D top cells are squares with normal z).
 template <class PairsOf, class Report>
@@ -385,18 +385,18 @@ MatchingResult assemble_matching(int d, PairsOf pairs_a, PairsOf pairs_b, const 
         ma.reserve(2 * matches[k].size());
         mb.reserve(2 * matches[k].size());
         if (opt.include_unmatched_a) ua.reserve(2 * (p0.size() - matches[k].size()));
-        if (opt.include_unmatched_b) ub.reserve(2 * (p1.size() - matches[k].size()));
+        if (opt.include_unmatched_b && opt.report_b) ub.reserve(2 * (p1.size() - matches[k].size()));
         for (const auto& [i0, i1] : matches[k]) {
             used0[i0] = used1[i1] = 1;
             add(ma, p0[i0]);
-            add(mb, p1[i1]);
+            if (opt.report_b) add(mb, p1[i1]);
         }
         res.num_unmatched_a[k] = static_cast<std::int64_t>(p0.size() - matches[k].size());
         res.num_unmatched_b[k] = static_cast<std::int64_t>(p1.size() - matches[k].size());
         if (opt.include_unmatched_a)
             for (std::size_t i = 0; i < p0.size(); ++i)
                 if (!used0[i]) add(ua, p0[i]);
-        if (opt.include_unmatched_b)
+        if (opt.include_unmatched_b && opt.report_b)
             for (std::size_t i = 0; i < p1.size(); ++i)
                 if (!used1[i]) add(ub, p1[i]);
         report_a(ma, k, res.matched_a[k]);

@@ -95,5 +95,68 @@ inline nb::dict matching_to_python(MatchingResult&& r) {
     return out;
 }
 
+// A batch's matchings (computed with options.flat_indices) as the loss reads them: for image a (and, with report_b, b) the
+// flat indices into the batch (instance * voxels + the voxel's ravelled index), key by
+// key (matched birth, matched death, unmatched birth, unmatched death), then instance
+// by instance, then dimension by dimension; and the (4, instances, ndim) numbers of
+// pairs of each. Without report_b, b's matched numbers are a's and its unmatched ones
+// the engine's counts (no coordinates were reported). One pass in C++ instead of
+// 2 x 4 x instances x ndim small arrays for numpy to join.
+struct BatchIndices {
+    std::vector<std::int64_t> index[2], sizes[2];  // [0]: a, [1]: b
+};
+
+inline BatchIndices batch_indices(const std::vector<MatchingResult>& rs, const std::int64_t* shape, int ndim,
+                                  bool report_b) {
+    const std::size_t n = rs.size(), d = static_cast<std::size_t>(ndim);
+    std::int64_t voxels = 1;
+    for (int q = 0; q < ndim; ++q) voxels *= shape[q];
+    BatchIndices out;
+    for (int side = 0; side < 2; ++side) {
+        const bool a = side == 0, coordinates = a || report_b;
+        auto pairs = [&](const MatchingResult& r, int key, std::size_t k) -> const VoxelPairs& {
+            if (key < 2) return a ? r.matched_a[k] : r.matched_b[k];
+            return a ? r.unmatched_a[k] : r.unmatched_b[k];
+        };
+        std::vector<std::int64_t>& sizes = out.sizes[side];
+        sizes.assign(4 * n * d, 0);
+        std::size_t total = 0;
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t k = 0; k < d; ++k) {
+                const std::size_t matched = rs[i].matched_a[k].birth.size();
+                const std::size_t unmatched = coordinates ? pairs(rs[i], 2, k).birth.size()
+                                                          : static_cast<std::size_t>(rs[i].num_unmatched_b[k]);
+                for (int key = 0; key < 4; ++key)
+                    sizes[(key * n + i) * d + k] = static_cast<std::int64_t>(key < 2 ? matched : unmatched);
+                if (coordinates) total += 2 * (matched + unmatched);
+            }
+        std::vector<std::int64_t>& index = out.index[side];
+        index.resize(total);
+        std::size_t at = 0;
+        for (int key = 0; coordinates && key < 4; ++key)
+            for (std::size_t i = 0; i < n; ++i)
+                for (std::size_t k = 0; k < d; ++k) {
+                    const VoxelPairs& vp = pairs(rs[i], key, k);
+                    const auto& voxel = key % 2 == 0 ? vp.birth : vp.death;
+                    const std::int64_t offset = static_cast<std::int64_t>(i) * voxels;
+                    for (const std::int64_t v : voxel) index[at++] = offset + v;
+                }
+    }
+    return out;
+}
+
+// (index_a, sizes_a, index_b, sizes_b) as numpy arrays (1D; (4, instances, ndim)).
+inline nb::tuple batch_indices_to_python(BatchIndices&& b, std::size_t instances, int ndim) {
+    auto sizes = [&](std::vector<std::int64_t>&& v) {
+        std::size_t shape[3] = {4, instances, static_cast<std::size_t>(ndim)};
+        auto* heap = new std::vector<std::int64_t>(std::move(v));
+        if (heap->empty()) heap->reserve(1);
+        nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<std::int64_t>*>(p); });
+        return OutArray(heap->data(), 3, shape, owner);
+    };
+    return nb::make_tuple(to_vector(std::move(b.index[0])), sizes(std::move(b.sizes[0])),
+                          to_vector(std::move(b.index[1])), sizes(std::move(b.sizes[1])));
+}
+
 }  // namespace py
 }  // namespace medseg

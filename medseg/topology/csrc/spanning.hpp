@@ -337,14 +337,27 @@ struct CellReporter {
     Cells X;
 
     MEDSEG_HD void report(int k, std::uint64_t cell, std::int64_t out[3]) const {
-        const Lattice& L = X.L;
         if (X.T) return report_T(k, cell, out);
-        if (k == 0) return L.coords(static_cast<std::int64_t>(cell), out);
+        X.L.coords(vertex_V(k, cell), out);
+    }
+
+    // The reported voxel as its index in the image (C order): the vertex's own index in
+    // V (the complex's vertices are the voxels), no division by the strides.
+    MEDSEG_HD std::int64_t index(int k, std::uint64_t cell) const {
+        if (!X.T) return vertex_V(k, cell);
+        std::int64_t c[3];
+        report_T(k, cell, c);
+        return X.P.lin(c[0], c[1], c[2]);
+    }
+
+    // V: the corner of the cell holding its value (the first such of a fixed order).
+    MEDSEG_HD std::int64_t vertex_V(int k, std::uint64_t cell) const {
+        const Lattice& L = X.L;
+        if (k == 0) return static_cast<std::int64_t>(cell);
         if (k == 1) {
             const std::int64_t l = static_cast<std::int64_t>(cell / 3);
             const int t = static_cast<int>(cell % 3);
-            L.coords(X.v[l + L.stride[t]] == X.e[cell] ? l + L.stride[t] : l, out);
-            return;
+            return X.v[l + L.stride[t]] == X.e[cell] ? l + L.stride[t] : l;
         }
         if (k == 2) {
             const std::int64_t l = static_cast<std::int64_t>(cell / 3);
@@ -353,8 +366,8 @@ struct CellReporter {
             const rank_t r = X.f[cell];
             const std::int64_t cand[4] = {l + L.stride[u] + L.stride[w], l + L.stride[u], l + L.stride[w], l};
             for (int q = 0; q < 4; ++q)
-                if (X.v[cand[q]] == r) return L.coords(cand[q], out);
-            return L.coords(l, out);
+                if (X.v[cand[q]] == r) return cand[q];
+            return l;
         }
         const std::int64_t l = static_cast<std::int64_t>(cell);
         const rank_t r = X.c[l];
@@ -362,9 +375,9 @@ struct CellReporter {
             for (int dy = 0; dy < 2; ++dy)
                 for (int dz = 0; dz < 2; ++dz) {
                     const std::int64_t q = l + dx * L.stride[0] + dy * L.stride[1] + dz * L.stride[2];
-                    if (X.v[q] == r) return L.coords(q, out);
+                    if (X.v[q] == r) return q;
                 }
-        L.coords(l, out);
+        return l;
     }
 
     MEDSEG_HD void report_T(int k, std::uint64_t cell, std::int64_t out[3]) const {
