@@ -96,7 +96,7 @@ def target_as_channels(
         if target.shape[1] != 1:
             raise ValueError(f"to_onehot_y needs a (B, 1, ...) label map, got shape {tuple(target.shape)}")
         labels = target.long()
-        low, high = (int(v) for v in torch.aminmax(labels))
+        low, high = (int(v) for v in torch.aminmax(labels)) if labels.numel() else (0, 0)
         if low < 0 or high >= n_channels:
             raise ValueError(
                 f"the label map holds labels {low} to {high}, outside the {n_channels} classes 0 to {n_channels - 1}"

@@ -405,9 +405,17 @@ def betti_matching_error_batch(
 
 
 def _prepare_targets(targets: list[np.ndarray], superlevel: bool, construction: str, threads: int | None) -> list:
-    """Engine handles of the targets' own barcodes, reusable by :func:`_raw_matchings`."""
+    """Engine handles of the targets' own barcodes, reusable by :func:`_raw_matchings`
+    and :func:`_matching_indices` (the CPU backend's)."""
     imgs = [_inputs.as_image(t, "target") for t in targets]
     return _inputs.engine().prepare_batch(imgs, superlevel, construction, _inputs.default_threads(threads))
+
+
+def _validated_pairs(backend: Backend, predictions: list, targets: list) -> list[tuple]:
+    """The (prediction, target) pairs checked and converted for ``backend`` (CUDA inputs
+    stay on their device where it keeps them there)."""
+    pair = _inputs.as_device_pair if backend.on_device(*predictions[:1]) else _inputs.as_pair
+    return [pair(p, t) for p, t in zip(predictions, targets)]
 
 
 def _raw_matchings(
@@ -422,17 +430,16 @@ def _raw_matchings(
     comparison: str = "union",
     backend: str | Backend = "auto",
 ) -> list[dict]:
-    """Coordinates only (no values), straight from the engine: the loss's fast path.
+    """Coordinates only (no values), straight from the engine, one dict per pair.
 
     On ``backend="cuda"`` CUDA tensors stay on their device; ``prepared`` targets (the
     CPU engine's cache) are used where ``backend.takes_prepared_targets``."""
     backend = _backends.resolve_backend(backend, *predictions[:1])
-    on_device = backend.on_device(*predictions[:1])
-    pairs = [(_inputs.as_device_pair if on_device else _inputs.as_pair)(p, t) for p, t in zip(predictions, targets)]
+    pairs = _validated_pairs(backend, predictions, targets)
     shape = None
     if relative:
         shape = tuple(pairs[0][0].shape)
-        pad = _inputs.pad_relative_device if on_device else _inputs.pad_relative
+        pad = _inputs.pad_relative_device if backend.on_device(*predictions[:1]) else _inputs.pad_relative
         pairs = [tuple(pad(list(pt), superlevel)) for pt in pairs]
         prepared = None
     raws = backend.matching_batch(
@@ -452,7 +459,6 @@ def _raw_matchings(
                 if k.startswith(("matched", "unmatched")):
                     raw[k] = [_inputs.unpad(a, shape) for a in raw[k]]
     return raws
-
 
 
 def _matching_indices(
@@ -475,8 +481,7 @@ def _matching_indices(
                               comparison=comparison, backend=backend)
         index_a, sizes_a, index_b, sizes_b = _backends.flat_batch_indices(raws, tuple(predictions[0].shape))
         return index_a, sizes_a, index_b if report_target else None, sizes_b
-    on_device = backend.on_device(*predictions[:1])
-    pairs = [(_inputs.as_device_pair if on_device else _inputs.as_pair)(p, t) for p, t in zip(predictions, targets)]
+    pairs = _validated_pairs(backend, predictions, targets)
     return backend.matching_batch_indices(
         [p for p, _ in pairs],
         [t for _, t in pairs],

@@ -65,3 +65,20 @@ def test_bad_batches():
         engine.matching_batch_indices([], [], True, "V", 1)
     with pytest.raises(ValueError, match="differ in length"):
         engine.matching_batch_indices(preds, targets[:1], True, "V", 1)
+
+
+@pytest.mark.parametrize("target", ["labels", "soft"])
+def test_loss_through_the_generic_join_equals_the_engine_path(target):
+    """The CUDA backend's loss goes through ``Backend.matching_batch_indices``'s numpy
+    join; the 'cpu-parallel' backend takes the same path on the CPU."""
+    import torch
+
+    from medseg.losses.betti_matching import BettiMatchingLoss
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2, 20, 17, generator=g)
+    y = torch.randint(0, 2, (3, 1, 20, 17), generator=g) if target == "labels" else torch.rand(3, 2, 20, 17, generator=g)
+    for options in ({}, {"filtration": "both"}, {"comparison": "intersection", "construction": "T"}):
+        engine = BettiMatchingLoss(backend="cpu", reduction="none", **options)(x, y)
+        generic = BettiMatchingLoss(backend="cpu-parallel", reduction="none", **options)(x, y)
+        torch.testing.assert_close(generic, engine, rtol=0, atol=0)

@@ -95,12 +95,21 @@ nb::list matching_batch_of(const std::vector<InArray>& as, const std::vector<InA
     return out;
 }
 
+using PreparedList = std::optional<std::vector<std::optional<Prepared>>>;
+
+// compute_matching with the prepared target of pair i, where there is one.
+auto with_prepared(const PreparedList& prepared) {
+    return [&prepared](std::size_t i, const ImageView& a, const ImageView& b, const Options& o) {
+        const PreparedImage* pb = prepared && (*prepared)[i] ? (*prepared)[i]->ptr.get() : nullptr;
+        return compute_matching(a, b, o, pb);
+    };
+}
+
 // The Betti matching loss's form of a batch (py::batch_indices): every unmatched pair,
 // flat indices into the batch; b's coordinates only with report_b.
 nb::tuple matching_batch_indices(const std::vector<InArray>& as, const std::vector<InArray>& bs, bool superlevel,
                                  const std::string& construction, int threads,
-                                 const std::optional<std::vector<std::optional<Prepared>>>& prepared,
-                                 bool intersection, bool report_b) {
+                                 const PreparedList& prepared, bool intersection, bool report_b) {
     if (as.empty()) throw nb::value_error("empty batch");
     if (prepared && prepared->size() != as.size()) throw nb::value_error("prepared targets differ in length");
     const ImageView first = view_of(as[0]);
@@ -112,11 +121,7 @@ nb::tuple matching_batch_indices(const std::vector<InArray>& as, const std::vect
     Options o = make_options(superlevel, construction, true, true, 1, intersection);
     o.report_b = report_b;
     o.flat_indices = true;
-    std::vector<MatchingResult> rs =
-        matching_results(as, bs, o, threads, [&](std::size_t i, const ImageView& a, const ImageView& b, const Options& op) {
-            const PreparedImage* pb = prepared && (*prepared)[i] ? (*prepared)[i]->ptr.get() : nullptr;
-            return compute_matching(a, b, op, pb);
-        });
+    std::vector<MatchingResult> rs = matching_results(as, bs, o, threads, with_prepared(prepared));
     BatchIndices b;
     {
         nb::gil_scoped_release release;
@@ -266,15 +271,10 @@ NB_MODULE(_engine, m) {
     m.def(
         "matching_batch",
         [](std::vector<InArray> as, std::vector<InArray> bs, bool superlevel, const std::string& construction,
-           bool include_a, bool include_b, int threads, std::optional<std::vector<std::optional<Prepared>>> prepared,
-           bool intersection) {
+           bool include_a, bool include_b, int threads, PreparedList prepared, bool intersection) {
             if (prepared && prepared->size() != as.size()) throw nb::value_error("prepared targets differ in length");
             return matching_batch_of(as, bs, superlevel, construction, include_a, include_b, threads, intersection,
-                                     [&](std::size_t i, const ImageView& a, const ImageView& b, const Options& o) {
-                                         const PreparedImage* pb = nullptr;
-                                         if (prepared && (*prepared)[i]) pb = (*prepared)[i]->ptr.get();
-                                         return compute_matching(a, b, o, pb);
-                                     });
+                                     with_prepared(prepared));
         },
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
         nb::arg("include_b"), nb::arg("threads"), nb::arg("prepared") = nb::none(),
