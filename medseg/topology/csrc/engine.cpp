@@ -224,15 +224,13 @@ bool two_value_ranks(const T* x, std::int64_t n, bool superlevel, big_vector<ran
     out.resize(static_cast<std::size_t>(n));
     rank_t* r = out.data();
     std::size_t ones = 0;
-    bool other = false;
     for (std::int64_t i = 0; i < n; ++i) {
         const std::uint64_t u = order_bits(x[i]);
+        if (u != u0 && u != u1) return false;  // a third value: a prediction, found at once
         const rank_t one = num == 2 && u == second;
-        other |= u != u0 && u != u1;
         r[i] = one;
         ones += one;
     }
-    if (other) return false;
     order.resize(static_cast<std::size_t>(n));
     std::uint32_t* o = order.data();
     std::size_t k0 = 0, k1 = static_cast<std::size_t>(n) - ones;
