@@ -122,7 +122,8 @@ fi
 
 step "TopoMortar training step: DynUNet of the paper's protocol, batch 10 of 512², each loss term's cost"
 # Issue I's goal: adding betti_matching to dice_ce makes this step at most 1.5x slower
-# (x network <= 0.5 in the table). Needs the prepared training images: run with
+# (x network <= 0.5 in the table), with the CUDA backend or the CPU engine (one row each:
+# betti_matching[cuda], betti_matching[cpu]). Needs the prepared training images: run with
 # carry=["data/Dataset201_TopoMortar/imagesTr", "data/Dataset201_TopoMortar/labelsTr",
 #        "data/Dataset201_TopoMortar/dataset.json", "data/Dataset201_TopoMortar/splits_final.json"] (28 MB).
 topomortar=${TOPOMORTAR:-data/Dataset201_TopoMortar}
@@ -130,11 +131,12 @@ if [ $dry -eq 1 ]; then
     rm -rf /tmp/medseg_topomortar_tiny
     "$py" data_scripts/prepare_topomortar.py --src tests/data/topomortar --out /tmp/medseg_topomortar_tiny > /dev/null &&
         timeout 150 "$py" benchmarks/topomortar.py --quick --data /tmp/medseg_topomortar_tiny \
-            --model-config benchmarks/topomortar_study.yaml --losses betti_matching || status=1
+            --model-config benchmarks/topomortar_study.yaml --losses betti_matching \
+            --betti-backends cpu,cpu-parallel || status=1
 elif [ -f "$topomortar/dataset.json" ] && [ -d "$topomortar/imagesTr" ]; then
     timeout 240 "$py" benchmarks/topomortar.py --device cuda --data "$topomortar" \
         --model-config benchmarks/topomortar_study.yaml --images 10 --crop-batch 10 --crop-size 512 \
-        --full-batch 10 --losses betti_matching,cldice,skeleton_recall --repeats 3 \
+        --full-batch 10 --losses betti_matching,cldice,skeleton_recall --betti-backends cuda,cpu --repeats 3 \
         --json "${OUT:-/tmp}/topomortar_gpu.json" || status=1
 else
     echo "skipped: no prepared TopoMortar training images at $topomortar (see the carry list above)"

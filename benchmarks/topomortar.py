@@ -47,7 +47,10 @@ pairs), ``pairs`` and ``voxels``: how the scale of the Betti matching term depen
 patch (256² against 512²). ``--repeats 0`` gives the values alone, without timing.
 
 Threads: ``torch.set_num_threads(--threads)``, default all cores; the Betti matching engine
-uses its own threads (``--betti-threads``, the loss's ``threads``, default all cores). As in
+uses its own threads (``--betti-threads``, the loss's ``threads``, default all cores).
+``--betti-backends cuda,cpu`` times the Betti matching term once per engine backend (rows
+``betti_matching[cuda]``, ``betti_matching[cpu]``): on a GPU, the CUDA backend against
+the CPU engine fed from the device (probabilities copied to the host, indices back). As in
 ``benchmarks/losses.py``, OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE`` unless set).
 
 Usage::
@@ -57,7 +60,8 @@ Usage::
     python benchmarks/topomortar.py --checkpoint runs/topomortar/cedice/seed_0 --loss-scale
     python benchmarks/topomortar.py --model-config my_dynunet2d.yaml --losses cldice,betti_matching
     python benchmarks/topomortar.py --device cuda --model-config benchmarks/topomortar_study.yaml \\
-        --crop-batch 10 --crop-size 512 --full-batch 10 --losses betti_matching   # the paper's protocol step
+        --crop-batch 10 --crop-size 512 --full-batch 10 --losses betti_matching \\
+        --betti-backends cuda,cpu                                 # the paper's protocol step, both engines
     python benchmarks/topomortar.py --loss-scale --repeats 0   # values only
     python benchmarks/topomortar.py --quick --data DIR         # 2 images, 1 repeat, 2 x 128² crops
 """
@@ -349,12 +353,16 @@ def build_terms(args) -> tuple[dict[str, CompositeLoss], dict[str, CompositeLoss
         if name in SKIP:
             skipped[name] = SKIP[name]
             continue
-        try:
-            composites[name] = composite(name, args)
-        except Exception as err:  # a loss being written, a missing optional module
-            skipped[name] = f"does not build: {err}"
-            continue
-        terms[name] = second_term(composites[name])
+        backends = args.betti_backends if name == "betti_matching" else [None]
+        for backend in backends:  # Betti matching: one row per engine backend asked for
+            key = name if len(backends) == 1 else f"{name}[{backend}]"
+            extra = {} if backend in (None, "auto") else {"backend": backend}
+            try:
+                composites[key] = composite(name, args, **extra)
+            except Exception as err:  # a loss being written, a missing optional module
+                skipped[key] = f"does not build: {err}"
+                continue
+            terms[key] = second_term(composites[key])
     return terms, composites, skipped
 
 
@@ -403,6 +411,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--betti-threads", type=int, help="Betti matching engine threads (default: all cores)")
+    ap.add_argument("--betti-backends", default="auto",
+                    help="comma-separated engine backends of the Betti matching term, one row each "
+                         "(default auto; e.g. cuda,cpu on a GPU: the CUDA backend against the CPU engine)")
     ap.add_argument("--losses", help="comma-separated subset of the registry's names (default: all)")
     ap.add_argument("--loss-scale", action="store_true",
                     help="also print each term's value, and Betti matching's per normalize")
@@ -421,6 +432,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown loss {', '.join(unknown)}; the registry has {', '.join(LOSS_NAMES)}")
     args.names = [n for n in LOSS_NAMES if n in wanted]
+    from medseg.topology._inputs import BACKENDS
+
+    args.betti_backends = list(dict.fromkeys(b.strip() for b in args.betti_backends.split(",")))
+    bad = [b for b in args.betti_backends if b not in BACKENDS]
+    if bad:
+        ap.error(f"--betti-backends: unknown backend {', '.join(bad)}; choose from {', '.join(BACKENDS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("CUDA is not available")
     return args
@@ -524,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = None
     if args.repeats:
         print()
-        table = Table([("setting", 16), ("state", 14), ("loss", 16), ("seconds", 9), ("x network", 9),
+        table = Table([("setting", 16), ("state", 14), ("loss", 28), ("seconds", 9), ("x network", 9),
                        ("value", 10)], left=3, note=True)
     scale_inputs = []
     for setting in settings:
@@ -559,7 +576,7 @@ def loss_scale(args, terms: dict[str, CompositeLoss], inputs: list, result: dict
     """Each term's value on the two states' logits, next to dice_ce's; Betti matching per normalize."""
     reference_loss = build_loss([LossTerm(name="dice_ce")], CLASSES)
     variants = {n: t for n, t in terms.items() if n != "betti_matching"}
-    if "betti_matching" in terms:
+    if any(n.startswith("betti_matching") for n in terms):
         for how in BETTI_NORMALIZE:
             variants[f"betti_matching ({how})"] = second_term(composite("betti_matching", args, normalize=how))
     values: dict[tuple[str, str], dict[str, float]] = {}

@@ -69,6 +69,29 @@ def test_quick_run_writes_a_row_per_loss_setting_and_state(dataset, tmp_path, mo
             assert scale[(setting, "dice_ce")][f"{state} / dice_ce"] == pytest.approx(1.0)
 
 
+def test_one_betti_matching_row_per_engine_backend(dataset, tmp_path, monkeypatch, capsys):
+    """--betti-backends: the term once per backend (on a GPU: cuda against the CPU engine),
+    the same loss values from each; an unknown backend is a one-line usage error."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    bench = _load("topomortar_benchmark", REPO / "benchmarks" / "topomortar.py")
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--quick", "--data", str(dataset), "--threads", "1", "--betti-threads", "1",
+                             "--losses", "betti_matching", "--betti-backends", "cpu,cpu-parallel"])
+        with pytest.raises(SystemExit):
+            bench.main(["--quick", "--data", str(dataset), "--betti-backends", "cpu,gpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "--betti-backends: unknown backend gpu" in capsys.readouterr().err
+    rows = {(r["setting"], r["state"], r["loss"]): r for r in result["rows"]}
+    keys = {"betti_matching[cpu]", "betti_matching[cpu-parallel]"}
+    assert {loss for *_, loss in rows} == keys
+    for setting in ("crop", "full"):
+        for state in ("noisy", "partly trained"):
+            cpu, parallel = (rows[(setting, state, k)]["value"] for k in sorted(keys))
+            assert cpu == pytest.approx(parallel, rel=1e-6) and cpu > 0
+
+
 @pytest.mark.parametrize("name", ["topomortar_study.yaml", "topomortar_cpu.yaml"])
 def test_the_benchmark_studies_load(name, dataset, tmp_path):
     """The shipped TopoMortar studies resolve into valid runs (a copy, output elsewhere)."""
