@@ -394,4 +394,3 @@ class BettiMatchingLoss(torch.nn.Module):
             weighted(unmatched_t, factor_u, ub),
         ]
         owners += [owner_m, owner_ua, owner_ub]
-

@@ -125,7 +125,6 @@ class CpuBackend(Backend):
             )
         )
 
-
     def matching_batch_indices(
         self, ps, ts, superlevel, construction, threads, intersection, prepared=None, report_target=True
     ):

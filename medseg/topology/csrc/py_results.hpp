@@ -95,11 +95,11 @@ inline nb::dict matching_to_python(MatchingResult&& r) {
     return out;
 }
 
-// A batch's matchings (computed with options.flat_indices) as the loss reads them: for image a (and, with report_b, b) the
-// flat indices into the batch (instance * voxels + the voxel's ravelled index), key by
-// key (matched birth, matched death, unmatched birth, unmatched death), then instance
-// by instance, then dimension by dimension; and the (4, instances, ndim) numbers of
-// pairs of each. Without report_b, b's matched numbers are a's and its unmatched ones
+// A batch's matchings (computed with options.flat_indices) as the loss reads them: for
+// image a (and, with report_b, b) the flat indices into the batch (instance * voxels +
+// the voxel's index in its image), key by key (matched birth, matched death, unmatched
+// birth, unmatched death), then instance by instance, then dimension by dimension; and
+// the (4, instances, ndim) numbers of pairs of each. Without report_b, b's matched numbers are a's and its unmatched ones
 // the engine's counts (no coordinates were reported). One pass in C++ instead of
 // 2 x 4 x instances x ndim small arrays for numpy to join.
 struct BatchIndices {
