@@ -244,3 +244,28 @@ def test_label_outside_the_classes_is_a_clear_error():
         y[0, 0, 2, 2] = bad
         with pytest.raises(ValueError, match=r"outside the 3 classes 0 to 2"):
             BettiMatchingLoss()(x, y)
+
+
+def test_target_cache_turns_itself_off_when_targets_do_not_recur():
+    """Random crops: every target new, the budget overflows with targets never hit, so
+    the cache stops hashing and preparing (a miss costs more than a hit saves); targets
+    that recur within the budget keep it on. Values are the same either way."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 2, 24, 24, generator=g)
+    labels = [(torch.rand(2, 1, 24, 24, generator=g) > 0.5).long() for _ in range(12)]
+    probe = BettiMatchingLoss()
+    probe(x, labels[0])
+    per_target = probe._cache_nbytes // 2  # one prepared 24² target
+    crops = BettiMatchingLoss(reduction="none", target_cache_bytes=3 * per_target)
+    fresh = BettiMatchingLoss(reduction="none", target_cache_bytes=0)
+    for y in labels:
+        torch.testing.assert_close(crops(x, y), fresh(x, y), rtol=0, atol=0)
+    assert not crops.cache_enabled and len(crops._cache) == 0
+    misses = crops.cache_misses
+    crops(x, labels[0])
+    assert crops.cache_misses == misses  # no longer looked up
+    recurring = BettiMatchingLoss(target_cache_bytes=8 * per_target)
+    for _ in range(3):
+        for y in labels[:3]:
+            recurring(x, y)
+    assert recurring.cache_enabled and recurring.cache_hits == 12 and recurring.cache_misses == 6
