@@ -87,6 +87,7 @@ struct Cells {
     rank_t* f = nullptr;        // 3 L.points
     rank_t* c = nullptr;        // L.points (3D)
     const rank_t* pix = nullptr;  // T: P.points
+    const rank_t* squares = nullptr;  // 2D V, optional: the squares' ranks by base point (then f is unused)
 
     MEDSEG_HD rank_t top(std::int64_t l) const { return L.ndim == 3 ? c[l] : f[3 * l + 2]; }
     MEDSEG_HD const rank_t* sub() const { return L.ndim == 3 ? f : e; }
@@ -363,7 +364,7 @@ struct CellReporter {
             const std::int64_t l = static_cast<std::int64_t>(cell / 3);
             int u, w;
             other_axes_hd(static_cast<int>(cell % 3), u, w);
-            const rank_t r = X.f[cell];
+            const rank_t r = X.squares ? X.squares[l] : X.f[cell];
             const std::int64_t cand[4] = {l + L.stride[u] + L.stride[w], l + L.stride[u], l + L.stride[w], l};
             for (int q = 0; q < 4; ++q)
                 if (X.v[cand[q]] == r) return cand[q];
