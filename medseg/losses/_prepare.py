@@ -88,7 +88,8 @@ def target_as_channels(
 
     A label map is one-hot encoded by comparison, channel by channel, so that only the
     channels asked for are built (``first=1``: no background); its labels must lie in
-    ``0 .. n_channels - 1``.
+    ``0 .. n_channels - 1`` (a ValueError on the CPU, a device-side assert on CUDA, as a
+    one-hot scatter gives there).
     """
     if target.dim() < 3:
         raise ValueError(f"target must be (B, 1 or C, *spatial), got shape {tuple(target.shape)}")
@@ -96,11 +97,14 @@ def target_as_channels(
         if target.shape[1] != 1:
             raise ValueError(f"to_onehot_y needs a (B, 1, ...) label map, got shape {tuple(target.shape)}")
         labels = target.long()
-        low, high = (int(v) for v in torch.aminmax(labels)) if labels.numel() else (0, 0)
-        if low < 0 or high >= n_channels:
-            raise ValueError(
-                f"the label map holds labels {low} to {high}, outside the {n_channels} classes 0 to {n_channels - 1}"
-            )
+        if labels.is_cuda:  # checked on the device: reading the range back would stall every step on a sync
+            torch._assert_async(((labels >= 0) & (labels < n_channels)).all())
+        else:
+            low, high = (int(v) for v in torch.aminmax(labels)) if labels.numel() else (0, 0)
+            if low < 0 or high >= n_channels:
+                raise ValueError(
+                    f"the label map holds labels {low} to {high}, outside the {n_channels} classes 0 to {n_channels - 1}"
+                )
         classes = torch.arange(first, n_channels, device=labels.device).view(1, -1, *([1] * (labels.dim() - 2)))
         return (labels == classes).float()
     target = target.float()

@@ -82,12 +82,11 @@ KEYS_B = ("matched_b_birth", "matched_b_death", "unmatched_b_birth", "unmatched_
 def flat_batch_indices(raws: list[dict], shape: tuple[int, ...]) -> tuple:
     """``(index_a, sizes_a, index_b, sizes_b)`` of :meth:`Backend.matching_batch_indices`
     from raw matchings (one dict of (pairs, ndim) voxel coordinates per instance)."""
+    n, ndim, voxels = len(raws), len(shape), int(np.prod(shape))
     out = []
     for keys in (KEYS_A, KEYS_B):
-        n, ndim = len(raws), len(shape)
         arrays = [a for k in keys for raw in raws for a in raw[k]]
         sizes = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)).reshape(len(keys), n, ndim)
-        voxels = int(np.prod(shape))
         # the instance's offset, then each axis's coordinate times its stride
         index = np.repeat(np.tile(np.arange(n, dtype=np.int64) * voxels, len(keys)), sizes.sum(2).ravel())
         if len(index):
