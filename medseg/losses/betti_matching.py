@@ -31,6 +31,45 @@ _FILTRATIONS = ("superlevel", "sublevel", "both")
 _NORMALIZE = ("none", "pairs", "voxels")
 
 
+class _FusedPairTerms(torch.autograd.Function):
+    """The per-instance sums of the loss's pair terms for CPU tensors, one native pass per
+    filtration (``_engine.betti_loss_terms``, medseg/topology/csrc/loss_terms.hpp), with
+    the derivative at every index kept for backward (``_engine.betti_loss_grad``): one
+    scatter instead of autograd through a gather and a dozen elementwise ops.
+
+    forward(flat_probs (N, *spatial), values: flat_probs as N numpy arrays, values_t: the
+    target's (empty for a 0/1 target), matchings: [(superlevel, engine indices)],
+    options) -> (per-instance sums (N,) float64, pair counts (N,) numpy int64).
+    """
+
+    @staticmethod
+    def forward(ctx, flat_probs, values, values_t, matchings, options):  # noqa: D102
+        engine = _inputs.engine()
+        instances = flat_probs.shape[0]
+        per_instance = np.zeros(instances, dtype=np.float64)
+        counted = np.zeros(instances, dtype=np.int64)
+        saved = []
+        for superlevel, (index_p, sizes_p, index_t, sizes_t) in matchings:
+            coef = np.empty(index_p.shape[0], dtype=values[0].dtype)
+            engine.betti_loss_terms(
+                values, values_t, index_p, sizes_p, index_t, sizes_t, superlevel, *options, per_instance, counted, coef
+            )
+            saved.append((coef, index_p, sizes_p))
+        ctx.saved = saved
+        ctx.shape, ctx.dtype = flat_probs.shape, flat_probs.dtype
+        return torch.from_numpy(per_instance), counted
+
+    @staticmethod
+    def backward(ctx, grad_per_instance, _counted):  # noqa: D102
+        engine = _inputs.engine()
+        upstream = np.ascontiguousarray(grad_per_instance.detach().to(torch.float64).numpy())
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype)
+        flat = grad.numpy().reshape(-1)
+        for coef, index_p, sizes_p in ctx.saved:
+            engine.betti_loss_grad(coef, index_p, sizes_p, upstream, flat)
+        return grad, None, None, None, None
+
+
 class BettiMatchingLoss(torch.nn.Module):
     r"""Betti matching loss between a predicted likelihood map and a target mask.
 
@@ -85,6 +124,10 @@ class BettiMatchingLoss(torch.nn.Module):
         Stucki, Bürgin, Paetzold, Bauer, Menze, Bauer. "Efficient Betti Matching Enables
         Topology-Aware 3D Segmentation via Persistent Homology", 2024.
     """
+
+    #: CPU tensors: the pair terms in one native pass (_FusedPairTerms); False takes the
+    #: torch form that device tensors take (tests compare the two)
+    fused_terms = True
 
     def __init__(
         self,
@@ -288,10 +331,6 @@ class BettiMatchingLoss(torch.nn.Module):
             tgt_list = [np.ascontiguousarray(t) for t in tgt_np]
 
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
-        instances = batch * channels
-        # one flat view of all instances: a pair's value is read by its flat index
-        # instance * voxels + (ravelled coordinates), all pairs of the batch at once
-        values_p = flat_probs.reshape(-1)
         # a 0/1 target (a label map's one-hot) needs no coordinates: each of its pairs
         # runs from one value to the other (relative: a pair born on the padding is read
         # at the nearest voxel of the image, which may hold the other value)
@@ -299,10 +338,7 @@ class BettiMatchingLoss(torch.nn.Module):
             encodes_labels(target, input.shape[1], self.to_onehot_y)
             or bool(((flat_tgt == 0) | (flat_tgt == 1)).all())
         )
-        values_t = None if binary else flat_tgt.reshape(-1)
-        contributions: list[torch.Tensor] = []
-        owners: list[np.ndarray] = []
-        pairs = np.zeros(instances, dtype=np.int64)
+        matchings = []  # (superlevel, the engine's flat indices) per filtration
         for filtration in filtrations:
             superlevel = filtration == "superlevel"
             prepared = self._prepared(tgt_list, superlevel) if backend.takes_prepared_targets else None
@@ -316,14 +352,19 @@ class BettiMatchingLoss(torch.nn.Module):
                 prepared=prepared,
                 comparison=self.comparison,
                 backend=backend,
-                report_target=values_t is not None,
+                report_target=not binary,
             )
-            self._batch_terms(values_p, values_t, indices, superlevel, contributions, owners, pairs)
-        owner = torch.from_numpy(np.concatenate(owners)).to(values_p.device)
-        # per-instance sums in float64, then back to the input's dtype: summing tens of
-        # thousands of terms one after the other adds no float32 rounding of its own
-        per_instance = torch.zeros(instances, dtype=torch.float64, device=values_p.device)
-        per_instance = per_instance.index_add(0, owner, torch.cat(contributions).to(torch.float64))
+            matchings.append((superlevel, indices))
+        fused = (
+            self.fused_terms
+            and flat_probs.device.type == "cpu"
+            and flat_probs.dtype in (torch.float32, torch.float64)
+            and not flat_tgt.requires_grad
+        )
+        if fused:
+            per_instance, pairs = self._fused_terms(flat_probs, preds_list, None if binary else flat_tgt, matchings)
+        else:
+            per_instance, pairs = self._torch_terms(flat_probs, None if binary else flat_tgt, matchings)
         per_instance = per_instance.to(probs.dtype)
         if self.normalize == "pairs":
             per_instance = per_instance / torch.from_numpy(np.maximum(pairs, 1)).to(per_instance)
@@ -335,6 +376,48 @@ class BettiMatchingLoss(torch.nn.Module):
         if self.reduction == "sum":
             return losses.sum()
         return losses
+
+    def _term_options(self) -> tuple:
+        """The formula's options as _engine.betti_loss_terms takes them."""
+        weights = None if self.dimension_weights is None else np.asarray(self.dimension_weights, dtype=np.float64)
+        return (
+            self.matched_weight,
+            self.unmatched_weight,
+            self.push_unmatched_to_1_0,
+            self.barcode_length_threshold,
+            weights,
+        )
+
+    def _fused_terms(
+        self, flat_probs: torch.Tensor, preds_list: list, flat_tgt: torch.Tensor | None, matchings: list
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Per-instance sums (float64) and pair counts of CPU tensors in one native pass
+        per filtration (:class:`_FusedPairTerms`); the same formula as :meth:`_torch_terms`."""
+        as_numpy = lambda t: [np.ascontiguousarray(x) for x in t.detach().numpy()]  # noqa: E731
+        values = preds_list if flat_probs.dtype == torch.float32 else as_numpy(flat_probs)
+        values_t = [] if flat_tgt is None else as_numpy(flat_tgt)
+        return _FusedPairTerms.apply(flat_probs, values, values_t, matchings, self._term_options())
+
+    def _torch_terms(
+        self, flat_probs: torch.Tensor, flat_tgt: torch.Tensor | None, matchings: list
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Per-instance sums (float64) and pair counts as a torch graph (any device)."""
+        instances = flat_probs.shape[0]
+        # one flat view of all instances: a pair's value is read by its flat index
+        # instance * voxels + (ravelled coordinates), all pairs of the batch at once
+        values_p = flat_probs.reshape(-1)
+        values_t = None if flat_tgt is None else flat_tgt.reshape(-1)
+        contributions: list[torch.Tensor] = []
+        owners: list[np.ndarray] = []
+        pairs = np.zeros(instances, dtype=np.int64)
+        for superlevel, indices in matchings:
+            self._batch_terms(values_p, values_t, indices, superlevel, contributions, owners, pairs)
+        owner = torch.from_numpy(np.concatenate(owners)).to(values_p.device)
+        # per-instance sums in float64: summing tens of thousands of terms one after the
+        # other adds no float32 rounding of its own
+        per_instance = torch.zeros(instances, dtype=torch.float64, device=values_p.device)
+        per_instance = per_instance.index_add(0, owner, torch.cat(contributions).to(torch.float64))
+        return per_instance, pairs
 
     def _batch_terms(
         self,

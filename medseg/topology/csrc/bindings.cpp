@@ -15,6 +15,7 @@
 #include "big_vector.hpp"
 #include "engine.hpp"
 #include "host_passes.hpp"
+#include "loss_terms.hpp"
 #include "py_results.hpp"
 #include "skeleton.hpp"
 
@@ -129,6 +130,128 @@ nb::tuple matching_batch_indices(const std::vector<InArray>& as, const std::vect
         std::vector<MatchingResult>().swap(rs);
     }
     return batch_indices_to_python(std::move(b), as.size(), first.ndim);
+}
+
+
+// ---------------------------------------------------------------------------------
+// The Betti matching loss's terms (loss_terms.hpp). Outputs are arrays the caller
+// allocates: per_instance (float64, n, zeros), counted (int64, n, zeros), coef (the
+// values' dtype, one per index), grad (the values' dtype, n * voxels, zeros).
+
+using IndexArray = nb::ndarray<const std::int64_t, nb::c_contig, nb::device::cpu>;
+
+// The instances' arrays of one dtype and size; returns voxels per instance.
+std::int64_t same_images(const std::vector<InArray>& images, const nb::dlpack::dtype& dtype, const char* what) {
+    std::int64_t voxels = -1;
+    for (auto& x : images) {
+        if (x.dtype() != dtype) throw nb::type_error((std::string(what) + ": every array must have the values' dtype").c_str());
+        const std::int64_t s = static_cast<std::int64_t>(x.size());
+        if (voxels >= 0 && s != voxels) throw nb::value_error((std::string(what) + ": instances differ in size").c_str());
+        voxels = s;
+    }
+    return voxels;
+}
+
+std::int64_t sizes_total(const IndexArray& sizes, int q) {
+    const std::int64_t per = static_cast<std::int64_t>(sizes.shape(1) * sizes.shape(2));
+    std::int64_t s = 0;
+    for (std::int64_t j = 0; j < per; ++j) s += sizes.data()[q * per + j];
+    return s;
+}
+
+void check_sizes(const IndexArray& sizes, std::size_t n, const char* what) {
+    if (sizes.ndim() != 3 || sizes.shape(0) != 4 || sizes.shape(1) != n)
+        throw nb::value_error((std::string(what) + " must have shape (4, instances, ndim)").c_str());
+}
+
+template <class T>
+void loss_terms_typed(const std::vector<InArray>& values, const std::vector<InArray>& values_t,
+                      const IndexArray& index_p, const IndexArray& sizes_p, const std::optional<IndexArray>& index_t,
+                      const IndexArray& sizes_t, const loss::TermOptions& o, double* per_instance,
+                      std::int64_t* counted, T* coef) {
+    const std::size_t n = values.size();
+    const std::int64_t voxels = static_cast<std::int64_t>(values[0].size());
+    std::vector<const T*> v, vt;
+    for (auto& x : values) v.push_back(static_cast<const T*>(x.data()));
+    for (auto& x : values_t) vt.push_back(static_cast<const T*>(x.data()));
+    nb::gil_scoped_release release;
+    loss::betti_terms<T>(v, voxels, static_cast<std::int64_t>(n), static_cast<int>(sizes_p.shape(2)), index_p.data(),
+                         sizes_p.data(), vt, index_t ? index_t->data() : nullptr, sizes_t.data(), o, per_instance,
+                         counted, coef);
+}
+
+void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InArray>& values_t,
+                      const IndexArray& index_p, const IndexArray& sizes_p, const std::optional<IndexArray>& index_t,
+                      const IndexArray& sizes_t, bool superlevel, double matched_weight, double unmatched_weight,
+                      bool push_unmatched, double threshold,
+                      const std::optional<nb::ndarray<const double, nb::c_contig, nb::device::cpu>>& dimension_weights,
+                      nb::ndarray<double, nb::c_contig, nb::device::cpu> per_instance,
+                      nb::ndarray<std::int64_t, nb::c_contig, nb::device::cpu> counted, InArray coef) {
+    const std::size_t n = values.size();
+    if (n == 0) throw nb::value_error("betti_loss_terms: empty batch");
+    const nb::dlpack::dtype dtype = values[0].dtype();
+    if (dtype != nb::dtype<float>() && dtype != nb::dtype<double>())
+        throw nb::type_error("betti_loss_terms: values must be float32 or float64");
+    same_images(values, dtype, "betti_loss_terms values");
+    const bool binary = values_t.empty();
+    if (!binary) {
+        if (values_t.size() != n) throw nb::value_error("betti_loss_terms: values_t has another number of instances");
+        if (same_images(values_t, dtype, "betti_loss_terms values_t") != static_cast<std::int64_t>(values[0].size()))
+            throw nb::value_error("betti_loss_terms: values_t's instances differ in size from values'");
+        if (!index_t) throw nb::value_error("betti_loss_terms: values_t needs index_t");
+    }
+    check_sizes(sizes_p, n, "sizes_p");
+    check_sizes(sizes_t, n, "sizes_t");
+    if (sizes_t.shape(2) != sizes_p.shape(2)) throw nb::value_error("sizes_p and sizes_t differ in ndim");
+    const std::int64_t entries = 2 * (sizes_total(sizes_p, 0) + sizes_total(sizes_p, 2));
+    if (index_p.ndim() != 1 || static_cast<std::int64_t>(index_p.shape(0)) != entries)
+        throw nb::value_error("betti_loss_terms: index_p does not match sizes_p");
+    if (!binary && (index_t->ndim() != 1 || static_cast<std::int64_t>(index_t->shape(0)) !=
+                                               2 * (sizes_total(sizes_t, 0) + sizes_total(sizes_t, 2))))
+        throw nb::value_error("betti_loss_terms: index_t does not match sizes_t");
+    if (dimension_weights && dimension_weights->size() != sizes_p.shape(2))
+        throw nb::value_error("betti_loss_terms: one dimension weight per dimension");
+    if (per_instance.size() != n || counted.size() != n)
+        throw nb::value_error("betti_loss_terms: per_instance and counted need one entry per instance");
+    if (coef.dtype() != dtype || static_cast<std::int64_t>(coef.size()) != entries)
+        throw nb::value_error("betti_loss_terms: coef needs one entry of the values' dtype per index");
+    loss::TermOptions o;
+    o.superlevel = superlevel;
+    o.matched_weight = matched_weight;
+    o.unmatched_weight = unmatched_weight;
+    o.push_unmatched = push_unmatched;
+    o.threshold = threshold;
+    o.dimension_weights = dimension_weights ? dimension_weights->data() : nullptr;
+    if (dtype == nb::dtype<float>())
+        loss_terms_typed<float>(values, values_t, index_p, sizes_p, index_t, sizes_t, o, per_instance.data(),
+                                counted.data(), static_cast<float*>(coef.data()));
+    else
+        loss_terms_typed<double>(values, values_t, index_p, sizes_p, index_t, sizes_t, o, per_instance.data(),
+                                 counted.data(), static_cast<double*>(coef.data()));
+}
+
+void betti_loss_grad(const InArray& coef, const IndexArray& index_p, const IndexArray& sizes_p,
+                     nb::ndarray<const double, nb::c_contig, nb::device::cpu> upstream, InArray grad) {
+    const std::size_t n = upstream.size();
+    check_sizes(sizes_p, n, "sizes_p");
+    if (coef.dtype() != grad.dtype()) throw nb::type_error("betti_loss_grad: coef and grad differ in dtype");
+    if (index_p.ndim() != 1 || coef.size() != index_p.size() ||
+        static_cast<std::int64_t>(index_p.size()) != 2 * (sizes_total(sizes_p, 0) + sizes_total(sizes_p, 2)))
+        throw nb::value_error("betti_loss_grad: index_p, coef and sizes_p do not match");
+    if (n == 0 || grad.size() % n) throw nb::value_error("betti_loss_grad: grad must hold instances * voxels values");
+    const std::int64_t voxels = static_cast<std::int64_t>(grad.size() / n);
+    const int ndim = static_cast<int>(sizes_p.shape(2));
+    nb::gil_scoped_release release;
+    if (coef.dtype() == nb::dtype<float>())
+        loss::betti_terms_grad<float>(voxels, static_cast<std::int64_t>(n), ndim, index_p.data(), sizes_p.data(),
+                                      static_cast<const float*>(coef.data()), upstream.data(),
+                                      static_cast<float*>(grad.data()));
+    else if (coef.dtype() == nb::dtype<double>())
+        loss::betti_terms_grad<double>(voxels, static_cast<std::int64_t>(n), ndim, index_p.data(), sizes_p.data(),
+                                       static_cast<const double*>(coef.data()), upstream.data(),
+                                       static_cast<double*>(grad.data()));
+    else
+        throw nb::type_error("betti_loss_grad: float32 or float64 only");
 }
 
 }  // namespace
@@ -286,4 +409,14 @@ NB_MODULE(_engine, m) {
           "matching_batch() with every unmatched pair, as (index_a, sizes_a, index_b, sizes_b): flat indices "
           "into the batch, key by key (matched birth, death, unmatched birth, death), instance, dimension; "
           "sizes (4, instances, ndim); b's indices only with report_b");
+
+    m.def("betti_loss_terms", &betti_loss_terms, nb::arg("values"), nb::arg("values_t"), nb::arg("index_p"),
+          nb::arg("sizes_p"), nb::arg("index_t").none(), nb::arg("sizes_t"), nb::arg("superlevel"),
+          nb::arg("matched_weight"), nb::arg("unmatched_weight"), nb::arg("push_unmatched"), nb::arg("threshold"),
+          nb::arg("dimension_weights").none(), nb::arg("per_instance"), nb::arg("counted"), nb::arg("coef"),
+          "The Betti matching loss's per-instance sums over a batch's pairs (loss_terms.hpp): adds into "
+          "per_instance and counted, writes coef (the derivative at each index); values_t empty: 0/1 target");
+    m.def("betti_loss_grad", &betti_loss_grad, nb::arg("coef"), nb::arg("index_p"), nb::arg("sizes_p"),
+          nb::arg("upstream"), nb::arg("grad"),
+          "grad[index_p[j]] += coef[j] * upstream[instance of j] (grad: instances * voxels, flat)");
 }
