@@ -141,10 +141,27 @@ def probabilities_and_target(
 
     With a single channel nothing is dropped: that channel is the foreground.
     """
+    activated, first, target = activation_and_target(
+        input, target, sigmoid=sigmoid, softmax=softmax, to_onehot_y=to_onehot_y, include_background=include_background
+    )
+    return activated[:, first:], target
+
+
+def activation_and_target(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    sigmoid: bool | None,
+    softmax: bool | None,
+    to_onehot_y: bool | None,
+    include_background: bool,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """:func:`probabilities_and_target` before the slice: the activated input with all its
+    channels, the first channel kept (0 or 1), and the target of the kept channels."""
     n = input.shape[1]
-    probs = activate(input, resolve_activation(n, sigmoid, softmax))
+    activated = activate(input, resolve_activation(n, sigmoid, softmax))
     first = 0 if include_background or n == 1 else 1
-    return probs[:, first:], target_as_channels(target, n, to_onehot_y, first)
+    return activated, first, target_as_channels(target, n, to_onehot_y, first)
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

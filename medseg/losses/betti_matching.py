@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from medseg.losses._prepare import (
+    activation_and_target,
     check_activation_flags,
     check_input,
     check_reduction,
     encodes_labels,
-    probabilities_and_target,
 )
 from medseg.topology import _backends, _inputs
 from medseg.topology.matching import _matching_indices, _prepare_targets
@@ -37,15 +37,17 @@ class _FusedPairTerms(torch.autograd.Function):
     the derivative at every index kept for backward (``_engine.betti_loss_grad``): one
     scatter instead of autograd through a gather and a dozen elementwise ops.
 
-    forward(flat_probs (N, *spatial), values: flat_probs as N numpy arrays, values_t: the
-    target's (empty for a 0/1 target), matchings: [(superlevel, engine indices)],
-    options) -> (per-instance sums (N,) float64, pair counts (N,) numpy int64).
+    forward(activated (B, C, *spatial), first: the first channel used, values: the used
+    channels as B * (C - first) numpy arrays, values_t: the target's (empty for a 0/1
+    target), matchings: [(superlevel, engine indices)], options) -> (per-instance sums
+    (B * (C - first),) float64, pair counts (numpy int64)). The gradient is written into
+    the used channels of a gradient of ``activated``'s shape: no slice to backpropagate.
     """
 
     @staticmethod
-    def forward(ctx, flat_probs, values, values_t, matchings, options):  # noqa: D102
+    def forward(ctx, activated, first, values, values_t, matchings, options):  # noqa: D102
         engine = _inputs.engine()
-        instances = flat_probs.shape[0]
+        instances = len(values)
         per_instance = np.zeros(instances, dtype=np.float64)
         counted = np.zeros(instances, dtype=np.int64)
         saved = []
@@ -55,8 +57,8 @@ class _FusedPairTerms(torch.autograd.Function):
                 values, values_t, index_p, sizes_p, index_t, sizes_t, superlevel, *options, per_instance, counted, coef
             )
             saved.append((coef, index_p, sizes_p))
-        ctx.saved = saved
-        ctx.shape, ctx.dtype = flat_probs.shape, flat_probs.dtype
+        ctx.saved, ctx.first = saved, first
+        ctx.shape, ctx.dtype = activated.shape, activated.dtype
         return torch.from_numpy(per_instance), counted
 
     @staticmethod
@@ -64,10 +66,10 @@ class _FusedPairTerms(torch.autograd.Function):
         engine = _inputs.engine()
         upstream = np.ascontiguousarray(grad_per_instance.detach().to(torch.float64).numpy())
         grad = torch.zeros(ctx.shape, dtype=ctx.dtype)
-        flat = grad.numpy().reshape(-1)
+        channels = [grad[b, c].numpy() for b in range(ctx.shape[0]) for c in range(ctx.first, ctx.shape[1])]
         for coef, index_p, sizes_p in ctx.saved:
-            engine.betti_loss_grad(coef, index_p, sizes_p, upstream, flat)
-        return grad, None, None, None, None
+            engine.betti_loss_grad(coef, index_p, sizes_p, upstream, channels)
+        return grad, None, None, None, None, None
 
 
 class BettiMatchingLoss(torch.nn.Module):
@@ -302,7 +304,7 @@ class BettiMatchingLoss(torch.nn.Module):
             The loss (a scalar for "mean"/"sum", (B, C') for "none").
         """
         check_input(input, target, "BettiMatchingLoss")
-        probs, tgt = probabilities_and_target(
+        activated, first, tgt = activation_and_target(
             input,
             target,
             sigmoid=self.sigmoid,
@@ -310,6 +312,7 @@ class BettiMatchingLoss(torch.nn.Module):
             to_onehot_y=self.to_onehot_y,
             include_background=self.include_background,
         )
+        probs = activated[:, first:]
         batch, channels = probs.shape[:2]
         ndim = probs.dim() - 2
         if self.dimension_weights is not None and len(self.dimension_weights) != ndim:
@@ -362,7 +365,9 @@ class BettiMatchingLoss(torch.nn.Module):
             and not flat_tgt.requires_grad
         )
         if fused:
-            per_instance, pairs = self._fused_terms(flat_probs, preds_list, None if binary else flat_tgt, matchings)
+            per_instance, pairs = self._fused_terms(
+                activated, first, flat_probs, preds_list, None if binary else flat_tgt, matchings
+            )
         else:
             per_instance, pairs = self._torch_terms(flat_probs, None if binary else flat_tgt, matchings)
         per_instance = per_instance.to(probs.dtype)
@@ -389,14 +394,21 @@ class BettiMatchingLoss(torch.nn.Module):
         )
 
     def _fused_terms(
-        self, flat_probs: torch.Tensor, preds_list: list, flat_tgt: torch.Tensor | None, matchings: list
+        self,
+        activated: torch.Tensor,
+        first: int,
+        flat_probs: torch.Tensor,
+        preds_list: list,
+        flat_tgt: torch.Tensor | None,
+        matchings: list,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Per-instance sums (float64) and pair counts of CPU tensors in one native pass
-        per filtration (:class:`_FusedPairTerms`); the same formula as :meth:`_torch_terms`."""
+        per filtration (:class:`_FusedPairTerms`); the same formula as :meth:`_torch_terms`.
+        ``flat_probs``: ``activated``'s channels from ``first`` on, one instance each."""
         as_numpy = lambda t: [np.ascontiguousarray(x) for x in t.detach().numpy()]  # noqa: E731
         values = preds_list if flat_probs.dtype == torch.float32 else as_numpy(flat_probs)
         values_t = [] if flat_tgt is None else as_numpy(flat_tgt)
-        return _FusedPairTerms.apply(flat_probs, values, values_t, matchings, self._term_options())
+        return _FusedPairTerms.apply(activated, first, values, values_t, matchings, self._term_options())
 
     def _torch_terms(
         self, flat_probs: torch.Tensor, flat_tgt: torch.Tensor | None, matchings: list

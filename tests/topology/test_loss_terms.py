@@ -23,6 +23,7 @@ OPTIONS = [
     {"normalize": "voxels", "matched_weight": 0.7, "unmatched_weight": 1.3},
     {"construction": "T", "comparison": "intersection"},
     {"relative": True, "reduction": "sum"},
+    {"include_background": True},
 ]
 
 
@@ -35,12 +36,12 @@ def _loss_and_grad(loss: BettiMatchingLoss, x: torch.Tensor, y: torch.Tensor, fu
 
 
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("shape", [(3, 2, 20, 17), (2, 2, 7, 6, 5)])
+@pytest.mark.parametrize("shape", [(3, 2, 20, 17), (2, 3, 15, 13), (2, 2, 7, 6, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_terms_equal_the_torch_form(options, shape, dtype):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(*shape, generator=g, dtype=dtype)
-    y = (torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.55).long()
+    y = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=g)
     options = dict(options)
     if options.get("dimension_weights") == "per-dim":
         options["dimension_weights"] = [0.5, 2.0, 3.0][: len(shape) - 2]
@@ -100,11 +101,13 @@ def test_native_terms_refuse_inconsistent_arrays():
     wrong[0] = 144 * 2 - 1  # instance 0's first entry pointing into instance 1
     with pytest.raises(IndexError, match="outside its instance"):
         engine.betti_loss_terms(preds, [], wrong, sizes_p, None, sizes_t, *args, per_instance, counted, coef)
-    grad = np.zeros(2 * 144, dtype=np.float32)
+    grad = [np.zeros((12, 12), dtype=np.float32) for _ in range(2)]
     with pytest.raises(IndexError, match="outside its instance"):
         engine.betti_loss_grad(coef, wrong, sizes_p, np.ones(2), grad)
-    with pytest.raises(TypeError, match="differ in dtype"):
-        engine.betti_loss_grad(coef, index_p, sizes_p, np.ones(2), grad.astype(np.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        engine.betti_loss_grad(coef, index_p, sizes_p, np.ones(2), [g.astype(np.float64) for g in grad])
+    with pytest.raises(ValueError, match="one grad array per instance"):
+        engine.betti_loss_grad(coef, index_p, sizes_p, np.ones(2), grad[:1])
 
 
 def test_native_gradient_is_the_stored_derivative_scattered():
@@ -114,9 +117,9 @@ def test_native_gradient_is_the_stored_derivative_scattered():
     engine.betti_loss_terms(preds, [], index_p, sizes_p, None, sizes_t, True, 1.0, 1.0, False, 0.0, None,
                             np.zeros(2), np.zeros(2, dtype=np.int64), coef)
     upstream = np.array([0.5, -2.0])
-    grad = np.zeros(2 * 144, dtype=np.float32)
-    engine.betti_loss_grad(coef, index_p, sizes_p, upstream, grad)
+    grad = np.zeros((2, 144), dtype=np.float32)
+    engine.betti_loss_grad(coef, index_p, sizes_p, upstream, [grad[0], grad[1]])
     owner = np.concatenate([np.repeat(np.arange(2), sizes_p[q].sum(1)) for q in range(4)])
     expected = np.zeros(2 * 144)
     np.add.at(expected, index_p, coef.astype(np.float64) * upstream[owner])
-    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad.ravel(), expected, rtol=1e-6, atol=1e-7)

@@ -231,27 +231,27 @@ void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InAr
 }
 
 void betti_loss_grad(const InArray& coef, const IndexArray& index_p, const IndexArray& sizes_p,
-                     nb::ndarray<const double, nb::c_contig, nb::device::cpu> upstream, InArray grad) {
+                     nb::ndarray<const double, nb::c_contig, nb::device::cpu> upstream,
+                     const std::vector<InArray>& grad) {
     const std::size_t n = upstream.size();
     check_sizes(sizes_p, n, "sizes_p");
-    if (coef.dtype() != grad.dtype()) throw nb::type_error("betti_loss_grad: coef and grad differ in dtype");
+    if (grad.size() != n) throw nb::value_error("betti_loss_grad: one grad array per instance");
     if (index_p.ndim() != 1 || coef.size() != index_p.size() ||
         static_cast<std::int64_t>(index_p.size()) != 2 * (sizes_total(sizes_p, 0) + sizes_total(sizes_p, 2)))
         throw nb::value_error("betti_loss_grad: index_p, coef and sizes_p do not match");
-    if (n == 0 || grad.size() % n) throw nb::value_error("betti_loss_grad: grad must hold instances * voxels values");
-    const std::int64_t voxels = static_cast<std::int64_t>(grad.size() / n);
+    const std::int64_t voxels = same_images(grad, coef.dtype(), "betti_loss_grad grad");
     const int ndim = static_cast<int>(sizes_p.shape(2));
-    nb::gil_scoped_release release;
-    if (coef.dtype() == nb::dtype<float>())
-        loss::betti_terms_grad<float>(voxels, static_cast<std::int64_t>(n), ndim, index_p.data(), sizes_p.data(),
-                                      static_cast<const float*>(coef.data()), upstream.data(),
-                                      static_cast<float*>(grad.data()));
-    else if (coef.dtype() == nb::dtype<double>())
-        loss::betti_terms_grad<double>(voxels, static_cast<std::int64_t>(n), ndim, index_p.data(), sizes_p.data(),
-                                       static_cast<const double*>(coef.data()), upstream.data(),
-                                       static_cast<double*>(grad.data()));
-    else
-        throw nb::type_error("betti_loss_grad: float32 or float64 only");
+    auto run = [&](auto zero) {
+        using T = decltype(zero);
+        std::vector<T*> out;
+        for (auto& g : grad) out.push_back(static_cast<T*>(g.data()));
+        nb::gil_scoped_release release;
+        loss::betti_terms_grad<T>(voxels, static_cast<std::int64_t>(n), ndim, index_p.data(), sizes_p.data(),
+                                  static_cast<const T*>(coef.data()), upstream.data(), out);
+    };
+    if (coef.dtype() == nb::dtype<float>()) run(0.0f);
+    else if (coef.dtype() == nb::dtype<double>()) run(0.0);
+    else throw nb::type_error("betti_loss_grad: float32 or float64 only");
 }
 
 }  // namespace
@@ -418,5 +418,6 @@ NB_MODULE(_engine, m) {
           "per_instance and counted, writes coef (the derivative at each index); values_t empty: 0/1 target");
     m.def("betti_loss_grad", &betti_loss_grad, nb::arg("coef"), nb::arg("index_p"), nb::arg("sizes_p"),
           nb::arg("upstream"), nb::arg("grad"),
-          "grad[index_p[j]] += coef[j] * upstream[instance of j] (grad: instances * voxels, flat)");
+          "grad[i][voxel of index_p[j]] += coef[j] * upstream[i] for the entries j of instance i "
+          "(grad: one array per instance)");
 }

@@ -150,17 +150,20 @@ void betti_terms(const std::vector<const T*>& values, std::int64_t voxels, std::
     });
 }
 
-// grad (n * voxels, zero on entry) += coef[j] * upstream[instance of entry j] at index_p[j].
+// grad[i] (instance i's voxels) += coef[j] * upstream[i] at the voxel of index_p[j], for
+// every entry j of instance i. The grads may be views into a larger tensor (the
+// activation's channels, so that no slice of it needs a backward of its own).
 template <class T>
-void betti_terms_grad(std::int64_t voxels, std::int64_t n, int ndim, const std::int64_t* index_p, const std::int64_t* sizes_p,
-                      const T* coef, const double* upstream, T* grad) {
+void betti_terms_grad(std::int64_t voxels, std::int64_t n, int ndim, const std::int64_t* index_p,
+                      const std::int64_t* sizes_p, const T* coef, const double* upstream,
+                      const std::vector<T*>& grad) {
     std::int64_t j = 0;
     for (int q = 0; q < 4; ++q) {
         for (std::int64_t i = 0; i < n; ++i) {
             std::int64_t count = 0;
             for (int k = 0; k < ndim; ++k) count += sizes_p[(q * n + i) * ndim + k];
             const T g = static_cast<T>(upstream[i]);
-            T* out = grad + i * voxels;
+            T* out = grad[i];
             for (std::int64_t end = j + count; j < end; ++j) {
                 const std::int64_t at = index_p[j] - i * voxels;
                 if (at < 0 || at >= voxels) throw std::out_of_range("betti_terms_grad: an index lies outside its instance");
