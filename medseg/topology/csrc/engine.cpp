@@ -397,7 +397,9 @@ struct Filtration {
     Construction construction = Construction::V;
     Lattice pixels;            // T only: lattice of voxels (top cells)
     big_vector<rank_t> pix;   // T only: voxel ranks
-    big_vector<rank_t> v, e, f, c;  // 3D: c has one more entry, kInfRank (infinity); 2D V: no f (topr)
+    big_vector<rank_t> v, e, f, c;  // 3D: c has one more entry, kInfRank (infinity); 2D V: no f (topr),
+                                    // and no e where edges_from_vertices
+
     big_vector<std::uint32_t> order;  // the ranked points (V: v, T: pix) by (rank, index)
     big_vector<rank_t> topr;  // 2D: the squares' ranks by base point, kInfRank last (infinity)
     rank_t num_ranks = 0;
@@ -413,14 +415,28 @@ inline void other_axes(int t, int& u, int& w) {
     w = (t == 2) ? 1 : 2;
 }
 
+// Sorting: at most this many ranks (masks, quantised images) take a counting sort of
+// the stored cell ranks (sorted_keys); more take sorted_edges_V (V) or a radix sort.
+constexpr rank_t kCountingSortRanks = 1u << 12;
+
+// 2D V filtrations of many ranks (predictions, comparison images) keep no edge ranks:
+// sorted_edges_V and the reporter read an edge's rank from its ends (the larger of the
+// two), so the 3 slots per point (12 bytes, 3 MB for 512^2) are neither written nor
+// read (the vertex ranks, a third of that, stay in cache where the edges did not).
+bool edges_from_vertices(const Filtration& F) {
+    return F.construction == Construction::V && F.L.ndim == 2 && F.num_ranks > kCountingSortRanks;
+}
+
 // 2D V: the edges along axes 0 and 1 exist (the third slot is kInfRank) and the squares
 // with normal 2, built row by row in one pass. The squares go to topr alone, by base
 // point: no f array of 3 slots per point (two of them empty), which the reporter reads
 // through Cells::squares instead (7 % of a 256^2 matching: less to write and to cache).
+// The edge ranks only where edges_from_vertices(F) is false.
 void build_V_2d(Filtration& F) {
     const Lattice& L = F.L;
     const std::int64_t n0 = L.n[0], n1 = L.n[1], N = L.points;
-    F.e.resize(3 * N);
+    const bool store_edges = !edges_from_vertices(F);
+    if (store_edges) F.e.resize(3 * N);
     F.topr.resize(N + 1);
     const rank_t* v = F.v.data();
     rank_t* e = F.e.data();
@@ -430,9 +446,11 @@ void build_V_2d(Filtration& F) {
             const std::int64_t l = x * n1 + y;
             const bool right = y + 1 < n1;
             const rank_t r = v[l];
-            e[3 * l] = down ? std::max(r, v[l + n1]) : kInfRank;
-            e[3 * l + 1] = right ? std::max(r, v[l + 1]) : kInfRank;
-            e[3 * l + 2] = kInfRank;
+            if (store_edges) {
+                e[3 * l] = down ? std::max(r, v[l + n1]) : kInfRank;
+                e[3 * l + 1] = right ? std::max(r, v[l + 1]) : kInfRank;
+                e[3 * l + 2] = kInfRank;
+            }
             F.topr[l] = down && right ? std::max(std::max(r, v[l + 1]), std::max(v[l + n1], v[l + n1 + 1])) : kInfRank;
         }
     }
@@ -553,7 +571,6 @@ void build_T(Filtration& F) {
 // sort straight into place (cells are visited in index order, so each rank's run is
 // ordered by index, as the key order wants); otherwise an LSD radix sort on the rank
 // bits of the keys.
-constexpr rank_t kCountingSortRanks = 1u << 12;
 
 big_vector<key_t> sorted_keys(const big_vector<rank_t>& ranks, rank_t num_ranks) {
     if (num_ranks <= 2) {  // masks: two runs, counted in registers (no counter in memory)
@@ -607,7 +624,73 @@ big_vector<key_t> sorted_keys(const big_vector<rank_t>& ranks, rank_t num_ranks)
 // sorting; the edges of tied vertices are listed by a scan of their range of cells when
 // they are many and close, or else collected (an edge between two of them taken at its
 // upper end only) and sorted. Same keys, same order as sorted_keys(F.e).
-big_vector<key_t> sorted_edges_V(const Filtration& F) {
+//
+// EdgeRanks: rank(c) of the edge with packed index c (kInfRank: no such edge) and
+// prefetch(q) of what rank() reads around vertex q: the stored ranks (StoredEdgeRanks)
+// or, for 2D filtrations that keep none, the larger rank of the two ends (EdgeRanks2D).
+// emit_alone(p, r, s, d, out): writes the keys of the edges of rank r at vertex p, alone
+// at its rank, in key order (see above), and returns the new end of out.
+struct StoredEdgeRanks {
+    const rank_t* e;
+    rank_t rank(std::uint32_t c) const { return e[c]; }
+    key_t* emit_alone(std::uint32_t p, rank_t r, const std::uint32_t* s, int d, key_t* out) const {
+        for (int t = 0; t < d; ++t)
+            if (p >= s[t]) {
+                const std::uint32_t c = 3 * (p - s[t]) + t;
+                *out = make_key(r, c);
+                out += e[c] == r;
+            }
+        for (int t = 0; t < d; ++t) {
+            const std::uint32_t c = 3 * p + t;
+            *out = make_key(r, c);
+            out += e[c] == r;
+        }
+        return out;
+    }
+    void prefetch(std::uint32_t q, std::uint32_t s0) const {
+        __builtin_prefetch(&e[3 * q]);
+        if (q >= s0) __builtin_prefetch(&e[3 * (q - s0)]);
+    }
+};
+
+struct EdgeRanks2D {
+    const rank_t* v;
+    std::uint32_t n1, points;  // row length, vertices
+    rank_t rank(std::uint32_t c) const {
+        const std::uint32_t q = c / 3, t = c % 3;
+        if (t == 0) return q + n1 < points ? std::max(v[q], v[q + n1]) : kInfRank;  // down
+        if (t == 1) return (q + 1) % n1 != 0 ? std::max(v[q], v[q + 1]) : kInfRank;  // right
+        return kInfRank;
+    }
+    // an edge at p has rank r = v[p] when its other end is not later
+    key_t* emit_alone(std::uint32_t p, rank_t r, const std::uint32_t*, int, key_t* out) const {
+        const std::uint32_t col = p % n1;
+        if (p >= n1) {
+            *out = make_key(r, 3 * (p - n1));
+            out += v[p - n1] <= r;
+        }
+        if (col != 0) {
+            *out = make_key(r, 3 * (p - 1) + 1);
+            out += v[p - 1] <= r;
+        }
+        if (p + n1 < points) {
+            *out = make_key(r, 3 * p);
+            out += v[p + n1] <= r;
+        }
+        if (col + 1 != n1) {
+            *out = make_key(r, 3 * p + 1);
+            out += v[p + 1] <= r;
+        }
+        return out;
+    }
+    void prefetch(std::uint32_t q, std::uint32_t s0) const {
+        if (q >= s0) __builtin_prefetch(&v[q - s0]);
+        if (q + s0 < points) __builtin_prefetch(&v[q + s0]);
+    }
+};
+
+template <class EdgeRanks>
+big_vector<key_t> sorted_edges_V_with(const Filtration& F, const EdgeRanks& er) {
     const Lattice& L = F.L;
     const int d = L.ndim;
     const std::size_t N = static_cast<std::size_t>(L.points);
@@ -616,7 +699,6 @@ big_vector<key_t> sorted_edges_V(const Filtration& F) {
     big_vector<key_t> keys(count + 1);  // + 1: a candidate is written before it is kept
     key_t* out = keys.data();
     const rank_t* v = F.v.data();
-    const rank_t* e = F.e.data();
     const std::uint32_t* order = F.order.data();
     const std::uint32_t s[3] = {static_cast<std::uint32_t>(L.stride[0]), static_cast<std::uint32_t>(L.stride[1]),
                                 static_cast<std::uint32_t>(L.stride[2])};
@@ -625,26 +707,15 @@ big_vector<key_t> sorted_edges_V(const Filtration& F) {
     for (std::size_t i = 0; i < N;) {
         if (i + kAhead < N) {
             const std::uint32_t q = order[i + kAhead];
-            __builtin_prefetch(&e[3 * q]);
             __builtin_prefetch(&v[q]);
-            if (q >= s[0]) __builtin_prefetch(&e[3 * (q - s[0])]);
+            er.prefetch(q, s[0]);
         }
         const std::uint32_t p = order[i];
         const rank_t r = v[p];
         std::size_t j = i + 1;
         while (j < N && v[order[j]] == r) ++j;
         if (j == i + 1) {
-            for (int t = 0; t < d; ++t)
-                if (p >= s[t]) {
-                    const std::uint32_t c = 3 * (p - s[t]) + t;
-                    *out = make_key(r, c);
-                    out += e[c] == r;
-                }
-            for (int t = 0; t < d; ++t) {
-                const std::uint32_t c = 3 * p + t;
-                *out = make_key(r, c);
-                out += e[c] == r;
-            }
+            out = er.emit_alone(p, r, s, d, out);
         } else if (3 * (std::size_t(order[j - 1] - order[i]) + s[0]) <= 16 * (j - i)) {
             // many tied vertices close together (a mask's level set in a comparison
             // image): every edge of rank r lies in this range of cells, so a scan of
@@ -653,16 +724,16 @@ big_vector<key_t> sorted_edges_V(const Filtration& F) {
             const std::size_t hi = 3 * static_cast<std::size_t>(order[j - 1]) + 3;
             for (std::size_t c = lo; c < hi; ++c) {
                 *out = make_key(r, c);
-                out += e[c] == r;
+                out += er.rank(static_cast<std::uint32_t>(c)) == r;
             }
         } else {
             tied.clear();
             for (std::size_t q = i; q < j; ++q) {
                 const std::uint32_t u = order[q];
                 for (int t = 0; t < d; ++t)
-                    if (u >= s[t] && e[3 * (u - s[t]) + t] == r) tied.push_back(make_key(r, 3 * (u - s[t]) + t));
+                    if (u >= s[t] && er.rank(3 * (u - s[t]) + t) == r) tied.push_back(make_key(r, 3 * (u - s[t]) + t));
                 for (int t = 0; t < d; ++t)
-                    if (e[3 * u + t] == r && v[u + s[t]] != r) tied.push_back(make_key(r, 3 * u + t));
+                    if (er.rank(3 * u + t) == r && v[u + s[t]] != r) tied.push_back(make_key(r, 3 * u + t));
             }
             std::sort(tied.begin(), tied.end());
             out = std::copy(tied.begin(), tied.end(), out);
@@ -672,6 +743,13 @@ big_vector<key_t> sorted_edges_V(const Filtration& F) {
     if (static_cast<std::size_t>(out - keys.data()) != count) throw std::logic_error("sorted_edges_V: edges lost");
     keys.resize(count);
     return keys;
+}
+
+big_vector<key_t> sorted_edges_V(const Filtration& F) {
+    if (F.e.empty())  // edges_from_vertices(F)
+        return sorted_edges_V_with(F, EdgeRanks2D{F.v.data(), static_cast<std::uint32_t>(F.L.n[1]),
+                                                  static_cast<std::uint32_t>(F.L.points)});
+    return sorted_edges_V_with(F, StoredEdgeRanks{F.e.data()});
 }
 
 // ---------------------------------------------------------------------------------

@@ -358,7 +358,9 @@ struct CellReporter {
         if (k == 1) {
             const std::int64_t l = static_cast<std::int64_t>(cell / 3);
             const int t = static_cast<int>(cell % 3);
-            return X.v[l + L.stride[t]] == X.e[cell] ? l + L.stride[t] : l;
+            // the edge's rank is the larger of its ends' (V): the upper end when it holds it
+            // (no edge ranks read: 2D engine filtrations keep none, edges_from_vertices)
+            return X.v[l + L.stride[t]] >= X.v[l] ? l + L.stride[t] : l;
         }
         if (k == 2) {
             const std::int64_t l = static_cast<std::int64_t>(cell / 3);
