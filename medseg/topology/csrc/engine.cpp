@@ -341,19 +341,26 @@ rank_t merged_ranks(const T* a, const T* b, std::size_t n, bool superlevel, bool
     out.resize(n);
     order.resize(n);
     if (n == 0) return 0;
-    // c's filtration key (order bits, complemented for superlevel), and whether c_i = a_i
-    big_buffer<std::uint64_t> ck(n);
+    // Whether c_i = a_i (else c_i = b_i); doubles also keep c's filtration key (order
+    // bits, complemented for superlevel) for the comparisons.
+    constexpr bool packed = sizeof(T) == 4;
     big_buffer<std::uint8_t> from_a(n);
+    big_buffer<std::uint64_t> ck(packed ? 0 : n);
     for (std::size_t i = 0; i < n; ++i) {
         const T c = take_max ? std::max(a[i], b[i]) : std::min(a[i], b[i]);
         const std::uint64_t bits = order_bits(c);
         from_a[i] = bits == order_bits(a[i]);
-        ck[i] = superlevel ? ~bits : bits;
+        if (!packed) ck[i] = superlevel ? ~bits : bits;
     }
     // Each pixel as one word, in c's order when compared: for floats (key << 32) |
-    // index, the key fitting 32 bits; for doubles the index, compared through ck.
-    constexpr bool packed = sizeof(T) == 4;
-    auto word = [&](std::uint32_t i) -> std::uint64_t { return packed ? ((ck[i] & 0xffffffffull) << 32) | i : i; };
+    // index, the 32-bit key read from the image c_i comes from (no key array: a's and
+    // b's values, read in their own orders, are what c holds there); for doubles the
+    // index, compared through ck.
+    auto word = [&](const T* x, std::uint32_t i) -> std::uint64_t {
+        if (!packed) return i;
+        const std::uint32_t bits = static_cast<std::uint32_t>(order_bits(x[i]));
+        return (static_cast<std::uint64_t>(superlevel ? ~bits : bits) << 32) | i;
+    };
     auto before = [&](std::uint64_t x, std::uint64_t y) {
         if (packed) return x < y;
         return ck[x] < ck[y] || (ck[x] == ck[y] && x < y);
@@ -362,9 +369,9 @@ rank_t merged_ranks(const T* a, const T* b, std::size_t n, bool superlevel, bool
     big_buffer<std::uint64_t> sa(n), sb(n), merged(n);
     std::size_t na = 0, nb = 0;
     for (std::size_t j = 0; j < n; ++j) {
-        sa[na] = word(oa[j]);
+        sa[na] = word(a, oa[j]);
         na += from_a[oa[j]];
-        sb[nb] = word(ob[j]);
+        sb[nb] = word(b, ob[j]);
         nb += !from_a[ob[j]];
     }
     std::size_t ia = 0, ib = 0, o = 0;
