@@ -123,3 +123,24 @@ def test_native_gradient_is_the_stored_derivative_scattered():
     expected = np.zeros(2 * 144)
     np.add.at(expected, index_p, coef.astype(np.float64) * upstream[owner])
     np.testing.assert_allclose(grad.ravel(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_native_terms_are_the_same_on_any_number_of_threads():
+    rng = np.random.default_rng(3)
+    preds = [rng.random((20, 16), dtype=np.float32) for _ in range(5)]
+    targets = [(rng.random((20, 16)) > 0.5).astype(np.float32) for _ in range(5)]
+    engine = _inputs.engine()
+    index_p, sizes_p, _, sizes_t = engine.matching_batch_indices(preds, targets, True, "V", 1, None, False, False)
+    results = []
+    for threads in (1, 2, 3, 8):
+        per_instance, counted = np.zeros(5), np.zeros(5, dtype=np.int64)
+        coef = np.empty(index_p.shape[0], dtype=np.float32)
+        engine.betti_loss_terms(preds, [], index_p, sizes_p, None, sizes_t, True, 1.0, 1.0, False, 0.01,
+                                np.array([1.0, 0.5]), per_instance, counted, coef, threads)
+        grad = np.zeros((5, 320), dtype=np.float32)
+        engine.betti_loss_grad(coef, index_p, sizes_p, np.arange(1.0, 6.0), list(grad), threads)
+        results.append((per_instance, counted, coef, grad))
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            np.testing.assert_array_equal(a, b)
+    assert results[0][1].min() > 0 and np.abs(results[0][3]).sum() > 0

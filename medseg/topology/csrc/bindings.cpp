@@ -164,20 +164,46 @@ void check_sizes(const IndexArray& sizes, std::size_t n, const char* what) {
         throw nb::value_error((std::string(what) + " must have shape (4, instances, ndim)").c_str());
 }
 
+// Splits the instances into up to `threads` contiguous ranges of about equal numbers of
+// entries (sizes: (4, n, ndim)) and runs job(first, last) for each on its own thread.
+template <class Job>
+void over_instances(const IndexArray& sizes, int threads, Job job) {
+    const std::int64_t n = static_cast<std::int64_t>(sizes.shape(1)), ndim = static_cast<std::int64_t>(sizes.shape(2));
+    std::vector<std::int64_t> entries(n, 0);
+    std::int64_t total = 0;
+    for (int q = 0; q < 4; ++q)
+        for (std::int64_t i = 0; i < n; ++i)
+            for (std::int64_t k = 0; k < ndim; ++k) entries[i] += sizes.data()[(q * n + i) * ndim + k];
+    for (auto e : entries) total += e;
+    const int parts = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(threads, n)));
+    std::vector<std::function<void()>> tasks;
+    std::int64_t first = 0, seen = 0;
+    for (int p = 0; p < parts && first < n; ++p) {
+        std::int64_t last = first;
+        const std::int64_t goal = total * (p + 1) / parts;
+        while (last < n && (last == first || seen + entries[last] <= goal || p == parts - 1)) seen += entries[last++];
+        tasks.push_back([first, last, &job] { job(first, last); });
+        first = last;
+    }
+    host::run_tasks(tasks, parts);
+}
+
 template <class T>
 void loss_terms_typed(const std::vector<InArray>& values, const std::vector<InArray>& values_t,
                       const IndexArray& index_p, const IndexArray& sizes_p, const std::optional<IndexArray>& index_t,
                       const IndexArray& sizes_t, const loss::TermOptions& o, double* per_instance,
-                      std::int64_t* counted, T* coef) {
+                      std::int64_t* counted, T* coef, int threads) {
     const std::size_t n = values.size();
     const std::int64_t voxels = static_cast<std::int64_t>(values[0].size());
     std::vector<const T*> v, vt;
     for (auto& x : values) v.push_back(static_cast<const T*>(x.data()));
     for (auto& x : values_t) vt.push_back(static_cast<const T*>(x.data()));
     nb::gil_scoped_release release;
-    loss::betti_terms<T>(v, voxels, static_cast<std::int64_t>(n), static_cast<int>(sizes_p.shape(2)), index_p.data(),
-                         sizes_p.data(), vt, index_t ? index_t->data() : nullptr, sizes_t.data(), o, per_instance,
-                         counted, coef);
+    over_instances(sizes_p, threads, [&](std::int64_t first, std::int64_t last) {
+        loss::betti_terms<T>(v, voxels, static_cast<std::int64_t>(n), static_cast<int>(sizes_p.shape(2)),
+                             index_p.data(), sizes_p.data(), vt, index_t ? index_t->data() : nullptr, sizes_t.data(),
+                             o, per_instance, counted, coef, first, last);
+    });
 }
 
 void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InArray>& values_t,
@@ -186,7 +212,7 @@ void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InAr
                       bool push_unmatched, double threshold,
                       const std::optional<nb::ndarray<const double, nb::c_contig, nb::device::cpu>>& dimension_weights,
                       nb::ndarray<double, nb::c_contig, nb::device::cpu> per_instance,
-                      nb::ndarray<std::int64_t, nb::c_contig, nb::device::cpu> counted, InArray coef) {
+                      nb::ndarray<std::int64_t, nb::c_contig, nb::device::cpu> counted, InArray coef, int threads) {
     const std::size_t n = values.size();
     if (n == 0) throw nb::value_error("betti_loss_terms: empty batch");
     const nb::dlpack::dtype dtype = values[0].dtype();
@@ -224,15 +250,15 @@ void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InAr
     o.dimension_weights = dimension_weights ? dimension_weights->data() : nullptr;
     if (dtype == nb::dtype<float>())
         loss_terms_typed<float>(values, values_t, index_p, sizes_p, index_t, sizes_t, o, per_instance.data(),
-                                counted.data(), static_cast<float*>(coef.data()));
+                                counted.data(), static_cast<float*>(coef.data()), threads);
     else
         loss_terms_typed<double>(values, values_t, index_p, sizes_p, index_t, sizes_t, o, per_instance.data(),
-                                 counted.data(), static_cast<double*>(coef.data()));
+                                 counted.data(), static_cast<double*>(coef.data()), threads);
 }
 
 void betti_loss_grad(const InArray& coef, const IndexArray& index_p, const IndexArray& sizes_p,
                      nb::ndarray<const double, nb::c_contig, nb::device::cpu> upstream,
-                     const std::vector<InArray>& grad) {
+                     const std::vector<InArray>& grad, int threads) {
     const std::size_t n = upstream.size();
     check_sizes(sizes_p, n, "sizes_p");
     if (grad.size() != n) throw nb::value_error("betti_loss_grad: one grad array per instance");
@@ -246,8 +272,10 @@ void betti_loss_grad(const InArray& coef, const IndexArray& index_p, const Index
         std::vector<T*> out;
         for (auto& g : grad) out.push_back(static_cast<T*>(g.data()));
         nb::gil_scoped_release release;
-        loss::betti_terms_grad<T>(voxels, static_cast<std::int64_t>(n), ndim, index_p.data(), sizes_p.data(),
-                                  static_cast<const T*>(coef.data()), upstream.data(), out);
+        over_instances(sizes_p, threads, [&](std::int64_t first, std::int64_t last) {
+            loss::betti_terms_grad<T>(voxels, static_cast<std::int64_t>(n), ndim, index_p.data(), sizes_p.data(),
+                                      static_cast<const T*>(coef.data()), upstream.data(), out, first, last);
+        });
     };
     if (coef.dtype() == nb::dtype<float>()) run(0.0f);
     else if (coef.dtype() == nb::dtype<double>()) run(0.0);
@@ -414,10 +442,12 @@ NB_MODULE(_engine, m) {
           nb::arg("sizes_p"), nb::arg("index_t").none(), nb::arg("sizes_t"), nb::arg("superlevel"),
           nb::arg("matched_weight"), nb::arg("unmatched_weight"), nb::arg("push_unmatched"), nb::arg("threshold"),
           nb::arg("dimension_weights").none(), nb::arg("per_instance"), nb::arg("counted"), nb::arg("coef"),
+          nb::arg("threads") = 1,
           "The Betti matching loss's per-instance sums over a batch's pairs (loss_terms.hpp): adds into "
-          "per_instance and counted, writes coef (the derivative at each index); values_t empty: 0/1 target");
+          "per_instance and counted, writes coef (the derivative at each index); values_t empty: 0/1 target; "
+          "instances spread over threads");
     m.def("betti_loss_grad", &betti_loss_grad, nb::arg("coef"), nb::arg("index_p"), nb::arg("sizes_p"),
-          nb::arg("upstream"), nb::arg("grad"),
+          nb::arg("upstream"), nb::arg("grad"), nb::arg("threads") = 1,
           "grad[i][voxel of index_p[j]] += coef[j] * upstream[i] for the entries j of instance i "
           "(grad: one array per instance)");
 }

@@ -50,15 +50,23 @@ struct BinaryTarget {
     T born, dies;
 };
 
+// The first entry of instance `first` in block q of a sizes array (n instances, ndim).
+inline std::int64_t block_offset(const std::int64_t* sizes, std::int64_t n, int ndim, int q, std::int64_t first) {
+    std::int64_t s = 0;
+    for (std::int64_t j = 0; j < first * ndim; ++j) s += sizes[q * n * ndim + j];
+    return s;
+}
+
 // values[i]: instance i's voxels (voxels each). Target: either values_t (same layout)
 // with index_t, or binary (values_t empty). Outputs: per_instance (n, summed into),
 // counted (n, added to: pairs that make a term, for normalize="pairs"), coef
 // (index_p's length): d(per_instance of the entry's instance) / d(value at index_p[j]).
+// Only the instances [first, last) are done (threads take disjoint ranges).
 template <class T>
 void betti_terms(const std::vector<const T*>& values, std::int64_t voxels, std::int64_t n, int ndim,
                  const std::int64_t* index_p, const std::int64_t* sizes_p, const std::vector<const T*>& values_t,
                  const std::int64_t* index_t, const std::int64_t* sizes_t, const TermOptions& o, double* per_instance,
-                 std::int64_t* counted, T* coef) {
+                 std::int64_t* counted, T* coef, std::int64_t first, std::int64_t last) {
     // block q of a sizes array: entries of (instance i, dimension k) at [q][i][k]
     auto block_size = [n, ndim](const std::int64_t* sizes, int q) {
         std::int64_t s = 0;
@@ -88,8 +96,8 @@ void betti_terms(const std::vector<const T*>& values, std::int64_t voxels, std::
     // instance sums its terms in a local double: the same additions in the same order as
     // into per_instance[i], without a store and reload per term.
     auto walk = [&](const std::int64_t* sizes, int q, double factor, auto term) {
-        std::int64_t j = 0;
-        for (std::int64_t i = 0; i < n; ++i) {
+        std::int64_t j = block_offset(sizes, n, ndim, q, first);
+        for (std::int64_t i = first; i < last; ++i) {
             double sum = per_instance[i];
             std::int64_t kept = 0;
             for (int k = 0; k < ndim; ++k) {
@@ -151,15 +159,17 @@ void betti_terms(const std::vector<const T*>& values, std::int64_t voxels, std::
 }
 
 // grad[i] (instance i's voxels) += coef[j] * upstream[i] at the voxel of index_p[j], for
-// every entry j of instance i. The grads may be views into a larger tensor (the
-// activation's channels, so that no slice of it needs a backward of its own).
+// every entry j of instance i in [first, last). The grads may be views into a larger
+// tensor (the activation's channels, so that no slice of it needs a backward of its own).
 template <class T>
 void betti_terms_grad(std::int64_t voxels, std::int64_t n, int ndim, const std::int64_t* index_p,
                       const std::int64_t* sizes_p, const T* coef, const double* upstream,
-                      const std::vector<T*>& grad) {
-    std::int64_t j = 0;
+                      const std::vector<T*>& grad, std::int64_t first, std::int64_t last) {
+    std::int64_t block = 0;  // where block q starts
     for (int q = 0; q < 4; ++q) {
-        for (std::int64_t i = 0; i < n; ++i) {
+        std::int64_t j = block + block_offset(sizes_p, n, ndim, q, first);
+        block += block_offset(sizes_p, n, ndim, q, n);
+        for (std::int64_t i = first; i < last; ++i) {
             std::int64_t count = 0;
             for (int k = 0; k < ndim; ++k) count += sizes_p[(q * n + i) * ndim + k];
             const T g = static_cast<T>(upstream[i]);
