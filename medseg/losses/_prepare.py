@@ -128,22 +128,13 @@ def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: input {tuple(input.shape)} and target {tuple(target.shape)} differ in batch or spatial size")
 
 
-def probabilities_and_target(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    sigmoid: bool | None,
-    softmax: bool | None,
-    to_onehot_y: bool | None,
-    include_background: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def probabilities_and_target(input: torch.Tensor, target: torch.Tensor, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """Activated input and channel-matched target, with channel 0 dropped where asked.
 
-    With a single channel nothing is dropped: that channel is the foreground.
+    With a single channel nothing is dropped: that channel is the foreground. ``options``:
+    the keyword arguments of :func:`activation_and_target` (all required).
     """
-    activated, first, target = activation_and_target(
-        input, target, sigmoid=sigmoid, softmax=softmax, to_onehot_y=to_onehot_y, include_background=include_background
-    )
+    activated, first, target = activation_and_target(input, target, **options)
     return activated[:, first:], target
 
 
@@ -156,8 +147,8 @@ def activation_and_target(
     to_onehot_y: bool | None,
     include_background: bool,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """:func:`probabilities_and_target` before the slice: the activated input with all its
-    channels, the first channel kept (0 or 1), and the target of the kept channels."""
+    """The activated input with all its channels, the first channel kept (0 or 1: channel
+    0 dropped where asked) and the target of the kept channels, as a float tensor."""
     n = input.shape[1]
     activated = activate(input, resolve_activation(n, sigmoid, softmax))
     first = 0 if include_background or n == 1 else 1

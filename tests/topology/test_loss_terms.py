@@ -72,10 +72,10 @@ def test_soft_target_and_target_with_gradient():
     assert t.grad is not None and t.grad.abs().sum() > 0
 
 
-def _batch():
-    rng = np.random.default_rng(0)
-    preds = [rng.random((12, 12), dtype=np.float32) for _ in range(2)]
-    targets = [(rng.random((12, 12)) > 0.5).astype(np.float32) for _ in range(2)]
+def _batch(instances: int = 2, shape: tuple = (12, 12), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    preds = [rng.random(shape, dtype=np.float32) for _ in range(instances)]
+    targets = [(rng.random(shape) > 0.5).astype(np.float32) for _ in range(instances)]
     engine = _inputs.engine()
     index_p, sizes_p, index_t, sizes_t = engine.matching_batch_indices(preds, targets, True, "V", 1, None, False, False)
     return engine, preds, index_p, sizes_p, sizes_t
@@ -126,11 +126,7 @@ def test_native_gradient_is_the_stored_derivative_scattered():
 
 
 def test_native_terms_are_the_same_on_any_number_of_threads():
-    rng = np.random.default_rng(3)
-    preds = [rng.random((20, 16), dtype=np.float32) for _ in range(5)]
-    targets = [(rng.random((20, 16)) > 0.5).astype(np.float32) for _ in range(5)]
-    engine = _inputs.engine()
-    index_p, sizes_p, _, sizes_t = engine.matching_batch_indices(preds, targets, True, "V", 1, None, False, False)
+    engine, preds, index_p, sizes_p, sizes_t = _batch(instances=5, shape=(20, 16), seed=3)
     results = []
     for threads in (1, 2, 3, 8):
         per_instance, counted = np.zeros(5), np.zeros(5, dtype=np.int64)
