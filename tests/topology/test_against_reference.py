@@ -100,3 +100,24 @@ def test_masks_and_realistic_pair_equal_reference(reference):
         pred = 1 / (1 + np.exp(-(6 * (target - 0.5) + noise / noise.std())))
         assert_same_as_reference(reference, 1 - pred, 1 - target)
         assert_same_as_reference(reference, 1 - (pred > 0.5).astype(np.float64), 1 - target)
+
+
+def test_images_of_many_values_equal_reference(reference):
+    """More than 4096 distinct values (the engine then generates the sorted edges from the
+    vertex order, in 2D from the vertex ranks alone): tie-free, with scattered ties, with
+    plateaus, and a prediction against a mask as the loss sees them."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(11)
+    shape = (100, 90)
+    levels = np.floor(rng.random(shape) * 20000) / 20000
+    plateaus = levels.copy()
+    plateaus[10:40, 5:60] = 0.5
+    plateaus[:, :3] = 0.25
+    target = (gaussian_filter(rng.standard_normal(shape), 2.0) > 0.2).astype(np.float64)
+    pred = 1 / (1 + np.exp(-(6 * (target - 0.5) + rng.standard_normal(shape))))
+    for image in (pred, levels, plateaus):
+        assert len(np.unique(image)) > 4096
+    for a, b in [(rng.random(shape), rng.random(shape)), (levels, plateaus), (1 - pred, 1 - target),
+                 (plateaus, 1 - target)]:
+        assert_same_as_reference(reference, a, b)

@@ -23,6 +23,19 @@ def inputs():
         out.append(("random", rng.random(shape)))
         out.append(("quantised", np.floor(rng.random(shape) * 4) / 4))
         out.append(("smooth", gaussian_filter(rng.standard_normal(shape), 1.5)))
+    # more than 4096 distinct values: the engine then generates the sorted edges from
+    # the vertex order (sorted_edges_V), in 2D from the vertex ranks alone, with ties
+    # scattered (levels), in large blocks (plateaus) and none (random)
+    for shape in [(70, 65), (17, 17, 17)]:
+        out.append(("random", rng.random(shape)))
+    levels = np.floor(rng.random((110, 90)) * 20000) / 20000
+    out.append(("levels", levels))
+    plateaus = levels.copy()
+    plateaus[10:40, 5:60] = 0.5
+    plateaus[:, :3] = 0.25
+    plateaus[60:, 50:] = plateaus[60:, 50:] > 0.5
+    out.append(("plateaus", plateaus))
+    assert all(len(np.unique(image)) > 4096 for kind, image in out[-4:] if image.ndim == 2)
     return out
 
 
