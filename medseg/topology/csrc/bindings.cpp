@@ -132,11 +132,10 @@ nb::tuple matching_batch_indices(const std::vector<InArray>& as, const std::vect
     return batch_indices_to_python(std::move(b), as.size(), first.ndim);
 }
 
-
 // ---------------------------------------------------------------------------------
 // The Betti matching loss's terms (loss_terms.hpp). Outputs are arrays the caller
 // allocates: per_instance (float64, n, zeros), counted (int64, n, zeros), coef (the
-// values' dtype, one per index), grad (the values' dtype, n * voxels, zeros).
+// values' dtype, one per index), grad (the values' dtype, one zeroed array per instance).
 
 using IndexArray = nb::ndarray<const std::int64_t, nb::c_contig, nb::device::cpu>;
 
@@ -152,11 +151,10 @@ std::int64_t same_images(const std::vector<InArray>& images, const nb::dlpack::d
     return voxels;
 }
 
-std::int64_t sizes_total(const IndexArray& sizes, int q) {
-    const std::int64_t per = static_cast<std::int64_t>(sizes.shape(1) * sizes.shape(2));
-    std::int64_t s = 0;
-    for (std::int64_t j = 0; j < per; ++j) s += sizes.data()[q * per + j];
-    return s;
+// loss::index_entries of a (4, n, ndim) sizes array
+std::int64_t index_entries(const IndexArray& sizes) {
+    return loss::index_entries(sizes.data(), static_cast<std::int64_t>(sizes.shape(1)),
+                               static_cast<int>(sizes.shape(2)));
 }
 
 void check_sizes(const IndexArray& sizes, std::size_t n, const char* what) {
@@ -229,11 +227,10 @@ void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InAr
     check_sizes(sizes_p, n, "sizes_p");
     check_sizes(sizes_t, n, "sizes_t");
     if (sizes_t.shape(2) != sizes_p.shape(2)) throw nb::value_error("sizes_p and sizes_t differ in ndim");
-    const std::int64_t entries = 2 * (sizes_total(sizes_p, 0) + sizes_total(sizes_p, 2));
+    const std::int64_t entries = index_entries(sizes_p);
     if (index_p.ndim() != 1 || static_cast<std::int64_t>(index_p.shape(0)) != entries)
         throw nb::value_error("betti_loss_terms: index_p does not match sizes_p");
-    if (!binary && (index_t->ndim() != 1 || static_cast<std::int64_t>(index_t->shape(0)) !=
-                                               2 * (sizes_total(sizes_t, 0) + sizes_total(sizes_t, 2))))
+    if (!binary && (index_t->ndim() != 1 || static_cast<std::int64_t>(index_t->shape(0)) != index_entries(sizes_t)))
         throw nb::value_error("betti_loss_terms: index_t does not match sizes_t");
     if (dimension_weights && dimension_weights->size() != sizes_p.shape(2))
         throw nb::value_error("betti_loss_terms: one dimension weight per dimension");
@@ -263,7 +260,7 @@ void betti_loss_grad(const InArray& coef, const IndexArray& index_p, const Index
     check_sizes(sizes_p, n, "sizes_p");
     if (grad.size() != n) throw nb::value_error("betti_loss_grad: one grad array per instance");
     if (index_p.ndim() != 1 || coef.size() != index_p.size() ||
-        static_cast<std::int64_t>(index_p.size()) != 2 * (sizes_total(sizes_p, 0) + sizes_total(sizes_p, 2)))
+        static_cast<std::int64_t>(index_p.size()) != index_entries(sizes_p))
         throw nb::value_error("betti_loss_grad: index_p, coef and sizes_p do not match");
     const std::int64_t voxels = same_images(grad, coef.dtype(), "betti_loss_grad grad");
     const int ndim = static_cast<int>(sizes_p.shape(2));

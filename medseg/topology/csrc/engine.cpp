@@ -406,7 +406,6 @@ struct Filtration {
     big_vector<rank_t> pix;   // T only: voxel ranks
     big_vector<rank_t> v, e, f, c;  // 3D: c has one more entry, kInfRank (infinity); 2D V: no f (topr),
                                     // and no e where edges_from_vertices
-
     big_vector<std::uint32_t> order;  // the ranked points (V: v, T: pix) by (rank, index)
     big_vector<rank_t> topr;  // 2D: the squares' ranks by base point, kInfRank last (infinity)
     rank_t num_ranks = 0;
@@ -578,7 +577,6 @@ void build_T(Filtration& F) {
 // sort straight into place (cells are visited in index order, so each rank's run is
 // ordered by index, as the key order wants); otherwise an LSD radix sort on the rank
 // bits of the keys.
-
 big_vector<key_t> sorted_keys(const big_vector<rank_t>& ranks, rank_t num_ranks) {
     if (num_ranks <= 2) {  // masks: two runs, counted in registers (no counter in memory)
         const rank_t* r = ranks.data();
@@ -753,7 +751,7 @@ big_vector<key_t> sorted_edges_V_with(const Filtration& F, const EdgeRanks& er) 
 }
 
 big_vector<key_t> sorted_edges_V(const Filtration& F) {
-    if (F.e.empty())  // edges_from_vertices(F)
+    if (edges_from_vertices(F))
         return sorted_edges_V_with(F, EdgeRanks2D{F.v.data(), static_cast<std::uint32_t>(F.L.n[1]),
                                                   static_cast<std::uint32_t>(F.L.points)});
     return sorted_edges_V_with(F, StoredEdgeRanks{F.e.data()});

@@ -51,11 +51,18 @@ struct BinaryTarget {
     T born, dies;
 };
 
-// The first entry of instance `first` in block q of a sizes array (n instances, ndim).
+// The first entry of instance `first` in block q of a sizes array (n instances, ndim;
+// entries of (instance i, dimension k) at [q][i][k]); first = n: the block's size.
 inline std::int64_t block_offset(const std::int64_t* sizes, std::int64_t n, int ndim, int q, std::int64_t first) {
     std::int64_t s = 0;
     for (std::int64_t j = 0; j < first * ndim; ++j) s += sizes[q * n * ndim + j];
     return s;
+}
+
+// The number of flat indices of a sizes array: births and deaths of its matched and
+// unmatched pairs.
+inline std::int64_t index_entries(const std::int64_t* sizes, std::int64_t n, int ndim) {
+    return 2 * (block_offset(sizes, n, ndim, 0, n) + block_offset(sizes, n, ndim, 2, n));
 }
 
 // values[i]: instance i's voxels (voxels each). Target: either values_t (same layout)
@@ -68,12 +75,7 @@ void betti_terms(const std::vector<const T*>& values, std::int64_t voxels, std::
                  const std::int64_t* index_p, const std::int64_t* sizes_p, const std::vector<const T*>& values_t,
                  const std::int64_t* index_t, const std::int64_t* sizes_t, const TermOptions& o, double* per_instance,
                  std::int64_t* counted, T* coef, std::int64_t first, std::int64_t last) {
-    // block q of a sizes array: entries of (instance i, dimension k) at [q][i][k]
-    auto block_size = [n, ndim](const std::int64_t* sizes, int q) {
-        std::int64_t s = 0;
-        for (std::int64_t j = 0; j < n * ndim; ++j) s += sizes[q * n * ndim + j];
-        return s;
-    };
+    auto block_size = [n, ndim](const std::int64_t* sizes, int q) { return block_offset(sizes, n, ndim, q, n); };
     const std::int64_t n_m = block_size(sizes_p, 0), n_ua = block_size(sizes_p, 2);
     const std::int64_t* births_m = index_p;
     const std::int64_t* deaths_m = index_p + n_m;
