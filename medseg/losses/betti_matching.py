@@ -39,8 +39,8 @@ class _FusedPairTerms(torch.autograd.Function):
 
     forward(activated (B, C, *spatial), first: the first channel used, values: the used
     channels as B * (C - first) numpy arrays, values_t: the target's (empty for a 0/1
-    target), matchings: [(superlevel, engine indices)], options, threads: the forward's
-    instances are spread over them) -> (per-instance sums
+    target), matchings: [(superlevel, engine indices)], options, threads: forward's and
+    backward's instances are spread over them) -> (per-instance sums
     (B * (C - first),) float64, pair counts (numpy int64)). The gradient is written into
     the used channels of a gradient of ``activated``'s shape: no slice to backpropagate.
     """
@@ -59,7 +59,7 @@ class _FusedPairTerms(torch.autograd.Function):
                 threads,
             )
             saved.append((coef, index_p, sizes_p))
-        ctx.saved, ctx.first = saved, first
+        ctx.saved, ctx.first, ctx.threads = saved, first, threads
         ctx.shape, ctx.dtype = activated.shape, activated.dtype
         return torch.from_numpy(per_instance), counted
 
@@ -70,10 +70,10 @@ class _FusedPairTerms(torch.autograd.Function):
         grad = torch.zeros(ctx.shape, dtype=ctx.dtype)
         channels = [grad[b, c].numpy() for b in range(ctx.shape[0]) for c in range(ctx.first, ctx.shape[1])]
         for coef, index_p, sizes_p in ctx.saved:
-            # one thread: backward runs between torch ops, whose OpenMP workers still spin
-            # (the default wait policy) and took the second core (measured: 0.7 ms slower
-            # on two threads per 8 x 256² batch; the forward, after the engine, gains 0.7)
-            engine.betti_loss_grad(coef, index_p, sizes_p, upstream, channels, 1)
+            # the threads are a parallel region of torch's OpenMP runtime (run_team in
+            # csrc/host_passes.hpp): its workers, still spinning after the ops before,
+            # take the work instead of competing for the cores (0.5 ms less a batch)
+            engine.betti_loss_grad(coef, index_p, sizes_p, upstream, channels, ctx.threads)
         return grad, None, None, None, None, None, None
 
 

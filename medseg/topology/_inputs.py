@@ -130,6 +130,41 @@ def unpad(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+# Whether this process's engine was told if it may run its threads on the process's
+# OpenMP team (see _checked_team); reset in a forked child.
+_team_checked = False
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _team_checked, _forked
+    _team_checked, _forked = False, True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _checked_team(module) -> None:
+    """Keep the engine off the parent's OpenMP team in a forked or multiprocessing child.
+
+    The engine runs its threads as a parallel region of PyTorch's OpenMP runtime, whose
+    workers would otherwise spin on the cores it needs (``run_team`` in
+    csrc/host_passes.hpp). libgomp hangs when a child forked after the parent used a team
+    starts one, so in such a child the engine keeps threads of its own: after an
+    ``os.fork`` seen here, and in every child of ``multiprocessing`` (DataLoader and
+    process-pool workers; spawned ones only lose the gain). The engine itself also
+    notices forks once it is loaded.
+    """
+    global _team_checked
+    if _team_checked:
+        return
+    import multiprocessing
+
+    if _forked or multiprocessing.parent_process() is not None:
+        module.use_openmp_team(False)
+    _team_checked = True
+
+
 def engine():
     try:
         from medseg.topology import _engine
@@ -138,6 +173,7 @@ def engine():
             "medseg's topology engine (medseg.topology._engine) is not built; "
             "reinstall medseg with `pip install -e .` (needs a C++17 compiler and CMake)"
         ) from exc
+    _checked_team(_engine)
     return _engine
 
 

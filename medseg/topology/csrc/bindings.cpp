@@ -284,6 +284,14 @@ void betti_loss_grad(const InArray& coef, const IndexArray& index_p, const Index
 NB_MODULE(_engine, m) {
     m.doc() = "medseg persistent-homology engine (C++): cubical barcodes and Betti matching";
     m.attr("max_points") = kMaxPoints;
+    host::HostOpenMP::get();  // from now on a fork marks the child (see run_team)
+    m.def(
+        "use_openmp_team", [](bool enabled) { host::HostOpenMP::get().set_enabled(enabled); }, nb::arg("enabled"),
+        "Whether the engine's threads may be a parallel region of the process's OpenMP runtime (PyTorch's); "
+        "medseg switches it off in forked and multiprocessing children (host_passes.hpp, run_team)");
+    m.def(
+        "openmp_team", [] { return host::HostOpenMP::get().usable() != nullptr; },
+        "Whether the engine's threads are now a parallel region of the process's OpenMP runtime");
 
     nb::class_<Prepared>(m, "PreparedImage", "The target-only part of a Betti matching, reusable across calls")
         .def_ro("nbytes", &Prepared::nbytes);

@@ -84,7 +84,7 @@ class TaskGraph {
             if (tasks_[i].waiting == 0) ready.push_back(i);
         std::size_t finished = 0;
         std::exception_ptr error;
-        auto worker = [&]() {
+        const std::function<void()> worker = [&]() {
             std::unique_lock<std::mutex> lock(mutex);
             for (;;) {
                 wake.wait(lock, [&] { return !ready.empty() || finished == tasks_.size() || error; });
@@ -107,11 +107,7 @@ class TaskGraph {
                 wake.notify_all();
             }
         };
-        const int n = std::min<int>(threads, static_cast<int>(tasks_.size()));
-        std::vector<std::thread> pool;
-        for (int i = 1; i < n; ++i) pool.emplace_back(worker);
-        worker();
-        for (auto& th : pool) th.join();
+        host::run_team(std::min<int>(threads, static_cast<int>(tasks_.size())), worker);
         if (error) std::rethrow_exception(error);
     }
 

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <dlfcn.h>
+#include <pthread.h>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -44,6 +46,89 @@ struct PhaseTimer {
     }
 };
 
+// The OpenMP runtime the process has already loaded (PyTorch's libgomp), for run_team.
+//
+// Why the engine runs its threads there: PyTorch's CPU ops leave their OpenMP workers
+// spinning for a while after each parallel region (libgomp's default wait policy), so
+// threads of our own find the cores taken. Measured on 2 cores, a Betti matching term
+// right after torch's ops: 52 ms on threads of its own, 47 ms as a parallel region of
+// torch's runtime, whose spinning workers take the work at once (the same as with
+// OMP_WAIT_POLICY=PASSIVE, which slows the network's own step by about 4 %).
+// The region is entered through GOMP_parallel (the ABI of libgomp, which LLVM's and
+// Intel's runtimes also export), looked up at run time: the engine neither links an
+// OpenMP runtime nor loads a second one.
+//
+// libgomp cannot start a team in a child forked after the parent used one (the
+// child's pool names threads that fork did not copy: it hangs, as PyTorch's own ops do
+// there), so no team is used
+//  - after a fork of a process that had loaded the engine (pthread_atfork below),
+//  - in a process whose engine was switched off it (set_enabled(false): medseg does
+//    so in multiprocessing's children and after os.fork, medseg/topology/_inputs.py),
+//  - where the runtime's thread count is 1 (PyTorch sets it in DataLoader workers).
+// MEDSEG_ENGINE_OWN_THREADS=1 forces threads of our own (comparisons).
+class HostOpenMP {
+  public:
+    using Parallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+    static HostOpenMP& get() {
+        static HostOpenMP instance;
+        return instance;
+    }
+
+    void set_enabled(bool enabled) { enabled_.store(enabled, std::memory_order_relaxed); }
+
+    // GOMP_parallel where a team of the loaded runtime can be used now, else nullptr.
+    Parallel usable() {
+        if (!enabled_.load(std::memory_order_relaxed) || std::getenv("MEDSEG_ENGINE_OWN_THREADS")) return nullptr;
+        Parallel parallel = parallel_.load(std::memory_order_relaxed);
+        if (!parallel) {  // looked up until found: torch may load after the engine
+            for (const char* lib : {"libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.so.5"}) {
+                void* handle = dlopen(lib, RTLD_NOW | RTLD_NOLOAD);
+                if (!handle) continue;
+                parallel = reinterpret_cast<Parallel>(dlsym(handle, "GOMP_parallel"));
+                max_threads_.store(reinterpret_cast<MaxThreads>(dlsym(handle, "omp_get_max_threads")));
+                dlclose(handle);  // drops the reference NOLOAD took; torch keeps the library
+                if (parallel) break;
+            }
+            if (!parallel) return nullptr;
+            parallel_.store(parallel, std::memory_order_relaxed);
+        }
+        const MaxThreads max_threads = max_threads_.load(std::memory_order_relaxed);
+        if (max_threads && max_threads() < 2) return nullptr;
+        return parallel;
+    }
+
+  private:
+    using MaxThreads = int (*)();
+
+    HostOpenMP() {
+        pthread_atfork(nullptr, nullptr, [] { get().set_enabled(false); });
+    }
+
+    std::atomic<bool> enabled_{true};
+    std::atomic<Parallel> parallel_{nullptr};
+    std::atomic<MaxThreads> max_threads_{nullptr};
+};
+
+// worker() on `threads` threads, the caller's among them; returns when all have
+// returned: a parallel region of the process's OpenMP runtime where HostOpenMP allows
+// one, else threads of our own.
+inline void run_team(int threads, const std::function<void()>& worker) {
+    if (threads <= 1) {
+        worker();
+        return;
+    }
+    if (HostOpenMP::Parallel parallel = HostOpenMP::get().usable()) {
+        parallel([](void* w) { (*static_cast<const std::function<void()>*>(w))(); },
+                 const_cast<std::function<void()>*>(&worker), static_cast<unsigned>(threads), 0);
+        return;
+    }
+    std::vector<std::thread> pool;
+    for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+}
+
 // Runs independent tasks on up to `threads` threads; the first exception is rethrown
 // once all have stopped.
 inline void run_tasks(std::vector<std::function<void()>>& tasks, int threads) {
@@ -53,7 +138,7 @@ inline void run_tasks(std::vector<std::function<void()>>& tasks, int threads) {
     }
     std::atomic<std::size_t> next{0};
     std::vector<std::exception_ptr> errors(tasks.size());
-    auto worker = [&]() {
+    const std::function<void()> worker = [&]() {
         for (;;) {
             const std::size_t i = next.fetch_add(1);
             if (i >= tasks.size()) return;
@@ -64,11 +149,7 @@ inline void run_tasks(std::vector<std::function<void()>>& tasks, int threads) {
             }
         }
     };
-    const int n = std::min<int>(threads, static_cast<int>(tasks.size()));
-    std::vector<std::thread> pool;
-    for (int i = 1; i < n; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
+    run_team(std::min<int>(threads, static_cast<int>(tasks.size())), worker);
     for (auto& e : errors)
         if (e) std::rethrow_exception(e);
 }

@@ -1,0 +1,171 @@
+"""The engine's threads as a parallel region of PyTorch's OpenMP runtime (``run_team``
+in medseg/topology/csrc/host_passes.hpp): used where it is safe, the same results as
+threads of the engine's own, and never in a child process where libgomp would hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medseg.losses.betti_matching import BettiMatchingLoss
+from medseg.topology import _inputs
+from medseg.topology.matching import _prepare_targets
+
+OWN_THREADS = "MEDSEG_ENGINE_OWN_THREADS"
+
+
+@pytest.fixture
+def two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    (torch.randn(300, 300) @ torch.randn(300, 300)).sum()  # torch's team exists
+    yield
+    torch.set_num_threads(before)
+
+
+def batch(n=4, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    preds = [ndimage.gaussian_filter(rng.random((size, size)), 1.0).astype(np.float32) for _ in range(n)]
+    targets = [(ndimage.gaussian_filter(rng.random((size, size)), 2.0) > 0.5).astype(np.float32) for _ in range(n)]
+    return preds, targets
+
+
+def test_the_team_is_used_only_where_allowed(two_torch_threads, monkeypatch):
+    engine = _inputs.engine()
+    assert engine.openmp_team()  # torch's libgomp is loaded, 2 threads, not a child process
+    monkeypatch.setenv(OWN_THREADS, "1")
+    assert not engine.openmp_team()
+    monkeypatch.delenv(OWN_THREADS)
+    torch.set_num_threads(1)  # as PyTorch sets it in a DataLoader worker
+    assert not engine.openmp_team()
+
+
+def test_team_and_own_threads_give_the_same_matchings(two_torch_threads, monkeypatch):
+    engine = _inputs.engine()
+    preds, targets = batch()
+    prepared = _prepare_targets(targets, True, "V", 2)
+    results = []
+    for own in (False, True):
+        if own:
+            monkeypatch.setenv(OWN_THREADS, "1")
+        assert engine.openmp_team() is not own
+        results.append(
+            [
+                engine.matching_batch_indices(preds, targets, True, "V", 2, None, False, True),
+                engine.matching_batch_indices(preds, targets, False, "T", 2, None, False, True),
+                engine.matching_batch_indices(preds, targets, True, "V", 2, prepared, False, False),
+                # one pair: its task graph runs on the two threads
+                engine.matching_batch_indices(preds[:1], targets[:1], True, "V", 2, None, False, True),
+            ]
+        )
+    for team, own in zip(*results):
+        for a, b in zip(team, own):
+            if a is None:
+                assert b is None
+            else:
+                np.testing.assert_array_equal(a, b)
+
+
+def test_team_and_own_threads_give_the_same_loss_and_gradient(two_torch_threads, monkeypatch):
+    rng = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 2, 48, 48, generator=rng)
+    label = (torch.rand(4, 1, 48, 48, generator=rng) > 0.6).long()
+    loss = BettiMatchingLoss(threads=2, target_cache_bytes=0)
+    out = []
+    for own in (False, True):
+        if own:
+            monkeypatch.setenv(OWN_THREADS, "1")
+        x = logits.clone().requires_grad_()
+        value = loss(x, label)
+        value.backward()
+        out.append((value.detach(), x.grad))
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1], out[1][1])
+
+
+def test_an_error_inside_a_team_task_reaches_python(two_torch_threads):
+    engine = _inputs.engine()
+    preds, targets = batch(n=3)
+    prepared = _prepare_targets(targets, True, "V", 1)
+    prepared[1] = _prepare_targets([np.zeros((12, 12), np.float32)], True, "V", 1)[0]  # the wrong shape
+    assert engine.openmp_team()
+    with pytest.raises(ValueError, match="prepared target does not fit"):
+        engine.matching_batch_indices(preds, targets, True, "V", 2, prepared, False, False)
+
+
+# Each child computes a batch with 2 threads after the parent used torch's OpenMP team;
+# libgomp hangs a child that starts a team of the parent's (PyTorch issue 17199), so a
+# child that does not finish within the timeout fails the test.
+_PARENT = """
+import os, sys, multiprocessing
+import numpy as np, torch
+torch.set_num_threads(2)
+(torch.randn(400, 400) @ torch.randn(400, 400)).sum()
+rng = np.random.default_rng(0)
+preds = [rng.random((48, 48)).astype(np.float32) for _ in range(4)]
+targets = [(rng.random((48, 48)) > 0.5).astype(np.float32) for _ in range(4)]
+
+def compute():
+    from medseg.topology import _inputs
+    engine = _inputs.engine()
+    engine.matching_batch_indices(preds, targets, True, "V", 2, None, False, True)
+    return engine.openmp_team()
+"""
+
+_CHILDREN = {
+    # the parent used the engine's team, then os.fork: the engine's own atfork handler
+    "os.fork after the engine ran": """
+compute()
+pid = os.fork()
+if pid == 0:
+    team = compute()
+    os._exit(0 if not team else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+""",
+    # the engine is first loaded in the child of a fork-context multiprocessing.Process
+    "multiprocessing fork, engine loaded in the child": """
+def child():
+    sys.exit(0 if not compute() else 3)
+p = multiprocessing.get_context("fork").Process(target=child)
+p.start(); p.join()
+sys.exit(p.exitcode)
+""",
+    # a DataLoader worker (fork) whose dataset calls the engine
+    "DataLoader worker": """
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+    def __getitem__(self, i):
+        return torch.tensor(float(compute()))
+compute()
+loader = torch.utils.data.DataLoader(Data(), num_workers=1, multiprocessing_context="fork")
+teams = [float(x) for x in loader]
+sys.exit(0 if teams == [0.0, 0.0] else 3)
+""",
+}
+
+
+@pytest.mark.parametrize("case", list(_CHILDREN))
+def test_children_of_a_process_that_used_the_team_finish(case):
+    script = textwrap.dedent(_PARENT) + textwrap.dedent(_CHILDREN[case])
+    # a session of its own: a hung grandchild is killed with its parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{case}: the child hung (the engine started a team of the parent's OpenMP runtime)")
+    assert proc.returncode == 0, f"{case}: exit {proc.returncode} (3: the child used the parent's team)\n{stderr}"
