@@ -24,6 +24,8 @@ OPTIONS = [
     {"construction": "T", "comparison": "intersection"},
     {"relative": True, "reduction": "sum"},
     {"include_background": True},
+    {"sigmoid": True},  # a multi-label head: each channel's sigmoid
+    {"sigmoid": False, "softmax": False},  # the input already holds the values
 ]
 
 
