@@ -40,7 +40,8 @@ def batch(n=4, size=40, seed=0):
 
 def test_the_team_is_used_only_where_allowed(two_torch_threads, monkeypatch):
     engine = _inputs.engine()
-    assert engine.openmp_team()  # torch's libgomp is loaded, 2 threads, not a child process
+    assert engine.openmp_team(2)  # torch's libgomp is loaded, 2 threads, not a child process
+    assert not engine.openmp_team(3)  # more than torch's threads: they would linger in its pool
     monkeypatch.setenv(OWN_THREADS, "1")
     assert not engine.openmp_team()
     monkeypatch.delenv(OWN_THREADS)

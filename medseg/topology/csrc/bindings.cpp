@@ -290,8 +290,9 @@ NB_MODULE(_engine, m) {
         "Whether the engine's threads may be a parallel region of the process's OpenMP runtime (PyTorch's); "
         "medseg switches it off in forked and multiprocessing children (host_passes.hpp, run_team)");
     m.def(
-        "openmp_team", [] { return host::HostOpenMP::get().usable() != nullptr; },
-        "Whether the engine's threads are now a parallel region of the process's OpenMP runtime");
+        "openmp_team", [](int threads) { return host::HostOpenMP::get().usable(threads) != nullptr; },
+        nb::arg("threads") = 2,
+        "Whether `threads` engine threads would now be a parallel region of the process's OpenMP runtime");
 
     nb::class_<Prepared>(m, "PreparedImage", "The target-only part of a Betti matching, reusable across calls")
         .def_ro("nbytes", &Prepared::nbytes);

@@ -65,6 +65,8 @@ struct PhaseTimer {
 //  - in a process whose engine was switched off it (set_enabled(false): medseg does
 //    so in multiprocessing's children and after os.fork, medseg/topology/_inputs.py),
 //  - where the runtime's thread count is 1 (PyTorch sets it in DataLoader workers).
+// Nor for more threads than the runtime's count (torch.get_num_threads()): the team's
+// extra threads would stay in the pool and spin after every region of torch's.
 // MEDSEG_ENGINE_OWN_THREADS=1 forces threads of our own (comparisons).
 class HostOpenMP {
   public:
@@ -77,8 +79,9 @@ class HostOpenMP {
 
     void set_enabled(bool enabled) { enabled_.store(enabled, std::memory_order_relaxed); }
 
-    // GOMP_parallel where a team of the loaded runtime can be used now, else nullptr.
-    Parallel usable() {
+    // GOMP_parallel where a team of `threads` of the loaded runtime can be used now, else
+    // nullptr.
+    Parallel usable(int threads) {
         if (!enabled_.load(std::memory_order_relaxed) || std::getenv("MEDSEG_ENGINE_OWN_THREADS")) return nullptr;
         Parallel parallel = parallel_.load(std::memory_order_relaxed);
         if (!parallel) {  // looked up until found: torch may load after the engine
@@ -94,7 +97,7 @@ class HostOpenMP {
             parallel_.store(parallel, std::memory_order_relaxed);
         }
         const MaxThreads max_threads = max_threads_.load(std::memory_order_relaxed);
-        if (max_threads && max_threads() < 2) return nullptr;
+        if (max_threads && (max_threads() < 2 || max_threads() < threads)) return nullptr;
         return parallel;
     }
 
@@ -118,7 +121,7 @@ inline void run_team(int threads, const std::function<void()>& worker) {
         worker();
         return;
     }
-    if (HostOpenMP::Parallel parallel = HostOpenMP::get().usable()) {
+    if (HostOpenMP::Parallel parallel = HostOpenMP::get().usable(threads)) {
         parallel([](void* w) { (*static_cast<const std::function<void()>*>(w))(); },
                  const_cast<std::function<void()>*>(&worker), static_cast<unsigned>(threads), 0);
         return;
