@@ -185,7 +185,11 @@ class BettiMatchingLoss(torch.nn.Module):
             normalize: "none" (the sum over pairs, the papers' formula), "pairs" (that sum
                 divided by the number of pairs of the image) or "voxels" (divided by the
                 number of voxels); see Scale above.
-            threads: engine threads for a batch; default all available cores.
+            threads: engine threads for a batch; default all available cores. At most
+                ``torch.get_num_threads()`` of them run as a parallel region of torch's
+                OpenMP runtime, whose workers would otherwise spin on the cores they
+                need (8-10 % of the term on 2 cores; never in forked children, see
+                ``run_team`` in medseg/topology/csrc/host_passes.hpp).
             target_cache_bytes: memory budget of the cache of targets' barcodes (keyed by
                 a hash of the target's bytes); 0 disables the cache. A cached target
                 takes about 70 bytes per pixel in 2D, 90 per voxel in 3D (4.3 MiB for
