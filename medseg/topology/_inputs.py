@@ -130,15 +130,16 @@ def unpad(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-# Whether this process's engine was told if it may run its threads on the process's
-# OpenMP team (see _checked_team); reset in a forked child.
-_team_checked = False
+# The engine modules told whether they may run their threads on the process's OpenMP
+# team (see _checked_team); forgotten in a forked child.
+_team_checked: set[str] = set()
 _forked = False
 
 
 def _after_fork_in_child() -> None:
-    global _team_checked, _forked
-    _team_checked, _forked = False, True
+    global _forked
+    _forked = True
+    _team_checked.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -153,16 +154,15 @@ def _checked_team(module) -> None:
     starts one, so in such a child the engine keeps threads of its own: after an
     ``os.fork`` seen here, and in every child of ``multiprocessing`` (DataLoader and
     process-pool workers; spawned ones only lose the gain). The engine itself also
-    notices forks once it is loaded.
+    notices forks once it is loaded. The CUDA backend's host passes follow the same rule.
     """
-    global _team_checked
-    if _team_checked:
+    if module.__name__ in _team_checked:
         return
     import multiprocessing
 
     if _forked or multiprocessing.parent_process() is not None:
         module.use_openmp_team(False)
-    _team_checked = True
+    _team_checked.add(module.__name__)
 
 
 def engine():
@@ -183,6 +183,7 @@ def cuda_engine():
         from medseg.topology import _engine_cuda
     except ImportError:
         return None
+    _checked_team(_engine_cuda)
     return _engine_cuda
 
 

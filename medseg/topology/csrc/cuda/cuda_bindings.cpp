@@ -39,6 +39,9 @@ ImageView view_of(const AnyArray& arr, int& device_id) {
 NB_MODULE(_engine_cuda, m) {
     m.doc() = "medseg persistent-homology engine, CUDA backend (see csrc/CUDA.md)";
     m.attr("built_with_cuda") = true;
+    cuda::init_host_threads();  // from now on a fork marks the child
+    m.def("use_openmp_team", &cuda::use_openmp_team, nb::arg("enabled"),
+          "Whether the host passes' threads may be a parallel region of the process's OpenMP runtime");
 #ifdef MEDSEG_CUDA_ARCHITECTURES_TEXT
     m.attr("cuda_architectures") = MEDSEG_CUDA_ARCHITECTURES_TEXT;  // e.g. "80 90"
 #endif

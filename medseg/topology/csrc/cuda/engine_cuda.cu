@@ -242,6 +242,9 @@ MatchingResult match_one(const DeviceExec& ex, const ImageView& a, const ImageVi
 
 }  // namespace
 
+void init_host_threads() { host::HostOpenMP::get(); }
+void use_openmp_team(bool enabled) { host::HostOpenMP::get().set_enabled(enabled); }
+
 int device_count() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {

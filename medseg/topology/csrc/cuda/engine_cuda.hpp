@@ -10,6 +10,13 @@
 namespace medseg {
 namespace cuda {
 
+// The host passes' threads run as a parallel region of the process's OpenMP runtime
+// (host_passes.hpp, run_team). init_host_threads registers its fork guard (at import);
+// use_openmp_team(false) keeps them on threads of their own (medseg does so in forked
+// and multiprocessing children, medseg/topology/_inputs.py).
+void init_host_threads();
+void use_openmp_team(bool enabled);
+
 // Number of CUDA devices usable by this process (0 without a driver or a device).
 int device_count();
 std::string runtime_version();
