@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -90,6 +91,33 @@ def test_team_and_own_threads_give_the_same_loss_and_gradient(two_torch_threads,
         out.append((value.detach(), x.grad))
     assert torch.equal(out[0][0], out[1][0])
     assert torch.equal(out[0][1], out[1][1])
+
+
+def test_engine_in_a_python_thread_while_torch_computes(two_torch_threads):
+    """A second Python thread gets a team of its own (libgomp's pools are per calling
+    thread) while the main thread runs torch's ops on its pool: both finish, same results."""
+    engine = _inputs.engine()
+    preds, targets = batch(n=6, size=64, seed=4)
+    expected = engine.matching_batch_indices(preds, targets, True, "V", 2, None, False, True)
+    results, errors = [], []
+
+    def match():
+        try:
+            for _ in range(5):
+                results.append(engine.matching_batch_indices(preds, targets, True, "V", 2, None, False, True))
+        except Exception as err:  # reported below, in the main thread
+            errors.append(err)
+
+    worker = threading.Thread(target=match)
+    worker.start()
+    a = torch.randn(256, 256)
+    while worker.is_alive():
+        a = torch.tanh(a @ a.T / 256)
+    worker.join()
+    assert not errors and len(results) == 5
+    for got in results:
+        for x, y in zip(got, expected):
+            np.testing.assert_array_equal(x, y)
 
 
 def test_an_error_inside_a_team_task_reaches_python(two_torch_threads):
