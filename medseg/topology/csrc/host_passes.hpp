@@ -97,8 +97,8 @@ class HostOpenMP {
             parallel_.store(parallel, std::memory_order_relaxed);
         }
         const MaxThreads max_threads = max_threads_.load(std::memory_order_relaxed);
-        if (max_threads && (max_threads() < 2 || max_threads() < threads)) return nullptr;
-        return parallel;
+        const int runtime_threads = max_threads ? max_threads() : threads;
+        return runtime_threads >= 2 && runtime_threads >= threads ? parallel : nullptr;
     }
 
   private:
