@@ -36,7 +36,11 @@ interleaved round by round so that machine noise hits all alike:
   the data pipeline precomputes (``CompositeLoss.target_transforms()``: Skeleton Recall's
   ``skeleton``, SAUNA's ``sauna``, cbDice/clCE's ``skeleton_distance``) are computed once,
   per sample as the pipeline does, before timing, and passed as the trainer passes them
-  (``loss_fn(logits, label, batch=batch)``). Betti matching is built with
+  (``loss_fn(logits, label, batch=batch)``). With deep supervision (DynUNet) every term
+  has a second row, ``NAME (all K heads)``: the term over the network's K output heads as
+  the trainer computes it with ``heads: all`` (``deep_supervision_loss``, one full-size
+  term per head), where the first row has the final head alone (``heads: final``); the
+  stand-in logits of the partly-trained state are given to every head. Betti matching is built with
   ``target_cache_bytes=0``: every step a new target, as with random crops (its cache of
   target barcodes only helps when a target recurs). ``mip`` (projections of 3D volumes) is
   skipped with the reason.
@@ -257,7 +261,8 @@ def final_output(out: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def network_logits(net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    return final_output(net(image), image).float()
+    """The network's output: (B, C, H, W), or DynUNet's stacked heads (B, 1 + H, C, H, W)."""
+    return net(image).float()
 
 
 def parameters(net: torch.nn.Module) -> str:
@@ -289,11 +294,16 @@ def network_step(net: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
 
 
 def term_step(term: CompositeLoss, logits: torch.Tensor, label: torch.Tensor, batch: dict) -> Callable:
-    """Forward + backward of one loss term on the logits, as the trainer calls the loss."""
+    """Forward + backward of one loss term on the logits, as the trainer calls the loss;
+    on stacked deep-supervision heads (B, 1 + H, C, ...) over all of them, as the trainer
+    does for a term with ``heads: all``."""
 
     def run() -> torch.Tensor:
         x = logits.detach().requires_grad_()
-        loss, _ = term(x, label, batch=batch)
+        if x.dim() == label.dim() + 1:
+            loss, _ = deep_supervision_loss(term, x, label, batch=batch)
+        else:
+            loss, _ = term(x, label, batch=batch)
         loss.backward()
         return loss.detach()
 
@@ -476,7 +486,11 @@ def prediction_states(untrained, trained, pixels: dict, where: list, setting: Se
         net_image = gather(pixels["checkpoint"], where, setting.size).to(args.device)
         states["partly trained"] = (net, net_image, network_logits(net, net_image))
     else:
-        states["partly trained"] = (untrained, image, stand_in_logits(label, args.seed).to(args.device))
+        logits = stand_in_logits(label, args.seed).to(args.device)
+        heads = states["noisy"][2]
+        if is_deep_supervision_output(heads, image):  # the stand-in on every head
+            logits = logits[:, None].expand(-1, heads.shape[1], *logits.shape[1:]).contiguous()
+        states["partly trained"] = (untrained, image, logits)
     return states
 
 
@@ -485,7 +499,13 @@ def time_state(args, what: dict, net, net_image, logits, label, terms: dict, tar
     """The network step and every term on one batch and state: table rows and JSON rows."""
     net.train()
     fns = {NETWORK: network_step(net, net_image, label, dice_ce)}
-    fns.update({n: term_step(t, logits, label, targets[n]) for n, t in terms.items()})
+    heads = logits.shape[1] if is_deep_supervision_output(logits, net_image) else 0
+    loss_of = {}  # row key -> (loss name, heads it covers: "final" or "all")
+    for n, t in terms.items():
+        fns[n], loss_of[n] = term_step(t, final_output(logits, net_image), label, targets[n]), (n, "final")
+        if heads:
+            key = f"{n} (all {heads} heads)"
+            fns[key], loss_of[key] = term_step(t, logits, label, targets[n]), (n, "all")
     times, values, failures = rounds(fns, args.repeats, args.device)
     net.zero_grad(set_to_none=True)
     base = statistics.median(times[NETWORK]) if NETWORK in times else None
@@ -503,10 +523,12 @@ def time_state(args, what: dict, net, net_image, logits, label, terms: dict, tar
         if key == NETWORK:  # its value is dice_ce of the network's own output, not of the logits
             table.row(*lead, key, fmt(seconds), fmt(ratio, ".3f"), "", "")
             continue
-        note = "precomputed: " + ", ".join(targets[key]) if targets.get(key) else ""
+        name, covered = loss_of[key]
+        note = "precomputed: " + ", ".join(targets[name]) if targets.get(name) else ""
         table.row(*lead, key, fmt(seconds), fmt(ratio, ".3f"), fmt(values[key], "g"), note)
-        result["rows"].append({**what, "loss": key, "seconds": seconds, "times": times[key], "network_seconds": base,
-                               "ratio": ratio, "value": values[key], "precomputed": sorted(targets[key])})
+        result["rows"].append({**what, "loss": key, "heads": covered, "seconds": seconds, "times": times[key],
+                               "network_seconds": base, "ratio": ratio, "value": values[key],
+                               "precomputed": sorted(targets[name])})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -526,8 +548,8 @@ def main(argv: list[str] | None = None) -> dict:
     untrained = untrained_network(net_cfg, crop.size, args.seed, args.device)
     net_desc = f"{net_cfg.name} of {args.model_config} ({parameters(untrained)}), untrained, seed {args.seed}"
     if net_cfg.params.get("deep_supervision"):
-        net_desc += ("; deep supervision: the network step sums dice_ce over every head, the terms are timed "
-                     "on the final head (training computes each term on every head)")
+        net_desc += ("; deep supervision: the network step sums dice_ce over every head; each term is timed on "
+                     "the final head (heads: final) and over every head (rows 'all K heads', heads: all)")
     machine = header(args, images, net_desc, partly, skipped, default_threads(args.betti_threads))
 
     pixels = {"zscore": normalised(images, zscore_preprocessing())}
@@ -541,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = None
     if args.repeats:
         print()
-        table = Table([("setting", 16), ("state", 14), ("loss", 28), ("seconds", 9), ("x network", 9),
+        table = Table([("setting", 16), ("state", 14), ("loss", 44), ("seconds", 9), ("x network", 9),
                        ("value", 10)], left=3, note=True)
     scale_inputs = []
     for setting in settings:
@@ -558,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
             untrained = untrained_network(net_cfg, shape, args.seed, args.device)
         states = prediction_states(untrained, trained, pixels, where, setting, image, label, args)
         for state, (net, net_image, logits) in states.items():
-            scale_inputs.append((name, state, logits, label, targets))
+            scale_inputs.append((name, state, final_output(logits, net_image), label, targets))
             what = {"setting": setting.name, "label": name, "shape": list(shape), "batch": setting.batch,
                     "state": state}
             if args.repeats:

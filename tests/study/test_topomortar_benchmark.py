@@ -31,8 +31,7 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-def test_quick_run_writes_a_row_per_loss_setting_and_state(dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the script sets it on import; restored after the test
+def test_quick_run_writes_a_row_per_loss_setting_and_state(dataset, tmp_path, capsys):
     bench = _load("topomortar_benchmark", REPO / "benchmarks" / "topomortar.py")
     out = tmp_path / "topomortar.json"
     threads = torch.get_num_threads()
@@ -69,10 +68,9 @@ def test_quick_run_writes_a_row_per_loss_setting_and_state(dataset, tmp_path, mo
             assert scale[(setting, "dice_ce")][f"{state} / dice_ce"] == pytest.approx(1.0)
 
 
-def test_one_betti_matching_row_per_engine_backend(dataset, tmp_path, monkeypatch, capsys):
+def test_one_betti_matching_row_per_engine_backend(dataset, tmp_path, capsys):
     """--betti-backends: the term once per backend (on a GPU: cuda against the CPU engine),
     the same loss values from each; an unknown backend is a one-line usage error."""
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     bench = _load("topomortar_benchmark", REPO / "benchmarks" / "topomortar.py")
     threads = torch.get_num_threads()
     try:
@@ -90,6 +88,35 @@ def test_one_betti_matching_row_per_engine_backend(dataset, tmp_path, monkeypatc
         for state in ("noisy", "partly trained"):
             cpu, parallel = (rows[(setting, state, k)]["value"] for k in sorted(keys))
             assert cpu == pytest.approx(parallel, rel=1e-6) and cpu > 0
+
+
+def test_deep_supervision_times_each_term_on_the_final_head_and_on_all_heads(dataset, tmp_path):
+    """A DynUNet with deep supervision: a second row per term over every head (heads: all),
+    whose value is deep_supervision_loss's weighted sum of the per-head values."""
+    import yaml
+
+    config = tmp_path / "dynunet_small.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": "dynunet", "params": {
+        "filters": [4, 8, 8, 16, 16, 16, 16, 16], "deep_supervision": True, "deep_supr_num": 1}}}))
+    bench = _load("topomortar_benchmark", REPO / "benchmarks" / "topomortar.py")
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--quick", "--data", str(dataset), "--threads", "1", "--betti-threads", "1",
+                             "--model-config", str(config), "--losses", "betti_matching,cldice"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["failures"] == []
+    rows = {(r["setting"], r["state"], r["loss"]): r for r in result["rows"]}
+    for setting in ("crop", "full"):
+        for state in ("noisy", "partly trained"):
+            for name in ("betti_matching", "cldice"):
+                final, every = rows[(setting, state, name)], rows[(setting, state, f"{name} (all 2 heads)")]
+                assert (final["heads"], every["heads"]) == ("final", "all")
+                assert every["seconds"] > 0 and every["value"] > 0
+            # the stand-in logits sit on both heads: the weighted sum equals the final head's value
+            if state == "partly trained":
+                assert rows[(setting, state, "cldice (all 2 heads)")]["value"] == pytest.approx(
+                    rows[(setting, state, "cldice")]["value"], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["topomortar_study.yaml", "topomortar_cpu.yaml"])
