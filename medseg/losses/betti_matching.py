@@ -261,8 +261,21 @@ class BettiMatchingLoss(torch.nn.Module):
 
     # ------------------------------------------------------------------ target cache
 
-    def _prepared(self, targets: list[np.ndarray], superlevel: bool) -> list:
-        if not self.cache_enabled or self.relative:
+    def _prepared(self, targets: list[np.ndarray], superlevel: bool, shared: list[int] | None = None) -> list:
+        """The targets' prepared barcodes (None where there is none): from the cache, and
+        for targets that recur within the call (``shared[i]``: the index of the target
+        that target i repeats, i itself for a first one) prepared once even without it."""
+        if self.relative:
+            return [None] * len(targets)
+        if shared is not None and any(j != i for i, j in enumerate(shared)):
+            firsts = sorted(set(shared))
+            if self.cache_enabled:
+                once = self._prepared([targets[i] for i in firsts], superlevel)
+            else:
+                once = _prepare_targets([targets[i] for i in firsts], superlevel, self.construction, self.threads)
+            position = {i: n for n, i in enumerate(firsts)}
+            return [once[position[j]] for j in shared]
+        if not self.cache_enabled:
             return [None] * len(targets)
         keys = [
             (
@@ -312,6 +325,39 @@ class BettiMatchingLoss(torch.nn.Module):
         Returns:
             The loss (a scalar for "mean"/"sum", (B, C') for "none").
         """
+        return self._reduced(self._losses(input, target))
+
+    def forward_heads(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of every deep-supervision head at once.
+
+        ``outputs`` (B, K, C, *spatial): K heads of one batch (DynUNet's stacked training
+        output), ``target`` as in :meth:`forward`. Returns (K,): head k's value exactly as
+        ``forward(outputs[:, k], target)`` gives it ("mean" or "sum"), but the K x B
+        matchings run in one engine call, spread over its threads together, and each
+        target's barcode is prepared once for its K heads (the heads share the target),
+        where K calls would prepare it K times and leave threads idle whenever B is below
+        their number.
+        """
+        if self.reduction == "none":
+            raise ValueError("forward_heads needs reduction 'mean' or 'sum'")
+        if outputs.dim() < 5:
+            raise ValueError(f"outputs must be (B, K, C, *spatial), got shape {tuple(outputs.shape)}")
+        batch, heads = outputs.shape[:2]
+        stacked = outputs.reshape(batch * heads, *outputs.shape[2:])  # instance b * K + k: head k of sample b
+        losses = self._losses(stacked, target.repeat_interleave(heads, dim=0), repeats=heads)
+        per_head = losses.reshape(batch, heads, *losses.shape[1:])
+        return torch.stack([self._reduced(per_head[:, k].contiguous()) for k in range(heads)])
+
+    def _reduced(self, losses: torch.Tensor) -> torch.Tensor:
+        if self.reduction == "mean":
+            return losses.mean()
+        if self.reduction == "sum":
+            return losses.sum()
+        return losses
+
+    def _losses(self, input: torch.Tensor, target: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """Per-image, per-channel losses (B, C'). ``repeats``: images come in groups of that
+        many that share one target (b * repeats + k), whose barcode is then prepared once."""
         check_input(input, target, "BettiMatchingLoss")
         activated, first, tgt = activation_and_target(
             input,
@@ -328,8 +374,6 @@ class BettiMatchingLoss(torch.nn.Module):
             raise ValueError(
                 f"dimension_weights has {len(self.dimension_weights)} entries but the input has {ndim} spatial dimensions"
             )
-        if channels == 0:
-            return probs.sum() * 0.0
         flat_probs = probs.reshape(batch * channels, *probs.shape[2:])
         flat_tgt = tgt.reshape(batch * channels, *probs.shape[2:]).to(probs.dtype)
         backend = _backends.resolve_backend(self.backend, probs)
@@ -342,6 +386,8 @@ class BettiMatchingLoss(torch.nn.Module):
             preds_list = [np.ascontiguousarray(p) for p in preds_np]
             tgt_list = [np.ascontiguousarray(t) for t in tgt_np]
 
+        # instance (b * repeats + k) * channels + c repeats the target of k = 0
+        shared = [((i // channels) // repeats * repeats) * channels + i % channels for i in range(batch * channels)]
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
         # a 0/1 target (a label map's one-hot) needs no coordinates: each of its pairs
         # runs from one value to the other (relative: a pair born on the padding is read
@@ -353,7 +399,7 @@ class BettiMatchingLoss(torch.nn.Module):
         matchings = []  # (superlevel, the engine's flat indices) per filtration
         for filtration in filtrations:
             superlevel = filtration == "superlevel"
-            prepared = self._prepared(tgt_list, superlevel) if backend.takes_prepared_targets else None
+            prepared = self._prepared(tgt_list, superlevel, shared) if backend.takes_prepared_targets else None
             indices = _matching_indices(
                 preds_list,
                 tgt_list,
@@ -384,12 +430,7 @@ class BettiMatchingLoss(torch.nn.Module):
             per_instance = per_instance / torch.from_numpy(np.maximum(pairs, 1)).to(per_instance)
         elif self.normalize == "voxels":
             per_instance = per_instance / float(flat_probs[0].numel())
-        losses = per_instance.reshape(batch, channels)
-        if self.reduction == "mean":
-            return losses.mean()
-        if self.reduction == "sum":
-            return losses.sum()
-        return losses
+        return per_instance.reshape(batch, channels)
 
     def _term_options(self) -> tuple:
         """The formula's options as _engine.betti_loss_terms takes them."""

@@ -44,8 +44,12 @@ def deep_supervision_loss(
     """Weighted sum of ``loss_fn`` (a :class:`~medseg.losses.CompositeLoss`) over the heads.
 
     ``outputs`` (B, 1 + H, C, *spatial); returns the total and each term's weighted sum
-    over the heads (what the run logs as that term).
+    over the heads (what the run logs as that term). A loss with ``forward_heads``
+    (:meth:`~medseg.losses.CompositeLoss.forward_heads`) computes the same sums itself,
+    so that a term can take all heads in one call.
     """
+    if hasattr(loss_fn, "forward_heads"):
+        return loss_fn.forward_heads(outputs, target, batch=batch)
     total = torch.zeros((), device=outputs.device)
     terms: dict[str, torch.Tensor] = {}
     for i, weight in enumerate(deep_supervision_weights(outputs.shape[1])):

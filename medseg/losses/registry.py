@@ -212,27 +212,87 @@ class CompositeLoss(nn.Module):
         # Sums over a 96^3 patch overflow float16; the terms are computed in float32 even
         # when the network runs under autocast.
         input = input.float()
-        total = torch.zeros((), device=input.device)
+        values = {}
+        for name, _, term, final_only in self._active_terms():
+            if final_only and head > 0:
+                continue  # heads: final
+            values[name] = self._term_value(name, term, input, target, batch)
+        return self._weighted(values, input.device)
+
+    def forward_heads(
+        self, outputs: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss over deep-supervision heads, ``sum_i w_i * forward(outputs[:, i], head=i)``
+        (:func:`~medseg.losses.deep_supervision.deep_supervision_loss`, the same sums in the
+        same order). ``outputs`` (B, 1 + H, C, *spatial). A term with a ``forward_heads``
+        of its own (Betti matching: one engine call for all heads) computes every head in
+        one call, the others head by head. Returns ``(total, parts)``, each part the
+        term's weighted sum over the heads it ran on.
+        """
+        from medseg.losses.deep_supervision import deep_supervision_weights
+
+        outputs = outputs.float()
+        count = outputs.shape[1]
+        per_head: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+        for name, _, term, final_only in self._active_terms():
+            heads = 1 if final_only else count
+            extra = self._batch_inputs(term, batch, outputs.device)
+            if heads > 1 and hasattr(term, "forward_heads") and not extra:
+                values = _plain(term.forward_heads(outputs, target))
+                if values.shape != (heads,):
+                    raise ValueError(f"loss term '{name}' returned shape {tuple(values.shape)} for {heads} heads")
+                for i in range(heads):
+                    per_head[i][name] = values[i]
+            else:
+                for i in range(heads):
+                    per_head[i][name] = self._term_value(name, term, outputs[:, i], target, batch)
+        total = torch.zeros((), device=outputs.device)
         parts: dict[str, torch.Tensor] = {}
+        for weight, values in zip(deep_supervision_weights(count), per_head):
+            loss, head_parts = self._weighted(values, outputs.device)
+            total = total + weight * loss
+            for name, value in head_parts.items():
+                parts[name] = parts.get(name, 0.0) + weight * value
+        return total, parts
+
+    def _active_terms(self) -> Iterable[tuple[str, float, nn.Module, bool]]:
+        """(name, current weight, term, final only) of the terms computed at this iteration."""
         for name, weight, configured, term, final_only in zip(
             self.names, self.current_weights, self.weights, self.terms, self.final_only
         ):
             if weight == 0.0 and configured != 0.0:
                 continue  # scheduled off at this iteration: not computed
-            if final_only and head > 0:
-                continue  # heads: final
-            extra = {}
-            if batch is not None:
-                for key, arg in (getattr(term, "batch_keys", {}) or {}).items():
-                    if key in batch and batch[key] is not None:
-                        value = batch[key]
-                        extra[arg] = value.to(input.device) if isinstance(value, torch.Tensor) else value
-            value = term(input, target, **extra)
-            if value.dim() != 0:
-                raise ValueError(f"loss term '{name}' returned shape {tuple(value.shape)}; a scalar is required")
-            value = _plain(value)
-            parts[name] = value.detach()
-            total = total + weight * value
+            yield name, weight, term, final_only
+
+    @staticmethod
+    def _batch_inputs(term: nn.Module, batch: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
+        """The term's precomputed targets from the batch (its ``batch_keys``), on ``device``."""
+        extra = {}
+        if batch is not None:
+            for key, arg in (getattr(term, "batch_keys", {}) or {}).items():
+                if key in batch and batch[key] is not None:
+                    value = batch[key]
+                    extra[arg] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return extra
+
+    def _term_value(
+        self, name: str, term: nn.Module, input: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None
+    ) -> torch.Tensor:
+        value = term(input, target, **self._batch_inputs(term, batch, input.device))
+        if value.dim() != 0:
+            raise ValueError(f"loss term '{name}' returned shape {tuple(value.shape)}; a scalar is required")
+        return _plain(value)
+
+    def _weighted(
+        self, values: Mapping[str, torch.Tensor], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(sum of weight * value in the terms' order, each value detached)``."""
+        total = torch.zeros((), device=device)
+        parts: dict[str, torch.Tensor] = {}
+        for name, weight, _, _ in self._active_terms():
+            if name in values:
+                parts[name] = values[name].detach()
+                total = total + weight * values[name]
         return total, parts
 
     def target_transforms(self) -> list:

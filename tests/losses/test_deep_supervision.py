@@ -7,6 +7,7 @@ import torch
 
 from medseg.config import ModelConfig
 from medseg.losses import build_loss, deep_supervision_loss
+from medseg.losses.betti_matching import BettiMatchingLoss
 from medseg.losses.deep_supervision import deep_supervision_weights, is_deep_supervision_output
 from medseg.models import build_model
 
@@ -64,3 +65,96 @@ def test_a_final_only_term_is_computed_on_the_final_head_alone():
     assert outputs.grad[:, 1:].abs().sum() > 0  # dice_ce still trains the coarse heads
     with pytest.raises(Exception, match="heads"):
         build_loss([{"name": "cldice", "heads": "coarse"}], 2)
+
+
+def _per_head_loop(loss_fn, outputs, target, batch=None):
+    """deep_supervision_loss as it was before forward_heads: one loss call per head."""
+    total = torch.zeros(())
+    terms = {}
+    for i, weight in enumerate(deep_supervision_weights(outputs.shape[1])):
+        loss, parts = loss_fn(outputs[:, i], target, batch=batch, head=i)
+        total = total + weight * loss
+        for name, value in parts.items():
+            terms[name] = terms.get(name, 0.0) + weight * value
+    return total, terms
+
+
+@pytest.mark.parametrize("betti_heads", ["all", "final"])
+def test_forward_heads_gives_the_per_head_loop_exactly(betti_heads):
+    """One Betti matching call for all heads, clDice head by head, a term scheduled off,
+    Skeleton Recall with its precomputed target: the same total, parts and gradient as
+    calling the composite once per head."""
+    from medseg.data.topology_targets import SkeletonTubed
+
+    g = torch.Generator().manual_seed(4)
+    outputs = torch.randn(2, 3, 2, 24, 20, generator=g)
+    target = (torch.rand(2, 1, 24, 20, generator=g) > 0.6).long()
+    batch = {"skeleton": torch.stack([SkeletonTubed("label", "skeleton", 1)({"label": t})["skeleton"] for t in target])}
+    loss_fn = build_loss(
+        [
+            {"name": "dice_ce"},
+            {"name": "betti_matching", "weight": 0.1, "heads": betti_heads},
+            {"name": "cldice", "weight": 0.5, "iterations": 3},
+            {"name": "skeleton_recall", "weight": 0.3},
+            {"name": "clce", "weight": 0.2, "start": 5},
+        ],
+        2,
+    )
+    loss_fn.set_iteration(0, 10)  # clce scheduled off
+    results = []
+    for run in (deep_supervision_loss, _per_head_loop):
+        x = outputs.clone().requires_grad_(True)
+        total, parts = run(loss_fn, x, target, batch=batch)
+        total.backward()
+        results.append((total.detach(), parts, x.grad))
+    (total, parts, grad), (total_loop, parts_loop, grad_loop) = results
+    assert torch.equal(total, total_loop)
+    assert parts.keys() == parts_loop.keys() == {"dice_ce", "betti_matching", "cldice", "skeleton_recall"}
+    for name in parts:
+        assert torch.equal(parts[name], parts_loop[name]), name
+    torch.testing.assert_close(grad, grad_loop, rtol=1e-6, atol=1e-8)
+    assert grad[:, 1:].abs().sum() > 0
+
+
+def test_betti_matching_prepares_each_target_once_for_all_heads(monkeypatch):
+    """forward_heads: K x B matchings in one engine call, each target's barcode prepared
+    once (with the cache off, as on random crops), and the values of K separate calls."""
+    import medseg.losses.betti_matching as bm
+
+    prepared = []
+    original = bm._prepare_targets
+    monkeypatch.setattr(bm, "_prepare_targets", lambda t, *a: prepared.append(len(t)) or original(t, *a))
+    g = torch.Generator().manual_seed(7)
+    outputs = torch.randn(3, 4, 3, 16, 18, generator=g)  # 3 samples, 4 heads, 3 classes
+    target = torch.randint(0, 3, (3, 1, 16, 18), generator=g)
+    for reduction in ("mean", "sum"):
+        loss = BettiMatchingLoss(reduction=reduction, target_cache_bytes=0)
+        heads = loss.forward_heads(outputs, target)
+        assert prepared == [3 * 2]  # 3 samples x 2 foreground classes, not x 4 heads
+        prepared.clear()
+        separate = torch.stack([loss(outputs[:, k], target) for k in range(4)])
+        assert prepared == []  # separate calls prepare nothing: the engine does the target's passes
+        assert torch.equal(heads, separate)
+    with pytest.raises(ValueError, match="reduction"):
+        BettiMatchingLoss(reduction="none").forward_heads(outputs, target)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"relative": True}, {"filtration": "both"}, {"target_cache_bytes": 64 << 20}, {"construction": "T"},
+     {"normalize": "pairs", "include_background": True}],
+)
+def test_betti_matching_forward_heads_equals_one_call_per_head(options):
+    g = torch.Generator().manual_seed(11)
+    outputs = torch.randn(2, 3, 2, 9, 8, 7, generator=g)  # 3D, 3 heads
+    target = (torch.rand(2, 1, 9, 8, 7, generator=g) > 0.5).long()
+    loss = BettiMatchingLoss(**options)
+    x = outputs.clone().requires_grad_(True)
+    heads = loss.forward_heads(x, target)
+    heads.sum().backward()
+    y = outputs.clone().requires_grad_(True)
+    separate = torch.stack([loss(y[:, k], target) for k in range(3)])
+    separate.sum().backward()
+    assert torch.equal(heads.detach(), separate.detach())
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-8)
+    assert x.grad.abs().sum() > 0
