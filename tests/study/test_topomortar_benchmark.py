@@ -169,3 +169,17 @@ def test_adaptation_targets_link_the_images_and_leave_the_dataset_alone(dataset,
     assert sorted(str(p.relative_to(dataset)) for p in dataset.rglob("*")) == before  # nothing written into it
     with pytest.raises(SystemExit, match="nowhere"):
         bench.target_dataset(dataset, "nowhere", tmp_path)
+
+
+def test_deep_supervision_heads_benchmark_compares_the_two_ways(dataset, tmp_path):
+    """benchmarks/deep_supervision_heads.py: both ways timed, the same value (a smoke test)."""
+    import yaml
+
+    config = tmp_path / "dynunet_small.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": "dynunet", "params": {
+        "filters": [4, 8, 8, 16, 16, 16, 16, 16], "deep_supervision": True, "deep_supr_num": 2}}}))
+    bench = _load("deep_supervision_heads", REPO / "benchmarks" / "deep_supervision_heads.py")
+    result = bench.main(["--data", str(dataset), "--model-config", str(config), "--images", "2", "--crop-batch", "2",
+                         "--crop-size", "96", "--repeats", "1"])
+    for setting in ("crop", "full"):
+        assert result[setting]["same_value"] and result[setting]["per_head"] > 0 and result[setting]["at_once"] > 0
