@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from monai.networks import one_hot
@@ -55,14 +58,42 @@ def hard_prediction(probs: torch.Tensor, activation: str) -> torch.Tensor:
     return (probs > 0.5).to(probs.dtype)
 
 
+_DISTANCE_POOL: ThreadPoolExecutor | None = None
+
+
+def _distance_pool() -> ThreadPoolExecutor:
+    """Threads for the images' distance transforms (scipy's releases the GIL: 24 -> 14 ms
+    for 8 x 256² masks on 2 cores); created on first use, one per core."""
+    global _DISTANCE_POOL
+    if _DISTANCE_POOL is None:
+        _DISTANCE_POOL = ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0))), thread_name_prefix="medseg-edt")
+    return _DISTANCE_POOL
+
+
+def _forget_pool_in_child() -> None:  # a forked child has none of the pool's threads
+    global _DISTANCE_POOL
+    _DISTANCE_POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def inner_distances(masks: torch.Tensor) -> torch.Tensor:
-    """:func:`~medseg.data.topology_targets.inner_distance` of every (sample, channel) of a binary batch."""
+    """:func:`~medseg.data.topology_targets.inner_distance` of every (sample, channel) of a
+    binary batch, the images spread over threads."""
     arr = masks.detach().to("cpu").numpy() > 0.5
     out = np.zeros(arr.shape, dtype=np.float32)
-    for b in range(arr.shape[0]):
-        for c in range(arr.shape[1]):
-            if arr[b, c].any():
-                out[b, c] = inner_distance(arr[b, c])
+
+    def one(bc: tuple[int, int]) -> None:
+        if arr[bc].any():
+            out[bc] = inner_distance(arr[bc])
+
+    images = [(b, c) for b in range(arr.shape[0]) for c in range(arr.shape[1])]
+    if len(images) > 1:
+        list(_distance_pool().map(one, images))
+    else:
+        for bc in images:
+            one(bc)
     return torch.from_numpy(out).to(device=masks.device, dtype=masks.dtype)
 
 

@@ -424,3 +424,31 @@ def test_skeleton_distance_transforms_and_edge_cases():
         SkeletonDistance(num_classes=0)
     with pytest.raises(ValueError, match="need one output key per key"):
         SkeletonDistanced(keys=["a", "b"], output_keys="c")
+
+
+def test_inner_distances_over_threads_equal_one_at_a_time():
+    """The batch's distance transforms run on a thread pool: the same maps as one by one,
+    empty channels 0, and a forked child (which has none of the pool's threads) still
+    computes them."""
+    import os
+
+    from medseg.data.topology_targets import inner_distance
+    from medseg.losses.cbdice import inner_distances
+
+    g = torch.Generator().manual_seed(2)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(5, 2, 40, 36, generator=g), 5, 1, 2)
+    masks = (smooth > 0.5).float()
+    masks[3, 1] = 0  # an empty channel
+    got = inner_distances(masks)
+    for b in range(5):
+        for c in range(2):
+            m = masks[b, c].numpy() > 0.5
+            expected = inner_distance(m) if m.any() else np.zeros(m.shape, np.float32)
+            np.testing.assert_array_equal(got[b, c].numpy(), expected)
+    assert got[0, 0].max() == pytest.approx(ndimage.distance_transform_edt(masks[0, 0].numpy()).max())
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        ok = np.array_equal(inner_distances(masks).numpy(), got.numpy())  # numpy: no OpenMP team in the child
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
