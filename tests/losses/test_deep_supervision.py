@@ -67,16 +67,15 @@ def test_a_final_only_term_is_computed_on_the_final_head_alone():
         build_loss([{"name": "cldice", "heads": "coarse"}], 2)
 
 
-def _per_head_loop(loss_fn, outputs, target, batch=None):
-    """deep_supervision_loss as it was before forward_heads: one loss call per head."""
-    total = torch.zeros(())
-    terms = {}
-    for i, weight in enumerate(deep_supervision_weights(outputs.shape[1])):
-        loss, parts = loss_fn(outputs[:, i], target, batch=batch, head=i)
-        total = total + weight * loss
-        for name, value in parts.items():
-            terms[name] = terms.get(name, 0.0) + weight * value
-    return total, terms
+class _OneCallPerHead(torch.nn.Module):
+    """The composite without ``forward_heads``: deep_supervision_loss calls it head by head."""
+
+    def __init__(self, loss_fn):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, input, target, batch=None, head=0):
+        return self.loss_fn(input, target, batch=batch, head=head)
 
 
 @pytest.mark.parametrize("betti_heads", ["all", "final"])
@@ -102,9 +101,9 @@ def test_forward_heads_gives_the_per_head_loop_exactly(betti_heads):
     )
     loss_fn.set_iteration(0, 10)  # clce scheduled off
     results = []
-    for run in (deep_supervision_loss, _per_head_loop):
+    for way in (loss_fn, _OneCallPerHead(loss_fn)):
         x = outputs.clone().requires_grad_(True)
-        total, parts = run(loss_fn, x, target, batch=batch)
+        total, parts = deep_supervision_loss(way, x, target, batch=batch)
         total.backward()
         results.append((total.detach(), parts, x.grad))
     (total, parts, grad), (total_loop, parts_loop, grad_loop) = results
