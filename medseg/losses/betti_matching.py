@@ -267,7 +267,7 @@ class BettiMatchingLoss(torch.nn.Module):
         that target i repeats, i itself for a first one) prepared once even without it."""
         if self.relative:
             return [None] * len(targets)
-        if shared is not None and any(j != i for i, j in enumerate(shared)):
+        if shared is not None:
             firsts = sorted(set(shared))
             if self.cache_enabled:
                 once = self._prepared([targets[i] for i in firsts], superlevel)
@@ -387,7 +387,9 @@ class BettiMatchingLoss(torch.nn.Module):
             tgt_list = [np.ascontiguousarray(t) for t in tgt_np]
 
         # instance (b * repeats + k) * channels + c repeats the target of k = 0
-        shared = [((i // channels) // repeats * repeats) * channels + i % channels for i in range(batch * channels)]
+        shared = None
+        if repeats > 1:
+            shared = [((i // channels) // repeats * repeats) * channels + i % channels for i in range(batch * channels)]
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
         # a 0/1 target (a label map's one-hot) needs no coordinates: each of its pairs
         # runs from one value to the other (relative: a pair born on the padding is read

@@ -24,6 +24,7 @@ from torch import nn
 
 from medseg.config import LossTerm, resolve_schedule
 from medseg.errors import ConfigError
+from medseg.losses.deep_supervision import deep_supervision_weights
 
 
 def _import(module: str, attr: str) -> Callable[[], type]:
@@ -216,7 +217,7 @@ class CompositeLoss(nn.Module):
         for name, _, term, final_only in self._active_terms():
             if final_only and head > 0:
                 continue  # heads: final
-            values[name] = self._term_value(name, term, input, target, batch)
+            values[name] = self._term_value(name, term, input, target, self._batch_inputs(term, batch, input.device))
         return self._weighted(values, input.device)
 
     def forward_heads(
@@ -229,8 +230,6 @@ class CompositeLoss(nn.Module):
         one call, the others head by head. Returns ``(total, parts)``, each part the
         term's weighted sum over the heads it ran on.
         """
-        from medseg.losses.deep_supervision import deep_supervision_weights
-
         outputs = outputs.float()
         count = outputs.shape[1]
         per_head: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
@@ -245,7 +244,7 @@ class CompositeLoss(nn.Module):
                     per_head[i][name] = values[i]
             else:
                 for i in range(heads):
-                    per_head[i][name] = self._term_value(name, term, outputs[:, i], target, batch)
+                    per_head[i][name] = self._term_value(name, term, outputs[:, i], target, extra)
         total = torch.zeros((), device=outputs.device)
         parts: dict[str, torch.Tensor] = {}
         for weight, values in zip(deep_supervision_weights(count), per_head):
@@ -275,10 +274,12 @@ class CompositeLoss(nn.Module):
                     extra[arg] = value.to(device) if isinstance(value, torch.Tensor) else value
         return extra
 
+    @staticmethod
     def _term_value(
-        self, name: str, term: nn.Module, input: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None
+        name: str, term: nn.Module, input: torch.Tensor, target: torch.Tensor, extra: Mapping[str, Any]
     ) -> torch.Tensor:
-        value = term(input, target, **self._batch_inputs(term, batch, input.device))
+        """The term's scalar value; ``extra``: its inputs from the batch (:meth:`_batch_inputs`)."""
+        value = term(input, target, **extra)
         if value.dim() != 0:
             raise ValueError(f"loss term '{name}' returned shape {tuple(value.shape)}; a scalar is required")
         return _plain(value)
