@@ -30,9 +30,12 @@ interleaved round by round so that machine noise hits all alike:
   head with DynUNet's deep supervision, as the trainer does); in the partly-trained state
   the checkpoint's network (in training mode), else the untrained one again;
 - per loss NAME of ``medseg.losses.LOSS_NAMES`` that applies to a 2D, 2-class softmax head:
-  ``build_loss([dice_ce, NAME], out_channels=2)`` as a run config builds it, and the NAME
-  term alone timed on ``logits.detach().requires_grad_()``, forward + ``.backward()``:
-  the extra time the term adds to a step, and its ratio to the network step. The targets
+  ``build_loss([dice_ce, NAME], out_channels=2)`` as a run config builds it, forward +
+  ``.backward()`` on ``logits.detach().requires_grad_()``, timed two ways: *alone*, the
+  NAME term by itself, and *in step*, what it adds to a step: ``dice_ce + NAME`` minus
+  ``dice_ce`` alone on the same logits, paired round by round (inside the composite the
+  terms share one softmax and one encoded target, as in training); each against the
+  network step. The targets
   the data pipeline precomputes (``CompositeLoss.target_transforms()``: Skeleton Recall's
   ``skeleton``, SAUNA's ``sauna``, cbDice/clCE's ``skeleton_distance``) are computed once,
   per sample as the pipeline does, before timing, and passed as the trainer passes them
@@ -469,7 +472,9 @@ def header(args, images: list[dict], net_desc: str, partly: str, skipped: dict, 
           f"Betti matching engine threads: {betti_threads}, load average {load:.1f}")
     if args.repeats:
         print(f"times: median of {args.repeats} round{'s' if args.repeats > 1 else ''} after 1 warm-up, seconds per "
-              "step; x network: the term's extra time over the network step's")
+              "step; alone: the term by itself; in step: what it adds to dice_ce on the same logits (dice_ce + "
+              "NAME minus dice_ce, paired by round: the terms share the softmax and the encoded target); "
+              "x network: over the network step's time")
     for name, reason in skipped.items():
         print(f"skipped: {name}: {reason}")
     return machine
@@ -494,24 +499,44 @@ def prediction_states(untrained, trained, pixels: dict, where: list, setting: Se
     return states
 
 
-def time_state(args, what: dict, net, net_image, logits, label, terms: dict, targets: dict, dice_ce, table: Table,
-               result: dict) -> None:
-    """The network step and every term on one batch and state: table rows and JSON rows."""
+DICE_CE = "(dice_ce on the logits)"
+
+
+def in_step(times: dict[str, list[float]], key: str, base_key: str) -> float | None:
+    """Median over rounds of ``times[key][r] - times[base_key][r]`` (paired by round)."""
+    if key not in times or base_key not in times:
+        return None
+    return statistics.median(t - b for t, b in zip(times[key], times[base_key]))
+
+
+def time_state(args, what: dict, net, net_image, logits, label, terms: dict, composites: dict, targets: dict,
+               dice_ce, table: Table, result: dict) -> None:
+    """The network step and every term on one batch and state: table rows and JSON rows.
+
+    Each term is timed alone and inside ``dice_ce + NAME`` (paired round by round with
+    ``dice_ce`` alone on the same logits): inside, it shares the activation and the encoded
+    target with ``dice_ce``, as in a training step.
+    """
     net.train()
-    fns = {NETWORK: network_step(net, net_image, label, dice_ce)}
+    final = final_output(logits, net_image)
+    fns = {NETWORK: network_step(net, net_image, label, dice_ce), DICE_CE: term_step(dice_ce, final, label, {})}
     heads = logits.shape[1] if is_deep_supervision_output(logits, net_image) else 0
+    if heads:
+        fns[f"{DICE_CE} (all {heads} heads)"] = term_step(dice_ce, logits, label, {})
     loss_of = {}  # row key -> (loss name, heads it covers: "final" or "all")
     for n, t in terms.items():
-        fns[n], loss_of[n] = term_step(t, final_output(logits, net_image), label, targets[n]), (n, "final")
+        fns[n], loss_of[n] = term_step(t, final, label, targets[n]), (n, "final")
+        fns[f"{n} + dice_ce"] = term_step(composites[n], final, label, targets[n])
         if heads:
             key = f"{n} (all {heads} heads)"
             fns[key], loss_of[key] = term_step(t, logits, label, targets[n]), (n, "all")
+            fns[f"{key} + dice_ce"] = term_step(composites[n], logits, label, targets[n])
     times, values, failures = rounds(fns, args.repeats, args.device)
     net.zero_grad(set_to_none=True)
     base = statistics.median(times[NETWORK]) if NETWORK in times else None
     result["network"].append({**what, "seconds": base, "times": times.get(NETWORK), "dice_ce": values.get(NETWORK)})
     first = True
-    for key in fns:
+    for key in [NETWORK, *loss_of]:
         if key in failures:
             print(f"  {key}: fails on {what['label']}, {what['state']}: {failures[key]}")
             result["failures"].append({**what, "loss": key, "error": failures[key]})
@@ -521,13 +546,17 @@ def time_state(args, what: dict, net, net_image, logits, label, terms: dict, tar
         lead = (what["label"], what["state"]) if first else ("", "")
         first = False
         if key == NETWORK:  # its value is dice_ce of the network's own output, not of the logits
-            table.row(*lead, key, fmt(seconds), fmt(ratio, ".3f"), "", "")
+            table.row(*lead, key, fmt(seconds), fmt(ratio, ".3f"), "", "", "", "")
             continue
         name, covered = loss_of[key]
+        extra = in_step(times, f"{key} + dice_ce", DICE_CE if covered == "final" else f"{DICE_CE} (all {heads} heads)")
+        extra_ratio = extra / base if base and extra is not None else None
         note = "precomputed: " + ", ".join(targets[name]) if targets.get(name) else ""
-        table.row(*lead, key, fmt(seconds), fmt(ratio, ".3f"), fmt(values[key], "g"), note)
+        table.row(*lead, key, fmt(seconds), fmt(ratio, ".3f"), fmt(extra), fmt(extra_ratio, ".3f"),
+                  fmt(values[key], "g"), note)
         result["rows"].append({**what, "loss": key, "heads": covered, "seconds": seconds, "times": times[key],
-                               "network_seconds": base, "ratio": ratio, "value": values[key],
+                               "network_seconds": base, "ratio": ratio, "in_step_seconds": extra,
+                               "in_step_ratio": extra_ratio, "value": values[key],
                                "precomputed": sorted(targets[name])})
 
 
@@ -563,8 +592,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = None
     if args.repeats:
         print()
-        table = Table([("setting", 16), ("state", 14), ("loss", 44), ("seconds", 9), ("x network", 9),
-                       ("value", 10)], left=3, note=True)
+        table = Table([("setting", 16), ("state", 14), ("loss", 44), ("alone", 9), ("x network", 9),
+                       ("in step", 9), ("x network", 9), ("value", 10)], left=3, note=True)
     scale_inputs = []
     for setting in settings:
         where = picks(images, setting, rng)
@@ -584,7 +613,8 @@ def main(argv: list[str] | None = None) -> dict:
             what = {"setting": setting.name, "label": name, "shape": list(shape), "batch": setting.batch,
                     "state": state}
             if args.repeats:
-                time_state(args, what, net, net_image, logits, label, terms, targets, dice_ce, table, result)
+                time_state(args, what, net, net_image, logits, label, terms, composites, targets, dice_ce, table,
+                           result)
     if args.loss_scale:
         loss_scale(args, terms, scale_inputs, result)
     if args.json:

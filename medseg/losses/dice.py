@@ -17,7 +17,7 @@ from monai.losses import DiceCELoss as _MonaiDiceCELoss
 from monai.losses import DiceLoss as _MonaiDiceLoss
 from torch import nn
 
-from medseg.losses._prepare import check_activation_flags, check_input, resolve_activation
+from medseg.losses._prepare import activate, check_activation_flags, check_input, resolve_activation
 
 
 class DiceLoss(nn.Module):
@@ -81,15 +81,20 @@ class DiceLoss(nn.Module):
         self._cache: dict[tuple, nn.Module] = {}
 
     def _monai_flags(self, n_channels: int) -> dict:
-        activation = resolve_activation(n_channels, self.sigmoid, self.softmax)
         to_onehot = self.to_onehot_y if self.to_onehot_y is not None else n_channels > 1
         return dict(
             # A 1-channel head has no background channel to drop.
             include_background=self.include_background or n_channels == 1,
             to_onehot_y=bool(to_onehot) and n_channels > 1,
-            sigmoid=activation == "sigmoid",
-            softmax=activation == "softmax",
+            # The activation is applied before MONAI's loss (_activated): the same sigmoid
+            # or softmax that MONAI would apply, shared with the other terms of a
+            # composite loss (medseg.losses._prepare.shared_preparation).
+            sigmoid=False,
+            softmax=False,
         )
+
+    def _activated(self, input: torch.Tensor) -> torch.Tensor:
+        return activate(input, resolve_activation(input.shape[1], self.sigmoid, self.softmax))
 
     def _loss_for(self, input: torch.Tensor, target: torch.Tensor) -> nn.Module:
         flags = self._monai_flags(input.shape[1])
@@ -108,7 +113,8 @@ class DiceLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_input(input, target, type(self).__name__)
-        return self._loss_for(input, target)(input, target.to(input.dtype) if input.shape[1] == 1 else target)
+        target = target.to(input.dtype) if input.shape[1] == 1 else target
+        return self._loss_for(input, target)(self._activated(input), target)
 
 
 class DiceCELoss(DiceLoss):
@@ -171,3 +177,17 @@ class DiceCELoss(DiceLoss):
 
     def _build(self, flags: dict, weight: torch.Tensor | None) -> nn.Module:
         return _MonaiDiceCELoss(**flags, **self._kwargs, weight=weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MONAI's ``DiceCELoss.forward`` with the Dice part on the shared activation."""
+        check_input(input, target, type(self).__name__)
+        if target.shape[1] not in (1, input.shape[1]):
+            raise ValueError(
+                f"{type(self).__name__}: target {tuple(target.shape)} must have 1 channel (a label map) or as many "
+                f"as input {tuple(input.shape)}"
+            )
+        target = target.to(input.dtype) if input.shape[1] == 1 else target
+        loss = self._loss_for(input, target)
+        dice = loss.dice(self._activated(input), target)
+        ce = loss.ce(input, target) if input.shape[1] != 1 else loss.bce(input, target)  # on the logits
+        return loss.lambda_dice * dice + loss.lambda_ce * ce

@@ -24,6 +24,7 @@ from torch import nn
 
 from medseg.config import LossTerm, resolve_schedule
 from medseg.errors import ConfigError
+from medseg.losses._prepare import shared_preparation
 from medseg.losses.deep_supervision import deep_supervision_weights
 
 
@@ -214,10 +215,12 @@ class CompositeLoss(nn.Module):
         # when the network runs under autocast.
         input = input.float()
         values = {}
-        for name, _, term, final_only in self._active_terms():
-            if final_only and head > 0:
-                continue  # heads: final
-            values[name] = self._term_value(name, term, input, target, self._batch_inputs(term, batch, input.device))
+        with shared_preparation():  # the terms share one activation of input, one encoding of target
+            for name, _, term, final_only in self._active_terms():
+                if final_only and head > 0:
+                    continue  # heads: final
+                extra = self._batch_inputs(term, batch, input.device)
+                values[name] = self._term_value(name, term, input, target, extra)
         return self._weighted(values, input.device)
 
     def forward_heads(
@@ -232,19 +235,21 @@ class CompositeLoss(nn.Module):
         """
         outputs = outputs.float()
         count = outputs.shape[1]
+        head_outputs = outputs.unbind(1)  # one tensor per head, shared by the terms (shared_preparation)
         per_head: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
-        for name, _, term, final_only in self._active_terms():
-            heads = 1 if final_only else count
-            extra = self._batch_inputs(term, batch, outputs.device)
-            if heads > 1 and hasattr(term, "forward_heads") and not extra:
-                values = _plain(term.forward_heads(outputs, target))
-                if values.shape != (heads,):
-                    raise ValueError(f"loss term '{name}' returned shape {tuple(values.shape)} for {heads} heads")
-                for i in range(heads):
-                    per_head[i][name] = values[i]
-            else:
-                for i in range(heads):
-                    per_head[i][name] = self._term_value(name, term, outputs[:, i], target, extra)
+        with shared_preparation():
+            for name, _, term, final_only in self._active_terms():
+                heads = 1 if final_only else count
+                extra = self._batch_inputs(term, batch, outputs.device)
+                if heads > 1 and hasattr(term, "forward_heads") and not extra:
+                    values = _plain(term.forward_heads(outputs, target))
+                    if values.shape != (heads,):
+                        raise ValueError(f"loss term '{name}' returned shape {tuple(values.shape)} for {heads} heads")
+                    for i in range(heads):
+                        per_head[i][name] = values[i]
+                else:
+                    for i in range(heads):
+                        per_head[i][name] = self._term_value(name, term, head_outputs[i], target, extra)
         total = torch.zeros((), device=outputs.device)
         parts: dict[str, torch.Tensor] = {}
         for weight, values in zip(deep_supervision_weights(count), per_head):

@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import pytest
 import torch
 from monai.losses import DiceCELoss as MonaiDiceCE
 
@@ -59,3 +60,37 @@ def test_class_weights_reach_monai():
     weighted = DiceCELoss(class_weights=[0.1, 5.0])(logits, target)
     ref = MonaiDiceCE(softmax=True, to_onehot_y=True, weight=torch.tensor([0.1, 5.0]))(logits, target)
     assert torch.allclose(weighted, ref) and not torch.allclose(weighted, plain)
+
+
+@pytest.mark.parametrize(
+    "options, monai_options, channels, one_hot",
+    [
+        ({}, {"sigmoid": True}, 1, False),
+        ({}, {"softmax": True, "to_onehot_y": True}, 3, False),
+        ({"include_background": False}, {"softmax": True, "to_onehot_y": True, "include_background": False}, 3, False),
+        ({}, {"softmax": True}, 3, True),
+        ({"label_smoothing": 0.1, "lambda_dice": 0.3, "lambda_ce": 2.0},
+         {"softmax": True, "to_onehot_y": True, "label_smoothing": 0.1, "lambda_dice": 0.3, "lambda_ce": 2.0}, 2, False),
+        ({"squared_pred": True, "batch": True}, {"softmax": True, "to_onehot_y": True, "squared_pred": True,
+                                                 "batch": True}, 2, False),
+    ],
+)
+def test_dice_ce_equals_monai_bit_for_bit(options, monai_options, channels, one_hot):
+    """medseg applies the activation itself (shared with the other terms of a composite);
+    the value is MONAI's DiceCELoss's exactly, and so is the gradient."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, channels, 7, 6, generator=g)
+    labels = torch.randint(0, max(channels, 2), (2, 1, 7, 6), generator=g)
+    target = torch.nn.functional.one_hot(labels[:, 0], channels).movedim(-1, 1).float() if one_hot else labels
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = DiceCELoss(**options)(ours_in, target)
+    ref = MonaiDiceCE(**monai_options)(ref_in, target.float() if channels == 1 else target)
+    assert torch.equal(ours, ref)
+    ours.backward()
+    ref.backward()
+    assert torch.equal(ours_in.grad, ref_in.grad)
+
+
+def test_dice_ce_rejects_a_target_with_the_wrong_channel_count():
+    with pytest.raises(ValueError, match="1 channel"):
+        DiceCELoss()(torch.randn(1, 3, 4, 4), torch.zeros(1, 2, 4, 4))

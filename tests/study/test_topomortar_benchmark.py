@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,9 @@ def test_quick_run_writes_a_row_per_loss_setting_and_state(dataset, tmp_path, ca
     assert set(rows) == {(s, st, n) for s in settings for st in states for n in losses}
     for row in rows.values():
         assert row["seconds"] > 0 and row["network_seconds"] > 0 and row["ratio"] > 0
+        # in step: dice_ce + NAME minus dice_ce, paired by round (a difference: its sign is noise for cheap terms)
+        assert math.isfinite(row["in_step_seconds"])
+        assert row["in_step_ratio"] == pytest.approx(row["in_step_seconds"] / row["network_seconds"])
     assert {(n["setting"], n["state"]) for n in result["network"]} == {(s, st) for s in settings for st in states}
     # the pipeline's targets reach the terms that read them, as in training
     assert rows[("crop", "noisy", "skeleton_recall")]["precomputed"] == ["skeleton"]
