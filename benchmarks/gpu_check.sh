@@ -122,7 +122,8 @@ fi
 
 step "TopoMortar training step: DynUNet of the paper's protocol, batch 10 of 512², each loss term's cost"
 # Issue I's goal: adding betti_matching to dice_ce makes this step at most 1.5x slower
-# (x network <= 0.5 in the table), with the CUDA backend or the CPU engine (one row each:
+# (the "in step" x network <= 0.5 in the table: dice_ce + the term minus dice_ce alone, which
+# shares its softmax), with the CUDA backend or the CPU engine (one row each:
 # betti_matching[cuda], betti_matching[cpu]); the rows "(all 3 heads)" are the term on
 # every deep-supervision head, as benchmarks/topomortar_study.yaml trains it (heads: all),
 # the others the final head alone (heads: final). Needs the prepared training images: run with

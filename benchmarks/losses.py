@@ -26,12 +26,15 @@ logits are a scaled, clipped signed distance to the vessels plus smooth noise: a
 that is right in the large. ``betti_matching`` takes seconds per step at 96^3, so it runs
 at ``--betti-shape`` (default 48^3) and is compared with ``dice_ce`` timed there.
 
-Threads: ``torch.set_num_threads(--threads)``, default 2. OpenMP waits
-passively (``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it): on a shared 2-core
-machine the runtime's default spin-wait makes every parallel region wait for a
+Threads: ``torch.set_num_threads(--threads)``, default 2. OpenMP waits as ``medseg
+train`` lets it (libgomp's default: spinning a while after each parallel region), which is
+the fastest on a quiet machine. On a machine shared with other jobs, set
+``OMP_WAIT_POLICY=PASSIVE``: there the spin-wait makes every parallel region wait for a
 descheduled sibling thread, which inflates a step of many short kernels 5-10 times (600
 ``torch.minimum`` calls on 96^3 at load 4: 0.5 s with 1 thread, 4.7 s with 2 spinning
-threads, 0.7 s with 2 passive ones). CUDA rows are added when ``torch.cuda.is_available()``.
+threads, 0.7 s with 2 passive ones); on a quiet one PASSIVE makes them slower instead.
+The policy is printed with the results. CUDA rows are added when
+``torch.cuda.is_available()``.
 
 Usage::
 
@@ -50,13 +53,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when OpenMP loads: before torch
+import numpy as np
+import torch
+from scipy import ndimage
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from medseg.losses import LOSS_NAMES, build_loss  # noqa: E402
+from medseg.losses import LOSS_NAMES, build_loss
 
 
 # ----------------------------------------------------------------------------- data
