@@ -76,6 +76,46 @@ def test_team_and_own_threads_give_the_same_matchings(two_torch_threads, monkeyp
                 np.testing.assert_array_equal(a, b)
 
 
+def test_pairs_fewer_than_threads_share_them_out():
+    engine = _inputs.engine()
+    assert engine.pair_threads(1, 4) == [4]
+    assert engine.pair_threads(2, 8) == [4, 4]
+    assert engine.pair_threads(3, 8) == [3, 3, 2]
+    assert engine.pair_threads(10, 16) == [2] * 6 + [1] * 4
+    assert engine.pair_threads(8, 2) == [1] * 8  # at least as many pairs as threads: one each
+    for pairs in range(1, 12):
+        for threads in range(1, 12):
+            shares = engine.pair_threads(pairs, threads)
+            assert min(shares) >= 1 and sum(shares) == max(pairs, threads)
+            assert max(shares) - min(shares) <= 1
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_shared_out_threads_give_the_same_matchings(two_torch_threads, monkeypatch, own):
+    """Two or three pairs on more threads: each pair's task graph runs on its share (threads
+    of its own inside the batch's team) and gives what one thread gives, in 2D and 3D,
+    for the union and the intersection comparison."""
+    if own:
+        monkeypatch.setenv(OWN_THREADS, "1")
+    engine = _inputs.engine()
+    rng = np.random.default_rng(5)
+    preds2, targets2 = batch(n=3, size=36, seed=4)
+    preds3 = [ndimage.gaussian_filter(rng.random((14, 15, 16)), 1.0).astype(np.float32) for _ in range(3)]
+    targets3 = [(ndimage.gaussian_filter(rng.random((14, 15, 16)), 1.5) > 0.5).astype(np.float32) for _ in range(3)]
+    for preds, targets in ((preds2, targets2), (preds3, targets3)):
+        for n in (2, 3):
+            for superlevel, construction, intersection in ((True, "V", False), (False, "T", True)):
+                args = (preds[:n], targets[:n], superlevel, construction)
+                one = engine.matching_batch_indices(*args, 1, None, intersection, True)
+                for threads in (2, 4, 7):
+                    shared = engine.matching_batch_indices(*args, threads, None, intersection, True)
+                    for a, b in zip(one, shared):
+                        if a is None:
+                            assert b is None
+                        else:
+                            np.testing.assert_array_equal(a, b)
+
+
 def test_team_and_own_threads_give_the_same_loss_and_gradient(two_torch_threads, monkeypatch):
     rng = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 2, 48, 48, generator=rng)

@@ -67,8 +67,10 @@ nb::dict matching_of(const InArray& a, const InArray& b, bool superlevel, const 
     return matching_to_python(std::move(r));
 }
 
-// The pairs of a batch, spread over `threads` threads (a lone pair uses them inside):
-// compute(i, a, b, options) -> MatchingResult, with the GIL released.
+// The pairs of a batch, spread over `threads` threads; pairs fewer than the threads
+// share them out and run their task graphs on their share (a lone pair uses them all,
+// two pairs on 8 threads 4 each): compute(i, a, b, options) -> MatchingResult, with
+// the GIL released.
 template <class Compute>
 std::vector<MatchingResult> matching_results(const std::vector<InArray>& as, const std::vector<InArray>& bs,
                                              const Options& base, int threads, Compute compute) {
@@ -77,11 +79,11 @@ std::vector<MatchingResult> matching_results(const std::vector<InArray>& as, con
     for (auto& x : as) va.push_back(view_of(x));
     for (auto& x : bs) vb.push_back(view_of(x));
     const std::size_t n = va.size();
-    Options o = base;
-    o.threads = n == 1 ? std::max(1, threads) : 1;
+    std::vector<Options> per_pair(n, base);
+    for (std::size_t i = 0; i < n; ++i) per_pair[i].threads = host::threads_of_job(i, n, threads);
     std::vector<MatchingResult> rs(n);
     nb::gil_scoped_release release;
-    parallel_jobs(n, threads, [&](std::size_t i) { rs[i] = compute(i, va[i], vb[i], o); });
+    parallel_jobs(n, threads, [&](std::size_t i) { rs[i] = compute(i, va[i], vb[i], per_pair[i]); });
     return rs;
 }
 
@@ -293,6 +295,16 @@ NB_MODULE(_engine, m) {
         "openmp_team", [](int threads) { return host::HostOpenMP::get().usable(threads) != nullptr; },
         nb::arg("threads") = 2,
         "Whether `threads` engine threads would now be a parallel region of the process's OpenMP runtime");
+    m.def(
+        "pair_threads",
+        [](std::size_t pairs, int threads) {
+            std::vector<int> out(pairs);
+            for (std::size_t i = 0; i < pairs; ++i) out[i] = host::threads_of_job(i, pairs, threads);
+            return out;
+        },
+        nb::arg("pairs"), nb::arg("threads"),
+        "The threads each pair of a batch of `pairs` runs its task graph on when a matching batch is given "
+        "`threads` threads");
 
     nb::class_<Prepared>(m, "PreparedImage", "The target-only part of a Betti matching, reusable across calls")
         .def_ro("nbytes", &Prepared::nbytes);

@@ -113,23 +113,45 @@ class HostOpenMP {
     std::atomic<MaxThreads> max_threads_{nullptr};
 };
 
+// Whether this thread is running a worker of run_team (a team member).
+inline thread_local bool in_team = false;
+
 // worker() on `threads` threads, the caller's among them; returns when all have
 // returned: a parallel region of the process's OpenMP runtime where HostOpenMP allows
-// one, else threads of our own.
+// one, else threads of our own. A team member's own run_team (a pair's task graph
+// inside the batch's team, when the pairs are fewer than the threads) starts threads of
+// its own: the runtime would run a nested region on one thread.
 inline void run_team(int threads, const std::function<void()>& worker) {
     if (threads <= 1) {
         worker();
         return;
     }
-    if (HostOpenMP::Parallel parallel = HostOpenMP::get().usable(threads)) {
+    const std::function<void()> member = [&worker] {
+        struct Flag {
+            bool outer = in_team;
+            Flag() { in_team = true; }
+            ~Flag() { in_team = outer; }
+        } flag;
+        worker();
+    };
+    if (HostOpenMP::Parallel parallel = in_team ? nullptr : HostOpenMP::get().usable(threads)) {
         parallel([](void* w) { (*static_cast<const std::function<void()>*>(w))(); },
-                 const_cast<std::function<void()>*>(&worker), static_cast<unsigned>(threads), 0);
+                 const_cast<std::function<void()>*>(&member), static_cast<unsigned>(threads), 0);
         return;
     }
     std::vector<std::thread> pool;
-    for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
-    worker();
+    for (int i = 1; i < threads; ++i) pool.emplace_back(member);
+    member();
     for (auto& th : pool) th.join();
+}
+
+// How many of `threads` threads each of `jobs` jobs gets when they run side by side
+// (run_tasks with one task per job): one each when the jobs are at least as many, else
+// the threads split as evenly as the division allows (the first jobs get one more).
+inline int threads_of_job(std::size_t job, std::size_t jobs, int threads) {
+    const std::size_t t = static_cast<std::size_t>(std::max(1, threads));
+    if (jobs == 0 || jobs >= t) return 1;
+    return static_cast<int>(t / jobs + (job < t % jobs ? 1 : 0));
 }
 
 // Runs independent tasks on up to `threads` threads; the first exception is rethrown
