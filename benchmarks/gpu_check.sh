@@ -45,7 +45,9 @@ fi
 
 step "topology tests on the $backend backend (MEDSEG_TOPOLOGY_BACKEND=$backend)"
 # The loss tests run without the variable: their target-cache test is about the CPU
-# engine's cache; their CUDA-tensor test picks "cuda" through "auto" anyway.
+# engine's cache; their CUDA-tensor test runs on "auto", "cpu" and "cuda" by itself. When
+# this whole check passes, turn on CUDA_FOR_AUTO in medseg/topology/_backends.py ("auto"
+# then picks "cuda" for CUDA tensors).
 if "$py" -c "import pytest, hypothesis" 2>/dev/null; then
     MEDSEG_TOPOLOGY_BACKEND=$backend timeout 120 "$py" -m pytest -q -x -p no:cacheprovider \
         tests/topology/test_parallel_backend.py tests/topology/test_parallel_matching.py \

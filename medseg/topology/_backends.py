@@ -185,12 +185,20 @@ class CudaBackend(Backend):
 
 _BACKENDS = {b.name: b for b in (CpuBackend(), CpuParallelBackend(), CudaBackend())}
 
+#: Whether "auto" picks the CUDA backend for CUDA inputs. Off until the device code has
+#: run on a GPU: no GPU has been lent to this project yet, so the CUDA backend has only
+#: been compiled (its algorithm is tested on CPU threads as "cpu-parallel", not its
+#: kernels). Until ``bash benchmarks/gpu_check.sh`` passes on a device, CUDA inputs go to
+#: the CPU engine (copied to the host; the loss's gradient is formed on the device);
+#: ``backend="cuda"`` or ``MEDSEG_TOPOLOGY_BACKEND=cuda`` opt in.
+CUDA_FOR_AUTO = False
+
 
 def resolve_backend(backend: str | Backend, *arrays: Any) -> Backend:
     """The backend named by ``backend`` for these inputs; a :class:`Backend` is returned as is.
 
-    "auto" is ``MEDSEG_TOPOLOGY_BACKEND`` when set, else "cuda" for a CUDA input when
-    the CUDA backend is built and has a device, else "cpu".
+    "auto" is ``MEDSEG_TOPOLOGY_BACKEND`` when set, else "cpu" (and "cuda" for a CUDA
+    input when the CUDA backend is built, has a device and :data:`CUDA_FOR_AUTO` is on).
 
     Raises
     ------
@@ -212,7 +220,7 @@ def resolve_backend(backend: str | Backend, *arrays: Any) -> Backend:
                 )
             backend = env
         else:
-            cuda = any(_inputs.is_cuda_array(a) for a in arrays) and _inputs.cuda_available()
+            cuda = CUDA_FOR_AUTO and any(_inputs.is_cuda_array(a) for a in arrays) and _inputs.cuda_available()
             return _BACKENDS["cuda" if cuda else "cpu"]
     if backend == "cuda" and not _inputs.cuda_available():
         built = _inputs.cuda_engine() is not None

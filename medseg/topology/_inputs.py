@@ -18,9 +18,10 @@ FILTRATIONS = ("superlevel", "sublevel")
 CONSTRUCTIONS = ("V", "T")
 COMPARISONS = ("union", "intersection")
 #: Engine backends. "cpu-parallel" runs the CUDA backend's algorithm on CPU threads
-#: (for testing it where there is no GPU); "auto" picks "cuda" for CUDA tensors when
-#: the CUDA backend is built and a device exists, else "cpu". The environment variable
-#: MEDSEG_TOPOLOGY_BACKEND replaces "auto" (e.g. to run a test suite on "cuda").
+#: (for testing it where there is no GPU); "auto" is "cpu" (and "cuda" for CUDA tensors
+#: once _backends.CUDA_FOR_AUTO is on, after the device code has run on a GPU). The
+#: environment variable MEDSEG_TOPOLOGY_BACKEND replaces "auto" (e.g. to run a test
+#: suite on "cuda").
 #: :func:`medseg.topology._backends.resolve_backend` turns a name into a backend object.
 BACKENDS = ("auto", "cpu", "cuda", "cpu-parallel")
 #: Largest image (voxels) the engine handles: 3 x voxels must fit in 32 bits (cells.hpp).

@@ -134,11 +134,12 @@ def barcode(
     construction : {"V", "T"}, default "V"
         Values on voxels (V) or on top cells (T).
     backend : {"auto", "cpu", "cuda", "cpu-parallel"}, default "auto"
-        Engine backend: "auto" is "cuda" for a CUDA tensor when the CUDA backend is
-        built and a device exists, else "cpu" (``MEDSEG_TOPOLOGY_BACKEND`` overrides
-        it). A CUDA tensor stays on its device; only the pairs' coordinates (and the
-        values there) come back. "cpu-parallel" runs the CUDA algorithm on CPU
-        threads (testing). Every backend gives the same pairs (``csrc/CUDA.md``).
+        Engine backend: "auto" is "cpu" (``MEDSEG_TOPOLOGY_BACKEND`` overrides it),
+        and "cuda" for a CUDA tensor once ``_backends.CUDA_FOR_AUTO`` is on (off until
+        the device code has run on a GPU). On "cuda" a CUDA tensor stays on its device;
+        only the pairs' coordinates (and the values there) come back. "cpu-parallel"
+        runs the CUDA algorithm on CPU threads (testing). Every backend gives the same
+        pairs (``csrc/CUDA.md``).
         A backend already resolved (``_backends.resolve_backend``) is used as is.
 
     Returns

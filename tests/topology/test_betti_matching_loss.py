@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import medseg.topology as topo
+from medseg.topology import _inputs
 from medseg.losses.betti_matching import BettiMatchingLoss
 
 
@@ -151,12 +152,17 @@ def test_bad_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors():
+@pytest.mark.parametrize("backend", ["auto", "cpu", "cuda"])
+def test_cuda_tensors(backend):
+    """CUDA tensors on every backend ("auto": the CPU engine until CUDA_FOR_AUTO), the
+    CPU tensors' value, the gradient on the device."""
+    if backend == "cuda" and not _inputs.cuda_available():
+        pytest.skip("the CUDA backend was not built")
     x, y = logits_and_labels(shape=(1, 1, 8, 8, 8))
     xc = x.cuda().requires_grad_(True)
-    v = BettiMatchingLoss()(xc, y.cuda())
+    v = BettiMatchingLoss(backend=backend)(xc, y.cuda())
     v.backward()
-    assert v.item() == pytest.approx(BettiMatchingLoss()(x, y).item(), rel=1e-5)
+    assert v.item() == pytest.approx(BettiMatchingLoss(backend="cpu")(x, y).item(), rel=1e-5)
     assert xc.grad.is_cuda
 
 

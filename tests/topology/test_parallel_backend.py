@@ -134,6 +134,23 @@ def test_environment_variable_replaces_auto(monkeypatch):
         _backends.resolve_backend("auto")
 
 
+def test_auto_keeps_cuda_inputs_on_the_cpu_engine_until_the_device_path_is_checked(monkeypatch):
+    """No GPU has run the CUDA backend yet: "auto" sends CUDA inputs to the CPU engine
+    unless CUDA_FOR_AUTO is switched on; "cuda" and MEDSEG_TOPOLOGY_BACKEND=cuda opt in."""
+    monkeypatch.delenv("MEDSEG_TOPOLOGY_BACKEND", raising=False)
+    monkeypatch.setattr(_inputs, "cuda_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(_inputs, "is_cuda_array", lambda x: True)
+    x = np.zeros((3, 3))
+    assert _backends.CUDA_FOR_AUTO is False
+    assert _backends.resolve_backend("auto", x).name == "cpu"
+    assert _backends.resolve_backend("cuda", x).name == "cuda"
+    monkeypatch.setenv("MEDSEG_TOPOLOGY_BACKEND", "cuda")
+    assert _backends.resolve_backend("auto", x).name == "cuda"
+    monkeypatch.delenv("MEDSEG_TOPOLOGY_BACKEND")
+    monkeypatch.setattr(_backends, "CUDA_FOR_AUTO", True)
+    assert _backends.resolve_backend("auto", x).name == "cuda"
+
+
 def test_importing_topology_does_not_load_cuda():
     code = (
         "import sys, medseg.topology as t, numpy as np; t.barcode(np.zeros((3, 3)));"
