@@ -160,14 +160,38 @@ def test_engine_in_a_python_thread_while_torch_computes(two_torch_threads):
             np.testing.assert_array_equal(x, y)
 
 
-def test_an_error_inside_a_team_task_reaches_python(two_torch_threads):
+@pytest.mark.parametrize("intersection", [True, False])
+def test_an_error_inside_a_team_task_reaches_python(two_torch_threads, intersection):
+    """Intersection: each pair is one team task, whose check of the prepared target
+    throws inside the team; union: the batch's task graph checks every pair first."""
     engine = _inputs.engine()
     preds, targets = batch(n=3)
     prepared = _prepare_targets(targets, True, "V", 1)
     prepared[1] = _prepare_targets([np.zeros((12, 12), np.float32)], True, "V", 1)[0]  # the wrong shape
     assert engine.openmp_team()
     with pytest.raises(ValueError, match="prepared target does not fit"):
-        engine.matching_batch_indices(preds, targets, True, "V", 2, prepared, False, False)
+        engine.matching_batch_indices(preds, targets, True, "V", 2, prepared, intersection, False)
+
+
+def test_one_task_graph_over_a_batch_gives_each_pairs_own_result(two_torch_threads):
+    """Five pairs on two threads in one graph (at most two pairs under way), with and
+    without prepared targets, in 2D and 3D: each pair's matching as when computed alone."""
+    engine = _inputs.engine()
+    rng = np.random.default_rng(8)
+    preds2, targets2 = batch(n=5, size=30, seed=9)
+    preds3 = [ndimage.gaussian_filter(rng.random((10, 12, 11)), 1.0).astype(np.float32) for _ in range(5)]
+    targets3 = [(ndimage.gaussian_filter(rng.random((10, 12, 11)), 1.5) > 0.5).astype(np.float32) for _ in range(5)]
+    for preds, targets in ((preds2, targets2), (preds3, targets3)):
+        for superlevel, construction in ((True, "V"), (False, "T")):
+            prepared = _prepare_targets(targets, superlevel, construction, 2)
+            for prep in (None, prepared):
+                together = engine.matching_batch(preds, targets, superlevel, construction, True, True, 2, prep, False)
+                for i, got in enumerate(together):
+                    alone = engine.matching(preds[i], targets[i], superlevel, construction, True, True, 1, False)
+                    assert got.keys() == alone.keys()
+                    for key in alone:
+                        for x, y in zip(got[key], alone[key]) if isinstance(alone[key], list) else [(got[key], alone[key])]:
+                            np.testing.assert_array_equal(x, y)
 
 
 # Each child computes a batch with 2 threads after the parent used torch's OpenMP team;

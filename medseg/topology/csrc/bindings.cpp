@@ -87,12 +87,12 @@ std::vector<MatchingResult> matching_results(const std::vector<InArray>& as, con
     return rs;
 }
 
-template <class Compute>
-nb::list matching_batch_of(const std::vector<InArray>& as, const std::vector<InArray>& bs, bool superlevel,
-                           const std::string& construction, bool include_a, bool include_b, int threads,
-                           bool intersection, Compute compute) {
+// A batch's matchings as Python dicts; results(options) -> std::vector<MatchingResult>.
+template <class Results>
+nb::list matching_batch_of(bool superlevel, const std::string& construction, bool include_a, bool include_b,
+                           bool intersection, Results results) {
     const Options o = make_options(superlevel, construction, include_a, include_b, 1, intersection);
-    std::vector<MatchingResult> rs = matching_results(as, bs, o, threads, compute);
+    std::vector<MatchingResult> rs = results(o);
     nb::list out;
     for (auto& r : rs) out.append(matching_to_python(std::move(r)));
     return out;
@@ -100,12 +100,21 @@ nb::list matching_batch_of(const std::vector<InArray>& as, const std::vector<InA
 
 using PreparedList = std::optional<std::vector<std::optional<Prepared>>>;
 
-// compute_matching with the prepared target of pair i, where there is one.
-auto with_prepared(const PreparedList& prepared) {
-    return [&prepared](std::size_t i, const ImageView& a, const ImageView& b, const Options& o) {
-        const PreparedImage* pb = prepared && (*prepared)[i] ? (*prepared)[i]->ptr.get() : nullptr;
-        return compute_matching(a, b, o, pb);
-    };
+// The CPU engine's matchings of a batch (compute_matchings: with the union comparison
+// one task graph over all pairs), with the GIL released; the prepared target of pair i
+// where there is one.
+std::vector<MatchingResult> engine_matchings(const std::vector<InArray>& as, const std::vector<InArray>& bs,
+                                             const Options& base, int threads, const PreparedList& prepared) {
+    if (as.size() != bs.size()) throw nb::value_error("batches differ in length");
+    if (prepared && prepared->size() != as.size()) throw nb::value_error("prepared targets differ in length");
+    std::vector<ImageView> va, vb;
+    for (auto& x : as) va.push_back(view_of(x));
+    for (auto& x : bs) vb.push_back(view_of(x));
+    std::vector<const PreparedImage*> pb;
+    if (prepared)
+        for (auto& p : *prepared) pb.push_back(p ? p->ptr.get() : nullptr);
+    nb::gil_scoped_release release;
+    return compute_matchings(va, vb, pb, base, threads);
 }
 
 // The Betti matching loss's form of a batch (py::batch_indices): every unmatched pair,
@@ -124,7 +133,7 @@ nb::tuple matching_batch_indices(const std::vector<InArray>& as, const std::vect
     Options o = make_options(superlevel, construction, true, true, 1, intersection);
     o.report_b = report_b;
     o.flat_indices = true;
-    std::vector<MatchingResult> rs = matching_results(as, bs, o, threads, with_prepared(prepared));
+    std::vector<MatchingResult> rs = engine_matchings(as, bs, o, threads, prepared);
     BatchIndices b;
     {
         nb::gil_scoped_release release;
@@ -401,9 +410,13 @@ NB_MODULE(_engine, m) {
         "matching_batch_parallel",
         [](std::vector<InArray> as, std::vector<InArray> bs, bool superlevel, const std::string& construction,
            bool include_a, bool include_b, int threads, bool intersection) {
-            return matching_batch_of(as, bs, superlevel, construction, include_a, include_b, threads, intersection,
-                                     [](std::size_t, const ImageView& a, const ImageView& b, const Options& o) {
-                                         return compute_matching_parallel(a, b, o);
+            return matching_batch_of(superlevel, construction, include_a, include_b, intersection,
+                                     [&](const Options& o) {
+                                         return matching_results(as, bs, o, threads,
+                                                                 [](std::size_t, const ImageView& a, const ImageView& b,
+                                                                    const Options& oi) {
+                                                                     return compute_matching_parallel(a, b, oi);
+                                                                 });
                                      });
         },
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
@@ -441,9 +454,8 @@ NB_MODULE(_engine, m) {
         "matching_batch",
         [](std::vector<InArray> as, std::vector<InArray> bs, bool superlevel, const std::string& construction,
            bool include_a, bool include_b, int threads, PreparedList prepared, bool intersection) {
-            if (prepared && prepared->size() != as.size()) throw nb::value_error("prepared targets differ in length");
-            return matching_batch_of(as, bs, superlevel, construction, include_a, include_b, threads, intersection,
-                                     with_prepared(prepared));
+            return matching_batch_of(superlevel, construction, include_a, include_b, intersection,
+                                     [&](const Options& o) { return engine_matchings(as, bs, o, threads, prepared); });
         },
         nb::arg("a"), nb::arg("b"), nb::arg("superlevel"), nb::arg("construction"), nb::arg("include_a"),
         nb::arg("include_b"), nb::arg("threads"), nb::arg("prepared") = nb::none(),

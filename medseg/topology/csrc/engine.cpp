@@ -52,14 +52,24 @@ using host::run_tasks;
 // Parallel tasks
 
 // A small task graph: a task starts once the tasks it depends on have finished, and
-// of the ready tasks the one added first starts first (add long ones early). With the
-// phase timer on, the tasks run one by one in the order they were added (dependencies
-// always point to earlier tasks) and are timed one by one.
+// of the ready tasks the one added first starts first (add long ones early). Tasks
+// come in groups (begin_group; a batch's pairs, one group each): a thread keeps to the
+// group of its last task, then takes a group no other thread is working on, and only
+// then joins another thread's group; so threads work on pairs of their own, whose data
+// stay in their core's caches, and help with another's when theirs has nothing ready.
+// With the phase timer on, the tasks run one by one in the order they were added
+// (dependencies always point to earlier tasks) and are timed one by one.
 class TaskGraph {
   public:
+    // Tasks added from now on form a new group.
+    void begin_group() { ++group_; }
+
     int add(const char* name, std::function<void()> fn, std::initializer_list<int> deps = {}) {
+        return add(name, std::move(fn), std::vector<int>(deps));
+    }
+    int add(const char* name, std::function<void()> fn, const std::vector<int>& deps) {
         const int id = static_cast<int>(tasks_.size());
-        tasks_.push_back({name, std::move(fn), 0, {}});
+        tasks_.push_back({name, std::move(fn), 0, {}, std::max(group_, 0)});
         for (int dep : deps) {
             if (dep < 0) continue;  // an optional task that was not added
             if (dep >= id) throw std::logic_error("task graph: a dependency must be added first");
@@ -84,13 +94,27 @@ class TaskGraph {
             if (tasks_[i].waiting == 0) ready.push_back(i);
         std::size_t finished = 0;
         std::exception_ptr error;
+        std::vector<int> working(static_cast<std::size_t>(std::max(group_, 0)) + 1, 0);  // threads on each group
+        // Where in `ready` the task for a thread last on group `mine` is (see the class).
+        auto choose = [&](int mine) {
+            const std::size_t n = ready.size();
+            for (std::size_t k = n; k-- > 0;)
+                if (tasks_[ready[k]].group == mine) return k;
+            for (std::size_t k = n; k-- > 0;)
+                if (working[tasks_[ready[k]].group] == 0) return k;
+            return n - 1;
+        };
         const std::function<void()> worker = [&]() {
             std::unique_lock<std::mutex> lock(mutex);
+            int mine = -1;
             for (;;) {
                 wake.wait(lock, [&] { return !ready.empty() || finished == tasks_.size() || error; });
                 if (ready.empty() || error) return;
-                const int id = ready.back();
-                ready.pop_back();
+                const std::size_t at = choose(mine);
+                const int id = ready[at];
+                ready.erase(ready.begin() + static_cast<std::ptrdiff_t>(at));
+                mine = tasks_[id].group;
+                ++working[mine];
                 lock.unlock();
                 std::exception_ptr failed;
                 try {
@@ -99,6 +123,7 @@ class TaskGraph {
                     failed = std::current_exception();
                 }
                 lock.lock();
+                --working[mine];
                 ++finished;
                 if (failed && !error) error = failed;
                 for (int next : tasks_[id].dependents)
@@ -117,8 +142,10 @@ class TaskGraph {
         std::function<void()> fn;
         int waiting;
         std::vector<int> dependents;
+        int group;
     };
     std::vector<Task> tasks_;
+    int group_ = -1;  // the current group; tasks added before any begin_group are group 0
 };
 
 // ---------------------------------------------------------------------------------
@@ -1208,144 +1235,257 @@ BarcodeResult compute_barcode(const ImageView& image, const Options& opt) {
     return res;
 }
 
+namespace {
+
+void check_prepared(const ImageView& a, const Options& opt, const PreparedImage* prepared_b) {
+    if (!prepared_b) return;
+    const Options& po = prepared_b->options;
+    if (po.superlevel != opt.superlevel || po.construction != opt.construction || prepared_b->ndim != a.ndim ||
+        !std::equal(a.shape, a.shape + 3, prepared_b->shape))
+        throw std::invalid_argument("prepared target does not fit this prediction or these options");
+}
+
+// Filtration and sorted cells of the comparison image of a and b, ranked from the
+// orders of X0 (a's) and X1 (b's).
+void comparison_filtration(Complex& X, const Lattice& P, const ImageView& a, const ImageView& b, const Options& opt,
+                           const Complex& X0, const Complex& X1) {
+    big_vector<rank_t> r;
+    big_vector<std::uint32_t> order;
+    const rank_t num = rank_comparison(a, b, P.points, opt.superlevel, opt.intersection, X0.F.order, X1.F.order, r,
+                                       order);
+    make_filtration(X.F, P, std::move(r), std::move(order), num, opt.construction);
+    sort_cells(X);
+}
+
+// Intersection comparison: every image has its own barcode; a and b are matched when
+// they are matched with the same pair of the intersection H.
+MatchingResult intersection_matching(const ImageView& a, const ImageView& b, const Options& opt,
+                                     const PreparedImage* prepared_b) {
+    const Lattice P = image_lattice(a);
+    const int threads = std::max(1, opt.threads);
+    Complex X0, X1_local, H;
+    const Complex& X1 = prepared_b ? prepared_b->X : X1_local;
+    RowOrder RH;
+    std::vector<std::function<void()>> filtrations = {[&] { own_filtration(X0, P, a, opt); }};
+    if (!prepared_b) filtrations.push_back([&] { own_filtration(X1_local, P, b, opt); });
+    run_tasks(filtrations, threads);
+    std::vector<std::function<void()>> tasks = {
+        [&] {
+            comparison_filtration(H, P, a, b, opt, X0, X1);
+            own_barcode(H, true, &RH);
+        },
+        [&] { own_barcode(X0, false); },
+    };
+    if (!prepared_b) tasks.push_back([&] { own_barcode(X1_local, false); });
+    run_tasks(tasks, threads);
+    std::vector<std::vector<std::int32_t>> to_h0, to_h1;
+    std::vector<std::function<void()>> more = {
+        [&] { to_h0 = into_comparison(X0, H, &RH); },
+        [&] { to_h1 = into_comparison(X1, H, &RH); },
+    };
+    run_tasks(more, threads);
+    const int d = X0.F.dim();
+    host::Matches matches(d);
+    for (int k = 0; k < d; ++k) {
+        const std::size_t nh = k == 0 ? H.dim0.pairs.size() : k == d - 1 ? H.top.pairs.size() : H.pairs1.size();
+        matches[k] = host::matched_through(to_h0[k], to_h1[k], nh);
+    }
+    return assemble(X0, X1, matches, opt);
+}
+
+// The Betti matching of a and b with the union as comparison C, as tasks of a task
+// graph: add_tasks puts the pair's tasks into a graph (one pair's own, or a batch's
+// shared by all its pairs, so that threads left idle by one pair take another's tasks),
+// and after the graph has run, result() is the matching. The target's own barcode
+// (filtration, top pairs, dimension 1 and 0) is independent of the prediction and is
+// skipped when it is prepared (cached). The top-dimension passes over a and b carry C's
+// labels (image persistence into C) and give a's (and a fresh b's) own pairs and
+// columns; a prepared b replays its recorded merges instead. The (d-1)-cells the top
+// dimension walks are freed right after it. Holds references to a, b and prepared_b.
+class UnionMatching {
+  public:
+    UnionMatching(const ImageView& a, const ImageView& b, const Options& opt, const PreparedImage* prepared_b)
+        : a_(a), b_(b), opt_(opt), prepared_b_(prepared_b), P_(image_lattice(a)), d_(P_.ndim),
+          X1_(prepared_b ? prepared_b->X : X1_local_) {}
+    UnionMatching(const UnionMatching&) = delete;
+    UnionMatching& operator=(const UnionMatching&) = delete;
+
+    // Adds the pair's tasks to g, its first ones after task `after` (-1: none), and
+    // returns the id of its last task (the matching assembled).
+    int add_tasks(TaskGraph& g, int after) {
+        const bool fresh_b = !prepared_b_;
+        const int fa = g.add("filtration a", [this] { own_filtration(X0_, P_, a_, opt_); }, {after});
+        const int fb = fresh_b ? g.add("filtration b", [this] { own_filtration(X1_local_, P_, b_, opt_); }, {after})
+                               : -1;
+        const int fc = g.add("filtration comparison",
+                             [this] { comparison_filtration(C_, P_, a_, b_, opt_, X0_, X1_); }, {fa, fb});
+        // 2D: dimension 0 first, the edges it leaves are the top dimension's (the tops
+        // wait for it); 3D: the tops first, they lead to the longer dimension 1.
+        int da = -1, db = -1, dc = -1;
+        std::vector<int> last;
+        auto add_dim0 = [&] {
+            da = g.add("dim0 a", [this] { dimension0(X0_.F, X0_.edges, X0_.dim0, unmerged_edges(X0_)); }, {fa});
+            if (fresh_b)
+                db = g.add("dim0 b", [this] {
+                    dimension0(X1_local_.F, X1_local_.edges, X1_local_.dim0, unmerged_edges(X1_local_));
+                }, {fb});
+            dc = g.add("dim0 comparison+images", [this] {
+                image_births0_ = dimension0_image(C_.F, X0_.F, X1_.F, C_.edges, unmerged_edges(C_));
+            }, {fc, fa, fb});
+            last.insert(last.end(), {da, db, dc});
+        };
+        if (d_ == 2) add_dim0();
+        const int tc = g.add("top comparison", [this] {
+            top_dimension(C_.F, top_cells(C_), nullptr, nullptr, C_.top, d_ == 3);
+            free_subs(C_);
+        }, {fc, dc});
+        const int ta = g.add("top a (into comparison)", [this] {
+            top_dimension(X0_.F, top_cells(X0_), &C_.F, &match_top0_, X0_.top, d_ == 3);
+            free_subs(X0_);
+        }, {fc, fa, da});
+        const int tb = g.add("top b (into comparison)", [this] {
+            if (prepared_b_) {
+                host::replay_top(X1_.top_merges, static_cast<std::size_t>(C_.F.L.points), C_.F.top_ranks(),
+                                 match_top1_);
+            } else {
+                top_dimension(X1_local_.F, top_cells(X1_local_), &C_.F, &match_top1_, X1_local_.top, d_ == 3);
+                free_subs(X1_local_);
+            }
+        }, {fc, fb, db});
+        last.insert(last.end(), {tc, ta, tb});
+        if (d_ == 3) {
+            const int ra = g.add("rows a", [this] { R0_ = row_order(X0_.F.L, X0_.F.f, X0_.edges); }, {fa});
+            const int rb = g.add("rows b", [this] { R1_ = row_order(X1_.F.L, X1_.F.f, X1_.edges); }, {fb, after});
+            const int rc = g.add("rows comparison", [this] { RC_ = row_order(C_.F.L, C_.F.f, C_.edges); }, {fc});
+            last.push_back(g.add("dim1 image a", [this] { reduce_dim1(C_.F.L, R0_, C_.top.columns, image_pivot0_); },
+                                 {tc, ra}));
+            last.push_back(g.add("dim1 image b", [this] { reduce_dim1(C_.F.L, R1_, C_.top.columns, image_pivot1_); },
+                                 {tc, rb}));
+            last.push_back(g.add("dim1 a", [this] { own_dim1(X0_, R0_); }, {ta, ra}));
+            last.push_back(g.add("dim1 comparison", [this] { own_dim1(C_, RC_); }, {tc, rc}));
+            if (fresh_b) last.push_back(g.add("dim1 b", [this] { own_dim1(X1_local_, R1_); }, {tb, rb}));
+            add_dim0();
+        }
+        return g.add("matching + coordinates", [this] {
+            result_ = assemble_matches();
+            release();
+        }, last);
+    }
+
+    MatchingResult result() { return std::move(result_); }
+
+  private:
+    void free_subs(Complex& X) const { big_vector<key_t>().swap(d_ == 3 ? X.subs : X.unmerged0); }
+
+    // The working memory back to the cache of blocks (big_vector.hpp) as soon as the
+    // result is assembled: the next pair this thread takes reuses blocks that are still
+    // in its caches (holding every pair's arrays to the end of a batch of 8 256² pairs
+    // made it 6 % slower).
+    void release() {
+        X0_ = Complex();
+        C_ = Complex();
+        X1_local_ = Complex();
+        match_top0_ = {};
+        match_top1_ = {};
+        R0_ = {};
+        R1_ = {};
+        RC_ = {};
+        image_pivot0_ = {};
+        image_pivot1_ = {};
+        std::vector<std::pair<std::uint32_t, std::uint32_t>>().swap(image_births0_);
+    }
+
+    // Matchings per dimension, (index in X0's pairs, index in X1's pairs), and the
+    // result's coordinates.
+    MatchingResult assemble_matches() {
+        host::Matches matches(d_);
+        for (auto& [y0, y1] : image_births0_) {
+            const std::int32_t i0 = X0_.dim0.pair_of_birth[y0], i1 = X1_.dim0.pair_of_birth[y1];
+            if (i0 >= 0 && i1 >= 0) matches[0].emplace_back(i0, i1);
+        }
+        if (d_ == 3) {
+            for (std::size_t q = 0; q < C_.pairs1.size(); ++q) {
+                const std::uint32_t col = C_.pair1_column[q];
+                const std::uint32_t e0 = image_pivot0_[col], e1 = image_pivot1_[col];
+                if (e0 == kNone || e1 == kNone) continue;
+                const std::int32_t i0 = pair1_of_birth(X0_, e0), i1 = pair1_of_birth(X1_, e1);
+                if (i0 >= 0 && i1 >= 0) matches[1].emplace_back(i0, i1);
+            }
+        }
+        for (const CellPair& p : C_.top.pairs) {
+            const std::int32_t i0 = match_top0_[p.death_cell], i1 = match_top1_[p.death_cell];
+            if (i0 >= 0 && i1 >= 0) matches[d_ - 1].emplace_back(i0, i1);
+        }
+        return assemble(X0_, X1_, matches, opt_);
+    }
+
+    const ImageView a_, b_;
+    const Options opt_;
+    const PreparedImage* prepared_b_;
+    const Lattice P_;
+    const int d_;
+    Complex X0_, C_, X1_local_;
+    const Complex& X1_;
+    big_vector<std::int32_t> match_top0_, match_top1_;
+    RowOrder R0_, R1_, RC_;  // rows of the dimension-1 reductions: a's serve a's own and a -> C
+    big_vector<std::uint32_t> image_pivot0_, image_pivot1_;
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0_;
+    MatchingResult result_;
+};
+
+}  // namespace
+
 MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Options& opt,
                                 const PreparedImage* prepared_b) {
-    const Lattice P = image_lattice(a);
-    check_size(P);
-    if (prepared_b) {
-        const Options& po = prepared_b->options;
-        if (po.superlevel != opt.superlevel || po.construction != opt.construction ||
-            prepared_b->ndim != a.ndim || !std::equal(a.shape, a.shape + 3, prepared_b->shape))
-            throw std::invalid_argument("prepared target does not fit this prediction or these options");
+    check_size(image_lattice(a));
+    check_prepared(a, opt, prepared_b);
+    if (opt.intersection) return intersection_matching(a, b, opt, prepared_b);
+    PhaseTimer timer;
+    UnionMatching m(a, b, opt, prepared_b);
+    TaskGraph g;
+    m.add_tasks(g, -1);
+    g.run(std::max(1, opt.threads), timer);
+    return m.result();
+}
+
+std::vector<MatchingResult> compute_matchings(const std::vector<ImageView>& as, const std::vector<ImageView>& bs,
+                                              const std::vector<const PreparedImage*>& prepared, const Options& opt,
+                                              int threads) {
+    const std::size_t n = as.size();
+    threads = std::max(1, threads);
+    std::vector<MatchingResult> out(n);
+    if (opt.intersection || n < 2 || threads < 2) {  // pairs on threads, each whole
+        std::vector<std::function<void()>> jobs;
+        for (std::size_t i = 0; i < n; ++i)
+            jobs.push_back([&, i] {
+                Options o = opt;
+                o.threads = host::threads_of_job(i, n, threads);
+                out[i] = compute_matching(as[i], bs[i], o, prepared.empty() ? nullptr : prepared[i]);
+            });
+        run_tasks(jobs, threads);
+        return out;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+        check_size(image_lattice(as[i]));
+        check_prepared(as[i], opt, prepared.empty() ? nullptr : prepared[i]);
+    }
+    // One graph for the batch, a group of tasks per pair: each thread works on a pair of
+    // its own and takes another's ready tasks when its pair has none (TaskGraph). A
+    // pair's first tasks wait for the pair `threads` places before it to finish, so
+    // that at most `threads` pairs hold working memory at once (as many as when each
+    // thread takes a pair).
+    std::vector<std::unique_ptr<UnionMatching>> jobs;
+    TaskGraph g;
+    std::vector<int> last(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        jobs.push_back(std::make_unique<UnionMatching>(as[i], bs[i], opt, prepared.empty() ? nullptr : prepared[i]));
+        g.begin_group();
+        last[i] = jobs[i]->add_tasks(g, i >= static_cast<std::size_t>(threads) ? last[i - threads] : -1);
     }
     PhaseTimer timer;
-    const int threads = std::max(1, opt.threads);
-    Complex X0, C, X1_local;
-    const Complex& X1 = prepared_b ? prepared_b->X : X1_local;
-    // Filtration and sorted cells of the comparison image, ranked from a's and b's order.
-    auto comparison_filtration = [&](Complex& X) {
-        big_vector<rank_t> r;
-        big_vector<std::uint32_t> order;
-        const rank_t num = rank_comparison(a, b, P.points, opt.superlevel, opt.intersection, X0.F.order, X1.F.order,
-                                           r, order);
-        make_filtration(X.F, P, std::move(r), std::move(order), num, opt.construction);
-        sort_cells(X);
-    };
-    host::Matches matches;
-    if (opt.intersection) {
-        // Every image has its own barcode; a and b are matched when they are matched
-        // with the same pair of the intersection H.
-        Complex H;
-        RowOrder RH;
-        std::vector<std::function<void()>> filtrations = {[&] { own_filtration(X0, P, a, opt); }};
-        if (!prepared_b) filtrations.push_back([&] { own_filtration(X1_local, P, b, opt); });
-        run_tasks(filtrations, threads);
-        std::vector<std::function<void()>> tasks = {
-            [&] {
-                comparison_filtration(H);
-                own_barcode(H, true, &RH);
-            },
-            [&] { own_barcode(X0, false); },
-        };
-        if (!prepared_b) tasks.push_back([&] { own_barcode(X1_local, false); });
-        run_tasks(tasks, threads);
-        std::vector<std::vector<std::int32_t>> to_h0, to_h1;
-        std::vector<std::function<void()>> more = {
-            [&] { to_h0 = into_comparison(X0, H, &RH); },
-            [&] { to_h1 = into_comparison(X1, H, &RH); },
-        };
-        run_tasks(more, threads);
-        const int d = X0.F.dim();
-        matches.resize(d);
-        for (int k = 0; k < d; ++k) {
-            const std::size_t nh = k == 0 ? H.dim0.pairs.size() : k == d - 1 ? H.top.pairs.size() : H.pairs1.size();
-            matches[k] = host::matched_through(to_h0[k], to_h1[k], nh);
-        }
-        return assemble(X0, X1, matches, opt);
-    }
-    // Union comparison C, as a task graph. The target's own barcode (filtration, top
-    // pairs, dimension 1 and 0) is independent of the prediction and is skipped when it
-    // is prepared (cached). The top-dimension passes over a and b carry C's labels
-    // (image persistence into C) and give a's (and a fresh b's) own pairs and columns;
-    // a prepared b replays its recorded merges instead. The (d-1)-cells the top
-    // dimension walks are freed right after it.
-    const int d = P.ndim;
-    const bool fresh_b = !prepared_b;
-    auto free_subs = [d](Complex& X) { big_vector<key_t>().swap(d == 3 ? X.subs : X.unmerged0); };
-    big_vector<std::int32_t> match_top0, match_top1;
-    RowOrder R0, R1, RC;  // rows of the dimension-1 reductions: a's serve a's own and a -> C
-    big_vector<std::uint32_t> image_pivot0, image_pivot1;
-    std::vector<std::pair<std::uint32_t, std::uint32_t>> image_births0;
-    TaskGraph g;
-    const int fa = g.add("filtration a", [&] { own_filtration(X0, P, a, opt); });
-    const int fb = fresh_b ? g.add("filtration b", [&] { own_filtration(X1_local, P, b, opt); }) : -1;
-    const int fc = g.add("filtration comparison", [&] { comparison_filtration(C); }, {fa, fb});
-    // 2D: dimension 0 first, the edges it leaves are the top dimension's (the tops wait
-    // for it); 3D: the tops first, they lead to the longer dimension 1.
-    int da = -1, db = -1, dc = -1;
-    auto add_dim0 = [&] {
-        da = g.add("dim0 a", [&] { dimension0(X0.F, X0.edges, X0.dim0, unmerged_edges(X0)); }, {fa});
-        if (fresh_b)
-            db = g.add("dim0 b", [&] {
-                dimension0(X1_local.F, X1_local.edges, X1_local.dim0, unmerged_edges(X1_local));
-            }, {fb});
-        dc = g.add("dim0 comparison+images", [&] {
-            image_births0 = dimension0_image(C.F, X0.F, X1.F, C.edges, unmerged_edges(C));
-        }, {fc, fa, fb});
-    };
-    if (d == 2) add_dim0();
-    const int tc = g.add("top comparison", [&] {
-        top_dimension(C.F, top_cells(C), nullptr, nullptr, C.top, d == 3);
-        free_subs(C);
-    }, {fc, dc});
-    const int ta = g.add("top a (into comparison)", [&] {
-        top_dimension(X0.F, top_cells(X0), &C.F, &match_top0, X0.top, d == 3);
-        free_subs(X0);
-    }, {fc, fa, da});
-    const int tb = g.add("top b (into comparison)", [&] {
-        if (prepared_b) {
-            host::replay_top(X1.top_merges, static_cast<std::size_t>(C.F.L.points), C.F.top_ranks(), match_top1);
-        } else {
-            top_dimension(X1_local.F, top_cells(X1_local), &C.F, &match_top1, X1_local.top, d == 3);
-            free_subs(X1_local);
-        }
-    }, {fc, fb, db});
-    if (d == 3) {
-        const int ra = g.add("rows a", [&] { R0 = row_order(X0.F.L, X0.F.f, X0.edges); }, {fa});
-        const int rb = g.add("rows b", [&] { R1 = row_order(X1.F.L, X1.F.f, X1.edges); }, {fb});
-        const int rc = g.add("rows comparison", [&] { RC = row_order(C.F.L, C.F.f, C.edges); }, {fc});
-        g.add("dim1 image a", [&] { reduce_dim1(C.F.L, R0, C.top.columns, image_pivot0); }, {tc, ra});
-        g.add("dim1 image b", [&] { reduce_dim1(C.F.L, R1, C.top.columns, image_pivot1); }, {tc, rb});
-        g.add("dim1 a", [&] { own_dim1(X0, R0); }, {ta, ra});
-        g.add("dim1 comparison", [&] { own_dim1(C, RC); }, {tc, rc});
-        if (fresh_b) g.add("dim1 b", [&] { own_dim1(X1_local, R1); }, {tb, rb});
-        add_dim0();
-    }
     g.run(threads, timer);
-
-    // Matchings per dimension: (index in X0's pairs, index in X1's pairs).
-    matches.resize(d);
-    for (auto& [y0, y1] : image_births0) {
-        const std::int32_t i0 = X0.dim0.pair_of_birth[y0], i1 = X1.dim0.pair_of_birth[y1];
-        if (i0 >= 0 && i1 >= 0) matches[0].emplace_back(i0, i1);
-    }
-    if (d == 3) {
-        for (std::size_t q = 0; q < C.pairs1.size(); ++q) {
-            const std::uint32_t col = C.pair1_column[q];
-            const std::uint32_t e0 = image_pivot0[col], e1 = image_pivot1[col];
-            if (e0 == kNone || e1 == kNone) continue;
-            const std::int32_t i0 = pair1_of_birth(X0, e0), i1 = pair1_of_birth(X1, e1);
-            if (i0 >= 0 && i1 >= 0) matches[1].emplace_back(i0, i1);
-        }
-    }
-    for (const CellPair& p : C.top.pairs) {
-        const std::int32_t i0 = match_top0[p.death_cell], i1 = match_top1[p.death_cell];
-        if (i0 >= 0 && i1 >= 0) matches[d - 1].emplace_back(i0, i1);
-    }
-
-    MatchingResult res = assemble(X0, X1, matches, opt);
-    timer.mark("matching + coordinates");
-    return res;
+    for (std::size_t i = 0; i < n; ++i) out[i] = jobs[i]->result();
+    return out;
 }
 
 }  // namespace medseg

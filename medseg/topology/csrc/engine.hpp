@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "cells.hpp"
 
@@ -36,6 +37,15 @@ std::size_t prepared_bytes(const PreparedImage& prepared);
 // prepared_b is given (prepare_image(b) with the same options) b's own work is reused.
 MatchingResult compute_matching(const ImageView& a, const ImageView& b, const Options& options,
                                 const PreparedImage* prepared_b = nullptr);
+
+// compute_matching of every pair (as[i], bs[i]) on `threads` threads (options.threads
+// is ignored), prepared[i] where `prepared` is not empty. With the union comparison the
+// pairs' tasks share one task graph: a thread that one pair leaves idle takes another
+// pair's ready tasks (a batch of fewer pairs than threads, the last pairs of a batch),
+// with at most `threads` pairs under way at once.
+std::vector<MatchingResult> compute_matchings(const std::vector<ImageView>& as, const std::vector<ImageView>& bs,
+                                              const std::vector<const PreparedImage*>& prepared,
+                                              const Options& options, int threads);
 
 // The data-parallel backend's algorithm (spanning.hpp, matching_parallel.hpp) on
 // options.threads CPU threads: the same pairs as compute_barcode. Dimensions 0 and d-1
