@@ -312,8 +312,9 @@ NB_MODULE(_engine, m) {
             return out;
         },
         nb::arg("pairs"), nb::arg("threads"),
-        "The threads each pair of a batch of `pairs` runs its task graph on when a matching batch is given "
-        "`threads` threads");
+        "The threads each pair of a batch of `pairs` runs its own task graph on when a matching batch is given "
+        "`threads` threads: the intersection comparison and the cpu-parallel backend (with the union comparison "
+        "the CPU engine puts all pairs' tasks into one graph)");
 
     nb::class_<Prepared>(m, "PreparedImage", "The target-only part of a Betti matching, reusable across calls")
         .def_ro("nbytes", &Prepared::nbytes);
