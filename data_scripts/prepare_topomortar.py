@@ -157,7 +157,13 @@ def prepare_topomortar(src: Path, out: Path, labels: str = "accurate", overwrite
     if labels not in LABEL_KINDS:
         raise DataError(f"--labels {labels!r}: choose from {', '.join(LABEL_KINDS)}")
     if not src.is_dir():
-        raise DataError(f"--src {src}: folder not found")
+        raise DataError(f"--src {src}: " + ("is not a folder" if src.exists() else "folder not found"))
+    # --force replaces --out: never the source, a folder holding it, or one inside it
+    source, target = src.resolve(), out.resolve()
+    if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+        raise DataError(f"--out {out}: must lie outside --src {src} and must not contain it")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists (pass --force to replace it)")
 

@@ -466,7 +466,7 @@ def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = Non
     """Read a YAML mapping and apply ``--set`` overrides; one-line ConfigError on a bad file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: " + ("is not a file" if path.exists() else "config file not found"))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:

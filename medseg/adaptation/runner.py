@@ -55,7 +55,7 @@ from medseg.adaptation.base import AdaptContext, Method
 from medseg.adaptation.config import AdaptConfig, dump_adapt_config, validate_adapt_config
 from medseg.adaptation.source import LABEL_STATS, SourceRun, class_prior, ensure_affine_norms, load_source
 from medseg.adaptation.target import evaluate, load_target, read_eval_labels
-from medseg.atomic import write_atomic
+from medseg.atomic import check_output_folder, write_atomic
 from medseg.config import ModelConfig, dump_config, validate_config
 from medseg.errors import CheckpointError, ConfigError
 from medseg.models import build_model
@@ -204,8 +204,14 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
     run_dir = Path(cfg.output_dir)
     latest = run_dir / CHECKPOINT_DIR / LATEST
     source_path = Path(cfg.source_run)
-    if _inside(run_dir, source_path if source_path.is_dir() else source_path.parent.parent):
+    if not source_path.exists():
+        raise CheckpointError(f"source_run {source_path}: no such run folder or checkpoint file")
+    # the source run: the folder, or the run of a file in its checkpoints/ folder
+    in_checkpoints = source_path.is_file() and source_path.parent.name == CHECKPOINT_DIR
+    source_run = source_path.parent.parent if in_checkpoints else source_path
+    if _inside(run_dir, source_run):
         raise ConfigError(f"output_dir {run_dir}: is (inside) the source run; the source run is never written to")
+    check_output_folder(run_dir, "output_dir")
     checkpoint = resume_point(run_dir, resume, "adapt.log", check=partial(_check_resumable, cfg),
                               config_of=_adaptation_config, config_file=CONFIG_FILE)
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from medseg.config import (
     RunConfig,
@@ -49,6 +49,7 @@ from medseg.config import (
     validate_config,
     validate_model,
 )
+from medseg.atomic import check_output_folder
 from medseg.errors import ConfigError, MedsegError
 from medseg.evaluation.compare import SIGNIFICANCE
 
@@ -126,7 +127,7 @@ class StudyConfig(_Strict):
     variants: dict[str, dict[str, Any]] = Field(
         ..., description="name -> overrides; the first variant is the baseline of the tests"
     )
-    seeds: list[int] = Field(default_factory=lambda: [0], description="every variant is trained once per seed")
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], description="every variant is trained once per seed")
     test: dict[str, TestSet] = Field(..., description="name -> test folder with labels")
     output_dir: Path = Field(..., description="the study folder: OUTPUT_DIR/VARIANT/seed_N per run, study.json/csv/html")
     evaluate: StudyEvaluate = Field(default_factory=StudyEvaluate)
@@ -283,8 +284,13 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     overrides = list(overrides or [])
     study_cfg = validate_model(StudyConfig, read_yaml_with_overrides(path), source=str(path))
     if not study_cfg.base.is_file():
-        raise ConfigError(f"{path}: base: {study_cfg.base}: config file not found")
+        problem = "is not a file" if study_cfg.base.exists() else "config file not found"
+        raise ConfigError(f"{path}: base: {study_cfg.base}: {problem}")
     base_raw = read_yaml_with_overrides(study_cfg.base)
+    for key_path in _flat_keys(base_raw):  # the base's own mistakes, named as the base's
+        problem = _unknown_key(key_path)
+        if problem:
+            raise ConfigError(f"{path}: base: {study_cfg.base}: {problem}")
     _check_keys(study_cfg.overrides, f"{path}: set")
     cli = apply_overrides({}, overrides)  # parses and checks the --set syntax
     _check_keys(cli, "--set")
@@ -301,13 +307,26 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             raise ConfigError(f"{where}: {err}") from None
         for seed in study_cfg.seeds:
             run_raw = {**raw, "seed": seed, "output_dir": str(run_dir_of(study_cfg.output_dir, variant, seed))}
-            runs.append(StudyRun(variant, seed, validate_config(run_raw, source=f"{path}: variants.{variant}")))
+            runs.append(StudyRun(variant, seed, _validated(run_raw, f"{path}: variants.{variant}", path, overrides)))
 
     runs.sort(key=lambda run: study_cfg.seeds.index(run.seed))  # seed-major (stable: variants keep their order)
     _fill_dataset(path, study_cfg, runs)
     study = Study(path=path, config=study_cfg, runs=runs, overrides=overrides)
     _check_runs(study)
     return study
+
+
+def _validated(run_raw: dict[str, Any], source: str, path: Path, overrides: list[str]) -> RunConfig:
+    """The run's config; a bad value that a ``--set`` gave is reported as that ``--set``'s."""
+    try:
+        return validate_config(run_raw, source=source)
+    except ConfigError as err:
+        message = str(err)
+        for item in overrides:
+            marker = f"key '{item.split('=', 1)[0].strip()}': "
+            if marker in message:
+                raise ConfigError(f"{path}: --set {item}: {message.split(marker, 1)[1]}") from None
+        raise
 
 
 def _fill_dataset(path: Path, study_cfg: StudyConfig, runs: list[StudyRun]) -> None:
@@ -334,6 +353,11 @@ def _check_runs(study: Study) -> None:
     path = study.path
     try:
         resolve_metrics(study.config.evaluate.metrics, "evaluate.metrics")
+    except MedsegError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    try:  # the study folder and every run folder can be written (no file in the way)
+        for folder in (study.output_dir, *(run.run_dir for run in study.runs)):
+            check_output_folder(folder, "output_dir")
     except MedsegError as err:
         raise ConfigError(f"{path}: {err}") from None
     infos = {}

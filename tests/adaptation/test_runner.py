@@ -126,6 +126,14 @@ def test_refusals(source_run, target_dataset, tmp_path):
     with pytest.raises(ConfigError, match="adapt.sfda.prior: 3 ratios given"):
         _run(adapt_raw(source_run, target_dataset, tmp_path / "c", "sfda", sfda={"prior": [0.5, 0.25, 0.25]}))
     assert not (tmp_path / "c").exists()
+    # a source_run that does not exist is reported as such, not as an output_dir inside it
+    with pytest.raises(CheckpointError, match="source_run typo_run: no such run folder or checkpoint file"):
+        _run(adapt_raw(Path("typo_run"), target_dataset, Path("d"), "sfda"))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    with pytest.raises(DataError, match=f"output_dir {blocker}: {blocker} exists and is not a folder"):
+        _run(adapt_raw(source_run, target_dataset, blocker, "sfda"))
+    assert blocker.read_text() == "keep"
 
 
 def test_target_with_another_channel_count_is_refused(source_run, tmp_path):

@@ -127,3 +127,22 @@ def test_force_replaces(script, tmp_path):
     (out / "stale.txt").write_text("old")
     assert script.main(["--src", str(SRC), "--out", str(out), "--force"]) == 0
     assert not (out / "stale.txt").exists() and (out / "dataset.json").is_file()
+
+
+def test_force_never_replaces_the_source_or_a_folder_holding_it(script, capsys, tmp_path):
+    """--force replaces --out: an --out that is --src, holds it or lies inside it is refused
+    before anything is written, and so is an --out that is a file."""
+    parent = tmp_path / "data"
+    src = parent / "TopoMortar"
+    shutil.copytree(SRC, src)
+    (parent / "notes.txt").write_text("keep")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (src, parent, tmp_path, src / "converted"):
+        line = _error(capsys, script, ["--src", src, "--out", out, "--force"])
+        assert f"--out {out}: must lie outside --src" in line
+    file = tmp_path / "out.txt"
+    file.write_text("precious")
+    assert f"--out {file}: exists and is not a folder" in _error(capsys, script, ["--src", src, "--out", file, "--force"])
+    assert f"--src {file}: is not a folder" in _error(capsys, script, ["--src", file, "--out", tmp_path / "o"])
+    assert file.read_text() == "precious" and (parent / "notes.txt").read_text() == "keep"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == sorted(before + [Path("out.txt")])

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from medseg.cli import main
 from medseg.errors import ConfigError
@@ -73,6 +74,39 @@ def test_command_line_set_is_checked(write_study, capsys):
     path = write_study()
     assert "--set: unknown config key 'train.iteratons'" in _fails(capsys, [path, "--set", "train.iteratons=3"])
     assert "'seed' is set by the study" in _fails(capsys, [path, "--set", "seed=3"])
+
+
+def test_mistakes_are_named_where_they_are(write_study, capsys, tmp_path):
+    """A bad key of the base config names the base file, a bad --set value its --set, and a
+    bool is no seed; each before anything starts."""
+    write_study()
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["data"]["bogus"] = 1
+    line = _fails(capsys, [write_study(base_config=base)])
+    assert f"base: {tmp_path / 'base.yaml'}: unknown config key 'data.bogus'" in line
+    line = _fails(capsys, [write_study(), "--set", "train.iterations=abc"])
+    assert "--set train.iterations=abc: Input should be a valid integer" in line and "variants." not in line
+    line = _fails(capsys, [write_study(seeds=[True])])
+    assert "seeds.0" in line and "valid integer" in line
+    line = _fails(capsys, [write_study(base=str(tmp_path))])
+    assert f"base: {tmp_path}: is not a file" in line
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("summary", [False, True])
+def test_a_file_in_the_way_of_the_study_folder_is_refused_before_any_run(write_study, capsys, tmp_path, summary):
+    blocker = tmp_path / "study"
+    blocker.write_text("keep")
+    path = write_study()
+    line = _fails(capsys, [path, *(["--summary"] if summary else [])])
+    assert f"output_dir {blocker}: {blocker} exists and is not a folder" in line
+    blocker.unlink()
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "cedice").write_text("keep")  # a variant's folder
+    line = _fails(capsys, [path])
+    assert f"{tmp_path / 'study' / 'cedice'} exists and is not a folder" in line
+    assert (tmp_path / "study" / "cedice").read_text() == "keep"
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["cedice"]  # nothing started
 
 
 def test_test_folder_without_labels(write_study, capsys, tiny_dataset, tmp_path):
