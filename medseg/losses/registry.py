@@ -146,7 +146,10 @@ class CompositeLoss(nn.Module):
     (``skeleton_recall``: ``'skeleton'``, ``sauna``: ``'sauna'``, ``cbdice`` and ``clce``:
     ``'skeleton_distance'``, ``mip`` with ``target_projection='volume'``: ``'label_mip'``)
     receive ``batch[key]`` when present.
-    The terms see ``input`` as float32, also under mixed precision.
+    The terms see ``input`` as float32, also under mixed precision, and share its
+    activation and the encoded target within one call
+    (:func:`~medseg.losses._prepare.shared_preparation`: one softmax forward and backward
+    per step, not one per term).
 
     Schedules: ``schedules[i] = (start, ramp)`` of :class:`~medseg.config.LossTerm`. After
     :meth:`set_iteration` the weight of term i is ``weight_i · clip((t - start + 1) / ramp,
