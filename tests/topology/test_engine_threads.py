@@ -39,6 +39,14 @@ def batch(n=4, size=40, seed=0):
     return preds, targets
 
 
+def batch3(n, shape, seed):
+    """n smooth 3D predictions and 0/1 targets of ``shape``."""
+    rng = np.random.default_rng(seed)
+    preds = [ndimage.gaussian_filter(rng.random(shape), 1.0).astype(np.float32) for _ in range(n)]
+    targets = [(ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.5).astype(np.float32) for _ in range(n)]
+    return preds, targets
+
+
 def test_the_team_is_used_only_where_allowed(two_torch_threads, monkeypatch):
     engine = _inputs.engine()
     assert engine.openmp_team(2)  # torch's libgomp is loaded, 2 threads, not a child process
@@ -92,17 +100,13 @@ def test_pairs_fewer_than_threads_share_them_out():
 
 @pytest.mark.parametrize("own", [False, True])
 def test_shared_out_threads_give_the_same_matchings(two_torch_threads, monkeypatch, own):
-    """Two or three pairs on more threads: each pair's task graph runs on its share (threads
-    of its own inside the batch's team) and gives what one thread gives, in 2D and 3D,
-    for the union and the intersection comparison."""
+    """Two or three pairs on more threads give what one thread gives, in 2D and 3D: the
+    union comparison's pairs in one task graph, the intersection's each on its share of
+    the threads (threads of its own inside the batch's team)."""
     if own:
         monkeypatch.setenv(OWN_THREADS, "1")
     engine = _inputs.engine()
-    rng = np.random.default_rng(5)
-    preds2, targets2 = batch(n=3, size=36, seed=4)
-    preds3 = [ndimage.gaussian_filter(rng.random((14, 15, 16)), 1.0).astype(np.float32) for _ in range(3)]
-    targets3 = [(ndimage.gaussian_filter(rng.random((14, 15, 16)), 1.5) > 0.5).astype(np.float32) for _ in range(3)]
-    for preds, targets in ((preds2, targets2), (preds3, targets3)):
+    for preds, targets in (batch(n=3, size=36, seed=4), batch3(3, (14, 15, 16), seed=5)):
         for n in (2, 3):
             for superlevel, construction, intersection in ((True, "V", False), (False, "T", True)):
                 args = (preds[:n], targets[:n], superlevel, construction)
@@ -177,11 +181,7 @@ def test_one_task_graph_over_a_batch_gives_each_pairs_own_result(two_torch_threa
     """Five pairs on two threads in one graph (at most two pairs under way), with and
     without prepared targets, in 2D and 3D: each pair's matching as when computed alone."""
     engine = _inputs.engine()
-    rng = np.random.default_rng(8)
-    preds2, targets2 = batch(n=5, size=30, seed=9)
-    preds3 = [ndimage.gaussian_filter(rng.random((10, 12, 11)), 1.0).astype(np.float32) for _ in range(5)]
-    targets3 = [(ndimage.gaussian_filter(rng.random((10, 12, 11)), 1.5) > 0.5).astype(np.float32) for _ in range(5)]
-    for preds, targets in ((preds2, targets2), (preds3, targets3)):
+    for preds, targets in (batch(n=5, size=30, seed=9), batch3(5, (10, 12, 11), seed=8)):
         for superlevel, construction in ((True, "V"), (False, "T")):
             prepared = _prepare_targets(targets, superlevel, construction, 2)
             for prep in (None, prepared):
