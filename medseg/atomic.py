@@ -96,8 +96,18 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     OSError
         As the file system reports it; also when the block wrote no file. A full or
         read-only file system (:func:`storage_error`) is reported naming ``path``.
+    DataError
+        ``path`` is a folder, or a file stands where one of its folders should be
+        (found before anything is written).
     """
+    from medseg.errors import DataError
+
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, where a file is to be written")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DataError(f"{path}: cannot be written, {existing} exists and is not a folder")
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)

@@ -385,15 +385,24 @@ def write_dataset_json(
 # --------------------------------------------------------------------------- listing cases
 
 def _group_by_channel(files: Iterable[Path], ending: str) -> tuple[dict[str, dict[int, Path]], list[Path]]:
-    """Files named ``CASE_XXXX<ending>`` grouped by case; the rest returned separately."""
+    """Files named ``CASE_XXXX<ending>`` grouped by case; the rest returned separately.
+
+    Raises DataError for two files of the same case and channel (``x_0000.nii`` and
+    ``x_0000.nii.gz``, or the same name in two input folders), which would otherwise
+    leave one of them out without a word.
+    """
     grouped: dict[str, dict[int, Path]] = {}
     plain: list[Path] = []
     for f in files:
         m = _CHANNEL_SUFFIX.match(strip_ending(f, ending_of(f)))
         if m is None:
             plain.append(f)
-        else:
-            grouped.setdefault(m["case"], {})[int(m["channel"])] = f
+            continue
+        channels = grouped.setdefault(m["case"], {})
+        channel = int(m["channel"])
+        if channel in channels:
+            raise DataError(f"{f}: channel {channel} of case '{m['case']}' is also given by {channels[channel]}")
+        channels[channel] = f
     return grouped, plain
 
 
@@ -503,13 +512,15 @@ def cases_from_paths(
     files ending in ``file_ending`` (any supported ending when ``None``), hidden files
     excepted. With ``num_channels == 1`` (or ``None``), files whose suffixes do not form
     channels ``0..k-1`` (``scan_0001``, ``scan_0002``) are single-channel cases named by
-    their full stem.
+    their full stem; suffixes that do form them (``x_0000``, ``x_0001``) are one case of
+    k channels, an error for a 1-channel model.
 
     Raises
     ------
     DataError
         A path that does not exist or has an unsupported ending, nothing to read, a
-        case missing a channel, or two inputs that map to the same case name.
+        case missing a channel, channels beyond a 1-channel model's, or two inputs that
+        map to the same case name (or case and channel).
     """
     endings = (file_ending.lower(),) if file_ending else SUPPORTED_ENDINGS
     files: list[Path] = []
@@ -547,6 +558,11 @@ def cases_from_paths(
         add(Case(name=strip_ending(f), image_files=[f]))
     for name, channels in grouped.items():
         contiguous = sorted(channels) == list(range(len(channels)))
+        if num_channels == 1 and contiguous and len(channels) > 1:  # nnU-Net's layout of a multi-channel case
+            raise DataError(
+                f"{channels[1]}: channel 1 of case '{name}', but the model takes 1 channel "
+                "(rename the files if they are separate scans)"
+            )
         if num_channels is not None and num_channels > 1:
             ordered = _ordered_channels(name, channels, num_channels, channels[min(channels)].parent, ending_of(channels[min(channels)]))
             add(Case(name=name, image_files=ordered))

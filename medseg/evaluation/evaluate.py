@@ -136,11 +136,30 @@ def evaluate_case(
     return _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm)[0]
 
 
-def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm):
-    """:func:`evaluate_case` and the case's ``{"shape", "spacing"}``."""
+def _undeclared_values(array: np.ndarray, declared: set[int]) -> list[int]:
+    """Label values of ``array`` outside ``declared`` (one counting pass; negatives included)."""
+    flat = np.asarray(array).ravel()
+    if flat.size == 0:
+        return []
+    low = int(flat.min())
+    if low < 0:
+        return sorted({int(v) for v in np.unique(flat)} - declared)
+    present = np.flatnonzero(np.bincount(flat.astype(np.int64, copy=False)))
+    return [int(v) for v in present if int(v) not in declared]
+
+
+def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm, declared=None):
+    """:func:`evaluate_case` and the case's ``{"shape", "spacing"}``; ``declared``: the label
+    values dataset.json declares (background and the ignore label included), checked in
+    both files, or None when the labels were read from the files themselves."""
     from medseg.evaluation.metrics import MetricContext, compute_label_metrics
 
     pred, ref, ref_geometry = read_case_pair(pred_file, ref_file, connectivity)
+    if declared is not None:
+        for path, array in ((pred_file, pred), (ref_file, ref)):
+            extra = _undeclared_values(array, declared)
+            if extra:
+                raise DataError(f"{path}: label values {extra[:5]} are not declared in dataset.json")
     context = MetricContext(
         spacing=ref_geometry.spacing,
         connectivity=connectivity,
@@ -154,10 +173,12 @@ def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metr
     return result, info
 
 
-def _evaluate_job(case: str, pred_file: Path, ref_file: Path, labels, connectivity, ignore_label, metrics=None, tolerance_mm=None):
+def _evaluate_job(case: str, pred_file: Path, ref_file: Path, labels, connectivity, ignore_label, metrics=None,
+                  tolerance_mm=None, declared=None):
     """Worker entry point: never raises for bad input, returns ``(case, {"metrics", "shape", "spacing"}, error)``."""
     try:
-        result, info = _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm)
+        result, info = _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm,
+                                      declared)
         return case, {"metrics": result, **info}, None
     except MedsegError as err:
         return case, None, str(err)
@@ -301,7 +322,12 @@ def run_evaluation(
         unavailable_metrics,
     )
 
+    from medseg.evaluation.report import check_report_options
+
     pred_dir, ref_dir, output = Path(pred_dir), Path(ref_dir), Path(output)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ArgumentError("workers", "must be at least 1", workers)
+    check_report_options(images_dir, worst_cases)
     if connectivity is not None and connectivity not in (4, 6, 8, 26):
         raise ArgumentError("connectivity", "use 8 or 4 for 2D images, 26 or 6 for 3D", connectivity)
     check_output_folder(output, "output", argument=True)  # before the cases are evaluated, not after
@@ -324,6 +350,9 @@ def run_evaluation(
         print(f"medseg: missing prediction for case {case} ({path})", file=sys.stderr)
     failed: dict[str, str] = {}
 
+    declared = None  # with dataset.json's labels, a value it does not declare fails the case
+    if label_names is not None:
+        declared = {0, *(int(v) for v in label_names), *([int(ignore_label)] if ignore_label is not None else [])}
     if label_names is None:  # no dataset.json: every label value found in the files
         values: set[int] = set()
         files = [references[c] for c in present] + [pred_dir / f"{c}{ending}" for c in present]
@@ -342,7 +371,8 @@ def run_evaluation(
     labels = list(label_names)
 
     jobs = [
-        (case, pred_dir / f"{case}{ending}", references[case], labels, connectivity, ignore_label, chosen, tolerance_mm)
+        (case, pred_dir / f"{case}{ending}", references[case], labels, connectivity, ignore_label, chosen, tolerance_mm,
+         declared)
         for case in present
         if case not in failed
     ]

@@ -151,6 +151,24 @@ def legend_lines(features: UnmatchedFeatures) -> list[str]:
 
 # --------------------------------------------------------------------------- helpers
 
+def check_report_options(images_dir: str | Path | None, worst_cases: int) -> None:
+    """The report's own arguments, checked before any work: ``images_dir`` given must be a
+    folder (a report without its scans would otherwise pass silently), ``worst_cases`` >= 0.
+
+    Raises
+    ------
+    ArgumentError
+        Naming ``images`` or ``worst_cases``.
+    """
+    from medseg.errors import ArgumentError
+
+    if isinstance(worst_cases, bool) or not isinstance(worst_cases, int) or worst_cases < 0:
+        raise ArgumentError("worst_cases", "must be a whole number, 0 or more", worst_cases)
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise ArgumentError("images", "folder not found" if not Path(images_dir).exists() else "is not a folder",
+                            images_dir)
+
+
 def default_images_dir(ref_dir: str | Path) -> Path | None:
     """``imagesTs`` next to a ``labelsTs`` folder (``imagesXx`` for ``labelsXx``) if it exists, else None."""
     ref_dir = Path(ref_dir)
@@ -572,7 +590,18 @@ def rewrite_report(
     Scans default to ``imagesTs`` next to the summary's reference folder, as in
     ``medseg evaluate``; the page goes next to ``summary.json`` unless ``output`` says otherwise.
     """
+    from medseg.errors import ArgumentError
+
+    check_report_options(images_dir, worst_cases)
     summary_path = find_summary(evaluation)
+    if output is not None:  # the page replaces an HTML page, never the summary or another file
+        output = Path(output)
+        if output.is_dir():
+            raise ArgumentError("output", "is a folder; name the .html file to write", output)
+        if output.resolve() == summary_path.resolve():
+            raise ArgumentError("output", "is the summary.json the report is made from", output)
+        if output.is_file() and output.suffix.lower() not in (".html", ".htm"):
+            raise ArgumentError("output", "exists and is not an HTML page; name a .html file", output)
     if images_dir is None:
         try:
             reference_folder = json.loads(summary_path.read_text()).get("reference_folder")

@@ -99,6 +99,15 @@ def run_plan(
     if config_path.is_dir():
         raise ArgumentError("output", f"is a folder; give the config file's name, e.g. {config_path / 'config.yaml'}",
                             config_path)
+    # the config, plans.json and fingerprint.json must not replace a dataset's files
+    if config_path.suffix.lower() not in (".yaml", ".yml"):
+        raise ArgumentError("output", "must name a .yaml file (the run config; plans.json and fingerprint.json go "
+                            "next to it)", config_path)
+    place = config_path.resolve().parent
+    if place.is_relative_to(dataset.resolve()) and place != dataset.resolve():
+        inner = place.relative_to(dataset.resolve()).parts[0]
+        if inner.startswith(("images", "labels")):
+            raise ArgumentError("output", f"lies in the dataset's {inner}/ folder; write the plan elsewhere", config_path)
     folder = config_path.parent
     created = _make_writable_folder(folder, "output")
     try:

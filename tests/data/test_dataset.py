@@ -479,3 +479,23 @@ def test_warnings_are_dataset_warnings(ds):
         warnings.simplefilter("always")
         check_dataset(ds)
     assert any(issubclass(w.category, DatasetWarning) and "orphan" in str(w.message) for w in caught)
+
+
+def test_cases_from_paths_refuses_one_case_given_twice_and_channels_a_model_lacks(tmp_path):
+    """Two files of one case and channel (two input folders, or .nii beside .nii.gz) and
+    the nnU-Net layout of a 2-channel case for a 1-channel model were silently a dropped
+    scan and two cases; each is an error naming both files or the extra channel."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+        (folder / "x_0000.nii.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"two/x_0000\.nii\.gz: channel 0 of case 'x' is also given by .*one/x_0000"):
+        cases_from_paths([one, two], num_channels=1)
+    (one / "x_0000.nii").write_bytes(b"")
+    with pytest.raises(DataError, match=r"channel 0 of case 'x' is also given by"):
+        cases_from_paths([one], num_channels=1)
+    (one / "x_0000.nii").unlink()
+    (one / "x_0001.nii.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"x_0001\.nii\.gz: channel 1 of case 'x', but the model takes 1 channel"):
+        cases_from_paths([one], num_channels=1)
+    assert [c.name for c in cases_from_paths([one], num_channels=2)] == ["x"]

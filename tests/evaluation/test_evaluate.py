@@ -245,6 +245,35 @@ def test_cli_exit_codes_and_one_line_errors(folders, capsys):
     assert "no reference files" in capsys.readouterr().err
 
 
+def test_bad_counts_and_a_missing_images_folder_are_refused(folders, capsys):
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "a", _cube((2, 2, 2), (6, 6, 6)))
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out)]
+    for extra, needle in ((["--workers", "0"], "--workers 0: must be at least 1"),
+                          (["--worst-cases", "-1"], "--worst-cases -1: must be a whole number"),
+                          (["--images", str(ref.parent / "nope")], "nope: folder not found")):
+        assert main(args + extra) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0]
+    assert not out.exists()
+
+
+def test_label_values_dataset_json_does_not_declare_fail_the_case(folders, capsys):
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
+    _write(ref, "b", _cube((2, 2, 2), (6, 6, 6)))
+    odd = _cube((2, 2, 2), (6, 6, 6))
+    odd[0, 0, 0] = 7  # dataset.json declares 0, 1, 2
+    _write(pred, "a", odd)
+    _write(pred, "b", _cube((2, 2, 2), (6, 6, 6)))
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1",
+                 "--no-report"]) == 1
+    assert "a.nii.gz: label values [7] are not declared in dataset.json" in capsys.readouterr().err
+    summary = _summary(out)
+    assert list(summary["failed_cases"]) == ["a"] and "label values [7]" in summary["failed_cases"]["a"]
+
+
 def test_msd_style_labels(tmp_path):
     ref, pred, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
     labels = tmp_path / "dataset.json"

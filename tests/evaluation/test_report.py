@@ -178,3 +178,13 @@ def test_report_html_command_rewrites_the_page(tmp_path):
     assert len(_parse(tmp_path / "again.html").rows["cases"]) == 2
     assert not (out / "report.html").exists()  # --output was honoured
     assert main(["report", "html", str(tmp_path / "nowhere")]) != 0
+    # the page never replaces the summary it is made from, nor a file that is not a page
+    summary = (out / "summary.json").read_bytes()
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"scan")
+    assert main(["report", "html", str(out), "--output", str(out / "summary.json")]) == 2
+    assert main(["report", "html", str(out), "--output", str(scan)]) == 2
+    assert main(["report", "html", str(out), "--output", str(tmp_path)]) == 2  # a folder
+    assert main(["report", "html", str(out), "--worst-cases", "-1"]) == 2
+    assert (out / "summary.json").read_bytes() == summary and scan.read_bytes() == b"scan"
+    assert main(["report", "html", str(out), "--output", str(tmp_path / "again.html")]) == 0  # a page is replaced

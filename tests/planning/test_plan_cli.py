@@ -74,6 +74,17 @@ def test_plan_bad_inputs(iso_dataset, tmp_path):
     assert list(work.iterdir()) == []  # a failed plan leaves no folder behind
 
 
+def test_plan_never_writes_over_the_dataset(iso_dataset, tmp_path):
+    """-o must name a .yaml file outside the dataset's images/labels folders: the plan's
+    files once replaced dataset.json or a training image, and the run exited 0."""
+    before = {p: p.read_bytes() for p in iso_dataset.rglob("*") if p.is_file()}
+    image = next((iso_dataset / "imagesTr").iterdir())
+    assert_one_line_error(medseg("plan", iso_dataset, "-o", iso_dataset / "dataset.json"), "--output", "must name a .yaml")
+    assert_one_line_error(medseg("plan", iso_dataset, "-o", image), "--output", "must name a .yaml")
+    assert_one_line_error(medseg("plan", iso_dataset, "-o", iso_dataset / "labelsTr" / "c.yaml"), "labelsTr/ folder")
+    assert {p: p.read_bytes() for p in iso_dataset.rglob("*") if p.is_file()} == before
+
+
 def test_plan_broken_case(iso_dataset, tmp_path):
     broken = Path(shutil.copytree(iso_dataset, tmp_path / "Dataset899_Broken"))
     label = next((broken / "labelsTr").iterdir())

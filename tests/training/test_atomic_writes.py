@@ -119,3 +119,18 @@ def test_a_resume_killed_while_rewriting_config_yaml_keeps_the_old_one(synthetic
         run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=4)), resume=True)
     assert (run / "config.yaml").read_bytes() == before and _leftovers(run) == []
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["iteration"] == 2
+
+
+def test_a_folder_or_a_file_in_the_way_is_refused_before_anything_is_written(tmp_path):
+    from medseg.errors import DataError
+
+    folder = tmp_path / "report.html"
+    folder.mkdir()
+    with pytest.raises(DataError, match="report.html: is a folder, where a file is to be written"):
+        write_atomic(folder, "x")
+    blocker = tmp_path / "plain"
+    blocker.write_text("keep")
+    with pytest.raises(DataError, match=f"cannot be written, {blocker} exists and is not a folder"):
+        write_atomic(blocker / "sub" / "x.html", "x")
+    assert blocker.read_text() == "keep" and list(folder.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "report.html"]
