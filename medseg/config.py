@@ -438,28 +438,38 @@ def section(raw: dict[str, Any], path: list[str], where: str) -> dict[str, Any]:
     return node
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    problems = []
+def _format_validation_error(source: str, err: ValidationError, overrides: list[str] | None = None) -> str:
+    """One line: ``SOURCE: problem; problem``, where a problem with a key a ``--set`` gave is
+    ``--set KEY=VALUE: problem`` (the mistake is on the command line, not in the file)."""
+    given = {item.split("=", 1)[0].strip(): item for item in overrides or []}
+    problems, from_set = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            problems.append(f"unknown key '{loc}'")
+            what = (f"unknown key '{loc}'", f"unknown key '{loc}'")
         elif e["type"] == "missing":
-            problems.append(f"missing required key '{loc}'")
+            what = ("missing", f"missing required key '{loc}'")
         else:
-            problems.append(f"key '{loc}': {e['msg']}")
-    return f"{source}: " + "; ".join(problems)
+            what = (e["msg"], f"key '{loc}': {e['msg']}")
+        if loc in given:
+            from_set.append(f"--set {given[loc]}: {what[0]}")
+        else:
+            problems.append(what[1])
+    return "; ".join(from_set + ([f"{source}: " + "; ".join(problems)] if problems else []))
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def validate_model(schema: type[ModelT], raw: dict[str, Any], source: str = "config") -> ModelT:
-    """Validate a raw dict against a config schema; :class:`ConfigError` names the key."""
+def validate_model(
+    schema: type[ModelT], raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None
+) -> ModelT:
+    """Validate a raw dict against a config schema; :class:`ConfigError` names the key, and
+    the ``--set`` of ``overrides`` that gave it where one did."""
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err)) from None
+        raise ConfigError(_format_validation_error(source, err, overrides)) from None
 
 
 def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -482,9 +492,10 @@ def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = Non
     return apply_overrides(raw, overrides or [])
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a raw dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the key."""
-    return validate_model(RunConfig, raw, source)
+def validate_config(raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the key
+    (and the ``--set`` of ``overrides`` that gave it)."""
+    return validate_model(RunConfig, raw, source, overrides)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -493,7 +504,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     Relative paths in the config (``data.dataset``, ``output_dir``, ``data.split_file``)
     are taken relative to the current working directory, as the CLI user typed them.
     """
-    return validate_model(RunConfig, read_yaml_with_overrides(path, overrides), source=str(path))
+    return validate_model(RunConfig, read_yaml_with_overrides(path, overrides), source=str(path), overrides=overrides)
 
 
 def dump_config(config: RunConfig) -> str:

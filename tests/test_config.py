@@ -127,3 +127,12 @@ def test_a_loss_term_that_would_never_start_is_refused(tmp_path):
         validate_config(raw)
     raw["losses"][1]["start"] = 0.99
     assert validate_config(raw).losses[1].schedule(100) == (99, 0)
+
+
+def test_a_bad_set_is_named_as_the_set_not_as_the_file(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["train.iterations=abc"])
+    assert str(caught.value).startswith("--set train.iterations=abc: Input should be a valid integer")
+    with pytest.raises(ConfigError, match=r"^--set train\.bogus=1: unknown key 'train\.bogus'$"):
+        load_config(path, ["train.bogus=1"])

@@ -256,7 +256,7 @@ def validate_adapt_config(raw: dict, source: str = "config") -> AdaptConfig:
 
 def load_adapt_config(path: str | Path, overrides: list[str] | None = None) -> AdaptConfig:
     """Read a YAML adaptation config, apply ``--set`` overrides, validate (ConfigError naming the key)."""
-    return validate_model(AdaptConfig, read_yaml_with_overrides(path, overrides), source=str(path))
+    return validate_model(AdaptConfig, read_yaml_with_overrides(path, overrides), source=str(path), overrides=overrides)
 
 
 def dump_adapt_config(cfg: AdaptConfig) -> str:

@@ -73,13 +73,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
     except Exception as err:  # truncated zip, pickle with disallowed globals, not a torch file
-        raise CheckpointError(f"{path}: not a readable medseg checkpoint ({type(err).__name__}: {err})".split("\n")[0]) from None
+        raise CheckpointError(f"{path}: not a readable medseg checkpoint ({_load_failure(path, err)})") from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"{path}: not a medseg checkpoint (missing 'model' or 'config')")
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format_version {version!r}, this medseg reads {FORMAT_VERSION}")
     return payload
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """Why ``torch.load`` failed, in one line, without torch's advice to load the file
+    with ``weights_only=False`` (which would run whatever code a foreign file holds)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as read_error:
+        return f"{type(read_error).__name__}: {read_error.strerror or read_error}"
+    if head != b"PK\x03\x04":
+        return "not a PyTorch file: a checkpoint is a zip archive"
+    message = str(err).split("\n")[0]
+    if "weights only" in message.lower() or "weights_only" in message:
+        return f"{type(err).__name__}: it holds objects that a weights-only load refuses"
+    return f"{type(err).__name__}: {message}"
 
 
 # --------------------------------------------------------------------------- RNG state

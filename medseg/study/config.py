@@ -307,26 +307,14 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             raise ConfigError(f"{where}: {err}") from None
         for seed in study_cfg.seeds:
             run_raw = {**raw, "seed": seed, "output_dir": str(run_dir_of(study_cfg.output_dir, variant, seed))}
-            runs.append(StudyRun(variant, seed, _validated(run_raw, f"{path}: variants.{variant}", path, overrides)))
+            config = validate_config(run_raw, source=f"{path}: variants.{variant}", overrides=overrides)
+            runs.append(StudyRun(variant, seed, config))
 
     runs.sort(key=lambda run: study_cfg.seeds.index(run.seed))  # seed-major (stable: variants keep their order)
     _fill_dataset(path, study_cfg, runs)
     study = Study(path=path, config=study_cfg, runs=runs, overrides=overrides)
     _check_runs(study)
     return study
-
-
-def _validated(run_raw: dict[str, Any], source: str, path: Path, overrides: list[str]) -> RunConfig:
-    """The run's config; a bad value that a ``--set`` gave is reported as that ``--set``'s."""
-    try:
-        return validate_config(run_raw, source=source)
-    except ConfigError as err:
-        message = str(err)
-        for item in overrides:
-            marker = f"key '{item.split('=', 1)[0].strip()}': "
-            if marker in message:
-                raise ConfigError(f"{path}: --set {item}: {message.split(marker, 1)[1]}") from None
-        raise
 
 
 def _fill_dataset(path: Path, study_cfg: StudyConfig, runs: list[StudyRun]) -> None:

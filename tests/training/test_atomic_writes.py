@@ -134,3 +134,18 @@ def test_a_folder_or_a_file_in_the_way_is_refused_before_anything_is_written(tmp
         write_atomic(blocker / "sub" / "x.html", "x")
     assert blocker.read_text() == "keep" and list(folder.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "report.html"]
+
+
+def test_a_file_that_is_no_checkpoint_says_why_without_torchs_unsafe_advice(tmp_path):
+    from medseg.errors import CheckpointError
+    from medseg.runfolder.checkpoint import load_checkpoint as load
+
+    text = tmp_path / "config.yaml"
+    text.write_text("model: unet\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch file: a checkpoint is a zip archive"):
+        load(text)
+    pickled = tmp_path / "foreign.pt"
+    torch.save({"model": {}, "config": {}, "thing": Path("x")}, pickled)  # a class a weights-only load refuses
+    with pytest.raises(CheckpointError) as caught:
+        load(pickled)
+    assert "weights-only load refuses" in str(caught.value) and "weights_only" not in str(caught.value)
