@@ -108,7 +108,8 @@ def _memoised(key: tuple, source: torch.Tensor, compute) -> torch.Tensor:
     memo = _shared.memo
     if memo is None:
         return compute()
-    full = (id(source), source._version, torch.is_grad_enabled(), *key)
+    version = None if source.is_inference() else source._version  # inference tensors keep no version counter
+    full = (id(source), version, torch.is_grad_enabled(), *key)
     hit = memo.get(full)
     if hit is not None and hit[0] is source:
         return hit[1]

@@ -109,3 +109,14 @@ def test_nested_blocks_join_the_outer_one():
         with shared_preparation():
             assert activate(logits, "softmax") is outer
         assert activate(logits, "softmax") is outer  # the inner block's end keeps the outer memo
+
+
+def test_a_composite_under_inference_mode_and_no_grad():
+    """Inference tensors keep no version counter; the memo does without it."""
+    logits, target = _batch(2)
+    loss = build_loss([LossTerm(name="dice_ce"), LossTerm(name="cldice")], 2)
+    expected = float(loss(logits, target)[0])
+    with torch.inference_mode():
+        assert float(loss(logits.clone(), target.clone())[0]) == expected
+    with torch.no_grad():
+        assert float(loss(logits, target)[0]) == expected

@@ -45,7 +45,7 @@ ImageView view_of(const InArray& arr) {
     return v;
 }
 
-// Runs job(i) for i in [0, n) on `threads` threads, each job single-threaded.
+// Runs job(i) for i in [0, n) on `threads` threads, one job per thread at a time.
 template <class Job>
 void parallel_jobs(std::size_t n, int threads, Job job) {
     std::vector<std::function<void()>> tasks;
