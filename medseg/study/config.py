@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from medseg.atomic import check_output_folder
 from medseg.config import (
     RunConfig,
     apply_overrides,
@@ -49,7 +50,6 @@ from medseg.config import (
     validate_config,
     validate_model,
 )
-from medseg.atomic import check_output_folder
 from medseg.errors import ConfigError, MedsegError
 from medseg.evaluation.compare import SIGNIFICANCE
 
