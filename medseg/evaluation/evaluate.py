@@ -348,6 +348,13 @@ def run_evaluation(
     present = [case for case in references if case not in missing]
     for case, path in missing.items():
         print(f"medseg: missing prediction for case {case} ({path})", file=sys.stderr)
+    unmatched = sorted(
+        f.name for f in pred_dir.iterdir()
+        if f.is_file() and not f.name.startswith(".") and f.name.endswith(ending) and f.name[: -len(ending)] not in references
+    )
+    if unmatched:  # a typo in a name shows up here, not just as a missing prediction
+        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        print(f"medseg: {len(unmatched)} prediction(s) without a reference, not evaluated: {shown}", file=sys.stderr)
     failed: dict[str, str] = {}
 
     declared = None  # with dataset.json's labels, a value it does not declare fails the case

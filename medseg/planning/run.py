@@ -34,6 +34,8 @@ def _make_writable_folder(folder: Path, argument: str) -> list[Path]:
     created = []
     for parent in [folder, *folder.parents]:
         if parent.exists():
+            if not parent.is_dir():
+                raise ArgumentError(argument, f"{parent} exists and is not a folder", folder)
             break
         created.append(parent)
     try:

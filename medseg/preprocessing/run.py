@@ -200,6 +200,12 @@ def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool)
 # --------------------------------------------------------------------------- the cache
 
 def _check_writable(root: Path) -> None:
+    in_the_way = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise MedsegError(
+            f"{root}: the preprocessing cache folder cannot be made, {in_the_way} exists and is not a folder; "
+            "set data.cache_dir or $MEDSEG_CACHE to a folder"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".probe-{os.getpid()}"

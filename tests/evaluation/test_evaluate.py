@@ -228,8 +228,12 @@ def test_cli_exit_codes_and_one_line_errors(folders, capsys):
     _write(ref, "b", _cube((2, 2, 2), (6, 6, 6)))
     _write(pred, "a", _cube((2, 2, 2), (6, 6, 6)))
     args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1"]
+    _write(pred, "c_typo", _cube((2, 2, 2), (6, 6, 6)))
     assert main(args) == 1  # b is missing
-    assert "missing prediction for case b" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing prediction for case b" in err
+    assert "1 prediction(s) without a reference, not evaluated: c_typo.nii.gz" in err
+    (pred / "c_typo.nii.gz").unlink()
     _write(pred, "b", _cube((2, 2, 2), (6, 6, 6)))
     assert main(args) == 0
     assert main(["evaluate", "--pred", str(pred / "nope"), "--ref", str(ref), "--output", str(out)]) != 0

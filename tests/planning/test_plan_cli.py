@@ -65,7 +65,7 @@ def test_plan_bad_inputs(iso_dataset, tmp_path):
     assert_one_line_error(plan(empty), "dataset.json", "not found")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert_one_line_error(plan(iso_dataset, "-o", blocker / "config.yaml"), "--output", "cannot write")
+    assert_one_line_error(plan(iso_dataset, "-o", blocker / "config.yaml"), "--output", "a_file exists and is not a folder")
     assert_one_line_error(plan(iso_dataset, "-o", tmp_path, "--workers", "1"), "--output", "is a folder")
     assert_one_line_error(plan(iso_dataset, "--model", "vnet"), "--model", "vnet")
     assert_one_line_error(plan(iso_dataset, "--topology-loss", "cldise"), "cldise", "did you mean 'cldice'")

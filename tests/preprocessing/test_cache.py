@@ -169,7 +169,8 @@ def test_an_unwritable_cache_folder_is_one_line_naming_it(padded_dataset, tmp_pa
         assert cli_main(command) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
-        assert f"medseg: error: {blocker / 'cache'}: the preprocessing cache folder is not writable" in err
+        assert (f"medseg: error: {blocker / 'cache'}: the preprocessing cache folder cannot be made, {blocker} exists "
+                "and is not a folder") in err
     assert not (tmp_path / "run").exists()
 
 
