@@ -26,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "STORAGE_ERRNOS",
     "atomic_path",
+    "blocking_file",
     "check_output_folder",
     "storage_error",
     "file_sha256",
@@ -105,8 +106,8 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder, where a file is to be written")
-    existing = next((p for p in path.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    existing = blocking_file(path.parent)
+    if existing is not None:
         raise DataError(f"{path}: cannot be written, {existing} exists and is not a folder")
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +186,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def blocking_file(path: str | Path) -> Path | None:
+    """The file that stands where ``path`` or a folder above it should be (the first of
+    them that exists, when it is not a folder), or None."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def check_output_folder(path: str | Path, what: str, argument: bool = False) -> Path:
     """``path`` as a folder to write into, checked before any work: neither it nor a folder
     above it may be a file (writing would otherwise fail after the work is done).
@@ -198,8 +207,8 @@ def check_output_folder(path: str | Path, what: str, argument: bool = False) -> 
     from medseg.errors import ArgumentError, DataError
 
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    existing = blocking_file(path)
+    if existing is not None:
         problem = f"{existing} exists and is not a folder"
         raise ArgumentError(what, problem, path) if argument else DataError(f"{what} {path}: {problem}")
     return path

@@ -446,15 +446,15 @@ def _format_validation_error(source: str, err: ValidationError, overrides: list[
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            what = (f"unknown key '{loc}'", f"unknown key '{loc}'")
+            problem = keyed = f"unknown key '{loc}'"
         elif e["type"] == "missing":
-            what = ("missing", f"missing required key '{loc}'")
+            problem, keyed = "missing", f"missing required key '{loc}'"
         else:
-            what = (e["msg"], f"key '{loc}': {e['msg']}")
+            problem, keyed = e["msg"], f"key '{loc}': {e['msg']}"
         if loc in given:
-            from_set.append(f"--set {given[loc]}: {what[0]}")
+            from_set.append(f"--set {given[loc]}: {problem}")
         else:
-            problems.append(what[1])
+            problems.append(keyed)
     return "; ".join(from_set + ([f"{source}: " + "; ".join(problems)] if problems else []))
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.atomic import blocking_file
 from medseg.errors import ArgumentError, DataError
 
 __all__ = ["PlanResult", "run_plan", "default_config_path"]
@@ -31,11 +32,12 @@ def default_config_path(dataset: Path) -> Path:
 def _make_writable_folder(folder: Path, argument: str) -> list[Path]:
     """Create ``folder`` (and its missing parents) and check a file can be written there,
     before the (long) fingerprint; returns the folders created, to remove on failure."""
+    existing = blocking_file(folder)
+    if existing is not None:
+        raise ArgumentError(argument, f"{existing} exists and is not a folder", folder)
     created = []
     for parent in [folder, *folder.parents]:
         if parent.exists():
-            if not parent.is_dir():
-                raise ArgumentError(argument, f"{parent} exists and is not a folder", folder)
             break
         created.append(parent)
     try:

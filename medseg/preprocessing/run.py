@@ -37,6 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medseg import distributed
+from medseg.atomic import blocking_file
 from medseg.data.dataset import Case, DatasetInfo, check_dataset, load_case, split_cases
 from medseg.data.transforms import fit_preprocessing
 from medseg.errors import DataError, MedsegError
@@ -200,7 +201,7 @@ def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool)
 # --------------------------------------------------------------------------- the cache
 
 def _check_writable(root: Path) -> None:
-    in_the_way = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    in_the_way = blocking_file(root)
     if in_the_way is not None:
         raise MedsegError(
             f"{root}: the preprocessing cache folder cannot be made, {in_the_way} exists and is not a folder; "

@@ -1453,6 +1453,7 @@ std::vector<MatchingResult> compute_matchings(const std::vector<ImageView>& as, 
                                               int threads) {
     const std::size_t n = as.size();
     threads = std::max(1, threads);
+    auto prepared_of = [&prepared](std::size_t i) { return prepared.empty() ? nullptr : prepared[i]; };
     std::vector<MatchingResult> out(n);
     if (opt.intersection || n < 2 || threads < 2) {  // pairs on threads, each whole
         std::vector<std::function<void()>> jobs;
@@ -1460,14 +1461,14 @@ std::vector<MatchingResult> compute_matchings(const std::vector<ImageView>& as, 
             jobs.push_back([&, i] {
                 Options o = opt;
                 o.threads = host::threads_of_job(i, n, threads);
-                out[i] = compute_matching(as[i], bs[i], o, prepared.empty() ? nullptr : prepared[i]);
+                out[i] = compute_matching(as[i], bs[i], o, prepared_of(i));
             });
         run_tasks(jobs, threads);
         return out;
     }
     for (std::size_t i = 0; i < n; ++i) {
         check_size(image_lattice(as[i]));
-        check_prepared(as[i], opt, prepared.empty() ? nullptr : prepared[i]);
+        check_prepared(as[i], opt, prepared_of(i));
     }
     // One graph for the batch, a group of tasks per pair: each thread works on a pair of
     // its own and takes another's ready tasks when its pair has none (TaskGraph). A
@@ -1478,7 +1479,7 @@ std::vector<MatchingResult> compute_matchings(const std::vector<ImageView>& as, 
     TaskGraph g;
     std::vector<int> last(n);
     for (std::size_t i = 0; i < n; ++i) {
-        jobs.push_back(std::make_unique<UnionMatching>(as[i], bs[i], opt, prepared.empty() ? nullptr : prepared[i]));
+        jobs.push_back(std::make_unique<UnionMatching>(as[i], bs[i], opt, prepared_of(i)));
         g.begin_group();
         last[i] = jobs[i]->add_tasks(g, i >= static_cast<std::size_t>(threads) ? last[i - threads] : -1);
     }
