@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["channel_argmax"]
+__all__ = ["channel_argmax", "label_array"]
+
+
+def label_array(labels: torch.Tensor) -> np.ndarray:
+    """A label tensor as an int64 numpy array on the CPU; float labels are rounded to the
+    nearest whole number (a cast would truncate a soft or resampled 0.9999 to class 0)."""
+    x = labels.detach()
+    if x.is_floating_point():
+        x = torch.round(x)
+    return x.to("cpu", torch.int64).numpy()
 
 
 def channel_argmax(x: torch.Tensor, dim: int = 1, keepdim: bool = False) -> torch.Tensor:

@@ -31,7 +31,7 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from skimage.morphology import ball, diamond, disk, octahedron
 
-from medseg.tensors import channel_argmax
+from medseg.tensors import channel_argmax, label_array
 from medseg.topology.skeleton import skeletonize
 
 Footprint = Literal["ball", "diamond"]
@@ -564,7 +564,7 @@ def skeleton_distance_batch(
     """
     labels = target.detach()
     labels = labels[:, 0] if labels.shape[1] == 1 else channel_argmax(labels, dim=1)
-    labels = labels.to("cpu").numpy().astype(np.int64)
+    labels = label_array(labels)
     maps = np.stack([skeleton_distance(labels[b], num_classes, include_background) for b in range(len(labels))])
     return torch.from_numpy(maps).to(target.device)
 

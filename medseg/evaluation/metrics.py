@@ -97,6 +97,8 @@ CONVENTIONS = {
     "betti_error": "|beta_k(pred) - beta_k(ref)| per dimension k; betti_error is their sum",
     "betti_matching_error": "unmatched features per dimension k (superlevel filtration of the binary masks: "
     "foreground enters first; comparison image the union; construction T for 8/26-, V for 4/6-connectivity); "
+    "finite features only: the component of each mask that never dies is not counted (as in Betti-Matching-3D), "
+    "so one blob against an empty reference has error 0 while its betti_0_error is 1; "
     "left out, and listed under metrics_skipped, when the topology engine is not built",
     "components": "connected components of the foreground at the evaluation connectivity",
     "cldice_skeleton": "medseg.topology.skeletonize at the evaluation connectivity: topology-preserving "

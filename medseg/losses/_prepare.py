@@ -18,6 +18,7 @@ multi-label heads, or ``sigmoid=False`` when the input already holds probabiliti
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 
@@ -144,7 +145,7 @@ def target_as_channels(
     A label map is one-hot encoded by comparison, channel by channel, so that only the
     channels asked for are built (``first=1``: no background); its labels must lie in
     ``0 .. n_channels - 1`` (a ValueError on the CPU, a device-side assert on CUDA, as a
-    one-hot scatter gives there).
+    one-hot scatter gives there; :func:`check_input` checks them).
     """
     if target.dim() < 3:
         raise ValueError(f"target must be (B, 1 or C, *spatial), got shape {tuple(target.shape)}")
@@ -159,15 +160,7 @@ def _target_as_channels(target: torch.Tensor, n_channels: int, encode: bool, fir
     if encode:
         if target.shape[1] != 1:
             raise ValueError(f"to_onehot_y needs a (B, 1, ...) label map, got shape {tuple(target.shape)}")
-        labels = target.long()
-        if labels.is_cuda:  # checked on the device: reading the range back would stall every step on a sync
-            torch._assert_async(((labels >= 0) & (labels < n_channels)).all())
-        else:
-            low, high = (int(v) for v in torch.aminmax(labels)) if labels.numel() else (0, 0)
-            if low < 0 or high >= n_channels:
-                raise ValueError(
-                    f"the label map holds labels {low} to {high}, outside the {n_channels} classes 0 to {n_channels - 1}"
-                )
+        labels = target.long()  # whole numbers in 0 .. n_channels - 1: check_input has checked them
         classes = torch.arange(first, n_channels, device=labels.device).view(1, -1, *([1] * (labels.dim() - 2)))
         return (labels == classes).float()
     target = target.float()
@@ -180,6 +173,16 @@ def _target_as_channels(target: torch.Tensor, n_channels: int, encode: bool, fir
 
 
 def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    """Shapes and target values every loss needs, checked the same way for all of them.
+
+    ``target`` is a label map (B, 1, ...) or has one channel per output channel. Its
+    values: for C > 1 outputs, a label map holds whole numbers 0 .. C - 1 (float label
+    maps included: 1.9999 is not truncated to class 1); every other target (one channel
+    for a sigmoid head, or C channels, one-hot or soft) lies in [0, 1]: a 0/255 mask or
+    labels {0, 2} for a 1-channel head are errors instead of negative or exploding
+    losses. Checked once per target inside :func:`shared_preparation`; on CUDA without a
+    sync (a device-side assert).
+    """
     if input.dim() not in (4, 5):
         raise ValueError(f"{name}: input must be (B, C, H, W) or (B, C, H, W, D), got shape {tuple(input.shape)}")
     if target.dim() != input.dim():
@@ -189,6 +192,50 @@ def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
         )
     if target.shape[0] != input.shape[0] or target.shape[2:] != input.shape[2:]:
         raise ValueError(f"{name}: input {tuple(input.shape)} and target {tuple(target.shape)} differ in batch or spatial size")
+    if input.numel() == 0:
+        raise ValueError(f"{name}: empty input of shape {tuple(input.shape)}")
+    if target.shape[1] not in (1, input.shape[1]):
+        raise ValueError(
+            f"{name}: target {tuple(target.shape)} must have 1 channel (a label map) or as many as input "
+            f"{tuple(input.shape)}"
+        )
+    n = input.shape[1]
+    _memoised(("values checked", n), target, lambda: _check_target_values(target, n, name))
+
+
+def _check_target_values(target: torch.Tensor, n_channels: int, name: str) -> bool:
+    """:func:`check_input`'s check of the target's values (see there); True when they pass."""
+    if target.dtype == torch.bool:
+        return True
+    label_map = target.shape[1] == 1 and n_channels > 1
+    floating = target.is_floating_point()
+    if target.is_cuda:  # reading the range back would stall every step on a sync
+        if label_map:
+            ok = (target >= 0) & (target < n_channels)
+            if floating:
+                ok &= target == torch.round(target)
+        else:
+            ok = (target >= 0) & (target <= 1)
+        torch._assert_async(ok.all())
+        return True
+    low, high = (float(v) for v in torch.aminmax(target))
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"{name}: the target holds NaN values")
+    if label_map:
+        if low < 0 or high >= n_channels:
+            raise ValueError(
+                f"{name}: the label map holds labels {low:g} to {high:g}, outside the {n_channels} classes "
+                f"0 to {n_channels - 1}"
+            )
+        if floating and not bool((target == torch.round(target)).all()):
+            raise ValueError(f"{name}: the label map holds values that are not whole numbers (class labels 0 to {n_channels - 1})")
+    elif low < 0 or high > 1:
+        kind = "a 1-channel (sigmoid) target" if n_channels == 1 else "a target with one channel per class"
+        raise ValueError(
+            f"{name}: the target holds values {low:g} to {high:g}, but {kind} must lie in [0, 1]"
+            + (" (a 0/255 mask? divide it by 255)" if high == 255 else "")
+        )
+    return True
 
 
 def probabilities_and_target(input: torch.Tensor, target: torch.Tensor, **options) -> tuple[torch.Tensor, torch.Tensor]:

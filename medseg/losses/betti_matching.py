@@ -9,6 +9,7 @@ onto it, the others are pushed onto the diagonal (they disappear).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -229,12 +230,17 @@ class BettiMatchingLoss(torch.nn.Module):
             raise ValueError(f"filtration must be one of {_FILTRATIONS}, got {filtration!r}")
         _inputs.check_construction(construction)
         _inputs.check_comparison(comparison)
-        if barcode_length_threshold < 0:
-            raise ValueError(f"barcode_length_threshold must be >= 0, got {barcode_length_threshold}")
-        if matched_weight < 0 or unmatched_weight < 0:
-            raise ValueError("matched_weight and unmatched_weight must be >= 0")
-        if dimension_weights is not None and any(w < 0 for w in dimension_weights):
-            raise ValueError(f"dimension_weights must be >= 0, got {list(dimension_weights)}")
+        def non_negative(value) -> bool:  # and finite: NaN would make every loss NaN
+            return math.isfinite(float(value)) and float(value) >= 0
+
+        if not non_negative(barcode_length_threshold):
+            raise ValueError(f"barcode_length_threshold must be a finite number >= 0, got {barcode_length_threshold}")
+        if not (non_negative(matched_weight) and non_negative(unmatched_weight)):
+            raise ValueError(
+                f"matched_weight and unmatched_weight must be finite numbers >= 0, got {matched_weight}, {unmatched_weight}"
+            )
+        if dimension_weights is not None and not all(non_negative(w) for w in dimension_weights):
+            raise ValueError(f"dimension_weights must be finite numbers >= 0, got {list(dimension_weights)}")
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
         self.sigmoid = sigmoid
@@ -343,6 +349,7 @@ class BettiMatchingLoss(torch.nn.Module):
         if outputs.dim() < 5:
             raise ValueError(f"outputs must be (B, K, C, *spatial), got shape {tuple(outputs.shape)}")
         batch, heads = outputs.shape[:2]
+        check_input(outputs[:, 0], target, "BettiMatchingLoss.forward_heads")  # named by the shapes given
         stacked = outputs.reshape(batch * heads, *outputs.shape[2:])  # instance b * K + k: head k of sample b
         losses = self._losses(stacked, target.repeat_interleave(heads, dim=0), repeats=heads)
         per_head = losses.reshape(batch, heads, *losses.shape[1:])
@@ -392,8 +399,8 @@ class BettiMatchingLoss(torch.nn.Module):
             shared = [((i // channels) // repeats * repeats) * channels + i % channels for i in range(batch * channels)]
         filtrations = ["superlevel", "sublevel"] if self.filtration == "both" else [self.filtration]
         # a 0/1 target (a label map's one-hot) needs no coordinates: each of its pairs
-        # runs from one value to the other (relative: a pair born on the padding is read
-        # at the nearest voxel of the image, which may hold the other value)
+        # runs from one value to the other (relative: the values are read from the padded
+        # frames of _relative_frames, by the torch path)
         binary = not self.relative and (
             encodes_labels(target, input.shape[1], self.to_onehot_y)
             or bool(((flat_tgt == 0) | (flat_tgt == 1)).all())
@@ -417,6 +424,7 @@ class BettiMatchingLoss(torch.nn.Module):
             matchings.append((superlevel, indices))
         fused = (
             self.fused_terms
+            and not self.relative
             and flat_probs.device.type == "cpu"
             and flat_probs.dtype in (torch.float32, torch.float64)
             and not flat_tgt.requires_grad
@@ -476,13 +484,38 @@ class BettiMatchingLoss(torch.nn.Module):
         owners: list[np.ndarray] = []
         pairs = np.zeros(instances, dtype=np.int64)
         for superlevel, indices in matchings:
+            if self.relative:
+                values_p, values_t = self._relative_frames(flat_probs, flat_tgt, superlevel)
             self._batch_terms(values_p, values_t, indices, superlevel, contributions, owners, pairs)
-        owner = torch.from_numpy(np.concatenate(owners)).to(values_p.device)
+        owner = torch.from_numpy(np.concatenate(owners)).to(flat_probs.device)
         # per-instance sums in float64: summing tens of thousands of terms one after the
         # other adds no float32 rounding of its own
-        per_instance = torch.zeros(instances, dtype=torch.float64, device=values_p.device)
+        per_instance = torch.zeros(instances, dtype=torch.float64, device=flat_probs.device)
         per_instance = per_instance.index_add(0, owner, torch.cat(contributions).to(torch.float64))
         return per_instance, pairs
+
+    @staticmethod
+    def _relative_frames(
+        flat_probs: torch.Tensor, flat_tgt: torch.Tensor, superlevel: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prediction and target (N, *spatial) as a relative matching sees them, flattened:
+        padded by one voxel holding each pair's padding value
+        (:func:`medseg.topology._inputs.relative_padding_value`), where the engine's indices
+        point (a pair born on the padding has that value). The value is a constant of the
+        frame: no gradient reaches it."""
+        ndim = flat_probs.dim() - 1
+        pad = (1, 1) * ndim
+        border = torch.nn.functional.pad(torch.zeros_like(flat_probs[:1].detach()), pad, value=1.0)
+        axes = tuple(range(1, ndim + 1))
+        probs, tgt = flat_probs.detach(), flat_tgt.to(flat_probs.dtype)
+        if superlevel:
+            value = torch.maximum(probs.amax(axes), tgt.amax(axes))
+        else:
+            value = torch.minimum(probs.amin(axes), tgt.amin(axes))
+        value = value.view(-1, *([1] * ndim)) * border  # exactly the value on the padding, 0 inside
+        framed_p = torch.nn.functional.pad(flat_probs, pad) + value
+        framed_t = torch.nn.functional.pad(tgt, pad) + value
+        return framed_p.reshape(-1), framed_t.reshape(-1)
 
     def _batch_terms(
         self,

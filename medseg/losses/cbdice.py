@@ -81,7 +81,7 @@ os.register_at_fork(after_in_child=_forget_pool_in_child)
 def inner_distances(masks: torch.Tensor) -> torch.Tensor:
     """:func:`~medseg.data.topology_targets.inner_distance` of every (sample, channel) of a
     binary batch, the images spread over threads."""
-    arr = masks.detach().to("cpu").numpy() > 0.5
+    arr = (masks.detach().to("cpu") > 0.5).numpy()  # compared in torch: numpy has no bfloat16
     out = np.zeros(arr.shape, dtype=np.float32)
 
     def one(bc: tuple[int, int]) -> None:

@@ -181,11 +181,6 @@ class DiceCELoss(DiceLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """MONAI's ``DiceCELoss.forward`` with the Dice part on the shared activation."""
         check_input(input, target, type(self).__name__)
-        if target.shape[1] not in (1, input.shape[1]):
-            raise ValueError(
-                f"{type(self).__name__}: target {tuple(target.shape)} must have 1 channel (a label map) or as many "
-                f"as input {tuple(input.shape)}"
-            )
         target = target.to(input.dtype) if input.shape[1] == 1 else target
         loss = self._loss_for(input, target)
         dice = loss.dice(self._activated(input), target)

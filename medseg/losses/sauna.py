@@ -10,6 +10,7 @@ from torch import nn
 
 from medseg.data.topology_targets import sauna_targets
 from medseg.losses._prepare import EPS, check_input, check_reduction, reduce
+from medseg.tensors import label_array
 
 
 def focal_l1(pred: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 1.0) -> torch.Tensor:
@@ -115,7 +116,7 @@ class SaunaLoss(nn.Module):
 
     def targets_from_labels(self, target: torch.Tensor, num_channels: int) -> torch.Tensor:
         """SAUNA targets (B, num_channels, *spatial) of a label batch (B, 1, ...), on the CPU."""
-        labels = target.detach().to("cpu").numpy()
+        labels = label_array(target)
         out = np.stack(
             [
                 sauna_targets(labels[b, 0], num_channels, self.spacing, self.inside_window, self.outside_window)

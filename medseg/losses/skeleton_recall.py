@@ -16,12 +16,13 @@ from medseg.losses._prepare import (
     reduce,
     resolve_activation,
 )
+from medseg.tensors import label_array
 
 
 def tubed_skeleton_batch(target: torch.Tensor, tube_radius: int, footprint: str) -> torch.Tensor:
     """Tubed skeletons (B, 1, *spatial) of a label batch (B, 1, *spatial), on the CPU."""
-    labels = target.detach().to("cpu").numpy()
-    tubes = np.stack([skeleton_tube(labels[b, 0].astype(np.int64), tube_radius, footprint) for b in range(len(labels))])
+    labels = label_array(target)
+    tubes = np.stack([skeleton_tube(labels[b, 0], tube_radius, footprint) for b in range(len(labels))])
     return torch.from_numpy(tubes[:, None].astype(np.int64)).to(target.device)
 
 

@@ -38,8 +38,15 @@ class TopologyBackendError(MedsegError, RuntimeError):
 
 def to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly
+            x = x.float()
+        x = x.numpy()
     return np.asarray(x)
+
+
+_EXACT_IN_FLOAT64 = 2**53
+"""Integers up to this magnitude convert to float64 exactly (distinct values stay distinct)."""
 
 
 def as_image(x: Any, name: str) -> np.ndarray:
@@ -50,6 +57,11 @@ def as_image(x: Any, name: str) -> np.ndarray:
     if arr.dtype == np.bool_ or (np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2):
         arr = arr.astype(np.float32)
     elif np.issubdtype(arr.dtype, np.integer):
+        if arr.itemsize == 8 and arr.size and max(abs(int(arr.min())), abs(int(arr.max()))) > _EXACT_IN_FLOAT64:
+            raise TopologyInputError(
+                f"{name}: {arr.dtype} values beyond ±2**53 cannot be ranked exactly (they are compared as float64); "
+                "rescale the image"
+            )
         arr = arr.astype(np.float64)
     elif arr.dtype == np.float16:
         arr = arr.astype(np.float32)
@@ -103,23 +115,31 @@ def check_comparison(comparison: str) -> bool:
     return comparison == "intersection"
 
 
+MAX_THREADS = 4096
+"""More engine threads than any machine medseg runs on has cores: a typo."""
+
+
 def default_threads(threads: int | None) -> int:
     if threads is None:
         try:
             return max(1, len(os.sched_getaffinity(0)))
         except AttributeError:  # pragma: no cover - not Linux
             return max(1, os.cpu_count() or 1)
-    if int(threads) < 1:
-        raise TopologyInputError(f"threads must be at least 1, got {threads}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
+        raise TopologyInputError(f"threads must be a whole number from 1 to {MAX_THREADS} (or None: all cores), got {threads!r}")
     return int(threads)
+
+
+def relative_padding_value(images: list, superlevel: bool) -> float:
+    """The value of the padding of a relative matching: one that enters the filtration
+    first in both images (the largest of their values for superlevel, the smallest for
+    sublevel). ``images``: arrays or tensors."""
+    return max(float(im.max()) for im in images) if superlevel else min(float(im.min()) for im in images)
 
 
 def pad_relative(images: list[np.ndarray], superlevel: bool) -> list[np.ndarray]:
     """Pad by one voxel whose value enters the filtration first (relative to the border)."""
-    if superlevel:
-        value = max(float(im.max()) for im in images)
-    else:
-        value = min(float(im.min()) for im in images)
+    value = relative_padding_value(images, superlevel)
     return [np.pad(im, 1, mode="constant", constant_values=im.dtype.type(value)) for im in images]
 
 
@@ -175,7 +195,25 @@ def engine():
             "reinstall medseg with `pip install -e .` (needs a C++17 compiler and CMake)"
         ) from exc
     _checked_team(_engine)
+    _check_cache_setting()
     return _engine
+
+
+_checked_cache_setting: str | None = None
+
+
+def _check_cache_setting() -> None:
+    """Refuse a ``MEDSEG_TOPOLOGY_CACHE_MB`` the engine would not read: it takes a whole
+    number of megabytes up to 2**40 (csrc/big_vector.hpp) and ignores anything else."""
+    global _checked_cache_setting
+    value = os.environ.get("MEDSEG_TOPOLOGY_CACHE_MB")
+    if value is None or value == _checked_cache_setting:
+        return
+    if not (value.isdigit() and value.isascii() and int(value) <= 2**40):
+        raise TopologyInputError(
+            f"MEDSEG_TOPOLOGY_CACHE_MB={value!r}: expected a whole number of megabytes (0 turns the cache off)"
+        )
+    _checked_cache_setting = value
 
 
 def cuda_engine():
@@ -252,5 +290,5 @@ def pad_relative_device(images: list, superlevel: bool) -> list:
     """:func:`pad_relative` for tensors, on their device."""
     import torch
 
-    value = max(float(im.max()) for im in images) if superlevel else min(float(im.min()) for im in images)
+    value = relative_padding_value(images, superlevel)
     return [torch.nn.functional.pad(im, (1, 1) * im.dim(), mode="constant", value=value).contiguous() for im in images]

@@ -37,6 +37,8 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
+from medseg.topology._inputs import TopologyInputError, to_numpy
+
 __all__ = ["betti_numbers", "euler_characteristic", "default_connectivity", "complementary_connectivity"]
 
 _FULL = {2: 8, 3: 26}
@@ -78,11 +80,15 @@ def _structure(connectivity: int, ndim: int) -> np.ndarray:
 
 
 def _as_mask(mask) -> np.ndarray:
-    if hasattr(mask, "detach"):  # torch tensor
-        mask = mask.detach().cpu().numpy()
-    mask = np.asarray(mask)
+    """The foreground (values > 0, as :func:`medseg.topology.betti_matching_error` reads
+    a mask) of a numpy array or torch tensor; NaN is refused rather than guessed."""
+    mask = to_numpy(mask)
     _check_ndim(mask.ndim)
-    return mask.astype(bool, copy=False)
+    if mask.dtype == np.bool_:
+        return mask
+    if np.issubdtype(mask.dtype, np.floating) and np.isnan(mask).any():
+        raise TopologyInputError(f"mask: contains {int(np.isnan(mask).sum())} NaN values")
+    return mask > 0
 
 
 def _crop_to_foreground(mask: np.ndarray) -> np.ndarray:
@@ -157,7 +163,7 @@ def betti_numbers(mask, connectivity: int | None = None) -> np.ndarray:
     Parameters
     ----------
     mask : array_like
-        2D or 3D array (numpy or torch); nonzero voxels are foreground.
+        2D or 3D array (numpy or torch); voxels > 0 are foreground.
     connectivity : int, optional
         Connectivity of the foreground: 8 or 4 for 2D masks, 26 or 6 for 3D masks.
         The background takes the complementary connectivity (4/8, 6/26).

@@ -118,6 +118,10 @@ class BettiMatching:
 def _to_matching(
     pred: np.ndarray, target: np.ndarray, raw: dict, filtration: str, construction: str, shape: tuple | None
 ) -> BettiMatching:
+    """The result of one pair; ``pred``/``target``: the images the engine saw (padded
+    when relative, ``shape`` then the unpadded shape). Values are read there, so a cell
+    on the padding has the padding's value; its coordinates are clipped to the image."""
+
     def coords(key: str) -> tuple[np.ndarray, ...]:
         arrays = raw[key]
         if shape is not None:  # relative: back from the padded frame
@@ -125,6 +129,7 @@ def _to_matching(
         return tuple(arrays)
 
     c = {k: coords(k) for k in raw if k.startswith(("matched", "unmatched"))}
+    engine_frame = {k: tuple(raw[k]) for k in c}
     names = {
         "matched_a": ("matched_prediction", pred),
         "matched_b": ("matched_target", target),
@@ -136,8 +141,8 @@ def _to_matching(
         births, deaths = c[short + "_birth"], c[short + "_death"]
         kwargs[long + "_birth_coordinates"] = births
         kwargs[long + "_death_coordinates"] = deaths
-        kwargs[long + "_births"] = tuple(_values_any(image, x) for x in births)
-        kwargs[long + "_deaths"] = tuple(_values_any(image, x) for x in deaths)
+        kwargs[long + "_births"] = tuple(_values_any(image, x) for x in engine_frame[short + "_birth"])
+        kwargs[long + "_deaths"] = tuple(_values_any(image, x) for x in engine_frame[short + "_death"])
     return BettiMatching(
         num_matched=np.array([len(x) for x in c["matched_a_birth"]], dtype=np.int64),
         num_unmatched_prediction=np.asarray(raw["num_unmatched_a"], dtype=np.int64).copy(),
@@ -216,7 +221,10 @@ def betti_matching(
         Compute persistence relative to the image border: both images are padded by
         one voxel that enters the filtration first, so structures are closed off by
         the border (a vessel crossing the image forms a loop with it) and components
-        touching the border merge with it. Coordinates refer to the unpadded images.
+        touching the border merge with it. Coordinates refer to the unpadded images: a
+        pair born or dying on the padding is reported at the nearest voxel of the
+        image, with the padding's value (the largest value of the two images for
+        superlevel, the smallest for sublevel), as the loss reads it.
     include_unmatched_prediction, include_unmatched_target : bool, default True
         Whether to return (and count in :meth:`BettiMatching.loss`) the unmatched
         pairs of each side; the counts are always returned.
@@ -264,8 +272,6 @@ def betti_matching(
         _intersection(comparison),
     )
     raw = backend.matching(p, t, *args)
-    if shape is not None:
-        p, t = p[(slice(1, -1),) * p.ndim], t[(slice(1, -1),) * t.ndim]
     return _to_matching(p, t, raw, filtration, construction, shape)
 
 
@@ -313,8 +319,6 @@ def betti_matching_batch(
     )
     out = []
     for (_, p, t, shape), raw in zip(prepared, raws):
-        if shape is not None:
-            p, t = p[(slice(1, -1),) * p.ndim], t[(slice(1, -1),) * t.ndim]
         out.append(_to_matching(p, t, raw, filtration, construction, shape))
     return _unflatten(out, nested_p)
 
@@ -346,6 +350,15 @@ def betti_matching_error(
     the number of unmatched features of the prediction plus those of the target.
     ``backend`` as in :func:`betti_matching`; ``threads`` inside this one computation
     (default None: all available cores).
+
+    Only finite features count: the one component of each mask's filtration that never
+    dies (the essential class of dimension 0, which every image has, empty or not) is
+    not matched and not counted, as in the reference implementation (Betti-Matching-3D)
+    and the papers that report this error. So a single blob against an empty target, or
+    two single blobs that do not overlap, have error 0 in dimension 0; the Betti number
+    error (:func:`medseg.topology.betti_numbers`) counts the first, Dice the second.
+    ``relative=True`` turns the border into part of every component's history, so a
+    blob that does not touch it becomes a finite feature.
 
     Examples
     --------
@@ -429,11 +442,13 @@ def _raw_matchings(
     prepared: list | None = None,
     comparison: str = "union",
     backend: str | Backend = "auto",
+    unpad: bool = True,
 ) -> list[dict]:
     """Coordinates only (no values), straight from the engine, one dict per pair.
 
     On ``backend="cuda"`` CUDA tensors stay on their device; ``prepared`` targets (the
-    CPU engine's cache) are used where ``backend.takes_prepared_targets``."""
+    CPU engine's cache) are used where ``backend.takes_prepared_targets``. ``relative``
+    with ``unpad=False``: coordinates in the padded frame (one more voxel on each side)."""
     backend = _backends.resolve_backend(backend, *predictions[:1])
     pairs = _validated_pairs(backend, predictions, targets)
     shape = None
@@ -453,7 +468,7 @@ def _raw_matchings(
         _intersection(comparison),
         prepared,
     )
-    if shape is not None:
+    if shape is not None and unpad:
         for raw in raws:
             for k in raw:
                 if k.startswith(("matched", "unmatched")):
@@ -474,12 +489,16 @@ def _matching_indices(
     report_target: bool = True,
 ) -> tuple:
     """The loss's fast path: :meth:`Backend.matching_batch_indices` of validated pairs
-    of one shape (every unmatched pair included); ``relative`` pads and unpads here."""
+    of one shape (every unmatched pair included). ``relative``: the images are padded
+    here and the indices refer to the padded images (shape + 2 on every axis), where
+    the cells on the padding have the padding's value
+    (:func:`medseg.topology._inputs.relative_padding_value`)."""
     backend = _backends.resolve_backend(backend, *predictions[:1])
     if relative:
         raws = _raw_matchings(predictions, targets, superlevel, construction, True, True, threads,
-                              comparison=comparison, backend=backend)
-        index_a, sizes_a, index_b, sizes_b = _backends.flat_batch_indices(raws, tuple(predictions[0].shape))
+                              comparison=comparison, backend=backend, unpad=False)
+        padded = tuple(int(n) + 2 for n in predictions[0].shape)
+        index_a, sizes_a, index_b, sizes_b = _backends.flat_batch_indices(raws, padded)
         return index_a, sizes_a, index_b if report_target else None, sizes_b
     pairs = _validated_pairs(backend, predictions, targets)
     return backend.matching_batch_indices(

@@ -54,8 +54,24 @@ inline std::size_t block_size(std::size_t bytes) {
     return (bytes + step - 1) / step * step;
 }
 
+// MEDSEG_TOPOLOGY_CACHE_MB: a whole number of megabytes (up to 2^40); anything else
+// (negative, fractional, text, too large) is ignored here and refused by name in Python
+// (medseg.topology._inputs.engine).
+inline bool cache_mb_from_env(std::size_t& mb) {
+    const char* text = std::getenv("MEDSEG_TOPOLOGY_CACHE_MB");
+    if (!text || !*text) return false;
+    std::size_t value = 0;
+    for (const char* c = text; *c; ++c) {
+        if (*c < '0' || *c > '9' || value > (std::size_t(1) << 40) / 10) return false;
+        value = value * 10 + static_cast<std::size_t>(*c - '0');
+    }
+    if (value > (std::size_t(1) << 40)) return false;
+    mb = value;
+    return true;
+}
+
 inline std::size_t cache_limit_bytes() {
-    if (const char* mb = std::getenv("MEDSEG_TOPOLOGY_CACHE_MB")) return std::strtoull(mb, nullptr, 10) << 20;
+    if (std::size_t mb = 0; cache_mb_from_env(mb)) return mb << 20;
     std::size_t limit = std::size_t(4) << 30;
 #if defined(__linux__)
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
