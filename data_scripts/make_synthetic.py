@@ -15,6 +15,9 @@ medseg.data.synthetic (importable from tests and the demo).
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,10 +27,37 @@ try:
 except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medseg.data.prepare.output import check_dataset_output  # noqa: E402
 from medseg.data.synthetic import AFFINE_KINDS, FAINT_DOMAIN, make_dataset  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha", "png": ".png", "tif": ".tif"}
+
+
+MAX_SIZE = 1024
+"""Voxels per axis: more is a typo on this generator (a 1024^3 float32 volume is 4 GB)."""
+
+
+def _bad_argument(args: argparse.Namespace) -> str | None:
+    """The first argument out of range, as one line (None when all are fine)."""
+    if args.cases < 1:
+        return f"--cases: at least 1 training case, got {args.cases}"
+    if args.test_cases < 0:
+        return f"--test-cases: must be 0 or more, got {args.test_cases}"
+    if args.loops < 0:
+        return f"--loops: must be 0 or more, got {args.loops}"
+    if len(args.size) not in (1, args.dims):
+        return f"--size: one value or {args.dims} (one per axis), got {len(args.size)}"
+    if any(not 8 <= s <= MAX_SIZE for s in args.size):
+        return f"--size: each axis must be 8 to {MAX_SIZE} voxels, got {' '.join(map(str, args.size))}"
+    if args.spacing is not None:
+        if len(args.spacing) not in (1, args.dims):
+            return f"--spacing: one value or {args.dims} (one per axis), got {len(args.spacing)}"
+        if any(not (math.isfinite(s) and s > 0) for s in args.spacing):
+            return f"--spacing: each value must be a positive number of mm, got {' '.join(map(str, args.spacing))}"
+    if not str(args.out).strip():
+        return "--out: empty; name the dataset folder to create"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,16 +79,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="voxel axes: identity (RAS), flipped (LPS-like, as DICOM conversions give) or oblique")
     parser.add_argument("--format", choices=sorted(FORMATS), default="nii.gz", help="file format (png: 2D only)")
     parser.add_argument("--name", default=None, help="dataset name in dataset.json")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
 
+    problem = _bad_argument(args)
+    if problem:
+        print(f"make_synthetic: error: {problem}", file=sys.stderr)
+        return 2
     size = args.size[0] if len(args.size) == 1 else tuple(args.size)
     spacing = tuple(args.spacing) if args.spacing else None
     if spacing is not None and len(spacing) == 1:
         spacing = spacing * args.dims
     start = time.perf_counter()
+    tmp = args.out.parent / f".{args.out.name}.tmp-{os.getpid()}"
     try:
+        check_dataset_output(args.out, args.force)
+        # written next to --out and renamed at the end: an existing dataset is replaced
+        # whole (--force), never mixed with the new cases
         summary = make_dataset(
-            args.out,
+            tmp,
             cases=args.cases,
             size=size,
             dims=args.dims,
@@ -72,9 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             params=FAINT_DOMAIN if args.faint else None,
         )
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        os.replace(tmp, args.out)
+        summary["root"] = args.out
     except (ValueError, MedsegError) as err:
         print(f"make_synthetic: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - start
     ending = summary["file_ending"]
     shapes = ", ".join(str(s) for s in summary["shapes"])

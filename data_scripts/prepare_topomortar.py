@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from medseg.data.dataset import write_dataset_json  # noqa: E402
 from medseg.data.io import ImageGeometry, write_image  # noqa: E402
+from medseg.data.prepare.output import check_dataset_output  # noqa: E402
 from medseg.data.prepare.verify import check_converted  # noqa: E402
 from medseg.errors import DataError, MedsegError  # noqa: E402
 
@@ -158,14 +159,7 @@ def prepare_topomortar(src: Path, out: Path, labels: str = "accurate", overwrite
         raise DataError(f"--labels {labels!r}: choose from {', '.join(LABEL_KINDS)}")
     if not src.is_dir():
         raise DataError(f"--src {src}: " + ("is not a folder" if src.exists() else "folder not found"))
-    # --force replaces --out: never the source, a folder holding it, or one inside it
-    source, target = src.resolve(), out.resolve()
-    if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-        raise DataError(f"--out {out}: must lie outside --src {src} and must not contain it")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: already exists (pass --force to replace it)")
+    check_dataset_output(out, overwrite, {"--src": src})
 
     # Everything is listed and checked before anything is written.
     training: dict[str, list[tuple[str, Path, Path]]] = {}

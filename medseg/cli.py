@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     # output reports the full disk in one line
     logging.raiseExceptions = False
     try:
+        from medseg.topology._backends import check_settings
+
+        check_settings()
         # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
         result = app(args=argv, standalone_mode=False)
     except MedsegError as err:

@@ -117,7 +117,8 @@ def process_group(device: torch.device) -> Iterator[bool]:
     Raises
     ------
     MedsegError
-        ``WORLD_SIZE`` > 1 but torch was built without ``torch.distributed``.
+        ``WORLD_SIZE`` > 1 but torch was built without ``torch.distributed``, or without
+        the other variables torchrun sets (``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
     """
     global _COMM_DEVICE
     if _launched_world_size() <= 1:
@@ -131,6 +132,15 @@ def process_group(device: torch.device) -> Iterator[bool]:
             _COMM_DEVICE = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         yield is_distributed()
         return
+    # torchrun sets all of these; a WORLD_SIZE left over in a shell would otherwise fail
+    # deep inside torch's rendezvous with a traceback
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise MedsegError(
+            f"WORLD_SIZE={_launched_world_size()} but {', '.join(missing)} not set: start multi-process runs with "
+            "torchrun, or unset WORLD_SIZE for a single process"
+        )
+    _env_int("RANK", 0)
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(
         backend=backend, init_method="env://", device_id=device if device.type == "cuda" else None

@@ -11,7 +11,7 @@ data=demo/Dataset001_SyntheticVessels
 runs=demo/runs
 
 rm -rf "$runs/quickstart" "$runs/quickstart_cldice" "$runs/compare"   # a rerun starts the demo afresh
-"$py" data_scripts/make_synthetic.py --out "$data" --cases 12 --test-cases 8 --size 64 --seed 0 --faint --loops 2
+"$py" data_scripts/make_synthetic.py --out "$data" --cases 12 --test-cases 8 --size 64 --seed 0 --faint --loops 2 --force
 # the same config twice: Dice+CE alone, and with clDice (Shit et al., CVPR 2021) added at half weight
 train_and_evaluate() {  # RUN LOSSES
     "$medseg" train configs/quickstart.yaml --set data.dataset="$data" --set output_dir="$runs/$1" \

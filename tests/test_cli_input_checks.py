@@ -242,3 +242,23 @@ def test_library_names_the_argument_and_the_cli_its_flag(tmp_path, capsys):
                  "--connectivity", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["medseg: error: --connectivity 5: use 8 or 4 for 2D images, 26 or 6 for 3D"]
+
+
+@pytest.mark.parametrize(
+    "variable, value, needle",
+    [
+        ("MEDSEG_TOPOLOGY_BACKEND", "gpu", "MEDSEG_TOPOLOGY_BACKEND must be one of"),
+        ("MEDSEG_TOPOLOGY_CACHE_MB", "abc", "MEDSEG_TOPOLOGY_CACHE_MB='abc'"),
+        ("WORLD_SIZE", "2", "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set"),
+    ],
+)
+def test_bad_environment_is_one_line_before_any_work(dataset, tmp_path, monkeypatch, variable, value, needle):
+    """A bad engine setting failed every case of an evaluation (replacing its good summary)
+    or a training's first step after the run folder was written; a WORLD_SIZE left in a
+    shell failed in torch's rendezvous with a traceback."""
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    config = write_config(tmp_path, dataset)
+    assert_one_line_error(medseg("train", config), needle, alone=True)
+    assert not (tmp_path / "run").exists()

@@ -63,6 +63,7 @@ from medseg.runfolder import (
     CHECKPOINT_DIR,
     LATEST,
     LossAverage,
+    RunFolderLock,
     attach_console_handler,
     attach_file_handler,
     capture_rng_state,
@@ -195,14 +196,16 @@ def run_adaptation(cfg: AdaptConfig, resume: bool = False) -> Path:
     """
     console = attach_console_handler()
     try:
-        return _run(cfg, resume, console)
+        run_dir, source_path = _checked_paths(cfg)
+        with RunFolderLock(run_dir) as lock:
+            return _run(cfg, resume, console, run_dir, source_path, lock)
     finally:
         detach(console)
 
 
-def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
+def _checked_paths(cfg: AdaptConfig) -> tuple[Path, Path]:
+    """(run folder, source run or checkpoint) once both are checked; nothing is written."""
     run_dir = Path(cfg.output_dir)
-    latest = run_dir / CHECKPOINT_DIR / LATEST
     source_path = Path(cfg.source_run)
     if not source_path.exists():
         raise CheckpointError(f"source_run {source_path}: no such run folder or checkpoint file")
@@ -212,6 +215,13 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
     if _inside(run_dir, source_run):
         raise ConfigError(f"output_dir {run_dir}: is (inside) the source run; the source run is never written to")
     check_output_folder(run_dir, "output_dir")
+    return run_dir, source_path
+
+
+def _run(
+    cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler], run_dir: Path, source_path: Path, lock: RunFolderLock
+) -> Path:
+    latest = run_dir / CHECKPOINT_DIR / LATEST
     checkpoint = resume_point(run_dir, resume, "adapt.log", check=partial(_check_resumable, cfg),
                               config_of=_adaptation_config, config_file=CONFIG_FILE)
 
@@ -295,6 +305,7 @@ def _run(cfg: AdaptConfig, resume: bool, handlers: list[logging.Handler]) -> Pat
                             loss_terms=progress.loss_terms)
         objective.before = checkpoint["adaptation"].get("before")
 
+    lock.take(fresh=not resume)  # one process at a time in the folder, from its first write on
     remove_dead_writes(run_dir)
     handlers += attach_file_handler(run_dir / "adapt.log")
     if checkpoint is None:

@@ -105,6 +105,78 @@ def load_evaluation(path: str | Path) -> Evaluation:
                       labels={str(k): str(v) for k, v in labels.items()}, summary=data)
 
 
+# --------------------------------------------------------------------------- comparable?
+
+#: The conventions of a summary that change what its metrics mean: two evaluations that
+#: differ in one of them are not paired (an NSD at 1 mm is not an NSD at 5 mm).
+METRIC_SETTINGS = ("connectivity", "filtration", "nsd_tolerance_mm", "hd95_units", "volume_units")
+
+
+def _reference_files(evaluation: Evaluation) -> dict[str, str]:
+    """Case -> the reference file it was scored against, where the summary says."""
+    from medseg.data.io import strip_ending
+
+    out = {}
+    for entry in evaluation.summary.get("metric_per_case", []):
+        if isinstance(entry, dict) and isinstance(entry.get("reference_file"), str):
+            ref = entry["reference_file"]
+            out[str(entry.get("case", strip_ending(Path(ref))))] = ref
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool | None:
+    """Whether two files hold the same bytes; None when one cannot be read."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return None
+
+
+def check_comparable(a: Evaluation, b: Evaluation) -> list[str]:
+    """Refuse two evaluations whose paired metrics would not mean the same; returns warnings.
+
+    Raises
+    ------
+    DataError
+        The summaries differ in a :data:`METRIC_SETTINGS` convention, or a case was scored
+        against reference files of different content in A and B (a case name paired
+        across two datasets). Reference files that moved (different paths, the same
+        bytes) are fine; ones that can no longer be read give a warning.
+    """
+    notes = []
+    conv_a, conv_b = a.summary.get("conventions"), b.summary.get("conventions")
+    if isinstance(conv_a, dict) and isinstance(conv_b, dict):
+        for key in METRIC_SETTINGS:
+            if key in conv_a and key in conv_b and conv_a[key] != conv_b[key]:
+                raise DataError(
+                    f"{a.path} and {b.path}: evaluated with different {key} ({conv_a[key]!r} and {conv_b[key]!r}); "
+                    "their metrics do not compare: evaluate both the same way"
+                )
+    refs_a, refs_b = _reference_files(a), _reference_files(b)
+    unreadable = []
+    for case in sorted(set(a.per_case) & set(b.per_case) & set(refs_a) & set(refs_b)):
+        same = _same_file(Path(refs_a[case]), Path(refs_b[case]))
+        if same is False:
+            raise DataError(
+                f"case {case}: scored against {refs_a[case]} in A and {refs_b[case]} in B, which differ; "
+                "compare evaluations against the same reference labels"
+            )
+        if same is None and Path(refs_a[case]).resolve() != Path(refs_b[case]).resolve():
+            unreadable.append(case)
+    if unreadable:
+        notes.append(
+            f"{len(unreadable)} case(s) name different reference files in A and B that cannot be read to check "
+            f"they are the same (e.g. {unreadable[0]})"
+        )
+    if a.path.resolve() == b.path.resolve():
+        notes.append(f"A and B are the same evaluation ({a.path}): every difference is 0")
+    return notes
+
+
 # --------------------------------------------------------------------------- statistics
 
 def _permutation_p(d: np.ndarray, permutations: int, seed: int = 0) -> float:
@@ -391,7 +463,8 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
     Raises
     ------
     DataError
-        An input is missing or not a summary, or no case is evaluated in both.
+        An input is missing or not a summary, no case is evaluated in both, no numeric
+        metric is in both, or the two are not comparable (:func:`check_comparable`).
     """
     from medseg.atomic import check_output_folder, write_atomic
 
@@ -401,8 +474,18 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
         raise ArgumentError("pictured_cases", "must be 0 or more", pictured_cases)
     if output is not None:
         output = check_output_folder(output, "output", argument=True)  # before the comparison, not after
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ArgumentError("output", f"cannot create it ({err.strerror or err})", output) from None
     evaluation_a, evaluation_b = load_evaluation(a), load_evaluation(b)
+    notes = check_comparable(evaluation_a, evaluation_b)
     result = compare_evaluations(evaluation_a, evaluation_b, permutations)
+    if not any(result["metrics"].values()):
+        raise DataError(f"{evaluation_a.path} and {evaluation_b.path}: no numeric metric in common to compare")
+    result["warnings"] = notes
+    for note in notes:
+        print(f"medseg: warning: {note}", file=sys.stderr)
     print(format_table(result))
     if output is not None:
         write_atomic(output / "compare.json", json.dumps(result, indent=2, default=json_default) + "\n")

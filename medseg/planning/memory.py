@@ -101,6 +101,12 @@ class MemoryEstimate:
         return max(int(room // max(self.bytes_per_sample, 1)), 0)
 
 
+MIN_GPU_MEMORY_GB = 0.5
+"""Below this no network of the planner fits even its smallest patch: a unit mistake (MB for GiB)."""
+MAX_GPU_MEMORY_GB = 65536.0
+"""More than any device has (and finite: ``inf`` made the patch search overflow)."""
+
+
 def usable_bytes(gpu_memory_gb: float) -> float:
     """The bytes a plan may fill on a device of ``gpu_memory_gb`` GiB."""
     return gpu_memory_gb * GIB

@@ -41,7 +41,7 @@ import numpy as np
 from medseg.data.dataset import DatasetWarning
 from medseg.data.io import NATURAL_IMAGE_ENDINGS
 from medseg.errors import ArgumentError, ConfigError
-from medseg.planning.memory import estimate_training_memory, usable_bytes
+from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB, estimate_training_memory, usable_bytes
 from medseg.planning.network_topology import round_up, unet_topology
 
 __all__ = [
@@ -419,8 +419,10 @@ def plan_experiment(
     """
     if model not in MODELS:
         raise ArgumentError("model", f"{model!r} is not one of {', '.join(MODELS)}")
-    if not gpu_memory_gb > 0:
-        raise ArgumentError("gpu_memory_gb", f"must be positive, got {gpu_memory_gb}")
+    if not MIN_GPU_MEMORY_GB <= gpu_memory_gb <= MAX_GPU_MEMORY_GB:
+        raise ArgumentError(
+            "gpu_memory_gb", f"must be {MIN_GPU_MEMORY_GB:g} to {MAX_GPU_MEMORY_GB:g} GiB, got {gpu_memory_gb}"
+        )
     warn: list[str] = []
     dataset = fingerprint["dataset"]
     records = fingerprint["cases"]

@@ -11,6 +11,7 @@ from typing import Any
 
 from medseg.atomic import blocking_file
 from medseg.errors import ArgumentError, DataError
+from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB
 
 __all__ = ["PlanResult", "run_plan", "default_config_path"]
 
@@ -91,8 +92,10 @@ def run_plan(
     dataset = Path(dataset)
     if model not in MODELS:
         raise ArgumentError("model", f"{model!r} is not one of {', '.join(MODELS)}")
-    if not gpu_memory_gb > 0:
-        raise ArgumentError("gpu_memory_gb", f"must be positive, got {gpu_memory_gb}")
+    if not MIN_GPU_MEMORY_GB <= gpu_memory_gb <= MAX_GPU_MEMORY_GB:
+        raise ArgumentError(
+            "gpu_memory_gb", f"must be {MIN_GPU_MEMORY_GB:g} to {MAX_GPU_MEMORY_GB:g} GiB, got {gpu_memory_gb}"
+        )
     if workers < 1:
         raise ArgumentError("workers", f"must be at least 1, got {workers}")
     if not dataset.is_dir():

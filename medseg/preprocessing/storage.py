@@ -230,17 +230,31 @@ class CachedCase:
         assert self._arrays is not None
         return self._arrays
 
+    def _decompressed(self, which: int, region: Any) -> np.ndarray:
+        """``region`` of the image (``which`` 0) or label (1) array; a file damaged after it
+        was written (its size unchanged, so the cache took it) is named, not a bare
+        Blosc2 error from deep in a data loader."""
+        array = self._open()[which]
+        if isinstance(array, np.ndarray):
+            return array[region]
+        try:
+            return np.asarray(array[region])
+        except Exception as err:
+            path = self.folder / case_files(self.name)[which]
+            raise MedsegError(
+                f"{path}: corrupt cache file ({type(err).__name__}: {err}); delete it and rerun medseg preprocess"
+            ) from None
+
     def load(self) -> "CachedCase":
         """Decompress both arrays into memory (reads afterwards are slices)."""
-        image, label = self._open()
-        self._arrays = (np.ascontiguousarray(image[...]), np.ascontiguousarray(label[...]))
+        image, label = self._decompressed(0, ...), self._decompressed(1, ...)
+        self._arrays = (np.ascontiguousarray(image), np.ascontiguousarray(label))
         self._in_memory = True
         return self
 
     def whole(self) -> tuple[np.ndarray, np.ndarray]:
         """The image ``(C, *shape)`` float32 and label ``(1, *shape)``."""
-        image, label = self._open()
-        return np.asarray(image[...]), np.asarray(label[...])
+        return self._decompressed(0, ...), self._decompressed(1, ...)
 
     def read(self, lower: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Image and label of the box ``[lower, lower + size)``; outside the case each voxel
@@ -250,11 +264,10 @@ class CachedCase:
         do: after the CT normalisation 0 is the foreground's mean intensity, so a zero
         border would look like an unlabelled vessel.
         """
-        image, label = self._open()
         inside, pad = _clip(lower, size, self.shape)
         region = (slice(None), *inside)
-        out_image = np.asarray(image[region])
-        out_label = np.asarray(label[region])
+        out_image = self._decompressed(0, region)
+        out_label = self._decompressed(1, region)
         if any(p != (0, 0) for p in pad):
             out_image = np.pad(out_image, [(0, 0), *pad], mode="edge")
             out_label = np.pad(out_label, [(0, 0), *pad], mode="edge")

@@ -11,7 +11,8 @@ inference share them instead of keeping copies (and inference never imports
 * :mod:`~medseg.runfolder.device`: ``auto`` / ``cpu`` / ``cuda`` to a torch device;
 * :mod:`~medseg.runfolder.log_handlers`: the terminal and ``train.log`` / ``adapt.log``;
 * :mod:`~medseg.runfolder.loss_average`: the loss means of each ``metrics.csv`` row;
-* :mod:`~medseg.runfolder.provenance`: ``provenance.json``, what made the folder.
+* :mod:`~medseg.runfolder.provenance`: ``provenance.json``, what made the folder;
+* :mod:`~medseg.runfolder.lock`: one process at a time in a run folder.
 """
 
 from medseg.runfolder.checkpoint import (
@@ -30,6 +31,7 @@ from medseg.runfolder.device import resolve_device
 from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach
 from medseg.runfolder.loss_average import LossAverage
 from medseg.runfolder.provenance import PROVENANCE_FILE, read_provenance, write_provenance
+from medseg.runfolder.lock import LOCK_FILE, RunFolderLock
 from medseg.runfolder.resume import check_unchanged, may_change, remove_dead_writes, resume_point, unfinished_start
 
 __all__ = [
@@ -38,8 +40,10 @@ __all__ = [
     "CHECKPOINT_NAMES",
     "FORMAT_VERSION",
     "LATEST",
+    "LOCK_FILE",
     "PROVENANCE_FILE",
     "LossAverage",
+    "RunFolderLock",
     "attach_console_handler",
     "attach_file_handler",
     "capture_rng_state",

@@ -161,6 +161,7 @@ def resume_point(
         Not ``resume`` and ``run_dir`` is not empty; from ``check``.
     """
     from medseg.runfolder.checkpoint import CHECKPOINT_DIR, LATEST, load_checkpoint
+    from medseg.runfolder.lock import holds_nothing
 
     run_dir = Path(run_dir)
     latest = run_dir / CHECKPOINT_DIR / LATEST
@@ -176,7 +177,7 @@ def resume_point(
             check(stored, 0, run_dir / config_file)
         log.warning("%s: stopped before its first checkpoint; starting it again", run_dir)
         return None
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if not holds_nothing(run_dir):
         raise ConfigError(
             f"output_dir {run_dir} already exists and is not empty; pass --resume to continue that run "
             "or choose a new output_dir"

@@ -194,6 +194,20 @@ _BACKENDS = {b.name: b for b in (CpuBackend(), CpuParallelBackend(), CudaBackend
 CUDA_FOR_AUTO = False
 
 
+def check_settings() -> None:
+    """The engine's environment settings (``MEDSEG_TOPOLOGY_BACKEND``, ``MEDSEG_TOPOLOGY_CACHE_MB``),
+    checked when a command starts: a bad value then fails before any work instead of
+    failing every case of an evaluation or a training's first step.
+
+    Raises
+    ------
+    TopologyInputError, TopologyBackendError
+        As :func:`resolve_backend` and the engine would later.
+    """
+    resolve_backend("auto")
+    _inputs._check_cache_setting()
+
+
 def resolve_backend(backend: str | Backend, *arrays: Any) -> Backend:
     """The backend named by ``backend`` for these inputs; a :class:`Backend` is returned as is.
 

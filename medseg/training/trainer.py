@@ -76,6 +76,7 @@ from medseg.runfolder import (
     CHECKPOINT_DIR,
     LATEST,
     LossAverage,
+    RunFolderLock,
     attach_console_handler,
     attach_file_handler,
     capture_rng_state,
@@ -151,10 +152,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     # a file in the way would otherwise fail only where the run folder is first written, after the data
     check_output_folder(cfg.output_dir, "output_dir")
     device = distributed.device_for_rank(resolve_device(cfg.device))
-    with distributed.process_group(device):
+    with distributed.process_group(device), RunFolderLock(cfg.output_dir, enabled=distributed.is_main()) as lock:
         handlers = attach_console_handler()
         try:
-            return _run(cfg, resume, handlers)
+            return _run(cfg, resume, handlers, lock)
         finally:
             detach(handlers)
 
@@ -273,7 +274,7 @@ def _wrap_for_training(parts: _Parts) -> None:
     parts.train_model = DistributedDataParallel(parts.model, device_ids=device_ids)
 
 
-def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
+def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: RunFolderLock) -> Path:
     run_dir = Path(cfg.output_dir)
     latest_path = run_dir / CHECKPOINT_DIR / LATEST
     # Every rank checks and builds before rank 0 writes anything (the rank check of an
@@ -289,6 +290,7 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler]) -> Path:
 
     with distributed.main_process("writing the run folder") as main:
         if main:
+            lock.take(fresh=not resume)  # one process at a time in the folder, from its first write on
             remove_dead_writes(run_dir)
             handlers += attach_file_handler(run_dir / "train.log")
             write_provenance(run_dir, parts.device, resumed_at=progress.iteration if checkpoint is not None else None)

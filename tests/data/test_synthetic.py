@@ -181,7 +181,8 @@ def test_faint_domain_same_label_thin_branches_near_the_noise():
     assert contrast_to_noise(faint, thin) < contrast_to_noise(faint, thick)
 
 
-def test_cli_writes_dataset_and_reports(tmp_path, capsys):
+def _script():
+    """data_scripts/make_synthetic.py as a module."""
     import importlib.util
     from pathlib import Path
 
@@ -189,6 +190,11 @@ def test_cli_writes_dataset_and_reports(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("make_synthetic", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_writes_dataset_and_reports(tmp_path, capsys):
+    module = _script()
     out = tmp_path / "Dataset005_Cli"
     assert module.main(["--out", str(out), "--cases", "2", "--test-cases", "1", "--size", "20", "--seed", "3", "--shifted"]) == 0
     printed = capsys.readouterr().out
@@ -205,3 +211,32 @@ def test_cli_writes_dataset_and_reports(tmp_path, capsys):
     assert module.main(["--out", str(tmp_path / "bad"), "--dims", "3", "--format", "png"]) == 2
     assert "PNG datasets are 2D" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "dataset.json").exists()
+
+
+def test_cli_refuses_bad_arguments_and_existing_folders(tmp_path, capsys):
+    module = _script()
+    out = tmp_path / "Dataset007"
+    for bad, message in [
+        (["--spacing", "-1", "1", "1"], "--spacing: each value must be a positive number"),
+        (["--spacing", "nan"], "--spacing: each value must be a positive number"),
+        (["--size", "0"], "--size: each axis must be 8 to 1024"),
+        (["--size", "100000"], "--size: each axis must be 8 to 1024"),
+        (["--test-cases", "-2"], "--test-cases: must be 0 or more"),
+        (["--loops", "-3"], "--loops: must be 0 or more"),
+        (["--cases", "0"], "--cases: at least 1"),
+    ]:
+        assert module.main(["--out", str(out), *bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    args = ["--out", str(out), "--cases", "2", "--test-cases", "0", "--size", "16"]
+    assert module.main(args) == 0
+    first = sorted(p.name for p in (out / "imagesTr").iterdir())
+    assert module.main(["--out", str(out), "--cases", "1", "--test-cases", "0", "--size", "16"]) == 2
+    assert "already exists (pass --force to replace it)" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == first
+    # --force replaces the dataset whole: no case of the old one is left beside the new
+    assert module.main(["--out", str(out), "--cases", "1", "--test-cases", "0", "--size", "16", "--force"]) == 0
+    info, cases = check_dataset(out)
+    assert info.num_training == 1 and len(cases) == 1
+    assert len(list((out / "imagesTr").iterdir())) == 1
+    assert not list(tmp_path.glob(".Dataset007.tmp-*"))

@@ -111,3 +111,30 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="no image matches a mask"):
         convert_2d_folders(images, masks, tmp_path / "out", mask_suffix="_gt", progress=False, log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["parent", "images", "inside"])
+def test_out_never_replaces_or_enters_an_input_folder(tmp_path, convert, capsys, where):
+    """--force replaced --out whole: an --out holding the input folders deleted them (and
+    everything beside them); one inside --images mixed the dataset into the input."""
+    root = tmp_path / "work"
+    root.mkdir()
+    images, masks, _, _ = _drive_like(root, np.random.default_rng(0))
+    (root / "thesis.txt").write_text("important")
+    out = {"parent": root, "images": images, "inside": images / "converted"}[where]
+    code = convert(["--images", str(images), "--masks", str(masks), "--image-suffix", "_training",
+                    "--mask-suffix", "_manual1", "--out", str(out), "--force", "--quiet"])
+    assert code != 0
+    assert "must lie outside" in capsys.readouterr().err
+    assert (root / "thesis.txt").read_text() == "important"
+    assert sorted(p.name for p in images.iterdir()) == ["01_training.png", "02_training.png", "03_training.png"]
+
+
+def test_out_in_an_unwritable_place_fails_before_the_work(tmp_path, convert, capsys):
+    images, masks, _, _ = _drive_like(tmp_path, np.random.default_rng(0))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = convert(["--images", str(images), "--masks", str(masks), "--out", str(blocker / "ds"), "--quiet"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "cannot write there" in err and "Traceback" not in err

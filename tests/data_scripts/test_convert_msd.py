@@ -68,3 +68,10 @@ def test_archive_members_escaping_the_folder_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"member '\.\./evil\.txt' points outside"):
         extract_archive(archive, tmp_path / "x")
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_out_equal_to_the_task_folder_is_refused_even_with_force(task_dir, load_script, capsys):
+    before = sorted(p.name for p in task_dir.rglob("*"))
+    assert load_script("convert_msd").main([str(task_dir), "--out", str(task_dir), "--force", "--quiet"]) != 0
+    assert "must lie outside the task folder" in capsys.readouterr().err
+    assert sorted(p.name for p in task_dir.rglob("*")) == before

@@ -178,3 +178,59 @@ def test_compare_html_pictures_the_cases_whose_topology_differs(tmp_path, capsys
     assert main(["report", "compare", str(tmp_path / "eval_a"), str(tmp_path / "eval_b"), "--pictured-cases", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--pictured-cases -1" in err[0]
+
+
+def _with(path: Path, conventions: dict | None = None, references: Path | None = None) -> Path:
+    """The summary at ``path`` with ``conventions`` set and reference files under ``references``."""
+    data = json.loads(path.read_text())
+    if conventions is not None:
+        data["conventions"] = conventions
+    if references is not None:
+        for entry in data["metric_per_case"]:
+            name = Path(entry["reference_file"]).name
+            entry["reference_file"] = str(references / name)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_evaluations_under_other_settings_or_references_are_not_paired(tmp_path, capsys):
+    """compare paired cases by name even when they were scored against other reference files,
+    and NSD at 1 mm with NSD at 5 mm, and printed 'better' verdicts (exit 0)."""
+    values = {c: {"Dice": 0.8, "nsd": 0.9} for c in CASES}
+    a = _summary(tmp_path / "a" / "summary.json", values)
+    b = _summary(tmp_path / "b" / "summary.json", values)
+    _with(a, {"connectivity": 26, "nsd_tolerance_mm": 1.0})
+    _with(b, {"connectivity": 26, "nsd_tolerance_mm": 5.0})
+    assert main(["report", "compare", str(a), str(b)]) == 3
+    assert "evaluated with different nsd_tolerance_mm (1.0 and 5.0)" in capsys.readouterr().err
+    _with(b, {"connectivity": 26, "nsd_tolerance_mm": 1.0})
+    refs_a, refs_b, moved = tmp_path / "refs_a", tmp_path / "refs_b", tmp_path / "moved"
+    for folder, content in ((refs_a, b"one"), (refs_b, b"two"), (moved, b"one")):
+        folder.mkdir()
+        for case in CASES:
+            (folder / f"{case}.nii.gz").write_bytes(content)
+    _with(a, references=refs_a)
+    _with(b, references=refs_b)
+    assert main(["report", "compare", str(a), str(b)]) == 3
+    assert "scored against" in capsys.readouterr().err
+    _with(b, references=moved)  # the same labels, moved: compared
+    assert main(["report", "compare", str(a), str(b)]) == 0
+    _with(b, references=tmp_path / "gone")  # unreadable: compared, with a warning
+    assert main(["report", "compare", str(a), str(b)]) == 0
+    assert "cannot be read to check" in capsys.readouterr().err
+
+
+def test_same_evaluation_twice_warns_and_unwritable_output_is_one_line(two_runs, tmp_path, capsys):
+    run_a, _ = two_runs
+    assert main(["report", "compare", str(run_a), str(run_a)]) == 0
+    assert "A and B are the same evaluation" in capsys.readouterr().err
+    code = main(["report", "compare", str(run_a), str(run_a), "--output", "/proc/medseg_compare"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "output" in err
+
+
+def test_no_numeric_metric_in_common(tmp_path, capsys):
+    a = _summary(tmp_path / "a" / "summary.json", {c: {"Dice": 0.8} for c in CASES})
+    b = _summary(tmp_path / "b" / "summary.json", {c: {"HD95": 2.0} for c in CASES})
+    assert main(["report", "compare", str(a), str(b)]) == 3
+    assert "no numeric metric in common" in capsys.readouterr().err

@@ -189,8 +189,9 @@ def test_bad_options(iso_dataset):
         plan_experiment(fingerprint, topology_loss="cldise")
     with pytest.raises(ConfigError, match="not a topology loss"):
         plan_experiment(fingerprint, topology_loss="dice_ce")
-    with pytest.raises(ConfigError, match="^gpu_memory_gb: "):
-        plan_experiment(fingerprint, gpu_memory_gb=0)
+    for bad in (0, 0.01, float("inf"), float("nan")):  # inf overflowed the patch search; 0.01 blamed the kernel size
+        with pytest.raises(ConfigError, match=r"^gpu_memory_gb: must be 0.5 to 65536 GiB"):
+            plan_experiment(fingerprint, gpu_memory_gb=bad)
 
 
 def test_extreme_cases_are_named_and_kept(extreme_dataset):

@@ -250,3 +250,21 @@ def test_label_statistics_from_the_cache_equal_those_from_the_files(padded_datas
     cfg, info, cache = _preprocess(raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache"))
     train = select_cases(cfg)[1]
     assert cache.label_statistics([c.name for c in train], info) == label_statistics(train, info)
+
+
+def test_a_cache_file_damaged_in_place_is_named_when_read(padded_dataset, tmp_path):
+    """Same size, other bytes: the cache takes the file (its size matches), and the read
+    failed with a bare Blosc2 error naming neither file nor case."""
+    from medseg.errors import MedsegError
+
+    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache")
+    dataset = _preprocess(raw)[2]
+    case = next(iter(dataset.cases.values()))
+    image_file = dataset.folder / case_files(case.name)[0]
+    data = bytearray(image_file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(b ^ 0xFF for b in data[middle:middle + 200])
+    image_file.write_bytes(bytes(data))
+    damaged = type(case)(dataset.folder, json.loads((dataset.folder / case_files(case.name)[2]).read_text()))
+    with pytest.raises(MedsegError, match=rf"{image_file.name}: corrupt cache file .*rerun medseg preprocess"):
+        damaged.whole()

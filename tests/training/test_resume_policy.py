@@ -161,3 +161,76 @@ def test_a_broken_label_stats_is_named_and_resume_rewrites_it(synthetic_dataset_
     assert stats.read_bytes() == good
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == checkpoints
     assert json.loads(stats.read_text())["classes"]
+
+
+def test_a_second_process_in_the_same_run_folder_is_refused(synthetic_dataset_3d, tmp_path, capsys):
+    """Two runs into one output_dir both passed the empty-folder check and wrote one folder
+    together; the second is now refused while the first holds the folder's lock."""
+    from medseg.runfolder import LOCK_FILE, RunFolderLock
+
+    run = tmp_path / "run"
+    with RunFolderLock(run) as other:  # another process training there (flock: per open file)
+        other.take()
+        with pytest.raises(ConfigError, match=r"output_dir .*run: in use by another medseg process"):
+            run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=2)))
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written
+    # released: the same run starts, the lock file does not count as an earlier run
+    _train(synthetic_dataset_3d, run, iterations=2)
+    assert (run / "checkpoints" / "latest.pt").is_file()
+    before = _digest(run)
+    with RunFolderLock(run) as other:
+        other.take()
+        assert cli_main(["train", str(run / "config.yaml"), "--resume"]) != 0
+    assert "in use by another medseg process" in capsys.readouterr().err
+    assert _digest(run) == before
+
+
+def test_a_run_that_started_meanwhile_is_not_joined(synthetic_dataset_3d, tmp_path):
+    """The folder was empty when this run was checked; another run wrote it before this
+    one's first write (between the check and the lock): refused, nothing overwritten."""
+    from medseg.runfolder import RunFolderLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunFolderLock(run)
+    (run / "train.log").write_text("another run\n")
+    with pytest.raises(ConfigError, match="another run started there meanwhile"):
+        with lock:
+            lock.take(fresh=True)
+    assert (run / "train.log").read_text() == "another run\n"
+
+
+def test_a_killed_holder_releases_the_lock_even_with_forked_children_alive(tmp_path):
+    """flock belongs to the open file, which forked children (DataLoader workers) share:
+    they close their copy, so killing the holder frees the folder at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medseg.runfolder import RunFolderLock
+
+    run = tmp_path / "run"
+    script = (
+        "import os, sys, time\n"
+        "from medseg.runfolder import RunFolderLock\n"
+        f"lock = RunFolderLock({str(run)!r}); lock.take()\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="in use by another medseg process"):
+            RunFolderLock(run).take()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        time.sleep(0.1)
+        with RunFolderLock(run) as lock:
+            lock.take()  # the forked child still sleeps, yet the folder is free
+    finally:
+        try:
+            os.killpg(holder.pid, signal.SIGKILL)  # the forked child
+        except ProcessLookupError:
+            pass

@@ -33,6 +33,7 @@ import numpy as np
 
 from medseg.data.dataset import safe_join, write_dataset_json
 from medseg.data.io import ending_of, strip_ending
+from medseg.data.prepare.output import check_dataset_output
 from medseg.errors import DataError
 
 __all__ = ["find_msd_task", "read_msd_json", "convert_msd_task"]
@@ -178,8 +179,7 @@ def convert_msd_task(
     task_dir = find_msd_task(task_dir)
     out_dir = Path(out_dir)
     meta = read_msd_json(task_dir)
-    if out_dir.exists() and not overwrite:
-        raise DataError(f"{out_dir}: already exists (pass --force to replace it)")
+    check_dataset_output(out_dir, overwrite, {"the task folder": task_dir})
     num_channels = len(meta["channel_names"])
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

@@ -38,6 +38,7 @@ import numpy as np
 
 from medseg.data.dataset import write_dataset_json
 from medseg.data.io import ImageGeometry, write_image
+from medseg.data.prepare.output import check_dataset_output
 from medseg.errors import ArgumentError, DataError
 
 __all__ = ["INPUT_ENDINGS", "Pairing", "pair_files", "convert_2d_folders"]
@@ -270,8 +271,7 @@ def convert_2d_folders(
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise DataError(f"{out_dir}: already exists (pass --force to replace it)")
+    check_dataset_output(out_dir, overwrite, {"--images": Path(images_dir), "--masks": Path(masks_dir)})
     pairing = pair_files(Path(images_dir), Path(masks_dir), image_suffix, mask_suffix)
     for kind, files in (("image(s) without a mask", pairing.images_without_mask),
                         ("mask(s) without an image", pairing.masks_without_image)):
