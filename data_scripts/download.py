@@ -17,7 +17,9 @@ Mirrors: --base-url (or $MEDSEG_DATA_BASE_URL) replaces the host, --url the whol
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -73,6 +75,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.list and (not args.dataset or args.out is None):
         parser.error("DATASET and --out DIR are required (or --list)")
+    # checked before an hour of downloading, not after it
+    if args.retries < 0:
+        parser.error(f"--retries: must be 0 or more, got {args.retries}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout: must be a positive number of seconds, got {args.timeout}")
+    for flag, value, length in (("--md5", args.md5, 32), ("--sha256", args.sha256, 64)):
+        if value is not None and not re.fullmatch(f"[0-9a-fA-F]{{{length}}}", value):
+            parser.error(f"{flag}: expected {length} hexadecimal digits, got {value!r}")
     return args
 
 

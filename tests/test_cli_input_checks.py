@@ -262,3 +262,15 @@ def test_bad_environment_is_one_line_before_any_work(dataset, tmp_path, monkeypa
     config = write_config(tmp_path, dataset)
     assert_one_line_error(medseg("train", config), needle, alone=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_nothing_is_written_into_the_dataset_s_case_folders(dataset, tmp_path):
+    """A run folder or a preprocessing cache inside imagesTr/ or labelsTr/ put medseg's
+    files among the cases; both are refused before any work."""
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
+    config = write_config(tmp_path, dataset, output_dir=str(dataset / "labelsTr" / "run"))
+    assert_one_line_error(medseg("train", config), "output_dir", "lies in the dataset's labelsTr/ folder", alone=True)
+    config = write_config(tmp_path, dataset)
+    assert_one_line_error(medseg("preprocess", config, "--set", f"data.cache_dir={dataset / 'imagesTr' / 'cache'}"),
+                          "data.cache_dir", "lies in the dataset's imagesTr/ folder", alone=True)
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before

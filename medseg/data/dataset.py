@@ -185,6 +185,17 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
+def dataset_data_folder(path: str | Path, dataset: str | Path) -> str | None:
+    """The dataset's ``images*``/``labels*`` folder that ``path`` lies in (or is), else
+    None. Nothing medseg writes belongs there: a file among the cases is read as one,
+    and a dataset is only ever read."""
+    place, root = Path(path).resolve(), Path(dataset).resolve()
+    if place == root or not place.is_relative_to(root):
+        return None
+    inner = place.relative_to(root).parts[0]
+    return inner if inner.startswith(("images", "labels")) else None
+
+
 def read_dataset_json(root: str | Path) -> DatasetInfo:
     """Read and validate ``root/dataset.json`` (nnU-Net v2, or MSD / nnU-Net v1 form).
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.atomic import blocking_file
+from medseg.data.dataset import dataset_data_folder
 from medseg.errors import ArgumentError, DataError
 from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB
 
@@ -110,11 +111,9 @@ def run_plan(
     if config_path.suffix.lower() not in (".yaml", ".yml"):
         raise ArgumentError("output", "must name a .yaml file (the run config; plans.json and fingerprint.json go "
                             "next to it)", config_path)
-    place = config_path.resolve().parent
-    if place.is_relative_to(dataset.resolve()) and place != dataset.resolve():
-        inner = place.relative_to(dataset.resolve()).parts[0]
-        if inner.startswith(("images", "labels")):
-            raise ArgumentError("output", f"lies in the dataset's {inner}/ folder; write the plan elsewhere", config_path)
+    inner = dataset_data_folder(config_path.parent, dataset)
+    if inner is not None:
+        raise ArgumentError("output", f"lies in the dataset's {inner}/ folder; write the plan elsewhere", config_path)
     folder = config_path.parent
     created = _make_writable_folder(folder, "output")
     try:

@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 
 from medseg import distributed
 from medseg.atomic import blocking_file
-from medseg.data.dataset import Case, DatasetInfo, check_dataset, load_case, split_cases
+from medseg.data.dataset import Case, DatasetInfo, check_dataset, dataset_data_folder, load_case, split_cases
 from medseg.data.transforms import fit_preprocessing
-from medseg.errors import DataError, MedsegError
+from medseg.errors import ConfigError, DataError, MedsegError
 from medseg.preprocessing.cache import (
     cache_folder,
     cache_inputs,
@@ -298,6 +298,9 @@ def preprocess_dataset(
         far stay in the cache.
     """
     root = cache_root(cfg)
+    inner = dataset_data_folder(root, cfg.data.dataset)
+    if inner is not None:
+        raise ConfigError(f"data.cache_dir {root}: lies in the dataset's {inner}/ folder; put the cache elsewhere")
     _check_writable(root)
     cases = sorted(list(train_cases) + list(val_cases), key=lambda c: c.name)
     fingerprint = dataset_fingerprint(info, cases)

@@ -211,3 +211,21 @@ def test_registry_has_every_msd_task_with_published_md5():
         assert s.md5 is not None and len(s.md5) == 32 and int(s.md5, 16) >= 0
     assert REGISTRY["Task08_HepaticVessel"].converted_name == "Dataset008_HepaticVessel"
     assert REGISTRY["Task08_HepaticVessel"].url("http://127.0.0.1:9/") == "http://127.0.0.1:9/Task08_HepaticVessel.tar"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--timeout", "-1"], "--timeout: must be a positive number of seconds"),
+        (["--timeout", "0"], "--timeout: must be a positive number of seconds"),
+        (["--retries", "-1"], "--retries: must be 0 or more"),
+        (["--md5", "zzz"], "--md5: expected 32 hexadecimal digits"),
+        (["--sha256", "abc"], "--sha256: expected 64 hexadecimal digits"),
+    ],
+)
+def test_bad_options_are_refused_before_downloading(download, capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        download([TASK, "--out", str(tmp_path / "out"), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
