@@ -230,6 +230,7 @@ class BettiMatchingLoss(torch.nn.Module):
             raise ValueError(f"filtration must be one of {_FILTRATIONS}, got {filtration!r}")
         _inputs.check_construction(construction)
         _inputs.check_comparison(comparison)
+
         def non_negative(value) -> bool:  # and finite: NaN would make every loss NaN
             return math.isfinite(float(value)) and float(value) >= 0
 

@@ -12,7 +12,7 @@ inference share them instead of keeping copies (and inference never imports
 * :mod:`~medseg.runfolder.log_handlers`: the terminal and ``train.log`` / ``adapt.log``;
 * :mod:`~medseg.runfolder.loss_average`: the loss means of each ``metrics.csv`` row;
 * :mod:`~medseg.runfolder.provenance`: ``provenance.json``, what made the folder;
-* :mod:`~medseg.runfolder.lock`: one process at a time in a run folder.
+* :mod:`~medseg.runfolder.lock`: one process at a time in a run folder (``.medseg.lock``).
 """
 
 from medseg.runfolder.checkpoint import (
@@ -29,9 +29,9 @@ from medseg.runfolder.checkpoint import (
 )
 from medseg.runfolder.device import resolve_device
 from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach
+from medseg.runfolder.lock import LOCK_FILE, RunFolderLock
 from medseg.runfolder.loss_average import LossAverage
 from medseg.runfolder.provenance import PROVENANCE_FILE, read_provenance, write_provenance
-from medseg.runfolder.lock import LOCK_FILE, RunFolderLock
 from medseg.runfolder.resume import check_unchanged, may_change, remove_dead_writes, resume_point, unfinished_start
 
 __all__ = [

@@ -111,3 +111,9 @@ def test_forward_heads_names_the_shapes_given():
     loss = BettiMatchingLoss()
     with pytest.raises(ValueError, match=r"forward_heads: input \(2, 2, 8, 8\) and target \(3, 1, 8, 8\)"):
         loss.forward_heads(torch.randn(2, 3, 2, 8, 8), torch.zeros(3, 1, 8, 8, dtype=torch.long))
+
+
+def test_a_batch_given_as_an_iterator_is_named():
+    x = np.random.default_rng(0).random((4, 4))
+    with pytest.raises(TopologyInputError, match="got list_iterator"):
+        topo.barcode_batch(iter([x, x]))
