@@ -33,8 +33,10 @@ __all__ = [
 PERCENTILES = (5, 25, 75, 95)
 STATISTICS = ("mean", "std", "median", *(f"p{q}" for q in PERCENTILES), "min", "max", "n", "n_undefined")
 STATISTICS_CONVENTION = (
-    "over cases with a defined (finite) value; std is the sample standard deviation (ddof=1, NaN for "
-    "one case); pN are numpy's linearly interpolated percentiles; n_undefined counts NaN/undefined cases"
+    "over the evaluated cases with a defined (finite) value; std is the sample standard deviation (ddof=1, NaN "
+    "for one case); pN are numpy's linearly interpolated percentiles; n_undefined counts NaN/undefined cases; "
+    "cases without a prediction or whose evaluation failed are in no statistic (listed under "
+    "missing_predictions and failed_cases; the command then exits 1)"
 )
 
 HIGHER_IS_BETTER = frozenset({"Dice", "IoU", "NSD", "clDice"})

@@ -164,6 +164,7 @@ def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metr
         spacing=ref_geometry.spacing,
         connectivity=connectivity,
         tolerance_mm=DEFAULT_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm),
+        ignored=int(np.count_nonzero(ref == ignore_label)) if ignore_label is not None else 0,
     )
     result = {}
     for label in labels:

@@ -204,6 +204,10 @@ def test_explicit_dataset_json_and_ignore_label(tmp_path):
     assert list(summary["mean"]) == ["1"]
     assert summary["mean"]["1"]["Dice"] == 1.0
     assert summary["ignore_label"] == 4
+    # TN leaves the ignored voxels out, as nnU-Net's compute_tp_fp_fn_tn does
+    counts = summary["metric_per_case"][0]["metrics"]["1"]
+    ignored = int(np.count_nonzero(ref_array == 4))
+    assert counts["TN"] == ref_array.size - ignored - counts["TP"] - counts["FP"] - counts["FN"]
 
 
 def test_2d_png_masks(tmp_path):

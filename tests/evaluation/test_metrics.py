@@ -149,3 +149,16 @@ def test_metric_subset_and_unknown_names():
     mask[1:3, 1:3] = True
     m = compute_label_metrics(mask, mask, MetricContext(spacing=(1.0, 1.0)), ["dice", "hd95"])
     assert set(m) == {"Dice", "HD95", "TP", "FP", "FN", "TN", "n_pred", "n_ref"}
+
+
+@pytest.mark.parametrize("connectivity", [26, 6])
+def test_cldice_of_a_tube_against_itself_shifted_is_one_at_every_connectivity(connectivity):
+    """The centre line of a tube 5 voxels wide lies inside the tube shifted by a voxel. At
+    6-connectivity the thinning keeps one-voxel spurs that reach the wall, and clDice on
+    that skeleton was 0.615; the metric takes the full-connectivity skeleton."""
+    tube = np.zeros((20, 20, 60), bool)
+    zz, yy = np.mgrid[:20, :20]
+    tube[(zz - 10) ** 2 + (yy - 10) ** 2 <= 6.25, 5:55] = True
+    shifted = np.roll(tube, 1, axis=0)
+    out = compute_label_metrics(tube, shifted, MetricContext(spacing=(1.0, 1.0, 1.0), connectivity=connectivity), ["cldice"])
+    assert out["clDice"] == pytest.approx(1.0)
