@@ -69,6 +69,8 @@ STUDY_METRICS = ("dice", "cldice", "hd95", "betti", "betti_matching")
 """Metrics a study evaluates by default (names of :data:`medseg.evaluation.metrics.LABEL_METRICS`)."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # variant and test names become folder names
+_MAX_NAME = 100  # a run's log is logs/VARIANT_seed_N.log: file names have at most 255 bytes
+_RESERVED = frozenset({"study.json", "study.csv", "study.html", "logs", ".ranks"})  # in output_dir beside the variants
 _DATASET = "{dataset}"  # in a test folder path: the runs' data.dataset
 # Keys the study sets itself for every run.
 _STUDY_KEYS = ("seed", "output_dir")
@@ -139,20 +141,24 @@ class StudyConfig(_Strict):
 
     @field_validator("variants", "test")
     @classmethod
-    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _names(cls, value: dict[str, Any], info) -> dict[str, Any]:
         if not value:
             raise ValueError("needs at least one entry")
         for name in value:
             if not _NAME.match(str(name)):
                 raise ValueError(f"name '{name}' must be letters, digits, '.', '_', '+' or '-' (it names a folder)")
+            if len(str(name)) > _MAX_NAME:
+                raise ValueError(f"name '{str(name)[:20]}...' is {len(str(name))} characters; at most {_MAX_NAME}")
+            if info.field_name == "variants" and str(name) in _RESERVED:
+                raise ValueError(f"name '{name}' is taken by the study's own files ({', '.join(sorted(_RESERVED))})")
         return value
 
-    @field_validator("variants")
+    @field_validator("variants", mode="before")
     @classmethod
-    def _overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name, overrides in value.items():
-            if overrides is None:
-                value[name] = {}
+    def _overrides(cls, value: Any) -> Any:
+        """A variant without overrides (``name:`` or ``name: null``) is the base config as it is."""
+        if isinstance(value, dict):
+            return {name: {} if overrides is None else overrides for name, overrides in value.items()}
         return value
 
     @field_validator("seeds")

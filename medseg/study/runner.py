@@ -30,6 +30,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -96,7 +97,42 @@ def _error_line(log: Path, start: int) -> str:
     return lines[-1] if lines else ""
 
 
-def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None) -> str | None:
+class _Workers:
+    """The worker processes of a study, so that an interrupted study stops them all:
+    Ctrl-C reaches the terminal's whole process group, but a SIGINT sent to the study
+    alone (or an interrupt while the pool waits) left the queued runs to run to the end
+    with no progress shown."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def run(self, args: list[str], job: str, handle, env: dict[str, str]) -> int | None:
+        """The worker's exit code; None when the study was interrupted before it started."""
+        with self._lock:
+            if self.stopping.is_set():
+                return None
+            proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=handle, stderr=subprocess.STDOUT, text=True,
+                                    env=env)
+            self._running.add(proc)
+        try:
+            proc.communicate(job)
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        return proc.returncode
+
+    def stop(self) -> None:
+        """No new worker starts; the running ones get SIGINT (each stops after its current write)."""
+        with self._lock:
+            self.stopping.set()
+            for proc in self._running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+
+
+def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None, workers: _Workers) -> str | None:
     """Run ``run``'s process; None on success, else the error (also recorded in its study_run.json)."""
     log = study.output_dir / _LOGS / f"{run.variant}_seed_{run.seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -110,17 +146,17 @@ def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None) 
         handle.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {run.name}\n")
         handle.flush()
         start = handle.tell()
-        proc = subprocess.run(
-            [sys.executable, "-m", "medseg.study.worker"], input=json.dumps(job), text=True,
-            stdout=handle, stderr=subprocess.STDOUT, env=_child_env(gpu, threads),
-        )
-    if proc.returncode == 0:
+        returncode = workers.run([sys.executable, "-m", "medseg.study.worker"], json.dumps(job), handle,
+                                 _child_env(gpu, threads))
+    if returncode is None:
+        return "not started: the study was interrupted"
+    if returncode == 0:
         return None
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
         error = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     else:
-        error = _error_line(log, start) or f"exited with code {proc.returncode}"
+        error = _error_line(log, start) or f"exited with code {returncode}"
     try:  # recorded for the summary; a folder that cannot take it must not stop the other runs
         state = read_state(run.run_dir)
         state.update(variant=run.variant, seed=run.seed, status="failed", error=error, log=str(log))
@@ -149,14 +185,16 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
                 gpu = gpus[(local_rank if local_rank is not None else slot) % len(gpus)]
             _say(f"{run.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
             began = time.perf_counter()
-            return run, _run_one(run, study, gpu, threads), time.perf_counter() - began
+            return run, _run_one(run, study, gpu, threads, workers), time.perf_counter() - began
         finally:
             slots.put(slot)
 
     failed: dict[str, str] = {}
     left = {run.name: run for run in runs}
     rates: list[float] = []  # seconds per training step of the runs finished so far
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-study") as pool:
+    workers = _Workers()
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-study")
+    try:
         for future in as_completed([pool.submit(one, run) for run in runs]):
             run, error, seconds = future.result()
             del left[run.name]
@@ -168,6 +206,11 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
             else:
                 failed[run.name] = error
                 _say(f"{run.name}: FAILED: {error}")
+    except BaseException:  # Ctrl-C (or an error here): stop the workers, start no other run
+        workers.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return failed
 
 

@@ -94,6 +94,17 @@ def evaluation_dir(run_dir: Path, test: str) -> Path:
     return Path(run_dir) / _EVALUATION / test
 
 
+def folder_contents(folder: Path) -> list[list[Any]]:
+    """``[name, size, mtime_ns]`` of every file in ``folder`` (sorted): a scan added,
+    removed or replaced in a test folder changes it, so its predictions and metrics are
+    recomputed instead of reused. Empty when the folder cannot be listed."""
+    try:
+        entries = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in entries]
+    except OSError:
+        return []
+
+
 def prediction_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[str, Any]:
     """What the predictions of ``test`` depend on; a change recomputes them."""
     return {
@@ -102,13 +113,19 @@ def prediction_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[
         "tta": study.predict.tta,
         "inference": run.config.inference.model_dump(mode="json"),
         "images": str(study.test[test].images),
+        "image_files": folder_contents(study.test[test].images),
     }
 
 
 def evaluation_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[str, Any]:
     """What the evaluation of ``test`` depends on; a change re-evaluates."""
     settings = study.evaluate.model_dump(mode="json", exclude={"workers"})
-    return {**prediction_record(run, study, test), "labels": str(study.test[test].labels), "evaluate": settings}
+    return {
+        **prediction_record(run, study, test),
+        "labels": str(study.test[test].labels),
+        "label_files": folder_contents(study.test[test].labels),
+        "evaluate": settings,
+    }
 
 
 def training_done(run: "StudyRun", state: dict[str, Any]) -> bool:
@@ -130,13 +147,6 @@ def is_finished(run: "StudyRun", study: "StudyConfig") -> bool:
     return training_done(run, state) and all(test_done(run, study, t, state) for t in study.test)
 
 
-def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ; keys on one side only (a newer or older medseg's schema) are not compared."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [c for k in old if k in new for c in _changed(old[k], new[k], f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
 def check_reusable(run: "StudyRun") -> None:
     """Refuse a run folder trained with other settings than the study now asks for.
 
@@ -147,16 +157,21 @@ def check_reusable(run: "StudyRun") -> None:
         iteration count, the intervals, workers, device and inference settings), or the
         run was trained for more iterations than asked.
     """
-    from medseg.runfolder.resume import may_change
+    from medseg.config import validate_config
+    from medseg.runfolder.resume import changed_keys
 
     state = read_state(run.run_dir)
     stored = state.get("config")
     if not isinstance(stored, dict):
         return
-    changed = [
-        key for key in _changed(stored, run.config.model_dump(mode="json"))
-        if not may_change(key, RESUME_MAY_CHANGE)
-    ]
+    # through today's schema first, so that keys it added since have their defaults on
+    # both sides; then a key on one side only is a change (a model.params entry added or
+    # removed reused a finished run trained without it)
+    try:
+        stored = validate_config(stored, source=f"{run.run_dir} (stored config)").model_dump(mode="json")
+    except ConfigError:
+        pass
+    changed = changed_keys(stored, run.config.model_dump(mode="json"), RESUME_MAY_CHANGE)
     if changed:
         shown = ", ".join(changed[:4]) + (f" (+{len(changed) - 4} more)" if len(changed) > 4 else "")
         raise ConfigError(

@@ -138,3 +138,82 @@ def test_run_trained_with_other_settings_is_refused(write_study, capsys, tmp_pat
     config["train"]["optimizer"]["lr"] = run.config.train.optimizer.lr
     (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 5}}))
     assert "trained for 5 iterations but the study asks for 2" in _fails(capsys, [path])
+
+
+def test_a_model_params_entry_added_or_removed_is_a_change(write_study, capsys):
+    """Keys on one side only were not compared: a finished run trained without dropout was
+    reused for a variant that now sets model.params.dropout."""
+    path = write_study()
+    run = load_study(path).runs[0]
+    run.run_dir.mkdir(parents=True)
+    config = run.config.model_dump(mode="json")
+    config["model"]["params"]["dropout"] = 0.5  # trained with it; the study no longer sets it
+    (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 2}}))
+    line = _fails(capsys, [path])
+    assert "model.params.dropout" in line and "changed" in line
+
+
+@pytest.mark.parametrize("name, message", [
+    ("study.json", "taken by the study's own files"),
+    ("logs", "taken by the study's own files"),
+    ("v" * 101, "at most 100"),
+])
+def test_variant_names_that_collide_or_are_too_long(write_study, capsys, name, message):
+    """A variant called study.json failed only when the summary was written, after every
+    run; a 250-character name gave a traceback after the first run."""
+    path = write_study(variants={"cedice": {}, name: {}})
+    assert message in _fails(capsys, [path])
+
+
+def test_a_variant_without_overrides_and_duplicate_names(write_study, tmp_path, capsys):
+    path = write_study(variants={"base": None, "other": {"train.iterations": 2}})
+    study = load_study(path)
+    assert study.config.variants["base"] == {} and [r.variant for r in study.runs[:2]] == ["base", "other"]
+    text = path.read_text().replace("other:", "base:")
+    path.write_text(text)
+    assert "key 'base' appears twice" in _fails(capsys, [path])
+
+
+def test_a_scan_added_to_a_test_folder_is_predicted_and_evaluated_again(write_study, tiny_dataset, tmp_path):
+    """The records held only the folders' paths: a scan added (or a label corrected) kept
+    the old predictions and metrics, and the study reported them for the new folder."""
+    from medseg.study.state import evaluation_dir, evaluation_record, test_done
+
+    images, labels = tmp_path / "ts_images", tmp_path / "ts_labels"
+    shutil.copytree(tiny_dataset / "imagesTs", images)
+    shutil.copytree(tiny_dataset / "labelsTs", labels)
+    path = write_study(test={"ext": {"images": str(images), "labels": str(labels)}})
+    study = load_study(path)
+    run = study.runs[0]
+    (evaluation_dir(run.run_dir, "ext")).mkdir(parents=True)
+    (evaluation_dir(run.run_dir, "ext") / "summary.json").write_text("{}")
+    state = {"tests": {"ext": {"evaluated": evaluation_record(run, study.config, "ext")}}}
+    assert test_done(run, study.config, "ext", state)
+    first = sorted(labels.iterdir())[0]
+    shutil.copy(first, labels / ("extra_" + first.name))
+    assert not test_done(run, study.config, "ext", state)
+
+
+def test_an_interrupted_study_stops_its_workers_and_starts_no_other(tmp_path):
+    """Ctrl-C left the queued runs to run to the end (the pool's shutdown waited for them)."""
+    import sys
+    import threading
+    import time
+
+    from medseg.study.runner import _Workers
+
+    workers = _Workers()
+    codes = []
+    with open(tmp_path / "log", "w") as handle:
+        thread = threading.Thread(target=lambda: codes.append(
+            workers.run([sys.executable, "-c", "import time; time.sleep(60)"], "", handle, None)))
+        thread.start()
+        deadline = time.time() + 30
+        while not workers._running and time.time() < deadline:
+            time.sleep(0.05)
+        began = time.time()
+        workers.stop()
+        thread.join(30)
+        assert not thread.is_alive() and time.time() - began < 20
+        assert codes and codes[0] is not None and codes[0] != 0  # interrupted by SIGINT
+        assert workers.run([sys.executable, "-c", "pass"], "", handle, None) is None  # nothing new starts
