@@ -18,6 +18,7 @@ peak memory allocated by torch.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import sys
@@ -130,9 +131,28 @@ def execute_run(run: StudyRun, study: StudyConfig) -> None:
     write_state(run.run_dir, state)
 
 
+def _stop_with_the_study() -> None:
+    """Linux: SIGINT when the study process is gone (killed, even by SIGKILL), so that a
+    worker never trains on alone; it then stops as after Ctrl-C and the rerun resumes it
+    (before, it went on and a rerun found the run folder locked)."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGINT), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: no such call
+        return
+    if os.getppid() != parent:  # the study died before the call above
+        raise KeyboardInterrupt
+
+
 def main() -> int:
     """Entry point: the job as JSON on stdin; returns the exit code."""
     try:
+        _stop_with_the_study()
         job = json.loads(sys.stdin.read())
         study = StudyConfig.model_validate(job["study"])
         run = StudyRun(job["variant"], int(job["seed"]), validate_config(job["config"], source="study run config"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -217,3 +218,36 @@ def test_an_interrupted_study_stops_its_workers_and_starts_no_other(tmp_path):
         assert not thread.is_alive() and time.time() - began < 20
         assert codes and codes[0] is not None and codes[0] != 0  # interrupted by SIGINT
         assert workers.run([sys.executable, "-c", "pass"], "", handle, None) is None  # nothing new starts
+
+
+def test_a_worker_stops_when_the_study_process_is_killed(tmp_path):
+    """A study killed by SIGKILL left its worker training alone (a rerun then found the run
+    folder locked): the worker asks Linux for SIGINT when its parent dies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    # the "study": starts a worker that sets the death signal, then sleeps as training would
+    worker = (
+        "import os, time; from medseg.study.worker import _stop_with_the_study; "
+        f"_stop_with_the_study(); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    study = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"])
+    deadline = time.time() + 30
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    worker_pid = int(pid_file.read_text())
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker_pid, signal.SIGKILL)
+        raise AssertionError("the worker outlived the killed study")
