@@ -12,9 +12,10 @@ data), ``dataset`` (``channel_names``, ``labels``, ``file_ending`` from dataset.
 (best mean validation Dice so far, or None) and ``best_iteration``.
 Written by the trainer as well: ``network`` (``spatial_dims``, ``in_channels``,
 ``out_channels``, ``patch_size`` the model was built with), ``split`` (``train`` /
-``val`` case names), ``loss_terms`` (names of the logged loss terms) and
+``val`` case names), ``loss_terms`` (names of the logged loss terms),
 ``loss_average`` (the running loss sums since the last ``metrics.csv`` row, so a
-resumed run writes the same rows).
+resumed run writes the same rows) and ``data_files`` (per case a digest of its files'
+names, sizes and times: a resume warns when the data changed under the run).
 
 A run folder keeps ``checkpoints/latest.pt`` (:data:`LATEST`) and ``checkpoints/best.pt``
 (:data:`BEST`); an adapted run adds an ``adaptation`` entry (:mod:`medseg.adaptation.runner`).

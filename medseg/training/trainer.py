@@ -179,6 +179,8 @@ class _Parts:
     # What the training step calls: the DistributedDataParallel wrapper of ``model``
     # under torchrun, else None (``model`` itself). Checkpoints always store ``model``.
     train_model: torch.nn.Module | None = None
+    # per case of the split, a digest of its files' names, sizes and times (_data_files)
+    data_files: dict[str, str] | None = None
 
 
 def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
@@ -201,7 +203,35 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     optimizer = build_optimizer(model.parameters(), cfg.train.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.iterations)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    return _Parts(cfg, data, model, loss_fn, optimizer, scheduler, scaler, device, amp)
+    return _Parts(cfg, data, model, loss_fn, optimizer, scheduler, scaler, device, amp, data_files=_data_files(data))
+
+
+def _data_files(data: TrainingData) -> dict[str, str]:
+    """Per case of the run (training and validation), a digest of its files' names, sizes
+    and modification times: kept in every checkpoint, so that a resume can tell that the
+    data changed under the run."""
+    import hashlib
+
+    from medseg.preprocessing.cache import dataset_fingerprint
+
+    cases = dataset_fingerprint(data.info, [*data.train_cases, *data.val_cases])["cases"]
+    return {case: hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] for case, entries in cases.items()}
+
+
+def _warn_if_data_changed(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> None:
+    """A resume on data that changed since the checkpoint goes on (a copy or a touch
+    changes the times too), but says so, naming what changed: before, a run resumed on
+    other data in silence (the split, drawn from the cases, may differ too)."""
+    stored, now = checkpoint.get("data_files"), parts.data_files or {}
+    if not isinstance(stored, dict):
+        return  # a checkpoint of an older medseg
+    added, removed = sorted(set(now) - set(stored)), sorted(set(stored) - set(now))
+    modified = sorted(c for c in set(now) & set(stored) if now[c] != stored[c])
+    what = [f"{len(names)} case(s) {verb} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for names, verb in ((added, "added"), (removed, "removed"), (modified, "whose files changed")) if names]
+    if what:
+        log.warning("%s: the dataset changed since %s: %s; training goes on with the data as it is now",
+                    parts.cfg.data.dataset, path, "; ".join(what))
 
 
 def _payload(parts: _Parts, progress: Progress) -> dict[str, Any]:
@@ -228,6 +258,7 @@ def _payload(parts: _Parts, progress: Progress) -> dict[str, Any]:
         "best_iteration": progress.best_iteration,
         "loss_average": progress.average.state(),
         "loss_terms": progress.loss_terms,
+        "data_files": parts.data_files,
     }
 
 
@@ -289,6 +320,8 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: Ru
         # Everything that can fail on user input happens before the run folder is touched.
         parts = _build_parts(cfg, checkpoint)
         progress = _restore(parts, checkpoint, latest_path) if checkpoint is not None else Progress()
+        if checkpoint is not None and distributed.is_main():
+            _warn_if_data_changed(parts, checkpoint, latest_path)
     _wrap_for_training(parts)
 
     with distributed.main_process("writing the run folder") as main:

@@ -234,3 +234,26 @@ def test_a_killed_holder_releases_the_lock_even_with_forked_children_alive(tmp_p
             os.killpg(holder.pid, signal.SIGKILL)  # the forked child
         except ProcessLookupError:
             pass
+
+
+def test_a_resume_on_changed_data_says_what_changed(synthetic_dataset_3d, tmp_path, caplog):
+    """Training went on from the checkpoint on other data with no word (only config keys
+    were compared); it now warns, naming the cases."""
+    import logging
+    import shutil as sh
+
+    dataset = tmp_path / "data"
+    sh.copytree(synthetic_dataset_3d, dataset)
+    run = tmp_path / "run"
+    _train(dataset, run, iterations=2)
+    label = sorted((dataset / "labelsTr").iterdir())[0]
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # touched: "changed"
+    with caplog.at_level(logging.WARNING, logger="medseg.training"):
+        run_training(validate_config(_raw(dataset, run, iterations=4)), resume=True)
+    warnings = [r.getMessage() for r in caplog.records if "the dataset changed since" in r.getMessage()]
+    assert len(warnings) == 1 and "1 case(s) whose files changed" in warnings[0]
+    assert label.name.split(".")[0] in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medseg.training"):  # unchanged since: no warning
+        run_training(validate_config(_raw(dataset, run, iterations=6)), resume=True)
+    assert not [r for r in caplog.records if "the dataset changed since" in r.getMessage()]
