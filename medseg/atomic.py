@@ -212,3 +212,40 @@ def check_output_folder(path: str | Path, what: str, argument: bool = False) -> 
         problem = f"{existing} exists and is not a folder"
         raise ArgumentError(what, problem, path) if argument else DataError(f"{what} {path}: {problem}")
     return path
+
+
+def make_writable_folder(folder: str | Path) -> list[Path]:
+    """Create ``folder`` (and its missing parents) and check that a file can be written
+    there, before a long piece of work rather than at its first write; returns the
+    folders it created, deepest first (the caller may remove them if its work fails).
+
+    Raises
+    ------
+    OSError
+        The folder cannot be made or written (what it created is removed again); the
+        caller words it (``err.strerror``) for its argument or setting.
+    """
+    folder = Path(folder)
+    created = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        created.append(parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".medseg-probe-{host_tag()}-{os.getpid()}"  # unique on a shared file system too
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        remove_empty_folders(created)
+        raise
+    return created
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            break

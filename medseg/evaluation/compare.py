@@ -466,7 +466,7 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
         An input is missing or not a summary, no case is evaluated in both, no numeric
         metric is in both, or the two are not comparable (:func:`check_comparable`).
     """
-    from medseg.atomic import check_output_folder, write_atomic
+    from medseg.atomic import check_output_folder, make_writable_folder, write_atomic
 
     if permutations < 1:
         raise ArgumentError("permutations", "must be at least 1", permutations)
@@ -475,9 +475,9 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
     if output is not None:
         output = check_output_folder(output, "output", argument=True)  # before the comparison, not after
         try:
-            output.mkdir(parents=True, exist_ok=True)
+            make_writable_folder(output)
         except OSError as err:
-            raise ArgumentError("output", f"cannot create it ({err.strerror or err})", output) from None
+            raise ArgumentError("output", f"cannot write there ({err.strerror or err})", output) from None
     evaluation_a, evaluation_b = load_evaluation(a), load_evaluation(b)
     notes = check_comparable(evaluation_a, evaluation_b)
     result = compare_evaluations(evaluation_a, evaluation_b, permutations)

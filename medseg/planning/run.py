@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.atomic import blocking_file
+from medseg.atomic import blocking_file, make_writable_folder, remove_empty_folders
 from medseg.data.dataset import dataset_data_folder
 from medseg.errors import ArgumentError, DataError
 from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB
@@ -32,33 +31,15 @@ def default_config_path(dataset: Path) -> Path:
 
 
 def _make_writable_folder(folder: Path, argument: str) -> list[Path]:
-    """Create ``folder`` (and its missing parents) and check a file can be written there,
-    before the (long) fingerprint; returns the folders created, to remove on failure."""
+    """Create ``folder`` and check a file can be written there, before the (long)
+    fingerprint; returns the folders created, to remove on failure."""
     existing = blocking_file(folder)
     if existing is not None:
         raise ArgumentError(argument, f"{existing} exists and is not a folder", folder)
-    created = []
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            break
-        created.append(parent)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".medseg-plan-{uuid.uuid4().hex[:8]}"
-        probe.write_text("")
-        probe.unlink()
+        return make_writable_folder(folder)
     except OSError as err:
-        _remove_empty(created)
         raise ArgumentError(argument, f"cannot write there ({err.strerror or err})", folder) from None
-    return created
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first
-        try:
-            folder.rmdir()
-        except OSError:
-            break
 
 
 def run_plan(
@@ -125,7 +106,7 @@ def run_plan(
                 output_dir=str(output_dir) if output_dir is not None else None,
             )
     except BaseException:
-        _remove_empty(created)
+        remove_empty_folders(created)
         raise
     from medseg.data.dataset import DatasetWarning
 

@@ -29,7 +29,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medseg import distributed
-from medseg.atomic import blocking_file
+from medseg.atomic import blocking_file, make_writable_folder
 from medseg.data.dataset import Case, DatasetInfo, check_dataset, dataset_data_folder, load_case, split_cases
 from medseg.data.transforms import fit_preprocessing
 from medseg.errors import ConfigError, DataError, MedsegError
@@ -114,6 +114,8 @@ class PreprocessedDataset:
     preprocessing: dict[str, Any]
     cases: dict[str, CachedCase]
     done: int = 0  # cases that were missing and were preprocessed by this call (all ranks)
+    # the dataset's files as the cache key saw them (cache.dataset_fingerprint)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def label_statistics(self, names: Sequence[str], info: DatasetInfo) -> dict[str, Any]:
         """:func:`medseg.data.dataset.label_statistics` of the cases ``names``, from the raw
@@ -208,10 +210,7 @@ def _check_writable(root: Path) -> None:
             "set data.cache_dir or $MEDSEG_CACHE to a folder"
         )
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_folder(root)
     except OSError as err:
         raise MedsegError(
             f"{root}: the preprocessing cache folder is not writable ({err.strerror or err}); "
@@ -335,7 +334,8 @@ def preprocess_dataset(
             raise MedsegError(f"{folder}: cases {', '.join(c.name for c in missing[:5])} are missing after preprocessing")
     else:
         log.info("using the preprocessed cache %s (%d cases)", folder, len(cases))
-    return PreprocessedDataset(folder, key, preprocessing, {n: CachedCase(folder, m) for n, m in metas.items()}, len(todo))
+    return PreprocessedDataset(folder, key, preprocessing, {n: CachedCase(folder, m) for n, m in metas.items()}, len(todo),
+                               fingerprint)
 
 
 def run_preprocessing(cfg: "RunConfig", workers: int | None = None) -> PreprocessedDataset:

@@ -208,13 +208,11 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
 
 def _data_files(data: TrainingData) -> dict[str, str]:
     """Per case of the run (training and validation), a digest of its files' names, sizes
-    and modification times: kept in every checkpoint, so that a resume can tell that the
-    data changed under the run."""
+    and modification times (the fingerprint the preprocessing cache was keyed by): kept in
+    every checkpoint, so that a resume can tell that the data changed under the run."""
     import hashlib
 
-    from medseg.preprocessing.cache import dataset_fingerprint
-
-    cases = dataset_fingerprint(data.info, [*data.train_cases, *data.val_cases])["cases"]
+    cases = data.cache.fingerprint.get("cases", {})
     return {case: hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] for case, entries in cases.items()}
 
 

@@ -9,10 +9,10 @@ into it), nor the current folder or one holding it.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from medseg.atomic import make_writable_folder
 from medseg.errors import DataError
 
 
@@ -21,8 +21,8 @@ def check_dataset_output(out: Path, overwrite: bool, inputs: Mapping[str, Path] 
 
     ``inputs``: the converter's input folders by their option name (``{"--src": src}``).
     An existing ``out`` needs ``overwrite`` (``--force``); its parent must be writable
-    (checked by creating and removing an empty folder there, so an unwritable place
-    fails before the work, not after it).
+    (checked by writing a probe file there, so an unwritable place fails before the
+    work, not after it).
     """
     out = Path(out)
     target = out.resolve()
@@ -38,7 +38,6 @@ def check_dataset_output(out: Path, overwrite: bool, inputs: Mapping[str, Path] 
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists (pass --force to replace it)")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Path(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent)).rmdir()
+        make_writable_folder(target.parent)
     except OSError as err:
         raise DataError(f"--out {out}: cannot write there ({err.strerror or err})") from None
