@@ -177,6 +177,10 @@ class MIPLoss(nn.Module):
             return 1.0 - probs[:, :1]
         return probs[:, 1:].amax(dim=1, keepdim=True)  # multi-label: any foreground channel
 
+    def check_spatial_dims(self, spatial_dims: int) -> None:
+        """Raise ValueError if ``axes`` names an axis that ``spatial_dims``-D inputs lack."""
+        spatial_axes(self.axes, spatial_dims)
+
     def forward(self, input: torch.Tensor, target: torch.Tensor, label_mip: torch.Tensor | None = None) -> torch.Tensor:
         """``input`` (B, C, ...) logits; ``target`` (B, 1, ...) labels; ``label_mip`` (B, len(axes), ...) or None."""
         check_input(input, target, "MIPLoss")

@@ -361,8 +361,11 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
 
 
-def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
+def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | None = None) -> CompositeLoss:
     """The weighted sum of the config's loss terms for a model with ``out_channels`` outputs.
+
+    With ``spatial_dims`` (2 or 3), parameters that name spatial axes (``mip``'s ``axes``)
+    are checked against it here, so such a mistake shows before training starts.
 
     Activation convention: for ``out_channels == 1`` every term that takes ``sigmoid`` gets
     ``sigmoid=True`` (a binary sigmoid head); for ``out_channels > 1``, ``softmax=True`` and
@@ -401,6 +404,11 @@ def build_loss(terms: list[LossTerm], out_channels: int) -> CompositeLoss:
             if key not in params and _accepts(cls, key):
                 params[key] = value
         module = _make(term.name, params, where)
+        if spatial_dims is not None and hasattr(module, "check_spatial_dims"):
+            try:
+                module.check_spatial_dims(spatial_dims)
+            except ValueError as err:
+                raise ConfigError(f"{where} ({term.name}): {err}") from None
         built.append((_term_name(term.name, seen), term.weight, module))
     return CompositeLoss(built, out_channels, schedules=schedules, final_only=final_only)
 

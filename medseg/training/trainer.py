@@ -196,7 +196,7 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     info = read_dataset_json(cfg.data.dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
-    loss_fn = build_loss(cfg.losses, info.num_classes)
+    loss_fn = build_loss(cfg.losses, info.num_classes, cfg.spatial_dims)
     data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None)
     model.to(device)
     loss_fn.to(device)

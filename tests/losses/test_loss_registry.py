@@ -52,6 +52,14 @@ def test_bad_value_names_the_loss():
         get_loss("mip", axes="w")
 
 
+def test_axes_are_checked_against_the_spatial_dims_when_given():
+    terms = [LossTerm(name="mip", weight=1.0, axes="z")]
+    with pytest.raises(ConfigError, match=r"losses\[0\] \(mip\): MIPLoss: axis 'z' does not exist in 2 spatial"):
+        build_loss(terms, 2, spatial_dims=2)
+    assert isinstance(build_loss(terms, 2, spatial_dims=3), CompositeLoss)
+    assert isinstance(build_loss(terms, 2), CompositeLoss)  # dimensionality unknown: checked at the first call
+
+
 def test_softmax_with_one_channel_and_reduction_none_are_rejected():
     with pytest.raises(ConfigError, match="softmax=True needs out_channels > 1"):
         build_loss(_terms({"name": "dice", "softmax": True}), 1)

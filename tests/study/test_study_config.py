@@ -69,6 +69,9 @@ def test_bad_value_and_bad_loss_name_the_variant(write_study, capsys):
     assert "variants.neg" in line and "train.iterations" in line
     line = _fails(capsys, [write_study(variants={"cedice": {}, "typo": {"losses": [{"name": "cldice", "iteratons": 3}]}})])
     assert "variants.typo" in line and "unknown parameter 'iteratons'" in line
+    # a parameter that only the data's dimensionality makes wrong (the runs are 2D)
+    line = _fails(capsys, [write_study(variants={"cedice": {}, "mip": {"losses": [{"name": "mip", "axes": 7}]}})])
+    assert "variants.mip" in line and "losses[0] (mip)" in line and "axis 7 does not exist in 2 spatial dimensions" in line
 
 
 def test_command_line_set_is_checked(write_study, capsys):
