@@ -313,6 +313,16 @@ def _parse_labels(path: Path, labels_raw: Any) -> dict[str, int]:
         raise _key_error(path, "labels", "'ignore' must have the highest label value")
     if len(labels) - (ignore is not None) < 2:
         raise _key_error(path, "labels", "needs at least one foreground label")
+    classes = sorted(v for k, v in labels.items() if k != IGNORE_LABEL_NAME)
+    if classes != list(range(len(classes))):
+        # the network has one output per value up to the highest: a gap would be a class
+        # that no voxel has, scored and predicted all the same (nnU-Net refuses it too)
+        hint = (" (0/255 masks? declare the foreground as 1 and convert them, e.g. with "
+                "data_scripts/convert_2d.py, which maps 255 to 1)" if 255 in classes else "")
+        raise _key_error(
+            path, "labels",
+            f"values must be consecutive, 0, 1, 2, ... ('ignore' may be higher); got {classes}{hint}",
+        )
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 

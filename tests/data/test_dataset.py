@@ -78,6 +78,19 @@ def test_ignore_label_is_not_a_class(ds):
     assert info.foreground_labels == {"artery": 1, "vein": 2}
 
 
+def test_label_values_must_be_consecutive(ds):
+    """A gap would be an output channel no voxel has: scored as a class (a validation Dice
+    of 0 averaged in) and predictable, so a prediction could hold an undeclared value."""
+    edit_json(ds, labels={"background": 0, "vessel": 2})
+    with pytest.raises(DataError, match=r"key 'labels': values must be consecutive, 0, 1, 2, \.\.\. .*got \[0, 2\]$"):
+        read_dataset_json(ds)
+    edit_json(ds, labels={"background": 0, "mortar": 255})
+    with pytest.raises(DataError, match=r"got \[0, 255\] \(0/255 masks\? .*convert_2d\.py"):
+        read_dataset_json(ds)
+    edit_json(ds, labels={"background": 0, "vessel": 1, "ignore": 255})  # ignore may lie above the classes
+    assert read_dataset_json(ds).num_classes == 2
+
+
 @pytest.mark.parametrize(
     "changes,key",
     [
