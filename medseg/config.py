@@ -16,13 +16,19 @@ Example (``configs/quickstart.yaml``)::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg.errors import ArgumentError, ConfigError
+
+
+def absolute_path(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded, made absolute from the current folder (``..`` folded)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 class _Strict(BaseModel):
@@ -37,6 +43,20 @@ class _Strict(BaseModel):
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, str) and not value.strip() and Path in getattr(annotation, "__args__", (annotation,)):
             raise ValueError("is empty; give a path (or leave the key out)")
+        return value
+
+    #: path fields a model resolves itself (another base folder than the current one)
+    _paths_resolved_by_model: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _absolute_path(cls, value: Any, info) -> Any:
+        """A path is made absolute (``~`` expanded, relative to the current folder) when the
+        config is read: the run folder's config.yaml and its checkpoints then name the same
+        files from any folder a resume or a study is started in. A stored relative path (a
+        run of an earlier medseg) reads as before, from the current folder."""
+        if isinstance(value, Path) and info.field_name not in cls._paths_resolved_by_model:
+            return absolute_path(value)
         return value
 
 
@@ -127,6 +147,22 @@ class DataConfig(_Strict):
         description=f"DataLoader worker processes making patches (0-{MAX_DATA_WORKERS}; at most twice the cores "
         "are started); auto: min(cores - 1, 8) of the cores per process (0 on one core)",
     )
+
+    _paths_resolved_by_model: ClassVar[frozenset[str]] = frozenset({"split_file"})
+
+    @model_validator(mode="after")
+    def _split_file_path(self) -> "DataConfig":
+        """``split_file`` is looked up as given (from the current folder), then inside the
+        dataset (nnU-Net's ``splits_final.json``); stored as the absolute path found, or
+        from the current folder when neither exists (training then names it)."""
+        split = self.split_file
+        if split is not None and not split.is_absolute():
+            found = absolute_path(split)
+            inside = self.dataset / split
+            if not found.is_file() and not split.parts[0].startswith("~") and inside.is_file():
+                found = absolute_path(inside)
+            object.__setattr__(self, "split_file", found)  # not validate_assignment: no recursion
+        return self
 
     @field_validator("patch_size")
     @classmethod

@@ -29,6 +29,25 @@ def test_minimal_config_gets_documented_defaults():
     assert cfg.device == "auto" and cfg.train.amp
 
 
+def test_paths_are_made_absolute_from_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = validate_config({**MINIMAL, "data": {"dataset": "data/../ds", "cache_dir": "~/cache", "split_file": None}})
+    assert cfg.data.dataset == tmp_path / "ds" and cfg.output_dir == tmp_path / "run"
+    assert cfg.data.cache_dir == tmp_path / "home" / "cache" and cfg.data.split_file is None
+    assert validate_config(yaml.safe_load(dump_config(cfg))) == cfg  # a stored config reads back the same
+    # split_file: as given from here, else inside the dataset (nnU-Net's splits_final.json)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "splits_final.json").write_text("[]")
+    inside = validate_config({**MINIMAL, "data": {"dataset": "ds", "split_file": "splits_final.json"}})
+    assert inside.data.split_file == tmp_path / "ds" / "splits_final.json"
+    (tmp_path / "splits_final.json").write_text("[]")
+    here = validate_config({**MINIMAL, "data": {"dataset": "ds", "split_file": "splits_final.json"}})
+    assert here.data.split_file == tmp_path / "splits_final.json"
+    missing = validate_config({**MINIMAL, "data": {"dataset": "ds", "split_file": "none.json"}})
+    assert missing.data.split_file == tmp_path / "none.json"
+
+
 def test_unknown_key_is_named(tmp_path):
     raw = {**MINIMAL, "train": {"iterations": 10, "iteratons": 5}}
     with pytest.raises(ConfigError, match=r"unknown key 'train\.iteratons'"):
@@ -73,7 +92,7 @@ def test_set_overrides_dotted_keys_scalars_and_lists(tmp_path):
     assert cfg.train.optimizer.lr == pytest.approx(3e-4)
     assert cfg.train.amp is False
     assert cfg.model.params["channels"] == [8, 16, 32]
-    assert cfg.output_dir == Path("elsewhere")
+    assert cfg.output_dir == Path("elsewhere").absolute()
 
 
 def test_set_rejects_malformed_and_unknown_overrides(tmp_path):

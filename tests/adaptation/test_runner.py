@@ -127,7 +127,7 @@ def test_refusals(source_run, target_dataset, tmp_path):
         _run(adapt_raw(source_run, target_dataset, tmp_path / "c", "sfda", sfda={"prior": [0.5, 0.25, 0.25]}))
     assert not (tmp_path / "c").exists()
     # a source_run that does not exist is reported as such, not as an output_dir inside it
-    with pytest.raises(CheckpointError, match="source_run typo_run: no such run folder or checkpoint file"):
+    with pytest.raises(CheckpointError, match=f"source_run {Path.cwd() / 'typo_run'}: no such run folder or checkpoint file"):
         _run(adapt_raw(Path("typo_run"), target_dataset, Path("d"), "sfda"))
     blocker = tmp_path / "file"
     blocker.write_text("keep")

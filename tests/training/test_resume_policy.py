@@ -257,3 +257,36 @@ def test_a_resume_on_changed_data_says_what_changed(synthetic_dataset_3d, tmp_pa
     with caplog.at_level(logging.WARNING, logger="medseg.training"):  # unchanged since: no warning
         run_training(validate_config(_raw(dataset, run, iterations=6)), resume=True)
     assert not [r for r in caplog.records if "the dataset changed since" in r.getMessage()]
+
+
+def test_a_run_started_with_relative_paths_resumes_from_any_folder(synthetic_dataset_3d, tmp_path, monkeypatch):
+    """Paths are stored absolute, so the run's own config.yaml resumes it from anywhere; a
+    checkpoint of an earlier medseg holding relative paths compares as before, from the
+    folder it is resumed in."""
+    start, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    raw = _raw(Path(os.path.relpath(synthetic_dataset_3d, start)), Path("runs/r"), iterations=4)
+    assert cli_main(["train", *_as_config_file(raw, start / "config.yaml")]) == 0
+    config = start / "runs" / "r" / "config.yaml"
+    stored = yaml.safe_load(config.read_text())
+    assert stored["data"]["dataset"] == str(synthetic_dataset_3d) and stored["output_dir"] == str(start / "runs" / "r")
+
+    monkeypatch.chdir(elsewhere)
+    assert cli_main(["train", str(config), "--resume", "--set", "train.iterations=6"]) == 0
+    assert load_checkpoint(start / "runs" / "r" / "checkpoints" / "latest.pt")["iteration"] == 6
+    assert not (elsewhere / "runs").exists()
+
+    # an earlier medseg's checkpoint with the paths as the user wrote them
+    latest = start / "runs" / "r" / "checkpoints" / "latest.pt"
+    checkpoint = torch.load(latest, weights_only=False)
+    checkpoint["config"]["data"]["dataset"] = raw["data"]["dataset"]
+    checkpoint["config"]["output_dir"] = "runs/r"
+    torch.save(checkpoint, latest)
+    monkeypatch.chdir(start)
+    assert cli_main(["train", str(start / "config.yaml"), "--resume", "--set", "train.iterations=6"]) == 0  # equal
+
+
+def _as_config_file(raw: dict, path: Path) -> list[str]:
+    path.write_text(yaml.safe_dump(raw))
+    return [str(path)]
