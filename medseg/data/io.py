@@ -68,6 +68,43 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 # --------------------------------------------------------------------------- geometry
 
+def planar_affine(affine: Any) -> np.ndarray:
+    """The 4x4 affine of a 2D image expressed in its own plane, for 2D transforms.
+
+    MONAI (``to_affine_nd(2, A)``) and the resampling here read a 2D image's geometry from
+    the world x/y rows of its first two columns. That block is singular for a coronal or
+    sagittal slice and shortens the spacing of a tilted one. This returns an affine whose
+    first two columns lie in world x/y and describe the same grid isometrically: the
+    columns ``c0, c1`` and origin ``o`` written in an orthonormal basis ``(u, v)`` of the
+    slice plane, ``u`` the plane's projection of the first world axis not along the
+    plane's normal ``n``, ``v = ±(n x u)`` towards the second. An axial slice (``n`` along z)
+    gets ``u = x, v = y``: its affine comes back unchanged, and the function is idempotent.
+    Rows 3-4 hold the slice axis (along z) and the homogeneous row.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):  # already a 2D (3x3) affine
+        return affine.copy()
+    c0, c1, origin = affine[:3, 0], affine[:3, 1], affine[:3, 3]
+    normal = np.cross(c0, c1)
+    length = float(np.linalg.norm(normal))
+    if length == 0.0:  # degenerate columns: nothing better to say
+        return affine.copy()
+    normal = normal / length
+    k = int(np.argmax(np.abs(normal)))
+    i, j = [a for a in range(3) if a != k]
+    u = np.eye(3)[i] - normal[i] * normal
+    u = u / np.linalg.norm(u)
+    v = np.cross(normal, u)
+    if v[j] < 0:
+        v = -v
+    out = np.eye(4)
+    out[:2, :2] = [[u @ c0, u @ c1], [v @ c0, v @ c1]]
+    out[:2, 3] = [u @ origin, v @ origin]
+    out[2, 2] = float(np.linalg.norm(affine[:3, 2])) or 1.0
+    out[2, 3] = normal @ origin
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class ImageGeometry:
     """Where the voxels of an image are in the world.
@@ -145,19 +182,29 @@ class ImageGeometry:
 
     @property
     def axcodes(self) -> tuple[str, ...]:
-        """Closest anatomical axis codes, e.g. ``('L', 'P', 'S')`` (nibabel.aff2axcodes)."""
+        """Closest anatomical axis codes, e.g. ``('L', 'P', 'S')`` (nibabel.aff2axcodes); of a
+        2D image, those of its :func:`planar_affine` (the frame its 2D transforms use)."""
         import nibabel as nib
 
-        return tuple(nib.aff2axcodes(self.affine))[: self.ndim]
+        affine = planar_affine(self.affine) if self.ndim == 2 else self.affine
+        return tuple(nib.aff2axcodes(affine))[: self.ndim]
+
+    def _compared_columns(self) -> list[int]:
+        # a 2D image's slice axis (column 2) places no voxel: a slice thickness or a
+        # slice direction written differently by two tools is no difference
+        return [0, 1, 3] if self.ndim == 2 else [0, 1, 2, 3]
 
     def allclose(self, other: "ImageGeometry", atol: float = 1e-4) -> bool:
-        """Same shape and affine entries equal within ``atol`` (mm, absolute)."""
+        """Same shape and affine entries equal within ``atol`` (mm, absolute); for 2D images
+        the slice axis's column is not compared."""
+        columns = self._compared_columns()
         return self.shape == tuple(other.shape) and bool(
-            np.allclose(self.affine, other.affine, rtol=0.0, atol=atol)
+            np.allclose(self.affine[:, columns], other.affine[:, columns], rtol=0.0, atol=atol)
         )
 
     def max_affine_difference(self, other: "ImageGeometry") -> float:
-        return float(np.max(np.abs(self.affine - other.affine)))
+        columns = self._compared_columns()
+        return float(np.max(np.abs(self.affine[:, columns] - other.affine[:, columns])))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/checkpoint friendly form (lists of floats and ints)."""

@@ -57,6 +57,7 @@ from monai.transforms import (
 )
 from monai.transforms.utils import create_rotate
 
+from medseg.data.io import planar_affine
 from medseg.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -219,7 +220,10 @@ class ToMetaTensord(MapTransform):
             value = d[key]
             if isinstance(value, MetaTensor) and geometry is None:
                 continue
-            affine = torch.tensor(np.array(geometry.affine), dtype=torch.float64) if geometry is not None else None
+            affine = None
+            if geometry is not None:  # a 2D image in its slice's plane (coronal, sagittal, tilted slices)
+                matrix = planar_affine(geometry.affine) if geometry.ndim == 2 else np.array(geometry.affine)
+                affine = torch.tensor(matrix, dtype=torch.float64)
             array = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(np.asarray(value))
             meta = {"original_affine": affine.clone() if affine is not None else None}
             if "name" in d:

@@ -40,13 +40,19 @@ MAX_SLAB_VOXELS = 1 << 20
 def index_map(dst_affine: Any, src_affine: Any, spatial_dims: int) -> np.ndarray:
     """The ``(r+1, r+1)`` float64 matrix taking a voxel index of the ``dst`` grid to one of ``src``.
 
-    Both affines map voxel indices to world millimetres (4x4; for 2D only the first two
-    axes are used, as MONAI's ``to_affine_nd`` does).
+    Both affines map voxel indices to world millimetres (4x4). For 2D both are first put in
+    their slice's plane (:func:`medseg.data.io.planar_affine`, as the 2D transforms see
+    them), then cut to 3x3 as MONAI's ``to_affine_nd`` does.
     """
     from monai.data.utils import to_affine_nd
 
-    src = to_affine_nd(spatial_dims, np.asarray(src_affine, dtype=np.float64))
-    dst = to_affine_nd(spatial_dims, np.asarray(dst_affine, dtype=np.float64))
+    from medseg.data.io import planar_affine
+
+    src, dst = (np.asarray(a, dtype=np.float64) for a in (src_affine, dst_affine))
+    if spatial_dims == 2:
+        src, dst = planar_affine(src), planar_affine(dst)
+    src = to_affine_nd(spatial_dims, src)
+    dst = to_affine_nd(spatial_dims, dst)
     return np.linalg.solve(src, dst)
 
 

@@ -378,3 +378,15 @@ def test_blocked_c_order_copy_equals_ascontiguousarray(shape):
     array = np.asfortranarray(rng.integers(-1000, 1000, shape).astype(np.int16))
     out = _c_order(array)
     assert out.flags.c_contiguous and np.array_equal(out, array)
+
+
+def test_a_2d_geometry_compares_its_plane_not_its_slice_axis():
+    """Two tools writing one slice with another thickness (or slice direction) describe the
+    same pixels: image and label must not be refused for it; in-plane differences still count."""
+    image = ImageGeometry(np.diag([0.5, 0.5, 3.0, 1.0]), (40, 30))
+    label = ImageGeometry(np.diag([0.5, 0.5, 1.0, 1.0]), (40, 30))
+    assert image.allclose(label) and image.max_affine_difference(label) == 0.0
+    moved = ImageGeometry(np.diag([0.5, 0.6, 3.0, 1.0]), (40, 30))
+    assert not image.allclose(moved) and image.max_affine_difference(moved) == pytest.approx(0.1)
+    volume, other = ImageGeometry(np.diag([0.5, 0.5, 3.0, 1.0]), (40, 30, 5)), ImageGeometry(np.diag([0.5, 0.5, 1.0, 1.0]), (40, 30, 5))
+    assert not volume.allclose(other)  # in 3D the third axis places voxels
