@@ -170,6 +170,13 @@ def resume_point(
         check(config_of(checkpoint, latest), int(checkpoint["iteration"]), latest)
         return checkpoint
     if resume:
+        kept = sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.pt")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
+        if kept:  # latest.pt was deleted or lost: starting over would replace what the run has
+            raise CheckpointError(
+                f"{latest}: missing, but {CHECKPOINT_DIR}/ holds {', '.join(kept)}: the run trained past its first "
+                f"checkpoint and a resume would start it over; restore {LATEST}, or delete {run_dir / CHECKPOINT_DIR} "
+                "to train the run again from the start (nothing was changed)"
+            )
         stored = unfinished_start(run_dir, log_file, config_file)
         if stored is None:
             raise CheckpointError(f"{run_dir}: nothing to resume, {CHECKPOINT_DIR}/{LATEST} not found (start without --resume)")

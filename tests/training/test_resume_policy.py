@@ -290,3 +290,17 @@ def test_a_run_started_with_relative_paths_resumes_from_any_folder(synthetic_dat
 def _as_config_file(raw: dict, path: Path) -> list[str]:
     path.write_text(yaml.safe_dump(raw))
     return [str(path)]
+
+
+def test_a_resume_without_latest_but_with_best_is_refused_and_changes_nothing(synthetic_dataset_3d, tmp_path, capsys):
+    """latest.pt deleted or lost in a run that trained: the resume used to take it for a run
+    killed before its first checkpoint and train it again from step 0, over best.pt and
+    metrics.csv."""
+    run = tmp_path / "run"
+    config = _train(synthetic_dataset_3d, run, iterations=12)  # latest every 4, best at 6 and 12
+    (run / "checkpoints" / "latest.pt").unlink()
+    before = _digest(run)
+    assert cli_main(["train", str(config), "--resume"]) == CheckpointError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "latest.pt: missing, but checkpoints/ holds best.pt" in err[0] and "nothing was changed" in err[0]
+    assert _digest(run) == before
