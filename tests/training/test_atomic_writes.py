@@ -149,3 +149,21 @@ def test_a_file_that_is_no_checkpoint_says_why_without_torchs_unsafe_advice(tmp_
     with pytest.raises(CheckpointError) as caught:
         load(pickled)
     assert "weights-only load refuses" in str(caught.value) and "weights_only" not in str(caught.value)
+
+
+def test_a_checkpoint_changed_on_disk_is_refused_not_loaded_as_other_weights(tmp_path):
+    """torch.load ignores the CRCs its zip stores: a flipped bit in a tensor loaded as
+    different weights (predict and --resume exit 0 with other results)."""
+    from medseg.errors import CheckpointError
+
+    path = tmp_path / "latest.pt"
+    weights = torch.arange(4096, dtype=torch.float32)
+    save_checkpoint(path, {"model": {"w": weights}, "config": {}})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], weights)
+    data = bytearray(path.read_bytes())
+    offset = data.find(weights[1000:1004].numpy().tobytes())  # inside the tensor's record
+    assert offset > 0
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"latest.pt: damaged checkpoint \(.*data/0 fails its CRC-32 check"):
+        load_checkpoint(path)
