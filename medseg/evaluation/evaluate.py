@@ -456,6 +456,9 @@ def _summary(
 ):
     from medseg.evaluation.aggregate import describe
 
+    # the cases in the references' order, not the workers' completion order: a float sum
+    # depends on its order, and the same evaluation must give the same bytes every time
+    per_case = {case: per_case[case] for case in references if case in per_case}
     metric_per_case = []
     for case, ref_file in references.items():
         entry = {

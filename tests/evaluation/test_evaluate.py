@@ -331,3 +331,25 @@ def test_report_is_written_with_the_summary(folders):
     text = (out / "report.html").read_text()
     assert text.count('<tr><td data-v="c') == 3  # one row per case in the per-case table
     assert "Dice [vessel]" in text and "Dice [tumour]" in text  # two labels: one column each
+
+
+def test_the_summary_does_not_depend_on_the_order_workers_finish_in(tmp_path):
+    """Parallel workers hand their cases back in completion order; the statistics must be
+    taken in the references' order (a float sum depends on its order)."""
+    from medseg.evaluation.evaluate import _summary
+
+    # seven Dice values whose float mean differs in the last digit when summed backwards
+    dice = [0.8444218515250481, 0.7579544029403025, 0.420571580830845, 0.25891675029296335, 0.5112747213686085,
+            0.4049341374504143, 0.7837985890347726]
+    assert np.mean(dice) != np.mean(dice[::-1])
+    values = dict(zip("abcdefg", dice))
+    references = {c: tmp_path / f"{c}.nii.gz" for c in values}
+
+    def summary(order):
+        per_case = {c: {"1": {"dice": values[c], "n_ref": 1, "n_pred": 1}} for c in order}
+        return _summary(references, tmp_path, ".nii.gz", per_case, set(), {}, {1: "vessel"}, None, "test", {})
+
+    forward, backward = summary(list(values)), summary(list(values)[::-1])
+    assert json.dumps(forward["mean"]) == json.dumps(backward["mean"])
+    assert json.dumps(forward["statistics"]) == json.dumps(backward["statistics"])
+    assert [c["case"] for c in backward["metric_per_case"]] == list(values)
