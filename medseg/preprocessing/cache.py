@@ -45,8 +45,8 @@ from medseg.data.dataset import Case, DatasetInfo, label_dtype
 from medseg.data.transforms import PREPROCESSING_VERSION, channel_schemes
 from medseg.errors import MedsegError
 from medseg.preprocessing.case import MAX_CLASS_LOCATIONS
-from medseg.atomic import write_atomic
-from medseg.preprocessing.storage import CASE_FORMAT
+from medseg.atomic import remove_dead_temporaries, write_atomic
+from medseg.preprocessing.storage import _STALE_TEMPORARY_S, CASE_FORMAT
 
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.config import RunConfig
@@ -181,8 +181,15 @@ def _writing(folder: Path, action) -> None:
         raise MedsegError(f"{folder}: cannot write the preprocessing cache ({err.strerror or err})") from None
 
 
+def _remove_dead_temporaries_of(path: Path) -> None:
+    """What a writer of ``path`` killed midway left beside it (see remove_stale_temporaries)."""
+    if path.parent.is_dir():
+        remove_dead_temporaries(path.parent, names=[path.name], other_hosts_after_s=_STALE_TEMPORARY_S)
+
+
 def write_statistics(root: Path, info: DatasetInfo, fit_key: str, preprocessing: dict[str, Any]) -> None:
     path = _statistics_path(root, info, fit_key)
+    _remove_dead_temporaries_of(path)
     text = json.dumps({"key": fit_key, "preprocessing": preprocessing}, indent=1, sort_keys=True) + "\n"
     _writing(path.parent, lambda: write_atomic(path, text.encode()))
 
@@ -197,6 +204,7 @@ def write_manifest(folder: Path, key: str, inputs: dict[str, Any], cases: list[s
         another key.
     """
     path = folder / "manifest.json"
+    _remove_dead_temporaries_of(path)
     if path.is_file():
         try:
             existing = json.loads(path.read_text())

@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -184,13 +185,20 @@ def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool)
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         with ProcessPoolExecutor(min(workers, len(cases)), mp_context=context, initializer=_init_worker,
                                  initargs=(job,)) as pool:
-            futures: list[Future] = [pool.submit(_preprocess_one, c) for c in cases]
+            futures: dict[Future, Case] = {pool.submit(_preprocess_one, c): c for c in cases}
             pending = set(futures)
             try:
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for future in finished:
-                        future.result()  # the first error stops the run (the others are cancelled)
+                        try:
+                            future.result()  # the first error stops the run (the others are cancelled)
+                        except BrokenProcessPool:
+                            raise MedsegError(
+                                f"preprocessing case '{futures[future].name}': a worker process died (out of "
+                                "memory, or killed); the cases written so far are kept, rerun to finish "
+                                "(fewer --workers need less memory)"
+                            ) from None
                         bar.update(1)
             except BaseException:
                 for future in pending:

@@ -155,9 +155,12 @@ def test_a_killed_preprocess_resumes_to_the_same_cache(padded_dataset, tmp_path)
 
     (folder / f".case_004.b2nd.{host_tag()}-{dead.stdout.strip()}.tmp").write_bytes(b"partial")
     (folder / "case_004.b2nd").write_bytes(b"an image without its JSON")
+    manifest_temporary = folder / f".manifest.json.{host_tag()}-{dead.stdout.strip()}.tmp"  # killed writing it
+    manifest_temporary.write_bytes(b"partial")
 
     assert cli_main(["preprocess", str(config), "--workers", "2"]) == 0
     assert cache_files(root) == reference
+    assert not manifest_temporary.exists()  # its rerun found the manifest written and returned early: it stayed
 
 
 def test_an_unwritable_cache_folder_is_one_line_naming_it(padded_dataset, tmp_path, capsys):
@@ -268,3 +271,24 @@ def test_a_cache_file_damaged_in_place_is_named_when_read(padded_dataset, tmp_pa
     damaged = type(case)(dataset.folder, json.loads((dataset.folder / case_files(case.name)[2]).read_text()))
     with pytest.raises(MedsegError, match=rf"{image_file.name}: corrupt cache file .*rerun medseg preprocess"):
         damaged.whole()
+
+
+def test_a_worker_that_dies_is_named_in_one_line(monkeypatch):
+    """A worker killed (out of memory, a signal) broke the pool: a BrokenProcessPool
+    traceback reached the user; now one line naming the case."""
+    import os
+
+    from medseg.data.dataset import Case
+    from medseg.errors import MedsegError
+    from medseg.preprocessing import run
+
+    def die(case, *args):
+        if case.name == "b":
+            os._exit(9)  # as the kernel's OOM killer would leave it
+        return {}
+
+    monkeypatch.setattr(run, "preprocess_case", die)
+    monkeypatch.setattr(run, "write_case", lambda *args: None)
+    cases = [Case(name, [Path(f"{name}.nii.gz")]) for name in "ab"]
+    with pytest.raises(MedsegError, match=r"^preprocessing case 'b': a worker process died \(out of memory, or killed\)"):
+        run._run_cases(cases, {"info": None, "config": None, "preprocessing": None, "folder": None, "key": None}, 2, False)
