@@ -45,6 +45,7 @@ from medseg.errors import ArgumentError, DataError, MedsegError
 from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES, SUMMARY_FILE, json_default
 from medseg.provenance import provenance
+from medseg.runfolder.lock import RunFolderLock
 
 __all__ = ["run_evaluation", "evaluate_case", "find_cases", "AFFINE_TOLERANCE_MM"]
 
@@ -345,109 +346,116 @@ def run_evaluation(
     )
     references, ending = find_cases(ref_dir, ending)
 
-    missing = {case: pred_dir / f"{case}{ending}" for case in references if not (pred_dir / f"{case}{ending}").is_file()}
-    present = [case for case in references if case not in missing]
-    for case, path in missing.items():
-        print(f"medseg: missing prediction for case {case} ({path})", file=sys.stderr)
-    unmatched = sorted(
-        f.name for f in pred_dir.iterdir()
-        if f.is_file() and not f.name.startswith(".") and f.name.endswith(ending) and f.name[: -len(ending)] not in references
-    )
-    if unmatched:  # a typo in a name shows up here, not just as a missing prediction
-        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
-        print(f"medseg: {len(unmatched)} prediction(s) without a reference, not evaluated: {shown}", file=sys.stderr)
-    failed: dict[str, str] = {}
-
-    declared = None  # with dataset.json's labels, a value it does not declare fails the case
-    if label_names is not None:
-        declared = {0, *(int(v) for v in label_names), *([int(ignore_label)] if ignore_label is not None else [])}
-    if label_names is None:  # no dataset.json: every label value found in the files
-        values: set[int] = set()
-        files = [references[c] for c in present] + [pred_dir / f"{c}{ending}" for c in present]
-        bad: dict[str, str] = {}
-        for path, found, error in _map_cases(_values_of, [(p,) for p in files], workers, "labels"):
-            if error is None:
-                values.update(found)
-            else:
-                bad[path] = error
-        for case in present:
-            for path in (str(references[case]), str(pred_dir / f"{case}{ending}")):
-                if path in bad and case not in failed:
-                    failed[case] = bad[path]
-        label_names = {v: f"label_{v}" for v in sorted(values)}
-        label_source = "label values present in the files"
-    labels = list(label_names)
-
-    jobs = [
-        (case, pred_dir / f"{case}{ending}", references[case], labels, connectivity, ignore_label, chosen, tolerance_mm,
-         declared)
-        for case in present
-        if case not in failed
-    ]
-    per_case: dict[str, dict] = {}
-    case_info: dict[str, dict] = {}
-    for case, payload, error in _map_cases(_evaluate_job, jobs, workers, "evaluate"):
-        if error is None:
-            per_case[case] = payload["metrics"]
-            case_info[case] = {"shape": payload["shape"], "spacing": payload["spacing"]}
-        else:
-            failed[case] = error
-    for case, error in sorted(failed.items()):
-        print(f"medseg: case {case} failed: {error}", file=sys.stderr)
-
-    if connectivity is None:
-        dims = {len(info["shape"]) for info in case_info.values()}
-        conn_desc: Any = "full (8 in 2D, 26 in 3D)" if len(dims) != 1 else {2: 8, 3: 26}[dims.pop()]
-    else:
-        conn_desc = connectivity
-    conventions = {
-        "connectivity": conn_desc,
-        "filtration": "superlevel of the binary masks (foreground enters first), cubical construction "
-        f"{matching_construction(connectivity)} ({'closed voxel cubes' if matching_construction(connectivity) == 'T' else 'voxels as vertices'})",
-        "hd95_units": "mm",
-        "nsd_tolerance_mm": tolerance_mm,
-        "volume_units": "mm^3",
-        "statistics": STATISTICS_CONVENTION,
-        **CONVENTIONS,
-    }
-    summary = _summary(
-        references, pred_dir, ending, per_case, missing, failed, label_names, ignore_label, label_source,
-        conventions=conventions, case_info=case_info,
-    )
-    summary["metrics_computed"] = chosen
-    summary["metrics_skipped"] = skipped
-    summary["reference_folder"] = str(ref_dir)
-    summary["prediction_folder"] = str(pred_dir)
-    summary["provenance"] = provenance("cpu")  # what computed it (medseg.runfolder.provenance)
-    output.mkdir(parents=True, exist_ok=True)
-    # what a killed evaluation left (.summary.json.HOST-PID.tmp, ...); a live writer's is kept
-    remove_dead_temporaries(output, names=(SUMMARY_FILE, "metrics.csv", "report.html"))
-    write_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2, default=json_default) + "\n")
-    write_atomic(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
-    written = [SUMMARY_FILE, "metrics.csv"]
-    if report:
-        from medseg.evaluation.report import default_images_dir, write_report
-
-        images = Path(images_dir) if images_dir is not None else default_images_dir(ref_dir)
-        write_report(
-            summary, output / "report.html", images_dir=images, image_ending=ending,
-            connectivity=connectivity, worst_cases=worst_cases,
+    # one evaluation at a time per output folder: two at once mixed their files (one's
+    # summary.json beside the other's metrics.csv); taken once the arguments are checked
+    lock = RunFolderLock(output, "--output")
+    lock.take()
+    try:
+        missing = {case: pred_dir / f"{case}{ending}" for case in references if not (pred_dir / f"{case}{ending}").is_file()}
+        present = [case for case in references if case not in missing]
+        for case, path in missing.items():
+            print(f"medseg: missing prediction for case {case} ({path})", file=sys.stderr)
+        unmatched = sorted(
+            f.name for f in pred_dir.iterdir()
+            if f.is_file() and not f.name.startswith(".") and f.name.endswith(ending) and f.name[: -len(ending)] not in references
         )
-        written.append("report.html")
+        if unmatched:  # a typo in a name shows up here, not just as a missing prediction
+            shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+            print(f"medseg: {len(unmatched)} prediction(s) without a reference, not evaluated: {shown}", file=sys.stderr)
+        failed: dict[str, str] = {}
 
-    fg = summary["foreground_mean"]
-    headline = ", ".join(f"{k} {fg[k]:.4f}" for k in ("Dice", "betti_matching_error", "betti_error") if k in fg)
-    print(
-        f"medseg: evaluated {len(per_case)}/{len(references)} cases"
-        + (f", foreground mean {headline}" if headline else "")
-        + f"; {len(missing)} missing, {len(failed)} failed; results in {output} ({', '.join(written)})"
-    )
-    reasons: dict[str, list[str]] = {}
-    for name, reason in skipped.items():
-        reasons.setdefault(reason, []).append(name)
-    for reason, names in reasons.items():
-        print(f"medseg: skipped metric(s) {', '.join(names)}: {reason}")
-    return not missing and not failed
+        declared = None  # with dataset.json's labels, a value it does not declare fails the case
+        if label_names is not None:
+            declared = {0, *(int(v) for v in label_names), *([int(ignore_label)] if ignore_label is not None else [])}
+        if label_names is None:  # no dataset.json: every label value found in the files
+            values: set[int] = set()
+            files = [references[c] for c in present] + [pred_dir / f"{c}{ending}" for c in present]
+            bad: dict[str, str] = {}
+            for path, found, error in _map_cases(_values_of, [(p,) for p in files], workers, "labels"):
+                if error is None:
+                    values.update(found)
+                else:
+                    bad[path] = error
+            for case in present:
+                for path in (str(references[case]), str(pred_dir / f"{case}{ending}")):
+                    if path in bad and case not in failed:
+                        failed[case] = bad[path]
+            label_names = {v: f"label_{v}" for v in sorted(values)}
+            label_source = "label values present in the files"
+        labels = list(label_names)
+
+        jobs = [
+            (case, pred_dir / f"{case}{ending}", references[case], labels, connectivity, ignore_label, chosen, tolerance_mm,
+             declared)
+            for case in present
+            if case not in failed
+        ]
+        per_case: dict[str, dict] = {}
+        case_info: dict[str, dict] = {}
+        for case, payload, error in _map_cases(_evaluate_job, jobs, workers, "evaluate"):
+            if error is None:
+                per_case[case] = payload["metrics"]
+                case_info[case] = {"shape": payload["shape"], "spacing": payload["spacing"]}
+            else:
+                failed[case] = error
+        for case, error in sorted(failed.items()):
+            print(f"medseg: case {case} failed: {error}", file=sys.stderr)
+
+        if connectivity is None:
+            dims = {len(info["shape"]) for info in case_info.values()}
+            conn_desc: Any = "full (8 in 2D, 26 in 3D)" if len(dims) != 1 else {2: 8, 3: 26}[dims.pop()]
+        else:
+            conn_desc = connectivity
+        conventions = {
+            "connectivity": conn_desc,
+            "filtration": "superlevel of the binary masks (foreground enters first), cubical construction "
+            f"{matching_construction(connectivity)} ({'closed voxel cubes' if matching_construction(connectivity) == 'T' else 'voxels as vertices'})",
+            "hd95_units": "mm",
+            "nsd_tolerance_mm": tolerance_mm,
+            "volume_units": "mm^3",
+            "statistics": STATISTICS_CONVENTION,
+            **CONVENTIONS,
+        }
+        summary = _summary(
+            references, pred_dir, ending, per_case, missing, failed, label_names, ignore_label, label_source,
+            conventions=conventions, case_info=case_info,
+        )
+        summary["metrics_computed"] = chosen
+        summary["metrics_skipped"] = skipped
+        summary["reference_folder"] = str(ref_dir)
+        summary["prediction_folder"] = str(pred_dir)
+        summary["provenance"] = provenance("cpu")  # what computed it (medseg.runfolder.provenance)
+        output.mkdir(parents=True, exist_ok=True)
+        # what a killed evaluation left (.summary.json.HOST-PID.tmp, ...); a live writer's is kept
+        remove_dead_temporaries(output, names=(SUMMARY_FILE, "metrics.csv", "report.html"))
+        write_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2, default=json_default) + "\n")
+        write_atomic(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
+        written = [SUMMARY_FILE, "metrics.csv"]
+        if report:
+            from medseg.evaluation.report import default_images_dir, write_report
+
+            images = Path(images_dir) if images_dir is not None else default_images_dir(ref_dir)
+            write_report(
+                summary, output / "report.html", images_dir=images, image_ending=ending,
+                connectivity=connectivity, worst_cases=worst_cases,
+            )
+            written.append("report.html")
+
+        fg = summary["foreground_mean"]
+        headline = ", ".join(f"{k} {fg[k]:.4f}" for k in ("Dice", "betti_matching_error", "betti_error") if k in fg)
+        print(
+            f"medseg: evaluated {len(per_case)}/{len(references)} cases"
+            + (f", foreground mean {headline}" if headline else "")
+            + f"; {len(missing)} missing, {len(failed)} failed; results in {output} ({', '.join(written)})"
+        )
+        reasons: dict[str, list[str]] = {}
+        for name, reason in skipped.items():
+            reasons.setdefault(reason, []).append(name)
+        for reason, names in reasons.items():
+            print(f"medseg: skipped metric(s) {', '.join(names)}: {reason}")
+        return not missing and not failed
+    finally:
+        lock.release()
 
 
 def _summary(

@@ -395,15 +395,21 @@ def run_prediction(
     where = distributed.device_for_rank(resolve_device(device, "device", argument=True))
     if stitch_device is not None:
         stitch_device = resolve_stitch_device(stitch_device, where, "stitch_device", argument=True)
+    from medseg.runfolder.lock import RunFolderLock
+
     with distributed.process_group(where):
-        return _predict_all(
-            model, inputs, Path(output), overwrite, tta, overlap, sw_batch_size, save_probabilities, where,
-            stitch_device,
-        )
+        # one command at a time per output folder (rank 0 holds it for a torchrun job): two
+        # at once, with other options, left outputs of both under one record
+        with RunFolderLock(Path(output), "--output", enabled=distributed.rank() == 0) as lock:
+            return _predict_all(
+                model, inputs, Path(output), overwrite, tta, overlap, sw_batch_size, save_probabilities, where,
+                stitch_device, lock,
+            )
 
 
 def _predict_all(
-    model, inputs, output: Path, overwrite, tta, overlap, sw_batch_size, save_probabilities, device, stitch_device
+    model, inputs, output: Path, overwrite, tta, overlap, sw_batch_size, save_probabilities, device, stitch_device,
+    lock,
 ) -> bool:
     from tqdm import tqdm
 
@@ -426,6 +432,7 @@ def _predict_all(
         overlap = inference.overlap if overlap is None else overlap
         save_probabilities = save_probabilities or inference.save_probabilities
         provenance = _provenance(predictor, tta, overlap, save_probabilities)
+        lock.take()  # creates the folder: the inputs are checked by now
         record, stale = _check_provenance(output, provenance, cases, overwrite)
         output.mkdir(parents=True, exist_ok=True)
 

@@ -353,3 +353,22 @@ def test_the_summary_does_not_depend_on_the_order_workers_finish_in(tmp_path):
     assert json.dumps(forward["mean"]) == json.dumps(backward["mean"])
     assert json.dumps(forward["statistics"]) == json.dumps(backward["statistics"])
     assert [c["case"] for c in backward["metric_per_case"]] == list(values)
+
+
+def test_a_second_evaluation_into_the_same_output_is_refused(folders, capsys):
+    """Two evaluations at once into one --output mixed their files (one's summary.json
+    beside the other's metrics.csv), both exiting 0."""
+    from medseg.cli import main
+    from medseg.runfolder.lock import RunFolderLock
+
+    ref, pred, out = folders
+    _write(ref, "c0", _cube((1, 1, 1), (4, 5, 5)))
+    _write(pred, "c0", _cube((1, 1, 1), (5, 5, 4)))
+    with RunFolderLock(out, "--output") as running:
+        running.take()
+        code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].endswith(f"--output {out}: in use by another medseg process; wait for it to finish "
+                                          "or choose another --output")
+    assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]
+    assert run_evaluation(pred, ref, out, workers=1)

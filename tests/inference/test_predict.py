@@ -13,6 +13,7 @@ from medseg.data.io import ImageGeometry, read_image, read_image_channels, write
 from medseg.errors import CheckpointError, DataError, MedsegError
 from medseg.inference.predict import run_prediction
 from medseg.inference.predictor import Predictor
+from medseg.runfolder.lock import LOCK_FILE
 
 from predict_helpers import Threshold, blob_image, make_run, oblique_geometry
 
@@ -122,7 +123,7 @@ def test_bad_case_is_reported_and_the_batch_goes_on(tiny_run, scans, tmp_path, c
     assert not (out / "case_d.nii.gz").exists()
     for name in ("case_a", "case_c"):
         assert read_image(out / f"{name}.nii.gz")[0].shape == (21, 17, 11)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]  # no temporary leftovers
 
 
 def test_2d_png_inputs(tmp_path):
@@ -207,3 +208,19 @@ def test_sauna_only_model_saves_tanh_class_maps(tmp_path, scans):
     seg, prob = predictor.predict_case(case, tta=False)
     assert np.array_equal(prob.argmax(0), seg)
     assert prob.min() >= 0 and prob.max() <= 1
+
+
+def test_a_second_prediction_into_the_same_output_is_refused(tiny_run, scans, tmp_path, capsys):
+    """Two predictions at once into one --output (another with --tta --overwrite) both
+    exited 0 and left outputs of both under one record."""
+    from medseg.cli import main
+    from medseg.runfolder.lock import RunFolderLock
+
+    out = tmp_path / "out"
+    with RunFolderLock(out, "--output") as running:  # what another medseg predict holds
+        running.take()
+        code = main(["predict", "--model", str(tiny_run), "--input", str(scans), "--output", str(out), "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and f"--output {out}: in use by another medseg process" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]  # nothing written
+    assert _predict(tiny_run, scans, out)  # once it is free

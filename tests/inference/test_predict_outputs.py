@@ -12,6 +12,7 @@ from medseg.atomic import host_tag
 from medseg.cli import main
 from medseg.data.io import write_image
 from medseg.inference.predict import PROVENANCE
+from medseg.runfolder.lock import LOCK_FILE
 
 from predict_helpers import blob_image, make_run, oblique_geometry
 
@@ -29,6 +30,7 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     return {
         str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"", p.lstat().st_mtime_ns)
         for p in sorted(root.rglob("*"))
+        if p.name != LOCK_FILE  # the folder's lock, taken by every prediction into it
     }
 
 
@@ -156,7 +158,7 @@ def test_outputs_without_a_record_are_refused_unless_overwrite(tiny_run, scans, 
     # --overwrite removes the outputs of unknown origin first: the probabilities are not kept
     assert predict(tiny_run, scans, out, "--overwrite") == 0
     assert "removed 6 file(s) of other settings" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == sorted(
         [PROVENANCE, "case_a.nii.gz", "case_b.nii.gz", "case_c.nii.gz"])
     assert json.loads((out / PROVENANCE).read_text())["save_probabilities"] is False
 
@@ -181,7 +183,7 @@ def test_dead_writers_temporaries_are_removed_and_never_taken_for_outputs(tiny_r
     assert "predicted 3 case(s), skipped 0" in capsys.readouterr().out
     assert not any(p.exists() for p in leftovers)
     assert all(p.exists() for p in kept)
-    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
     assert hidden == sorted(p.name for p in kept)  # the run's own staging folder is gone too
 
     # a case whose output is missing is redone, whatever a dead writer left for it
@@ -198,5 +200,5 @@ def test_a_failed_case_leaves_no_staging_folder(tiny_run, scans, tmp_path):
     broken.write_bytes(broken.read_bytes()[:200])
     out = tmp_path / "pred"
     assert predict(tiny_run, scans, out, "--save-probabilities") == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == sorted(
         [PROVENANCE, "case_a.nii.gz", "case_a_prob.nii.gz", "case_c.nii.gz", "case_c_prob.nii.gz"])
