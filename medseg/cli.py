@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -289,8 +290,27 @@ def report_html(
     print(f"medseg: wrote {path}")
 
 
+def _background_thread_error(args) -> None:
+    """A full or read-only disk seen by a library's writer thread (TensorBoard's event
+    file) is one line, not a traceback; the command's own next write reports it too."""
+    if args.exc_type is not None and issubclass(args.exc_type, OSError):
+        name = args.thread.name if args.thread is not None else "a background thread"
+        sys.stderr.write(f"medseg: error: {name}: {args.exc_value}\n")
+        return
+    threading.__excepthook__(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console command; returns the exit code."""
+    previous = threading.excepthook
+    threading.excepthook = _background_thread_error
+    try:
+        return _main(argv)
+    finally:
+        threading.excepthook = previous
+
+
+def _main(argv: list[str] | None) -> int:
     # a log file on a full disk must not print a traceback per line; the next write of the
     # output reports the full disk in one line
     logging.raiseExceptions = False
@@ -316,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as err:  # usage errors (missing option, bad value)
         err.show()
         return err.exit_code
+    if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
+        print("medseg: interrupted", file=sys.stderr)
     return result if isinstance(result, int) else 0
 
 

@@ -278,3 +278,40 @@ def test_evaluate_bad_inputs(tmp_path):
 def test_usage_errors_are_short(tmp_path):
     proc = medseg("predict", "--input", tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--model" in proc.stderr
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys):
+    """typer turned KeyboardInterrupt into exit code 130 with an empty line only."""
+    import medseg.evaluation.report as report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from medseg.cli import main
+
+    monkeypatch.setattr(report, "rewrite_report", interrupted)
+    assert main(["report", "html", "anything"]) == 130
+    assert "medseg: interrupted" in capsys.readouterr().err
+
+
+def test_a_full_disk_in_a_writer_thread_is_one_line(capsys):
+    """TensorBoard's writer thread hitting a full disk printed a 40-line traceback beside
+    the command's own one-line error."""
+    import errno
+    import threading
+
+    from medseg.cli import _background_thread_error
+
+    def write():
+        raise OSError(errno.ENOSPC, "No space left on device", "/run/tensorboard/events.out")
+
+    previous = threading.excepthook
+    threading.excepthook = _background_thread_error
+    try:
+        thread = threading.Thread(target=write, name="EventFileWriter")
+        thread.start()
+        thread.join()
+    finally:
+        threading.excepthook = previous
+    err = capsys.readouterr().err
+    assert err == "medseg: error: EventFileWriter: [Errno 28] No space left on device: '/run/tensorboard/events.out'\n"
