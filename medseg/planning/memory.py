@@ -112,24 +112,6 @@ def usable_bytes(gpu_memory_gb: float) -> float:
     return gpu_memory_gb * GIB
 
 
-def _build_on_meta(name: str, params: dict[str, Any], spatial_dims: int, in_channels: int, out_channels: int, patch: list[int]):
-    import torch
-
-    from medseg.config import ModelConfig
-    from medseg.errors import ConfigError
-    from medseg.models.factory import build_model
-
-    cfg = ModelConfig(name=name, params=params)
-    try:
-        with torch.device("meta"):
-            return build_model(cfg, spatial_dims, in_channels, out_channels, patch)
-    except ConfigError as err:
-        if "meta" not in str(err):  # a real configuration error
-            raise
-    # SwinUNETR's constructor reads tensor values (.item()): build it for real, then drop the storage
-    return build_model(cfg, spatial_dims, in_channels, out_channels, patch).to("meta")
-
-
 def saved_activation_elements(net: Any, input_shape: Sequence[int]) -> int:
     """Elements of the tensors autograd saves in one forward pass of ``net`` (``meta`` device).
 
@@ -189,7 +171,9 @@ def estimate_training_memory(
         The network cannot be built for this patch (e.g. not divisible by its strides).
     """
     patch = [int(p) for p in patch_size]
-    net = _build_on_meta(name, dict(params), spatial_dims, in_channels, out_channels, patch)
+    from medseg.models.factory import build_on_meta
+
+    net = build_on_meta(name, dict(params), spatial_dims, in_channels, out_channels, patch)
     elements = saved_activation_elements(net, (1, in_channels, *patch))
     parameters = int(sum(p.numel() for p in net.parameters()))
     state = _OPTIMIZER_STATE_BYTES.get(optimizer, 8)

@@ -42,7 +42,7 @@ from medseg.data.dataset import DatasetWarning
 from medseg.data.io import NATURAL_IMAGE_ENDINGS
 from medseg.errors import ArgumentError, ConfigError
 from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB, estimate_training_memory, usable_bytes
-from medseg.planning.network_topology import round_up, unet_topology
+from medseg.planning.network_topology import MIN_EDGE, round_up, unet_topology
 
 __all__ = [
     "PlanWarning",
@@ -60,6 +60,8 @@ MODELS = ("dynunet", "unet", "unetr", "swinunetr")
 ANISOTROPY_THRESHOLD = 3.0
 MAX_DATASET_COVERED = 0.05
 MIN_BATCH = 2
+#: MONAI's DynUNet takes at least 3 entries of kernel_size/strides (two downsamplings)
+DYNUNET_MIN_LEVELS = 3
 #: a case whose spacing or shape (at the target spacing) differs from the median by more
 #: than this factor along an axis is named in a warning
 EXTREME_FACTOR = 4.0
@@ -182,6 +184,9 @@ def _network(model: str, spacing: Sequence[float], patch: Sequence[int], deep_su
     dims = len(spacing)
     if model in ("dynunet", "unet"):
         topo = unet_topology(spacing, patch)
+        if model == "dynunet" and 2 <= topo.levels < DYNUNET_MIN_LEVELS:
+            # MONAI's DynUNet needs three stages: a patch larger than small images (padded)
+            topo = unet_topology(spacing, [max(p, 2 ** (DYNUNET_MIN_LEVELS - 1) * MIN_EDGE) for p in patch])
         if topo.levels < 2:
             return None, topo.patch_size, topo.divisor
         if model == "dynunet":

@@ -13,7 +13,8 @@ from medseg.config import load_config
 from medseg.errors import ConfigError
 from medseg.models.factory import downsampling_factors
 from medseg.planning import compute_fingerprint, plan_experiment, run_plan, target_spacing, unet_topology
-from medseg.planning.memory import _build_on_meta, estimate_training_memory
+from medseg.models.factory import build_on_meta
+from medseg.planning.memory import estimate_training_memory
 from medseg.planning.planner import PlanWarning
 
 # nnunetv2 2.8.1's get_pool_and_conv_props(spacing, patch, 4, 999999) on these inputs:
@@ -61,7 +62,7 @@ def _check_runnable(config_path, plan):
     info = plan["dataset"]
     classes = max(v for k, v in info["labels"].items() if k != "ignore") + 1
     # builds (on the meta device where the network allows) and checks divisibility
-    _build_on_meta(cfg.model.name, cfg.model.params, len(patch), len(info["channel_names"]), classes, patch)
+    build_on_meta(cfg.model.name, cfg.model.params, len(patch), len(info["channel_names"]), classes, patch)
     if cfg.model.name in ("dynunet", "unet"):
         factors = downsampling_factors(cfg.model.name, cfg.model.params, len(patch))
         assert factors == plan["divisible_by"] and all(p % f == 0 for p, f in zip(patch, factors))
@@ -170,6 +171,22 @@ def test_memory_budget_bounds_patch_and_batch():
     params = plans[8]["network"]["params"]
     est = estimate_training_memory("dynunet", params, 3, 1, 2, plans[8]["patch_size"], 2)
     assert est.total_gib == pytest.approx(plans[8]["memory"]["estimate_gib"], abs=1e-3)
+
+
+@pytest.mark.parametrize("shape", [[12, 11, 9], [13, 12], [40, 40, 6]])
+def test_dynunet_on_small_images_gets_the_three_stages_monai_needs(shape):
+    """Images of 8-15 voxels gave two stages: MONAI's DynUNet refused its own plan, blaming
+    model.params.kernel_size; the patch is now raised (and padded) to three stages."""
+    spacing = [1.0] * len(shape) if len(shape) == 2 or shape[2] > 6 else [0.8, 0.8, 4.0]
+    plan = plan_experiment(_fake_fingerprint(shape, spacing), model="dynunet")
+    params = plan["network"]["params"]
+    assert len(params["strides"]) >= 3 and len(params["kernel_size"]) == len(params["strides"])
+    classes, patch = 2, plan["patch_size"]
+    net = build_on_meta("dynunet", params, len(shape), 1, classes, patch)  # MONAI accepts it
+    import torch
+
+    out = net(torch.zeros((2, 1, *patch), device="meta"))
+    assert tuple(out.shape[-len(shape):]) == tuple(patch)
 
 
 def test_anisotropic_ct_plan():
