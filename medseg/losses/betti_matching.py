@@ -258,6 +258,8 @@ class BettiMatchingLoss(torch.nn.Module):
         if backend not in _inputs.BACKENDS:
             raise ValueError(f"backend must be one of {_inputs.BACKENDS}, got {backend!r}")
         self.backend = backend
+        if threads is not None:
+            _inputs.default_threads(threads)  # checked here, not at the first step of a training
         self.threads = threads
         self.target_cache_bytes = int(target_cache_bytes)
         self._cache: OrderedDict[tuple, list] = OrderedDict()  # key -> [prepared target, its hits]
@@ -334,6 +336,15 @@ class BettiMatchingLoss(torch.nn.Module):
         """
         return self._reduced(self._losses(input, target))
 
+    def check_spatial_dims(self, spatial_dims: int) -> None:
+        """Raise ValueError if ``dimension_weights`` does not give one weight per homology
+        dimension of ``spatial_dims``-D inputs."""
+        if self.dimension_weights is not None and len(self.dimension_weights) != spatial_dims:
+            raise ValueError(
+                f"dimension_weights has {len(self.dimension_weights)} entries but the input has {spatial_dims} "
+                "spatial dimensions"
+            )
+
     def forward_heads(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of every deep-supervision head at once.
 
@@ -378,10 +389,7 @@ class BettiMatchingLoss(torch.nn.Module):
         probs = activated[:, first:]
         batch, channels = probs.shape[:2]
         ndim = probs.dim() - 2
-        if self.dimension_weights is not None and len(self.dimension_weights) != ndim:
-            raise ValueError(
-                f"dimension_weights has {len(self.dimension_weights)} entries but the input has {ndim} spatial dimensions"
-            )
+        self.check_spatial_dims(ndim)
         flat_probs = probs.reshape(batch * channels, *probs.shape[2:])
         flat_tgt = tgt.reshape(batch * channels, *probs.shape[2:]).to(probs.dtype)
         backend = _backends.resolve_backend(self.backend, probs)

@@ -66,6 +66,8 @@ def spatial_axes(axes: Sequence[int | str], n_spatial: int) -> tuple[int, ...]:
         if not -n_spatial <= idx < n_spatial:
             raise ValueError(f"MIPLoss: axis {a!r} does not exist in {n_spatial} spatial dimensions")
         out.append(idx % n_spatial)
+    if len(set(out)) != len(out):
+        raise ValueError(f"MIPLoss: axes {list(axes)} name one axis twice (its projection would count twice)")
     return tuple(out)
 
 

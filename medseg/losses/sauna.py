@@ -111,6 +111,8 @@ class SaunaLoss(nn.Module):
         self.alpha, self.beta, self.jaccard_weight = float(alpha), float(beta), float(jaccard_weight)
         self.include_background = include_background
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        if self.spacing is not None and not all(0 < s < float("inf") for s in self.spacing):
+            raise ValueError(f"spacing must be positive numbers, got {list(spacing)}")
         self.inside_window, self.outside_window = float(inside_window), float(outside_window)
         self.reduction = check_reduction(reduction)
 
@@ -124,6 +126,11 @@ class SaunaLoss(nn.Module):
             ]
         )
         return torch.from_numpy(out).to(target.device)
+
+    def check_spatial_dims(self, spatial_dims: int) -> None:
+        """Raise ValueError if ``spacing`` does not give one value per spatial axis."""
+        if self.spacing is not None and len(self.spacing) != spatial_dims:
+            raise ValueError(f"spacing {list(self.spacing)} has {len(self.spacing)} values, the data {spatial_dims} axes")
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, sauna_target: torch.Tensor | None = None) -> torch.Tensor:
         """``input`` (B, C, ...) raw output; ``target`` (B, 1, ...) labels; ``sauna_target`` (B, C, ...) or None."""

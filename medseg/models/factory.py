@@ -222,11 +222,64 @@ def build_model(
             f"model.name: MONAI {cls.__name__} needs an optional package that is not installed ({missing}); "
             "pip install einops"
         ) from None
-    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as err:
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, RuntimeError) as err:
         key = _guess_key(str(err), params)
         message = str(err).split("\n")[0]
         raise ConfigError(f"model.params{'.' + key if key else ''}: MONAI {cls.__name__} rejected it ({message})") from None
     return net
+
+
+def build_on_meta(
+    name: str, params: dict[str, Any], spatial_dims: int, in_channels: int, out_channels: int, patch: list[int]
+) -> torch.nn.Module:
+    """:func:`build_model` on PyTorch's ``meta`` device: shapes without storage or compute."""
+    from medseg.config import ModelConfig
+
+    cfg = ModelConfig(name=name, params=params)
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, spatial_dims, in_channels, out_channels, patch)
+    except ConfigError as err:
+        if "meta" not in str(err):  # a real configuration error
+            raise
+    # SwinUNETR's constructor reads tensor values (.item()): build it for real, then drop the storage
+    return build_model(cfg, spatial_dims, in_channels, out_channels, patch).to("meta")
+
+
+def check_forward(
+    model_cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int, patch_size: list[int]
+) -> None:
+    """Run the network once on a batch of two ``patch_size`` patches on the ``meta`` device.
+
+    MONAI builds some networks it cannot run (UNet with ragged ``strides``, SwinUNETR
+    with fewer ``depths`` than ``num_heads``): without this, such a config failed with a
+    traceback from the first training step, after the run folder was written.
+
+    Raises
+    ------
+    ConfigError
+        ``model.params: MONAI UNet cannot run on 2 x C x patch inputs (...)``.
+    """
+    batch = (2, in_channels, *patch_size)
+    # a network built for real (SwinUNETR) draws its weights: the run's random stream stays as it was
+    with torch.random.fork_rng(devices=[]):
+        net = build_on_meta(model_cfg.name, dict(model_cfg.params), spatial_dims, in_channels, out_channels,
+                            list(patch_size))
+    net.train()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(batch, device="meta"))
+    except Exception as err:  # noqa: BLE001 - whatever MONAI's forward raises is the config's fault
+        message = str(err).strip().split("\n")[0]
+        raise ConfigError(
+            f"model.params: MONAI {_CLASSES[model_cfg.name].__name__} cannot run on a batch of shape "
+            f"{list(batch)} ({type(err).__name__}: {message})"
+        ) from None
+    if tuple(out.shape[-spatial_dims:]) != tuple(patch_size) or out.shape[-spatial_dims - 1] != out_channels:
+        raise ConfigError(
+            f"model.params: MONAI {_CLASSES[model_cfg.name].__name__} maps a batch of shape {list(batch)} to "
+            f"{list(out.shape)}, not to {out_channels} classes on the patch {list(patch_size)}"
+        )
 
 
 def _guess_key(message: str, params: dict[str, Any]) -> str | None:

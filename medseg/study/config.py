@@ -385,7 +385,7 @@ def _check_parts(cfg: RunConfig, info, where: str) -> None:
     """What the trainer sets up first, once per variant: device, split, losses, network (all cheap)."""
     from medseg.data.dataset import list_cases, split_cases
     from medseg.losses import build_loss
-    from medseg.models import build_model
+    from medseg.models import check_forward
     from medseg.runfolder import resolve_device
 
     try:
@@ -393,7 +393,7 @@ def _check_parts(cfg: RunConfig, info, where: str) -> None:
         root = Path(cfg.data.dataset)
         split_cases(list_cases(root, info), cfg.data.val_fraction, cfg.seed, cfg.data.split_file, root=root)
         build_loss(cfg.losses, info.num_classes, cfg.spatial_dims)
-        build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
+        check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     except MedsegError as err:
         raise ConfigError(f"{where}: {err}") from None
 

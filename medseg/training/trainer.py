@@ -70,7 +70,7 @@ from medseg.data.dataset import dataset_data_folder, read_dataset_json
 from medseg.errors import CheckpointError, ConfigError
 from medseg.losses import build_loss, deep_supervision_loss
 from medseg.losses.deep_supervision import is_deep_supervision_output
-from medseg.models import build_model
+from medseg.models import build_model, check_forward
 from medseg.runfolder import (
     BEST,
     CHECKPOINT_DIR,
@@ -196,6 +196,7 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     info = read_dataset_json(cfg.data.dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
+    check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     loss_fn = build_loss(cfg.losses, info.num_classes, cfg.spatial_dims)
     data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None)
     model.to(device)

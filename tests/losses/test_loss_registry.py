@@ -58,6 +58,16 @@ def test_axes_are_checked_against_the_spatial_dims_when_given():
         build_loss(terms, 2, spatial_dims=2)
     assert isinstance(build_loss(terms, 2, spatial_dims=3), CompositeLoss)
     assert isinstance(build_loss(terms, 2), CompositeLoss)  # dimensionality unknown: checked at the first call
+    with pytest.raises(ConfigError, match=r"losses\[0\] \(mip\): MIPLoss: axes \['x', 0\] name one axis twice"):
+        build_loss([LossTerm(name="mip", weight=1.0, axes=["x", 0])], 2, spatial_dims=3)
+    # what sauna's spacing and betti_matching's dimension_weights must match, and threads:
+    # each used to fail only at the first training step (a traceback from a data transform)
+    with pytest.raises(ConfigError, match=r"losses\[0\] \(sauna\): spacing \[1.0, 1.0\] has 2 values, the data 3 axes"):
+        build_loss([LossTerm(name="sauna", weight=1.0, spacing=[1, 1])], 2, spatial_dims=3)
+    with pytest.raises(ConfigError, match=r"\(betti_matching\): dimension_weights has 1 entries but the input has 2"):
+        build_loss([LossTerm(name="betti_matching", weight=1.0, dimension_weights=[1.0])], 2, spatial_dims=2)
+    with pytest.raises(ConfigError, match=r"\(betti_matching\): threads must be a whole number from 1"):
+        build_loss([LossTerm(name="betti_matching", weight=1.0, threads=-2)], 2)
 
 
 def test_softmax_with_one_channel_and_reduction_none_are_rejected():

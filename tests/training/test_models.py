@@ -99,3 +99,29 @@ def test_patch_incompatible_with_downsampling(name, patch):
 def test_patch_size_length_must_match_dims():
     with pytest.raises(ConfigError, match=r"data\.patch_size"):
         build_model(ModelConfig(name="unet"), 3, 1, 2, [32, 32])
+
+
+@pytest.mark.parametrize("name, params, dims, patch, error", [
+    # MONAI builds these; they failed with a traceback at the first training step
+    ("unet", {"channels": [4, 8, 16], "strides": [[2, 2], [2, 2, 2]], "num_res_units": 0}, 3, [16, 16, 16], "cannot run"),
+    ("swinunetr", {"depths": [2, 2, 2], "num_heads": [3, 6, 12, 24], "feature_size": 12}, 3, [64, 64, 64],
+     "rejected it|cannot run"),
+    # and these made MONAI's constructor fail with an IndexError (a traceback before)
+    ("dynunet", {"deep_supervision": True, "deep_supr_num": 5}, 3, [32, 32, 32], "rejected it"),
+])
+def test_networks_that_cannot_run_on_the_patch_are_refused_in_one_line(name, params, dims, patch, error):
+    from medseg.models import check_forward
+
+    with pytest.raises(ConfigError, match=rf"^model\.params.*: MONAI \w+ ({error})"):
+        check_forward(ModelConfig(name=name, params=params), dims, 1, 2, patch)
+
+
+def test_check_forward_accepts_every_default_network_and_leaves_the_random_stream_alone():
+    from medseg.models import check_forward
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    for name, patch in (("unet", [16, 16]), ("dynunet", [32, 32, 32]), ("unetr", [16, 16, 16]), ("swinunetr", [64, 64])):
+        torch.manual_seed(0)
+        check_forward(ModelConfig(name=name), len(patch), 2, 3, patch)
+        assert torch.equal(torch.rand(3), expected), name  # SwinUNETR is built for real: its draws are undone
