@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -223,7 +224,8 @@ def build_model(
             "pip install einops"
         ) from None
     except (TypeError, ValueError, AssertionError, KeyError, IndexError, RuntimeError) as err:
-        key = _guess_key(str(err), params)
+        key = _guess_key(str(err), params) or _blamed_key(cls, spatial_dims, in_channels, out_channels, params, user,
+                                                           model_defaults(name, spatial_dims, patch_size))
         message = str(err).split("\n")[0]
         raise ConfigError(f"model.params{'.' + key if key else ''}: MONAI {cls.__name__} rejected it ({message})") from None
     return net
@@ -280,6 +282,31 @@ def check_forward(
             f"model.params: MONAI {_CLASSES[model_cfg.name].__name__} maps a batch of shape {list(batch)} to "
             f"{list(out.shape)}, not to {out_channels} classes on the patch {list(patch_size)}"
         )
+
+
+def _blamed_key(cls, spatial_dims: int, in_channels: int, out_channels: int, params: dict[str, Any],
+                user: dict[str, Any], defaults: dict[str, Any]) -> str | None:
+    """The one parameter the user set whose default (or absence) makes MONAI build the
+    network, when its message names none (``norm='FOO'``: "did you mean 'RELU6'?")."""
+    blamed = []
+    for key in user:
+        trial = dict(params)
+        if key in defaults:
+            trial[key] = defaults[key]
+        else:
+            trial.pop(key)
+        for device in ("meta", "cpu"):  # SwinUNETR reads tensor values while it is built: not on meta
+            try:
+                with torch.device(device), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a trial's mix of defaults may be odd; only its success counts
+                    cls(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **trial)
+            except Exception as err:  # noqa: BLE001 - still refused without it: not this key alone
+                if device == "meta" and "meta" in str(err):
+                    continue
+                break
+            blamed.append(key)
+            break
+    return blamed[0] if len(blamed) == 1 else None
 
 
 def _guess_key(message: str, params: dict[str, Any]) -> str | None:

@@ -70,6 +70,11 @@ def test_dynunet_plan_follows_patch_size():
         ("unetr", {"img_size": [96, 96, 96]}, "model.params.img_size"),
         ("swinunetr", {"feature_size": 13}, "model.params.feature_size"),
         ("swinunetr", {"img_size": [64, 64, 64]}, "model.params.img_size"),
+        # MONAI's message names no key: the one whose default builds the network is named
+        ("unet", {"channels": [4, 8], "strides": [2], "norm": "FOO"}, "model.params.norm:"),
+        ("unet", {"act": "relux"}, "model.params.act:"),
+        ("dynunet", {"upsample_kernel_size": [[2, 2, 2]]}, "model.params.upsample_kernel_size:"),
+        ("swinunetr", {"window_size": 0, "feature_size": 12}, "model.params.window_size:"),
     ],
 )
 def test_bad_params_name_the_key(name, params, key):
