@@ -83,6 +83,26 @@ def write_atomic(path: str | Path, data: str | bytes, mkdir: bool = True) -> Pat
     return Path(path)
 
 
+def write_atomic_group(files: dict[Path, str | bytes]) -> None:
+    """Write several files that belong together (an evaluation's summary, table and page):
+    every one is written to its temporary first, and only then are they renamed, so a
+    full disk leaves the old set whole instead of new files beside an old one.
+
+    Raises
+    ------
+    OSError
+        As :func:`atomic_path` (naming the file); no file of the group is then replaced.
+    """
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        temporaries = {path: stack.enter_context(atomic_path(path)) for path in files}
+        for path, tmp in temporaries.items():
+            data = files[path]
+            with open(tmp, "wb") as handle:
+                handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
 @contextmanager
 def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     """The temporary file (:func:`temporary_name`) to write ``path``'s new content to.

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.atomic import check_output_folder, remove_dead_temporaries, write_atomic
+from medseg.atomic import check_output_folder, remove_dead_temporaries, write_atomic_group
 from medseg.errors import ArgumentError, DataError, MedsegError
 from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES, SUMMARY_FILE, json_default
@@ -428,18 +428,19 @@ def run_evaluation(
         output.mkdir(parents=True, exist_ok=True)
         # what a killed evaluation left (.summary.json.HOST-PID.tmp, ...); a live writer's is kept
         remove_dead_temporaries(output, names=(SUMMARY_FILE, "metrics.csv", "report.html"))
-        write_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2, default=json_default) + "\n")
-        write_atomic(output / "metrics.csv", _csv(references, pred_dir, ending, per_case, missing, failed, label_names))
-        written = [SUMMARY_FILE, "metrics.csv"]
+        files = {
+            output / SUMMARY_FILE: json.dumps(summary, indent=2, default=json_default) + "\n",
+            output / "metrics.csv": _csv(references, pred_dir, ending, per_case, missing, failed, label_names),
+        }
         if report:
-            from medseg.evaluation.report import default_images_dir, write_report
+            from medseg.evaluation.report import default_images_dir, render_report
 
             images = Path(images_dir) if images_dir is not None else default_images_dir(ref_dir)
-            write_report(
-                summary, output / "report.html", images_dir=images, image_ending=ending,
-                connectivity=connectivity, worst_cases=worst_cases,
-            )
-            written.append("report.html")
+            files[output / "report.html"] = render_report(summary, images, ending, connectivity, worst_cases)
+        # all or none: a full disk while the page is written must not leave a new summary
+        # beside the old page (or lose the old summary of a command that failed)
+        write_atomic_group(files)
+        written = [path.name for path in files]
 
         fg = summary["foreground_mean"]
         headline = ", ".join(f"{k} {fg[k]:.4f}" for k in ("Dice", "betti_matching_error", "betti_error") if k in fg)

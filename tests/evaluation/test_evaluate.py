@@ -372,3 +372,26 @@ def test_a_second_evaluation_into_the_same_output_is_refused(folders, capsys):
                                           "or choose another --output")
     assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]
     assert run_evaluation(pred, ref, out, workers=1)
+
+
+def test_a_full_disk_while_the_page_is_written_keeps_the_old_evaluation_whole(folders, monkeypatch):
+    """summary.json and metrics.csv were replaced before report.html failed: the command
+    failed and its folder mixed a new summary with the old page."""
+    import errno
+
+    import medseg.evaluation.report as report
+
+    ref, pred, out = folders
+    _write(ref, "c0", _cube((1, 1, 1), (4, 5, 5)))
+    _write(pred, "c0", _cube((1, 1, 1), (5, 5, 4)))
+    assert run_evaluation(pred, ref, out, workers=1, metrics="dice")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    class FullDisk(str):
+        def encode(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "render_report", lambda *args, **kwargs: FullDisk("<html>"))
+    with pytest.raises(Exception, match="No space left on device"):
+        run_evaluation(pred, ref, out, workers=1)  # all metrics: another summary
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary, nothing replaced
