@@ -29,6 +29,7 @@ from medseg.config import validate_config
 from medseg.data.io import read_image, read_image_channels, write_image
 from medseg.inference.predict import PROBABILITY_SUFFIX, PROVENANCE, compared_provenance, run_prediction
 from medseg.runfolder.checkpoint import load_checkpoint
+from medseg.runfolder.lock import LOCK_FILE
 from medseg.training.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
@@ -259,8 +260,8 @@ def test_sharded_predict_writes_the_single_process_files(tmp_path):
     assert proc.stdout.count("medseg: predicted 4 case(s), skipped 0, failed 1 (case_d)") == 1, proc.stdout
     assert sum("case case_d" in line for line in proc.stderr.splitlines()) == 1
 
-    names = sorted(p.name for p in single.iterdir() if p.name != PROVENANCE)
-    assert names == sorted(p.name for p in out.iterdir() if p.name != PROVENANCE)
+    names = sorted(p.name for p in single.iterdir() if p.name not in (PROVENANCE, LOCK_FILE))
+    assert names == sorted(p.name for p in out.iterdir() if p.name not in (PROVENANCE, LOCK_FILE))
     assert len(names) == 8 and "case_d.nii.gz" not in names
     records = [json.loads((folder / PROVENANCE).read_text()) for folder in (single, out)]
     assert compared_provenance(records[0]) == compared_provenance(records[1])  # made_by: another process
