@@ -511,6 +511,8 @@ def _read_itk(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     else:
         array = data.T[None]
     affine = _itk_affine(image)
+    # a single slice stored 3D (X, Y, 1) is a 2D image, as the same slice in a NIfTI file
+    array = _squeeze_spatial(path, array, "image")
     return np.ascontiguousarray(array), ImageGeometry(affine, array.shape[1:])
 
 
@@ -669,6 +671,8 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, referenc
 def _write_itk(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference: Path | None) -> None:
     import SimpleITK as sitk
 
+    if reference is not None and array.ndim == 2:
+        array = array.reshape(_itk_slice_shape(reference, array.shape))  # keep a 2D scan's on-disk (X, Y, 1)
     ndim = array.ndim
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))  # sitk wants [k, j, i]
     lps = np.linalg.inv(_LPS_TO_RAS) @ geometry.affine
@@ -694,6 +698,20 @@ def _write_itk(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference:
         except RuntimeError as err:
             raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
     sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def _itk_slice_shape(reference: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape + (1,)`` when ``reference`` stores this 2D image as a 3D file of one slice."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(reference))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
+    size = tuple(int(s) for s in reader.GetSize())
+    return (*shape, 1) if size == (*shape, 1) else tuple(shape)
 
 
 def _write_png(path: Path, tmp: Path, array: np.ndarray) -> None:

@@ -390,3 +390,26 @@ def test_a_2d_geometry_compares_its_plane_not_its_slice_axis():
     assert not image.allclose(moved) and image.max_affine_difference(moved) == pytest.approx(0.1)
     volume, other = ImageGeometry(np.diag([0.5, 0.5, 3.0, 1.0]), (40, 30, 5)), ImageGeometry(np.diag([0.5, 0.5, 1.0, 1.0]), (40, 30, 5))
     assert not volume.allclose(other)  # in 3D the third axis places voxels
+
+
+@pytest.mark.parametrize("ending", [".mha", ".nrrd"])
+def test_a_single_slice_stored_3d_reads_2d_and_is_written_back_3d(tmp_path, ending):
+    """A (X, Y, 1) MetaImage/NRRD read as 3D while the same slice in NIfTI read as 2D, so
+    plan made a 3D network with a patch of 1 along z; a prediction written with it as
+    reference keeps its on-disk (X, Y, 1) and its (here coronal) geometry."""
+    data = (np.arange(30 * 20).reshape(1, 20, 30) % 7).astype(np.int16)  # SimpleITK order [k, j, i]
+    image = sitk.GetImageFromArray(data)
+    image.SetSpacing((0.5, 0.7, 3.0))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    image.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))  # a coronal slice
+    source = tmp_path / f"scan{ending}"
+    sitk.WriteImage(image, str(source))
+    array, geometry = read_image(source)
+    assert array.shape == (30, 20) and geometry.spacing == pytest.approx((0.5, 0.7))
+    out = tmp_path / f"pred{ending}"
+    write_image(out, (array > 3).astype(np.uint8), geometry, reference_path=source)
+    written = sitk.ReadImage(str(out))
+    assert written.GetSize() == image.GetSize()
+    assert np.allclose(written.GetSpacing(), image.GetSpacing()) and np.allclose(written.GetDirection(), image.GetDirection())
+    assert np.allclose(written.GetOrigin(), image.GetOrigin())
+    assert np.array_equal(read_image(out)[0], array > 3)
