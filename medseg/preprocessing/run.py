@@ -266,9 +266,9 @@ def _statistics(cfg: "RunConfig", info: DatasetInfo, root: Path, fingerprint: di
     return found
 
 
-def _scan(folder: Path, cases: list[Case], key: str) -> tuple[dict[str, dict[str, Any]], list[Case]]:
-    """The complete cases' JSON, and the cases still to do."""
-    metas = {c.name: valid_case_meta(folder, c.name, key) for c in cases}
+def _scan(folder: Path, cases: list[Case], key: str, verify: bool = False) -> tuple[dict[str, dict[str, Any]], list[Case]]:
+    """The complete cases' JSON, and the cases still to do (``verify``: their files' SHA-256 checked)."""
+    metas = {c.name: valid_case_meta(folder, c.name, key, verify) for c in cases}
     return {n: m for n, m in metas.items() if m is not None}, [c for c in cases if metas[c.name] is None]
 
 
@@ -280,6 +280,7 @@ def preprocess_dataset(
     preprocessing: dict[str, Any] | None = None,
     workers: int | None = None,
     progress: bool = True,
+    verify: bool = False,
 ) -> PreprocessedDataset:
     """Make sure the cache holds every training and validation case; return it.
 
@@ -295,6 +296,10 @@ def preprocess_dataset(
         Processes per rank (default :func:`cpus_per_process`).
     progress : bool
         Show a progress bar (rank 0) while cases are written.
+    verify : bool
+        Check the SHA-256 of every cached file against the one recorded when it was
+        written, and preprocess a case again whose file changed (``medseg preprocess``;
+        training checks sizes only, to start without reading the whole cache).
 
     Raises
     ------
@@ -323,7 +328,7 @@ def preprocess_dataset(
     job = {"info": info, "config": cfg, "preprocessing": preprocessing, "folder": folder, "key": key}
     workers = cpus_per_process() if workers is None else max(int(workers), 1)
     show = progress and distributed.is_main()
-    metas, todo = _scan(folder, cases, key)
+    metas, todo = _scan(folder, cases, key, verify)
     # a collective: every rank has listed its cases before any rank writes one
     if distributed.any_rank(bool(todo)):
         log.info("preprocessing %d of %d cases into %s (%d worker process%s per rank)", len(todo), len(cases),
@@ -353,4 +358,4 @@ def run_preprocessing(cfg: "RunConfig", workers: int | None = None) -> Preproces
 
     with distributed.process_group(torch.device("cpu")):
         info, train_cases, val_cases = select_cases(cfg)
-        return preprocess_dataset(cfg, info, train_cases, val_cases, workers=workers)
+        return preprocess_dataset(cfg, info, train_cases, val_cases, workers=workers, verify=True)

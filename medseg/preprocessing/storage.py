@@ -49,6 +49,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,6 +68,8 @@ __all__ = [
     "read_case_meta",
     "write_case",
 ]
+
+log = logging.getLogger("medseg.preprocessing")
 
 # Bump when the files' layout or encoding changes: it is part of the cache key.
 CASE_FORMAT = 1
@@ -170,18 +173,34 @@ def read_case_meta(folder: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
-def valid_case_meta(folder: Path, name: str, key: str) -> dict[str, Any] | None:
+def valid_case_meta(folder: Path, name: str, key: str, verify: bool = False) -> dict[str, Any] | None:
     """The JSON of case ``name`` if the case is complete: its JSON (this ``key``, this
-    format) and the image and label files of the sizes it records; else None."""
+    format) and the image and label files of the sizes it records; else None. With
+    ``verify``, the files' SHA-256 must be the recorded ones too (a file changed in place
+    at the same size; one read of the files)."""
     meta = read_case_meta(folder, name)
     if meta is None or meta.get("format") != CASE_FORMAT or meta.get("key") != key or meta.get("name") != name:
         return None
     try:
-        if all((folder / file).stat().st_size == info["bytes"] for file, info in meta["files"].items()):
-            return meta
+        if not all((folder / file).stat().st_size == info["bytes"] for file, info in meta["files"].items()):
+            return None
+        if verify:
+            for file, info in meta["files"].items():
+                if _sha256(folder / file) != info["sha256"]:
+                    log.warning("%s: its SHA-256 is not the one recorded when it was written; preprocessing the "
+                                "case again", folder / file)
+                    return None
+        return meta
     except (OSError, KeyError, TypeError, AttributeError):
-        pass
-    return None
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class CachedCase:

@@ -292,3 +292,26 @@ def test_a_worker_that_dies_is_named_in_one_line(monkeypatch):
     cases = [Case(name, [Path(f"{name}.nii.gz")]) for name in "ab"]
     with pytest.raises(MedsegError, match=r"^preprocessing case 'b': a worker process died \(out of memory, or killed\)"):
         run._run_cases(cases, {"info": None, "config": None, "preprocessing": None, "folder": None, "key": None}, 2, False)
+
+
+def test_preprocess_verifies_the_cached_files_and_rewrites_one_changed_in_place(padded_dataset, tmp_path, caplog):
+    """A cache file changed at the same size passed the size check and was trained on as it
+    was; ``medseg preprocess`` now checks each file's recorded SHA-256 (training does not:
+    it would read the whole cache at every start)."""
+    root = tmp_path / "cache"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw_config(padded_dataset, tmp_path / "run", root)))
+    assert cli_main(["preprocess", str(config), "--workers", "1"]) == 0
+    reference = cache_files(root)
+    damaged = next(p for p in sorted(root.rglob("*.b2nd")) if not p.name.endswith("_seg.b2nd"))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    cfg = validate_config(yaml.safe_load(config.read_text()))
+    info, train, val = select_cases(cfg)
+    assert preprocess_dataset(cfg, info, train, val, progress=False).done == 0  # training: sizes only
+    assert cache_files(root) != reference
+    with caplog.at_level("WARNING", logger="medseg.preprocessing"):
+        assert cli_main(["preprocess", str(config), "--workers", "1"]) == 0
+    assert f"{damaged}: its SHA-256 is not the one recorded" in caplog.text
+    assert cache_files(root) == reference
