@@ -9,6 +9,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -32,6 +33,32 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _one_process(command: str) -> None:
+    """Refuse a command that has no torchrun mode when started under torchrun: each rank
+    ran the whole job into one folder (the second refused by the first's lock, as if by
+    another process, then killed mid-write by torchrun)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "1"):
+        raise MedsegError(
+            f"medseg {command} runs as one process (WORLD_SIZE={world}); start it without torchrun "
+            "(train, preprocess, predict and study use torchrun's processes)"
+        )
+
+
+def _peer_failed(err: BaseException) -> bool:
+    """A collective broken because another process of the torchrun job stopped (it printed
+    its own error): torch.distributed's DistError, or gloo's RuntimeError for a closed peer."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") or not isinstance(err, RuntimeError):
+        return False
+    import torch.distributed as dist
+
+    error_types = tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)
+    text = str(err)
+    return isinstance(err, error_types) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 @contextmanager
@@ -124,8 +151,6 @@ def preprocess(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes (default: the cores, divided among torchrun processes)"),
 ) -> None:
     """Preprocess every training and validation case once into the on-disk cache that train reads (resumable)."""
-    import os
-
     from medseg.config import load_config
     from medseg.preprocessing import run_preprocessing
 
@@ -144,6 +169,7 @@ def adapt(
     """Adapt a trained run to unlabelled target scans (pseudo_label, mean_teacher, sfda, tent) into a new run folder."""
     from medseg.adaptation import load_adapt_config, run_adaptation
 
+    _one_process("adapt")
     cfg = load_adapt_config(config, set_ or [])
     with _writing(cfg.output_dir):
         run_adaptation(cfg, resume=resume)
@@ -218,6 +244,7 @@ def evaluate(
     """Overlap and topology metrics per case and label; summary.json, metrics.csv, report.html."""
     from medseg.evaluation.evaluate import run_evaluation
 
+    _one_process("evaluate")
     with _writing(output):
         ok = run_evaluation(
             pred_dir=pred,
@@ -328,6 +355,14 @@ def _main(argv: list[str] | None) -> int:
         return err.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code
+    except RuntimeError as err:
+        if not _peer_failed(err):
+            raise
+        rank = os.environ.get("RANK", "?")
+        sys.stderr.write(f"medseg: error: rank {rank} stopped: another process of this torchrun job failed "
+                         "(its error is above)\n")
+        sys.stderr.flush()
+        return 1
     except KeyboardInterrupt:
         print("medseg: interrupted", file=sys.stderr)
         return 130

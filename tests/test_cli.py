@@ -315,3 +315,41 @@ def test_a_full_disk_in_a_writer_thread_is_one_line(capsys):
         threading.excepthook = previous
     err = capsys.readouterr().err
     assert err == "medseg: error: EventFileWriter: [Errno 28] No space left on device: '/run/tensorboard/events.out'\n"
+
+
+def test_commands_without_a_torchrun_mode_refuse_to_run_under_it(monkeypatch, capsys, tmp_path):
+    """Under torchrun every rank ran the whole evaluation (or adaptation) into one folder; the
+    second was refused by the first's lock as if by another process, then torchrun killed
+    the first mid-write."""
+    from medseg.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path), "--output", str(tmp_path / "eval")],
+                    ["adapt", str(tmp_path / "adapt.yaml")]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"medseg: error: medseg {command[0]} runs as one process (WORLD_SIZE=2); start it without "
+                       "torchrun (train, preprocess, predict and study use torchrun's processes)"]
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_collective_broken_by_another_rank_is_one_line(monkeypatch, capsys):
+    """When one rank failed (and said why in one line), the others printed gloo's 50-line
+    traceback from the collective they were waiting in."""
+    import medseg.evaluation.report as report
+    from medseg.cli import _peer_failed, main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:1234")
+
+    monkeypatch.setattr(report, "rewrite_report", broken)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["report", "html", "anything"]) == 1
+    assert capsys.readouterr().err == ("medseg: error: rank 0 stopped: another process of this torchrun job failed "
+                                       "(its error is above)\n")
+    import torch.distributed as dist
+
+    assert _peer_failed(dist.DistError("store timeout")) and not _peer_failed(RuntimeError("CUDA out of memory"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not _peer_failed(RuntimeError("Connection closed by peer"))  # one process: not a peer's failure

@@ -355,9 +355,12 @@ def run_evaluation(
         present = [case for case in references if case not in missing]
         for case, path in missing.items():
             print(f"medseg: missing prediction for case {case} ({path})", file=sys.stderr)
+        from medseg.inference.predict import PROBABILITY_SUFFIX
+
         unmatched = sorted(
             f.name for f in pred_dir.iterdir()
             if f.is_file() and not f.name.startswith(".") and f.name.endswith(ending) and f.name[: -len(ending)] not in references
+            and not f.name.endswith(PROBABILITY_SUFFIX)  # medseg predict --save-probabilities writes them beside
         )
         if unmatched:  # a typo in a name shows up here, not just as a missing prediction
             shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")

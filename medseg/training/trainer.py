@@ -220,7 +220,8 @@ def _data_files(data: TrainingData) -> dict[str, str]:
 def _warn_if_data_changed(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> None:
     """A resume on data that changed since the checkpoint goes on (a copy or a touch
     changes the times too), but says so, naming what changed: before, a run resumed on
-    other data in silence (the split, drawn from the cases, may differ too)."""
+    other data in silence (the split, drawn from the cases, may differ too). Likewise a
+    resume with another number of torchrun processes."""
     stored, now = checkpoint.get("data_files"), parts.data_files or {}
     if not isinstance(stored, dict):
         return  # a checkpoint of an older medseg
@@ -231,6 +232,12 @@ def _warn_if_data_changed(parts: _Parts, checkpoint: dict[str, Any], path: Path)
     if what:
         log.warning("%s: the dataset changed since %s: %s; training goes on with the data as it is now",
                     parts.cfg.data.dataset, path, "; ".join(what))
+    then = checkpoint.get("world_size")
+    if isinstance(then, int) and then != distributed.world_size():
+        # the batch is split over another number of processes: the gradients' sums run in
+        # another order (a checkpoint of an older medseg has no world_size: nothing to say)
+        log.warning("%s was written by %d process(es), this resume runs %d: the run goes on, but it will differ "
+                    "from an uninterrupted one by float rounding", path, then, distributed.world_size())
 
 
 def _payload(parts: _Parts, progress: Progress) -> dict[str, Any]:
@@ -258,6 +265,7 @@ def _payload(parts: _Parts, progress: Progress) -> dict[str, Any]:
         "loss_average": progress.average.state(),
         "loss_terms": progress.loss_terms,
         "data_files": parts.data_files,
+        "world_size": distributed.world_size(),
     }
 
 

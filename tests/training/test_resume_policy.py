@@ -304,3 +304,18 @@ def test_a_resume_without_latest_but_with_best_is_refused_and_changes_nothing(sy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "latest.pt: missing, but checkpoints/ holds best.pt" in err[0] and "nothing was changed" in err[0]
     assert _digest(run) == before
+
+
+def test_a_resume_with_another_number_of_processes_says_it_will_differ(synthetic_dataset_3d, tmp_path, caplog):
+    """A run of 2 torchrun processes resumed by 1 went on in silence and ended by float
+    rounding away from an uninterrupted run."""
+    run = tmp_path / "run"
+    config = _train(synthetic_dataset_3d, run, iterations=4)
+    latest = run / "checkpoints" / "latest.pt"
+    checkpoint = torch.load(latest, weights_only=False)
+    assert checkpoint["world_size"] == 1
+    checkpoint["world_size"] = 2  # as torchrun --nproc_per_node 2 wrote it
+    torch.save(checkpoint, latest)
+    with caplog.at_level("WARNING", logger="medseg.training"):
+        assert cli_main(["train", str(config), "--resume", "--set", "train.iterations=6"]) == 0
+    assert "written by 2 process(es), this resume runs 1" in caplog.text
