@@ -207,6 +207,7 @@ def _check_target_values(target: torch.Tensor, n_channels: int, name: str) -> bo
     """:func:`check_input`'s check of the target's values (see there); True when they pass."""
     if target.dtype == torch.bool:
         return True
+    target = target.detach()  # a soft target may carry a gradient; only its values are checked
     label_map = target.shape[1] == 1 and n_channels > 1
     floating = target.is_floating_point()
     if target.is_cuda:  # reading the range back would stall every step on a sync
