@@ -94,8 +94,8 @@ def _damaged_member(path: Path) -> str | None:
 
     torch.load does not check the CRCs its writer stores, so a flipped bit in the tensors
     loads as different weights without a word. One read of the file (page-cached right
-    after), about 0.1 s per 100 MB. Anything that is no readable zip is left to torch.load
-    and :func:`_load_failure` to describe.
+    after): 0.04 s per 100 MB here, about half of a torch.load. Anything that is no
+    readable zip is left to torch.load and :func:`_load_failure` to describe.
     """
     import zipfile
 
