@@ -313,7 +313,13 @@ def preprocess_dataset(
     inner = dataset_data_folder(root, cfg.data.dataset)
     if inner is not None:
         raise ConfigError(f"data.cache_dir {root}: lies in the dataset's {inner}/ folder; put the cache elsewhere")
-    _check_writable(root)
+    try:
+        _check_writable(root)
+        unwritable = None
+    except MedsegError as err:
+        if not root.is_dir():
+            raise
+        unwritable = err  # a complete cache on a read-only mount (a shared one) is only read
     cases = sorted(list(train_cases) + list(val_cases), key=lambda c: c.name)
     fingerprint = dataset_fingerprint(info, cases)
     if preprocessing is None:
@@ -329,6 +335,8 @@ def preprocess_dataset(
     workers = cpus_per_process() if workers is None else max(int(workers), 1)
     show = progress and distributed.is_main()
     metas, todo = _scan(folder, cases, key, verify)
+    if todo and unwritable is not None:
+        raise unwritable
     # a collective: every rank has listed its cases before any rank writes one
     if distributed.any_rank(bool(todo)):
         log.info("preprocessing %d of %d cases into %s (%d worker process%s per rank)", len(todo), len(cases),

@@ -153,3 +153,30 @@ def test_a_read_only_output_folder_is_one_line(killer, disk, tiny_run, tiny_data
         failures += [f"{name}: {p}" for p in _check_failure(logs, name, result, folder, out)]
     assert not any(folder.iterdir())
     assert not failures, "\n".join(failures)
+
+
+def test_a_complete_cache_on_a_read_only_file_system_is_read(disk, tiny_dataset, tmp_path, capsys):
+    """A shared preprocessed cache mounted read-only was refused as "not writable" although
+    training only reads it; an incomplete one is still refused in that one line."""
+    from medseg.cli import main
+
+    cache = disk(8192)
+    config = tmp_path / "config.yaml"
+    raw = train_config(tiny_dataset, tmp_path / "run", iterations=2)
+    config.write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "cache_dir": str(cache)}}))
+    assert main(["preprocess", str(config)]) == 0
+    done = subprocess.run(["mount", "-o", "remount,ro", str(cache)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount read-only here: {done.stderr.strip()}")
+    capsys.readouterr()
+    assert main(["preprocess", str(config)]) == 0  # its files checked, nothing written
+    assert main(["train", str(config)]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "latest.pt").is_file()
+    capsys.readouterr()
+    other = tmp_path / "other.yaml"  # another normalisation: a cache that would have to be written
+    other.write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / "run2"),
+                                     "data": {**raw["data"], "cache_dir": str(cache),
+                                              "normalization": {"scheme": "zscore"}}}))
+    assert main(["train", str(other)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{cache}" in err[0] and ("not writable" in err[0] or "Read-only" in err[0]), err
