@@ -260,7 +260,8 @@ def check_forward(
     Raises
     ------
     ConfigError
-        ``model.params: MONAI UNet cannot run on 2 x C x patch inputs (...)``.
+        ``model.params: MONAI UNet cannot run on a batch of shape [2, C, *patch] (...)``,
+        or a network whose output is not ``out_channels`` maps of the patch.
     """
     batch = (2, in_channels, *patch_size)
     # a network built for real (SwinUNETR) draws its weights: the run's random stream stays as it was
@@ -287,7 +288,7 @@ def check_forward(
 def _blamed_key(cls, spatial_dims: int, in_channels: int, out_channels: int, params: dict[str, Any],
                 user: dict[str, Any], defaults: dict[str, Any]) -> str | None:
     """The one parameter the user set whose default (or absence) makes MONAI build the
-    network, when its message names none (``norm='FOO'``: "did you mean 'RELU6'?")."""
+    network, when its message names none (``act: relux`` gives "did you mean 'RELU'?")."""
     blamed = []
     for key in user:
         trial = dict(params)

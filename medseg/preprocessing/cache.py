@@ -182,9 +182,13 @@ def _writing(folder: Path, action) -> None:
 
 
 def _remove_dead_temporaries_of(path: Path) -> None:
-    """What a writer of ``path`` killed midway left beside it (see remove_stale_temporaries)."""
+    """What a writer of ``path`` killed midway left beside it (see remove_stale_temporaries);
+    best effort: a cache on a read-only mount is only read."""
     if path.parent.is_dir():
-        remove_dead_temporaries(path.parent, names=[path.name], other_hosts_after_s=_STALE_TEMPORARY_S)
+        try:
+            remove_dead_temporaries(path.parent, names=[path.name], other_hosts_after_s=_STALE_TEMPORARY_S)
+        except OSError:
+            pass
 
 
 def write_statistics(root: Path, info: DatasetInfo, fit_key: str, preprocessing: dict[str, Any]) -> None:
