@@ -97,10 +97,25 @@ def check_unchanged(
     old, new = config_leaves(then), config_leaves(now)
     key, others = changed[0], changed[1:]
     also = f" (also changed: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
+    advice = f"resume with {config_file} or start a new output_dir"
+    if _says(config_file, key, new.get(key, _UNSET)):  # the run's own config.yaml was edited
+        advice = (f"{config_file} itself was edited since the run started: set {key} back to "
+                  f"{_shown(old.get(key, _UNSET))} there, or start a new output_dir")
     raise ConfigError(
         f"{key}: the run used {_shown(old.get(key, _UNSET))}, the config says {_shown(new.get(key, _UNSET))}; "
-        f"a resume cannot change it{also} (resume with {config_file} or start a new output_dir)"
+        f"a resume cannot change it{also} ({advice})"
     )
+
+
+def _says(config_file: str | Path, key: str, value: Any) -> bool:
+    """Whether the YAML file ``config_file`` holds ``value`` at dotted ``key`` (False when unreadable)."""
+    import yaml
+
+    try:
+        leaves = config_leaves(yaml.safe_load(Path(config_file).read_text(encoding="utf-8")))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return value is not _UNSET and leaves.get(key, _UNSET) == value
 
 
 def unfinished_start(run_dir: str | Path, log_file: str, config_file: str = "config.yaml") -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,20 @@ def test_a_resume_with_another_number_of_processes_says_it_will_differ(synthetic
     with caplog.at_level("WARNING", logger="medseg.training"):
         assert cli_main(["train", str(config), "--resume", "--set", "train.iterations=6"]) == 0
     assert "written by 2 process(es), this resume runs 1" in caplog.text
+
+
+def test_a_run_config_edited_in_place_is_named_as_edited(finished_run, tmp_path, capsys):
+    """The refusal advised resuming with RUN/config.yaml, the very file that was edited."""
+    edited = tmp_path / "copy"
+    shutil.copytree(finished_run, edited)
+    config = edited / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["output_dir"] = str(edited)
+    raw["train"]["optimizer"]["lr"] = 0.05
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    checkpoint = torch.load(edited / "checkpoints" / "latest.pt", weights_only=False)
+    checkpoint["config"]["output_dir"] = str(edited)
+    torch.save(checkpoint, edited / "checkpoints" / "latest.pt")
+    assert cli_main(["train", str(config), "--resume"]) == ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert f"{config} itself was edited since the run started: set train.optimizer.lr back to 0.001 there" in err
