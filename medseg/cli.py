@@ -39,8 +39,10 @@ def _one_process(command: str) -> None:
     """Refuse a command that has no torchrun mode when started under torchrun: each rank
     ran the whole job into one folder (the second refused by the first's lock, as if by
     another process, then killed mid-write by torchrun)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip() not in ("", "1"):
+    from medseg.distributed import launched_world_size
+
+    world = launched_world_size()
+    if world > 1:
         raise MedsegError(
             f"medseg {command} runs as one process (WORLD_SIZE={world}); start it without torchrun "
             "(train, preprocess, predict and study use torchrun's processes)"
@@ -50,14 +52,14 @@ def _one_process(command: str) -> None:
 def _peer_failed(err: BaseException) -> bool:
     """A collective broken because another process of the torchrun job stopped (it printed
     its own error): torch.distributed's DistError, or gloo's RuntimeError for a closed peer."""
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") or not isinstance(err, RuntimeError):
-        return False
     import torch.distributed as dist
 
-    error_types = tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)
-    text = str(err)
-    return isinstance(err, error_types) or any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    from medseg.distributed import launched_world_size
+
+    if not isinstance(err, RuntimeError) or launched_world_size() <= 1:
+        return False
+    return isinstance(err, dist.DistError) or any(
+        s in str(err) for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
     )
 
 

@@ -84,7 +84,8 @@ def backend_name() -> str:
     return str(torch.distributed.get_backend()) if is_distributed() else "none"
 
 
-def _launched_world_size() -> int:
+def launched_world_size() -> int:
+    """The processes torchrun started (``WORLD_SIZE``; 1 when unset), before any group exists."""
     return _env_int("WORLD_SIZE", 1)
 
 
@@ -93,7 +94,7 @@ def device_for_rank(device: torch.device) -> torch.device:
 
     A single process keeps the device it was given; the CPU is the CPU everywhere.
     """
-    if device.type != "cuda" or _launched_world_size() <= 1:
+    if device.type != "cuda" or launched_world_size() <= 1:
         return device
     index = local_rank()
     count = torch.cuda.device_count()
@@ -121,7 +122,7 @@ def process_group(device: torch.device) -> Iterator[bool]:
         the other variables torchrun sets (``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
     """
     global _COMM_DEVICE
-    if _launched_world_size() <= 1:
+    if launched_world_size() <= 1:
         yield False
         return
     if not torch.distributed.is_available():
@@ -137,7 +138,7 @@ def process_group(device: torch.device) -> Iterator[bool]:
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
         raise MedsegError(
-            f"WORLD_SIZE={_launched_world_size()} but {', '.join(missing)} not set: start multi-process runs with "
+            f"WORLD_SIZE={launched_world_size()} but {', '.join(missing)} not set: start multi-process runs with "
             "torchrun, or unset WORLD_SIZE for a single process"
         )
     _env_int("RANK", 0)

@@ -671,8 +671,16 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, referenc
 def _write_itk(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference: Path | None) -> None:
     import SimpleITK as sitk
 
-    if reference is not None and array.ndim == 2:
-        array = array.reshape(_itk_slice_shape(reference, array.shape))  # keep a 2D scan's on-disk (X, Y, 1)
+    reader = None
+    if reference is not None:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(reference))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
+        if array.ndim == 2 and tuple(reader.GetSize()) == (*array.shape, 1):
+            array = array[..., None]  # keep a 2D scan's on-disk (X, Y, 1)
     ndim = array.ndim
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))  # sitk wants [k, j, i]
     lps = np.linalg.inv(_LPS_TO_RAS) @ geometry.affine
@@ -684,11 +692,8 @@ def _write_itk(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference:
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(o) for o in lps[:ndim, 3]])
     image.SetDirection([float(d) for d in direction.ravel()])
-    if reference is not None:
+    if reader is not None:
         try:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(reference))
-            reader.ReadImageInformation()
             for key in reader.GetMetaDataKeys():
                 if not key.startswith(("ITK_", "NRRD_")):
                     try:
@@ -698,20 +703,6 @@ def _write_itk(tmp: Path, array: np.ndarray, geometry: ImageGeometry, reference:
         except RuntimeError as err:
             raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
     sitk.WriteImage(image, str(tmp), useCompression=True)
-
-
-def _itk_slice_shape(reference: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """``shape + (1,)`` when ``reference`` stores this 2D image as a 3D file of one slice."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(reference))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
-    size = tuple(int(s) for s in reader.GetSize())
-    return (*shape, 1) if size == (*shape, 1) else tuple(shape)
 
 
 def _write_png(path: Path, tmp: Path, array: np.ndarray) -> None:

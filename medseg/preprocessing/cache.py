@@ -45,8 +45,8 @@ from medseg.data.dataset import Case, DatasetInfo, label_dtype
 from medseg.data.transforms import PREPROCESSING_VERSION, channel_schemes
 from medseg.errors import MedsegError
 from medseg.preprocessing.case import MAX_CLASS_LOCATIONS
-from medseg.atomic import remove_dead_temporaries, write_atomic
-from medseg.preprocessing.storage import _STALE_TEMPORARY_S, CASE_FORMAT
+from medseg.atomic import write_atomic
+from medseg.preprocessing.storage import CASE_FORMAT, remove_stale_temporaries_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.config import RunConfig
@@ -186,7 +186,7 @@ def _remove_dead_temporaries_of(path: Path) -> None:
     best effort: a cache on a read-only mount is only read."""
     if path.parent.is_dir():
         try:
-            remove_dead_temporaries(path.parent, names=[path.name], other_hosts_after_s=_STALE_TEMPORARY_S)
+            remove_stale_temporaries_of(path.parent, [path.name])
         except OSError:
             pass
 

@@ -56,7 +56,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medseg.atomic import remove_dead_temporaries, write_atomic
+from medseg.atomic import file_sha256, remove_dead_temporaries, write_atomic
 from medseg.errors import MedsegError
 from medseg.preprocessing.case import PreprocessedCase
 
@@ -91,7 +91,12 @@ def remove_stale_temporaries(folder: Path, name: str) -> None:
     A file from this host whose process is gone is removed; one from another host (a
     shared file system) only after a day, since that process cannot be checked.
     """
-    remove_dead_temporaries(folder, names=case_files(name), other_hosts_after_s=_STALE_TEMPORARY_S)
+    remove_stale_temporaries_of(folder, case_files(name))
+
+
+def remove_stale_temporaries_of(folder: Path, names: Sequence[str]) -> None:
+    """:func:`remove_stale_temporaries` for the cache's files ``names`` in ``folder``."""
+    remove_dead_temporaries(folder, names=names, other_hosts_after_s=_STALE_TEMPORARY_S)
 
 
 def _chunking(shape: Sequence[int], itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -186,21 +191,13 @@ def valid_case_meta(folder: Path, name: str, key: str, verify: bool = False) -> 
             return None
         if verify:
             for file, info in meta["files"].items():
-                if _sha256(folder / file) != info["sha256"]:
+                if file_sha256(folder / file, chunk=1 << 22) != info["sha256"]:
                     log.warning("%s: its SHA-256 is not the one recorded when it was written; preprocessing the "
                                 "case again", folder / file)
                     return None
         return meta
     except (OSError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CachedCase:

@@ -217,7 +217,7 @@ def _data_files(data: TrainingData) -> dict[str, str]:
     return {case: hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] for case, entries in cases.items()}
 
 
-def _warn_if_data_changed(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> None:
+def _warn_where_the_resume_differs(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> None:
     """A resume on data that changed since the checkpoint goes on (a copy or a touch
     changes the times too), but says so, naming what changed: before, a run resumed on
     other data in silence (the split, drawn from the cases, may differ too). Likewise a
@@ -328,7 +328,7 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: Ru
         parts = _build_parts(cfg, checkpoint)
         progress = _restore(parts, checkpoint, latest_path) if checkpoint is not None else Progress()
         if checkpoint is not None and distributed.is_main():
-            _warn_if_data_changed(parts, checkpoint, latest_path)
+            _warn_where_the_resume_differs(parts, checkpoint, latest_path)
     _wrap_for_training(parts)
 
     with distributed.main_process("writing the run folder") as main:
