@@ -16,8 +16,10 @@ B, mean and median difference, and two two-sided paired tests of "no difference"
   sign vectors) when that is at most ``permutations``, else ``permutations`` random
   ones (seed 0) with ``p = (1 + hits) / (1 + permutations)``.
 
-"better" says which run has the better mean for metrics with a direction (Dice up,
-HD95 and the topology errors down; :func:`medseg.evaluation.aggregate.better_direction`).
+"better mean" says which run has the better mean for metrics with a direction (Dice
+up, HD95 and the topology errors down; :func:`medseg.evaluation.aggregate.better_direction`),
+followed by ``*`` where the permutation test's p is below 0.05 (``significant``): a
+better mean alone may be one case's difference.
 Cases that are not evaluated in both are listed, not compared.
 
 Results go to the terminal (an aligned table) and, with ``output``, to
@@ -142,7 +144,8 @@ def check_comparable(a: Evaluation, b: Evaluation) -> list[str]:
     Raises
     ------
     DataError
-        The summaries differ in a :data:`METRIC_SETTINGS` convention, or a case was scored
+        The summaries differ in a :data:`METRIC_SETTINGS` convention, in the ignore label
+        or in the name of a label value, or a case was scored
         against reference files of different content in A and B (a case name paired
         across two datasets). Reference files that moved (different paths, the same
         bytes) are fine; ones that can no longer be read give a warning.
@@ -155,6 +158,22 @@ def check_comparable(a: Evaluation, b: Evaluation) -> list[str]:
                 raise DataError(
                     f"{a.path} and {b.path}: evaluated with different {key} ({conv_a[key]!r} and {conv_b[key]!r}); "
                     "their metrics do not compare: evaluate both the same way"
+                )
+    # the ignore label masks prediction voxels out of every metric; a label value named
+    # differently means another dataset.json: pairing either would compare settings, not predictions
+    ignore_a, ignore_b = a.summary.get("ignore_label"), b.summary.get("ignore_label")
+    if ignore_a != ignore_b:
+        raise DataError(
+            f"{a.path} and {b.path}: evaluated with different ignore labels ({ignore_a!r} and {ignore_b!r}); "
+            "their metrics do not compare: evaluate both with the same dataset.json"
+        )
+    labels_a, labels_b = a.summary.get("labels"), b.summary.get("labels")
+    if isinstance(labels_a, dict) and isinstance(labels_b, dict):
+        for value in sorted(set(labels_a) & set(labels_b)):
+            if labels_a[value] != labels_b[value]:
+                raise DataError(
+                    f"{a.path} and {b.path}: label {value} is {labels_a[value]!r} in A and {labels_b[value]!r} in B; "
+                    "evaluate both with the same dataset.json"
                 )
     refs_a, refs_b = _reference_files(a), _reference_files(b)
     unreadable = []
@@ -289,6 +308,8 @@ def compare_evaluations(a: Evaluation, b: Evaluation, permutations: int = DEFAUL
                 stats["better"] = "="
             else:
                 stats["better"] = "B" if diff * direction > 0 else "A"
+            p = stats.get("permutation_p")
+            stats["significant"] = bool(stats["better"] in ("A", "B") and p is not None and p < SIGNIFICANCE)
             rows[metric] = stats
         results[label] = rows
         per_case[label] = cases_rows
@@ -314,14 +335,21 @@ def compare_evaluations(a: Evaluation, b: Evaluation, permutations: int = DEFAUL
 
 _COLUMNS = (
     ("metric", None), ("n", "n"), ("mean A", "mean_a"), ("mean B", "mean_b"), ("mean B-A", "mean_difference"),
-    ("median B-A", "median_difference"), ("Wilcoxon p", "wilcoxon_p"), ("perm. p", "permutation_p"), ("better", "better"),
+    ("median B-A", "median_difference"), ("Wilcoxon p", "wilcoxon_p"), ("perm. p", "permutation_p"),
+    ("better mean", "better"),
 )
+SIGNIFICANCE = 0.05  # "*" after the better mean: permutation p below this
+
+
+def _better(stats: dict) -> str:
+    """The run with the better mean, with ``*`` when the permutation test finds the difference significant."""
+    return stats.get("better", "") + (" *" if stats.get("significant") else "")
 
 
 def _row(metric: str, stats: dict) -> list[str]:
     out = [metric]
     for _, key in _COLUMNS[1:]:
-        value = stats.get(key)
+        value = _better(stats) if key == "better" else stats.get(key)
         out.append(value if isinstance(value, str) else _page.fmt(value, 4))
     return out
 
@@ -329,7 +357,8 @@ def _row(metric: str, stats: dict) -> list[str]:
 def format_table(result: dict[str, Any]) -> str:
     """The comparison as aligned text, one table per label, then the cases left out."""
     lines = [f"A: {result['a']}", f"B: {result['b']}",
-             f"paired cases: {len(result['paired_cases'])}; differences are B - A; {result['tests']}"]
+             f"paired cases: {len(result['paired_cases'])}; differences are B - A; {result['tests']}; "
+             f"better mean: the run with the better mean, * where the permutation p < {SIGNIFICANCE}"]
     for label, rows in result["metrics"].items():
         lines.append("")
         lines.append(f"label {label} ({result['labels'].get(label, '')})")
@@ -409,10 +438,10 @@ def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] |
         for metric, stats in rows.items():
             cells = [_page.cell(metric)]
             for _, key in _COLUMNS[1:]:
-                value = stats.get(key)
+                value = _better(stats) if key == "better" else stats.get(key)
                 klass = ""
-                if key == "better" and value in ("A", "B"):
-                    klass = "better" if value == "B" else "worse"
+                if key == "better" and stats.get("better") in ("A", "B"):
+                    klass = "better" if stats["better"] == "B" else "worse"
                 cells.append(_page.cell(value, cls=klass))
             table_rows.append(cells)
         body.append(_page.table([h for h, _ in _COLUMNS], table_rows, table_id=f"compare-{label}", sortable=True))

@@ -307,8 +307,10 @@ def run_evaluation(
     Raises
     ------
     DataError
-        A folder is missing or empty, dataset.json is unusable, or ``output`` (or a
-        folder above it) is a file.
+        A folder is missing or empty, dataset.json is unusable, ``output`` (or a
+        folder above it) is a file, no case could be evaluated (every prediction
+        missing or every case failed: nothing is written, an earlier evaluation in
+        ``output`` stays), or without dataset.json no file holds a foreground value.
     MedsegError
         A connectivity that is not 4, 6, 8 or 26 (one that does not fit the images
         fails every case, each reported), an unknown metric name, a metric named in
@@ -383,6 +385,10 @@ def run_evaluation(
                 for path in (str(references[case]), str(pred_dir / f"{case}{ending}")):
                     if path in bad and case not in failed:
                         failed[case] = bad[path]
+            if not values and len(failed) < len(present):
+                # nothing to score: a summary of no label would read as a successful evaluation
+                raise DataError(f"{ref_dir}: no foreground label value in the references or predictions, and no "
+                                f"dataset.json beside them; name the labels with --dataset-json")
             label_names = {v: f"label_{v}" for v in sorted(values)}
             label_source = "label values present in the files"
         labels = list(label_names)
@@ -403,6 +409,11 @@ def run_evaluation(
                 failed[case] = error
         for case, error in sorted(failed.items()):
             print(f"medseg: case {case} failed: {error}", file=sys.stderr)
+        if not per_case:
+            # a summary of no case would replace a good evaluation in this folder with nothing
+            first = f"; first: {failed[min(failed)]}" if failed else ""
+            raise DataError(f"{pred_dir}: no case could be evaluated ({len(missing)} missing, {len(failed)} failed"
+                            f"{first}); nothing written to {output}")
 
         if connectivity is None:
             dims = {len(info["shape"]) for info in case_info.values()}
@@ -443,6 +454,8 @@ def run_evaluation(
         # all or none: a full disk while the page is written must not leave a new summary
         # beside the old page (or lose the old summary of a command that failed)
         write_atomic_group(files)
+        if not report:  # an earlier evaluation's page must not stand beside these results
+            (output / "report.html").unlink(missing_ok=True)
         written = [path.name for path in files]
 
         fg = summary["foreground_mean"]

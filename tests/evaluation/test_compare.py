@@ -65,13 +65,14 @@ def test_compare_direction_p_values_and_left_out_cases(two_runs):
     dice = result["metrics"]["1"]["Dice"]
     assert dice["n"] == 8 and dice["mean_difference"] == pytest.approx(0.1)
     assert dice["permutation_p"] == pytest.approx(2 / 256) and dice["wilcoxon_p"] < 0.01
-    assert dice["better"] == "B"
+    assert dice["better"] == "B" and dice["significant"]
     hd = result["metrics"]["1"]["HD95"]
     assert hd["n"] == 7 and hd["undefined"] == 1  # B's NaN leaves the pair out
     assert hd["mean_difference"] == pytest.approx(np.mean([3.0 + i * 0.1 - 5.0 for i in range(7)]))
     assert hd["better"] == "B"  # lower HD95 is better
     cl = result["metrics"]["1"]["clDice"]
     assert cl["mean_difference"] == pytest.approx(0.0, abs=1e-12) and cl["permutation_p"] > 0.5 and cl["wilcoxon_p"] > 0.5
+    assert not cl["significant"]  # whichever mean is better by rounding, the difference is no verdict
     assert result["metrics"]["1"]["betti_matching_error"]["better"] == "="
     assert result["only_in_a"] == ["only_a"]
     assert result["only_in_b"] == ["case_broken", "only_b"]
@@ -87,6 +88,9 @@ def test_run_compare_writes_json_html_and_prints_a_table(two_runs, tmp_path, cap
     dice = next(line for line in printed.splitlines() if line.startswith("Dice "))
     assert header.index("mean B-A") + len("mean B-A") == dice.index("0.1") + len("0.1")  # right-aligned column
     assert "cases only in A (1): only_a" in printed
+    assert dice.rstrip().endswith("B *")  # better mean, and significant
+    cldice = next(line for line in printed.splitlines() if line.startswith("clDice "))
+    assert not cldice.rstrip().endswith("*")
     data = json.loads((out / "compare.json").read_text())
     assert data["metrics"]["1"]["Dice"]["better"] == "B"
     html = (out / "compare.html").read_text()
@@ -234,3 +238,25 @@ def test_no_numeric_metric_in_common(tmp_path, capsys):
     b = _summary(tmp_path / "b" / "summary.json", {c: {"HD95": 2.0} for c in CASES})
     assert main(["report", "compare", str(a), str(b)]) == 3
     assert "no numeric metric in common" in capsys.readouterr().err
+
+
+def test_evaluations_under_other_ignore_labels_or_label_names_are_not_paired(tmp_path, capsys):
+    """The same predictions scored with and without dataset.json's ignore label differ in
+    every metric; compare printed those differences as verdicts."""
+    values = {c: {"Dice": 0.8} for c in CASES}
+    a = _summary(tmp_path / "a" / "summary.json", values)
+    b = _summary(tmp_path / "b" / "summary.json", values)
+    for path, ignore, name in ((a, 4, "vessel"), (b, None, "vessel")):
+        summary = json.loads(path.read_text())
+        summary.update(ignore_label=ignore, labels={"1": name})
+        path.write_text(json.dumps(summary))
+    assert main(["report", "compare", str(a), str(b)]) == 3
+    assert "different ignore labels (4 and None)" in capsys.readouterr().err
+    summary = json.loads(b.read_text())
+    summary.update(ignore_label=4, labels={"1": "artery"})
+    b.write_text(json.dumps(summary))
+    assert main(["report", "compare", str(a), str(b)]) == 3
+    assert "label 1 is 'vessel' in A and 'artery' in B" in capsys.readouterr().err
+    summary["labels"] = {"1": "vessel"}
+    b.write_text(json.dumps(summary))
+    assert main(["report", "compare", str(a), str(b)]) == 0

@@ -245,7 +245,7 @@ def test_cli_exit_codes_and_one_line_errors(folders, capsys):
     assert "nope" in err and "Traceback" not in err
     assert main(args + ["--connectivity", "5"]) != 0
     assert "--connectivity 5" in capsys.readouterr().err
-    assert main(args + ["--connectivity", "8"]) == 1  # 2D connectivity on 3D images: every case fails
+    assert main(args + ["--connectivity", "8"]) == 3  # 2D connectivity on 3D images: every case fails
     assert "does not fit a 3D image" in capsys.readouterr().err
     empty = ref.parent / "empty"
     empty.mkdir()
@@ -395,3 +395,44 @@ def test_a_full_disk_while_the_page_is_written_keeps_the_old_evaluation_whole(fo
     with pytest.raises(Exception, match="No space left on device"):
         run_evaluation(pred, ref, out, workers=1)  # all metrics: another summary
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary, nothing replaced
+
+
+def test_an_evaluation_of_no_case_keeps_the_earlier_one(folders, capsys):
+    # a 2D connectivity on 3D images fails every case: the good summary in the folder stays
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "a", _cube((2, 2, 2), (6, 6, 6)))
+    assert run_evaluation(pred, ref, out, workers=1, metrics="dice", report=False)
+    before = (out / "summary.json").read_bytes()
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1"]
+    assert main([*args, "--connectivity", "8"]) == 3  # a data error, where 1 says some cases failed
+    err = capsys.readouterr().err
+    assert "connectivity 8 does not fit a 3D image" in err and "no case could be evaluated" in err
+    assert "Traceback" not in err
+    assert (out / "summary.json").read_bytes() == before
+    # so does a prediction folder without any of the cases
+    empty = pred.parent / "empty"
+    empty.mkdir()
+    assert main(["evaluate", "--pred", str(empty), "--ref", str(ref), "--output", str(out), "--workers", "1"]) == 3
+    assert "no case could be evaluated (1 missing, 0 failed)" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_files_of_background_alone_without_dataset_json_are_refused(tmp_path, capsys):
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    _write(ref, "a", np.zeros(SHAPE))
+    _write(pred, "a", np.zeros(SHAPE))
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert "no foreground label value" in err and "--dataset-json" in err
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_no_report_removes_an_earlier_evaluations_page(folders):
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "a", _cube((2, 2, 2), (6, 6, 6)))
+    run_evaluation(pred, ref, out, workers=1, metrics="dice")
+    assert (out / "report.html").is_file()
+    run_evaluation(pred, ref, out, workers=1, metrics="dice", report=False)
+    assert not (out / "report.html").exists() and (out / "summary.json").is_file()
