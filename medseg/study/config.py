@@ -74,6 +74,7 @@ _RESERVED = frozenset({"study.json", "study.csv", "study.html", "logs", ".ranks"
 _DATASET = "{dataset}"  # in a test folder path: the runs' data.dataset
 # Keys the study sets itself for every run.
 _STUDY_KEYS = ("seed", "output_dir")
+MAX_SEED = 2**32 - 1  # RunConfig.seed's range
 
 
 class _Strict(BaseModel):
@@ -166,8 +167,8 @@ class StudyConfig(_Strict):
     def _seeds(cls, value: list[int]) -> list[int]:
         if not value:
             raise ValueError("needs at least one seed")
-        if any(s < 0 for s in value):
-            raise ValueError("seeds must be non-negative")
+        if any(not 0 <= s <= MAX_SEED for s in value):
+            raise ValueError(f"seeds must be integers from 0 to {MAX_SEED} (a run's seed)")
         if len(set(value)) != len(value):
             raise ValueError("seeds must differ")
         return value
@@ -288,7 +289,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     """
     path = Path(path)
     overrides = list(overrides or [])
-    study_cfg = validate_model(StudyConfig, read_yaml_with_overrides(path), source=str(path))
+    # --set output_dir=DIR moves the whole study (a quick look beside the real one); the
+    # other --set keys are the runs'
+    moved = [o for o in overrides if o.split("=", 1)[0].strip() == "output_dir"]
+    overrides = [o for o in overrides if o not in moved]
+    study_cfg = validate_model(StudyConfig, read_yaml_with_overrides(path, moved), source=str(path), overrides=moved)
     if not study_cfg.base.is_file():
         problem = "is not a file" if study_cfg.base.exists() else "config file not found"
         raise ConfigError(f"{path}: base: {study_cfg.base}: {problem}")
@@ -352,8 +357,12 @@ def _check_runs(study: Study) -> None:
     try:  # the study folder and every run folder can be written (no file in the way)
         for folder in (study.output_dir, *(run.run_dir for run in study.runs)):
             check_output_folder(folder, "output_dir")
+        study.output_dir.mkdir(parents=True, exist_ok=True)
     except MedsegError as err:
         raise ConfigError(f"{path}: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: output_dir: {study.output_dir}: cannot be created ({err.strerror or err})") from None
+    _check_output_place(study)
     infos = {}
     checked_variants = set()
     for run in study.runs:
@@ -379,6 +388,26 @@ def _check_runs(study: Study) -> None:
     for name, test in study.config.test.items():
         for info in infos.values():
             _check_test(path, name, test, info)
+
+
+def _check_output_place(study: Study) -> None:
+    """The study's folder must not lie in a folder it reads scans or labels from: its
+    files there change the folder's contents, so every run looked stale and was
+    predicted and evaluated again on every rerun."""
+    from medseg.data.dataset import dataset_data_folder
+
+    out = study.output_dir.resolve()
+    for name, test in study.config.test.items():
+        for key in ("images", "labels"):
+            folder = Path(getattr(test, key)).resolve()
+            if out == folder or out.is_relative_to(folder):
+                raise ConfigError(f"{study.path}: output_dir: {study.output_dir} lies in test.{name}.{key} "
+                                  f"({folder}); put the study's folder elsewhere")
+    for dataset in sorted({Path(run.config.data.dataset) for run in study.runs}):
+        inner = dataset_data_folder(out, dataset)
+        if inner is not None:
+            raise ConfigError(f"{study.path}: output_dir: {study.output_dir} lies in the dataset's {inner}/ folder "
+                              f"({dataset}); put the study's folder elsewhere")
 
 
 def _check_parts(cfg: RunConfig, info, where: str) -> None:
@@ -417,3 +446,11 @@ def _check_test(path: Path, name: str, test: TestSet, info) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConfigError(f"{where}.labels: {labels[missing[0]]}: no label for scan '{missing[0]}'{more}")
+    # a label without its scan is a case evaluate finds no prediction for: the run failed after training
+    endings = {ending_of(case.image_files[0]) for case in cases}
+    known = {label.name for label in labels.values()}
+    orphans = sorted(f.name for f in test.labels.iterdir()
+                     if f.is_file() and not f.name.startswith(".") and ending_of(f) in endings and f.name not in known)
+    if orphans:
+        more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
+        raise ConfigError(f"{where}.labels: {test.labels / orphans[0]}: a label without its scan in {test.images}{more}")

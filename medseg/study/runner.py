@@ -48,8 +48,15 @@ _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
                        "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
+_SAY_LOCK = threading.Lock()
+
+
 def _say(message: str) -> None:
-    print(f"medseg study: {message}", file=sys.stderr, flush=True)
+    # one write per line, under a lock: the threads that wait for the runs' processes
+    # report at the same moment, and print's separate newline interleaved their lines
+    with _SAY_LOCK:
+        sys.stderr.write(f"medseg study: {message}\n")
+        sys.stderr.flush()
 
 
 def _launch() -> tuple[int, int]:
@@ -157,9 +164,10 @@ def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None, 
         error = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     else:
         error = _error_line(log, start) or f"exited with code {returncode}"
+    status = "interrupted" if returncode in (130, -signal.SIGINT) else "failed"
     try:  # recorded for the summary; a folder that cannot take it must not stop the other runs
         state = read_state(run.run_dir)
-        state.update(variant=run.variant, seed=run.seed, status="failed", error=error, log=str(log))
+        state.update(variant=run.variant, seed=run.seed, status=status, error=error, log=str(log))
         run.run_dir.mkdir(parents=True, exist_ok=True)
         write_state(run.run_dir, state)
     except (OSError, MedsegError) as err:
@@ -222,7 +230,8 @@ def _time_left(left: dict[str, StudyRun], rates: list[float], parallel: int) -> 
     rate = statistics.median(rates)
     seconds = sum(run.config.train.iterations for run in left.values()) * rate / parallel
     hours, minutes = divmod(round(seconds / 60), 60)
-    return f"; {len(left)} to go, about {f'{hours} h {minutes:02d} min' if hours else f'{minutes} min'} at {rate:.3g} s/step"
+    when = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min" if minutes else "under a minute"
+    return f"; {len(left)} to go, about {when} at {rate:.3g} s/step"
 
 
 def _resources(stats: dict) -> str:

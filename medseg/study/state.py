@@ -51,8 +51,9 @@ STATE_FILE = "study_run.json"
 _PREDICTIONS = "predictions"
 _EVALUATION = "evaluation"
 # Run-config keys that may change between invocations without retraining are those a
-# resume may change (medseg.config.RESUME_MAY_CHANGE): a larger train.iterations resumes
-# the run; inference.* is part of the prediction record instead (a change re-predicts).
+# resume may change (medseg.config.RESUME_MAY_CHANGE), except the iteration count of a
+# run that finished training (check_reusable); inference.* is part of the prediction
+# record instead (a change re-predicts).
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -153,9 +154,11 @@ def check_reusable(run: "StudyRun") -> None:
     Raises
     ------
     ConfigError
-        The stored config differs in a key that shapes the model (anything but the
-        iteration count, the intervals, workers, device and inference settings), or the
-        run was trained for more iterations than asked.
+        The stored config (``study_run.json``'s, or the ``config.yaml`` of a run
+        interrupted in its first training call) differs in a key that shapes the model
+        (anything but the iteration count, the intervals, workers, device and inference
+        settings), or the run finished training for another number of iterations than
+        asked (a longer run resumed from its end would follow another schedule).
     """
     from medseg.config import validate_config
     from medseg.runfolder.resume import changed_keys
@@ -163,7 +166,11 @@ def check_reusable(run: "StudyRun") -> None:
     state = read_state(run.run_dir)
     stored = state.get("config")
     if not isinstance(stored, dict):
-        return
+        # interrupted before its first training call ended: the config the trainer wrote
+        # when it started, so an edited variant is refused now, not in its worker later
+        stored = _started_config(run.run_dir)
+        if stored is None:
+            return
     # through today's schema first, so that keys it added since have their defaults on
     # both sides; then a key on one side only is a change (a model.params entry added or
     # removed reused a finished run trained without it)
@@ -179,11 +186,29 @@ def check_reusable(run: "StudyRun") -> None:
             f"({shown} changed); restore them, or delete the folder to train the run again"
         )
     trained = (state.get("training") or {}).get("iterations")
-    if isinstance(trained, int) and trained > run.config.train.iterations:
+    done = "trained"
+    if trained is None:  # interrupted: the iterations it was started for set its schedule
+        trained, done = (stored.get("train") or {}).get("iterations"), "started"
+    if isinstance(trained, int) and trained != run.config.train.iterations:
+        # the learning-rate schedule (warm-up, poly decay) is laid out over the iterations
+        # a run starts with: one trained on past them is not trained as the study's fresh runs
         raise ConfigError(
-            f"{run.run_dir}: trained for {trained} iterations but the study asks for {run.config.train.iterations}; "
-            "use another output_dir for shorter runs"
+            f"{run.run_dir}: {done} for {trained} iterations but the study asks for {run.config.train.iterations}; "
+            "its learning-rate schedule would not be the other runs': delete the folder to train it again, "
+            "or give this study another output_dir (--set output_dir=DIR)"
         )
+
+
+def _started_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run config the trainer wrote into ``run_dir`` when it started, or None."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        stored = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return stored if isinstance(stored, dict) else None
 
 
 def training_summary(state: dict[str, Any]) -> dict[str, Any]:

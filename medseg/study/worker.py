@@ -100,6 +100,10 @@ def _test(run: StudyRun, study: StudyConfig, name: str, state: dict[str, Any]) -
     write_state(run_dir, state)  # before predicting: an interrupted prediction resumes with the same model
 
     predicted = predictions_dir(run_dir, name)
+    if overwrite and predicted.exists():
+        # every output is recomputed: clear the folder, so that the prediction of a scan
+        # since removed from the test folder is not evaluated with the others
+        shutil.rmtree(predicted)
     model = run_dir if study.predict.checkpoint == "best" else latest_checkpoint(run_dir)
     _say(f"predicting {name} with {run.name}")
     if not run_prediction(model, [test.images], predicted, overwrite=overwrite, tta=study.predict.tta,
@@ -113,7 +117,13 @@ def _test(run: StudyRun, study: StudyConfig, name: str, state: dict[str, Any]) -
         tolerance_mm=settings.tolerance_mm, report=settings.report,
     )
     if not ok:
-        raise MedsegError(f"test {name}: some case(s) could not be evaluated (see {evaluation_dir(run_dir, name) / 'summary.json'})")
+        summary = evaluation_dir(run_dir, name) / "summary.json"
+        try:
+            failed = json.loads(summary.read_text()).get("failed_cases") or {}
+        except (OSError, ValueError):
+            failed = {}
+        first = f"; {min(failed)}: {failed[min(failed)]}" if failed else ""
+        raise MedsegError(f"test {name}: some case(s) could not be evaluated{first} (see {summary})")
     entry["evaluated"] = evaluation_record(run, study, name)
     write_state(run_dir, state)
     return state
@@ -122,6 +132,9 @@ def _test(run: StudyRun, study: StudyConfig, name: str, state: dict[str, Any]) -
 def execute_run(run: StudyRun, study: StudyConfig) -> None:
     """Do what is left of ``run``: training to the final iteration, then every test folder."""
     state = read_state(run.run_dir)
+    if state.get("status") == "finished":  # something is left to redo: killed now, it is not finished
+        state["status"] = "running"
+        write_state(run.run_dir, state)
     if not training_done(run, state):
         state = _train(run, state)
     for name in study.test:
@@ -138,6 +151,9 @@ def _stop_with_the_study() -> None:
     import ctypes
     import signal
 
+    # a study started in the background by a script inherits SIGINT ignored, and so would
+    # this process: the signal below would then not stop it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)

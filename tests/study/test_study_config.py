@@ -138,7 +138,7 @@ def test_run_trained_with_other_settings_is_refused(write_study, capsys, tmp_pat
     (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 2}}))
     line = _fails(capsys, [path])
     assert str(run.run_dir) in line and "train.optimizer.lr changed" in line
-    # more iterations than the run had is fine (it resumes), fewer is refused
+    # a run that finished with more iterations is refused (and one with fewer: see below)
     config["train"]["optimizer"]["lr"] = run.config.train.optimizer.lr
     (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 5}}))
     assert "trained for 5 iterations but the study asks for 2" in _fails(capsys, [path])
@@ -254,3 +254,89 @@ def test_a_worker_stops_when_the_study_process_is_killed(tmp_path):
     else:
         os.kill(worker_pid, signal.SIGKILL)
         raise AssertionError("the worker outlived the killed study")
+
+
+def test_a_run_finished_at_another_iteration_count_is_not_trained_on(write_study, capsys, tmp_path):
+    """A quick look (--set train.iterations=N) followed by the full study resumed the quick
+    runs past their end: their learning-rate schedule was not the other runs', silently."""
+    path = write_study()
+    run = load_study(path).runs[0]
+    run.run_dir.mkdir(parents=True)
+    config = run.config.model_dump(mode="json")
+    (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 1}}))
+    line = _fails(capsys, [path])
+    assert "trained for 1 iterations but the study asks for 2" in line and "--set output_dir=" in line
+    # --set output_dir moves the whole study, so the quick look can live beside it
+    quick = load_study(path, ["output_dir=" + str(tmp_path / "quick"), "train.iterations=1"])
+    assert quick.output_dir == tmp_path / "quick" and quick.runs[0].run_dir.parent.parent == tmp_path / "quick"
+    assert quick.runs[0].config.train.iterations == 1
+
+
+def test_an_interrupted_run_edited_since_is_refused_before_any_run(write_study, capsys):
+    """A run killed in its first training call has no study record yet; its edited
+    variant failed in its worker, after the other runs trained."""
+    path = write_study()
+    run = load_study(path).runs[0]
+    run.run_dir.mkdir(parents=True)
+    config = run.config.model_dump(mode="json")
+    config["losses"][0]["weight"] = 2.0
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    line = _fails(capsys, [path])
+    assert str(run.run_dir) in line and "losses" in line and "changed" in line
+    config["losses"][0]["weight"] = 1.0
+    config["train"]["iterations"] = 7
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "started for 7 iterations but the study asks for 2" in _fails(capsys, [path])
+
+
+def test_output_dir_in_a_folder_the_study_reads_is_refused(write_study, capsys, tiny_dataset, tmp_path):
+    images, labels = tmp_path / "ts_images", tmp_path / "ts_labels"
+    shutil.copytree(tiny_dataset / "imagesTs", images)
+    shutil.copytree(tiny_dataset / "labelsTs", labels)
+    test = {"ext": {"images": str(images), "labels": str(labels)}}
+    line = _fails(capsys, [write_study(test=test, output_dir=str(images))])
+    assert "lies in test.ext.images" in line
+    line = _fails(capsys, [write_study(test=test, output_dir=str(labels / "out"))])
+    assert "lies in test.ext.labels" in line
+    line = _fails(capsys, [write_study(test=test, output_dir=str(tiny_dataset / "imagesTr" / "study"))])
+    assert "lies in the dataset's imagesTr/ folder" in line
+
+
+def test_a_label_without_its_scan_and_a_seed_out_of_range_are_refused(write_study, capsys, tiny_dataset, tmp_path):
+    images, labels = tmp_path / "ts_images", tmp_path / "ts_labels"
+    shutil.copytree(tiny_dataset / "imagesTs", images)
+    shutil.copytree(tiny_dataset / "labelsTs", labels)
+    removed = sorted(images.iterdir())[0]
+    removed.unlink()
+    line = _fails(capsys, [write_study(test={"ext": {"images": str(images), "labels": str(labels)}})])
+    assert "test.ext.labels" in line and "a label without its scan" in line
+    line = _fails(capsys, [write_study(seeds=[0, 2**32])])
+    assert "seeds" in line and "variants" not in line
+
+
+def test_predictions_of_removed_scans_are_not_evaluated(write_study, tiny_dataset, tmp_path, monkeypatch):
+    """A scan removed from a test folder kept its old prediction beside the new ones, and
+    the study scored it: predictions made afresh now start from an empty folder."""
+    import medseg.evaluation.evaluate as evaluate
+    import medseg.inference.predict as predict
+    from medseg.study import worker
+    from medseg.study.state import predictions_dir
+
+    path = write_study()
+    study = load_study(path)
+    run = study.runs[0]
+    folder = predictions_dir(run.run_dir, "synth")
+    folder.mkdir(parents=True)
+    (folder / "removed_case.nii.gz").write_bytes(b"stale")
+    seen = {}
+    monkeypatch.setattr(predict, "run_prediction", lambda model, inputs, out, **kw: seen.setdefault("left", sorted(
+        p.name for p in out.iterdir()) if out.exists() else []) is not None)
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a, **kw: True)
+    state = {"tests": {"synth": {"predicted": {"model_iteration": -1}}}}  # made by another model: all stale
+    worker._test(run, study.config, "synth", state)
+    assert seen["left"] == []
+    # an interrupted prediction of the same model keeps what it made
+    (folder.mkdir(parents=True, exist_ok=True), (folder / "made.nii.gz").write_bytes(b"kept"))
+    seen.clear()
+    worker._test(run, study.config, "synth", state)
+    assert seen["left"] == ["made.nii.gz"]

@@ -13,6 +13,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from medseg.cli import main
 from medseg.config import validate_config
@@ -47,6 +48,9 @@ def test_study_runs_resumes_and_skips(write_study, capsys, monkeypatch):
     raw = interrupted.config.model_dump(mode="json")
     raw["train"]["iterations"] = 1
     run_training(validate_config(raw))
+    stored = yaml.safe_load((interrupted.run_dir / "config.yaml").read_text())
+    stored["train"]["iterations"] = 2  # started for 2, stopped after 1, as a killed run
+    (interrupted.run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
     latest_checkpoint(damaged.run_dir).parent.mkdir(parents=True)
     latest_checkpoint(damaged.run_dir).write_bytes(b"not a checkpoint")
     capsys.readouterr()
