@@ -262,8 +262,9 @@ class LossTerm(_Strict):
     authors and TopoMortar (``activate_when``) switch a topology loss on only once the
     network segments roughly: the weight is 0 before ``start``, then rises linearly to
     ``weight`` over ``ramp`` iterations. Each is an iteration count (an integer) or a
-    fraction of ``train.iterations`` (a number in [0, 1)). A term whose weight is 0 at
-    an iteration is not computed at that iteration.
+    fraction of ``train.iterations`` (a number in [0, 1)). A term its schedule holds at
+    0 is not computed at that iteration; a term of ``weight: 0`` is computed and logged
+    only (a value to watch), never trained on.
 
     ``heads`` matters with deep supervision only: ``all`` (the default) computes the term
     on every output head, ``final`` on the full-resolution output alone, with the share of

@@ -121,7 +121,8 @@ def _memoised(key: tuple, source: torch.Tensor, compute) -> torch.Tensor:
 
 def activate(input: torch.Tensor, activation: str) -> torch.Tensor:
     """``input`` after the activation ('sigmoid', 'softmax' over dim 1, or 'none');
-    shared between the terms of a composite loss (:func:`shared_preparation`)."""
+    shared between the terms of a composite loss (:func:`shared_preparation`).
+"""
     if activation == "sigmoid":
         return _memoised(("sigmoid",), input, lambda: torch.sigmoid(input))
     if activation == "softmax":
@@ -185,6 +186,8 @@ def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
     """
     if input.dim() not in (4, 5):
         raise ValueError(f"{name}: input must be (B, C, H, W) or (B, C, H, W, D), got shape {tuple(input.shape)}")
+    if not input.is_floating_point():  # torch said only that its softmax is not implemented for Long
+        raise ValueError(f"{name}: input must be floating-point logits or probabilities, got dtype {input.dtype}")
     if target.dim() != input.dim():
         raise ValueError(
             f"{name}: input {tuple(input.shape)} and target {tuple(target.shape)} must have the same number of "

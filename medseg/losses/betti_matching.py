@@ -240,6 +240,13 @@ class BettiMatchingLoss(torch.nn.Module):
             raise ValueError(
                 f"matched_weight and unmatched_weight must be finite numbers >= 0, got {matched_weight}, {unmatched_weight}"
             )
+        for flag, value in (("relative", relative), ("include_background", include_background)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")  # 'no' would have turned it on
+        if dimension_weights is not None and (isinstance(dimension_weights, (str, bytes))
+                                              or not isinstance(dimension_weights, (Sequence, np.ndarray))):
+            raise ValueError(f"dimension_weights must be a list of numbers, one per homology dimension, "
+                             f"got {dimension_weights!r}")
         if dimension_weights is not None and not all(non_negative(w) for w in dimension_weights):
             raise ValueError(f"dimension_weights must be finite numbers >= 0, got {list(dimension_weights)}")
         self.include_background = include_background

@@ -154,7 +154,9 @@ class CompositeLoss(nn.Module):
     Schedules: ``schedules[i] = (start, ramp)`` of :class:`~medseg.config.LossTerm`. After
     :meth:`set_iteration` the weight of term i is ``weight_i · clip((t - start + 1) / ramp,
     0, 1)`` at iteration index t (0 before ``start``, full at once when ``ramp`` is 0); a
-    term of weight 0 is skipped (not computed, and absent from ``parts``). Without
+    term its schedule holds at 0 is skipped (not computed, and absent from ``parts``),
+    while a term configured with weight 0 is computed and logged in ``parts`` (a metric
+    watched during training) and adds nothing to the loss. Without
     :meth:`set_iteration` every term has its full weight.
 
     ``final_only[i]``: term i is skipped on the deep-supervision heads (``forward`` with

@@ -115,6 +115,13 @@ def check_comparison(comparison: str) -> bool:
     return comparison == "intersection"
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A true/false option; a string such as ``'no'`` would otherwise count as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TopologyInputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 MAX_THREADS = 4096
 """More engine threads than any machine medseg runs on has cores: a typo."""
 

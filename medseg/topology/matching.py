@@ -107,6 +107,10 @@ class BettiMatching:
             return float(per_dim.sum())
         if isinstance(dims, (int, np.integer)):
             dims = [int(dims)]
+        dims = list(dims)
+        if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < self.ndim for d in dims) \
+                or len(set(dims)) != len(dims):
+            raise ValueError(f"dims must be distinct dimensions from 0 to {self.ndim - 1}, got {dims}")
         return float(sum(per_dim[d] for d in dims))
 
     @property
@@ -159,6 +163,7 @@ def _prepare(prediction, target, filtration, construction, comparison, relative,
     superlevel = _inputs.check_filtration(filtration)
     _inputs.check_construction(construction)
     _inputs.check_comparison(comparison)
+    _inputs.check_flag("relative", relative)
     on_device = backend.on_device(prediction, target)
     if on_device:
         p, t = _inputs.as_device_pair(prediction, target)
@@ -266,13 +271,22 @@ def betti_matching(
     args = (
         superlevel,
         construction,
-        bool(include_unmatched_prediction),
-        bool(include_unmatched_target),
+        _inputs.check_flag("include_unmatched_prediction", include_unmatched_prediction),
+        _inputs.check_flag("include_unmatched_target", include_unmatched_target),
         _inputs.default_threads(threads),
         _intersection(comparison),
     )
     raw = backend.matching(p, t, *args)
     return _to_matching(p, t, raw, filtration, construction, shape)
+
+
+def _check_layouts(nested_p, flat_p: list, nested_t, flat_t: list) -> None:
+    """Refuse predictions and targets batched differently ((B, C) against (C, B), or other counts)."""
+    if nested_p != nested_t or len(flat_p) != len(flat_t):
+        raise _inputs.TopologyInputError(
+            f"predictions and targets differ in batch layout: {nested_p or len(flat_p)} vs "
+            f"{nested_t or len(flat_t)}"
+        )
 
 
 def betti_matching_batch(
@@ -296,11 +310,7 @@ def betti_matching_batch(
     (B, C, ...) CUDA tensor stays on its device).
     """
     backend, (nested_p, flat_p), (nested_t, flat_t) = _resolve_batch(backend, predictions, targets)
-    if nested_p != nested_t or len(flat_p) != len(flat_t):
-        raise _inputs.TopologyInputError(
-            f"predictions and targets differ in batch layout: {nested_p or len(flat_p)} vs "
-            f"{nested_t or len(flat_t)}"
-        )
+    _check_layouts(nested_p, flat_p, nested_t, flat_t)
     if not flat_p:
         return []
     prepared = [
@@ -312,8 +322,8 @@ def betti_matching_batch(
         [x[2] for x in prepared],
         superlevel,
         construction,
-        bool(include_unmatched_prediction),
-        bool(include_unmatched_target),
+        _inputs.check_flag("include_unmatched_prediction", include_unmatched_prediction),
+        _inputs.check_flag("include_unmatched_target", include_unmatched_target),
         _inputs.default_threads(threads),
         _intersection(comparison),
     )
@@ -395,7 +405,9 @@ def betti_matching_error_batch(
 ) -> np.ndarray:
     """:func:`betti_matching_error` of many pairs: an (N, ndim) or (B, C, ndim) array.
     ``backend`` as in :func:`betti_matching_batch`."""
-    backend, (nested, flat_p), (_, flat_t) = _resolve_batch(backend, pred_masks, target_masks)
+    backend, (nested, flat_p), (nested_t, flat_t) = _resolve_batch(backend, pred_masks, target_masks)
+    # checked here: the flat lists handed on below would pair a (2, 3) batch with a (3, 2) one
+    _check_layouts(nested, flat_p, nested_t, flat_t)
     results = betti_matching_batch(
         [_binary(x, f"pred_masks[{i}]", backend) for i, x in enumerate(flat_p)],
         [_binary(x, f"target_masks[{i}]", backend) for i, x in enumerate(flat_t)],

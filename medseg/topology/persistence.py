@@ -79,12 +79,19 @@ class Barcode:
         """Number of finite pairs per dimension."""
         return np.array([len(b) for b in self.births], dtype=np.int64)
 
+    def _dimension(self, dim: int) -> int:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 <= dim < len(self.births):
+            raise ValueError(f"dim must be a homology dimension from 0 to {len(self.births) - 1}, got {dim!r}")
+        return int(dim)
+
     def diagram(self, dim: int) -> np.ndarray:
         """(N, 2) array of (birth, death) of the finite pairs of dimension ``dim``."""
+        dim = self._dimension(dim)
         return np.stack([self.births[dim], self.deaths[dim]], axis=1)
 
     def persistence(self, dim: int) -> np.ndarray:
         """|death - birth| of the finite pairs of dimension ``dim``."""
+        dim = self._dimension(dim)
         return np.abs(self.deaths[dim] - self.births[dim])
 
 

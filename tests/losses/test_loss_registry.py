@@ -245,3 +245,24 @@ def test_schedule_rejects_a_fraction_above_one_and_negative_values():
         LossTerm(name="dice", start=1.5)
     with pytest.raises(ValueError):
         LossTerm(name="dice", ramp=-1)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"dimension_weights": 1.0}, "dimension_weights must be a list of numbers"),
+    ({"dimension_weights": "11"}, "dimension_weights must be a list of numbers"),  # read as [1.0, 1.0] before
+    ({"relative": "yes"}, "relative must be true or false, got 'yes'"),
+])
+def test_betti_matching_parameters_of_the_wrong_kind_are_named(params, message):
+    from medseg.losses import get_loss
+
+    with pytest.raises(ConfigError, match=message):
+        get_loss("betti_matching", **params)
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "cldice", "sauna"])
+def test_integer_logits_are_refused_naming_the_input(name):
+    """torch said only 'softmax_kernel_impl not implemented for Long'; sauna took them silently."""
+    from medseg.losses import get_loss
+
+    with pytest.raises(ValueError, match="input must be floating-point"):
+        get_loss(name)(torch.ones(1, 2, 8, 8, dtype=torch.long), torch.ones(1, 1, 8, 8))

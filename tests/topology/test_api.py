@@ -285,3 +285,34 @@ def test_working_memory_is_recycled_and_can_be_released():
     assert release_cached_memory() == 0
     third = topo.betti_matching(a, b, construction="T")
     assert np.array_equal(third.num_matched, first.num_matched)
+
+
+def test_batches_laid_out_differently_are_refused_not_paired():
+    """The error batch handed flat lists on: a (2, 3) batch against a (3, 2) one paired
+    prediction [1, 0] with target [1, 1] and returned errors in the predictions' layout."""
+    rng = np.random.default_rng(0)
+    preds, targets = rng.random((2, 3, 6, 6)) > 0.5, rng.random((3, 2, 6, 6)) > 0.5
+    for function in (topo.betti_matching_error_batch, topo.betti_matching_batch):
+        with pytest.raises(topo.TopologyInputError, match=r"batch layout: \(2, 3\) vs \(3, 2\)"):
+            function(preds, targets)
+
+
+def test_flags_and_dimensions_are_checked():
+    """relative='no' turned relative persistence on (a truthy string), and dimensions out
+    of range gave bare IndexErrors or counted the last dimension (-1) or one twice."""
+    rng = np.random.default_rng(1)
+    a, b = rng.random((8, 8)), (rng.random((8, 8)) > 0.5).astype(float)
+    for key in ("relative", "include_unmatched_prediction", "include_unmatched_target"):
+        with pytest.raises(topo.TopologyInputError, match=f"{key} must be True or False, got 'no'"):
+            topo.betti_matching(a, b, **{key: "no"})
+    with pytest.raises(topo.TopologyInputError, match="relative must be True or False"):
+        topo.betti_matching_batch([a], [b], relative="yes")
+    result = topo.betti_matching(a, b)
+    assert result.loss(dims=[0, 1]) == result.loss() and result.loss(dims=np.int64(1)) == result.loss_per_dim()[1]
+    for dims in (5, -1, [0, 0], [True]):
+        with pytest.raises(ValueError, match="dims must be distinct dimensions from 0 to 1"):
+            result.loss(dims=dims)
+    barcode = topo.barcode(a)
+    for method in (barcode.diagram, barcode.persistence):
+        with pytest.raises(ValueError, match="dim must be a homology dimension from 0 to 1, got 2"):
+            method(2)
