@@ -297,7 +297,12 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     if not study_cfg.base.is_file():
         problem = "is not a file" if study_cfg.base.exists() else "config file not found"
         raise ConfigError(f"{path}: base: {study_cfg.base}: {problem}")
-    base_raw = read_yaml_with_overrides(study_cfg.base)
+    try:
+        base_raw = read_yaml_with_overrides(study_cfg.base)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: base: {err}") from None
+    if "variants" in base_raw and "base" in base_raw:
+        raise ConfigError(f"{path}: base: {study_cfg.base} is a STUDY.yaml; name a training config (e.g. configs/unet2d.yaml)")
     for key_path in _flat_keys(base_raw):  # the base's own mistakes, named as the base's
         problem = _unknown_key(key_path)
         if problem:

@@ -340,3 +340,13 @@ def test_predictions_of_removed_scans_are_not_evaluated(write_study, tiny_datase
     seen.clear()
     worker._test(run, study.config, "synth", state)
     assert seen["left"] == ["made.nii.gz"]
+
+
+def test_a_base_that_is_a_study_or_not_text_is_named_as_the_base(write_study, capsys, tmp_path):
+    study = write_study()
+    line = _fails(capsys, [write_study(base=str(study))])
+    assert "base:" in line and "is a STUDY.yaml" in line
+    binary = tmp_path / "scan.nii.gz"
+    binary.write_bytes(bytes(range(256)) * 4)
+    line = _fails(capsys, [write_study(base=str(binary))])
+    assert f"study.yaml: base: {binary}" in line
