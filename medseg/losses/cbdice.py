@@ -146,10 +146,14 @@ class CenterlineBoundaryDiceLoss(nn.Module):
     scored by how deep inside the other mask it lies (``D̃``) relative to the vessel's radius
     (``ρ``, the other mask's radius where the skeletons meet): a prediction shifted off the
     centreline or of the wrong width loses, which plain clDice does not see. With
-    ``P = L`` and ``p = 1``, ``Tprec = Tsens = 1``. Off the other mask's skeleton the
-    denominator holds ``p`` twice (``Q_S^P·Q_R^P``) and ``D̃`` of one mask is compared with
-    ``R̃`` of the other, so Tprec and Tsens can exceed 1 and ``L`` can be slightly negative
-    (the official code does the same).
+    ``P = L``, ``p = 1`` and skeletons that coincide, ``Tprec = Tsens = 1``; but the
+    prediction's soft skeleton and the label's thinning differ in general (more in 3D),
+    and off the label's skeleton the denominator holds ``p`` twice (``Q_S^P·Q_R^P``)
+    while ``D̃`` of one mask is compared with ``R̃`` of the other, so Tprec and Tsens can
+    exceed 1, ``L`` can be negative (-0.09 for a perfect 3D prediction of two bars), and
+    ``p = L`` is not its minimum: lowering ``p`` on the foreground raises Tprec (``p`` in
+    its numerator, ``p²`` in its denominator). The official code does the same; a
+    volumetric term, which holds ``p`` at the label, must come with it.
 
     Only ``p`` carries gradient: masks, skeletons and distances of the prediction are of
     the binarised prediction, so voxels predicted as background (``p <= 0.5``) get no
