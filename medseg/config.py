@@ -486,6 +486,8 @@ def _format_validation_error(source: str, err: ValidationError, overrides: list[
             problem = keyed = f"unknown key '{loc}'"
         elif e["type"] == "missing":
             problem, keyed = "missing", f"missing required key '{loc}'"
+        elif not e["loc"]:  # a model-level check names its keys itself; drop pydantic's "Value error, "
+            problem = keyed = e["msg"].removeprefix("Value error, ")
         else:
             problem, keyed = e["msg"], f"key '{loc}': {e['msg']}"
         if loc in given:

@@ -38,6 +38,18 @@ from medseg.config import MAX_COUNT, MAX_PATCH, MAX_WEIGHT, _Strict, read_yaml_w
 METHODS = ("pseudo_label", "mean_teacher", "sfda", "tent")
 
 
+def class_ratios(value: list[float] | None) -> list[float] | None:
+    """A class-ratio prior: non-negative ratios (background included) summing to 1."""
+    if value is None:
+        return value
+    negative = [v for v in value if v < 0]
+    if negative:
+        raise ValueError(f"class ratios must not be negative, got {negative[0]:g}")
+    if abs(sum(value) - 1.0) > 1e-3:
+        raise ValueError(f"class ratios (background included) must sum to 1, got {sum(value):.4g}")
+    return value
+
+
 class TargetConfig(_Strict):
     """The unlabelled target domain."""
 
@@ -107,6 +119,11 @@ class PseudoLabelConfig(_Strict):
         "and would otherwise tilt the loss towards the rare class)",
     )
 
+    @field_validator("prior")
+    @classmethod
+    def _distribution(cls, value: list[float] | None) -> list[float] | None:
+        return class_ratios(value)
+
     @field_validator("curriculum")
     @classmethod
     def _fractions(cls, value: list[float] | None) -> list[float] | None:
@@ -171,11 +188,7 @@ class SFDAConfig(_Strict):
     @field_validator("prior")
     @classmethod
     def _distribution(cls, value: list[float] | None) -> list[float] | None:
-        if value is None:
-            return value
-        if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-3:
-            raise ValueError(f"must be non-negative class ratios summing to 1 (sum {sum(value):.4g})")
-        return value
+        return class_ratios(value)
 
 
 class TentConfig(_Strict):

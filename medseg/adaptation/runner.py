@@ -57,7 +57,7 @@ from medseg.adaptation.source import LABEL_STATS, SourceRun, class_prior, ensure
 from medseg.adaptation.target import evaluate, load_target, read_eval_labels
 from medseg.atomic import check_output_folder, write_atomic
 from medseg.config import ModelConfig, dump_config, validate_config
-from medseg.errors import CheckpointError, ConfigError
+from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.models import build_model
 from medseg.runfolder import (
     CHECKPOINT_DIR,
@@ -99,6 +99,9 @@ def _check_resumable(cfg: AdaptConfig, stored: dict[str, Any], done: int, path: 
         stored = validate_adapt_config(stored, source=f"{path} (stored config)").model_dump(mode="json")
     except ConfigError:
         pass
+    if cfg.adapt.iterations < done:  # 'resuming at step 6 of 3' went on and said the run was complete
+        raise ConfigError(f"adapt.iterations: the config says {cfg.adapt.iterations} but the run is at step {done}; "
+                          f"give at least {done}")
     free = set(_RESUME_FREE) | ({"adapt.iterations"} if cfg.adapt.method != "pseudo_label" else set())
     check_unchanged(stored, cfg.model_dump(mode="json"), free, Path(cfg.output_dir) / CONFIG_FILE)
 
@@ -158,18 +161,34 @@ def _build_optimizer(params, cfg: AdaptConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.weight_decay)
 
 
-def _source_batches(cfg: AdaptConfig, source: SourceRun, start: int, device: torch.device):
-    """Labelled source patches per step, through the source run's own training pipeline."""
+def _source_data(cfg: AdaptConfig, source: SourceRun, num_classes: int):
+    """The labelled source data through the source run's own training pipeline, checked
+    before the run folder is written (another label set, dimension or channel count
+    failed at the first step, with messages that did not name ``source_data``)."""
+    from medseg.data.dataset import read_dataset_json
     from medseg.training.data import prepare_data
+
+    where = f"source_data.dataset: {cfg.source_data.dataset}"
+    try:
+        info = read_dataset_json(cfg.source_data.dataset)
+        if info.num_classes != num_classes:
+            raise ConfigError(f"labels {sorted(info.labels.values())} give {info.num_classes} classes, "
+                              f"the source model has {num_classes}")
+        raw = source.config.model_dump(mode="json")
+        raw["data"]["dataset"] = str(cfg.source_data.dataset)
+        raw["data"]["val_fraction"] = 0.0
+        raw["data"]["split_file"] = None
+        raw["data"]["num_workers"] = 0
+        run_cfg = validate_config(raw, source="source_data")
+        return prepare_data(run_cfg, preprocessing=source.payload["preprocessing"])
+    except MedsegError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _source_batches(cfg: AdaptConfig, data, start: int, device: torch.device):
+    """Labelled source patches per step (``data``: :func:`_source_data`)."""
     from medseg.training.sampling import patch_loader
 
-    raw = source.config.model_dump(mode="json")
-    raw["data"]["dataset"] = str(cfg.source_data.dataset)
-    raw["data"]["val_fraction"] = 0.0
-    raw["data"]["split_file"] = None
-    raw["data"]["num_workers"] = 0
-    run_cfg = validate_config(raw, source="source_data")
-    data = prepare_data(run_cfg, preprocessing=source.payload["preprocessing"])
     loader = patch_loader(data.train_set, cfg.seed, cfg.source_data.batch_size, start, cfg.adapt.iterations, 0,
                           pin_memory=False)
     for batch in loader:
@@ -237,10 +256,19 @@ def _run(
     patch = list(cfg.adapt.patch_size or source.config.data.patch_size)
     if len(patch) != dims:
         raise ConfigError(f"adapt.patch_size: {patch} has {len(patch)} values, the source model is {dims}D")
+    if cfg.adapt.patch_size is not None:  # a size the network cannot take failed at the first step
+        from medseg.models import check_forward
+
+        try:
+            check_forward(ModelConfig.model_validate(source.payload["config"]["model"]), dims,
+                          predictor.info.num_channels, predictor.num_classes, patch)
+        except ConfigError as err:
+            raise ConfigError(f"adapt.patch_size: {patch}: {err}") from None
     scans = load_target(Path(cfg.target.dataset), cfg.target.subset, predictor, patch)
     references = None
     if cfg.target.eval_labels is not None:
-        references = read_eval_labels(Path(cfg.target.eval_labels), scans, _ending(scans[0]))
+        references = read_eval_labels(Path(cfg.target.eval_labels), scans, _ending(scans[0]),
+                                      declared=set(predictor.info.labels.values()))
     num_classes = predictor.num_classes
     in_channels = predictor.info.num_channels
     source_patch = list(source.config.data.patch_size)
@@ -270,13 +298,16 @@ def _run(
         return m.to(device).train()
 
     ctx = AdaptContext(cfg, source, predictor, scans, patch, num_classes, device, fresh)
+    source_data = None
     if cfg.source_data is not None:
         from medseg.losses import build_loss
 
+        source_data = _source_data(cfg, source, num_classes)
         ctx.source_loss = build_loss(source.config.losses, num_classes).to(device)
     method = _make_method(ctx)
     student = method.prepare_model(student)
     objective = _Adapting(cfg, ctx, method, student, run_dir, references, dict(predictor.info.foreground_labels))
+    objective.source_data = source_data
     ctx.reset_optimizer = objective.reset_optimizer
 
     provenance = {
@@ -383,6 +414,7 @@ class _Adapting(Objective):
                  references: Any, class_values: dict[str, int]) -> None:
         self.cfg, self.ctx, self.method, self.student, self.run_dir = cfg, ctx, method, student, run_dir
         self.references, self.class_values = references, class_values
+        self.source_data = None  # the prepared labelled source data (source_data), set by the runner
         self.device = ctx.device
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.optimizer = _build_optimizer(method.trainable_parameters(student), cfg)
@@ -398,7 +430,7 @@ class _Adapting(Objective):
         if self.cfg.source_data is None:
             yield from super().batches(start, total)
         else:
-            yield from _source_batches(self.cfg, self.ctx.source, start, self.device)
+            yield from _source_batches(self.cfg, self.source_data, start, self.device)
 
     def before_step(self, iteration: int) -> None:
         self.method.before_step(self.student, iteration)

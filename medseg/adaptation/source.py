@@ -171,7 +171,10 @@ def ensure_affine_norms(
     new_json = affine_model_config(model_json)
     rebuilt = build(new_json)
     missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
-    new_params = {f"{n}.{p}" for n, m in norm_layers(rebuilt) for p in ("weight", "bias")}
+    # every name a norm is registered under: DynUNet registers its blocks a second time
+    # under skip_layers.*, and load_state_dict lists a missing key under both names
+    new_params = {f"{n}.{p}" for n, m in rebuilt.named_modules(remove_duplicate=False) if isinstance(m, NORM_TYPES)
+                  for p in ("weight", "bias")}
     if unexpected or set(missing) - new_params:
         raise ConfigError(f"tent: enabling affine norms changed the network beyond the norms ({(unexpected or missing)[:3]})")
     if not all(_has_affine(m) for _, m in norm_layers(rebuilt)):

@@ -168,9 +168,12 @@ def stack_views(specs: Sequence[PatchSpec], scans: Sequence[TargetScan], patch: 
 
 # --------------------------------------------------------------------------- evaluation
 
-def read_eval_labels(folder: Path, scans: Sequence[TargetScan], ending: str) -> dict[str, np.ndarray]:
-    """Reference label maps by case name from ``folder/CASE<ending>`` (shapes checked)."""
-    from medseg.data.io import read_image
+def read_eval_labels(folder: Path, scans: Sequence[TargetScan], ending: str,
+                     declared: set[int] | None = None) -> dict[str, np.ndarray]:
+    """Reference label maps by case name from ``folder/CASE<ending>``, checked as ``medseg
+    evaluate`` checks a reference: integer values among ``declared`` (the source model's
+    labels), the scan's shape and affine (a mirrored label scored as another anatomy)."""
+    from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, read_label_map
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -180,10 +183,20 @@ def read_eval_labels(folder: Path, scans: Sequence[TargetScan], ending: str) -> 
         path = folder / f"{scan.name}{ending}"
         if not path.is_file():
             raise DataError(f"{path}: no reference label for target case '{scan.name}' (target.eval_labels)")
-        seg, geom = read_image(path)
-        if tuple(geom.shape) != tuple(scan.loaded["geometry"].shape):
-            raise DataError(f"{path}: label shape {geom.shape} differs from the scan's {scan.loaded['geometry'].shape}")
-        labels[scan.name] = np.asarray(seg).astype(np.int64)
+        seg, geom = read_label_map(path)
+        scan_geometry = scan.loaded["geometry"]
+        if tuple(geom.shape) != tuple(scan_geometry.shape):
+            raise DataError(f"{path}: label shape {geom.shape} differs from the scan's {scan_geometry.shape}")
+        if not geom.allclose(scan_geometry, atol=AFFINE_TOLERANCE_MM):
+            raise DataError(f"{path}: affine differs from the scan's by up to {geom.max_affine_difference(scan_geometry):.3g} mm "
+                            f"(target.eval_labels)")
+        seg = np.asarray(seg).astype(np.int64)
+        if declared is not None:
+            extra = sorted(set(np.unique(seg).tolist()) - set(declared))
+            if extra:
+                raise DataError(f"{path}: label values {extra[:5]} are not among the source model's labels "
+                                f"{sorted(declared)} (target.eval_labels)")
+        labels[scan.name] = seg
     return labels
 
 

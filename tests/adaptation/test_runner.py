@@ -156,8 +156,15 @@ def test_config_errors_name_the_key(tmp_path):
         validate_adapt_config({**base, "adapt": {"method": "sfda", "iteratons": 5, "iterations": 5}})
     with pytest.raises(ConfigError, match="adapt.method"):
         validate_adapt_config({**base, "adapt": {"method": "magic", "iterations": 5}})
-    with pytest.raises(ConfigError, match="summing to 1"):
+    with pytest.raises(ConfigError, match="adapt.sfda.prior.*must sum to 1, got 1.1"):
         validate_adapt_config({**base, "adapt": {"method": "sfda", "iterations": 5, "sfda": {"prior": [0.5, 0.6]}}})
+    # pseudo_label's prior was not checked: 60 % foreground pseudo-labels, or an IndexError for a negative ratio
+    with pytest.raises(ConfigError, match="adapt.pseudo_label.prior.*must sum to 1, got 1.2"):
+        validate_adapt_config({**base, "adapt": {"method": "pseudo_label", "iterations": 5,
+                                                 "pseudo_label": {"prior": [0.6, 0.6]}}})
+    with pytest.raises(ConfigError, match="adapt.pseudo_label.prior.*must not be negative, got -0.5"):
+        validate_adapt_config({**base, "adapt": {"method": "pseudo_label", "iterations": 5,
+                                                 "pseudo_label": {"prior": [-0.5, 1.5]}}})
     with pytest.raises(ConfigError, match="tent.max_iterations"):
         validate_adapt_config({**base, "adapt": {"method": "tent", "iterations": 500}})
     with pytest.raises(ConfigError, match="source-free"):
@@ -228,3 +235,54 @@ def test_source_trained_with_deep_supervision_adapts_on_its_final_output(method,
     assert any("deep_supervision_heads" in key for key in adapted)
     assert adapted.keys() == load_checkpoint(source / "checkpoints" / "latest.pt")["model"].keys()
     assert Predictor.from_path(run, "cpu").num_classes == 2
+
+
+def test_eval_labels_are_checked_as_evaluate_checks_a_reference(source_run, target_dataset, tmp_path):
+    """Labels with a value the model does not have, or mirrored (another affine, the same
+    shape), were scored: a wrong 'before' Dice where medseg evaluate refuses the pair."""
+    import numpy as np
+
+    from medseg.data.io import ImageGeometry, read_image, write_image
+
+    for name, change in (("extra_value", "value"), ("mirrored", "affine")):
+        labels = tmp_path / name
+        labels.mkdir()
+        for path in sorted((target_dataset / "labelsTr").iterdir()):
+            seg, geometry = read_image(path)
+            seg = np.asarray(seg).astype(np.uint8)
+            if change == "value":
+                seg[0, 0, 0] = 2
+            else:
+                geometry = ImageGeometry(np.eye(4), geometry.shape)
+            write_image(labels / path.name, seg, geometry)
+        raw = adapt_raw(source_run, target_dataset, tmp_path / f"out_{name}", "sfda", iterations=2)
+        raw["target"]["eval_labels"] = str(labels)
+        message = "label values \\[2\\] are not among the source model's labels" if change == "value" else "affine differs"
+        with pytest.raises(DataError, match=message):
+            _run(raw)
+        assert not (tmp_path / f"out_{name}").exists()
+
+
+def test_mistakes_found_at_the_first_step_are_found_before_the_run_folder(source_run, source_dataset, target_dataset,
+                                                                        make_synthetic_dataset, tmp_path):
+    """A patch the network cannot take and source data of other labels or dimensions
+    failed at the first step (tracebacks, or errors not naming source_data), and the
+    run folder they left refused the corrected rerun."""
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "patch", "sfda", iterations=2, patch_size=[18, 18, 18])
+    with pytest.raises(ConfigError, match="adapt.patch_size: \\[18, 18, 18\\]"):
+        _run(raw)
+    assert not (tmp_path / "patch").exists()
+    flat = make_synthetic_dataset(cases=2, test_cases=0, size=32, dims=2, seed=0)
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "mix", "pseudo_label", iterations=2,
+                    pseudo_label={"rounds": 1})
+    raw["source_data"] = {"dataset": str(flat), "batch_size": 1}
+    with pytest.raises(ConfigError, match=f"source_data.dataset: {flat}: .*2D"):
+        _run(raw)
+    assert not (tmp_path / "mix").exists()
+
+
+def test_a_finished_run_is_not_resumed_to_fewer_steps(source_run, target_dataset, tmp_path):
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "a", "sfda", iterations=4)
+    _run(raw)
+    with pytest.raises(ConfigError, match="adapt.iterations: the config says 2 but the run is at step 4"):
+        _run({**raw, "adapt": {**raw["adapt"], "iterations": 2}}, resume=True)

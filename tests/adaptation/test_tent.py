@@ -56,3 +56,17 @@ def test_tent_without_affine_norms_and_enable_off_is_refused(source_run, target_
     raw = adapt_raw(source_run, target_dataset, tmp_path / "tent", "tent", tent={"enable_affine": False})
     with pytest.raises(ConfigError, match="no affine parameters.*enable_affine: true"):
         run_adaptation(validate_adapt_config(raw))
+
+
+def test_tent_on_dynunet_which_registers_its_norms_twice(source_dataset, target_dataset, tmp_path):
+    """DynUNet lists its blocks again under skip_layers.*: enabling affine norms was refused
+    as a change 'beyond the norms', naming norm parameters, so Tent could not adapt it."""
+    dynunet = {"name": "dynunet", "params": {"filters": [4, 8, 16], "deep_supervision": False}}
+    src = train_source(source_dataset, tmp_path / "dyn_source", iterations=2, model=dynunet)
+    run = run_adaptation(validate_adapt_config(adapt_raw(src, target_dataset, tmp_path / "tent", "tent",
+                                                         iterations=2, lr=1e-2)))
+    model = Predictor.from_path(run, "cpu").model
+    assert all(m.affine for _, m in norm_layers(model))
+    source = load_checkpoint(src / "checkpoints" / "latest.pt")["model"]
+    adapted = load_checkpoint(run / "checkpoints" / "latest.pt")["model"]
+    assert all(torch.equal(adapted[k], source[k]) for k in source)  # only the new affine parameters moved
