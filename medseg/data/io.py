@@ -650,16 +650,22 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, referenc
         # what describes the reference's *values* does not carry over
         header.set_intent("none")
         header["cal_min"], header["cal_max"] = 0.0, 0.0
-        if not np.allclose(header.get_best_affine(), affine, rtol=0, atol=1e-6):
-            # geometry differs from the reference: store it, keeping the reference's codes
+        cls = type(ref_img) if isinstance(ref_img, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
+        if np.allclose(header.get_best_affine(), affine, rtol=0, atol=1e-6):
+            # the reference's geometry (a prediction of that scan): its header as it is,
+            # codes and both matrices. Setting them turned codes 0/0 into an 'aligned'
+            # sform, which ITK reads where it reads no sform at all (the mask moved off
+            # the scan there), and copied the sform over a qform that differed from it.
+            img = cls(array, None, header=header)
+        else:
+            # another geometry: store it, keeping the reference's codes
             header.set_sform(affine, code=sform_code or "aligned")
             header.set_qform(affine, code=qform_code)
-        cls = type(ref_img) if isinstance(ref_img, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
-        img = cls(array, affine, header=header)
-        # nibabel rewrites sform/qform when the affine differs from the header's best
-        # affine; make sure the codes are the reference's whatever it decided.
-        img.header.set_sform(affine, code=sform_code or "aligned")
-        img.header.set_qform(affine, code=qform_code)
+            img = cls(array, affine, header=header)
+            # nibabel rewrites sform/qform when the affine differs from the header's best
+            # affine; make sure the codes are the reference's whatever it decided.
+            img.header.set_sform(affine, code=sform_code or "aligned")
+            img.header.set_qform(affine, code=qform_code)
     else:
         img = nib.Nifti1Image(array, affine)
         img.header.set_xyzt_units("mm")

@@ -223,7 +223,17 @@ def _check_provenance(output: Path, provenance: dict[str, Any], cases, overwrite
     if not overwrite:
         differences = ", ".join(f"{k} {_shown(recorded.get(k))} -> {_shown(provenance.get(k))}" for k in changed)
         raise MedsegError(f"{output}: predicted with other settings ({differences}; see {PROVENANCE}); {advice}")
-    return True, existing
+    # the record is the folder's: once it names the new settings, every output the old ones
+    # made must go, not only this run's cases' (a later run over all cases kept the others)
+    return True, _all_outputs(output)
+
+
+def _all_outputs(output: Path) -> list[Path]:
+    """Every segmentation or probability map in ``output`` (files with an image ending)."""
+    from medseg.data.io import SUPPORTED_ENDINGS, ending_of
+
+    return sorted(p for p in output.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and ending_of(p) in SUPPORTED_ENDINGS)
 
 
 def _prepare_output(output: Path, provenance: dict[str, Any] | None, stale: list[Path]) -> None:

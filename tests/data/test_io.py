@@ -413,3 +413,36 @@ def test_a_single_slice_stored_3d_reads_2d_and_is_written_back_3d(tmp_path, endi
     assert np.allclose(written.GetSpacing(), image.GetSpacing()) and np.allclose(written.GetDirection(), image.GetDirection())
     assert np.allclose(written.GetOrigin(), image.GetOrigin())
     assert np.array_equal(read_image(out)[0], array > 3)
+
+
+@pytest.mark.parametrize("codes", ["none", "qform_differs_from_sform"])
+def test_a_prediction_keeps_its_scans_nifti_header_as_itk_reads_it(tmp_path, codes):
+    """Codes 0/0 came back as an 'aligned' sform (nibabel's fallback affine), which ITK
+    reads where it reads no sform at all: the mask moved off the scan in ITK viewers; a
+    qform that differed from the sform was overwritten by it."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    data = np.random.default_rng(0).random((10, 12, 8)).astype(np.float32)
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = [5.0, -3.0, 7.0]
+    scan = nib.Nifti1Image(data, affine)
+    if codes == "none":
+        scan.header["qform_code"], scan.header["sform_code"] = 0, 0
+        scan = nib.Nifti1Image(data, None, header=scan.header)
+    else:
+        shifted = affine.copy()
+        shifted[:3, 3] += 1.0
+        scan.header.set_qform(shifted, code=1)
+        scan.header.set_sform(affine, code=2)
+    nib.save(scan, tmp_path / "scan.nii.gz")
+    array, geometry = read_image(tmp_path / "scan.nii.gz")
+    write_image(tmp_path / "mask.nii.gz", (np.asarray(array) > 0.5).astype(np.uint8), geometry,
+                reference_path=tmp_path / "scan.nii.gz")
+    a, b = nib.load(tmp_path / "scan.nii.gz").header, nib.load(tmp_path / "mask.nii.gz").header
+    assert (int(b["qform_code"]), int(b["sform_code"])) == (int(a["qform_code"]), int(a["sform_code"]))
+    assert np.allclose(a.get_qform(), b.get_qform()) and np.allclose(a.get_sform(), b.get_sform())
+    itk_scan, itk_mask = sitk.ReadImage(str(tmp_path / "scan.nii.gz")), sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+    assert np.allclose(itk_scan.GetOrigin(), itk_mask.GetOrigin())
+    assert np.allclose(itk_scan.GetDirection(), itk_mask.GetDirection())
+    assert read_image(tmp_path / "mask.nii.gz")[1].allclose(geometry, atol=1e-5)

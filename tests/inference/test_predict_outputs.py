@@ -140,6 +140,16 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tiny_run, scans
     assert "3 case(s) already predicted" in capsys.readouterr().err
     assert snapshot(out) == redone
 
+    # --overwrite for one case with other settings: the record is the folder's, so the
+    # other cases' outputs of the old settings go too (a full rerun then kept them as new)
+    assert predict(tiny_run, scans / "case_a_0000.nii.gz", out, "--overwrite") == 0
+    assert "removed 3 file(s) of other settings" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["case_a.nii.gz", PROVENANCE]
+    assert predict(tiny_run, scans, out) == 0
+    assert "1 case(s) already predicted" in capsys.readouterr().err
+    images = lambda files: {name: content for name, (content, _) in files.items() if name != PROVENANCE}  # noqa: E731
+    assert images(snapshot(out)) == images(done)  # the no-TTA outputs again, every one of them
+
 
 def test_outputs_without_a_record_are_refused_unless_overwrite(tiny_run, scans, tmp_path, capsys):
     out = tmp_path / "pred"
