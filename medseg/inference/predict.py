@@ -204,7 +204,7 @@ def _check_provenance(output: Path, provenance: dict[str, Any], cases, overwrite
     if not path.exists():
         if existing and not overwrite:
             raise MedsegError(
-                f"{output}: holds {len(existing)} prediction file(s) ({existing[0].name}, ...) but no {PROVENANCE} "
+                f"{output}: holds {len(existing)} file(s) named as this run's outputs ({existing[0].name}, ...) but no {PROVENANCE} "
                 f"saying which model and options made them; {advice}"
             )
         return True, existing
@@ -442,6 +442,8 @@ def _predict_all(
         overlap = inference.overlap if overlap is None else overlap
         save_probabilities = save_probabilities or inference.save_probabilities
         provenance = _provenance(predictor, tta, overlap, save_probabilities)
+        if output.is_dir():  # a folder that will be refused is refused before the lock file is put in it
+            _check_provenance(output, provenance, cases, overwrite)
         lock.take()  # creates the folder: the inputs are checked by now
         record, stale = _check_provenance(output, provenance, cases, overwrite)
         output.mkdir(parents=True, exist_ok=True)

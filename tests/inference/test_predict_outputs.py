@@ -158,8 +158,17 @@ def test_outputs_without_a_record_are_refused_unless_overwrite(tiny_run, scans, 
     done = snapshot(out)
     capsys.readouterr()
     assert predict(tiny_run, scans, out) != 0
-    one_error_line(capsys.readouterr().err, str(out), "6 prediction file(s)", f"no {PROVENANCE}", "--overwrite")
+    one_error_line(capsys.readouterr().err, str(out), "6 file(s) named as this run's outputs", f"no {PROVENANCE}",
+                   "--overwrite")
     assert snapshot(out) == done
+    # a folder of someone else's files (a dataset's labelsTs) is refused without a lock file put in it
+    labels = tmp_path / "labelsTs"
+    labels.mkdir()
+    for name in ("case_a", "case_b"):
+        write_image(labels / f"{name}.nii.gz", blob_image(), oblique_geometry())
+    assert predict(tiny_run, scans, labels) != 0
+    one_error_line(capsys.readouterr().err, str(labels), "2 file(s) named as this run's outputs")
+    assert sorted(p.name for p in labels.iterdir()) == ["case_a.nii.gz", "case_b.nii.gz"]
 
     (out / PROVENANCE).write_text("{not json")
     assert predict(tiny_run, scans, out) != 0
