@@ -19,7 +19,6 @@ try:
 except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg.data.prepare.verify import check_converted  # noqa: E402
 from medseg.data.prepare.msd import convert_msd_task  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 
@@ -42,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         convert_msd_task(
             args.task, args.out, overwrite=args.force, include_test=not args.no_test, progress=not args.quiet, log=log
         )
-        check_converted(args.out, log)
     except MedsegError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {args.out} is as it was", file=sys.stderr)
+        return 130
     print(args.out)
     return 0
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -49,7 +48,7 @@ import numpy as np  # noqa: E402
 from medseg.data.dataset import write_dataset_json  # noqa: E402
 from medseg.data.io import ImageGeometry, write_image  # noqa: E402
 from medseg.data.prepare.output import check_dataset_output  # noqa: E402
-from medseg.data.prepare.verify import check_converted  # noqa: E402
+from medseg.data.prepare.verify import publish_dataset, temporary_dataset  # noqa: E402
 from medseg.errors import DataError, MedsegError  # noqa: E402
 
 PROG = "prepare_topomortar.py"
@@ -189,9 +188,7 @@ def prepare_topomortar(src: Path, out: Path, labels: str = "accurate", overwrite
     if absent:
         log(f"test groups without images in --src (left out): {', '.join(absent)}")
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temporary_dataset(out)
     try:
         for folder, items in [("Tr", training["train"] + training["val"]), ("Val", training["val"]),
                               *sorted(tests.items())]:
@@ -224,9 +221,7 @@ def prepare_topomortar(src: Path, out: Path, labels: str = "accurate", overwrite
             test_sets=test_sets,
             converted_from=f"{src} (medseg data_scripts/{PROG})",
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dataset(tmp, out, log)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -251,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         prepare_topomortar(args.src, args.out, labels=args.labels, overwrite=args.force, log=log)
-        check_converted(args.out, log)
     except MedsegError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {args.out} is as it was", file=sys.stderr)
+        return 130
     print(args.out)
     return 0
 

@@ -138,3 +138,33 @@ def test_out_in_an_unwritable_place_fails_before_the_work(tmp_path, convert, cap
     assert code != 0
     err = capsys.readouterr().err
     assert "cannot write there" in err and "Traceback" not in err
+
+
+def test_anti_aliased_or_16_bit_0_255_masks_and_16_bit_colour_images(tmp_path):
+    """0/128/255 masks declared 255 labels (a 256-class network), a 16-bit 0/255 mask kept
+    255 where the 8-bit ones became 1, and a 16-bit RGB PNG lost its low bytes (PIL)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    images, masks = tmp_path / "img", tmp_path / "msk"
+    images.mkdir()
+    masks.mkdir()
+    colour = rng.integers(0, 65536, SHAPE + (3,), dtype=np.uint16)
+    for key in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(images / f"{key}.png"))
+    edges = np.zeros(SHAPE, np.uint8)
+    edges[4:10, 4:8], edges[10, 4:8] = 255, 128
+    Image.fromarray(edges).save(masks / "a.png")
+    Image.fromarray((edges == 255).astype(np.uint16) * 255).save(masks / "b.png")  # 16 bits, 0/255
+    with pytest.raises(DataError, match=r"msk/a\.png: mask value 128, .*\[0, 1, 128, 255\].*--foreground-threshold"):
+        convert_2d_folders(images, masks, tmp_path / "out", progress=False, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+    Image.fromarray((edges == 255).astype(np.uint8) * 255).save(masks / "a.png")
+    out = tmp_path / "Dataset102_Deep"
+    convert_2d_folders(images, masks, out, progress=False, log=lambda m: None)
+    assert json.loads((out / "dataset.json").read_text())["labels"] == {"background": 0, "foreground": 1}
+    for key in ("a", "b"):
+        label, _ = read_image(out / "labelsTr" / f"{key}.png")
+        assert np.array_equal(np.asarray(label), (edges == 255).astype(np.uint8))
+        channels = [np.asarray(Image.open(out / "imagesTr" / f"{key}_{c:04d}.png")) for c in range(3)]
+        assert np.array_equal(np.stack(channels, -1), colour)

@@ -75,3 +75,20 @@ def test_out_equal_to_the_task_folder_is_refused_even_with_force(task_dir, load_
     assert load_script("convert_msd").main([str(task_dir), "--out", str(task_dir), "--force", "--quiet"]) != 0
     assert "must lie outside the task folder" in capsys.readouterr().err
     assert sorted(p.name for p in task_dir.rglob("*")) == before
+
+
+def test_a_converted_dataset_medseg_would_refuse_is_not_left_as_the_output(task_dir, load_script, tmp_path, capsys):
+    """BraTS-style labels {0, 1, 2, 4} were checked after the rename: the error came, and
+    the invalid dataset stayed, so the rerun said it already exists. A dead converter's
+    temporary folder (SIGTERM) stayed forever."""
+    meta_path = task_dir / "dataset.json"
+    meta = json.loads(meta_path.read_text())
+    meta["labels"] = {"0": "background", "1": "a", "2": "b", "4": "d"}
+    meta_path.write_text(json.dumps(meta))
+    out = tmp_path / "Dataset003_gap"
+    dead = tmp_path / f".{out.name}.tmp-{2**22 + 7}"  # above any pid_max: a process long gone
+    (dead / "imagesTr").mkdir(parents=True)
+    assert load_script("convert_msd").main([str(task_dir), "--out", str(out), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "consecutive" in err and str(out) in err and ".tmp-" not in err
+    assert not out.exists() and not dead.exists() and not list(tmp_path.glob(f".{out.name}.tmp-*"))

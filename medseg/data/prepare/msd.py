@@ -34,6 +34,7 @@ import numpy as np
 from medseg.data.dataset import safe_join, write_dataset_json
 from medseg.data.io import ending_of, strip_ending
 from medseg.data.prepare.output import check_dataset_output
+from medseg.data.prepare.verify import publish_dataset, temporary_dataset
 from medseg.errors import DataError
 
 __all__ = ["find_msd_task", "read_msd_json", "convert_msd_task"]
@@ -182,9 +183,7 @@ def convert_msd_task(
     check_dataset_output(out_dir, overwrite, {"the task folder": task_dir})
     num_channels = len(meta["channel_names"])
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temporary_dataset(out_dir)
     (tmp / "imagesTr").mkdir(parents=True)
     (tmp / "labelsTr").mkdir()
     training: list[str] = []
@@ -214,9 +213,7 @@ def convert_msd_task(
             **meta["info"],
             converted_from=f"MSD {task_dir.name} (medseg data_scripts)",
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_dataset(tmp, out_dir, say)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,6 @@ indexed labels first).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 from medseg.data.dataset import write_dataset_json
 from medseg.data.io import ImageGeometry, write_image
 from medseg.data.prepare.output import check_dataset_output
+from medseg.data.prepare.verify import publish_dataset, temporary_dataset
 from medseg.errors import ArgumentError, DataError
 
 __all__ = ["INPUT_ENDINGS", "Pairing", "pair_files", "convert_2d_folders"]
@@ -131,6 +131,13 @@ def pair_files(images_dir: Path, masks_dir: Path, image_suffix: str = "", mask_s
     return result
 
 
+def _png_sixteen_bit_colour(path: Path) -> bool:
+    """Whether a PNG holds 16 bits per sample of colour (IHDR bit depth 16, colour type 2 or 6)."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
+
+
 def _read(path: Path, kind: str) -> np.ndarray:
     """``(rows, cols)`` or ``(rows, cols, channels)`` array of ``path``."""
     try:
@@ -140,6 +147,11 @@ def _read(path: Path, kind: str) -> np.ndarray:
             data = np.asarray(tifffile.imread(path))
             if data.ndim == 3 and data.shape[0] in (3, 4) and data.shape[-1] not in (3, 4):
                 data = np.moveaxis(data, 0, -1)  # planar RGB
+        elif _ending(path) == ".png" and _png_sixteen_bit_colour(path):
+            # PIL opens 16-bit RGB(A) PNGs as 8-bit "RGB": every value lost its low byte, silently
+            import SimpleITK as sitk
+
+            data = np.asarray(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
         else:
             from PIL import Image
 
@@ -203,8 +215,9 @@ def _mask_values(path: Path, data: np.ndarray, threshold: float | None) -> np.nd
     if values.min() < 0:
         raise DataError(f"{path}: mask has negative values ({int(values.min())})")
     top = np.iinfo(data.dtype).max if data.dtype.kind in "iu" else None
-    if top is not None and top > 1 and set(values.tolist()) <= {0, top}:
-        return (data == top).astype(np.uint8)  # binary mask saved at full range
+    for full in {top, 255, 65535} - {None}:
+        if full > 1 and set(values.tolist()) <= {0, full} and full in values:
+            return (data == full).astype(np.uint8)  # binary mask saved at full range (8 or 16 bits)
     if len(values) > _MAX_DISTINCT_LABELS:
         raise DataError(
             f"{path}: mask has {len(values)} distinct values (e.g. JPEG noise or anti-aliasing); "
@@ -288,7 +301,7 @@ def convert_2d_folders(
 
     # First pass: read everything, so that the file ending and channel count are known
     # (and every bad file reported) before anything is written.
-    items = []
+    items, mask_paths = [], []
     num_channels = None
     needs_tiff = False
     first_name = ""
@@ -310,6 +323,7 @@ def convert_2d_folders(
         if image.dtype.kind == "f" or (image.size and (image.min() < 0 or image.max() > 65535)):
             needs_tiff = True  # PNG holds unsigned integers up to 16 bits only
         items.append((_case_name(key), image, mask))
+        mask_paths.append(mask_path)
     names = [n for n, _, _ in items]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
@@ -320,6 +334,17 @@ def convert_2d_folders(
     max_label = max(int(m.max()) for _, _, m in items)
     if max_label == 0:
         raise DataError(f"{masks_dir}: every mask is empty (all background); check --foreground-threshold")
+    # labels must be 0, 1, 2, ... over the whole dataset: 0/128/255 anti-aliased masks
+    # declared 255 labels and trained a 256-class network
+    used = sorted(set().union(*(np.unique(m).tolist() for _, _, m in items)))
+    if used != list(range(len(used))):
+        gap = next(v for i, v in enumerate(used) if v != i)
+        where = next(path for path, (_, _, m) in zip(mask_paths, items) if np.any(m == gap))
+        raise DataError(
+            f"{where}: mask value {gap}, but the masks' values {used[:6]}{'...' if len(used) > 6 else ''} "
+            "are not 0, 1, 2, ... (anti-aliased edges, or masks saved at other ranges); "
+            "pass --foreground-threshold T to binarise them"
+        )
     binary = foreground_threshold is not None or max_label == 1
     labels = {"background": 0}
     for value in range(1, max_label + 1):
@@ -338,9 +363,7 @@ def convert_2d_folders(
     else:
         channels_json = dict(enumerate(["R", "G", "B"] if num_channels == 3 else ["gray"]))
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temporary_dataset(out_dir)
     try:
         for case, image, mask in tqdm(items, desc="writing", disable=not progress or not sys.stderr.isatty(), file=sys.stderr, leave=False):
             planes = [image] if image.ndim == 2 else [image[..., c] for c in range(num_channels)]
@@ -357,9 +380,7 @@ def convert_2d_folders(
             name=name or out_dir.name,
             converted_from=f"{Path(images_dir).name} + {Path(masks_dir).name} (medseg data_scripts/convert_2d.py)",
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_dataset(tmp, out_dir, say)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
