@@ -490,8 +490,10 @@ def _format_validation_error(source: str, err: ValidationError, overrides: list[
             problem = keyed = e["msg"].removeprefix("Value error, ")
         else:
             problem, keyed = e["msg"], f"key '{loc}': {e['msg']}"
-        if loc in given:
-            from_set.append(f"--set {given[loc]}: {problem}")
+        # an unknown section ('trian' of --set trian.iterations=5) is the --set's mistake too
+        item = given.get(loc) or next((v for k, v in given.items() if k.startswith(f"{loc}.")), None)
+        if item is not None:
+            from_set.append(f"--set {item}: {problem}")
         else:
             problems.append(keyed)
     return "; ".join(from_set + ([f"{source}: " + "; ".join(problems)] if problems else []))

@@ -155,3 +155,6 @@ def test_a_bad_set_is_named_as_the_set_not_as_the_file(tmp_path):
     assert str(caught.value).startswith("--set train.iterations=abc: Input should be a valid integer")
     with pytest.raises(ConfigError, match=r"^--set train\.bogus=1: unknown key 'train\.bogus'$"):
         load_config(path, ["train.bogus=1"])
+    # a misspelt section: it was blamed on the file
+    with pytest.raises(ConfigError, match=r"^--set trian\.iterations=5: unknown key 'trian'$"):
+        load_config(path, ["trian.iterations=5"])

@@ -109,6 +109,11 @@ def render_config(plan: Mapping[str, Any], config_path: str | Path | None = None
         lines += _comment(f"WARNING: {message}")
     add("data:")
     add(f"  dataset: {_y(str(ds['root']))}")
+    if (Path(ds["root"]) / "splits_final.json").is_file():
+        # the dataset's own split (a published train/val, nnU-Net's file): a seeded split
+        # of val_fraction mixed TopoMortar's validation images into training
+        lines += _comment("the dataset's own train/val split (nnU-Net's splits_final.json; its first fold)", 2)
+        add("  split_file: splits_final.json")
     lines += _comment(
         f"patch: from equal millimetres per axis, clipped to the median image at the target spacing "
         f"{_fmt(plan['median_shape_at_target'], 4)} voxels and shrunk until the memory estimate fits; "

@@ -12,6 +12,7 @@ gets the mean over all cases, the number one process computes.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -81,7 +82,18 @@ def validate(
     finally:
         model.train(was_training)
     per_class = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    absent = [c + 1 for c in range(num_classes - 1) if counts[c] == 0 and c + 1 not in _ABSENT_REPORTED]
+    if absent and len(cases) and distributed.is_main():
+        # a 0 that is no score: the user saw 'val Dice 0.0000 *best*' and best.pt frozen at the first validation
+        _ABSENT_REPORTED.update(absent)
+        logging.getLogger("medseg.training").warning(
+            "no validation case contains class(es) %s: their val Dice is 0 by convention (MONAI's), not a score, "
+            "and best.pt follows the other classes only (or stays at the first validation); give the validation "
+            "split cases with foreground (data.split_file)", ", ".join(map(str, absent)))
     return [float(v) for v in per_class]
+
+
+_ABSENT_REPORTED: set[int] = set()  # classes reported absent from the validation cases (once per process)
 
 
 def _case_dice(

@@ -277,3 +277,24 @@ def test_preprocessing_takes_statistics_from_the_fingerprint(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "data.fingerprint does not describe the dataset's current files" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_dataset_with_its_own_split_is_planned_with_it(synthetic_dataset_2d_png, tmp_path):
+    """TopoMortar ships its published train/val as splits_final.json; the planned config
+    drew a seeded split instead and trained on validation images."""
+    import shutil
+
+    from medseg.data.dataset import list_cases, read_dataset_json, split_cases
+
+    dataset = tmp_path / "Dataset300_Split"
+    shutil.copytree(synthetic_dataset_2d_png, dataset)
+    names = sorted(c.name for c in list_cases(dataset, read_dataset_json(dataset)))
+    (dataset / "splits_final.json").write_text(json.dumps([{"train": names[1:], "val": names[:1]}]))
+    run_plan(dataset, output=tmp_path / "c.yaml", workers=1, progress=False)
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.split_file == dataset / "splits_final.json"
+    train, val = split_cases(list_cases(dataset, read_dataset_json(dataset)), cfg.data.val_fraction, cfg.seed,
+                             cfg.data.split_file, root=dataset)
+    assert [c.name for c in val] == names[:1]
+    run_plan(synthetic_dataset_2d_png, output=tmp_path / "d.yaml", workers=1, progress=False)
+    assert load_config(tmp_path / "d.yaml").data.split_file is None  # no file: the seeded split
