@@ -355,8 +355,6 @@ def run_evaluation(
     try:
         missing = {case: pred_dir / f"{case}{ending}" for case in references if not (pred_dir / f"{case}{ending}").is_file()}
         present = [case for case in references if case not in missing]
-        for case, path in missing.items():
-            print(f"medseg: missing prediction for case {case} ({path})", file=sys.stderr)
         from medseg.inference.predict import PROBABILITY_SUFFIX
 
         unmatched = sorted(
@@ -407,13 +405,15 @@ def run_evaluation(
                 case_info[case] = {"shape": payload["shape"], "spacing": payload["spacing"]}
             else:
                 failed[case] = error
-        for case, error in sorted(failed.items()):
-            print(f"medseg: case {case} failed: {error}", file=sys.stderr)
+        problems = [f"missing prediction for case {case} ({path})" for case, path in missing.items()]
+        problems += [f"case {case} failed: {error}" for case, error in sorted(failed.items())]
+        if per_case or len(problems) > 1:  # one case alone: the error below says it
+            for problem in problems:
+                print(f"medseg: {problem}", file=sys.stderr)
         if not per_case:
             # a summary of no case would replace a good evaluation in this folder with nothing
-            first = f"; first: {failed[min(failed)]}" if failed else ""
-            raise DataError(f"{pred_dir}: no case could be evaluated ({len(missing)} missing, {len(failed)} failed"
-                            f"{first}); nothing written to {output}")
+            raise DataError(f"{pred_dir}: no case could be evaluated ({len(missing)} missing, {len(failed)} failed; "
+                            f"first: {problems[0]}); nothing written to {output}")
 
         if connectivity is None:
             dims = {len(info["shape"]) for info in case_info.values()}

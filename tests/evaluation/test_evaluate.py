@@ -414,7 +414,7 @@ def test_an_evaluation_of_no_case_keeps_the_earlier_one(folders, capsys):
     empty = pred.parent / "empty"
     empty.mkdir()
     assert main(["evaluate", "--pred", str(empty), "--ref", str(ref), "--output", str(out), "--workers", "1"]) == 3
-    assert "no case could be evaluated (1 missing, 0 failed)" in capsys.readouterr().err
+    assert "no case could be evaluated (1 missing, 0 failed; first: missing prediction for case a" in capsys.readouterr().err
     assert (out / "summary.json").read_bytes() == before
 
 
