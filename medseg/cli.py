@@ -183,7 +183,7 @@ def predict(
     input: List[Path] = typer.Option(..., "--input", help="folder of scans (nnU-Net naming CASE_0000.nii.gz) or files"),
     output: Path = typer.Option(
         ..., "--output",
-        help="folder for CASE.nii.gz segmentations and predict_provenance.json (the model and options that made them); "
+        help="folder for the CASE<input ending> segmentations (CASE.nii.gz for CASE_0000.nii.gz) and predict_provenance.json (the model and options that made them); "
         "never an input folder",
     ),
     overwrite: bool = typer.Option(
