@@ -131,6 +131,9 @@ def plan(
     )
 
 
+_INTERRUPT_HINT = ""  # what the command running says about going on after Ctrl-C
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML run config (see configs/quickstart.yaml)"),
@@ -142,6 +145,9 @@ def train(
     from medseg.training.trainer import run_training
 
     cfg = load_config(config, set_ or [])
+    global _INTERRUPT_HINT
+    _INTERRUPT_HINT = (f"; `medseg train {Path(cfg.output_dir) / 'config.yaml'} --resume` continues from "
+                       f"checkpoints/latest.pt (written every {cfg.train.checkpoint_interval} steps)")
     with _writing(cfg.output_dir):
         run_training(cfg, resume=resume)
 
@@ -366,7 +372,7 @@ def _main(argv: list[str] | None) -> int:
         sys.stderr.flush()
         return 1
     except KeyboardInterrupt:
-        print("medseg: interrupted", file=sys.stderr)
+        print(f"medseg: interrupted{_INTERRUPT_HINT}", file=sys.stderr)
         return 130
     except typer.Abort:
         return 1
@@ -374,7 +380,7 @@ def _main(argv: list[str] | None) -> int:
         err.show()
         return err.exit_code
     if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
-        print("medseg: interrupted", file=sys.stderr)
+        print(f"medseg: interrupted{_INTERRUPT_HINT}", file=sys.stderr)
     return result if isinstance(result, int) else 0
 
 

@@ -353,3 +353,23 @@ def test_a_collective_broken_by_another_rank_is_one_line(monkeypatch, capsys):
     assert _peer_failed(dist.DistError("store timeout")) and not _peer_failed(RuntimeError("CUDA out of memory"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not _peer_failed(RuntimeError("Connection closed by peer"))  # one process: not a peer's failure
+
+
+def test_ctrl_c_in_train_says_how_to_go_on(monkeypatch, capsys, tmp_path):
+    import yaml
+
+    import medseg.cli as cli
+    import medseg.training.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_training", interrupted)
+    monkeypatch.setattr(cli, "_INTERRUPT_HINT", "")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": str(tmp_path)}, "train": {"iterations": 10, "checkpoint_interval": 5},
+                                      "output_dir": str(tmp_path / "run")}))
+    assert cli.main(["train", str(config)]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"medseg: interrupted; `medseg train {tmp_path / 'run' / 'config.yaml'} --resume` continues from "
+                    "checkpoints/latest.pt (written every 5 steps)")
