@@ -26,7 +26,7 @@ except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.data.prepare.natural2d import convert_2d_folders  # noqa: E402
-from medseg.errors import MedsegError  # noqa: E402
+from medseg.data.prepare.script import finish  # noqa: E402
 
 PROG = "convert_2d.py"
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{PROG}] {message}", file=sys.stderr)
 
-    try:
+    def work() -> Path:
         convert_2d_folders(
             args.images, args.masks, args.out,
             image_suffix=args.image_suffix, mask_suffix=args.mask_suffix,
@@ -64,14 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             grayscale=args.grayscale, channel_names=args.channel_names, name=args.name,
             strict=args.strict, overwrite=args.force, progress=not args.quiet, log=log,
         )
-    except MedsegError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {args.out} is as it was", file=sys.stderr)
-        return 130
-    print(args.out)
-    return 0
+        return args.out
+
+    return finish(PROG, work, f"{args.out} is as it was")
 
 
 if __name__ == "__main__":

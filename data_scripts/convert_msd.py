@@ -20,7 +20,7 @@ except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.data.prepare.msd import convert_msd_task  # noqa: E402
-from medseg.errors import MedsegError  # noqa: E402
+from medseg.data.prepare.script import finish  # noqa: E402
 
 PROG = "convert_msd.py"
 
@@ -37,18 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{PROG}] {message}", file=sys.stderr)
 
-    try:
+    def work() -> Path:
         convert_msd_task(
             args.task, args.out, overwrite=args.force, include_test=not args.no_test, progress=not args.quiet, log=log
         )
-    except MedsegError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {args.out} is as it was", file=sys.stderr)
-        return 130
-    print(args.out)
-    return 0
+        return args.out
+
+    return finish(PROG, work, f"{args.out} is as it was")
 
 
 if __name__ == "__main__":

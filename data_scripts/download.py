@@ -34,7 +34,8 @@ from medseg.data.prepare.archive import extract_archive  # noqa: E402
 from medseg.data.prepare.download import PARTIAL_DIR, download_file  # noqa: E402
 from medseg.data.prepare.msd import convert_msd_task, find_msd_task  # noqa: E402
 from medseg.data.prepare.registry import REGISTRY, get_source  # noqa: E402
-from medseg.errors import DataError, MedsegError  # noqa: E402
+from medseg.data.prepare.script import finish  # noqa: E402
+from medseg.errors import DataError  # noqa: E402
 
 BASE_URL_ENV = "MEDSEG_DATA_BASE_URL"
 PROG = "download.py"
@@ -152,16 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list()
         return 0
-    try:
-        result = run(args)
-    except MedsegError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    print(result)
-    return 0
+    return finish(PROG, lambda: run(args), "run the same command again to resume")
 
 
 if __name__ == "__main__":

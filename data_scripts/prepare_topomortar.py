@@ -49,7 +49,8 @@ from medseg.data.dataset import write_dataset_json  # noqa: E402
 from medseg.data.io import ImageGeometry, write_image  # noqa: E402
 from medseg.data.prepare.output import check_dataset_output  # noqa: E402
 from medseg.data.prepare.verify import publish_dataset, temporary_dataset  # noqa: E402
-from medseg.errors import DataError, MedsegError  # noqa: E402
+from medseg.data.prepare.script import finish  # noqa: E402
+from medseg.errors import DataError  # noqa: E402
 
 PROG = "prepare_topomortar.py"
 LABEL_KINDS = ("accurate", "noisy", "pseudo")
@@ -244,16 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{PROG}] {message}", file=sys.stderr)
 
-    try:
+    def work() -> Path:
         prepare_topomortar(args.src, args.out, labels=args.labels, overwrite=args.force, log=log)
-    except MedsegError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {args.out} is as it was", file=sys.stderr)
-        return 130
-    print(args.out)
-    return 0
+        return args.out
+
+    return finish(PROG, work, f"{args.out} is as it was")
 
 
 if __name__ == "__main__":

@@ -168,3 +168,11 @@ def test_anti_aliased_or_16_bit_0_255_masks_and_16_bit_colour_images(tmp_path):
         assert np.array_equal(np.asarray(label), (edges == 255).astype(np.uint8))
         channels = [np.asarray(Image.open(out / "imagesTr" / f"{key}_{c:04d}.png")) for c in range(3)]
         assert np.array_equal(np.stack(channels, -1), colour)
+
+
+def test_a_bad_flag_is_named_as_the_flag(tmp_path, convert, capsys):
+    images, masks, _, _ = _drive_like(tmp_path, np.random.default_rng(0))
+    code = convert(["--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "o"), "--image-suffix",
+                    "_training", "--mask-suffix", "_manual1", "--label-names", "vessel", "artery", "--quiet"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --label-names: 2 name(s) given but the masks use labels 1..1")
