@@ -362,11 +362,8 @@ def _check_runs(study: Study) -> None:
     try:  # the study folder and every run folder can be written (no file in the way)
         for folder in (study.output_dir, *(run.run_dir for run in study.runs)):
             check_output_folder(folder, "output_dir")
-        study.output_dir.mkdir(parents=True, exist_ok=True)
     except MedsegError as err:
         raise ConfigError(f"{path}: {err}") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: output_dir: {study.output_dir}: cannot be created ({err.strerror or err})") from None
     _check_output_place(study)
     infos = {}
     checked_variants = set()
@@ -393,6 +390,10 @@ def _check_runs(study: Study) -> None:
     for name, test in study.config.test.items():
         for info in infos.values():
             _check_test(path, name, test, info)
+    try:  # last: a study refused for another reason leaves no folder behind
+        study.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{path}: output_dir: {study.output_dir}: cannot be created ({err.strerror or err})") from None
 
 
 def _check_output_place(study: Study) -> None:

@@ -350,3 +350,10 @@ def test_a_base_that_is_a_study_or_not_text_is_named_as_the_base(write_study, ca
     binary.write_bytes(bytes(range(256)) * 4)
     line = _fails(capsys, [write_study(base=str(binary))])
     assert f"study.yaml: base: {binary}" in line
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(write_study, capsys):
+    """It was a FileNotFoundError traceback, from --summary and from the first run."""
+    for extra in ([], ["--summary"]):
+        line = _fails(capsys, [write_study(output_dir="/proc/medseg_study"), *extra])
+        assert "output_dir: /proc/medseg_study: cannot be created" in line
