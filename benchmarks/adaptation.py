@@ -27,6 +27,8 @@ correct both an under- and an over-segmenting source model.
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import json
 import logging
 import shutil
@@ -108,7 +110,7 @@ def fmt(values: list[float], digits: int = 3) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, low_contrast domain, 100 steps")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+    parser.add_argument("--seeds", type=counting(1), default=None, help="number of seeds (default 3, quick 1)")
     parser.add_argument("--domains", default=None, help="comma-separated: low_contrast, shifted")
     parser.add_argument("--source-iterations", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
@@ -117,6 +119,9 @@ def main() -> int:
     logging.getLogger("medseg").setLevel(logging.WARNING)
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     domains = (args.domains or ("low_contrast" if args.quick else "low_contrast,shifted")).split(",")
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise SystemExit(f"--domains: unknown domain {unknown[0]!r}; choose from {', '.join(DOMAINS)}")
     plan = methods(args.quick)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="medseg_adapt_bench_"))
     started = time.perf_counter()

@@ -19,6 +19,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import statistics
 import sys
 import time
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--crop-batch", type=int, default=8)
     ap.add_argument("--crop-size", type=int, default=256)
     ap.add_argument("--full-batch", type=int, default=2, help="whole images per batch (default 2)")
-    ap.add_argument("--repeats", type=int, default=9, help="timed rounds after one warm-up (default 9)")
+    ap.add_argument("--repeats", type=counting(1), default=9, help="timed rounds after one warm-up (default 9)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 

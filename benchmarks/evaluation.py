@@ -27,6 +27,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import os
 import sys
 import time
@@ -76,7 +78,7 @@ def reference_error(ref_module, pred: np.ndarray, target: np.ndarray) -> np.ndar
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=counting(1), default=2)
     ap.add_argument("--reference-size", type=int, default=128)
     args = ap.parse_args()
 

@@ -22,13 +22,17 @@ t_start=$(date +%s)
 
 if [ $dry -eq 0 ]; then
     step "device"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
+    if ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; then
+        # nothing to check without a GPU: stop before the CUDA build reinstalls the package
+        echo "gpu_check.sh: no NVIDIA GPU here (nvidia-smi failed); run it on a GPU machine, or --dry for the CPU path"
+        exit 1
+    fi
     nvcc --version | tail -1
 
     step "build (pip install --no-build-isolation -e ., CUDA on)"
     t0=$(date +%s)
     if ! "$py" -m pip install --no-build-isolation --no-deps -e . -Ccmake.define.MEDSEG_CUDA=ON > /tmp/medseg_gpu_build.log 2>&1; then
-        echo "pip build failed (needs scikit-build-core and nanobind in the environment); log tail:"
+        echo "pip build failed; log tail (a missing module here: scikit-build-core and nanobind must be in the environment):"
         tail -20 /tmp/medseg_gpu_build.log
         exit 1
     fi

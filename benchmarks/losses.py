@@ -47,6 +47,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import json
 import os
 import statistics
@@ -313,7 +315,7 @@ def main() -> None:
                     help="spatial size for betti_matching (default 48^3, --quick 32^3; a 2D --shape itself)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--channels", type=int, default=2, help="output channels, background included (default 2)")
-    ap.add_argument("--repeat", type=int, default=None,
+    ap.add_argument("--repeat", type=counting(1), default=None,
                     help="timed rounds per loss (default 7, --quick 3; betti_matching and the skeleton targets half)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
@@ -341,7 +343,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"medseg losses, forward + backward, {fmt_shape(args.batch, args.channels, args.shape)} (B x C x size); "
-        f"torch {torch.__version__}, {args.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
+        f"torch {torch.__version__}, {args.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset: libgomp spins a while'}), "
         f"{len(os.sched_getaffinity(0))} cores, load average {load:.1f}; "
         f"median of {repeat} rounds; losses: {', '.join(args.names)}\n"
     )

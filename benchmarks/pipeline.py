@@ -21,6 +21,8 @@ The ratio medseg / MONAI is printed for each; medseg's overhead should stay with
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import logging
 import shutil
 import sys
@@ -261,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--patch", type=int, default=48)
+    parser.add_argument("--patch", type=counting(8), default=48)
     parser.add_argument("--size", type=int, default=64, help="synthetic scan size per axis")
-    parser.add_argument("--cases", type=int, default=6)
+    parser.add_argument("--cases", type=counting(2), default=6)
     parser.add_argument("--test-cases", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=counting(1), default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument(

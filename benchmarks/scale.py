@@ -46,6 +46,8 @@ second run skips the generation (and, where the cache is warm, the preprocessing
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import json
 import math
 import os
@@ -75,7 +77,7 @@ ITEMS = ("storage", "preprocess", "throughput", "memory", "startup", "predict")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="12 cases of 256x256x64 (subsets 4/8/12) instead of 40 of 512x512x100")
-    parser.add_argument("--cases", type=int, default=None, help="cases of the dataset (default 40, 12 with --quick)")
+    parser.add_argument("--cases", type=counting(2), default=None, help="cases of the dataset (default 40, 12 with --quick)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="voxels per case (default 512 512 100)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.7, 0.7, 2.5], help="mm")
     parser.add_argument("--workers", type=int, default=2, help="processes of both sides (preprocessing, data loading)")
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default=None, help=f"comma-separated items: {', '.join(ITEMS)}")
     parser.add_argument("--storage", action="store_true", help="add the storage measurement")
     parser.add_argument("--predict", action="store_true", help="add item 5 (benchmarks/scale_predict.py)")
-    parser.add_argument("--patch", type=int, nargs=3, default=None,
+    parser.add_argument("--patch", type=counting(8), nargs=3, default=None,
                         help="training patch (default: nnU-Net's 3d_fullres plan when item 1 ran, else 192 192 48)")
     parser.add_argument("--batches", type=int, default=30, help="batches timed per loader (item 2)")
     parser.add_argument("--reads", type=int, default=40, help="patch reads per storage format and state")

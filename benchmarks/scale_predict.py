@@ -29,6 +29,8 @@ Each side runs in its own fresh process, measured from outside: wall time and pe
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import json
 import os
 import subprocess
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 400], help="scan shape (voxels)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.7, 0.7, 1.0], help="scan spacing (mm)")
     parser.add_argument("--quick", action="store_true", help="256x256x200 instead of --shape")
-    parser.add_argument("--patch", type=int, default=128, help="sliding window (cube side)")
+    parser.add_argument("--patch", type=counting(8), default=128, help="sliding window (cube side)")
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process")

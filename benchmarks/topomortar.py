@@ -78,6 +78,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+from _args import counting  # noqa: E402  (benchmarks/_args.py, beside this script)
+
 import json
 import os
 import statistics
@@ -124,8 +126,12 @@ class Setting(NamedTuple):
 def training_images(root: Path, count: int, seed: int) -> list[dict]:
     """``count`` training cases of the dataset (seeded pick): name, raw image (3, H, W), label (H, W) int64."""
     from medseg.data.dataset import list_cases, load_case, read_dataset_json, split_cases
+    from medseg.errors import MedsegError
 
-    info = read_dataset_json(root)
+    try:
+        info = read_dataset_json(root)
+    except MedsegError as err:  # every benchmark that reads TopoMortar through here: one line
+        raise SystemExit(f"--data: {err}") from None
     if info.num_channels != CHANNELS or info.num_classes != CLASSES:
         raise SystemExit(f"{root}: expected {CHANNELS} channels and {CLASSES} classes (TopoMortar), "
                          f"dataset.json declares {info.num_channels} and {info.num_classes}")
@@ -420,7 +426,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--crop-batch", type=int, help="crops per batch (default 8, --quick 2)")
     ap.add_argument("--crop-size", type=int, help="crop side (default 256, --quick 128)")
     ap.add_argument("--full-batch", type=int, default=2, help="whole images per batch (default 2)")
-    ap.add_argument("--repeats", type=int, help="timed rounds after 1 warm-up (default 5, --quick 1; 0: values only)")
+    ap.add_argument("--repeats", type=counting(0), help="timed rounds after 1 warm-up (default 5, --quick 1; 0: values only)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--betti-threads", type=int, help="Betti matching engine threads (default: all cores)")
@@ -468,7 +474,7 @@ def header(args, images: list[dict], net_desc: str, partly: str, skipped: dict, 
     print(f"network: {net_desc}")
     print(f"partly trained logits: {partly}")
     print(f"machine: {machine['cores']} cores, torch {torch.__version__} on {args.device}, "
-          f"torch threads: {machine['torch_threads']} (OMP_WAIT_POLICY={machine['omp_wait_policy']}), "
+          f"torch threads: {machine['torch_threads']} (OMP_WAIT_POLICY={machine['omp_wait_policy'] or 'unset: libgomp spins a while'}), "
           f"Betti matching engine threads: {betti_threads}, load average {load:.1f}")
     if args.repeats:
         print(f"times: median of {args.repeats} round{'s' if args.repeats > 1 else ''} after 1 warm-up, seconds per "

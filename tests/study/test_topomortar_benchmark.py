@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ CROPS = REPO / "tests" / "data" / "topomortar"
 
 
 def _load(name: str, path: Path):
+    # a script finds its neighbours (benchmarks/_args.py) on sys.path, as when run as a script
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
