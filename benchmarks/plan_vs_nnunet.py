@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny datasets: a smoke test")
     parser.add_argument("--only", nargs="+", choices=sorted(DATASETS), default=None)
     args = parser.parse_args(argv)
+    if not shutil.which(args.nnunet_python):
+        parser.error(f"--nnunet-python: {args.nnunet_python} is not an executable (see the docstring to make one)")
 
     work = args.out or Path(tempfile.mkdtemp(prefix="plan_vs_nnunet_"))
     raw, pre = work / "nnUNet_raw", work / "nnUNet_preprocessed"
