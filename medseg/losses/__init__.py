@@ -40,3 +40,13 @@ from medseg.losses.registry import (
 )
 
 __all__ = ["LOSS_NAMES", "CompositeLoss", "build_loss", "deep_supervision_loss", "get_loss", "required_target_transforms"]
+
+
+def __getattr__(name: str):
+    """``BettiMatchingLoss`` on first use: importing it loads the topology engine, which
+    a run without that loss never needs (PEP 562)."""
+    if name == "BettiMatchingLoss":
+        from medseg.losses.betti_matching import BettiMatchingLoss
+
+        return BettiMatchingLoss
+    raise AttributeError(f"module 'medseg.losses' has no attribute {name!r}")

@@ -200,6 +200,7 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
     failed: dict[str, str] = {}
     left = {run.name: run for run in runs}
     rates: list[float] = []  # seconds per training step of the runs finished so far
+    others: list[float] = []  # their seconds besides training (start-up, prediction, evaluation)
     workers = _Workers()
     pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-study")
     try:
@@ -207,10 +208,14 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
             run, error, seconds = future.result()
             del left[run.name]
             if error is None:
-                stats = training_summary(read_state(run.run_dir))
+                state = read_state(run.run_dir)
+                stats = training_summary(state)
                 if stats.get("seconds_per_step"):
                     rates.append(stats["seconds_per_step"])
-                _say(f"{run.name}: finished in {seconds:.0f} s ({_resources(stats)}){_time_left(left, rates, parallel)}")
+                trained = sum(s.get("seconds", 0.0) for s in (state.get("training") or {}).get("segments") or [])
+                others.append(max(0.0, seconds - trained))  # start-up, prediction and evaluation
+                _say(f"{run.name}: finished in {seconds:.0f} s ({_resources(stats)})"
+                     f"{_time_left(left, rates, others, parallel)}")
             else:
                 failed[run.name] = error
                 _say(f"{run.name}: FAILED: {error}")
@@ -222,13 +227,16 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
     return failed
 
 
-def _time_left(left: dict[str, StudyRun], rates: list[float], parallel: int) -> str:
+def _time_left(left: dict[str, StudyRun], rates: list[float], others: list[float], parallel: int) -> str:
     """``; N to go, about T``: the steps of the runs left at the median seconds per step so
-    far, ``parallel`` at a time (an estimate: a resumed run has fewer steps to go)."""
+    far, plus the median time a run spent besides training (its predictions and
+    evaluations: most of a short run), ``parallel`` at a time (an estimate: a resumed run
+    has fewer steps to go)."""
     if not left or not rates:
         return ""
     rate = statistics.median(rates)
-    seconds = sum(run.config.train.iterations for run in left.values()) * rate / parallel
+    besides = statistics.median(others) if others else 0.0
+    seconds = (sum(run.config.train.iterations for run in left.values()) * rate + len(left) * besides) / parallel
     hours, minutes = divmod(round(seconds / 60), 60)
     when = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min" if minutes else "under a minute"
     return f"; {len(left)} to go, about {when} at {rate:.3g} s/step"

@@ -357,3 +357,14 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(write_study, capsys):
     for extra in ([], ["--summary"]):
         line = _fails(capsys, [write_study(output_dir="/proc/medseg_study"), *extra])
         assert "output_dir: /proc/medseg_study: cannot be created" in line
+
+
+def test_the_time_left_counts_what_a_run_does_besides_training(write_study):
+    """The estimate counted training steps only: 'about 58 min' for a quick look whose
+    runs spent most of their time predicting and evaluating (130 min)."""
+    from medseg.study.runner import _time_left
+
+    runs = {run.name: run for run in load_study(write_study()).runs}  # 4 runs of 2 iterations
+    assert _time_left(runs, [30.0], [], 2) == "; 4 to go, about 2 min at 30 s/step"  # 4 x 2 x 30 / 2 s
+    assert _time_left(runs, [30.0], [600.0], 2) == "; 4 to go, about 22 min at 30 s/step"  # + 4 x 600 / 2 s
+    assert _time_left(runs, [0.1], [], 1).startswith("; 4 to go, about under a minute")
