@@ -27,8 +27,24 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class _HeldLines(logging.Handler):
+    """The lines logged before the run folder exists (data preparation, the dataset's
+    split), kept for its log file: ``train.log`` began at the first step without them."""
+
+    LIMIT = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.LIMIT:
+            self.records.append(record)
+
+
 def attach_console_handler() -> list[logging.Handler]:
-    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured logging.
+    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured
+    logging, and hold them for the log file :func:`attach_file_handler` opens later.
 
     Under torchrun only rank 0 logs progress; the other ranks log warnings, prefixed with their rank.
     Returns the handlers added (for :func:`detach`).
@@ -38,22 +54,32 @@ def attach_console_handler() -> list[logging.Handler]:
         package.setLevel(logging.WARNING)
     elif package.level == logging.NOTSET or package.level > logging.INFO:
         package.setLevel(logging.INFO)
-    if package.handlers or logging.getLogger().handlers:
-        return []
-    console = _TqdmHandler()
-    prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
-    console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
-    package.addHandler(console)
-    return [console]
+    held = _HeldLines()
+    added: list[logging.Handler] = [held]
+    if not (package.handlers or logging.getLogger().handlers):
+        console = _TqdmHandler()
+        prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
+        console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+        added.append(console)
+    for handler in added:
+        package.addHandler(handler)
+    return added
 
 
 def attach_file_handler(path: str | Path) -> list[logging.Handler]:
-    """Append every log line (with its level) to ``path``, creating its folder; returns the handler added."""
+    """Append every log line (with its level) to ``path``, creating its folder, beginning
+    with the lines held since :func:`attach_console_handler`; returns the handler added."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger(_PACKAGE).addHandler(handler)
+    package = logging.getLogger(_PACKAGE)
+    for held in [h for h in package.handlers if isinstance(h, _HeldLines)]:
+        for record in held.records:  # what came before the folder existed, in order
+            handler.handle(record)
+        held.records.clear()
+        package.removeHandler(held)
+    package.addHandler(handler)
     return [handler]
 
 

@@ -85,7 +85,10 @@ def test_short_training_writes_every_artefact(synthetic_dataset_3d, tmp_path):
     assert set(latest["split"]) == {"train", "val"} and latest["split"]["val"]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["best_metric"] == pytest.approx(max(float(r["val_dice_mean"]) for r in rows if r["val_dice_mean"]), rel=1e-6)
-    assert "val Dice" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "val Dice" in log
+    # and the lines from before the run folder existed, first: the data's preparation and split
+    assert log.index("training / ") < log.index("val Dice") and "validation cases" in log
 
 
 def test_training_2d(synthetic_dataset_2d, tmp_path):
