@@ -173,7 +173,7 @@ def read_eval_labels(folder: Path, scans: Sequence[TargetScan], ending: str,
     """Reference label maps by case name from ``folder/CASE<ending>``, checked as ``medseg
     evaluate`` checks a reference: integer values among ``declared`` (the source model's
     labels), the scan's shape and affine (a mirrored label scored as another anatomy)."""
-    from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, read_label_map
+    from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, read_label_map, undeclared_values
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -192,7 +192,7 @@ def read_eval_labels(folder: Path, scans: Sequence[TargetScan], ending: str,
                             f"(target.eval_labels)")
         seg = np.asarray(seg).astype(np.int64)
         if declared is not None:
-            extra = sorted(set(np.unique(seg).tolist()) - set(declared))
+            extra = undeclared_values(seg, set(declared))
             if extra:
                 raise DataError(f"{path}: label values {extra[:5]} are not among the source model's labels "
                                 f"{sorted(declared)} (target.eval_labels)")

@@ -42,7 +42,7 @@ import numpy as np
 
 from medseg.atomic import check_output_folder, remove_dead_temporaries, write_atomic_group
 from medseg.errors import ArgumentError, DataError, MedsegError
-from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map
+from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map, undeclared_values
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES, SUMMARY_FILE, json_default
 from medseg.provenance import provenance
 from medseg.runfolder.lock import RunFolderLock
@@ -137,18 +137,6 @@ def evaluate_case(
     return _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm)[0]
 
 
-def _undeclared_values(array: np.ndarray, declared: set[int]) -> list[int]:
-    """Label values of ``array`` outside ``declared`` (one counting pass; negatives included)."""
-    flat = np.asarray(array).ravel()
-    if flat.size == 0:
-        return []
-    low = int(flat.min())
-    if low < 0:
-        return sorted({int(v) for v in np.unique(flat)} - declared)
-    present = np.flatnonzero(np.bincount(flat.astype(np.int64, copy=False)))
-    return [int(v) for v in present if int(v) not in declared]
-
-
 def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metrics, tolerance_mm, declared=None):
     """:func:`evaluate_case` and the case's ``{"shape", "spacing"}``; ``declared``: the label
     values dataset.json declares (background and the ignore label included), checked in
@@ -158,7 +146,7 @@ def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metr
     pred, ref, ref_geometry = read_case_pair(pred_file, ref_file, connectivity)
     if declared is not None:
         for path, array in ((pred_file, pred), (ref_file, ref)):
-            extra = _undeclared_values(array, declared)
+            extra = undeclared_values(array, declared)
             if extra:
                 raise DataError(f"{path}: label values {extra[:5]} are not declared in dataset.json")
     context = MetricContext(

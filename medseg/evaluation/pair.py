@@ -14,7 +14,7 @@ import numpy as np
 
 from medseg.errors import DataError
 
-__all__ = ["AFFINE_TOLERANCE_MM", "read_label_map", "read_case_pair", "label_masks"]
+__all__ = ["AFFINE_TOLERANCE_MM", "read_label_map", "read_case_pair", "label_masks", "undeclared_values"]
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference of any affine entry (mm) between prediction and reference."""
@@ -72,3 +72,15 @@ def label_masks(pred: np.ndarray, ref: np.ndarray, label: int, ignore_label: int
     if ignore_label is not None:
         pred_mask &= ref != ignore_label
     return pred_mask, ref == label
+
+
+def undeclared_values(array: np.ndarray, declared: set[int]) -> list[int]:
+    """Label values of ``array`` outside ``declared`` (one counting pass; negatives included)."""
+    flat = np.asarray(array).ravel()
+    if flat.size == 0:
+        return []
+    low = int(flat.min())
+    if low < 0:
+        return sorted({int(v) for v in np.unique(flat)} - declared)
+    present = np.flatnonzero(np.bincount(flat.astype(np.int64, copy=False)))
+    return [int(v) for v in present if int(v) not in declared]

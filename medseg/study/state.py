@@ -168,8 +168,14 @@ def check_reusable(run: "StudyRun") -> None:
     if not isinstance(stored, dict):
         # interrupted before its first training call ended: the config the trainer wrote
         # when it started, so an edited variant is refused now, not in its worker later
-        stored = _started_config(run.run_dir)
-        if stored is None:
+        from medseg.errors import CheckpointError
+        from medseg.runfolder.resume import unfinished_start
+
+        try:
+            stored = unfinished_start(run.run_dir, "train.log")
+        except CheckpointError:  # unreadable: the run's own resume says so
+            return
+        if not stored:
             return
     # through today's schema first, so that keys it added since have their defaults on
     # both sides; then a key on one side only is a change (a model.params entry added or
@@ -197,18 +203,6 @@ def check_reusable(run: "StudyRun") -> None:
             "its learning-rate schedule would not be the other runs': delete the folder to train it again, "
             "or give this study another output_dir (--set output_dir=DIR)"
         )
-
-
-def _started_config(run_dir: Path) -> dict[str, Any] | None:
-    """The run config the trainer wrote into ``run_dir`` when it started, or None."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    try:
-        stored = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    return stored if isinstance(stored, dict) else None
 
 
 def training_summary(state: dict[str, Any]) -> dict[str, Any]:
