@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg.data.prepare.output import check_dataset_output  # noqa: E402
+from medseg.data.prepare.verify import publish_dataset, temporary_dataset  # noqa: E402
 from medseg.data.synthetic import AFFINE_KINDS, FAINT_DOMAIN, make_dataset  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if spacing is not None and len(spacing) == 1:
         spacing = spacing * args.dims
     start = time.perf_counter()
-    tmp = args.out.parent / f".{args.out.name}.tmp-{os.getpid()}"
+    tmp = temporary_dataset(args.out)
     try:
         check_dataset_output(args.out, args.force)
         # written next to --out and renamed at the end: an existing dataset is replaced
@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             params=FAINT_DOMAIN if args.faint else None,
         )
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        os.replace(tmp, args.out)
+        publish_dataset(tmp, args.out, log=lambda line: print(f"make_synthetic: {line}", file=sys.stderr))
         summary["root"] = args.out
     except (ValueError, MedsegError) as err:
         print(f"make_synthetic: error: {err}", file=sys.stderr)

@@ -52,6 +52,7 @@ __all__ = [
     "ImageGeometry",
     "read_image",
     "read_image_channels",
+    "read_geometry",
     "write_image",
     "ending_of",
     "strip_ending",
@@ -281,29 +282,58 @@ def read_image_channels(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
         The file is missing, has an unsupported ending, is unreadable or truncated, or
         is not 2D/3D (after dropping singleton channel axes).
     """
-    path = Path(path)
+    array, geometry = _read(Path(path), header_only=False)
+    return _c_order(array), geometry
+
+
+def read_geometry(path: str | Path) -> tuple[int, ImageGeometry]:
+    """The number of channels and the geometry of a file, from its header alone.
+
+    The same ``C`` and :class:`ImageGeometry` as :func:`read_image_channels` (the same
+    code lays out the axes), without decoding the voxels: for checks of whole folders
+    before any work starts (a label of another shape than its scan). Problems that only
+    the voxels show (a truncated file, an unsupported voxel type) are found by the full
+    read.
+
+    Raises
+    ------
+    DataError
+        As :func:`read_image_channels` for everything the header says.
+    """
+    array, geometry = _read(Path(path), header_only=True)
+    return int(array.shape[0]), geometry
+
+
+def _placeholder(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    """An array of ``shape`` that holds no memory (stride 0): what a header-only read
+    lays out in place of the voxels."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), tuple(int(s) for s in shape))
+
+
+def _read(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
     ending = _check_supported(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         if ending in NIFTI_ENDINGS:
-            array, geometry = _read_nifti(path)
+            array, geometry = _read_nifti(path, header_only)
         elif ending in ITK_ENDINGS:
-            array, geometry = _read_itk(path)
+            array, geometry = _read_itk(path, header_only)
         elif ending == ".png":
-            array, geometry = _read_png(path)
+            array, geometry = _read_png(path, header_only)
         else:
-            array, geometry = _read_tiff(path)
+            array, geometry = _read_tiff(path, header_only)
     except DataError:
         raise
     except MemoryError:
         raise
     except Exception as err:  # every reader has its own exception zoo
         raise DataError(f"{path}: unreadable or truncated image ({_reason(err, path)})") from None
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    if array.dtype.kind not in "biuf":
-        raise DataError(f"{path}: unsupported voxel type {array.dtype}")
+    if not header_only:
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{path}: unsupported voxel type {array.dtype}")
     if 0 in array.shape:
         raise DataError(f"{path}: empty image (shape {array.shape[1:]})")
     _check_geometry(path, geometry)
@@ -353,8 +383,9 @@ def _squeeze_spatial(path: Path, array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
-    """The NIfTI image and its voxels (scaling applied), read in one pass.
+def _load_nifti(path: Path, header_only: bool = False) -> tuple[Any, np.ndarray]:
+    """The NIfTI image and its voxels (scaling applied), read in one pass; with
+    ``header_only`` a :func:`_placeholder` of the voxels' shape (nothing decoded).
 
     A ``.nii.gz`` is decompressed with ISA-L (``isal.igzip``, a drop-in gzip reader) when
     it is installed: 2-2.5x faster than Python's gzip module on a 512x512x100 int16 CT,
@@ -366,7 +397,7 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
 
     with _nibabel_notes() as notes:
         img = data = None
-        if _igzip is not None and path.name.lower().endswith(".gz"):
+        if _igzip is not None and not header_only and path.name.lower().endswith(".gz"):
             try:
                 with _igzip.open(path, "rb") as handle:
                     img = nib.Nifti1Image.from_stream(handle)
@@ -377,7 +408,10 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
             img = nib.load(str(path), mmap=False)
             if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
                 raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
-            data = np.asarray(np.asanyarray(img.dataobj))
+            if header_only:
+                data = _placeholder(img.shape, img.get_data_dtype())
+            else:
+                data = np.asarray(np.asanyarray(img.dataobj))
     # nibabel sets a zero pixdim to 1; where pixdim places the voxels (no sform), that
     # spacing is a guess
     if any("pixdim" in n and "non-zero" in n for n in notes) and int(img.header["sform_code"]) == 0:
@@ -432,8 +466,8 @@ def _c_order(array: np.ndarray, block: int = 8) -> np.ndarray:
     return out
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
-    img, data = _load_nifti(path)
+def _read_nifti(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
+    img, data = _load_nifti(path, header_only)
     affine = np.asarray(img.affine, dtype=np.float64)
     if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector intent: (X, Y, Z, 1, C)
         data = data[:, :, :, 0, :]
@@ -444,11 +478,12 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     else:
         raise DataError(f"{path}: expected a 2D, 3D or 4D (channels last) NIfTI, got shape {data.shape}")
     array = _squeeze_spatial(path, array, "image")
-    return _c_order(array), ImageGeometry(affine, array.shape[1:])
+    return array, ImageGeometry(affine, array.shape[1:])
 
 
 def _itk_affine(image: Any) -> np.ndarray:
-    """RAS+ 4x4 affine of a SimpleITK image (2D images embedded in 3D)."""
+    """RAS+ 4x4 affine of a SimpleITK image or of an image file reader that read the
+    file's information (2D images embedded in 3D)."""
     ndim = image.GetDimension()
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
     spacing = np.array(image.GetSpacing(), dtype=np.float64)
@@ -489,9 +524,18 @@ def _stderr_held() -> Iterator[None]:
             os.write(2, text)
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+def _read_itk(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
     import SimpleITK as sitk
 
+    if header_only:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        with _stderr_held():
+            reader.ReadImageInformation()
+        if reader.GetDimension() != 4:
+            size, ncomp = reader.GetSize(), reader.GetNumberOfComponents()
+            return _itk_layout(path, _placeholder((*size[::-1], ncomp)), ncomp, reader)
+        # a 4D file: its 3D geometry is what slicing the image gives (read below)
     with _stderr_held():
         image = sitk.ReadImage(str(path))
     ndim = image.GetDimension()
@@ -501,46 +545,58 @@ def _read_itk(path: Path) -> tuple[np.ndarray, ImageGeometry]:
             raise DataError(f"{path}: 4D image of size {size}; store channels as separate files")
         image = image[:, :, :, 0]
         ndim = 3
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if header_only:
+        return _itk_layout(path, _placeholder((*image.GetSize()[::-1], ncomp)), ncomp, image)
+    return _itk_layout(path, sitk.GetArrayFromImage(image), ncomp, image)
+
+
+def _itk_layout(path: Path, data: np.ndarray, ncomp: int, image: Any) -> tuple[np.ndarray, ImageGeometry]:
+    """``(C, i, j[, k])`` from SimpleITK's ``[k, j, i]`` or ``[k, j, i, components]``
+    array (``data`` may have a trailing axis of one component), and its geometry."""
+    ndim = image.GetDimension()
     if ndim not in (2, 3):
         raise DataError(f"{path}: expected a 2D or 3D image, got {ndim}D")
-    data = sitk.GetArrayFromImage(image)  # [k, j, i] or [k, j, i, components]
-    ncomp = image.GetNumberOfComponentsPerPixel()
-    if ncomp > 1:
-        array = np.moveaxis(data, -1, 0)  # (C, k, j, i)
-        array = np.stack([a.T for a in array])
+    if ncomp > 1 or data.ndim == ndim + 1:
+        data = np.moveaxis(data, -1, 0)  # (C, k, j, i)
     else:
-        array = data.T[None]
+        data = data[None]
+    array = data.transpose(0, *range(data.ndim - 1, 0, -1))  # (C, i, j, k)
     affine = _itk_affine(image)
     # a single slice stored 3D (X, Y, 1) is a 2D image, as the same slice in a NIfTI file
     array = _squeeze_spatial(path, array, "image")
-    return np.ascontiguousarray(array), ImageGeometry(affine, array.shape[1:])
+    return array, ImageGeometry(affine, array.shape[1:])
 
 
-def _read_png(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+def _read_png(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
     from PIL import Image
 
     with Image.open(path) as img:
-        img.load()  # decode now: a truncated file fails here, not later
-        if img.mode == "1":
-            data = np.asarray(img, dtype=np.uint8)
+        if header_only:  # numpy's array of the image: (rows, cols) or (rows, cols, bands)
+            bands = len(img.getbands())
+            data = _placeholder((img.height, img.width) + ((bands,) if bands > 1 else ()))
         else:
-            data = np.asarray(img)
+            img.load()  # decode now: a truncated file fails here, not later
+            if img.mode == "1":
+                data = np.asarray(img, dtype=np.uint8)
+            else:
+                data = np.asarray(img)
     if data.ndim == 2:
         array = data[None]
     elif data.ndim == 3:
         array = np.moveaxis(data, -1, 0)
     else:
         raise DataError(f"{path}: unexpected PNG array shape {data.shape}")
-    return np.ascontiguousarray(array), ImageGeometry.identity(array.shape[1:])
+    return array, ImageGeometry.identity(array.shape[1:])
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+def _read_tiff(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         axes = series.axes
-        data = series.asarray()
+        data = _placeholder(series.shape) if header_only else series.asarray()
     # 'S' (samples: RGB) is a channel axis; every other axis is spatial in file order.
     if "S" in axes:
         array = np.moveaxis(data, axes.index("S"), 0)
@@ -550,7 +606,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, ImageGeometry]:
         array = np.squeeze(array, axis=1 + array.shape[1:].index(1))
     if array.ndim - 1 not in (2, 3):
         raise DataError(f"{path}: expected a 2D or 3D TIFF, got axes {axes} shape {data.shape}")
-    return np.ascontiguousarray(array), ImageGeometry.identity(array.shape[1:])
+    return array, ImageGeometry.identity(array.shape[1:])
 
 
 # --------------------------------------------------------------------------- writing

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from medseg import distributed
-from medseg.errors import ArgumentError, MedsegError
+from medseg.errors import ArgumentError, DataError, MedsegError
 
 __all__ = ["run_prediction", "compared_provenance", "PROBABILITY_SUFFIX", "PREFETCH_MAX_VOXELS", "PROVENANCE"]
 
@@ -417,6 +417,25 @@ def run_prediction(
             )
 
 
+def _check_some_case_fits(cases, spatial_dims: int) -> None:
+    """Refuse inputs of which no case has the model's dimension (a 2D model given 3D
+    scans), from the files' headers, before the output folder is made: every case would
+    fail and leave a folder holding only its record. Where some cases fit, the others
+    fail as cases (reported, the batch goes on), as an unreadable one does."""
+    from medseg.data.io import read_geometry
+
+    dims = {}
+    for case in cases:
+        try:
+            dims[case.image_files[0]] = read_geometry(case.image_files[0])[1].ndim
+        except DataError:
+            continue  # reported with its case
+    if dims and spatial_dims not in dims.values():
+        first, ndim = next(iter(dims.items()))
+        others = f" (and no input is {spatial_dims}D)" if len(cases) > 1 else ""
+        raise DataError(f"{first}: {ndim}D image, but the model was trained on {spatial_dims}D patches{others}")
+
+
 def _predict_all(
     model, inputs, output: Path, overwrite, tta, overlap, sw_batch_size, save_probabilities, device, stitch_device,
     lock,
@@ -437,6 +456,7 @@ def _predict_all(
             )
         info = predictor.info
         cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
+        _check_some_case_fits(cases, predictor.spatial_dims)
         inference = predictor.config.inference
         tta = inference.tta_flips if tta is None else tta
         overlap = inference.overlap if overlap is None else overlap

@@ -366,11 +366,13 @@ def _check_runs(study: Study) -> None:
         raise ConfigError(f"{path}: {err}") from None
     _check_output_place(study)
     infos = {}
+    dims: dict[Path, set[int]] = {}  # the runs' spatial dimensions, per dataset
     checked_variants = set()
     for run in study.runs:
         cfg = run.config
         where = f"{path}: variants.{run.variant}"
         dataset = Path(cfg.data.dataset)
+        dims.setdefault(dataset, set()).add(cfg.spatial_dims)
         if dataset not in infos:
             try:
                 infos[dataset] = read_dataset_json(dataset)
@@ -388,8 +390,8 @@ def _check_runs(study: Study) -> None:
             _check_parts(cfg, info, where)
         check_reusable(run)
     for name, test in study.config.test.items():
-        for info in infos.values():
-            _check_test(path, name, test, info)
+        for dataset, info in infos.items():
+            _check_test(path, name, test, info, dims[dataset])
     try:  # last: a study refused for another reason leaves no folder behind
         study.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -433,10 +435,13 @@ def _check_parts(cfg: RunConfig, info, where: str) -> None:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def _check_test(path: Path, name: str, test: TestSet, info) -> None:
-    """The scans of a test folder, each with its label file (same name, same ending)."""
+def _check_test(path: Path, name: str, test: TestSet, info, spatial_dims: set[int]) -> None:
+    """The scans of a test folder, each with its label file (same name, same ending), of
+    the runs' dimension, and each label of its scan's shape and affine (read from the
+    headers): what predict and evaluate would otherwise refuse after every run trained."""
     from medseg.data.dataset import cases_from_paths
-    from medseg.data.io import ending_of
+    from medseg.data.io import ending_of, read_geometry
+    from medseg.evaluation.pair import AFFINE_TOLERANCE_MM
 
     where = f"{path}: test.{name}"
     if not test.images.is_dir():
@@ -460,3 +465,22 @@ def _check_test(path: Path, name: str, test: TestSet, info) -> None:
     if orphans:
         more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
         raise ConfigError(f"{where}.labels: {test.labels / orphans[0]}: a label without its scan in {test.images}{more}")
+    for case in cases:
+        try:
+            _, scan = read_geometry(case.image_files[0])
+            _, label = read_geometry(labels[case.name])
+        except MedsegError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if scan.ndim not in spatial_dims:
+            runs = " and ".join(f"{d}D" for d in sorted(spatial_dims))
+            raise ConfigError(f"{where}.images: {case.image_files[0]}: a {scan.ndim}D scan for the study's {runs} runs")
+        if label.shape != scan.shape:
+            raise ConfigError(
+                f"{where}.labels: {labels[case.name]}: shape {label.shape} differs from its scan's {scan.shape} "
+                f"({case.image_files[0]})"
+            )
+        if not label.allclose(scan, atol=AFFINE_TOLERANCE_MM):
+            raise ConfigError(
+                f"{where}.labels: {labels[case.name]}: affine differs from its scan's by up to "
+                f"{label.max_affine_difference(scan):.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm; {case.image_files[0]})"
+            )

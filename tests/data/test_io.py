@@ -15,6 +15,7 @@ from medseg.data.io import (
     SUPPORTED_ENDINGS,
     ImageGeometry,
     ending_of,
+    read_geometry,
     read_image,
     read_image_channels,
     strip_ending,
@@ -446,3 +447,69 @@ def test_a_prediction_keeps_its_scans_nifti_header_as_itk_reads_it(tmp_path, cod
     assert np.allclose(itk_scan.GetOrigin(), itk_mask.GetOrigin())
     assert np.allclose(itk_scan.GetDirection(), itk_mask.GetDirection())
     assert read_image(tmp_path / "mask.nii.gz")[1].allclose(geometry, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- header-only reads
+
+def _files_of_every_layout(tmp_path) -> list:
+    """One file of every layout the readers lay out differently."""
+    rng = np.random.default_rng(11)
+    vol = rng.normal(size=(7, 5, 4)).astype(np.float32)
+    paths = []
+    for ending in VOLUME_ENDINGS:
+        paths.append(tmp_path / f"vol{ending}")
+        write_image(paths[-1], vol, ImageGeometry(oblique_affine(), vol.shape))
+    for shape in [(9, 6), (9, 6, 1)]:  # 2D NIfTI, stored 2D and 3D
+        paths.append(tmp_path / f"flat{len(shape)}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), oblique_affine()), str(paths[-1]))
+    paths.append(tmp_path / "msd.nii.gz")  # channels last
+    nib.save(nib.Nifti1Image(np.zeros((5, 4, 3, 2), np.float32), np.eye(4)), str(paths[-1]))
+    paths.append(tmp_path / "single4d.nii.gz")  # one volume stored 4D
+    nib.save(nib.Nifti1Image(np.zeros((5, 4, 3, 1), np.uint8), oblique_affine()), str(paths[-1]))
+    paths.append(tmp_path / "vector.nii.gz")  # NIfTI vector intent (X, Y, Z, 1, C)
+    nib.save(nib.Nifti1Image(np.zeros((5, 4, 3, 1, 3), np.float32), np.eye(4)), str(paths[-1]))
+    vector = sitk.GetImageFromArray(rng.normal(size=(4, 5, 6, 3)).astype(np.float32), isVector=True)
+    vector.SetSpacing((0.5, 0.7, 2.0))
+    vector.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    paths.append(tmp_path / "vector.mha")
+    sitk.WriteImage(vector, str(paths[-1]))
+    slice3d = sitk.GetImageFromArray(np.zeros((1, 6, 8), np.int16))
+    slice3d.SetSpacing((0.3, 0.4, 5.0))
+    paths.append(tmp_path / "slice.nrrd")  # one slice stored 3D
+    sitk.WriteImage(slice3d, str(paths[-1]))
+    series = sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16))])
+    paths.append(tmp_path / "time1.nrrd")  # a trailing singleton 4th axis
+    sitk.WriteImage(series, str(paths[-1]))
+    for mode, shape in [("L", (6, 9)), ("RGB", (6, 9, 3)), ("LA", (6, 9, 2)), ("1", (6, 9)), ("P", (6, 9)), ("I;16", (6, 9))]:
+        paths.append(tmp_path / f"img_{mode.replace(';', '')}.png")
+        data = np.zeros(shape, np.uint16 if mode == "I;16" else np.uint8)
+        image = Image.fromarray(data) if mode in ("L", "RGB", "LA", "I;16") else Image.new(mode, (9, 6))
+        image.save(paths[-1])
+    for shape in [(6, 9), (6, 9, 3), (4, 6, 9)]:
+        import tifffile
+
+        paths.append(tmp_path / f"stack{len(shape)}_{shape[-1]}.tif")
+        tifffile.imwrite(paths[-1], np.zeros(shape, np.uint8), photometric="rgb" if shape[-1] == 3 else "minisblack")
+    return paths
+
+
+def test_header_only_reads_give_the_full_reads_channels_and_geometry(tmp_path):
+    paths = _files_of_every_layout(tmp_path)
+    for path in paths:
+        channels, geometry = read_image_channels(path)
+        count, header_geometry = read_geometry(path)
+        assert count == channels.shape[0], path.name
+        assert header_geometry.shape == geometry.shape == channels.shape[1:], path.name
+        np.testing.assert_array_equal(header_geometry.affine, geometry.affine, err_msg=path.name)
+
+
+def test_header_only_reads_refuse_what_the_full_reads_refuse(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2, 2), np.float32), np.eye(4)), str(tmp_path / "five.nii.gz"))
+    path = tmp_path / "junk.nrrd"
+    path.write_bytes(b"this is not an image" * 10)
+    for path in (tmp_path / "five.nii.gz", path, tmp_path / "missing.nii.gz", tmp_path / "x.jpg"):
+        with pytest.raises(DataError) as full:
+            read_image_channels(path)
+        with pytest.raises(DataError) as header:
+            read_geometry(path)
+        assert str(header.value).split(" (")[0] == str(full.value).split(" (")[0]

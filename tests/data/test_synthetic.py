@@ -228,8 +228,11 @@ def test_cli_refuses_bad_arguments_and_existing_folders(tmp_path, capsys):
         assert module.main(["--out", str(out), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+    dead = tmp_path / ".Dataset007.tmp-4194305"  # a killed generator's folder (no such process)
+    (dead / "imagesTr").mkdir(parents=True)
     args = ["--out", str(out), "--cases", "2", "--test-cases", "0", "--size", "16"]
     assert module.main(args) == 0
+    assert not dead.exists()
     first = sorted(p.name for p in (out / "imagesTr").iterdir())
     assert module.main(["--out", str(out), "--cases", "1", "--test-cases", "0", "--size", "16"]) == 2
     assert "already exists (pass --force to replace it)" in capsys.readouterr().err

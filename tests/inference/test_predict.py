@@ -1,6 +1,7 @@
 """medseg predict: geometry restored exactly, resume/overwrite, bad cases reported, TTA."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -179,12 +180,22 @@ def test_cli_model_folder_without_checkpoint(tmp_path, scans):
     assert not (tmp_path / "out").exists()
 
 
-def test_scan_of_the_wrong_dimension_is_a_case_error(tmp_path, scans, capsys):
+def test_scans_of_the_wrong_dimension_are_refused_up_front_or_fail_as_cases(tmp_path, scans, capsys):
+    """No input of the model's dimension: refused before the output folder is made (it
+    held only its record); some: the others fail as cases and the batch goes on."""
     run = make_run(tmp_path / "run2d", patch=(16, 16), target_spacing=(0.7, 0.7))
-    assert run_prediction(run, [scans], tmp_path / "out", False, None, None, None, False, "cpu") is False
+    with pytest.raises(DataError, match=r"case_a_0000.nii.gz: 3D image, but the model was trained on 2D "
+                                        r"patches \(and no input is 2D\)"):
+        run_prediction(run, [scans], tmp_path / "out", False, None, None, None, False, "cpu")
+    assert not (tmp_path / "out").exists()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(scans, mixed)
+    write_image(mixed / "flat_0000.nii.gz", blob_image()[:, :, 5], ImageGeometry.identity((21, 17)))
+    assert run_prediction(run, [mixed], tmp_path / "out", False, None, None, None, False, "cpu") is False
     err = capsys.readouterr().err
     assert "case_a_0000.nii.gz: 3D image, but the model was trained on 2D patches" in err
     assert "Traceback" not in err
+    assert read_image(tmp_path / "out" / "flat.nii.gz")[0].shape == (21, 17)
 
 
 def test_sauna_only_model_saves_tanh_class_maps(tmp_path, scans):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 
@@ -312,6 +313,35 @@ def test_a_label_without_its_scan_and_a_seed_out_of_range_are_refused(write_stud
     assert "test.ext.labels" in line and "a label without its scan" in line
     line = _fails(capsys, [write_study(seeds=[0, 2**32])])
     assert "seeds" in line and "variants" not in line
+
+
+def test_a_test_label_of_another_shape_or_place_or_a_scan_of_another_dimension_is_refused_up_front(
+        write_study, capsys, tiny_dataset, tmp_path):
+    """Read from the headers: predict and evaluate refused these after every run trained."""
+    from medseg.data.io import read_image, write_image
+
+    images, labels = tmp_path / "ts_images", tmp_path / "ts_labels"
+    shutil.copytree(tiny_dataset / "imagesTs", images)
+    shutil.copytree(tiny_dataset / "labelsTs", labels)
+    test = {"ext": {"images": str(images), "labels": str(labels)}}
+    label_file = sorted(labels.iterdir())[0]
+    original = label_file.read_bytes()
+    array, geometry = read_image(label_file)
+    write_image(label_file, array[:-1], type(geometry)(geometry.affine, array[:-1].shape))
+    line = _fails(capsys, [write_study(test=test)])
+    assert f"test.ext.labels: {label_file}: shape" in line and "differs from its scan's" in line
+    shifted = geometry.affine.copy()
+    shifted[0, 3] += 0.5
+    write_image(label_file, array, type(geometry)(shifted, array.shape))
+    line = _fails(capsys, [write_study(test=test)])
+    assert f"{label_file}: affine differs from its scan's by up to 0.5 mm" in line
+    label_file.write_bytes(original)
+    scan_file = sorted(images.iterdir())[0]
+    scan, scan_geometry = read_image(scan_file)
+    volume = np.stack([scan] * 3, axis=-1)
+    write_image(scan_file, volume, type(scan_geometry).identity(volume.shape))
+    line = _fails(capsys, [write_study(test=test)])
+    assert f"test.ext.images: {scan_file}: a 3D scan for the study's 2D runs" in line
 
 
 def test_predictions_of_removed_scans_are_not_evaluated(write_study, tiny_dataset, tmp_path, monkeypatch):
