@@ -29,7 +29,6 @@ try:
 except ImportError:  # running from a checkout without `pip install`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg.data.prepare.verify import check_converted  # noqa: E402
 from medseg.data.prepare.archive import extract_archive  # noqa: E402
 from medseg.data.prepare.download import PARTIAL_DIR, download_file  # noqa: E402
 from medseg.data.prepare.msd import convert_msd_task, find_msd_task  # noqa: E402
@@ -138,9 +137,11 @@ def run(args: argparse.Namespace) -> Path:
         else:
             _log(f"converting {task.name} -> {target.name}")
             # The extracted copy is thrown away: move unchanged files rather than copy them.
-            convert_msd_task(task, target, overwrite=args.force, move=True, progress=progress, log=_log)
-            info, cases = check_converted(target, _log, verify=args.verify)
-            _log(f"{target}: {len(cases)} training case(s) readable, channels {info.channel_names}, labels {info.labels}")
+            info = convert_msd_task(task, target, overwrite=args.force, move=True, progress=progress, log=_log,
+                                    verify=args.verify)["info"]
+            readable = "read" if args.verify else "listed"
+            _log(f"{target}: {info.num_training} training case(s) {readable}, channels {info.channel_names}, "
+                 f"labels {info.labels}")
     finally:
         shutil.rmtree(extract_dir, ignore_errors=True)
     if not args.keep_archive:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+
+from medseg.topology import TopologyInputError
+from medseg.topology.betti_numbers import _as_mask
 from medseg.topology.skeleton import skeletonize
 
 
@@ -12,7 +15,8 @@ def cldice_metric(pred_mask: np.ndarray, ref_mask: np.ndarray, connectivity: int
     Parameters
     ----------
     pred_mask, ref_mask : ndarray, same shape, 2D or 3D
-        Binary masks (non-zero = foreground).
+        Masks: values > 0 are foreground (as :func:`medseg.topology.betti_numbers` and
+        :func:`medseg.topology.betti_matching_error` read them); NaN is refused.
     connectivity : int, optional
         Foreground connectivity of the skeletons: 8 or 4 (2D), 26 or 6 (3D); default full.
 
@@ -49,12 +53,9 @@ def cldice_metric(pred_mask: np.ndarray, ref_mask: np.ndarray, connectivity: int
     >>> round(cldice_metric(pred, ref), 3)
     0.923
     """
-    pred = np.asarray(pred_mask) != 0
-    ref = np.asarray(ref_mask) != 0
+    pred, ref = _as_mask(pred_mask), _as_mask(ref_mask)
     if pred.shape != ref.shape:
-        raise ValueError(f"cldice_metric: shapes differ: prediction {pred.shape}, reference {ref.shape}")
-    if pred.ndim not in (2, 3):
-        raise ValueError(f"cldice_metric: masks must be 2D or 3D, got shape {pred.shape}")
+        raise TopologyInputError(f"cldice_metric: shapes differ: prediction {pred.shape}, reference {ref.shape}")
     skel_pred = skeletonize(pred, connectivity)
     skel_ref = skeletonize(ref, connectivity)
     n_pred, n_ref = int(skel_pred.sum()), int(skel_ref.sum())

@@ -59,7 +59,7 @@ def complementary_connectivity(connectivity: int, ndim: int) -> int:
 
 def _check_ndim(ndim: int) -> None:
     if ndim not in (2, 3):
-        raise ValueError(f"mask must be 2D or 3D, got {ndim} dimensions")
+        raise TopologyInputError(f"mask must be 2D or 3D, got {ndim} dimensions")
 
 
 def _check_connectivity(connectivity: int | None, ndim: int) -> int:
@@ -67,7 +67,7 @@ def _check_connectivity(connectivity: int | None, ndim: int) -> int:
     if connectivity is None:
         return _FULL[ndim]
     if connectivity not in (_FULL[ndim], _FACE[ndim]):
-        raise ValueError(
+        raise TopologyInputError(
             f"connectivity {connectivity!r} is not valid for a {ndim}D mask "
             f"(use {_FULL[ndim]} or {_FACE[ndim]})"
         )

@@ -408,8 +408,17 @@ def betti_matching_error_batch(
     backend, (nested, flat_p), (nested_t, flat_t) = _resolve_batch(backend, pred_masks, target_masks)
     # checked here: the flat lists handed on below would pair a (2, 3) batch with a (3, 2) one
     _check_layouts(nested, flat_p, nested_t, flat_t)
+    preds = [_binary(x, f"pred_masks[{i}]", backend) for i, x in enumerate(flat_p)]
+    dims = sorted({p.ndim for p in preds})
+    if len(dims) > 1:  # the result has one row of ndim errors per pair
+        first = [next(i for i, p in enumerate(preds) if p.ndim == d) for d in dims]
+        raise _inputs.TopologyInputError(
+            f"pred_masks: pairs of {' and '.join(f'{d}D' for d in dims)} images in one batch (pairs "
+            f"{', '.join(map(str, first))}); the errors are one array row per pair, so call "
+            "betti_matching_error_batch once per dimension (betti_matching_batch takes mixed batches)"
+        )
     results = betti_matching_batch(
-        [_binary(x, f"pred_masks[{i}]", backend) for i, x in enumerate(flat_p)],
+        preds,
         [_binary(x, f"target_masks[{i}]", backend) for i, x in enumerate(flat_t)],
         filtration=filtration,
         construction=construction,

@@ -167,8 +167,11 @@ def skeletonize_labels(label, connectivity: int | None = None, threads: int | No
     if lab.ndim not in (2, 3):
         raise TopologyInputError(f"label: expected a 2D or 3D label map, got {lab.ndim}D with shape {lab.shape}")
     if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == np.bool_):
-        if not np.issubdtype(lab.dtype, np.floating) or not np.array_equal(lab, np.round(lab)):
+        if not np.issubdtype(lab.dtype, np.floating):
             raise TopologyInputError(f"label: expected integer class values, got dtype {lab.dtype}")
+        bad = ~np.isfinite(lab) | (lab != np.round(lab))
+        if bad.any():
+            raise TopologyInputError(f"label: expected integer class values, found the value {lab[bad].flat[0].item()!r}")
     out = np.zeros(lab.shape, dtype=lab.dtype)
     for value in np.unique(lab):
         if value == 0:

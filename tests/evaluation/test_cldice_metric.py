@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from medseg.evaluation.cldice_metric import cldice_metric
+from medseg.topology import TopologyInputError
 
 
 def _line():
@@ -43,13 +44,25 @@ def test_3d_tube_broken_in_the_middle():
     pred[:, :, 6:8] = False
     value = cldice_metric(pred, ref)
     assert 0.7 < value < 1.0
-    assert cldice_metric(ref.astype(np.uint8) * 3, ref) == 1.0  # any non-zero is foreground
+    assert cldice_metric(ref.astype(np.uint8) * 3, ref) == 1.0  # any positive value is foreground
+
+
+def test_foreground_is_read_as_the_betti_numbers_read_it():
+    """Values > 0 are foreground and NaN is refused, as betti_numbers and
+    betti_matching_error read a mask: -mask scored clDice 1.0 against mask, and a mask
+    of NaN 1.0 against anything."""
+    ref = np.zeros((9, 9))
+    ref[4, 1:8] = 1
+    assert cldice_metric(-ref, ref) == 0.0
+    assert cldice_metric(np.where(ref > 0, 0.5, -2.0), ref) == 1.0
+    with pytest.raises(TopologyInputError, match="NaN"):
+        cldice_metric(np.full((9, 9), np.nan), ref)
 
 
 def test_shape_checks():
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(TopologyInputError, match="shapes differ"):
         cldice_metric(np.zeros((4, 4)), np.zeros((4, 5)))
-    with pytest.raises(ValueError, match="2D or 3D"):
+    with pytest.raises(TopologyInputError, match="2D or 3D"):
         cldice_metric(np.zeros(4), np.zeros(4))
 
 
@@ -68,5 +81,5 @@ def test_connectivity_is_passed_to_the_skeleton():
     diagonal = np.eye(6, dtype=bool)
     assert cldice_metric(diagonal, diagonal, connectivity=8) == 1.0
     assert cldice_metric(diagonal, diagonal, connectivity=4) == 1.0
-    with pytest.raises(ValueError, match="connectivity 26 is not valid for a 2D mask"):
+    with pytest.raises(TopologyInputError, match="connectivity 26 is not valid for a 2D mask"):
         cldice_metric(diagonal, diagonal, connectivity=26)

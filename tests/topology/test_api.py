@@ -316,3 +316,34 @@ def test_flags_and_dimensions_are_checked():
     for method in (barcode.diagram, barcode.persistence):
         with pytest.raises(ValueError, match="dim must be a homology dimension from 0 to 1, got 2"):
             method(2)
+
+
+def test_read_only_inputs_are_taken_as_they_are(tmp_path):
+    """The engine only reads its inputs: a memory-mapped or write-protected array was
+    refused by the bindings with "incompatible function arguments"."""
+    rng = np.random.default_rng(2)
+    a, b = rng.random((12, 10)), (rng.random((12, 10)) > 0.5).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    protected = b.copy()
+    protected.setflags(write=False)
+    assert not mapped.flags.writeable and not protected.flags.writeable
+    got, want = topo.barcode(mapped), topo.barcode(a.copy())
+    for d in range(2):
+        assert np.array_equal(got.births[d], want.births[d]) and np.array_equal(got.deaths[d], want.deaths[d])
+    expected = topo.betti_matching(a.copy(), b)
+    for result in (topo.betti_matching(mapped, protected), topo.betti_matching_batch([mapped], [protected])[0]):
+        assert np.array_equal(result.num_matched, expected.num_matched)
+        assert result.loss() == expected.loss()
+    full = np.ones((6, 6, 6), dtype=bool)  # foreground up to every face: no cropped copy is made
+    full.setflags(write=False)
+    assert np.array_equal(topo.skeletonize(full), topo.skeletonize(np.ones((6, 6, 6), dtype=bool)))
+
+
+def test_an_error_batch_of_2d_and_3d_pairs_is_refused_by_name():
+    rng = np.random.default_rng(3)
+    preds = [rng.random((8, 8)) > 0.5, rng.random((6, 6, 6)) > 0.5]
+    targets = [rng.random((8, 8)) > 0.5, rng.random((6, 6, 6)) > 0.5]
+    with pytest.raises(topo.TopologyInputError, match=r"pred_masks: pairs of 2D and 3D images in one batch \(pairs 0, 1\)"):
+        topo.betti_matching_error_batch(preds, targets)
+    assert [len(r.error) for r in topo.betti_matching_batch(preds, targets)] == [2, 3]

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from medseg.topology import TopologyInputError
 from medseg.topology.betti_numbers import betti_numbers, euler_characteristic
 
 FULL = {2: 8, 3: 26}
@@ -105,13 +106,13 @@ def test_two_tori_and_a_cavity():
 
 @pytest.mark.parametrize("bad", [np.zeros(5), np.zeros((2, 2, 2, 2))])
 def test_rejects_wrong_dimension(bad):
-    with pytest.raises(ValueError, match="2D or 3D"):
+    with pytest.raises(TopologyInputError, match="2D or 3D"):
         betti_numbers(bad)
 
 
 @pytest.mark.parametrize("shape,connectivity", [((4, 4), 26), ((4, 4, 4), 8), ((4, 4), 6)])
 def test_rejects_connectivity_of_other_dimension(shape, connectivity):
-    with pytest.raises(ValueError, match="connectivity"):
+    with pytest.raises(TopologyInputError, match="connectivity"):
         betti_numbers(np.zeros(shape), connectivity=connectivity)
 
 

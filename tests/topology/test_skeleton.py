@@ -260,12 +260,14 @@ def test_bad_masks_are_rejected(bad, message):
 
 
 def test_bad_connectivity_and_threads():
-    with pytest.raises(ValueError, match="connectivity 6 is not valid for a 2D mask"):
+    with pytest.raises(TopologyInputError, match="connectivity 6 is not valid for a 2D mask"):
         skeletonize(np.zeros((3, 3), bool), connectivity=6)
     with pytest.raises(TopologyInputError, match="threads must be a whole number from 1"):
         skeletonize(np.ones((3, 3), bool), threads=0)
-    with pytest.raises(TopologyInputError, match="integer class values"):
+    with pytest.raises(TopologyInputError, match="integer class values, found the value 0.5"):
         skeletonize_labels(np.array([[0.5, 1.0]]))
+    with pytest.raises(TopologyInputError, match="integer class values, found the value inf"):
+        skeletonize_labels(np.array([[np.inf, 1.0]]))
 
 
 @settings(max_examples=20, deadline=None)

@@ -144,6 +144,7 @@ def convert_msd_task(
     move: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Convert an extracted MSD task folder into an nnU-Net v2 dataset at ``out_dir``.
 
@@ -162,11 +163,14 @@ def convert_msd_task(
         copying them: for a throw-away extracted copy, it halves the disk space needed.
     progress : bool
         tqdm progress bar over cases (stderr).
+    verify : bool
+        Also read every converted case once before publishing it (slow for large sets).
 
     Returns
     -------
     dict
-        ``root``, ``training`` and ``test`` case names, ``num_channels``.
+        ``root``, ``training`` and ``test`` case names, ``num_channels``, and the
+        published dataset's ``info`` (:class:`~medseg.data.dataset.DatasetInfo`).
 
     Raises
     ------
@@ -213,12 +217,12 @@ def convert_msd_task(
             **meta["info"],
             converted_from=f"MSD {task_dir.name} (medseg data_scripts)",
         )
-        publish_dataset(tmp, out_dir, say)
+        info, _ = publish_dataset(tmp, out_dir, say, verify=verify)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"{out_dir}: {len(training)} training case(s), {len(test)} test case(s), {num_channels} channel(s)")
-    return {"root": out_dir, "training": training, "test": test, "num_channels": num_channels}
+    return {"root": out_dir, "training": training, "test": test, "num_channels": num_channels, "info": info}
 
 
 def _load(path: Path, what: str):

@@ -31,7 +31,10 @@ struct Prepared {
 
 namespace {
 
-using InArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+// Inputs are only read: read-only arrays (np.load(mmap_mode='r'), setflags(write=False))
+// are taken as they are. OutArray: arrays the engine writes (the loss's coef and grad).
+using InArray = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+using OutArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
 ImageView view_of(const InArray& arr) {
     ImageView v;
@@ -151,7 +154,8 @@ nb::tuple matching_batch_indices(const std::vector<InArray>& as, const std::vect
 using IndexArray = nb::ndarray<const std::int64_t, nb::c_contig, nb::device::cpu>;
 
 // The instances' arrays of one dtype and size; returns voxels per instance.
-std::int64_t same_images(const std::vector<InArray>& images, const nb::dlpack::dtype& dtype, const char* what) {
+template <class Array>
+std::int64_t same_images(const std::vector<Array>& images, const nb::dlpack::dtype& dtype, const char* what) {
     std::int64_t voxels = -1;
     for (auto& x : images) {
         if (x.dtype() != dtype) throw nb::type_error((std::string(what) + ": every array must have the values' dtype").c_str());
@@ -221,7 +225,7 @@ void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InAr
                       bool push_unmatched, double threshold,
                       const std::optional<nb::ndarray<const double, nb::c_contig, nb::device::cpu>>& dimension_weights,
                       nb::ndarray<double, nb::c_contig, nb::device::cpu> per_instance,
-                      nb::ndarray<std::int64_t, nb::c_contig, nb::device::cpu> counted, InArray coef, int threads) {
+                      nb::ndarray<std::int64_t, nb::c_contig, nb::device::cpu> counted, OutArray coef, int threads) {
     const std::size_t n = values.size();
     if (n == 0) throw nb::value_error("betti_loss_terms: empty batch");
     const nb::dlpack::dtype dtype = values[0].dtype();
@@ -266,7 +270,7 @@ void betti_loss_terms(const std::vector<InArray>& values, const std::vector<InAr
 
 void betti_loss_grad(const InArray& coef, const IndexArray& index_p, const IndexArray& sizes_p,
                      nb::ndarray<const double, nb::c_contig, nb::device::cpu> upstream,
-                     const std::vector<InArray>& grad, int threads) {
+                     const std::vector<OutArray>& grad, int threads) {
     const std::size_t n = upstream.size();
     check_sizes(sizes_p, n, "sizes_p");
     if (grad.size() != n) throw nb::value_error("betti_loss_grad: one grad array per instance");
@@ -342,7 +346,7 @@ NB_MODULE(_engine, m) {
 
     m.def(
         "skeletonize",
-        [](nb::ndarray<std::uint8_t, nb::c_contig, nb::device::cpu> mask, bool full_connectivity, int threads) {
+        [](nb::ndarray<const std::uint8_t, nb::c_contig, nb::device::cpu> mask, bool full_connectivity, int threads) {
             if (mask.ndim() != 2 && mask.ndim() != 3) throw nb::value_error("skeletonize expects a 2D or 3D array");
             const int ndim = static_cast<int>(mask.ndim());
             std::int64_t shape[3] = {0, 0, 0};
