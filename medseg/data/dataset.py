@@ -725,7 +725,8 @@ def load_case(case: Case, info: DatasetInfo, check_labels: bool = True, atol: fl
     ------
     DataError
         One line naming the file: unreadable/truncated; wrong number of channels;
-        channel shape or affine different from channel 0; NaN/Inf in the image; label
+        channel shape or affine different from channel 0; NaN/Inf in the image, or values
+        beyond float32's range (float64 scans); label
         shape or affine (beyond ``atol`` mm per affine entry) different from the image;
         non-integer label values; label values not declared in ``dataset.json`` (case
         and values named; skipped with ``check_labels=False``).
@@ -750,6 +751,12 @@ def load_case(case: Case, info: DatasetInfo, check_labels: bool = True, atol: fl
         if bad is not None and bad.any():
             n_nan = int(np.isnan(array).sum())
             raise DataError(f"{f}: image contains {n_nan} NaN and {int(bad.sum()) - n_nan} Inf voxel value(s)")
+        if array.dtype.kind == "f" and array.dtype.itemsize > 4 and array.size:
+            largest = float(np.finfo(np.float32).max)  # medseg computes in float32: beyond, a value becomes inf
+            low, high = float(array.min()), float(array.max())
+            if low < -largest or high > largest:
+                raise DataError(f"{f}: image holds the value {high if high > largest else low:.4g}, beyond float32's "
+                                f"range (±{largest:.4g}); rescale the scan")
         channels.extend(a.astype(np.float32, copy=False) for a in array)
     assert geometry is not None
     if len(channels) != info.num_channels:

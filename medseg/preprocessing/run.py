@@ -54,7 +54,7 @@ from medseg.preprocessing.cache import (
     write_statistics,
 )
 from medseg.preprocessing.case import preprocess_case
-from medseg.preprocessing.storage import CachedCase, valid_case_meta, write_case
+from medseg.preprocessing.storage import CachedCase, colliding_case_names, valid_case_meta, write_case
 
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.config import RunConfig
@@ -84,8 +84,16 @@ def cpus_per_process() -> int:
     return max(available_cpus() // max(local, 1), 1)
 
 
-def select_cases(cfg: "RunConfig") -> tuple[DatasetInfo, list[Case], list[Case]]:
+def select_cases(cfg: "RunConfig", kept_split: dict[str, list[str]] | None = None
+                 ) -> tuple[DatasetInfo, list[Case], list[Case]]:
     """The dataset and its training / validation cases, as ``medseg train`` splits them.
+
+    ``kept_split`` (a resumed run's checkpoint ``split``: ``{"train": [...], "val":
+    [...]}``) keeps every case that is still there in its role and order; only cases it
+    does not name are placed by the split drawn now. Drawn afresh, a seeded split of
+    another number of cases moves cases between the two: a resume after a case was added
+    validated on a case it had trained on, and chose ``best.pt`` across two validation
+    sets.
 
     Raises
     ------
@@ -101,9 +109,34 @@ def select_cases(cfg: "RunConfig") -> tuple[DatasetInfo, list[Case], list[Case]]
     if info.ignore_label is not None:
         raise DataError(f"{info.dataset_json}: the 'ignore' label is not supported by the medseg trainer yet")
     train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.seed, cfg.data.split_file, root=root)
+    if kept_split is not None:
+        train_cases, val_cases = _keep_split(kept_split, train_cases, val_cases)
     if not train_cases:
         raise DataError(f"{root}: the split leaves no training cases")
+    collision = colliding_case_names([case.name for case in cases])
+    if collision is not None:
+        raise DataError(f"{root}: {collision} would share a file in the preprocessing cache (a case's label is "
+                        "stored as CASE_seg.b2nd, its record as CASE.json); rename one")
     return info, train_cases, val_cases
+
+
+def _keep_split(kept: dict[str, list[str]], train: list[Case], val: list[Case]) -> tuple[list[Case], list[Case]]:
+    """``kept``'s cases that still exist, in its roles and order; the others as drawn now."""
+    by_name = {case.name: case for case in train + val}
+    named = set(kept["train"]) | set(kept["val"])
+    drawn_val = {case.name for case in val}
+    new_train = [case for case in train if case.name not in named]
+    new_val = [case for case in val if case.name not in named]
+    kept_train = [by_name[name] for name in kept["train"] if name in by_name]
+    kept_val = [by_name[name] for name in kept["val"] if name in by_name]
+    moved = sorted(name for name in kept["train"] if name in drawn_val) + sorted(
+        name for name in kept["val"] if name in by_name and name not in drawn_val)
+    if moved:
+        shown = ", ".join(moved[:3]) + (", ..." if len(moved) > 3 else "")
+        log.warning("keeping the checkpoint's split (%d validation cases): drawn afresh for the cases there are now, "
+                    "it would move %d case(s) between training and validation (%s)", len(kept_val + new_val),
+                    len(moved), shown)
+    return kept_train + new_train, kept_val + new_val
 
 
 @dataclass

@@ -64,6 +64,7 @@ __all__ = [
     "CASE_FORMAT",
     "CachedCase",
     "case_files",
+    "colliding_case_names",
     "valid_case_meta",
     "read_case_meta",
     "write_case",
@@ -81,6 +82,24 @@ _STALE_TEMPORARY_S = 24 * 3600
 def case_files(name: str) -> tuple[str, str, str]:
     """The image, label and metadata file names of case ``name``."""
     return f"{name}.b2nd", f"{name}_seg.b2nd", f"{name}.json"
+
+
+#: The cache folder's own files besides the cases' (medseg.preprocessing.cache).
+FOLDER_FILES = ("manifest.json",)
+
+
+def colliding_case_names(names: Sequence[str]) -> str | None:
+    """What shares a cache file name, e.g. ``"cases 'liver' and 'liver_seg'"`` (case
+    ``liver_seg``'s image is case ``liver``'s label; nnU-Net's layout has the same
+    limit) or a case and one of :data:`FOLDER_FILES`; None when every file is one case's."""
+    owner: dict[str, str] = {f: f"the cache's own {f}" for f in FOLDER_FILES}
+    for name in names:
+        for file in case_files(name):
+            first = owner.setdefault(file, name)
+            if first != name:
+                return (f"cases '{first}' and '{name}'" if file not in FOLDER_FILES
+                        else f"case '{name}' and {first}")
+    return None
 
 
 # --------------------------------------------------------------------------- writing

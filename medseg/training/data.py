@@ -55,13 +55,15 @@ class TrainingData:
     val_items: ValidationCases  # whole validation cases, read one at a time
 
 
-def prepare_data(cfg: RunConfig, preprocessing: dict[str, Any] | None = None) -> TrainingData:
+def prepare_data(cfg: RunConfig, preprocessing: dict[str, Any] | None = None,
+                 split: dict[str, list[str]] | None = None) -> TrainingData:
     """Split the dataset, fill the preprocessing cache where needed, build the patch source.
 
     ``preprocessing`` given (a resumed run's statistics) is used instead of the fitted
-    (or cached) ones.
+    (or cached) ones; ``split`` (a resumed run's) keeps its cases where they were
+    (:func:`~medseg.preprocessing.run.select_cases`).
     """
-    info, train_cases, val_cases = select_cases(cfg)
+    info, train_cases, val_cases = select_cases(cfg, split)
     cache = preprocess_dataset(cfg, info, train_cases, val_cases, preprocessing=preprocessing)
     try:
         train_set = PatchSource([cache.cases[c.name] for c in train_cases], cfg, info)

@@ -198,13 +198,23 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     loss_fn = build_loss(cfg.losses, info.num_classes, cfg.spatial_dims)
-    data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None)
+    data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None,
+                        split=_stored_split(checkpoint))
     model.to(device)
     loss_fn.to(device)
     optimizer = build_optimizer(model.parameters(), cfg.train.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.iterations)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     return _Parts(cfg, data, model, loss_fn, optimizer, scheduler, scaler, device, amp, data_files=_data_files(data))
+
+
+def _stored_split(checkpoint: dict[str, Any] | None) -> dict[str, list[str]] | None:
+    """A resumed run's split, kept by the resume (None: a fresh run, or a checkpoint
+    without a readable one)."""
+    split = (checkpoint or {}).get("split")
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val")):
+        return None
+    return {"train": [str(n) for n in split["train"]], "val": [str(n) for n in split["val"]]}
 
 
 def _data_files(data: TrainingData) -> dict[str, str]:
@@ -220,7 +230,7 @@ def _data_files(data: TrainingData) -> dict[str, str]:
 def _warn_where_the_resume_differs(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> None:
     """A resume on data that changed since the checkpoint goes on (a copy or a touch
     changes the times too), but says so, naming what changed: before, a run resumed on
-    other data in silence (the split, drawn from the cases, may differ too). Likewise a
+    other data in silence (the split is the checkpoint's, prepare_data). Likewise a
     resume with another number of torchrun processes."""
     stored, now = checkpoint.get("data_files"), parts.data_files or {}
     if not isinstance(stored, dict):

@@ -413,6 +413,21 @@ def test_nan_and_inf_in_image(ds):
         load_case(case, info)
 
 
+def test_float64_values_beyond_float32_are_refused(ds):
+    """Cast to float32 they became inf, the cache held NaN statistics and training
+    stopped with "the loss is nan ...; lower train.optimizer.lr"."""
+    case, info = _case(ds)
+    image, geom = read_image(case.image_files[0])
+    image = image.astype(np.float64)
+    image[2, 1, 0] = -1e39
+    write_image(case.image_files[0], image, geom)
+    with pytest.raises(DataError, match=r"case_001_0000\.nii\.gz: image holds the value -1e\+39, beyond float32's range"):
+        load_case(case, info)
+    image[2, 1, 0] = 3e38  # within float32's range: read
+    write_image(case.image_files[0], image, geom)
+    assert np.isfinite(load_case(case, info)["image"]).all()
+
+
 def test_non_integer_label(ds):
     case, info = _case(ds)
     write_image(case.label_file, np.full(GEOM.shape, 0.5, np.float32), GEOM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from medseg.config import validate_config
 from medseg.data.dataset import load_case
 from medseg.data.topology_targets import label_projection
 from medseg.data.transforms import build_transforms
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DataError
 from medseg.preprocessing import preprocess_dataset, select_cases
 from medseg.preprocessing import run as run_module
 from medseg.preprocessing.storage import case_files, valid_case_meta
@@ -245,6 +246,21 @@ def test_a_second_dataset_layout_works(tmp_path):
     assert image.shape[0] == 2 and label.shape[0] == 1
     manifest = json.loads((cache.folder / "manifest.json").read_text())
     assert manifest["key"] == cache.key and [c["scheme"] for c in manifest["preprocessing"]["channels"]] == ["ct", "zscore"]
+
+
+@pytest.mark.parametrize("renamed,message", [
+    ("case_001_seg", "cases 'case_001' and 'case_001_seg' would share a file in the preprocessing cache"),
+    ("manifest", "case 'manifest' and the cache's own manifest.json would share a file"),
+])
+def test_case_names_whose_cache_files_collide_are_refused_by_name(tmp_path, renamed, message):
+    """Case liver_seg's image is case liver's label file: each overwrote the other and
+    training failed on every run with "cases ... are missing after preprocessing"."""
+    root = make_padded_dataset(tmp_path / "data", cases=3)
+    for folder, ending in (("imagesTr", "_0000.nii.gz"), ("labelsTr", ".nii.gz")):
+        (root / folder / f"case_002{ending}").rename(root / folder / f"{renamed}{ending}")
+    with pytest.raises(DataError, match=re.escape(message)):
+        _preprocess(raw_config(root, tmp_path / "run", tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_label_statistics_from_the_cache_equal_those_from_the_files(padded_dataset, tmp_path):

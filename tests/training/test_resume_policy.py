@@ -260,6 +260,38 @@ def test_a_resume_on_changed_data_says_what_changed(synthetic_dataset_3d, tmp_pa
     assert not [r for r in caplog.records if "the dataset changed since" in r.getMessage()]
 
 
+def test_a_resume_keeps_the_checkpoints_split_when_cases_come_and_go(synthetic_dataset_3d, tmp_path, caplog):
+    """The seeded split was drawn afresh over the cases there were at the resume: after a
+    case was added, a case the run had trained on became its validation case."""
+    import logging
+    import shutil as sh
+
+    dataset = tmp_path / "data"
+    sh.copytree(synthetic_dataset_3d, dataset)
+    run = tmp_path / "run"
+    _train(dataset, run, iterations=2)
+    before = load_checkpoint(run / "checkpoints" / "latest.pt")["split"]
+    for image in sorted((dataset / "imagesTs").iterdir()):  # every test case joins the training set
+        image.rename(dataset / "imagesTr" / image.name)
+    for label in sorted((dataset / "labelsTs").iterdir()):
+        label.rename(dataset / "labelsTr" / label.name)
+    added = sorted(p.name.split(".")[0] for p in (dataset / "labelsTr").iterdir()
+                   if p.name.split(".")[0] not in before["train"] + before["val"])
+    assert added
+    with caplog.at_level(logging.WARNING):
+        run_training(validate_config(_raw(dataset, run, iterations=4)), resume=True)
+    after = load_checkpoint(run / "checkpoints" / "latest.pt")["split"]
+    assert after["train"][: len(before["train"])] == before["train"]
+    assert after["val"][: len(before["val"])] == before["val"]
+    assert sorted(after["train"][len(before["train"]):] + after["val"][len(before["val"]):]) == added
+    moved = [r.getMessage() for r in caplog.records if "keeping the checkpoint's split" in r.getMessage()]
+    fresh = tmp_path / "fresh"
+    _train(dataset, fresh, iterations=2)
+    drawn = load_checkpoint(fresh / "checkpoints" / "latest.pt")["split"]
+    assert set(drawn["val"]) & set(before["train"])  # a split drawn afresh validates on trained cases
+    assert len(moved) == 1 and "would move 3 case(s) between training and validation" in moved[0]
+
+
 def test_a_run_started_with_relative_paths_resumes_from_any_folder(synthetic_dataset_3d, tmp_path, monkeypatch):
     """Paths are stored absolute, so the run's own config.yaml resumes it from anywhere; a
     checkpoint of an earlier medseg holding relative paths compares as before, from the
