@@ -30,6 +30,7 @@ __all__ = [
     "check_output_folder",
     "storage_error",
     "file_sha256",
+    "file_stamp",
     "host_tag",
     "process_alive",
     "remove_dead_temporaries",
@@ -195,6 +196,25 @@ def remove_dead_temporaries(
             continue
         removed += 1
     return removed
+
+
+def file_stamp(path: str | Path) -> list[int]:
+    """``[size, mtime_ns, ctime_ns, inode]`` of a file: what tells, without reading it,
+    that its bytes may have changed.
+
+    Size and modification time alone miss a file replaced by another of the same size
+    whose time came along: ``mv``, ``cp -p``, ``rsync -a`` and archives (whole-second
+    times, often equal across a dataset's files) keep it. The replacement has another
+    inode, and a rename changes the status-change time, which user programs cannot set
+    (writing or ``touch``-ing a file changes it too).
+
+    Raises
+    ------
+    OSError
+        As :func:`os.stat`.
+    """
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

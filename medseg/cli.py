@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import typer
 
@@ -156,11 +157,14 @@ def train(
 def preprocess(
     config: Path = typer.Argument(..., help="YAML run config: the data.* keys decide the cache"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a dotted key: --set data.cache_dir=/scratch/cache"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes (default: the cores, divided among torchrun processes)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="processes (default: the cores, divided among torchrun processes)"),
 ) -> None:
     """Preprocess every training and validation case once into the on-disk cache that train reads (resumable)."""
     from medseg.config import load_config
     from medseg.preprocessing import run_preprocessing
+
+    if workers is not None and workers < 1:  # one line, as plan and evaluate say it (not click's usage block)
+        raise ArgumentError("workers", f"must be at least 1, got {workers}")
 
     cfg = load_config(config, set_ or [])
     result = run_preprocessing(cfg, workers=workers)
@@ -337,12 +341,28 @@ def _background_thread_error(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console command; returns the exit code."""
-    previous = threading.excepthook
+    previous, shown = threading.excepthook, warnings.showwarning
     threading.excepthook = _background_thread_error
+    warnings.showwarning = _medseg_warnings_in_one_line(shown)
     try:
         return _main(argv)
     finally:
-        threading.excepthook = previous
+        threading.excepthook, warnings.showwarning = previous, shown
+
+
+def _medseg_warnings_in_one_line(other: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints medseg's own warnings (a dataset's
+    numTraining, a case's odd spacing) as one line, ``medseg: warning: ...``, as plan
+    prints them (train and preprocess printed Python's form: medseg's source file, line
+    number and code line), and passes others to ``other``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if getattr(category, "__module__", "").startswith("medseg."):
+            (file or sys.stderr).write(f"medseg: warning: {message}\n")
+        else:
+            other(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _main(argv: list[str] | None) -> int:

@@ -209,7 +209,7 @@ def read_dataset_json(root: str | Path) -> DatasetInfo:
     root = Path(root)
     path = root / "dataset.json"
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
+        raise DataError(f"{root}: " + ("is a file, not a dataset folder" if root.is_file() else "dataset folder not found"))
     if not path.is_file():
         raise DataError(f"{path}: not found (a dataset folder needs dataset.json)")
     try:

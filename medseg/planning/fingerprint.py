@@ -231,7 +231,8 @@ def case_fingerprint(
 
 
 def stale_cases(fingerprint: Mapping[str, Any], info: DatasetInfo, cases: Iterable[Case]) -> list[str]:
-    """Names of ``cases`` missing from the fingerprint or whose files changed since (size, mtime)."""
+    """Names of ``cases`` missing from the fingerprint or whose files changed since (size,
+    times, inode: :func:`_file_stamp`)."""
     records = fingerprint.get("cases", {})
     if isinstance(records, list):
         records = {r["name"]: r for r in records}
@@ -239,19 +240,31 @@ def stale_cases(fingerprint: Mapping[str, Any], info: DatasetInfo, cases: Iterab
     for case in cases:
         record = records.get(case.name)
         files = [f for f in [*case.image_files, case.label_file] if f is not None]
-        if record is None or record.get("files") != [_file_stamp(f, info.root) for f in files]:
+        if record is None or not _same_stamps(record.get("files"), [_file_stamp(f, info.root) for f in files]):
             stale.append(case.name)
     return stale
 
 
+def _same_stamps(recorded: Any, now: list[dict[str, Any]]) -> bool:
+    """The recorded stamps are the files' now, compared on the keys a record has (a plan
+    of an earlier medseg has no ``ctime_ns``/``inode``)."""
+    if not isinstance(recorded, list) or len(recorded) != len(now):
+        return False
+    return all(isinstance(r, dict) and all(r.get(k) == v for k, v in n.items() if k in r or k in ("path", "bytes"))
+               for r, n in zip(recorded, now))
+
+
 def _file_stamp(path: Path, root: Path) -> dict[str, Any]:
-    """Where a case's file is and what it was when fingerprinted (to tell a stale fingerprint)."""
-    stat = Path(path).stat()
+    """Where a case's file is and what it was when fingerprinted (to tell a stale
+    fingerprint; :func:`medseg.atomic.file_stamp`)."""
+    from medseg.atomic import file_stamp
+
+    size, mtime_ns, ctime_ns, inode = file_stamp(path)
     try:
         shown = str(Path(path).resolve().relative_to(Path(root).resolve()))
     except ValueError:
         shown = str(path)
-    return {"path": shown, "bytes": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
+    return {"path": shown, "bytes": size, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns, "inode": inode}
 
 
 def _case_job(case: Case, info: DatasetInfo, index: int, seed: int, budget: int):

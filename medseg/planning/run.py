@@ -42,6 +42,44 @@ def _make_writable_folder(folder: Path, argument: str) -> list[Path]:
         raise ArgumentError(argument, f"cannot write there ({err.strerror or err})", folder) from None
 
 
+def _check_not_another_plans_place(config_path: Path) -> None:
+    """A plan replaces only what a plan wrote for this config: not a file of the user's
+    own at ``CONFIG.yaml``, and not the ``plans.json`` / ``fingerprint.json`` of another
+    config in the same folder (two ``-o`` in one folder: the first config then pointed at
+    the second dataset's fingerprint and was refused as stale).
+
+    Raises
+    ------
+    ArgumentError
+        Naming the file in the way.
+    """
+    import json
+
+    from medseg.planning.writer import PLANNED_CONFIG_HEADER
+
+    if config_path.is_file():
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                first = handle.readline()
+        except (OSError, UnicodeDecodeError):
+            first = ""
+        if not first.startswith(PLANNED_CONFIG_HEADER):
+            raise ArgumentError("output", "exists and is not a config medseg plan wrote; remove it or choose another "
+                                "name", config_path)
+    plans = config_path.parent / "plans.json"
+    try:
+        owner = json.loads(plans.read_text(encoding="utf-8"))["files"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no plan there (or not one medseg can read: replaced)
+    if owner != config_path.name:
+        raise ArgumentError(
+            "output",
+            f"{plans} belongs to the plan {config_path.parent / str(owner)} (a plan keeps plans.json and "
+            "fingerprint.json beside its config); write this plan to another folder",
+            config_path,
+        )
+
+
 def run_plan(
     dataset: str | Path,
     output: str | Path | None = None,
@@ -81,7 +119,7 @@ def run_plan(
     if workers < 1:
         raise ArgumentError("workers", f"must be at least 1, got {workers}")
     if not dataset.is_dir():
-        raise DataError(f"{dataset}: dataset folder not found")
+        raise DataError(f"{dataset}: " + ("is a file, not a dataset folder" if dataset.is_file() else "dataset folder not found"))
     if topology_loss not in (None, "none"):  # an unknown loss name should not cost a fingerprint
         plan_losses(topology_loss, {})
     config_path = Path(output) if output is not None else default_config_path(dataset)
@@ -96,6 +134,7 @@ def run_plan(
     if inner is not None:
         raise ArgumentError("output", f"lies in the dataset's {inner}/ folder; write the plan elsewhere", config_path)
     folder = config_path.parent
+    _check_not_another_plans_place(config_path)
     created = _make_writable_folder(folder, "output")
     try:
         with warnings.catch_warnings(record=True) as caught:

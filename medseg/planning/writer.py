@@ -18,6 +18,8 @@ __all__ = ["FINGERPRINT_FILE", "PLANS_FILE", "write_fingerprint", "read_fingerpr
 
 FINGERPRINT_FILE = "fingerprint.json"
 PLANS_FILE = "plans.json"
+PLANNED_CONFIG_HEADER = "# Run config planned by `medseg plan`"
+"""How every config ``medseg plan`` writes begins: a plan replaces no other file."""
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -100,7 +102,7 @@ def render_config(plan: Mapping[str, Any], config_path: str | Path | None = None
     add = lines.append
     labels = ", ".join(f"{k}={v}" for k, v in ds["labels"].items())
     channels = ", ".join(f"{k}: {v}" for k, v in ds["channel_names"].items())
-    add("# Run config planned by `medseg plan` (medseg.planning; nnU-Net v2's planning rules).")
+    add(f"{PLANNED_CONFIG_HEADER} (medseg.planning; nnU-Net v2's planning rules).")
     add(f"# Dataset {ds['name']}: {ds['num_cases']} training cases, {plan['spatial_dims']}D, channels {{{channels}}}, labels {labels}.")
     add("# Every number below comes from fingerprint.json (the data) and plans.json (the decisions), next to this file.")
     target = f"medseg train {config_path}" if config_path else "medseg train CONFIG.yaml"

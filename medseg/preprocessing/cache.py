@@ -19,11 +19,12 @@ losses, model) may change without touching the cache. A changed plan, a changed 
 another medseg version gives another folder: a stale cache is never reused, it is
 rebuilt beside the old one (which can be deleted).
 
-Sizes and modification times, not content hashes, identify the files: hashing a
-40-case CT dataset reads gigabytes at every start, while a file rewritten in place
-gets a new modification time (``cp`` without ``-p`` and ``touch`` do too, which only
-costs a rebuild). The one miss is a file changed without a size change and with its
-old time restored by hand.
+Sizes, times and inode numbers (:func:`medseg.atomic.file_stamp`), not content hashes,
+identify the files: hashing a 40-case CT dataset reads gigabytes at every start. A file
+rewritten in place gets new times; one replaced by another of the same size that kept
+its modification time (``mv``, ``cp -p``, ``rsync -a``, a tar archive's whole-second
+times) has another inode and status-change time, which no user program can set. A
+``touch`` or ``chmod`` only costs a rebuild.
 
 The statistics (``fit_preprocessing``) are part of the key, and fitting them reads
 every training case; ``statistics/`` keeps each fit under a key of what it depends on
@@ -82,8 +83,11 @@ def cache_root(config: "RunConfig") -> Path:
 
 
 def _file_entry(root: Path, path: Path) -> list[Any]:
+    """``[name, size, mtime_ns, ctime_ns, inode]`` (:func:`medseg.atomic.file_stamp`)."""
+    from medseg.atomic import file_stamp
+
     try:
-        st = path.stat()
+        stamp = file_stamp(path)
     except OSError as err:
         from medseg.errors import DataError
 
@@ -92,11 +96,12 @@ def _file_entry(root: Path, path: Path) -> list[Any]:
         name = str(path.relative_to(root))
     except ValueError:
         name = str(path)
-    return [name, st.st_size, st.st_mtime_ns]
+    return [name, *stamp]
 
 
 def dataset_fingerprint(info: DatasetInfo, cases: Iterable[Case]) -> dict[str, Any]:
-    """What identifies the dataset's content: path, ``dataset.json``, each file's size and time."""
+    """What identifies the dataset's content: path, ``dataset.json``, each file's size,
+    times and inode (:func:`_file_entry`)."""
     root = Path(os.path.abspath(info.root))
     files = {}
     for case in sorted(cases, key=lambda c: c.name):

@@ -96,12 +96,15 @@ def evaluation_dir(run_dir: Path, test: str) -> Path:
 
 
 def folder_contents(folder: Path) -> list[list[Any]]:
-    """``[name, size, mtime_ns]`` of every file in ``folder`` (sorted): a scan added,
-    removed or replaced in a test folder changes it, so its predictions and metrics are
-    recomputed instead of reused. Empty when the folder cannot be listed."""
+    """``[name, size, mtime_ns, ctime_ns, inode]`` of every file in ``folder`` (sorted;
+    :func:`medseg.atomic.file_stamp`): a scan added, removed or replaced in a test folder
+    (also by ``mv`` of a file of the same size and time) changes it, so its predictions
+    and metrics are recomputed instead of reused. Empty when the folder cannot be listed."""
+    from medseg.atomic import file_stamp
+
     try:
         entries = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
-        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in entries]
+        return [[p.name, *file_stamp(p)] for p in entries]
     except OSError:
         return []
 

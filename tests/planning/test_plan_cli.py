@@ -67,6 +67,7 @@ def test_plan_bad_inputs(iso_dataset, tmp_path):
     blocker.write_text("")
     assert_one_line_error(plan(iso_dataset, "-o", blocker / "config.yaml"), "--output", "a_file exists and is not a folder")
     assert_one_line_error(plan(iso_dataset, "-o", tmp_path, "--workers", "1"), "--output", "is a folder")
+    assert_one_line_error(plan(blocker), "a_file: is a file, not a dataset folder")
     assert_one_line_error(plan(iso_dataset, "--model", "vnet"), "--model", "vnet")
     assert_one_line_error(plan(iso_dataset, "--topology-loss", "cldise"), "cldise", "did you mean 'cldice'")
     assert_one_line_error(plan(iso_dataset, "--gpu-memory-gb", "0"), "--gpu-memory-gb")
@@ -92,3 +93,21 @@ def test_plan_broken_case(iso_dataset, tmp_path):
     proc = medseg("plan", broken, "-o", tmp_path / "out" / "c.yaml", "--workers", "2")
     assert_one_line_error(proc, label.name)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_replaces_only_its_own_files(iso_dataset, aniso_dataset, tmp_path):
+    """Two -o in one folder: the second plan replaced the first's plans.json and
+    fingerprint.json, and the first config was then refused as stale; -o over a file of
+    the user's own replaced it."""
+    folder = tmp_path / "P"
+    assert medseg("plan", iso_dataset, "-o", folder / "a.yaml", "--workers", "1").returncode == 0
+    kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+    proc = medseg("plan", aniso_dataset, "-o", folder / "b.yaml", "--workers", "1")
+    assert_one_line_error(proc, "--output", "plans.json belongs to the plan", "a.yaml", "another folder")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+    again = medseg("plan", iso_dataset, "-o", folder / "a.yaml", "--workers", "1")  # its own plan: replanned
+    assert again.returncode == 0, again.stderr
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("x: 1\n")
+    assert_one_line_error(medseg("plan", iso_dataset, "-o", mine, "--workers", "1"), "--output", "not a config medseg plan wrote")
+    assert mine.read_text() == "x: 1\n"

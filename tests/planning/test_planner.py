@@ -296,5 +296,34 @@ def test_a_dataset_with_its_own_split_is_planned_with_it(synthetic_dataset_2d_pn
     train, val = split_cases(list_cases(dataset, read_dataset_json(dataset)), cfg.data.val_fraction, cfg.seed,
                              cfg.data.split_file, root=dataset)
     assert [c.name for c in val] == names[:1]
-    run_plan(synthetic_dataset_2d_png, output=tmp_path / "d.yaml", workers=1, progress=False)
-    assert load_config(tmp_path / "d.yaml").data.split_file is None  # no file: the seeded split
+    run_plan(synthetic_dataset_2d_png, output=tmp_path / "d" / "d.yaml", workers=1, progress=False)
+    assert load_config(tmp_path / "d" / "d.yaml").data.split_file is None  # no file: the seeded split
+
+
+def test_files_swapped_by_renaming_make_the_fingerprint_stale_and_older_records_still_compare(tmp_path):
+    """Two files of the same size and time swapped with mv kept size and mtime: the plan's
+    fingerprint (and the cache's key) took them as unchanged."""
+    import os
+
+    from medseg.data.dataset import check_dataset
+    from medseg.data.synthetic import make_dataset
+    from medseg.planning.fingerprint import _file_stamp, stale_cases
+
+    dataset = tmp_path / "Dataset806_Swap"
+    make_dataset(dataset, cases=2, size=16, dims=3, test_cases=0, loops=0, seed=4, file_ending=".nii")
+    info, cases = check_dataset(dataset, "Tr")
+    a, b = (case.label_file for case in cases)
+    assert a.stat().st_size == b.stat().st_size  # uncompressed, same shape
+    for path in (a, b):
+        os.utime(path, ns=(10**18, 10**18))
+
+    def fingerprint(drop=()):
+        return {"cases": {case.name: {"files": [{k: v for k, v in _file_stamp(f, dataset).items() if k not in drop}
+                                                for f in [*case.image_files, case.label_file]]} for case in cases}}
+
+    planned, older = fingerprint(), fingerprint(drop=("ctime_ns", "inode"))
+    assert stale_cases(planned, info, cases) == [] and stale_cases(older, info, cases) == []
+    a.rename(tmp_path / "x")
+    b.rename(a)
+    (tmp_path / "x").rename(b)
+    assert stale_cases(planned, info, cases) == sorted(case.name for case in cases)

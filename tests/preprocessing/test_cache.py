@@ -109,6 +109,30 @@ def test_a_stale_cache_is_rebuilt_never_reused(padded_dataset, tmp_path, monkeyp
     changed = _preprocess(raw)[2]
     assert changed.folder not in folders and changed.done == 5
 
+    # two labels of the same size and time swapped by renaming (mv, as after unpacking a
+    # tar whose whole-second times are equal): the old key reused the cache, labels swapped
+    same = dataset / "labelsTr" / "same_size"
+    same.mkdir()
+    first, second = sorted((dataset / "labelsTr").glob("case_00[01].nii.gz"))
+    for path, other in ((first, second), (second, first)):  # same bytes count: pad the gzip members
+        data = path.read_bytes()
+        path.write_bytes(data + b"\0" * (max(len(data), len(other.read_bytes())) - len(data)))
+    assert first.stat().st_size == second.stat().st_size
+    stamp = first.stat().st_mtime_ns
+    for path in (first, second):
+        os.utime(path, ns=(stamp, stamp))
+    before = _preprocess(raw)[2]
+    folders.add(before.folder)
+    first.rename(same / "x")
+    second.rename(first)
+    (same / "x").rename(second)
+    same.rmdir()
+    assert first.stat().st_mtime_ns == second.stat().st_mtime_ns == stamp
+    swapped = _preprocess(raw)[2]
+    assert swapped.folder not in folders and swapped.done == 5
+    assert before.cases["case_000"].raw_histogram != before.cases["case_001"].raw_histogram
+    assert swapped.cases["case_000"].raw_histogram == before.cases["case_001"].raw_histogram
+
     # inside a folder: a case whose JSON is from another key, or whose image is cut short, is redone
     again = _preprocess(raw)[2]
     assert again.done == 0
@@ -331,3 +355,20 @@ def test_preprocess_verifies_the_cached_files_and_rewrites_one_changed_in_place(
         assert cli_main(["preprocess", str(config), "--workers", "1"]) == 0
     assert f"{damaged}: its SHA-256 is not the one recorded" in caplog.text
     assert cache_files(root) == reference
+
+
+def test_medsegs_warnings_are_one_line_on_the_command_line(tmp_path, capsys):
+    """train and preprocess printed Python's form of a DatasetWarning: medseg's source
+    file and line, then the code line; plan printed one line. Now every command does."""
+    root = make_padded_dataset(tmp_path / "data", cases=3)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 4}))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw_config(root, tmp_path / "run", tmp_path / "cache")))
+    assert cli_main(["preprocess", str(config), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "numTraining" in ln]
+    assert lines == [f"medseg: warning: {root / 'dataset.json'}: numTraining is 4 but 3 training case(s) were found"]
+    assert "DatasetWarning" not in err and ".py:" not in err
+    assert cli_main(["preprocess", str(config), "--workers", "0"]) == 2  # click printed its usage block
+    assert capsys.readouterr().err.strip() == "medseg: error: --workers: must be at least 1, got 0"
