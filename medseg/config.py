@@ -260,8 +260,9 @@ class LossTerm(_Strict):
 
     ``start`` and ``ramp`` schedule the term's weight over training, as the clDice
     authors and TopoMortar (``activate_when``) switch a topology loss on only once the
-    network segments roughly: the weight is 0 before ``start``, then rises linearly to
-    ``weight`` over ``ramp`` iterations. Each is an iteration count (an integer) or a
+    network segments roughly: the term is off for the first ``start`` steps (logged
+    iterations 1 to ``start``), then its weight rises linearly to ``weight``, reached at
+    logged iteration ``start + ramp``. Each is an iteration count (an integer) or a
     fraction of ``train.iterations`` (a number in [0, 1)). A term its schedule holds at
     0 is not computed at that iteration; a term of ``weight: 0`` is computed and logged
     only (a value to watch), never trained on.

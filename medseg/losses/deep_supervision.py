@@ -43,8 +43,8 @@ def deep_supervision_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of ``loss_fn`` (a :class:`~medseg.losses.CompositeLoss`) over the heads.
 
-    ``outputs`` (B, 1 + H, C, *spatial); returns the total and each term's weighted sum
-    over the heads (what the run logs as that term). A loss with ``forward_heads``
+    ``outputs`` (B, 1 + H, C, *spatial); returns the total and each term's weighted mean
+    over the heads it ran on (what the run logs as that term). A loss with ``forward_heads``
     (:meth:`~medseg.losses.CompositeLoss.forward_heads`) computes the same sums itself,
     so that a term can take all heads in one call.
     """
@@ -52,9 +52,11 @@ def deep_supervision_loss(
         return loss_fn.forward_heads(outputs, target, batch=batch)
     total = torch.zeros((), device=outputs.device)
     terms: dict[str, torch.Tensor] = {}
+    shares: dict[str, float] = {}
     for i, weight in enumerate(deep_supervision_weights(outputs.shape[1])):
         loss, parts = loss_fn(outputs[:, i], target, batch=batch, head=i)
         total = total + weight * loss
         for name, value in parts.items():
             terms[name] = terms.get(name, 0.0) + weight * value
-    return total, terms
+            shares[name] = shares.get(name, 0.0) + weight
+    return total, {name: value / shares[name] for name, value in terms.items()}

@@ -80,6 +80,20 @@ class DiceLoss(nn.Module):
         _MonaiDiceLoss(**self._kwargs)
         self._cache: dict[tuple, nn.Module] = {}
 
+    def _weighted_classes(self, n_channels: int) -> int:
+        """How many ``class_weights`` a head of ``n_channels`` outputs takes (MONAI's
+        DiceLoss: the classes the Dice keeps)."""
+        return n_channels if self.include_background or n_channels == 1 else n_channels - 1
+
+    def check_channels(self, n_channels: int) -> None:
+        """Raise ValueError when ``class_weights`` does not fit a head of ``n_channels``
+        outputs (MONAI says so only at the first batch)."""
+        expected = self._weighted_classes(n_channels)
+        if self.class_weights is not None and len(self.class_weights) != expected:
+            kept = "" if expected == n_channels else " (include_background: false leaves out channel 0)"
+            raise ValueError(f"class_weights has {len(self.class_weights)} entries; the model's {n_channels} output "
+                             f"channel(s) take {expected}{kept}")
+
     def _monai_flags(self, n_channels: int) -> dict:
         to_onehot = self.to_onehot_y if self.to_onehot_y is not None else n_channels > 1
         return dict(
@@ -174,6 +188,11 @@ class DiceCELoss(DiceLoss):
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         _MonaiDiceCELoss(**self._kwargs)
         self._cache = {}
+
+    def _weighted_classes(self, n_channels: int) -> int:
+        # MONAI's DiceCELoss: one weight per class for the cross-entropy; its Dice drops
+        # the background's weight itself
+        return n_channels
 
     def _build(self, flags: dict, weight: torch.Tensor | None) -> nn.Module:
         return _MonaiDiceCELoss(**flags, **self._kwargs, weight=weight)

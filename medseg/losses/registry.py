@@ -186,6 +186,23 @@ class CompositeLoss(nn.Module):
             raise ValueError(f"{len(self.schedules)} schedules for {len(terms)} loss terms")
         self.current_weights = list(self.weights)
 
+    def check_backends(self) -> None:
+        """Raise ConfigError, naming the term, when a term's engine ``backend`` cannot run
+        here (``backend: cuda`` without a CUDA device): the trainer asks before it writes
+        the run folder, where the first step found it and the folder then blocked the
+        corrected run. Not at build time: a config is also read where it does not train
+        (preprocessing on a CPU node)."""
+        from medseg.errors import MedsegError
+        from medseg.topology._backends import resolve_backend
+
+        for i, (name, term) in enumerate(zip(self.names, self.terms)):
+            backend = getattr(term, "backend", None)
+            if isinstance(backend, str):
+                try:
+                    resolve_backend(backend)
+                except MedsegError as err:
+                    raise ConfigError(f"losses[{i}] ({name}).backend: {err}") from None
+
     def set_iteration(self, iteration: int, total: int) -> list[float]:
         """Set (and return) each term's weight for iteration index ``iteration`` of ``total``."""
         weights = []
@@ -236,7 +253,8 @@ class CompositeLoss(nn.Module):
         same order). ``outputs`` (B, 1 + H, C, *spatial). A term with a ``forward_heads``
         of its own (Betti matching: one engine call for all heads) computes every head in
         one call, the others head by head. Returns ``(total, parts)``, each part the
-        term's weighted sum over the heads it ran on.
+        term's weighted mean over the heads it ran on (the head weights normalised to
+        those heads: a ``final`` term's part is its value on the final output).
         """
         outputs = outputs.float()
         count = outputs.shape[1]
@@ -257,12 +275,17 @@ class CompositeLoss(nn.Module):
                         per_head[i][name] = self._term_value(name, term, head_outputs[i], target, extra)
         total = torch.zeros((), device=outputs.device)
         parts: dict[str, torch.Tensor] = {}
+        shares: dict[str, float] = {}
         for weight, values in zip(deep_supervision_weights(count), per_head):
             loss, head_parts = self._weighted(values, outputs.device)
             total = total + weight * loss
             for name, value in head_parts.items():
                 parts[name] = parts.get(name, 0.0) + weight * value
-        return total, parts
+                shares[name] = shares.get(name, 0.0) + weight
+        # each part the mean over the heads it ran on, weighted as in the total: a term of
+        # heads 'final' logs its value on the final output (4/7 of it before, under 'all'
+        # the same as now), so the logged terms of 'all' and 'final' runs compare
+        return total, {name: value / shares[name] for name, value in parts.items()}
 
     def _active_terms(self) -> Iterable[tuple[str, float, nn.Module, bool]]:
         """(name, current weight, term, final only) of the terms computed at this iteration."""
@@ -405,7 +428,18 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
         for key, value in defaults.items():
             if key not in params and _accepts(cls, key):
                 params[key] = value
+        if out_channels > 1 and params.get("softmax") is False and not params.get("sigmoid"):
+            # the terms would read the network's raw logits as probabilities (a clDice of
+            # -1.4e6, trained on in silence)
+            raise ConfigError(f"{where} ({term.name}): softmax: false leaves the {out_channels} output channels "
+                              "without an activation (medseg's networks output logits); set sigmoid: true for a "
+                              "multi-label head, or leave softmax out")
         module = _make(term.name, params, where)
+        if hasattr(module, "check_channels"):
+            try:
+                module.check_channels(out_channels)
+            except ValueError as err:
+                raise ConfigError(f"{where} ({term.name}): {err}") from None
         if spatial_dims is not None and hasattr(module, "check_spatial_dims"):
             try:
                 module.check_spatial_dims(spatial_dims)

@@ -198,6 +198,7 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     loss_fn = build_loss(cfg.losses, info.num_classes, cfg.spatial_dims)
+    loss_fn.check_backends()
     data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None,
                         split=_stored_split(checkpoint))
     model.to(device)
@@ -219,12 +220,15 @@ def _stored_split(checkpoint: dict[str, Any] | None) -> dict[str, list[str]] | N
 
 def _data_files(data: TrainingData) -> dict[str, str]:
     """Per case of the run (training and validation), a digest of its files' names, sizes
-    and modification times (the fingerprint the preprocessing cache was keyed by): kept in
-    every checkpoint, so that a resume can tell that the data changed under the run."""
+    and modification times (of the fingerprint the preprocessing cache was keyed by): kept
+    in every checkpoint, so that a resume can tell that the data changed under the run.
+    Not their inodes and status-change times: a dataset copied with its times (``cp -p``
+    to a node's scratch disk before each resume) holds the same data."""
     import hashlib
 
     cases = data.cache.fingerprint.get("cases", {})
-    return {case: hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] for case, entries in cases.items()}
+    return {case: hashlib.sha256(json.dumps([e[:3] for e in entries]).encode()).hexdigest()[:16]
+            for case, entries in cases.items()}
 
 
 def _warn_where_the_resume_differs(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> None:
@@ -346,6 +350,8 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: Ru
             lock.take(fresh=not resume)  # one process at a time in the folder, from its first write on
             remove_dead_writes(run_dir)
             handlers += attach_file_handler(run_dir / "train.log")
+            if checkpoint is not None:
+                _complete_best(run_dir, checkpoint, latest_path)
             write_provenance(run_dir, parts.device, resumed_at=progress.iteration if checkpoint is not None else None)
             _write_config(run_dir / CONFIG_FILE, cfg)
             _write_label_stats(run_dir / LABEL_STATS, parts.data, resumed=checkpoint is not None)
@@ -382,6 +388,30 @@ def _write_label_stats(path: Path, data: TrainingData, resumed: bool) -> None:
     write_atomic(path, json.dumps(stats, indent=2))
 
 
+def _complete_best(run_dir: Path, checkpoint: dict[str, Any], latest_path: Path) -> None:
+    """``best.pt`` of a run stopped between the two files of an improving step: its
+    ``latest.pt`` names its own step as the best, and is what ``best.pt`` holds there
+    (the same payload), so it is copied (:meth:`_Supervised.evaluated` writes them in
+    that order)."""
+    import shutil
+
+    from medseg.atomic import atomic_path
+    from medseg.runfolder.checkpoint import load_checkpoint
+
+    step = checkpoint.get("iteration")
+    if checkpoint.get("best_iteration") is None or checkpoint.get("best_iteration") != step:
+        return
+    best = run_dir / CHECKPOINT_DIR / BEST
+    try:
+        if best.is_file() and load_checkpoint(best).get("iteration") == step:
+            return
+    except CheckpointError:
+        pass  # unreadable: written again below
+    with atomic_path(best) as tmp:
+        shutil.copyfile(latest_path, tmp)
+    log.warning("%s: written again from %s (the run stopped between the two at iteration %d)", best, latest_path, step)
+
+
 def _save(path: Path, parts: _Parts, progress: Progress) -> None:
     """Rank 0 writes the checkpoint; under torchrun the other ranks wait for it."""
     with distributed.main_process(f"saving {path}") as main:
@@ -396,6 +426,7 @@ class _Supervised(Objective):
 
     def __init__(self, parts: _Parts, progress: Progress, run_dir: Path) -> None:
         self.parts, self.progress, self.run_dir = parts, progress, run_dir
+        self._latest_at: int | None = None  # the step latest.pt was last written at
         self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
         self.amp, self.device = parts.amp, parts.device
         # what the step calls: the DistributedDataParallel wrapper under torchrun
@@ -436,10 +467,20 @@ class _Supervised(Objective):
         return validate(parts.model, parts.data.val_items, parts.cfg, parts.data.info.num_classes, parts.device, parts.amp)
 
     def evaluated(self, iteration: int, loss: float, lr: float, dice: list[float] | None, rate: float) -> None:
-        _report_validation(self.parts, self.progress, self.run_dir, iteration, loss, lr, dice, rate)
+        if _report_validation(self.parts, self.progress, iteration, loss, lr, dice, rate):
+            # latest.pt first: every best.pt then has a latest.pt of its step or later, which
+            # names it (best_iteration). A best.pt written first, as before, stood alone
+            # when the run was killed between the two, or when validation ran before the
+            # first checkpoint: the resume was refused for good ("latest.pt missing") or
+            # went on from an earlier latest.pt beside a best.pt of steps it then redid.
+            self.save_latest()
+            _save(self.run_dir / CHECKPOINT_DIR / BEST, self.parts, self.progress)
 
     def save_latest(self) -> None:
+        if self._latest_at == self.progress.iteration:  # written with this step's best.pt
+            return
         _save(self.run_dir / CHECKPOINT_DIR / LATEST, self.parts, self.progress)
+        self._latest_at = self.progress.iteration
 
     def start_message(self, start: int, total: int) -> str:
         cfg, parts, world = self.parts.cfg, self.parts, distributed.world_size()
@@ -466,14 +507,14 @@ def _train_loop(parts: _Parts, progress: Progress, run_dir: Path) -> None:
 
 
 def _report_validation(
-    parts: _Parts, progress: Progress, run_dir: Path, iteration: int, loss: float, lr: float,
-    dice: list[float] | None, rate: float,
-) -> None:
-    """One log line per validation; ``best.pt`` when the mean Dice improved."""
+    parts: _Parts, progress: Progress, iteration: int, loss: float, lr: float, dice: list[float] | None, rate: float,
+) -> bool:
+    """One log line per validation; whether the mean Dice improved (``progress`` then
+    holds it as the best)."""
     total = parts.cfg.train.iterations
     if dice is None:
         log.info("iteration %d/%d  loss %.4f  lr %.3g  (no validation cases)  (%.2f it/s)", iteration, total, loss, lr, rate)
-        return
+        return False
     score = mean_dice(dice)
     improved = not math.isnan(score) and (progress.best_metric is None or score > progress.best_metric)
     if improved:
@@ -484,5 +525,4 @@ def _report_validation(
         "iteration %d/%d  loss %.4f  lr %.3g  val Dice %s  mean %.4f%s  (%.2f it/s)",
         iteration, total, loss, lr, per_class, score, "  *best*" if improved else "", rate,
     )
-    if improved:
-        _save(run_dir / CHECKPOINT_DIR / BEST, parts, progress)
+    return improved

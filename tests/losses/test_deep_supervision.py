@@ -59,7 +59,9 @@ def test_a_final_only_term_is_computed_on_the_final_head_alone():
     w = deep_supervision_weights(3)
     dice_ce = sum(wi * both(outputs[:, i], target)[1]["dice_ce"] for i, wi in enumerate(w))
     cldice_final = both(outputs[:, 0], target)[1]["cldice"]
-    assert torch.allclose(terms["dice_ce"], dice_ce) and torch.allclose(terms["cldice"], w[0] * cldice_final)
+    # the logged part is the term's value on the head it ran on (w[0] times it before:
+    # 4/7 of the value a run with heads 'all' logs for a term as good)
+    assert torch.allclose(terms["dice_ce"], dice_ce) and torch.allclose(terms["cldice"], cldice_final)
     assert torch.allclose(total, dice_ce + 0.5 * w[0] * cldice_final)
     total.backward()
     assert outputs.grad[:, 1:].abs().sum() > 0  # dice_ce still trains the coarse heads

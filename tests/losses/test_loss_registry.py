@@ -77,6 +77,25 @@ def test_softmax_with_one_channel_and_reduction_none_are_rejected():
         build_loss(_terms({"name": "cldice", "reduction": "none"}), 2)
 
 
+def test_a_multi_class_head_without_activation_and_class_weights_of_another_length_are_refused():
+    """softmax: false read the logits as probabilities (clDice -1.4e6, trained on); a
+    class_weights list of the wrong length failed at the first step, after the run folder
+    was written, which then blocked the corrected run."""
+    with pytest.raises(ConfigError, match=r"losses\[0\] \(cldice\): softmax: false leaves the 3 output channels"):
+        build_loss(_terms({"name": "cldice", "softmax": False}), 3)
+    build_loss(_terms({"name": "cldice", "softmax": False, "sigmoid": True}), 3)  # a multi-label head
+    with pytest.raises(ConfigError, match=r"\(dice_ce\): class_weights has 2 entries; the model's 3 output channel\(s\) take 3"):
+        build_loss(_terms({"name": "dice_ce", "class_weights": [1, 2]}), 3)
+    with pytest.raises(ConfigError, match=r"\(dice\): class_weights has 3 entries; .* take 2 \(include_background"):
+        build_loss(_terms({"name": "dice", "include_background": False, "class_weights": [1, 2, 3]}), 3)
+    for term, out in (({"name": "dice_ce", "class_weights": [1, 2, 3]}, 3),
+                      ({"name": "dice", "include_background": False, "class_weights": [2, 3]}, 3),
+                      ({"name": "dice_ce", "class_weights": [2.0]}, 1)):
+        loss = build_loss(_terms(term), out)
+        logits, label = torch.randn(2, out, 8, 8), torch.randint(0, max(out, 2), (2, 1, 8, 8))
+        assert torch.isfinite(loss(logits, label)[0])  # MONAI takes every length accepted
+
+
 def test_activation_convention_from_out_channels():
     binary = build_loss(_terms({"name": "cldice"}, {"name": "dice_ce"}), 1)
     assert binary.terms[0].sigmoid is True and binary.terms[0].softmax is False

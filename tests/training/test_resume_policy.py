@@ -339,6 +339,44 @@ def test_a_resume_without_latest_but_with_best_is_refused_and_changes_nothing(sy
     assert _digest(run) == before
 
 
+def test_a_run_stopped_between_its_latest_and_best_of_a_step_resumes_exactly(synthetic_dataset_3d, tmp_path,
+                                                                             monkeypatch, caplog):
+    """best.pt was written before latest.pt, and validation may come before the first
+    checkpoint: a run stopped after best.pt but before any latest.pt was refused for good
+    ("latest.pt missing, but checkpoints/ holds best.pt"). latest.pt now comes first and
+    names the step as the best; the resume writes best.pt from it."""
+    import logging
+
+    import medseg.training.trainer as trainer
+
+    raw = _raw(synthetic_dataset_3d, tmp_path / "run", iterations=8, val_interval=2, checkpoint_interval=8)
+    real_save = trainer._save
+
+    def stop_at_best(path, parts, progress):
+        if path.name == "best.pt":
+            raise KeyboardInterrupt  # the kill, between the two files
+        real_save(path, parts, progress)
+
+    monkeypatch.setattr(trainer, "_save", stop_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(validate_config(raw))
+    monkeypatch.setattr(trainer, "_save", real_save)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.pt"]  # before the first checkpoint (8)
+    stopped = load_checkpoint(checkpoints / "latest.pt")
+    assert stopped["iteration"] == stopped["best_iteration"] == 2
+    with caplog.at_level(logging.WARNING):
+        run_training(validate_config(raw), resume=True)
+    assert any("best.pt: written again from" in r.getMessage() for r in caplog.records)
+    uninterrupted = tmp_path / "uninterrupted"
+    run_training(validate_config({**raw, "output_dir": str(uninterrupted)}))
+    assert (tmp_path / "run" / "metrics.csv").read_text() == (uninterrupted / "metrics.csv").read_text()
+    for name in ("best.pt", "latest.pt"):
+        got, want = (load_checkpoint(folder / "checkpoints" / name) for folder in (tmp_path / "run", uninterrupted))
+        assert got["iteration"] == want["iteration"] and got["best_iteration"] == want["best_iteration"]
+        assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+
+
 def test_a_resume_with_another_number_of_processes_says_it_will_differ(synthetic_dataset_3d, tmp_path, caplog):
     """A run of 2 torchrun processes resumed by 1 went on in silence and ended by float
     rounding away from an uninterrupted run."""

@@ -211,6 +211,19 @@ def test_bad_data_fails_before_any_output(synthetic_dataset_3d, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_loss_backend_that_cannot_run_here_fails_before_any_output(synthetic_dataset_3d, tmp_path, monkeypatch):
+    """backend: cuda without a CUDA device failed at the first step, after the run folder
+    was written; the folder then refused the corrected run and its --resume."""
+    from medseg.topology import _inputs
+
+    monkeypatch.setattr(_inputs, "cuda_available", lambda: False)
+    raw = _raw(synthetic_dataset_3d, tmp_path / "run", iterations=2)
+    raw["losses"] = [{"name": "dice_ce"}, {"name": "betti_matching", "weight": 0.1, "backend": "cuda"}]
+    with pytest.raises(ConfigError, match=r"losses\[1\] \(betti_matching\)\.backend: backend='cuda' requested"):
+        run_training(validate_config(raw))
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_model_params_fail_before_any_output(synthetic_dataset_3d, tmp_path):
     raw = _raw(synthetic_dataset_3d, tmp_path / "run", iterations=2)
     raw["model"] = {"name": "unet", "params": {"chanels": [4, 8]}}
