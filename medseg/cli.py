@@ -132,7 +132,8 @@ def plan(
     )
 
 
-_INTERRUPT_HINT = ""  # what the command running says about going on after Ctrl-C
+# what the command running says about going on after Ctrl-C, asked when it is said
+_INTERRUPT_HINT: Callable[[], str] = lambda: ""  # noqa: E731
 
 
 @app.command()
@@ -147,8 +148,16 @@ def train(
 
     cfg = load_config(config, set_ or [])
     global _INTERRUPT_HINT
-    _INTERRUPT_HINT = (f"; `medseg train {Path(cfg.output_dir) / 'config.yaml'} --resume` continues from "
-                       f"checkpoints/latest.pt (written every {cfg.train.checkpoint_interval} steps)")
+
+    def hint() -> str:
+        command = f"`medseg train {Path(cfg.output_dir) / 'config.yaml'} --resume`"
+        if not (Path(cfg.output_dir) / "checkpoints" / "latest.pt").is_file():  # stopped before its first one
+            return f"; {command} starts the run again (no checkpoint yet: the first is at step " \
+                   f"{min(cfg.train.checkpoint_interval, cfg.train.iterations)})"
+        return (f"; {command} continues from checkpoints/latest.pt (written every "
+                f"{cfg.train.checkpoint_interval} steps)")
+
+    _INTERRUPT_HINT = hint
     with _writing(cfg.output_dir):
         run_training(cfg, resume=resume)
 
@@ -392,7 +401,7 @@ def _main(argv: list[str] | None) -> int:
         sys.stderr.flush()
         return 1
     except KeyboardInterrupt:
-        print(f"medseg: interrupted{_INTERRUPT_HINT}", file=sys.stderr)
+        print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
         return 130
     except typer.Abort:
         return 1
@@ -400,7 +409,7 @@ def _main(argv: list[str] | None) -> int:
         err.show()
         return err.exit_code
     if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
-        print(f"medseg: interrupted{_INTERRUPT_HINT}", file=sys.stderr)
+        print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
     return result if isinstance(result, int) else 0
 
 

@@ -113,11 +113,30 @@ def select_cases(cfg: "RunConfig", kept_split: dict[str, list[str]] | None = Non
         train_cases, val_cases = _keep_split(kept_split, train_cases, val_cases)
     if not train_cases:
         raise DataError(f"{root}: the split leaves no training cases")
+    _check_dimensionality(cfg, cases)
     collision = colliding_case_names([case.name for case in cases])
     if collision is not None:
         raise DataError(f"{root}: {collision} would share a file in the preprocessing cache (a case's label is "
                         "stored as CASE_seg.b2nd, its record as CASE.json); rename one")
     return info, train_cases, val_cases
+
+
+def _check_dimensionality(cfg: "RunConfig", cases: list[Case]) -> None:
+    """The cases' dimension is the patch's, read from the headers: a 2D patch on a 3D
+    dataset was refused by the first case preprocessed, after the normalisation
+    statistics had read every training case."""
+    from medseg.data.io import read_geometry
+
+    for case in cases:
+        try:
+            geometry = read_geometry(case.image_files[0])[1]
+        except DataError:
+            continue  # named when the case is read
+        if geometry.ndim != cfg.spatial_dims:
+            raise ConfigError(
+                f"data.patch_size: {list(cfg.data.patch_size)} has {cfg.spatial_dims} values but case '{case.name}' "
+                f"is {geometry.ndim}D (shape {geometry.shape})"
+            )
 
 
 def _keep_split(kept: dict[str, list[str]], train: list[Case], val: list[Case]) -> tuple[list[Case], list[Case]]:
@@ -179,12 +198,31 @@ class PreprocessedDataset:
 _JOB: dict[str, Any] = {}
 
 
-def _init_worker(job: dict[str, Any]) -> None:
+def _init_worker(job: dict[str, Any], parent: int | None = None) -> None:
     import torch
 
+    if parent is not None:
+        _exit_with_parent(parent)
     torch.set_num_threads(1)
     _JOB.clear()
     _JOB.update(job)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Linux: this pool process gets SIGKILL when the process that started it dies. A
+    ``train`` or ``preprocess`` killed (SIGKILL, SIGTERM, the out-of-memory killer) while
+    filling the cache left its workers blocked on the pool's queue for good, each holding
+    hundreds of MB. Elsewhere nothing changes."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it died before the call
+        os._exit(1)
 
 
 def _preprocess_one(case: Case) -> str:
@@ -216,8 +254,9 @@ def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool)
         # import torch and MONAI again in each); they run torch on one thread
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # started by this thread, which waits for them: PR_SET_PDEATHSIG follows the thread
         with ProcessPoolExecutor(min(workers, len(cases)), mp_context=context, initializer=_init_worker,
-                                 initargs=(job,)) as pool:
+                                 initargs=(job, os.getpid())) as pool:
             futures: dict[Future, Case] = {pool.submit(_preprocess_one, c): c for c in cases}
             pending = set(futures)
             try:

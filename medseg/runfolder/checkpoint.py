@@ -116,6 +116,10 @@ def _load_failure(path: Path, err: Exception) -> str:
         return f"{type(read_error).__name__}: {read_error.strerror or read_error}"
     if head != b"PK\x03\x04":
         return "not a PyTorch file: a checkpoint is a zip archive"
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # the archive's directory is at its end
+        return f"truncated: a zip archive without its end ({path.stat().st_size} bytes), as a write cut short leaves it"
     message = str(err).split("\n")[0]
     if "weights only" in message.lower() or "weights_only" in message:
         return f"{type(err).__name__}: it holds objects that a weights-only load refuses"

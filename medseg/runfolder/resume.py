@@ -184,6 +184,8 @@ def resume_point(
         checkpoint = load_checkpoint(latest)
         check(config_of(checkpoint, latest), int(checkpoint["iteration"]), latest)
         return checkpoint
+    if resume and latest.exists():
+        raise CheckpointError(f"{latest}: not a file; move it away, or put the run's checkpoint file there")
     if resume:
         kept = sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.pt")) if (run_dir / CHECKPOINT_DIR).is_dir() else []
         if kept:  # latest.pt was deleted or lost: starting over would replace what the run has

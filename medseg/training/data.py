@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from medseg import distributed
 from medseg.config import RunConfig
 from medseg.data.dataset import Case, DatasetInfo
 from medseg.preprocessing import CachedCase, PreprocessedDataset, preprocess_dataset, select_cases
@@ -78,5 +79,10 @@ def prepare_data(cfg: RunConfig, preprocessing: dict[str, Any] | None = None,
         ", ".join(f"{v}={k}" for k, v in sorted(info.labels.items(), key=lambda kv: kv[1])),
         cache.folder,
     )
+    present = {v for c in train_cases for v, n in cache.cases[c.name].class_counts.items() if n > 0}
+    missing = [(name, v) for name, v in info.foreground_labels.items() if v not in present]
+    if missing and distributed.is_main():  # trained on in silence, with "val Dice 0.0000 *best*"
+        log.warning("no training case contains class(es) %s: the network cannot learn them; check the labels "
+                    "(and dataset.json's label values)", ", ".join(f"{v} ({name})" for name, v in missing))
     val_items = ValidationCases([cache.cases[c.name] for c in val_cases])
     return TrainingData(info, train_cases, val_cases, cache.preprocessing, cache, train_set, val_items)

@@ -71,6 +71,11 @@ class RunLog:
         if resume_iteration is not None and self.path.is_file():
             self.rows = self._read_until(resume_iteration)
         self._rewrite()
+        events = self.run_dir / TENSORBOARD_DIR
+        if events.exists() and not events.is_dir():  # TensorBoard's makedirs: a FileExistsError traceback
+            from medseg.errors import MedsegError
+
+            raise MedsegError(f"{events}: is a file, where the run keeps its TensorBoard events; move it away")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(
@@ -79,9 +84,16 @@ class RunLog:
         )
 
     def _read_until(self, iteration: int) -> list[dict[str, str]]:
-        with self.path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = [r for r in reader if _complete(r) and int(r["iteration"]) <= iteration]
+        """The rows up to ``iteration``; none, with a warning, from a damaged file (a
+        traceback ended the resume before, after it had been recorded)."""
+        try:
+            with self.path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                rows = [r for r in reader if _complete(r) and int(r["iteration"]) <= iteration]
+        except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as err:
+            log.warning("%s: unreadable (%s: %s); it starts again at iteration %d, the rows before are lost "
+                        "(tensorboard/ still holds them)", self.path, type(err).__name__, err, iteration + 1)
+            return []
         return [{c: r.get(c, "") or "" for c in self.columns} for r in rows]
 
     def _rewrite(self) -> None:

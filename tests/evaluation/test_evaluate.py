@@ -176,7 +176,7 @@ def test_parallel_workers_give_the_same_summary(folders):
     assert [c["case"] for c in serial["metric_per_case"]] == [c["case"] for c in parallel["metric_per_case"]]
 
 
-def test_labels_from_the_data_without_dataset_json(tmp_path):
+def test_labels_from_the_data_without_dataset_json(tmp_path, capsys):
     ref, pred, out = tmp_path / "ref", tmp_path / "pred", tmp_path / "out"
     ref.mkdir()
     pred.mkdir()
@@ -187,6 +187,9 @@ def test_labels_from_the_data_without_dataset_json(tmp_path):
     summary = _summary(out)
     assert sorted(summary["mean"]) == ["1", "3"]
     assert summary["mean"]["3"]["Dice"] == 1.0
+    # said: an ignore label (3 here, maybe) would be scored as a class without a word
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "no dataset.json" in ln]
+    assert len(warning) == 1 and "scoring every label value found (1, 3) as a class" in warning[0]
 
 
 def test_explicit_dataset_json_and_ignore_label(tmp_path):

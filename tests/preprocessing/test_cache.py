@@ -234,7 +234,8 @@ def test_a_full_disk_leaves_no_partial_case(padded_dataset, tmp_path, capsys, mo
 def test_dimensionality_mismatch_is_a_config_error(padded_dataset, tmp_path):
     raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", patch_size=[16, 16], target_spacing=None)
     with pytest.raises(ConfigError, match=r"data\.patch_size.*3D"):
-        _preprocess(raw)
+        select_cases(validate_config(raw))  # from the headers: before the statistics read every case
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.skipif(not hasattr(__import__("torch").distributed, "is_gloo_available")
@@ -372,3 +373,43 @@ def test_medsegs_warnings_are_one_line_on_the_command_line(tmp_path, capsys):
     assert "DatasetWarning" not in err and ".py:" not in err
     assert cli_main(["preprocess", str(config), "--workers", "0"]) == 2  # click printed its usage block
     assert capsys.readouterr().err.strip() == "medseg: error: --workers: must be at least 1, got 0"
+
+
+def test_the_workers_of_a_killed_preprocessing_exit_with_it(tmp_path):
+    """train killed (SIGKILL, SIGTERM) while filling the cache left its fork workers
+    blocked on the pool's queue, each holding its memory, until killed by hand."""
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import sys, time\n"
+        "from medseg.preprocessing import run\n"
+        "def slow(case):\n"
+        "    time.sleep(120)\n"
+        "run._preprocess_one = slow\n"
+        "print('started', flush=True)\n"
+        "run._run_cases(['a', 'b', 'c'], {}, workers=2, show=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        deadline = time.time() + 60
+        workers: list[int] = []
+        while len(workers) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+        assert len(workers) == 2
+        time.sleep(1.0)  # the workers run their initializer
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+        assert alive == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -4,6 +4,7 @@ writing leaves the old file and no temporary one."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from medseg import atomic
 from medseg.atomic import atomic_path, write_atomic
 from medseg.config import validate_config
+from medseg.errors import MedsegError
 from medseg.runfolder.checkpoint import load_checkpoint, save_checkpoint
 from medseg.training.logs import RunLog, draw_progress
 from medseg.training.trainer import run_training
@@ -101,6 +103,27 @@ def test_metrics_csv_and_progress_png_are_replaced_whole(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_damaged_metrics_csv_is_started_again_with_a_warning(tmp_path, caplog):
+    """Bytes that are not UTF-8 ended the resume with a UnicodeDecodeError traceback."""
+    import logging
+
+    for damage in (b"garbage\x00\xff\n1,2\n", b"iteration,lr,loss\n2,0.001,0.5\n\xff\xfe"):
+        (tmp_path / "metrics.csv").write_bytes(damage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="medseg.training"):
+            runlog = RunLog(tmp_path, ["dice_ce"], ["vessel"], resume_iteration=4)
+        runlog.add_row(6, 1e-3, 0.5, {"dice_ce": 0.5}, [0.5])
+        runlog.close()
+        assert [r["iteration"] for r in runlog.rows] == ["6"]
+        assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("iteration,lr,loss")
+        assert any("metrics.csv: unreadable" in r.getMessage() and "starts again at iteration 5" in r.getMessage()
+                   for r in caplog.records)
+    shutil.rmtree(tmp_path / "tensorboard")
+    (tmp_path / "tensorboard").write_text("a file in the way")
+    with pytest.raises(MedsegError, match="tensorboard: is a file, where the run keeps its TensorBoard events"):
+        RunLog(tmp_path, ["dice_ce"], ["vessel"], resume_iteration=4)
+
+
 def test_a_run_killed_while_writing_label_stats_leaves_no_torn_file(synthetic_dataset_3d, tmp_path, monkeypatch):
     run = tmp_path / "run"
     _fail_replace(monkeypatch, "label_stats.json")
@@ -149,6 +172,12 @@ def test_a_file_that_is_no_checkpoint_says_why_without_torchs_unsafe_advice(tmp_
     with pytest.raises(CheckpointError) as caught:
         load(pickled)
     assert "weights-only load refuses" in str(caught.value) and "weights_only" not in str(caught.value)
+    cut = tmp_path / "cut.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:1500])  # a write cut short: torch said "[Errno 22] Invalid argument"
+    with pytest.raises(CheckpointError, match=r"cut.pt: not a readable medseg checkpoint \(truncated: a zip archive "
+                                              r"without its end \(1500 bytes\)"):
+        load(cut)
 
 
 def test_a_checkpoint_changed_on_disk_is_refused_not_loaded_as_other_weights(tmp_path):

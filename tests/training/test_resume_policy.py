@@ -337,6 +337,9 @@ def test_a_resume_without_latest_but_with_best_is_refused_and_changes_nothing(sy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "latest.pt: missing, but checkpoints/ holds best.pt" in err[0] and "nothing was changed" in err[0]
     assert _digest(run) == before
+    (run / "checkpoints" / "latest.pt").mkdir()  # it said "missing, but checkpoints/ holds best.pt, latest.pt"
+    assert cli_main(["train", str(config), "--resume"]) == CheckpointError.exit_code
+    assert "latest.pt: not a file" in capsys.readouterr().err
 
 
 def test_a_run_stopped_between_its_latest_and_best_of_a_step_resumes_exactly(synthetic_dataset_3d, tmp_path,

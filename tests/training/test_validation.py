@@ -27,3 +27,26 @@ def test_a_class_absent_from_every_validation_case_is_reported(tmp_path, caplog,
     assert scores[1] == 0.0
     warnings = [r.getMessage() for r in caplog.records if "no validation case contains" in r.getMessage()]
     assert len(warnings) == 1 and "class(es) 2:" in warnings[0]  # once, naming the class
+
+
+def test_a_class_no_training_case_contains_is_reported(synthetic_dataset_3d, tmp_path, caplog):
+    """All-background training labels trained in silence (only the validation split was
+    checked)."""
+    import shutil
+
+    from medseg.data.io import read_image, write_image
+    from medseg.training.data import prepare_data
+
+    from test_trainer import _raw
+
+    dataset = tmp_path / "data"
+    shutil.copytree(synthetic_dataset_3d, dataset)
+    for label in (dataset / "labelsTr").iterdir():
+        array, geometry = read_image(label)
+        write_image(label, array * 0, geometry)
+    raw = _raw(dataset, tmp_path / "run", iterations=2)
+    raw["data"]["cache_dir"] = str(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="medseg.training"):
+        prepare_data(validate_config(raw))
+    warnings = [r.getMessage() for r in caplog.records if "no training case contains" in r.getMessage()]
+    assert len(warnings) == 1 and "class(es) 1 (vessel)" in warnings[0]
