@@ -499,8 +499,13 @@ def list_cases(root: str | Path, info: DatasetInfo, subset: str = "Tr") -> list[
         names = set(grouped)
         orphans = [p.name for p in _scan(labels_dir, (ending,)) if strip_ending(p, ending) not in names]
         if orphans:
+            # an image of another ending (case_0000.nii in a .nii.gz dataset) is skipped
+            # by the scan: say so, or "without an image" reads as a missing file
+            first = strip_ending(orphans[0], ending)
+            other = sorted(p.name for p in images_dir.glob(f"{first}_*") if p.is_file() and ending_of(p) != ending)
+            why = f" ({other[0]} has another ending than dataset.json's file_ending {ending})" if other else ""
             warnings.warn(
-                f"{labels_dir}: {len(orphans)} label file(s) without an image, e.g. {orphans[0]}",
+                f"{labels_dir}: {len(orphans)} label file(s) without an image, e.g. {orphans[0]}{why}",
                 DatasetWarning,
                 stacklevel=2,
             )

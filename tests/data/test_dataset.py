@@ -527,3 +527,15 @@ def test_cases_from_paths_refuses_one_case_given_twice_and_channels_a_model_lack
     with pytest.raises(DataError, match=r"x_0001\.nii\.gz: channel 1 of case 'x', but the model takes 1 channel"):
         cases_from_paths([one], num_channels=1)
     assert [c.name for c in cases_from_paths([one], num_channels=2)] == ["x"]
+
+
+def test_an_image_of_another_ending_is_named_beside_its_orphan_label(ds):
+    """'1 label file(s) without an image' read as a missing file when the image was only
+    stored with another ending than dataset.json's."""
+    image = ds / "imagesTr" / "case_001_0000.nii.gz"
+    array, geometry = read_image(image)
+    image.unlink()
+    write_image(ds / "imagesTr" / "case_001_0000.nii", array, geometry)
+    with pytest.warns(DatasetWarning, match=r"1 label file\(s\) without an image, e.g. case_001.nii.gz \(case_001_0000"
+                                            r".nii has another ending than dataset.json's file_ending .nii.gz\)"):
+        check_dataset(ds)
