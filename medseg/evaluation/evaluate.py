@@ -377,10 +377,6 @@ def run_evaluation(
                                 f"dataset.json beside them; name the labels with --dataset-json")
             label_names = {v: f"label_{v}" for v in sorted(values)}
             label_source = "label values present in the files"
-            # said, since an ignore label is then scored as a class (vessel Dice 0.55 for 0.86)
-            print(f"medseg: warning: no dataset.json beside {ref_dir} (looked for {ref_dir.parent / 'dataset.json'}): "
-                  f"scoring every label value found ({', '.join(map(str, sorted(values)))}) as a class; "
-                  "--dataset-json names the labels and the ignore label", file=sys.stderr)
         labels = list(label_names)
 
         jobs = [
@@ -406,6 +402,11 @@ def run_evaluation(
             # a summary of no case would replace a good evaluation in this folder with nothing
             raise DataError(f"{pred_dir}: no case could be evaluated ({len(missing)} missing, {len(failed)} failed; "
                             f"first: {problems[0]}); nothing written to {output}")
+        if label_source == "label values present in the files":
+            # said, since an ignore label is then scored as a class (vessel Dice 0.55 for 0.86)
+            print(f"medseg: warning: no dataset.json beside {ref_dir} (looked for {ref_dir.parent / 'dataset.json'}): "
+                  f"every label value found ({', '.join(map(str, labels))}) is scored as a class; "
+                  "--dataset-json names the labels and the ignore label", file=sys.stderr)
 
         if connectivity is None:
             dims = {len(info["shape"]) for info in case_info.values()}

@@ -189,7 +189,7 @@ def test_labels_from_the_data_without_dataset_json(tmp_path, capsys):
     assert summary["mean"]["3"]["Dice"] == 1.0
     # said: an ignore label (3 here, maybe) would be scored as a class without a word
     warning = [ln for ln in capsys.readouterr().err.splitlines() if "no dataset.json" in ln]
-    assert len(warning) == 1 and "scoring every label value found (1, 3) as a class" in warning[0]
+    assert len(warning) == 1 and "every label value found (1, 3) is scored as a class" in warning[0]
 
 
 def test_explicit_dataset_json_and_ignore_label(tmp_path):
