@@ -75,9 +75,13 @@ def esc(text: Any) -> str:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A value for a table cell: integers as such, floats with ``digits`` significant digits, NaN as 'nan'."""
+    """A value for a table cell: integers as such, floats with ``digits`` significant digits
+    (more where those would show a whole number the value is not: 0.99996 is not '1'),
+    NaN as 'nan'; text as it is (a case named '001' or 'NaN' was shown as '1' or 'nan')."""
     if value is None:
         return ""
+    if isinstance(value, str):
+        return value
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
@@ -89,7 +93,11 @@ def fmt(value: Any, digits: int = 4) -> str:
             return "inf" if value > 0 else "-inf"
         if value == int(value) and abs(value) < 1e9:
             return str(int(value))
-        return f"{value:.{digits}g}"
+        text = f"{value:.{digits}g}"
+        while digits < 12 and float(text) == int(float(text)) and "e" not in text:
+            digits += 2
+            text = f"{value:.{digits}g}"
+        return text
     try:
         return fmt(float(value), digits)
     except (TypeError, ValueError):

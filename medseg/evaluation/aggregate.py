@@ -26,6 +26,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "describe",
     "better_direction",
+    "better_side",
     "is_number",
     "finite_values",
 ]
@@ -51,6 +52,22 @@ def better_direction(metric: str) -> int:
     if _LOWER.match(metric):
         return -1
     return 0
+
+
+def better_side(metric: str, stats: dict[str, Any]) -> int:
+    """+1 when the second run's mean of ``metric`` is the better, -1 when the first's, 0
+    when they are equal, 2 when the metric has no direction or the difference is not
+    finite. ``stats``: :func:`medseg.evaluation.compare.paired_tests`'s (``mean_a``,
+    ``mean_b``, ``mean_difference``). Differences within float rounding of the means
+    (1e-9 of their size) are equal: means of 0.1/0.7/0.3 and 0.2/0.6/0.3 differ by 9e-18,
+    and "better mean B" was shown for it."""
+    diff, direction = stats["mean_difference"], better_direction(metric)
+    if direction == 0 or not math.isfinite(diff):
+        return 2
+    scale = max(1.0, abs(stats.get("mean_a", 0.0)), abs(stats.get("mean_b", 0.0)))
+    if abs(diff) <= 1e-9 * scale:
+        return 0
+    return 1 if diff * direction > 0 else -1
 
 
 def is_number(value: Any) -> bool:

@@ -41,7 +41,7 @@ import numpy as np
 
 from medseg.errors import ArgumentError, DataError
 from medseg.evaluation import _page
-from medseg.evaluation.aggregate import better_direction, is_number
+from medseg.evaluation.aggregate import better_side, is_number
 from medseg.evaluation.summary import (
     DEFAULT_PERMUTATIONS,
     DEFAULT_PICTURED_CASES,
@@ -300,14 +300,7 @@ def compare_evaluations(a: Evaluation, b: Evaluation, permutations: int = DEFAUL
             arr = np.asarray(pairs, dtype=float).reshape(-1, 2)
             stats = paired_tests(arr[:, 0], arr[:, 1], permutations)
             stats["undefined"] = len(paired) - stats["n"]
-            direction = better_direction(metric)
-            diff = stats["mean_difference"]
-            if direction == 0 or not math.isfinite(diff):
-                stats["better"] = ""
-            elif diff == 0:
-                stats["better"] = "="
-            else:
-                stats["better"] = "B" if diff * direction > 0 else "A"
+            stats["better"] = {2: "", 0: "=", 1: "B", -1: "A"}[better_side(metric, stats)]
             p = stats.get("permutation_p")
             stats["significant"] = bool(stats["better"] in ("A", "B") and p is not None and p < SIGNIFICANCE)
             rows[metric] = stats

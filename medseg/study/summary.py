@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.evaluation.aggregate import better_direction
+from medseg.evaluation.aggregate import better_side
 from medseg.evaluation.compare import load_evaluation, paired_tests
 from medseg.evaluation.summary import DEFAULT_PERMUTATIONS
 from medseg.study.config import Study
@@ -97,13 +97,8 @@ def compare_to_baseline(
     a = np.asarray([p[0] for p in pairs], dtype=float)
     b = np.asarray([p[1] for p in pairs], dtype=float)
     stats = paired_tests(a, b) if permutations is None else paired_tests(a, b, permutations)
-    diff, direction = stats["mean_difference"], better_direction(metric)
-    if direction == 0 or not math.isfinite(diff):
-        better = ""
-    elif diff == 0:
-        better = "="
-    else:
-        better = "variant" if diff * direction > 0 else "baseline"
+    diff = stats["mean_difference"]
+    better = {2: "", 0: "=", 1: "variant", -1: "baseline"}[better_side(metric, stats)]
     p = stats["permutation_p"]
     return {
         "n": stats["n"],

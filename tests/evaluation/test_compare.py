@@ -72,7 +72,7 @@ def test_compare_direction_p_values_and_left_out_cases(two_runs):
     assert hd["better"] == "B"  # lower HD95 is better
     cl = result["metrics"]["1"]["clDice"]
     assert cl["mean_difference"] == pytest.approx(0.0, abs=1e-12) and cl["permutation_p"] > 0.5 and cl["wilcoxon_p"] > 0.5
-    assert not cl["significant"]  # whichever mean is better by rounding, the difference is no verdict
+    assert not cl["significant"] and cl["better"] == "="  # equal up to rounding: no better mean
     assert result["metrics"]["1"]["betti_matching_error"]["better"] == "="
     assert result["only_in_a"] == ["only_a"]
     assert result["only_in_b"] == ["case_broken", "only_b"]
@@ -260,3 +260,24 @@ def test_evaluations_under_other_ignore_labels_or_label_names_are_not_paired(tmp
     summary["labels"] = {"1": "vessel"}
     b.write_text(json.dumps(summary))
     assert main(["report", "compare", str(a), str(b)]) == 0
+
+
+def test_equal_means_up_to_rounding_are_equal_and_case_names_are_shown_as_named(tmp_path):
+    """Means of 0.1/0.7/0.3 and 0.2/0.6/0.3 differ by 9e-18: "better mean B" was shown
+    (and "A" for HD95); case '001' was shown as '1' and 'NaN' as 'nan' in the pages."""
+    from medseg.evaluation._page import fmt
+
+    names = ["001", "1.50", "NaN"]
+    a = {n: {"Dice": d, "HD95": h} for n, d, h in zip(names, [0.1, 0.7, 0.3], [1.0, 2.0, 3.0])}
+    b = {n: {"Dice": d, "HD95": h} for n, d, h in zip(names, [0.2, 0.6, 0.3], [2.0, 1.0, 3.0])}
+    run_a = _summary(tmp_path / "a" / "summary.json", a).parent
+    run_b = _summary(tmp_path / "b" / "summary.json", b).parent
+    result = compare_evaluations(load_evaluation(run_a), load_evaluation(run_b))
+    rows = result["metrics"]["1"]
+    assert abs(rows["Dice"]["mean_difference"]) < 1e-15 and rows["Dice"]["better"] == "="
+    assert rows["HD95"]["better"] == "="
+    run_compare(run_a, run_b, output=tmp_path / "cmp")
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    for name in names:
+        assert f">{name}<" in page
+    assert fmt("001") == "001" and fmt(0.99996) == "0.99996" and fmt(1.0) == "1" and fmt(0.5) == "0.5"

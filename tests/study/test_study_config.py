@@ -209,12 +209,17 @@ def test_an_interrupted_study_stops_its_workers_and_starts_no_other(tmp_path):
 
     workers = _Workers()
     codes = []
+    # as medseg.study.worker, the child takes SIGINT as KeyboardInterrupt from its first
+    # line on; stop() is sent once it runs (a signal during the interpreter's start-up is
+    # another matter, and made this test fail under heavy load)
+    child = ("import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "print('ready', flush=True); time.sleep(60)")
     with open(tmp_path / "log", "w") as handle:
         thread = threading.Thread(target=lambda: codes.append(
-            workers.run([sys.executable, "-c", "import time; time.sleep(60)"], "", handle, None)))
+            workers.run([sys.executable, "-c", child], "", handle, None)))
         thread.start()
-        deadline = time.time() + 30
-        while not workers._running and time.time() < deadline:
+        deadline = time.time() + 60
+        while "ready" not in (tmp_path / "log").read_text() and time.time() < deadline:
             time.sleep(0.05)
         began = time.time()
         workers.stop()
