@@ -338,12 +338,23 @@ def report_html(
     print(f"medseg: wrote {path}")
 
 
+_THREAD_STORAGE_ERRORS: list[str] = []  # held until the command's end (see _background_thread_error)
+
+
 def _background_thread_error(args) -> None:
     """A full or read-only disk seen by a library's writer thread (TensorBoard's event
-    file) is one line, not a traceback; the command's own next write reports it too."""
+    file) is one line, not a traceback. The command's own next write usually reports the
+    same disk; its line is then the one shown, and the thread's (a second line, or none,
+    as the threads' timing went) is said only when the command ends without an error."""
     if args.exc_type is not None and issubclass(args.exc_type, OSError):
+        from medseg.atomic import storage_error
+
         name = args.thread.name if args.thread is not None else "a background thread"
-        sys.stderr.write(f"medseg: error: {name}: {args.exc_value}\n")
+        line = f"medseg: error: {name}: {args.exc_value}\n"
+        if storage_error(args.exc_value, "") is not None:
+            _THREAD_STORAGE_ERRORS.append(line)
+        else:
+            sys.stderr.write(line)
         return
     threading.__excepthook__(args)
 
@@ -353,10 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     previous, shown = threading.excepthook, warnings.showwarning
     threading.excepthook = _background_thread_error
     warnings.showwarning = _medseg_warnings_in_one_line(shown)
+    _THREAD_STORAGE_ERRORS.clear()
     try:
-        return _main(argv)
+        code = _main(argv)
+        if code == 0 and _THREAD_STORAGE_ERRORS:  # the command's writes went through, a thread's did not
+            sys.stderr.write("".join(dict.fromkeys(_THREAD_STORAGE_ERRORS)))
+            code = 1
+        return code
     finally:
         threading.excepthook, warnings.showwarning = previous, shown
+        _THREAD_STORAGE_ERRORS.clear()
 
 
 def _medseg_warnings_in_one_line(other: Callable[..., None]) -> Callable[..., None]:

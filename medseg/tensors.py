@@ -28,6 +28,8 @@ def channel_argmax(x: torch.Tensor, dim: int = 1, keepdim: bool = False) -> torc
     difference. On other devices, and for the innermost dimension, it is ``x.argmax``.
     """
     dim = dim % x.dim()
+    if x.dtype == torch.bool:  # torch's argmax takes no bool (a bool one-hot target)
+        x = x.to(torch.uint8)
     if x.device.type != "cpu" or dim == x.dim() - 1:
         return x.argmax(dim=dim, keepdim=keepdim)
     out = x.movedim(dim, -1).contiguous().argmax(dim=-1)

@@ -294,25 +294,35 @@ def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys):
     assert "medseg: interrupted" in capsys.readouterr().err
 
 
-def test_a_full_disk_in_a_writer_thread_is_one_line(capsys):
+def test_a_full_disk_in_a_writer_thread_is_one_line(capsys, monkeypatch):
     """TensorBoard's writer thread hitting a full disk printed a 40-line traceback beside
-    the command's own one-line error."""
+    the command's own one-line error; then, as the threads' timing went, a second line
+    beside it. The thread's line is said only when the command ends without an error."""
     import errno
     import threading
 
-    from medseg.cli import _background_thread_error
+    import medseg.cli as cli
+    from medseg.errors import MedsegError
 
     def write():
         raise OSError(errno.ENOSPC, "No space left on device", "/run/tensorboard/events.out")
 
-    previous = threading.excepthook
-    threading.excepthook = _background_thread_error
-    try:
-        thread = threading.Thread(target=write, name="EventFileWriter")
-        thread.start()
-        thread.join()
-    finally:
-        threading.excepthook = previous
+    def command(fails):
+        def run(argv):
+            thread = threading.Thread(target=write, name="EventFileWriter")
+            thread.start()
+            thread.join()
+            if fails:  # the command's own next write hits the same disk
+                sys.stderr.write("medseg: error: /run/metrics.csv: No space left on device\n")
+                return MedsegError.exit_code
+            return 0
+        return run
+
+    monkeypatch.setattr(cli, "_main", command(fails=True))
+    assert cli.main([]) == MedsegError.exit_code
+    assert capsys.readouterr().err == "medseg: error: /run/metrics.csv: No space left on device\n"
+    monkeypatch.setattr(cli, "_main", command(fails=False))
+    assert cli.main([]) == 1
     err = capsys.readouterr().err
     assert err == "medseg: error: EventFileWriter: [Errno 28] No space left on device: '/run/tensorboard/events.out'\n"
 

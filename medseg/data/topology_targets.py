@@ -559,11 +559,22 @@ def skeleton_distance_batch(
     """:func:`skeleton_distance` of every sample of a target batch, (B, 2, *spatial) float32 on its device.
 
     ``target`` is a label map (B, 1, *spatial) or a one-hot target (B, C, *spatial), read as
-    the label map ``argmax`` over channels. Computed on the CPU; what the losses do when the
-    data pipeline did not (:class:`SkeletonDistanced`).
+    the label map ``argmax`` over channels (each voxel's channels must sum to 1: a
+    multi-hot target is refused). Computed on the CPU; what the losses do when the data
+    pipeline did not (:class:`SkeletonDistanced`).
     """
     labels = target.detach()
-    labels = labels[:, 0] if labels.shape[1] == 1 else channel_argmax(labels, dim=1)
+    if labels.shape[1] > 1:
+        per_voxel = labels.float().sum(dim=1)
+        if not bool(torch.all((per_voxel - 1).abs() <= 1e-3)):  # the argmax would make another skeleton
+            raise ValueError(
+                "a one-hot target must hold exactly one class per voxel to be read as a label map; a multi-hot "
+                "target (a voxel of no class, or of several: a multi-label head) gives cbDice and clCE skeletons "
+                "of other shapes than its channels'"
+            )
+        labels = channel_argmax(labels, dim=1)
+    else:
+        labels = labels[:, 0]
     labels = label_array(labels)
     maps = np.stack([skeleton_distance(labels[b], num_classes, include_background) for b in range(len(labels))])
     return torch.from_numpy(maps).to(target.device)

@@ -132,10 +132,13 @@ def activate(input: torch.Tensor, activation: str) -> torch.Tensor:
 
 def encodes_labels(target: torch.Tensor, n_channels: int, to_onehot_y: bool | None) -> bool:
     """Whether :func:`target_as_channels` one-hot encodes ``target`` (a label map, C > 1):
-    its channels then hold 0 and 1 only."""
+    its channels then hold 0 and 1 only. A target that already has C channels is taken as
+    it is, ``to_onehot_y`` or not (as MONAI's and medseg's Dice losses take it: a
+    composite of ``build_loss``, whose terms all get ``to_onehot_y=True``, refused the
+    one-hot targets MONAI's ``AsDiscreted(to_onehot=C)`` gives)."""
     if to_onehot_y is None:
         to_onehot_y = target.shape[1] == 1
-    return bool(to_onehot_y) and n_channels > 1
+    return bool(to_onehot_y) and n_channels > 1 and target.shape[1] == 1
 
 
 def target_as_channels(
@@ -171,6 +174,14 @@ def _target_as_channels(target: torch.Tensor, n_channels: int, encode: bool, fir
             "pass an integer label map (B, 1, ...) or a one-hot target (B, C, ...)"
         )
     return target[:, first:]
+
+
+def summable(input: torch.Tensor) -> torch.Tensor:
+    """``input`` in float32 when it is float16 or bfloat16: a loss sums over a whole patch,
+    which overflows float16 (65504: Dice NaN, SAUNA's Jaccard union inf) and rounds in
+    bfloat16. :class:`~medseg.losses.registry.CompositeLoss` does the same for its terms;
+    the standalone modules gave NaN on half-precision inputs."""
+    return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
 
 
 def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:

@@ -275,6 +275,15 @@ class BettiMatchingLoss(torch.nn.Module):
         self.cache_hits = 0
         self.cache_misses = 0
 
+    def __getstate__(self) -> dict:
+        """The module without its cache of target barcodes (engine objects that do not
+        pickle): ``copy.deepcopy``, ``pickle`` and ``torch.save`` of a loss that has run,
+        or of a composite holding it, failed; a copy starts with an empty cache."""
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        state["_cache_nbytes"] = 0
+        return state
+
     # ------------------------------------------------------------------ target cache
 
     def _prepared(self, targets: list[np.ndarray], superlevel: bool, shared: list[int] | None = None) -> list:

@@ -17,7 +17,7 @@ from monai.losses import DiceCELoss as _MonaiDiceCELoss
 from monai.losses import DiceLoss as _MonaiDiceLoss
 from torch import nn
 
-from medseg.losses._prepare import activate, check_activation_flags, check_input, resolve_activation
+from medseg.losses._prepare import activate, check_activation_flags, check_input, resolve_activation, summable
 
 
 class DiceLoss(nn.Module):
@@ -127,6 +127,7 @@ class DiceLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_input(input, target, type(self).__name__)
+        input = summable(input)
         target = target.to(input.dtype) if input.shape[1] == 1 else target
         return self._loss_for(input, target)(self._activated(input), target)
 
@@ -200,8 +201,31 @@ class DiceCELoss(DiceLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """MONAI's ``DiceCELoss.forward`` with the Dice part on the shared activation."""
         check_input(input, target, type(self).__name__)
+        input = summable(input)
         target = target.to(input.dtype) if input.shape[1] == 1 else target
         loss = self._loss_for(input, target)
         dice = loss.dice(self._activated(input), target)
-        ce = loss.ce(input, target) if input.shape[1] != 1 else loss.bce(input, target)  # on the logits
+        if input.shape[1] == 1:
+            ce = loss.bce(input, target)  # on the logits
+        elif resolve_activation(input.shape[1], self.sigmoid, self.softmax) == "sigmoid":
+            ce = self._multilabel_bce(input, target, loss.cross_entropy.reduction)
+        else:
+            ce = loss.ce(input, target)
         return loss.lambda_dice * dice + loss.lambda_ce * ce
+
+    def _multilabel_bce(self, input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+        """A multi-label sigmoid head's cross-entropy: a binary one per channel, as its Dice
+        part is. MONAI's DiceCELoss takes the softmax cross-entropy over the channels for
+        every head of C > 1 (a perfect multi-label prediction stayed at 0.087, and a voxel
+        of no label got no gradient from it); ``class_weights`` weigh the channels' positives."""
+        from torch.nn import functional as F
+
+        from medseg.losses._prepare import target_as_channels
+
+        channels = target_as_channels(target, input.shape[1], self.to_onehot_y)
+        weight = None
+        if self.class_weights is not None:
+            weight = torch.tensor(self.class_weights, dtype=input.dtype, device=input.device)
+            weight = weight.view(1, -1, *([1] * (input.dim() - 2)))
+        return F.binary_cross_entropy_with_logits(input, channels.to(input.dtype), pos_weight=weight,
+                                                  reduction=reduction)

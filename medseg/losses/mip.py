@@ -116,8 +116,11 @@ class MIPLoss(nn.Module):
         smooth: added to the Tversky numerator and denominator. Default 1.
         target_projection: ``'patch'`` or ``'volume'``.
         sigmoid, softmax, to_onehot_y: see :mod:`medseg.losses._prepare`.
-        reduction: ``"mean"`` or ``"sum"`` over the batch (``"none"``: (B,) MIP term only
-            when ``segmentation_weight`` is 0).
+        reduction: ``"mean"`` or ``"sum"``: the MIP term's over the batch; the
+            segmentation term (Dice+CE) takes it as MONAI's DiceCELoss does, so its
+            ``"sum"`` adds the cross-entropy over every voxel as well (the total then grows
+            with the patch, not with the batch alone). ``"none"``: (B,) MIP term only,
+            when ``segmentation_weight`` is 0.
 
     Raises:
         ValueError: bad axes, negative weights, bad ``segmentation`` or ``target_projection``.

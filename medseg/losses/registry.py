@@ -235,6 +235,7 @@ class CompositeLoss(nn.Module):
         """``head``: which deep-supervision output ``input`` is (0: the final one)."""
         # Sums over a 96^3 patch overflow float16; the terms are computed in float32 even
         # when the network runs under autocast.
+        _check_logits(input)
         input = input.float()
         values = {}
         with shared_preparation():  # the terms share one activation of input, one encoding of target
@@ -256,6 +257,7 @@ class CompositeLoss(nn.Module):
         term's weighted mean over the heads it ran on (the head weights normalised to
         those heads: a ``final`` term's part is its value on the final output).
         """
+        _check_logits(outputs)
         outputs = outputs.float()
         count = outputs.shape[1]
         head_outputs = outputs.unbind(1)  # one tensor per head, shared by the terms (shared_preparation)
@@ -384,6 +386,13 @@ class CompositeLoss(nn.Module):
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor (MONAI's MetaTensor inputs propagate into the loss values), same graph."""
     return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+def _check_logits(input: torch.Tensor) -> None:
+    """The composite casts its input to float32: integer "logits" were taken in silence,
+    where every term refuses them (check_input)."""
+    if not input.is_floating_point():
+        raise ValueError(f"CompositeLoss: input must be floating-point logits or probabilities, got dtype {input.dtype}")
 
 
 def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | None = None) -> CompositeLoss:

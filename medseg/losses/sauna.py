@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medseg.data.topology_targets import sauna_targets
-from medseg.losses._prepare import EPS, check_input, check_reduction, reduce
+from medseg.losses._prepare import EPS, check_input, check_reduction, reduce, summable
 from medseg.tensors import label_array
 
 
@@ -135,6 +135,7 @@ class SaunaLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor, sauna_target: torch.Tensor | None = None) -> torch.Tensor:
         """``input`` (B, C, ...) raw output; ``target`` (B, 1, ...) labels; ``sauna_target`` (B, C, ...) or None."""
         check_input(input, target, "SaunaLoss")
+        input = summable(input)
         n = input.shape[1]
         if sauna_target is None:
             if target.shape[1] != 1:

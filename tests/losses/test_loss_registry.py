@@ -285,3 +285,54 @@ def test_integer_logits_are_refused_naming_the_input(name):
 
     with pytest.raises(ValueError, match="input must be floating-point"):
         get_loss(name)(torch.ones(1, 2, 8, 8, dtype=torch.long), torch.ones(1, 1, 8, 8))
+
+
+def test_losses_in_a_users_own_loop():
+    """What a loop of the user's own hands the losses (found by probing):
+    - a one-hot target to a composite of build_loss (every term gets to_onehot_y) was
+      refused by cldice/cbdice/clce/betti_matching; it now gives the label map's value;
+    - a bool one-hot target crashed cbDice/clCE's argmax; a multi-hot one was read as
+      another label map's skeleton (now refused);
+    - dice_ce of a multi-label sigmoid head took a softmax cross-entropy over the
+      channels: 0.087 at a perfect prediction, no gradient at a voxel of no label;
+    - float16 inputs to the standalone Dice losses overflowed their sums (NaN);
+    - a composite holding Betti matching could not be deep-copied or saved once run;
+    - the composite took integer logits in silence."""
+    import copy
+    import io
+
+    from medseg.losses.dice import DiceCELoss, DiceLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16)
+    label = torch.randint(0, 3, (2, 1, 16, 16))
+    one_hot = torch.nn.functional.one_hot(label[:, 0], 3).permute(0, 3, 1, 2)
+    terms = [{"name": n} for n in ("dice_ce", "cldice", "cbdice", "clce", "betti_matching")]
+    composite = build_loss(_terms(*terms), 3)
+    want, _ = composite(logits, label)
+    for target in (one_hot.float(), one_hot.bool()):
+        got, _ = composite(logits, target)
+        torch.testing.assert_close(got, want)
+    multi_hot = one_hot.clone()
+    multi_hot[:, 0, :4] = 1
+    with pytest.raises(ValueError, match="multi-hot target"):
+        build_loss(_terms({"name": "cbdice"}), 3)(logits, multi_hot.float())
+
+    labels = (torch.rand(2, 2, 16, 16) > 0.5).float()  # overlapping labels: a multi-label head
+    perfect = (labels * 2 - 1) * 40
+    assert float(DiceCELoss(sigmoid=True)(perfect, labels)) < 1e-6
+    empty = torch.zeros(1, 2, 4, 4)
+    x = torch.full((1, 2, 4, 4), 3.0, requires_grad=True)  # a false positive everywhere
+    DiceCELoss(sigmoid=True, lambda_dice=0.0)(x, empty).backward()
+    assert bool((x.grad > 0).all())  # the softmax cross-entropy gave no gradient at all here
+
+    big = torch.randn(2, 2, 32, 32, 32)
+    big_label = (torch.rand(2, 1, 32, 32, 32) > 0.2).long()
+    for loss in (DiceLoss(batch=True), DiceCELoss(batch=True)):
+        assert torch.isfinite(loss(big.half(), big_label))
+        torch.testing.assert_close(loss(big.half(), big_label), loss(big.half().float(), big_label))
+
+    copy.deepcopy(composite)
+    torch.save(composite, io.BytesIO())
+    with pytest.raises(ValueError, match="CompositeLoss: input must be floating-point"):
+        composite(logits.long(), label)
