@@ -53,6 +53,7 @@ __all__ = [
     "read_image",
     "read_image_channels",
     "read_geometry",
+    "png_sixteen_bit_colour",
     "write_image",
     "ending_of",
     "strip_ending",
@@ -310,7 +311,9 @@ def _placeholder(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype=dtype), tuple(int(s) for s in shape))
 
 
-def _read(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
+def _read(path: Path, header_only: bool, palette: str = "colours") -> tuple[np.ndarray, ImageGeometry]:
+    """``palette``: what a palette PNG's pixels are, ``"colours"`` (a scan: its RGB) or
+    ``"indices"`` (a label map: indexed classes, as VOC stores them)."""
     ending = _check_supported(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -320,7 +323,7 @@ def _read(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
         elif ending in ITK_ENDINGS:
             array, geometry = _read_itk(path, header_only)
         elif ending == ".png":
-            array, geometry = _read_png(path, header_only)
+            array, geometry = _read_png(path, header_only, palette)
         else:
             array, geometry = _read_tiff(path, header_only)
     except DataError:
@@ -365,12 +368,12 @@ def read_image(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
     DataError
         As :func:`read_image_channels`, and when the file holds several channels.
     """
-    array, geometry = read_image_channels(path)
+    array, geometry = _read(Path(path), header_only=False, palette="indices")  # a palette PNG: label indices
     if array.shape[0] != 1:
         raise DataError(
             f"{path}: holds {array.shape[0]} channels in one file; expected a single-channel image"
         )
-    return array[0], geometry
+    return _c_order(array)[0], geometry
 
 
 def _squeeze_spatial(path: Path, array: np.ndarray, what: str) -> np.ndarray:
@@ -568,19 +571,45 @@ def _itk_layout(path: Path, data: np.ndarray, ncomp: int, image: Any) -> tuple[n
     return array, ImageGeometry(affine, array.shape[1:])
 
 
-def _read_png(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
+def png_sixteen_bit_colour(path: str | Path) -> tuple[int, int, int] | None:
+    """``(rows, cols, channels)`` of a PNG that holds 16 bits per sample of colour (IHDR
+    bit depth 16, colour type 2 or 6), else None. PIL opens such a file as 8-bit "RGB":
+    every value loses its low byte, silently."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    if len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6):
+        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"), 3 if head[25] == 2 else 4
+    return None
+
+
+def _read_png(path: Path, header_only: bool, palette: str = "colours") -> tuple[np.ndarray, ImageGeometry]:
     from PIL import Image
 
-    with Image.open(path) as img:
-        if header_only:  # numpy's array of the image: (rows, cols) or (rows, cols, bands)
-            bands = len(img.getbands())
-            data = _placeholder((img.height, img.width) + ((bands,) if bands > 1 else ()))
+    sixteen = png_sixteen_bit_colour(path)
+    if sixteen is not None:  # SimpleITK reads all 16 bits (PIL the high byte only)
+        if header_only:
+            data = _placeholder(sixteen)
         else:
-            img.load()  # decode now: a truncated file fails here, not later
-            if img.mode == "1":
-                data = np.asarray(img, dtype=np.uint8)
+            import SimpleITK as sitk
+
+            with _stderr_held():
+                data = np.asarray(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    else:
+        with Image.open(path) as img:
+            # a palette scan's pixels are its colours (its indices were segmented before,
+            # as convert_2d.py reads them); a palette label map's are its classes
+            colours = img.mode == "P" and palette == "colours"
+            if header_only:  # numpy's array of the image: (rows, cols) or (rows, cols, bands)
+                bands = (4 if "transparency" in img.info else 3) if colours else len(img.getbands())
+                data = _placeholder((img.height, img.width) + ((bands,) if bands > 1 else ()))
             else:
-                data = np.asarray(img)
+                img.load()  # decode now: a truncated file fails here, not later
+                if colours:
+                    data = np.asarray(img.convert("RGBA" if "transparency" in img.info else "RGB"))
+                elif img.mode == "1":
+                    data = np.asarray(img, dtype=np.uint8)
+                else:
+                    data = np.asarray(img)
     if data.ndim == 2:
         array = data[None]
     elif data.ndim == 3:

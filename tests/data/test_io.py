@@ -513,3 +513,22 @@ def test_header_only_reads_refuse_what_the_full_reads_refuse(tmp_path):
         with pytest.raises(DataError) as header:
             read_geometry(path)
         assert str(header.value).split(" (")[0] == str(full.value).split(" (")[0]
+
+
+def test_palette_pngs_read_as_colours_for_scans_and_indices_for_labels_and_16_bit_colour_in_full(tmp_path):
+    """A palette scan was segmented by its palette indices (Dice 0.05 against 0.54), and a
+    16-bit RGB PNG read at 8 bits, where convert_2d.py read both right."""
+    rng = np.random.default_rng(4)
+    photo = Image.fromarray((rng.random((6, 9, 3)) * 255).astype(np.uint8)).quantize(16)
+    photo.save(tmp_path / "scan.png")
+    channels, geometry = read_image_channels(tmp_path / "scan.png")
+    np.testing.assert_array_equal(channels, np.moveaxis(np.asarray(photo.convert("RGB")), -1, 0))
+    assert read_geometry(tmp_path / "scan.png")[0] == 3 and geometry.shape == (6, 9)
+    labels, _ = read_image(tmp_path / "scan.png")  # an indexed label map (VOC's): its classes
+    np.testing.assert_array_equal(labels, np.asarray(photo))
+    deep = (rng.random((6, 9, 3)) * 65535).astype(np.uint16)
+    sitk.WriteImage(sitk.GetImageFromArray(deep, isVector=True), str(tmp_path / "deep.png"))
+    channels, _ = read_image_channels(tmp_path / "deep.png")
+    assert channels.dtype == np.uint16
+    np.testing.assert_array_equal(channels, np.moveaxis(deep, -1, 0))
+    assert read_geometry(tmp_path / "deep.png")[0] == 3

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medseg.data.dataset import write_dataset_json
-from medseg.data.io import ImageGeometry, write_image
+from medseg.data.io import ImageGeometry, png_sixteen_bit_colour, write_image
 from medseg.data.prepare.output import check_dataset_output
 from medseg.data.prepare.verify import publish_dataset, temporary_dataset
 from medseg.errors import ArgumentError, DataError
@@ -131,13 +131,6 @@ def pair_files(images_dir: Path, masks_dir: Path, image_suffix: str = "", mask_s
     return result
 
 
-def _png_sixteen_bit_colour(path: Path) -> bool:
-    """Whether a PNG holds 16 bits per sample of colour (IHDR bit depth 16, colour type 2 or 6)."""
-    with open(path, "rb") as handle:
-        head = handle.read(26)
-    return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
-
-
 def _read(path: Path, kind: str) -> np.ndarray:
     """``(rows, cols)`` or ``(rows, cols, channels)`` array of ``path``."""
     try:
@@ -147,7 +140,7 @@ def _read(path: Path, kind: str) -> np.ndarray:
             data = np.asarray(tifffile.imread(path))
             if data.ndim == 3 and data.shape[0] in (3, 4) and data.shape[-1] not in (3, 4):
                 data = np.moveaxis(data, 0, -1)  # planar RGB
-        elif _ending(path) == ".png" and _png_sixteen_bit_colour(path):
+        elif _ending(path) == ".png" and png_sixteen_bit_colour(path) is not None:
             # PIL opens 16-bit RGB(A) PNGs as 8-bit "RGB": every value lost its low byte, silently
             import SimpleITK as sitk
 
