@@ -24,8 +24,10 @@ __all__ = ["build_info", "provenance", "version_text"]
 def _engine_info() -> dict[str, Any]:
     try:
         from medseg.topology import _engine  # noqa: F401
-    except ImportError as err:
-        return {"cpu": False, "cuda": False, "error": str(err)}
+    except ImportError:
+        from medseg.topology._inputs import engine_missing
+
+        return {"cpu": False, "cuda": False, "error": engine_missing()}
     info: dict[str, Any] = {"cpu": True, "cuda": False}
     try:
         from medseg.topology import _engine_cuda

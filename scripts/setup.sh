@@ -40,7 +40,25 @@ else
 fi
 
 echo "[setup] installing medseg[$extras] (builds the C++ persistent-homology engine)"
-"$py" -m pip install --quiet -e ".[$extras]"
+# The build requirements live in the venv and the build runs without pip's isolation:
+# an isolated build gets a new temporary nanobind path each time, so CMake reconfigured
+# and every rerun of this script (and of demo.sh) recompiled the whole engine (1 min).
+"$py" -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.0"
+if ! "$py" - <<'PYEOF'
+import re, shutil, subprocess, sys
+def version(tool):
+    if shutil.which(tool) is None:
+        return None
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"(\d+)\.(\d+)", out)
+    return tuple(map(int, found.groups())) if found else None
+cmake = version("cmake")
+sys.exit(0 if cmake is not None and cmake >= (3, 18) and version("ninja") is not None else 1)
+PYEOF
+then
+    "$py" -m pip install --quiet "cmake>=3.18" ninja  # no usable CMake/Ninja on PATH
+fi
+"$py" -m pip install --quiet --no-build-isolation -e ".[$extras]"
 if [ "$extras" = "test" ] || [[ "$extras" == *test* ]]; then
     # Reference Betti matching implementation, used by the tests only (its own
     # dependencies are not needed: the tests load its compiled module directly).

@@ -51,3 +51,19 @@ def test_under_torchrun_the_command_is_the_launchers():
         ours = [w.decode() for w in handle.read().split(b"\0") if w]
     assert record["command"] == shlex.join(ours)
     assert record["worker_command"].endswith("worker-arg") and record["world_size"] == 2
+
+
+def test_a_source_folder_without_the_built_engine_is_named_as_such(tmp_path, monkeypatch):
+    """After `pip install .`, `python -m medseg` run from the source folder imported that
+    folder's medseg/, without the engine: evaluate left out clDice and Betti matching and
+    said "reinstall medseg", which did not help."""
+    from medseg.topology import _inputs
+
+    package = tmp_path / "checkout" / "medseg" / "topology"
+    package.mkdir(parents=True)
+    (tmp_path / "checkout" / "pyproject.toml").write_text("[project]\nname = 'medseg'\n")
+    monkeypatch.setattr(_inputs, "__file__", str(package / "_inputs.py"))
+    assert _inputs.engine_missing().startswith(
+        f"medseg is imported from its source folder {tmp_path / 'checkout'}, which holds no built topology engine")
+    (package / "_engine.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")  # built in place: another cause
+    assert "is not built; reinstall medseg" in _inputs.engine_missing()

@@ -193,14 +193,29 @@ def _checked_team(module) -> None:
     _team_checked.add(module.__name__)
 
 
+def engine_missing() -> str:
+    """Why ``medseg.topology._engine`` cannot be imported, in one sentence, with the way out.
+
+    After ``pip install .`` (not editable) the built modules are in site-packages only; run
+    from the source folder, ``python -m medseg`` (and ``python -m pytest``) import that
+    folder's ``medseg/`` first, which holds none: said so, rather than "reinstall"."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    root = here.parent.parent
+    if (root / "pyproject.toml").is_file() and not any(here.glob("_engine*.so")) and not any(here.glob("_engine*.pyd")):
+        return (f"medseg is imported from its source folder {root}, which holds no built topology engine: after "
+                "`pip install .` run from another folder (`python -m` puts the current folder first on the path), "
+                "or install with `pip install -e .`")
+    return ("medseg's topology engine (medseg.topology._engine) is not built; reinstall medseg with "
+            "`pip install -e .` (needs a C++17 compiler and CMake)")
+
+
 def engine():
     try:
         from medseg.topology import _engine
     except ImportError as exc:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "medseg's topology engine (medseg.topology._engine) is not built; "
-            "reinstall medseg with `pip install -e .` (needs a C++17 compiler and CMake)"
-        ) from exc
+        raise ImportError(engine_missing()) from exc
     _checked_team(_engine)
     _check_cache_setting()
     return _engine
