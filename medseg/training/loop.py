@@ -13,7 +13,9 @@ seam). The loop owns everything around the loss, once:
   uninterrupted one would;
 * one ``metrics.csv`` row every ``log_interval`` steps and at each evaluation, the
   evaluation every ``eval_interval`` steps and at the end, ``progress.png`` after it;
-* ``checkpoints/latest.pt`` every ``checkpoint_interval`` steps and at the end;
+* ``checkpoints/latest.pt`` every ``checkpoint_interval`` steps and at the end (the
+  objective may write it at other steps too: supervised training does before each
+  ``best.pt``, and the loop then does not write it twice);
 * the progress bar and the start and end log lines.
 
 Per step ``i`` (0-based) the objective sees, in order: ``before_step(i)`` (a loss schedule,

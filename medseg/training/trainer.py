@@ -20,7 +20,8 @@ The run folder (``output_dir``)::
     provenance.json       what made the run: medseg, engine build, torch, device, command
                           (:mod:`medseg.runfolder.provenance`; a resume is appended to ``resumes``)
     tensorboard/          SummaryWriter events
-    checkpoints/latest.pt every train.checkpoint_interval steps and at the end
+    checkpoints/latest.pt every train.checkpoint_interval steps, at the end, and just
+                          before each best.pt (which it then names: best_iteration)
     checkpoints/best.pt   best mean validation Dice so far
 
 ``--resume`` restores model, optimizer, scheduler, AMP scaler, RNG states, the
