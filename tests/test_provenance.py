@@ -63,6 +63,8 @@ def test_a_source_folder_without_the_built_engine_is_named_as_such(tmp_path, mon
     package.mkdir(parents=True)
     (tmp_path / "checkout" / "pyproject.toml").write_text("[project]\nname = 'medseg'\n")
     monkeypatch.setattr(_inputs, "__file__", str(package / "_inputs.py"))
+    assert "is not built; reinstall medseg" in _inputs.engine_missing()  # an editable install: its folder
+    monkeypatch.setattr(_inputs, "_installed_elsewhere", lambda: True)  # `pip install .`
     assert _inputs.engine_missing().startswith(
         f"medseg is imported from its source folder {tmp_path / 'checkout'}, which holds no built topology engine")
     (package / "_engine.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")  # built in place: another cause

@@ -203,12 +203,28 @@ def engine_missing() -> str:
 
     here = Path(__file__).resolve().parent
     root = here.parent.parent
-    if (root / "pyproject.toml").is_file() and not any(here.glob("_engine*.so")) and not any(here.glob("_engine*.pyd")):
+    if (root / "pyproject.toml").is_file() and _installed_elsewhere() and not any(here.glob("_engine*.so")):
         return (f"medseg is imported from its source folder {root}, which holds no built topology engine: after "
                 "`pip install .` run from another folder (`python -m` puts the current folder first on the path), "
                 "or install with `pip install -e .`")
     return ("medseg's topology engine (medseg.topology._engine) is not built; reinstall medseg with "
             "`pip install -e .` (needs a C++17 compiler and CMake)")
+
+
+def _installed_elsewhere() -> bool:
+    """Whether a non-editable medseg is installed (an editable one's modules are found
+    from its source folder by design)."""
+    import json
+    from importlib import metadata
+
+    try:
+        record = metadata.distribution("medseg").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return False
+    try:
+        return not json.loads(record or "{}").get("dir_info", {}).get("editable", False)
+    except ValueError:
+        return True
 
 
 def engine():
