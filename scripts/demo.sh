@@ -4,11 +4,13 @@
 # case. About 3 minutes on 2 CPU cores (the demo alone 1 min 40 s). Everything goes under demo/ (safe to delete).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD  # the paths printed below hold wherever the demo was started from
 bash scripts/setup.sh
-py=.venv/bin/python
-medseg=.venv/bin/medseg
-data=demo/Dataset001_SyntheticVessels
-runs=demo/runs
+py=$root/.venv/bin/python
+medseg=$root/.venv/bin/medseg
+data=$root/demo/Dataset001_SyntheticVessels
+runs=$root/demo/runs
+export MEDSEG_CACHE=${MEDSEG_CACHE:-$root/demo/cache}  # the preprocessing cache too goes under demo/
 
 rm -rf "$runs/quickstart" "$runs/quickstart_cldice" "$runs/compare"   # a rerun starts the demo afresh
 "$py" data_scripts/make_synthetic.py --out "$data" --cases 12 --test-cases 8 --size 64 --seed 0 --faint --loops 2 --force
@@ -31,5 +33,5 @@ Demo finished. The table above compares the two runs on the 8 test scans (B - A:
   evaluations      $runs/*/evaluation/report.html (worst cases pictured), summary.json, metrics.csv
   comparison       $runs/compare/compare.html: paired tests, and the cases that differ most with each
                    prediction's extra components (specks, pieces of broken branches) marked
-  TensorBoard      .venv/bin/tensorboard --logdir $runs
+  TensorBoard      $root/.venv/bin/tensorboard --logdir $runs
 MSG

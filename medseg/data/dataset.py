@@ -765,8 +765,18 @@ def load_case(case: Case, info: DatasetInfo, check_labels: bool = True, atol: fl
         channels.extend(a.astype(np.float32, copy=False) for a in array)
     assert geometry is not None
     if len(channels) != info.num_channels:
+        hint = ""
+        if (len(case.image_files) == 1 and ending_of(first) in NATURAL_IMAGE_ENDINGS
+                and len(channels) == info.num_channels + 1 and info.num_channels in (1, 3)):
+            # an RGBA (or grey + alpha) image: convert_2d.py drops an opaque alpha, predict did not say so
+            hint = ("; its last channel is an alpha channel (RGBA / grey + alpha): save the image without it "
+                    "(data_scripts/convert_2d.py drops an opaque alpha)")
+        elif len(case.image_files) > 1:
+            names = ", ".join(f.name for f in case.image_files[:3]) + (", ..." if len(case.image_files) > 3 else "")
+            hint = f" (read as the channel files of one case: {names}; rename them if they are separate scans)"
         raise DataError(
-            f"{first}: case '{case.name}' has {len(channels)} channel(s) but dataset.json declares {info.num_channels}"
+            f"{first}: case '{case.name}' has {len(channels)} channel(s) but dataset.json declares "
+            f"{info.num_channels}{hint}"
         )
     image = np.stack(channels) if len(channels) > 1 else channels[0][None]
 

@@ -13,6 +13,7 @@ import pytest
 
 from medseg.data.dataset import (
     Case,
+    DatasetInfo,
     DatasetWarning,
     cases_from_paths,
     check_dataset,
@@ -539,3 +540,22 @@ def test_an_image_of_another_ending_is_named_beside_its_orphan_label(ds):
     with pytest.warns(DatasetWarning, match=r"1 label file\(s\) without an image, e.g. case_001.nii.gz \(case_001_0000"
                                             r".nii has another ending than dataset.json's file_ending .nii.gz\)"):
         check_dataset(ds)
+
+
+def test_an_rgba_image_or_channel_files_of_rgb_images_are_named_in_the_channel_count_error(tmp_path):
+    """An RGBA photo given to an RGB model said only "has 4 channel(s) but dataset.json
+    declares 3" (convert_2d.py drops an opaque alpha); frame_0000..0002.png RGB files
+    said "9 channel(s)"."""
+    from PIL import Image
+
+    info = DatasetInfo(root=tmp_path, name="rgb", channel_names={0: "R", 1: "G", 2: "B"},
+                       labels={"background": 0, "mortar": 1}, num_training=0, file_ending=".png")
+    Image.new("RGBA", (8, 6), (10, 20, 30, 255)).save(tmp_path / "photo.png")
+    case = Case(name="photo", image_files=[tmp_path / "photo.png"], label_file=None)
+    with pytest.raises(DataError, match=r"has 4 channel\(s\) but dataset.json declares 3; its last channel is an alpha"):
+        load_case(case, info)
+    frames = [tmp_path / f"frame_{i:04d}.png" for i in range(3)]
+    for frame in frames:
+        Image.new("RGB", (8, 6)).save(frame)
+    with pytest.raises(DataError, match=r"9 channel\(s\) but dataset.json declares 3 \(read as the channel files of one case: frame_0000.png"):
+        load_case(Case(name="frame", image_files=frames, label_file=None), info)
