@@ -173,7 +173,7 @@ def read_eval_labels(folder: Path, scans: Sequence[TargetScan], ending: str,
     """Reference label maps by case name from ``folder/CASE<ending>``, checked as ``medseg
     evaluate`` checks a reference: integer values among ``declared`` (the source model's
     labels), the scan's shape and affine (a mirrored label scored as another anatomy)."""
-    from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, read_label_map, undeclared_values
+    from medseg.evaluation.pair import geometry_mismatch, read_label_map, undeclared_values
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -184,12 +184,9 @@ def read_eval_labels(folder: Path, scans: Sequence[TargetScan], ending: str,
         if not path.is_file():
             raise DataError(f"{path}: no reference label for target case '{scan.name}' (target.eval_labels)")
         seg, geom = read_label_map(path)
-        scan_geometry = scan.loaded["geometry"]
-        if tuple(geom.shape) != tuple(scan_geometry.shape):
-            raise DataError(f"{path}: label shape {geom.shape} differs from the scan's {scan_geometry.shape}")
-        if not geom.allclose(scan_geometry, atol=AFFINE_TOLERANCE_MM):
-            raise DataError(f"{path}: affine differs from the scan's by up to {geom.max_affine_difference(scan_geometry):.3g} mm "
-                            f"(target.eval_labels)")
+        mismatch = geometry_mismatch(geom, scan.loaded["geometry"], "the scan's")
+        if mismatch is not None:
+            raise DataError(f"{path}: {mismatch} (target.eval_labels)")
         seg = np.asarray(seg).astype(np.int64)
         if declared is not None:
             extra = undeclared_values(seg, set(declared))

@@ -14,10 +14,27 @@ import numpy as np
 
 from medseg.errors import DataError
 
-__all__ = ["AFFINE_TOLERANCE_MM", "read_label_map", "read_case_pair", "label_masks", "undeclared_values"]
+__all__ = ["AFFINE_TOLERANCE_MM", "geometry_mismatch", "read_label_map", "read_case_pair", "label_masks",
+           "undeclared_values"]
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference of any affine entry (mm) between prediction and reference."""
+
+
+def geometry_mismatch(geometry: Any, other: Any, whose: str, other_file: Path | str | None = None) -> str | None:
+    """Why a label of ``geometry`` cannot be scored against ``other`` (another shape, or
+    an affine entry more than :data:`AFFINE_TOLERANCE_MM` off), as the end of a message
+    after the label's path (``whose``: ``"the reference's"``, ``"its scan's"``); None
+    when they fit. The one rule of evaluate, a study's test folders and adapt's
+    ``target.eval_labels``."""
+    where = f" ({other_file})" if other_file is not None else ""
+    if tuple(geometry.shape) != tuple(other.shape):
+        return f"shape {tuple(geometry.shape)} differs from {whose} {tuple(other.shape)}{where}"
+    if not geometry.allclose(other, atol=AFFINE_TOLERANCE_MM):
+        at = f"; {other_file}" if other_file is not None else ""
+        return (f"affine differs from {whose} by up to {geometry.max_affine_difference(other):.3g} mm "
+                f"(tolerance {AFFINE_TOLERANCE_MM} mm{at})")
+    return None
 
 
 def read_label_map(path: Path) -> tuple[np.ndarray, Any]:
@@ -55,14 +72,9 @@ def read_case_pair(pred_file: Path, ref_file: Path, connectivity: int | None = N
             f"(use {'8 or 4' if ref.ndim == 2 else '26 or 6'})"
         )
     pred, pred_geometry = read_label_map(pred_file)
-    if pred.shape != ref.shape:
-        raise DataError(f"{pred_file}: shape {pred.shape} differs from the reference's {ref.shape} ({ref_file})")
-    if not pred_geometry.allclose(ref_geometry, atol=AFFINE_TOLERANCE_MM):
-        diff = pred_geometry.max_affine_difference(ref_geometry)
-        raise DataError(
-            f"{pred_file}: affine differs from the reference's by up to {diff:.3g} mm "
-            f"(tolerance {AFFINE_TOLERANCE_MM} mm; {ref_file})"
-        )
+    mismatch = geometry_mismatch(pred_geometry, ref_geometry, "the reference's", ref_file)
+    if mismatch is not None:
+        raise DataError(f"{pred_file}: {mismatch}")
     return pred, ref, ref_geometry
 
 

@@ -18,7 +18,7 @@ the coarse heads' contributions and leaves the final one as it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -50,13 +50,24 @@ def deep_supervision_loss(
     """
     if hasattr(loss_fn, "forward_heads"):
         return loss_fn.forward_heads(outputs, target, batch=batch)
-    total = torch.zeros((), device=outputs.device)
-    terms: dict[str, torch.Tensor] = {}
+    heads = (loss_fn(outputs[:, i], target, batch=batch, head=i) for i in range(outputs.shape[1]))
+    return combine_heads(heads, outputs.shape[1], outputs.device)
+
+
+def combine_heads(
+    heads: Iterable[tuple[torch.Tensor, Mapping[str, torch.Tensor]]], count: int, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total ``sum_i w_i * loss_i`` over ``count`` heads' ``(loss, parts)``
+    (:func:`deep_supervision_weights`), and each part's weighted mean over the heads it
+    was computed on: the head weights normalised to those heads, so that a term of
+    ``heads: final`` logs its value on the final output (4/7 of it before, for 3 heads)
+    and the logged terms of 'all' and 'final' runs compare."""
+    total = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
     shares: dict[str, float] = {}
-    for i, weight in enumerate(deep_supervision_weights(outputs.shape[1])):
-        loss, parts = loss_fn(outputs[:, i], target, batch=batch, head=i)
+    for weight, (loss, parts) in zip(deep_supervision_weights(count), heads):
         total = total + weight * loss
         for name, value in parts.items():
-            terms[name] = terms.get(name, 0.0) + weight * value
+            sums[name] = sums.get(name, 0.0) + weight * value
             shares[name] = shares.get(name, 0.0) + weight
-    return total, {name: value / shares[name] for name, value in terms.items()}
+    return total, {name: value / shares[name] for name, value in sums.items()}

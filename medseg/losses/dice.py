@@ -16,8 +16,16 @@ import torch
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
 from monai.losses import DiceLoss as _MonaiDiceLoss
 from torch import nn
+from torch.nn import functional as F
 
-from medseg.losses._prepare import activate, check_activation_flags, check_input, resolve_activation, summable
+from medseg.losses._prepare import (
+    activate,
+    check_activation_flags,
+    check_input,
+    resolve_activation,
+    summable,
+    target_as_channels,
+)
 
 
 class DiceLoss(nn.Module):
@@ -218,10 +226,6 @@ class DiceCELoss(DiceLoss):
         part is. MONAI's DiceCELoss takes the softmax cross-entropy over the channels for
         every head of C > 1 (a perfect multi-label prediction stayed at 0.087, and a voxel
         of no label got no gradient from it); ``class_weights`` weigh the channels' positives."""
-        from torch.nn import functional as F
-
-        from medseg.losses._prepare import target_as_channels
-
         channels = target_as_channels(target, input.shape[1], self.to_onehot_y)
         weight = None
         if self.class_weights is not None:

@@ -25,7 +25,7 @@ from torch import nn
 from medseg.config import LossTerm, resolve_schedule
 from medseg.errors import ConfigError
 from medseg.losses._prepare import shared_preparation
-from medseg.losses.deep_supervision import deep_supervision_weights
+from medseg.losses.deep_supervision import combine_heads
 
 
 def _import(module: str, attr: str) -> Callable[[], type]:
@@ -275,19 +275,7 @@ class CompositeLoss(nn.Module):
                 else:
                     for i in range(heads):
                         per_head[i][name] = self._term_value(name, term, head_outputs[i], target, extra)
-        total = torch.zeros((), device=outputs.device)
-        parts: dict[str, torch.Tensor] = {}
-        shares: dict[str, float] = {}
-        for weight, values in zip(deep_supervision_weights(count), per_head):
-            loss, head_parts = self._weighted(values, outputs.device)
-            total = total + weight * loss
-            for name, value in head_parts.items():
-                parts[name] = parts.get(name, 0.0) + weight * value
-                shares[name] = shares.get(name, 0.0) + weight
-        # each part the mean over the heads it ran on, weighted as in the total: a term of
-        # heads 'final' logs its value on the final output (4/7 of it before, under 'all'
-        # the same as now), so the logged terms of 'all' and 'final' runs compare
-        return total, {name: value / shares[name] for name, value in parts.items()}
+        return combine_heads((self._weighted(values, outputs.device) for values in per_head), count, outputs.device)
 
     def _active_terms(self) -> Iterable[tuple[str, float, nn.Module, bool]]:
         """(name, current weight, term, final only) of the terms computed at this iteration."""

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from medseg.atomic import blocking_file, make_writable_folder, remove_empty_folders
-from medseg.data.dataset import dataset_data_folder
-from medseg.errors import ArgumentError, DataError
+from medseg.data.dataset import dataset_data_folder, read_dataset_json
+from medseg.errors import ArgumentError
 from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB
 
 __all__ = ["PlanResult", "run_plan", "default_config_path"]
@@ -118,8 +118,7 @@ def run_plan(
         )
     if workers < 1:
         raise ArgumentError("workers", f"must be at least 1, got {workers}")
-    if not dataset.is_dir():
-        raise DataError(f"{dataset}: " + ("is a file, not a dataset folder" if dataset.is_file() else "dataset folder not found"))
+    read_dataset_json(dataset)  # no folder, a file, no dataset.json: one line before any work
     if topology_loss not in (None, "none"):  # an unknown loss name should not cost a fingerprint
         plan_losses(topology_loss, {})
     config_path = Path(output) if output is not None else default_config_path(dataset)

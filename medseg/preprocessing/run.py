@@ -122,9 +122,10 @@ def select_cases(cfg: "RunConfig", kept_split: dict[str, list[str]] | None = Non
 
 
 def _check_dimensionality(cfg: "RunConfig", cases: list[Case]) -> None:
-    """The cases' dimension is the patch's, read from the headers: a 2D patch on a 3D
-    dataset was refused by the first case preprocessed, after the normalisation
-    statistics had read every training case."""
+    """The dataset's dimension is the patch's, read from the first readable case's header:
+    a 2D patch on a 3D dataset was refused by the first case preprocessed, after the
+    normalisation statistics had read every training case. (A case of another dimension
+    than the others is refused when it is preprocessed.)"""
     from medseg.data.io import read_geometry
 
     for case in cases:
@@ -137,6 +138,7 @@ def _check_dimensionality(cfg: "RunConfig", cases: list[Case]) -> None:
                 f"data.patch_size: {list(cfg.data.patch_size)} has {cfg.spatial_dims} values but case '{case.name}' "
                 f"is {geometry.ndim}D (shape {geometry.shape})"
             )
+        return
 
 
 def _keep_split(kept: dict[str, list[str]], train: list[Case], val: list[Case]) -> tuple[list[Case], list[Case]]:

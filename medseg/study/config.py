@@ -441,7 +441,7 @@ def _check_test(path: Path, name: str, test: TestSet, info, spatial_dims: set[in
     headers): what predict and evaluate would otherwise refuse after every run trained."""
     from medseg.data.dataset import cases_from_paths
     from medseg.data.io import ending_of, read_geometry
-    from medseg.evaluation.pair import AFFINE_TOLERANCE_MM
+    from medseg.evaluation.pair import geometry_mismatch
 
     where = f"{path}: test.{name}"
     if not test.images.is_dir():
@@ -474,13 +474,6 @@ def _check_test(path: Path, name: str, test: TestSet, info, spatial_dims: set[in
         if scan.ndim not in spatial_dims:
             runs = " and ".join(f"{d}D" for d in sorted(spatial_dims))
             raise ConfigError(f"{where}.images: {case.image_files[0]}: a {scan.ndim}D scan for the study's {runs} runs")
-        if label.shape != scan.shape:
-            raise ConfigError(
-                f"{where}.labels: {labels[case.name]}: shape {label.shape} differs from its scan's {scan.shape} "
-                f"({case.image_files[0]})"
-            )
-        if not label.allclose(scan, atol=AFFINE_TOLERANCE_MM):
-            raise ConfigError(
-                f"{where}.labels: {labels[case.name]}: affine differs from its scan's by up to "
-                f"{label.max_affine_difference(scan):.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm; {case.image_files[0]})"
-            )
+        mismatch = geometry_mismatch(label, scan, "its scan's", case.image_files[0])
+        if mismatch is not None:
+            raise ConfigError(f"{where}.labels: {labels[case.name]}: {mismatch}")
