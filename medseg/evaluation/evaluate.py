@@ -33,8 +33,6 @@ import io
 import json
 import math
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +193,15 @@ def _worker_context():
 
 
 def _map_cases(fn, jobs: list[tuple], workers: int, desc: str):
-    """Yield ``fn(*job)`` for every job, in parallel processes when ``workers > 1``."""
+    """Yield ``fn(*job)`` for every job, in parallel processes when ``workers > 1``.
+
+    ``fn`` returns ``(case, payload, error)`` and never raises; a job whose worker died
+    alone (out of memory: medseg.process_pool) gives ``(job[0], None, reason)``, and the
+    other jobs go on.
+    """
     from tqdm import tqdm
+
+    from medseg.process_pool import map_in_processes
 
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=None, file=sys.stderr)
     try:
@@ -205,16 +210,31 @@ def _map_cases(fn, jobs: list[tuple], workers: int, desc: str):
                 yield fn(*job)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_worker_context()) as pool:
-            futures = {pool.submit(fn, *job): job for job in jobs}
-            for future in as_completed(futures):
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    yield futures[future][0], None, "worker process died (out of memory?)"
-                bar.update()
+        for index, value, error in map_in_processes(fn, jobs, workers, _worker_context(), what="cases"):
+            yield value if error is None else (jobs[index][0], None, _died_reason(jobs[index], error))
+            bar.update()
     finally:
         bar.close()
+
+
+def _died_reason(job: tuple, error: BaseException) -> str:
+    """Why a case's worker died: the error, and when the Betti matching error was asked
+    for, its memory at the case's size (metrics.BETTI_MATCHING_BYTES_PER_VOXEL)."""
+    from medseg.data.io import read_geometry
+    from medseg.evaluation.metrics import BETTI_MATCHING_BYTES_PER_VOXEL
+
+    reason = f"{error}".split("\n")[0]
+    if len(job) < 7 or "betti_matching" not in job[6]:  # a label-values job, or no Betti matching
+        return reason
+    try:
+        shape = read_geometry(Path(job[2]))[1].shape
+    except Exception:  # the hint is a courtesy: the reason stands without it
+        return reason
+    per_voxel = BETTI_MATCHING_BYTES_PER_VOXEL[len(shape)]
+    need = per_voxel * float(np.prod(shape)) / 2**30
+    return reason + (f"; the Betti matching error needs up to {need:.1f} GB at {'x'.join(map(str, shape))} voxels "
+                     f"(about {per_voxel} bytes per voxel of the masks' bounding box): leave it out with "
+                     "--metrics, or evaluate on a machine with more memory")
 
 
 def _values_of(path: Path) -> tuple[str, list[int] | None, str | None]:

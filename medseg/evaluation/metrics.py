@@ -31,14 +31,16 @@ there (clDice and the Betti matching error need medseg's C++ topology engine):
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 from scipy import ndimage
 
-from medseg.errors import ArgumentError, MedsegError
+from medseg.errors import ArgumentError, DataError, MedsegError
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM  # defined with the other defaults of the commands
 from medseg.topology.betti_numbers import betti_numbers, default_connectivity
 
@@ -283,6 +285,62 @@ def cldice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[st
     return {"clDice": float(cldice_metric(pred, ref, connectivity=None))}
 
 
+#: Peak memory of the Betti matching error per voxel of the masks' bounding box, by the
+#: number of dimensions (the engine's three complexes: cell ranks, sorted cells,
+#: union-find forests and, in 3D, the dimension-1 reductions' row orders). Measured on
+#: vessel-like masks: 3D at 128^3 and 192^3, 453 bytes (V construction) and 470-474 (T);
+#: 2D at 2048^2, 209 (V) and 256 (T).
+BETTI_MATCHING_BYTES_PER_VOXEL = {2: 260, 3: 480}
+
+
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use: the lowest limit of its cgroup and the cgroups
+    above it (a container, a Slurm job; cgroup v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``) when lower than the machine's RAM, else the RAM; None
+    where neither can be read."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:  # "0::/path" (v2) or "N:memory:/path" (v1)
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            root, name = Path("/sys/fs/cgroup"), "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        folder = root / path.strip("/")
+        for where in (folder, *folder.parents):  # a parent's limit holds too
+            try:
+                text = (where / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                limits.append(int(text))
+            if where == root:
+                break
+    return min(limits) if limits else None
+
+
+def _check_matching_memory(shape: tuple[int, ...]) -> None:
+    """Refuse, in one line, a box whose Betti matching cannot fit in this machine's memory
+    even alone (the kernel would kill the worker after minutes of work)."""
+    limit = memory_limit_bytes()
+    need = BETTI_MATCHING_BYTES_PER_VOXEL[len(shape)] * float(np.prod(shape))
+    if limit is not None and need > 0.9 * limit:
+        raise DataError(
+            f"betti_matching: the masks' bounding box of {'x'.join(map(str, shape))} voxels needs about "
+            f"{need / 2**30:.1f} GB, more than 90 % of the {limit / 2**30:.1f} GB of memory here; leave it out with "
+            "--metrics (e.g. --metrics dice,hd95,betti,cldice) or evaluate on a machine with more memory"
+        )
+
+
 @register_metric("betti_matching", requires=_topology_engine_missing)
 def betti_matching(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
     """Betti matching error (Stucki et al. 2023): unmatched features per dimension.
@@ -298,6 +356,7 @@ def betti_matching(pred: np.ndarray, ref: np.ndarray, context: MetricContext) ->
         if np.array_equal(pred, ref):  # every feature is matched with itself: skip the costly part
             unmatched = np.zeros(pred.ndim, dtype=np.int64)
         else:
+            _check_matching_memory(pred.shape)
             unmatched = betti_matching_error(pred, ref, construction=matching_construction(context.connectivity))
     except ImportError:
         return {}

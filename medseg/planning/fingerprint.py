@@ -284,10 +284,9 @@ def _worker_context():
 
 
 def _map_cases(jobs: list[tuple], workers: int, progress: bool) -> Iterable[tuple]:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
     from tqdm import tqdm
+
+    from medseg.process_pool import WorkerDied, map_in_processes
 
     bar = tqdm(total=len(jobs), desc="fingerprint", unit="case", disable=None if progress else True, file=sys.stderr)
     try:
@@ -296,19 +295,13 @@ def _map_cases(jobs: list[tuple], workers: int, progress: bool) -> Iterable[tupl
                 yield _case_job(*job)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_worker_context()) as pool:
-            futures = {pool.submit(_case_job, *job): job for job in jobs}
-            try:
-                for future in as_completed(futures):
-                    try:
-                        yield future.result()
-                    except BrokenProcessPool:
-                        case = futures[future][0]
-                        raise DataError(f"case '{case.name}': fingerprint worker died (out of memory?)") from None
-                    bar.update()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        for index, value, error in map_in_processes(_case_job, jobs, workers, _worker_context(), what="cases"):
+            if isinstance(error, WorkerDied):  # found by running it alone: this case, not another
+                raise DataError(f"case '{jobs[index][0].name}': fingerprint worker died (out of memory?)")
+            if error is not None:
+                raise error
+            yield value
+            bar.update()
     finally:
         bar.close()
 

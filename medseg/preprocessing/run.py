@@ -28,8 +28,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -55,6 +53,7 @@ from medseg.preprocessing.cache import (
 )
 from medseg.preprocessing.case import preprocess_case
 from medseg.preprocessing.storage import CachedCase, colliding_case_names, valid_case_meta, write_case
+from medseg.process_pool import WorkerDied, map_in_processes
 
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.config import RunConfig
@@ -253,31 +252,25 @@ def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool)
                 _JOB.update(previous)
             return
         # fork: the workers start at once with this process's imports (spawn would
-        # import torch and MONAI again in each); they run torch on one thread
+        # import torch and MONAI again in each); they run torch on one thread.
+        # Started by this thread, which waits for them: PR_SET_PDEATHSIG follows the thread.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        # started by this thread, which waits for them: PR_SET_PDEATHSIG follows the thread
-        with ProcessPoolExecutor(min(workers, len(cases)), mp_context=context, initializer=_init_worker,
-                                 initargs=(job, os.getpid())) as pool:
-            futures: dict[Future, Case] = {pool.submit(_preprocess_one, c): c for c in cases}
-            pending = set(futures)
-            try:
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in finished:
-                        try:
-                            future.result()  # the first error stops the run (the others are cancelled)
-                        except BrokenProcessPool:
-                            raise MedsegError(
-                                f"preprocessing case '{futures[future].name}': a worker process died (out of "
-                                "memory, or killed); the cases written so far are kept, rerun to finish "
-                                "(fewer --workers need less memory)"
-                            ) from None
-                        bar.update(1)
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
+        died = []
+        for index, _, error in map_in_processes(_preprocess_one, [(c,) for c in cases], workers, context,
+                                                initializer=_init_worker, initargs=(job, os.getpid()),
+                                                what="cases"):
+            if isinstance(error, WorkerDied):  # the others go on: each written case is kept
+                died.append(cases[index].name)
+            elif error is not None:
+                raise error  # the first error stops the run (the cases not started are cancelled)
+            bar.update(1)
+        if died:
+            raise MedsegError(
+                f"preprocessing case '{died[0]}': a worker process died running it (out of memory, or killed)"
+                + (f", and {len(died) - 1} more case(s)" if len(died) > 1 else "")
+                + "; the other cases are written and kept, rerun to finish (fewer --workers need less memory)"
+            )
     finally:
         bar.close()
 

@@ -314,9 +314,11 @@ def test_a_cache_file_damaged_in_place_is_named_when_read(padded_dataset, tmp_pa
         damaged.whole()
 
 
-def test_a_worker_that_dies_is_named_in_one_line(monkeypatch):
+def test_a_worker_that_dies_is_named_in_one_line_and_the_other_cases_are_written(monkeypatch, tmp_path):
     """A worker killed (out of memory, a signal) broke the pool: a BrokenProcessPool
-    traceback reached the user; now one line naming the case."""
+    traceback reached the user, then one line naming whichever case came first, and the
+    cases after it were not written. Now the case that dies alone is named, and every
+    other case is written (medseg.process_pool)."""
     import os
 
     from medseg.data.dataset import Case
@@ -326,13 +328,16 @@ def test_a_worker_that_dies_is_named_in_one_line(monkeypatch):
     def die(case, *args):
         if case.name == "b":
             os._exit(9)  # as the kernel's OOM killer would leave it
-        return {}
+        return case.name
 
     monkeypatch.setattr(run, "preprocess_case", die)
-    monkeypatch.setattr(run, "write_case", lambda *args: None)
-    cases = [Case(name, [Path(f"{name}.nii.gz")]) for name in "ab"]
-    with pytest.raises(MedsegError, match=r"^preprocessing case 'b': a worker process died \(out of memory, or killed\)"):
-        run._run_cases(cases, {"info": None, "config": None, "preprocessing": None, "folder": None, "key": None}, 2, False)
+    monkeypatch.setattr(run, "write_case", lambda folder, written, key: (tmp_path / written).touch())
+    cases = [Case(name, [Path(f"{name}.nii.gz")]) for name in "abcde"]
+    job = {"info": None, "config": None, "preprocessing": None, "folder": None, "key": None}
+    with pytest.raises(MedsegError, match=r"^preprocessing case 'b': a worker process died running it \(out of "
+                                          r"memory, or killed\); the other cases are written"):
+        run._run_cases(cases, job, 2, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c", "d", "e"]
 
 
 def test_preprocess_verifies_the_cached_files_and_rewrites_one_changed_in_place(padded_dataset, tmp_path, caplog):

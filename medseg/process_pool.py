@@ -1,0 +1,113 @@
+"""Jobs in worker processes that survive a worker's death.
+
+``concurrent.futures.ProcessPoolExecutor`` breaks as a whole when one worker dies (the
+kernel's out-of-memory killer, a signal): every job not yet finished then fails with
+``BrokenProcessPool``, those that had nothing to do with it included, and nothing says
+which job killed the worker. One 3D case too large for the Betti matching error failed
+every later case of an evaluation with "worker process died".
+
+:func:`map_in_processes` keeps at most ``workers`` jobs in flight, so that when the pool
+breaks the jobs it was running are known. Those are run again one at a time, each in a
+fresh process of its own: a job that dies again alone is the one that killed the worker
+and is reported as :class:`WorkerDied`; the others (they died with it, or it ran out of
+memory only beside them) give their results. Then a new pool takes the remaining jobs.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterator, Sequence
+
+from medseg.errors import MedsegError
+
+__all__ = ["WorkerDied", "map_in_processes"]
+
+
+class WorkerDied(MedsegError):
+    """The worker process died while running this job alone (out of memory, or killed)."""
+
+
+def _pool(workers: int, context, initializer, initargs) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs)
+
+
+def _alone(fn: Callable, job: tuple, context, initializer, initargs) -> tuple[Any, BaseException | None]:
+    """``fn(*job)`` in a fresh process of its own: (value, None), or (None, the error it raised / WorkerDied)."""
+    with _pool(1, context, initializer, initargs) as pool:
+        future = pool.submit(fn, *job)
+        try:
+            return future.result(), None
+        except BrokenProcessPool:
+            return None, WorkerDied(_DIED_ALONE)
+        except Exception as err:  # the job's own error, for the caller to judge
+            return None, err
+
+
+_DIED_ALONE = "the worker process died running it alone (out of memory, or killed)"
+
+
+def map_in_processes(
+    fn: Callable,
+    jobs: Sequence[tuple],
+    workers: int,
+    context,
+    initializer: Callable | None = None,
+    initargs: tuple = (),
+    what: str = "jobs",
+) -> Iterator[tuple[int, Any, BaseException | None]]:
+    """Yield ``(index, fn(*jobs[index]), None)`` or ``(index, None, error)`` for every job, as they finish.
+
+    ``error`` is what the job raised (an ``Exception``), or :class:`WorkerDied` when its
+    worker died while it ran alone. Runs ``min(workers, len(jobs))`` processes of
+    ``context`` (a multiprocessing context), each started with ``initializer(*initargs)``;
+    ``what`` names the jobs in the line printed when a worker dies ("cases").
+    Stopping the iteration early (or an interrupt) cancels the jobs not started.
+    """
+    pending = list(range(len(jobs)))[::-1]  # popped from the end: first job first
+    retry: list[int] = []
+    pool = None
+    running: dict[Future, int] = {}
+    try:
+        while pending or running or retry:
+            if retry:  # the jobs a dead worker's pool was running, one at a time, alone
+                index = retry.pop(0)
+                value, error = _alone(fn, jobs[index], context, initializer, initargs)
+                yield index, value, error
+                continue
+            if pool is None:
+                pool = _pool(max(1, min(workers, len(pending))), context, initializer, initargs)
+            while pending and len(running) < workers:
+                index = pending.pop()
+                running[pool.submit(fn, *jobs[index])] = index
+            in_flight = len(running)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            died: list[int] = []
+            for future in done:
+                index = running.pop(future)
+                try:
+                    value = future.result()
+                except BrokenProcessPool:
+                    died.append(index)
+                    continue
+                except Exception as err:
+                    yield index, None, err
+                    continue
+                yield index, value, None
+            if not died:
+                continue
+            # every job still in flight went down with the pool
+            died.extend(running.values())
+            running.clear()
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = None
+            if in_flight == 1:  # it ran alone: it is the one
+                yield died[0], None, WorkerDied(_DIED_ALONE)
+                continue
+            retry = sorted(died)
+            print(f"medseg: a worker process died (out of memory, or killed) with {len(retry)} {what} in flight; "
+                  "running them again one at a time to find which", file=sys.stderr)
+    finally:  # as leaving a ``with`` block: the jobs not started are cancelled, the running ones finish
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
