@@ -140,15 +140,22 @@ def _grid_sample(crop, matrix, index, low, mode, padding_mode) -> torch.Tensor:
 
 
 def _pending_modes(image) -> tuple[str, str]:
-    """Interpolation and padding of the pending spatial transforms (bilinear/border if unset)."""
+    """Interpolation and padding of the pending spatial transforms (bilinear/border if unset).
+
+    ``Spacingd(mode=...)`` records its mode in the operation's ``extra_info``, not in the
+    lazy keyword arguments (which stay None unless the Compose overrides them): reading
+    only the latter resampled a label map bilinearly, and the cast to integers then
+    shrank every object by up to a voxel on each side (44,363 voxels of one CT's label).
+    """
     from monai.transforms.lazy.utils import kwargs_from_pending
-    from monai.utils import LazyAttr
+    from monai.utils import LazyAttr, TraceKeys
 
     mode, padding = "bilinear", "border"
     for op in image.pending_operations:
         kwargs = kwargs_from_pending(op)
-        mode = kwargs.get(LazyAttr.INTERP_MODE) or mode
-        padding = kwargs.get(LazyAttr.PADDING_MODE) or padding
+        recorded = op.get(TraceKeys.EXTRA_INFO) or {}
+        mode = kwargs.get(LazyAttr.INTERP_MODE) or recorded.get("mode") or mode
+        padding = kwargs.get(LazyAttr.PADDING_MODE) or recorded.get("padding_mode") or padding
     return str(mode), str(padding)
 
 

@@ -5,9 +5,14 @@
 :func:`~medseg.data.transforms.preprocessing_transforms`: orientation, spacing,
 normalisation), followed by a crop to the bounding box of the non-zero region, as
 nnU-Net crops: the voxels where any channel of the *resampled, not yet normalised*
-image is non-zero, or the label is foreground. So ``cached == val_output[bbox]``, voxel
-for voxel; the normalisation statistics (per-image z-score) are still taken over the
-whole image, before the crop. A CT (air is -1000 HU, not 0) keeps its whole grid;
+image is non-zero, or the label is foreground. The reorientation and resampling run as
+one resample, slab by slab, as ``medseg predict`` runs them
+(:func:`medseg.inference.resample.run_transforms`: about 10 bytes per output voxel at
+the peak, where MONAI's whole-volume ``Spacingd`` takes 64, 4.7 GB for a 512x512x200 CT
+brought to 0.8x0.8x1.5 mm). So ``cached == val_output[bbox]``: labels voxel for voxel,
+intensities to float rounding (float64 sums in another order: at most one float32 ulp,
+in a few voxels per million); the normalisation statistics (per-image z-score) are
+still taken over the whole image, before the crop. A CT (air is -1000 HU, not 0) keeps its whole grid;
 an MR or a padded scan loses its empty border, which training and validation never
 needed: the crop is recorded (``bbox`` on the preprocessed grid), and prediction does
 not use the cache.
@@ -31,6 +36,7 @@ from monai.transforms import Compose
 
 from medseg.data.dataset import Case, DatasetInfo, label_dtype, load_case
 from medseg.data.transforms import preprocessing_transforms
+from medseg.inference.resample import run_transforms
 from medseg.errors import ConfigError, DataError, MedsegError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -183,7 +189,10 @@ def preprocess_loaded(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = Compose(spatial)(loaded)
+        # the spatial transforms as one resample done slab by slab, as medseg predict
+        # does (medseg.inference.resample): MONAI's whole-volume Spacing takes ~60 bytes
+        # per output voxel (4.7 GB for a 512x512x200 CT brought to 0.8x0.8x1.5 mm)
+        data = run_transforms(Compose(spatial), dict(loaded))
         affine = _plain(data["image"].affine).astype(np.float64) if hasattr(data["image"], "affine") else np.eye(4)
         bbox = nonzero_bbox(_plain(data["image"]), _plain(data["label"]))
         data = normalise(data)

@@ -38,6 +38,34 @@ def test_run_transforms_matches_monai_eager(tmp_path, name):
     assert (slabs.as_tensor() - eager.as_tensor()).abs().max() < 1e-6  # float64 rounding, then float32
 
 
+@pytest.mark.filterwarnings("ignore:.*Orientationd.__init__:FutureWarning")
+@pytest.mark.parametrize("name", sorted(GEOMETRIES_3D))
+def test_a_label_map_is_resampled_nearest_as_spacingd_asks(name):
+    """``Spacingd(mode=[..., "nearest"])`` records the label's mode in the operation's
+    extra_info; the slabs read only the lazy kwargs and resampled the label bilinearly
+    (0.57 between a 1 and a 0, cast to 0: objects shrank by up to a voxel per side)."""
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    from medseg.data.transforms import ToMetaTensord
+
+    image, geometry = GEOMETRIES_3D[name]
+    label = (np.abs(image) > 0.8).astype(np.float32)[None] * 2  # a two-valued map: any blend shows
+    spatial = Compose([
+        ToMetaTensord(keys=["image", "label"]),
+        Orientationd(keys=["image", "label"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=["image", "label"], pixdim=[1.3, 1.1, 1.6], mode=["bilinear", "nearest"], padding_mode="border"),
+    ])
+
+    def case():
+        return {**_case(image, geometry), "label": label.copy()}
+
+    eager = spatial(case())
+    slabs = run_transforms(spatial, case(), max_voxels=500)
+    assert set(torch.unique(slabs["label"].as_tensor()).tolist()) <= {0.0, 2.0}
+    assert torch.equal(slabs["label"].as_tensor().float(), eager["label"].as_tensor().float())
+    assert (slabs["image"].as_tensor() - eager["image"].as_tensor()).abs().max() < 1e-6
+
+
 def _slice_affine(rows, spacing=(0.6, 0.9), tilt_degrees=0.0):
     """A 2D slice's 4x4 affine: voxel axes 0 and 1 along world ``rows`` (signed, 1-based:
     -2 is -y), then tilted about the first axis out of its plane."""
