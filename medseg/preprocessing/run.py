@@ -48,11 +48,12 @@ from medseg.preprocessing.cache import (
     digest,
     read_statistics,
     statistics_inputs,
+    unchanged_elsewhere,
     write_manifest,
     write_statistics,
 )
 from medseg.preprocessing.case import preprocess_case
-from medseg.preprocessing.storage import CachedCase, colliding_case_names, valid_case_meta, write_case
+from medseg.preprocessing.storage import CachedCase, colliding_case_names, link_case, valid_case_meta, write_case
 from medseg.process_pool import WorkerDied, map_in_processes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -339,6 +340,28 @@ def _scan(folder: Path, cases: list[Case], key: str, verify: bool = False) -> tu
     return {n: m for n, m in metas.items() if m is not None}, [c for c in cases if metas[c.name] is None]
 
 
+def _take_unchanged(root: Path, info: DatasetInfo, folder: Path, key: str, inputs: dict[str, Any], todo: list[Case],
+                    verify: bool) -> tuple[dict[str, dict[str, Any]], list[Case]]:
+    """Link into ``folder`` the cases of ``todo`` that an earlier cache folder of this
+    dataset holds from the same inputs (:func:`medseg.preprocessing.storage.link_case`);
+    returns their JSON and the cases left to preprocess."""
+    sources = unchanged_elsewhere(root, info, folder, inputs, [c.name for c in todo])
+    linked: dict[str, dict[str, Any]] = {}
+    left = []
+    for case in todo:
+        source = sources.get(case.name)
+        meta = link_case(source[0], source[1], folder, case.name, key, verify) if source is not None else None
+        if meta is None:
+            left.append(case)
+        else:
+            linked[case.name] = meta
+    if linked:
+        origins = sorted({sources[n][0].name for n in linked})
+        log.info("%d case%s unchanged since the cache%s %s: linked, not preprocessed again", len(linked),
+                 "" if len(linked) == 1 else "s", "" if len(origins) == 1 else "s", ", ".join(origins))
+    return linked, left
+
+
 def preprocess_dataset(
     cfg: "RunConfig",
     info: DatasetInfo,
@@ -404,6 +427,9 @@ def preprocess_dataset(
     metas, todo = _scan(folder, cases, key, verify)
     if todo and unwritable is not None:
         raise unwritable
+    if todo:  # a case added, a file touched: the others come from the earlier cache as they are
+        linked, todo = _take_unchanged(root, info, folder, key, inputs, todo, verify)
+        metas.update(linked)
     # a collective: every rank has listed its cases before any rank writes one
     if distributed.any_rank(bool(todo)):
         log.info("preprocessing %d of %d cases into %s (%d worker process%s per rank)", len(todo), len(cases),

@@ -51,12 +51,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from medseg.atomic import file_sha256, remove_dead_temporaries, write_atomic
+from medseg.atomic import file_sha256, remove_dead_temporaries, temporary_name, write_atomic
 from medseg.errors import MedsegError
 from medseg.preprocessing.case import PreprocessedCase
 
@@ -65,6 +66,7 @@ __all__ = [
     "CachedCase",
     "case_files",
     "colliding_case_names",
+    "link_case",
     "valid_case_meta",
     "read_case_meta",
     "write_case",
@@ -182,6 +184,42 @@ def write_case(folder: Path, case: PreprocessedCase, key: str) -> dict[str, Any]
             "files": files,
         }
         write_atomic(folder / meta_name, (json.dumps(meta, sort_keys=True) + "\n").encode())
+    except OSError as err:
+        raise MedsegError(f"{folder}: cannot write the preprocessing cache ({err.strerror or err})") from None
+    return meta
+
+
+def link_case(source: Path, source_key: str, folder: Path, name: str, key: str, verify: bool = False
+              ) -> dict[str, Any] | None:
+    """Put case ``name`` of the cache folder ``source`` (complete under ``source_key``) into
+    ``folder`` under ``key``, without preprocessing it again: its image and label files are
+    hard links to the source's (a copy where the file system has none), and its JSON is
+    the source's with the new key, written last. Returns the new JSON, or None when the
+    source's case is incomplete (or, with ``verify``, its files changed).
+
+    For a case whose inputs did not change (:func:`medseg.preprocessing.cache.case_inputs`):
+    adding one case to a dataset, or touching one file, changed the whole cache's key and
+    preprocessed every case again. The files are the same bytes either way.
+
+    Raises
+    ------
+    MedsegError
+        One line naming ``folder`` when the file system refuses (full disk, no permission).
+    """
+    meta = valid_case_meta(source, name, source_key, verify)
+    if meta is None:
+        return None
+    remove_stale_temporaries(folder, name)
+    try:
+        for file in meta["files"]:
+            tmp = temporary_name(folder / file)
+            try:
+                os.link(source / file, tmp)
+            except OSError:  # another file system, or none with hard links
+                shutil.copyfile(source / file, tmp)
+            os.replace(tmp, folder / file)
+        meta = {**meta, "key": key}
+        write_atomic(folder / case_files(name)[2], (json.dumps(meta, sort_keys=True) + "\n").encode())
     except OSError as err:
         raise MedsegError(f"{folder}: cannot write the preprocessing cache ({err.strerror or err})") from None
     return meta

@@ -85,6 +85,72 @@ def test_a_rerun_reuses_the_cache_without_reading_the_dataset(padded_dataset, tm
     assert cache_files(tmp_path / "cache") == before
 
 
+def _add_case(dataset: Path, source: str, name: str) -> None:
+    """A new case with the files of ``source`` (another case's bytes under a new name)."""
+    for folder in ("imagesTr", "labelsTr"):
+        for path in sorted((dataset / folder).glob(f"{source}*")):
+            shutil.copyfile(path, path.with_name(path.name.replace(source, name)))
+    meta = json.loads((dataset / "dataset.json").read_text())
+    meta["numTraining"] += 1
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+
+
+def test_a_case_added_preprocesses_that_case_alone_the_others_are_linked(padded_dataset, tmp_path):
+    """Adding one case changed the cache's key, and every case was preprocessed again
+    (hours for a large dataset); the unchanged ones are now hard links to the earlier
+    cache's files, byte for byte what preprocessing them again gives."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(padded_dataset, dataset)
+    raw = raw_config(dataset, tmp_path / "run", tmp_path / "cache", normalization={"scheme": "zscore"},
+                     val_fraction=0.2)
+    first = _preprocess(raw)[2]
+    _add_case(dataset, "case_004", "case_005")
+    second = _preprocess(raw)[2]
+    assert second.folder != first.folder and second.done == 1 and len(second.cases) == 6
+    fresh = _preprocess({**raw, "data": {**raw["data"], "cache_dir": str(tmp_path / "fresh")}})[2]
+    assert fresh.done == 6
+    assert cache_files(second.folder) == cache_files(fresh.folder)  # same bytes, the same key in every JSON
+    for name in first.cases:
+        for file in case_files(name)[:2]:
+            assert (second.folder / file).stat().st_ino == (first.folder / file).stat().st_ino
+    shutil.rmtree(first.folder)  # the earlier cache can go: the links keep the files
+    assert _preprocess(raw)[2].done == 0
+
+
+def test_no_case_is_linked_when_the_statistics_changed(padded_dataset, tmp_path):
+    """The CT scheme's clip and z-score come from the training cases: a case added to them
+    changes every case's voxels, and nothing may be taken from the earlier cache."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(padded_dataset, dataset)
+    raw = raw_config(dataset, tmp_path / "run", tmp_path / "cache", normalization={"scheme": "ct"}, val_fraction=0.2)
+    first = _preprocess(raw)[2]
+    _add_case(dataset, "case_002", "case_005")
+    (dataset / "imagesTr" / "case_005_0000.nii.gz").write_bytes(
+        (dataset / "imagesTr" / "case_000_0000.nii.gz").read_bytes())  # another image: other statistics
+    second = _preprocess(raw)[2]
+    assert second.preprocessing != first.preprocessing
+    assert second.done == 6
+    assert not any((second.folder / case_files(n)[0]).stat().st_ino == (first.folder / case_files(n)[0]).stat().st_ino
+                   for n in first.cases)
+
+
+def test_a_linked_case_whose_source_changed_is_preprocessed_again(padded_dataset, tmp_path):
+    """``medseg preprocess`` checks the SHA-256 of what it would link, as of its own files."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(padded_dataset, dataset)
+    raw = raw_config(dataset, tmp_path / "run", tmp_path / "cache", normalization={"scheme": "zscore"},
+                     val_fraction=0.2)
+    first = _preprocess(raw)[2]
+    damaged = first.folder / case_files("case_001")[0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    _add_case(dataset, "case_004", "case_005")
+    second = _preprocess(raw, verify=True)[2]
+    assert second.done == 2  # the new case and the damaged one
+    assert (second.folder / case_files("case_001")[0]).stat().st_ino != damaged.stat().st_ino
+
+
 def test_a_stale_cache_is_rebuilt_never_reused(padded_dataset, tmp_path, monkeypatch):
     dataset = tmp_path / "dataset"
     shutil.copytree(padded_dataset, dataset)
@@ -107,7 +173,14 @@ def test_a_stale_cache_is_rebuilt_never_reused(padded_dataset, tmp_path, monkeyp
     time.sleep(0.01)
     victim.write_bytes(victim.read_bytes())
     changed = _preprocess(raw)[2]
-    assert changed.folder not in folders and changed.done == 5
+    # a new folder; the case of the changed file is preprocessed again, the others (same
+    # files, same statistics: the rewrite kept the bytes) are linked from the earlier cache
+    assert changed.folder not in folders and changed.done == 1
+    assert changed.preprocessing == base.preprocessing
+    for name, case in changed.cases.items():
+        image = case_files(name)[0]
+        linked = (changed.folder / image).stat().st_ino == (base.folder / image).stat().st_ino
+        assert linked == (name != victim.name.removesuffix(".nii.gz"))
 
     # two labels of the same size and time swapped by renaming (mv, as after unpacking a
     # tar whose whole-second times are equal): the old key reused the cache, labels swapped
@@ -129,7 +202,10 @@ def test_a_stale_cache_is_rebuilt_never_reused(padded_dataset, tmp_path, monkeyp
     same.rmdir()
     assert first.stat().st_mtime_ns == second.stat().st_mtime_ns == stamp
     swapped = _preprocess(raw)[2]
-    assert swapped.folder not in folders and swapped.done == 5
+    # the two swapped cases again; the others too when the swap changed the statistics
+    # (the CT scheme's foreground percentiles are taken over the training labels)
+    assert swapped.folder not in folders
+    assert swapped.done == (2 if swapped.preprocessing == before.preprocessing else 5)
     assert before.cases["case_000"].raw_histogram != before.cases["case_001"].raw_histogram
     assert swapped.cases["case_000"].raw_histogram == before.cases["case_001"].raw_histogram
 
