@@ -178,7 +178,8 @@ def preprocess(
     cfg = load_config(config, set_ or [])
     result = run_preprocessing(cfg, workers=workers)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
-        print(f"medseg: {len(result.cases)} cases ({result.done} preprocessed now) in {result.folder}")
+        linked = f", {result.linked} unchanged, linked from an earlier cache" if result.linked else ""
+        print(f"medseg: {len(result.cases)} cases ({result.done} preprocessed now{linked}) in {result.folder}")
 
 
 @app.command()

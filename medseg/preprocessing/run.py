@@ -169,6 +169,7 @@ class PreprocessedDataset:
     preprocessing: dict[str, Any]
     cases: dict[str, CachedCase]
     done: int = 0  # cases that were missing and were preprocessed by this call (all ranks)
+    linked: int = 0  # cases taken from an earlier cache folder by this call (this rank)
     # the dataset's files as the cache key saw them (cache.dataset_fingerprint)
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
@@ -427,6 +428,7 @@ def preprocess_dataset(
     metas, todo = _scan(folder, cases, key, verify)
     if todo and unwritable is not None:
         raise unwritable
+    linked: dict[str, dict[str, Any]] = {}
     if todo:  # a case added, a file touched: the others come from the earlier cache as they are
         linked, todo = _take_unchanged(root, info, folder, key, inputs, todo, verify)
         metas.update(linked)
@@ -449,7 +451,7 @@ def preprocess_dataset(
     else:
         log.info("using the preprocessed cache %s (%d cases)", folder, len(cases))
     return PreprocessedDataset(folder, key, preprocessing, {n: CachedCase(folder, m) for n, m in metas.items()}, len(todo),
-                               fingerprint)
+                               len(linked), fingerprint)
 
 
 def run_preprocessing(cfg: "RunConfig", workers: int | None = None) -> PreprocessedDataset:

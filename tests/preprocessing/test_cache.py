@@ -106,7 +106,7 @@ def test_a_case_added_preprocesses_that_case_alone_the_others_are_linked(padded_
     first = _preprocess(raw)[2]
     _add_case(dataset, "case_004", "case_005")
     second = _preprocess(raw)[2]
-    assert second.folder != first.folder and second.done == 1 and len(second.cases) == 6
+    assert second.folder != first.folder and second.done == 1 and second.linked == 5 and len(second.cases) == 6
     fresh = _preprocess({**raw, "data": {**raw["data"], "cache_dir": str(tmp_path / "fresh")}})[2]
     assert fresh.done == 6
     assert cache_files(second.folder) == cache_files(fresh.folder)  # same bytes, the same key in every JSON
