@@ -24,6 +24,7 @@ Each run's process writes its output to ``OUTPUT_DIR/logs/VARIANT_seed_N.log``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -131,12 +132,13 @@ class _Workers:
         return proc.returncode
 
     def stop(self) -> None:
-        """No new worker starts; the running ones get SIGINT (each stops after its current write)."""
+        """No new worker starts; the running ones get SIGTERM, which a worker takes as
+        Ctrl-C (it stops after its current write; ``worker._stop_with_the_study``)."""
         with self._lock:
             self.stopping.set()
             for proc in self._running:
                 if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
+                    proc.send_signal(signal.SIGTERM)
 
 
 def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None, workers: _Workers) -> str | None:
@@ -164,7 +166,7 @@ def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None, 
         error = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     else:
         error = _error_line(log, start) or f"exited with code {returncode}"
-    status = "interrupted" if returncode in (130, -signal.SIGINT) else "failed"
+    status = "interrupted" if returncode in (130, -signal.SIGINT, -signal.SIGTERM) else "failed"
     try:  # recorded for the summary; a folder that cannot take it must not stop the other runs
         state = read_state(run.run_dir)
         state.update(variant=run.variant, seed=run.seed, status=status, error=error, log=str(log))
@@ -210,7 +212,7 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
             if error is None:
                 state = read_state(run.run_dir)
                 stats = training_summary(state)
-                if stats.get("seconds_per_step"):
+                if math.isfinite(stats["seconds_per_step"]):  # NaN: its training time is not known
                     rates.append(stats["seconds_per_step"])
                 trained = sum(s.get("seconds", 0.0) for s in (state.get("training") or {}).get("segments") or [])
                 others.append(max(0.0, seconds - trained))  # start-up, prediction and evaluation
@@ -243,6 +245,8 @@ def _time_left(left: dict[str, StudyRun], rates: list[float], others: list[float
 
 
 def _resources(stats: dict) -> str:
+    if not math.isfinite(stats["seconds_per_step"]):  # every step trained by a call that was not recorded
+        return "training time and memory not recorded"
     parts = [f"{stats['seconds_per_step']:.3g} s/step", f"peak RSS {stats['peak_rss_mib']:.0f} MiB"]
     if stats.get("peak_cuda_mib") is not None:
         parts.append(f"peak CUDA {stats['peak_cuda_mib']:.0f} MiB")
@@ -317,11 +321,12 @@ def run_study(path: str | Path, overrides: list[str] | None = None, parallel: in
     todo = [run for run in mine if not is_finished(run, study.config)]
     variants, seeds = study.config.variants, study.config.seeds
     where = f"rank {rank} of {world}: {len(mine)} of " if world > 1 else ""
+    at_once = min(parallel, max(len(todo), 1))  # one run left to do runs alone, whatever --parallel says
     _say(
         f"{where}{len(study.runs)} runs ({len(variants)} variants x {len(seeds)} seeds, baseline {study.baseline}); "
-        f"{len(mine) - len(todo)} finished, {len(todo)} to run" + (f", {parallel} at a time" if parallel > 1 and todo else "")
+        f"{len(mine) - len(todo)} finished, {len(todo)} to run" + (f", {at_once} at a time" if at_once > 1 else "")
     )
-    failed = _execute(todo, study, min(parallel, max(len(todo), 1)), _local_rank() if world > 1 else None)
+    failed = _execute(todo, study, at_once, _local_rank() if world > 1 else None)
     if world > 1 and not _all_ranks_done(study, rank, world):
         _say(f"rank {rank}: done; the last rank to finish writes the summary")
         return not failed

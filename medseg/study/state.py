@@ -209,10 +209,13 @@ def check_reusable(run: "StudyRun") -> None:
 
 
 def training_summary(state: dict[str, Any]) -> dict[str, Any]:
-    """Seconds per step over the recorded training calls, and their peak memory (NaN/None when unknown)."""
-    segments = (state.get("training") or {}).get("segments") or []
-    steps = sum(max(0, s["to_iteration"] - s["from_iteration"]) for s in segments)
-    seconds = sum(s["seconds"] for s in segments if s["to_iteration"] > s["from_iteration"])
+    """Seconds per step over the recorded training calls, and their peak memory (NaN/None
+    when unknown). A call that trained no step (a resume of a run whose training had
+    finished) measured neither."""
+    segments = [s for s in (state.get("training") or {}).get("segments") or []
+                if s["to_iteration"] > s["from_iteration"]]
+    steps = sum(s["to_iteration"] - s["from_iteration"] for s in segments)
+    seconds = sum(s["seconds"] for s in segments)
     rss = [s["peak_rss_mib"] for s in segments if s.get("peak_rss_mib") is not None]
     cuda = [s["peak_cuda_mib"] for s in segments if s.get("peak_cuda_mib") is not None]
     return {

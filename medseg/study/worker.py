@@ -48,10 +48,9 @@ def _say(message: str) -> None:
     print(f"[medseg study] {message}", file=sys.stderr, flush=True)
 
 
-def _train(run: StudyRun, state: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from medseg.runfolder import load_checkpoint, resolve_device
+def _train(run: StudyRun) -> dict[str, Any]:
+    """Train the run (or resume it); returns its study_run.json with the call's segment."""
+    from medseg.runfolder import load_checkpoint
     from medseg.training.trainer import run_training
 
     run_dir, cfg = run.run_dir, run.config
@@ -61,29 +60,64 @@ def _train(run: StudyRun, state: dict[str, Any]) -> dict[str, Any]:
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         _say(f"{run_dir}: no checkpoint to resume from; starting the run over")
         shutil.rmtree(run_dir)
-        state = {}
     _say(f"training {run.name}: " + (f"resuming at iteration {start} of {cfg.train.iterations}" if resume
                                       else f"{cfg.train.iterations} iterations"))
-    began = time.perf_counter()
-    run_training(cfg, resume=resume)
-    seconds = time.perf_counter() - began
+    began, began_wall = time.perf_counter(), time.time()
+    try:
+        run_training(cfg, resume=resume)
+    except BaseException:
+        # interrupted (Ctrl-C, the study stopping, an error): what it trained up to its
+        # last checkpoint is kept and will not be trained again, so its time is recorded
+        # now; else a run stopped after its last checkpoint (in its final validation)
+        # resumed with nothing left to train and had no training time at all
+        _record_interrupted_training(run, start, began_wall)
+        raise
+    _record_training(run, start, cfg.train.iterations, time.perf_counter() - began, finished=True)
+    return read_state(run_dir)
+
+
+def _record_training(run: StudyRun, start: int, stop: int, seconds: float, finished: bool) -> None:
+    """Appends a training call's segment (iterations ``start`` to ``stop``, its seconds,
+    this process's peak memory) to the run's study_run.json; ``finished``: the training
+    is complete (``training.iterations``, which :func:`~medseg.study.state.training_done`
+    reads; an interrupted call's segment leaves it as it was)."""
+    import torch
+
+    from medseg.runfolder import resolve_device
+
+    cfg = run.config
     device = resolve_device(cfg.device)
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" and torch.cuda.is_initialized() else None
-    state = {**read_state(run_dir), "variant": run.variant, "seed": run.seed, "status": "running", "error": None,
+    state = {**read_state(run.run_dir), "variant": run.variant, "seed": run.seed, "status": "running", "error": None,
              "config": cfg.model_dump(mode="json")}
     training = dict(state.get("training") or {})
-    training["iterations"] = cfg.train.iterations
+    if finished:
+        training["iterations"] = cfg.train.iterations
     training["segments"] = list(training.get("segments") or []) + [{
         "from_iteration": start,
-        "to_iteration": cfg.train.iterations,
+        "to_iteration": stop,
         "seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "peak_cuda_mib": peak_cuda,
         "device": device.type,
     }]
     state["training"] = training
-    write_state(run_dir, state)
-    return state
+    write_state(run.run_dir, state)
+
+
+def _record_interrupted_training(run: StudyRun, start: int, began_wall: float) -> None:
+    """The segment of an interrupted training call up to its last checkpoint (timed by the
+    checkpoint's modification time), if it wrote one past ``start``; best effort."""
+    from medseg.runfolder import load_checkpoint
+
+    try:
+        latest = latest_checkpoint(run.run_dir)
+        saved = latest.stat().st_mtime
+        stop = int(load_checkpoint(latest)["iteration"])
+        if stop > start and saved > began_wall:
+            _record_training(run, start, stop, saved - began_wall, finished=False)
+    except Exception:  # no checkpoint, or one being replaced: nothing to record
+        pass
 
 
 def _test(run: StudyRun, study: StudyConfig, name: str, state: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +170,7 @@ def execute_run(run: StudyRun, study: StudyConfig) -> None:
         state["status"] = "running"
         write_state(run.run_dir, state)
     if not training_done(run, state):
-        state = _train(run, state)
+        state = _train(run)
     for name in study.test:
         if not test_done(run, study, name, state):
             state = _test(run, study, name, state)
@@ -145,20 +179,33 @@ def execute_run(run: StudyRun, study: StudyConfig) -> None:
 
 
 def _stop_with_the_study() -> None:
-    """Linux: SIGINT when the study process is gone (killed, even by SIGKILL), so that a
-    worker never trains on alone; it then stops as after Ctrl-C and the rerun resumes it
-    (before, it went on and a rerun found the run folder locked)."""
+    """The worker stops (as after Ctrl-C; the rerun resumes it) on SIGTERM, which the study
+    sends its workers when it stops and the kernel sends when the study is gone (killed,
+    even by SIGKILL: PR_SET_PDEATHSIG, Linux), so that a worker never trains on alone
+    (before, it went on and a rerun found the run folder locked).
+
+    SIGINT keeps what the worker inherited: a study started with SIGINT ignored (``&`` in
+    a script) has workers that ignore it too, where they used to be interrupted while the
+    study went on with the next runs. The first of these signals stops the worker and the
+    others are ignored from then on: a terminal's Ctrl-C reaches the worker, and the study's
+    SIGTERM follows it, which interrupted the first one's clean-up (tracebacks in the log,
+    "killed by SIGINT" recorded instead of "interrupted")."""
     import ctypes
     import signal
 
-    # a study started in the background by a script inherits SIGINT ignored, and so would
-    # this process: the signal below would then not stop it
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def stop_once(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_once)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, stop_once)
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGINT), 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: no such call
         return
     if os.getppid() != parent:  # the study died before the call above

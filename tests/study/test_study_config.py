@@ -231,7 +231,7 @@ def test_an_interrupted_study_stops_its_workers_and_starts_no_other(tmp_path):
 
 def test_a_worker_stops_when_the_study_process_is_killed(tmp_path):
     """A study killed by SIGKILL left its worker training alone (a rerun then found the run
-    folder locked): the worker asks Linux for SIGINT when its parent dies."""
+    folder locked): the worker asks Linux for SIGTERM when its parent dies."""
     import signal
     import subprocess
     import sys
@@ -403,3 +403,61 @@ def test_the_time_left_counts_what_a_run_does_besides_training(write_study):
     assert _time_left(runs, [30.0], [], 2) == "; 4 to go, about 2 min at 30 s/step"  # 4 x 2 x 30 / 2 s
     assert _time_left(runs, [30.0], [600.0], 2) == "; 4 to go, about 22 min at 30 s/step"  # + 4 x 600 / 2 s
     assert _time_left(runs, [0.1], [], 1).startswith("; 4 to go, about under a minute")
+
+
+_WORKER = (
+    "import os, sys, time\n"
+    "from medseg.study.worker import _stop_with_the_study\n"
+    "_stop_with_the_study()\n"
+    "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+    "try:\n"
+    "    time.sleep(60)\n"
+    "except KeyboardInterrupt:\n"
+    "    time.sleep(1.0)  # its clean-up, as a trainer writing its checkpoint\n"
+    "    open(sys.argv[1] + '.cleaned', 'w').close()\n"
+    "    sys.exit(130)\n"
+)
+
+
+def _start_worker(tmp_path, ignore_sigint: bool):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(pid_file)], preexec_fn=pre)
+    deadline = time.time() + 30
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return proc, pid_file
+
+
+def test_a_worker_of_a_study_that_ignores_sigint_ignores_it_too(tmp_path):
+    """A study started with SIGINT ignored (``&`` in a script) went on with its next runs
+    while a Ctrl-C of the process group interrupted its running workers: the workers undid
+    the ignore. They keep it now, and stop on the study's SIGTERM."""
+    import signal
+    import subprocess
+
+    proc, pid_file = _start_worker(tmp_path, ignore_sigint=True)
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130 and (tmp_path / "worker.pid.cleaned").exists()
+
+
+def test_a_second_signal_does_not_cut_the_first_ones_clean_up_short(tmp_path):
+    """Ctrl-C reaches the workers from the terminal, and the study then stops them too: the
+    second signal interrupted the first one's clean-up (tracebacks in the run's log,
+    "killed by SIGINT" recorded instead of "interrupted")."""
+    import signal
+    import time
+
+    proc, pid_file = _start_worker(tmp_path, ignore_sigint=False)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130 and (tmp_path / "worker.pid.cleaned").exists()

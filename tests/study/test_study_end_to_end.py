@@ -109,3 +109,48 @@ def test_study_runs_resumes_and_skips(write_study, capsys, monkeypatch):
     assert "rank 0 of 2: 2 of 4 runs" in capsys.readouterr().err
     assert (study.output_dir / "study.json").is_file()
     assert _mtimes(kept) == kept
+
+
+def test_an_interrupted_training_keeps_the_time_of_what_it_checkpointed(write_study, monkeypatch):
+    """A run stopped after its last checkpoint (in its final validation) resumed with
+    nothing left to train: its training time was lost (NaN seconds per step, shown as
+    "nan s/step"), and a study with runs left crashed estimating their time. The
+    interrupted call now records its segment up to the checkpoint, and leaves the training
+    unfinished."""
+    import math
+
+    from medseg.study import worker
+    from medseg.study.state import training_done, training_summary
+    from medseg.training import trainer
+
+    run = load_study(write_study()).runs[0]
+    raw = run.config.model_dump(mode="json")
+    raw["train"]["iterations"] = 1
+
+    def stopped_after_a_checkpoint(cfg, resume=False):
+        run_training(validate_config(raw))  # latest.pt at iteration 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_training", stopped_after_a_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        worker._train(run)
+    state = _state(run)
+    segments = state["training"]["segments"]
+    assert [(s["from_iteration"], s["to_iteration"]) for s in segments] == [(0, 1)] and segments[0]["seconds"] > 0
+    assert "iterations" not in state["training"] and not training_done(run, state)
+    stats = training_summary(state)
+    assert math.isfinite(stats["seconds_per_step"]) and stats["peak_rss_mib"] > 0
+
+
+def test_a_call_that_trained_nothing_measures_nothing():
+    from medseg.study.runner import _resources
+    from medseg.study.state import training_summary
+
+    noop = {"from_iteration": 2, "to_iteration": 2, "seconds": 9.0, "peak_rss_mib": 400.0, "device": "cpu"}
+    real = {"from_iteration": 0, "to_iteration": 2, "seconds": 4.0, "peak_rss_mib": 900.0, "device": "cpu"}
+    alone = training_summary({"training": {"segments": [noop]}})
+    assert alone["seconds_per_step"] != alone["seconds_per_step"]  # NaN: not known
+    assert alone["peak_rss_mib"] != alone["peak_rss_mib"]  # not the no-op's 400 MiB
+    assert _resources(alone) == "training time and memory not recorded"
+    both = training_summary({"training": {"segments": [real, noop]}})
+    assert both["seconds_per_step"] == 2.0 and both["peak_rss_mib"] == 900.0
