@@ -102,21 +102,27 @@ def test_a_job_that_dies_alone_in_the_pool_is_not_run_again(tmp_path):
 
 
 def test_evaluate_names_the_case_and_its_betti_matching_memory(tmp_path):
-    """What ``medseg evaluate`` says for a 3D case whose worker died: the case's reason
-    names the Betti matching error's memory at its size."""
+    """What ``medseg evaluate`` says for a case whose worker died: the memory the Betti
+    matching needs for the masks' box (it named the whole image's: 35 GB for a 512x512x300
+    scan whose masks' box needed 3 GB)."""
     import nibabel as nib
 
     from medseg.evaluation.evaluate import _died_reason
     from medseg.evaluation.metrics import BETTI_MATCHING_BYTES_PER_VOXEL
 
-    ref = tmp_path / "big.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((64, 64, 32), np.uint8), np.eye(4)), ref)
-    job = ("big", tmp_path / "pred.nii.gz", ref, [1], None, None, ["dice", "betti_matching"], 1.0, None)
+    ref, pred = np.zeros((64, 64, 32), np.uint8), np.zeros((64, 64, 32), np.uint8)
+    ref[10:20, 10:30, 5:9] = 1
+    pred[12:25, 15:20, 6:12] = 1
+    for name, array in (("ref", ref), ("pred", pred)):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    job = ("big", tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz", [1], None, None, ["dice", "betti_matching"],
+           1.0, None)
     reason = _died_reason(job, WorkerDied("the worker process died running it alone (out of memory, or killed)"))
-    need = BETTI_MATCHING_BYTES_PER_VOXEL[3] * 64 * 64 * 32 / 2**30
+    box = (17, 22, 9)  # 10..24 and 10..29 and 5..11, one voxel more on each side
+    need = BETTI_MATCHING_BYTES_PER_VOXEL[3] * np.prod(box) / 2**30
     assert reason.startswith("the worker process died running it alone")
-    assert f"needs up to {need:.1f} GB at 64x64x32 voxels" in reason and "--metrics" in reason
-    without = ("big", tmp_path / "pred.nii.gz", ref, [1], None, None, ["dice"], 1.0, None)
+    assert f"needs about {need:.1f} GB (the masks' bounding box of 17x22x9 voxels)" in reason and "--metrics" in reason
+    without = (*job[:6], ["dice"], *job[7:])
     assert "Betti" not in _died_reason(without, WorkerDied("died"))
 
 
@@ -125,13 +131,35 @@ def test_a_box_too_large_for_this_machine_is_refused_before_the_engine(monkeypat
     from medseg.evaluation import metrics
 
     monkeypatch.setattr(metrics, "memory_limit_bytes", lambda: 2**30)  # 1 GB
-    with pytest.raises(DataError, match=r"^betti_matching: the masks' bounding box of 128x128x128 voxels needs "
-                                        r"about 0\.9 GB, more than 90 % of the 1\.0 GB of memory here; leave it out"):
-        metrics._check_matching_memory((128, 128, 128))
-    metrics._check_matching_memory((64, 64, 64))  # 0.12 GB: fits
-    metrics._check_matching_memory((1024, 1024))  # 2D: 260 bytes a pixel, 0.25 GB
+    monkeypatch.setattr(metrics, "resident_bytes", lambda: 2**27)  # what the process holds: 0.125 GB
+    with pytest.raises(DataError, match=r"^betti_matching: the masks' bounding box of 121x121x121 voxels needs "
+                                        r"about 0\.8 GB besides the 0\.1 GB this process holds, more than 90 % "
+                                        r"of the 1\.0 GB of memory here; leave it out"):
+        metrics.check_matching_memory((121, 121, 121))  # 0.79 GB would fit alone, not beside 0.125 GB
+    metrics.check_matching_memory((100, 100, 100))  # 0.45 GB: fits
+    metrics.check_matching_memory((1024, 1024))  # 2D: 260 bytes a pixel, 0.25 GB
     with pytest.raises(DataError, match=r"bounding box of 2048x2048 voxels needs about 1\.0 GB"):
-        metrics._check_matching_memory((2048, 2048))
+        metrics.check_matching_memory((2048, 2048))
+
+
+def test_the_memory_check_comes_before_the_other_metrics(monkeypatch):
+    """The refusal came after minutes of HD95, clDice and the others, whose values were
+    then thrown away with the case."""
+    from medseg.errors import DataError
+    from medseg.evaluation import metrics
+
+    computed = []
+    for name in ("dice", "hd95", "cldice"):
+        monkeypatch.setitem(metrics.LABEL_METRICS, name, lambda p, r, c, name=name: computed.append(name) or {})
+    monkeypatch.setattr(metrics, "memory_limit_bytes", lambda: 2**20)
+    pred, ref = np.zeros((20, 20, 20), bool), np.zeros((20, 20, 20), bool)
+    pred[5:9, 5:9, 5:9], ref[6:12, 6:12, 6:12] = True, True
+    context = metrics.MetricContext(spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(DataError, match="^betti_matching: the masks' bounding box"):
+        metrics.compute_label_metrics(pred, ref, context, ["dice", "hd95", "cldice", "betti_matching"])
+    assert computed == []
+    metrics.compute_label_metrics(pred, ref, context, ["dice", "hd95"])  # no Betti matching: no check
+    assert computed == ["dice", "hd95"]
 
 
 def test_memory_limit_is_a_positive_number_here():
@@ -139,3 +167,49 @@ def test_memory_limit_is_a_positive_number_here():
 
     limit = memory_limit_bytes()
     assert limit is not None and 2**28 < limit < 2**50
+
+
+def _sleeper(folder: str) -> None:
+    (Path(folder) / f"worker.{os.getpid()}").touch()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_the_workers_die_with_the_command(tmp_path, method):
+    """A command killed (SIGKILL, SIGTERM, the out-of-memory killer) left evaluate's and
+    plan's workers blocked on the pool's queue for good, one holding 3.9 GB."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import multiprocessing, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from medseg.process_pool import map_in_processes\n"
+        "from test_process_pool import _sleeper\n"
+        "if __name__ == '__main__':\n"
+        f"    context = multiprocessing.get_context({method!r})\n"
+        f"    for _ in map_in_processes(_sleeper, [({str(tmp_path)!r},)] * 2, 2, context):\n"
+        "        pass\n"
+    )
+    (tmp_path / "command.py").write_text(script)
+    command = subprocess.Popen([sys.executable, str(tmp_path / "command.py")])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("worker.*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(p.name.split(".")[1]) for p in tmp_path.glob("worker.*")]
+    assert len(workers) == 2
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    deadline = time.monotonic() + 20
+    alive = set(workers)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.05)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "a worker outlived the killed command"

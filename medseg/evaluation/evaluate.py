@@ -219,22 +219,21 @@ def _map_cases(fn, jobs: list[tuple], workers: int, desc: str):
 
 def _died_reason(job: tuple, error: BaseException) -> str:
     """Why a case's worker died: the error, and when the Betti matching error was asked
-    for, its memory at the case's size (metrics.BETTI_MATCHING_BYTES_PER_VOXEL)."""
-    from medseg.data.io import read_geometry
-    from medseg.evaluation.metrics import BETTI_MATCHING_BYTES_PER_VOXEL
+    for, its memory for the case's masks (read again here: the box of their foreground,
+    as the metric sees it; metrics.matching_bytes)."""
+    from medseg.evaluation.metrics import _union_box, matching_bytes
 
     reason = f"{error}".split("\n")[0]
     if len(job) < 7 or "betti_matching" not in job[6]:  # a label-values job, or no Betti matching
         return reason
     try:
-        shape = read_geometry(Path(job[2]))[1].shape
+        pred, ref = (np.asarray(read_label_map(Path(p))[0]) != 0 for p in (job[1], job[2]))
+        shape = tuple(s.stop - s.start for s in _union_box(pred, ref))
     except Exception:  # the hint is a courtesy: the reason stands without it
         return reason
-    per_voxel = BETTI_MATCHING_BYTES_PER_VOXEL[len(shape)]
-    need = per_voxel * float(np.prod(shape)) / 2**30
-    return reason + (f"; the Betti matching error needs up to {need:.1f} GB at {'x'.join(map(str, shape))} voxels "
-                     f"(about {per_voxel} bytes per voxel of the masks' bounding box): leave it out with "
-                     "--metrics, or evaluate on a machine with more memory")
+    return reason + (f"; its Betti matching error needs about {matching_bytes(shape) / 2**30:.1f} GB (the masks' "
+                     f"bounding box of {'x'.join(map(str, shape))} voxels): leave it out with --metrics, or "
+                     "evaluate on a machine with more memory")
 
 
 def _values_of(path: Path) -> tuple[str, list[int] | None, str | None]:

@@ -328,17 +328,46 @@ def memory_limit_bytes() -> int | None:
     return min(limits) if limits else None
 
 
-def _check_matching_memory(shape: tuple[int, ...]) -> None:
-    """Refuse, in one line, a box whose Betti matching cannot fit in this machine's memory
-    even alone (the kernel would kill the worker after minutes of work)."""
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where it cannot be read)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
+
+
+def matching_bytes(shape: tuple[int, ...]) -> float:
+    """The Betti matching's peak memory for masks whose box has ``shape``
+    (:data:`BETTI_MATCHING_BYTES_PER_VOXEL`)."""
+    return BETTI_MATCHING_BYTES_PER_VOXEL[len(shape)] * float(np.prod(shape))
+
+
+def matching_fits(shape: tuple[int, ...]) -> bool:
+    """Whether the Betti matching of masks whose box has ``shape`` fits in 90 % of this
+    machine's memory (:func:`memory_limit_bytes`) beside what this process holds."""
     limit = memory_limit_bytes()
-    need = BETTI_MATCHING_BYTES_PER_VOXEL[len(shape)] * float(np.prod(shape))
-    if limit is not None and need > 0.9 * limit:
-        raise DataError(
-            f"betti_matching: the masks' bounding box of {'x'.join(map(str, shape))} voxels needs about "
-            f"{need / 2**30:.1f} GB, more than 90 % of the {limit / 2**30:.1f} GB of memory here; leave it out with "
-            "--metrics (e.g. --metrics dice,hd95,betti,cldice) or evaluate on a machine with more memory"
-        )
+    return limit is None or matching_bytes(shape) + resident_bytes() <= 0.9 * limit
+
+
+def check_matching_memory(shape: tuple[int, ...]) -> None:
+    """Refuse, in one line, a box whose Betti matching cannot fit in this machine's memory
+    beside what this process already holds (the kernel would kill the worker after
+    minutes of work).
+
+    Raises
+    ------
+    DataError
+        Naming the box, the memory it needs and the memory there is.
+    """
+    if matching_fits(shape):
+        return
+    limit, need, held = memory_limit_bytes() or 0, matching_bytes(shape), resident_bytes()
+    raise DataError(
+        f"betti_matching: the masks' bounding box of {'x'.join(map(str, shape))} voxels needs about "
+        f"{need / 2**30:.1f} GB besides the {held / 2**30:.1f} GB this process holds, more than 90 % of the "
+        f"{limit / 2**30:.1f} GB of memory here; leave it out with --metrics (e.g. --metrics "
+        "dice,hd95,betti,cldice) or evaluate on a machine with more memory"
+    )
 
 
 @register_metric("betti_matching", requires=_topology_engine_missing)
@@ -356,7 +385,7 @@ def betti_matching(pred: np.ndarray, ref: np.ndarray, context: MetricContext) ->
         if np.array_equal(pred, ref):  # every feature is matched with itself: skip the costly part
             unmatched = np.zeros(pred.ndim, dtype=np.int64)
         else:
-            _check_matching_memory(pred.shape)
+            check_matching_memory(pred.shape)
             unmatched = betti_matching_error(pred, ref, construction=matching_construction(context.connectivity))
     except ImportError:
         return {}
@@ -474,6 +503,8 @@ def compute_label_metrics(
     )
     box = _union_box(pred, ref)
     pred, ref = pred[box], ref[box]
+    if "betti_matching" in chosen and not np.array_equal(pred, ref):
+        check_matching_memory(pred.shape)  # first: not after minutes of the other metrics, then thrown away
     out: dict[str, float] = {}
     for name in chosen:
         out.update(LABEL_METRICS[name](pred, ref, context))

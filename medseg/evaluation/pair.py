@@ -91,8 +91,11 @@ def undeclared_values(array: np.ndarray, declared: set[int]) -> list[int]:
     flat = np.asarray(array).ravel()
     if flat.size == 0:
         return []
-    low = int(flat.min())
-    if low < 0:
+    low, high = int(flat.min()), int(flat.max())
+    if low < 0 or high > 1 << 20:
         return sorted({int(v) for v in np.unique(flat)} - declared)
-    present = np.flatnonzero(np.bincount(flat.astype(np.int64, copy=False)))
-    return [int(v) for v in present if int(v) not in declared]
+    # by chunks: bincount works on an int64 copy of its input, 600 MB for a 512x512x300 mask
+    seen = np.zeros(high + 1, dtype=bool)
+    for start in range(0, flat.size, 1 << 22):
+        seen |= np.bincount(flat[start : start + (1 << 22)].astype(np.int64, copy=False), minlength=high + 1) > 0
+    return [int(v) for v in np.flatnonzero(seen) if int(v) not in declared]

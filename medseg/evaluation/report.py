@@ -97,9 +97,17 @@ def unmatched_features(pred_mask: np.ndarray, ref_mask: np.ndarray, connectivity
     ------
     ImportError
         When medseg's topology engine is not built.
+    MemoryError
+        When the masks' Betti matching would not fit in this machine's memory
+        (:func:`medseg.evaluation.metrics.matching_fits`): the report runs it in the
+        command's own process, after every case has been evaluated.
     """
-    from medseg.evaluation.metrics import matching_construction
+    from medseg.evaluation.metrics import matching_bytes, matching_construction, matching_fits
     from medseg.topology import betti_matching
+
+    if not matching_fits(np.shape(pred_mask)):
+        raise MemoryError(f"their Betti matching needs about {matching_bytes(np.shape(pred_mask)) / 2**30:.1f} GB, "
+                          "more than the memory here allows")
 
     m = betti_matching(
         np.asarray(pred_mask, dtype=bool).astype(np.float32),
@@ -421,6 +429,9 @@ def _picture(entry: dict, label: str, label_name: str, summary: dict, images_dir
     except ImportError:
         legend = ["topology engine not built: unmatched features not marked"]
         ref_marks = pred_marks = Marks()
+    except MemoryError as err:
+        legend = [f"unmatched features not marked: {err}"]
+        ref_marks = pred_marks = Marks()
     png = case_figure(
         view.project(r), view.project(p), ref_marks, pred_marks, _feature_names(), image=view.image, aspect=view.aspect,
         titles=("reference", "prediction"), legend=legend, suptitle=f"{_case_name(entry)} - {label_name}",
@@ -467,6 +478,8 @@ def comparison_picture(entry_a: dict, entry_b: dict, label: str, label_name: str
                      (view.marks(features.prediction_births, features.prediction_deaths), PREDICTION_COLOUR, "extra")]
         except ImportError:
             legend = ["topology engine not built: unmatched features not marked"]
+        except MemoryError as err:
+            legend.append(f"{run}: unmatched features not marked: {err}")
         panels.append(Panel(view.project(p), f"prediction {run}", marks))
     png = masks_figure(panels, _feature_names(), image=view.image, aspect=view.aspect, legend=legend,
                        suptitle=f"{case} - {label_name}")

@@ -201,31 +201,12 @@ class PreprocessedDataset:
 _JOB: dict[str, Any] = {}
 
 
-def _init_worker(job: dict[str, Any], parent: int | None = None) -> None:
+def _init_worker(job: dict[str, Any]) -> None:
     import torch
 
-    if parent is not None:
-        _exit_with_parent(parent)
     torch.set_num_threads(1)
     _JOB.clear()
     _JOB.update(job)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Linux: this pool process gets SIGKILL when the process that started it dies. A
-    ``train`` or ``preprocess`` killed (SIGKILL, SIGTERM, the out-of-memory killer) while
-    filling the cache left its workers blocked on the pool's queue for good, each holding
-    hundreds of MB. Elsewhere nothing changes."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != parent:  # it died before the call
-        os._exit(1)
 
 
 def _preprocess_one(case: Case) -> str:
@@ -254,24 +235,23 @@ def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool)
                 _JOB.update(previous)
             return
         # fork: the workers start at once with this process's imports (spawn would
-        # import torch and MONAI again in each); they run torch on one thread.
-        # Started by this thread, which waits for them: PR_SET_PDEATHSIG follows the thread.
+        # import torch and MONAI again in each); they run torch on one thread
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         died = []
         for index, _, error in map_in_processes(_preprocess_one, [(c,) for c in cases], workers, context,
-                                                initializer=_init_worker, initargs=(job, os.getpid()),
-                                                what="cases"):
+                                                initializer=_init_worker, initargs=(job,), what="cases"):
             if isinstance(error, WorkerDied):  # the others go on: each written case is kept
                 died.append(cases[index].name)
             elif error is not None:
                 raise error  # the first error stops the run (the cases not started are cancelled)
             bar.update(1)
-        if died:
+        if died:  # each died alone (medseg.process_pool): fewer workers would not help
             raise MedsegError(
-                f"preprocessing case '{died[0]}': a worker process died running it (out of memory, or killed)"
-                + (f", and {len(died) - 1} more case(s)" if len(died) > 1 else "")
-                + "; the other cases are written and kept, rerun to finish (fewer --workers need less memory)"
+                f"preprocessing case '{died[0]}': a worker process died running it alone (out of memory, or "
+                "killed)" + (f", and {len(died) - 1} more case(s)" if len(died) > 1 else "")
+                + "; the other cases are written and kept: rerun once more memory is free (a coarser "
+                "data.target_spacing makes smaller cases)"
             )
     finally:
         bar.close()

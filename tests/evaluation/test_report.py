@@ -130,6 +130,24 @@ def test_report_rows_pictures_and_legend(tmp_path):
     assert summary["statistics"]["1"]["Dice"]["n"] == 3
 
 
+def test_a_picture_whose_matching_would_not_fit_is_drawn_without_marks(tmp_path, monkeypatch):
+    """The report's pictures run the Betti matching again in the command's own process,
+    after every case was evaluated: a box too large for the memory got the command killed
+    and nothing was written. Such a picture now shows the masks alone and says why."""
+    from medseg.evaluation import metrics
+
+    pred, ref = _ring_case()
+    monkeypatch.setattr(metrics, "check_matching_memory", lambda shape: None)  # the metric's matching fits,
+    monkeypatch.setattr(metrics, "matching_fits", lambda shape: False)  # the pictures' does not
+    ok, out = _evaluate_2d(tmp_path, {"ring": (pred, ref)})
+    assert ok
+    text = (out / "report.html").read_text()
+    assert "unmatched features not marked: their Betti matching needs about 0.0 GB, more than the memory here allows" in text
+    assert _parse(out / "report.html").figures[0]["data-case"] == "ring"  # the picture is there, without marks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric_per_case"][0]["metrics"]["1"]["betti_matching_error"] == 3
+
+
 def test_report_without_topology_metrics_says_so(tmp_path):
     pred, ref = _ring_case()
     ref_dir, pred_dir, out = tmp_path / "labelsTs", tmp_path / "pred", tmp_path / "eval"

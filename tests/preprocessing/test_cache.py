@@ -410,8 +410,8 @@ def test_a_worker_that_dies_is_named_in_one_line_and_the_other_cases_are_written
     monkeypatch.setattr(run, "write_case", lambda folder, written, key: (tmp_path / written).touch())
     cases = [Case(name, [Path(f"{name}.nii.gz")]) for name in "abcde"]
     job = {"info": None, "config": None, "preprocessing": None, "folder": None, "key": None}
-    with pytest.raises(MedsegError, match=r"^preprocessing case 'b': a worker process died running it \(out of "
-                                          r"memory, or killed\); the other cases are written"):
+    with pytest.raises(MedsegError, match=r"^preprocessing case 'b': a worker process died running it alone \(out "
+                                          r"of memory, or killed\); the other cases are written"):
         run._run_cases(cases, job, 2, False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c", "d", "e"]
 
