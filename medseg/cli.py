@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -19,7 +20,7 @@ from typing import Callable, Iterator, List, Optional
 
 import typer
 
-from medseg.errors import ArgumentError, MedsegError
+from medseg.errors import ArgumentError, MedsegError, RunStopped
 from medseg.evaluation.summary import (
     DEFAULT_PERMUTATIONS,
     DEFAULT_PICTURED_CASES,
@@ -366,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     threading.excepthook = _background_thread_error
     warnings.showwarning = _medseg_warnings_in_one_line(shown)
     _THREAD_STORAGE_ERRORS.clear()
+    global _TERMINATED
+    _TERMINATED = False
+    # the main thread only (signal's rule), and not where SIGTERM was ignored on purpose
+    on_term = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if on_term:
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         code = _main(argv)
         if code == 0 and _THREAD_STORAGE_ERRORS:  # the command's writes went through, a thread's did not
@@ -375,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         threading.excepthook, warnings.showwarning = previous, shown
         _THREAD_STORAGE_ERRORS.clear()
+        if on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _medseg_warnings_in_one_line(other: Callable[..., None]) -> Callable[..., None]:
@@ -392,6 +401,19 @@ def _medseg_warnings_in_one_line(other: Callable[..., None]) -> Callable[..., No
     return show
 
 
+_TERMINATED = False  # the KeyboardInterrupt came from SIGTERM (_stop_on_sigterm)
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (Slurm's scancel and time limit, docker stop, kill) stops a command as
+    Ctrl-C does: its temporaries are removed, and train says how to resume. It used to end
+    the process on the spot without a word."""
+    global _TERMINATED
+    _TERMINATED = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up is not interrupted again
+    raise KeyboardInterrupt
+
+
 def _main(argv: list[str] | None) -> int:
     # a log file on a full disk must not print a traceback per line; the next write of the
     # output reports the full disk in one line
@@ -405,6 +427,8 @@ def _main(argv: list[str] | None) -> int:
     except MedsegError as err:
         # one write: the ranks of a torchrun share stderr, and print's two writes interleave
         message = err.for_cli() if isinstance(err, ArgumentError) else str(err)  # the library names arguments
+        if isinstance(err, RunStopped):  # nothing wrong with the inputs: say how to go on
+            message += _INTERRUPT_HINT()
         sys.stderr.write(f"medseg: error: {message}\n")
         sys.stderr.flush()
         return err.exit_code
@@ -419,16 +443,24 @@ def _main(argv: list[str] | None) -> int:
         sys.stderr.flush()
         return 1
     except KeyboardInterrupt:
-        print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
-        return 130
+        return _interrupted()
     except typer.Abort:
         return 1
     except typer.TyperException as err:  # usage errors (missing option, bad value)
         err.show()
         return err.exit_code
     if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
-        print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
+        return _interrupted()
     return result if isinstance(result, int) else 0
+
+
+def _interrupted() -> int:
+    """Says that the command was stopped (Ctrl-C or SIGTERM) and how to go on; the exit code."""
+    if _TERMINATED:
+        print(f"medseg: stopped by SIGTERM{_INTERRUPT_HINT()}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -55,3 +55,10 @@ class CheckpointError(MedsegError):
     """A run folder or checkpoint is missing, unreadable or incompatible."""
 
     exit_code = 4
+
+
+class RunStopped(MedsegError):
+    """A run stopped for a reason outside its inputs (a worker process died, shared memory
+    ran out) and can be resumed; the CLI adds how (``--resume``) to the line."""
+
+    exit_code = 1

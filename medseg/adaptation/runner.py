@@ -187,11 +187,11 @@ def _source_data(cfg: AdaptConfig, source: SourceRun, num_classes: int):
 
 def _source_batches(cfg: AdaptConfig, data, start: int, device: torch.device):
     """Labelled source patches per step (``data``: :func:`_source_data`)."""
-    from medseg.training.sampling import patch_loader
+    from medseg.training.sampling import loader_batches, patch_loader
 
     loader = patch_loader(data.train_set, cfg.seed, cfg.source_data.batch_size, start, cfg.adapt.iterations, 0,
                           pin_memory=False)
-    for batch in loader:
+    for batch in loader_batches(loader):
         yield {k: (v.as_tensor() if hasattr(v, "as_tensor") else v).to(device) if isinstance(v, torch.Tensor) else v
                for k, v in batch.items()}
 

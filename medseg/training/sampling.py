@@ -37,6 +37,7 @@ others are read box by box, so memory does not grow with the number of cases.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -61,6 +62,12 @@ if TYPE_CHECKING:  # pragma: no cover
 _PERM_STREAM = 1
 _TRANSFORM_STREAM = 2
 log = logging.getLogger("medseg")
+# MONAI's list_data_collate dumps its "dev_collate" walk of a batch (">> collate/stack a
+# list of tensors", ...) at the critical level whenever collating fails, e.g. when the
+# workers run out of shared memory: lines that trailed medseg's one-line error and say
+# nothing to a user (the batches are medseg's own patches)
+logging.getLogger("dev_collate").addHandler(logging.NullHandler())
+logging.getLogger("dev_collate").propagate = False
 # `data.num_workers: auto` never starts more workers than this per process
 _MAX_AUTO_WORKERS = 8
 
@@ -227,6 +234,52 @@ def _worker_init(worker_id: int) -> None:
     # workers (e.g. third-party transforms) from being identical across workers.
     info = torch.utils.data.get_worker_info()
     np.random.seed((info.seed if info is not None else worker_id) % 2**32)
+
+
+def loader_failure(err: BaseException) -> str | None:
+    """What a PyTorch DataLoader error says in one line, when a worker process died or ran
+    out of shared memory (torch raises a RuntimeError with a traceback of the worker);
+    None for any other error."""
+    import re
+
+    text = str(err)
+    if "shared memory" in text or ("/torch_" in text and "No space left" in text) or "Bus error" in text:
+        try:
+            stats = os.statvfs("/dev/shm")
+            free = f"{stats.f_bavail * stats.f_frsize / 2**20:.3g} MB free of {stats.f_blocks * stats.f_frsize / 2**20:.3g}"
+        except OSError:
+            free = "its size unknown"
+        return (f"the data-loading workers ran out of shared memory (/dev/shm: {free}), where they pass batches to "
+                "the trainer: start the container with more (docker run --shm-size=4g) or set data.num_workers=0")
+    found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([^)]*)\) (?:is killed by signal: ([^.]*)|exited unexpectedly)",
+                      text)
+    if found:
+        how = f"killed by signal: {found.group(2)}" if found.group(2) else "it exited unexpectedly"
+        # SIGKILL is the out-of-memory killer's; torch reports it either way, by timing
+        hint = ": out of memory? fewer data.num_workers, a lower data.cache_rate or a smaller patch need less" \
+            if not found.group(2) or "Killed" in found.group(2) else ""
+        return f"a data-loading worker process (pid {found.group(1)}) died ({how}{hint})"
+    return None
+
+
+def loader_batches(loader: DataLoader):
+    """The batches of ``loader``; a worker's death or a full /dev/shm is a
+    :class:`~medseg.errors.RunStopped` in one line (:func:`loader_failure`), not a
+    PyTorch traceback through the training loop."""
+    from medseg.errors import RunStopped
+
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            reason = loader_failure(err)
+            if reason is None:
+                raise
+            raise RunStopped(reason) from None
+        yield batch
 
 
 def patch_loader(

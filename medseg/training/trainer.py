@@ -94,7 +94,7 @@ from medseg.training.data import TrainingData, prepare_data
 from medseg.training.logs import mean_dice
 from medseg.training.loop import Objective, Progress, Schedule, run_loop
 from medseg.training.optim import build_optimizer, build_scheduler, lr_factor
-from medseg.training.sampling import local_batch_size, patch_loader
+from medseg.training.sampling import loader_batches, local_batch_size, patch_loader
 from medseg.training.validation import validate
 
 log = logging.getLogger("medseg.training")
@@ -439,7 +439,7 @@ class _Supervised(Objective):
             self.parts.data.train_set, cfg.seed, cfg.train.batch_size, start, total, cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", rank=distributed.rank(), world_size=distributed.world_size(),
         )
-        for batch in loader:
+        for batch in loader_batches(loader):
             yield _to_device(batch, self.device)
 
     def before_step(self, iteration: int) -> None:

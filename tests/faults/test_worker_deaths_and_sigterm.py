@@ -1,0 +1,95 @@
+"""A dead data-loading worker, a full /dev/shm and SIGTERM: one line, and how to resume.
+
+Before, ``medseg train`` printed PyTorch's traceback (157 lines) when the kernel killed a
+DataLoader worker or /dev/shm (Docker's 64 MB) was full, and ended without a word on
+SIGTERM (Slurm's scancel and time limit, ``docker stop``).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fault_helpers import train_config
+
+from medseg.training.sampling import loader_failure
+
+
+def test_loader_failures_in_one_line():
+    killed = RuntimeError("DataLoader worker (pid 27573) is killed by signal: Killed. ")
+    assert loader_failure(killed) == (
+        "a data-loading worker process (pid 27573) died (killed by signal: Killed: out of memory? fewer "
+        "data.num_workers, a lower data.cache_rate or a smaller patch need less)")
+    gone = RuntimeError("DataLoader worker (pid(s) 12, 13) exited unexpectedly")
+    assert loader_failure(gone) == (
+        "a data-loading worker process (pid 12, 13) died (it exited unexpectedly: out of memory? fewer "
+        "data.num_workers, a lower data.cache_rate or a smaller patch need less)")
+    assert loader_failure(RuntimeError("DataLoader worker (pid 5) is killed by signal: Segmentation fault. ")) == (
+        "a data-loading worker process (pid 5) died (killed by signal: Segmentation fault)")
+    shm = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...\nRuntimeError: "
+                       "unable to allocate shared memory(shm) for file </torch_6124_1>: No space left on device (28)")
+    bus = RuntimeError("DataLoader worker (pid 9) is killed by signal: Bus error. It is possible that dataloader's "
+                       "workers are out of shared memory. Please try to raise your shared memory limit.")
+    for err in (shm, bus):
+        line = loader_failure(err)
+        assert line.startswith("the data-loading workers ran out of shared memory (/dev/shm: ")
+        assert "--shm-size" in line and "data.num_workers=0" in line and "\n" not in line
+    assert loader_failure(RuntimeError("CUDA error: out of memory")) is None
+    assert loader_failure(ValueError("a bug of ours")) is None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _train(tiny_dataset, tmp_path, workers: int):
+    raw = train_config(tiny_dataset, tmp_path / "run", iterations=100000)
+    raw["data"]["num_workers"] = workers
+    raw["train"]["checkpoint_interval"] = 2
+    raw["train"]["val_interval"] = 100000
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "train", str(config)], stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env={**__import__("os").environ, "MEDSEG_CACHE": str(tmp_path / "cache")})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints" / "latest.pt").is_file():  # training, past its first checkpoint
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    return proc, config
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the DataLoader worker through /proc (Linux)")
+def test_a_killed_data_loading_worker_is_one_line_with_the_resume_command(tiny_dataset, tmp_path):
+    proc, config = _train(tiny_dataset, tmp_path, workers=1)
+    workers = [c for c in _children(proc.pid) if "python" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert workers, "no DataLoader worker found"
+    import os
+
+    os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    # torch says "killed by signal: Killed" or "exited unexpectedly", by timing
+    assert last.startswith(f"medseg: error: a data-loading worker process (pid {workers[0]}) died ("), err[-3000:]
+    assert ": out of memory? fewer data.num_workers" in last
+    assert "--resume` continues from checkpoints/latest.pt" in last
+    assert "Traceback" not in err
+
+
+def test_sigterm_stops_train_as_ctrl_c_does(tiny_dataset, tmp_path):
+    proc, config = _train(tiny_dataset, tmp_path, workers=0)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("medseg: stopped by SIGTERM; `medseg train ") and "--resume` continues from" in last
+    assert "Traceback" not in err
