@@ -10,8 +10,10 @@ With probabilities requested, ``OUTPUT/CASE_prob.nii.gz`` holds them as a 4D NIf
 for a model trained by SAUNA regression alone) with the same affine; it is written as the
 classes are mapped back, slab by slab, never held whole in memory.
 
-Memory: a case takes at most about 3x its size as float32 besides the network (measured
-2.6x for a 512x512x400 CT; see :mod:`medseg.inference.predictor` for each stage): the scan
+Memory: a case takes at most about 3x the float32 size of the larger of the scan and its
+network grid (the scan resampled to ``data.target_spacing``) besides the network (measured
+2.6x for a 512x512x400 CT at its own spacing, 2.7x the grid for a 512x512x120 CT at 5 mm
+slices brought to 1 mm; see :mod:`medseg.inference.predictor` for each stage): the scan
 is resampled by slabs, the windows are stitched by bands into float16 class maps, which
 are mapped back by slabs.
 
