@@ -9,10 +9,12 @@ image is non-zero, or the label is foreground. The reorientation and resampling 
 one resample, slab by slab, as ``medseg predict`` runs them
 (:func:`medseg.inference.resample.run_transforms`: about 10 bytes per output voxel at
 the peak, where MONAI's whole-volume ``Spacingd`` takes 64, 4.7 GB for a 512x512x200 CT
-brought to 0.8x0.8x1.5 mm). So ``cached == val_output[bbox]``: labels voxel for voxel,
-intensities to float rounding (float64 sums in another order: at most one float32 ulp,
-in a few voxels per million); the normalisation statistics (per-image z-score) are
-still taken over the whole image, before the crop. A CT (air is -1000 HU, not 0) keeps its whole grid;
+brought to 0.8x0.8x1.5 mm). So ``cached == val_output[bbox]``: labels voxel for voxel
+(but where an output voxel's centre lies exactly halfway between two source voxels, as
+in 2x upsampling: nearest-neighbour then takes either side, each resampler by its own
+float rounding), intensities to float rounding (float64 sums in another order: at most
+one float32 ulp, in a few voxels per million); the normalisation statistics (per-image
+z-score) are still taken over the whole image, before the crop. A CT (air is -1000 HU, not 0) keeps its whole grid;
 an MR or a padded scan loses its empty border, which training and validation never
 needed: the crop is recorded (``bbox`` on the preprocessed grid), and prediction does
 not use the cache.

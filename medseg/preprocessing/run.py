@@ -321,17 +321,18 @@ def _scan(folder: Path, cases: list[Case], key: str, verify: bool = False) -> tu
     return {n: m for n, m in metas.items() if m is not None}, [c for c in cases if metas[c.name] is None]
 
 
-def _take_unchanged(root: Path, info: DatasetInfo, folder: Path, key: str, inputs: dict[str, Any], todo: list[Case],
-                    verify: bool) -> tuple[dict[str, dict[str, Any]], list[Case]]:
+def _take_unchanged(root: Path, info: DatasetInfo, folder: Path, key: str, inputs: dict[str, Any], todo: list[Case]
+                    ) -> tuple[dict[str, dict[str, Any]], list[Case]]:
     """Link into ``folder`` the cases of ``todo`` that an earlier cache folder of this
-    dataset holds from the same inputs (:func:`medseg.preprocessing.storage.link_case`);
-    returns their JSON and the cases left to preprocess."""
+    dataset holds from the same inputs, their files checked against their recorded
+    SHA-256 (:func:`medseg.preprocessing.storage.link_case`); returns their JSON and the
+    cases left to preprocess."""
     sources = unchanged_elsewhere(root, info, folder, inputs, [c.name for c in todo])
     linked: dict[str, dict[str, Any]] = {}
     left = []
     for case in todo:
         source = sources.get(case.name)
-        meta = link_case(source[0], source[1], folder, case.name, key, verify) if source is not None else None
+        meta = link_case(source[0], source[1], folder, case.name, key) if source is not None else None
         if meta is None:
             left.append(case)
         else:
@@ -410,7 +411,7 @@ def preprocess_dataset(
         raise unwritable
     linked: dict[str, dict[str, Any]] = {}
     if todo:  # a case added, a file touched: the others come from the earlier cache as they are
-        linked, todo = _take_unchanged(root, info, folder, key, inputs, todo, verify)
+        linked, todo = _take_unchanged(root, info, folder, key, inputs, todo)
         metas.update(linked)
     # a collective: every rank has listed its cases before any rank writes one
     if distributed.any_rank(bool(todo)):

@@ -189,13 +189,15 @@ def write_case(folder: Path, case: PreprocessedCase, key: str) -> dict[str, Any]
     return meta
 
 
-def link_case(source: Path, source_key: str, folder: Path, name: str, key: str, verify: bool = False
-              ) -> dict[str, Any] | None:
+def link_case(source: Path, source_key: str, folder: Path, name: str, key: str) -> dict[str, Any] | None:
     """Put case ``name`` of the cache folder ``source`` (complete under ``source_key``) into
     ``folder`` under ``key``, without preprocessing it again: its image and label files are
     hard links to the source's (a copy where the file system has none), and its JSON is
     the source's with the new key, written last. Returns the new JSON, or None when the
-    source's case is incomplete (or, with ``verify``, its files changed).
+    source's case is incomplete, its files are not the bytes recorded when they were
+    written (their SHA-256 is checked: a damaged file would be carried into the new folder
+    unseen), or they vanished meanwhile (an old folder deleted): the case is then
+    preprocessed.
 
     For a case whose inputs did not change (:func:`medseg.preprocessing.cache.case_inputs`):
     adding one case to a dataset, or touching one file, changed the whole cache's key and
@@ -206,23 +208,50 @@ def link_case(source: Path, source_key: str, folder: Path, name: str, key: str, 
     MedsegError
         One line naming ``folder`` when the file system refuses (full disk, no permission).
     """
-    meta = valid_case_meta(source, name, source_key, verify)
+    meta = valid_case_meta(source, name, source_key, verify=True)
     if meta is None:
         return None
     remove_stale_temporaries(folder, name)
     try:
         for file in meta["files"]:
-            tmp = temporary_name(folder / file)
-            try:
-                os.link(source / file, tmp)
-            except OSError:  # another file system, or none with hard links
-                shutil.copyfile(source / file, tmp)
-            os.replace(tmp, folder / file)
+            if not _place(source / file, folder / file):
+                return None
         meta = {**meta, "key": key}
         write_atomic(folder / case_files(name)[2], (json.dumps(meta, sort_keys=True) + "\n").encode())
     except OSError as err:
         raise MedsegError(f"{folder}: cannot write the preprocessing cache ({err.strerror or err})") from None
     return meta
+
+
+def _place(source: Path, target: Path) -> bool:
+    """``target`` becomes ``source``'s bytes: a hard link, else a copy, through a temporary
+    renamed into place. False when ``source`` is gone (its folder was deleted meanwhile).
+
+    Raises
+    ------
+    OSError
+        Where the target's file system refuses (nothing is left behind).
+    """
+    if target.exists() and os.path.samefile(source, target):  # linked already (another process, an earlier run)
+        return True
+    tmp = temporary_name(target)
+    try:
+        try:
+            os.link(source, tmp)
+        except FileNotFoundError:
+            return False
+        except OSError:  # another file system, or one without hard links
+            try:
+                shutil.copyfile(source, tmp)
+            except FileNotFoundError:
+                if not source.exists():
+                    return False
+                raise
+        os.replace(tmp, target)
+        return True
+    finally:
+        if os.path.lexists(tmp):  # a failed copy; or a rename onto a link of the same file, which does nothing
+            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- reading

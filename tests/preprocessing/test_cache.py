@@ -135,7 +135,9 @@ def test_no_case_is_linked_when_the_statistics_changed(padded_dataset, tmp_path)
 
 
 def test_a_linked_case_whose_source_changed_is_preprocessed_again(padded_dataset, tmp_path):
-    """``medseg preprocess`` checks the SHA-256 of what it would link, as of its own files."""
+    """What would be linked is checked against its recorded SHA-256, also when training
+    builds the cache (which checks only the sizes of its own folder's files): a damaged
+    file of the old folder was carried into the new one unseen."""
     dataset = tmp_path / "dataset"
     shutil.copytree(padded_dataset, dataset)
     raw = raw_config(dataset, tmp_path / "run", tmp_path / "cache", normalization={"scheme": "zscore"},
@@ -146,9 +148,32 @@ def test_a_linked_case_whose_source_changed_is_preprocessed_again(padded_dataset
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
     _add_case(dataset, "case_004", "case_005")
-    second = _preprocess(raw, verify=True)[2]
+    second = _preprocess(raw)[2]  # as train calls it: verify=False
     assert second.done == 2  # the new case and the damaged one
     assert (second.folder / case_files("case_001")[0]).stat().st_ino != damaged.stat().st_ino
+    assert not [p.name for p in second.folder.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_placing_a_file_leaves_no_temporary(tmp_path):
+    """Linking onto a link of the same file (a second process, a rerun) renamed the
+    temporary onto it, which does nothing, and left the temporary; a source deleted
+    meanwhile (an old cache folder removed) failed the run instead of being preprocessed."""
+    from medseg.preprocessing.storage import _place
+
+    source, target = tmp_path / "old" / "a.b2nd", tmp_path / "new" / "a.b2nd"
+    source.parent.mkdir()
+    target.parent.mkdir()
+    source.write_bytes(b"voxels")
+    assert _place(source, target) and target.read_bytes() == b"voxels"
+    assert target.stat().st_ino == source.stat().st_ino
+    os.unlink(target)
+    os.link(source, target)
+    assert _place(source, target)  # already the same file
+    assert _place(source, target.with_name("b.b2nd"))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.b2nd", "b.b2nd"]
+    source.unlink()
+    assert not _place(source, target.with_name("c.b2nd"))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.b2nd", "b.b2nd"]
 
 
 def test_a_stale_cache_is_rebuilt_never_reused(padded_dataset, tmp_path, monkeypatch):
