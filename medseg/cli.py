@@ -149,18 +149,24 @@ def train(
 
     cfg = load_config(config, set_ or [])
     global _INTERRUPT_HINT
-
-    def hint() -> str:
-        command = f"`medseg train {Path(cfg.output_dir) / 'config.yaml'} --resume`"
-        if not (Path(cfg.output_dir) / "checkpoints" / "latest.pt").is_file():  # stopped before its first one
-            return f"; {command} starts the run again (no checkpoint yet: the first is at step " \
-                   f"{min(cfg.train.checkpoint_interval, cfg.train.iterations)})"
-        return (f"; {command} continues from checkpoints/latest.pt (written every "
-                f"{cfg.train.checkpoint_interval} steps)")
-
-    _INTERRUPT_HINT = hint
+    _INTERRUPT_HINT = _resume_hint("train", Path(cfg.output_dir), cfg.train.checkpoint_interval, cfg.train.iterations)
     with _writing(cfg.output_dir):
         run_training(cfg, resume=resume)
+
+
+def _resume_hint(command: str, run_dir: Path, interval: int, iterations: int) -> Callable[[], str]:
+    """What ``medseg COMMAND`` says about going on after it was stopped, asked when it is said."""
+
+    def hint() -> str:
+        config = run_dir / "config.yaml"
+        if not config.is_file():  # stopped before the run folder was written
+            return "; nothing was written to the run folder yet: run the same command again"
+        resume = f"`medseg {command} {config} --resume`"
+        if not (run_dir / "checkpoints" / "latest.pt").is_file():  # stopped before its first one
+            return f"; {resume} starts the run again (no checkpoint yet: the first is at step {min(interval, iterations)})"
+        return f"; {resume} continues from checkpoints/latest.pt (written every {interval} steps)"
+
+    return hint
 
 
 @app.command()
@@ -194,6 +200,8 @@ def adapt(
 
     _one_process("adapt")
     cfg = load_adapt_config(config, set_ or [])
+    global _INTERRUPT_HINT
+    _INTERRUPT_HINT = _resume_hint("adapt", Path(cfg.output_dir), cfg.adapt.checkpoint_interval, cfg.adapt.iterations)
     with _writing(cfg.output_dir):
         run_adaptation(cfg, resume=resume)
 
@@ -363,9 +371,10 @@ def _background_thread_error(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console command; returns the exit code."""
-    previous, shown = threading.excepthook, warnings.showwarning
+    previous, shown, unraisable = threading.excepthook, warnings.showwarning, sys.unraisablehook
     threading.excepthook = _background_thread_error
     warnings.showwarning = _medseg_warnings_in_one_line(shown)
+    sys.unraisablehook = _without_data_loader_deaths(unraisable)
     _THREAD_STORAGE_ERRORS.clear()
     global _TERMINATED
     _TERMINATED = False
@@ -380,10 +389,25 @@ def main(argv: list[str] | None = None) -> int:
             code = 1
         return code
     finally:
-        threading.excepthook, warnings.showwarning = previous, shown
+        threading.excepthook, warnings.showwarning, sys.unraisablehook = previous, shown, unraisable
         _THREAD_STORAGE_ERRORS.clear()
         if on_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _without_data_loader_deaths(other: Callable[..., None]) -> Callable[..., None]:
+    """A ``sys.unraisablehook`` that drops the "Exception ignored in
+    _MultiProcessingDataLoaderIter.__del__" traceback of data-loading workers that died
+    (killed with the command by a SIGTERM to its process group; the command says so in
+    one line) and passes anything else to ``other``."""
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and "DataLoader worker" in str(error):
+            return
+        other(unraisable)
+
+    return hook
 
 
 def _medseg_warnings_in_one_line(other: Callable[..., None]) -> Callable[..., None]:
@@ -435,6 +459,17 @@ def _main(argv: list[str] | None) -> int:
     except typer.Exit as exit_:
         return exit_.exit_code
     except RuntimeError as err:
+        if _TERMINATED or isinstance(err.__context__, KeyboardInterrupt):
+            # stopping, the data-loading workers died of the same signal: torch raised
+            # that from its SIGCHLD handler during the clean-up
+            return _interrupted()
+        from medseg.training.sampling import loader_failure
+
+        reason = loader_failure(err)  # torch raises a worker's death wherever the main thread is
+        if reason is not None:
+            sys.stderr.write(f"medseg: error: {reason}{_INTERRUPT_HINT()}\n")
+            sys.stderr.flush()
+            return 1
         if not _peer_failed(err):
             raise
         rank = os.environ.get("RANK", "?")

@@ -38,6 +38,11 @@ def _pool(workers: int, context, initializer, initargs) -> ProcessPoolExecutor:
 
 
 def _start_worker(command: int, initializer: Callable | None, initargs: tuple) -> None:
+    import signal
+
+    # a forked worker inherits the command's handler (medseg.cli: SIGTERM stops it as
+    # Ctrl-C, saying so): here SIGTERM is the pool's way to end a worker, quietly
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with(command)
     if initializer is not None:
         initializer(*initargs)

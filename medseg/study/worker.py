@@ -226,6 +226,14 @@ def main() -> int:
     except KeyboardInterrupt:
         print("medseg: error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        from medseg.training.sampling import loader_failure
+
+        reason = loader_failure(err)  # a data-loading worker died (out of memory?), raised anywhere
+        if reason is None:
+            raise
+        print(f"medseg: error: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

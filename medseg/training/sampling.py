@@ -230,6 +230,12 @@ class PatchStream(Dataset):
 
 
 def _worker_init(worker_id: int) -> None:
+    import signal
+
+    # a worker inherits the command's SIGTERM handler (medseg.cli: stop as Ctrl-C, saying
+    # so); a SIGTERM to the process group then printed the worker's tracebacks beside the
+    # command's one line: the command says it, the worker just ends
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Patches are reseeded per sample; this only keeps stray global RNG use in
     # workers (e.g. third-party transforms) from being identical across workers.
     info = torch.utils.data.get_worker_info()
@@ -279,7 +285,26 @@ def loader_batches(loader: DataLoader):
             if reason is None:
                 raise
             raise RunStopped(reason) from None
+        except (OSError, EOFError):  # a dead worker's half-passed batch ("Connection reset by peer")
+            reason = _dead_worker(batches)
+            if reason is None:
+                raise
+            raise RunStopped(reason) from None
         yield batch
+
+
+def _dead_worker(batches) -> str | None:
+    """:func:`loader_failure`'s line for the first dead worker of a DataLoader iterator, or None."""
+    import signal
+
+    for worker in getattr(batches, "_workers", []):
+        code = worker.exitcode
+        if code is not None and code < 0:
+            return loader_failure(RuntimeError(
+                f"DataLoader worker (pid {worker.pid}) is killed by signal: {signal.strsignal(-code)}."))
+        if code is not None:
+            return loader_failure(RuntimeError(f"DataLoader worker (pid(s) {worker.pid}) exited unexpectedly"))
+    return None
 
 
 def patch_loader(

@@ -59,7 +59,8 @@ def _train(tiny_dataset, tmp_path, workers: int):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "train", str(config)], stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path, env={**__import__("os").environ, "MEDSEG_CACHE": str(tmp_path / "cache")})
+                            cwd=tmp_path, env={**__import__("os").environ, "MEDSEG_CACHE": str(tmp_path / "cache")},
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoints" / "latest.pt").is_file():  # training, past its first checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
@@ -85,11 +86,29 @@ def test_a_killed_data_loading_worker_is_one_line_with_the_resume_command(tiny_d
     assert "Traceback" not in err
 
 
-def test_sigterm_stops_train_as_ctrl_c_does(tiny_dataset, tmp_path):
-    proc, config = _train(tiny_dataset, tmp_path, workers=0)
-    proc.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_stops_train_as_ctrl_c_does(tiny_dataset, tmp_path, workers):
+    """To the whole process group, as Slurm's scancel sends it: the data-loading workers
+    die of it too, and torch raised that (a RuntimeError, 73 lines) from its SIGCHLD
+    handler while the trainer was stopping."""
+    import os
+
+    proc, config = _train(tiny_dataset, tmp_path, workers=workers)
+    os.killpg(proc.pid, signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signal.SIGTERM
     last = err.strip().splitlines()[-1]
     assert last.startswith("medseg: stopped by SIGTERM; `medseg train ") and "--resume` continues from" in last
     assert "Traceback" not in err
+
+
+def test_the_resume_hint_before_the_run_folder_exists(tmp_path):
+    """Stopped while preprocessing, train named a config.yaml it had not written yet."""
+    from medseg.cli import _resume_hint
+
+    hint = _resume_hint("train", tmp_path / "run", 50, 400)
+    assert hint() == "; nothing was written to the run folder yet: run the same command again"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    assert hint() == (f"; `medseg train {tmp_path / 'run' / 'config.yaml'} --resume` starts the run again (no "
+                      "checkpoint yet: the first is at step 50)")
