@@ -379,12 +379,18 @@ def test_ctrl_c_in_train_says_how_to_go_on(monkeypatch, capsys, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"dataset": str(tmp_path)}, "train": {"iterations": 10, "checkpoint_interval": 5},
                                       "output_dir": str(tmp_path / "run")}))
+    # before the run folder was written it named a config.yaml that was not there
+    assert cli.main(["train", str(config)]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "medseg: interrupted; nothing was written to the run folder yet: run the same command again"
     # before the first checkpoint it said "continues from checkpoints/latest.pt", which was not there
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
     assert cli.main(["train", str(config)]) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == (f"medseg: interrupted; `medseg train {tmp_path / 'run' / 'config.yaml'} --resume` starts the run "
                     "again (no checkpoint yet: the first is at step 5)")
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "checkpoints" / "latest.pt").write_bytes(b"")
     assert cli.main(["train", str(config)]) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
