@@ -18,11 +18,11 @@ preprocessing version and the cache format. Anything else (patch size, augmentat
 losses, model) may change without touching the cache. A changed plan, a changed file or
 another medseg version gives another folder: a stale cache is never reused, it is
 rebuilt beside the old one (which can be deleted). Rebuilt case by case: a case whose
-own inputs (:func:`case_inputs`: its files, the settings, the statistics, dataset.json's
-channels and labels) are those of a case in an earlier folder of the dataset is linked
-from there (:func:`unchanged_elsewhere`, :func:`medseg.preprocessing.storage.link_case`),
-so adding a case or touching one file preprocesses that case alone, unless the
-normalisation statistics changed with it.
+own inputs (its files, and :func:`shared_inputs`: the settings, the statistics,
+dataset.json's channels and labels) are those of a case in an earlier folder of the
+dataset is linked from there (:func:`unchanged_elsewhere`,
+:func:`medseg.preprocessing.storage.link_case`), so adding a case or touching one file
+preprocesses that case alone, unless the normalisation statistics changed with it.
 
 Sizes, times and inode numbers (:func:`medseg.atomic.file_stamp`), not content hashes,
 identify the files: hashing a 40-case CT dataset reads gigabytes at every start. A file
@@ -62,7 +62,7 @@ __all__ = [
     "cache_root",
     "dataset_fingerprint",
     "cache_inputs",
-    "case_inputs",
+    "shared_inputs",
     "statistics_inputs",
     "digest",
     "cache_folder",
@@ -118,7 +118,7 @@ def dataset_fingerprint(info: DatasetInfo, cases: Iterable[Case]) -> dict[str, A
         "root": str(root),
         "dataset_json": hashlib.sha256(info.dataset_json.read_bytes()).hexdigest(),
         # what of dataset.json a preprocessed voxel depends on (its numTraining,
-        # name or description do not): one case's identity (case_inputs)
+        # name or description do not): a case's identity (shared_inputs)
         "channel_names": {str(k): v for k, v in sorted(info.channel_names.items())},
         "labels": dict(sorted(info.labels.items())),
         "file_ending": info.file_ending,
@@ -164,37 +164,41 @@ def cache_inputs(
     }
 
 
-def case_inputs(inputs: dict[str, Any], name: str) -> dict[str, Any]:
-    """What case ``name``'s cached files depend on: :func:`cache_inputs` without the
-    dataset's other cases (their files do not change this one's voxels; the statistics,
-    which may depend on them, are in) and with dataset.json's channels, labels and file
-    ending instead of its bytes (adding a case changes its ``numTraining``). A cache of an
-    earlier medseg (another version in its inputs, none of these keys) matches no case."""
-    dataset = dict(inputs.get("dataset") or {})
-    dataset.pop("dataset_json", None)
-    dataset["cases"] = {name: (dataset.get("cases") or {}).get(name)}
+def shared_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """What every case of a cache folder depends on besides its own files: :func:`cache_inputs`
+    without the dataset's cases (another case's files do not change this one's voxels;
+    the statistics, which may depend on them, are in) and with dataset.json's channels,
+    labels and file ending instead of its bytes (adding a case changes its
+    ``numTraining``). A case is unchanged from another folder's when these are equal and
+    so are its own files' entries. A cache of an earlier medseg (another version in its
+    inputs, none of these keys) matches no case."""
+    dataset = {k: v for k, v in (inputs.get("dataset") or {}).items() if k not in ("dataset_json", "cases")}
     return {**inputs, "dataset": dataset}
 
 
 def unchanged_elsewhere(root: Path, info: DatasetInfo, folder: Path, inputs: dict[str, Any],
                         names: Iterable[str]) -> dict[str, tuple[Path, str]]:
     """For each case of ``names`` that another cache folder of this dataset made from the
-    same inputs (:func:`case_inputs`): that folder and its key. The newest folder first."""
+    same inputs (:func:`shared_inputs` equal, and the case's files): that folder and its
+    key. The newest folder first."""
     names = list(names)
     found: dict[str, tuple[Path, str]] = {}
     try:
         others = [p for p in root.glob(f"{_safe_name(info.name)}-*") if p != folder and p.is_dir()]
     except OSError:
         return found
+    shared, files = shared_inputs(inputs), inputs["dataset"]["cases"]
     for other in sorted(others, key=_modified, reverse=True):
         try:
             manifest = json.loads((other / "manifest.json").read_text())
             theirs, key = manifest["inputs"], manifest["key"]
             cases = theirs["dataset"]["cases"]
-        except (OSError, ValueError, KeyError, TypeError):
+            if shared_inputs(theirs) != shared:
+                continue
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         for name in names:
-            if name not in found and name in cases and case_inputs(theirs, name) == case_inputs(inputs, name):
+            if name not in found and name in cases and cases[name] == files.get(name):
                 found[name] = (other, str(key))
     return found
 

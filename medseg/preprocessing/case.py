@@ -14,10 +14,10 @@ brought to 0.8x0.8x1.5 mm). So ``cached == val_output[bbox]``: labels voxel for 
 in 2x upsampling: nearest-neighbour then takes either side, each resampler by its own
 float rounding), intensities to float rounding (float64 sums in another order: at most
 one float32 ulp, in a few voxels per million); the normalisation statistics (per-image
-z-score) are still taken over the whole image, before the crop. A CT (air is -1000 HU, not 0) keeps its whole grid;
-an MR or a padded scan loses its empty border, which training and validation never
-needed: the crop is recorded (``bbox`` on the preprocessed grid), and prediction does
-not use the cache.
+z-score) are still taken over the whole image, before the crop. A CT (air is -1000 HU,
+not 0) keeps its whole grid; an MR or a padded scan loses its empty border, which
+training and validation never needed: the crop is recorded (``bbox`` on the
+preprocessed grid), and prediction does not use the cache.
 
 Besides the arrays, a case carries what the patch sampler and the run need without
 reading the label again: up to :data:`MAX_CLASS_LOCATIONS` voxel coordinates per

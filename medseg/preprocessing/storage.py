@@ -199,7 +199,7 @@ def link_case(source: Path, source_key: str, folder: Path, name: str, key: str) 
     unseen), or they vanished meanwhile (an old folder deleted): the case is then
     preprocessed.
 
-    For a case whose inputs did not change (:func:`medseg.preprocessing.cache.case_inputs`):
+    For a case whose inputs did not change (:func:`medseg.preprocessing.cache.unchanged_elsewhere`):
     adding one case to a dataset, or touching one file, changed the whole cache's key and
     preprocessed every case again. The files are the same bytes either way.
 

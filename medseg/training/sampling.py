@@ -259,13 +259,17 @@ def loader_failure(err: BaseException) -> str | None:
                 "the trainer: start the container with more (docker run --shm-size=4g) or set data.num_workers=0")
     found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([^)]*)\) (?:is killed by signal: ([^.]*)|exited unexpectedly)",
                       text)
-    if found:
-        how = f"killed by signal: {found.group(2)}" if found.group(2) else "it exited unexpectedly"
-        # SIGKILL is the out-of-memory killer's; torch reports it either way, by timing
-        hint = ": out of memory? fewer data.num_workers, a lower data.cache_rate or a smaller patch need less" \
-            if not found.group(2) or "Killed" in found.group(2) else ""
-        return f"a data-loading worker process (pid {found.group(1)}) died ({how}{hint})"
-    return None
+    return _worker_died(found.group(1), found.group(2)) if found else None
+
+
+def _worker_died(pid: str, signal_name: str | None) -> str:
+    """The line for a data-loading worker that died, killed by ``signal_name`` ("Killed")
+    or (None) exited unexpectedly."""
+    how = f"killed by signal: {signal_name}" if signal_name else "it exited unexpectedly"
+    # SIGKILL is the out-of-memory killer's; torch reports it either way, by timing
+    hint = ": out of memory? fewer data.num_workers, a lower data.cache_rate or a smaller patch need less" \
+        if not signal_name or "Killed" in signal_name else ""
+    return f"a data-loading worker process (pid {pid}) died ({how}{hint})"
 
 
 def loader_batches(loader: DataLoader):
@@ -294,16 +298,13 @@ def loader_batches(loader: DataLoader):
 
 
 def _dead_worker(batches) -> str | None:
-    """:func:`loader_failure`'s line for the first dead worker of a DataLoader iterator, or None."""
+    """The line for the first dead worker of a DataLoader iterator (:func:`_worker_died`), or None."""
     import signal
 
     for worker in getattr(batches, "_workers", []):
         code = worker.exitcode
-        if code is not None and code < 0:
-            return loader_failure(RuntimeError(
-                f"DataLoader worker (pid {worker.pid}) is killed by signal: {signal.strsignal(-code)}."))
         if code is not None:
-            return loader_failure(RuntimeError(f"DataLoader worker (pid(s) {worker.pid}) exited unexpectedly"))
+            return _worker_died(str(worker.pid), signal.strsignal(-code) if code < 0 else None)
     return None
 
 
