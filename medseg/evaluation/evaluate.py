@@ -456,21 +456,27 @@ def run_evaluation(
         output.mkdir(parents=True, exist_ok=True)
         # what a killed evaluation left (.summary.json.HOST-PID.tmp, ...); a live writer's is kept
         remove_dead_temporaries(output, names=(SUMMARY_FILE, "metrics.csv", "report.html"))
-        files = {
+        results = {
             output / SUMMARY_FILE: json.dumps(summary, indent=2, default=json_default) + "\n",
             output / "metrics.csv": _csv(references, pred_dir, ending, per_case, missing, failed, label_names),
         }
+        # The results are written before the page is drawn, so that a page that cannot be
+        # drawn or written (its pictures run out of memory, the disk fills, the command is
+        # killed meanwhile) loses no evaluation: it used to be drawn first and written with
+        # them, all or none. An earlier evaluation's page goes first, so that it never
+        # stands beside these results. The summary and the table are one group: a full
+        # disk replaces neither.
+        page = output / "report.html"
+        page.unlink(missing_ok=True)
+        write_atomic_group(results)
+        written = [path.name for path in results]
+        page_error = None
         if report:
-            from medseg.evaluation.report import default_images_dir, render_report
-
-            images = Path(images_dir) if images_dir is not None else default_images_dir(ref_dir)
-            files[output / "report.html"] = render_report(summary, images, ending, connectivity, worst_cases)
-        # all or none: a full disk while the page is written must not leave a new summary
-        # beside the old page (or lose the old summary of a command that failed)
-        write_atomic_group(files)
-        if not report:  # an earlier evaluation's page must not stand beside these results
-            (output / "report.html").unlink(missing_ok=True)
-        written = [path.name for path in files]
+            try:
+                _write_page(summary, page, ref_dir, images_dir, ending, connectivity, worst_cases)
+                written.append(page.name)
+            except MedsegError as err:  # said after the results' line
+                page_error = err
 
         fg = summary["foreground_mean"]
         headline = ", ".join(f"{k} {fg[k]:.4f}" for k in ("Dice", "betti_matching_error", "betti_error") if k in fg)
@@ -484,9 +490,37 @@ def run_evaluation(
             reasons.setdefault(reason, []).append(name)
         for reason, names in reasons.items():
             print(f"medseg: skipped metric(s) {', '.join(names)}: {reason}")
+        if page_error is not None:
+            raise page_error
         return not missing and not failed
     finally:
         lock.release()
+
+
+def _write_page(summary: dict, page: Path, ref_dir: Path, images_dir, ending: str, connectivity, worst_cases: int):
+    """Draw and write ``report.html`` of an evaluation whose results are written already.
+
+    Raises
+    ------
+    MedsegError
+        The page could not be drawn (out of memory) or written (a full or read-only
+        disk): one line that says the results are kept and how to draw the page again.
+    """
+    from medseg.atomic import storage_error, write_atomic
+    from medseg.evaluation.report import default_images_dir, render_report
+
+    images = Path(images_dir) if images_dir is not None else default_images_dir(ref_dir)
+    again = f"the results are in {page.parent / SUMMARY_FILE} and metrics.csv; `medseg report html {page.parent}` draws the page"
+    try:
+        write_atomic(page, render_report(summary, images, ending, connectivity, worst_cases))
+    except MemoryError as err:
+        raise MedsegError(f"{page}: not drawn, out of memory ({err or 'MemoryError'}); {again} "
+                          "(--worst-cases 0 draws no pictures)") from None
+    except OSError as err:
+        cause = storage_error(err, page)
+        if cause is None:
+            raise
+        raise MedsegError(f"{page}: not written ({cause.strerror}); {again} once there is room") from None
 
 
 def _summary(

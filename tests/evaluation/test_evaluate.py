@@ -377,10 +377,13 @@ def test_a_second_evaluation_into_the_same_output_is_refused(folders, capsys):
     assert run_evaluation(pred, ref, out, workers=1)
 
 
-def test_a_full_disk_while_the_page_is_written_keeps_the_old_evaluation_whole(folders, monkeypatch):
-    """summary.json and metrics.csv were replaced before report.html failed: the command
-    failed and its folder mixed a new summary with the old page."""
+def test_a_page_that_cannot_be_written_loses_no_results(folders, monkeypatch, capsys):
+    """The page used to be drawn first and written with the results, all or none: a full
+    disk or an out-of-memory while drawing it lost the whole evaluation. The results are
+    written first now; the page's failure is one line saying where they are, and no page
+    of an earlier evaluation is left beside them."""
     import errno
+    import json
 
     import medseg.evaluation.report as report
 
@@ -388,14 +391,55 @@ def test_a_full_disk_while_the_page_is_written_keeps_the_old_evaluation_whole(fo
     _write(ref, "c0", _cube((1, 1, 1), (4, 5, 5)))
     _write(pred, "c0", _cube((1, 1, 1), (5, 5, 4)))
     assert run_evaluation(pred, ref, out, workers=1, metrics="dice")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert (out / "report.html").is_file()
 
     class FullDisk(str):
         def encode(self, *args):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report, "render_report", lambda *args, **kwargs: FullDisk("<html>"))
-    with pytest.raises(Exception, match="No space left on device"):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("their Betti matching needs about 35.0 GB")
+
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1"]
+    for render, reason in ((lambda *a, **k: FullDisk("<html>"), "not written (No space left on device)"),
+                           (out_of_memory, "not drawn, out of memory (their Betti matching needs about 35.0 GB)")):
+        monkeypatch.setattr(report, "render_report", render)
+        assert main([*args, "--metrics", "dice,betti"]) == 1  # another summary than the one in the folder
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in captured.err
+        assert err[0].startswith(f"medseg: error: {out / 'report.html'}: {reason}; the results are in "
+                                 f"{out / 'summary.json'} and metrics.csv; `medseg report html {out}` draws the page")
+        assert "evaluated 1/1 cases" in captured.out and "(summary.json, metrics.csv)" in captured.out
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["metrics_computed"] == ["dice", "betti"]  # the new evaluation's
+        assert "betti_error" in (out / "metrics.csv").read_text().splitlines()[0]
+        assert sorted(p.name for p in out.iterdir()) == [".medseg.lock", "metrics.csv", "summary.json"]  # no old page, no temporary
+        (out / "summary.json").unlink()
+    monkeypatch.undo()
+    assert main(["report", "html", str(out)]) != 0  # the summary was removed above: nothing to draw
+    assert main([*args, "--metrics", "dice"]) == 0 and (out / "report.html").is_file()
+
+
+def test_a_full_disk_while_the_results_are_written_replaces_neither(folders, monkeypatch):
+    """summary.json and metrics.csv are one group: a full disk leaves the old pair whole."""
+    import errno
+
+    import medseg.evaluation.evaluate as evaluate
+
+    ref, pred, out = folders
+    _write(ref, "c0", _cube((1, 1, 1), (4, 5, 5)))
+    _write(pred, "c0", _cube((1, 1, 1), (5, 5, 4)))
+    assert run_evaluation(pred, ref, out, workers=1, metrics="dice", report=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_csv = evaluate._csv
+
+    class FullDisk(str):
+        def encode(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "_csv", lambda *a, **k: FullDisk(real_csv(*a, **k)))
+    with pytest.raises(OSError, match="No space left on device"):
         run_evaluation(pred, ref, out, workers=1)  # all metrics: another summary
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary, nothing replaced
 
