@@ -31,10 +31,8 @@ there (clDice and the Betti matching error need medseg's C++ topology engine):
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -42,6 +40,7 @@ from scipy import ndimage
 
 from medseg.errors import ArgumentError, DataError, MedsegError
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM  # defined with the other defaults of the commands
+from medseg.memory import memory_limit_bytes, resident_bytes
 from medseg.topology.betti_numbers import betti_numbers, default_connectivity
 
 __all__ = [
@@ -291,49 +290,6 @@ def cldice(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[st
 #: vessel-like masks: 3D at 128^3 and 192^3, 453 bytes (V construction) and 470-474 (T);
 #: 2D at 2048^2, 209 (V) and 256 (T).
 BETTI_MATCHING_BYTES_PER_VOXEL = {2: 260, 3: 480}
-
-
-def memory_limit_bytes() -> int | None:
-    """The memory this process may use: the lowest limit of its cgroup and the cgroups
-    above it (a container, a Slurm job; cgroup v2 ``memory.max`` or v1
-    ``memory.limit_in_bytes``) when lower than the machine's RAM, else the RAM; None
-    where neither can be read."""
-    limits = []
-    try:
-        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        pass
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:  # "0::/path" (v2) or "N:memory:/path" (v1)
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":
-            root, name = Path("/sys/fs/cgroup"), "memory.max"
-        elif "memory" in controllers.split(","):
-            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
-        else:
-            continue
-        folder = root / path.strip("/")
-        for where in (folder, *folder.parents):  # a parent's limit holds too
-            try:
-                text = (where / name).read_text().strip()
-            except OSError:
-                text = ""
-            if text.isdigit():
-                limits.append(int(text))
-            if where == root:
-                break
-    return min(limits) if limits else None
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux; 0 where it cannot be read)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return 0
 
 
 def matching_bytes(shape: tuple[int, ...]) -> float:

@@ -334,6 +334,38 @@ def _load(predictor, case, info) -> tuple[dict[str, Any], dict[str, Any]]:
     return loaded, preprocessed
 
 
+def case_memory_bytes(scan_voxels: int, grid_voxels: int, channels: int, classes: int) -> float:
+    """About the memory a case takes while predicted with its class maps in host memory:
+    per voxel of the larger of the scan and its network grid, the scan's channels
+    (float32), one float32 working copy (resampling, blending) and the class maps
+    (float16). For one channel and two classes that is 3x the scan's float32 size, what
+    README measured (2.7x the grid of an upsampled CT; test_bounded_memory: 3.45x)."""
+    return 4.0 * max(scan_voxels, grid_voxels) * (channels + 1 + classes / 2)
+
+
+def _memory_warning(case_name: str, loaded: dict, preprocessed: dict, predictor) -> str | None:
+    """A line saying that the case may not fit in this machine's (or container's, or
+    Slurm job's) memory beside what the command holds, or None. The kernel's
+    out-of-memory killer ends the command without a word; this line is what the user
+    sees last."""
+    from medseg.memory import memory_limit_bytes, resident_bytes
+
+    limit = memory_limit_bytes()
+    if limit is None:
+        return None
+    grid = tuple(preprocessed["image"].shape[1:])
+    scan = tuple(loaded["geometry"].shape)
+    need = case_memory_bytes(math.prod(scan), math.prod(grid), predictor.info.num_channels, predictor.num_classes)
+    held = resident_bytes()
+    if need + held <= 0.9 * limit:
+        return None
+    where = "its network grid" if math.prod(grid) > math.prod(scan) else "the scan"
+    size = "x".join(map(str, grid if where == "its network grid" else scan))
+    return (f"medseg: warning: case {case_name} needs about {need / 2**30:.1f} GB ({size} voxels of {where}) besides "
+            f"the {held / 2**30:.1f} GB this command holds, more than 90 % of the {limit / 2**30:.1f} GB of memory "
+            "here: the kernel may stop the command (a rerun skips the cases written)")
+
+
 def _one_line(case_name: str, err: BaseException) -> str:
     if isinstance(err, MedsegError):
         text = str(err)
@@ -495,6 +527,9 @@ def _predict_all(
     failed: list[str] = []
     from medseg.data.io import write_image
 
+    # the class maps live in host memory (not on a GPU, where they take the GPU's memory)
+    host_maps = predictor.device.type == "cpu" or stitch_device == "cpu"
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as loader, _staging(output) as staging:
         upcoming: Future | None = loader.submit(_load, predictor, todo[0], info) if todo else None
         bar = tqdm(todo, desc="predict", unit="case", disable=None if main else True, file=sys.stderr)
@@ -504,6 +539,8 @@ def _predict_all(
             seg_path, prob_path = _output_paths(case, output)
             try:
                 loaded, preprocessed = current.result()
+                if host_maps and (warning := _memory_warning(case.name, loaded, preprocessed, predictor)):
+                    print(warning, file=sys.stderr, flush=True)
                 if following is not None and math.prod(loaded["geometry"].shape) <= PREFETCH_MAX_VOXELS:
                     upcoming = loader.submit(_load, predictor, following, info)
                 probabilities = (

@@ -235,3 +235,25 @@ def test_a_second_prediction_into_the_same_output_is_refused(tiny_run, scans, tm
     assert code != 0 and len(err) == 1 and f"--output {out}: in use by another medseg process" in err[0]
     assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]  # nothing written
     assert _predict(tiny_run, scans, out)  # once it is free
+
+
+def test_a_case_that_may_not_fit_in_memory_is_named_before_it_is_predicted(tiny_run, scans, tmp_path, capsys,
+                                                                             monkeypatch):
+    """The out-of-memory killer ends predict without a word: the line before says which
+    case needs how much, against the memory of the machine (or container, or job)."""
+    import medseg.memory as memory
+    from medseg.inference.predict import case_memory_bytes
+
+    assert case_memory_bytes(1000, 500, channels=1, classes=2) == 3 * 4 * 1000  # README's 3x float32
+    assert case_memory_bytes(1000, 2000, channels=2, classes=4) == 4 * 2000 * 5
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 2**30)
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: int(2**30 / 0.9) + 1000)  # room for a 1 kB case
+    assert _predict(tiny_run, scans, tmp_path / "pred")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 3  # case_a, case_b, case_c: 21x17x11 scans, each about 47 kB here
+    assert warnings[0].startswith("medseg: warning: case case_a needs about 0.0 GB (") and "1.0 GB this command" in warnings[0]
+    assert "the kernel may stop the command (a rerun skips the cases written)" in warnings[0]
+    assert all((tmp_path / "pred" / f"case_{c}.nii.gz").is_file() for c in "abc")  # a warning, not a refusal
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: 2**34)
+    assert _predict(tiny_run, scans, tmp_path / "again")
+    assert "warning" not in capsys.readouterr().err
