@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-names", nargs="+", default=None, help="names of the image channels (default R G B / gray)")
     parser.add_argument("--grayscale", action="store_true", help="convert RGB images to one grey channel")
     parser.add_argument("--name", default=None, help="dataset name in dataset.json (default: the --out folder name)")
+    parser.add_argument("--exif", choices=("apply", "ignore"), default="apply",
+                        help="apply: turn camera images upright as their EXIF orientation says, as viewers and "
+                             "annotation tools show them (default); ignore: keep the stored pixels")
     parser.add_argument("--strict", action="store_true", help="unmatched images or masks are an error")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             image_suffix=args.image_suffix, mask_suffix=args.mask_suffix,
             foreground_threshold=args.foreground_threshold, label_names=args.label_names,
             grayscale=args.grayscale, channel_names=args.channel_names, name=args.name,
-            strict=args.strict, overwrite=args.force, progress=not args.quiet, log=log,
+            strict=args.strict, overwrite=args.force, exif=args.exif, progress=not args.quiet, log=log,
         )
         return args.out
 

@@ -176,3 +176,47 @@ def test_a_bad_flag_is_named_as_the_flag(tmp_path, convert, capsys):
                     "_training", "--mask-suffix", "_manual1", "--label-names", "vessel", "artery", "--quiet"])
     assert code == 2
     assert capsys.readouterr().err.strip().endswith("error: --label-names: 2 name(s) given but the masks use labels 1..1")
+
+
+def _with_orientation(array: np.ndarray, path, orientation: int) -> None:
+    """``array`` saved as stored pixels with an EXIF Orientation tag (PNG's eXIf: lossless)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+
+
+def test_camera_images_are_turned_upright_as_their_exif_orientation_says(tmp_path, convert, capsys):
+    """A camera stores its pixels as the sensor read them and says in EXIF how to turn
+    them; masks are drawn on the image as viewers show it. The tag was ignored: a
+    non-square image's mask was refused as of another size, a square one's misaligned."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    stored = np.zeros(SHAPE, np.uint8)  # 20 rows x 24 columns as stored
+    stored[2:6, 3:9] = 200  # a bright block near the stored top left
+    upright = np.rot90(stored, -1)  # orientation 6: turned 90° clockwise to be viewed (24 x 20)
+    _with_orientation(stored, images / "crack.png", 6)
+    Image.fromarray(((upright > 0) * 255).astype(np.uint8)).save(masks / "crack.png")  # drawn on the viewed image
+    out = tmp_path / "ds"
+    args = ["--images", str(images), "--masks", str(masks), "--quiet"]
+    assert convert([*args, "--out", str(out)]) == 0
+    assert "turned 1 image(s) upright by their EXIF orientation, as viewers show them: crack.png" in capsys.readouterr().err
+    info, cases = check_dataset(out)
+    loaded = load_case(cases[0], info)
+    np.testing.assert_array_equal(loaded["image"][0], upright)
+    np.testing.assert_array_equal(loaded["label"][0], (upright > 0).astype(np.uint8))  # block and mask line up
+
+    # masks made from the stored arrays: refused with the hint, taken as they are with --exif ignore
+    Image.fromarray(((stored > 0) * 255).astype(np.uint8)).save(masks / "crack.png")
+    assert convert([*args, "--out", str(tmp_path / "refused")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask size (20, 24) differs from image crack.png (24, 20)" in err[0]
+    assert err[0].endswith("the image is turned 90° clockwise by its EXIF orientation (6), as viewers show it, "
+                           "and the mask fits the stored pixels: pass --exif ignore")
+    assert not (tmp_path / "refused").exists()
+    assert convert([*args, "--out", str(tmp_path / "stored"), "--exif", "ignore"]) == 0
+    assert "by their EXIF orientation" not in capsys.readouterr().err
+    info, cases = check_dataset(tmp_path / "stored")
+    np.testing.assert_array_equal(load_case(cases[0], info)["image"][0], stored)
+    with pytest.raises(Exception, match="exif"):
+        convert_2d_folders(images, masks, tmp_path / "x", exif="rotate", progress=False, log=lambda m: None)

@@ -22,6 +22,15 @@ how binary masks are usually saved) becomes 0/1. A palette mask (GIF) gives its 
 values when the palette is grey and its palette indices otherwise. An alpha channel is dropped when it is
 fully opaque and refused otherwise; colour-coded RGB masks are refused (convert them to
 indexed labels first).
+
+EXIF orientation: a camera's JPEG stores its pixels as the sensor read them and says in
+its EXIF ``Orientation`` tag how to turn them upright; viewers and annotation tools show
+them turned, so masks are drawn on the turned image. With ``exif="apply"`` (the default)
+every image and mask read through PIL is turned as its tag says (``PIL.ImageOps.exif_transpose``)
+and the turned images are named in one line; ``exif="ignore"`` keeps the stored pixels
+(masks made from the stored arrays). A mask that fits the stored image but not the
+turned one is refused with that hint. Before, the tag was ignored: a non-square image's
+mask was refused as of another size, a square one's was silently misaligned.
 """
 
 from __future__ import annotations
@@ -131,8 +140,30 @@ def pair_files(images_dir: Path, masks_dir: Path, image_suffix: str = "", mask_s
     return result
 
 
-def _read(path: Path, kind: str) -> np.ndarray:
-    """``(rows, cols)`` or ``(rows, cols, channels)`` array of ``path``."""
+EXIF_MODES = ("apply", "ignore")
+_EXIF_ORIENTATION = 0x0112
+# what turning by each Orientation value does (EXIF 2.3, tag 274; 1 is upright)
+_TURNS = {2: "mirrored", 3: "turned 180°", 4: "flipped", 5: "transposed", 6: "turned 90° clockwise",
+          7: "transversed", 8: "turned 90° anticlockwise"}
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF Orientation (1-8) of an image file PIL reads; 1 (upright) without one."""
+    if _ending(path) in (".tif", ".tiff"):
+        return 1  # read by tifffile, which keeps the stored pixels (so does medseg predict)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # an unreadable file is reported by _read
+        return 1
+    return value if value in _TURNS else 1
+
+
+def _read(path: Path, kind: str, exif: str = "apply") -> np.ndarray:
+    """``(rows, cols)`` or ``(rows, cols, channels)`` array of ``path``; with ``exif="apply"``
+    turned as its EXIF Orientation says (module docstring)."""
     try:
         if _ending(path) in (".tif", ".tiff"):
             import tifffile
@@ -148,8 +179,12 @@ def _read(path: Path, kind: str) -> np.ndarray:
         else:
             from PIL import Image
 
+            from PIL import ImageOps
+
             with Image.open(path) as img:
                 img.load()
+                if exif == "apply":
+                    img = ImageOps.exif_transpose(img)
                 if img.mode == "P":
                     img = _resolve_palette(img, kind)
                 if img.mode == "1":
@@ -233,6 +268,7 @@ def convert_2d_folders(
     name: str | None = None,
     strict: bool = False,
     overwrite: bool = False,
+    exif: str = "apply",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -259,6 +295,9 @@ def convert_2d_folders(
         Unmatched files are an error instead of being reported and skipped.
     overwrite : bool
         Replace an existing ``out_dir``.
+    exif : str
+        ``"apply"``: turn images and masks upright as their EXIF Orientation says (as
+        viewers and annotation tools show them); ``"ignore"``: keep the stored pixels.
 
     Returns
     -------
@@ -276,6 +315,8 @@ def convert_2d_folders(
     from tqdm import tqdm
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    if exif not in EXIF_MODES:
+        raise ArgumentError("exif", f"expected one of {', '.join(EXIF_MODES)}", exif)
     out_dir = Path(out_dir)
     check_dataset_output(out_dir, overwrite, {"--images": Path(images_dir), "--masks": Path(masks_dir)})
     pairing = pair_files(Path(images_dir), Path(masks_dir), image_suffix, mask_suffix)
@@ -298,13 +339,23 @@ def convert_2d_folders(
     num_channels = None
     needs_tiff = False
     first_name = ""
+    turned: list[str] = []
     for key, (image_path, mask_path) in tqdm(pairing.pairs.items(), desc="reading", disable=not progress or not sys.stderr.isatty(), file=sys.stderr, leave=False):
-        image = _read(image_path, "image")
+        image = _read(image_path, "image", exif)
         if grayscale and image.ndim == 3:
             image = _luminance(image)
-        mask = _mask_values(mask_path, _read(mask_path, "mask"), foreground_threshold)
+        mask = _mask_values(mask_path, _read(mask_path, "mask", exif), foreground_threshold)
+        orientation = exif_orientation(image_path) if exif == "apply" else 1
+        if orientation != 1:
+            turned.append(image_path.name)
         if mask.shape != image.shape[:2]:
-            raise DataError(f"{mask_path}: mask size {mask.shape} differs from image {image_path.name} {image.shape[:2]}")
+            hint = ""
+            if orientation in (5, 6, 7, 8) and mask.shape == image.shape[1::-1]:
+                hint = (f"; the image is {_TURNS[orientation]} by its EXIF orientation ({orientation}), as viewers "
+                        "show it, and the mask fits the stored pixels: pass --exif ignore")
+            raise DataError(
+                f"{mask_path}: mask size {mask.shape} differs from image {image_path.name} {image.shape[:2]}{hint}"
+            )
         channels = 1 if image.ndim == 2 else image.shape[-1]
         if num_channels is None:
             num_channels, first_name = channels, image_path.name
@@ -377,6 +428,10 @@ def convert_2d_folders(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if turned:
+        shown = ", ".join(turned[:5]) + (", ..." if len(turned) > 5 else "")
+        say(f"turned {len(turned)} image(s) upright by their EXIF orientation, as viewers show them: {shown} "
+            "(--exif ignore keeps the stored pixels)")
     say(f"{out_dir}: {len(items)} case(s), {num_channels} channel(s), labels {labels}, {ending} files")
     return {
         "root": out_dir,
