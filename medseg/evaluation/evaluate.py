@@ -429,18 +429,21 @@ def run_evaluation(
                   f"every label value found ({', '.join(map(str, labels))}) is scored as a class{full_range}; "
                   "--dataset-json names the labels and the ignore label", file=sys.stderr)
 
+        dims = {len(info["shape"]) for info in case_info.values()}
         if connectivity is None:
-            dims = {len(info["shape"]) for info in case_info.values()}
-            conn_desc: Any = "full (8 in 2D, 26 in 3D)" if len(dims) != 1 else {2: 8, 3: 26}[dims.pop()]
+            conn_desc: Any = "full (8 in 2D, 26 in 3D)" if len(dims) != 1 else {2: 8, 3: 26}[next(iter(dims))]
         else:
             conn_desc = connectivity
+        # 2D cases' volumes are areas (the columns keep their *_mm3 names: one schema for both)
+        volume_units = {frozenset({2}): "mm^2 (areas of 2D images, in the *_mm3 columns)",
+                        frozenset({3}): "mm^3"}.get(frozenset(dims), "mm^3 for 3D cases, mm^2 for 2D cases")
         conventions = {
             "connectivity": conn_desc,
             "filtration": "superlevel of the binary masks (foreground enters first), cubical construction "
             f"{matching_construction(connectivity)} ({'closed voxel cubes' if matching_construction(connectivity) == 'T' else 'voxels as vertices'})",
             "hd95_units": "mm",
             "nsd_tolerance_mm": tolerance_mm,
-            "volume_units": "mm^3",
+            "volume_units": volume_units,
             "statistics": STATISTICS_CONVENTION,
             **CONVENTIONS,
         }

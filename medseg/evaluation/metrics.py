@@ -103,6 +103,9 @@ CONVENTIONS = {
     "foreground enters first; comparison image the union; construction T for 8/26-, V for 4/6-connectivity); "
     "finite features only: the component of each mask that never dies is not counted (as in Betti-Matching-3D), "
     "so one blob against an empty reference has error 0 while its betti_0_error is 1; "
+    "on binary masks every voxel of a mask ties with the others, and ties are broken by voxel index, so a "
+    "flipped or transposed pair of masks can have another matching and error (as in Betti-Matching-3D, which "
+    "gives the same numbers): compare errors of images stored in one orientation; "
     "left out, and listed under metrics_skipped, when the topology engine is not built",
     "components": "connected components of the foreground at the evaluation connectivity",
     "cldice_skeleton": "medseg.topology.skeletonize at full connectivity (26 in 3D, 8 in 2D) whatever the "
@@ -110,7 +113,8 @@ CONVENTIONS = {
     "topology-preserving directional thinning (Palagyi & Kuba 1998; simple points by Bertrand & Malandain 1994) "
     "that keeps end points and never loses a component, loop or cavity (scikit-image's 3D skeletonize deletes "
     "even-width bars)",
-    "volume_difference": "volume_pred - volume_ref in mm^3; relative: divided by volume_ref (NaN if empty)",
+    "volume_difference": "volume_pred - volume_ref in mm^3 (2D images: areas in mm^2, in the same *_mm3 "
+    "columns); relative: divided by volume_ref (NaN if empty)",
 }
 
 

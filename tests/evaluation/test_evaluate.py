@@ -101,6 +101,7 @@ def test_known_dice_hd95_and_betti(folders):
     assert summary["foreground_mean"]["Dice"] == pytest.approx(mean_dice)  # NaN label skipped
     assert summary["conventions"]["connectivity"] == 26
     assert summary["conventions"]["hd95_units"] == "mm"
+    assert summary["conventions"]["volume_units"] == "mm^3"
     assert summary["missing_predictions"] == [] and summary["failed_cases"] == {}
     assert summary["labels"] == {"1": "vessel", "2": "tumour"}
     made = summary["provenance"]  # medseg.provenance: the build and the command that computed it
@@ -227,6 +228,9 @@ def test_2d_png_masks(tmp_path):
     assert [metrics["betti_0_error"], metrics["betti_1_error"]] == [0, 1]
     assert "betti_2_error" not in metrics
     assert metrics["Dice"] == pytest.approx(2 * 24 / (24 + 25))
+    # a 2D image's "volumes" are areas: the summary said mm^3
+    assert metrics["volume_ref_mm3"] == 24.0 and metrics["volume_pred_mm3"] == 25.0
+    assert _summary(out)["conventions"]["volume_units"] == "mm^2 (areas of 2D images, in the *_mm3 columns)"
 
 
 def test_cli_exit_codes_and_one_line_errors(folders, capsys):
