@@ -45,6 +45,18 @@ class _Strict(BaseModel):
             raise ValueError("is empty; give a path (or leave the key out)")
         return value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, value: Any, info) -> Any:
+        """true/false where a number goes: pydantic would read it as 1/0 (a loss weight of
+        ``true`` trained at 1.0, a schedule ``start: true`` began at iteration 1)."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = getattr(annotation, "__args__", (annotation,))
+            if bool not in kinds and any(kind in (int, float) for kind in kinds):
+                raise ValueError(f"must be a number, got {str(value).lower()}")
+        return value
+
     #: path fields a model resolves itself (another base folder than the current one)
     _paths_resolved_by_model: ClassVar[frozenset[str]] = frozenset()
 
@@ -489,8 +501,9 @@ def _format_validation_error(source: str, err: ValidationError, overrides: list[
             problem, keyed = "missing", f"missing required key '{loc}'"
         elif not e["loc"]:  # a model-level check names its keys itself; drop pydantic's "Value error, "
             problem = keyed = e["msg"].removeprefix("Value error, ")
-        else:
-            problem, keyed = e["msg"], f"key '{loc}': {e['msg']}"
+        else:  # a field check's own message, without pydantic's "Value error, "
+            msg = e["msg"].removeprefix("Value error, ")
+            problem, keyed = msg, f"key '{loc}': {msg}"
         # an unknown section ('trian' of --set trian.iterations=5) is the --set's mistake too
         item = given.get(loc) or next((v for k, v in given.items() if k.startswith(f"{loc}.")), None)
         if item is not None:

@@ -13,16 +13,20 @@ error that names the loss and the parameter instead of being ignored.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import importlib
 import inspect
+import math
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from medseg.config import LossTerm, resolve_schedule
+from medseg.config import LossTerm, resolve_schedule, validate_model
 from medseg.errors import ConfigError
 from medseg.losses._prepare import shared_preparation
 from medseg.losses.deep_supervision import combine_heads
@@ -97,6 +101,54 @@ def _parameters(cls: type) -> tuple[list[str], bool]:
     return names, var_kw
 
 
+def _value_problem(annotation: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` for a constructor parameter annotated ``annotation``
+    (bool, int, float, str, a sequence of numbers, each optionally ``| None``), or None
+    (also for annotations this does not check, left to the constructor).
+
+    Why: a loss's parameters come from YAML as they are written, past pydantic, and
+    Python takes anything for a flag: ``include_background: "false"`` (quoted) trained
+    on the background as with ``true``, and a NaN smoothing term first showed as a NaN
+    loss at the first step, after the run folder was written."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if args:
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            return None
+        annotation = kinds[0]
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if annotation in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number" if annotation is float else "must be a whole number"
+        if annotation is int and not isinstance(value, int):
+            return "must be a whole number"
+        return None if math.isfinite(value) else "must be a finite number"
+    if annotation is str:
+        return None if isinstance(value, str) else "must be a string"
+    if origin in (list, tuple, collections.abc.Sequence) and typing.get_args(annotation)[:1] == (float,):
+        if not isinstance(value, (list, tuple)):
+            return "must be a list of numbers"
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+            return "must be a list of finite numbers"
+    return None
+
+
+def _check_values(cls: type, params: Mapping[str, Any], name: str, where: str) -> None:
+    """Each parameter's value against its annotation in the loss's constructor (:func:`_value_problem`)."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation this Python cannot resolve: left to the constructor
+        return
+    for key, value in params.items():
+        problem = _value_problem(hints[key], value) if key in hints else None
+        if problem is not None:
+            raise ConfigError(f"{where} ({name}): {key} {problem}, got {value!r}")
+
+
 def _make(name: str, params: Mapping[str, Any], where: str) -> nn.Module:
     cls = _loss_class(name, where)
     valid, var_kw = _parameters(cls)
@@ -108,6 +160,7 @@ def _make(name: str, params: Mapping[str, Any], where: str) -> nn.Module:
                 raise ConfigError(
                     f"{where} ({name}): unknown parameter '{key}'{hint}; valid: {', '.join(valid) or '(none)'}"
                 )
+    _check_values(cls, params, name, where)
     try:
         return cls(**params)
     except (ValueError, TypeError) as err:
@@ -405,7 +458,7 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
     built, schedules, final_only, seen = [], [], [], {}
     for i, term in enumerate(terms):
         if not isinstance(term, LossTerm):
-            term = LossTerm.model_validate(term)
+            term = validate_model(LossTerm, term, f"losses[{i}]")
         schedules.append((term.start, term.ramp))
         final_only.append(term.heads == "final")
         where = f"losses[{i}]"
@@ -443,6 +496,16 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
             except ValueError as err:
                 raise ConfigError(f"{where} ({term.name}): {err}") from None
         built.append((_term_name(term.name, seen), term.weight, module))
+    if out_channels > 1 and _activation([type(m) for _, _, m in built], out_channels) == "tanh":
+        # the label map is the argmax over every channel's tanh map, channel 0 included
+        for i, (name, _, module) in enumerate(built):
+            if getattr(module, "include_background", True) is False:
+                raise ConfigError(
+                    f"losses[{i}] ({terms[i].name if isinstance(terms[i], LossTerm) else name}): include_background: "
+                    "false leaves channel 0 untrained, yet a model trained on SAUNA terms alone labels each voxel "
+                    "by the argmax over every channel, channel 0 included; leave it true, or add a term that "
+                    "trains channel 0 (e.g. dice_ce)"
+                )
     return CompositeLoss(built, out_channels, schedules=schedules, final_only=final_only)
 
 

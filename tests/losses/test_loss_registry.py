@@ -278,6 +278,47 @@ def test_betti_matching_parameters_of_the_wrong_kind_are_named(params, message):
         get_loss("betti_matching", **params)
 
 
+@pytest.mark.parametrize("term, message", [
+    # a quoted flag was taken as true: the background trained with include_background: "false"
+    ({"name": "clce", "include_background": "false"}, "include_background must be true or false, got 'false'"),
+    ({"name": "dice_ce", "batch": "no"}, "batch must be true or false, got 'no'"),
+    ({"name": "dice", "to_onehot_y": 1}, "to_onehot_y must be true or false, got 1"),
+    # NaN and infinity: a NaN loss at the first step, after the run folder was written
+    ({"name": "cldice", "smooth_nr": float("nan")}, "smooth_nr must be a finite number, got nan"),
+    ({"name": "mip", "smooth": float("inf")}, "smooth must be a finite number, got inf"),
+    ({"name": "dice_ce", "class_weights": [1, float("nan")]}, "class_weights must be a list of finite numbers"),
+    ({"name": "sauna", "inside_window": float("nan")}, "inside_window must be a finite number, got nan"),
+    # the wrong kind: Python's own TypeError, not naming the key
+    ({"name": "cldice", "alpha": "high"}, "alpha must be a number, got 'high'"),
+    ({"name": "cldice", "smooth": None}, "smooth must be a number, got None"),
+    ({"name": "cldice", "iterations": 2.5}, "iterations must be a whole number, got 2.5"),
+    ({"name": "dice_ce", "reduction": 5}, "reduction must be a string, got 5"),
+    ({"name": "betti_matching", "push_unmatched_to_1_0": "no"}, "push_unmatched_to_1_0 must be true or false"),
+    # true/false where a number goes: pydantic read it as 1/0
+    ({"name": "dice_ce", "weight": True}, "key 'weight': must be a number, got true"),
+    ({"name": "dice_ce", "start": False}, "key 'start': must be a number, got false"),
+])
+def test_a_parameter_of_the_wrong_kind_is_named_before_training(term, message):
+    """Loss parameters come from YAML as written, past the config's schema: each is checked
+    against the annotation of its loss's constructor."""
+    with pytest.raises(ConfigError) as err:
+        build_loss([term], 2, 2)
+    assert str(err.value).startswith(f"losses[0] ({term['name']}): {message}") or (
+        str(err.value).startswith("losses[0]: ") and message in str(err.value)
+    )
+
+
+def test_sauna_alone_may_not_leave_the_background_channel_untrained():
+    """The label map of a SAUNA-only model is the argmax over every channel's tanh map, so
+    an untrained channel 0 decided the labels (foreground recall 1.0, 0.5 or 0.0 with
+    channel 1 regressed perfectly, as channel 0 happened to output 0, 1 or 5)."""
+    with pytest.raises(ConfigError, match=r"losses\[0\] \(sauna\): include_background: false leaves channel 0 untrained"):
+        build_loss([{"name": "sauna", "include_background": False}], 2, 2)
+    # another term trains channel 0 (the output is then read with softmax), or one channel: fine
+    build_loss([{"name": "dice_ce"}, {"name": "sauna", "include_background": False}], 2, 2)
+    build_loss([{"name": "sauna", "include_background": False}], 1, 2)
+
+
 @pytest.mark.parametrize("name", ["dice_ce", "cldice", "sauna"])
 def test_integer_logits_are_refused_naming_the_input(name):
     """torch said only 'softmax_kernel_impl not implemented for Long'; sauna took them silently."""
