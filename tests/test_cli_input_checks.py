@@ -270,6 +270,8 @@ def test_nothing_is_written_into_the_dataset_s_case_folders(dataset, tmp_path):
     before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
     config = write_config(tmp_path, dataset, output_dir=str(dataset / "labelsTr" / "run"))
     assert_one_line_error(medseg("train", config), "output_dir", "lies in the dataset's labelsTr/ folder", alone=True)
+    config = write_config(tmp_path, dataset, output_dir=str(dataset))  # the run's files beside dataset.json
+    assert_one_line_error(medseg("train", config), "output_dir", "is the dataset's own folder", alone=True)
     config = write_config(tmp_path, dataset)
     assert_one_line_error(medseg("preprocess", config, "--set", f"data.cache_dir={dataset / 'imagesTr' / 'cache'}"),
                           "data.cache_dir", "lies in the dataset's imagesTr/ folder", alone=True)

@@ -196,6 +196,16 @@ def dataset_data_folder(path: str | Path, dataset: str | Path) -> str | None:
     return inner if inner.startswith(("images", "labels")) else None
 
 
+def dataset_place(path: str | Path, dataset: str | Path) -> str | None:
+    """Why ``path`` cannot hold a folder medseg writes (a run, a study): it is the
+    dataset's own folder (its files would lie among the dataset's), or lies in one of its
+    ``images*``/``labels*`` folders (:func:`dataset_data_folder`); None where it can."""
+    if Path(path).resolve() == Path(dataset).resolve():
+        return "is the dataset's own folder"
+    inner = dataset_data_folder(path, dataset)
+    return None if inner is None else f"lies in the dataset's {inner}/ folder"
+
+
 def read_dataset_json(root: str | Path) -> DatasetInfo:
     """Read and validate ``root/dataset.json`` (nnU-Net v2, or MSD / nnU-Net v1 form).
 

@@ -354,6 +354,7 @@ def run_evaluation(
         Path(dataset_json) if dataset_json is not None else None, ref_dir
     )
     references, ending = find_cases(ref_dir, ending)
+    _check_output_outside_references(output, ref_dir)
 
     # one evaluation at a time per output folder: two at once mixed their files (one's
     # summary.json beside the other's metrics.csv); taken once the arguments are checked
@@ -498,6 +499,27 @@ def run_evaluation(
         return not missing and not failed
     finally:
         lock.release()
+
+
+def _check_output_outside_references(output: Path, ref_dir: Path) -> None:
+    """Refuse an ``--output`` in the reference folder or in a dataset's ``images*`` /
+    ``labels*`` folder (``ref_dir``'s dataset: its parent when it holds a dataset.json): a
+    dataset is only ever read, and the results would lie among its cases. (The
+    prediction folder is allowed: nnU-Net writes its summary.json there.)
+
+    Raises
+    ------
+    ArgumentError
+        Naming ``--output`` and the folder it lies in.
+    """
+    from medseg.data.dataset import dataset_data_folder
+
+    place, ref = output.resolve(), ref_dir.resolve()
+    if place == ref or place.is_relative_to(ref):
+        raise ArgumentError("output", f"lies in the reference folder {ref_dir}; choose a folder outside it", output)
+    if (ref.parent / "dataset.json").is_file() and (inner := dataset_data_folder(place, ref.parent)) is not None:
+        raise ArgumentError("output", f"lies in the dataset's {inner} folder ({ref.parent / inner}); a dataset is "
+                            "only read: choose a folder outside it", output)
 
 
 def _write_page(summary: dict, page: Path, ref_dir: Path, images_dir, ending: str, connectivity, worst_cases: int):

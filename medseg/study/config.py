@@ -402,7 +402,7 @@ def _check_output_place(study: Study) -> None:
     """The study's folder must not lie in a folder it reads scans or labels from: its
     files there change the folder's contents, so every run looked stale and was
     predicted and evaluated again on every rerun."""
-    from medseg.data.dataset import dataset_data_folder
+    from medseg.data.dataset import dataset_place
 
     out = study.output_dir.resolve()
     for name, test in study.config.test.items():
@@ -412,10 +412,10 @@ def _check_output_place(study: Study) -> None:
                 raise ConfigError(f"{study.path}: output_dir: {study.output_dir} lies in test.{name}.{key} "
                                   f"({folder}); put the study's folder elsewhere")
     for dataset in sorted({Path(run.config.data.dataset) for run in study.runs}):
-        inner = dataset_data_folder(out, dataset)
-        if inner is not None:
-            raise ConfigError(f"{study.path}: output_dir: {study.output_dir} lies in the dataset's {inner}/ folder "
-                              f"({dataset}); put the study's folder elsewhere")
+        place = dataset_place(out, dataset)
+        if place is not None:
+            raise ConfigError(f"{study.path}: output_dir: {study.output_dir} {place} ({dataset}); put the study's "
+                              "folder elsewhere")
 
 
 def _check_parts(cfg: RunConfig, info, where: str) -> None:

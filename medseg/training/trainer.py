@@ -67,7 +67,7 @@ import torch
 from medseg import distributed
 from medseg.atomic import check_output_folder, write_atomic
 from medseg.config import RESUME_MAY_CHANGE, RunConfig, dump_config, validate_config
-from medseg.data.dataset import dataset_data_folder, read_dataset_json
+from medseg.data.dataset import dataset_place, read_dataset_json
 from medseg.errors import CheckpointError, ConfigError
 from medseg.losses import build_loss, deep_supervision_loss
 from medseg.losses.deep_supervision import is_deep_supervision_output
@@ -152,9 +152,9 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     """
     # a file in the way would otherwise fail only where the run folder is first written, after the data
     check_output_folder(cfg.output_dir, "output_dir")
-    inner = dataset_data_folder(cfg.output_dir, cfg.data.dataset)
-    if inner is not None:
-        raise ConfigError(f"output_dir {cfg.output_dir}: lies in the dataset's {inner}/ folder; write the run elsewhere")
+    place = dataset_place(cfg.output_dir, cfg.data.dataset)
+    if place is not None:
+        raise ConfigError(f"output_dir {cfg.output_dir}: {place}; write the run elsewhere")
     device = distributed.device_for_rank(resolve_device(cfg.device))
     with distributed.process_group(device), RunFolderLock(cfg.output_dir, enabled=distributed.is_main()) as lock:
         handlers = attach_console_handler()

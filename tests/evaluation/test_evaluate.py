@@ -487,3 +487,20 @@ def test_no_report_removes_an_earlier_evaluations_page(folders):
     assert (out / "report.html").is_file()
     run_evaluation(pred, ref, out, workers=1, metrics="dice", report=False)
     assert not (out / "report.html").exists() and (out / "summary.json").is_file()
+
+
+def test_output_in_the_reference_folder_or_the_dataset_is_refused(folders, capsys):
+    """evaluate wrote summary.json, metrics.csv, report.html and its lock into labelsTs."""
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "a", _cube((2, 2, 2), (6, 6, 6)))
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--workers", "1", "--metrics", "dice"]
+    dataset = ref.parent
+    for where, problem in ((ref, f"lies in the reference folder {ref}"), (ref / "eval", "lies in the reference folder"),
+                           (dataset / "imagesTs" / "eval", f"lies in the dataset's imagesTs folder ({dataset / 'imagesTs'})")):
+        assert main([*args, "--output", str(where)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--output" in err[0] and problem in err[0]
+    assert sorted(p.name for p in ref.iterdir()) == ["a.nii.gz"] and not (dataset / "imagesTs").exists()
+    assert main([*args, "--output", str(pred)]) == 0  # beside the predictions, as nnU-Net writes its summary
+    assert (pred / "summary.json").is_file()

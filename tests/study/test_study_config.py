@@ -306,6 +306,9 @@ def test_output_dir_in_a_folder_the_study_reads_is_refused(write_study, capsys, 
     assert "lies in test.ext.labels" in line
     line = _fails(capsys, [write_study(test=test, output_dir=str(tiny_dataset / "imagesTr" / "study"))])
     assert "lies in the dataset's imagesTr/ folder" in line
+    # the dataset's own folder: the runs' folders, logs and study.* were written beside imagesTr/
+    line = _fails(capsys, [write_study(test=test, output_dir=str(tiny_dataset))])
+    assert f"output_dir: {tiny_dataset} is the dataset's own folder ({tiny_dataset}); put the study's folder" in line
 
 
 def test_a_label_without_its_scan_and_a_seed_out_of_range_are_refused(write_study, capsys, tiny_dataset, tmp_path):
