@@ -143,6 +143,10 @@ def test_a_larger_iterations_extends_the_run_on_the_new_schedule(synthetic_datas
         expected = 1e-3 * lr_factor(iteration - 1, 8, poly)
         assert float(rows[iteration]["lr"]) == pytest.approx(expected, rel=1e-6), iteration
     assert float(rows[5]["lr"]) > 0
+    # said, in the terminal and train.log: the schedule is not the one the run started with
+    line = ("train.iterations changed from 4 to 8 on resume: the learning rate's poly schedule now runs to iteration 8 "
+            f"(next step's lr {1e-3 * lr_factor(4, 8, poly):.3g}, was {1e-3 * lr_factor(4, 4, poly):.3g})")
+    assert line in (run / "train.log").read_text()
 
 
 def test_a_broken_label_stats_is_named_and_resume_rewrites_it(synthetic_dataset_3d, tmp_path, capsys):
