@@ -68,7 +68,8 @@ def _check_not_another_plans_place(config_path: Path) -> None:
                                 "name", config_path)
     plans = config_path.parent / "plans.json"
     try:
-        owner = json.loads(plans.read_text(encoding="utf-8"))["files"]["config"]
+        files = json.loads(plans.read_text(encoding="utf-8"))["files"]
+        owner = files["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no plan there (or not one medseg can read: replaced)
     if owner != config_path.name:
@@ -78,6 +79,19 @@ def _check_not_another_plans_place(config_path: Path) -> None:
             "fingerprint.json beside its config); write this plan to another folder",
             config_path,
         )
+    # a config the user edited since the plan wrote it is theirs now (a plan of an earlier
+    # medseg recorded no digest: replaced as before)
+    written = files.get("config_sha256") if isinstance(files, dict) else None
+    if isinstance(written, str) and config_path.is_file() and _sha256(config_path) != written:
+        raise ArgumentError("output", "was edited since medseg plan wrote it (its SHA-256 is not the one in "
+                            f"{plans.name}); a new plan would drop the edits: remove it or choose another name",
+                            config_path)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_plan(
@@ -153,9 +167,12 @@ def run_plan(
     plan["files"] = {"config": config_path.name, "fingerprint": "fingerprint.json", "samples": fingerprint["samples_file"]}
 
     text = render_config(plan, config_path)
+    import hashlib
+
     import yaml
 
     validate_config(yaml.safe_load(text), source=f"planned config {config_path}")  # a plan must be runnable
+    plan["files"]["config_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()  # its edits are then seen
     fingerprint_path = write_fingerprint(folder, fingerprint, samples)
     plans_path = write_plans(folder, plan)
     write_text_atomic(config_path, text)

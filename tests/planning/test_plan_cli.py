@@ -111,3 +111,10 @@ def test_a_plan_replaces_only_its_own_files(iso_dataset, aniso_dataset, tmp_path
     mine.write_text("x: 1\n")
     assert_one_line_error(medseg("plan", iso_dataset, "-o", mine, "--workers", "1"), "--output", "not a config medseg plan wrote")
     assert mine.read_text() == "x: 1\n"
+    # a plan the user edited is theirs: a replan dropped the edit (seed: 7 back to 0)
+    edited = (folder / "a.yaml").read_text().replace("\nseed: 0", "\nseed: 7")
+    assert "seed: 7" in edited
+    (folder / "a.yaml").write_text(edited)
+    proc = medseg("plan", iso_dataset, "-o", folder / "a.yaml", "--workers", "1")
+    assert_one_line_error(proc, "--output", "was edited since medseg plan wrote it", "remove it or choose another name")
+    assert (folder / "a.yaml").read_text() == edited
