@@ -54,7 +54,8 @@ PRIMARY_METRICS = (
 def find_summary(path: str | Path) -> Path:
     """The ``summary.json`` that ``path`` stands for: the file, ``path/summary.json`` or ``path/evaluation/summary.json``.
 
-    A run folder with a single other subfolder holding a ``summary.json`` is accepted too.
+    A folder with a single subfolder holding a ``summary.json``, itself or under its
+    ``evaluation`` folder (a study's run: ``evaluation/TEST/summary.json``), is accepted too.
 
     Raises
     ------
@@ -69,12 +70,13 @@ def find_summary(path: str | Path) -> Path:
     for candidate in (path / SUMMARY_FILE, path / "evaluation" / SUMMARY_FILE):
         if candidate.is_file():
             return candidate
-    found = sorted(p for p in path.iterdir() if p.is_dir() and (p / SUMMARY_FILE).is_file())
+    found = [p for folder in (path, path / "evaluation") if folder.is_dir() for p in sorted(folder.iterdir())
+             if p.is_dir() and (p / SUMMARY_FILE).is_file()]
     if len(found) == 1:
         return found[0] / SUMMARY_FILE
     if found:
-        names = ", ".join(p.name for p in found)
-        raise DataError(f"{path}: several evaluations in it ({names}); pass the one to compare")
+        names = ", ".join(str(p.relative_to(path)) for p in found)
+        raise DataError(f"{path}: several evaluations in it ({names}); pass the one to compare, e.g. {found[0]}")
     raise DataError(
         f"{path}: no summary.json in it or in {path / 'evaluation'} "
         f"(write one with: medseg evaluate ... --output {path / 'evaluation'})"

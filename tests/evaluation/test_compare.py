@@ -281,3 +281,21 @@ def test_equal_means_up_to_rounding_are_equal_and_case_names_are_shown_as_named(
     for name in names:
         assert f">{name}<" in page
     assert fmt("001") == "001" and fmt(0.99996) == "0.99996" and fmt(1.0) == "1" and fmt(0.5) == "0.5"
+
+
+def test_a_study_run_folder_stands_for_its_evaluation(two_runs, tmp_path, capsys):
+    """A study's run keeps its evaluations in evaluation/TEST/: compare said 'no summary.json
+    in it' and told the user to evaluate again."""
+    run_a, _ = two_runs
+    study_run = tmp_path / "cldice" / "seed_0"
+    summary = json.loads(next(run_a.rglob("summary.json")).read_text())
+    (study_run / "evaluation" / "in_distribution").mkdir(parents=True)
+    (study_run / "evaluation" / "in_distribution" / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", "compare", str(run_a), str(study_run)]) == 0
+    capsys.readouterr()
+    (study_run / "evaluation" / "validation").mkdir()
+    (study_run / "evaluation" / "validation" / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", "compare", str(run_a), str(study_run)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == (f"medseg: error: {study_run}: several evaluations in it (evaluation/in_distribution, "
+                   f"evaluation/validation); pass the one to compare, e.g. {study_run / 'evaluation' / 'in_distribution'}")
