@@ -203,8 +203,9 @@ def check_reusable(run: "StudyRun") -> None:
         # a run starts with: one trained on past them is not trained as the study's fresh runs
         raise ConfigError(
             f"{run.run_dir}: {done} for {trained} iterations but the study asks for {run.config.train.iterations}; "
-            "its learning-rate schedule would not be the other runs': delete the folder to train it again, "
-            "or give this study another output_dir (--set output_dir=DIR)"
+            f"if the study ran with --set train.iterations={trained}, give that again; else its learning-rate "
+            "schedule would not be the other runs': delete the folder to train it again, or give this study "
+            "another output_dir (--set output_dir=DIR)"
         )
 
 

@@ -272,6 +272,8 @@ def test_a_run_finished_at_another_iteration_count_is_not_trained_on(write_study
     (run.run_dir / STATE_FILE).write_text(json.dumps({"config": config, "training": {"iterations": 1}}))
     line = _fails(capsys, [path])
     assert "trained for 1 iterations but the study asks for 2" in line and "--set output_dir=" in line
+    # a --summary without the --set the study ran with lands here too: the hint comes first
+    assert "if the study ran with --set train.iterations=1, give that again" in line
     # --set output_dir moves the whole study, so the quick look can live beside it
     quick = load_study(path, ["output_dir=" + str(tmp_path / "quick"), "train.iterations=1"])
     assert quick.output_dir == tmp_path / "quick" and quick.runs[0].run_dir.parent.parent == tmp_path / "quick"
