@@ -355,6 +355,8 @@ def run_evaluation(
     )
     references, ending = find_cases(ref_dir, ending)
     _check_output_outside_references(output, ref_dir)
+    if connectivity is not None:
+        _check_connectivity_fits(connectivity, references)
 
     # one evaluation at a time per output folder: two at once mixed their files (one's
     # summary.json beside the other's metrics.csv); taken once the arguments are checked
@@ -415,9 +417,12 @@ def run_evaluation(
                 failed[case] = error
         problems = [f"missing prediction for case {case} ({path})" for case, path in missing.items()]
         problems += [f"case {case} failed: {error}" for case, error in sorted(failed.items())]
-        if per_case or len(problems) > 1:  # one case alone: the error below says it
-            for problem in problems:
+        if per_case:  # else the error below counts them and names the first
+            for problem in problems[:MAX_LISTED_PROBLEMS]:
                 print(f"medseg: {problem}", file=sys.stderr)
+            if len(problems) > MAX_LISTED_PROBLEMS:
+                print(f"medseg: ... and {len(problems) - MAX_LISTED_PROBLEMS} more (summary.json lists every "
+                      "missing and failed case)", file=sys.stderr)
         if not per_case:
             # a summary of no case would replace a good evaluation in this folder with nothing
             raise DataError(f"{pred_dir}: no case could be evaluated ({len(missing)} missing, {len(failed)} failed; "
@@ -499,6 +504,32 @@ def run_evaluation(
         return not missing and not failed
     finally:
         lock.release()
+
+
+#: Missing or failed cases listed one per line; the rest are counted (summary.json names all).
+MAX_LISTED_PROBLEMS = 10
+
+
+def _check_connectivity_fits(connectivity: int, references: dict) -> None:
+    """Refuse a ``--connectivity`` that fits no reference's dimension (26 for 2D masks),
+    from the files' headers, before any case is evaluated: every case failed with the
+    same line."""
+    from medseg.data.io import read_geometry
+
+    fits = {2: (4, 8), 3: (6, 26)}
+    first = None
+    for path in references.values():
+        try:
+            ndim = read_geometry(path)[1].ndim
+        except DataError:
+            continue  # reported with its case
+        if connectivity in fits.get(ndim, ()):
+            return
+        first = first or (path, ndim)
+    if first is not None:
+        path, ndim = first
+        raise ArgumentError("connectivity", f"does not fit the {ndim}D references (first: {path}); use "
+                            f"{' or '.join(map(str, reversed(fits[ndim])))}", connectivity)
 
 
 def _check_output_outside_references(output: Path, ref_dir: Path) -> None:

@@ -451,23 +451,30 @@ def run_prediction(
             )
 
 
-def _check_some_case_fits(cases, spatial_dims: int) -> None:
+def _check_some_case_fits(cases, spatial_dims: int, num_channels: int) -> None:
     """Refuse inputs of which no case has the model's dimension (a 2D model given 3D
-    scans), from the files' headers, before the output folder is made: every case would
-    fail and leave a folder holding only its record. Where some cases fit, the others
+    scans) or its number of channels (a folder of label maps given to an RGB model), from
+    the files' headers, before the output folder is made: every case would fail, one line
+    each, and leave a folder holding only its record. Where some cases fit, the others
     fail as cases (reported, the batch goes on), as an unreadable one does."""
     from medseg.data.io import read_geometry
 
-    dims = {}
+    dims, channels = {}, {}
     for case in cases:
         try:
-            dims[case.image_files[0]] = read_geometry(case.image_files[0])[1].ndim
+            headers = [read_geometry(f) for f in case.image_files]
         except DataError:
             continue  # reported with its case
+        dims[case.image_files[0]] = headers[0][1].ndim
+        channels[case.image_files[0]] = sum(c for c, _ in headers)
     if dims and spatial_dims not in dims.values():
         first, ndim = next(iter(dims.items()))
         others = f" (and no input is {spatial_dims}D)" if len(cases) > 1 else ""
         raise DataError(f"{first}: {ndim}D image, but the model was trained on {spatial_dims}D patches{others}")
+    if channels and num_channels not in channels.values():
+        first, count = next(iter(channels.items()))
+        others = f" (and no input has {num_channels})" if len(cases) > 1 else ""
+        raise DataError(f"{first}: {count} channel(s), but the model was trained on {num_channels}{others}")
 
 
 def _predict_all(
@@ -490,7 +497,7 @@ def _predict_all(
             )
         info = predictor.info
         cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
-        _check_some_case_fits(cases, predictor.spatial_dims)
+        _check_some_case_fits(cases, predictor.spatial_dims, info.num_channels)
         inference = predictor.config.inference
         tta = inference.tta_flips if tta is None else tta
         overlap = inference.overlap if overlap is None else overlap

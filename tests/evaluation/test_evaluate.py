@@ -252,8 +252,11 @@ def test_cli_exit_codes_and_one_line_errors(folders, capsys):
     assert "nope" in err and "Traceback" not in err
     assert main(args + ["--connectivity", "5"]) != 0
     assert "--connectivity 5" in capsys.readouterr().err
-    assert main(args + ["--connectivity", "8"]) == 3  # 2D connectivity on 3D images: every case fails
-    assert "does not fit a 3D image" in capsys.readouterr().err
+    # a 2D connectivity on 3D images: every case failed, one line each; now one line up front
+    assert main(args + ["--connectivity", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medseg: error: --connectivity 8: does not fit the 3D references (first: {ref / 'a.nii.gz'}); "
+                   "use 26 or 6"]
     empty = ref.parent / "empty"
     empty.mkdir()
     assert main(["evaluate", "--pred", str(pred), "--ref", str(empty), "--output", str(out)]) == 3
@@ -449,16 +452,18 @@ def test_a_full_disk_while_the_results_are_written_replaces_neither(folders, mon
 
 
 def test_an_evaluation_of_no_case_keeps_the_earlier_one(folders, capsys):
-    # a 2D connectivity on 3D images fails every case: the good summary in the folder stays
+    # every case fails (predictions of another shape): the good summary in the folder stays
     ref, pred, out = folders
     _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
     _write(pred, "a", _cube((2, 2, 2), (6, 6, 6)))
     assert run_evaluation(pred, ref, out, workers=1, metrics="dice", report=False)
     before = (out / "summary.json").read_bytes()
     args = ["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1"]
-    assert main([*args, "--connectivity", "8"]) == 3  # a data error, where 1 says some cases failed
+    other = pred.parent / "other"
+    _write(other, "a", np.zeros((5, 5, 5)))
+    assert main([*args[:2], str(other), *args[3:]]) == 3  # a data error, where 1 says some cases failed
     err = capsys.readouterr().err
-    assert "connectivity 8 does not fit a 3D image" in err and "no case could be evaluated" in err
+    assert len(err.strip().splitlines()) == 1 and "no case could be evaluated (0 missing, 1 failed" in err
     assert "Traceback" not in err
     assert (out / "summary.json").read_bytes() == before
     # so does a prediction folder without any of the cases
@@ -504,3 +509,17 @@ def test_output_in_the_reference_folder_or_the_dataset_is_refused(folders, capsy
     assert sorted(p.name for p in ref.iterdir()) == ["a.nii.gz"] and not (dataset / "imagesTs").exists()
     assert main([*args, "--output", str(pred)]) == 0  # beside the predictions, as nnU-Net writes its summary
     assert (pred / "summary.json").is_file()
+
+
+def test_many_missing_cases_are_listed_up_to_ten_then_counted(folders, capsys):
+    """A prediction folder of the wrong test group printed one line per reference (50)."""
+    ref, pred, out = folders
+    for i in range(13):
+        _write(ref, f"c{i:02d}", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred, "c00", _cube((2, 2, 2), (6, 6, 6)))
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out), "--workers", "1",
+                 "--metrics", "dice"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" (")[0] for line in err] == [f"medseg: missing prediction for case c{i:02d}" for i in range(1, 11)] + [
+        "medseg: ... and 2 more"]
+    assert len(_summary(out)["missing_predictions"]) == 12  # every one in the summary

@@ -257,3 +257,21 @@ def test_a_case_that_may_not_fit_in_memory_is_named_before_it_is_predicted(tiny_
     monkeypatch.setattr(memory, "memory_limit_bytes", lambda: 2**34)
     assert _predict(tiny_run, scans, tmp_path / "again")
     assert "warning" not in capsys.readouterr().err
+
+
+def test_inputs_of_which_none_has_the_models_channels_are_refused_up_front(tmp_path, capsys):
+    """A folder of label maps given to an RGB model failed case by case, one line each (50
+    lines for TopoMortar's labelsTs), and left an output folder holding only its record."""
+    run = make_run(tmp_path / "rgb", patch=(16, 16), target_spacing=(1.0, 1.0), channels=("R", "G", "B"))
+    grey = tmp_path / "grey"
+    for name in ("a", "b"):
+        write_image(grey / f"{name}.png", np.zeros((20, 24), np.uint8), ImageGeometry.identity((20, 24)))
+    with pytest.raises(DataError, match=r"a.png: 1 channel\(s\), but the model was trained on 3 \(and no input has 3\)"):
+        run_prediction(run, [grey], tmp_path / "out", False, None, None, None, False, "cpu")
+    assert not (tmp_path / "out").exists()
+    rgb = np.zeros((20, 24, 3), np.uint8)
+    from PIL import Image
+
+    Image.fromarray(rgb).save(grey / "c.png")  # one fits: the others fail as cases, the batch goes on
+    assert run_prediction(run, [grey], tmp_path / "out", False, None, None, None, False, "cpu") is False
+    assert (tmp_path / "out" / "c.png").is_file()
