@@ -304,6 +304,9 @@ def study(
     """Train, test and evaluate every variant x seed (resumable), then compare: study.json, study.csv, study.html."""
     from medseg.study import run_study
 
+    if not summary:  # finished runs are kept, an interrupted one resumes from its last checkpoint
+        global _INTERRUPT_HINT
+        _INTERRUPT_HINT = lambda: "; run the same command again to go on"  # noqa: E731
     if not run_study(study_file, set_ or [], parallel=parallel, summary_only=summary):
         raise typer.Exit(code=1)
 
@@ -376,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _medseg_warnings_in_one_line(shown)
     sys.unraisablehook = _without_data_loader_deaths(unraisable)
     _THREAD_STORAGE_ERRORS.clear()
-    global _TERMINATED
+    global _TERMINATED, _INTERRUPT_HINT
     _TERMINATED = False
+    _INTERRUPT_HINT = lambda: ""  # noqa: E731  (set by the command that runs; not an earlier call's)
     # the main thread only (signal's rule), and not where SIGTERM was ignored on purpose
     on_term = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     if on_term:

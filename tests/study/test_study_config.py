@@ -466,3 +466,19 @@ def test_a_second_signal_does_not_cut_the_first_ones_clean_up_short(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 130 and (tmp_path / "worker.pid.cleaned").exists()
+
+
+def test_ctrl_c_of_a_study_says_how_to_go_on(monkeypatch, capsys, tmp_path):
+    """train said how to resume after Ctrl-C, study nothing (it resumes when run again)."""
+    import medseg.study
+
+    from medseg.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medseg.study, "run_study", interrupted)
+    assert main(["study", str(tmp_path / "study.yaml")]) == 130
+    assert capsys.readouterr().err.strip() == "medseg: interrupted; run the same command again to go on"
+    assert main(["study", str(tmp_path / "study.yaml"), "--summary"]) == 130  # ran nothing: nothing to go on with
+    assert capsys.readouterr().err.strip() == "medseg: interrupted"
