@@ -192,6 +192,17 @@ def build_model(
         params["upsample_kernel_size"] = list(user["strides"])[1:]
     if name == "dynunet" and "strides" in user and "kernel_size" not in user:
         params["kernel_size"] = [[3] * spatial_dims for _ in user["strides"]]
+    if name == "dynunet":  # per-axis entries of another dimension: MONAI's error blamed the kernels, not the patch
+        for key in ("kernel_size", "strides", "upsample_kernel_size"):
+            entries = params.get(key)
+            odd = [e for e in entries if isinstance(e, (list, tuple)) and len(e) != spatial_dims] if isinstance(
+                entries, (list, tuple)) else []
+            if odd:
+                raise ConfigError(
+                    f"model.params.{key}: entries of {len(odd[0])} values (one per axis), but data.patch_size "
+                    f"{list(patch_size)} has {spatial_dims}; give both for the same dimension (medseg plan writes "
+                    "them for the dataset's)"
+                )
     if name == "unetr" and "img_size" in user and list(_per_axis(user["img_size"], spatial_dims)) != list(patch_size):
         raise ConfigError(f"model.params.img_size: {user['img_size']} must equal data.patch_size {list(patch_size)}")
 

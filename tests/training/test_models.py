@@ -106,6 +106,14 @@ def test_patch_size_length_must_match_dims():
         build_model(ModelConfig(name="unet"), 3, 1, 2, [32, 32])
 
 
+def test_a_3d_patch_on_a_2d_plans_dynunet_names_both():
+    """--set data.patch_size=[256,256,256] on a 2D plan: MONAI's error blamed the kernels alone."""
+    params = {"kernel_size": [[3, 3], [3, 3], [3, 3]], "strides": [[1, 1], [2, 2], [2, 2]]}
+    with pytest.raises(ConfigError, match=r"^model\.params\.kernel_size: entries of 2 values \(one per axis\), but "
+                                          r"data\.patch_size \[64, 64, 64\] has 3; give both for the same dimension"):
+        build_model(ModelConfig(name="dynunet", params=params), 3, 1, 2, [64, 64, 64])
+
+
 @pytest.mark.parametrize("name, params, dims, patch, error", [
     # MONAI builds these; they failed with a traceback at the first training step
     ("unet", {"channels": [4, 8, 16], "strides": [[2, 2], [2, 2, 2]], "num_res_units": 0}, 3, [16, 16, 16], "cannot run"),
