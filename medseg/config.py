@@ -504,10 +504,13 @@ def _format_validation_error(source: str, err: ValidationError, overrides: list[
         else:  # a field check's own message, without pydantic's "Value error, "
             msg = e["msg"].removeprefix("Value error, ")
             problem, keyed = msg, f"key '{loc}': {msg}"
-        # an unknown section ('trian' of --set trian.iterations=5) is the --set's mistake too
-        item = given.get(loc) or next((v for k, v in given.items() if k.startswith(f"{loc}.")), None)
-        if item is not None:
-            from_set.append(f"--set {item}: {problem}")
+        # an unknown section ('trian' of --set trian.iterations=5) is the --set's mistake too,
+        # and so is a key inside a value the --set gave (losses.0.name of --set losses=[...])
+        item = given.get(loc) or next(
+            (v for k, v in given.items() if k.startswith(f"{loc}.") or loc.startswith(f"{k}.")), None
+        )
+        if item is not None:  # the key itself when the --set names another (a section, or a value holding it)
+            from_set.append(f"--set {item}: {problem if loc in given else keyed}")
         else:
             problems.append(keyed)
     return "; ".join(from_set + ([f"{source}: " + "; ".join(problems)] if problems else []))

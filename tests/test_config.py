@@ -158,3 +158,6 @@ def test_a_bad_set_is_named_as_the_set_not_as_the_file(tmp_path):
     # a misspelt section: it was blamed on the file
     with pytest.raises(ConfigError, match=r"^--set trian\.iterations=5: unknown key 'trian'$"):
         load_config(path, ["trian.iterations=5"])
+    # a key inside the value a --set gave (YAML reads {name:cldice} without its space as a key): blamed on the file
+    with pytest.raises(ConfigError, match=r"^--set losses=\[\{name:cldice\}\]: missing required key 'losses\.0\.name'$"):
+        load_config(path, ["losses=[{name:cldice}]"])
