@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from medseg.atomic import check_output_folder
 from medseg.config import (
@@ -323,7 +323,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             raise ConfigError(f"{where}: {err}") from None
         for seed in study_cfg.seeds:
             run_raw = {**raw, "seed": seed, "output_dir": str(run_dir_of(study_cfg.output_dir, variant, seed))}
-            config = validate_config(run_raw, source=f"{path}: variants.{variant}", overrides=overrides)
+            source = _blamed_part(path, study_cfg, variant, run_raw)
+            config = validate_config(run_raw, source=source, overrides=overrides)
             runs.append(StudyRun(variant, seed, config))
 
     runs.sort(key=lambda run: study_cfg.seeds.index(run.seed))  # seed-major (stable: variants keep their order)
@@ -416,6 +417,27 @@ def _check_output_place(study: Study) -> None:
         if place is not None:
             raise ConfigError(f"{study.path}: output_dir: {study.output_dir} {place} ({dataset}); put the study's "
                               "folder elsewhere")
+
+
+def _blamed_part(path: Path, study_cfg, name: str, run_raw: dict) -> str:
+    """The part of the study a run's config error is named after: the variant's overrides
+    where they give a failing key, else the study's ``set``, else the base config (a bad
+    ``set: {train.batch_size: two}`` was reported as every variant's mistake)."""
+    variant, variant_overrides = f"{path}: variants.{name}", study_cfg.variants[name]
+    try:
+        RunConfig.model_validate(run_raw)
+        return variant
+    except ValidationError as err:
+        failing = [tuple(str(p) for p in e["loc"]) for e in err.errors() if e["loc"]]
+
+    def gives(keys: list[tuple[str, ...]]) -> bool:  # a failing key, a section above it, or a key below it
+        return any(k[: len(f)] == f or f[: len(k)] == k for k in keys for f in failing)
+
+    if gives(_flat_keys(variant_overrides)):
+        return variant
+    if gives(_flat_keys(study_cfg.overrides)):
+        return f"{path}: set"
+    return f"{path}: base: {study_cfg.base}" if failing else variant
 
 
 def _check_parts(cfg: RunConfig, info, where: str) -> None:

@@ -482,3 +482,22 @@ def test_ctrl_c_of_a_study_says_how_to_go_on(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.strip() == "medseg: interrupted; run the same command again to go on"
     assert main(["study", str(tmp_path / "study.yaml"), "--summary"]) == 130  # ran nothing: nothing to go on with
     assert capsys.readouterr().err.strip() == "medseg: interrupted"
+
+
+def test_a_bad_value_is_named_as_the_part_of_the_study_that_gave_it(write_study, capsys, tiny_dataset, tmp_path):
+    """A bad value in the study's set was reported as the first variant's mistake."""
+    import copy
+
+    from conftest import BASE, VARIANTS
+
+    path = write_study(set={"data.dataset": str(tiny_dataset), "train.iterations": 2, "train.batch_size": "two"})
+    line = _fails(capsys, [path])
+    assert line.startswith(f"medseg: error: {path}: set: key 'train.batch_size': Input should be a valid integer")
+    variants = copy.deepcopy(VARIANTS)
+    variants["cldice"]["train.log_interval"] = "often"
+    line = _fails(capsys, [write_study(variants=variants)])
+    assert line.startswith(f"medseg: error: {path}: variants.cldice: key 'train.log_interval'")
+    base = copy.deepcopy(BASE)
+    base["train"]["val_interval"] = "sometimes"
+    line = _fails(capsys, [write_study(base_config=base)])
+    assert line.startswith(f"medseg: error: {path}: base: {tmp_path / 'base.yaml'}: key 'train.val_interval'")
