@@ -437,6 +437,12 @@ def _group_by_channel(files: Iterable[Path], ending: str) -> tuple[dict[str, dic
     return grouped, plain
 
 
+#: Image files a folder of scans may hold that medseg does not read (said, not skipped silently).
+UNREAD_IMAGE_ENDINGS = (".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".dcm")
+_UNREAD_HINT = ("medseg reads .nii.gz, .nii, .nrrd, .mha, .png and .tif; data_scripts/convert_2d.py converts "
+                "photographs, a DICOM series needs converting to NIfTI first")
+
+
 def _scan(folder: Path, endings: tuple[str, ...]) -> list[Path]:
     return sorted(
         p for p in folder.iterdir()
@@ -564,8 +570,14 @@ def cases_from_paths(
         p = Path(p)
         if p.is_dir():
             found = _scan(p, endings)
+            unread = _scan(p, UNREAD_IMAGE_ENDINGS)
             if not found:
-                raise DataError(f"{p}: no images ending in {' / '.join(endings)}")
+                hint = f" ({len(unread)} file(s) such as {unread[0].name}: {_UNREAD_HINT})" if unread else ""
+                raise DataError(f"{p}: no images ending in {' / '.join(endings)}{hint}")
+            if unread:  # a .jpg among .png scans was skipped without a word
+                shown = ", ".join(f.name for f in unread[:3]) + (", ..." if len(unread) > 3 else "")
+                warnings.warn(f"{p}: {len(unread)} image file(s) skipped: {shown}; {_UNREAD_HINT}", DatasetWarning,
+                              stacklevel=2)
             files.extend(found)
         elif p.is_file():
             if ending_of(p) not in SUPPORTED_ENDINGS:

@@ -559,3 +559,24 @@ def test_an_rgba_image_or_channel_files_of_rgb_images_are_named_in_the_channel_c
         Image.new("RGB", (8, 6)).save(frame)
     with pytest.raises(DataError, match=r"9 channel\(s\) but dataset.json declares 3 \(read as the channel files of one case: frame_0000.png"):
         load_case(Case(name="frame", image_files=frames, label_file=None), info)
+
+
+def test_photographs_among_the_scans_are_named_not_skipped_in_silence(tmp_path):
+    """predict skipped a .jpg in a folder of .png scans without a word."""
+    import numpy as np
+    import pytest
+
+    from medseg.data.dataset import DatasetWarning, cases_from_paths
+    from medseg.data.io import ImageGeometry, write_image
+    from medseg.errors import DataError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "wall.jpg").write_bytes(b"\xff\xd8\xff")
+    with pytest.raises(DataError, match=r"no images ending in .*\(1 file\(s\) such as wall.jpg: medseg reads "
+                                        r"\.nii\.gz, .*convert_2d\.py converts photographs"):
+        cases_from_paths([photos])
+    write_image(photos / "scan.png", np.zeros((8, 8), np.uint8), ImageGeometry.identity((8, 8)))
+    with pytest.warns(DatasetWarning, match=r"photos: 1 image file\(s\) skipped: wall\.jpg; medseg reads"):
+        cases = cases_from_paths([photos])
+    assert [c.name for c in cases] == ["scan"]
