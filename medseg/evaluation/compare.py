@@ -402,7 +402,12 @@ def _pictures(a: Evaluation, b: Evaluation, result: dict[str, Any], count: int) 
     reference_folder = a.summary.get("reference_folder")
     images_dir = default_images_dir(reference_folder) if isinstance(reference_folder, str) else None
     figures: dict[str, list[str]] = {}
-    for label, case, metric, va, vb in most_different_cases(result, count):
+    from tqdm import tqdm
+
+    chosen = most_different_cases(result, count)
+    # each picture matches both predictions against the reference: seconds per case on large images
+    for label, case, metric, va, vb in tqdm(chosen, desc="drawing compare.html", unit="case", file=sys.stderr,
+                                            disable=None, leave=False):
         entry_a, entry_b = entries[0].get(case, {}), entries[1].get(case, {})
         if not all(isinstance(e.get(k), str) for e in (entry_a, entry_b) for k in ("prediction_file", "reference_file")):
             png, legend, note = None, [], "picture unavailable: the summaries do not name the case's files"
