@@ -171,7 +171,7 @@ def _provenance(predictor, tta: bool, overlap: float, save_probabilities: bool) 
         "save_probabilities": bool(save_probabilities),
         "stitch_dtype": str(STITCH_DTYPE).removeprefix("torch."),
         "amp": predictor.amp,
-        "checkpoint": str(predictor.checkpoint_path),
+        "checkpoint": os.path.abspath(predictor.checkpoint_path),  # read from anywhere, as the run's config's paths
         "made_by": provenance(predictor.device),
     }
 

@@ -221,3 +221,12 @@ def test_a_failed_case_leaves_no_staging_folder(tiny_run, scans, tmp_path):
     assert predict(tiny_run, scans, out, "--save-probabilities") == 1
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == sorted(
         [PROVENANCE, "case_a.nii.gz", "case_a_prob.nii.gz", "case_c.nii.gz", "case_c_prob.nii.gz"])
+
+
+def test_the_checkpoint_is_recorded_by_its_absolute_path(tiny_run, scans, tmp_path, monkeypatch):
+    """--model given relative to the current folder was recorded as given: read from
+    elsewhere, the record named another file."""
+    monkeypatch.chdir(tiny_run.parent)
+    assert predict(tiny_run.name, scans, tmp_path / "pred") == 0
+    record = json.loads((tmp_path / "pred" / PROVENANCE).read_text())
+    assert record["checkpoint"] == str(tiny_run / "checkpoints" / "best.pt")
