@@ -5,9 +5,13 @@ Two runs started into one ``output_dir`` both passed the "folder is empty" check
 wrote one folder together (one run's config next to the other's checkpoints, their
 metrics rows interleaved), each exiting 0. The lock is ``flock``: the kernel drops it
 when the holder exits or is killed, so a crashed run never leaves the folder locked. The
-file stays (removing it would race with a process that has just opened it); the checks
-for an empty run folder ignore it, and it is never written (a refused command changes
-nothing in the folder). Under torchrun rank 0 takes it for all ranks.
+file stays while the folder holds anything else; the checks for an empty run folder
+ignore it, and it is never written (a refused command changes nothing in the folder). A
+command that wrote nothing into the folder (an evaluation of which no case could be
+evaluated) removes the file when it lets go, and the folders it made: a taker checks,
+once it holds the lock, that the file it locked is still the one at the path, and tries
+again if not, so the removal never lets two processes hold the folder. Under torchrun
+rank 0 takes it for all ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from medseg.atomic import remove_empty_folders
 from medseg.errors import ConfigError
 
 try:
@@ -55,6 +60,7 @@ class RunFolderLock:
         self.what = what
         self.enabled = enabled and fcntl is not None
         self._fd: int | None = None
+        self._created: list[Path] = []  # the folders take() made, deepest first
 
     def take(self, fresh: bool = False) -> None:
         """Lock the folder (creating it). ``fresh``: a new run, which the folder must not
@@ -69,16 +75,28 @@ class RunFolderLock:
         """
         if not self.enabled or self._fd is not None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self._created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        path = self.run_dir / LOCK_FILE
+        while True:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed (release) between the two: again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigError(
+                    f"{self.what} {self.run_dir}: in use by another medseg process; wait for it to finish or "
+                    f"choose another {self.what}"
+                ) from None
+            try:  # the file its holder removed (release) before this process locked it: lock the new one
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise ConfigError(
-                f"{self.what} {self.run_dir}: in use by another medseg process; wait for it to finish or choose "
-                f"another {self.what}"
-            ) from None
         self._fd = fd
         _held.add(fd)
         if fresh and not holds_nothing(self.run_dir):
@@ -87,10 +105,17 @@ class RunFolderLock:
             )
 
     def release(self) -> None:
-        if self._fd is not None:
-            _held.discard(self._fd)
-            os.close(self._fd)  # releases the lock
-            self._fd = None
+        if self._fd is None:
+            return
+        if holds_nothing(self.run_dir):  # nothing written: leave nothing, not even the folders it made
+            try:
+                (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # still locked: see take()
+            except OSError:
+                pass
+            remove_empty_folders(self._created)
+        _held.discard(self._fd)
+        os.close(self._fd)  # releases the lock
+        self._fd = None
 
     def __enter__(self) -> RunFolderLock:
         return self

@@ -302,12 +302,13 @@ def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> Progress:
     for group, base_lr in zip(parts.optimizer.param_groups, parts.scheduler.base_lrs):
         group["lr"] = base_lr * factor
     stored_total = ((checkpoint.get("config") or {}).get("train") or {}).get("iterations")
-    if isinstance(stored_total, int) and stored_total != tc.iterations:
+    now = parts.optimizer.param_groups[0]["lr"]
+    if isinstance(stored_total, int) and stored_total != tc.iterations and now != before[0] and distributed.is_main():
         # allowed (a run extended or ended sooner), said: the schedule is not the one it started with
         log.warning(
             "train.iterations changed from %d to %d on resume: the learning rate's %s schedule now runs to "
             "iteration %d (next step's lr %.3g, was %.3g)", stored_total, tc.iterations, tc.scheduler.name,
-            tc.iterations, parts.optimizer.param_groups[0]["lr"], before[0],
+            tc.iterations, now, before[0],
         )
     return Progress(
         iteration=int(checkpoint["iteration"]),

@@ -378,9 +378,10 @@ def test_a_second_evaluation_into_the_same_output_is_refused(folders, capsys):
         running.take()
         code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--output", str(out)])
         err = capsys.readouterr().err.strip().splitlines()
+        assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]  # nothing written
     assert code != 0 and err[-1].endswith(f"--output {out}: in use by another medseg process; wait for it to finish "
                                           "or choose another --output")
-    assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]
+    assert not out.exists()  # its holder made the folder and wrote nothing: it leaves nothing
     assert run_evaluation(pred, ref, out, workers=1)
 
 
@@ -523,3 +524,43 @@ def test_many_missing_cases_are_listed_up_to_ten_then_counted(folders, capsys):
     assert [line.split(" (")[0] for line in err] == [f"medseg: missing prediction for case c{i:02d}" for i in range(1, 11)] + [
         "medseg: ... and 2 more"]
     assert len(_summary(out)["missing_predictions"]) == 12  # every one in the summary
+
+
+def test_an_evaluation_that_writes_nothing_leaves_no_folder(folders, capsys):
+    """Failed evaluations left their --output holding only .medseg.lock."""
+    ref, pred, out = folders
+    _write(ref, "a", _cube((2, 2, 2), (6, 6, 6)))
+    _write(pred.parent / "other", "a", np.zeros((5, 5, 5)))  # every case fails
+    deep = out / "x" / "y"
+    assert main(["evaluate", "--pred", str(pred.parent / "other"), "--ref", str(ref), "--output", str(deep),
+                 "--workers", "1"]) == 3
+    assert "no case could be evaluated" in capsys.readouterr().err
+    assert not out.exists()  # the folders it made, none of them left
+    out.mkdir()  # a folder of the user's own stays, empty
+    assert main(["evaluate", "--pred", str(pred.parent / "other"), "--ref", str(ref), "--output", str(out),
+                 "--workers", "1"]) == 3
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_a_lock_removed_by_its_holder_is_not_taken_by_two(tmp_path):
+    """The lock file goes with a folder its holder made and left empty: a process that
+    opened the old file meanwhile must not hold a lock nobody else can see."""
+    import fcntl
+    import os
+
+    from medseg.runfolder.lock import LOCK_FILE, RunFolderLock
+
+    run = tmp_path / "run"
+    first = RunFolderLock(run)
+    first.take()
+    stale = os.open(run / LOCK_FILE, os.O_RDWR)  # what a second taker opened before the first let go
+    first.release()
+    assert not run.exists()
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it can lock the removed file...
+    second = RunFolderLock(run)
+    second.take()  # ...but a taker locks the file at the path, made anew
+    assert (run / LOCK_FILE).is_file() and os.fstat(stale).st_nlink == 0
+    with pytest.raises(Exception, match="in use by another medseg process"):
+        RunFolderLock(run).take()
+    second.release()
+    os.close(stale)

@@ -232,8 +232,8 @@ def test_a_second_prediction_into_the_same_output_is_refused(tiny_run, scans, tm
         running.take()
         code = main(["predict", "--model", str(tiny_run), "--input", str(scans), "--output", str(out), "--device", "cpu"])
         err = capsys.readouterr().err.strip().splitlines()
+        assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]  # nothing written
     assert code != 0 and len(err) == 1 and f"--output {out}: in use by another medseg process" in err[0]
-    assert sorted(p.name for p in out.iterdir()) == [".medseg.lock"]  # nothing written
     assert _predict(tiny_run, scans, out)  # once it is free
 
 

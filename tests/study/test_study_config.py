@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -487,8 +488,13 @@ def test_ctrl_c_of_a_study_says_how_to_go_on(monkeypatch, capsys, tmp_path):
 def test_a_bad_value_is_named_as_the_part_of_the_study_that_gave_it(write_study, capsys, tiny_dataset, tmp_path):
     """A bad value in the study's set was reported as the first variant's mistake."""
     import copy
+    import importlib.util
 
-    from conftest import BASE, VARIANTS
+    # this folder's conftest (under xdist another folder's conftest may be the one imported)
+    spec = importlib.util.spec_from_file_location("study_conftest", Path(__file__).with_name("conftest.py"))
+    study_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_conftest)
+    BASE, VARIANTS = study_conftest.BASE, study_conftest.VARIANTS
 
     path = write_study(set={"data.dataset": str(tiny_dataset), "train.iterations": 2, "train.batch_size": "two"})
     line = _fails(capsys, [path])
