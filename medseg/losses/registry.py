@@ -455,7 +455,7 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
         raise ConfigError(f"losses: out_channels must be >= 1, got {out_channels}")
     if not terms:
         raise ConfigError("losses: at least one loss term is required")
-    built, schedules, final_only, seen = [], [], [], {}
+    built, names, schedules, final_only, seen = [], [], [], [], {}
     for i, term in enumerate(terms):
         if not isinstance(term, LossTerm):
             term = validate_model(LossTerm, term, f"losses[{i}]")
@@ -496,12 +496,13 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
             except ValueError as err:
                 raise ConfigError(f"{where} ({term.name}): {err}") from None
         built.append((_term_name(term.name, seen), term.weight, module))
+        names.append(term.name)
     if out_channels > 1 and _activation([type(m) for _, _, m in built], out_channels) == "tanh":
         # the label map is the argmax over every channel's tanh map, channel 0 included
-        for i, (name, _, module) in enumerate(built):
+        for i, (_, _, module) in enumerate(built):
             if getattr(module, "include_background", True) is False:
                 raise ConfigError(
-                    f"losses[{i}] ({terms[i].name if isinstance(terms[i], LossTerm) else name}): include_background: "
+                    f"losses[{i}] ({names[i]}): include_background: "
                     "false leaves channel 0 untrained, yet a model trained on SAUNA terms alone labels each voxel "
                     "by the argmax over every channel, channel 0 included; leave it true, or add a term that "
                     "trains channel 0 (e.g. dice_ce)"

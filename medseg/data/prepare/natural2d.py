@@ -177,9 +177,7 @@ def _read(path: Path, kind: str, exif: str = "apply") -> np.ndarray:
 
             data = np.asarray(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
         else:
-            from PIL import Image
-
-            from PIL import ImageOps
+            from PIL import Image, ImageOps
 
             with Image.open(path) as img:
                 img.load()
