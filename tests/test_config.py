@@ -161,3 +161,21 @@ def test_a_bad_set_is_named_as_the_set_not_as_the_file(tmp_path):
     # a key inside the value a --set gave (YAML reads {name:cldice} without its space as a key): blamed on the file
     with pytest.raises(ConfigError, match=r"^--set losses=\[\{name:cldice\}\]: missing required key 'losses\.0\.name'$"):
         load_config(path, ["losses=[{name:cldice}]"])
+
+
+def test_a_ramp_that_ends_after_the_run_is_said_at_the_start_of_training(caplog):
+    """start: 0.9, ramp: 0.5 of 10 iterations reached 20 % of its weight, without a word."""
+    import logging
+
+    from medseg.training.trainer import _warn_of_unfinished_ramps
+
+    cfg = validate_config({**MINIMAL, "losses": [{"name": "dice_ce"}, {"name": "cldice", "weight": 0.5, "start": 0.9,
+                                                                       "ramp": 0.5}]})
+    with caplog.at_level(logging.WARNING, logger="medseg.training"):
+        _warn_of_unfinished_ramps(cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "losses[1] (cldice): its ramp ends at iteration 14, after the run's 10: its weight reaches only 20 % of 0.5"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medseg.training"):
+        _warn_of_unfinished_ramps(validate_config({**MINIMAL, "losses": [{"name": "cldice", "start": 5, "ramp": 5}]}))
+    assert caplog.records == []  # full weight at the last iteration

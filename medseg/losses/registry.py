@@ -137,14 +137,24 @@ def _value_problem(annotation: Any, value: Any) -> str | None:
     return None
 
 
+#: Parameters no loss takes below 0, whichever loss has them (MONAI checks a negative class
+#: weight only in the first step; a negative smoothing term or cache budget passed silently).
+_NON_NEGATIVE = ("smooth_nr", "smooth_dr", "class_weights", "target_cache_bytes")
+
+
 def _check_values(cls: type, params: Mapping[str, Any], name: str, where: str) -> None:
-    """Each parameter's value against its annotation in the loss's constructor (:func:`_value_problem`)."""
+    """Each parameter's value against its annotation in the loss's constructor
+    (:func:`_value_problem`), and the :data:`_NON_NEGATIVE` ones against 0."""
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an annotation this Python cannot resolve: left to the constructor
         return
     for key, value in params.items():
         problem = _value_problem(hints[key], value) if key in hints else None
+        if problem is None and key in _NON_NEGATIVE and value is not None:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, (int, float)) and v < 0 for v in values):
+                problem = "must not be negative"
         if problem is not None:
             raise ConfigError(f"{where} ({name}): {key} {problem}, got {value!r}")
 

@@ -369,8 +369,23 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: Ru
     if checkpoint is not None:
         restore_rng_state(checkpoint["rng"])
         log.info("resuming %s at iteration %d of %d", run_dir, progress.iteration, cfg.train.iterations)
+    if distributed.is_main():
+        _warn_of_unfinished_ramps(cfg)
     _train_loop(parts, progress, run_dir)
     return run_dir
+
+
+def _warn_of_unfinished_ramps(cfg: RunConfig) -> None:
+    """Say which loss terms' ramps end after the run (``start: 0.9, ramp: 0.5``): their
+    weight never reaches what the config gives. Allowed (a run shortened on purpose), but
+    said once here, at the start of a training, not at every validation of the config."""
+    total = cfg.train.iterations
+    for i, term in enumerate(cfg.losses):
+        first, length = term.schedule(total)
+        if length > 0 and first + length > total:
+            reached = (total - first) / length
+            log.warning("losses[%d] (%s): its ramp ends at iteration %d, after the run's %d: its weight reaches "
+                        "only %.0f %% of %g", i, term.name, first + length, total, 100 * reached, term.weight)
 
 
 def _write_config(path: Path, cfg: RunConfig) -> None:

@@ -294,6 +294,10 @@ def test_betti_matching_parameters_of_the_wrong_kind_are_named(params, message):
     ({"name": "cldice", "iterations": 2.5}, "iterations must be a whole number, got 2.5"),
     ({"name": "dice_ce", "reduction": 5}, "reduction must be a string, got 5"),
     ({"name": "betti_matching", "push_unmatched_to_1_0": "no"}, "push_unmatched_to_1_0 must be true or false"),
+    # below 0: MONAI refused a negative class weight only at the first step; the others passed
+    ({"name": "dice_ce", "class_weights": [1, -2]}, "class_weights must not be negative, got [1, -2]"),
+    ({"name": "dice", "smooth_nr": -1}, "smooth_nr must not be negative, got -1"),
+    ({"name": "betti_matching", "target_cache_bytes": -5}, "target_cache_bytes must not be negative, got -5"),
     # true/false where a number goes: pydantic read it as 1/0
     ({"name": "dice_ce", "weight": True}, "key 'weight': must be a number, got true"),
     ({"name": "dice_ce", "start": False}, "key 'start': must be a number, got false"),
