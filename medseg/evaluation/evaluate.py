@@ -40,7 +40,14 @@ import numpy as np
 
 from medseg.atomic import check_output_folder, remove_dead_temporaries, write_atomic_group
 from medseg.errors import ArgumentError, DataError, MedsegError
-from medseg.evaluation.pair import AFFINE_TOLERANCE_MM, label_masks, read_case_pair, read_label_map, undeclared_values
+from medseg.evaluation.pair import (
+    AFFINE_TOLERANCE_MM,
+    CONNECTIVITIES,
+    label_masks,
+    read_case_pair,
+    read_label_map,
+    undeclared_values,
+)
 from medseg.evaluation.summary import DEFAULT_TOLERANCE_MM, DEFAULT_WORST_CASES, SUMMARY_FILE, json_default
 from medseg.provenance import provenance
 from medseg.runfolder.lock import RunFolderLock
@@ -516,20 +523,19 @@ def _check_connectivity_fits(connectivity: int, references: dict) -> None:
     same line."""
     from medseg.data.io import read_geometry
 
-    fits = {2: (4, 8), 3: (6, 26)}
     first = None
     for path in references.values():
         try:
             ndim = read_geometry(path)[1].ndim
         except DataError:
             continue  # reported with its case
-        if connectivity in fits.get(ndim, ()):
+        if connectivity in CONNECTIVITIES.get(ndim, ()):
             return
         first = first or (path, ndim)
     if first is not None:
         path, ndim = first
         raise ArgumentError("connectivity", f"does not fit the {ndim}D references (first: {path}); use "
-                            f"{' or '.join(map(str, reversed(fits[ndim])))}", connectivity)
+                            f"{' or '.join(map(str, CONNECTIVITIES[ndim]))}", connectivity)
 
 
 def _check_output_outside_references(output: Path, ref_dir: Path) -> None:

@@ -55,6 +55,10 @@ def read_label_map(path: Path) -> tuple[np.ndarray, Any]:
     return array, geometry
 
 
+#: The connectivities of each dimension: full, then faces only.
+CONNECTIVITIES = {2: (8, 4), 3: (26, 6)}
+
+
 def read_case_pair(pred_file: Path, ref_file: Path, connectivity: int | None = None):
     """Prediction and reference label maps checked against each other: ``(pred, ref, ref_geometry)``.
 
@@ -66,10 +70,10 @@ def read_case_pair(pred_file: Path, ref_file: Path, connectivity: int | None = N
         :data:`AFFINE_TOLERANCE_MM`).
     """
     ref, ref_geometry = read_label_map(ref_file)
-    if connectivity is not None and connectivity not in {2: (8, 4), 3: (26, 6)}[ref.ndim]:
+    if connectivity is not None and connectivity not in CONNECTIVITIES[ref.ndim]:
         raise DataError(
             f"{ref_file}: connectivity {connectivity} does not fit a {ref.ndim}D image "
-            f"(use {'8 or 4' if ref.ndim == 2 else '26 or 6'})"
+            f"(use {' or '.join(map(str, CONNECTIVITIES[ref.ndim]))})"
         )
     pred, pred_geometry = read_label_map(pred_file)
     mismatch = geometry_mismatch(pred_geometry, ref_geometry, "the reference's", ref_file)

@@ -323,8 +323,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             raise ConfigError(f"{where}: {err}") from None
         for seed in study_cfg.seeds:
             run_raw = {**raw, "seed": seed, "output_dir": str(run_dir_of(study_cfg.output_dir, variant, seed))}
-            source = _blamed_part(path, study_cfg, variant, run_raw)
-            config = validate_config(run_raw, source=source, overrides=overrides)
+            try:
+                config = validate_config(run_raw, source=where, overrides=overrides)
+            except ConfigError:  # the same error, named after the part of the study that gave the key
+                validate_config(run_raw, source=_blamed_part(path, study_cfg, variant, run_raw), overrides=overrides)
+                raise
             runs.append(StudyRun(variant, seed, config))
 
     runs.sort(key=lambda run: study_cfg.seeds.index(run.seed))  # seed-major (stable: variants keep their order)
@@ -420,9 +423,10 @@ def _check_output_place(study: Study) -> None:
 
 
 def _blamed_part(path: Path, study_cfg, name: str, run_raw: dict) -> str:
-    """The part of the study a run's config error is named after: the variant's overrides
-    where they give a failing key, else the study's ``set``, else the base config (a bad
-    ``set: {train.batch_size: two}`` was reported as every variant's mistake)."""
+    """The part of the study a run's config error (``run_raw`` fails to validate) is named
+    after: the variant's overrides where they give a failing key, else the study's
+    ``set``, else the base config (a bad ``set: {train.batch_size: two}`` was reported as
+    every variant's mistake)."""
     variant, variant_overrides = f"{path}: variants.{name}", study_cfg.variants[name]
     try:
         RunConfig.model_validate(run_raw)

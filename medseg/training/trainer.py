@@ -298,17 +298,17 @@ def _restore(parts: _Parts, checkpoint: dict[str, Any], path: Path) -> Progress:
     # changed: then the checkpoint holds the old schedule's, this is the new total's).
     tc = parts.cfg.train
     factor = lr_factor(parts.scheduler.last_epoch, tc.iterations, tc.scheduler)
-    before = [group["lr"] for group in parts.optimizer.param_groups]
+    before = parts.optimizer.param_groups[0]["lr"]
     for group, base_lr in zip(parts.optimizer.param_groups, parts.scheduler.base_lrs):
         group["lr"] = base_lr * factor
     stored_total = ((checkpoint.get("config") or {}).get("train") or {}).get("iterations")
     now = parts.optimizer.param_groups[0]["lr"]
-    if isinstance(stored_total, int) and stored_total != tc.iterations and now != before[0] and distributed.is_main():
+    if isinstance(stored_total, int) and stored_total != tc.iterations and now != before and distributed.is_main():
         # allowed (a run extended or ended sooner), said: the schedule is not the one it started with
         log.warning(
             "train.iterations changed from %d to %d on resume: the learning rate's %s schedule now runs to "
             "iteration %d (next step's lr %.3g, was %.3g)", stored_total, tc.iterations, tc.scheduler.name,
-            tc.iterations, now, before[0],
+            tc.iterations, now, before,
         )
     return Progress(
         iteration=int(checkpoint["iteration"]),

@@ -147,23 +147,11 @@ _TURNS = {2: "mirrored", 3: "turned 180°", 4: "flipped", 5: "transposed", 6: "t
           7: "transversed", 8: "turned 90° anticlockwise"}
 
 
-def exif_orientation(path: Path) -> int:
-    """The EXIF Orientation (1-8) of an image file PIL reads; 1 (upright) without one."""
-    if _ending(path) in (".tif", ".tiff"):
-        return 1  # read by tifffile, which keeps the stored pixels (so does medseg predict)
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            value = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # an unreadable file is reported by _read
-        return 1
-    return value if value in _TURNS else 1
-
-
-def _read(path: Path, kind: str, exif: str = "apply") -> np.ndarray:
-    """``(rows, cols)`` or ``(rows, cols, channels)`` array of ``path``; with ``exif="apply"``
-    turned as its EXIF Orientation says (module docstring)."""
+def _read(path: Path, kind: str, exif: str = "apply") -> tuple[np.ndarray, int]:
+    """``(rows, cols)`` or ``(rows, cols, channels)`` array of ``path`` and the EXIF
+    Orientation it was turned by (1: upright, or ``exif="ignore"``, or a TIFF, which
+    tifffile reads as stored, as medseg predict does); module docstring."""
+    orientation = 1
     try:
         if _ending(path) in (".tif", ".tiff"):
             import tifffile
@@ -182,6 +170,8 @@ def _read(path: Path, kind: str, exif: str = "apply") -> np.ndarray:
             with Image.open(path) as img:
                 img.load()
                 if exif == "apply":
+                    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+                    orientation = orientation if orientation in _TURNS else 1
                     img = ImageOps.exif_transpose(img)
                 if img.mode == "P":
                     img = _resolve_palette(img, kind)
@@ -208,7 +198,7 @@ def _read(path: Path, kind: str, exif: str = "apply") -> np.ndarray:
         data = data[..., 0]
     if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
         raise DataError(f"{path}: expected a 2D grey or RGB {kind}, got array shape {data.shape}")
-    return data
+    return data, orientation
 
 
 def _resolve_palette(img, kind: str):
@@ -339,11 +329,10 @@ def convert_2d_folders(
     first_name = ""
     turned: list[str] = []
     for key, (image_path, mask_path) in tqdm(pairing.pairs.items(), desc="reading", disable=not progress or not sys.stderr.isatty(), file=sys.stderr, leave=False):
-        image = _read(image_path, "image", exif)
+        image, orientation = _read(image_path, "image", exif)
         if grayscale and image.ndim == 3:
             image = _luminance(image)
-        mask = _mask_values(mask_path, _read(mask_path, "mask", exif), foreground_threshold)
-        orientation = exif_orientation(image_path) if exif == "apply" else 1
+        mask = _mask_values(mask_path, _read(mask_path, "mask", exif)[0], foreground_threshold)
         if orientation != 1:
             turned.append(image_path.name)
         if mask.shape != image.shape[:2]:
