@@ -209,7 +209,11 @@ def adapt(
 @app.command()
 def predict(
     model: Path = typer.Option(..., "--model", help="run folder (uses checkpoint 'best', else 'latest') or a .pt checkpoint"),
-    input: List[Path] = typer.Option(..., "--input", help="folder of scans (nnU-Net naming CASE_0000.nii.gz) or files"),
+    input: List[Path] = typer.Option(
+        ..., "--input",
+        help="folder of scans (nnU-Net naming CASE_0000.nii.gz) or files; several after one --input as a shell "
+        "glob gives them (--input scans/*.nii.gz), or --input repeated",
+    ),
     output: Path = typer.Option(
         ..., "--output",
         help="folder for the CASE<input ending> segmentations (CASE.nii.gz for CASE_0000.nii.gz) and predict_provenance.json (the model and options that made them); "
@@ -229,6 +233,7 @@ def predict(
         help="keep the stitched class maps on cuda (the network's GPU) or cpu; auto: the GPU when they fit "
         "(default: run config, auto)",
     ),
+    more_inputs: Optional[List[Path]] = typer.Argument(None, hidden=True, metavar="MORE_INPUT_FILES"),  # --input a b c: b and c
 ) -> None:
     """Segment a folder of scans with a trained model (sliding window, geometry restored)."""
     from medseg.inference.predict import run_prediction
@@ -236,7 +241,7 @@ def predict(
     with _writing(output):
         ok = run_prediction(
             model=model,
-            inputs=list(input),
+            inputs=list(input) + list(more_inputs or []),
             output=output,
             overwrite=overwrite,
             tta=tta,

@@ -49,12 +49,21 @@ class _Strict(BaseModel):
     @classmethod
     def _no_flag_for_a_number(cls, value: Any, info) -> Any:
         """true/false where a number goes: pydantic would read it as 1/0 (a loss weight of
-        ``true`` trained at 1.0, a schedule ``start: true`` began at iteration 1)."""
+        ``true`` trained at 1.0, a schedule ``start: true`` began at iteration 1). Text that
+        is no number, where an ``int | float`` goes: one line, where pydantic gave one per
+        member of the union (``key 'start.int': ...; key 'start.float': ...``)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = getattr(annotation, "__args__", (annotation,))
         if isinstance(value, bool):
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = getattr(annotation, "__args__", (annotation,))
             if bool not in kinds and any(kind in (int, float) for kind in kinds):
                 raise ValueError(f"must be a number, got {str(value).lower()}")
+        elif {int, float} <= set(kinds) <= {int, float, type(None)} and not isinstance(value, (int, float)):
+            if value is None and type(None) in kinds:
+                return value
+            try:
+                float(value)  # a number in quotes, read as pydantic reads it
+            except (TypeError, ValueError):
+                raise ValueError(f"must be a number, got {'null' if value is None else repr(value)}") from None
         return value
 
     #: path fields a model resolves itself (another base folder than the current one)
@@ -488,22 +497,43 @@ def section(raw: dict[str, Any], path: list[str], where: str) -> dict[str, Any]:
     return node
 
 
-def _format_validation_error(source: str, err: ValidationError, overrides: list[str] | None = None) -> str:
+def _loss_term_named(raw: Any, loc: tuple) -> str:
+    """`` (NAME)`` when ``loc`` lies inside a loss term of ``raw`` (``losses.0.weight`` of a
+    ``{name: dice_ce}`` term), else ``""``: the term's name says which one is meant."""
+    node = raw
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and i > 0 and loc[i - 1] == "losses" and isinstance(node, list) and part < len(node):
+            name = node[part].get("name") if isinstance(node[part], dict) else None
+            return f" ({name})" if isinstance(name, str) and i + 1 < len(loc) else ""
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return ""
+    return ""
+
+
+def _format_validation_error(
+    source: str, err: ValidationError, overrides: list[str] | None = None, raw: Any = None
+) -> str:
     """One line: ``SOURCE: problem; problem``, where a problem with a key a ``--set`` gave is
-    ``--set KEY=VALUE: problem`` (the mistake is on the command line, not in the file)."""
+    ``--set KEY=VALUE: problem`` (the mistake is on the command line, not in the file), and a
+    key inside a loss term is followed by the term's name."""
     given = {item.split("=", 1)[0].strip(): item for item in overrides or []}
     problems, from_set = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        term = _loss_term_named(raw, e["loc"])
         if e["type"] == "extra_forbidden":
-            problem = keyed = f"unknown key '{loc}'"
+            problem = keyed = f"unknown key '{loc}'{term}"
         elif e["type"] == "missing":
-            problem, keyed = "missing", f"missing required key '{loc}'"
+            problem, keyed = "missing", f"missing required key '{loc}'{term}"
         elif not e["loc"]:  # a model-level check names its keys itself; drop pydantic's "Value error, "
             problem = keyed = e["msg"].removeprefix("Value error, ")
         else:  # a field check's own message, without pydantic's "Value error, "
             msg = e["msg"].removeprefix("Value error, ")
-            problem, keyed = msg, f"key '{loc}': {msg}"
+            problem, keyed = msg, f"key '{loc}'{term}: {msg}"
         # an unknown section ('trian' of --set trian.iterations=5) is the --set's mistake too,
         # and so is a key inside a value the --set gave (losses.0.name of --set losses=[...])
         item = given.get(loc) or next(
@@ -527,7 +557,7 @@ def validate_model(
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err, overrides)) from None
+        raise ConfigError(_format_validation_error(source, err, overrides, raw)) from None
 
 
 class _DuplicateKey(yaml.YAMLError):

@@ -163,6 +163,20 @@ def test_a_bad_set_is_named_as_the_set_not_as_the_file(tmp_path):
         load_config(path, ["losses=[{name:cldice}]"])
 
 
+def test_a_bad_key_of_a_loss_term_names_the_term(tmp_path):
+    """'losses.1.weight' alone left the user to count the list's entries."""
+    raw = {**MINIMAL, "losses": [{"name": "dice_ce"}, {"name": "cldice", "weight": True}]}
+    with pytest.raises(ConfigError, match=r"^config: key 'losses\.1\.weight' \(cldice\): must be a number, got true$"):
+        validate_config(raw)
+    raw["losses"][1] = {"name": "cldice", "heads": "every"}
+    with pytest.raises(ConfigError, match=r"key 'losses\.1\.heads' \(cldice\): "):
+        validate_config(raw)
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^--set losses=\[\{name: clce, start: soon\}\]: "
+                                          r"key 'losses\.0\.start' \(clce\): must be a number, got 'soon'$"):
+        load_config(path, ["losses=[{name: clce, start: soon}]"])
+
+
 def test_a_ramp_that_ends_after_the_run_is_said_at_the_start_of_training(caplog):
     """start: 0.9, ramp: 0.5 of 10 iterations reached 20 % of its weight, without a word."""
     import logging

@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,7 +303,9 @@ def test_install_is_scripts_setup_sh_as_in_the_readme(instructions):
 def test_medseg_build_knobs_are_read_by_setup_sh_and_cmake(instructions):
     setup_vars = set(re.findall(r"\$\{?(MEDSEG_[A-Z_]+)", SETUP.read_text()))
     assert {"MEDSEG_TORCH_SPEC", "MEDSEG_TORCH_INDEX", "MEDSEG_EXTRAS", "MEDSEG_VENV"} <= setup_vars
-    cmake_options = set(re.findall(r"option\((MEDSEG_[A-Z_]+)", (REPO / "CMakeLists.txt").read_text()))
+    cmake_text = (REPO / "CMakeLists.txt").read_text()
+    cmake_options = set(re.findall(r"option\((MEDSEG_[A-Z_]+)", cmake_text))
+    cmake_options |= set(re.findall(r"set\((MEDSEG_[A-Z_]+) [^)]*\bCACHE\b", cmake_text))
     set_here = set(declared_args(instructions)) | set(env_values(instructions))
     for run in _install_runs(instructions):
         set_here |= set(re.findall(r"\b(MEDSEG_[A-Z_]+)=", run.value))
@@ -310,6 +313,38 @@ def test_medseg_build_knobs_are_read_by_setup_sh_and_cmake(instructions):
             assert option in cmake_options, f"-D{option}: not an option of CMakeLists.txt ({sorted(cmake_options)})"
     unknown = {v for v in set_here if v.startswith("MEDSEG_")} - setup_vars
     assert not unknown, f"{sorted(unknown)}: set in the Dockerfile but never read by scripts/setup.sh"
+
+
+def test_cuda_architectures_build_argument_reaches_the_engine(instructions, tmp_path):
+    """Configure CMake with the -D arguments the image's install passes (its
+    CUDA_ARCHITECTURES default substituted) and read the architectures nvcc would compile
+    the engine's CUDA code for. The image once passed CMAKE_CUDA_ARCHITECTURES, which the
+    engine's target overrides: every image got sm 80/90 whatever the argument said."""
+    for tool in ("cmake", "ninja", "nvcc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: CMake cannot configure the CUDA backend here")
+    args = declared_args(instructions)
+    architectures = args["CUDA_ARCHITECTURES"]
+    wanted = sorted({a for a in architectures.split(";")})
+    [run] = _install_runs(instructions)
+    cmake_args = re.search(r'CMAKE_ARGS="([^"]*)"', run.value).group(1).replace("${CUDA_ARCHITECTURES}", architectures)
+    # the local nvcc may be newer than the image's and drop old GPUs (CUDA 13: no sm 70)
+    supported = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout
+    usable = [a for a in wanted if f"compute_{a}" in supported]
+    if not usable:
+        pytest.skip(f"this nvcc compiles none of {architectures}")
+    cmake_args = re.sub(r"(-D\w*CUDA_ARCHITECTURES=)\S+", lambda m: m.group(1) + ";".join(usable), cmake_args)
+    build = tmp_path / "build"
+    done = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
+         *cmake_args.split()],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    if "building the CUDA topology backend" not in done.stdout:
+        pytest.skip("CMake found no usable CUDA toolkit here: " + done.stdout.strip().splitlines()[-4])
+    compiled = sorted(set(re.findall(r"generate-code=arch=compute_(\d+)", (build / "build.ninja").read_text())))
+    assert compiled == sorted(usable), f"CUDA_ARCHITECTURES={architectures} compiled the engine for {compiled}"
 
 
 def test_entrypoint_is_medseg_from_the_setup_venv(instructions):

@@ -28,7 +28,6 @@ Results go to the terminal (an aligned table) and, with ``output``, to
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -47,9 +46,9 @@ from medseg.evaluation.summary import (
     DEFAULT_PICTURED_CASES,
     PRIMARY_METRICS,
     find_summary,
-    json_default,
     ordered_metrics,
     read_summary,
+    strict_json,
 )
 
 __all__ = ["Evaluation", "find_summary", "load_evaluation", "paired_tests", "compare_evaluations", "most_different_cases",
@@ -515,7 +514,7 @@ def run_compare(a: str | Path, b: str | Path, output: str | Path | None = None, 
         print(f"medseg: warning: {note}", file=sys.stderr)
     print(format_table(result))
     if output is not None:
-        write_atomic(output / "compare.json", json.dumps(result, indent=2, default=json_default) + "\n")
+        write_atomic(output / "compare.json", strict_json(result))
         pictures = _pictures(evaluation_a, evaluation_b, result, pictured_cases)
         write_atomic(output / "compare.html", render_compare_html(result, pictures))
         print(f"medseg: wrote {output / 'compare.json'} and {output / 'compare.html'}", file=sys.stderr)

@@ -12,6 +12,7 @@ imports nothing heavy, so the command line reads its defaults from here.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,6 +116,27 @@ def ordered_metrics(names: Sequence[str]) -> list[str]:
             out.extend(sorted(n for n in names if n.startswith(stem + "_") and n.endswith("_error")
                               and n[len(stem) + 1 : -len("_error")].isdigit()))
     return out + sorted(n for n in names if n not in out)
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as standard JSON (indented): NaN and ±inf, which Python writes as bare
+    ``NaN``/``Infinity`` and strict parsers (JavaScript's, jq's) refuse, become ``null``;
+    numpy numbers become Python numbers. For medseg's own files; ``summary.json`` keeps
+    nnU-Net's NaN."""
+    import numpy as np
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return finite(v.tolist())
+        if isinstance(v, (float, np.floating)):
+            return float(v) if math.isfinite(v) else None
+        return v
+
+    return json.dumps(finite(value), indent=2, default=json_default, allow_nan=False) + "\n"
 
 
 def json_default(value: Any) -> Any:

@@ -468,7 +468,8 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
     built, names, schedules, final_only, seen = [], [], [], [], {}
     for i, term in enumerate(terms):
         if not isinstance(term, LossTerm):
-            term = validate_model(LossTerm, term, f"losses[{i}]")
+            name = term.get("name") if isinstance(term, dict) else None
+            term = validate_model(LossTerm, term, f"losses[{i}]" + (f" ({name})" if isinstance(name, str) else ""))
         schedules.append((term.start, term.ramp))
         final_only.append(term.heads == "final")
         where = f"losses[{i}]"

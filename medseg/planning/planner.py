@@ -211,15 +211,20 @@ def _network(model: str, spacing: Sequence[float], patch: Sequence[int], deep_su
         return params, topo.patch_size, topo.divisor
     if model == "unetr":
         divisor = [16] * dims
-        return {"feature_size": 16}, round_up([max(p, 16) for p in patch], divisor), divisor
+        return {"feature_size": 16}, round_up([max(p, MIN_TRANSFORMER_PATCH[model]) for p in patch], divisor), divisor
     if model == "swinunetr":
         divisor = [32] * dims
-        return {"feature_size": 24}, round_up([max(p, 64) for p in patch], divisor), divisor
+        return {"feature_size": 24}, round_up([max(p, MIN_TRANSFORMER_PATCH[model]) for p in patch], divisor), divisor
     raise ArgumentError("model", f"{model!r} is not one of {', '.join(MODELS)}")
 
 
+#: the smallest patch axis planned for a transformer (SwinUNETR: 64, so that its deepest
+#: stage, at 1/32, keeps 2 voxels per axis; UNETR: one 16-voxel token)
+MIN_TRANSFORMER_PATCH = {"swinunetr": 64, "unetr": 16}
+
+
 def _min_patch(model: str) -> int:
-    return {"swinunetr": 64, "unetr": 16}.get(model, 8)
+    return MIN_TRANSFORMER_PATCH.get(model, 8)
 
 
 def _initial_patch(spacing: Sequence[float], median_shape: Sequence[float]) -> list[int]:

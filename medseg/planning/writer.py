@@ -13,6 +13,7 @@ import yaml
 
 from medseg.atomic import write_atomic
 from medseg.planning.fingerprint import SAMPLES_FILE
+from medseg.planning.planner import MIN_TRANSFORMER_PATCH
 
 __all__ = ["FINGERPRINT_FILE", "PLANS_FILE", "write_fingerprint", "read_fingerprint", "write_plans", "render_config", "write_text_atomic"]
 
@@ -119,7 +120,9 @@ def render_config(plan: Mapping[str, Any], config_path: str | Path | None = None
     lines += _comment(
         f"patch: from equal millimetres per axis, clipped to the median image at the target spacing "
         f"{_fmt(plan['median_shape_at_target'], 4)} voxels and shrunk until the memory estimate fits; "
-        f"divisible by {plan['divisible_by']} (the network's downsampling)", 2)
+        f"divisible by {plan['divisible_by']} (the network's downsampling)"
+        + (f" and at least {MIN_TRANSFORMER_PATCH[plan['model']]} per axis (the smallest {plan['model']} medseg plans)"
+           if plan["model"] in MIN_TRANSFORMER_PATCH else ""), 2)
     add(f"  patch_size: {_y(plan['patch_size'])}")
     lines += _comment(
         f"target spacing (mm): {plan['target_spacing_rule']} (the cases' median: {_fmt(plan['median_spacing'])})", 2)

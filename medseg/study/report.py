@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import sys
 from typing import Any, Sequence
@@ -208,13 +207,13 @@ def render_html(summary: dict[str, Any]) -> str:
 
 def write_outputs(study: Study) -> dict[str, Any]:
     """Summarise the study, write ``study.json``, ``study.csv`` and ``study.html``, print the table."""
-    from medseg.evaluation.summary import json_default
+    from medseg.evaluation.summary import strict_json
     from medseg.atomic import write_atomic
     from medseg.study.summary import summarize
 
     summary = summarize(study)
     out = study.output_dir
-    write_atomic(out / "study.json", json.dumps(summary, indent=2, default=json_default) + "\n")
+    write_atomic(out / "study.json", strict_json(summary))
     write_atomic(out / "study.csv", render_csv(summary))
     write_atomic(out / "study.html", render_html(summary))
     print(format_table(summary))

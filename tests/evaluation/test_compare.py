@@ -97,6 +97,19 @@ def test_run_compare_writes_json_html_and_prints_a_table(two_runs, tmp_path, cap
     assert html.count("<tr><td data-v=\"case_") == 8 and "data:image/png;base64," in html
 
 
+def test_medseg_own_json_files_are_standard_json():
+    """study.json and compare.json held bare NaN (a std over one seed, a metric of empty
+    masks), which strict parsers refuse: they are null now; summary.json keeps nnU-Net's NaN."""
+    from medseg.evaluation.summary import strict_json
+
+    value = {"a": float("nan"), "b": [1.5, float("inf"), np.float32("nan"), np.int64(3)], "c": (np.float64(-np.inf),),
+             "d": np.array([0.5, np.nan]), "e": {"f": None, "g": "NaN"}}
+    text = strict_json(value)
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "a": None, "b": [1.5, None, None, 3], "c": [None], "d": [0.5, None], "e": {"f": None, "g": "NaN"}}
+    assert text.endswith("}\n") and "\n  " in text  # one value per line, as before
+
+
 def test_compare_the_same_evaluation(two_runs):
     run_a, _ = two_runs
     result = run_compare(run_a, run_a / "evaluation")

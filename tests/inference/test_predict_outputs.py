@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from medseg.atomic import host_tag
 from medseg.cli import main
-from medseg.data.io import write_image
+from medseg.data.io import read_image, write_image
 from medseg.inference.predict import PROVENANCE
 from medseg.runfolder.lock import LOCK_FILE
 
@@ -230,3 +232,20 @@ def test_the_checkpoint_is_recorded_by_its_absolute_path(tiny_run, scans, tmp_pa
     assert predict(tiny_run.name, scans, tmp_path / "pred") == 0
     record = json.loads((tmp_path / "pred" / PROVENANCE).read_text())
     assert record["checkpoint"] == str(tiny_run / "checkpoints" / "best.pt")
+
+
+def test_files_after_one_input_flag_are_predicted_as_with_the_flag_repeated(tiny_run, tmp_path):
+    """``--input scans/*.nii.gz``: the shell gives the files after one flag (typer took the
+    first and refused the rest as "unexpected extra arguments")."""
+    plain = tmp_path / "plain"
+    for name in ("a", "b", "c"):
+        write_image(plain / f"{name}.nii.gz", blob_image(), oblique_geometry())
+    files = [str(plain / f"{name}.nii.gz") for name in ("a", "b")]
+    common = ["predict", "--model", str(tiny_run), "--device", "cpu"]
+    assert main([*common, "--output", str(tmp_path / "globbed"), "--input", *files]) == 0
+    assert predict(tiny_run, [Path(f) for f in files], tmp_path / "repeated") == 0
+    for out in ("globbed", "repeated"):
+        assert sorted(p.name for p in (tmp_path / out).glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz"]
+    for name in ("a.nii.gz", "b.nii.gz"):
+        globbed, repeated = (read_image(tmp_path / out / name)[0] for out in ("globbed", "repeated"))
+        assert np.array_equal(globbed, repeated) and globbed.any()

@@ -132,6 +132,12 @@ def test_plan_other_models(model, iso_dataset, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(render_config(plan))
     _check_runnable(path, plan)
+    # the config's comment gives the transformers' smallest patch (it said "clipped to the
+    # median image" of 32 voxels, and the patch read 64)
+    smallest = {"unet": None, "unetr": 16, "swinunetr": 64}[model]
+    assert (f"at least {smallest} per axis" in path.read_text()) == (smallest is not None)
+    if smallest:
+        assert min(plan["patch_size"]) >= smallest
 
 
 def _fake_fingerprint(shape, spacing, cases=20, channels=("CT",)):

@@ -128,7 +128,10 @@ def test_summary_tables_and_marks(write_study, capsys):
 
     write_outputs(load_study(path))
     out = study.output_dir
-    assert json.loads((out / "study.json").read_text())["baseline"] == "cedice"
+    def refuse(constant):  # a bare NaN/Infinity: standard JSON parsers (JavaScript's, jq's) refuse it
+        raise ValueError(f"study.json holds {constant}")
+
+    assert json.loads((out / "study.json").read_text(), parse_constant=refuse)["baseline"] == "cedice"
     html = (out / "study.html").read_text()
     assert html.count("\u2605") == 2  # the legend and the one significant cell
     assert "data:image/png;base64," in html and "Training resources" in html
