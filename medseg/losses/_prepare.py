@@ -120,14 +120,32 @@ def _memoised(key: tuple, source: torch.Tensor, compute) -> torch.Tensor:
 
 
 def activate(input: torch.Tensor, activation: str) -> torch.Tensor:
-    """``input`` after the activation ('sigmoid', 'softmax' over dim 1, or 'none');
-    shared between the terms of a composite loss (:func:`shared_preparation`).
-"""
+    """``input`` after the activation ('sigmoid', 'softmax' over dim 1, or 'none'), in
+    float32 when ``input`` is float16 or bfloat16 (:func:`summable`: the standalone
+    topology losses computed in half precision, 5-20 % off in their gradients, and a
+    summed Betti matching term overflowed float16); shared between the terms of a
+    composite loss (:func:`shared_preparation`)."""
     if activation == "sigmoid":
-        return _memoised(("sigmoid",), input, lambda: torch.sigmoid(input))
+        return _memoised(("sigmoid",), input, lambda: torch.sigmoid(summable(input)))
     if activation == "softmax":
-        return _memoised(("softmax",), input, lambda: torch.softmax(input, dim=1))
-    return input
+        return _memoised(("softmax",), input, lambda: torch.softmax(summable(input), dim=1))
+    return summable(input)
+
+
+def label_map(target: torch.Tensor, n_channels: int, name: str) -> torch.Tensor:
+    """``target`` as a label map (B, 1, *spatial), for the losses whose targets are built
+    from labels (skeletons, SAUNA's maps): a label map as it is, a one-hot (or soft
+    one-hot) target of ``n_channels`` channels by its argmax. Overlapping channels (a
+    multi-label target) have no label map and are refused, naming the loss."""
+    if target.shape[1] == 1:
+        return target
+    target = target.detach().float()
+    if bool((target > 0.5).sum(dim=1).gt(1).any()):
+        raise ValueError(
+            f"{name}: the target's channels overlap (a multi-label target); give a label map (B, 1, ...) "
+            "or a one-hot target"
+        )
+    return target.argmax(dim=1, keepdim=True)
 
 
 def encodes_labels(target: torch.Tensor, n_channels: int, to_onehot_y: bool | None) -> bool:

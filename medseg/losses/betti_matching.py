@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections import OrderedDict
 from typing import Sequence
 
@@ -44,10 +45,16 @@ class _FusedPairTerms(torch.autograd.Function):
     backward's instances are spread over them) -> (per-instance sums
     (B * (C - first),) float64, pair counts (numpy int64)). The gradient is written into
     the used channels of a gradient of ``activated``'s shape: no slice to backpropagate.
+
+    The native gradient has no derivative of its own. Under ``create_graph=True`` (a
+    gradient penalty, Hessian-vector products) backward takes the gradient through
+    ``torch_terms(activated)`` instead, the same sums as a torch graph
+    (:meth:`BettiMatchingLoss._torch_terms`), which backpropagates again: the fused pass
+    gave a wrong second derivative in silence.
     """
 
     @staticmethod
-    def forward(ctx, activated, first, values, values_t, matchings, options, threads):  # noqa: D102
+    def forward(ctx, activated, first, values, values_t, matchings, options, threads, torch_terms):  # noqa: D102
         engine = _inputs.engine()
         instances = len(values)
         per_instance = np.zeros(instances, dtype=np.float64)
@@ -62,10 +69,18 @@ class _FusedPairTerms(torch.autograd.Function):
             saved.append((coef, index_p, sizes_p))
         ctx.saved, ctx.first, ctx.threads = saved, first, threads
         ctx.shape, ctx.dtype = activated.shape, activated.dtype
+        ctx.torch_terms = torch_terms
+        ctx.save_for_backward(activated)
         return torch.from_numpy(per_instance), counted
 
     @staticmethod
     def backward(ctx, grad_per_instance, _counted):  # noqa: D102
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable again
+            (activated,) = ctx.saved_tensors
+            per_instance = ctx.torch_terms(activated)
+            (grad,) = torch.autograd.grad(per_instance, activated, grad_per_instance.to(per_instance.dtype),
+                                          create_graph=True)
+            return grad, None, None, None, None, None, None, None
         engine = _inputs.engine()
         upstream = np.ascontiguousarray(grad_per_instance.detach().to(torch.float64).numpy())
         grad = torch.zeros(ctx.shape, dtype=ctx.dtype)
@@ -75,7 +90,7 @@ class _FusedPairTerms(torch.autograd.Function):
             # csrc/host_passes.hpp): its workers, still spinning after the ops before,
             # take the work instead of competing for the cores (0.5 ms less a batch)
             engine.betti_loss_grad(coef, index_p, sizes_p, upstream, channels, ctx.threads)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 class BettiMatchingLoss(torch.nn.Module):
@@ -271,6 +286,9 @@ class BettiMatchingLoss(torch.nn.Module):
         self.target_cache_bytes = int(target_cache_bytes)
         self._cache: OrderedDict[tuple, list] = OrderedDict()  # key -> [prepared target, its hits]
         self._cache_nbytes = 0
+        # one loss called from several threads (a loop of the user's own): the cache's
+        # bookkeeping is one thread's at a time, the engine runs outside it
+        self._cache_lock = threading.Lock()
         self.cache_enabled = self.target_cache_bytes > 0
         self.cache_hits = 0
         self.cache_misses = 0
@@ -282,7 +300,12 @@ class BettiMatchingLoss(torch.nn.Module):
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
         state["_cache_nbytes"] = 0
+        del state["_cache_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------ target cache
 
@@ -312,32 +335,35 @@ class BettiMatchingLoss(torch.nn.Module):
             )
             for t in targets
         ]
-        missing, seen = [], set()
-        for i, k in enumerate(keys):  # each new target once, even if it recurs in the batch
-            if k not in self._cache and k not in seen:
-                missing.append(i)
-                seen.add(k)
-        self.cache_hits += len(keys) - len(missing)
-        self.cache_misses += len(missing)
-        if missing:
-            fresh = _prepare_targets([targets[i] for i in missing], superlevel, self.construction, self.threads)
+        with self._cache_lock:  # the prepared targets found are held here: an eviction meanwhile loses none
+            found = {k: self._cache[k][0] for k in set(keys) if k in self._cache}
+            missing, seen = [], set()
+            for i, k in enumerate(keys):  # each new target once, even if it recurs in the batch
+                if k not in found and k not in seen:
+                    missing.append(i)
+                    seen.add(k)
+            self.cache_hits += len(keys) - len(missing)
+            self.cache_misses += len(missing)
+        fresh = _prepare_targets([targets[i] for i in missing], superlevel, self.construction, self.threads) if missing else []
+        with self._cache_lock:
             for i, p in zip(missing, fresh):
-                self._cache[keys[i]] = [p, -1]  # counted as a hit below, with the batch's others
-                self._cache_nbytes += p.nbytes
-        out = []
-        for k in keys:
-            self._cache.move_to_end(k)
-            entry = self._cache[k]
-            entry[1] += 1
-            out.append(entry[0])
-        while self._cache_nbytes > self.target_cache_bytes and len(self._cache) > len(set(keys)):
-            _, (p, hits) = self._cache.popitem(last=False)
-            self._cache_nbytes -= p.nbytes
-            if hits == 0 and self.cache_hits < self.cache_misses:  # see target_cache_bytes
-                self.cache_enabled = False
-                self._cache.clear()
-                self._cache_nbytes = 0
-        return out
+                found[keys[i]] = p
+                if self.cache_enabled and keys[i] not in self._cache:  # another thread may have switched it off
+                    self._cache[keys[i]] = [p, -1]  # counted as a hit below, with the batch's others
+                    self._cache_nbytes += p.nbytes
+            for k in keys:
+                entry = self._cache.get(k)
+                if entry is not None:
+                    self._cache.move_to_end(k)
+                    entry[1] += 1
+            while self._cache_nbytes > self.target_cache_bytes and len(self._cache) > len(set(keys)):
+                _, (p, hits) = self._cache.popitem(last=False)
+                self._cache_nbytes -= p.nbytes
+                if hits == 0 and self.cache_hits < self.cache_misses:  # see target_cache_bytes
+                    self.cache_enabled = False
+                    self._cache.clear()
+                    self._cache_nbytes = 0
+        return [found[k] for k in keys]
 
     # ----------------------------------------------------------------------- forward
 
@@ -494,7 +520,12 @@ class BettiMatchingLoss(torch.nn.Module):
         values = preds_list if flat_probs.dtype == torch.float32 else as_numpy(flat_probs)
         values_t = [] if flat_tgt is None else as_numpy(flat_tgt)
         threads = _inputs.default_threads(self.threads)
-        return _FusedPairTerms.apply(activated, first, values, values_t, matchings, self._term_options(), threads)
+
+        def torch_terms(act: torch.Tensor) -> torch.Tensor:  # for a second derivative (see _FusedPairTerms)
+            return self._torch_terms(act[:, first:].reshape(flat_probs.shape), flat_tgt, matchings)[0]
+
+        return _FusedPairTerms.apply(activated, first, values, values_t, matchings, self._term_options(), threads,
+                                     torch_terms)
 
     def _torch_terms(
         self, flat_probs: torch.Tensor, flat_tgt: torch.Tensor | None, matchings: list

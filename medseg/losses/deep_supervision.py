@@ -18,6 +18,7 @@ the coarse heads' contributions and leaves the final one as it was.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -41,17 +42,46 @@ def deep_supervision_loss(
     target: torch.Tensor,
     batch: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of ``loss_fn`` (a :class:`~medseg.losses.CompositeLoss`) over the heads.
+    """Weighted sum of ``loss_fn`` over the heads.
 
-    ``outputs`` (B, 1 + H, C, *spatial); returns the total and each term's weighted mean
-    over the heads it ran on (what the run logs as that term). A loss with ``forward_heads``
-    (:meth:`~medseg.losses.CompositeLoss.forward_heads`) computes the same sums itself,
-    so that a term can take all heads in one call.
+    ``outputs`` (B, 1 + H, C, *spatial), or a list of the 1 + H heads of one size;
+    returns the total and each term's weighted mean over the heads it ran on (what the
+    run logs as that term). A :class:`~medseg.losses.CompositeLoss` computes the same
+    sums itself (:meth:`~medseg.losses.CompositeLoss.forward_heads`), so that a term can
+    take all heads in one call; any other loss (``loss_fn(input, target)`` -> a scalar)
+    is called head by head, its part named ``loss``.
     """
-    if hasattr(loss_fn, "forward_heads"):
-        return loss_fn.forward_heads(outputs, target, batch=batch)
-    heads = (loss_fn(outputs[:, i], target, batch=batch, head=i) for i in range(outputs.shape[1]))
-    return combine_heads(heads, outputs.shape[1], outputs.device)
+    if isinstance(outputs, (list, tuple)):  # heads as a list (networks other than DynUNet)
+        shapes = {tuple(o.shape) for o in outputs}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"deep_supervision_loss: the heads must share the final output's size (MONAI's DynUNet upsamples "
+                f"them), got shapes {[tuple(o.shape) for o in outputs]}"
+            )
+        outputs = torch.stack(list(outputs), dim=1)
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != target.dim() + 1:
+        got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"deep_supervision_loss: outputs must be (B, 1 + H, C, *spatial), the heads stacked on axis 1, for a "
+            f"target of shape {tuple(target.shape)}; got {got}"
+        )
+    forward_heads = getattr(loss_fn, "forward_heads", None)
+    if forward_heads is not None and _takes(forward_heads, "batch"):
+        return forward_heads(outputs, target, batch=batch)
+    count = outputs.shape[1]
+    if _takes(loss_fn.forward if isinstance(loss_fn, torch.nn.Module) else loss_fn, "head"):  # a composite's form
+        heads = (loss_fn(outputs[:, i], target, batch=batch, head=i) for i in range(count))
+    else:  # a loss of one term (get_loss, a MONAI loss): its value on each head, logged as "loss"
+        heads = ((value, {"loss": value}) for value in (loss_fn(outputs[:, i], target) for i in range(count)))
+    return combine_heads(heads, count, outputs.device)
+
+
+def _takes(function: Any, name: str) -> bool:
+    """Whether ``function`` has a parameter called ``name``."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
 
 
 def combine_heads(

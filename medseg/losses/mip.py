@@ -182,6 +182,18 @@ class MIPLoss(nn.Module):
             return 1.0 - probs[:, :1]
         return probs[:, 1:].amax(dim=1, keepdim=True)  # multi-label: any foreground channel
 
+    def foreground_target(self, target: torch.Tensor, n: int) -> torch.Tensor:
+        """The target's foreground (B, 1, *spatial), read as :meth:`foreground` reads the
+        output of ``n`` channels: a 1-channel target as it is (soft values kept; ``> 0``
+        made a smoothed target foreground everywhere), a label map's labels above 0, a
+        softmax head's one-hot target as 1 - channel 0, a multi-label (sigmoid) target's
+        any foreground channel (1 - channel 0 counted voxels of no label as foreground)."""
+        if target.shape[1] == 1:
+            return target.float() if n == 1 else (target > 0).float()
+        if resolve_activation(n, self.sigmoid, self.softmax) == "softmax":
+            return 1.0 - target[:, :1].float()
+        return target[:, 1:].float().amax(dim=1, keepdim=True)
+
     def check_spatial_dims(self, spatial_dims: int) -> None:
         """Raise ValueError if ``axes`` names an axis that ``spatial_dims``-D inputs lack."""
         spatial_axes(self.axes, spatial_dims)
@@ -192,10 +204,7 @@ class MIPLoss(nn.Module):
         n_spatial = input.dim() - 2
         axes = spatial_axes(self.axes, n_spatial)
         fg = self.foreground(input)
-        if target.shape[1] == 1:
-            fg_target = (target > 0).to(fg.dtype)
-        else:  # one-hot
-            fg_target = 1.0 - target[:, :1].to(fg.dtype)
+        fg_target = self.foreground_target(target, input.shape[1]).to(fg.dtype)
         if self.target_projection == "volume":
             if label_mip is None:
                 raise ConfigError(

@@ -28,7 +28,7 @@ from torch import nn
 
 from medseg.config import LossTerm, resolve_schedule, validate_model
 from medseg.errors import ConfigError
-from medseg.losses._prepare import shared_preparation
+from medseg.losses._prepare import shared_preparation, summable
 from medseg.losses.deep_supervision import combine_heads
 
 
@@ -297,9 +297,9 @@ class CompositeLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``head``: which deep-supervision output ``input`` is (0: the final one)."""
         # Sums over a 96^3 patch overflow float16; the terms are computed in float32 even
-        # when the network runs under autocast.
-        _check_logits(input)
-        input = input.float()
+        # when the network runs under autocast (float64 stays float64).
+        _check_logits(input, self.out_channels)
+        input = summable(input)
         values = {}
         with shared_preparation():  # the terms share one activation of input, one encoding of target
             for name, _, term, final_only in self._active_terms():
@@ -320,8 +320,8 @@ class CompositeLoss(nn.Module):
         term's weighted mean over the heads it ran on (the head weights normalised to
         those heads: a ``final`` term's part is its value on the final output).
         """
-        _check_logits(outputs)
-        outputs = outputs.float()
+        _check_logits(outputs, self.out_channels, channel_axis=2)
+        outputs = summable(outputs)
         count = outputs.shape[1]
         head_outputs = outputs.unbind(1)  # one tensor per head, shared by the terms (shared_preparation)
         per_head: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
@@ -439,11 +439,21 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
 
 
-def _check_logits(input: torch.Tensor) -> None:
-    """The composite casts its input to float32: integer "logits" were taken in silence,
-    where every term refuses them (check_input)."""
+def _check_logits(input: Any, out_channels: int, channel_axis: int = 1) -> None:
+    """The composite's input before its terms see it: a tensor (numpy arrays failed with
+    ``AttributeError: ... 'dim'``), floating-point (integer "logits" were taken in
+    silence, where every term refuses them, check_input), with the channels the loss was
+    built for (a composite for 1 channel trained a 3-channel output as a multi-label
+    sigmoid head, silently)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"CompositeLoss: input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise ValueError(f"CompositeLoss: input must be floating-point logits or probabilities, got dtype {input.dtype}")
+    if input.dim() > channel_axis and input.shape[channel_axis] != out_channels:
+        raise ValueError(
+            f"CompositeLoss: input {tuple(input.shape)} has {input.shape[channel_axis]} channels (axis "
+            f"{channel_axis}), but the loss was built for out_channels={out_channels}"
+        )
 
 
 def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | None = None) -> CompositeLoss:

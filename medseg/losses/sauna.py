@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medseg.data.topology_targets import sauna_targets
-from medseg.losses._prepare import EPS, check_input, check_reduction, reduce, summable
+from medseg.losses._prepare import EPS, check_input, check_reduction, label_map, reduce, summable
 from medseg.tensors import label_array
 
 
@@ -138,9 +138,7 @@ class SaunaLoss(nn.Module):
         input = summable(input)
         n = input.shape[1]
         if sauna_target is None:
-            if target.shape[1] != 1:
-                raise ValueError(f"SaunaLoss: target must be a label map (B, 1, ...), got {tuple(target.shape)}")
-            sauna_target = self.targets_from_labels(target, n)
+            sauna_target = self.targets_from_labels(label_map(target, n, "SaunaLoss"), n)
         if sauna_target.shape != input.shape:
             raise ValueError(
                 f"SaunaLoss: SAUNA target {tuple(sauna_target.shape)} must match input {tuple(input.shape)} "

@@ -13,6 +13,7 @@ from medseg.losses._prepare import (
     check_activation_flags,
     check_input,
     check_reduction,
+    label_map,
     reduce,
     resolve_activation,
 )
@@ -102,8 +103,7 @@ class SkeletonRecallLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> torch.Tensor:
         """``input`` (B, C, ...) logits; ``target`` (B, 1, ...) labels; ``skeleton`` (B, 1, ...) tubes or None."""
         check_input(input, target, "SkeletonRecallLoss")
-        if target.shape[1] != 1:
-            raise ValueError(f"SkeletonRecallLoss: target must be a label map (B, 1, ...), got {tuple(target.shape)}")
+        target = label_map(target, input.shape[1], "SkeletonRecallLoss")
         n = input.shape[1]
         if skeleton is None:
             skeleton = tubed_skeleton_batch(target, self.tube_radius, self.footprint)

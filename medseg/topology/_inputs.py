@@ -36,13 +36,23 @@ class TopologyBackendError(MedsegError, RuntimeError):
     """The requested engine backend is not available here (e.g. "cuda" without a GPU)."""
 
 
-def to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any, name: str = "image") -> np.ndarray:
+    """``x`` (a numpy array, a torch tensor on any device, nested lists) as a numpy array;
+    a tensor without values (on the meta device), a sparse one and ragged lists are one
+    TopologyInputError naming ``name`` (torch's and numpy's own errors named neither)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        if getattr(x, "is_meta", False):
+            raise TopologyInputError(f"{name}: a tensor on the meta device holds no values")
+        if getattr(x, "layout", None) is not None and str(x.layout) != "torch.strided":
+            raise TopologyInputError(f"{name}: a {x.layout} tensor; give a dense one (.to_dense())")
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly
             x = x.float()
         x = x.numpy()
-    return np.asarray(x)
+    try:
+        return np.asarray(x)
+    except ValueError as err:  # ragged nested lists
+        raise TopologyInputError(f"{name}: not a rectangular array ({err})") from None
 
 
 _EXACT_IN_FLOAT64 = 2**53
@@ -51,7 +61,7 @@ _EXACT_IN_FLOAT64 = 2**53
 
 def as_image(x: Any, name: str) -> np.ndarray:
     """``x`` as a finite, non-empty, C-contiguous 2D/3D float32 or float64 array."""
-    arr = to_numpy(x)
+    arr = to_numpy(x, name)
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.bool_ or (np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize <= 2):
@@ -65,6 +75,9 @@ def as_image(x: Any, name: str) -> np.ndarray:
         arr = arr.astype(np.float64)
     elif arr.dtype == np.float16:
         arr = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.floating) and arr.dtype not in (np.float32, np.float64):
+        raise TopologyInputError(f"{name}: dtype {arr.dtype} is not supported (float16, float32 and float64 are); "
+                                 "convert it with .astype(np.float64)")
     elif arr.dtype not in (np.float32, np.float64):
         raise TopologyInputError(f"{name}: expected a real-valued array, got dtype {arr.dtype}")
     if arr.ndim not in (2, 3):

@@ -81,13 +81,20 @@ def _structure(connectivity: int, ndim: int) -> np.ndarray:
 
 def _as_mask(mask) -> np.ndarray:
     """The foreground (values > 0, as :func:`medseg.topology.betti_matching_error` reads
-    a mask) of a numpy array or torch tensor; NaN is refused rather than guessed."""
-    mask = to_numpy(mask)
+    a mask) of a numpy array or torch tensor of real numbers; NaN and infinite values are
+    refused rather than guessed, as betti_matching_error refuses them (complex, text and
+    object arrays compared with 0 or failed in numpy's own words)."""
+    mask = to_numpy(mask, "mask")
     _check_ndim(mask.ndim)
     if mask.dtype == np.bool_:
         return mask
-    if np.issubdtype(mask.dtype, np.floating) and np.isnan(mask).any():
-        raise TopologyInputError(f"mask: contains {int(np.isnan(mask).sum())} NaN values")
+    if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+        raise TopologyInputError(f"mask: expected a real-valued array (bool, integer or float), got dtype {mask.dtype}")
+    if np.issubdtype(mask.dtype, np.floating):
+        finite = np.isfinite(mask)
+        if not finite.all():
+            n_nan = int(np.isnan(mask).sum())
+            raise TopologyInputError(f"mask: contains {n_nan} NaN and {int(mask.size - finite.sum()) - n_nan} infinite values")
     return mask > 0
 
 

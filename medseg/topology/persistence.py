@@ -212,7 +212,7 @@ def barcode_batch(
 def _flatten(batch: Any) -> tuple[tuple[int, int] | None, list]:
     if isinstance(batch, (list, tuple)):
         return None, list(batch)
-    arr = _inputs.to_numpy(batch)
+    arr = _inputs.to_numpy(batch, "images")
     if arr.dtype == object:  # an iterator or generator, a set: not an array of numbers
         raise _inputs.TopologyInputError(
             f"a batch must be a list of images or a (B, C, *spatial) array, got {type(batch).__name__}"

@@ -19,7 +19,7 @@ __all__ = ["skeletonize", "skeletonize_labels"]
 
 
 def _mask_array(mask, name: str = "mask") -> np.ndarray:
-    arr = _inputs.to_numpy(mask)
+    arr = _inputs.to_numpy(mask, name)
     if arr.ndim not in (2, 3):
         raise TopologyInputError(f"{name}: expected a 2D or 3D mask, got {arr.ndim}D with shape {arr.shape}")
     if arr.dtype == np.bool_:
@@ -163,7 +163,7 @@ def skeletonize_labels(label, connectivity: int | None = None, threads: int | No
     >>> skeletonize_labels(lab)[:, 5].tolist()
     [0, 0, 1, 0, 0, 2, 0, 0, 0]
     """
-    lab = _inputs.to_numpy(label)
+    lab = _inputs.to_numpy(label, "label")
     if lab.ndim not in (2, 3):
         raise TopologyInputError(f"label: expected a 2D or 3D label map, got {lab.ndim}D with shape {lab.shape}")
     if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == np.bool_):

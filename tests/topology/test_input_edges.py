@@ -117,3 +117,38 @@ def test_a_batch_given_as_an_iterator_is_named():
     x = np.random.default_rng(0).random((4, 4))
     with pytest.raises(TopologyInputError, match="got list_iterator"):
         topo.barcode_batch(iter([x, x]))
+
+
+def test_inputs_without_values_or_shape_are_one_line_naming_the_argument():
+    """A meta tensor, a sparse one and ragged lists reached torch's and numpy's own errors
+    (NotImplementedError, TypeError, ValueError), naming no argument; float128 was called
+    not real-valued."""
+    dense = torch.zeros(4, 4)
+    dense[1:3, 1:3] = 1
+    cases = [
+        (torch.zeros(4, 4, device="meta"), "meta device"),
+        (dense.to_sparse(), "sparse_coo tensor; give a dense one"),
+        ([[0.0, 1.0], [1.0]], "not a rectangular array"),
+    ]
+    for value, problem in cases:
+        for call, name in [(lambda v: topo.barcode(v), "image"), (lambda v: topo.betti_numbers(v), "mask"),
+                           (lambda v: topo.skeletonize(v), "mask"),
+                           (lambda v: topo.betti_matching_error(v, dense), "pred_mask")]:
+            with pytest.raises(TopologyInputError, match=rf"^{name}: .*{problem}"):
+                call(value)
+    if hasattr(np, "float128"):
+        with pytest.raises(TopologyInputError, match=r"dtype float128 is not supported .*astype\(np.float64\)"):
+            topo.barcode(np.zeros((3, 3), np.float128))
+
+
+@pytest.mark.parametrize("value, problem", [
+    (np.array([[0, 1j], [1, 0]]), "expected a real-valued array .* complex128"),
+    (np.array([["a", "b"], ["c", "d"]]), "expected a real-valued array .* <U1"),
+    (np.array([[0, 1], [1, 0]], dtype=object), "expected a real-valued array .* object"),
+    (np.array([[0, np.inf], [1, 0]]), "contains 0 NaN and 1 infinite values"),
+])
+def test_betti_numbers_refuses_what_the_matching_error_refuses(value, problem):
+    """Complex masks were compared with 0 (or failed in numpy's words), and infinite values
+    counted as foreground, where betti_matching_error refuses both."""
+    with pytest.raises(TopologyInputError, match=rf"^mask: {problem}"):
+        topo.betti_numbers(value)
