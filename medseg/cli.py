@@ -27,6 +27,7 @@ from medseg.evaluation.summary import (
     DEFAULT_TOLERANCE_MM,
     DEFAULT_WORST_CASES,
 )
+from medseg.signals import ignore_from_now_on
 
 app = typer.Typer(
     name="medseg",
@@ -443,7 +444,7 @@ def _stop_on_sigterm(signum, frame) -> None:
     the process on the spot without a word."""
     global _TERMINATED
     _TERMINATED = True
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up is not interrupted again
+    ignore_from_now_on(signal.SIGTERM)  # once: the clean-up is not interrupted again
     raise KeyboardInterrupt
 
 

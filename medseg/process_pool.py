@@ -25,24 +25,43 @@ from typing import Any, Callable, Iterator, Sequence
 
 from medseg.errors import MedsegError
 
-__all__ = ["WorkerDied", "map_in_processes"]
+__all__ = ["WorkerDied", "forkserver_context", "map_in_processes"]
 
 
 class WorkerDied(MedsegError):
     """The worker process died while running this job alone (out of memory, or killed)."""
 
 
+def forkserver_context(preload: Sequence[str]):
+    """A multiprocessing context whose workers fork from a clean server process that has
+    imported ``preload``: forking the command itself could copy a process that already
+    runs torch/OpenMP threads (evaluate after predict), which may deadlock, and spawning
+    each worker would import torch and MONAI again per worker. The server imports
+    :mod:`medseg._forkserver_preload` first, so that a Ctrl-C during its imports prints
+    no traceback."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["medseg._forkserver_preload", *preload])
+    return context
+
+
 def _pool(workers: int, context, initializer, initargs) -> ProcessPoolExecutor:
+    import signal
+
+    interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                               initargs=(os.getpid(), initializer, initargs))
+                               initargs=(os.getpid(), interruptible, initializer, initargs))
 
 
-def _start_worker(command: int, initializer: Callable | None, initargs: tuple) -> None:
+def _start_worker(command: int, interruptible: bool, initializer: Callable | None, initargs: tuple) -> None:
     import signal
 
     # a forked worker inherits the command's handler (medseg.cli: SIGTERM stops it as
     # Ctrl-C, saying so): here SIGTERM is the pool's way to end a worker, quietly
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if interruptible:  # a forkserver's worker inherits the server's ignored SIGINT (_forkserver_preload)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _die_with(command)
     if initializer is not None:
         initializer(*initargs)

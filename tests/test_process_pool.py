@@ -213,3 +213,42 @@ def test_the_workers_die_with_the_command(tmp_path, method):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "a worker outlived the killed command"
+
+
+def _sigint_handler() -> str:
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    return "default" if handler is signal.default_int_handler else str(handler)
+
+
+def test_the_forkserver_ignores_ctrl_c_while_it_imports_and_its_workers_do_not():
+    """A Ctrl-C in the first seconds of `evaluate --workers 2` reached the forkserver
+    server while it imported torch, MONAI and scipy: a KeyboardInterrupt traceback of 60
+    lines beside the command's one-line "interrupted". The server now ignores SIGINT from
+    its first preloaded module on; its workers handle it as the command does."""
+    import subprocess
+    import sys
+
+    from medseg.process_pool import forkserver_context
+
+    server_like = ("import sys, signal, multiprocessing.forkserver; import medseg._forkserver_preload; "
+                   "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    assert subprocess.run([sys.executable, "-c", server_like], capture_output=True, text=True).stdout.strip() == "True"
+    elsewhere = ("import signal, medseg._forkserver_preload; "
+                 "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    script = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = ['x']; {elsewhere}"], capture_output=True,
+                            text=True)
+    assert script.stdout.strip() == "True"  # only a forkserver server ignores it
+    # a worker forked after its command stopped: the pool's semaphores are gone (its
+    # FileNotFoundError traceback is dropped); any other error still shows
+    for error, shown in (("FileNotFoundError(2, 'No such file or directory')", False), ("ValueError('other')", True)):
+        source = f"def __setstate__():\n    raise {error}\n__setstate__()"
+        raising = f"exec(compile({source!r}, '/usr/lib/python3/multiprocessing/synchronize.py', 'exec'))"
+        worker_like = server_like.split("; print")[0] + "; " + raising
+        err = subprocess.run([sys.executable, "-c", worker_like], capture_output=True, text=True).stderr
+        assert ("Traceback" in err) == shown, (error, err)
+    context = forkserver_context(["numpy"])
+    assert context.get_start_method() == "forkserver"
+    results = [value for _, value, error in map_in_processes(_sigint_handler, [(), ()], 2, context)]
+    assert results == ["default", "default"]

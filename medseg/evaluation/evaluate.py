@@ -186,17 +186,11 @@ def _evaluate_job(case: str, pred_file: Path, ref_file: Path, labels, connectivi
 # --------------------------------------------------------------------------- running
 
 def _worker_context():
-    """Workers fork from a clean server process that imported the metrics once.
+    """Workers fork from a clean server process that imported the metrics once
+    (:func:`medseg.process_pool.forkserver_context`)."""
+    from medseg.process_pool import forkserver_context
 
-    Forking the caller directly could copy a process that already runs torch/OpenMP
-    threads (evaluate called after predict), which may deadlock; spawning each worker
-    would import torch and MONAI again per worker.
-    """
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["medseg.evaluation.evaluate", "medseg.evaluation.metrics", "monai.metrics"])
-    return context
+    return forkserver_context(["medseg.evaluation.evaluate", "medseg.evaluation.metrics", "monai.metrics"])
 
 
 def _map_cases(fn, jobs: list[tuple], workers: int, desc: str):

@@ -274,13 +274,10 @@ def _case_job(case: Case, info: DatasetInfo, index: int, seed: int, budget: int)
 # --------------------------------------------------------------------------- dataset
 
 def _worker_context():
-    """Workers fork from a clean server process (see ``medseg.evaluation.evaluate``):
-    forking a caller that already runs torch/OpenMP threads may deadlock."""
-    import multiprocessing
+    """Workers fork from a clean server process (:func:`medseg.process_pool.forkserver_context`)."""
+    from medseg.process_pool import forkserver_context
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["medseg.planning.fingerprint", "scipy.ndimage"])
-    return context
+    return forkserver_context(["medseg.planning.fingerprint", "scipy.ndimage"])
 
 
 def _map_cases(jobs: list[tuple], workers: int, progress: bool) -> Iterable[tuple]:

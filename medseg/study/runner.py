@@ -187,27 +187,16 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
     for slot in range(parallel):
         slots.put(slot)
 
-    def one(run: StudyRun) -> tuple[StudyRun, str | None, float]:
-        slot = slots.get()
-        try:
-            gpu = None
-            if gpus:
-                gpu = gpus[(local_rank if local_rank is not None else slot) % len(gpus)]
-            _say(f"{run.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
-            began = time.perf_counter()
-            return run, _run_one(run, study, gpu, threads, workers), time.perf_counter() - began
-        finally:
-            slots.put(slot)
-
     failed: dict[str, str] = {}
     left = {run.name: run for run in runs}
     rates: list[float] = []  # seconds per training step of the runs finished so far
     others: list[float] = []  # their seconds besides training (start-up, prediction, evaluation)
-    workers = _Workers()
-    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-study")
-    try:
-        for future in as_completed([pool.submit(one, run) for run in runs]):
-            run, error, seconds = future.result()
+    reporting = threading.Lock()
+
+    def report(run: StudyRun, error: str | None, seconds: float) -> None:
+        """Says how ``run`` ended, before its slot goes to the next run (the next run's
+        "started" line came before this one's "finished", as if the two ran at once)."""
+        with reporting:
             del left[run.name]
             if error is None:
                 state = read_state(run.run_dir)
@@ -221,6 +210,25 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
             else:
                 failed[run.name] = error
                 _say(f"{run.name}: FAILED: {error}")
+
+    def one(run: StudyRun) -> None:
+        slot = slots.get()
+        try:
+            gpu = None
+            if gpus:
+                gpu = gpus[(local_rank if local_rank is not None else slot) % len(gpus)]
+            _say(f"{run.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
+            began = time.perf_counter()
+            error = _run_one(run, study, gpu, threads, workers)
+            report(run, error, time.perf_counter() - began)
+        finally:
+            slots.put(slot)
+
+    workers = _Workers()
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="medseg-study")
+    try:
+        for future in as_completed([pool.submit(one, run) for run in runs]):
+            future.result()
     except BaseException:  # Ctrl-C (or an error here): stop the workers, start no other run
         workers.stop()
         pool.shutdown(wait=True, cancel_futures=True)

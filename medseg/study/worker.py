@@ -193,9 +193,10 @@ def _stop_with_the_study() -> None:
     import ctypes
     import signal
 
+    from medseg.signals import ignore_from_now_on
+
     def stop_once(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_from_now_on(signal.SIGTERM, signal.SIGINT)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_once)

@@ -47,7 +47,8 @@ class RunLog:
         Foreground label names from dataset.json (columns ``val_dice/<name>``).
     resume_iteration : int or None
         When resuming: keep only rows up to this iteration and drop later TensorBoard
-        events (``purge_step``).
+        events (``purge_step``); None: a start from the beginning, which drops every
+        event of an earlier attempt.
     """
 
     def __init__(
@@ -78,9 +79,14 @@ class RunLog:
             raise MedsegError(f"{events}: is a file, where the run keeps its TensorBoard events; move it away")
         from torch.utils.tensorboard import SummaryWriter
 
+        # Every attempt starts with a session START at its first step: TensorBoard drops the
+        # events an earlier attempt wrote from that step on. Its web page takes the first
+        # START it reads for the run's beginning, not a restart, so a first attempt writes
+        # one too (at step 0, nothing to drop); without it the first resume showed the
+        # steps between the checkpoint and the kill twice.
         self.writer = SummaryWriter(
             str(self.run_dir / TENSORBOARD_DIR),
-            purge_step=(resume_iteration + 1) if resume_iteration is not None else None,
+            purge_step=(resume_iteration + 1) if resume_iteration is not None else 0,
         )
 
     def _read_until(self, iteration: int) -> list[dict[str, str]]:

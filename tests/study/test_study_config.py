@@ -507,3 +507,21 @@ def test_a_bad_value_is_named_as_the_part_of_the_study_that_gave_it(write_study,
     base["train"]["val_interval"] = "sometimes"
     line = _fails(capsys, [write_study(base_config=base)])
     assert line.startswith(f"medseg: error: {path}: base: {tmp_path / 'base.yaml'}: key 'train.val_interval'")
+
+
+def test_one_run_at_a_time_says_it_finished_before_the_next_starts(write_study, monkeypatch, capsys):
+    """Without --parallel the next run's "started" came before this one's "finished" (its
+    slot was free before the study had said so), as if two ran at once."""
+    import time
+
+    from medseg.study import runner
+
+    study = load_study(write_study())
+    monkeypatch.setattr(runner, "_run_one", lambda run, *args: time.sleep(0.05) or None)
+    capsys.readouterr()
+    assert runner._execute(study.runs[:3], study, parallel=1, local_rank=None) == {}
+    said = []
+    for line in capsys.readouterr().err.splitlines():
+        name, what = line.removeprefix("medseg study: ").split(": ", 1)
+        said.append((name, what.split()[0]))
+    assert said == [(run.name, what) for run in study.runs[:3] for what in ("started", "finished")]

@@ -134,3 +134,35 @@ def test_gradient_clipping_bounds_the_step(tmp_path):
     _run(objective, tmp_path, total=1, grad_clip=1.0)
     # gradient 2 (w - 3) = (-6, -6), norm 8.49, clipped to 1: w = 0.1 * (6, 6) / |(6, 6)|
     assert torch.allclose(objective.w.detach(), torch.full((2,), 0.1 / math.sqrt(2)), atol=1e-6)
+
+
+def test_tensorboard_shows_each_step_once_after_resumes(tmp_path):
+    """TensorBoard's web page (its plugin accumulator) takes the first session START it
+    reads for the run's beginning: the first attempt wrote none, so the first resume's was
+    ignored and the steps between the checkpoint and the kill showed twice; a restart from
+    the beginning (killed before its first checkpoint) kept the dead attempt's steps."""
+    import time
+
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    from medseg.training.logs import RunLog
+
+    def attempt(resume, steps):
+        log = RunLog(tmp_path, ["dice_ce"], ["vessel"], resume_iteration=resume)
+        for step in steps:
+            log.add_row(step, 0.01, float(step), {"dice_ce": float(step)})
+        log.close()
+        time.sleep(1.1)  # event files are named by the second they start in
+
+    def shown():
+        acc = plugin_event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+        acc.Reload()
+        return [(e.step, float(e.tensor_proto.float_val[0])) for e in acc.Tensors("train/loss")]
+
+    attempt(None, [1, 2, 3])  # killed before its first checkpoint
+    attempt(None, [1, 2, 3, 4, 5, 6])  # started again from the beginning; killed after its checkpoint at 4
+    assert shown() == [(s, float(s)) for s in range(1, 7)]
+    attempt(4, [5, 6, 7, 8])
+    assert shown() == [(s, float(s)) for s in range(1, 9)]
+    attempt(6, [7, 8, 9])
+    assert shown() == [(s, float(s)) for s in range(1, 10)]
