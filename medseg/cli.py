@@ -234,7 +234,8 @@ def predict(
         help="keep the stitched class maps on cuda (the network's GPU) or cpu; auto: the GPU when they fit "
         "(default: run config, auto)",
     ),
-    more_inputs: Optional[List[Path]] = typer.Argument(None, hidden=True, metavar="MORE_INPUT_FILES"),  # --input a b c: b and c
+    # --input a b c (a shell glob): b and c
+    more_inputs: Optional[List[Path]] = typer.Argument(None, hidden=True, metavar="MORE_INPUT_FILES"),
 ) -> None:
     """Segment a folder of scans with a trained model (sliding window, geometry restored)."""
     from medseg.inference.predict import run_prediction

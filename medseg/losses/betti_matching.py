@@ -344,7 +344,9 @@ class BettiMatchingLoss(torch.nn.Module):
                     seen.add(k)
             self.cache_hits += len(keys) - len(missing)
             self.cache_misses += len(missing)
-        fresh = _prepare_targets([targets[i] for i in missing], superlevel, self.construction, self.threads) if missing else []
+        fresh = []
+        if missing:  # prepared outside the lock: the engine runs without the GIL, other threads go on
+            fresh = _prepare_targets([targets[i] for i in missing], superlevel, self.construction, self.threads)
         with self._cache_lock:
             for i, p in zip(missing, fresh):
                 found[keys[i]] = p

@@ -94,7 +94,8 @@ def _as_mask(mask) -> np.ndarray:
         finite = np.isfinite(mask)
         if not finite.all():
             n_nan = int(np.isnan(mask).sum())
-            raise TopologyInputError(f"mask: contains {n_nan} NaN and {int(mask.size - finite.sum()) - n_nan} infinite values")
+            n_inf = int(mask.size - finite.sum()) - n_nan
+            raise TopologyInputError(f"mask: contains {n_nan} NaN and {n_inf} infinite values")
     return mask > 0
 
 
