@@ -76,8 +76,10 @@ def esc(text: Any) -> str:
 
 def fmt(value: Any, digits: int = 4) -> str:
     """A value for a table cell: integers as such, floats with ``digits`` significant digits
-    (more where those would show a whole number the value is not: 0.99996 is not '1'),
-    NaN as 'nan'; text as it is (a case named '001' or 'NaN' was shown as '1' or 'nan')."""
+    (more where those would show a whole number the value is not: 0.99996 is not '1'), from
+    1 to a million in fixed notation with at least the whole part (999.6 was '1e+03', 12345.6
+    '1.235e+04'), NaN as 'nan'; text as it is (a case named '001' or 'NaN' was shown as '1'
+    or 'nan')."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -93,6 +95,8 @@ def fmt(value: Any, digits: int = 4) -> str:
             return "inf" if value > 0 else "-inf"
         if value == int(value) and abs(value) < 1e9:
             return str(int(value))
+        if 1 <= abs(value) < 1e6:
+            return f"{value:.{max(digits - len(str(int(abs(value)))), 0)}f}"
         text = f"{value:.{digits}g}"
         while digits < 12 and float(text) == int(float(text)) and "e" not in text:
             digits += 2

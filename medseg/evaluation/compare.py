@@ -330,7 +330,6 @@ _COLUMNS = (
     ("median B-A", "median_difference"), ("Wilcoxon p", "wilcoxon_p"), ("perm. p", "permutation_p"),
     ("better mean", "better"),
 )
-SIGNIFICANCE = 0.05  # "*" after the better mean: permutation p below this
 
 
 def _better(stats: dict) -> str:
@@ -427,7 +426,13 @@ def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] |
 
     body = ["<h1>medseg comparison</h1>",
             f"<p class=\"meta\">A: <code>{_page.esc(result['a'])}</code><br>B: <code>{_page.esc(result['b'])}</code><br>"
-            f"{len(result['paired_cases'])} paired cases; differences are B - A; {_page.esc(result['tests'])}</p>"]
+            f"{len(result['paired_cases'])} paired cases; differences are B - A; {_page.esc(result['tests'])}</p>",
+            "<p class=\"meta\">n, the means and the differences are over the paired cases where the metric is "
+            "defined in both (so a mean can differ from the one in either evaluation's report). <i>better mean</i>: "
+            "the run whose mean is better (higher Dice, IoU, surface Dice and clDice; lower HD95, Betti and Betti "
+            "matching errors; none for volumes and component counts), <span class=\"better\">green</span> when "
+            "it is B, <span class=\"worse\">red</span> when it is A; <b>*</b>: the permutation test's "
+            f"p &lt; {SIGNIFICANCE}.</p>"]
     for label, rows in result["metrics"].items():
         name = result["labels"].get(label, label)
         body.append(f"<h2>{_page.esc(name)} (label {_page.esc(label)})</h2>")

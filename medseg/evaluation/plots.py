@@ -41,6 +41,13 @@ def _pyplot():
     return plt
 
 
+def literal(text: str) -> str:
+    """``text`` drawn as written: matplotlib reads ``$...$`` as math, so a case named
+    ``price $\\q$`` failed the whole page (a 100-line ParseFatalException) and ``a_$x^2$_b``
+    was drawn as "a_x²_b"."""
+    return text.replace("$", r"\$")
+
+
 def png_bytes(fig, dpi: int = 90) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     plt = _pyplot()
@@ -77,12 +84,12 @@ def distribution_figure(values: dict[str, Sequence[float]], title: str = "", col
         else:
             ax.text(0.5, 0.5, "no defined value", ha="center", va="center", transform=ax.transAxes, color="#868e96")
         label = f"n={finite.size}" + (f", {undefined} undefined" if undefined else "")
-        ax.set_title(f"{name}\n{label}", fontsize=9)
+        ax.set_title(literal(f"{name}\n{label}"), fontsize=9)
         ax.set_xticks([])
         ax.tick_params(labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(literal(title), fontsize=11)
     fig.tight_layout()
     return png_bytes(fig)
 
@@ -176,13 +183,13 @@ def masks_figure(
             seen.update(h.get_label() for h in drawn)
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
-        ax.set_title(panel.title, fontsize=10)
+        ax.set_title(literal(panel.title), fontsize=10)
     if handles:
         death = plt.Line2D([], [], marker="x", ls="", color="#495057", label="death voxel (hollow marker: birth)")
         fig.legend(handles=handles + [death], loc="outside lower center", ncol=min(len(handles) + 1, 5), fontsize=8,
                    frameon=False)
     if lines:
-        fig.suptitle("\n".join(lines), fontsize=9)
+        fig.suptitle(literal("\n".join(lines)), fontsize=9)
     return png_bytes(fig)
 
 
@@ -227,10 +234,10 @@ def paired_difference_figure(differences: dict[str, Sequence[float]], title: str
         ax.plot([i - 0.3, i + 0.3], [np.mean(d) / spread] * 2, color="#c92a2a", lw=2)
     ax.axhline(0, color="#495057", lw=0.8)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([literal(n) for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("B - A (scaled to max |diff|)", fontsize=8)
     ax.set_ylim(-1.1, 1.1)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(literal(title), fontsize=10)
     fig.tight_layout()
     return png_bytes(fig)

@@ -57,7 +57,12 @@ FEATURE_NAMES = {0: ("component", "components"), 1: ("loop", "loops"), 2: ("cavi
 """What a homology class of each dimension is called in legends (singular, plural)."""
 
 _PICTURE_MARGIN = 3  # voxels around the union of both masks in the worst-case pictures
-MARKERS_EXPLAINED = "Hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), x at the death voxel."
+MARKERS_EXPLAINED = (
+    "Hollow marker at the birth voxel (circle: component, square: loop, triangle: cavity), x at the death voxel. "
+    "The counts are exact; which of two features is marked as the unmatched one follows the Betti matching's "
+    "tie-break on binary masks (voxel order, not overlap), so a marker can sit on a component that overlaps the "
+    "reference while an extra one elsewhere is matched in its place."
+)
 
 
 # --------------------------------------------------------------------------- features
@@ -339,20 +344,28 @@ def _union_box(masks: Sequence[np.ndarray], margin: int) -> tuple[slice, ...]:
 
 
 def _read_scan(images_dir: Path | None, case: str, ending: str, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """The scan under the masks, in grey: an RGB(A) photograph (TopoMortar's) by its
+    luminance (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B; it was left out, "holds 3
+    channels", so no TopoMortar picture showed its image), another image of several
+    channels (MRI sequences) by its first."""
     if images_dir is None:
         return None, "no scan folder: masks only"
-    from medseg.data.io import read_image
+    from medseg.data.io import read_image_channels
 
     path = images_dir / f"{case}_0000{ending}"
     if not path.is_file():
         return None, f"no scan {path.name} in {images_dir}: masks only"
     try:
-        image, _ = read_image(path)
+        channels, _ = read_image_channels(path)
     except MedsegError as err:
         return None, f"scan unreadable ({err}): masks only"
+    channels = np.asarray(channels, dtype=np.float32)
+    colour = len(shape) == 2 and channels.shape[0] in (3, 4)
+    image = np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), channels[:3], axes=1) if colour else channels[0]
     if image.shape != shape:
         return None, f"scan {path.name} has shape {image.shape}, the masks {shape}: masks only"
-    return np.asarray(image, dtype=np.float32), f"scan {path.name} underneath"
+    how = " (its colours as grey)" if colour else f" (channel 0 of {channels.shape[0]})" if channels.shape[0] > 1 else ""
+    return image, f"scan {path.name}{how} underneath"
 
 
 def _project(coords: np.ndarray, axis: int | None) -> np.ndarray:

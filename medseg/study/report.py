@@ -31,9 +31,7 @@ _STAR = "\u2605"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    """``digits`` significant digits, but whole numbers rather than exponents below a million."""
-    if isinstance(value, float) and math.isfinite(value) and 10**digits <= abs(value) < 1e6:
-        return f"{value:.0f}"
+    """``digits`` significant digits (:func:`medseg.evaluation._page.fmt`)."""
     return _page.fmt(value, digits)
 
 
@@ -109,7 +107,7 @@ def variant_figure(values: dict[str, dict[str, Sequence[float]]], title: str = "
 
     ``values[metric][variant]`` are the (case, seed) values; NaN values are left out.
     """
-    from medseg.evaluation.plots import _pyplot, png_bytes
+    from medseg.evaluation.plots import _pyplot, literal, png_bytes
 
     plt = _pyplot()
     names = list(values)
@@ -129,13 +127,13 @@ def variant_figure(values: dict[str, dict[str, Sequence[float]]], title: str = "
             ax.boxplot(data, positions=[i], widths=0.55, showfliers=False, medianprops={"color": "#c92a2a"})
             ax.scatter(i + rng.uniform(-0.15, 0.15, data.size), data, s=9, alpha=0.6, color="#1864ab", linewidths=0, zorder=3)
         ax.set_xticks(range(1, len(variants) + 1))
-        ax.set_xticklabels(variants, rotation=30, ha="right", fontsize=8)
+        ax.set_xticklabels([literal(v) for v in variants], rotation=30, ha="right", fontsize=8)
         ax.set_xlim(0.4, len(variants) + 0.6)
         ax.set_title(metric, fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(literal(title), fontsize=11)
     fig.tight_layout()
     return png_bytes(fig)
 

@@ -15,7 +15,9 @@ variant and metric (:data:`TABLE_METRICS` that were computed):
   test) over the (case, seed) pairs defined in both, ``variant - baseline``. ``better``
   follows :func:`medseg.evaluation.aggregate.better_direction` (lower Betti errors,
   Betti matching error and HD95; higher Dice and clDice); ``significant`` is TopoMortar's
-  mark: better and p < ``alpha``.
+  mark: better and p < ``alpha``. Where the paired values favour the variant but the
+  means shown (over all of each variant's own values) do not, ``better`` and
+  ``significant`` follow the means and ``paired_only`` is true.
 
 Undefined values (Dice of a case where both masks are empty) are left out, as in
 ``medseg evaluate``'s means.
@@ -110,6 +112,21 @@ def compare_to_baseline(
     }
 
 
+def _mark_only_where_the_means_agree(cell: dict[str, Any], base_cell: dict[str, Any] | None, metric: str) -> None:
+    """The test pairs the (case, seed) values defined in both variants; the table shows
+    each variant's mean over all of its own. Where the two disagree (a case undefined in
+    one variant only, a seed not finished in both), the mark went on a mean worse than the
+    baseline's shown beside it: then ``better`` and ``significant`` follow the shown means
+    too, and ``paired_only`` says that the paired values alone favour the variant."""
+    test = cell.get("vs_baseline")
+    if not test or test["better"] != "variant" or base_cell is None:
+        return
+    shown = {"mean_difference": cell["mean"] - base_cell["mean"], "mean_a": base_cell["mean"], "mean_b": cell["mean"]}
+    side = better_side(metric, shown)
+    if side != 1:
+        test.update(better={0: "=", -1: "baseline", 2: ""}[side], significant=False, paired_only=True)
+
+
 def _collect(study: Study) -> tuple[dict, dict, list[dict]]:
     """Per test, label, variant and metric the ``{(case, seed): value}``; label names; the runs' status."""
     values: dict[str, dict[str, dict[str, dict[str, dict[Key, float]]]]] = {t: {} for t in study.config.test}
@@ -179,6 +196,7 @@ def summarize(study: Study) -> dict[str, Any]:
                         if variant != baseline and own and base else None
                     )
                     cell["values"] = [[case, seed, v] for (case, seed), v in sorted(own.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+                    _mark_only_where_the_means_agree(cell, rows.get(baseline, {}).get(metric), metric)
                     cells[metric] = cell
                 rows[variant] = cells
             results[test][label] = {"name": label_names[test].get(label, f"label {label}"), "variants": rows}

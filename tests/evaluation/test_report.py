@@ -206,3 +206,35 @@ def test_report_html_command_rewrites_the_page(tmp_path):
     assert main(["report", "html", str(out), "--worst-cases", "-1"]) == 2
     assert (out / "summary.json").read_bytes() == summary and scan.read_bytes() == b"scan"
     assert main(["report", "html", str(out), "--output", str(tmp_path / "again.html")]) == 0  # a page is replaced
+
+
+def test_case_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """matplotlib reads $...$ as math: a case named 'price $\\q$' failed the whole page (a
+    100-line ParseFatalException, no report.html) and 'a_$x^2$_b' was drawn as a_x²_b."""
+    from medseg.evaluation.plots import literal
+
+    pred, ref = _ring_case()
+    ok, out = _evaluate_2d(tmp_path, {"price $\\q$ case": (pred, ref), "a_$x^2$_b": (pred, ref)})
+    assert ok is True
+    parsed = _parse(out / "report.html")
+    assert {f["data-case"] for f in parsed.figures} == {"price $\\q$ case", "a_$x^2$_b"}
+    assert literal("a_$x^2$_b") == "a_\\$x^2\\$_b" and literal("plain") == "plain"
+
+
+def test_a_colour_photograph_is_drawn_under_the_masks_in_grey(tmp_path):
+    """TopoMortar's RGB photographs were left out of every picture ("scan unreadable
+    (... holds 3 channels): masks only")."""
+    from PIL import Image
+
+    from medseg.evaluation.report import _read_scan
+
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    Image.fromarray(rgb).save(tmp_path / "wall_0000.png")
+    image, note = _read_scan(tmp_path, "wall", ".png", (6, 8))
+    assert image.shape == (6, 8) and np.allclose(image, 0.299 * 200 + 0.587 * 100 + 0.114 * 50)
+    assert note == "scan wall_0000.png (its colours as grey) underneath"
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey_0000.png")
+    image, note = _read_scan(tmp_path, "grey", ".png", (6, 8))
+    assert np.all(image == 200) and note == "scan grey_0000.png underneath"
+    assert _read_scan(tmp_path, "wall", ".png", (8, 6))[0] is None  # another shape than the masks

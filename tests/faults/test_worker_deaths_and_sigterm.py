@@ -51,6 +51,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _stopped(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """``proc``'s stderr once it has exited; one that hangs is aborted, its threads' stacks
+    (faulthandler) in the failure (a CI run once saw `train` hang after its last line)."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        err = proc.communicate(timeout=60)[1]
+        pytest.fail(f"the command did not exit within {timeout:.0f} s; its stacks:\n{err[-6000:]}")
+
+
 def _train(tiny_dataset, tmp_path, workers: int):
     raw = train_config(tiny_dataset, tmp_path / "run", iterations=100000)
     raw["data"]["num_workers"] = workers
@@ -59,7 +70,8 @@ def _train(tiny_dataset, tmp_path, workers: int):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "train", str(config)], stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path, env={**__import__("os").environ, "MEDSEG_CACHE": str(tmp_path / "cache")},
+                            cwd=tmp_path, env={**__import__("os").environ, "MEDSEG_CACHE": str(tmp_path / "cache"),
+                                               "PYTHONFAULTHANDLER": "1"},  # stacks on SIGABRT: see _stopped
                             start_new_session=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoints" / "latest.pt").is_file():  # training, past its first checkpoint
@@ -76,7 +88,7 @@ def test_a_killed_data_loading_worker_is_one_line_with_the_resume_command(tiny_d
     import os
 
     os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer
-    err = proc.communicate(timeout=120)[1]
+    err = _stopped(proc)
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
     # torch says "killed by signal: Killed" or "exited unexpectedly", by timing
@@ -95,7 +107,7 @@ def test_sigterm_stops_train_as_ctrl_c_does(tiny_dataset, tmp_path, workers):
 
     proc, config = _train(tiny_dataset, tmp_path, workers=workers)
     os.killpg(proc.pid, signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
+    err = _stopped(proc)
     assert proc.returncode == 128 + signal.SIGTERM
     last = err.strip().splitlines()[-1]
     assert last.startswith("medseg: stopped by SIGTERM; `medseg train ") and "--resume` continues from" in last

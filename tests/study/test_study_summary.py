@@ -171,3 +171,24 @@ def test_summary_flag_compares_the_finished_runs_and_runs_nothing(write_study, c
     summary = json.loads((study.output_dir / "study.json").read_text())
     assert [r["status"] for r in summary["runs"]].count("finished") == 3
     assert summary["results"]["synth"]["1"]["variants"]["cldice"]["Dice"]["n_seeds"] == 1
+
+
+def test_no_mark_on_a_mean_shown_worse_than_the_baseline(write_study):
+    """The test pairs the (case, seed) values defined in both variants; the table shows each
+    variant's mean over all of its own. A case the baseline left undefined (both masks
+    empty) and the variant scored low gave the variant a mean below the baseline's, with a
+    star for being significantly better on the pairs."""
+    study = load_study(write_study(alpha=0.25))  # 4 pairs: the exact test's p is 0.125 at best
+    base_dice = {k: (math.nan if k[0] == "c2" else 0.8) for k in BASE_BETTI_1}  # c2: undefined in the baseline
+    variant_dice = {k: (0.2 if k[0] == "c2" else 0.9) for k in BASE_BETTI_1}  # better on every pair, 0.2 on c2
+    values = {"cedice": {"Dice": base_dice, "betti_1_error": BASE_BETTI_1},
+              "cldice": {"Dice": variant_dice, "betti_1_error": {k: v - 1 for k, v in BASE_BETTI_1.items()}}}
+    _fake_runs(study, values)
+    rows = summarize(load_study(study.path))["results"]["synth"]["1"]["variants"]
+    base, variant = rows["cedice"]["Dice"], rows["cldice"]["Dice"]
+    assert variant["mean"] < base["mean"]  # 0.667 against 0.8, as the table shows them
+    test = variant["vs_baseline"]
+    assert test["mean_difference"] > 0 and test["permutation_p"] < 0.25  # the pairs alone favour the variant
+    assert test["better"] == "baseline" and not test["significant"] and test["paired_only"]
+    betti = rows["cldice"]["betti_1_error"]["vs_baseline"]  # means and pairs agree: marked as before
+    assert betti["better"] == "variant" and betti["significant"] and "paired_only" not in betti
