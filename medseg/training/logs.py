@@ -84,9 +84,15 @@ class RunLog:
         # START it reads for the run's beginning, not a restart, so a first attempt writes
         # one too (at step 0, nothing to drop); without it the first resume showed the
         # steps between the checkpoint and the kill twice.
+        # flush_secs: the writer's thread sleeps at most this long between looks at its
+        # queue. A Ctrl-C or SIGTERM that interrupts the main thread inside the queue's
+        # code can lose its wake-up call; closing the writer then waited out the default
+        # 120 s (a stopped `train` hung after its last line). Rows are flushed as they
+        # are written (add_row), so this only bounds that wait.
         self.writer = SummaryWriter(
             str(self.run_dir / TENSORBOARD_DIR),
             purge_step=(resume_iteration + 1) if resume_iteration is not None else 0,
+            flush_secs=2,
         )
 
     def _read_until(self, iteration: int) -> list[dict[str, str]]:

@@ -108,7 +108,7 @@ def test_sigterm_stops_train_as_ctrl_c_does(tiny_dataset, tmp_path, workers):
     proc, config = _train(tiny_dataset, tmp_path, workers=workers)
     os.killpg(proc.pid, signal.SIGTERM)
     err = _stopped(proc)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGTERM, err[-6000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("medseg: stopped by SIGTERM; `medseg train ") and "--resume` continues from" in last
     assert "Traceback" not in err

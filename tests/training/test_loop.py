@@ -166,3 +166,40 @@ def test_tensorboard_shows_each_step_once_after_resumes(tmp_path):
     assert shown() == [(s, float(s)) for s in range(1, 9)]
     attempt(6, [7, 8, 9])
     assert shown() == [(s, float(s)) for s in range(1, 10)]
+
+
+def test_closing_the_tensorboard_writer_after_a_lost_wake_up_takes_seconds(tmp_path):
+    """A SIGTERM that interrupted the main thread inside the writer's queue could lose the
+    wake-up call of its thread, which then slept out TensorBoard's default 120 s flush
+    interval: a stopped `train` hung after its last line (CI, 1 run in 10 under load). The
+    writer's thread now looks at its queue every 2 s."""
+    import queue
+    import time
+
+    from medseg.training.logs import RunLog
+
+    log = RunLog(tmp_path, ["dice_ce"], ["vessel"])
+    log.add_row(1, 0.01, 1.0, {"dice_ce": 1.0})
+    time.sleep(0.2)  # the thread is back asleep on its queue
+
+    def queues(obj, depth=0, seen=None):
+        seen = set() if seen is None else seen
+        if id(obj) in seen or depth > 5:
+            return []
+        seen.add(id(obj))
+        if isinstance(obj, queue.Queue):
+            return [obj]
+        found = []
+        for value in getattr(obj, "__dict__", {}).values():
+            found += queues(value, depth + 1, seen)
+        return found
+
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    [events] = queues(log.writer)
+    with events.mutex:  # an event in the queue whose wake-up call was lost, as after the interrupt
+        events.queue.append(Event(wall_time=time.time(), step=2).SerializeToString())
+        events.unfinished_tasks += 1
+    began = time.monotonic()
+    log.close()
+    assert time.monotonic() - began < 10
