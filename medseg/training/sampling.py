@@ -297,14 +297,24 @@ def loader_batches(loader: DataLoader):
         yield batch
 
 
-def _dead_worker(batches) -> str | None:
-    """The line for the first dead worker of a DataLoader iterator (:func:`_worker_died`), or None."""
+def _dead_worker(batches, wait: float = 5.0) -> str | None:
+    """The line for the first dead worker of a DataLoader iterator (:func:`_worker_died`), or
+    None when none has died within ``wait`` seconds: a connection the worker reset is
+    noticed before the kernel has made the killed worker a process that can be reaped
+    (under load its exit code was still unknown, and the traceback went out)."""
     import signal
+    import time
 
-    for worker in getattr(batches, "_workers", []):
-        code = worker.exitcode
-        if code is not None:
-            return _worker_died(str(worker.pid), signal.strsignal(-code) if code < 0 else None)
+    workers = list(getattr(batches, "_workers", []))
+    deadline = time.monotonic() + wait
+    while workers:
+        for worker in workers:
+            code = worker.exitcode
+            if code is not None:
+                return _worker_died(str(worker.pid), signal.strsignal(-code) if code < 0 else None)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
     return None
 
 

@@ -155,3 +155,28 @@ def test_a_signal_that_arrives_with_the_first_is_dropped_without_a_traceback():
     assert "ignored due to race condition" in runs["SIG_IGN"].stderr  # the race, reproduced
     assert runs["medseg"].returncode == 0 and runs["medseg"].stderr == ""
     assert runs["medseg"].stdout.strip() == f"[{int(signal.SIGUSR1)}]"
+
+
+def test_a_worker_reaped_after_its_reset_connection_is_still_named():
+    """The trainer meets the connection a SIGKILLed worker reset before the kernel lets the
+    worker be reaped: its exit code was still unknown under load (a CI run), and the
+    ConnectionResetError's traceback went out instead of the one line."""
+    from medseg.training.sampling import _dead_worker
+
+    class Worker:
+        def __init__(self, pid, dies_after, code):
+            self.pid, self.code, self.polls, self.dies_after = pid, code, 0, dies_after
+
+        @property
+        def exitcode(self):
+            self.polls += 1
+            return self.code if self.polls > self.dies_after else None
+
+    class Batches:
+        _workers = [Worker(11, 10**9, None), Worker(12, 5, -signal.SIGKILL)]
+
+    line = _dead_worker(Batches())
+    assert line.startswith("a data-loading worker process (pid 12) died (killed by signal: Killed")
+    assert Batches._workers[1].polls == 6  # found at the sixth look, about 0.25 s on
+    Batches._workers = [Worker(13, 10**9, None)]
+    assert _dead_worker(Batches(), wait=0.2) is None  # none died: the error is not a worker's
