@@ -132,10 +132,11 @@ def activate(input: torch.Tensor, activation: str) -> torch.Tensor:
     return summable(input)
 
 
-def label_map(target: torch.Tensor, n_channels: int, name: str) -> torch.Tensor:
+def label_map(target: torch.Tensor, name: str) -> torch.Tensor:
     """``target`` as a label map (B, 1, *spatial), for the losses whose targets are built
     from labels (skeletons, SAUNA's maps): a label map as it is, a one-hot (or soft
-    one-hot) target of ``n_channels`` channels by its argmax. Overlapping channels (a
+    one-hot) target of one channel per class (check_input has matched them to the
+    output's) by its argmax. Overlapping channels (a
     multi-label target) have no label map and are refused, naming the loss."""
     if target.shape[1] == 1:
         return target

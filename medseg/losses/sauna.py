@@ -138,7 +138,7 @@ class SaunaLoss(nn.Module):
         input = summable(input)
         n = input.shape[1]
         if sauna_target is None:
-            sauna_target = self.targets_from_labels(label_map(target, n, "SaunaLoss"), n)
+            sauna_target = self.targets_from_labels(label_map(target, "SaunaLoss"), n)
         if sauna_target.shape != input.shape:
             raise ValueError(
                 f"SaunaLoss: SAUNA target {tuple(sauna_target.shape)} must match input {tuple(input.shape)} "

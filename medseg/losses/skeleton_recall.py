@@ -103,7 +103,7 @@ class SkeletonRecallLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor, skeleton: torch.Tensor | None = None) -> torch.Tensor:
         """``input`` (B, C, ...) logits; ``target`` (B, 1, ...) labels; ``skeleton`` (B, 1, ...) tubes or None."""
         check_input(input, target, "SkeletonRecallLoss")
-        target = label_map(target, input.shape[1], "SkeletonRecallLoss")
+        target = label_map(target, "SkeletonRecallLoss")
         n = input.shape[1]
         if skeleton is None:
             skeleton = tubed_skeleton_batch(target, self.tube_radius, self.footprint)

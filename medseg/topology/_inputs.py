@@ -90,12 +90,17 @@ def as_image(x: Any, name: str) -> np.ndarray:
         raise TopologyInputError(
             f"{name}: {arr.size} voxels is more than the engine supports ({MAX_VOXELS}, about 1100^3)"
         )
+    refuse_non_finite(arr, name)
+    return np.ascontiguousarray(arr)
+
+
+def refuse_non_finite(arr: np.ndarray, name: str) -> None:
+    """A TopologyInputError counting the NaN and infinite values of ``arr``, if it holds any."""
     finite = np.isfinite(arr)
     if not finite.all():
         n_nan = int(np.isnan(arr).sum())
         n_inf = int(arr.size - finite.sum() - n_nan)
         raise TopologyInputError(f"{name}: contains {n_nan} NaN and {n_inf} infinite values")
-    return np.ascontiguousarray(arr)
 
 
 def as_pair(prediction: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
-from medseg.topology._inputs import TopologyInputError, to_numpy
+from medseg.topology._inputs import TopologyInputError, refuse_non_finite, to_numpy
 
 __all__ = ["betti_numbers", "euler_characteristic", "default_connectivity", "complementary_connectivity"]
 
@@ -91,11 +91,7 @@ def _as_mask(mask) -> np.ndarray:
     if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
         raise TopologyInputError(f"mask: expected a real-valued array (bool, integer or float), got dtype {mask.dtype}")
     if np.issubdtype(mask.dtype, np.floating):
-        finite = np.isfinite(mask)
-        if not finite.all():
-            n_nan = int(np.isnan(mask).sum())
-            n_inf = int(mask.size - finite.sum()) - n_nan
-            raise TopologyInputError(f"mask: contains {n_nan} NaN and {n_inf} infinite values")
+        refuse_non_finite(mask, "mask")
     return mask > 0
 
 
