@@ -449,7 +449,9 @@ def test_a_full_disk_while_the_results_are_written_replaces_neither(folders, mon
     monkeypatch.setattr(evaluate, "_csv", lambda *a, **k: FullDisk(real_csv(*a, **k)))
     with pytest.raises(OSError, match="No space left on device"):
         run_evaluation(pred, ref, out, workers=1)  # all metrics: another summary
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary, nothing replaced
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.pop(evaluate.CaseJournal.NAME)  # the case evaluated, kept for the rerun
+    assert after == before  # no temporary, nothing replaced
 
 
 def test_an_evaluation_of_no_case_keeps_the_earlier_one(folders, capsys):
@@ -564,3 +566,56 @@ def test_a_lock_removed_by_its_holder_is_not_taken_by_two(tmp_path):
         RunFolderLock(run).take()
     second.release()
     os.close(stale)
+
+
+def test_an_interrupted_evaluation_resumes_with_the_cases_left(folders, monkeypatch, capsys):
+    """An evaluation killed after two of four cases evaluated all four again on its rerun;
+    now it computes the two left, and its files equal an uninterrupted evaluation's."""
+    import medseg.evaluation.evaluate as evaluate_module
+
+    ref, pred, out = folders
+    for i in range(4):
+        _write(ref, f"c{i}", _cube((1, 1, 1), (4 + i, 5, 5)))
+        _write(pred, f"c{i}", _cube((1, 1, 1), (5, 5, 4 + i)) | _cube((8, 8, 8), (10, 10, 10), value=i % 3))
+    assert run_evaluation(pred, ref, out / "straight", workers=1)
+
+    computed = []
+    real = evaluate_module._evaluate_case
+
+    def interrupted_after_two(pred_file, *args):
+        if len(computed) == 2:
+            raise KeyboardInterrupt
+        computed.append(Path(pred_file).name)
+        return real(pred_file, *args)
+
+    monkeypatch.setattr(evaluate_module, "_evaluate_case", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(pred, ref, out / "resumed", workers=1)
+    journal = out / "resumed" / evaluate_module.CaseJournal.NAME
+    assert len(journal.read_text().splitlines()) == 2
+    with journal.open("a") as handle:  # a line cut short by a kill is skipped
+        handle.write('{"case": "c2", "key": ')
+
+    computed.clear()
+    monkeypatch.setattr(evaluate_module, "_evaluate_case", lambda *args: (computed.append(Path(args[0]).name), real(*args))[1])
+    _write(pred, "c1", _cube((1, 1, 1), (5, 5, 6)))  # a prediction replaced since: evaluated again
+    assert run_evaluation(pred, ref, out / "resumed", workers=1)
+    assert computed == ["c1.nii.gz", "c2.nii.gz", "c3.nii.gz"]
+    assert "resuming: 1 of 4 case(s) already evaluated" in capsys.readouterr().err
+    assert not journal.exists()  # the results hold every case
+
+    assert run_evaluation(pred, ref, out / "straight", workers=1)  # the same files, uninterrupted
+    straight, resumed = _summary(out / "straight"), _summary(out / "resumed")
+    for key in ("metric_per_case", "mean", "foreground_mean", "statistics"):
+        assert json.dumps(straight[key]) == json.dumps(resumed[key])
+    assert (out / "straight" / "metrics.csv").read_text() == (out / "resumed" / "metrics.csv").read_text()
+
+    # an interrupted evaluation's cases are not reused under other options (here the metrics)
+    monkeypatch.setattr(evaluate_module, "_evaluate_case", interrupted_after_two)
+    computed.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(pred, ref, out / "other", workers=1)
+    monkeypatch.setattr(evaluate_module, "_evaluate_case", lambda *args: (computed.append(Path(args[0]).name), real(*args))[1])
+    computed.clear()
+    assert run_evaluation(pred, ref, out / "other", workers=1, metrics="dice")
+    assert len(computed) == 4
