@@ -77,23 +77,28 @@ class RunLog:
             from medseg.errors import MedsegError
 
             raise MedsegError(f"{events}: is a file, where the run keeps its TensorBoard events; move it away")
-        from torch.utils.tensorboard import SummaryWriter
+        self._purge_step = (resume_iteration + 1) if resume_iteration is not None else 0
+        self._writer = None  # opened at the first row: a resume of a finished run adds no empty events file
 
-        # Every attempt starts with a session START at its first step: TensorBoard drops the
-        # events an earlier attempt wrote from that step on. Its web page takes the first
-        # START it reads for the run's beginning, not a restart, so a first attempt writes
-        # one too (at step 0, nothing to drop); without it the first resume showed the
-        # steps between the checkpoint and the kill twice.
-        # flush_secs: the writer's thread sleeps at most this long between looks at its
-        # queue. A Ctrl-C or SIGTERM that interrupts the main thread inside the queue's
-        # code can lose its wake-up call; closing the writer then waited out the default
-        # 120 s (a stopped `train` hung after its last line). Rows are flushed as they
-        # are written (add_row), so this only bounds that wait.
-        self.writer = SummaryWriter(
-            str(self.run_dir / TENSORBOARD_DIR),
-            purge_step=(resume_iteration + 1) if resume_iteration is not None else 0,
-            flush_secs=2,
-        )
+    @property
+    def writer(self):
+        """The run's TensorBoard ``SummaryWriter``, opened on first use."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Every attempt starts with a session START at its first step: TensorBoard drops the
+            # events an earlier attempt wrote from that step on. Its web page takes the first
+            # START it reads for the run's beginning, not a restart, so a first attempt writes
+            # one too (at step 0, nothing to drop); without it the first resume showed the
+            # steps between the checkpoint and the kill twice.
+            # flush_secs: the writer's thread sleeps at most this long between looks at its
+            # queue. A Ctrl-C or SIGTERM that interrupts the main thread inside the queue's
+            # code can lose its wake-up call; closing the writer then waited out the default
+            # 120 s (a stopped `train` hung after its last line). Rows are flushed as they
+            # are written (add_row), so this only bounds that wait.
+            self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=self._purge_step,
+                                         flush_secs=2)
+        return self._writer
 
     def _read_until(self, iteration: int) -> list[dict[str, str]]:
         """The rows up to ``iteration``; none, with a warning, from a damaged file (a
@@ -150,7 +155,8 @@ class RunLog:
             log.warning("could not draw %s: %s", PROGRESS_FILE, err)
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _complete(row: dict) -> bool:

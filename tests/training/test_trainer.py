@@ -141,9 +141,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(synthetic_dataset_3d
     run_training(cfg, resume=True)
     _assert_same_run(reference, tmp_path / "killed")
 
-    # resuming a finished run changes nothing
+    # resuming a finished run changes nothing, and adds no empty TensorBoard file
+    events = sorted((tmp_path / "killed" / "tensorboard").iterdir())
     run_training(cfg, resume=True)
     _assert_same_run(reference, tmp_path / "killed")
+    assert sorted((tmp_path / "killed" / "tensorboard").iterdir()) == events
 
 
 @pytest.mark.slow
