@@ -234,7 +234,7 @@ class ModelConfig(_Strict):
     must be divisible by the product of the strides.
     ``dynunet`` (``DynUNet``): kernels 3 and strides planned from the patch size as
     nnU-Net does (:func:`medseg.models.dynunet_plan`: stride 1 first, then halve every
-    axis while it stays >= 8), upsample_kernel_size = strides[1:], norm_name instance,
+    even axis of at least 8, leaving at least 4 at the bottleneck), upsample_kernel_size = strides[1:], norm_name instance,
     deep_supervision false (true: the loss is taken on every head, nnU-Net's weights,
     see :mod:`medseg.losses.deep_supervision`; inference uses the final output).
     ``unetr`` (``UNETR``): img_size = the patch size (each axis a multiple of 16),
@@ -301,7 +301,7 @@ class LossTerm(_Strict):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
     weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
-    start: int | float = Field(0, ge=0, description="first iteration of the term: an integer, or a fraction < 1 of train.iterations")
+    start: int | float = Field(0, ge=0, description="steps the term is off (logged iterations 1 to start): an integer, or a fraction < 1 of train.iterations")
     ramp: int | float = Field(0, ge=0, description="iterations (or a fraction < 1 of train.iterations) to reach the full weight")
     heads: Literal["all", "final"] = Field("all", description="with deep supervision: the term on every head, or the final output only")
 

@@ -322,8 +322,8 @@ def run_evaluation(
         missing or every case failed: nothing is written, an earlier evaluation in
         ``output`` stays), or without dataset.json no file holds a foreground value.
     MedsegError
-        A connectivity that is not 4, 6, 8 or 26 (one that does not fit the images
-        fails every case, each reported), an unknown metric name, a metric named in
+        A connectivity that is not 4, 6, 8 or 26, or one that fits no reference's
+        dimension (26 for 2D masks; refused before any case is evaluated), an unknown metric name, a metric named in
         ``metrics`` that cannot be computed here (e.g. ``betti_matching`` without the
         topology engine; by default such a metric is skipped, and the summary says
         why), a tolerance that is not positive.

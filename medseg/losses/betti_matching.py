@@ -132,10 +132,11 @@ class BettiMatchingLoss(torch.nn.Module):
     (``start``, ``ramp`` of the loss term in the run config) is the other half of using
     it on large patches: on an untrained network the matching is mostly noise. Gradients flow to those voxels of P; only the
     coordinates come back from the engine (which runs on the CPU), so CPU and CUDA
-    tensors are both accepted. With ``push_unmatched_to_1_0`` an unmatched pair of
-    the prediction is pulled to the point (1, 0) of the reference's sublevel
-    convention, 2((b - b*)^2 + (d - d*)^2) with (b*, d*) = (0, 1) for a superlevel
-    filtration on probabilities, instead of onto the diagonal.
+    tensors are both accepted. With ``push_unmatched_to_1_0`` every unmatched pair, the
+    prediction's and the target's alike (as the reference implementation does), is
+    pulled to the point (1, 0) of the reference's sublevel convention,
+    2((b - b*)^2 + (d - d*)^2) with (b*, d*) = (0, 1) for a superlevel filtration on
+    probabilities, instead of onto the diagonal.
 
     ``input`` is the raw network output (B, C, H, W[, D]); ``target`` an integer label
     map (B, 1, ...) or a one-hot target (B, C, ...). Channels are treated one by one
@@ -196,8 +197,8 @@ class BettiMatchingLoss(torch.nn.Module):
             unmatched_weight: weight λ_u of the prediction's unmatched pairs.
             barcode_length_threshold: unmatched pairs of the prediction with
                 |b - d| <= this value are ignored (treated as noise).
-            push_unmatched_to_1_0: pull unmatched prediction pairs to (1, 0) in the
-                reference's convention instead of onto the diagonal.
+            push_unmatched_to_1_0: pull the unmatched pairs of both the prediction and the
+                target to (1, 0) in the reference's convention instead of onto the diagonal.
             normalize: "none" (the sum over pairs, the papers' formula), "pairs" (that sum
                 divided by the number of pairs of the image) or "voxels" (divided by the
                 number of voxels); see Scale above.

@@ -150,8 +150,9 @@ class CenterlineBoundaryDiceLoss(nn.Module):
     prediction's soft skeleton and the label's thinning differ in general (more in 3D),
     and off the label's skeleton the denominator holds ``p`` twice (``Q_S^P·Q_R^P``)
     while ``D̃`` of one mask is compared with ``R̃`` of the other, so Tprec and Tsens can
-    exceed 1, ``L`` can be negative (-0.09 for a perfect 3D prediction of two bars), and
-    ``p = L`` is not its minimum: lowering ``p`` on the foreground raises Tprec (``p`` in
+    exceed 1, ``L`` can be negative (two 3D bars predicted with ``p = 0.8`` on the label
+    and 0 elsewhere score -0.09, where ``p`` = label scores 0), and ``p = L`` is not its
+    minimum: lowering ``p`` on the foreground raises Tprec (``p`` in
     its numerator, ``p²`` in its denominator). The official code does the same; a
     volumetric term, which holds ``p`` at the label, must come with it.
 

@@ -37,15 +37,16 @@ class SkeletonRecallLoss(nn.Module):
         ``L = - mean_{c >= 1} (Σ P_c·S_c + smooth_nr) / max(Σ S_c + smooth_dr, ε)``
 
     per sample (or over the batch with ``batch=True``), then reduced over the batch. The
-    value lies in [-1, 0]; a class absent from the patch contributes the constant
+    value lies in [-1, 0] while ``smooth_nr <= smooth_dr`` (the defaults); a class absent from the patch contributes the constant
     ``-smooth_nr/smooth_dr`` and no gradient. The loss only rewards covering the skeleton,
     so it must be combined with a volumetric loss (the paper: Dice + CE,
     ``losses: [{name: dice_ce}, {name: skeleton_recall, weight: 1.0}]``).
 
     The skeleton is read from the batch key ``'skeleton'`` when the data pipeline computed
     it (:class:`medseg.data.topology_targets.SkeletonTubed`, after spatial augmentation:
-    the fast path). Otherwise it is computed here from ``target`` with scikit-image on the
-    CPU, every step (the slow path: tens of milliseconds per 3D patch).
+    the fast path). Otherwise it is computed here from ``target`` with
+    :func:`medseg.topology.skeletonize` (topology-preserving thinning, as
+    ``skeleton_tube`` does) on the CPU, every step (the slow path: tens of milliseconds per 3D patch).
 
     Background is never scored (its skeleton is meaningless; the reference refuses it too).
     For a 1-channel sigmoid head the only channel is the foreground and ``S = tube(label > 0)``.

@@ -452,3 +452,13 @@ def test_inner_distances_over_threads_equal_one_at_a_time():
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_underconfident_perfect_shape_scores_below_zero_as_the_docstring_says():
+    """Tprec and Tsens can exceed 1: two 3D bars at p = 0.8 score -0.09, p = label 0."""
+    label = torch.zeros(1, 1, 24, 24, 24, dtype=torch.long)
+    label[0, 0, 4:20, 3:7, 3:7] = 1
+    label[0, 0, 4:20, 13:18, 12:16] = 1
+    loss = CenterlineBoundaryDiceLoss(sigmoid=False)
+    assert float(loss(label.float(), label)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss(label.float() * 0.8, label)) == pytest.approx(-0.09, abs=0.005)
