@@ -459,11 +459,18 @@ def run_evaluation(
         # 2D cases' volumes are areas (the columns keep their *_mm3 names: one schema for both)
         volume_units = {frozenset({2}): "mm^2 (areas of 2D images, in the *_mm3 columns)",
                         frozenset({3}): "mm^3"}.get(frozenset(dims), "mm^3 for 3D cases, mm^2 for 2D cases")
+        hd95_units = "mm"
+        from medseg.data.io import NATURAL_IMAGE_ENDINGS
+
+        if ending in NATURAL_IMAGE_ENDINGS:  # no spacing in the files: distances are in pixels, not mm
+            hd95_units = (f"pixels ({ending} files store no spacing: a pixel is 1; the surface Dice tolerance "
+                          "is in pixels too)")
+            volume_units = "pixels (areas of 2D images without spacing, in the *_mm3 columns)"
         conventions = {
             "connectivity": conn_desc,
             "filtration": "superlevel of the binary masks (foreground enters first), cubical construction "
             f"{matching_construction(connectivity)} ({'closed voxel cubes' if matching_construction(connectivity) == 'T' else 'voxels as vertices'})",
-            "hd95_units": "mm",
+            "hd95_units": hd95_units,
             "nsd_tolerance_mm": tolerance_mm,
             "volume_units": volume_units,
             "statistics": STATISTICS_CONVENTION,

@@ -230,7 +230,10 @@ def test_2d_png_masks(tmp_path):
     assert metrics["Dice"] == pytest.approx(2 * 24 / (24 + 25))
     # a 2D image's "volumes" are areas: the summary said mm^3
     assert metrics["volume_ref_mm3"] == 24.0 and metrics["volume_pred_mm3"] == 25.0
-    assert _summary(out)["conventions"]["volume_units"] == "mm^2 (areas of 2D images, in the *_mm3 columns)"
+    # PNGs store no spacing: the distances and areas are in pixels (the summary said mm)
+    conventions = _summary(out)["conventions"]
+    assert conventions["volume_units"] == "pixels (areas of 2D images without spacing, in the *_mm3 columns)"
+    assert conventions["hd95_units"].startswith("pixels (.png files store no spacing")
 
 
 def test_cli_exit_codes_and_one_line_errors(folders, capsys):
