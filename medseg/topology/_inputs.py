@@ -306,6 +306,11 @@ def as_device_image(x: Any, name: str):
     if x.dtype == torch.bool or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16):
         x = x.to(torch.float32)
     elif not x.is_floating_point() and not x.is_complex():
+        if x.element_size() == 8 and x.numel() and max(abs(int(x.min())), abs(int(x.max()))) > _EXACT_IN_FLOAT64:
+            raise TopologyInputError(
+                f"{name}: {x.dtype} values beyond ±2**53 cannot be ranked exactly (they are compared as float64); "
+                "rescale the image"
+            )
         x = x.to(torch.float64)
     elif x.dtype not in (torch.float32, torch.float64):
         raise TopologyInputError(f"{name}: expected a real-valued tensor, got dtype {x.dtype}")

@@ -49,6 +49,12 @@ def test_integers_beyond_float64_are_refused():
         topo.barcode(big, filtration="sublevel")
     ok = np.array([[2**52, 2**52 + 1, 2**52]], dtype=np.int64)
     assert topo.barcode(ok, filtration="sublevel").num_pairs.tolist() == [1, 0]
+    # the device path's own conversion (as_device_image, for CUDA tensors) refuses them too
+    from medseg.topology._inputs import as_device_image
+
+    with pytest.raises(TopologyInputError, match=r"image: torch.int64 values beyond ±2\*\*53"):
+        as_device_image(torch.from_numpy(big), "image")
+    assert as_device_image(torch.from_numpy(ok), "image").dtype == torch.float64
 
 
 def test_bfloat16_tensors():

@@ -202,7 +202,7 @@ def test_cuda_tensor_stays_on_device():
     rng = np.random.default_rng(3)
     x = rng.random((24, 25, 26)).astype(np.float32)
     t = torch.from_numpy(x).cuda()
-    on_device = topo.barcode(t)  # auto -> cuda
+    on_device = topo.barcode(t, backend="cuda")  # "auto" is the CPU engine until CUDA_FOR_AUTO
     on_host = topo.barcode(x, backend="cpu")
     for d in range(3):
         np.testing.assert_array_equal(on_device.birth_coordinates[d], on_host.birth_coordinates[d])

@@ -247,16 +247,18 @@ def test_cuda_tensors_stay_on_device():
     p = rng.random((12, 13, 11)).astype(np.float32)
     t = (rng.random(p.shape) > 0.5).astype(np.float32)
     for relative in (False, True):
-        on_device = topo.betti_matching(torch.from_numpy(p).cuda(), torch.from_numpy(t).cuda(), relative=relative)
+        on_device = topo.betti_matching(
+            torch.from_numpy(p).cuda(), torch.from_numpy(t).cuda(), relative=relative, backend="cuda"
+        )
         assert_same_api(topo.betti_matching(p, t, backend="cpu", relative=relative), on_device)
     batch_p = torch.from_numpy(np.stack([p, t])[:, None]).cuda()
     batch_t = torch.from_numpy(np.stack([t, p])[:, None]).cuda()
-    got = topo.betti_matching_batch(batch_p, batch_t)
+    got = topo.betti_matching_batch(batch_p, batch_t, backend="cuda")
     want = topo.betti_matching_batch(np.stack([p, t])[:, None], np.stack([t, p])[:, None], backend="cpu")
     for gi, wi in zip(got, want):
         for x, y in zip(gi, wi):
             assert_same_api(x, y)
     np.testing.assert_array_equal(
-        topo.betti_matching_error(batch_p[0, 0] > 0.5, batch_t[0, 0]),
+        topo.betti_matching_error(batch_p[0, 0] > 0.5, batch_t[0, 0], backend="cuda"),
         topo.betti_matching_error(p > 0.5, t, backend="cpu"),
     )

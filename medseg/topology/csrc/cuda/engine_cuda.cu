@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <exception>
+#include <limits>
 #include <stdexcept>
 #include <thread>
 #include <string>
@@ -169,6 +170,31 @@ struct DeviceExec {
     }
 };
 
+// Makes the pair's device current on this host thread and gives the caller its own back:
+// the current device is per host thread and shared with PyTorch (both runtimes make the
+// device's primary context current), so a cudaSetDevice left behind would move the
+// caller's later torch.empty(device="cuda") / .cuda() to our device. Host inputs
+// (device < 0) run on the caller's current device, as torch would put them (a torchrun
+// rank's own GPU after torch.cuda.set_device), not on device 0.
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(int device) {
+        check(cudaGetDevice(&prev_), "cudaGetDevice");
+        dev_ = device < 0 ? prev_ : device;
+        if (dev_ != prev_) check(cudaSetDevice(dev_), "cudaSetDevice");
+    }
+    ~DeviceGuard() {
+        if (dev_ != prev_) cudaSetDevice(prev_);
+    }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+    int device() const { return dev_; }
+
+  private:
+    int prev_ = 0;
+    int dev_ = 0;
+};
+
 class Stream {
   public:
     Stream() { check(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "stream"); }
@@ -211,6 +237,11 @@ void check_image(const ImageView& image, bool T) {
     std::int64_t lattice = 1;
     for (int a = 0; a < image.ndim; ++a) lattice *= image.shape[a] + (T ? 1 : 0);
     if (lattice > kMaxPoints) throw std::length_error("image too large for the engine");
+    // CUB's item counts here are int: the cell arrays hold 3 x lattice slots
+    if (3 * lattice > std::numeric_limits<int>::max())
+        throw std::length_error("image too large for the CUDA backend: " + std::to_string(lattice) +
+                                " lattice points, at most " + std::to_string(std::numeric_limits<int>::max() / 3) +
+                                " (the cpu backend takes up to " + std::to_string(kMaxPoints) + ")");
 }
 
 // The image's values on the device: itself (device_id >= 0) or a copy staged on ex's stream.
@@ -263,7 +294,7 @@ std::string runtime_version() {
 BarcodeResult barcode(const ImageView& image, int device_id, const Options& opt) {
     const bool T = opt.construction == Construction::T;
     check_image(image, T);
-    check(cudaSetDevice(device_id < 0 ? 0 : device_id), "cudaSetDevice");
+    const DeviceGuard guard(device_id);  // first: restored last, after the stream and buffers
     // The caller's tensor may still be written by its own stream: order after it.
     check(cudaDeviceSynchronize(), "synchronize");
     Stream stream;
@@ -274,7 +305,8 @@ BarcodeResult barcode(const ImageView& image, int device_id, const Options& opt)
 }
 
 MatchingResult matching(const ImageView& a, const ImageView& b, int device_id, const Options& opt) {
-    check(cudaSetDevice(device_id < 0 ? 0 : device_id), "cudaSetDevice");
+    check_image(a, opt.construction == Construction::T);  // before any CUDA call (match_one checks the pair)
+    const DeviceGuard guard(device_id);
     check(cudaDeviceSynchronize(), "synchronize");
     Stream stream;
     return match_one(make_exec(stream), a, b, device_id, opt);
@@ -286,8 +318,8 @@ std::vector<MatchingResult> matching_batch(const std::vector<ImageView>& as, con
     const std::size_t n = as.size();
     std::vector<MatchingResult> out(n);
     if (n == 0) return out;
-    const int dev = device_id < 0 ? 0 : device_id;
-    check(cudaSetDevice(dev), "cudaSetDevice");
+    const DeviceGuard guard(device_id);
+    const int dev = guard.device();
     check(cudaDeviceSynchronize(), "synchronize");  // once, before any stream starts
     // A small pool of host threads, each with its own stream, takes the pairs in turn:
     // the device overlaps one pair's kernels with another's, the host passes run in
