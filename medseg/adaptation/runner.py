@@ -74,6 +74,7 @@ from medseg.runfolder import (
     restore_rng_state,
     resume_point,
     save_checkpoint,
+    seed_all,
     write_provenance,
 )
 from medseg.training.logs import RunLog
@@ -282,6 +283,7 @@ def _run(
         return m
 
     model_json = source.payload["config"]["model"]
+    seed_all(cfg.seed)  # a resume restores the checkpoint's states instead
     student = build(model_json)
     student.load_state_dict(source.state_dict)
     strict = True

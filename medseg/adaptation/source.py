@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from medseg.atomic import file_sha256
 from medseg.config import RunConfig, validate_config
 from medseg.errors import CheckpointError, ConfigError, MedsegError
 from medseg.runfolder import find_checkpoint, load_checkpoint
@@ -60,7 +59,7 @@ def load_source(path: str | Path) -> SourceRun:
     """
     path = Path(path)
     checkpoint_path = find_checkpoint(path, prefer=("latest", "best"))
-    payload = load_checkpoint(checkpoint_path, map_location="cpu")
+    payload, sha256 = load_checkpoint(checkpoint_path, map_location="cpu", with_sha256=True)
     for key in ("dataset", "preprocessing"):
         if key not in payload:
             raise CheckpointError(f"{checkpoint_path}: not a medseg checkpoint (missing '{key}')")
@@ -71,7 +70,7 @@ def load_source(path: str | Path) -> SourceRun:
     return SourceRun(
         run_dir=path if path.is_dir() else None,
         checkpoint_path=checkpoint_path,
-        sha256=file_sha256(checkpoint_path),
+        sha256=sha256,  # of the bytes loaded: a train replacing the file meanwhile cannot mix the two
         payload=payload,
         config=config,
     )

@@ -164,7 +164,7 @@ def _provenance(predictor, tta: bool, overlap: float, save_probabilities: bool) 
 
     return {
         "medseg_version": __version__,
-        "checkpoint_sha256": file_sha256(predictor.checkpoint_path),
+        "checkpoint_sha256": predictor.checkpoint_sha256 or file_sha256(predictor.checkpoint_path),
         "tta": bool(tta),
         "overlap": float(overlap),
         "mode": predictor.config.inference.mode,

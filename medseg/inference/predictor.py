@@ -132,8 +132,10 @@ class Predictor:
     Attributes
     ----------
     checkpoint_path : Path or None
-        The checkpoint file, when loaded by :meth:`from_path` (``medseg predict``
-        records its digest).
+        The checkpoint file, when loaded by :meth:`from_path`.
+    checkpoint_sha256 : str or None
+        SHA-256 of the bytes the weights were loaded from (:meth:`from_path`), which
+        ``medseg predict`` records.
 
     Raises
     ------
@@ -167,6 +169,7 @@ class Predictor:
             raise CheckpointError(f"{source}: unusable 'dataset' entry ({type(err).__name__}: {err})") from None
         self.source = source
         self.checkpoint_path: Path | None = None
+        self.checkpoint_sha256: str | None = None
         self.device = device
         self.spatial_dims = self.config.spatial_dims
         self.num_classes = self.info.num_classes
@@ -194,8 +197,10 @@ class Predictor:
     def from_path(cls, model: str | Path, device: str | torch.device = "auto") -> "Predictor":
         """Load a run folder (checkpoint ``best``, else ``latest``) or a checkpoint file."""
         path = find_checkpoint(model)
-        predictor = cls(load_checkpoint(path, map_location="cpu"), resolve_device(device), source=str(path))
+        payload, sha256 = load_checkpoint(path, map_location="cpu", with_sha256=True)
+        predictor = cls(payload, resolve_device(device), source=str(path))
         predictor.checkpoint_path = Path(path)
+        predictor.checkpoint_sha256 = sha256  # of the bytes these weights came from
         return predictor
 
     @property

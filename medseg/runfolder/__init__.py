@@ -26,6 +26,7 @@ from medseg.runfolder.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    seed_all,
 )
 from medseg.runfolder.device import resolve_device
 from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach
@@ -58,6 +59,7 @@ __all__ = [
     "restore_rng_state",
     "resume_point",
     "save_checkpoint",
+    "seed_all",
     "unfinished_start",
     "write_provenance",
 ]

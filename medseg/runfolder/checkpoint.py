@@ -66,60 +66,76 @@ def find_checkpoint(run_or_file: str | Path, prefer: tuple[str, ...] = CHECKPOIN
     )
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a damaged or foreign file is a CheckpointError."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", with_sha256: bool = False
+) -> dict[str, Any] | tuple[dict[str, Any], str]:
+    """Load a checkpoint with ``weights_only=True``; a damaged or foreign file is a CheckpointError.
+
+    The file is read once, and its CRCs, its tensors and (``with_sha256``: returned as
+    ``(payload, sha256)``) its hash all come from those bytes: a checkpoint replaced
+    between two reads (a running ``train`` renames a new ``best.pt`` over the old one)
+    gave ``medseg predict`` one file's weights and recorded the other's SHA-256.
+    """
+    import hashlib
+    import io
+
     path = Path(path)
-    damaged = _damaged_member(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: not a readable medseg checkpoint "
+                              f"({type(err).__name__}: {err.strerror or err})") from None
+    damaged = _damaged_member(data)
     if damaged is not None:
         raise CheckpointError(
             f"{path}: damaged checkpoint ({damaged} fails its CRC-32 check: the file changed after it was "
             "written); use another checkpoint or a backup"
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint file not found") from None
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, pickle with disallowed globals, not a torch file
-        raise CheckpointError(f"{path}: not a readable medseg checkpoint ({_load_failure(path, err)})") from None
+        raise CheckpointError(f"{path}: not a readable medseg checkpoint ({_load_failure(data, err)})") from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"{path}: not a medseg checkpoint (missing 'model' or 'config')")
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format_version {version!r}, this medseg reads {FORMAT_VERSION}")
+    if with_sha256:
+        return payload, hashlib.sha256(data).hexdigest()
     return payload
 
 
-def _damaged_member(path: Path) -> str | None:
+def _damaged_member(data: bytes) -> str | None:
     """The first member of the checkpoint's zip archive whose CRC-32 does not match, if any.
 
     torch.load does not check the CRCs its writer stores, so a flipped bit in the tensors
-    loads as different weights without a word. One read of the file (page-cached right
-    after): 0.04 s per 100 MB here, about half of a torch.load. Anything that is no
-    readable zip is left to torch.load and :func:`_load_failure` to describe.
+    loads as different weights without a word. 0.04 s per 100 MB here, about half of a
+    torch.load. Anything that is no readable zip is left to torch.load and
+    :func:`_load_failure` to describe.
     """
+    import io
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             return archive.testzip()
     except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError):
         return None
 
 
-def _load_failure(path: Path, err: Exception) -> str:
-    """Why ``torch.load`` failed, in one line, without torch's advice to load the file
-    with ``weights_only=False`` (which would run whatever code a foreign file holds)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as read_error:
-        return f"{type(read_error).__name__}: {read_error.strerror or read_error}"
-    if head != b"PK\x03\x04":
-        return "not a PyTorch file: a checkpoint is a zip archive"
+def _load_failure(data: bytes, err: Exception) -> str:
+    """Why ``torch.load`` failed on a checkpoint's bytes, in one line, without torch's
+    advice to load the file with ``weights_only=False`` (which would run whatever code a
+    foreign file holds)."""
+    import io
     import zipfile
 
-    if not zipfile.is_zipfile(path):  # the archive's directory is at its end
-        return f"truncated: a zip archive without its end ({path.stat().st_size} bytes), as a write cut short leaves it"
+    if data[:4] != b"PK\x03\x04":
+        return "not a PyTorch file: a checkpoint is a zip archive"
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # the archive's directory is at its end
+        return f"truncated: a zip archive without its end ({len(data)} bytes), as a write cut short leaves it"
     message = str(err).split("\n")[0]
     if "weights only" in message.lower() or "weights_only" in message:
         return f"{type(err).__name__}: it holds objects that a weights-only load refuses"
@@ -127,6 +143,24 @@ def _load_failure(path: Path, err: Exception) -> str:
 
 
 # --------------------------------------------------------------------------- RNG state
+
+def seed_all(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators from ``seed``.
+
+    medseg itself draws from torch's alone (data loading has generators of its own), but
+    a checkpoint stores all three states (:func:`capture_rng_state`): numpy's and Python's
+    were seeded from the OS at start-up, so two runs of one config wrote checkpoints of
+    different bytes (a prediction folder then refused the retrained model as another
+    one), and a user's transform or loss drawing from them differed between runs.
+    """
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
 
 def capture_rng_state() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and python RNG states in ``weights_only``-loadable form."""

@@ -182,7 +182,9 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
     gpus = _visible_gpus() if (parallel > 1 or local_rank is not None) else []
     threads = None
     if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // parallel)
+        from medseg.preprocessing.run import available_cpus  # the affinity mask (taskset, Slurm), not the machine
+
+        threads = max(1, available_cpus() // parallel)
     slots: queue.SimpleQueue[int] = queue.SimpleQueue()
     for slot in range(parallel):
         slots.put(slot)

@@ -88,6 +88,7 @@ from medseg.runfolder import (
     restore_rng_state,
     resume_point,
     save_checkpoint,
+    seed_all,
     write_provenance,
 )
 from medseg.training.data import TrainingData, prepare_data
@@ -195,7 +196,7 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     amp = bool(cfg.train.amp and device.type == "cuda")
     # the model and loss first: a config mistake shows before a long preprocessing
     info = read_dataset_json(cfg.data.dataset)
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
     loss_fn = build_loss(cfg.losses, info.num_classes, cfg.spatial_dims)

@@ -249,3 +249,26 @@ def test_files_after_one_input_flag_are_predicted_as_with_the_flag_repeated(tiny
     for name in ("a.nii.gz", "b.nii.gz"):
         globbed, repeated = (read_image(tmp_path / out / name)[0] for out in ("globbed", "repeated"))
         assert np.array_equal(globbed, repeated) and globbed.any()
+
+
+def test_the_recorded_checkpoint_is_the_one_the_weights_came_from(tiny_run, scans, tmp_path, monkeypatch):
+    """A train renaming a new best.pt over the old one between predict's load and its
+    hash made the record name the new model beside the old model's masks; a later
+    predict with the new model then skipped them as its own."""
+    import medseg.data.dataset as dataset_module
+
+    run = tmp_path / "live"
+    (run / "checkpoints").mkdir(parents=True)
+    old_bytes = (tiny_run / "checkpoints" / "best.pt").read_bytes()
+    (run / "checkpoints" / "best.pt").write_bytes(old_bytes)
+    new_model = make_run(tmp_path / "new", seed=1) / "checkpoints" / "best.pt"
+    real = dataset_module.cases_from_paths
+
+    def swap_then_list(*args, **kwargs):  # after the weights are loaded, before any case
+        os.replace(new_model, run / "checkpoints" / "best.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "cases_from_paths", swap_then_list)
+    assert predict(run, scans, tmp_path / "pred") == 0
+    record = json.loads((tmp_path / "pred" / PROVENANCE).read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(old_bytes).hexdigest()

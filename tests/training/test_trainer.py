@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -120,7 +121,12 @@ class _Killed(BaseException):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(synthetic_dataset_3d, tmp_path, monkeypatch):
+    import random
+
+    # numpy's and Python's generators as two processes find them (seeded by the OS)
+    np.random.seed(1), random.seed(1)
     reference = run_training(validate_config(_raw(synthetic_dataset_3d, tmp_path / "full", iterations=14)))
+    np.random.seed(2), random.seed(2)
 
     # "kill" at iteration 10: two iterations after checkpoint 8, after the metrics row of 10
     cfg = validate_config(_raw(synthetic_dataset_3d, tmp_path / "killed", iterations=14))
@@ -140,6 +146,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(synthetic_dataset_3d
 
     run_training(cfg, resume=True)
     _assert_same_run(reference, tmp_path / "killed")
+    # the stored generator states too: numpy's and Python's were seeded by the OS, so two
+    # runs of one config wrote checkpoints of different bytes
+    for name in ("latest.pt", "best.pt"):
+        ra, rb = (load_checkpoint(run / "checkpoints" / name)["rng"] for run in (reference, tmp_path / "killed"))
+        assert torch.equal(ra["torch"], rb["torch"])
+        assert torch.equal(ra["numpy"][1], rb["numpy"][1]) and ra["numpy"][2:] == rb["numpy"][2:]
+        assert ra["python"] == rb["python"]
 
     # resuming a finished run changes nothing, and adds no empty TensorBoard file
     events = sorted((tmp_path / "killed" / "tensorboard").iterdir())
