@@ -44,6 +44,17 @@ def _engine_info() -> dict[str, Any]:
 
 
 def _version(module: str) -> str | None:
+    """The module's version; from its installed metadata when it is not imported yet
+    (importing MONAI for its version took 1 to 3.5 s of every ``medseg --version``)."""
+    import sys
+
+    if module not in sys.modules:
+        from importlib import metadata
+
+        try:
+            return metadata.version(module)
+        except metadata.PackageNotFoundError:
+            pass  # a source checkout on sys.path: ask the module
     try:  # a plain str: torch's TorchVersion would not load from a weights_only checkpoint
         return str(__import__(module).__version__)
     except Exception:

@@ -58,7 +58,9 @@ PYEOF
 then
     "$py" -m pip install --quiet "cmake>=3.18" ninja  # no usable CMake/Ninja on PATH
 fi
-"$py" -m pip install --quiet --no-build-isolation -e ".[$extras]"
+# A build folder in the checkout makes a rerun incremental (4 s instead of 1 min);
+# pyproject.toml names none, so that `pip install .` also works from a read-only checkout.
+"$py" -m pip install --quiet --no-build-isolation -Cbuild-dir="build/{wheel_tag}" -e ".[$extras]"
 if [ "$extras" = "test" ] || [[ "$extras" == *test* ]]; then
     # Reference Betti matching implementation, used by the tests only (its own
     # dependencies are not needed: the tests load its compiled module directly).

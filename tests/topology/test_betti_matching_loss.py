@@ -275,3 +275,21 @@ def test_target_cache_turns_itself_off_when_targets_do_not_recur():
         for y in labels[:3]:
             recurring(x, y)
     assert recurring.cache_enabled and recurring.cache_hits == 12 and recurring.cache_misses == 6
+
+
+def test_a_script_that_exits_with_the_loss_graph_alive_prints_no_nanobind_leak():
+    """A top-level `v = loss(x, y); v.backward()` printed "nanobind: leaked 2 instances ...
+    reference counting issue" at exit: torch's graph keeps the prepared targets alive."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import torch, medseg.losses as L\n"
+              "loss = L.get_loss('betti_matching'); x = torch.randn(2, 2, 16, 16, requires_grad=True)\n"
+              "v = loss(x, torch.randint(0, 2, (2, 1, 16, 16))); v.backward()\n"
+              "print(float(v) > 0)\n")
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=root)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+    assert "leaked" not in proc.stderr, proc.stderr
