@@ -587,7 +587,11 @@ def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = Non
     """Read a YAML mapping and apply ``--set`` overrides; one-line ConfigError on a bad file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: " + ("is not a file" if path.exists() else "config file not found"))
+        hint = ""
+        if not path.exists() and path.parts[:1] == ("configs",):  # the README's examples, run outside a checkout
+            hint = ("; the example configs are in the source repository (configs/), not in an installed wheel: "
+                    "`medseg plan DATASET` writes a config for a dataset")
+        raise ConfigError(f"{path}: " + ("is not a file" if path.exists() else "config file not found") + hint)
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
     except _DuplicateKey as err:

@@ -108,8 +108,11 @@ def test_set_rejects_malformed_and_unknown_overrides(tmp_path):
 def test_bad_values_and_files(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'train\.optimizer\.name'"):
         validate_config({**MINIMAL, "train": {"iterations": 3, "optimizer": {"name": "lion"}}})
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found$"):
         load_config(tmp_path / "nope.yaml")
+    # the README's example configs, asked for outside a checkout (a wheel holds none)
+    with pytest.raises(ConfigError, match=r"^configs/nope\.yaml: config file not found; .*medseg plan DATASET"):
+        load_config("configs/nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
