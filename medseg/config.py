@@ -583,14 +583,29 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def example_configs_folder() -> Path | None:
+    """The example configs: ``configs/`` of the checkout medseg runs from, else the copy a
+    wheel installs beside the package (``medseg/configs``, CMakeLists.txt); None when
+    neither is there."""
+    package = Path(__file__).resolve().parent
+    for folder in (package.parent / "configs", package / "configs"):
+        if (folder / "quickstart.yaml").is_file():
+            return folder
+    return None
+
+
 def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a YAML mapping and apply ``--set`` overrides; one-line ConfigError on a bad file."""
     path = Path(path)
     if not path.is_file():
         hint = ""
         if not path.exists() and path.parts[:1] == ("configs",):  # the README's examples, run outside a checkout
-            hint = ("; the example configs are in the source repository (configs/), not in an installed wheel: "
-                    "`medseg plan DATASET` writes a config for a dataset")
+            examples = example_configs_folder()
+            shipped = examples / Path(*path.parts[1:]) if examples is not None else None
+            if shipped is not None and shipped.is_file():
+                hint = f"; medseg's example is {shipped}: copy it here and edit its paths"
+            else:
+                hint = "; `medseg plan DATASET` writes a config for a dataset"
         raise ConfigError(f"{path}: " + ("is not a file" if path.exists() else "config file not found") + hint)
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}

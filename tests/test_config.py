@@ -105,14 +105,21 @@ def test_set_rejects_malformed_and_unknown_overrides(tmp_path):
         apply_overrides({"train": {"iterations": 3}}, ["train.iterations.x=1"])
 
 
-def test_bad_values_and_files(tmp_path):
+def test_bad_values_and_files(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"key 'train\.optimizer\.name'"):
         validate_config({**MINIMAL, "train": {"iterations": 3, "optimizer": {"name": "lion"}}})
     with pytest.raises(ConfigError, match="config file not found$"):
         load_config(tmp_path / "nope.yaml")
-    # the README's example configs, asked for outside a checkout (a wheel holds none)
+    # the README's example configs, asked for outside a checkout: where medseg's copy is
+    from medseg.config import example_configs_folder
+
     with pytest.raises(ConfigError, match=r"^configs/nope\.yaml: config file not found; .*medseg plan DATASET"):
         load_config("configs/nope.yaml")
+    monkeypatch.chdir(tmp_path)
+    shipped = example_configs_folder() / "adapt" / "sfda.yaml"
+    with pytest.raises(ConfigError, match=rf"^configs/adapt/sfda\.yaml: config file not found; medseg's example is "
+                                          rf"{re.escape(str(shipped))}: copy it here"):
+        load_config("configs/adapt/sfda.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
