@@ -482,8 +482,9 @@ def run_evaluation(
         )
         summary["metrics_computed"] = chosen
         summary["metrics_skipped"] = skipped
-        summary["reference_folder"] = str(ref_dir)
-        summary["prediction_folder"] = str(pred_dir)
+        # absolute: the pages are drawn again (report html, report compare) from other folders
+        summary["reference_folder"] = _absolute(ref_dir)
+        summary["prediction_folder"] = _absolute(pred_dir)
         summary["provenance"] = provenance("cpu")  # what computed it (medseg.runfolder.provenance)
         output.mkdir(parents=True, exist_ok=True)
         # what a killed evaluation left (.summary.json.HOST-PID.tmp, ...); a live writer's is kept
@@ -528,6 +529,15 @@ def run_evaluation(
         return not missing and not failed
     finally:
         lock.release()
+
+
+def _absolute(path: Path) -> str:
+    """A path as summary.json and metrics.csv store it: absolute (not resolved: links kept),
+    so that a page drawn again from another folder finds the masks and scans (relative
+    paths, stored as typed, left every picture "unavailable")."""
+    import os
+
+    return os.path.abspath(path)
 
 
 #: Missing or failed cases listed one per line; the rest are counted (summary.json names all).
@@ -679,8 +689,8 @@ def _summary(
     metric_per_case = []
     for case, ref_file in references.items():
         entry = {
-            "reference_file": str(ref_file),
-            "prediction_file": str(pred_dir / f"{case}{ending}"),
+            "reference_file": _absolute(ref_file),
+            "prediction_file": _absolute(pred_dir / f"{case}{ending}"),
             "case": case,
         }
         if case in per_case:
@@ -738,13 +748,13 @@ def _csv(references, pred_dir, ending, per_case, missing, failed, label_names) -
         for label, name in label_names.items():
             row = {
                 "case": case, "label": label, "label_name": name, "status": status,
-                "reference_file": str(ref_file), "prediction_file": str(pred_dir / f"{case}{ending}"),
+                "reference_file": _absolute(ref_file), "prediction_file": _absolute(pred_dir / f"{case}{ending}"),
                 "error": failed.get(case, ""),
             }
             if status == "ok":
                 row.update(per_case[case][str(label)])
             writer.writerow(row)
         if not label_names:
-            writer.writerow({"case": case, "status": status, "reference_file": str(ref_file),
-                             "prediction_file": str(pred_dir / f"{case}{ending}"), "error": failed.get(case, "")})
+            writer.writerow({"case": case, "status": status, "reference_file": _absolute(ref_file),
+                             "prediction_file": _absolute(pred_dir / f"{case}{ending}"), "error": failed.get(case, "")})
     return buffer.getvalue()

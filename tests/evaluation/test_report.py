@@ -238,3 +238,23 @@ def test_a_colour_photograph_is_drawn_under_the_masks_in_grey(tmp_path):
     image, note = _read_scan(tmp_path, "grey", ".png", (6, 8))
     assert np.all(image == 200) and note == "scan grey_0000.png underneath"
     assert _read_scan(tmp_path, "wall", ".png", (8, 6))[0] is None  # another shape than the masks
+
+
+def test_a_page_drawn_again_from_another_folder_finds_the_masks(tmp_path, monkeypatch):
+    """summary.json stored the paths as typed: evaluated with relative paths and drawn
+    again from another folder, every picture was "unavailable" (exit code 0)."""
+    from medseg.cli import main
+
+    pred, ref = _ring_case()
+    work = tmp_path / "work"
+    for folder, array in (("labelsTs", ref), ("pred", pred)):
+        write_image(work / folder / "ring.nii.gz", array, ImageGeometry.identity(ref.shape))
+    monkeypatch.chdir(work)
+    assert run_evaluation("pred", "labelsTs", "eval", workers=1)
+    summary = json.loads((work / "eval" / "summary.json").read_text())
+    case = summary["metric_per_case"][0]
+    assert Path(case["reference_file"]).is_absolute() and Path(summary["prediction_folder"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "html", str(work / "eval"), "--output", str(tmp_path / "again.html")]) == 0
+    page = (tmp_path / "again.html").read_text()
+    assert "picture unavailable" not in page and len(_parse(tmp_path / "again.html").figures) == 1
