@@ -143,3 +143,20 @@ def test_page_loads_nothing_from_the_network(evaluation):
     text = (out / "report.html").read_text()
     assert not re.search(r"""<(link|script)[^>]+(src|href)=""", text)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)
+
+
+def test_a_narrow_window_scrolls_the_tables_not_the_page(evaluation, tmp_path):
+    """On a phone the run and aggregate tables kept the page 900 px wide: the whole page
+    scrolled sideways. Each table now scrolls in its own box; a long case name wraps."""
+    out, _ = evaluation
+    page = (out / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load',function(){var b=document.body;"
+             "b.setAttribute('data-scroll-width',document.documentElement.scrollWidth);"
+             "b.setAttribute('data-inner-width',window.innerWidth);});</script></body>")
+    narrow = tmp_path / "narrow.html"
+    narrow.write_text(page.replace("</body>", probe))
+    proc = _chromium(tmp_path / "profile", "--window-size=400,900", "--dump-dom", narrow.resolve().as_uri())
+    found = re.search(r'data-scroll-width="(\d+)" data-inner-width="(\d+)"', proc.stdout)
+    assert found, proc.stderr[-2000:]
+    scroll_width, inner_width = map(int, found.groups())
+    assert inner_width <= 600 and scroll_width <= inner_width, (scroll_width, inner_width)

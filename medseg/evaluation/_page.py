@@ -32,9 +32,17 @@ tr.bad td{background:#fff5f5}
 td.nan{color:#adb5bd}
 .meta{color:#495057;font-size:13px}.meta code{font-size:12px}
 .scroll{overflow-x:auto;max-height:640px;overflow-y:auto}
+.wide{overflow-x:auto;max-width:100%}
+td:first-child{white-space:normal;overflow-wrap:anywhere;min-width:6em;max-width:24em}
+td.text{white-space:normal;overflow-wrap:anywhere;text-align:left;min-width:10em}
+table.sortable td:first-child{position:sticky;left:0;background:#fff}
+table.sortable tr.bad td:first-child{background:#fff5f5}
+table.sortable th:first-child{left:0;z-index:2}
 figure{margin:16px 0;border:1px solid #e9ecef;padding:8px}
 figure img{max-width:100%}
-figcaption{font-size:13px;color:#343a40}
+figcaption{font-size:13px;color:#343a40;overflow-wrap:anywhere}
+@media print{.scroll,.wide{max-height:none;overflow:visible}th,table.sortable td:first-child{position:static}
+ th,td{white-space:normal;padding:1px 4px}table{font-size:9px}figure{break-inside:avoid}}
 .legend{font-weight:600}
 .better{color:#2b8a3e}.worse{color:#c92a2a}
 """
@@ -66,6 +74,9 @@ _SORT_JS = """
     if(m){for(var i=0;i<ths.length;i++){if(ths[i].getAttribute('data-key')===m[1]){sortBy(table,i,m[2]||'desc');}}}
     table.setAttribute('data-sortable','ready');
   });
+  // printed, the collapsed sections (conventions, other metrics) come out too
+  window.addEventListener('beforeprint',function(){
+    Array.prototype.forEach.call(document.querySelectorAll('details'),function(d){d.open=true;});});
 })();
 """
 
@@ -124,8 +135,14 @@ def table(
     sortable: bool = False,
     keys: Sequence[str] | None = None,
     row_classes: Sequence[str] | None = None,
+    scroll: bool = False,
 ) -> str:
-    """A table from header texts and rows of ready cells (:func:`cell`); ``keys`` name columns for ``#sort=``."""
+    """A table from header texts and rows of ready cells (:func:`cell`); ``keys`` name columns for ``#sort=``.
+
+    The table scrolls sideways inside its own box (on a phone the page kept its width and
+    the whole page scrolled); ``scroll=True``: also up and down, 640 px high at most,
+    under a header that stays (the long per-case tables). Printed, both show every row.
+    """
     keys = list(keys) if keys is not None else list(headers)
     head = "".join(f'<th data-key="{esc(k)}">{esc(h)}</th>' for h, k in zip(headers, keys))
     body = []
@@ -134,7 +151,9 @@ def table(
         opening = f'<tr class="{esc(klass)}">' if klass else "<tr>"
         body.append(opening + "".join(row) + "</tr>")
     attrs = (f' id="{esc(table_id)}"' if table_id else "") + (' class="sortable"' if sortable else "")
-    return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>"
+    box = "scroll" if scroll else "wide"
+    return (f'<div class="{box}"><table{attrs}><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(body)
+            + "\n</tbody></table></div>")
 
 
 def img(png: bytes, alt: str) -> str:

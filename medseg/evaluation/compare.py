@@ -469,8 +469,8 @@ def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] |
                 va, vb = values.get(m, [math.nan, math.nan])
                 cells += [_page.cell(va), _page.cell(vb), _page.cell(vb - va)]
             case_rows.append(cells)
-        body.append("<h3>Cases</h3><div class=\"scroll\">" + _page.table(
-            headers, case_rows, table_id=f"compare-cases-{label}", sortable=True, keys=keys) + "</div>")
+        body.append("<h3>Cases</h3>" + _page.table(
+            headers, case_rows, table_id=f"compare-cases-{label}", sortable=True, keys=keys, scroll=True))
     left_out = []
     for key, text in (("only_in_a", "Cases only in A"), ("only_in_b", "Cases only in B")):
         if result[key]:

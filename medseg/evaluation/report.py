@@ -238,8 +238,8 @@ def _run_section(summary: dict) -> str:
     skipped = summary.get("metrics_skipped") or {}
     if skipped:
         items.append(("metrics skipped", "; ".join(f"{name}: {reason}" for name, reason in skipped.items())))
-    rows = "".join(f"<tr><td>{_page.esc(k)}</td><td style=\"text-align:left\">{_page.esc(v)}</td></tr>" for k, v in items)
-    html = f"<table>{rows}</table>"
+    rows = "".join(f"<tr><td>{_page.esc(k)}</td><td class=\"text\">{_page.esc(v)}</td></tr>" for k, v in items)
+    html = f"<div class=\"wide\"><table>{rows}</table></div>"
     if missing or failed:
         problem_rows = [[_page.cell(c), _page.cell("missing"), _page.cell("no prediction file")] for c in missing]
         problem_rows += [[_page.cell(c), _page.cell("failed"), _page.cell(reason)] for c, reason in failed.items()]
@@ -247,10 +247,10 @@ def _run_section(summary: dict) -> str:
     conventions = summary.get("conventions", {})
     if conventions:
         conv = "".join(
-            f"<tr><td>{_page.esc(k)}</td><td style=\"text-align:left;white-space:normal\">{_page.esc(v)}</td></tr>"
+            f"<tr><td>{_page.esc(k)}</td><td class=\"text\">{_page.esc(v)}</td></tr>"
             for k, v in conventions.items()
         )
-        html += f"<details><summary>Conventions</summary><table>{conv}</table></details>"
+        html += f"<details><summary>Conventions</summary><div class=\"wide\"><table>{conv}</table></div></details>"
     return "<h2>Run</h2>" + html
 
 
@@ -310,9 +310,9 @@ def _case_table(summary: dict, labels: dict[str, str]) -> str:
         rows.append(cells)
         classes.append("" if status == "ok" else "bad")
     note = "<p class=\"meta\">One row per reference case; click a header to sort (undefined values stay last).</p>"
-    return "<h2>Cases</h2>" + note + "<div class=\"scroll\">" + _page.table(
-        headers, rows, table_id="cases", sortable=True, keys=keys, row_classes=classes
-    ) + "</div>"
+    return "<h2>Cases</h2>" + note + _page.table(
+        headers, rows, table_id="cases", sortable=True, keys=keys, row_classes=classes, scroll=True
+    )
 
 
 def _worst(summary: dict, count: int) -> tuple[str | None, list[tuple[float, str, str, dict]]]:

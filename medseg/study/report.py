@@ -195,7 +195,7 @@ def render_html(summary: dict[str, Any]) -> str:
     body.append("<h2>Runs</h2>")
     run_rows = [
         [_page.cell(r["run"]), _page.cell(r["status"]), _page.cell(r["seconds_per_step"]), _page.cell(r["peak_rss_mib"]),
-         _page.cell(r["peak_cuda_mib"]), _page.cell(r["run_dir"]), _page.cell(r["error"] or "")]
+         _page.cell(r["peak_cuda_mib"]), _page.cell(r["run_dir"], cls="text"), _page.cell(r["error"] or "", cls="text")]
         for r in summary["runs"]
     ]
     body.append(_page.table(["run", "status", "s/step", "peak RSS (MiB)", "peak CUDA (MiB)", "folder", "error"], run_rows,
