@@ -431,7 +431,8 @@ def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] |
             "defined in both (so a mean can differ from the one in either evaluation's report). <i>better mean</i>: "
             "the run whose mean is better (higher Dice, IoU, surface Dice and clDice; lower HD95, Betti and Betti "
             "matching errors; none for volumes and component counts), <span class=\"better\">green</span> when "
-            "it is B, <span class=\"worse\">red</span> when it is A; <b>*</b>: the permutation test's "
+            "it is B, <span class=\"worse\">red</span> when it is A, <b>=</b> when the means are equal; <b>*</b>: "
+            "the permutation test's "
             f"p &lt; {SIGNIFICANCE}.</p>"]
     for label, rows in result["metrics"].items():
         name = result["labels"].get(label, label)

@@ -33,11 +33,19 @@ PREDICTION_COLOUR = "#1c7ed6"  # prediction features the reference does not have
 
 
 def _pyplot():
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    # A case or label name in a script the plotting font lacks (Chinese, Japanese: not in
+    # DejaVu Sans, and servers seldom have a CJK font) is drawn as boxes in the picture's
+    # title, and matplotlib warned once per character on stderr, dozens of lines per
+    # page. The page names every pictured case in its HTML caption, which the browser
+    # draws with its own fonts.
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from (current )?font", category=UserWarning)
     return plt
 
 
@@ -120,22 +128,33 @@ def _rgb(colour: str) -> tuple[float, float, float]:
     return tuple(int(colour[i : i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
 
 
+#: Up to this many features a panel's marks are drawn at full size with their birth-death
+#: lines; above it they shrink with the count (area ~ 1/count) and lose the lines: a poor
+#: model's 2,000 unmatched features in a TopoMortar image buried the masks under them.
+FULL_SIZE_MARKS = 40
+
+
 def _draw_marks(ax, marks: Marks, colour: str, names: dict[int, str], side: str) -> list:
     handles = []
+    count = sum(len(v) for v in marks.births.values())
+    scale = min(1.0, FULL_SIZE_MARKS / max(count, 1))
     for dim in sorted(set(marks.births) | set(marks.deaths)):
         births = marks.births.get(dim, np.zeros((0, 2)))
         deaths = marks.deaths.get(dim, np.zeros((0, 2)))
         if len(births) == 0 and len(deaths) == 0:
             continue
         marker = FEATURE_MARKERS.get(dim, "D")
-        for b, d in zip(births, deaths):
-            ax.plot([b[1], d[1]], [b[0], d[0]], color=colour, lw=0.8, ls=":", alpha=0.9)
+        if count <= FULL_SIZE_MARKS:
+            for b, d in zip(births, deaths):
+                ax.plot([b[1], d[1]], [b[0], d[0]], color=colour, lw=0.8, ls=":", alpha=0.9)
         if len(births):
-            h = ax.scatter(births[:, 1], births[:, 0], s=70, marker=marker, facecolors="none", edgecolors=colour,
-                           linewidths=1.8, zorder=4, label=f"{side} {names.get(dim, f'dim {dim}')}")
+            h = ax.scatter(births[:, 1], births[:, 0], s=max(70 * scale, 6), marker=marker, facecolors="none",
+                           edgecolors=colour, linewidths=max(1.8 * scale ** 0.5, 0.5), zorder=4,
+                           label=f"{side} {names.get(dim, f'dim {dim}')}")
             handles.append(h)
         if len(deaths):
-            ax.scatter(deaths[:, 1], deaths[:, 0], s=30, marker="x", color=colour, linewidths=1.4, zorder=4)
+            ax.scatter(deaths[:, 1], deaths[:, 0], s=max(30 * scale, 3), marker="x", color=colour,
+                       linewidths=max(1.4 * scale ** 0.5, 0.4), zorder=4)
     return handles
 
 

@@ -258,3 +258,37 @@ def test_a_page_drawn_again_from_another_folder_finds_the_masks(tmp_path, monkey
     assert main(["report", "html", str(work / "eval"), "--output", str(tmp_path / "again.html")]) == 0
     page = (tmp_path / "again.html").read_text()
     assert "picture unavailable" not in page and len(_parse(tmp_path / "again.html").figures) == 1
+
+
+def test_many_unmatched_features_are_drawn_smaller_and_without_their_lines():
+    """A poor model's thousands of unmatched features buried the masks under full-size marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medseg.evaluation.plots import FULL_SIZE_MARKS, Marks, _draw_marks
+
+    rng = np.random.default_rng(0)
+    for count in (5, 20 * FULL_SIZE_MARKS):
+        fig, ax = plt.subplots()
+        points = rng.random((count, 2)) * 100
+        _draw_marks(ax, Marks(births={0: points}, deaths={0: points + 1}), "#ff0000", {0: "component"}, "missing")
+        births = ax.collections[0]
+        assert len(births.get_offsets()) == count
+        if count <= FULL_SIZE_MARKS:
+            assert len(ax.lines) == count and births.get_sizes()[0] == 70
+        else:
+            assert len(ax.lines) == 0 and births.get_sizes()[0] < 70 / 10
+        plt.close(fig)
+
+
+def test_names_the_plotting_font_lacks_print_no_warning_per_character(tmp_path, capsys, recwarn):
+    """A Chinese case name printed "Glyph ... missing from font(s) DejaVu Sans" for every
+    character; the page names the case in its HTML caption."""
+    pred, ref = _ring_case()
+    ok, out = _evaluate_2d(tmp_path, {"中文_名前": (pred, ref)})
+    assert ok
+    err = capsys.readouterr().err
+    assert "Glyph" not in err and not [w for w in recwarn if "Glyph" in str(w.message)]
+    assert "中文_名前" in (out / "report.html").read_text()
