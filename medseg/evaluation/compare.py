@@ -453,7 +453,7 @@ def render_compare_html(result: dict[str, Any], pictures: dict[str, list[str]] |
                    and m not in ("components_pred", "components_ref", "volume_difference_mm3")]
         differences = {m: [v[m][1] - v[m][0] for v in per_case.values() if m in v] for m in plotted}
         if differences:
-            png = paired_difference_figure(differences, title=f"{name}: per-case differences B - A")
+            png = paired_difference_figure(differences, title=f"{name}: per-case differences, B against A")
             body.append(f"<figure>{_page.img(png, f'per-case differences of {name}')}</figure>")
         if pictures and pictures.get(label):
             body.append("<h3>Cases that differ most</h3><p class=\"meta\">The reference and both predictions of the "

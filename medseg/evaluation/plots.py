@@ -238,23 +238,34 @@ def case_figure(
 
 
 def paired_difference_figure(differences: dict[str, Sequence[float]], title: str = "") -> bytes:
-    """Per-case differences (B - A) of each metric as strip plots around zero (PNG bytes)."""
+    """Per-case differences (B - A) of each metric as strip plots around zero (PNG bytes).
+
+    Each metric is turned so that up is B better (HD95 and the errors, lower is better,
+    are drawn as A - B) and scaled to its own largest difference, which its label gives:
+    a Dice gain of 0.02 and an HD95 loss of 16 mm looked the same, and up meant better
+    for one and worse for the other. Metrics without a better direction stay B - A.
+    """
+    from medseg.evaluation.aggregate import better_direction
+
     plt = _pyplot()
     names = list(differences)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.2))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.4))
     rng = np.random.default_rng(0)
+    labels = []
     for i, name in enumerate(names):
         d = np.asarray(differences[name], dtype=float)
-        d = d[np.isfinite(d)]
+        d = d[np.isfinite(d)] * (-1.0 if better_direction(name) < 0 else 1.0)
+        spread = float(np.max(np.abs(d))) if d.size else 0.0
+        labels.append(literal(f"{name}\n±{spread:.3g}" if d.size else name))
         if d.size == 0:
             continue
-        spread = float(np.max(np.abs(d))) or 1.0
+        spread = spread or 1.0
         ax.scatter(i + rng.uniform(-0.15, 0.15, d.size), d / spread, s=14, alpha=0.75, color="#1864ab", linewidths=0)
         ax.plot([i - 0.3, i + 0.3], [np.mean(d) / spread] * 2, color="#c92a2a", lw=2)
     ax.axhline(0, color="#495057", lw=0.8)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([literal(n) for n in names], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("B - A (scaled to max |diff|)", fontsize=8)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("B better \u2191   A better \u2193\n(scaled to each metric's max |diff|)", fontsize=8)
     ax.set_ylim(-1.1, 1.1)
     if title:
         ax.set_title(literal(title), fontsize=10)

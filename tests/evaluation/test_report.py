@@ -292,3 +292,32 @@ def test_names_the_plotting_font_lacks_print_no_warning_per_character(tmp_path, 
     err = capsys.readouterr().err
     assert "Glyph" not in err and not [w for w in recwarn if "Glyph" in str(w.message)]
     assert "中文_名前" in (out / "report.html").read_text()
+
+
+def test_the_differences_plot_turns_every_metric_so_that_up_is_b_better():
+    """Up meant better for Dice and worse for HD95 in one plot; each metric now gives its scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import medseg.evaluation.plots as plots
+
+    drawn = {}
+    real_png = plots.png_bytes
+
+    def keep(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn["means"] = [line.get_ydata()[0] for line in ax.lines[:-1] if len(line.get_xdata()) == 2]
+        drawn["labels"] = [t.get_text() for t in ax.get_xticklabels()]
+        return real_png(fig, *args, **kwargs)
+
+    plots.png_bytes = keep
+    try:
+        # B is better on both: higher Dice, lower HD95
+        plots.paired_difference_figure({"Dice": [0.02, 0.01], "HD95": [-16.0, -8.0]})
+    finally:
+        plots.png_bytes = real_png
+    assert all(mean > 0 for mean in drawn["means"]) and len(drawn["means"]) == 2
+    assert drawn["labels"] == ["Dice\n±0.02", "HD95\n±16"]
+    plt.close("all")
