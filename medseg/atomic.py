@@ -230,7 +230,8 @@ def blocking_file(path: str | Path) -> Path | None:
     """The file that stands where ``path`` or a folder above it should be (the first of
     them that exists, when it is not a folder), or None."""
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    # is_symlink: a link to nowhere "does not exist", yet nothing can be made in its place
+    existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
     return existing if existing is not None and not existing.is_dir() else None
 
 
@@ -249,7 +250,8 @@ def check_output_folder(path: str | Path, what: str, argument: bool = False) -> 
     path = Path(path)
     existing = blocking_file(path)
     if existing is not None:
-        problem = f"{existing} exists and is not a folder"
+        problem = (f"{existing} is a link to nothing ({os.readlink(existing)})" if not existing.exists()
+                   else f"{existing} exists and is not a folder")
         raise ArgumentError(what, problem, path) if argument else DataError(f"{what} {path}: {problem}")
     return path
 

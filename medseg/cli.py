@@ -457,11 +457,18 @@ def _main(argv: list[str] | None) -> int:
         from medseg.topology._backends import check_settings
 
         check_settings()
+        empty = _empty_argument(sys.argv[1:] if argv is None else list(argv))
+        if empty is not None:
+            # a path given as "" is the current folder: evaluate --output '' wrote its results there
+            sys.stderr.write(f"medseg: error: {empty}\n")
+            sys.stderr.flush()
+            return 2
         # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
         result = app(args=argv, standalone_mode=False)
     except MedsegError as err:
         # one write: the ranks of a torchrun share stderr, and print's two writes interleave
         message = err.for_cli() if isinstance(err, ArgumentError) else str(err)  # the library names arguments
+        message = _one_line(message)  # a value holding a newline (a key, a path) is echoed in the message
         if isinstance(err, RunStopped):  # nothing wrong with the inputs: say how to go on
             message += _INTERRUPT_HINT()
         sys.stderr.write(f"medseg: error: {message}\n")
@@ -469,7 +476,34 @@ def _main(argv: list[str] | None) -> int:
         return err.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code
+    except OSError as err:
+        # a path the system refuses (a name over 255 bytes, a link loop, a folder that
+        # cannot be made: /proc/self/x): the one line a shell would give; the commands'
+        # own checks name the option or key where they can
+        where = f"{err.filename}: " if err.filename else ""
+        sys.stderr.write(f"medseg: error: {_one_line(where + (err.strerror or str(err)))}\n")
+        sys.stderr.flush()
+        return 1
+    except ValueError as err:
+        if "embedded null byte" not in str(err):  # os.stat and open refuse such a path
+            raise
+        sys.stderr.write("medseg: error: a path holds a NUL byte (\\0); check the paths of the command and its config\n")
+        sys.stderr.flush()
+        return 2
+    except MemoryError:
+        sys.stderr.write(f"medseg: error: out of memory{_MEMORY_HINT}\n")
+        sys.stderr.flush()
+        return 1
     except RuntimeError as err:
+        if "can't allocate memory" in str(err) or "Storage size calculation overflowed" in str(err):
+            # torch's CPU allocator: an array far beyond this machine (a patch of 4096^3)
+            sys.stderr.write(f"medseg: error: out of memory ({_one_line(str(err).splitlines()[0])}){_MEMORY_HINT}\n")
+            sys.stderr.flush()
+            return 1
+        if str(err).startswith("Symlink loop"):  # pathlib's resolve
+            sys.stderr.write(f"medseg: error: {_one_line(str(err))}\n")
+            sys.stderr.flush()
+            return 2
         if _TERMINATED or isinstance(err.__context__, KeyboardInterrupt):
             # stopping, the data-loading workers died of the same signal: torch raised
             # that from its SIGCHLD handler during the clean-up
@@ -492,12 +526,41 @@ def _main(argv: list[str] | None) -> int:
         return _interrupted()
     except typer.Abort:
         return 1
-    except typer.TyperException as err:  # usage errors (missing option, bad value)
-        err.show()
+    except typer.TyperException as err:  # usage errors (missing option, bad value, unknown option)
+        # one line, as medseg's own errors (click's block is usage, "Try ... --help" and the error)
+        context = getattr(err, "ctx", None)
+        command = "medseg"
+        if context is not None:  # the path after the program's own name (python -m medseg, a script's)
+            command += context.command_path[len(context.find_root().info_name or ""):]
+        sys.stderr.write(f"medseg: error: {_one_line(err.format_message())} (see {command} --help)\n")
+        sys.stderr.flush()
         return err.exit_code
     if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
         return _interrupted()
     return result if isinstance(result, int) else 0
+
+
+_MEMORY_HINT = ("; a smaller data.patch_size, train.batch_size or inference.sw_batch_size, or a coarser "
+                "data.target_spacing, needs less")
+
+
+def _empty_argument(args: list[str]) -> str | None:
+    """What is wrong when an option or argument is given an empty text, else None: every
+    medseg argument is a path, a name or a number, none of which is empty."""
+    for i, arg in enumerate(args):
+        if arg == "":
+            previous = args[i - 1] if i else ""
+            if previous.startswith("-") and "=" not in previous:
+                return f"{previous}: is empty; give a path or value"
+            return f"argument {i + 1} is empty; give a path or value"
+        if arg.startswith("--") and arg.endswith("=") and arg.count("=") == 1:  # --output=
+            return f"{arg[:-1]}: is empty; give a path or value"
+    return None
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line: its line breaks written as ``\\n``."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _interrupted() -> int:

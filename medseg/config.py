@@ -195,8 +195,10 @@ class DataConfig(_Strict):
     @field_validator("target_spacing")
     @classmethod
     def _spacing(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (len(value) not in (2, 3) or any(not 0 < v < 1e6 for v in value)):
-            raise ValueError(f"must be 2 or 3 positive spacings in mm (below 1e6), got {value}")
+        # 1e-6 mm (1 nm) and up: electron microscopy's voxels are a few nm; 1e-40 underflowed
+        # float32 in the cached affine, and every label came out empty without a word
+        if value is not None and (len(value) not in (2, 3) or any(not 1e-6 <= v < 1e6 for v in value)):
+            raise ValueError(f"must be 2 or 3 spacings in mm from 1e-6 (1 nm) to below 1e6, got {value}")
         return value
 
     @field_validator("orientation")
@@ -276,6 +278,10 @@ def _sizes_within(value: Any, low: int, high: int, depth: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
+#: The largest learning rate a config takes (train.optimizer.lr, adapt.lr).
+MAX_LR = 1e6
+
+
 class LossTerm(_Strict):
     """One weighted term of the training loss; extra keys are the loss's parameters.
 
@@ -334,7 +340,9 @@ def resolve_schedule(start: int | float, ramp: int | float, iterations: int) -> 
 
 class OptimizerConfig(_Strict):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    # le: a learning rate float32 cannot hold (1e39) failed at the first step, after the run
+    # folder was written, with a traceback; nothing trains above 1e6 either
+    lr: float = Field(1e-3, gt=0, le=MAX_LR)
     weight_decay: float = Field(1e-5, ge=0)
     momentum: float = Field(0.99, ge=0, lt=1, description="SGD only (nesterov)")
 
@@ -465,6 +473,15 @@ def _parse_scalar(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except (RecursionError, ValueError) as err:  # [[[[... nested thousands deep; an integer of 4,300+ digits
+        raise ConfigError(f"--set value {text[:40]!r}{'...' if len(text) > 40 else ''}: {_yaml_limit(err)}") from None
+
+
+def _yaml_limit(err: BaseException) -> str:
+    """What a YAML text that parses yet cannot be built ran into, in words."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return f"a value Python cannot read ({str(err).splitlines()[0]})"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -572,6 +589,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):  # noqa: D102
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *defaults, merged by the base class (its keys
+                continue  # may be given again here: the explicit one wins, as YAML says)
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
@@ -619,6 +638,8 @@ def read_yaml_with_overrides(path: str | Path, overrides: list[str] | None = Non
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except (RecursionError, ValueError) as err:
+        raise ConfigError(f"{path}: {_yaml_limit(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     return apply_overrides(raw, overrides or [])

@@ -33,7 +33,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from medseg.config import MAX_COUNT, MAX_PATCH, MAX_WEIGHT, _Strict, read_yaml_with_overrides, validate_model
+from medseg.config import MAX_COUNT, MAX_LR, MAX_PATCH, MAX_WEIGHT, _Strict, read_yaml_with_overrides, validate_model
 
 METHODS = ("pseudo_label", "mean_teacher", "sfda", "tent")
 
@@ -212,7 +212,7 @@ class AdaptSection(_Strict):
     batch_size: int = Field(2, gt=0, le=2**16, description="target patches per step")
     patch_size: list[int] | None = Field(None, description="default: the source run's data.patch_size")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(5e-4, gt=0, description="Bateson et al. use Adam 5e-4 (2D); Tent 1e-3 Adam")
+    lr: float = Field(5e-4, gt=0, le=MAX_LR, description="Bateson et al. use Adam 5e-4 (2D); Tent 1e-3 Adam")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(12.0, gt=0)
     flip_prob: float = Field(0.5, ge=0, le=1, description="random flips of target patches (per axis)")

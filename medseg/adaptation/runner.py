@@ -235,6 +235,16 @@ def _checked_paths(cfg: AdaptConfig) -> tuple[Path, Path]:
     if _inside(run_dir, source_run):
         raise ConfigError(f"output_dir {run_dir}: is (inside) the source run; the source run is never written to")
     check_output_folder(run_dir, "output_dir")
+    from medseg.data.dataset import dataset_place
+
+    # as train refuses it: a run folder among a dataset's scans or labels
+    datasets = [("target.dataset", cfg.target.dataset)]
+    if cfg.source_data is not None:
+        datasets.append(("source_data.dataset", cfg.source_data.dataset))
+    for key, dataset in datasets:
+        place = dataset_place(run_dir, dataset)
+        if place is not None:
+            raise ConfigError(f"output_dir {run_dir}: {place.replace('dataset', key, 1)}; write the run elsewhere")
     return run_dir, source_path
 
 

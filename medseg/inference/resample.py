@@ -175,6 +175,7 @@ def _apply_pending(data: dict[str, Any], max_voxels: int) -> None:
         if dst_shape == tuple(plain.shape[1:]) and np.allclose(matrix, np.eye(dims + 1), atol=1e-6):
             values = plain.float()  # nothing to resample, as Spacing would find
         else:
+            _check_grid_fits(dst_shape, plain.shape[0], plain.shape[1:])
             mode, padding = _pending_modes(image)
             values = torch.empty((plain.shape[0], *dst_shape), dtype=torch.float32, device=plain.device)
             for index, slab in resample_slabs(plain, matrix, dst_shape, 0, mode, padding, max_voxels):
@@ -182,6 +183,23 @@ def _apply_pending(data: dict[str, Any], max_voxels: int) -> None:
         meta = {k: v for k, v in image.meta.items() if k != "affine"}
         del plain, image
         data[key] = MetaTensor(values, affine=torch.as_tensor(dst_affine, dtype=torch.float64), meta=meta)
+
+
+def _check_grid_fits(shape: tuple[int, ...], channels: int, source_shape: tuple[int, ...]) -> None:
+    """Refuse a resampled grid whose float32 array alone needs more than the memory this
+    process may use: a tiny ``data.target_spacing`` (0.01 mm for a 1 mm scan) failed
+    with an allocator's traceback, or overflowed the storage size."""
+    from medseg.errors import DataError
+    from medseg.memory import memory_limit_bytes
+
+    needed = 4 * channels * math.prod(shape)
+    limit = memory_limit_bytes()
+    if limit is not None and needed > limit:
+        raise DataError(
+            f"resampling a {'x'.join(map(str, source_shape))} scan gives a {'x'.join(map(str, shape))} grid, "
+            f"{needed / 2**30:.3g} GB as float32, more than the {limit / 2**30:.3g} GB of memory here: check the "
+            "target spacing (data.target_spacing)"
+        )
 
 
 def run_transforms(compose, data: dict[str, Any], max_voxels: int = MAX_SLAB_VOXELS) -> dict[str, Any]:

@@ -101,13 +101,22 @@ def shared_preparation() -> Iterator[None]:
         _shared.memo = None
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (torch >= 2.3 says so; older: never)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _memoised(key: tuple, source: torch.Tensor, compute) -> torch.Tensor:
     """``compute()``, or its earlier result for the same ``source`` tensor (object, not
     values, unmodified since) inside :func:`shared_preparation`. ``key`` tells what was
     computed from ``source``; the autograd mode is part of it, so a result made without a
     graph never stands in for one that needs it."""
     memo = _shared.memo
-    if memo is None:
+    if memo is None or _compiling():
+        # compiled (torch.compile): the memo's key holds the tensor's id, which Dynamo
+        # guarded on, so every batch recompiled until its limit; the compiler merges the
+        # terms' common work by itself
         return compute()
     version = None if source.is_inference() else source._version  # inference tensors keep no version counter
     full = (id(source), version, torch.is_grad_enabled(), *key)

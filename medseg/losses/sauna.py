@@ -116,6 +116,7 @@ class SaunaLoss(nn.Module):
         self.inside_window, self.outside_window = float(inside_window), float(outside_window)
         self.reduction = check_reduction(reduction)
 
+    @torch.compiler.disable  # numpy and scipy on the labels: traced, every new label batch recompiled
     def targets_from_labels(self, target: torch.Tensor, num_channels: int) -> torch.Tensor:
         """SAUNA targets (B, num_channels, *spatial) of a label batch (B, 1, ...), on the CPU."""
         labels = label_array(target)

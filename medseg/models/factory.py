@@ -132,12 +132,25 @@ def _check_params(name: str, params: dict[str, Any]) -> None:
         if key not in accepted:
             allowed = ", ".join(sorted(accepted - set(_DERIVED[name])))
             raise ConfigError(f"model.params.{key}: not a parameter of MONAI {cls.__name__} (accepted: {allowed})")
+    for key in _LISTS.get(name, ()):
+        if key in params and params[key] is not None and not isinstance(params[key], (list, tuple)):
+            raise ConfigError(f"model.params.{key}: MONAI {cls.__name__} takes a list here (one value per level), "
+                              f"got {params[key]!r}")
     if name == "unet" and "channels" in params and "strides" in params:
         if len(params["strides"]) != len(params["channels"]) - 1:
             raise ConfigError(
                 f"model.params.strides: {len(params['strides'])} values given, UNet needs len(channels) - 1 = "
                 f"{len(params['channels']) - 1}"
             )
+
+
+# Parameters MONAI takes as one value per level (a bare integer failed inside MONAI or medseg
+# with a TypeError traceback)
+_LISTS = {
+    "unet": ("channels", "strides"),
+    "dynunet": ("kernel_size", "strides", "upsample_kernel_size", "filters"),
+    "swinunetr": ("depths", "num_heads"),
+}
 
 
 def build_model(

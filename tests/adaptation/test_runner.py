@@ -123,6 +123,11 @@ def test_refusals(source_run, target_dataset, tmp_path):
         _run(adapt_raw(source_run, target_dataset, tmp_path / "b", "sfda"), resume=True)
     with pytest.raises(ConfigError, match="inside\\) the source run"):
         _run(adapt_raw(source_run, target_dataset, source_run / "adapted", "sfda"))
+    # among the target's scans, as train refuses it (adapt wrote a whole run folder there)
+    images = next(p for p in sorted(target_dataset.iterdir()) if p.name.startswith("images"))
+    with pytest.raises(ConfigError, match=f"lies in the target.dataset's {images.name}/ folder"):
+        _run(adapt_raw(source_run, target_dataset, images / "adapted", "sfda"))
+    assert not (images / "adapted").exists()
     with pytest.raises(ConfigError, match="adapt.sfda.prior: 3 ratios given"):
         _run(adapt_raw(source_run, target_dataset, tmp_path / "c", "sfda", sfda={"prior": [0.5, 0.25, 0.25]}))
     assert not (tmp_path / "c").exists()
