@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.atomic import blocking_file, make_writable_folder, remove_empty_folders
-from medseg.data.dataset import dataset_data_folder, read_dataset_json
+from medseg.data.dataset import dataset_data_folder, dataset_place, read_dataset_json
 from medseg.errors import ArgumentError
 from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB
 
@@ -146,6 +146,10 @@ def run_plan(
     inner = dataset_data_folder(config_path.parent, dataset)
     if inner is not None:
         raise ArgumentError("output", f"lies in the dataset's {inner}/ folder; write the plan elsewhere", config_path)
+    if output_dir is not None:  # train would refuse the planned config's output_dir only after the fingerprint
+        place = dataset_place(output_dir, dataset)
+        if place is not None:
+            raise ArgumentError("output_dir", f"{place}; the run must go elsewhere", output_dir)
     folder = config_path.parent
     _check_not_another_plans_place(config_path)
     created = _make_writable_folder(folder, "output")

@@ -83,6 +83,11 @@ def test_plan_never_writes_over_the_dataset(iso_dataset, tmp_path):
     assert_one_line_error(medseg("plan", iso_dataset, "-o", iso_dataset / "dataset.json"), "--output", "must name a .yaml")
     assert_one_line_error(medseg("plan", iso_dataset, "-o", image), "--output", "must name a .yaml")
     assert_one_line_error(medseg("plan", iso_dataset, "-o", iso_dataset / "labelsTr" / "c.yaml"), "labelsTr/ folder")
+    # a run folder there: the planned config was written, and train refused it
+    config = tmp_path / "c.yaml"
+    assert_one_line_error(medseg("plan", iso_dataset, "-o", config, "--output-dir", iso_dataset / "imagesTr"),
+                          "--output-dir", "imagesTr/ folder")
+    assert not config.exists()
     assert {p: p.read_bytes() for p in iso_dataset.rglob("*") if p.is_file()} == before
 
 
