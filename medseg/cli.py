@@ -477,6 +477,8 @@ def _main(argv: list[str] | None) -> int:
     except typer.Exit as exit_:
         return exit_.exit_code
     except OSError as err:
+        if _TERMINATED or isinstance(err.__context__, KeyboardInterrupt):  # a worker's reset pipe while stopping
+            return _interrupted()
         # a path the system refuses (a name over 255 bytes, a link loop, a folder that
         # cannot be made: /proc/self/x): the one line a shell would give; the commands'
         # own checks name the option or key where they can

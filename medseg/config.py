@@ -236,8 +236,8 @@ class ModelConfig(_Strict):
     must be divisible by the product of the strides.
     ``dynunet`` (``DynUNet``): kernels 3 and strides planned from the patch size as
     nnU-Net does (:func:`medseg.models.dynunet_plan`: stride 1 first, then halve every
-    even axis of at least 8, leaving at least 4 at the bottleneck), upsample_kernel_size = strides[1:], norm_name instance,
-    deep_supervision false (true: the loss is taken on every head, nnU-Net's weights,
+    even axis of at least 8, leaving at least 4 at the bottleneck), upsample_kernel_size =
+    strides[1:], norm_name instance, deep_supervision false (true: the loss is taken on every head, nnU-Net's weights,
     see :mod:`medseg.losses.deep_supervision`; inference uses the final output).
     ``unetr`` (``UNETR``): img_size = the patch size (each axis a multiple of 16),
     feature_size 16, MONAI's hidden_size 768 / mlp_dim 3072 / num_heads 12.

@@ -323,7 +323,8 @@ def run_evaluation(
         ``output`` stays), or without dataset.json no file holds a foreground value.
     MedsegError
         A connectivity that is not 4, 6, 8 or 26, or one that fits no reference's
-        dimension (26 for 2D masks; refused before any case is evaluated), an unknown metric name, a metric named in
+        dimension (26 for 2D masks; refused before any case is evaluated), an unknown
+        metric name, a metric named in
         ``metrics`` that cannot be computed here (e.g. ``betti_matching`` without the
         topology engine; by default such a metric is skipped, and the summary says
         why), a tolerance that is not positive.
@@ -564,12 +565,14 @@ class CaseJournal:
         self.path = Path(output) / self.NAME
         self.finished: dict[tuple[str, str], dict] = {}
         try:
-            lines = self.path.read_text().splitlines()
+            text = self.path.read_text()
         except (FileNotFoundError, NotADirectoryError):
-            lines = []
+            text = ""
         except (OSError, UnicodeDecodeError) as err:  # unreadable: start afresh, say why
             print(f"medseg: warning: {self.path}: {err}; every case is evaluated again", file=sys.stderr)
-            lines = []
+            text = ""
+        self._cut_short = bool(text) and not text.endswith("\n")  # the next line must not join that one
+        lines = text.splitlines()
         for line in lines:
             try:
                 entry = json.loads(line)
@@ -601,7 +604,8 @@ class CaseJournal:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(entry, default=json_default) + "\n")
+                handle.write(("\n" if self._cut_short else "") + json.dumps(entry, default=json_default) + "\n")
+            self._cut_short = False
         except OSError:  # the journal only saves time: a full disk must not fail the evaluation
             pass
 

@@ -607,6 +607,15 @@ def test_an_interrupted_evaluation_resumes_with_the_cases_left(folders, monkeypa
     assert "resuming: 1 of 4 case(s) already evaluated" in capsys.readouterr().err
     assert not journal.exists()  # the results hold every case
 
+    # a case added after the cut line is kept (it was appended to that line and lost)
+    from medseg.evaluation.evaluate import CaseJournal
+
+    journal.write_text('{"case": "c0", "key": ')
+    first = CaseJournal(out / "resumed")
+    first.add("c1", "k1", {"metrics": {"1": {"Dice": 0.5}}, "shape": [12, 12, 12], "spacing": [1.0, 1.0, 1.0]})
+    assert list(CaseJournal(out / "resumed").finished) == [("c1", "k1")]
+    journal.unlink()
+
     assert run_evaluation(pred, ref, out / "straight", workers=1)  # the same files, uninterrupted
     straight, resumed = _summary(out / "straight"), _summary(out / "resumed")
     for key in ("metric_per_case", "mean", "foreground_mean", "statistics"):
