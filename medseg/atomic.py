@@ -150,6 +150,12 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
         if cause is not None:
             raise cause from err
         raise
+    # what writers of this file killed before their rename left (plan, report compare and
+    # report html never looked: their .NAME.HOST-PID.tmp stayed for good)
+    try:
+        remove_dead_temporaries(path.parent, names=[path.name])
+    except OSError:
+        pass
 
 
 def process_alive(pid: int) -> bool:

@@ -21,6 +21,7 @@ import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from medseg.errors import MedsegError
@@ -41,9 +42,59 @@ def forkserver_context(preload: Sequence[str]):
     no traceback."""
     import multiprocessing
 
+    _own_temp_dir()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["medseg._forkserver_preload", *preload])
     return context
+
+
+_TEMP_PREFIX = "mmp-"
+#: Longest path of an AF_UNIX socket (Linux: 108 bytes with its NUL); the forkserver's is
+#: ``TEMP/listener-XXXXXXXX`` (18 more bytes).
+_MAX_SOCKET_PATH = 107
+
+
+def _own_temp_dir() -> None:
+    """Give multiprocessing a temporary folder of medseg's (``mmp-HOST-PID-*``, HOST a
+    short hash of this host's name, where the forkserver keeps its socket), and remove
+    those of this host's dead commands.
+
+    multiprocessing's own (``pymp-*``) is removed at a normal exit only: every SIGKILL of
+    ``evaluate`` or ``plan --workers 2`` left one in the temporary folder for good, and
+    nothing tells whose it was. The name is kept short, and a ``TMPDIR`` too long for the
+    socket (at most 107 bytes) is passed over for ``/tmp``. Uses multiprocessing's private
+    ``_config``; where that is missing, or no folder fits, multiprocessing keeps its own.
+    """
+    import hashlib
+    import re
+    import shutil
+    import tempfile
+    from multiprocessing import process, util
+
+    from medseg.atomic import host_tag, process_alive
+
+    config = getattr(process.current_process(), "_config", None)
+    if not isinstance(config, dict) or config.get("tempdir") is not None:
+        return
+    me = hashlib.sha256(host_tag().encode()).hexdigest()[:6]
+    pattern = re.compile(rf"^{re.escape(_TEMP_PREFIX)}(?P<host>[0-9a-f]{{6}})-(?P<pid>\d+)-")
+    # TMPDIR, else /tmp when TMPDIR is too long for the socket (a Slurm job's
+    # /scratch/.../job_123/...: the forkserver failed with "AF_UNIX path too long")
+    for base in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        try:
+            for entry in Path(base).iterdir():
+                found = pattern.match(entry.name)
+                if found and found["host"] == me and not process_alive(int(found["pid"])) and entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+            folder = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{me}-{os.getpid()}-", dir=base)
+        except OSError:
+            continue
+        if len(os.fsencode(folder)) + len("/listener-XXXXXXXX") > _MAX_SOCKET_PATH:
+            os.rmdir(folder)
+            continue
+        util.Finalize(None, shutil.rmtree, args=(folder, True), exitpriority=-100)
+        config["tempdir"] = folder
+        return
 
 
 def _pool(workers: int, context, initializer, initargs) -> ProcessPoolExecutor:

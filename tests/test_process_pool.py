@@ -252,3 +252,54 @@ def test_the_forkserver_ignores_ctrl_c_while_it_imports_and_its_workers_do_not()
     assert context.get_start_method() == "forkserver"
     results = [value for _, value, error in map_in_processes(_sigint_handler, [(), ()], 2, context)]
     assert results == ["default", "default"]
+
+
+def test_a_killed_commands_forkserver_folder_is_removed_by_the_next(tmp_path_factory):
+    """multiprocessing's pymp-* folder (the forkserver's socket) is removed at a normal exit
+    only: every SIGKILL of evaluate or plan --workers 2 left one for good. medseg's own,
+    named with host and pid, are removed by the next command when their process is gone."""
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+
+    from medseg.atomic import host_tag
+
+    # a short folder: the forkserver's socket path must stay under 108 bytes
+    tmp_path = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp" if Path("/tmp").is_dir() else None))
+    try:
+        host = hashlib.sha256(host_tag().encode()).hexdigest()[:6]
+        dead = tmp_path / f"mmp-{host}-3999999-abc"
+        (dead / "sub").mkdir(parents=True)
+        other = tmp_path / "pymp-notours"
+        other.mkdir()
+        script = ("import os, sys, multiprocessing.util as u\n"
+                  "from medseg.process_pool import forkserver_context\n"
+                  "ctx = forkserver_context([])\n"
+                  "p = ctx.Process(target=print, args=('ran',)); p.start(); p.join()\n"
+                  "print(os.path.basename(u.get_temp_dir()), flush=True)\n"
+                  "os.kill(os.getpid(), 9)\n")  # no exit handler: the folder stays for the next command
+        env = dict(os.environ, TMPDIR=str(tmp_path),
+                   PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                               os.environ.get("PYTHONPATH", "")]))
+        first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert first.stdout.split(), (first.returncode, first.stderr)
+        ours = first.stdout.split()[-1]
+        assert ours.startswith(f"mmp-{host}-") and (tmp_path / ours).is_dir(), first.stderr
+        assert not dead.exists() and other.is_dir()  # a dead command's removed, another program's kept
+        second = subprocess.run([sys.executable, "-c", script.replace("os.kill(os.getpid(), 9)\n", "")],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pymp-notours"]  # the killed one's and its own
+        # a TMPDIR too long for the socket: the forkserver failed ("AF_UNIX path too long");
+        # its folder goes to /tmp instead
+        deep = tmp_path / ("d" * 70)
+        deep.mkdir()
+        third = subprocess.run([sys.executable, "-c", script.replace("os.kill(os.getpid(), 9)\n", "")],
+                               capture_output=True, text=True, env=dict(env, TMPDIR=str(deep)), timeout=120)
+        assert third.returncode == 0 and third.stdout.split()[-1].startswith(f"mmp-{host}-"), third.stderr
+        assert not (Path("/tmp") / third.stdout.split()[-1]).exists() and list(deep.iterdir()) == []
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp_path, ignore_errors=True)

@@ -53,6 +53,23 @@ def test_write_atomic_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeyp
     assert path.read_text() == '{"old": true}' and _leftovers(tmp_path) == []
 
 
+def test_a_write_removes_what_killed_writers_of_that_file_left(tmp_path):
+    """plan, report compare and report html never looked for them: their
+    .NAME.HOST-PID.tmp of a SIGKILL stayed for good. Another file's, and a live
+    writer's, stay."""
+    from medseg.atomic import host_tag
+
+    dead = 3999999  # above any pid_max: no process has it
+    left = tmp_path / f".compare.json.{host_tag()}-{dead}.tmp"
+    other = tmp_path / f".compare.html.{host_tag()}-{dead}.tmp"
+    live = tmp_path / f".compare.json.{host_tag()}-{os.getppid()}.tmp"  # a process that runs
+    for path in (left, other, live):
+        path.write_text("half")
+    write_atomic(tmp_path / "compare.json", "{}")
+    assert not left.exists() and other.exists() and live.exists()
+    assert (tmp_path / "compare.json").read_text() == "{}"
+
+
 def test_atomic_path_keeps_the_old_file_when_the_writer_dies(tmp_path):
     path = tmp_path / "progress.png"
     path.write_bytes(b"old")
