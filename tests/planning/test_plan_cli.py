@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -72,6 +73,12 @@ def test_plan_bad_inputs(iso_dataset, tmp_path):
     assert_one_line_error(plan(iso_dataset, "--topology-loss", "cldise"), "cldise", "did you mean 'cldice'")
     assert_one_line_error(plan(iso_dataset, "--gpu-memory-gb", "0"), "--gpu-memory-gb")
     assert_one_line_error(plan(iso_dataset, "--workers", "0"), "--workers")
+    # an ignore label: train refuses the dataset, so a planned config could not run
+    ignoring = Path(shutil.copytree(iso_dataset, tmp_path / "Dataset898_Ignore"))
+    info = json.loads((ignoring / "dataset.json").read_text())
+    info["labels"]["ignore"] = max(int(v) for v in info["labels"].values()) + 1
+    (ignoring / "dataset.json").write_text(json.dumps(info))
+    assert_one_line_error(plan(ignoring), "'ignore' label is not supported by the medseg trainer")
     assert list(work.iterdir()) == []  # a failed plan leaves no folder behind
 
 
