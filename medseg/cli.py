@@ -183,8 +183,14 @@ def preprocess(
     if workers is not None and workers < 1:  # one line, as plan and evaluate say it (not click's usage block)
         raise ArgumentError("workers", f"must be at least 1, got {workers}")
 
+    from medseg.runfolder import attach_console_handler, detach
+
     cfg = load_config(config, set_ or [])
-    result = run_preprocessing(cfg, workers=workers)
+    handlers = attach_console_handler()  # its progress and warnings, as train's (they went to logging's last resort)
+    try:
+        result = run_preprocessing(cfg, workers=workers)
+    finally:
+        detach(handlers)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         linked = f", {result.linked} unchanged, linked from an earlier cache" if result.linked else ""
         print(f"medseg: {len(result.cases)} cases ({result.done} preprocessed now{linked}) in {result.folder}")
@@ -381,6 +387,10 @@ def _background_thread_error(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console command; returns the exit code."""
+    try:  # a Slurm job's output file: each line as it is printed, in order with stderr's
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError, OSError):
+        pass
     previous, shown, unraisable = threading.excepthook, warnings.showwarning, sys.unraisablehook
     threading.excepthook = _background_thread_error
     warnings.showwarning = _medseg_warnings_in_one_line(shown)
@@ -468,7 +478,7 @@ def _main(argv: list[str] | None) -> int:
     except MedsegError as err:
         # one write: the ranks of a torchrun share stderr, and print's two writes interleave
         message = err.for_cli() if isinstance(err, ArgumentError) else str(err)  # the library names arguments
-        message = _one_line(message)  # a value holding a newline (a key, a path) is echoed in the message
+        message = _one_line(_without_worker_traceback(message))  # a value's newline is echoed in the message
         if isinstance(err, RunStopped):  # nothing wrong with the inputs: say how to go on
             message += _INTERRUPT_HINT()
         sys.stderr.write(f"medseg: error: {message}\n")
@@ -558,6 +568,18 @@ def _empty_argument(args: list[str]) -> str | None:
         if arg.startswith("--") and arg.endswith("=") and arg.count("=") == 1:  # --output=
             return f"{arg[:-1]}: is empty; give a path or value"
     return None
+
+
+def _without_worker_traceback(message: str) -> str:
+    """A data-loading worker's error as the worker raised it: torch re-raises it in the
+    main process with "Caught X in DataLoader worker process 0" and the worker's whole
+    traceback in the message (1,600 characters on one line)."""
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        _, sep, text = last.partition(": ")
+        if sep:
+            return text
+    return message
 
 
 def _one_line(message: str) -> str:

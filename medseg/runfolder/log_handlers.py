@@ -8,6 +8,7 @@ after (:func:`detach`), so that a run started from Python leaves logging as it f
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -22,9 +23,24 @@ _PACKAGE = "medseg"
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record))
+            # flushed line by line: in a Slurm job's output file (a pipe or file, block-buffered)
+            # the progress lines arrived only at exit, and a SIGKILL lost them
+            tqdm.write(self.format(record), file=sys.stdout)
+            sys.stdout.flush()
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """The console's lines: warnings say so (they looked like progress lines; only the
+    log file had their level)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        line = super().formatMessage(record)
+        if record.levelno >= logging.WARNING:
+            time, _, rest = line.partition(" ")
+            line = f"{time} {record.levelname} {rest}"
+        return line
 
 
 class _HeldLines(logging.Handler):
@@ -43,8 +59,9 @@ class _HeldLines(logging.Handler):
 
 
 def attach_console_handler() -> list[logging.Handler]:
-    """Log lines to stderr (through tqdm, so the bar stays intact) unless the app configured
-    logging, and hold them for the log file :func:`attach_file_handler` opens later.
+    """Log lines to stdout, flushed (through tqdm, so the bar stays intact), unless the app
+    configured logging, and hold them for the log file :func:`attach_file_handler` opens
+    later. Warnings are marked as such (``WARNING`` after the time).
 
     Under torchrun only rank 0 logs progress; the other ranks log warnings, prefixed with their rank.
     Returns the handlers added (for :func:`detach`).
@@ -59,7 +76,7 @@ def attach_console_handler() -> list[logging.Handler]:
     if not (package.handlers or logging.getLogger().handlers):
         console = _TqdmHandler()
         prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
-        console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+        console.setFormatter(_ConsoleFormatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
         added.append(console)
     for handler in added:
         package.addHandler(handler)
