@@ -69,6 +69,7 @@ from medseg.runfolder import (
     capture_rng_state,
     check_unchanged,
     detach,
+    log_the_end,
     remove_dead_writes,
     resolve_device,
     restore_rng_state,
@@ -219,6 +220,9 @@ def run_adaptation(cfg: AdaptConfig, resume: bool = False) -> Path:
         run_dir, source_path = _checked_paths(cfg)
         with RunFolderLock(run_dir) as lock:
             return _run(cfg, resume, console, run_dir, source_path, lock)
+    except BaseException as err:  # said in adapt.log too (_run adds its file handler to the list)
+        log_the_end(console, err, f"medseg adapt {Path(cfg.output_dir) / CONFIG_FILE} --resume")
+        raise
     finally:
         detach(console)
 

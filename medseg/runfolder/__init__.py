@@ -29,7 +29,7 @@ from medseg.runfolder.checkpoint import (
     seed_all,
 )
 from medseg.runfolder.device import resolve_device
-from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach
+from medseg.runfolder.log_handlers import attach_console_handler, attach_file_handler, detach, log_the_end
 from medseg.runfolder.lock import LOCK_FILE, RunFolderLock
 from medseg.runfolder.loss_average import LossAverage
 from medseg.runfolder.provenance import PROVENANCE_FILE, read_provenance, write_provenance
@@ -52,6 +52,7 @@ __all__ = [
     "detach",
     "find_checkpoint",
     "load_checkpoint",
+    "log_the_end",
     "may_change",
     "read_provenance",
     "remove_dead_writes",

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from medseg import distributed
 
-__all__ = ["attach_console_handler", "attach_file_handler", "detach"]
+__all__ = ["attach_console_handler", "attach_file_handler", "detach", "log_the_end"]
 
 _PACKAGE = "medseg"
 
@@ -98,6 +98,22 @@ def attach_file_handler(path: str | Path) -> list[logging.Handler]:
         package.removeHandler(held)
     package.addHandler(handler)
     return [handler]
+
+
+def log_the_end(handlers: list[logging.Handler], error: BaseException, resume: str) -> None:
+    """Write how a run ended to its log file(s) among ``handlers``: ``train.log`` stopped at
+    its last progress line after a Ctrl-C, a SIGTERM or an error, whose line went to the
+    console alone. ``resume``: the command that continues the run."""
+    if isinstance(error, KeyboardInterrupt):
+        text, level = f"stopped (Ctrl-C or SIGTERM); `{resume}` continues from the last checkpoint", logging.WARNING
+    elif isinstance(error, Exception):
+        text, level = f"failed: {(str(error) or type(error).__name__).splitlines()[0]}", logging.ERROR
+    else:  # SystemExit and the like: nothing to say
+        return
+    record = logging.LogRecord(_PACKAGE, level, __file__, 0, text, None, None)
+    for handler in handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def detach(handlers: list[logging.Handler]) -> None:

@@ -83,6 +83,7 @@ from medseg.runfolder import (
     capture_rng_state,
     check_unchanged,
     detach,
+    log_the_end,
     remove_dead_writes,
     resolve_device,
     restore_rng_state,
@@ -161,6 +162,9 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         handlers = attach_console_handler()
         try:
             return _run(cfg, resume, handlers, lock)
+        except BaseException as err:  # said in train.log too (_run adds its file handler to the list)
+            log_the_end(handlers, err, f"medseg train {Path(cfg.output_dir) / CONFIG_FILE} --resume")
+            raise
         finally:
             detach(handlers)
 

@@ -323,3 +323,29 @@ def test_dynunet_with_deep_supervision_trains_validates_and_predicts(synthetic_d
     code = cli_main(["predict", "--model", str(run), "--input", str(images), "--output", str(out), "--device", "cpu"])
     assert code == 0
     assert sorted(out.glob("*.nii.gz"))
+
+
+def test_train_log_says_how_a_run_ended(synthetic_dataset_3d, tmp_path, monkeypatch):
+    """After a Ctrl-C, a SIGTERM or an error, train.log stopped at its last progress line:
+    the stop and the resume command went to the console alone."""
+    cfg = validate_config(_raw(synthetic_dataset_3d, tmp_path / "stopped", iterations=14))
+    original = RunLog.add_row
+
+    def add_row_then_stop(self, iteration, *args, **kwargs):
+        original(self, iteration, *args, **kwargs)
+        if iteration == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunLog, "add_row", add_row_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg)
+    last = (tmp_path / "stopped" / "train.log").read_text().splitlines()[-1]
+    assert "WARNING stopped (Ctrl-C or SIGTERM); `medseg train" in last and "config.yaml --resume`" in last
+
+    def add_row_then_fail(self, iteration, *args, **kwargs):
+        raise ConfigError("a test's failure\nsecond line")
+
+    monkeypatch.setattr(RunLog, "add_row", add_row_then_fail)
+    with pytest.raises(ConfigError):
+        run_training(cfg, resume=True)
+    assert (tmp_path / "stopped" / "train.log").read_text().splitlines()[-1].endswith("ERROR failed: a test's failure")
