@@ -150,10 +150,28 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
         if cause is not None:
             raise cause from err
         raise
-    # what writers of this file killed before their rename left (plan, report compare and
-    # report html never looked: their .NAME.HOST-PID.tmp stayed for good)
+    _remove_dead_temporaries_of(path)
+
+
+# Per folder, the dead writers' temporaries found at this process's first write there, by
+# the file name they were for: a folder is listed once, not at every write (a cache of a
+# thousand cases is written file by file into one folder).
+_DEAD_FOUND: dict[str, dict[str, list[Path]]] = {}
+
+
+def _remove_dead_temporaries_of(path: Path) -> None:
+    """Remove what writers of ``path`` killed before their rename left (plan, report
+    compare and report html never looked: their ``.NAME.HOST-PID.tmp`` stayed for good)."""
+    folder = os.path.abspath(path.parent)
     try:
-        remove_dead_temporaries(path.parent, names=[path.name])
+        found = _DEAD_FOUND.get(folder)
+        if found is None:
+            found = _DEAD_FOUND[folder] = {}
+            for name, entry in _dead_temporaries(path.parent):
+                found.setdefault(name, []).append(entry)
+        for entry in found.pop(path.name, []):
+            if _dead_temporary(entry):  # still: a pid reused meanwhile writes under the same name
+                _remove_temporary(entry)
     except OSError:
         pass
 
@@ -182,26 +200,47 @@ def remove_dead_temporaries(
     ``other_hosts_after_s`` is given and it is older than that. ``names`` limits the
     clean-up to temporaries of those file names.
     """
-    me, wanted = host_tag(), None if names is None else set(names)
+    wanted = None if names is None else set(names)
     removed = 0
+    for name, entry in _dead_temporaries(folder, other_hosts_after_s):
+        if wanted is None or name in wanted:
+            removed += _remove_temporary(entry)
+    return removed
+
+
+def _dead_temporaries(folder: str | Path, other_hosts_after_s: float | None = None) -> Iterator[tuple[str, Path]]:
+    """``(name, entry)`` of every temporary in ``folder`` whose writer is dead
+    (:func:`remove_dead_temporaries`); ``name`` is the file it was for."""
     for entry in Path(folder).iterdir():
         found = _TEMPORARY.match(entry.name)
-        if found is None or (wanted is not None and found["name"] not in wanted):
-            continue
-        try:
-            if found["host"] == me:
-                if process_alive(int(found["pid"])):
-                    continue
-            elif other_hosts_after_s is None or time.time() - entry.lstat().st_mtime < other_hosts_after_s:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)  # another run may be removing it too
-            else:
-                entry.unlink(missing_ok=True)
-        except FileNotFoundError:
-            continue
-        removed += 1
-    return removed
+        if found is not None and _dead_temporary(entry, other_hosts_after_s):
+            yield found["name"], entry
+
+
+def _dead_temporary(entry: Path, other_hosts_after_s: float | None = None) -> bool:
+    """Whether the temporary ``entry`` (``.NAME.HOST-PID.tmp``) is a dead writer's: this
+    host's with its process gone, or another host's older than ``other_hosts_after_s``."""
+    found = _TEMPORARY.match(entry.name)
+    if found is None:
+        return False
+    try:
+        if found["host"] == host_tag():
+            return not process_alive(int(found["pid"]))
+        return other_hosts_after_s is not None and time.time() - entry.lstat().st_mtime >= other_hosts_after_s
+    except FileNotFoundError:
+        return False
+
+
+def _remove_temporary(entry: Path) -> int:
+    """Remove a temporary file or folder; 1 if it was there."""
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)  # another run may be removing it too
+        else:
+            entry.unlink()
+    except FileNotFoundError:
+        return 0
+    return 1
 
 
 def file_stamp(path: str | Path) -> list[int]:
