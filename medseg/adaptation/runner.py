@@ -246,9 +246,9 @@ def _checked_paths(cfg: AdaptConfig) -> tuple[Path, Path]:
     if cfg.source_data is not None:
         datasets.append(("source_data.dataset", cfg.source_data.dataset))
     for key, dataset in datasets:
-        place = dataset_place(run_dir, dataset)
+        place = dataset_place(run_dir, dataset, key)
         if place is not None:
-            raise ConfigError(f"output_dir {run_dir}: {place.replace('dataset', key, 1)}; write the run elsewhere")
+            raise ConfigError(f"output_dir {run_dir}: {place}; write the run elsewhere")
     return run_dir, source_path
 
 

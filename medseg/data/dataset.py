@@ -132,6 +132,13 @@ class DatasetInfo:
     def dataset_json(self) -> Path:
         return self.root / "dataset.json"
 
+    def check_trainable(self) -> None:
+        """Raise DataError when medseg cannot train on this dataset's labels (an ``ignore``
+        label: ``plan``, ``preprocess`` and ``train`` refuse it; ``evaluate`` takes it)."""
+        if self.ignore_label is not None:
+            raise DataError(f"{self.dataset_json}: the 'ignore' label is not supported by the medseg trainer yet; "
+                            "evaluate and report do support it")
+
     def to_json(self) -> dict[str, Any]:
         """The nnU-Net v2 form (what a checkpoint stores about its dataset)."""
         return {
@@ -196,14 +203,15 @@ def dataset_data_folder(path: str | Path, dataset: str | Path) -> str | None:
     return inner if inner.startswith(("images", "labels")) else None
 
 
-def dataset_place(path: str | Path, dataset: str | Path) -> str | None:
+def dataset_place(path: str | Path, dataset: str | Path, name: str = "dataset") -> str | None:
     """Why ``path`` cannot hold a folder medseg writes (a run, a study): it is the
     dataset's own folder (its files would lie among the dataset's), or lies in one of its
-    ``images*``/``labels*`` folders (:func:`dataset_data_folder`); None where it can."""
+    ``images*``/``labels*`` folders (:func:`dataset_data_folder`); None where it can.
+    ``name``: what the message calls the dataset (a config key, where there are two)."""
     if Path(path).resolve() == Path(dataset).resolve():
-        return "is the dataset's own folder"
+        return f"is the {name}'s own folder"
     inner = dataset_data_folder(path, dataset)
-    return None if inner is None else f"lies in the dataset's {inner}/ folder"
+    return None if inner is None else f"lies in the {name}'s {inner}/ folder"
 
 
 def read_dataset_json(root: str | Path) -> DatasetInfo:

@@ -10,7 +10,7 @@ from typing import Any
 
 from medseg.atomic import blocking_file, make_writable_folder, remove_empty_folders
 from medseg.data.dataset import dataset_data_folder, dataset_place, read_dataset_json
-from medseg.errors import ArgumentError, DataError
+from medseg.errors import ArgumentError
 from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB
 
 __all__ = ["PlanResult", "run_plan", "default_config_path"]
@@ -132,10 +132,9 @@ def run_plan(
         )
     if workers < 1:
         raise ArgumentError("workers", f"must be at least 1, got {workers}")
-    info = read_dataset_json(dataset)  # no folder, a file, no dataset.json: one line before any work
-    if info.ignore_label is not None:  # train refuses it: a planned config that cannot run
-        raise DataError(f"{info.dataset_json}: the 'ignore' label is not supported by the medseg trainer yet; "
-                        "evaluate and report do support it")
+    # no folder, a file, no dataset.json: one line before any work; labels train refuses: a
+    # planned config that could not run
+    read_dataset_json(dataset).check_trainable()
     if topology_loss not in (None, "none"):  # an unknown loss name should not cost a fingerprint
         plan_losses(topology_loss, {})
     config_path = Path(output) if output is not None else default_config_path(dataset)

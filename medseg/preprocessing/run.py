@@ -106,8 +106,7 @@ def select_cases(cfg: "RunConfig", kept_split: dict[str, list[str]] | None = Non
     info, cases = check_dataset(root, "Tr")
     if not cases:
         raise DataError(f"{root}: no training cases in imagesTr/")
-    if info.ignore_label is not None:
-        raise DataError(f"{info.dataset_json}: the 'ignore' label is not supported by the medseg trainer yet")
+    info.check_trainable()
     train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.seed, cfg.data.split_file, root=root)
     if kept_split is not None:
         train_cases, val_cases = _keep_split(kept_split, train_cases, val_cases)
