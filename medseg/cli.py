@@ -473,8 +473,15 @@ def _main(argv: list[str] | None) -> int:
             sys.stderr.write(f"medseg: error: {empty}\n")
             sys.stderr.flush()
             return 2
-        # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
-        result = app(args=argv, standalone_mode=False)
+        try:
+            # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
+            result = app(args=argv, standalone_mode=False)
+        except (MedsegError, typer.Exit):
+            raise
+        except Exception as err:
+            if _stopping(err):  # whatever the stop was turned into: said as the stop it is
+                raise KeyboardInterrupt from err
+            raise
     except MedsegError as err:
         # one write: the ranks of a torchrun share stderr, and print's two writes interleave
         message = err.for_cli() if isinstance(err, ArgumentError) else str(err)  # the library names arguments
@@ -487,8 +494,6 @@ def _main(argv: list[str] | None) -> int:
     except typer.Exit as exit_:
         return exit_.exit_code
     except OSError as err:
-        if _TERMINATED or isinstance(err.__context__, KeyboardInterrupt):  # a worker's reset pipe while stopping
-            return _interrupted()
         # a path the system refuses (a name over 255 bytes, a link loop, a folder that
         # cannot be made: /proc/self/x): the one line a shell would give; the commands'
         # own checks name the option or key where they can
@@ -516,10 +521,6 @@ def _main(argv: list[str] | None) -> int:
             sys.stderr.write(f"medseg: error: {_one_line(str(err))}\n")
             sys.stderr.flush()
             return 2
-        if _TERMINATED or isinstance(err.__context__, KeyboardInterrupt):
-            # stopping, the data-loading workers died of the same signal: torch raised
-            # that from its SIGCHLD handler during the clean-up
-            return _interrupted()
         from medseg.training.sampling import loader_failure
 
         reason = loader_failure(err)  # torch raises a worker's death wherever the main thread is
@@ -554,6 +555,23 @@ def _main(argv: list[str] | None) -> int:
 
 _MEMORY_HINT = ("; a smaller data.patch_size, train.batch_size or inference.sw_batch_size, or a coarser "
                 "data.target_spacing, needs less")
+
+
+def _stopping(err: BaseException) -> bool:
+    """Whether ``err`` came of a stop: raised after SIGTERM (the data-loading workers died
+    of the same signal, and torch raised that from its SIGCHLD handler; a worker's pipe
+    was reset), or from the KeyboardInterrupt of a Ctrl-C or SIGTERM, which code it
+    interrupted turned into its own error (pydantic's serializer into a
+    PydanticSerializationError, a traceback where the stop's one line belonged)."""
+    if _TERMINATED:
+        return True
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _empty_argument(args: list[str]) -> str | None:

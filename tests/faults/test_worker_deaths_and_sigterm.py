@@ -180,3 +180,28 @@ def test_a_worker_reaped_after_its_reset_connection_is_still_named():
     assert Batches._workers[1].polls == 6  # found at the sixth look, about 0.25 s on
     Batches._workers = [Worker(13, 10**9, None)]
     assert _dead_worker(Batches(), wait=0.2) is None  # none died: the error is not a worker's
+
+
+def test_a_stop_that_code_turned_into_its_own_error_is_said_as_a_stop(monkeypatch, tmp_path, capsys):
+    """A SIGTERM's KeyboardInterrupt that reached pydantic's serializer came out as a
+    PydanticSerializationError (a ValueError) and a 60-line traceback (a CI run)."""
+    import medseg.training.trainer as trainer
+    from medseg.cli import main
+
+    def interrupted_inside(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ValueError("Error calling function `ser_path`: KeyboardInterrupt: ") from stop
+
+    monkeypatch.setattr(trainer, "run_training", interrupted_inside)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": str(tmp_path), "patch_size": [8, 8, 8]},
+                                      "train": {"iterations": 2}, "output_dir": str(tmp_path / "run")}))
+    assert main(["train", str(config)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("medseg: interrupted") and "Traceback" not in err
+    # the same error without a stop behind it is no stop
+    monkeypatch.setattr(trainer, "run_training", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        main(["train", str(config)])
