@@ -112,10 +112,35 @@ def _start_worker(command: int, interruptible: bool, initializer: Callable | Non
     # Ctrl-C, saying so): here SIGTERM is the pool's way to end a worker, quietly
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if interruptible:  # a forkserver's worker inherits the server's ignored SIGINT (_forkserver_preload)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _interrupt_the_job)
     _die_with(command)
     if initializer is not None:
         initializer(*initargs)
+
+
+_running_a_job = False
+
+
+def _interrupt_the_job(signum, frame) -> None:
+    """A worker's SIGINT (a terminal's Ctrl-C reaches the whole process group): stops the
+    job the worker runs, which the pool hands back to the command as the job's
+    KeyboardInterrupt. An idle worker, waiting on the pool's queue for its next job,
+    ignores it: raised there, outside any job, it printed multiprocessing's "Process
+    ForkServerProcess-2:" traceback beside the command's "interrupted" (every Ctrl-C of an
+    evaluation whose workers wait on the command between cases); the command's shutdown
+    of the pool ends such a worker."""
+    if _running_a_job:
+        raise KeyboardInterrupt
+
+
+def _run_job(fn: Callable, *args) -> Any:
+    """``fn(*args)`` in a worker, marked as running for :func:`_interrupt_the_job`."""
+    global _running_a_job
+    _running_a_job = True
+    try:
+        return fn(*args)
+    finally:
+        _running_a_job = False
 
 
 def _die_with(command: int) -> None:
@@ -156,7 +181,7 @@ def _die_with(command: int) -> None:
 def _alone(fn: Callable, job: tuple, context, initializer, initargs) -> tuple[Any, BaseException | None]:
     """``fn(*job)`` in a fresh process of its own: (value, None), or (None, the error it raised / WorkerDied)."""
     with _pool(1, context, initializer, initargs) as pool:
-        future = pool.submit(fn, *job)
+        future = pool.submit(_run_job, fn, *job)
         try:
             return future.result(), None
         except BrokenProcessPool:
@@ -200,7 +225,7 @@ def map_in_processes(
                 pool = _pool(max(1, min(workers, len(pending))), context, initializer, initargs)
             while pending and len(running) < workers:
                 index = pending.pop()
-                running[pool.submit(fn, *jobs[index])] = index
+                running[pool.submit(_run_job, fn, *jobs[index])] = index
             in_flight = len(running)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             died: list[int] = []

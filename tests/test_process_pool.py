@@ -218,8 +218,10 @@ def test_the_workers_die_with_the_command(tmp_path, method):
 def _sigint_handler() -> str:
     import signal
 
+    from medseg import process_pool
+
     handler = signal.getsignal(signal.SIGINT)
-    return "default" if handler is signal.default_int_handler else str(handler)
+    return "the job's" if handler is process_pool._interrupt_the_job else str(handler)
 
 
 def test_the_forkserver_ignores_ctrl_c_while_it_imports_and_its_workers_do_not():
@@ -251,7 +253,49 @@ def test_the_forkserver_ignores_ctrl_c_while_it_imports_and_its_workers_do_not()
     context = forkserver_context(["numpy"])
     assert context.get_start_method() == "forkserver"
     results = [value for _, value, error in map_in_processes(_sigint_handler, [(), ()], 2, context)]
-    assert results == ["default", "default"]
+    assert results == ["the job's", "the job's"]
+
+
+def _quick(folder: str) -> int:
+    return os.getpid()
+
+
+def test_ctrl_c_while_the_workers_wait_for_their_next_job_prints_no_traceback(tmp_path):
+    """A terminal's Ctrl-C reaches the workers too. A worker waiting on the pool's queue
+    (its job done, the command busy with the result: every evaluation between cases)
+    raised KeyboardInterrupt outside any job, and multiprocessing printed its "Process
+    ForkServerProcess-2:" traceback beside the command's one line. An idle worker now
+    ignores it; a running job still stops (the test above)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from medseg.process_pool import forkserver_context, map_in_processes\n"
+        "from test_process_pool import _quick\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        for _ in map_in_processes(_quick, [({str(tmp_path)!r},)] * 4, 2, forkserver_context([])):\n"
+        f"            open({str(tmp_path / 'idle')!r}, 'w').close()\n"
+        "            time.sleep(60)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('medseg: interrupted', file=sys.stderr)\n"
+        "        sys.exit(130)\n"
+    )
+    (tmp_path / "command.py").write_text(script)
+    command = subprocess.Popen([sys.executable, str(tmp_path / "command.py")], stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "idle").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # both workers done with their first job, waiting for the next
+    os.killpg(command.pid, signal.SIGINT)
+    _, err = command.communicate(timeout=60)
+    assert command.returncode == 130, err
+    assert err.strip() == "medseg: interrupted", err
 
 
 def test_a_killed_commands_forkserver_folder_is_removed_by_the_next(tmp_path_factory):
