@@ -202,11 +202,10 @@ def _map_cases(fn, jobs: list[tuple], workers: int, desc: str):
     alone (out of memory: medseg.process_pool) gives ``(job[0], None, reason)``, and the
     other jobs go on.
     """
-    from tqdm import tqdm
-
     from medseg.process_pool import map_in_processes
+    from medseg.progress import case_progress
 
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=None, file=sys.stderr)
+    bar = case_progress(len(jobs), desc)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:

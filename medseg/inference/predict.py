@@ -481,11 +481,10 @@ def _predict_all(
     model, inputs, output: Path, overwrite, tta, overlap, sw_batch_size, save_probabilities, device, stitch_device,
     lock,
 ) -> bool:
-    from tqdm import tqdm
-
     from medseg.atomic import check_output_folder, storage_error
     from medseg.data.dataset import cases_from_paths
     from medseg.inference.predictor import Predictor, release_freed_memory, resolve_stitch_device
+    from medseg.progress import case_progress
 
     with distributed.synchronized("reading the model and the inputs"):
         _check_output_is_not_input(inputs, output)
@@ -539,8 +538,8 @@ def _predict_all(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as loader, _staging(output) as staging:
         upcoming: Future | None = loader.submit(_load, predictor, todo[0], info) if todo else None
-        bar = tqdm(todo, desc="predict", unit="case", disable=None if main else True, file=sys.stderr)
-        for i, case in enumerate(bar):
+        bar = case_progress(len(todo), "predict", show=main)
+        for i, case in enumerate(todo):
             current, upcoming = upcoming, None
             following = todo[i + 1] if i + 1 < len(todo) else None
             seg_path, prob_path = _output_paths(case, output)
@@ -573,8 +572,10 @@ def _predict_all(
                 failed.append(case.name)
                 print(f"medseg: {_one_line(case.name, err)}", file=sys.stderr)
             release_freed_memory()
+            bar.update()
             if upcoming is None and following is not None:  # a large case: read the next one now
                 upcoming = loader.submit(_load, predictor, following, info)
+        bar.close()
     done = int(distributed.all_reduce_sum(torch.tensor([len(todo) - len(failed)])).item())
     order = {case.name: i for i, case in enumerate(cases)}
     failed = sorted(distributed.gather_lists(failed), key=lambda name: order.get(name, len(order)))

@@ -42,7 +42,6 @@ bounding box).
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -281,11 +280,10 @@ def _worker_context():
 
 
 def _map_cases(jobs: list[tuple], workers: int, progress: bool) -> Iterable[tuple]:
-    from tqdm import tqdm
-
     from medseg.process_pool import WorkerDied, map_in_processes
+    from medseg.progress import case_progress
 
-    bar = tqdm(total=len(jobs), desc="fingerprint", unit="case", disable=None if progress else True, file=sys.stderr)
+    bar = case_progress(len(jobs), "fingerprint", show=progress)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -321,7 +319,7 @@ def compute_fingerprint(
     seed : int
         Seeds the foreground sampling of each case.
     progress : bool
-        Show a tqdm bar on stderr (when it is a terminal).
+        Show progress on stderr (a bar on a terminal, else a line a minute: medseg.progress).
     skeleton_budget : int
         See :func:`label_thickness`.
 

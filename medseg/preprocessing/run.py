@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from medseg import distributed
 from medseg.atomic import blocking_file, make_writable_folder
@@ -55,6 +54,7 @@ from medseg.preprocessing.cache import (
 from medseg.preprocessing.case import preprocess_case
 from medseg.preprocessing.storage import CachedCase, colliding_case_names, link_case, valid_case_meta, write_case
 from medseg.process_pool import WorkerDied, map_in_processes
+from medseg.progress import case_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.config import RunConfig
@@ -219,7 +219,7 @@ def _run_cases(cases: list[Case], job: dict[str, Any], workers: int, show: bool)
     """Preprocess ``cases`` in ``workers`` processes (in this one for one worker or case)."""
     if not cases:
         return
-    bar = tqdm(total=len(cases), desc="preprocess", unit="case", dynamic_ncols=True, disable=None if show else True)
+    bar = case_progress(len(cases), "preprocess", show=show, dynamic_ncols=True)
     try:
         if workers <= 1 or len(cases) == 1:
             previous = dict(_JOB)
