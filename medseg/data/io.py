@@ -178,6 +178,15 @@ class ImageGeometry:
         return tuple(float(v) for v in norms)
 
     @property
+    def voxel_size(self) -> float:
+        """Volume (mm³; a 2D image's area, mm²) of one voxel: sqrt(det(MᵀM)) of the
+        affine's voxel columns M. The product of :attr:`spacing` unless the axes are
+        sheared (a CT's gantry tilt kept in the affine), where that product is too large
+        by 1/cos of the tilt (+10 % at 25°)."""
+        columns = self.affine[:3, : self.ndim]
+        return float(np.sqrt(abs(np.linalg.det(columns.T @ columns))))
+
+    @property
     def origin(self) -> tuple[float, ...]:
         """World position (RAS+, mm) of the centre of voxel 0."""
         return tuple(float(v) for v in self.affine[:3, 3])
@@ -469,9 +478,73 @@ def _c_order(array: np.ndarray, block: int = 8) -> np.ndarray:
     return out
 
 
+#: Millimetres per NIfTI spatial unit (``xyzt_units``). ITK, and so ITK-SNAP, Slicer and
+#: nnU-Net's SimpleITK reader, converts a file in metres or microns to mm, spacing and
+#: origin alike; nibabel's affine is in the file's units. Read as nibabel's, a scan in
+#: metres was 0.0008 mm a voxel and predicted as an empty mask, and evaluate's "mm" were
+#: microns. An unknown unit is read as mm, as ITK reads it.
+_MM_PER_NIFTI_UNIT = {"meter": 1000.0, "micron": 0.001}
+
+
+def _mm_per_unit(header: Any) -> float:
+    return _MM_PER_NIFTI_UNIT.get(header.get_xyzt_units()[0], 1.0)
+
+
+def _in_mm(affine: Any, header: Any) -> np.ndarray:
+    """A NIfTI affine in the file's spatial units, in mm."""
+    affine = np.array(affine, dtype=np.float64)
+    affine[:3] *= _mm_per_unit(header)
+    return affine
+
+
+#: The fields of a NIfTI header that place its voxels (with pixdim's qfac and spacings).
+_GEOMETRY_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                    "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
+
+
+def stored_nifti_geometry(reference: str | Path, affine: Any) -> dict[str, Any] | None:
+    """The fields of ``reference``'s NIfTI header that place its voxels, as stored in the
+    file, when they place them at ``affine`` (mm); else None (another geometry, or not a
+    readable NIfTI).
+
+    nibabel changes some of them on load (a negative pixdim becomes positive, an
+    unknown sform code 0): copied from a loaded header, a mask of a scan stored with
+    pixdim -0.8 had +0.8, and ITK-based viewers showed it mirrored against its scan.
+    The caller writes them into its output's header (:func:`set_geometry_fields`).
+    """
+    import nibabel as nib
+    from nibabel.openers import Opener
+
+    try:
+        with _nibabel_notes():
+            checked = nib.load(str(reference)).header
+            if not isinstance(checked, nib.Nifti1Header):  # Nifti2Header is one too
+                return None
+            if not np.allclose(_in_mm(checked.get_best_affine(), checked), np.asarray(affine), rtol=0, atol=1e-6):
+                return None
+            with Opener(str(reference)) as handle:
+                raw = type(checked).from_fileobj(handle, check=False)
+    except Exception:  # noqa: BLE001 - no stored geometry to keep: the caller writes its own
+        return None
+    fields = {name: raw[name].copy() for name in _GEOMETRY_FIELDS}
+    fields["pixdim"] = raw["pixdim"][:4].copy()  # qfac and the spatial spacings
+    return fields
+
+
+def set_geometry_fields(header: Any, fields: dict[str, Any]) -> None:
+    """Write :func:`stored_nifti_geometry`'s fields into a NIfTI header."""
+    for name, value in fields.items():
+        if name == "pixdim":
+            pixdim = header["pixdim"].copy()
+            pixdim[:4] = value
+            header["pixdim"] = pixdim
+        else:
+            header[name] = value
+
+
 def _read_nifti(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
     img, data = _load_nifti(path, header_only)
-    affine = np.asarray(img.affine, dtype=np.float64)
+    affine = _in_mm(img.affine, img.header)
     if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector intent: (X, Y, Z, 1, C)
         data = data[:, :, :, 0, :]
     if data.ndim == 4:  # MSD-style: channels last
@@ -724,6 +797,9 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, referenc
         except Exception as err:
             raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
         header = ref_img.header.copy()
+        mm = affine
+        affine = mm.copy()
+        affine[:3] /= _mm_per_unit(header)  # stored in the reference's units, as its header says
         sform_code = int(header["sform_code"])
         qform_code = int(header["qform_code"])
         ref_shape = tuple(ref_img.shape)
@@ -742,6 +818,9 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, referenc
             # sform, which ITK reads where it reads no sform at all (the mask moved off
             # the scan there), and copied the sform over a qform that differed from it.
             img = cls(array, None, header=header)
+            stored = stored_nifti_geometry(reference, mm)
+            if stored is not None:  # after the image's own copy of the header, which nibabel fixes again
+                set_geometry_fields(img.header, stored)
         else:
             # another geometry: store it, keeping the reference's codes
             header.set_sform(affine, code=sform_code or "aligned")

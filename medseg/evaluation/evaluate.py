@@ -161,6 +161,7 @@ def _evaluate_case(pred_file, ref_file, labels, connectivity, ignore_label, metr
         connectivity=connectivity,
         tolerance_mm=DEFAULT_TOLERANCE_MM if tolerance_mm is None else float(tolerance_mm),
         ignored=int(np.count_nonzero(ref == ignore_label)) if ignore_label is not None else 0,
+        voxel_size=ref_geometry.voxel_size,
     )
     result = {}
     for label in labels:

@@ -30,6 +30,7 @@ there (clDice and the Betti matching error need medseg's C++ topology engine):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class MetricContext:
         mask agrees when it lies within this distance of the other's boundary.
     ignored: voxels under the ignore label, which count in no class (TN leaves them
         out, as nnU-Net's ``compute_tp_fp_fn_tn`` does).
+    voxel_size: volume (area in 2D) of one voxel, mm³ (ImageGeometry.voxel_size); None:
+        the product of ``spacing``. They differ for sheared axes (gantry tilt), where the
+        distances (HD95, NSD) still treat the axes as orthogonal, as MONAI's do.
     """
 
     spacing: tuple[float, ...]
@@ -80,6 +84,7 @@ class MetricContext:
     shape: tuple[int, ...] | None = None
     tolerance_mm: float = DEFAULT_TOLERANCE_MM
     ignored: int = 0
+    voxel_size: float | None = None
 
 
 MetricFn = Callable[[np.ndarray, np.ndarray, MetricContext], dict[str, float]]
@@ -369,7 +374,8 @@ def components(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dic
 @register_metric("volume")
 def volume(pred: np.ndarray, ref: np.ndarray, context: MetricContext) -> dict[str, float]:
     """Volumes in mm^3 and their difference, absolute (pred - ref) and relative to the reference."""
-    voxel = float(np.prod(np.asarray(context.spacing, dtype=float)))
+    voxel = context.voxel_size if context.voxel_size is not None else float(np.prod(np.asarray(context.spacing,
+                                                                                                 dtype=float)))
     v_pred = int(np.count_nonzero(pred)) * voxel
     v_ref = int(np.count_nonzero(ref)) * voxel
     return {
@@ -453,12 +459,10 @@ def compute_label_metrics(
     ref = np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}")
-    context = MetricContext(
-        spacing=context.spacing,
+    context = dataclasses.replace(
+        context,
         connectivity=context.connectivity if context.connectivity is not None else default_connectivity(ref.ndim),
         shape=tuple(ref.shape) if context.shape is None else context.shape,
-        tolerance_mm=context.tolerance_mm,
-        ignored=context.ignored,
     )
     box = _union_box(pred, ref)
     pred, ref = pred[box], ref[box]

@@ -271,16 +271,21 @@ class _ProbabilityFile:
     A channels-last 4D NIfTI is stored class after class, each in Fortran order (the
     first axis fastest), so the slabs :meth:`Predictor.to_original_grid
     <medseg.inference.predictor.Predictor.to_original_grid>` hands over (classes in order,
-    slabs ascending along the last axis) are appended as they come. The header is the
-    one ``nib.save(nib.Nifti1Image(data, affine))`` writes (sform "aligned", qform
-    "unknown", float32), with millimetre units and the "vector" intent. The file is
+    slabs ascending along the last axis) are appended as they come. The header places
+    the voxels as the scan's own does (a NIfTI ``reference`` of this geometry: its sform,
+    qform, codes, spacings and units as stored, :func:`medseg.data.io.stored_nifti_geometry`;
+    with only the sform, ITK placed the file 3 mm off a scan whose qform differed), else
+    as ``nib.save(nib.Nifti1Image(data, affine))`` writes it (sform "aligned", qform
+    "unknown", millimetre units); float32, the "vector" intent. The file is
     written in the process's ``staging`` folder and appears under its name only when
     every slab was written.
     """
 
-    def __init__(self, path: Path, geometry, classes: int, staging: Path) -> None:
+    def __init__(self, path: Path, geometry, classes: int, staging: Path, reference: Path | None = None) -> None:
         import nibabel as nib
         from nibabel.openers import Opener
+
+        from medseg.data.io import NIFTI_ENDINGS, ending_of, set_geometry_fields, stored_nifti_geometry
 
         shape = tuple(geometry.shape)
         self.spatial = shape
@@ -293,6 +298,10 @@ class _ProbabilityFile:
         header.set_qform(affine, code="unknown")
         header.set_xyzt_units("mm")
         header.set_intent("vector")
+        if reference is not None and ending_of(reference) in NIFTI_ENDINGS:
+            stored = stored_nifti_geometry(reference, affine)
+            if stored is not None:
+                set_geometry_fields(header, stored)
         self.path = path
         self.classes = classes
         self.next = (0, 0)  # the class and the first index along the last axis expected next
@@ -550,7 +559,8 @@ def _predict_all(
                 if following is not None and math.prod(loaded["geometry"].shape) <= PREFETCH_MAX_VOXELS:
                     upcoming = loader.submit(_load, predictor, following, info)
                 probabilities = (
-                    _ProbabilityFile(prob_path, loaded["geometry"], predictor.num_classes, staging)
+                    _ProbabilityFile(prob_path, loaded["geometry"], predictor.num_classes, staging,
+                                     reference=case.image_files[0])
                     if save_probabilities else nullcontext()
                 )
                 with probabilities as sink:

@@ -449,6 +449,71 @@ def test_a_prediction_keeps_its_scans_nifti_header_as_itk_reads_it(tmp_path, cod
     assert read_image(tmp_path / "mask.nii.gz")[1].allclose(geometry, atol=1e-5)
 
 
+@pytest.mark.parametrize("unit, mm", [("meter", 1000.0), ("micron", 0.001), ("mm", 1.0), ("unknown", 1.0)])
+def test_nifti_units_are_read_in_mm_as_itk_reads_them_and_written_back_in_the_scans(tmp_path, unit, mm):
+    """nibabel's affine is in the file's units: a scan stored in metres was 0.0008 mm a
+    voxel (predicted as an empty mask), one in microns a 39001-voxel grid, and evaluate's
+    HD95 of micron files was 1000 times too large. ITK scales spacing and origin to mm."""
+    affine = np.diag([0.8, 0.8, 2.5, 1.0]) / np.array([mm, mm, mm, 1.0])
+    affine[:3, 3] = np.array([10.0, -20.0, 30.0]) / mm
+    scan = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), affine)
+    scan.header.set_xyzt_units(unit if unit != "unknown" else 0)
+    nib.save(scan, tmp_path / "scan.nii.gz")
+    array, geometry = read_image(tmp_path / "scan.nii.gz")
+    itk = sitk.ReadImage(str(tmp_path / "scan.nii.gz"))
+    assert np.allclose(geometry.spacing, itk.GetSpacing(), rtol=1e-5)
+    assert np.allclose(geometry.origin, np.array(itk.GetOrigin()) * [-1, -1, 1], rtol=1e-5)
+    assert math.isclose(geometry.voxel_size, 0.8 * 0.8 * 2.5, rel_tol=1e-5)
+    write_image(tmp_path / "mask.nii.gz", (array > 60).astype(np.uint8), geometry,
+                reference_path=tmp_path / "scan.nii.gz")
+    mask = nib.load(tmp_path / "mask.nii.gz")
+    assert mask.header.get_xyzt_units()[0] == scan.header.get_xyzt_units()[0]
+    assert np.allclose(mask.affine, scan.affine, rtol=1e-6)  # in the scan's own units
+    assert read_image(tmp_path / "mask.nii.gz")[1].allclose(geometry, atol=1e-5)
+
+
+def test_a_mask_keeps_its_scans_header_fields_as_stored_not_as_nibabel_fixes_them(tmp_path):
+    """nibabel makes a negative pixdim positive on load: copied from the loaded header, the
+    mask of a qform-only scan with pixdim[1] = -0.8 had +0.8, and ITK showed it mirrored."""
+    from nibabel.openers import Opener
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    scan = nib.Nifti1Image(np.random.default_rng(1).random((6, 5, 4)).astype(np.float32), affine)
+    scan.header.set_qform(affine, code=1)
+    scan.header["sform_code"] = 0
+    pixdim = scan.header["pixdim"].copy()
+    pixdim[1] = -0.8
+    scan.header["pixdim"] = pixdim
+    scan.header.write_to(open(tmp_path / "raw.hdr", "wb"))  # the header exactly as set
+    raw_header = nib.Nifti1Header.from_fileobj(open(tmp_path / "raw.hdr", "rb"), check=False)
+    assert raw_header["pixdim"][1] < 0
+    path = tmp_path / "scan.nii"
+    with open(path, "wb") as handle:
+        raw_header.write_to(handle)
+        handle.write(b"\0" * (int(raw_header["vox_offset"]) - handle.tell()))
+        handle.write(np.asarray(scan.dataobj).tobytes(order="F"))
+    array, geometry = read_image(path)
+    write_image(tmp_path / "mask.nii", (array > 0.5).astype(np.uint8), geometry, reference_path=path)
+    with Opener(str(tmp_path / "mask.nii")) as handle:
+        stored = nib.Nifti1Header.from_fileobj(handle, check=False)
+    assert np.array_equal(stored["pixdim"][:4], raw_header["pixdim"][:4])
+    itk_scan, itk_mask = sitk.ReadImage(str(path)), sitk.ReadImage(str(tmp_path / "mask.nii"))
+    assert np.allclose(itk_scan.GetDirection(), itk_mask.GetDirection())
+    assert np.allclose(itk_scan.GetOrigin(), itk_mask.GetOrigin())
+
+
+def test_a_sheared_voxel_has_the_volume_of_its_parallelepiped():
+    """A gantry tilt kept in the affine: the product of the column norms is 1/cos(tilt) too large."""
+    tilt = math.radians(25)
+    affine = np.eye(4)
+    affine[:3, :3] = [[0.5, 0, 0], [0, 0.5, 2.0 * math.sin(tilt)], [0, 0, 2.0 * math.cos(tilt)]]
+    geometry = ImageGeometry(affine, (4, 4, 4))
+    assert math.isclose(geometry.voxel_size, 0.5 * 0.5 * 2.0 * math.cos(tilt), rel_tol=1e-12)
+    assert math.isclose(math.prod(geometry.spacing), 0.5 * 0.5 * 2.0, rel_tol=1e-12)
+    planar = ImageGeometry(np.diag([0.3, 0.7, 1.0, 1.0]), (5, 5))
+    assert math.isclose(planar.voxel_size, 0.21, rel_tol=1e-12)
+
+
 # --------------------------------------------------------------------------- header-only reads
 
 def _files_of_every_layout(tmp_path) -> list:

@@ -631,3 +631,20 @@ def test_an_interrupted_evaluation_resumes_with_the_cases_left(folders, monkeypa
     computed.clear()
     assert run_evaluation(pred, ref, out / "other", workers=1, metrics="dice")
     assert len(computed) == 4
+
+
+def test_volumes_of_a_sheared_scan_use_the_voxels_true_volume(folders):
+    """A CT's gantry tilt kept in the affine: volumes were the voxel count times the
+    product of the spacings, 10 % too large at 25° (5120 mm³ for 4640)."""
+    ref, pred, out = folders
+    tilt = math.radians(25)
+    affine = np.eye(4)
+    affine[:3, :3] = [[1.0, 0, 0], [0, 1.0, 2.0 * math.sin(tilt)], [0, 0, 2.0 * math.cos(tilt)]]
+    sheared = ImageGeometry(affine, SHAPE)
+    _write(ref, "tilted", _cube((2, 2, 2), (6, 6, 6)), sheared)
+    _write(pred, "tilted", _cube((2, 2, 2), (6, 6, 5)), sheared)
+    assert run_evaluation(pred, ref, out, workers=1)
+    metrics = _case(_summary(out), "tilted")["metrics"]["1"]
+    voxel = 2.0 * math.cos(tilt)
+    assert math.isclose(metrics["volume_ref_mm3"], 64 * voxel, rel_tol=1e-5)
+    assert math.isclose(metrics["volume_pred_mm3"], 48 * voxel, rel_tol=1e-5)

@@ -90,10 +90,35 @@ def test_streamed_probability_file_is_what_nib_save_writes(tiny_run, scans, tmp_
     nib.save(saved, str(tmp_path / "reference.nii.gz"))
     reference = nib.load(str(tmp_path / "reference.nii.gz"))
     assert np.array_equal(np.asanyarray(streamed.dataobj), np.asanyarray(reference.dataobj))
-    for key in ("dim", "datatype", "bitpix", "pixdim", "vox_offset", "sform_code", "qform_code", "srow_x", "srow_y",
-                "srow_z", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "intent_code", "xyzt_units"):
+    for key in ("dim", "datatype", "bitpix", "pixdim", "vox_offset", "intent_code"):
         assert np.array_equal(streamed.header[key], reference.header[key]), key
+    scan = nib.load(str(scans / "case_b_0000.nii.gz")).header  # placed as the scan is: codes and both matrices
+    for key in ("sform_code", "qform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c", "quatern_d",
+                "qoffset_x", "qoffset_y", "qoffset_z", "xyzt_units"):
+        assert np.array_equal(streamed.header[key], scan[key]), key
     assert np.array_equal(read_image(out / "case_b.nii.gz")[0], label)
+
+
+def test_the_probability_file_lies_where_its_scan_lies_in_itk(tiny_run, tmp_path):
+    """A scan whose qform (code 1, which ITK reads) differs from its sform (code 2): the
+    mask kept both, the probability file only the sform, and ITK placed it 3 mm away."""
+    import SimpleITK as sitk
+
+    affine = oblique_geometry().affine
+    data = blob_image()
+    scan = nib.Nifti1Image(data, affine)
+    shifted = affine.copy()
+    shifted[:3, 3] += [3.0, 0.0, 0.0]
+    scan.header.set_sform(affine, code=2)
+    scan.header.set_qform(shifted, code=1)
+    (tmp_path / "scans").mkdir()
+    nib.save(scan, str(tmp_path / "scans" / "qs_0000.nii.gz"))
+    out = tmp_path / "pred"
+    assert run_prediction(tiny_run, [tmp_path / "scans"], out, save_probabilities=True, device="cpu")
+    itk = {name: sitk.ReadImage(str(path)) for name, path in
+           (("scan", tmp_path / "scans" / "qs_0000.nii.gz"), ("mask", out / "qs.nii.gz"), ("prob", out / "qs_prob.nii.gz"))}
+    for name in ("mask", "prob"):
+        assert np.allclose(itk[name].GetOrigin()[:3], itk["scan"].GetOrigin(), atol=1e-4), name
 
 
 def test_2d_probabilities_stream_in_medseg_layout(tmp_path):
