@@ -81,7 +81,7 @@ __all__ = [
     "whole_volume_targets",
 ]
 
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: NIfTI files in metres or microns are read in mm (medseg.data.io)
 # nnU-Net samples this many foreground voxels per case and channel for the CT statistics.
 _FG_SAMPLES_PER_CASE = 10_000
 # load_case bookkeeping that DataLoader collation cannot batch (paths, geometry objects)
