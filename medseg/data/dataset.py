@@ -77,11 +77,42 @@ class DatasetWarning(UserWarning):
 
 @dataclass
 class Case:
-    """One case: its channel files (ordered by channel) and its label file, if any."""
+    """One case: its channel files (ordered by channel) and its label file, if any.
+
+    ``name`` names every file medseg writes for the case (cache, prediction, report), so
+    it must be a plain file name: :func:`case_name_problem`.
+    """
 
     name: str
     image_files: list[Path]
     label_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        problem = case_name_problem(self.name)
+        if problem is not None:
+            source = str(self.image_files[0] if self.image_files else self.label_file)
+            source = _CONTROL.sub(lambda found: repr(found.group())[1:-1], source)  # "\n" as two characters
+            raise DataError(f"{source}: case name {self.name!r} {problem}")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def case_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a case's files, or None.
+
+    A case name becomes ``CACHE/NAME.b2nd``, ``OUTPUT/NAME.nii.gz`` and the like: one of
+    dataset.json's ``"dataset"`` mapping such as ``../../x`` or ``/home/u/x`` wrote (and
+    overwrote) files outside the cache, and ``a`` and ``./a`` were one case's files.
+    Control characters (a newline, a terminal's escape sequences) broke the channel
+    suffix's parsing and reached the terminal as they are."""
+    if not name or name in (".", ".."):
+        return "is empty or a folder's name"
+    if "/" in name or "\\" in name:
+        return "holds a path separator: a case name is a file name, not a path"
+    if _CONTROL.search(name):
+        return "holds a control character"
+    return None
 
 
 @dataclass
@@ -382,6 +413,9 @@ def _parse_v2_dataset_key(path: Path, root: Path, mapping: Any) -> list[Case]:
         raise _key_error(path, "dataset", "must map case names to {'images': [...], 'label': ...}")
     cases = []
     for name, entry in mapping.items():
+        problem = case_name_problem(str(name))
+        if problem is not None:
+            raise _key_error(path, "dataset", f"case name {str(name)!r} {problem}")
         if not isinstance(entry, dict) or not isinstance(entry.get("images"), list):
             raise _key_error(path, "dataset", f"case '{name}' needs an 'images' list")
         images = [_path_entry(path, root, f"dataset.{name}.images[{j}]", p) for j, p in enumerate(entry["images"])]

@@ -175,6 +175,30 @@ def test_v2_dataset_key_lists_files(ds):
     assert cases[0].label_file == ds / "labelsTr" / "case_001.nii.gz"
 
 
+@pytest.mark.parametrize("name", ["../../../tmp/escaped", "/tmp/victim", "sub/../a", "./a", "a\\b", "..", "", "line\nbreak",
+                                  "\x1b]0;title\x07"])
+def test_case_names_that_are_not_file_names_are_refused_naming_the_key(ds, name):
+    """A case name is the stem of the cache's, prediction's and report's files: '../x' or
+    '/tmp/x' in dataset.json's "dataset" mapping wrote, and overwrote, files outside the
+    cache, and 'a' / './a' were one case's files."""
+    edit_json(ds, dataset={name: {"images": ["imagesTr/case_001_0000.nii.gz"], "label": "labelsTr/case_001.nii.gz"}},
+              numTraining=1)
+    with pytest.raises(DataError) as err:
+        read_dataset_json(ds)
+    message = str(err.value)
+    assert "key 'dataset'" in message and repr(name) in message and "\n" not in message
+
+
+def test_a_scan_whose_file_name_holds_a_control_character_is_named_in_one_line(tmp_path):
+    from medseg.data.dataset import cases_from_paths
+
+    folder = tmp_path / "scans"
+    write_image(folder / "line\nbreak_0000.nii.gz", np.zeros(GEOM.shape, np.float32), GEOM)
+    with pytest.raises(DataError, match="holds a control character") as err:
+        cases_from_paths([folder], ".nii.gz")
+    assert "\n" not in str(err.value).replace("\\n", "")
+
+
 def test_safe_join():
     root = Path("/data/ds")
     assert safe_join(root, "./imagesTr/a.nii.gz") == Path("/data/ds/imagesTr/a.nii.gz")
