@@ -32,6 +32,7 @@ __all__ = [
     "file_sha256",
     "file_stamp",
     "host_tag",
+    "no_follow",
     "process_alive",
     "remove_dead_temporaries",
     "temporary_name",
@@ -70,6 +71,14 @@ def storage_error(err: BaseException | None, path: str | Path) -> OSError | None
     return None
 
 
+def no_follow(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open` that refuses a symbolic link at ``path`` (ELOOP): the
+    files medseg appends to in its output folders (logs, journals, ``metrics.csv``). Opened
+    through a link, another user's link in a shared folder had medseg append to the file
+    it pointed at (``evaluate``'s journal, ``train.log`` of a resume)."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
 def write_atomic(path: str | Path, data: str | bytes, mkdir: bool = True) -> Path:
     """Write ``data`` (text is UTF-8, newlines as given) to ``path`` atomically; returns ``path``.
 
@@ -79,7 +88,7 @@ def write_atomic(path: str | Path, data: str | bytes, mkdir: bool = True) -> Pat
         As the file system reports it (no space, no permission, ...); ``path`` is unchanged.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    with atomic_path(path, mkdir=mkdir) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path, mkdir=mkdir) as tmp, open(tmp, "xb") as handle:
         handle.write(payload)
     return Path(path)
 
@@ -100,7 +109,7 @@ def write_atomic_group(files: dict[Path, str | bytes]) -> None:
         temporaries = {path: stack.enter_context(atomic_path(path)) for path in files}
         for path, tmp in temporaries.items():
             data = files[path]
-            with open(tmp, "wb") as handle:
+            with open(tmp, "xb") as handle:
                 handle.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
@@ -133,6 +142,7 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
+    _clear(tmp)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -151,6 +161,19 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
             raise cause from err
         raise
     _remove_dead_temporaries_of(path)
+
+
+def _clear(tmp: Path) -> None:
+    """Remove what stands at this process's temporary name before it is written: a dead
+    process of the same pid's leftover, or a link planted there. The name is predictable
+    (``.NAME.HOST-PID.tmp``), and a writer that opened it through another user's link in
+    a shared folder replaced the file the link pointed at (a report over someone's
+    file). medseg's own writers then create it exclusively (``open(tmp, "xb")``, which
+    fails on anything standing there, a link included)."""
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
 
 
 # Per folder, the dead writers' temporaries found at this process's first write there, by

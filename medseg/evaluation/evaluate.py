@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.atomic import check_output_folder, remove_dead_temporaries, write_atomic_group
+from medseg.atomic import check_output_folder, no_follow, remove_dead_temporaries, write_atomic_group
 from medseg.errors import ArgumentError, DataError, MedsegError
 from medseg.evaluation.pair import (
     AFFINE_TOLERANCE_MM,
@@ -603,7 +603,7 @@ class CaseJournal:
         entry = {"case": case, "key": key, **{k: payload[k] for k in ("metrics", "shape", "spacing")}}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as handle:
+            with open(self.path, "a", opener=no_follow) as handle:
                 handle.write(("\n" if self._cut_short else "") + json.dumps(entry, default=json_default) + "\n")
             self._cut_short = False
         except OSError:  # the journal only saves time: a full disk must not fail the evaluation

@@ -254,12 +254,21 @@ def _prepare_output(output: Path, provenance: dict[str, Any] | None, stale: list
 
 @contextmanager
 def _staging(output: Path) -> Iterator[Path]:
-    """This process's folder for unfinished outputs, ``OUTPUT/.predict.HOST-PID.tmp``
-    (created when first written to); removed with what a failed case left in it."""
+    """This process's folder for unfinished outputs, ``OUTPUT/.predict.HOST-PID.tmp``,
+    made afresh; removed with what a failed case left in it. Whatever stood at its name
+    goes first: a dead process of the same pid's folder, or another user's link to a
+    folder of theirs, into which the outputs were written (replacing files of the same
+    names there)."""
     from medseg.atomic import temporary_name
 
     staging = temporary_name(output / "predict")
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    elif staging.exists():
+        shutil.rmtree(staging)
     try:
+        output.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -80,7 +80,7 @@ class RunFolderLock:
         while True:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except FileNotFoundError:  # the folder was removed (release) between the two: again
                 continue
             try:

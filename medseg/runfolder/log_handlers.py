@@ -83,12 +83,22 @@ def attach_console_handler() -> list[logging.Handler]:
     return added
 
 
+class _AppendingFileHandler(logging.FileHandler):
+    """logging's FileHandler, refusing a symbolic link where the log file goes
+    (:func:`medseg.atomic.no_follow`)."""
+
+    def _open(self):  # noqa: ANN202 (logging's signature)
+        from medseg.atomic import no_follow
+
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=no_follow)
+
+
 def attach_file_handler(path: str | Path) -> list[logging.Handler]:
     """Append every log line (with its level) to ``path``, creating its folder, beginning
     with the lines held since :func:`attach_console_handler`; returns the handler added."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _AppendingFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     package = logging.getLogger(_PACKAGE)
     for held in [h for h in package.handlers if isinstance(h, _HeldLines)]:

@@ -36,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from medseg.atomic import no_follow
 from medseg.errors import ArgumentError, MedsegError
 from medseg.study.config import Study, StudyRun, load_study
 from medseg.study.state import is_finished, read_state, training_summary, write_state
@@ -151,7 +152,7 @@ def _run_one(run: StudyRun, study: Study, gpu: str | None, threads: int | None, 
         "seed": run.seed,
         "config": run.config.model_dump(mode="json"),
     }
-    with open(log, "a") as handle:
+    with open(log, "a", opener=no_follow) as handle:
         handle.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {run.name}\n")
         handle.flush()
         start = handle.tell()

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from medseg.atomic import atomic_path, write_atomic
+from medseg.atomic import atomic_path, no_follow, write_atomic
 
 METRICS_FILE = "metrics.csv"
 PROGRESS_FILE = "progress.png"
@@ -143,7 +143,7 @@ class RunLog:
             row["val_dice_mean"] = _fmt(mean)
             self.writer.add_scalar("val/dice_mean", mean, iteration)
         self.rows.append({c: row.get(c, "") for c in self.columns})
-        with self.path.open("a", newline="") as handle:
+        with open(self.path, "a", newline="", opener=no_follow) as handle:
             csv.DictWriter(handle, fieldnames=self.columns).writerow(self.rows[-1])
         self.writer.flush()
 

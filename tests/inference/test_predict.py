@@ -275,3 +275,20 @@ def test_inputs_of_which_none_has_the_models_channels_are_refused_up_front(tmp_p
     Image.fromarray(rgb).save(grey / "c.png")  # one fits: the others fail as cases, the batch goes on
     assert run_prediction(run, [grey], tmp_path / "out", False, None, None, None, False, "cpu") is False
     assert (tmp_path / "out" / "c.png").is_file()
+
+
+def test_a_link_at_the_staging_folders_name_is_not_written_through(tiny_run, scans, tmp_path):
+    """OUTPUT/.predict.HOST-PID.tmp is a predictable name: another user's link there to a
+    folder of theirs had the masks written into it, replacing their files of those names."""
+    from medseg.atomic import temporary_name
+
+    victim = tmp_path / "theirs"
+    victim.mkdir()
+    (victim / "case_a.nii.gz").write_text("precious")
+    out = tmp_path / "pred"
+    out.mkdir()
+    temporary_name(out / "predict").symlink_to(victim)
+    assert _predict(tiny_run, scans, out)
+    assert (victim / "case_a.nii.gz").read_text() == "precious"
+    assert sorted(p.name for p in victim.iterdir()) == ["case_a.nii.gz"]
+    assert read_image(out / "case_a.nii.gz")[0].shape == (21, 17, 11)

@@ -213,3 +213,52 @@ def test_a_checkpoint_changed_on_disk_is_refused_not_loaded_as_other_weights(tmp
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"latest.pt: damaged checkpoint \(.*data/0 fails its CRC-32 check"):
         load_checkpoint(path)
+
+
+def test_a_link_planted_at_the_temporary_name_is_not_written_through(tmp_path):
+    """The temporary name is predictable (.NAME.HOST-PID.tmp): in a shared folder another
+    user's link there had write_atomic (and torch.save, savefig through atomic_path)
+    replace the file it pointed at."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = shared / "report.html"
+    for write in (lambda: write_atomic(target, "<html>"), lambda: atomic.write_atomic_group({target: "<html>"})):
+        atomic.temporary_name(target).symlink_to(victim)
+        write()
+        assert victim.read_text() == "precious"
+        assert target.read_text() == "<html>" and not target.is_symlink()
+        target.unlink()
+    atomic.temporary_name(target).symlink_to(victim)
+    with atomic_path(target) as tmp:
+        torch.save({"a": 1}, tmp)
+    assert victim.read_text() == "precious" and not target.is_symlink()
+
+
+def test_logs_journals_and_locks_are_not_appended_through_a_link(tmp_path):
+    """evaluate's journal, train.log of a resume and a run's lock opened a link in their
+    folder and appended to (or created) the file it pointed at."""
+    import logging
+
+    from medseg.runfolder import log_handlers
+    from medseg.runfolder.lock import LOCK_FILE, RunFolderLock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").symlink_to(victim)
+    with pytest.raises(OSError):
+        log_handlers.attach_file_handler(run / "train.log")
+    (run / "metrics.csv").symlink_to(victim)
+    with pytest.raises(OSError):
+        with open(run / "metrics.csv", "a", opener=atomic.no_follow) as handle:
+            handle.write("x")
+    dangling = tmp_path / "nologin"
+    (run / LOCK_FILE).symlink_to(dangling)
+    with pytest.raises(OSError):
+        RunFolderLock(run).take()
+    assert victim.read_text() == "precious\n" and not dangling.exists()
+    logging.getLogger("medseg").handlers = [h for h in logging.getLogger("medseg").handlers
+                                            if not isinstance(h, logging.FileHandler)]
