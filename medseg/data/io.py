@@ -600,9 +600,40 @@ def _stderr_held() -> Iterator[None]:
             os.write(2, text)
 
 
+def _check_voxels_inside(path: Path) -> None:
+    """Refuse a MetaImage or NRRD header whose voxels are in another file
+    (``ElementDataFile = /elsewhere/x.raw``, NRRD's ``data file:``): SimpleITK reads that
+    file wherever it is, so a scan of a downloaded dataset could bring any file of the
+    machine into training, a prediction or a report's pictures (or hang on /dev/zero or
+    a FIFO), around the check that keeps dataset.json's paths inside the dataset.
+    medseg's endings (.mha, .nrrd) hold their voxels themselves."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError:
+        return  # SimpleITK's read reports it
+    if path.name.lower().endswith(".mha"):
+        for line in head.split(b"\n"):
+            key, equals, value = line.partition(b"=")
+            if equals and key.strip().lower() == b"elementdatafile":
+                if value.strip().upper() != b"LOCAL":
+                    shown = value.strip().decode("utf-8", "replace")[:200]
+                    raise DataError(f"{path}: its voxels are in another file (ElementDataFile = {shown}); "
+                                    "medseg reads .mha files that hold their own (ElementDataFile = LOCAL)")
+                return
+    else:  # NRRD: the header ends at the first empty line
+        for line in head.split(b"\n\n", 1)[0].split(b"\n"):
+            key, colon, value = line.partition(b":")
+            if colon and key.strip().lower() in (b"data file", b"datafile"):
+                shown = value.strip().decode("utf-8", "replace")[:200]
+                raise DataError(f"{path}: a detached NRRD header, its voxels are in another file ({shown}); "
+                                "medseg reads .nrrd files that hold their own")
+
+
 def _read_itk(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry]:
     import SimpleITK as sitk
 
+    _check_voxels_inside(path)
     if header_only:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))

@@ -597,3 +597,24 @@ def test_palette_pngs_read_as_colours_for_scans_and_indices_for_labels_and_16_bi
     assert channels.dtype == np.uint16
     np.testing.assert_array_equal(channels, np.moveaxis(deep, -1, 0))
     assert read_geometry(tmp_path / "deep.png")[0] == 3
+
+
+def test_headers_whose_voxels_are_in_another_file_are_refused(tmp_path):
+    """SimpleITK reads a MetaImage's ElementDataFile or a NRRD's 'data file' wherever it
+    is: a scan of a downloaded dataset read a private file of the machine into training,
+    predictions and a report's pictures."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(256)) * 16)
+    (tmp_path / "evil.mha").write_text("ObjectType = Image\nNDims = 2\nDimSize = 64 64\nElementType = MET_UCHAR\n"
+                                       f"ElementDataFile = {secret}\n")
+    (tmp_path / "evil.nrrd").write_text("NRRD0004\ntype: uint8\ndimension: 2\nsizes: 64 64\nencoding: raw\n"
+                                        "data file: secret.bin\n\n")
+    for name, problem in (("evil.mha", "ElementDataFile"), ("evil.nrrd", "detached NRRD header")):
+        for read in (read_image, read_geometry):
+            with pytest.raises(DataError, match=problem):
+                read(tmp_path / name)
+    # the usual files hold their voxels: read as before
+    image = sitk.GetImageFromArray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    for ending in (".mha", ".nrrd"):
+        sitk.WriteImage(image, str(tmp_path / f"ok{ending}"))
+        assert read_image(tmp_path / f"ok{ending}")[0].shape == (4, 3)
