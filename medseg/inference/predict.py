@@ -94,6 +94,21 @@ def _output_paths(case, output: Path) -> tuple[Path, Path]:
     return output / f"{case.name}{ending}", output / f"{case.name}{PROBABILITY_SUFFIX}"
 
 
+def _check_outputs_distinct(cases, output: Path, save_probabilities: bool) -> None:
+    """Refuse two cases whose outputs share a name: case ``X``'s probabilities and case
+    ``X_prob``'s mask are both ``X_prob.nii.gz``, and the one written last replaced the
+    other without a word (a rerun then skipped ``X`` as finished)."""
+    written: dict[str, tuple[Any, str]] = {}
+    for case in cases:
+        seg_path, prob_path = _output_paths(case, output)
+        for path, what in ((seg_path, "mask"), *(((prob_path, "probabilities"),) if save_probabilities else ())):
+            other = written.setdefault(path.name, (case, what))
+            if other[0] is not case:
+                raise DataError(f"{other[0].image_files[0]} and {case.image_files[0]}: case '{other[0].name}''s "
+                                f"{other[1]} and case '{case.name}''s {what} would both be {path}; rename one of "
+                                "the scans")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """Whether two paths name one file: equal real paths, or one existing file (hard links,
     a case-insensitive file system)."""
@@ -519,6 +534,7 @@ def _predict_all(
         tta = inference.tta_flips if tta is None else tta
         overlap = inference.overlap if overlap is None else overlap
         save_probabilities = save_probabilities or inference.save_probabilities
+        _check_outputs_distinct(cases, output, save_probabilities)
         provenance = _provenance(predictor, tta, overlap, save_probabilities)
         if output.is_dir():  # a folder that will be refused is refused before the lock file is put in it
             _check_provenance(output, provenance, cases, overwrite)

@@ -292,3 +292,16 @@ def test_a_link_at_the_staging_folders_name_is_not_written_through(tiny_run, sca
     assert (victim / "case_a.nii.gz").read_text() == "precious"
     assert sorted(p.name for p in victim.iterdir()) == ["case_a.nii.gz"]
     assert read_image(out / "case_a.nii.gz")[0].shape == (21, 17, 11)
+
+
+def test_a_case_named_like_anothers_probability_file_is_refused_before_any_work(tiny_run, tmp_path):
+    """scan's probabilities and scan_prob's mask are both scan_prob.nii.gz: the last
+    written replaced the other, exit 0, and a rerun skipped scan as finished."""
+    folder = tmp_path / "scans"
+    for name in ("scan", "scan_prob"):
+        write_image(folder / f"{name}_0000.nii.gz", blob_image(), oblique_geometry())
+    out = tmp_path / "pred"
+    with pytest.raises(DataError, match=r"case 'scan''s probabilities and case 'scan_prob''s mask would both be"):
+        _predict(tiny_run, folder, out, save_probabilities=True)
+    assert not out.exists() or not any(out.glob("*.nii.gz"))
+    assert _predict(tiny_run, folder, out)  # without probabilities no name is shared
