@@ -234,7 +234,12 @@ def test_predict_missing_channel_and_missing_input(tmp_path):
         write_image(scans / f"a_{c:04d}.nii.gz", blob_image(), oblique_geometry())
     write_image(scans / "b_0000.nii.gz", blob_image(), oblique_geometry())
     out = tmp_path / "pred"
-    assert_one_line_error(medseg("predict", "--model", run, "--input", scans, "--output", out), "b_0001.nii.gz", "missing channel", alone=True)
+    proc = medseg("predict", "--model", run, "--input", scans, "--output", out)  # b reported, a predicted
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "b_0001.nii.gz", "missing channel")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz"]
+    assert_one_line_error(medseg("predict", "--model", run, "--input", scans / "b_0000.nii.gz", "--output", out),
+                          "b_0001.nii.gz", "missing channel", "no case left", alone=True)
     assert_one_line_error(medseg("predict", "--model", run, "--input", tmp_path / "nowhere", "--output", out), "nowhere", alone=True)
 
 

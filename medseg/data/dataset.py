@@ -33,7 +33,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -457,15 +457,18 @@ def write_dataset_json(
 
 # --------------------------------------------------------------------------- listing cases
 
-def _group_by_channel(files: Iterable[Path], ending: str) -> tuple[dict[str, dict[int, Path]], list[Path]]:
+def _group_by_channel(files: Iterable[Path], ending: str, problems: list[str] | None = None
+                      ) -> tuple[dict[str, dict[int, Path]], list[Path]]:
     """Files named ``CASE_XXXX<ending>`` grouped by case; the rest returned separately.
 
     Raises DataError for two files of the same case and channel (``x_0000.nii`` and
     ``x_0000.nii.gz``, or the same name in two input folders), which would otherwise
-    leave one of them out without a word.
+    leave one of them out without a word; with a ``problems`` list, appends the problem
+    to it instead and leaves that case out.
     """
     grouped: dict[str, dict[int, Path]] = {}
     plain: list[Path] = []
+    conflicting: set[str] = set()
     for f in files:
         m = _CHANNEL_SUFFIX.match(strip_ending(f, ending_of(f)))
         if m is None:
@@ -474,9 +477,14 @@ def _group_by_channel(files: Iterable[Path], ending: str) -> tuple[dict[str, dic
         channels = grouped.setdefault(m["case"], {})
         channel = int(m["channel"])
         if channel in channels:
-            raise DataError(f"{f}: channel {channel} of case '{m['case']}' is also given by {channels[channel]}")
+            problem = f"{f}: channel {channel} of case '{m['case']}' is also given by {channels[channel]}"
+            if problems is None:
+                raise DataError(problem)
+            if m["case"] not in conflicting:  # one line a case
+                problems.append(problem)
+                conflicting.add(m["case"])
         channels[channel] = f
-    return grouped, plain
+    return {name: channels for name, channels in grouped.items() if name not in conflicting}, plain
 
 
 #: Image files a folder of scans may hold that medseg does not read (said, not skipped silently).
@@ -588,6 +596,7 @@ def cases_from_paths(
     paths: list[Path],
     file_ending: str | None = None,
     num_channels: int | None = None,
+    problems: list[str] | None = None,
 ) -> list[Case]:
     """Group input scans (folders and/or files, as ``medseg predict --input`` takes) into cases.
 
@@ -604,7 +613,11 @@ def cases_from_paths(
     DataError
         A path that does not exist or has an unsupported ending, nothing to read, a
         case missing a channel, channels beyond a 1-channel model's, or two inputs that
-        map to the same case name (or case and channel).
+        map to the same case name (or case and channel). With a ``problems`` list, a
+        problem of one case (the last four) is appended to it instead, and the case
+        (both cases of a shared name) left out: ``predict`` goes on with the others, as
+        with a case that fails to read (one case without its ``_0001`` stopped a whole
+        folder). The other problems raise.
     """
     endings = (file_ending.lower(),) if file_ending else SUPPORTED_ENDINGS
     files: list[Path] = []
@@ -634,34 +647,45 @@ def cases_from_paths(
         seen.setdefault(Path(os.path.abspath(f)), None)
     files = list(seen)
 
-    grouped, plain = _group_by_channel(files, "")
+    grouped, plain = _group_by_channel(files, "", problems)
     cases: dict[str, Case] = {}
+    shared: set[str] = set()  # names two inputs map to (left out with a problems list)
 
-    def add(case: Case) -> None:
-        if case.name in cases:
-            raise DataError(
-                f"{case.image_files[0]}: case name '{case.name}' also used by {cases[case.name].image_files[0]}"
-            )
+    def add(make: Callable[[], Case]) -> None:
+        try:
+            case = make()
+            if case.name in cases:
+                shared.add(case.name)
+                raise DataError(
+                    f"{case.image_files[0]}: case name '{case.name}' also used by {cases[case.name].image_files[0]}"
+                )
+        except DataError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
+            return
         cases[case.name] = case
 
+    def one_channel_model_refuses(name: str, channels: dict[int, Path]) -> Case:
+        raise DataError(f"{channels[1]}: channel 1 of case '{name}', but the model takes 1 channel "
+                        "(rename the files if they are separate scans)")
+
     for f in plain:
-        add(Case(name=strip_ending(f), image_files=[f]))
+        add(lambda f=f: Case(name=strip_ending(f), image_files=[f]))
     for name, channels in grouped.items():
         contiguous = sorted(channels) == list(range(len(channels)))
+        first = channels[min(channels)]
         if num_channels == 1 and contiguous and len(channels) > 1:  # nnU-Net's layout of a multi-channel case
-            raise DataError(
-                f"{channels[1]}: channel 1 of case '{name}', but the model takes 1 channel "
-                "(rename the files if they are separate scans)"
-            )
-        if num_channels is not None and num_channels > 1:
-            ordered = _ordered_channels(name, channels, num_channels, channels[min(channels)].parent, ending_of(channels[min(channels)]))
-            add(Case(name=name, image_files=ordered))
+            add(lambda name=name, channels=channels: one_channel_model_refuses(name, channels))
+        elif num_channels is not None and num_channels > 1:
+            add(lambda name=name, channels=channels, first=first: Case(
+                name=name, image_files=_ordered_channels(name, channels, num_channels, first.parent, ending_of(first))))
         elif contiguous and (num_channels is None or len(channels) == 1):
-            add(Case(name=name, image_files=[channels[c] for c in sorted(channels)]))
+            add(lambda name=name, channels=channels: Case(name=name, image_files=[channels[c] for c in sorted(channels)]))
         else:  # suffixes are part of the name, not channels
             for c in sorted(channels):
-                add(Case(name=strip_ending(channels[c]), image_files=[channels[c]]))
-    return [cases[k] for k in sorted(cases)]
+                add(lambda c=c, channels=channels: Case(name=strip_ending(channels[c]), image_files=[channels[c]]))
+    return [cases[k] for k in sorted(cases) if k not in shared]
 
 
 # --------------------------------------------------------------------------- splits

@@ -528,7 +528,13 @@ def _predict_all(
                 predictor.config.inference.stitch_device, device, "inference.stitch_device"
             )
         info = predictor.info
-        cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels)
+        # a case whose files form none (a missing channel, a name two files share) is
+        # reported and left out, as a case that fails to read: one such case stopped a folder
+        unformed: list[str] = []
+        cases = cases_from_paths([Path(p) for p in inputs], num_channels=info.num_channels, problems=unformed)
+        if not cases:
+            more = f" (and {len(unformed) - 1} more problem(s))" if len(unformed) > 1 else ""
+            raise DataError(f"{unformed[0]}{more}; no case left to predict")
         _check_some_case_fits(cases, predictor.spatial_dims, info.num_channels)
         inference = predictor.config.inference
         tta = inference.tta_flips if tta is None else tta
@@ -545,6 +551,8 @@ def _predict_all(
     with distributed.main_process(f"preparing {output}") as main:
         if main:
             _prepare_output(output, provenance if record else None, stale)
+            for problem in unformed:
+                print(f"medseg: {problem}", file=sys.stderr)
 
     todo = []
     skipped = 0
@@ -615,9 +623,10 @@ def _predict_all(
     order = {case.name: i for i, case in enumerate(cases)}
     failed = sorted(distributed.gather_lists(failed), key=lambda name: order.get(name, len(order)))
     if main:
+        named = failed + ([f"{len(unformed)} input problem(s) above"] if unformed else [])
         print(
-            f"medseg: predicted {done} case(s), skipped {skipped}, failed {len(failed)}"
-            + (f" ({', '.join(failed)})" if failed else "")
+            f"medseg: predicted {done} case(s), skipped {skipped}, failed {len(failed) + len(unformed)}"
+            + (f" ({', '.join(named)})" if named else "")
             + f"; outputs in {output}"
         )
-    return not failed
+    return not failed and not unformed

@@ -150,8 +150,28 @@ def test_multichannel_cases_and_missing_channel(tmp_path):
     seg, _ = read_image(tmp_path / "out" / "x.nii.gz")
     assert seg.shape == (21, 17, 11) and seg.max() <= 2
     (scans / "y_0001.nii.gz").unlink()
-    with pytest.raises(DataError, match="y_0001.nii.gz"):
-        run_prediction(run, [scans], tmp_path / "out2", False, None, None, None, False, "cpu")
+    with pytest.raises(DataError, match="y_0001.nii.gz"):  # no case left: one line, nothing predicted
+        run_prediction(run, [tmp_path / "in" / "y_0000.nii.gz"], tmp_path / "out2", False, None, None, None, False,
+                       "cpu")
+
+
+def test_a_case_whose_files_form_none_is_reported_and_the_others_are_predicted(tmp_path, capsys):
+    """One case without its _0001 file (or a name two files share) stopped the whole
+    folder with exit 3 and nothing predicted; the README promises a failing case is
+    reported and the batch goes on (exit 1)."""
+    run = make_run(tmp_path / "run", channels=("T1", "T2"), labels={"background": 0, "a": 1, "b": 2})
+    scans = tmp_path / "in"
+    geometry = oblique_geometry()
+    for name, channels in (("good", (0, 1)), ("lonely", (0,)), ("dup", (0, 1))):
+        for c in channels:
+            write_image(scans / f"{name}_{c:04d}.nii.gz", blob_image() * (c + 1), geometry)
+    write_image(scans / "dup_0000.nii", blob_image(), geometry)
+    write_image(scans / "dup_0001.nii", blob_image(), geometry)
+    assert not run_prediction(run, [scans], tmp_path / "out", False, None, None, None, False, "cpu")
+    err = capsys.readouterr()
+    assert "lonely_0001" in err.err and "channel 0 of case 'dup' is also given by" in err.err
+    assert "predicted 1 case(s), skipped 0, failed 2 (2 input problem(s) above)" in err.out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["good.nii.gz"]
 
 
 def test_bad_options(tiny_run, scans, tmp_path):
