@@ -101,6 +101,16 @@ def read_summary(source: str | Path) -> dict[str, Any]:
         raise DataError(f"{source}: not a readable summary.json ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("metric_per_case"), list):
         raise DataError(f"{source}: not an evaluation summary (no 'metric_per_case' list; write one with medseg evaluate)")
+    for i, entry in enumerate(data["metric_per_case"]):  # what the pages read from each case
+        where = f"{source}: metric_per_case[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("metrics", {}), dict):
+            raise DataError(f"{where}: not a case of medseg evaluate (a mapping with a 'metrics' mapping)")
+        for label in entry.get("metrics", {}):  # none for a missing or failed case
+            if not (isinstance(label, str) and label.lstrip("-").isdigit()):
+                raise DataError(f"{where}.metrics: key {label!r} is not a label value")
+        for key in ("prediction_file", "reference_file"):
+            if key in entry and not isinstance(entry[key], str):
+                raise DataError(f"{where}.{key}: {entry[key]!r} is not a path")
     return data
 
 

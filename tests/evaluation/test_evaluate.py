@@ -648,3 +648,21 @@ def test_volumes_of_a_sheared_scan_use_the_voxels_true_volume(folders):
     voxel = 2.0 * math.cos(tilt)
     assert math.isclose(metrics["volume_ref_mm3"], 64 * voxel, rel_tol=1e-5)
     assert math.isclose(metrics["volume_pred_mm3"], 48 * voxel, rel_tol=1e-5)
+
+
+def test_a_summary_json_of_another_shape_is_one_line_naming_the_key(folders):
+    """A summary.json from elsewhere with a label key that is not a label value reached
+    int(label) in report html: a ValueError traceback."""
+    from medseg.errors import DataError
+    from medseg.evaluation.report import rewrite_report
+
+    ref, pred, out = folders
+    _write(ref, "c0", _cube((1, 1, 1), (4, 5, 5)))
+    _write(pred, "c0", _cube((1, 1, 1), (5, 5, 4)))
+    assert run_evaluation(pred, ref, out, workers=1, metrics="dice")
+    summary = _summary(out)
+    entry = summary["metric_per_case"][0]
+    entry["metrics"] = {"<x>": entry["metrics"]["1"]}
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(DataError, match=r"metric_per_case\[0\]\.metrics: key '<x>' is not a label value"):
+        rewrite_report(out)
