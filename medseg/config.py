@@ -10,7 +10,7 @@ Example (``configs/quickstart.yaml``)::
       dataset: demo/Dataset001_SyntheticVessels
       patch_size: [48, 48, 48]
     train:
-      iterations: 300
+      iterations: 400
     output_dir: demo/runs/quickstart
 """
 

@@ -54,9 +54,9 @@ def unet_topology(spacing: Sequence[float], patch_size: Sequence[int], min_edge:
     --------
     >>> t = unet_topology([0.8, 0.8, 5.0], [160, 160, 24])
     >>> t.strides[:3], t.kernel_sizes[:3]
-    ([[1, 1, 1], [2, 2, 1], [2, 2, 1]], [[3, 3, 1], [3, 3, 1], [3, 3, 1]])
+    ([[1, 1, 1], [2, 2, 1], [2, 2, 1]], [[3, 3, 1], [3, 3, 1], [3, 3, 3]])
     >>> t.divisor
-    [32, 32, 8]
+    [32, 32, 4]
     """
     dims = len(spacing)
     current_spacing = [float(s) for s in spacing]
