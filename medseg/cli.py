@@ -109,15 +109,18 @@ def plan(
     dataset: Path = typer.Argument(..., help="dataset folder in nnU-Net v2 / MSD layout (dataset.json inside)"),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
-        help="run config to write; fingerprint.json and plans.json go next to it (default: plans/DATASET/config.yaml)",
+        help="run config to write (.yaml/.yml); plans.json, fingerprint.json and fingerprint_samples.npz go next to "
+        "it (default: plans/DATASET/config.yaml)",
     ),
     gpu_memory_gb: float = typer.Option(8.0, "--gpu-memory-gb", help="memory of the training GPU in GiB (nnU-Net's default: 8)"),
     model: str = typer.Option("dynunet", "--model", help="dynunet, unet, unetr or swinunetr"),
-    topology_loss: str = typer.Option("none", "--topology-loss", help="loss added to dice_ce: cldice, skeleton_recall, betti_matching, mip, sauna, ... or none"),
+    topology_loss: str = typer.Option("none", "--topology-loss", help="loss added to dice_ce: cldice, skeleton_recall, betti_matching, mip, sauna, ... or none "
+                                       "(betti_matching plans DynUNet without deep supervision)"),
     workers: int = typer.Option(2, "--workers", help="processes for the fingerprint"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="run folder written into the config (default: runs/NAME_MODEL)"),
 ) -> None:
-    """Fingerprint a dataset and plan a run: a commented CONFIG.yaml for medseg train, plus plans.json and fingerprint.json."""
+    """Fingerprint a dataset and plan a run: a commented CONFIG.yaml for medseg train, plus plans.json,
+    fingerprint.json and fingerprint_samples.npz."""
     from medseg.planning import run_plan
 
     result = run_plan(
@@ -232,8 +235,8 @@ def predict(
     ),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip test-time augmentation (default: run config)"),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="sliding-window overlap (default: run config)"),
-    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", help="windows per forward pass"),
-    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="also write CASE_prob.nii.gz"),
+    sw_batch_size: Optional[int] = typer.Option(None, "--sw-batch-size", help="windows per forward pass (default: run config)"),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="also write CASE_prob.nii.gz (also on when the run config's inference.save_probabilities is)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     stitch_device: Optional[str] = typer.Option(
         None, "--stitch-device",
@@ -273,11 +276,11 @@ def evaluate(
     workers: int = typer.Option(2, "--workers", help="parallel processes"),
     metrics: Optional[str] = typer.Option(
         None, "--metrics",
-        help="comma-separated: dice, iou, hd95, surface_dice (nsd), cldice, betti, betti_matching (bme), "
-        "components, volume; default all (hd95 and betti_matching are the costly ones)",
+        help="comma-separated: dice, iou (both: overlap), hd95, surface_dice (nsd), cldice, betti, betti_matching "
+        "(bme), components, volume; default all (hd95 and betti_matching are the costly ones)",
     ),
     tolerance_mm: float = typer.Option(
-        DEFAULT_TOLERANCE_MM, "--tolerance-mm", help="tolerance of the normalised surface Dice, mm"
+        DEFAULT_TOLERANCE_MM, "--tolerance-mm", help="tolerance of the normalised surface Dice, mm (pixels for PNG/TIF)"
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="scans CASE_0000.nii.gz shown in report.html (default: imagesTs next to --ref)"),
     worst_cases: int = typer.Option(

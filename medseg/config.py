@@ -99,8 +99,8 @@ class AugmentationConfig(_Strict):
     flip_prob: float = Field(0.5, ge=0, le=1, description="RandFlipd per spatial axis")
     rotate90_prob: float = Field(0.0, ge=0, le=1, description="RandRotate90d in the first two axes")
     affine_prob: float = Field(0.2, ge=0, le=1, description="RandAffined (rotation, scaling)")
-    rotate_range_deg: float = Field(15.0, ge=0, le=180)
-    scale_range: float = Field(0.1, ge=0, le=0.5)
+    rotate_range_deg: float = Field(15.0, ge=0, le=180, description="RandAffined's rotation: up to this many degrees")
+    scale_range: float = Field(0.1, ge=0, le=0.5, description="RandAffined's scaling: by up to this fraction")
     intensity_scale_prob: float = Field(0.15, ge=0, le=1, description="RandScaleIntensityd")
     intensity_shift_prob: float = Field(0.15, ge=0, le=1, description="RandShiftIntensityd")
     gaussian_noise_prob: float = Field(0.1, ge=0, le=1, description="RandGaussianNoised")
@@ -117,7 +117,9 @@ class NormalizationConfig(_Strict):
     (per-image mean/std). ``none`` leaves intensities untouched.
     """
 
-    scheme: Literal["auto", "zscore", "ct", "none"] = "auto"
+    scheme: Literal["auto", "zscore", "ct", "none"] = Field(
+        "auto", description="auto: ct for channels named CT, zscore for the others; zscore, ct or none for all"
+    )
     ct_clip: tuple[float, float] | None = Field(
         None, description="fixed (low, high) clip for the ct scheme instead of dataset percentiles"
     )
@@ -135,8 +137,8 @@ class DataConfig(_Strict):
     split_file: Path | None = Field(
         None, description="JSON/YAML with 'train' and 'val' case-name lists; seeded split otherwise"
     )
-    val_fraction: float = Field(0.2, ge=0, lt=1)
-    patch_size: list[int] = Field(default_factory=lambda: [64, 64, 64])
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="validation share of the seeded split (no split_file)")
+    patch_size: list[int] = Field(default_factory=lambda: [64, 64, 64], description="training patch, voxels per axis")
     target_spacing: list[float] | None = Field(
         None, description="resample to this spacing in mm (Spacingd); None keeps the native spacing"
     )
@@ -245,8 +247,8 @@ class ModelConfig(_Strict):
     multiple of 32 and, with instance norm, at least 64.
     """
 
-    name: Literal["unet", "dynunet", "unetr", "swinunetr"] = "unet"
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: Literal["unet", "dynunet", "unetr", "swinunetr"] = Field("unet", description="the MONAI network")
+    params: dict[str, Any] = Field(default_factory=dict, description="the MONAI constructor's arguments (see ModelConfig)")
 
     @field_validator("params")
     @classmethod
@@ -305,8 +307,8 @@ class LossTerm(_Strict):
     """
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    name: str
-    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
+    name: str = Field(..., description="a loss of medseg.losses.LOSS_NAMES; other keys are its parameters")
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="its weight in the sum")
     start: int | float = Field(0, ge=0, description="steps the term is off (logged iterations 1 to start): an integer, or a fraction < 1 of train.iterations")
     ramp: int | float = Field(0, ge=0, description="iterations (or a fraction < 1 of train.iterations) to reach the full weight")
     heads: Literal["all", "final"] = Field("all", description="with deep supervision: the term on every head, or the final output only")
@@ -339,18 +341,21 @@ def resolve_schedule(start: int | float, ramp: int | float, iterations: int) -> 
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="torch.optim's AdamW, Adam or SGD")
     # le: a learning rate float32 cannot hold (1e39) failed at the first step, after the run
     # folder was written, with a traceback; nothing trains above 1e6 either
-    lr: float = Field(1e-3, gt=0, le=MAX_LR)
-    weight_decay: float = Field(1e-5, ge=0)
+    lr: float = Field(1e-3, gt=0, le=MAX_LR, description="initial learning rate")
+    weight_decay: float = Field(1e-5, ge=0, description="the optimizer's weight decay")
     momentum: float = Field(0.99, ge=0, lt=1, description="SGD only (nesterov)")
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["poly", "cosine", "constant"] = "poly"
-    warmup_iterations: int = Field(0, ge=0)
-    poly_power: float = Field(0.9, gt=0)
+    name: Literal["poly", "cosine", "constant"] = Field(
+        "poly", description="after the warm-up, lr times (1 - t)^poly_power (poly, nnU-Net's), (1 + cos(pi t))/2 "
+        "(cosine) or 1 (constant), t the share of the steps after the warm-up done"
+    )
+    warmup_iterations: int = Field(0, ge=0, description="linear warm-up over this many steps (from lr/warmup to lr)")
+    poly_power: float = Field(0.9, gt=0, description="the poly schedule's exponent")
 
 
 # What ``medseg train CONFIG --resume`` may change against the run's checkpoint: dotted
@@ -421,15 +426,17 @@ class TrainConfig(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     amp: bool = Field(True, description="automatic mixed precision; only takes effect on CUDA")
     grad_clip: float | None = Field(12.0, gt=0, description="clip the gradient norm; None disables")
-    deterministic: bool = False
+    deterministic: bool = Field(
+        False, description="torch's deterministic algorithms and cuDNN's (slower; warns where none exists)"
+    )
 
 
 class InferenceConfig(_Strict):
-    overlap: float = Field(0.5, ge=0, lt=1)
-    sw_batch_size: int = Field(4, gt=0)
-    mode: Literal["gaussian", "constant"] = "gaussian"
+    overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap (predict --overlap)")
+    sw_batch_size: int = Field(4, gt=0, description="windows per forward pass (predict --sw-batch-size)")
+    mode: Literal["gaussian", "constant"] = Field("gaussian", description="blending of overlapping windows")
     tta_flips: bool = Field(False, description="average predictions over axis flips")
-    save_probabilities: bool = False
+    save_probabilities: bool = Field(False, description="predict also writes CASE_prob.nii.gz")
     stitch_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="where the whole-volume class maps (float16) are kept while windows are stitched: "
@@ -445,7 +452,7 @@ class RunConfig(_Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     output_dir: Path = Field(..., description="the run folder: checkpoints, logs, resolved config")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the split, model init, patch sampling and augmentation")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is usable, else cpu")
 
     @model_validator(mode="after")
     def _has_loss(self) -> "RunConfig":

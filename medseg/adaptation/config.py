@@ -86,7 +86,7 @@ class PseudoLabelConfig(_Strict):
     :mod:`medseg.adaptation.pseudo_label`).
     """
 
-    rounds: int = Field(3, gt=0, le=MAX_COUNT)
+    rounds: int = Field(3, gt=0, le=MAX_COUNT, description="teacher predictions of the target scans, each followed by training")
     threshold: float | None = Field(0.9, ge=0, le=1, description="minimum confidence; None: no threshold")
     curriculum: list[float] | None = Field(
         None, description="fraction of voxels kept per class and round, non-decreasing in (0, 1], e.g. [0.2, 0.4, 0.6]"
@@ -148,13 +148,13 @@ class MeanTeacherConfig(_Strict):
     ``t < T = rampup_iterations``.
     """
 
-    decay: float = Field(0.99, ge=0, lt=1)
-    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
-    rampup_iterations: int = Field(50, ge=0, le=MAX_COUNT)
+    decay: float = Field(0.99, ge=0, lt=1, description="the teacher's EMA decay (ramped: min(decay, 1 - 1/(t + 1)))")
+    weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of the consistency term")
+    rampup_iterations: int = Field(50, ge=0, le=MAX_COUNT, description="steps of the consistency weight's ramp-up")
     confidence_weight: float = Field(
         0.0, ge=0, le=MAX_WEIGHT, description="also train on the teacher's argmax where its confidence >= threshold (cross-entropy)"
     )
-    threshold: float = Field(0.9, ge=0, le=1)
+    threshold: float = Field(0.9, ge=0, le=1, description="the teacher's confidence for confidence_weight's term")
 
 
 class SFDAConfig(_Strict):
@@ -177,7 +177,8 @@ class SFDAConfig(_Strict):
         None,
         description="class ratios incl. background, summing to 1; default: ratio_mean of label_stats.json of the source run",
     )
-    absent_threshold: float = Field(1e-4, ge=0, lt=1)
+    absent_threshold: float = Field(1e-4, ge=0, lt=1, description="a class predicted below this ratio on a sample is "
+                                    "taken as absent there (its prior mass goes to background)")
     ratio_scope: Literal["sample", "batch", "scan"] = Field(
         "scan",
         description="tau_hat per patch, pooled over the batch's patches, or of the patch's whole scan (the scan's "
@@ -202,23 +203,23 @@ class TentConfig(_Strict):
     stored model config so that the run reloads; without it such a model is refused.
     """
 
-    enable_affine: bool = True
+    enable_affine: bool = Field(True, description="give InstanceNorm layers identity affine parameters to adapt")
     max_iterations: int = Field(200, gt=0, le=MAX_COUNT, description="refuse adapt.iterations above this: Tent degrades with many passes")
 
 
 class AdaptSection(_Strict):
-    method: Literal["pseudo_label", "mean_teacher", "sfda", "tent"]
+    method: Literal["pseudo_label", "mean_teacher", "sfda", "tent"] = Field(..., description="the adaptation method")
     iterations: int = Field(..., gt=0, le=MAX_COUNT, description="optimizer steps in all (pseudo_label: over all rounds)")
     batch_size: int = Field(2, gt=0, le=2**16, description="target patches per step")
     patch_size: list[int] | None = Field(None, description="default: the source run's data.patch_size")
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="torch.optim's Adam, AdamW or SGD")
     lr: float = Field(5e-4, gt=0, le=MAX_LR, description="Bateson et al. use Adam 5e-4 (2D); Tent 1e-3 Adam")
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(12.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="the optimizer's weight decay")
+    grad_clip: float | None = Field(12.0, gt=0, description="clip the gradient norm; None disables")
     flip_prob: float = Field(0.5, ge=0, le=1, description="random flips of target patches (per axis)")
     intensity_prob: float = Field(0.5, ge=0, le=1, description="random intensity scale/shift/gamma of target patches")
-    checkpoint_interval: int = Field(50, gt=0, le=MAX_COUNT)
-    log_interval: int = Field(10, gt=0, le=MAX_COUNT)
+    checkpoint_interval: int = Field(50, gt=0, le=MAX_COUNT, description="write checkpoint 'latest' every N steps")
+    log_interval: int = Field(10, gt=0, le=MAX_COUNT, description="append the mean loss to metrics.csv every N steps")
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     mean_teacher: MeanTeacherConfig = Field(default_factory=MeanTeacherConfig)
     sfda: SFDAConfig = Field(default_factory=SFDAConfig)
@@ -253,8 +254,8 @@ class AdaptConfig(_Strict):
     source_data: SourceDataConfig | None = None
     adapt: AdaptSection
     output_dir: Path = Field(..., description="the NEW run folder of the adapted model")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds patch sampling and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is usable, else cpu")
 
     @model_validator(mode="after")
     def _checks(self) -> "AdaptConfig":
