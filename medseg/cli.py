@@ -462,6 +462,20 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _command_typed(args: list[str]) -> str:
+    """``medseg`` and the (sub)command words leading ``args`` (``medseg report compare``)."""
+    import typer.main
+
+    words, group = ["medseg"], typer.main.get_command(app)
+    for arg in args:
+        sub = getattr(group, "commands", {}).get(arg)
+        if sub is None:
+            break
+        words.append(arg)
+        group = sub
+    return " ".join(words)
+
+
 def _main(argv: list[str] | None) -> int:
     # a log file on a full disk must not print a traceback per line; the next write of the
     # output reports the full disk in one line
@@ -548,6 +562,8 @@ def _main(argv: list[str] | None) -> int:
         command = "medseg"
         if context is not None:  # the path after the program's own name (python -m medseg, a script's)
             command += context.command_path[len(context.find_root().info_name or ""):]
+        if command == "medseg":  # an error of the parser before a context (--resume=yes): the words typed
+            command = _command_typed(sys.argv[1:] if argv is None else list(argv))
         sys.stderr.write(f"medseg: error: {_one_line(err.format_message())} (see {command} --help)\n")
         sys.stderr.flush()
         return err.exit_code

@@ -52,6 +52,11 @@ def test_usage_errors_are_one_line(capsys):
     _one_line(capsys, "'--workers'", "(see medseg evaluate --help)")
     assert main(["frobnicate"]) == 2
     _one_line(capsys, "No such command 'frobnicate'")
+    # the parser's own errors come before any context: they named `medseg --help`
+    assert main(["train", "x.yaml", "--resume=yes"]) == 2
+    _one_line(capsys, "does not take a value", "(see medseg train --help)")
+    assert main(["report", "compare", "a", "b", "--bogus"]) == 2
+    _one_line(capsys, "--bogus", "(see medseg report compare --help)")
 
 
 def test_an_empty_argument_is_refused_before_any_work(masks, tmp_path, monkeypatch, capsys):
