@@ -491,19 +491,22 @@ def _check_some_case_fits(cases, spatial_dims: int, num_channels: int) -> None:
     each, and leave a folder holding only its record. Where some cases fit, the others
     fail as cases (reported, the batch goes on), as an unreadable one does."""
     from medseg.data.io import read_geometry
+    from medseg.inference.predictor import slice_hint
 
-    dims, channels = {}, {}
+    dims, shapes, channels = {}, {}, {}
     for case in cases:
         try:
             headers = [read_geometry(f) for f in case.image_files]
         except DataError:
             continue  # reported with its case
         dims[case.image_files[0]] = headers[0][1].ndim
+        shapes[case.image_files[0]] = tuple(headers[0][1].shape)
         channels[case.image_files[0]] = sum(c for c, _ in headers)
     if dims and spatial_dims not in dims.values():
         first, ndim = next(iter(dims.items()))
         others = f" (and no input is {spatial_dims}D)" if len(cases) > 1 else ""
-        raise DataError(f"{first}: {ndim}D image, but the model was trained on {spatial_dims}D patches{others}")
+        raise DataError(f"{first}: {ndim}D image, but the model was trained on {spatial_dims}D patches{others}"
+                        + slice_hint(shapes[first], spatial_dims))
     if channels and num_channels not in channels.values():
         first, count = next(iter(channels.items()))
         others = f" (and no input has {num_channels})" if len(cases) > 1 else ""

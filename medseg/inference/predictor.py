@@ -117,6 +117,16 @@ def _flip_combinations(spatial_dims: int) -> list[tuple[int, ...]]:
     return [combo for k in range(spatial_dims + 1) for combo in itertools.combinations(axes, k)]
 
 
+def slice_hint(shape: tuple[int, ...], spatial_dims: int) -> str:
+    """For a 2D model given a one-voxel-thick 3D image whose thin axis is not the last
+    (a coronal or sagittal slice cut as X×1×Z): how to store it so that it reads as 2D."""
+    if spatial_dims == 2 and len(shape) == 3 and 1 in shape[:2] and shape[2] != 1:
+        dims = "×".join(map(str, shape))
+        return (f" (a single slice stored {dims}: medseg reads a slice as 2D when its thin axis is the last, "
+                "X×Y×1; store it so, e.g. with its axes reordered and the affine's columns with them)")
+    return ""
+
+
 class Predictor:
     """A network and its preprocessing, rebuilt from a checkpoint.
 
@@ -224,7 +234,8 @@ class Predictor:
         ndim = np.asarray(case["image"]).ndim - 1
         if ndim != self.spatial_dims:
             first = case.get("image_files", [case["name"]])[0]
-            raise DataError(f"{first}: {ndim}D image, but the model was trained on {self.spatial_dims}D patches")
+            raise DataError(f"{first}: {ndim}D image, but the model was trained on {self.spatial_dims}D patches"
+                            + slice_hint(np.shape(case["image"])[1:], self.spatial_dims))
         image = case.pop("image") if consume else case["image"]
         data = {"image": image, "geometry": case["geometry"], "name": case["name"]}
         del image

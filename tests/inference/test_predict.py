@@ -216,6 +216,11 @@ def test_scans_of_the_wrong_dimension_are_refused_up_front_or_fail_as_cases(tmp_
     assert "case_a_0000.nii.gz: 3D image, but the model was trained on 2D patches" in err
     assert "Traceback" not in err
     assert read_image(tmp_path / "out" / "flat.nii.gz")[0].shape == (21, 17)
+    coronal = tmp_path / "coronal"  # a slice cut as X×1×Z: said how to store it
+    write_image(coronal / "cor_0000.nii.gz", blob_image()[:, 3:4, :], ImageGeometry.identity((21, 1, 11)))
+    with pytest.raises(DataError, match=r"a single slice stored 21×1×11: medseg reads a slice as 2D when its thin "
+                                        r"axis is the last, X×Y×1"):
+        run_prediction(run, [coronal], tmp_path / "out3", False, None, None, None, False, "cpu")
 
 
 def test_sauna_only_model_saves_tanh_class_maps(tmp_path, scans):
