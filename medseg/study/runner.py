@@ -240,6 +240,25 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
     return failed
 
 
+def _fill_caches(runs: list[StudyRun]) -> None:
+    """Fill the preprocessing caches that fresh runs will read, once each, with every core,
+    before several runs start at once (``--parallel N``): each run preprocessed the same
+    dataset into the same cache beside the others, N times the work at the study's start
+    (written atomically, so right, only slow). A run resumed from a checkpoint keeps its
+    checkpoint's split and is left to its own start; a cache that cannot be filled is left
+    to the runs, which report it."""
+    from medseg.preprocessing.run import available_cpus, preprocess_dataset, select_cases
+
+    fresh = [run for run in runs if not (run.run_dir / "checkpoints" / "latest.pt").exists()]
+    for run in fresh:  # a second run of a cache finds it complete: a listing of its files
+        try:
+            info, train_cases, val_cases = select_cases(run.config)
+            preprocess_dataset(run.config, info, train_cases, val_cases, workers=available_cpus())
+        except MedsegError as err:
+            _say(f"{run.name}: its cache could not be filled beforehand ({err}); the run says why")
+            return
+
+
 def _time_left(left: dict[str, StudyRun], rates: list[float], others: list[float], parallel: int) -> str:
     """``; N to go, about T``: the steps of the runs left at the median seconds per step so
     far, plus the median time a run spent besides training (its predictions and
@@ -337,6 +356,8 @@ def run_study(path: str | Path, overrides: list[str] | None = None, parallel: in
         f"{where}{len(study.runs)} runs ({len(variants)} variants x {len(seeds)} seeds, baseline {study.baseline}); "
         f"{len(mine) - len(todo)} finished, {len(todo)} to run" + (f", {at_once} at a time" if at_once > 1 else "")
     )
+    if at_once > 1 and world == 1:
+        _fill_caches(todo)
     failed = _execute(todo, study, at_once, _local_rank() if world > 1 else None)
     if world > 1 and not _all_ranks_done(study, rank, world):
         _say(f"rank {rank}: done; the last rank to finish writes the summary")

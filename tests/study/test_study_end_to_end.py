@@ -154,3 +154,17 @@ def test_a_call_that_trained_nothing_measures_nothing():
     assert _resources(alone) == "training time and memory not recorded"
     both = training_summary({"training": {"segments": [real, noop]}})
     assert both["seconds_per_step"] == 2.0 and both["peak_rss_mib"] == 900.0
+
+
+def test_parallel_runs_find_their_cache_filled_once_before_they_start(write_study, tmp_path, capsys):
+    """With --parallel 2 both first runs preprocessed the same dataset into the same
+    cache at once: twice the work at the study's start. The study now fills it first."""
+    path = write_study(seeds=[0])
+    cache = tmp_path / "fresh_cache"
+    assert main(["study", str(path), "--parallel", "2", "--set", f"data.cache_dir={cache}"]) == 0
+    study = load_study(path, [f"data.cache_dir={cache}"])
+    logs = {run.name: (run.run_dir / "train.log").read_text() for run in study.runs}
+    assert len(logs) == 2
+    for name, text in logs.items():
+        assert "using the preprocessed cache" in text and "preprocessing " not in text, (name, text)
+    assert any(cache.rglob("*.b2nd"))
