@@ -510,6 +510,11 @@ def _main(argv: list[str] | None) -> int:
         return err.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code
+    except Warning as err:  # a warning made an error (PYTHONWARNINGS=error, python -W error): said as one
+        sys.stderr.write(f"medseg: error: {_one_line(str(err))} ({type(err).__name__}, raised as an error by the "
+                         "warnings filter)\n")
+        sys.stderr.flush()
+        return 1
     except OSError as err:
         # a path the system refuses (a name over 255 bytes, a link loop, a folder that
         # cannot be made: /proc/self/x): the one line a shell would give; the commands'

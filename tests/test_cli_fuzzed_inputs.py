@@ -149,3 +149,22 @@ def test_a_grid_beyond_memory_is_refused_before_it_is_allocated(monkeypatch):
     with pytest.raises(DataError, match=r"24x24x24 scan gives a 2400x2400x2400 grid, 51.5 GB .*data.target_spacing"):
         _check_grid_fits((2400, 2400, 2400), 1, (24, 24, 24))
     assert os.environ.get("MEDSEG_CACHE")  # the suite's cache, never the user's
+
+
+def test_a_warning_made_an_error_is_one_line(monkeypatch, capsys, tmp_path):
+    """Under PYTHONWARNINGS=error (or python -W error) medseg's own warnings (a .jpg skipped
+    in a folder of scans) came out as a traceback."""
+    import warnings
+
+    import medseg.evaluation.evaluate as evaluate_module
+    from medseg.data.dataset import DatasetWarning
+
+    def warns(*args, **kwargs):
+        warnings.warn("scans: 1 image file(s) skipped: b.jpg", DatasetWarning, stacklevel=2)
+
+    monkeypatch.setattr(evaluate_module, "run_evaluation", warns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert code == 1
+    _one_line(capsys, "b.jpg", "(DatasetWarning, raised as an error by the warnings filter)")
