@@ -22,6 +22,7 @@ import math
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 #: Floor of every denominator in medseg's losses, so that smoothing terms of 0 never give 0/0.
@@ -47,7 +48,16 @@ def check_iterations(iterations: int) -> int:
     return iterations
 
 
+def check_flag(name: str, value: object, optional: bool = False) -> None:
+    """Refuse a flag that is not true or false (or None, when ``optional``): ``"no"`` or
+    ``"false"`` from a config of the user's own turned the option on."""
+    if not (isinstance(value, (bool, np.bool_)) or (optional and value is None)):
+        raise ValueError(f"{name} must be true or false{' (or None)' if optional else ''}, got {value!r}")
+
+
 def check_activation_flags(sigmoid: bool | None, softmax: bool | None) -> None:
+    check_flag("sigmoid", sigmoid, optional=True)
+    check_flag("softmax", softmax, optional=True)
     if sigmoid and softmax:
         raise ValueError("sigmoid=True and softmax=True are incompatible; set at most one")
 
@@ -172,7 +182,8 @@ def encodes_labels(target: torch.Tensor, n_channels: int, to_onehot_y: bool | No
 def target_as_channels(
     target: torch.Tensor, n_channels: int, to_onehot_y: bool | None, first: int = 0
 ) -> torch.Tensor:
-    """The target with ``n_channels`` channels, as a float tensor; channels ``first`` on.
+    """The target with ``n_channels`` channels, as a float tensor (float64 stays float64,
+    anything else is float32); channels ``first`` on.
 
     A label map is one-hot encoded by comparison, channel by channel, so that only the
     channels asked for are built (``first=1``: no background); its labels must lie in
@@ -195,7 +206,7 @@ def _target_as_channels(target: torch.Tensor, n_channels: int, encode: bool, fir
         labels = target.long()  # whole numbers in 0 .. n_channels - 1: check_input has checked them
         classes = torch.arange(first, n_channels, device=labels.device).view(1, -1, *([1] * (labels.dim() - 2)))
         return (labels == classes).float()
-    target = target.float()
+    target = target if target.dtype == torch.float64 else target.float()  # float64 keeps its precision
     if target.shape[1] != n_channels:
         raise ValueError(
             f"target has {target.shape[1]} channels but input has {n_channels}; "

@@ -20,6 +20,7 @@ import torch
 from medseg.losses._prepare import (
     activation_and_target,
     check_activation_flags,
+    check_flag,
     check_input,
     check_reduction,
     encodes_labels,
@@ -256,9 +257,14 @@ class BettiMatchingLoss(torch.nn.Module):
             raise ValueError(
                 f"matched_weight and unmatched_weight must be finite numbers >= 0, got {matched_weight}, {unmatched_weight}"
             )
-        for flag, value in (("relative", relative), ("include_background", include_background)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{flag} must be true or false, got {value!r}")  # 'no' would have turned it on
+        # 'no' would have turned them on (the torch path's push_unmatched_to_1_0 did)
+        for flag, value in (("relative", relative), ("include_background", include_background),
+                            ("push_unmatched_to_1_0", push_unmatched_to_1_0)):
+            check_flag(flag, value)
+        check_flag("to_onehot_y", to_onehot_y, optional=True)
+        if isinstance(target_cache_bytes, bool) or not isinstance(target_cache_bytes, (int, np.integer)) \
+                or target_cache_bytes < 0:
+            raise ValueError(f"target_cache_bytes must be a whole number of bytes >= 0, got {target_cache_bytes!r}")
         if dimension_weights is not None and (isinstance(dimension_weights, (str, bytes))
                                               or not isinstance(dimension_weights, (Sequence, np.ndarray))):
             raise ValueError(f"dimension_weights must be a list of numbers, one per homology dimension, "
@@ -441,9 +447,12 @@ class BettiMatchingLoss(torch.nn.Module):
         if backend.on_device(probs):  # the images stay on the device
             preds_list = [p.detach().to(torch.float32).contiguous() for p in flat_probs]
             tgt_list = [t.detach().to(torch.float32).contiguous() for t in flat_tgt]
-        else:
-            preds_np = probs.detach().to("cpu", torch.float32).numpy().reshape(batch * channels, *probs.shape[2:])
-            tgt_np = tgt.detach().to("cpu", torch.float32).numpy().reshape(batch * channels, *probs.shape[2:])
+        else:  # float64 matched in float64: in float32, 1 - 1e-12 and 1 tie and the pairs differ
+            wide = {torch.float64: torch.float64}
+            preds_np = probs.detach().to("cpu", wide.get(probs.dtype, torch.float32)).numpy().reshape(
+                batch * channels, *probs.shape[2:])
+            tgt_np = tgt.detach().to("cpu", wide.get(tgt.dtype, torch.float32)).numpy().reshape(
+                batch * channels, *probs.shape[2:])
             preds_list = [np.ascontiguousarray(p) for p in preds_np]
             tgt_list = [np.ascontiguousarray(t) for t in tgt_np]
 

@@ -105,8 +105,10 @@ class BettiMatching:
         per_dim = self.loss_per_dim()
         if dims is None:
             return float(per_dim.sum())
-        if isinstance(dims, (int, np.integer)):
+        if isinstance(dims, (int, np.integer)) and not isinstance(dims, (bool, np.bool_)):
             dims = [int(dims)]
+        elif isinstance(dims, (bool, np.bool_, str, bytes)) or not isinstance(dims, Iterable):
+            dims = [dims]  # refused below, naming it (True was dimension 1, 0.0 a TypeError)
         dims = list(dims)
         if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < self.ndim for d in dims) \
                 or len(set(dims)) != len(dims):
@@ -311,8 +313,8 @@ def betti_matching_batch(
     """
     backend, (nested_p, flat_p), (nested_t, flat_t) = _resolve_batch(backend, predictions, targets)
     _check_layouts(nested_p, flat_p, nested_t, flat_t)
-    if not flat_p:
-        return []
+    if not flat_p:  # a (B, 0, ...) batch is B empty lists, as barcode_batch gives
+        return _unflatten([], nested_p)
     prepared = [
         _prepare(p, t, filtration, construction, comparison, relative, backend) for p, t in zip(flat_p, flat_t)
     ]
@@ -409,6 +411,10 @@ def betti_matching_error_batch(
     # checked here: the flat lists handed on below would pair a (2, 3) batch with a (3, 2) one
     _check_layouts(nested, flat_p, nested_t, flat_t)
     preds = [_binary(x, f"pred_masks[{i}]", backend) for i, x in enumerate(flat_p)]
+    if not preds:  # an empty batch: no row, each of the inputs' spatial dimensions wide
+        total = getattr(pred_masks, "ndim", None)  # an array's or tensor's; a list says nothing
+        spatial = max(total - (len(nested) if nested is not None else 1), 0) if isinstance(total, int) else 0
+        return np.zeros((*(nested if nested is not None else (0,)), spatial), dtype=np.int64)
     dims = sorted({p.ndim for p in preds})
     if len(dims) > 1:  # the result has one row of ndim errors per pair
         first = [next(i for i, p in enumerate(preds) if p.ndim == d) for d in dims]
