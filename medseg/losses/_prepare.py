@@ -234,6 +234,14 @@ def check_input(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
     losses. Checked once per target inside :func:`shared_preparation`; on CUDA without a
     sync (a device-side assert).
     """
+    for what, value in (("input", input), ("target", target)):  # a numpy array or None: 'no attribute dim'
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(value).__name__}")
+        if value.layout != torch.strided or value.is_meta:  # torch's errors were many lines, naming no argument
+            kind = "a meta tensor (no data)" if value.is_meta else f"a {value.layout} tensor"
+            raise ValueError(f"{name}: {what} must be a dense tensor with data, got {kind}")
+        if value.is_complex():
+            raise ValueError(f"{name}: {what} must be real, got dtype {value.dtype}")
     if input.dim() not in (4, 5):
         raise ValueError(f"{name}: input must be (B, C, H, W) or (B, C, H, W, D), got shape {tuple(input.shape)}")
     if not input.is_floating_point():  # torch said only that its softmax is not implemented for Long

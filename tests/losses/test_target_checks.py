@@ -95,3 +95,22 @@ def test_bfloat16_logits_on_the_cpu():
     x = _logits(2).to(torch.bfloat16)
     for name in ("cbdice", "clce", "betti_matching"):
         assert torch.isfinite(get_loss(name)(x, _mask()).float())
+
+
+@pytest.mark.parametrize("make_bad", [
+    lambda x, y: (x.numpy(), y), lambda x, y: (x, None), lambda x, y: (x, y.tolist()),
+    lambda x, y: (x.to_sparse(), y), lambda x, y: (x.to("meta"), y), lambda x, y: (x, y.to(torch.complex64)),
+])
+def test_what_is_not_a_dense_real_tensor_is_one_line_naming_the_argument(make_bad):
+    """A numpy array or None reached `.dim()` (AttributeError), a sparse or meta input torch's
+    many-line errors, a complex target aminmax's NotImplementedError."""
+    from medseg.losses import build_loss
+
+    x, y = torch.randn(1, 2, 6, 6), torch.randint(0, 2, (1, 1, 6, 6)).float()
+    bad_x, bad_y = make_bad(x, y)
+    for name in ("dice_ce", "cldice", "skeleton_recall", "betti_matching"):
+        loss = build_loss([{"name": name, "weight": 1.0}], out_channels=2)
+        with pytest.raises((TypeError, ValueError)) as err:
+            loss(bad_x, bad_y)
+        message = str(err.value)
+        assert "\n" not in message and ("input" in message or "target" in message), (name, message)
