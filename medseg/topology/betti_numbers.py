@@ -66,7 +66,8 @@ def _check_connectivity(connectivity: int | None, ndim: int) -> int:
     _check_ndim(ndim)
     if connectivity is None:
         return _FULL[ndim]
-    if connectivity not in (_FULL[ndim], _FACE[ndim]):
+    whole = isinstance(connectivity, (int, np.integer)) and not isinstance(connectivity, (bool, np.bool_))
+    if not whole or connectivity not in (_FULL[ndim], _FACE[ndim]):  # 8.0 and True were taken
         raise TopologyInputError(
             f"connectivity {connectivity!r} is not valid for a {ndim}D mask "
             f"(use {_FULL[ndim]} or {_FACE[ndim]})"

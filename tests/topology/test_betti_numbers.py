@@ -147,3 +147,9 @@ def test_dense_random_3d_matches_gudhi(seed, density, full):
     mask = np.random.default_rng(seed).random((12, 11, 10)) < density
     connectivity = 26 if full else 6
     assert betti_numbers(mask, connectivity).tolist() == gudhi_betti(mask, connectivity)
+
+
+@pytest.mark.parametrize("connectivity", [8.0, True, "8"])
+def test_a_connectivity_that_is_no_whole_number_is_refused(connectivity):
+    with pytest.raises(ValueError, match="is not valid for a 2D mask"):
+        betti_numbers(np.ones((4, 4)), connectivity=connectivity)
