@@ -630,11 +630,17 @@ def _one_line(message: str) -> str:
 
 
 def _interrupted() -> int:
-    """Says that the command was stopped (Ctrl-C or SIGTERM) and how to go on; the exit code."""
+    """Says that the command was stopped (Ctrl-C or SIGTERM) and how to go on; the exit code.
+
+    Under torchrun the stop reaches every rank and rank 0 says it: eight ranks printed
+    the same line eight times."""
+    said = not (os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("RANK", "0") != "0")
     if _TERMINATED:
-        print(f"medseg: stopped by SIGTERM{_INTERRUPT_HINT()}", file=sys.stderr)
+        if said:
+            print(f"medseg: stopped by SIGTERM{_INTERRUPT_HINT()}", file=sys.stderr)
         return 128 + signal.SIGTERM
-    print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
+    if said:
+        print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
     return 130
 
 

@@ -297,6 +297,12 @@ def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(report, "rewrite_report", interrupted)
     assert main(["report", "html", "anything"]) == 130
     assert "medseg: interrupted" in capsys.readouterr().err
+    # under torchrun every rank is stopped and rank 0 says so (not one line per rank)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["report", "html", "anything"]) == 130
+        assert ("medseg: interrupted" in capsys.readouterr().err) == said
 
 
 def test_a_full_disk_in_a_writer_thread_is_one_line(capsys, monkeypatch):
