@@ -349,3 +349,32 @@ def test_train_log_says_how_a_run_ended(synthetic_dataset_3d, tmp_path, monkeypa
     with pytest.raises(ConfigError):
         run_training(cfg, resume=True)
     assert (tmp_path / "stopped" / "train.log").read_text().splitlines()[-1].endswith("ERROR failed: a test's failure")
+
+
+def test_a_checkpoint_replaced_while_a_resume_starts_is_refused(synthetic_dataset_3d, tmp_path, monkeypatch):
+    """A resume read latest.pt while another process still trained the run; that one
+    finished and let go, and the resume took the folder and trained the last steps again
+    from the old checkpoint, over the finished run's checkpoints."""
+    import medseg.training.trainer as trainer
+    from medseg.errors import ConfigError
+
+    run = tmp_path / "run"
+    run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=4)))
+    latest = run / "checkpoints" / "latest.pt"
+    real = trainer.resume_point
+
+    def finished_meanwhile(*args, **kwargs):
+        found = real(*args, **kwargs)
+        data = latest.read_bytes()
+        latest.unlink()
+        latest.write_bytes(data)  # the other process's rename: another file at the path
+        return found
+
+    monkeypatch.setattr(trainer, "resume_point", finished_meanwhile)
+    before = latest.read_bytes()
+    with pytest.raises(ConfigError, match="changed while this resume started"):
+        run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=6)), resume=True)
+    assert latest.read_bytes() == before
+    monkeypatch.setattr(trainer, "resume_point", real)
+    run_training(validate_config(_raw(synthetic_dataset_3d, run, iterations=6)), resume=True)  # again: resumes
+    assert torch.load(latest, weights_only=True)["iteration"] == 6
