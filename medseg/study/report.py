@@ -16,8 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import sys
-from typing import Any, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -203,17 +206,34 @@ def render_html(summary: dict[str, Any]) -> str:
     return _page.page("medseg study", "\n".join(body))
 
 
+@contextmanager
+def _summary_lock(folder: Path) -> Iterator[None]:
+    """One summary at a time in a study folder (``.study_summary.lock``, flock: waits its
+    turn). A ``--summary`` that read the runs before the study's last one finished, and
+    wrote after the study's own summary, left the finished study reported as unfinished;
+    and the three files of two writers could come from different moments."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".study_summary.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_outputs(study: Study) -> dict[str, Any]:
     """Summarise the study, write ``study.json``, ``study.csv`` and ``study.html``, print the table."""
+    from medseg.atomic import write_atomic_group
     from medseg.evaluation.summary import strict_json
-    from medseg.atomic import write_atomic
     from medseg.study.summary import summarize
 
-    summary = summarize(study)
     out = study.output_dir
-    write_atomic(out / "study.json", strict_json(summary))
-    write_atomic(out / "study.csv", render_csv(summary))
-    write_atomic(out / "study.html", render_html(summary))
+    with _summary_lock(out):  # the runs read and the three files written as one
+        summary = summarize(study)
+        write_atomic_group({out / "study.json": strict_json(summary), out / "study.csv": render_csv(summary),
+                            out / "study.html": render_html(summary)})
     print(format_table(summary))
     print(f"medseg study: wrote {out / 'study.json'}, {out / 'study.csv'} and {out / 'study.html'}", file=sys.stderr)
     return summary

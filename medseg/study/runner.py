@@ -345,6 +345,20 @@ def run_study(path: str | Path, overrides: list[str] | None = None, parallel: in
         _say(f"summary of {done} finished run(s) of {len(study.runs)}; nothing was run")
         return True
     rank, world = _launch()
+    if world > 1:  # the ranks of one torchrun job share the folder, each its own runs
+        return _run_study(study, parallel, rank, world)
+    from medseg.runfolder.lock import RunFolderLock
+
+    # one study process at a time in the folder: a second one on the same study deleted
+    # the folder of a run the first was training ("no checkpoint: starting over"), and
+    # resumed a run from the checkpoint the first was still writing
+    with RunFolderLock(study.output_dir, what="study output_dir") as lock:
+        lock.take()
+        return _run_study(study, parallel, rank, world)
+
+
+def _run_study(study: Study, parallel: int, rank: int, world: int) -> bool:
+    """:func:`run_study`'s runs and summary, in this process (a torchrun rank's share)."""
     mine = runs_of_rank(study.runs, rank, world)
     if world > 1:
         _rank_marker(study, rank).unlink(missing_ok=True)

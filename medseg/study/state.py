@@ -121,11 +121,14 @@ def prediction_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[
     }
 
 
-def evaluation_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[str, Any]:
-    """What the evaluation of ``test`` depends on; a change re-evaluates."""
+def evaluation_record(run: "StudyRun", study: "StudyConfig", test: str,
+                      predicted: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the evaluation of ``test`` depends on; a change re-evaluates. ``predicted``:
+    the :func:`prediction_record` the predictions were made from (default: the test
+    folder as it is now)."""
     settings = study.evaluate.model_dump(mode="json", exclude={"workers"})
     return {
-        **prediction_record(run, study, test),
+        **(predicted if predicted is not None else prediction_record(run, study, test)),
         "labels": str(study.test[test].labels),
         "label_files": folder_contents(study.test[test].labels),
         "evaluate": settings,

@@ -127,23 +127,28 @@ def _test(run: StudyRun, study: StudyConfig, name: str, state: dict[str, Any]) -
     run_dir, test = run.run_dir, study.test[name]
     tests = state.setdefault("tests", {})
     entry = tests.setdefault(name, {})
-    record = prediction_record(run, study, name)
-    overwrite = entry.get("predicted") != record  # other model or settings: earlier outputs are stale
+    record = prediction_record(run, study, name)  # the scans as they are before they are predicted
+    overwrite = entry.get("predicted") != record  # other model, settings or scans: earlier outputs are stale
+    predicted = predictions_dir(run_dir, name)
+    if overwrite and predicted.exists():
+        # every output is recomputed: clear the folder, so that the prediction of a scan
+        # since removed from the test folder is not evaluated with the others; before the
+        # new record is written, or a kill between the two left old masks under it
+        shutil.rmtree(predicted)
     entry["predicted"] = record
     entry.pop("evaluated", None)
     write_state(run_dir, state)  # before predicting: an interrupted prediction resumes with the same model
 
-    predicted = predictions_dir(run_dir, name)
-    if overwrite and predicted.exists():
-        # every output is recomputed: clear the folder, so that the prediction of a scan
-        # since removed from the test folder is not evaluated with the others
-        shutil.rmtree(predicted)
     model = run_dir if study.predict.checkpoint == "best" else latest_checkpoint(run_dir)
     _say(f"predicting {name} with {run.name}")
     if not run_prediction(model, [test.images], predicted, overwrite=overwrite, tta=study.predict.tta,
                           device=run.config.device):
         raise MedsegError(f"test {name}: prediction failed for some case(s) (see the lines above)")
     settings = study.evaluate
+    # taken before evaluating, from the scans predicted: a scan or label replaced meanwhile
+    # leaves the run unfinished (recorded afterwards from the folders, the new file's stamp
+    # stood for the old file's prediction and evaluation, never redone)
+    evaluated = evaluation_record(run, study, name, predicted=record)
     ok = run_evaluation(
         predicted, test.labels, evaluation_dir(run_dir, name),
         dataset_json=Path(run.config.data.dataset) / "dataset.json",
@@ -158,7 +163,7 @@ def _test(run: StudyRun, study: StudyConfig, name: str, state: dict[str, Any]) -
             failed = {}
         first = f"; {min(failed)}: {failed[min(failed)]}" if failed else ""
         raise MedsegError(f"test {name}: some case(s) could not be evaluated{first} (see {summary})")
-    entry["evaluated"] = evaluation_record(run, study, name)
+    entry["evaluated"] = evaluated
     write_state(run_dir, state)
     return state
 

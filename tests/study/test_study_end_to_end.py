@@ -168,3 +168,50 @@ def test_parallel_runs_find_their_cache_filled_once_before_they_start(write_stud
     for name, text in logs.items():
         assert "using the preprocessed cache" in text and "preprocessing " not in text, (name, text)
     assert any(cache.rglob("*.b2nd"))
+
+
+def test_a_second_study_process_on_the_same_folder_is_refused(write_study, capsys):
+    """A second `medseg study` on the same study deleted the folder of a run the first was
+    training, and resumed runs from checkpoints the first was still writing."""
+    from medseg.runfolder.lock import RunFolderLock
+
+    path = write_study(seeds=[0])
+    study = load_study(path)
+    with RunFolderLock(study.output_dir, what="study output_dir") as first:  # the first study, running
+        first.take()
+        assert main(["study", str(path)]) != 0
+        assert "in use by another medseg process" in capsys.readouterr().err
+        assert not any(run.run_dir.exists() for run in study.runs)
+        assert main(["study", str(path), "--summary"]) == 0  # looking at it meanwhile is fine
+
+
+def test_a_label_replaced_while_a_run_is_evaluated_leaves_the_run_unfinished(write_study, tiny_dataset, tmp_path,
+                                                                             monkeypatch):
+    """The evaluation's record was taken from the folders after evaluating: a file replaced
+    meanwhile stood recorded as evaluated, and the run was never evaluated again."""
+    from pathlib import Path
+
+    import medseg.evaluation.evaluate as evaluate_module
+    from medseg.study.state import read_state, test_done
+    from medseg.study.worker import execute_run
+
+    dataset = Path(shutil.copytree(tiny_dataset, tmp_path / "dataset"))
+    path = write_study(seeds=[0], set={"data.dataset": str(dataset), "train.iterations": 2})
+    study = load_study(path)
+    run = study.runs[0]
+    label = sorted((dataset / "labelsTs").iterdir())[0]
+    real = evaluate_module.run_evaluation
+
+    def replaced_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        data = label.read_bytes()
+        label.unlink()
+        label.write_bytes(data)  # another file at the path (a new inode)
+        return result
+
+    monkeypatch.setattr(evaluate_module, "run_evaluation", replaced_meanwhile)
+    execute_run(run, study.config)
+    assert not test_done(run, study.config, "synth", read_state(run.run_dir))
+    monkeypatch.setattr(evaluate_module, "run_evaluation", real)
+    execute_run(run, study.config)  # evaluated again, with the file as it is now
+    assert test_done(run, study.config, "synth", read_state(run.run_dir))
