@@ -212,7 +212,8 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
                      f"{_time_left(left, rates, others, parallel)}")
             else:
                 failed[run.name] = error
-                _say(f"{run.name}: FAILED: {error}")
+                stopped = error.startswith("not started") or read_state(run.run_dir).get("status") == "interrupted"
+                _say(f"{run.name}: {'interrupted' if stopped else 'FAILED'}: {error}")
 
     def one(run: StudyRun) -> None:
         slot = slots.get()
@@ -238,6 +239,25 @@ def _execute(runs: list[StudyRun], study: Study, parallel: int, local_rank: int 
         raise
     pool.shutdown(wait=True)
     return failed
+
+
+def _warn_of_other_training_data(study: Study, runs: list[StudyRun]) -> None:
+    """Say which runs were trained on other training data than their dataset holds now (a
+    label corrected, a case added since): the study averages them with runs trained on
+    the data as it is, without a word. Their results are kept; deleting a run's folder
+    trains it again."""
+    from medseg.study.state import training_data_digest
+
+    stale = []
+    for run in runs:
+        recorded = (read_state(run.run_dir).get("training") or {}).get("data")
+        if recorded and training_data_digest(run) not in recorded:  # runs of older medsegs recorded none
+            stale.append(run)
+    if stale:
+        _say(f"WARNING: {len(stale)} run(s) were trained on training data that has changed since "
+             f"(imagesTr, labelsTr, dataset.json or the split file): {', '.join(r.name for r in stale)}; the "
+             "study mixes them with runs trained on the data as it is now; delete their run folders "
+             f"({stale[0].run_dir}, ...) to train them again")
 
 
 def _fill_caches(runs: list[StudyRun]) -> None:
@@ -370,6 +390,7 @@ def _run_study(study: Study, parallel: int, rank: int, world: int) -> bool:
         f"{where}{len(study.runs)} runs ({len(variants)} variants x {len(seeds)} seeds, baseline {study.baseline}); "
         f"{len(mine) - len(todo)} finished, {len(todo)} to run" + (f", {at_once} at a time" if at_once > 1 else "")
     )
+    _warn_of_other_training_data(study, mine)
     if at_once > 1 and world == 1:
         _fill_caches(todo)
     failed = _execute(todo, study, at_once, _local_rank() if world > 1 else None)

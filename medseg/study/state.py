@@ -109,6 +109,35 @@ def folder_contents(folder: Path) -> list[list[Any]]:
         return []
 
 
+def training_data_digest(run: "StudyRun") -> str:
+    """A digest of what the run trains on: the stamps (:func:`folder_contents`) of its
+    dataset's ``imagesTr``, ``labelsTr`` and ``dataset.json`` and of its split file. A
+    finished run whose digest differs was trained on other data than a run started now
+    (``medseg study`` says so: the study would average the two)."""
+    import hashlib
+    import json
+
+    from medseg.atomic import file_stamp
+
+    def stamp(path: Path | None) -> list[int] | None:
+        try:
+            return file_stamp(path) if path is not None else None
+        except OSError:
+            return None
+
+    dataset = Path(run.config.data.dataset)
+    split = run.config.data.split_file
+    if split is not None and not Path(split).is_absolute():
+        split = dataset / split
+    record = {
+        "imagesTr": folder_contents(dataset / "imagesTr"),
+        "labelsTr": folder_contents(dataset / "labelsTr"),
+        "dataset.json": stamp(dataset / "dataset.json"),
+        "split_file": stamp(Path(split) if split is not None else None),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def prediction_record(run: "StudyRun", study: "StudyConfig", test: str) -> dict[str, Any]:
     """What the predictions of ``test`` depend on; a change recomputes them."""
     return {

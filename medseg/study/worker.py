@@ -37,6 +37,7 @@ from medseg.study.state import (
     predictions_dir,
     read_state,
     test_done,
+    training_data_digest,
     training_done,
     write_state,
 )
@@ -62,6 +63,7 @@ def _train(run: StudyRun) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     _say(f"training {run.name}: " + (f"resuming at iteration {start} of {cfg.train.iterations}" if resume
                                       else f"{cfg.train.iterations} iterations"))
+    data = training_data_digest(run)  # the training data as this call starts training on it
     began, began_wall = time.perf_counter(), time.time()
     try:
         run_training(cfg, resume=resume)
@@ -70,17 +72,18 @@ def _train(run: StudyRun) -> dict[str, Any]:
         # last checkpoint is kept and will not be trained again, so its time is recorded
         # now; else a run stopped after its last checkpoint (in its final validation)
         # resumed with nothing left to train and had no training time at all
-        _record_interrupted_training(run, start, began_wall)
+        _record_interrupted_training(run, start, began_wall, data)
         raise
-    _record_training(run, start, cfg.train.iterations, time.perf_counter() - began, finished=True)
+    _record_training(run, start, cfg.train.iterations, time.perf_counter() - began, finished=True, data=data)
     return read_state(run_dir)
 
 
-def _record_training(run: StudyRun, start: int, stop: int, seconds: float, finished: bool) -> None:
+def _record_training(run: StudyRun, start: int, stop: int, seconds: float, finished: bool, data: str) -> None:
     """Appends a training call's segment (iterations ``start`` to ``stop``, its seconds,
     this process's peak memory) to the run's study_run.json; ``finished``: the training
     is complete (``training.iterations``, which :func:`~medseg.study.state.training_done`
-    reads; an interrupted call's segment leaves it as it was)."""
+    reads; an interrupted call's segment leaves it as it was); ``data``: the training
+    data's :func:`~medseg.study.state.training_data_digest` when the call started."""
     import torch
 
     from medseg.runfolder import resolve_device
@@ -93,6 +96,7 @@ def _record_training(run: StudyRun, start: int, stop: int, seconds: float, finis
     training = dict(state.get("training") or {})
     if finished:
         training["iterations"] = cfg.train.iterations
+    training["data"] = sorted(set(training.get("data") or []) | {data})  # one digest, unless it changed
     training["segments"] = list(training.get("segments") or []) + [{
         "from_iteration": start,
         "to_iteration": stop,
@@ -105,7 +109,7 @@ def _record_training(run: StudyRun, start: int, stop: int, seconds: float, finis
     write_state(run.run_dir, state)
 
 
-def _record_interrupted_training(run: StudyRun, start: int, began_wall: float) -> None:
+def _record_interrupted_training(run: StudyRun, start: int, began_wall: float, data: str) -> None:
     """The segment of an interrupted training call up to its last checkpoint (timed by the
     checkpoint's modification time), if it wrote one past ``start``; best effort."""
     from medseg.runfolder import load_checkpoint
@@ -115,7 +119,7 @@ def _record_interrupted_training(run: StudyRun, start: int, began_wall: float) -
         saved = latest.stat().st_mtime
         stop = int(load_checkpoint(latest)["iteration"])
         if stop > start and saved > began_wall:
-            _record_training(run, start, stop, saved - began_wall, finished=False)
+            _record_training(run, start, stop, saved - began_wall, finished=False, data=data)
     except Exception:  # no checkpoint, or one being replaced: nothing to record
         pass
 

@@ -215,3 +215,22 @@ def test_a_label_replaced_while_a_run_is_evaluated_leaves_the_run_unfinished(wri
     monkeypatch.setattr(evaluate_module, "run_evaluation", real)
     execute_run(run, study.config)  # evaluated again, with the file as it is now
     assert test_done(run, study.config, "synth", read_state(run.run_dir))
+
+
+def test_runs_trained_on_training_data_that_changed_since_are_named(write_study, tiny_dataset, tmp_path, capsys):
+    """A label of the training set replaced after seed 0 finished: seed 0 was reused and
+    seed 1 trained on the new data, and the study averaged the two without a word."""
+    from pathlib import Path
+
+    dataset = Path(shutil.copytree(tiny_dataset, tmp_path / "dataset"))
+    path = write_study(seeds=[0], set={"data.dataset": str(dataset), "train.iterations": 2})
+    assert main(["study", str(path)]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    label = sorted((dataset / "labelsTr").iterdir())[0]
+    data = label.read_bytes()
+    label.unlink()
+    label.write_bytes(data)
+    assert main(["study", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: 2 run(s) were trained on training data that has changed since" in err
+    assert "cedice seed 0" in err and "cldice seed 0" in err
