@@ -577,8 +577,8 @@ def _main(argv: list[str] | None) -> int:
     return result if isinstance(result, int) else 0
 
 
-_MEMORY_HINT = ("; a smaller data.patch_size, train.batch_size or inference.sw_batch_size, or a coarser "
-                "data.target_spacing, needs less")
+_MEMORY_HINT = ("; a smaller data.patch_size, train.batch_size or inference.sw_batch_size (medseg adapt: "
+                "adapt.patch_size, adapt.batch_size), or a coarser data.target_spacing, needs less")
 
 
 def _stopping(err: BaseException) -> bool:

@@ -27,6 +27,7 @@ What the adapted run reuses from the source run and what it decides itself:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -190,6 +191,14 @@ class SFDAConfig(_Strict):
     @classmethod
     def _distribution(cls, value: list[float] | None) -> list[float] | None:
         return class_ratios(value)
+
+    @field_validator("entropy_weights")
+    @classmethod
+    def _weights(cls, value: list[float] | None) -> list[float] | None:
+        # a negative weight turned that class's entropy minimisation into maximisation
+        if value is not None and not all(math.isfinite(w) and w >= 0 for w in value):
+            raise ValueError(f"must be finite numbers >= 0, one per class, got {value}")
+        return value
 
 
 class TentConfig(_Strict):

@@ -116,7 +116,9 @@ def _adaptation_config(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    a, b = os.path.abspath(path), os.path.abspath(folder)
+    """Whether ``path`` is ``folder`` or lies in it, links resolved: through a link either
+    way, an output_dir inside the source run was taken and the source run written to."""
+    a, b = os.path.realpath(path), os.path.realpath(folder)
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
@@ -360,7 +362,8 @@ def _run(
         write_atomic(run_dir / "source_config.yaml", dump_config(validate_config(run_config)))
         # the adaptation's keys and the build record, also kept in every checkpoint
         provenance = write_provenance(run_dir, device, extra=provenance)
-        _copy_label_stats((source.run_dir or source.checkpoint_path.parent.parent) / LABEL_STATS, run_dir / LABEL_STATS)
+        if source.folder is not None:
+            _copy_label_stats(source.folder / LABEL_STATS, run_dir / LABEL_STATS)
     else:
         write_provenance(run_dir, device, extra=provenance, resumed_at=progress.iteration)
         restore_rng_state(checkpoint["rng"])

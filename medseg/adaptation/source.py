@@ -12,7 +12,7 @@ import torch
 
 from medseg.config import RunConfig, validate_config
 from medseg.errors import CheckpointError, ConfigError, MedsegError
-from medseg.runfolder import find_checkpoint, load_checkpoint
+from medseg.runfolder import CHECKPOINT_DIR, find_checkpoint, load_checkpoint
 
 LABEL_STATS = "label_stats.json"
 
@@ -31,9 +31,22 @@ class SourceRun:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.payload["model"]
 
+    @property
+    def folder(self) -> Path | None:
+        """The source's run folder: the one given, or that of a checkpoint file in its
+        ``checkpoints/``; None for a checkpoint file elsewhere (``models/x.pt``), whose
+        ``../..`` is no run folder: its ``label_stats.json`` gave SFDA an unrelated prior."""
+        if self.run_dir is not None:
+            return self.run_dir
+        if self.checkpoint_path.parent.name == CHECKPOINT_DIR:
+            return self.checkpoint_path.parent.parent
+        return None
+
     def label_stats(self) -> dict[str, Any] | None:
         """``label_stats.json`` of the run folder (next to ``checkpoints/``), if there."""
-        folder = self.run_dir if self.run_dir is not None else self.checkpoint_path.parent.parent
+        folder = self.folder
+        if folder is None:
+            return None
         path = folder / LABEL_STATS
         if not path.is_file():
             return None

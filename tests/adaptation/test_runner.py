@@ -291,3 +291,36 @@ def test_a_finished_run_is_not_resumed_to_fewer_steps(source_run, target_dataset
     _run(raw)
     with pytest.raises(ConfigError, match="adapt.iterations: the config says 2 but the run is at step 4"):
         _run({**raw, "adapt": {**raw["adapt"], "iterations": 2}}, resume=True)
+
+
+def test_an_output_dir_inside_the_source_run_through_a_link_is_refused(source_run, target_dataset, tmp_path):
+    """Compared as typed (abspath), a link either way hid that the output lay inside the
+    source run, and the source run was written to."""
+    before = folder_digest(source_run)
+    (tmp_path / "link").symlink_to(source_run)
+    for source, output in ((source_run, tmp_path / "link" / "adapted"), (tmp_path / "link", source_run / "adapted2")):
+        with pytest.raises(ConfigError, match="inside\\) the source run"):
+            _run(adapt_raw(source, target_dataset, output, "sfda", iterations=2))
+    assert folder_digest(source_run) == before
+
+
+def test_a_loose_checkpoints_prior_is_not_read_from_two_folders_up(source_run, target_dataset, tmp_path):
+    """A checkpoint file outside a run's checkpoints/ folder took the label_stats.json two
+    folders up, an unrelated file: SFDA trained towards its prior (0.4 for 0.02)."""
+    import shutil
+
+    loose = tmp_path / "loose" / "models"
+    loose.mkdir(parents=True)
+    shutil.copy(source_run / "checkpoints" / "latest.pt", loose / "source.pt")
+    (tmp_path / "loose" / "label_stats.json").write_text(json.dumps({"ratio_mean": [0.6, 0.4]}))
+    from medseg.adaptation.source import load_source
+
+    source = load_source(loose / "source.pt")
+    assert source.folder is None and source.label_stats() is None
+    assert load_source(source_run / "checkpoints" / "latest.pt").folder == source_run
+
+
+def test_negative_entropy_weights_are_refused(source_run, target_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="entropy_weights"):
+        _run(adapt_raw(source_run, target_dataset, tmp_path / "a", "sfda", sfda={"entropy_weights": [-1.0, 0.9]}))
+    assert not (tmp_path / "a").exists()
