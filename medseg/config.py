@@ -113,12 +113,15 @@ class NormalizationConfig(_Strict):
 
     ``auto``: channels named ``CT`` (case-insensitive) get ``ct`` (clip to the
     [0.5, 99.5] percentiles of the foreground intensities of the training set, then
-    z-score with the foreground mean/std), every other channel gets ``zscore``
-    (per-image mean/std). ``none`` leaves intensities untouched.
+    z-score with the foreground mean/std), ``noNorm`` gets ``none`` (intensities
+    untouched), ``rescale_to_0_1`` a per-image min-max to [0, 1], ``rgb_to_0_1`` a
+    division by 255, and every other channel ``zscore`` (per-image mean/std), as nnU-Net
+    v2 reads these names (:data:`medseg.data.transforms.NNUNET_CHANNEL_SCHEMES`).
     """
 
-    scheme: Literal["auto", "zscore", "ct", "none"] = Field(
-        "auto", description="auto: ct for channels named CT, zscore for the others; zscore, ct or none for all"
+    scheme: Literal["auto", "zscore", "ct", "rescale_to_0_1", "rgb_to_0_1", "none"] = Field(
+        "auto", description="auto: by channel name as nnU-Net v2 (CT: ct, noNorm: none, rescale_to_0_1, rgb_to_0_1, "
+        "others: zscore); or one scheme for all channels"
     )
     ct_clip: tuple[float, float] | None = Field(
         None, description="fixed (low, high) clip for the ct scheme instead of dataset percentiles"

@@ -67,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "PREPROCESSING_VERSION",
     "channel_schemes",
+    "scheme_of_channel",
     "fit_preprocessing",
     "normalization_from_samples",
     "ToMetaTensord",
@@ -81,7 +82,7 @@ __all__ = [
     "whole_volume_targets",
 ]
 
-PREPROCESSING_VERSION = 2  # 2: NIfTI files in metres or microns are read in mm (medseg.data.io)
+PREPROCESSING_VERSION = 3  # 2: NIfTI files in metres or microns read in mm; 3: nnU-Net's noNorm, rescale_to_0_1, rgb_to_0_1
 # nnU-Net samples this many foreground voxels per case and channel for the CT statistics.
 _FG_SAMPLES_PER_CASE = 10_000
 # load_case bookkeeping that DataLoader collation cannot batch (paths, geometry objects)
@@ -90,17 +91,31 @@ _UNCOLLATABLE = ("image_files", "label_file")
 
 # --------------------------------------------------------------------------- fitting
 
-def channel_schemes(info: "DatasetInfo", config: "RunConfig") -> list[str]:
-    """The normalisation scheme of each channel: ``ct``, ``zscore`` or ``none``.
+#: nnU-Net v2's channel names that choose a normalisation (case-insensitive), and medseg's
+#: scheme for each; any other name is z-scored per image. ``noNorm`` channels were z-scored
+#: and ``rescale_to_0_1`` / ``rgb_to_0_1`` ones too, against what the dataset asked for.
+NNUNET_CHANNEL_SCHEMES = {"ct": "ct", "nonorm": "none", "zscore": "zscore", "rescale_to_0_1": "rescale_to_0_1",
+                          "rgb_to_0_1": "rgb_to_0_1"}
 
-    ``data.normalization.scheme: auto`` picks ``ct`` for channels named ``CT``
-    (case-insensitive, as nnU-Net does) and ``zscore`` for all others; any other value
-    applies to every channel.
+
+def scheme_of_channel(name: Any) -> str:
+    """The normalisation nnU-Net v2 gives a channel of this name (:data:`NNUNET_CHANNEL_SCHEMES`)."""
+    return NNUNET_CHANNEL_SCHEMES.get(str(name).strip().lower(), "zscore")
+
+
+def channel_schemes(info: "DatasetInfo", config: "RunConfig") -> list[str]:
+    """The normalisation scheme of each channel: ``ct``, ``zscore``, ``rescale_to_0_1``,
+    ``rgb_to_0_1`` or ``none``.
+
+    ``data.normalization.scheme: auto`` chooses by channel name as nnU-Net v2 does
+    (:func:`scheme_of_channel`: ``CT`` clips and z-scores with dataset statistics,
+    ``noNorm`` leaves the values, ``rescale_to_0_1`` and ``rgb_to_0_1`` map to [0, 1],
+    any other name is z-scored per image); any other value applies to every channel.
     """
     scheme = config.data.normalization.scheme
     names = [info.channel_names[k] for k in sorted(info.channel_names)]
     if scheme == "auto":
-        return ["ct" if str(n).strip().lower() == "ct" else "zscore" for n in names]
+        return [scheme_of_channel(n) for n in names]
     return [scheme] * len(names)
 
 
@@ -237,7 +252,9 @@ class NormalizeChannelsd(MapTransform):
 
     ``ct``: ``(clip(x, lo, hi) - mean) / max(std, 1e-8)`` with the training-set foreground
     statistics; ``zscore``: ``(x - mean(x)) / max(std(x), 1e-8)`` per image and channel;
-    ``none``: unchanged. Not spatial, so it has no inverse.
+    ``rescale_to_0_1``: ``(x - min(x)) / max(max(x) - min(x), 1e-8)`` per image and
+    channel; ``rgb_to_0_1``: ``x / 255``; ``none``: unchanged (nnU-Net v2's
+    normalisations of those names). Not spatial, so it has no inverse.
     """
 
     def __init__(self, keys: Sequence[str], preprocessing: Mapping[str, Any]) -> None:
@@ -262,6 +279,11 @@ class NormalizeChannelsd(MapTransform):
                 elif stats["scheme"] == "zscore":
                     mean, std = x.double().mean(), x.double().std(unbiased=False)
                     x.sub_(mean.float()).div_(max(float(std), 1e-8))
+                elif stats["scheme"] == "rescale_to_0_1":
+                    low = float(x.min())
+                    x.sub_(low).div_(max(float(x.max()), 1e-8))
+                elif stats["scheme"] == "rgb_to_0_1":
+                    x.div_(255.0)
             d[key] = out
         return d
 

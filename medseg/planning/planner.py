@@ -40,6 +40,7 @@ import numpy as np
 
 from medseg.data.dataset import DatasetWarning
 from medseg.data.io import NATURAL_IMAGE_ENDINGS
+from medseg.data.transforms import scheme_of_channel
 from medseg.errors import ArgumentError, ConfigError
 from medseg.planning.memory import MAX_GPU_MEMORY_GB, MIN_GPU_MEMORY_GB, estimate_training_memory, usable_bytes
 from medseg.planning.network_topology import MIN_EDGE, round_up, unet_topology
@@ -322,7 +323,7 @@ def _planned_cases(records: list[dict[str, Any]], warn: list[str]) -> tuple[int,
 def _normalization(fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for entry in fingerprint["intensity"]:
-        scheme = "ct" if str(entry["name"]).strip().lower() == "ct" else "zscore"
+        scheme = scheme_of_channel(entry["name"])
         item: dict[str, Any] = {"name": entry["name"], "scheme": scheme}
         if scheme == "ct" and entry.get("n"):
             item.update(

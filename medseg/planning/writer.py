@@ -135,8 +135,10 @@ def render_config(plan: Mapping[str, Any], config_path: str | Path | None = None
         if c["scheme"] == "ct" and "clip" in c:
             norm.append(f"{c['name']}: ct (clip to the foreground [0.5, 99.5] percentiles {_fmt(c['clip'], 4)}, "
                         f"then z-score with mean {c['mean']:.4g}, std {c['std']:.4g})")
-        else:
+        elif c["scheme"] in ("zscore", "rescale_to_0_1"):
             norm.append(f"{c['name']}: {c['scheme']} (per image)")
+        else:
+            norm.append(f"{c['name']}: {c['scheme']}")
     lines += _comment("normalisation per channel, by channel name as nnU-Net chooses it: " + "; ".join(norm), 2)
     add("  normalization: {scheme: auto}")
     if config_path is not None:

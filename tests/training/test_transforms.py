@@ -71,6 +71,23 @@ def test_channel_schemes_by_name_and_override():
     assert channel_schemes(info, _cfg([16, 16, 16], normalization={"scheme": "none"})) == ["none"] * 3
 
 
+def test_nnunets_channel_names_choose_their_normalisation():
+    """A channel named noNorm (or rescale_to_0_1, rgb_to_0_1) was z-scored like any other:
+    nnU-Net v2 leaves the first untouched and maps the others to [0, 1]."""
+    case = _oblique_case(channels=4)
+    case["image"] = np.stack([np.asarray(case["image"][0]) * 40 + 100] * 4)  # values of 0..255-ish
+    info = _info(channels=("noNorm", "rescale_to_0_1", "RGB_to_0_1", "T2"))
+    cfg = _cfg([16, 16, 16], orientation=None)
+    assert channel_schemes(info, cfg) == ["none", "rescale_to_0_1", "rgb_to_0_1", "zscore"]
+    prep = fit_preprocessing([case], info, cfg)
+    raw = torch.as_tensor(np.asarray(case["image"][0]), dtype=torch.float32)
+    out = build_transforms(cfg, info, prep, "val")(copy.deepcopy(case))["image"].as_tensor()
+    assert torch.allclose(out[0], raw)
+    assert torch.allclose(out[1], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
+    assert torch.allclose(out[2], raw / 255, atol=1e-6)
+    assert abs(float(out[3].mean())) < 1e-4
+
+
 def test_zscore_is_per_image():
     case = _oblique_case(channels=2)
     info = _info(channels=("T1", "T2"))
