@@ -342,6 +342,9 @@ def compute_fingerprint(
         info, cases = check_dataset(root, "Tr")
     if not cases:
         raise DataError(f"{root}: no training cases in imagesTr/")
+    from medseg.preprocessing.storage import check_case_names
+
+    check_case_names(root, [case.name for case in cases])  # before the fingerprint: train would refuse the plan
     jobs = [(case, info, i, seed, skeleton_budget) for i, case in enumerate(cases)]
     records: list[dict[str, Any] | None] = [None] * len(cases)
     samples: dict[str, np.ndarray] = {}

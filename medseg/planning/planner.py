@@ -351,9 +351,9 @@ def _thickness(fingerprint: dict[str, Any], spacing: list[float]) -> dict[str, A
 
 def _oversample(fingerprint: dict[str, Any], thickness: dict[str, Any], foreground: dict[str, int]) -> tuple[float, str]:
     thin = [n for n, t in thickness.items() if t["radius_voxels"]["p50"] < THIN_RADIUS_VOXELS]
-    rare = [
+    rare = [  # a label in no case cannot be sampled: no bonus for it (plan_experiment warns)
         n for n, e in fingerprint["labels"].items()
-        if n in foreground and (e["ratio_mean"] < RARE_RATIO or e["presence"] < 0.5)
+        if n in foreground and e["presence"] > 0 and (e["ratio_mean"] < RARE_RATIO or e["presence"] < 0.5)
     ]
     value = BASE_OVERSAMPLE + (THIN_BONUS if thin else 0.0) + (RARE_BONUS if rare else 0.0)
     reasons = [f"nnU-Net's {BASE_OVERSAMPLE}"]
@@ -454,6 +454,10 @@ def plan_experiment(
     labels = {k: int(v) for k, v in dataset["labels"].items()}
     out_channels = max(v for k, v in labels.items() if k != "ignore") + 1
     foreground = {k: v for k, v in labels.items() if v != 0 and k != "ignore"}
+    absent = [f"{k} ({v})" for k, v in foreground.items() if (fingerprint["labels"].get(k) or {}).get("presence", 1) == 0]
+    if absent:
+        warn.append(f"label(s) {', '.join(absent)} declared in dataset.json appear in no training case: the network "
+                    "cannot learn them (medseg train says so too)")
     optimizer = "sgd" if model in ("dynunet", "unet") else "adamw"
     budget = usable_bytes(gpu_memory_gb)
     deep_supervision = topology_loss != "betti_matching"

@@ -52,7 +52,7 @@ from medseg.preprocessing.cache import (
     write_statistics,
 )
 from medseg.preprocessing.case import preprocess_case
-from medseg.preprocessing.storage import CachedCase, colliding_case_names, link_case, valid_case_meta, write_case
+from medseg.preprocessing.storage import CachedCase, check_case_names, link_case, valid_case_meta, write_case
 from medseg.process_pool import WorkerDied, map_in_processes
 from medseg.progress import case_progress
 
@@ -113,10 +113,7 @@ def select_cases(cfg: "RunConfig", kept_split: dict[str, list[str]] | None = Non
     if not train_cases:
         raise DataError(f"{root}: the split leaves no training cases")
     _check_dimensionality(cfg, cases)
-    collision = colliding_case_names([case.name for case in cases])
-    if collision is not None:
-        raise DataError(f"{root}: {collision} would share a file in the preprocessing cache (a case's label is "
-                        "stored as CASE_seg.b2nd, its record as CASE.json); rename one")
+    check_case_names(root, [case.name for case in cases])
     return info, train_cases, val_cases
 
 

@@ -58,13 +58,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from medseg.atomic import file_sha256, remove_dead_temporaries, temporary_name, write_atomic
-from medseg.errors import MedsegError
+from medseg.errors import DataError, MedsegError
 from medseg.preprocessing.case import PreprocessedCase
 
 __all__ = [
     "CASE_FORMAT",
     "CachedCase",
     "case_files",
+    "check_case_names",
     "colliding_case_names",
     "link_case",
     "valid_case_meta",
@@ -102,6 +103,15 @@ def colliding_case_names(names: Sequence[str]) -> str | None:
                 return (f"cases '{first}' and '{name}'" if file not in FOLDER_FILES
                         else f"case '{name}' and {first}")
     return None
+
+
+def check_case_names(root: Path, names: Sequence[str]) -> None:
+    """Refuse cases that would share a cache file (:func:`colliding_case_names`): checked by
+    ``plan`` as by ``preprocess`` and ``train``, so that a planned config can run."""
+    collision = colliding_case_names(names)
+    if collision is not None:
+        raise DataError(f"{root}: {collision} would share a file in the preprocessing cache (a case's label is "
+                        "stored as CASE_seg.b2nd, its record as CASE.json); rename one")
 
 
 # --------------------------------------------------------------------------- writing

@@ -333,3 +333,23 @@ def test_files_swapped_by_renaming_make_the_fingerprint_stale_and_older_records_
     b.rename(a)
     (tmp_path / "x").rename(b)
     assert stale_cases(planned, info, cases) == sorted(case.name for case in cases)
+
+
+def test_a_label_in_no_case_is_named_and_not_counted_as_rare(tmp_path):
+    """tumour: 2 declared but in no case: plan said nothing and raised the foreground
+    oversampling for it as a rare label, which cannot be sampled."""
+    from medseg.data.dataset import write_dataset_json
+    from medseg.data.io import ImageGeometry, write_image
+
+    root = tmp_path / "Dataset010_Absent"
+    rng = np.random.default_rng(0)
+    geometry = ImageGeometry.from_spacing((16, 16, 16), (1.0, 1.0, 1.0))
+    for i in range(4):
+        write_image(root / "imagesTr" / f"c{i}_0000.nii.gz", rng.normal(size=(16, 16, 16)).astype(np.float32), geometry)
+        label = np.zeros((16, 16, 16), np.uint8)
+        label[4:12, 6:8, 6:8] = 1
+        write_image(root / "labelsTr" / f"c{i}.nii.gz", label, geometry)
+    write_dataset_json(root, {0: "MR"}, {"background": 0, "vessel": 1, "tumour": 2}, 4)
+    result = run_plan(root, output=tmp_path / "plan" / "config.yaml", workers=1, progress=False)
+    assert any("tumour (2)" in w and "appear in no training case" in w for w in result.warnings), result.warnings
+    assert "tumour" not in result.plan["foreground_oversample_rule"]

@@ -387,6 +387,11 @@ def test_case_names_whose_cache_files_collide_are_refused_by_name(tmp_path, rena
     with pytest.raises(DataError, match=re.escape(message)):
         _preprocess(raw_config(root, tmp_path / "run", tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
+    from medseg.planning import run_plan  # plan refuses them too: its config could not have run
+
+    with pytest.raises(DataError, match=re.escape(message)):
+        run_plan(root, output=tmp_path / "plan" / "config.yaml", workers=1, progress=False)
+    assert not (tmp_path / "plan").exists()
 
 
 def test_label_statistics_from_the_cache_equal_those_from_the_files(padded_dataset, tmp_path):
