@@ -766,6 +766,9 @@ def split_cases(
                 raise DataError(f"{path}: empty list of folds")
             if not 0 <= fold < len(data):
                 raise DataError(f"{path}: fold {fold} requested but the file has {len(data)} fold(s)")
+            if len(data) > 1:  # said: a 5-fold file was used as its fold 0 without a word
+                warnings.warn(f"{path}: fold {fold} of the file's {len(data)} is used (medseg trains one fold per run)",
+                              DatasetWarning, stacklevel=2)
             data = data[fold]
         if not isinstance(data, dict) or not isinstance(data.get("train"), list) or not isinstance(data.get("val"), list):
             raise DataError(f"{path}: expected 'train' and 'val' lists of case names")
@@ -780,6 +783,11 @@ def split_cases(
         if both:
             raise DataError(f"{path}: case(s) in both train and val: {', '.join(both[:5])}")
         train_set, val_set = set(train), set(val)
+        left_out = [c.name for c in cases if c.name not in train_set and c.name not in val_set]
+        if left_out:
+            shown = ", ".join(left_out[:5]) + (f" (+{len(left_out) - 5} more)" if len(left_out) > 5 else "")
+            warnings.warn(f"{path}: {len(left_out)} case(s) in neither 'train' nor 'val' are left out: {shown}",
+                          DatasetWarning, stacklevel=2)
         return [c for c in cases if c.name in train_set], [c for c in cases if c.name in val_set]
 
     if not 0 <= val_fraction < 1:

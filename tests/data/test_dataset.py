@@ -341,14 +341,16 @@ def test_split_sizes(n, fraction, n_val):
 def test_split_file_json_yaml_and_nnunet_folds(tmp_path):
     cases = _cases(4)
     (tmp_path / "split.json").write_text(json.dumps({"train": ["c00", "c01"], "val": ["c03"]}))
-    train, val = split_cases(cases, 0.2, 0, split_file=tmp_path / "split.json")
+    with pytest.warns(DatasetWarning, match=r"split\.json: 1 case\(s\) in neither 'train' nor 'val' are left out: c02"):
+        train, val = split_cases(cases, 0.2, 0, split_file=tmp_path / "split.json")  # said, not silent
     assert [c.name for c in train] == ["c00", "c01"] and [c.name for c in val] == ["c03"]
     (tmp_path / "split.yaml").write_text("train: [c02, c03]\nval:\n  - c00\n")
     train, val = split_cases(cases, 0.2, 0, split_file=tmp_path / "split.yaml")
     assert [c.name for c in train] == ["c02", "c03"] and [c.name for c in val] == ["c00"]
     folds = [{"train": ["c01", "c02", "c03"], "val": ["c00"]}, {"train": ["c00", "c02", "c03"], "val": ["c01"]}]
     (tmp_path / "splits_final.json").write_text(json.dumps(folds))
-    assert [c.name for c in split_cases(cases, 0.2, 0, split_file=tmp_path / "splits_final.json")[1]] == ["c00"]
+    with pytest.warns(DatasetWarning, match="fold 0 of the file's 2 is used"):
+        assert [c.name for c in split_cases(cases, 0.2, 0, split_file=tmp_path / "splits_final.json")[1]] == ["c00"]
     assert [c.name for c in split_cases(cases, 0.2, 0, split_file=tmp_path / "splits_final.json", fold=1)[1]] == ["c01"]
     # a relative split file is found inside the dataset folder
     assert split_cases(cases, 0.2, 0, split_file="split.json", root=tmp_path)[1][0].name == "c03"
