@@ -225,13 +225,16 @@ class PseudoLabel(Method):
         probs = [probabilities_with(self.ctx.predictor, teacher, scan) for scan in self.ctx.scans]
         fraction = pl.curriculum[self.round] if pl.curriculum is not None else None
         classes = list(range(1, probs[0].shape[0])) if pl.curriculum_classes == "foreground" else None
-        if self.prior is not None:
-            # the prior counts the scans' own voxels: rank without the padding, which is never admitted
-            from medseg.adaptation.sfda import _unpadded
-            from medseg.adaptation.target import pad_to
+        # the scans' own voxels: the padding of a scan smaller than the patch is never
+        # labelled, ranked or counted (it is 0 after normalisation, which a CT model reads
+        # as vessel: in the argmax mode it took most of the foreground quantile, and the
+        # admitted share was of the padded grid)
+        from medseg.adaptation.sfda import _unpadded
+        from medseg.adaptation.target import pad_to
 
-            full = [tuple(p.shape[1:]) for p in probs]
-            probs = [_unpadded(p, scan) for p, scan in zip(probs, self.ctx.scans)]
+        full = [tuple(p.shape[1:]) for p in probs]
+        probs = [_unpadded(p, scan) for p, scan in zip(probs, self.ctx.scans)]
+        if self.prior is not None:
             labels, masks = prior_matched_labels(probs, self.prior, pl.threshold, fraction)
         else:
             labels, masks = confidence_mask(probs, pl.threshold, fraction, classes)
@@ -244,12 +247,10 @@ class PseudoLabel(Method):
             self.class_weights = class_share_weights(labels, masks, reference, probs[0].shape[0])
             log.info("pseudo_label round %d: class weights %s", self.round + 1,
                      ", ".join(f"{w:.3g}" for w in self.class_weights))
-        if self.prior is not None:
-            labels = [pad_to(l[None], f, 0)[0] for l, f in zip(labels, full)]
-            masks = [pad_to(m[None].to(torch.uint8), f, 0)[0].bool() for m, f in zip(masks, full)]
-        self.labels, self.masks = labels, masks
-        kept = float(sum(int(m.sum()) for m in self.masks)) / sum(m.numel() for m in self.masks)
-        fg = [float(((l > 0) & m).sum()) / max(float(m.sum()), 1.0) for l, m in zip(self.labels, self.masks)]
+        kept = float(sum(int(m.sum()) for m in masks)) / sum(m.numel() for m in masks)
+        fg = [float(((l > 0) & m).sum()) / max(float(m.sum()), 1.0) for l, m in zip(labels, masks)]
+        self.labels = [pad_to(l[None], f, 0)[0] for l, f in zip(labels, full)]
+        self.masks = [pad_to(m[None].to(torch.uint8), f, 0)[0].bool() for m, f in zip(masks, full)]
         log.info("pseudo_label round %d: %.1f%% of target voxels admitted (foreground %.2f%% of them)%s",
                  self.round + 1, 100 * kept, 100 * float(np.mean(fg)),
                  f", curriculum fraction {fraction:g}" if fraction is not None else "")

@@ -324,3 +324,30 @@ def test_negative_entropy_weights_are_refused(source_run, target_dataset, tmp_pa
     with pytest.raises(ConfigError, match="entropy_weights"):
         _run(adapt_raw(source_run, target_dataset, tmp_path / "a", "sfda", sfda={"entropy_weights": [-1.0, 0.9]}))
     assert not (tmp_path / "a").exists()
+
+
+def test_the_padding_of_scans_smaller_than_the_patch_is_never_a_pseudo_label(source_run, target_dataset, tmp_path,
+                                                                            monkeypatch):
+    """In the argmax mode the padding (0 after normalisation, which the CT model reads as
+    vessel) was labelled and admitted like the scan, took most of the foreground
+    quantile, and the admitted share was of the padded grid."""
+    from medseg.adaptation import pseudo_label as pseudo_label_module
+
+    seen = {}
+    real = pseudo_label_module.PseudoLabel._make_labels
+
+    def keep(self):
+        real(self)
+        seen["masks"] = [m.clone() for m in self.masks]
+        seen["shapes"] = [tuple(scan.preprocessed["image"].shape[1:]) for scan in self.ctx.scans]
+
+    raw = adapt_raw(source_run, target_dataset, tmp_path / "a", "pseudo_label", iterations=2, patch_size=[40, 40, 40],
+                    pseudo_label={"prior_matching": False, "threshold": 0.0, "curriculum": None, "rounds": 1})
+    monkeypatch.setattr(pseudo_label_module.PseudoLabel, "_make_labels", keep)
+    _run(raw)
+    for mask, shape in zip(seen["masks"], seen["shapes"]):
+        assert tuple(mask.shape) != shape  # the scans were padded up to the patch
+        inside = mask[tuple(slice(0, n) for n in shape)]
+        assert bool(inside.all()) and int(mask.sum()) == inside.numel()  # threshold 0: every own voxel, no padding
+    text = (tmp_path / "a" / "adapt.log").read_text()
+    assert "100.0% of target voxels admitted" in text, text
