@@ -153,6 +153,12 @@ def fit_preprocessing(
     """
     schemes = channel_schemes(info, config)
     ct_channels = [c for c, s in enumerate(schemes) if s == "ct"]
+    if config.data.normalization.ct_clip is not None and not ct_channels:
+        from medseg.data.dataset import DatasetWarning
+
+        warnings.warn(f"data.normalization.ct_clip is set, but no channel uses the ct scheme (channels "
+                      f"{', '.join(map(str, (info.channel_names[k] for k in sorted(info.channel_names))))}): "
+                      "it has no effect", DatasetWarning, stacklevel=2)
     rng = np.random.default_rng(config.seed)
     samples: dict[int, list[np.ndarray]] = {c: [] for c in ct_channels}
     fallback: dict[int, list[np.ndarray]] = {c: [] for c in ct_channels}

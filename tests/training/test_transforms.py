@@ -88,6 +88,14 @@ def test_nnunets_channel_names_choose_their_normalisation():
     assert abs(float(out[3].mean())) < 1e-4
 
 
+def test_a_ct_clip_without_a_ct_channel_is_said_to_have_no_effect():
+    from medseg.data.dataset import DatasetWarning
+
+    with pytest.warns(DatasetWarning, match=r"ct_clip is set, but no channel uses the ct scheme \(channels T1, T2\)"):
+        fit_preprocessing([_oblique_case(channels=2)], _info(channels=("T1", "T2")),
+                          _cfg([16, 16, 16], normalization={"ct_clip": [-100, 100]}))
+
+
 def test_zscore_is_per_image():
     case = _oblique_case(channels=2)
     info = _info(channels=("T1", "T2"))
