@@ -476,20 +476,27 @@ def _command_typed(args: list[str]) -> str:
     return " ".join(words)
 
 
+def _error(message: str, code: int) -> int:
+    """Write ``medseg: error: MESSAGE`` to stderr in one write (the ranks of a torchrun share
+    stderr, and print's two writes interleave) and return ``code``."""
+    sys.stderr.write(f"medseg: error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
 def _main(argv: list[str] | None) -> int:
     # a log file on a full disk must not print a traceback per line; the next write of the
     # output reports the full disk in one line
     logging.raiseExceptions = False
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         from medseg.topology._backends import check_settings
 
         check_settings()
-        empty = _empty_argument(sys.argv[1:] if argv is None else list(argv))
+        empty = _empty_argument(args)
         if empty is not None:
             # a path given as "" is the current folder: evaluate --output '' wrote its results there
-            sys.stderr.write(f"medseg: error: {empty}\n")
-            sys.stderr.flush()
-            return 2
+            return _error(empty, 2)
         try:
             # standalone_mode=False: a command's typer.Exit(code) comes back as the return value
             result = app(args=argv, standalone_mode=False)
@@ -500,63 +507,42 @@ def _main(argv: list[str] | None) -> int:
                 raise KeyboardInterrupt from err
             raise
     except MedsegError as err:
-        # one write: the ranks of a torchrun share stderr, and print's two writes interleave
         message = err.for_cli() if isinstance(err, ArgumentError) else str(err)  # the library names arguments
         message = _one_line(_without_worker_traceback(message))  # a value's newline is echoed in the message
         if isinstance(err, RunStopped):  # nothing wrong with the inputs: say how to go on
             message += _INTERRUPT_HINT()
-        sys.stderr.write(f"medseg: error: {message}\n")
-        sys.stderr.flush()
-        return err.exit_code
+        return _error(message, err.exit_code)
     except typer.Exit as exit_:
         return exit_.exit_code
     except Warning as err:  # a warning made an error (PYTHONWARNINGS=error, python -W error): said as one
-        sys.stderr.write(f"medseg: error: {_one_line(str(err))} ({type(err).__name__}, raised as an error by the "
-                         "warnings filter)\n")
-        sys.stderr.flush()
-        return 1
+        return _error(f"{_one_line(str(err))} ({type(err).__name__}, raised as an error by the warnings filter)", 1)
     except OSError as err:
         # a path the system refuses (a name over 255 bytes, a link loop, a folder that
         # cannot be made: /proc/self/x): the one line a shell would give; the commands'
         # own checks name the option or key where they can
         where = f"{err.filename}: " if err.filename else ""
-        sys.stderr.write(f"medseg: error: {_one_line(where + (err.strerror or str(err)))}\n")
-        sys.stderr.flush()
-        return 1
+        return _error(_one_line(where + (err.strerror or str(err))), 1)
     except ValueError as err:
         if "embedded null byte" not in str(err):  # os.stat and open refuse such a path
             raise
-        sys.stderr.write("medseg: error: a path holds a NUL byte (\\0); check the paths of the command and its config\n")
-        sys.stderr.flush()
-        return 2
+        return _error("a path holds a NUL byte (\\0); check the paths of the command and its config", 2)
     except MemoryError:
-        sys.stderr.write(f"medseg: error: out of memory{_MEMORY_HINT}\n")
-        sys.stderr.flush()
-        return 1
+        return _error(f"out of memory{_MEMORY_HINT}", 1)
     except RuntimeError as err:
         if "can't allocate memory" in str(err) or "Storage size calculation overflowed" in str(err):
             # torch's CPU allocator: an array far beyond this machine (a patch of 4096^3)
-            sys.stderr.write(f"medseg: error: out of memory ({_one_line(str(err).splitlines()[0])}){_MEMORY_HINT}\n")
-            sys.stderr.flush()
-            return 1
+            return _error(f"out of memory ({_one_line(str(err).splitlines()[0])}){_MEMORY_HINT}", 1)
         if str(err).startswith("Symlink loop"):  # pathlib's resolve
-            sys.stderr.write(f"medseg: error: {_one_line(str(err))}\n")
-            sys.stderr.flush()
-            return 2
+            return _error(_one_line(str(err)), 2)
         from medseg.training.sampling import loader_failure
 
         reason = loader_failure(err)  # torch raises a worker's death wherever the main thread is
         if reason is not None:
-            sys.stderr.write(f"medseg: error: {reason}{_INTERRUPT_HINT()}\n")
-            sys.stderr.flush()
-            return 1
+            return _error(f"{reason}{_INTERRUPT_HINT()}", 1)
         if not _peer_failed(err):
             raise
         rank = os.environ.get("RANK", "?")
-        sys.stderr.write(f"medseg: error: rank {rank} stopped: another process of this torchrun job failed "
-                         "(its error is above)\n")
-        sys.stderr.flush()
-        return 1
+        return _error(f"rank {rank} stopped: another process of this torchrun job failed (its error is above)", 1)
     except KeyboardInterrupt:
         return _interrupted()
     except typer.Abort:
@@ -568,10 +554,8 @@ def _main(argv: list[str] | None) -> int:
         if context is not None:  # the path after the program's own name (python -m medseg, a script's)
             command += context.command_path[len(context.find_root().info_name or ""):]
         if command == "medseg":  # an error of the parser before a context (--resume=yes): the words typed
-            command = _command_typed(sys.argv[1:] if argv is None else list(argv))
-        sys.stderr.write(f"medseg: error: {_one_line(err.format_message())} (see {command} --help)\n")
-        sys.stderr.flush()
-        return err.exit_code
+            command = _command_typed(args)
+        return _error(f"{_one_line(err.format_message())} (see {command} --help)", err.exit_code)
     if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
         return _interrupted()
     return result if isinstance(result, int) else 0
@@ -634,14 +618,10 @@ def _interrupted() -> int:
 
     Under torchrun the stop reaches every rank and rank 0 says it: eight ranks printed
     the same line eight times."""
-    said = not (os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("RANK", "0") != "0")
-    if _TERMINATED:
-        if said:
-            print(f"medseg: stopped by SIGTERM{_INTERRUPT_HINT()}", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    if said:
-        print(f"medseg: interrupted{_INTERRUPT_HINT()}", file=sys.stderr)
-    return 130
+    what, code = ("stopped by SIGTERM", 128 + signal.SIGTERM) if _TERMINATED else ("interrupted", 130)
+    if os.environ.get("RANK", "0") == "0":  # as the commands' own reports
+        print(f"medseg: {what}{_INTERRUPT_HINT()}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
