@@ -28,6 +28,7 @@ __all__ = [
     "atomic_path",
     "blocking_file",
     "check_output_folder",
+    "clear_temporary",
     "storage_error",
     "file_sha256",
     "file_stamp",
@@ -142,7 +143,7 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
-    _clear(tmp)
+    clear_temporary(tmp)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -163,17 +164,15 @@ def atomic_path(path: str | Path, mkdir: bool = True) -> Iterator[Path]:
     _remove_dead_temporaries_of(path)
 
 
-def _clear(tmp: Path) -> None:
-    """Remove what stands at this process's temporary name before it is written: a dead
-    process of the same pid's leftover, or a link planted there. The name is predictable
-    (``.NAME.HOST-PID.tmp``), and a writer that opened it through another user's link in
-    a shared folder replaced the file the link pointed at (a report over someone's
-    file). medseg's own writers then create it exclusively (``open(tmp, "xb")``, which
-    fails on anything standing there, a link included)."""
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
+def clear_temporary(tmp: str | Path) -> None:
+    """Remove what stands at one of this process's temporary names (:func:`temporary_name`)
+    before it is made: a dead process of the same pid's leftover, or a link planted there.
+    The name is predictable, and a writer that opened it through another user's link in
+    a shared folder replaced the file the link pointed at (a report over someone's file;
+    ``predict``'s staging folder wrote masks into theirs). medseg's own writers then
+    create it exclusively (``open(tmp, "xb")``, ``mkdir``), which fails on anything
+    standing there, a link included."""
+    _remove_temporary(Path(tmp))
 
 
 # Per folder, the dead writers' temporaries found at this process's first write there, by

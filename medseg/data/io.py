@@ -513,7 +513,6 @@ def stored_nifti_geometry(reference: str | Path, affine: Any) -> dict[str, Any] 
     The caller writes them into its output's header (:func:`set_geometry_fields`).
     """
     import nibabel as nib
-    from nibabel.openers import Opener
 
     try:
         with _nibabel_notes():
@@ -522,10 +521,18 @@ def stored_nifti_geometry(reference: str | Path, affine: Any) -> dict[str, Any] 
                 return None
             if not np.allclose(_in_mm(checked.get_best_affine(), checked), np.asarray(affine), rtol=0, atol=1e-6):
                 return None
-            with Opener(str(reference)) as handle:
-                raw = type(checked).from_fileobj(handle, check=False)
+            return _stored_geometry_fields(reference, type(checked))
     except Exception:  # noqa: BLE001 - no stored geometry to keep: the caller writes its own
         return None
+
+
+def _stored_geometry_fields(reference: str | Path, header_class: type) -> dict[str, Any]:
+    """:data:`_GEOMETRY_FIELDS` and pixdim's first four of ``reference``'s header as stored
+    (read unchecked: nibabel's checks are what changed them)."""
+    from nibabel.openers import Opener
+
+    with Opener(str(reference)) as handle:
+        raw = header_class.from_fileobj(handle, check=False)
     fields = {name: raw[name].copy() for name in _GEOMETRY_FIELDS}
     fields["pixdim"] = raw["pixdim"][:4].copy()  # qfac and the spatial spacings
     return fields
@@ -828,8 +835,7 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, referenc
         except Exception as err:
             raise DataError(f"{reference}: unreadable reference header ({_reason(err)})") from None
         header = ref_img.header.copy()
-        mm = affine
-        affine = mm.copy()
+        affine = affine.copy()
         affine[:3] /= _mm_per_unit(header)  # stored in the reference's units, as its header says
         sform_code = int(header["sform_code"])
         qform_code = int(header["qform_code"])
@@ -849,9 +855,9 @@ def _write_nifti(tmp: Path, array: np.ndarray, geometry: ImageGeometry, referenc
             # sform, which ITK reads where it reads no sform at all (the mask moved off
             # the scan there), and copied the sform over a qform that differed from it.
             img = cls(array, None, header=header)
-            stored = stored_nifti_geometry(reference, mm)
-            if stored is not None:  # after the image's own copy of the header, which nibabel fixes again
-                set_geometry_fields(img.header, stored)
+            if isinstance(ref_img.header, nib.Nifti1Header):  # Nifti2Header is one too
+                # the fields as stored, after the image's own copy of the header, which nibabel fixed again
+                set_geometry_fields(img.header, _stored_geometry_fields(reference, type(ref_img.header)))
         else:
             # another geometry: store it, keeping the reference's codes
             header.set_sform(affine, code=sform_code or "aligned")

@@ -274,15 +274,11 @@ def _staging(output: Path) -> Iterator[Path]:
     goes first: a dead process of the same pid's folder, or another user's link to a
     folder of theirs, into which the outputs were written (replacing files of the same
     names there)."""
-    from medseg.atomic import temporary_name
+    from medseg.atomic import clear_temporary, temporary_name
 
     staging = temporary_name(output / "predict")
-    if staging.is_symlink() or staging.is_file():
-        staging.unlink()
-    elif staging.exists():
-        shutil.rmtree(staging)
+    clear_temporary(staging)
     try:
-        output.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
         yield staging
     finally:

@@ -248,10 +248,15 @@ def _warn_of_other_training_data(study: Study, runs: list[StudyRun]) -> None:
     trains it again."""
     from medseg.study.state import training_data_digest
 
-    stale = []
+    stale, digests = [], {}  # the digest lists the dataset: once per dataset and split file, not per run
     for run in runs:
         recorded = (read_state(run.run_dir).get("training") or {}).get("data")
-        if recorded and training_data_digest(run) not in recorded:  # runs of older medsegs recorded none
+        if not recorded:  # runs of older medsegs recorded none
+            continue
+        data = (str(run.config.data.dataset), str(run.config.data.split_file))
+        if data not in digests:
+            digests[data] = training_data_digest(run)
+        if digests[data] not in recorded:
             stale.append(run)
     if stale:
         _say(f"WARNING: {len(stale)} run(s) were trained on training data that has changed since "
