@@ -32,6 +32,7 @@ __all__ = [
     "storage_error",
     "file_sha256",
     "file_stamp",
+    "file_stamp_or_none",
     "host_tag",
     "no_follow",
     "process_alive",
@@ -282,6 +283,16 @@ def file_stamp(path: str | Path) -> list[int]:
     """
     st = os.stat(path)
     return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)]
+
+
+def file_stamp_or_none(path: str | Path | None) -> list[int] | None:
+    """:func:`file_stamp`, or None for no path or a file that cannot be read."""
+    if path is None:
+        return None
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

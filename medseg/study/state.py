@@ -117,13 +117,7 @@ def training_data_digest(run: "StudyRun") -> str:
     import hashlib
     import json
 
-    from medseg.atomic import file_stamp
-
-    def stamp(path: Path | None) -> list[int] | None:
-        try:
-            return file_stamp(path) if path is not None else None
-        except OSError:
-            return None
+    from medseg.atomic import file_stamp_or_none
 
     dataset = Path(run.config.data.dataset)
     split = run.config.data.split_file
@@ -132,8 +126,8 @@ def training_data_digest(run: "StudyRun") -> str:
     record = {
         "imagesTr": folder_contents(dataset / "imagesTr"),
         "labelsTr": folder_contents(dataset / "labelsTr"),
-        "dataset.json": stamp(dataset / "dataset.json"),
-        "split_file": stamp(Path(split) if split is not None else None),
+        "dataset.json": file_stamp_or_none(dataset / "dataset.json"),
+        "split_file": file_stamp_or_none(split),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 

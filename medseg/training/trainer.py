@@ -65,7 +65,7 @@ from typing import Any
 import torch
 
 from medseg import distributed
-from medseg.atomic import check_output_folder, file_stamp, write_atomic
+from medseg.atomic import check_output_folder, file_stamp_or_none, write_atomic
 from medseg.config import RESUME_MAY_CHANGE, RunConfig, dump_config, validate_config
 from medseg.data.dataset import dataset_place, read_dataset_json
 from medseg.errors import CheckpointError, ConfigError
@@ -345,13 +345,6 @@ def _wrap_for_training(parts: _Parts) -> None:
     parts.train_model = DistributedDataParallel(parts.model, device_ids=device_ids)
 
 
-def _stamp(path: Path) -> list[int] | None:
-    try:
-        return file_stamp(path)
-    except OSError:
-        return None
-
-
 def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: RunFolderLock) -> Path:
     run_dir = Path(cfg.output_dir)
     latest_path = run_dir / CHECKPOINT_DIR / LATEST
@@ -359,7 +352,7 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: Ru
     # existing run folder must not see rank 0's fresh files).
     with distributed.synchronized("setting up the run"):
         _check_world_size(cfg)
-        stamp = _stamp(latest_path)  # before it is read: compared once the folder is locked
+        stamp = file_stamp_or_none(latest_path)  # before it is read: compared once the folder is locked
         checkpoint = resume_point(run_dir, resume, "train.log", check=partial(_check_resumable, cfg))
 
         # Everything that can fail on user input happens before the run folder is touched.
@@ -372,7 +365,7 @@ def _run(cfg: RunConfig, resume: bool, handlers: list[logging.Handler], lock: Ru
     with distributed.main_process("writing the run folder") as main:
         if main:
             lock.take(fresh=not resume)  # one process at a time in the folder, from its first write on
-            if checkpoint is not None and _stamp(latest_path) != stamp:
+            if checkpoint is not None and file_stamp_or_none(latest_path) != stamp:
                 # read while another process still trained the run, which then finished and
                 # let go: resumed from the old checkpoint, the run trained its last steps
                 # again over the finished run's checkpoints
