@@ -16,7 +16,7 @@ import torch
 
 from medseg.adaptation.config import AdaptConfig
 from medseg.adaptation.source import SourceRun
-from medseg.adaptation.target import PatchSpec, TargetScan, stack_views, target_batch
+from medseg.adaptation.target import PatchSpec, TargetScan, own_voxel_masks, stack_views, target_batch
 
 
 @dataclass
@@ -39,6 +39,11 @@ class AdaptContext:
 
     def views(self, specs: Sequence[PatchSpec], view: int = 0) -> torch.Tensor:
         return stack_views(specs, self.scans, self.patch, view, self.device)
+
+    def own_voxels(self, specs: Sequence[PatchSpec], view: int | None = 0) -> torch.Tensor | None:
+        """``(B, 1, *patch)`` bool mask of the scans' own voxels in view ``view`` (None: un-flipped);
+        None when no patch reaches into padding (:func:`~medseg.adaptation.target.own_voxel_masks`)."""
+        return own_voxel_masks(specs, self.scans, self.patch, view, self.device)
 
 
 class Method:

@@ -14,6 +14,8 @@ for every parameter and every floating-point buffer (BatchNorm running statistic
 integer buffers (``num_batches_tracked``) are copied. Optional terms: cross-entropy on
 the teacher's confident argmax (``confidence_weight``) and the supervised loss on
 labelled source patches (``source_data``), as in the semi-supervised original.
+Both consistency and confident cross-entropy leave out the padding of scans smaller
+than the patch (:func:`medseg.adaptation.target.own_voxel_masks`).
 The adapted run saves the teacher (the better, smoothed model).
 
 References
@@ -30,6 +32,7 @@ import torch
 
 from medseg.adaptation.base import Method
 from medseg.adaptation.pseudo_label import masked_cross_entropy
+from medseg.adaptation.target import masked_mean
 
 
 def sigmoid_rampup(iteration: int, length: int) -> float:
@@ -79,13 +82,17 @@ class MeanTeacher(Method):
         # undo the student's flips so voxel v of both outputs is the same anatomy
         logits = torch.stack([s.views[1].undo(l) for s, l in zip(specs, logits)])
         probs = torch.softmax(logits.float(), dim=1)
-        consistency = ((probs - teacher_probs) ** 2).sum(dim=1).mean()
+        # the scans' own voxels in the un-flipped frame (None: no patch reaches into a small scan's padding)
+        own = self.ctx.own_voxels(specs, view=None)
+        squared = ((probs - teacher_probs) ** 2).sum(dim=1)
+        consistency = squared.mean() if own is None else masked_mean(squared, own[:, 0], range(squared.ndim))
         w = mt.weight * sigmoid_rampup(iteration, mt.rampup_iterations)
         loss = w * consistency
         terms = {"consistency": float(consistency.detach())}
         if mt.confidence_weight > 0:
             conf, label = teacher_probs.max(dim=1)
-            ce = masked_cross_entropy(logits, label, conf >= mt.threshold)
+            confident = conf >= mt.threshold
+            ce = masked_cross_entropy(logits, label, confident if own is None else confident & own[:, 0])
             loss = loss + mt.confidence_weight * ce
             terms["confident_ce"] = float(ce.detach())
         sup, sup_terms = self.supervised_source(model, source_batch)

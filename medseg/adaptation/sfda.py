@@ -27,6 +27,9 @@ the scan's ratio from a sliding-window pass of the model (refreshed every
 ``tau_hat = tau_scan + mean_patch(p) - stopgrad(mean_patch(p_refresh))``. Its value is the
 whole-scan ratio and its gradient that of the patch ratio.
 
+Means and ratios run over the scans' own voxels: the padding of a scan smaller than the
+patch is left out (:func:`medseg.adaptation.target.own_voxel_masks`).
+
 Defaults follow the paper and the authors' released code: class weights 0.1 (background)
 and 0.9 (foreground) in the entropy, ``lambda = 1``, Adam with a small learning rate
 (5e-4 in their 2D experiments; ``adapt.lr``).
@@ -46,16 +49,24 @@ import torch
 import copy
 
 from medseg.adaptation.base import AdaptContext, Method
-from medseg.adaptation.target import crop, probabilities_with
+from medseg.adaptation.target import crop, masked_mean, probabilities_with
 from medseg.errors import ConfigError
 
 _EPS = 1e-8
 
 
-def weighted_entropy(probs: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_k w_k mean_{b, voxels}(-p_k log p_k)`` for probabilities ``(B, K, *spatial)``; ``w = 1`` when None."""
+def weighted_entropy(probs: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_k w_k mean_{b, voxels}(-p_k log p_k)`` for probabilities ``(B, K, *spatial)``; ``w = 1`` when None.
+
+    ``mask`` ``(B, 1, *spatial)``: the voxels the mean runs over (a scan's own voxels,
+    :func:`medseg.adaptation.target.own_voxel_masks`); all when None.
+    """
     ent = -(probs * torch.log(probs.clamp_min(_EPS)))  # (B, K, ...)
-    per_class = ent.transpose(0, 1).reshape(probs.shape[1], -1).mean(dim=1)
+    if mask is None:
+        per_class = ent.transpose(0, 1).reshape(probs.shape[1], -1).mean(dim=1)
+    else:
+        per_class = masked_mean(ent, mask, [0, *range(2, ent.ndim)])
     if weights is None:
         return per_class.sum()
     w = torch.as_tensor(weights, dtype=probs.dtype, device=probs.device)
@@ -63,17 +74,26 @@ def weighted_entropy(probs: torch.Tensor, weights: Sequence[float] | torch.Tenso
 
 
 def class_ratio_kl(
-    probs: torch.Tensor, prior: Sequence[float] | torch.Tensor, absent_threshold: float = 0.0, scope: str = "sample"
+    probs: torch.Tensor, prior: Sequence[float] | torch.Tensor, absent_threshold: float = 0.0, scope: str = "sample",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over samples of ``KL(tau_hat || tau)`` with the structure-absent rule (module docstring).
 
     ``scope="batch"`` pools the voxels of all samples into one ``tau_hat``. Background is
-    class 0 and is never absent.
+    class 0 and is never absent. ``mask`` ``(B, 1, *spatial)``: the voxels the ratios are
+    taken over (all when None).
     """
     k = probs.shape[1]
     tau = torch.as_tensor(prior, dtype=probs.dtype, device=probs.device)
     if tau.numel() != k:
         raise ConfigError(f"adapt.sfda.prior: {tau.numel()} ratios given, the model has {k} classes (incl. background)")
+    if mask is not None:
+        spatial = list(range(2, probs.ndim))
+        if scope == "batch":
+            tau_hat = masked_mean(probs, mask, [0, *spatial])[:, None]  # (K, 1)
+        else:
+            tau_hat = masked_mean(probs, mask, spatial).transpose(0, 1)  # (K, B)
+        return ratio_kl(tau_hat, tau, absent_threshold)
     flat = probs.transpose(0, 1).reshape(k, probs.shape[0], -1)  # (K, B, V)
     if scope == "batch":
         tau_hat = flat.reshape(k, -1).mean(dim=1, keepdim=True)  # (K, 1)
@@ -97,9 +117,9 @@ def ratio_kl(tau_hat: torch.Tensor, prior: Sequence[float] | torch.Tensor, absen
 
 
 def sfda_loss(probs: torch.Tensor, prior, entropy_weights, kl_weight: float, absent_threshold: float,
-              scope: str) -> tuple[torch.Tensor, dict[str, float]]:
-    ent = weighted_entropy(probs, entropy_weights)
-    kl = class_ratio_kl(probs, prior, absent_threshold, scope)
+              scope: str, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    ent = weighted_entropy(probs, entropy_weights, mask)
+    kl = class_ratio_kl(probs, prior, absent_threshold, scope, mask)
     return ent + kl_weight * kl, {"entropy": float(ent.detach()), "kl_prior": float(kl.detach())}
 
 
@@ -145,16 +165,26 @@ class SFDA(Method):
         specs = self.ctx.batch_specs(iteration)
         x = self.ctx.views(specs)
         probs = torch.softmax(model(x).float(), dim=1)
+        mask = self.ctx.own_voxels(specs)  # None unless a patch reaches into a small scan's padding
         if sc.ratio_scope != "scan":
-            return sfda_loss(probs, self.prior, self.weights, sc.kl_weight, sc.absent_threshold, sc.ratio_scope)
+            return sfda_loss(probs, self.prior, self.weights, sc.kl_weight, sc.absent_threshold, sc.ratio_scope, mask)
         k = probs.shape[1]
-        patch_now = probs.transpose(0, 1).reshape(k, probs.shape[0], -1).mean(dim=2)  # (K, B); flips keep the mean
+        if mask is None:
+            patch_now = probs.transpose(0, 1).reshape(k, probs.shape[0], -1).mean(dim=2)  # (K, B); flips keep the mean
+            unflipped = None
+        else:
+            patch_now = masked_mean(probs, mask, range(2, probs.ndim)).transpose(0, 1)
+            unflipped = self.ctx.own_voxels(specs, view=None).cpu()  # the frame of the refresh maps
         cols = []
         for b, s in enumerate(specs):
-            before = crop(self.maps[s.case], s.start, self.ctx.patch).reshape(k, -1).mean(dim=1).to(probs)
+            window = crop(self.maps[s.case], s.start, self.ctx.patch)
+            if unflipped is None:
+                before = window.reshape(k, -1).mean(dim=1).to(probs)
+            else:
+                before = masked_mean(window, unflipped[b].to(window.device), range(1, window.ndim)).to(probs)
             cols.append(self.scan_ratio[s.case].to(probs) + patch_now[:, b] - before)
         tau_hat = torch.stack(cols, dim=1).clamp(0.0, 1.0)
-        ent = weighted_entropy(probs, self.weights)
+        ent = weighted_entropy(probs, self.weights, mask)
         kl = ratio_kl(tau_hat, self.prior, sc.absent_threshold)
         return ent + sc.kl_weight * kl, {"entropy": float(ent.detach()), "kl_prior": float(kl.detach())}
 
@@ -168,5 +198,4 @@ class SFDA(Method):
 
 def _unpadded(probs: torch.Tensor, scan) -> torch.Tensor:
     """``(K, *spatial)`` restricted to the scan's own voxels (without the padding up to the patch size)."""
-    shape = tuple(scan.preprocessed["image"].shape[1:])
-    return probs[(slice(None),) + tuple(slice(0, n) for n in shape)]
+    return probs[(slice(None),) + tuple(slice(0, n) for n in scan.own_shape)]

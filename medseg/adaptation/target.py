@@ -93,6 +93,11 @@ class TargetScan:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.image.shape[1:])
 
+    @property
+    def own_shape(self) -> tuple[int, ...]:
+        """The network grid's spatial shape before the padding up to the patch size."""
+        return tuple(self.preprocessed["image"].shape[1:])
+
 
 def list_target_cases(root: Path, subset: str, num_channels: int) -> tuple[DatasetInfo, list[Case]]:
     """Cases of ``root/images<subset>`` (labels not needed); the channel count must be the source's."""
@@ -164,6 +169,41 @@ def stack_views(specs: Sequence[PatchSpec], scans: Sequence[TargetScan], patch: 
     return torch.stack([
         s.views[view].apply(crop(scans[s.case].image, s.start, patch)) for s in specs
     ]).to(device)
+
+
+def own_voxel_masks(specs: Sequence[PatchSpec], scans: Sequence[TargetScan], patch: Sequence[int],
+                    view: int | None, device: torch.device) -> torch.Tensor | None:
+    """``(B, 1, *patch)`` bool, true on a scan's own voxels and false on the padding that
+    brought a scan smaller than the patch up to it; flipped as view ``view`` of each
+    sample is (``None``: not flipped, the frame of an un-flipped output). ``None`` when no
+    sample of the batch reaches into padding, so that the terms then stay plain means.
+
+    The padding is 0 after normalisation, an intensity the source model reads as some
+    tissue (a CT model as vessel); it is no part of the target domain, so the patch-level
+    terms (Tent's entropy, the mean teacher's consistency, SFDA's entropy and ratios)
+    average over the scan's own voxels only.
+    """
+    masks, padded = [], False
+    for s in specs:
+        own = scans[s.case].own_shape
+        inside = [torch.arange(st, st + p) < n for st, p, n in zip(s.start, patch, own)]
+        padded = padded or not all(bool(a.all()) for a in inside)
+        mask = inside[0]
+        for axis in inside[1:]:
+            mask = mask[..., None] & axis
+        mask = mask[None]  # (1, *patch): the view's tensor axes count the channel
+        if view is not None and s.views[view].flips:
+            mask = torch.flip(mask, list(s.views[view].flips))
+        masks.append(mask)
+    return torch.stack(masks).to(device) if padded else None
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None, dims: Sequence[int]) -> torch.Tensor:
+    """Mean of ``values`` over ``dims``, counting only where the broadcast ``mask`` is true (plain mean when None)."""
+    if mask is None:
+        return values.mean(dim=tuple(dims))
+    weight = mask.to(values.dtype).expand_as(values)
+    return (values * weight).sum(dim=tuple(dims)) / weight.sum(dim=tuple(dims)).clamp_min(1.0)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -7,7 +7,9 @@ LayerNorm where a network has them — with every other parameter frozen. Normal
 uses the statistics of the current batch (InstanceNorm always does; BatchNorm is kept in
 training mode, so its running statistics also move to the target domain and are what
 the saved model uses at inference). Steps are bounded (``adapt.tent.max_iterations``):
-Tent is meant for few passes and degrades with many.
+Tent is meant for few passes and degrades with many. The mean runs over the scans' own
+voxels: the padding of a scan smaller than the patch is left out (it is no part of the
+target domain; see :func:`medseg.adaptation.target.own_voxel_masks`).
 
 Networks whose norms have no affine parameters (MONAI's default InstanceNorm) get them
 with identity initialisation when ``adapt.tent.enable_affine`` is true
@@ -52,7 +54,7 @@ class Tent(Method):
         return norm_affine_parameters(model)
 
     def loss(self, model, iteration, source_batch):
-        x = self.ctx.views(self.ctx.batch_specs(iteration))
-        probs = torch.softmax(model(x).float(), dim=1)
-        ent = weighted_entropy(probs)
+        specs = self.ctx.batch_specs(iteration)
+        probs = torch.softmax(model(self.ctx.views(specs)).float(), dim=1)
+        ent = weighted_entropy(probs, mask=self.ctx.own_voxels(specs))  # the padding of small scans left out
         return ent, {"entropy": float(ent.detach())}
