@@ -104,7 +104,8 @@ def list_target_cases(root: Path, subset: str, num_channels: int) -> tuple[Datas
     info = read_dataset_json(root)
     if info.num_channels != num_channels:
         raise DataError(
-            f"{info.dataset_json}: the target has {info.num_channels} channel(s), the source model takes {num_channels}"
+            f"{info.dataset_json}: the target has {info.num_channels} channel(s), the source model takes "
+            f"{num_channels} (target.dataset)"
         )
     folder = Path(root) / f"images{subset}"
     if not folder.is_dir():
@@ -122,7 +123,8 @@ def load_target(root: Path, subset: str, predictor, patch: Sequence[int]) -> lis
         ndim = loaded["image"].ndim - 1
         if ndim != predictor.spatial_dims:
             raise DataError(
-                f"{case.image_files[0]}: {ndim}D image, but the source model was trained on {predictor.spatial_dims}D patches"
+                f"{case.image_files[0]}: {ndim}D image, but the source model was trained on {predictor.spatial_dims}D "
+                "patches (target.dataset)"
             )
         pre = predictor.preprocess(loaded)
         image = pre["image"]

@@ -143,7 +143,7 @@ def test_refusals(source_run, target_dataset, tmp_path):
 
 def test_target_with_another_channel_count_is_refused(source_run, tmp_path):
     target = make_target_dataset(tmp_path / "two_channels", cases=1, channels=2)
-    with pytest.raises(DataError, match="the target has 2 channel\\(s\\), the source model takes 1"):
+    with pytest.raises(DataError, match="the target has 2 channel\\(s\\), the source model takes 1 \\(target.dataset\\)"):
         _run(adapt_raw(source_run, target, tmp_path / "out", "sfda"))
 
 
@@ -151,7 +151,7 @@ def test_target_with_other_spatial_dims_is_refused(source_run, make_synthetic_da
     target = make_synthetic_dataset(cases=1, test_cases=0, size=32, dims=2, seed=0)
     raw = adapt_raw(source_run, target, tmp_path / "out", "sfda")
     raw["target"]["eval_labels"] = None
-    with pytest.raises(DataError, match="2D image, but the source model was trained on 3D"):
+    with pytest.raises(DataError, match="2D image, but the source model was trained on 3D patches \\(target.dataset\\)"):
         _run(raw)
 
 
