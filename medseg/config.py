@@ -99,7 +99,7 @@ class AugmentationConfig(_Strict):
     flip_prob: float = Field(0.5, ge=0, le=1, description="RandFlipd per spatial axis")
     rotate90_prob: float = Field(0.0, ge=0, le=1, description="RandRotate90d in the first two axes")
     affine_prob: float = Field(0.2, ge=0, le=1, description="RandAffined (rotation, scaling)")
-    rotate_range_deg: float = Field(15.0, ge=0, le=180, description="RandAffined's rotation: up to this many degrees")
+    rotate_range_deg: float = Field(15.0, ge=0, le=180, description="RandAffined's rotation: up to this many degrees about each axis; a 3D patch more than 3 times longer than its shortest side turns about that side's axis only (in-plane, as nnU-Net), and the MIP loss's whole-volume targets allow turns about their axis only")
     scale_range: float = Field(0.1, ge=0, le=0.5, description="RandAffined's scaling: by up to this fraction")
     intensity_scale_prob: float = Field(0.15, ge=0, le=1, description="RandScaleIntensityd")
     intensity_shift_prob: float = Field(0.15, ge=0, le=1, description="RandShiftIntensityd")

@@ -78,6 +78,7 @@ __all__ = [
     "affine_box_margin",
     "affine_matrix",
     "affine_margin",
+    "rotation_axes",
     "patch_augmentations",
     "whole_volume_targets",
 ]
@@ -317,8 +318,46 @@ def _spatial_transforms(config: "RunConfig", keys: list[str], dims: int) -> list
     return transforms
 
 
-def affine_augmentation(config: "RunConfig") -> RandAffine | None:
+# nnU-Net's ANISO_THRESHOLD: a 3D patch whose longest side is more than this many times
+# its shortest is rotated in-plane only (its "dummy 2D" augmentation).
+ANISOTROPY_THRESHOLD = 3.0
+
+
+def rotation_axes(patch: Sequence[int], projection_axes: Iterable[int] = ()) -> tuple[int, ...]:
+    """The axes the affine augmentation may rotate about.
+
+    3D: any of (0, 1, 2) (MONAI's ``rotate_range`` order: the entry of axis ``a`` turns the
+    plane of the other two); 2D: (0,) for the one plane, () for none. Rotations happen on
+    the voxel grid, so two rules take axes away:
+
+    - a 3D patch whose longest side is more than :data:`ANISOTROPY_THRESHOLD` times its
+      shortest (planned on thick slices, e.g. 64x64x14 at 0.8x0.8x3.5 mm) turns about the
+      shortest side's axis only, as nnU-Net does: a turn that tilts the slices is a shear
+      in millimetres (15 degrees made a 10 mm sphere 6-19 mm across);
+    - whole-volume projection targets (the MIP loss's ``target_projection: volume``) are
+      constant along their axis, and only a turn about that axis keeps them so: another
+      turn moves the axis and smears the target (2D: no turn keeps it).
+    """
+    dims = len(patch)
+    axes = set(range(3)) if dims == 3 else {0}
+    if dims == 3:
+        shortest = min(patch)
+        if max(patch) > ANISOTROPY_THRESHOLD * shortest and list(patch).count(shortest) == 1:
+            axes &= {list(patch).index(shortest)}
+    for axis in set(projection_axes):
+        axes &= {axis} if dims == 3 else set()
+    return tuple(sorted(axes))
+
+
+def _rotate_range(angle: float, dims: int, axes: Sequence[int]) -> list[float]:
+    return [angle if a in axes else 0.0 for a in range(3 if dims == 3 else 1)]
+
+
+def affine_augmentation(config: "RunConfig", projection_axes: Iterable[int] = ()) -> RandAffine | None:
     """The random rotation and scaling of ``data.augmentation`` (array transform), or None.
+
+    Rotations only about :func:`rotation_axes` (``projection_axes``: the axes of the
+    whole-volume targets, :func:`whole_volume_targets`).
 
     It always fires (``prob=1``): :mod:`medseg.training.sampling` draws whether a patch
     gets it (with ``affine_prob``), then draws its angles and scales
@@ -334,7 +373,7 @@ def affine_augmentation(config: "RunConfig") -> RandAffine | None:
     angle = float(np.deg2rad(aug.rotate_range_deg))
     transform = RandAffine(
         prob=1.0,
-        rotate_range=[angle] * (3 if dims == 3 else 1),
+        rotate_range=_rotate_range(angle, dims, rotation_axes(config.data.patch_size, projection_axes)),
         scale_range=[aug.scale_range] * dims,
         padding_mode="border",
         spatial_size=list(config.data.patch_size),
@@ -369,10 +408,10 @@ def affine_matrix(transform: RandAffine) -> np.ndarray:
     return rotation @ np.diag(scales)
 
 
-def affine_margin(config: "RunConfig") -> tuple[int, ...]:
+def affine_margin(config: "RunConfig", projection_axes: Iterable[int] = ()) -> tuple[int, ...]:
     """The largest :func:`affine_box_margin` any draw of :func:`affine_augmentation` needs.
 
-    Rotation angles up to ``rotate_range_deg`` about each axis and scale factors up to
+    Rotation angles up to ``rotate_range_deg`` about each of :func:`rotation_axes` and scale factors up to
     ``1 + scale_range``; the maximum over rotations is taken on a grid of 9 angles per
     axis (MONAI's own rotation matrices). A 96^3 patch at 15 degrees and 10 % scaling
     needs 29-31 voxels each side (a 154x158x154 read, 4.4 times the patch). nnU-Net
@@ -385,9 +424,11 @@ def affine_margin(config: "RunConfig") -> tuple[int, ...]:
     dims = len(patch)
     if aug.affine_prob <= 0:
         return (0,) * dims
+    allowed = rotation_axes(patch, projection_axes)
     theta = float(np.deg2rad(aug.rotate_range_deg))
     angles = np.linspace(-theta, theta, 9)
-    grids = [(a,) for a in angles] if dims == 2 else [(a, b, c) for a in angles for b in angles for c in angles]
+    turns = [angles if a in allowed else [0.0] for a in range(3 if dims == 3 else 1)]
+    grids = [(a,) for a in turns[0]] if dims == 2 else [(a, b, c) for a in turns[0] for b in turns[1] for c in turns[2]]
     scale = np.diag([1.0 + aug.scale_range] * dims)
     margin = np.zeros(dims, dtype=np.int64)
     for radians in grids:
@@ -421,6 +462,13 @@ def patch_augmentations(config: "RunConfig", info: "DatasetInfo", label_keys: Se
         if patch[0] != patch[1]:
             raise ConfigError(
                 f"data.augmentation.rotate90_prob: needs equal patch sizes in the first two axes, got {patch}"
+            )
+        moved = sorted({a for _, axes in whole_volume_targets(config, info) for a in axes} & {0, 1})
+        if moved:
+            raise ConfigError(
+                f"data.augmentation.rotate90_prob: 90-degree rotations in axes 0 and 1 move the axis {moved[0]} of the "
+                "MIP loss's whole-volume projection (target_projection: volume), which no longer matches the patch; "
+                "set rotate90_prob to 0, project along another axis, or use target_projection: patch"
             )
         transforms.append(RandRotate90d(keys=both, prob=aug.rotate90_prob, max_k=3, spatial_axes=(0, 1)))
     if aug.intensity_scale_prob > 0:

@@ -146,7 +146,7 @@ class PatchSource:
         self.affine_prob = float(config.data.augmentation.affine_prob)
         self.targets = whole_volume_targets(config, info)
         self.label_keys = ["label", *(key for key, _ in self.targets)]
-        self.affine = affine_augmentation(config)
+        self.affine = affine_augmentation(config, [a for _, axes in self.targets for a in axes])
         self.augment = patch_augmentations(config, info, self.label_keys)
 
     def __len__(self) -> int:

@@ -17,7 +17,8 @@ from cache_helpers import make_padded_dataset, raw_config
 
 from medseg.config import validate_config
 from medseg.data.topology_targets import label_projection
-from medseg.data.transforms import affine_augmentation, affine_box_margin, affine_margin, affine_matrix
+from medseg.data.transforms import affine_augmentation, affine_box_margin, affine_margin, affine_matrix, rotation_axes
+from medseg.errors import ConfigError
 from medseg.training.data import prepare_data
 from medseg.training.sampling import patch_loader, resolve_num_workers, transform_seed
 from medseg.training.trainer import run_training
@@ -73,6 +74,53 @@ def test_the_rotation_margin_is_enough(patch, degrees, scale):
         box = [p + 2 * m for p, m in zip(patch, margin)]
         out = affine(torch.ones(1, *box), padding_mode="zeros", randomize=False)
         assert tuple(out.shape[1:]) == tuple(patch) and float(out.min()) > 1 - 1e-5  # float32 rounding only
+
+
+def test_rotation_axes():
+    assert rotation_axes([32, 32, 32]) == (0, 1, 2)
+    assert rotation_axes([64, 64, 14]) == (2,)  # thick slices: in-plane only, as nnU-Net
+    assert rotation_axes([64, 64, 22]) == (0, 1, 2)  # at most 3 times: every axis
+    assert rotation_axes([16, 64, 64]) == (0,)
+    assert rotation_axes([32, 32]) == (0,)
+    assert rotation_axes([32, 32, 32], [2]) == (2,)  # a volume projection along axis 2 turns about it alone
+    assert rotation_axes([32, 32, 32], [0, 2]) == ()
+    assert rotation_axes([64, 64, 14], [0]) == ()
+    assert rotation_axes([32, 32], [1]) == ()
+
+
+def test_thick_slice_patches_turn_in_plane_only():
+    """A 64x64x14 patch (0.8x0.8x3.5 mm) was rotated about all three axes on the voxel
+    grid: a shear in millimetres (a 10 mm sphere came out 6-19 mm across)."""
+    cfg = validate_config({
+        "data": {"dataset": "d", "patch_size": [64, 64, 14], "augmentation": {"rotate_range_deg": 15}},
+        "train": {"iterations": 1}, "output_dir": "o",
+    })
+    affine = affine_augmentation(cfg)
+    turned = 0
+    for seed in range(50):
+        affine.set_random_state(seed)
+        affine.randomize()
+        matrix = affine_matrix(affine)
+        assert np.allclose(matrix[2, :2], 0) and np.allclose(matrix[:2, 2], 0)  # the slices never tilt
+        turned += abs(matrix[0, 1]) > 1e-3
+    assert turned > 40  # and they do turn in-plane
+    assert affine_margin(cfg)[2] <= 2  # the scaling's context alone across slices (tilting them needed 10)
+
+
+def test_whole_volume_targets_survive_the_rotation(padded_dataset, tmp_path):
+    """The MIP loss's whole-volume target is constant along its axis; a rotation about
+    another axis smeared it (IoU 0.27-0.44 against the label's own projection)."""
+    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", foreground_oversample=1.0,
+                     augmentation={"affine_prob": 1.0, "rotate_range_deg": 30, "flip_prob": 0.0})
+    raw["losses"] = [{"name": "mip", "target_projection": "volume", "axes": [2]}]
+    source = prepare_data(validate_config(raw)).train_set
+    for k in range(8):
+        target = source.make(k % len(source), transform_seed(0, k))["label_mip"][0]
+        assert torch.equal(target, target[:, :, :1].expand_as(target))  # still one value along axis 2
+    raw["data"]["augmentation"]["rotate90_prob"] = 0.5
+    raw["losses"] = [{"name": "mip", "target_projection": "volume", "axes": [0]}]
+    with pytest.raises(ConfigError, match="rotate90_prob.*axis 0 of the MIP loss's whole-volume projection"):
+        prepare_data(validate_config(raw))
 
 
 def test_whole_volume_targets_are_cropped_with_the_patch(padded_dataset, tmp_path):
