@@ -105,7 +105,7 @@ class AugmentationConfig(_Strict):
     intensity_shift_prob: float = Field(0.15, ge=0, le=1, description="RandShiftIntensityd")
     gaussian_noise_prob: float = Field(0.1, ge=0, le=1, description="RandGaussianNoised")
     gaussian_smooth_prob: float = Field(0.1, ge=0, le=1, description="RandGaussianSmoothd")
-    gamma_prob: float = Field(0.1, ge=0, le=1, description="RandAdjustContrastd")
+    gamma_prob: float = Field(0.1, ge=0, le=1, description="RandAdjustContrastd's gamma in (0.7, 1.5), per channel (each channel its own range and gamma, as nnU-Net)")
 
 
 class NormalizationConfig(_Strict):

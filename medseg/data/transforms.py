@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Literal, Ma
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, get_track_meta
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -56,6 +56,7 @@ from monai.transforms import (
     Spacingd,
 )
 from monai.transforms.utils import create_rotate
+from monai.utils import convert_to_tensor
 
 from medseg.data.io import planar_affine
 from medseg.errors import ConfigError
@@ -437,11 +438,36 @@ def affine_margin(config: "RunConfig", projection_axes: Iterable[int] = ()) -> t
     return tuple(int(v) for v in margin)
 
 
+class ChannelwiseAdjustContrastd(RandAdjustContrastd):
+    """MONAI's random gamma, ``x = ((x - min) / range) ** gamma * range + min``, with each
+    channel's own min, range and gamma, as nnU-Net's ``GammaTransform(per_channel=True)``.
+
+    MONAI's takes one min and range over all channels: a channel of another scale (a
+    0-1000 ``noNorm`` channel beside a z-scored one) set the range the first channel was
+    bent in (its std went from 1.4 to 3.4 in one patch). One channel draws as MONAI's
+    does, so single-channel patches are unchanged.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        for key in self.key_iterator(d):
+            image = convert_to_tensor(d[key], track_meta=get_track_meta())
+            if self._do_transform:
+                channels = []
+                for c in range(image.shape[0]):
+                    self.adjuster.randomize(None)
+                    channels.append(self.adjuster(image[c:c + 1], randomize=False))
+                image = channels[0] if len(channels) == 1 else torch.cat(channels)
+            d[key] = image
+        return d
+
+
 def patch_augmentations(config: "RunConfig", info: "DatasetInfo", label_keys: Sequence[str]) -> Compose:
     """The random transforms after the crop (and after :func:`affine_augmentation`).
 
     Flips per axis, 90-degree rotations in the first two axes, intensity scaling and
-    shifting, Gaussian noise and smoothing, gamma, each with its probability from
+    shifting, Gaussian noise and smoothing, gamma (per channel), each with its probability from
     ``data.augmentation``; then ``label_keys`` cast to int64 (one label dtype for the
     whole batch: interpolation makes it float) and the label-derived targets the losses
     need (``CompositeLoss.target_transforms``), computed on the augmented patch.
@@ -485,7 +511,7 @@ def patch_augmentations(config: "RunConfig", info: "DatasetInfo", label_keys: Se
             )
         )
     if aug.gamma_prob > 0:
-        transforms.append(RandAdjustContrastd(keys="image", prob=aug.gamma_prob, gamma=(0.7, 1.5)))
+        transforms.append(ChannelwiseAdjustContrastd(keys="image", prob=aug.gamma_prob, gamma=(0.7, 1.5)))
     transforms.append(CastToTyped(keys=list(label_keys), dtype=torch.int64))
     loss = _loss_composite(config, info)
     if loss is not None:

@@ -193,3 +193,30 @@ def test_inconsistent_settings_are_config_errors():
         patch_augmentations(_cfg([16, 24, 16], augmentation={"rotate90_prob": 0.5}), _info(), ["label"])
     with pytest.raises(ConfigError, match="preprocessing"):
         build_transforms(_cfg([16, 16, 16]), _info(channels=("CT", "MR")), prep, "val")
+
+
+def test_gamma_bends_each_channel_in_its_own_range():
+    """MONAI's gamma takes one min and range over all channels: a 0-1000 channel beside a
+    z-scored one set the range the z-scored channel was bent in."""
+    from monai.transforms import RandAdjustContrastd
+
+    from medseg.data.transforms import ChannelwiseAdjustContrastd
+
+    g = torch.Generator().manual_seed(0)
+    zscored = torch.randn((1, 16, 16, 8), generator=g)
+    raw = 1000 * torch.rand((1, 16, 16, 8), generator=g)
+    gamma = ChannelwiseAdjustContrastd(keys="image", prob=1.0, gamma=(0.7, 1.5))
+    for seed in range(5):
+        gamma.set_random_state(seed)
+        both = gamma({"image": torch.cat([zscored, raw])})["image"]
+        for channel, original in ((0, zscored), (1, raw)):  # each keeps its own range
+            assert float(both[channel].min()) == pytest.approx(float(original.min()), abs=1e-4)
+            assert float(both[channel].max()) == pytest.approx(float(original.max()), rel=1e-5)
+        assert float(both[0].std()) < 1.5 * float(zscored.std())
+    # one channel: the same draws and values as MONAI's own transform
+    monai_gamma = RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5))
+    ours = ChannelwiseAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5))
+    for seed in range(6):
+        monai_gamma.set_random_state(seed)
+        ours.set_random_state(seed)
+        assert torch.equal(monai_gamma({"image": zscored})["image"], ours({"image": zscored})["image"])
