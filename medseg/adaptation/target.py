@@ -65,14 +65,18 @@ def crop_start(rng: np.random.Generator, shape: Sequence[int], patch: Sequence[i
     return tuple(int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, patch))
 
 
-def pad_to(array: torch.Tensor, patch: Sequence[int], value: float = 0.0) -> torch.Tensor:
-    """Pad the spatial axes of ``(C, *spatial)`` at the end up to ``patch``."""
+def pad_to(array: torch.Tensor, patch: Sequence[int], value: float = 0.0, replicate: bool = False) -> torch.Tensor:
+    """Pad the spatial axes of ``(C, *spatial)`` at the end up to ``patch``: with ``value``,
+    or (``replicate``, float images) by repeating the border voxels, as training pads a case
+    smaller than the patch."""
     spatial = array.shape[1:]
     pads: list[int] = []
     for s, p in reversed(list(zip(spatial, patch))):
         pads += [0, max(p - s, 0)]
     if not any(pads):
         return array
+    if replicate:
+        return torch.nn.functional.pad(array[None], pads, mode="replicate")[0]
     return torch.nn.functional.pad(array, pads, value=value)
 
 
@@ -129,7 +133,7 @@ def load_target(root: Path, subset: str, predictor, patch: Sequence[int]) -> lis
         pre = predictor.preprocess(loaded)
         image = pre["image"]
         plain = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        scans.append(TargetScan(case.name, case, loaded, pre, pad_to(plain.float().contiguous(), patch)))
+        scans.append(TargetScan(case.name, case, loaded, pre, pad_to(plain.float().contiguous(), patch, replicate=True)))
     log.info("target %s: %d scan(s) from images%s/", info.name, len(scans), subset)
     return scans
 
@@ -180,10 +184,10 @@ def own_voxel_masks(specs: Sequence[PatchSpec], scans: Sequence[TargetScan], pat
     sample is (``None``: not flipped, the frame of an un-flipped output). ``None`` when no
     sample of the batch reaches into padding, so that the terms then stay plain means.
 
-    The padding is 0 after normalisation, an intensity the source model reads as some
-    tissue (a CT model as vessel); it is no part of the target domain, so the patch-level
-    terms (Tent's entropy, the mean teacher's consistency, SFDA's entropy and ratios)
-    average over the scan's own voxels only.
+    The padding repeats the scan's border voxels (it was 0 after normalisation, which a
+    CT model reads as vessel); either way it is no part of the target domain, so the
+    patch-level terms (Tent's entropy, the mean teacher's consistency, SFDA's entropy and
+    ratios) average over the scan's own voxels only.
     """
     masks, padded = [], False
     for s in specs:

@@ -6,8 +6,10 @@ more such arrays. :func:`class_maps` computes the same class maps with one whole
 array, the result:
 
 * the windows are MONAI's: :func:`monai.data.utils.dense_patch_slices` with MONAI's scan
-  interval ``int(window * (1 - overlap))``, an image smaller than the window padded with
-  zeros as ``sliding_window_inference`` pads it; the weights are
+  interval ``int(window * (1 - overlap))``, an image smaller than the window padded on
+  both sides as ``sliding_window_inference`` pads it, by repeating its border voxels
+  (``padding_mode="replicate"``: training pads a case smaller than the patch so, and a
+  network that never saw zero padding met it only at inference); the weights are
   :func:`monai.data.utils.compute_importance_map` (gaussian, sigma 0.125 of the window,
   clamped at 1e-3; or constant);
 * the windows are visited in MONAI's order, which is ascending in their start along the
@@ -73,7 +75,7 @@ def _windows(shape: Sequence[int], window: Sequence[int], overlap: float) -> lis
 
 
 def _padding(shape: Sequence[int], window: Sequence[int]) -> list[tuple[int, int]]:
-    """(before, after) zeros per axis for an image smaller than the window, as MONAI pads."""
+    """(before, after) padding per axis for an image smaller than the window, as MONAI splits it."""
     return [((w - n) // 2, (w - n) - (w - n) // 2) if w > n else (0, 0) for n, w in zip(shape, window)]
 
 
@@ -181,8 +183,8 @@ def class_maps(
     for k, axes in enumerate(flips, start=1):
         source = image
         if any(a or b for a, b in pad):  # small image: flipped, then padded, as MONAI sees it
-            source = F.pad(image.flip([1 + a for a in axes]) if axes else image,
-                           [p for a, b in reversed(pad) for p in (a, b)], mode="constant", value=0.0)
+            flipped = image.flip([1 + a for a in axes]) if axes else image
+            source = F.pad(flipped[None], [p for a, b in reversed(pad) for p in (a, b)], mode="replicate")[0]
             axes_to_cut = ()
         else:
             axes_to_cut = axes

@@ -39,6 +39,7 @@ def predict_logits(model: torch.nn.Module, image: torch.Tensor, cfg: RunConfig, 
             predictor=model,
             overlap=cfg.inference.overlap,
             mode=cfg.inference.mode,
+            padding_mode="replicate",  # as training pads a case smaller than the patch (and as predict does)
         ).float()
 
 

@@ -1,8 +1,9 @@
 """The padding of target scans smaller than the patch is no part of any adaptation term.
 
-Such a scan is padded with 0 up to the patch (``target.pad_to``); 0 after normalisation
-is an intensity the source model reads as some tissue. Tent's entropy, the mean
-teacher's consistency and SFDA's entropy and class ratios used to average over it.
+Such a scan is padded up to the patch (``target.pad_to``; with zeros until 2026-12-06,
+which after normalisation a source model reads as some tissue, now by repeating its
+border). Tent's entropy, the mean teacher's consistency and SFDA's entropy and class
+ratios used to average over the padding; the tests pad with constants of their own.
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ def reference_prediction(predictor, case, tta=False):
             logits = sliding_window_inference(
                 x, list(predictor.config.data.patch_size), predictor.config.inference.sw_batch_size, predictor.model,
                 overlap=predictor.config.inference.overlap, mode=predictor.config.inference.mode,
+                padding_mode="replicate",
             )
             if predictor.output_activation == "tanh":
                 prob = (1 + torch.tanh(logits.float())) / 2

@@ -22,7 +22,8 @@ def _monai(image, net, window, overlap, sw, mode, flips, activation="softmax"):
         for axes in flips:
             dims = [1 + a for a in axes]
             x = image.flip(dims) if axes else image
-            logits = sliding_window_inference(x[None], window, sw, net, overlap=overlap, mode=mode)[0]
+            logits = sliding_window_inference(x[None], window, sw, net, overlap=overlap, mode=mode,
+                                              padding_mode="replicate")[0]
             maps = torch.softmax(logits, 0) if activation == "softmax" else (1 + torch.tanh(logits)) / 2
             maps = maps.flip(dims) if axes else maps
             total = maps if total is None else total + maps

@@ -123,6 +123,26 @@ def test_whole_volume_targets_survive_the_rotation(padded_dataset, tmp_path):
         prepare_data(validate_config(raw))
 
 
+def test_training_and_inference_pad_a_case_smaller_than_the_patch_alike(padded_dataset, tmp_path):
+    """Training repeats a small case's border voxels out to the patch; predict and the
+    validation padded with zeros, which such a network met only at inference."""
+    from medseg.inference.sliding_window import _padding
+
+    patch = [64, 64, 48]  # larger than every (cropped) case
+    off = {"affine_prob": 0.0, "flip_prob": 0.0, "intensity_scale_prob": 0.0, "intensity_shift_prob": 0.0,
+           "gaussian_noise_prob": 0.0, "gaussian_smooth_prob": 0.0, "gamma_prob": 0.0}
+    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", patch_size=patch, augmentation=off,
+                     foreground_oversample=0.0)
+    source = prepare_data(validate_config(raw)).train_set
+    for index in range(len(source)):
+        case = source.cases[index]
+        image = torch.from_numpy(case.whole()[0])
+        assert all(n < p for n, p in zip(case.shape, patch))
+        pads = [p for a, b in reversed(_padding(case.shape, patch)) for p in (a, b)]
+        as_predicted = torch.nn.functional.pad(image[None], pads, mode="replicate")[0]  # class_maps' padding
+        assert torch.equal(source.make(index, transform_seed(0, index))["image"], as_predicted)
+
+
 def test_whole_volume_targets_are_cropped_with_the_patch(padded_dataset, tmp_path):
     raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", foreground_oversample=0.5,
                      augmentation={"affine_prob": 0.0, "flip_prob": 0.0})
