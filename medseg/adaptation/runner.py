@@ -466,8 +466,8 @@ class _Adapting(Objective):
     def loss_terms(self) -> list[str]:
         return list(self.method.loss_terms)
 
-    def diverged(self, value: float, step: int) -> str:
-        return f"the adaptation loss is {value} at step {step}; lower adapt.lr"
+    def diverged(self, what: str, step: int) -> str:
+        return f"the adaptation {what} at step {step}; lower adapt.lr"
 
     def evaluate(self, iteration: int) -> list[float] | None:
         if self.references is None:

@@ -103,9 +103,10 @@ class Objective:
         """The metrics.csv loss columns, known after the first step."""
         raise NotImplementedError
 
-    def diverged(self, value: float, step: int) -> str:
-        """The error line for a non-finite loss at 1-based ``step``."""
-        return f"the loss is {value} at step {step} (training diverged); lower the learning rate"
+    def diverged(self, what: str, step: int) -> str:
+        """The error line for a step at 1-based ``step`` that cannot be taken: ``what`` is
+        "loss is nan (TERMS)" or "gradient norm is nan (loss ..., TERMS)"."""
+        return f"the {what} at step {step} (training diverged); lower the learning rate"
 
     def evaluate(self, iteration: int) -> list[float] | None:
         """Per-class Dice after ``iteration`` steps, or None when there is nothing to score."""
@@ -123,6 +124,10 @@ class Objective:
 
     def end_message(self, progress: Progress) -> str:
         return ""
+
+
+def _terms_text(terms: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {float(value):.4g}" for name, value in terms.items())
 
 
 def optimizer_step(objective: Objective, batch: Any, iteration: int, grad_clip: float | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -143,11 +148,23 @@ def optimizer_step(objective: Objective, batch: Any, iteration: int, grad_clip: 
         shown = means[0]
         terms = dict(zip(terms, means[1:].tolist()))
     if not torch.isfinite(shown):
-        raise MedsegError(objective.diverged(shown.item(), iteration + 1))
+        raise MedsegError(objective.diverged(f"loss is {shown.item()} ({_terms_text(terms)})", iteration + 1))
     scaler.scale(loss).backward()
     if grad_clip is not None:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(objective.clip_parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(objective.clip_parameters(), grad_clip)
+    elif not scaler.is_enabled():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in objective.clip_parameters() if p.grad is not None])
+    else:
+        norm = None
+    # A finite loss can still have non-finite gradients (an overflow in backward); the
+    # optimizer would write NaN into every weight, which the checkpoints, validation
+    # ("Dice 0, best") and predict (empty masks, exit 0) then took as a model. Under AMP
+    # the GradScaler skips such a step itself and lowers its scale.
+    if norm is not None and not scaler.is_enabled() and not torch.isfinite(norm):
+        raise MedsegError(objective.diverged(
+            f"gradient norm is {norm.item()} with a finite loss of {shown.item():.4g} ({_terms_text(terms)})",
+            iteration + 1))
     scaler.step(optimizer)
     scaler.update()
     if objective.scheduler is not None:

@@ -494,9 +494,10 @@ class _Supervised(Objective):
     def loss_terms(self) -> list[str]:
         return list(self.parts.loss_fn.names)
 
-    def diverged(self, value: float, step: int) -> str:
-        return (f"the loss is {value} at iteration {step} (training diverged); lower train.optimizer.lr "
-                f"or resume from {CHECKPOINT_DIR}/{LATEST}")
+    def diverged(self, what: str, step: int) -> str:
+        # a resume repeats the same steps with the same learning rate (it refuses another)
+        return (f"the {what} at iteration {step} (training diverged); lower train.optimizer.lr (or set "
+                f"train.grad_clip) and train again into a new output_dir")
 
     def evaluate(self, iteration: int) -> list[float] | None:
         parts = self.parts

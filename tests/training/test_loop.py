@@ -123,10 +123,31 @@ def test_a_finished_run_does_no_step(tmp_path):
 
 def test_a_non_finite_loss_stops_with_the_step_and_no_update(tmp_path):
     objective = _Quadratic(diverge_at=2)
-    with pytest.raises(MedsegError, match=r"^the loss is inf at step 3 \(training diverged\)"):
+    with pytest.raises(MedsegError, match=r"^the loss is inf \(squared inf\) at step 3 \(training diverged\)"):
         _run(objective, tmp_path)
     assert ("after", 2) not in objective.calls  # the diverged step was not taken
     assert torch.allclose(objective.w.detach(), torch.full((2,), 3 * (1 - 0.8**2)))
+
+
+class _NaNGradient(_Quadratic):
+    """A finite loss whose gradient is NaN at one step (an overflow in backward)."""
+
+    def loss(self, batch, iteration):
+        loss, terms = super().loss(batch, iteration)
+        if iteration == 2:
+            loss = loss + (self.w * 0).pow(0.5).sum()  # value 0, gradient 0 * inf = nan
+        return loss, terms
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_non_finite_gradients_stop_before_the_weights_are_touched(tmp_path, grad_clip):
+    """The optimizer wrote NaN into every weight, which latest.pt and best.pt then held
+    (validation scored it Dice 0 and "best", predict gave empty masks with exit 0)."""
+    objective = _NaNGradient()
+    with pytest.raises(MedsegError, match=r"^the gradient norm is nan with a finite loss of .* at step 3 \(training diverged\)"):
+        _run(objective, tmp_path, grad_clip=grad_clip)
+    assert ("after", 2) not in objective.calls and bool(torch.isfinite(objective.w).all())
+    assert ("save", 3) not in objective.calls
 
 
 def test_gradient_clipping_bounds_the_step(tmp_path):
