@@ -468,6 +468,17 @@ class RunConfig(_Strict):
                     f"losses[{i}] ({term.name}): start {term.start} is iteration {first}, at or after the end of "
                     f"training (train.iterations = {self.train.iterations}); the term would never be used"
                 )
+        # terms only ever switch on, so a step without any is one of the first: its loss
+        # would be a constant 0 with nothing to differentiate (step 1 failed in backward)
+        weighted = [term for term in self.losses if term.weight > 0]
+        if not weighted:
+            raise ValueError("losses: every term has weight 0; nothing would be trained")
+        first = min(term.schedule(self.train.iterations)[0] for term in weighted)
+        if first > 0:
+            raise ValueError(
+                f"losses: no term is on in iterations 1 to {first} (every term's start is later); "
+                "let one term (e.g. dice_ce) start at 0"
+            )
         return self
 
     @property

@@ -158,6 +158,25 @@ def test_a_loss_term_that_would_never_start_is_refused(tmp_path):
     assert validate_config(raw).losses[1].schedule(100) == (99, 0)
 
 
+def test_a_config_with_steps_where_no_term_is_on_is_refused(tmp_path):
+    """Every term starting late (or weighing 0) made step 1's loss a constant 0: a
+    traceback in backward after the run folder was written."""
+    from medseg.config import validate_config
+
+    raw = {"data": {"dataset": str(tmp_path)}, "train": {"iterations": 100}, "output_dir": str(tmp_path / "run"),
+           "losses": [{"name": "dice_ce", "start": 2}, {"name": "cldice", "start": 0.5, "ramp": 2}]}
+    with pytest.raises(ConfigError, match=r"losses: no term is on in iterations 1 to 2 .*start at 0"):
+        validate_config(raw)
+    raw["losses"] = [{"name": "dice_ce", "weight": 0.0}]
+    with pytest.raises(ConfigError, match="losses: every term has weight 0"):
+        validate_config(raw)
+    raw["losses"] = [{"name": "dice_ce", "weight": 0.0}, {"name": "cldice", "start": 1}]
+    with pytest.raises(ConfigError, match="no term is on in iterations 1 to 1"):
+        validate_config(raw)
+    raw["losses"] = [{"name": "dice_ce"}, {"name": "cldice", "start": 1}]
+    assert validate_config(raw).losses[1].schedule(100) == (1, 0)
+
+
 def test_a_bad_set_is_named_as_the_set_not_as_the_file(tmp_path):
     path = _write(tmp_path, MINIMAL)
     with pytest.raises(ConfigError) as caught:
@@ -201,5 +220,5 @@ def test_a_ramp_that_ends_after_the_run_is_said_at_the_start_of_training(caplog)
         "losses[1] (cldice): its ramp ends at iteration 14, after the run's 10: its weight reaches only 20 % of 0.5"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="medseg.training"):
-        _warn_of_unfinished_ramps(validate_config({**MINIMAL, "losses": [{"name": "cldice", "start": 5, "ramp": 5}]}))
+        _warn_of_unfinished_ramps(validate_config({**MINIMAL, "losses": [{"name": "dice_ce"}, {"name": "cldice", "start": 5, "ramp": 5}]}))
     assert caplog.records == []  # full weight at the last iteration
