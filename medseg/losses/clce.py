@@ -15,6 +15,7 @@ from medseg.losses._prepare import (
     check_reduction,
     reduce,
     resolve_activation,
+    summable,
     target_as_channels,
 )
 from medseg.losses.cbdice import label_skeleton_and_distance
@@ -122,6 +123,7 @@ class CenterlineCrossEntropyLoss(nn.Module):
     ) -> torch.Tensor:
         """``input`` (B, C, ...) logits; ``target`` (B, 1, ...) labels; ``skeleton_distance`` (B, 2, ...) or None."""
         check_input(input, target, "CenterlineCrossEntropyLoss")
+        input = summable(input)  # the cross-entropy of half-precision logits rounded (3e-4 in bfloat16)
         n = input.shape[1]
         activation = resolve_activation(n, self.sigmoid, self.softmax)
         label = (target_as_channels(target, n, self.to_onehot_y) > 0.5).to(input.dtype)
