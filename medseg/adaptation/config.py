@@ -149,7 +149,7 @@ class MeanTeacherConfig(_Strict):
     ``t < T = rampup_iterations``.
     """
 
-    decay: float = Field(0.99, ge=0, lt=1, description="the teacher's EMA decay (ramped: min(decay, 1 - 1/(t + 1)))")
+    decay: float = Field(0.99, ge=0, lt=1, description="the teacher's EMA decay (ramped: min(decay, 1 - 1/(t + 1)) after step t = 1, 2, ...)")
     weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of the consistency term")
     rampup_iterations: int = Field(50, ge=0, le=MAX_COUNT, description="steps of the consistency weight's ramp-up")
     confidence_weight: float = Field(

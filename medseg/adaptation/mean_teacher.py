@@ -7,7 +7,7 @@ softmax (mean squared error, the paper's choice for classification); the teacher
 no gradient. The consistency weight ramps up as ``weight * exp(-5 (1 - t/T)^2)``
 (their sigmoid-shaped ramp-up). After each optimizer step::
 
-    decay_t = min(decay, 1 - 1 / (t + 1))
+    decay_t = min(decay, 1 - 1 / (t + 1))      (t = 1, 2, ...: the steps taken)
     teacher = decay_t * teacher + (1 - decay_t) * student
 
 for every parameter and every floating-point buffer (BatchNorm running statistics);
@@ -43,8 +43,12 @@ def sigmoid_rampup(iteration: int, length: int) -> float:
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
 
-def ema_decay(iteration: int, decay: float) -> float:
-    return min(decay, 1.0 - 1.0 / (iteration + 1))
+def ema_decay(steps: int, decay: float) -> float:
+    """``min(decay, 1 - 1/(t + 1))`` after the student's ``t``-th step (``t`` from 1, as in
+    Tarvainen & Valpola's code, which counts the step before it updates the teacher: the
+    first update keeps half of the source model; counting from 0 made it a copy of the
+    student, and the source weights were never in the teacher)."""
+    return min(decay, 1.0 - 1.0 / (steps + 1))
 
 
 @torch.no_grad()
@@ -102,7 +106,7 @@ class MeanTeacher(Method):
         return loss, terms
 
     def after_step(self, model, iteration):
-        ema_update(self.teacher, model, ema_decay(iteration, self.ctx.cfg.adapt.mean_teacher.decay))
+        ema_update(self.teacher, model, ema_decay(iteration + 1, self.ctx.cfg.adapt.mean_teacher.decay))
 
     def model_for_output(self, model):
         return self.teacher

@@ -351,3 +351,18 @@ def test_the_padding_of_scans_smaller_than_the_patch_is_never_a_pseudo_label(sou
         assert bool(inside.all()) and int(mask.sum()) == inside.numel()  # threshold 0: every own voxel, no padding
     text = (tmp_path / "a" / "adapt.log").read_text()
     assert "100.0% of target voxels admitted" in text, text
+
+
+def test_the_mean_teachers_first_update_keeps_half_of_the_source(source_run, target_dataset, tmp_path):
+    """Tarvainen & Valpola count the step before the teacher's update: after step 1 the
+    teacher is (source + student) / 2. Counting from 0 made it a copy of the student, and
+    the source weights were never in the teacher."""
+    run = _run(adapt_raw(source_run, target_dataset, tmp_path / "mt", "mean_teacher", iterations=1,
+                         checkpoint_interval=1))
+    checkpoint = load_checkpoint(run / "checkpoints" / "latest.pt")
+    source = load_checkpoint(source_run / "checkpoints" / "latest.pt")["model"]
+    teacher, student = checkpoint["model"], checkpoint["adaptation"]["student"]
+    moved = [k for k in source if source[k].is_floating_point() and not torch.equal(student[k], source[k])]
+    assert moved  # the student took a step
+    for key in moved:
+        torch.testing.assert_close(teacher[key], (source[key] + student[key]) / 2)

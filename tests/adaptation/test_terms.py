@@ -122,8 +122,7 @@ def test_ema_update_arithmetic_and_buffers():
 
 
 def test_ema_decay_and_sigmoid_rampup_schedules():
-    assert ema_decay(0, 0.99) == 0.0  # first step copies the student
-    assert ema_decay(1, 0.99) == 0.5
+    assert ema_decay(1, 0.99) == 0.5  # after the first step: half source, half student
     assert ema_decay(10_000, 0.99) == 0.99
     assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(5, 10) == pytest.approx(math.exp(-5 * 0.25))
