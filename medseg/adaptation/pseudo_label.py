@@ -86,7 +86,7 @@ def confidence_mask(
 
 def prior_matched_labels(
     probs: Sequence[torch.Tensor], prior: Sequence[float], threshold: float | None = None,
-    fraction: float | None = None,
+    fraction: float | None = None, classes: Sequence[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Pseudo-labels whose class proportions follow the class-ratio prior, and admitted masks.
 
@@ -97,8 +97,9 @@ def prior_matched_labels(
     al. (CBST, 2018) with the proportions given by the prior. Every other voxel is
     background when ``p_0 >= threshold`` and *ignored* otherwise (not labelled
     background: it is the uncertain margin). With ``fraction``, only the top ``fraction``
-    of each foreground class' voxels (by ``p_k``) are admitted; background is kept on the
-    threshold alone (its least confident voxels are the hard negatives).
+    of the voxels of each class in ``classes`` (by ``p_k``; default: every class) are
+    admitted: ``classes`` without 0 keeps background on the threshold alone (its least
+    confident voxels are the hard negatives).
     """
     k = probs[0].shape[0]
     labels = [torch.zeros(p.shape[1:], dtype=torch.int64) for p in probs]
@@ -118,8 +119,9 @@ def prior_matched_labels(
     else:
         masks = [(lab > 0) | (p[0] >= threshold) for lab, p in zip(labels, probs)]
     if fraction is not None and fraction < 1:
-        for cls in range(1, k):
-            values = torch.cat([p[cls][l == cls] for p, l in zip(probs, labels)])
+        for cls in (range(k) if classes is None else classes):
+            # background: among the admitted voxels labelled 0 (the others are ignored)
+            values = torch.cat([p[cls][(l == cls) & (m if cls == 0 else True)] for p, l, m in zip(probs, labels, masks)])
             if values.numel() == 0:
                 continue
             cut = float(np.quantile(values.double().numpy(), 1.0 - fraction, method="higher"))
@@ -235,7 +237,7 @@ class PseudoLabel(Method):
         full = [tuple(p.shape[1:]) for p in probs]
         probs = [_unpadded(p, scan) for p, scan in zip(probs, self.ctx.scans)]
         if self.prior is not None:
-            labels, masks = prior_matched_labels(probs, self.prior, pl.threshold, fraction)
+            labels, masks = prior_matched_labels(probs, self.prior, pl.threshold, fraction, classes)
         else:
             labels, masks = confidence_mask(probs, pl.threshold, fraction, classes)
         self.class_weights = None

@@ -366,3 +366,17 @@ def test_the_mean_teachers_first_update_keeps_half_of_the_source(source_run, tar
     assert moved  # the student took a step
     for key in moved:
         torch.testing.assert_close(teacher[key], (source[key] + student[key]) / 2)
+
+
+def test_curriculum_classes_all_reaches_the_prior_matched_labels(source_run, target_dataset, tmp_path):
+    """Under prior matching (the default) the curriculum took the foreground classes only,
+    whatever curriculum_classes said: 'all' gave the same labels and weights as 'foreground'."""
+    admitted = {}
+    for classes in ("foreground", "all"):
+        raw = adapt_raw(source_run, target_dataset, tmp_path / classes, "pseudo_label", iterations=1,
+                        pseudo_label={"rounds": 1, "curriculum": [0.5], "curriculum_classes": classes})
+        _run(raw)
+        line = next(l for l in (tmp_path / classes / "adapt.log").read_text().splitlines() if "admitted" in l)
+        admitted[classes] = float(line.split("round 1: ")[1].split("%")[0])
+    # background on the threshold alone, or its top half too
+    assert admitted["all"] < admitted["foreground"] - 10, admitted

@@ -149,8 +149,12 @@ def test_prior_matched_labels_by_hand():
     # background needs p_bg >= 0.9: 0.99, 0.95 | 0.9, 0.98, 0.97 (0.88 of the 0.12 voxel is ignored)
     assert [m.tolist() for m in masks] == [[True, True, True, True], [True, True, False, True]]
     # the curriculum on foreground keeps the top half of the prior-matched foreground
-    _, masks = prior_matched_labels(probs, [0.75, 0.25], threshold=None, fraction=0.5)
+    _, masks = prior_matched_labels(probs, [0.75, 0.25], threshold=None, fraction=0.5, classes=[1])
     assert [m.tolist() for m in masks] == [[True, False, True, True], [True, True, True, True]]
+    # on every class (curriculum_classes: all): the top half of the background too, by p_bg
+    # (0.99 0.95 | 0.90 0.98 0.88 0.97: 0.97 and above); it was the foreground-only result
+    _, masks = prior_matched_labels(probs, [0.75, 0.25], threshold=None, fraction=0.5)
+    assert [m.tolist() for m in masks] == [[True, False, True, False], [False, True, False, True]]
     # an over-confident argmax does not leak its size into the labels
     over = [torch.stack([1 - f, f]) for f in (torch.tensor([0.99, 0.98, 0.97, 0.6]),)]
     labels, _ = prior_matched_labels(over, [0.5, 0.5])
