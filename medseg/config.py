@@ -348,7 +348,7 @@ class OptimizerConfig(_Strict):
     # le: a learning rate float32 cannot hold (1e39) failed at the first step, after the run
     # folder was written, with a traceback; nothing trains above 1e6 either
     lr: float = Field(1e-3, gt=0, le=MAX_LR, description="initial learning rate")
-    weight_decay: float = Field(1e-5, ge=0, description="the optimizer's weight decay")
+    weight_decay: float = Field(1e-5, ge=0, le=1, description="the optimizer's weight decay (at most 1)")
     momentum: float = Field(0.99, ge=0, lt=1, description="SGD only (nesterov)")
 
 

@@ -177,6 +177,14 @@ def test_a_config_with_steps_where_no_term_is_on_is_refused(tmp_path):
     assert validate_config(raw).losses[1].schedule(100) == (1, 0)
 
 
+def test_an_overflowing_weight_decay_is_refused_before_the_run_folder(tmp_path):
+    """1e300 passed validation and failed in the optimizer's first step (a traceback), after
+    the run folder was written, which then refused the corrected rerun."""
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^--set train.optimizer.weight_decay=1e300: .*less than or equal to 1"):
+        load_config(path, ["train.optimizer.weight_decay=1e300"])
+
+
 def test_a_bad_set_is_named_as_the_set_not_as_the_file(tmp_path):
     path = _write(tmp_path, MINIMAL)
     with pytest.raises(ConfigError) as caught:

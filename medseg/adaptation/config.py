@@ -223,7 +223,7 @@ class AdaptSection(_Strict):
     patch_size: list[int] | None = Field(None, description="default: the source run's data.patch_size")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="torch.optim's Adam, AdamW or SGD")
     lr: float = Field(5e-4, gt=0, le=MAX_LR, description="Bateson et al. use Adam 5e-4 (2D); Tent 1e-3 Adam")
-    weight_decay: float = Field(0.0, ge=0, description="the optimizer's weight decay")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="the optimizer's weight decay (at most 1)")
     grad_clip: float | None = Field(12.0, gt=0, description="clip the gradient norm; None disables")
     flip_prob: float = Field(0.5, ge=0, le=1, description="random flips of target patches (per axis)")
     intensity_prob: float = Field(0.5, ge=0, le=1, description="random intensity scale/shift/gamma of target patches")

@@ -380,3 +380,9 @@ def test_curriculum_classes_all_reaches_the_prior_matched_labels(source_run, tar
         admitted[classes] = float(line.split("round 1: ")[1].split("%")[0])
     # background on the threshold alone, or its top half too
     assert admitted["all"] < admitted["foreground"] - 10, admitted
+
+
+def test_an_overflowing_adapt_weight_decay_is_refused_before_the_run_folder(source_run, target_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="adapt.weight_decay"):
+        _run(adapt_raw(source_run, target_dataset, tmp_path / "a", "tent", weight_decay=1e300))
+    assert not (tmp_path / "a").exists()
