@@ -273,14 +273,18 @@ def _run(
     patch = list(cfg.adapt.patch_size or source.config.data.patch_size)
     if len(patch) != dims:
         raise ConfigError(f"adapt.patch_size: {patch} has {len(patch)} values, the source model is {dims}D")
-    if cfg.adapt.patch_size is not None:  # a size the network cannot take failed at the first step
-        from medseg.models import check_forward
+    # a patch size the network cannot take, or one patch a step where it has BatchNorm,
+    # failed at the first step, after the run folder was written
+    from medseg.models import check_forward
 
-        try:
-            check_forward(ModelConfig.model_validate(source.payload["config"]["model"]), dims,
-                          predictor.info.num_channels, predictor.num_classes, patch)
-        except ConfigError as err:
-            raise ConfigError(f"adapt.patch_size: {patch}: {err}") from None
+    try:
+        check_forward(ModelConfig.model_validate(source.payload["config"]["model"]), dims,
+                      predictor.info.num_channels, predictor.num_classes, patch, cfg.adapt.batch_size,
+                      "adapt.batch_size")
+    except ConfigError as err:
+        if str(err).startswith("adapt.batch_size") or cfg.adapt.patch_size is None:
+            raise
+        raise ConfigError(f"adapt.patch_size: {patch}: {err}") from None
     scans = load_target(Path(cfg.target.dataset), cfg.target.subset, predictor, patch)
     references = None
     if cfg.target.eval_labels is not None:

@@ -273,19 +273,24 @@ def build_on_meta(
 
 
 def check_forward(
-    model_cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int, patch_size: list[int]
+    model_cfg: ModelConfig, spatial_dims: int, in_channels: int, out_channels: int, patch_size: list[int],
+    batch_size: int = 2, batch_key: str = "train.batch_size",
 ) -> None:
-    """Run the network once on a batch of two ``patch_size`` patches on the ``meta`` device.
+    """Run the network once on a batch of two ``patch_size`` patches on the ``meta`` device
+    (in training mode), and once more on ``batch_size`` patches when that is 1.
 
     MONAI builds some networks it cannot run (UNet with ragged ``strides``, SwinUNETR
     with fewer ``depths`` than ``num_heads``): without this, such a config failed with a
-    traceback from the first training step, after the run folder was written.
+    traceback from the first training step, after the run folder was written. A batch of
+    one patch fails in training mode where a BatchNorm layer sees a single value per
+    channel (a 1-voxel bottleneck): that is blamed on ``batch_key``.
 
     Raises
     ------
     ConfigError
         ``model.params: MONAI UNet cannot run on a batch of shape [2, C, *patch] (...)``,
-        or a network whose output is not ``out_channels`` maps of the patch.
+        a network whose output is not ``out_channels`` maps of the patch, or
+        ``BATCH_KEY: 1 patch a step ...``.
     """
     batch = (2, in_channels, *patch_size)
     # a network built for real (SwinUNETR) draws its weights: the run's random stream stays as it was
@@ -307,6 +312,17 @@ def check_forward(
             f"model.params: MONAI {_CLASSES[model_cfg.name].__name__} maps a batch of shape {list(batch)} to "
             f"{list(out.shape)}, not to {out_channels} classes on the patch {list(patch_size)}"
         )
+    if batch_size == 1:
+        try:
+            with torch.no_grad():
+                net(torch.zeros((1, *batch[1:]), device="meta"))
+        except Exception as err:  # noqa: BLE001 - batch 2 ran: the single sample is the cause
+            message = str(err).strip().split("\n")[0]
+            raise ConfigError(
+                f"{batch_key}: 1 patch a step is too few for this network in training ({type(err).__name__}: "
+                f"{message}): a BatchNorm layer would see one value per channel; use 2 or more, a larger patch, "
+                "or instance norm"
+            ) from None
 
 
 def _blamed_key(cls, spatial_dims: int, in_channels: int, out_channels: int, params: dict[str, Any],

@@ -456,7 +456,8 @@ def _check_parts(cfg: RunConfig, info, where: str) -> None:
         root = Path(cfg.data.dataset)
         split_cases(list_cases(root, info), cfg.data.val_fraction, cfg.seed, cfg.data.split_file, root=root)
         build_loss(cfg.losses, info.num_classes, cfg.spatial_dims).check_backends()
-        check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
+        check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size),
+                      cfg.train.batch_size)
     except MedsegError as err:
         raise ConfigError(f"{where}: {err}") from None
 

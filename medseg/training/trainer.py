@@ -202,7 +202,8 @@ def _build_parts(cfg: RunConfig, checkpoint: dict[str, Any] | None) -> _Parts:
     info = read_dataset_json(cfg.data.dataset)
     seed_all(cfg.seed)
     model = build_model(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
-    check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size))
+    check_forward(cfg.model, cfg.spatial_dims, info.num_channels, info.num_classes, list(cfg.data.patch_size),
+                  local_batch_size(cfg.train.batch_size, distributed.world_size()))
     loss_fn = build_loss(cfg.losses, info.num_classes, cfg.spatial_dims)
     loss_fn.check_backends()
     data = prepare_data(cfg, preprocessing=checkpoint["preprocessing"] if checkpoint else None,

@@ -129,6 +129,21 @@ def test_networks_that_cannot_run_on_the_patch_are_refused_in_one_line(name, par
         check_forward(ModelConfig(name=name, params=params), dims, 1, 2, patch)
 
 
+def test_one_patch_a_step_through_a_batchnorm_bottleneck_is_blamed_on_the_batch_size():
+    """Batch size 1 (Tent's natural setting) failed at the first step with torch's
+    traceback, after the run folder was written."""
+    from medseg.models import check_forward
+
+    bn = ModelConfig(name="unet", params={"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
+                                          "norm": "BATCH"})
+    check_forward(bn, 3, 1, 2, [4, 4, 4], batch_size=2)
+    with pytest.raises(ConfigError, match=r"^adapt\.batch_size: 1 patch a step is too few .*BatchNorm"):
+        check_forward(bn, 3, 1, 2, [4, 4, 4], batch_size=1, batch_key="adapt.batch_size")
+    check_forward(bn, 3, 1, 2, [16, 16, 16], batch_size=1)  # a larger bottleneck has values enough
+    instance = ModelConfig(name="unet", params={"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0})
+    check_forward(instance, 3, 1, 2, [8, 8, 8], batch_size=1)
+
+
 def test_check_forward_accepts_every_default_network_and_leaves_the_random_stream_alone():
     from medseg.models import check_forward
 

@@ -239,6 +239,15 @@ def test_a_loss_backend_that_cannot_run_here_fails_before_any_output(synthetic_d
     assert not (tmp_path / "run").exists()
 
 
+def test_one_patch_a_step_through_a_batchnorm_bottleneck_fails_before_any_output(synthetic_dataset_3d, tmp_path):
+    raw = _raw(synthetic_dataset_3d, tmp_path / "run", iterations=2, patch=(4, 4, 4), batch_size=1)
+    raw["model"] = {"name": "unet", "params": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
+                                               "norm": "BATCH"}}
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 1 patch a step is too few"):
+        run_training(validate_config(raw))
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_model_params_fail_before_any_output(synthetic_dataset_3d, tmp_path):
     raw = _raw(synthetic_dataset_3d, tmp_path / "run", iterations=2)
     raw["model"] = {"name": "unet", "params": {"chanels": [4, 8]}}
