@@ -226,7 +226,7 @@ class AdaptSection(_Strict):
     weight_decay: float = Field(0.0, ge=0, le=1, description="the optimizer's weight decay (at most 1)")
     grad_clip: float | None = Field(12.0, gt=0, description="clip the gradient norm; None disables")
     flip_prob: float = Field(0.5, ge=0, le=1, description="random flips of target patches (per axis)")
-    intensity_prob: float = Field(0.5, ge=0, le=1, description="random intensity scale/shift/gamma of target patches")
+    intensity_prob: float = Field(0.5, ge=0, le=1, description="random intensity change a * x + b (a in [0.8, 1.2], b in [-0.2, 0.2]) plus Gaussian noise (std 0.05) of target patches")
     checkpoint_interval: int = Field(50, gt=0, le=MAX_COUNT, description="write checkpoint 'latest' every N steps")
     log_interval: int = Field(10, gt=0, le=MAX_COUNT, description="append the mean loss to metrics.csv every N steps")
     pseudo_label: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
