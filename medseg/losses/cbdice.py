@@ -145,29 +145,26 @@ class CenterlineBoundaryDiceLoss(nn.Module):
     averaged over classes, then reduced over the batch. Each skeleton point of one mask is
     scored by how deep inside the other mask it lies (``D̃``) relative to the vessel's radius
     (``ρ``, the other mask's radius where the skeletons meet): a prediction shifted off the
-    centreline or of the wrong width loses, which plain clDice does not see. With
-    ``P = L``, ``p = 1`` and skeletons that coincide, ``Tprec = Tsens = 1``; but the
-    prediction's soft skeleton and the label's thinning differ in general (more in 3D),
-    and off the label's skeleton the denominator holds ``p`` twice (``Q_S^P·Q_R^P``)
-    while ``D̃`` of one mask is compared with ``R̃`` of the other, so Tprec and Tsens can
-    exceed 1, ``L`` can be negative (two 3D bars predicted with ``p = 0.8`` on the label
-    and 0 elsewhere score -0.09, where ``p`` = label scores 0), and ``p = L`` is not its
-    minimum: lowering ``p`` on the foreground raises Tprec (``p`` in
-    its numerator, ``p²`` in its denominator). The official code does the same; a
-    volumetric term, which holds ``p`` at the label, must come with it.
+    centreline or of the wrong width loses, which plain clDice does not see. Both
+    skeletons come from one algorithm (the soft skeleton of a binary mask, as in the
+    official code), so a correct mask (``P = L``) has ``S_P = S_L`` and
+    ``Tprec = Tsens = 1`` whatever ``p``: the term is 0 and flat there, and a volumetric
+    term must hold ``p`` at the label. (With the label's skeleton from topology-preserving
+    thinning, as medseg had it until 2026-12-06, the two skeletons differed at a correct
+    mask: two 3D bars at ``p = 0.8`` scored -0.09, and the gradient lowered ``p`` on a
+    third of a correct label.)
 
     Only ``p`` carries gradient: masks, skeletons and distances of the prediction are of
     the binarised prediction, so voxels predicted as background (``p <= 0.5``) get no
     gradient from this term. Combine it with a volumetric loss, as the authors do
     (CE·3 + Dice·1 + cbDice·2): ``losses: [{name: dice_ce}, {name: cbdice, weight: 1.0}]``.
 
-    Skeletons: the label's is :func:`medseg.topology.skeletonize` (topology-preserving
-    thinning), read from the batch key ``'skeleton_distance'`` when the data pipeline
-    computed it (:class:`medseg.data.topology_targets.SkeletonDistanced`, after spatial
-    augmentation: the fast path), else computed here on the CPU (a one-hot target is read
-    as the label map of its argmax). The prediction's is
-    :func:`medseg.losses.cldice.soft_skeleton` of the binarised prediction, computed on the
-    device without gradient, as in the authors' code; its distance map is computed on the
+    Skeletons: :func:`medseg.losses.cldice.soft_skeleton` of the binary label and of the
+    binarised prediction, in one call on the device without gradient, as in the authors'
+    code. Distances: the label's is read from the batch key ``'skeleton_distance'`` when
+    the data pipeline computed it (:class:`medseg.data.topology_targets.SkeletonDistanced`,
+    after spatial augmentation: the fast path), else computed here on the CPU (a one-hot
+    target is read as the label map of its argmax); the prediction's is computed on the
     CPU every step.
 
     Differences from the official code (github.com/PengchengShi1220/cbDice, ``loss/cbdice_loss.py``):
@@ -179,9 +176,8 @@ class CenterlineBoundaryDiceLoss(nn.Module):
     - ``r_min`` is the smallest radius on the skeleton; the official takes the minimum over
       the whole patch, zeros off the skeleton included, so that it is always 1 there. The
       two agree when the thinnest vessel has radius 1;
-    - the label skeleton is topology-preserving thinning; the official default is the soft
-      (morphological) skeleton of the label, with topology-preserving skeletonisation
-      (Menten et al., ICCV 2023) as its option;
+    - the official code offers topology-preserving skeletonisation (Menten et al., ICCV
+      2023) as an option besides its default soft skeleton; medseg has the default only;
     - a mask filling the whole patch has distance 1 everywhere (the official leaves it to
       the distance transform, which is undefined without a background voxel);
     - every denominator has the floor ``ε`` (:data:`medseg.losses._prepare.EPS`).
@@ -245,14 +241,16 @@ class CenterlineBoundaryDiceLoss(nn.Module):
         activation = resolve_activation(n, self.sigmoid, self.softmax)
         probs = activate(input, activation)
         label = (target_as_channels(target, n, self.to_onehot_y) > 0.5).to(probs.dtype)
-        skel_l, dist_l = label_skeleton_and_distance(
+        _, dist_l = label_skeleton_and_distance(
             target, label, skeleton_distance, self.include_background, "CenterlineBoundaryDiceLoss"
         )
         pred = hard_prediction(probs.detach(), activation)
         if not self.include_background and n > 1:
-            probs, label, pred, skel_l, dist_l = (t[:, 1:] for t in (probs, label, pred, skel_l, dist_l))
+            probs, label, pred, dist_l = (t[:, 1:] for t in (probs, label, pred, dist_l))
         with torch.no_grad():
-            skel_p = (soft_skeleton(pred, self.iterations) > 0.5).to(probs.dtype)
+            # one algorithm for both skeletons, so that a correct mask has the label's
+            both = (soft_skeleton(torch.cat([pred, label]), self.iterations) > 0.5).to(probs.dtype)
+            skel_p, skel_l = both[: pred.shape[0]], both[pred.shape[0]:]
             dist_p = inner_distances(pred)
         dn_l, rn_l, w_l = radius_weights(skel_l, dist_l)
         dn_p, rn_p, w_p = radius_weights(skel_p, dist_p)

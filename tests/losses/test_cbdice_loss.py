@@ -77,12 +77,15 @@ def _vessels(shape, seed=0):
 
 
 def test_hand_computed_band_over_the_label_skeleton():
-    # label: a 3-row bar across a 5x7 image (rows 1-3); its skeleton is given as row 2,
-    # cols 1-5. D_L = 2 on row 2 and 1 on rows 1 and 3, r_max = r_min = 2, W_L = 1.
+    # label: a 3-row bar across a 5x7 image (rows 1-3); its soft skeleton is row 2 (the
+    # image border is never eroded). D_L = 2 on row 2 and 1 on rows 1 and 3,
+    # r_max = r_min = 2, W_L = 1. The distances come from the batch key.
     label = torch.zeros(1, 1, 5, 7, dtype=torch.long)
     label[..., 1:4, :] = 1
+    label_skeleton = np.zeros((5, 7), bool)
+    label_skeleton[2] = True
+    assert np.array_equal(_morphological_skeleton(label[0, 0].numpy() > 0, 10), label_skeleton)
     sd = torch.zeros(1, 2, 5, 7)
-    sd[0, 0, 2, 1:6] = 1
     sd[0, 1, 1:4] = torch.tensor([1.0, 2.0, 1.0])[:, None]
     # prediction: rows 1-2 with p = q. Its soft skeleton is the whole 2-row band (nothing
     # survives one erosion), D_P = 1, so D~_P = R~_P = W_P = 1 there.
@@ -91,16 +94,16 @@ def test_hand_computed_band_over_the_label_skeleton():
     probs[..., 1:3, :] = q
     loss = CenterlineBoundaryDiceLoss(sigmoid=False, smooth_nr=0, smooth_dr=0)
     # Tprec = Σ_{S_P} p·D~_L / Σ_{S_P} p·ρ: numerator 7q·0.5 + 7q·1; ρ = R~_L = 1 on the
-    # 5 skeleton voxels of row 2, R~_P·p = q on the other 9: denominator 5q + 9q²
-    tprec = 10.5 * q / (5 * q + 9 * q * q)
-    # Tsens = Σ_{S_L} D~_P·p / Σ_{S_L} R~_P·p = 5q / 5q
+    # 7 skeleton voxels of row 2, R~_P·p = q on the 7 of row 1: denominator 7q + 7q²
+    tprec = 10.5 * q / (7 * q + 7 * q * q)
+    # Tsens = Σ_{S_L} D~_P·p / Σ_{S_L} R~_P·p = 7q / 7q
     tsens = 1.0
     expected = 1 - 2 * tprec * tsens / (tprec + tsens)
     assert float(loss(probs, label, skeleton_distance=sd)) == pytest.approx(expected, rel=1e-5)
     reference = cbdice_reference(
         probs[0, 0].double().numpy(),
         label[0, 0].numpy() > 0,
-        sd[0, 0].numpy() > 0,
+        label_skeleton,
         probs[0, 0].numpy() > 0.5,
         _morphological_skeleton(probs[0, 0].numpy() > 0.5, 10),
     )
@@ -177,7 +180,8 @@ def _reference_loss(logits, label, channels, include_background=False, iteration
             p = probs[b, ch]
             per_class.append(
                 cbdice_reference(
-                    p, mask, skeletonize(mask), pred, _morphological_skeleton(pred, iterations), smooth, smooth
+                    p, mask, _morphological_skeleton(mask, iterations), pred, _morphological_skeleton(pred, iterations),
+                    smooth, smooth,
                 )
             )
         values.append(np.mean(per_class))
@@ -454,11 +458,17 @@ def test_inner_distances_over_threads_equal_one_at_a_time():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_an_underconfident_perfect_shape_scores_below_zero_as_the_docstring_says():
-    """Tprec and Tsens can exceed 1: two 3D bars at p = 0.8 score -0.09, p = label 0."""
+def test_a_correct_mask_scores_zero_and_gets_no_gradient_whatever_its_confidence():
+    """Both skeletons come from one algorithm, as in the official code. With the label's
+    from thinning, two 3D bars at p = 0.8 scored -0.09 and the gradient lowered p on a
+    third of the label."""
     label = torch.zeros(1, 1, 24, 24, 24, dtype=torch.long)
     label[0, 0, 4:20, 3:7, 3:7] = 1
     label[0, 0, 4:20, 13:18, 12:16] = 1
     loss = CenterlineBoundaryDiceLoss(sigmoid=False)
-    assert float(loss(label.float(), label)) == pytest.approx(0.0, abs=1e-6)
-    assert float(loss(label.float() * 0.8, label)) == pytest.approx(-0.09, abs=0.005)
+    for confidence in (1.0, 0.88, 0.8, 0.6):
+        probs = (label.float() * confidence).requires_grad_(True)
+        value = loss(probs, label)
+        value.backward()
+        assert float(value.detach()) == pytest.approx(0.0, abs=1e-6), confidence
+        assert float(probs.grad.abs().max()) < 1e-6, confidence
