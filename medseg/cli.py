@@ -115,7 +115,7 @@ def plan(
     gpu_memory_gb: float = typer.Option(8.0, "--gpu-memory-gb", help="memory of the training GPU in GiB (nnU-Net's default: 8)"),
     model: str = typer.Option("dynunet", "--model", help="dynunet, unet, unetr or swinunetr"),
     topology_loss: str = typer.Option("none", "--topology-loss", help="loss added to dice_ce: cldice, skeleton_recall, betti_matching, mip, sauna, ... or none "
-                                       "(betti_matching plans DynUNet without deep supervision)"),
+                                       "(betti_matching plans DynUNet without deep supervision; sauna replaces dice_ce, as its paper trains it)"),
     workers: int = typer.Option(2, "--workers", help="processes for the fingerprint"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="run folder written into the config (default: runs/NAME_MODEL)"),
 ) -> None:

@@ -86,11 +86,15 @@ TOPOLOGY_LOSSES: dict[str, tuple[float, dict[str, Any], str]] = {
                        "so deep supervision is off"),
     "mip": (0.43, {"segmentation_weight": 0.0, "mip_weight": 1.0},
             "the paper's 0.7 segmentation + 0.3 MIP, i.e. 0.43 x MIP next to dice_ce 1.0 (Radhakrishna et al. 2024)"),
-    "sauna": (1.0, {}, "SAUNA's focal-L1 + Jaccard at the paper's weights (Dang et al. 2025)"),
+    "sauna": (1.0, {}, "SAUNA alone, as the paper trains it (Dang et al. 2025): a regression of soft targets with its "
+              "own tanh output (focal-L1 + Jaccard at the paper's weights); Dice+CE next to it would pull the "
+              "logits apart where SAUNA regresses them into (-1, 1)"),
     "cbdice": (1.0, {}, "Dice+CE + 1.0 x cbDice, as medseg.losses.cbdice recommends (the authors: CE 3, Dice 1, cbDice 2)"),
     "clce": (1.0, {}, "Dice+CE + 1.0 x clCE, as medseg.losses.clce recommends (the authors: CE + clCE)"),
 }
 _BASE_LOSSES = ("dice", "dice_ce")
+#: Losses planned alone, without dice_ce (their papers train them so).
+STANDALONE_LOSSES = ("sauna",)
 
 
 class PlanWarning(DatasetWarning):
@@ -389,6 +393,8 @@ def plan_losses(topology_loss: str | None, thickness: dict[str, Any]) -> tuple[l
     if topology_loss == "cldice":
         p90 = max((t["radius_voxels"]["p90"] for t in thickness.values()), default=3.0)
         term["iterations"] = int(min(max(math.ceil(p90), 1), MAX_CLDICE_ITERATIONS))
+    if topology_loss in STANDALONE_LOSSES:
+        return [term], [why]
     losses.append(term)
     reasons.append(why)
     return losses, reasons

@@ -217,6 +217,21 @@ def test_bad_options(iso_dataset):
             plan_experiment(fingerprint, gpu_memory_gb=bad)
 
 
+def test_sauna_is_planned_alone_as_its_paper_trains_it():
+    """It was planned beside dice_ce "at the paper's weights"; the paper trains the
+    regression alone, with its own tanh output (dice_ce beside it made the head sigmoid)."""
+    from medseg.config import validate_config
+    from medseg.losses import build_loss
+    from medseg.planning.planner import plan_losses
+
+    losses, reasons = plan_losses("sauna", {})
+    assert [t["name"] for t in losses] == ["sauna"] and "alone" in reasons[0]
+    config = validate_config({"data": {"dataset": "d"}, "train": {"iterations": 1}, "output_dir": "o",
+                              "losses": losses})
+    assert build_loss(config.losses, 2).output_activation == "tanh"
+    assert [t["name"] for t in plan_losses("cldice", {})[0]] == ["dice_ce", "cldice"]
+
+
 def test_extreme_cases_are_named_and_kept(extreme_dataset):
     fingerprint, _ = compute_fingerprint(extreme_dataset, workers=1, progress=False)
     with warnings.catch_warnings(record=True) as caught:
