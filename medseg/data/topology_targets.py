@@ -205,10 +205,13 @@ def _output_keys(keys: tuple, output_keys: KeysCollection) -> tuple:
 # --------------------------------------------------------------------------- SAUNA
 
 
-def _odd_window(extent: float, spacing: Sequence[float]) -> tuple[int, ...]:
+def _odd_window(thickness: float, ratio: float, spacing: Sequence[float]) -> tuple[int, ...]:
+    """Max-pool window per axis: ``ceil(M / spacing)`` voxels times ``ratio``, made odd, as
+    the authors' ``do_max_pooling`` rounds (``int(ceil(M) * kernel_ratio)``; rounding
+    ``ratio * M`` instead gave 13 where theirs gives 15 at M = 6.08)."""
     sizes = []
     for sp in spacing:
-        k = max(1, int(np.ceil(extent / sp - 1e-9)))
+        k = max(1, int(int(np.ceil(thickness / sp - 1e-9)) * ratio))
         sizes.append(k + 1 if k % 2 == 0 else k)
     return tuple(sizes)
 
@@ -244,7 +247,7 @@ def sauna_target(
     voxel, ``D_out`` that of a background voxel to the nearest foreground voxel (physical
     units, ``scipy.ndimage.distance_transform_edt``), ``M = max D_in`` over the patch, and
     the *local thickness* ``T_w(x) = max of D_in over the box window of side w·M centred at x``
-    (a max-pool; ``ceil(w·M / spacing)`` voxels per axis, made odd):
+    (a max-pool; ``ceil(M / spacing)·w`` voxels per axis, made odd, as the authors round):
 
     - inside:  ``g(x) = 1 - (T_in(x) - D_in(x)) / M``            in (0, 1]
     - outside: ``g(x) = max(-1, -1 + (T_out(x) - D_out(x)) / M)``  in [-1, 0)
@@ -285,8 +288,8 @@ def sauna_target(
     d_in = ndimage.distance_transform_edt(mask, sampling=spacing)
     d_out = ndimage.distance_transform_edt(~mask, sampling=spacing)
     m = float(d_in.max())
-    t_in = ndimage.maximum_filter(d_in, size=_odd_window(inside_window * m, spacing), mode="constant", cval=0.0)
-    t_out = ndimage.maximum_filter(d_in, size=_odd_window(outside_window * m, spacing), mode="constant", cval=0.0)
+    t_in = ndimage.maximum_filter(d_in, size=_odd_window(m, inside_window, spacing), mode="constant", cval=0.0)
+    t_out = ndimage.maximum_filter(d_in, size=_odd_window(m, outside_window, spacing), mode="constant", cval=0.0)
     inside = 1.0 - (t_in - d_in) / m
     outside = np.maximum(-1.0, -1.0 + (t_out - d_out) / m)
     return np.where(mask, inside, outside).astype(np.float32)
