@@ -312,3 +312,23 @@ def test_a_study_run_folder_stands_for_its_evaluation(two_runs, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err == (f"medseg: error: {study_run}: several evaluations in it (evaluation/in_distribution, "
                    f"evaluation/validation); pass the one to compare, e.g. {study_run / 'evaluation' / 'in_distribution'}")
+
+
+def test_a_run_with_both_masks_empty_counts_as_agreeing_where_the_other_run_has_a_value(tmp_path):
+    """Run B invents a rare label in 3 of 4 cases whose reference has none: A's Dice and HD95
+    are undefined there (both masks empty), and the pairs were dropped, so Dice compared as
+    '=' on the one remaining case while B's own mean was 0.25."""
+    nan = float("nan")
+    empty = {"Dice": nan, "HD95": nan, "betti_error": 0.0, "n_ref": 0, "n_pred": 0}
+    invented = {"Dice": 0.0, "HD95": 41.6, "betti_error": 1.0, "n_ref": 0, "n_pred": 30}
+    present = {"Dice": 1.0, "HD95": 0.0, "betti_error": 0.0, "n_ref": 50, "n_pred": 50}
+    a = {"c0": present, "c1": empty, "c2": empty, "c3": empty}
+    b = {"c0": present, "c1": invented, "c2": invented, "c3": invented}
+    run_a = _summary(tmp_path / "a" / "summary.json", a).parent
+    run_b = _summary(tmp_path / "b" / "summary.json", b).parent
+    rows = compare_evaluations(load_evaluation(run_a), load_evaluation(run_b))["metrics"]["1"]
+    assert rows["Dice"]["n"] == 4 and rows["Dice"]["mean_a"] == 1.0 and rows["Dice"]["mean_b"] == 0.25
+    assert rows["Dice"]["better"] == "A" and rows["HD95"]["better"] == "A" and rows["HD95"]["n"] == 4
+    # both runs with both masks empty on a case: no information, still left out
+    both = compare_evaluations(load_evaluation(run_a), load_evaluation(run_a))["metrics"]["1"]
+    assert both["Dice"]["n"] == 1 and both["Dice"]["undefined"] == 3
