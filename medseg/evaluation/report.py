@@ -149,17 +149,46 @@ def describe_features(counts: Sequence[int]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def legend_lines(features: UnmatchedFeatures) -> list[str]:
-    """The legend of a worst-case picture: what each side has that the other does not match."""
+def legend_lines(features: UnmatchedFeatures, note: str | None = None) -> list[str]:
+    """The legend of a worst-case picture: what each side has that the other does not match,
+    and ``note`` (:func:`presence_note`) where the counts cannot tell."""
     def line(side: str, counts: list[int], other: str) -> str:
         if not any(counts):
             return f"{side}: every feature matched in the {other}"
         return f"{side}: {describe_features(counts)} not matched in the {other}"
 
-    return [
+    lines = [
         line("reference", features.reference_counts, "prediction"),
         line("prediction", features.prediction_counts, "reference"),
     ]
+    return lines + ([note] if note else [])
+
+
+def presence_note(pred_mask: np.ndarray, ref_mask: np.ndarray) -> str | None:
+    """What the unmatched features cannot show, or None.
+
+    The Betti matching error leaves out each non-empty mask's eldest component (the one
+    that never dies, matched with the other mask's wherever it is), so a structure missed or
+    invented whole, or predicted in another place, shows no unmatched feature: the legends
+    said "every feature matched" of a prediction that missed the reference's only vessel.
+
+    Examples
+    --------
+    >>> ref = np.zeros((4, 6), bool); ref[1, :3] = True
+    >>> presence_note(np.zeros_like(ref), ref)
+    "the prediction is empty: it misses the reference's structure whole (the Betti matching error leaves out each mask's eldest component)"
+    >>> presence_note(np.roll(ref, 3, axis=1), ref)
+    "the masks do not overlap: Betti matching pairs each mask's eldest component with the other's wherever it is"
+    """
+    pred_any, ref_any = bool(np.any(pred_mask)), bool(np.any(ref_mask))
+    why = "the Betti matching error leaves out each mask's eldest component"
+    if ref_any and not pred_any:
+        return f"the prediction is empty: it misses the reference's structure whole ({why})"
+    if pred_any and not ref_any:
+        return f"the reference is empty: the prediction is extra whole ({why})"
+    if pred_any and not np.any(np.logical_and(pred_mask, ref_mask)):
+        return "the masks do not overlap: Betti matching pairs each mask's eldest component with the other's wherever it is"
+    return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -315,21 +344,23 @@ def _case_table(summary: dict, labels: dict[str, str]) -> str:
     )
 
 
-def _worst(summary: dict, count: int) -> tuple[str | None, list[tuple[float, str, str, dict]]]:
+def _worst(summary: dict, count: int) -> tuple[list[str], list[tuple[tuple[float, ...], str, str, dict]]]:
+    """The topology metrics computed (``betti_matching_error`` and/or ``betti_error``), and
+    the ``count`` (case, label) pairs with the largest values of them, in that order: a
+    structure missed or invented whole has Betti matching error 0 (each mask's eldest
+    component is left out of it) but a Betti number error, and was never pictured."""
     entries = [e for e in _entries(summary) if "metrics" in e]
-    for metric in ("betti_matching_error", "betti_error"):
-        if any(metric in m for e in entries for m in e["metrics"].values()):
-            break
-    else:
-        return None, []
+    metrics_used = [m for m in ("betti_matching_error", "betti_error")
+                    if any(m in v for e in entries for v in e["metrics"].values())]
     ranked = []
     for entry in entries:
         for label, metrics in entry["metrics"].items():
-            value = metrics.get(metric)
-            if is_number(value) and math.isfinite(value) and value > 0:
-                ranked.append((float(value), _case_name(entry), label, entry))
-    ranked.sort(key=lambda t: (-t[0], t[1], t[2]))
-    return metric, ranked[: max(count, 0)]
+            values = tuple(float(v) if is_number(v) and math.isfinite(v) else 0.0
+                           for v in (metrics.get(m) for m in metrics_used))
+            if any(v > 0 for v in values):
+                ranked.append((values, _case_name(entry), label, entry))
+    ranked.sort(key=lambda t: (tuple(-v for v in t[0]), t[1], t[2]))
+    return metrics_used, ranked[: max(count, 0)]
 
 
 def _union_box(masks: Sequence[np.ndarray], margin: int) -> tuple[slice, ...]:
@@ -436,7 +467,7 @@ def _picture(entry: dict, label: str, label_name: str, summary: dict, images_dir
     p, r = pred_mask[view.box], ref_mask[view.box]
     try:
         features = unmatched_features(p, r, connectivity)
-        legend = legend_lines(features)
+        legend = legend_lines(features, presence_note(p, r))
         ref_marks = view.marks(features.reference_births, features.reference_deaths)
         pred_marks = view.marks(features.prediction_births, features.prediction_deaths)
     except ImportError:
@@ -485,8 +516,9 @@ def comparison_picture(entry_a: dict, entry_b: dict, label: str, label_name: str
         try:
             features = unmatched_features(p, r, connectivity)
             missing, extra = features.reference_counts, features.prediction_counts
+            note = presence_note(p, r)
             legend.append(f"{run}: misses {describe_features(missing) if any(missing) else 'nothing'} of the reference, "
-                          f"adds {describe_features(extra) if any(extra) else 'nothing'}")
+                          f"adds {describe_features(extra) if any(extra) else 'nothing'}" + (f"; {note}" if note else ""))
             marks = [(view.marks(features.reference_births, features.reference_deaths), REFERENCE_COLOUR, "missing"),
                      (view.marks(features.prediction_births, features.prediction_deaths), PREDICTION_COLOUR, "extra")]
         except ImportError:
@@ -501,28 +533,33 @@ def comparison_picture(entry_a: dict, entry_b: dict, label: str, label_name: str
 
 def _worst_section(summary: dict, labels: dict[str, str], images_dir: Path | None, ending: str | None,
                    connectivity: int | None, count: int) -> str:
-    metric, worst = _worst(summary, count)
+    used, worst = _worst(summary, count)
     html = "<h2>Worst cases</h2>"
     if not any("metrics" in e for e in _entries(summary)):
         return html + "<p class=\"meta\">No case was evaluated.</p>"
-    if metric is None:
+    if not used:
         return html + "<p class=\"meta\">No topology metric was computed (see --metrics), so no case is pictured.</p>"
+    named = " and ".join(used)
     if not worst:
-        return html + f"<p class=\"meta\">Every case has {_page.esc(metric)} 0: nothing to picture.</p>"
+        return html + f"<p class=\"meta\">Every case has {_page.esc(named)} 0: nothing to picture.</p>"
+    metric = used[0]
+    order = f"{used[0]}, then {used[1]}" if len(used) > 1 else metric
     html += (
-        f"<p class=\"meta\">The {len(worst)} (case, label) pairs with the largest {_page.esc(metric)}. Red: reference features "
+        f"<p class=\"meta\">The {len(worst)} (case, label) pairs with the largest {_page.esc(order)}. Red: reference features "
         f"the prediction does not match (missing); blue: prediction features the reference does not match (extra). "
         f"{MARKERS_EXPLAINED}</p>"
     )
-    for value, case, label, entry in worst:
+    for values, case, label, entry in worst:
         name = labels.get(label, f"label {label}")
         png, legend, note = _picture(entry, label, name, summary, images_dir, ending, connectivity)
         metrics = entry["metrics"][label]
         stem = metric[: -len("_error")]
         per_dim = [metrics[f"{stem}_{d}_error"] for d in range(3) if f"{stem}_{d}_error" in metrics]
-        head = f"{case} \u00b7 {name} \u00b7 {metric} {_page.fmt(value)}"
+        head = f"{case} \u00b7 {name} \u00b7 {metric} {_page.fmt(values[0])}"
         if per_dim:
             head += " (" + ", ".join(f"dim {d}: {_page.fmt(v)}" for d, v in enumerate(per_dim)) + ")"
+        if len(used) > 1:
+            head += f" \u00b7 {used[1]} {_page.fmt(values[1])}"
         html += picture_figure(png, f"{case} {name}: reference and prediction", case, label, head, legend, note)
     return html
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from medseg.data.io import ImageGeometry, write_image
 from medseg.evaluation.evaluate import run_evaluation
-from medseg.evaluation.report import describe_features, legend_lines, unmatched_features, write_report
+from medseg.evaluation.report import describe_features, legend_lines, presence_note, unmatched_features, write_report
 
 
 class _Tables(HTMLParser):
@@ -128,6 +128,29 @@ def test_report_rows_pictures_and_legend(tmp_path):
     ring = next(c for c in summary["metric_per_case"] if c["case"] == "ring")["metrics"]["1"]
     assert (ring["betti_matching_0_error"], ring["betti_matching_1_error"]) == (2, 1)
     assert summary["statistics"]["1"]["Dice"]["n"] == 3
+
+
+def test_a_structure_missed_or_predicted_elsewhere_whole_is_pictured_and_said(tmp_path):
+    """The Betti matching error leaves out each mask's eldest component: a prediction that
+    missed the only vessel (or put it elsewhere) scored 0, the section said "nothing to
+    picture", and the legends said "every feature matched"."""
+    ref = np.zeros((16, 16), np.uint8)
+    ref[4, 2:14] = 1
+    elsewhere = np.zeros_like(ref)
+    elsewhere[12, 2:14] = 1
+    cases = {"empty": (np.zeros_like(ref), ref), "elsewhere": (elsewhere, ref), "same": (ref, ref)}
+    _, out = _evaluate_2d(tmp_path, cases)
+    summary = json.loads((out / "summary.json").read_text())
+    per_case = {c["case"]: c["metrics"]["1"] for c in summary["metric_per_case"]}
+    assert per_case["empty"]["betti_matching_error"] == 0 and per_case["empty"]["betti_error"] == 1
+    parsed = _parse(out / "report.html")
+    assert [f["data-case"] for f in parsed.figures] == ["empty"]  # ranked by betti_error after it
+    text = (out / "report.html").read_text()
+    assert "the prediction is empty: it misses the reference&#x27;s structure whole" in text or \
+        "the prediction is empty: it misses the reference's structure whole" in text
+    assert "largest betti_matching_error, then betti_error" in text
+    features = unmatched_features(elsewhere, ref)
+    assert legend_lines(features, presence_note(elsewhere, ref))[-1].startswith("the masks do not overlap")
 
 
 def test_a_picture_whose_matching_would_not_fit_is_drawn_without_marks(tmp_path, monkeypatch):
