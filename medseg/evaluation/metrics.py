@@ -99,6 +99,9 @@ METRIC_ALIASES = {"overlap": ("dice", "iou"), "nsd": ("surface_dice",), "bme": (
 
 CONVENTIONS = {
     "dice_both_empty": "NaN (as nnU-Net); means skip NaN; the same for IoU, NSD and clDice",
+    "foreground_mean": "the mean over labels of each label's mean, skipping NaN: a label absent from every "
+    "reference and prediction has NaN overlap means (left out of foreground_mean, where nnU-Net's np.mean "
+    "would give NaN) and topology errors of 0 (counted in it)",
     "hd95_both_empty": "NaN",
     "hd95_one_empty": "image diagonal in mm (largest possible distance)",
     "nsd": "normalised surface Dice (MONAI compute_surface_dice, boundary voxels, spacing-aware) at "
