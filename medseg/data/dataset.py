@@ -919,6 +919,30 @@ def _read_label(case: Case, info: DatasetInfo, geometry: ImageGeometry, atol: fl
     return np.ascontiguousarray(seg.astype(dtype)[None])
 
 
+def _warn_of_unlisted_files(root: str | Path, info: DatasetInfo, subset: str, cases: list[Case]) -> None:
+    """A dataset.json that lists its cases (an MSD/v1 ``"training"`` list, a v2
+    ``"dataset"`` mapping) is read as listed; images in ``images<subset>/`` it does not
+    name are left out. A stale list left 2 of 4 cases to train on, said only as "numTraining
+    is 4 but 2 training case(s) were found" (or not at all), while nnU-Net v2 reads the
+    folder."""
+    if subset not in info.explicit_cases:
+        return
+    folder = Path(root) / f"images{subset}"
+    if not folder.is_dir():
+        return
+    listed = {Path(f).resolve() for case in cases for f in case.image_files}
+    unlisted = [p.name for p in _scan(folder, (info.file_ending,)) if p.resolve() not in listed]
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        warnings.warn(
+            f"{info.dataset_json}: lists {len(cases)} {subset} case(s), and images{subset}/ holds {len(unlisted)} "
+            f"file(s) it does not list ({shown}), which are left out: add them to the list, or remove the list "
+            "(with channel_names and file_ending in dataset.json the folder is read, as nnU-Net v2 reads it)",
+            DatasetWarning,
+            stacklevel=3,
+        )
+
+
 def check_dataset(root: str | Path, subset: str = "Tr", verify: bool = False) -> tuple[DatasetInfo, list[Case]]:
     """Read ``dataset.json`` and list the cases of ``subset``.
 
@@ -928,6 +952,7 @@ def check_dataset(root: str | Path, subset: str = "Tr", verify: bool = False) ->
     """
     info = read_dataset_json(root)
     cases = list_cases(root, info, subset)
+    _warn_of_unlisted_files(root, info, subset, cases)
     if subset == "Tr" and len(cases) != info.num_training:
         warnings.warn(
             f"{info.dataset_json}: numTraining is {info.num_training} but {len(cases)} training case(s) were found",

@@ -158,6 +158,17 @@ def test_nnunet_v1_training_list_with_channel_files(ds):
     assert load_case(cases[0], info)["image"].shape == (1, 6, 5, 4)
 
 
+def test_images_a_training_list_leaves_out_are_named(ds):
+    """A stale list of 2 of the 3 cases trained on 2, said only as a numTraining mismatch
+    (and not at all when numTraining matched the list); nnU-Net v2 reads the folder."""
+    training = [{"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"} for i in range(2)]
+    edit_json(ds, training=training, numTraining=2)
+    with pytest.warns(DatasetWarning, match=r"lists 2 Tr case\(s\), and imagesTr/ holds 1 file\(s\) it does not list "
+                                            r"\(case_002_0000\.nii\.gz\), which are left out"):
+        _, cases = check_dataset(ds)
+    assert [c.name for c in cases] == ["case_000", "case_001"]
+
+
 def test_paths_in_dataset_json_cannot_escape(ds, tmp_path):
     (tmp_path / "outside.nii.gz").write_bytes(b"")
     edit_json(ds, dataset={"case_000": {"images": ["../outside.nii.gz"], "label": "labelsTr/case_000.nii.gz"}})
