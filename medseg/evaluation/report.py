@@ -383,9 +383,10 @@ def _read_scan(images_dir: Path | None, case: str, ending: str, shape: tuple[int
         return None, "no scan folder: masks only"
     from medseg.data.io import read_image_channels
 
-    path = images_dir / f"{case}_0000{ending}"
-    if not path.is_file():
-        return None, f"no scan {path.name} in {images_dir}: masks only"
+    # nnU-Net's CASE_0000 first, then the MSD layout's CASE (one file, 3D or 4D)
+    path = next((p for p in (images_dir / f"{case}_0000{ending}", images_dir / f"{case}{ending}") if p.is_file()), None)
+    if path is None:
+        return None, f"no scan {case}_0000{ending} or {case}{ending} in {images_dir}: masks only"
     try:
         channels, _ = read_image_channels(path)
     except MedsegError as err:

@@ -344,3 +344,16 @@ def test_the_differences_plot_turns_every_metric_so_that_up_is_b_better():
     assert all(mean > 0 for mean in drawn["means"]) and len(drawn["means"]) == 2
     assert drawn["labels"] == ["Dice\n±0.02", "HD95\n±16"]
     plt.close("all")
+
+
+def test_the_scan_under_the_masks_is_found_in_the_msd_layout(tmp_path):
+    """MSD datasets store CASE.nii.gz (3D, or 4D with the sequences last); the pictures
+    looked for CASE_0000.nii.gz alone and drew the masks without their scan."""
+    from medseg.evaluation.report import _read_scan
+
+    scan = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+    write_image(tmp_path / "hv_004.nii.gz", scan, ImageGeometry.identity(scan.shape))
+    image, note = _read_scan(tmp_path, "hv_004", ".nii.gz", (4, 5, 3))
+    assert image is not None and np.allclose(image, scan) and "hv_004.nii.gz" in note
+    image, note = _read_scan(tmp_path, "other", ".nii.gz", (4, 5, 3))
+    assert image is None and "no scan other_0000.nii.gz or other.nii.gz" in note
