@@ -746,7 +746,29 @@ def _read_tiff(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry
         array = np.squeeze(array, axis=1 + array.shape[1:].index(1))
     if array.ndim - 1 not in (2, 3):
         raise DataError(f"{path}: expected a 2D or 3D TIFF, got axes {axes} shape {data.shape}")
+    sidecar = _tiff_spacing_sidecar(path)
+    if array.ndim == 4 and sidecar is not None:
+        # nnU-Net's Tiff3DIO keeps the spacing of CASE_0000.tif in CASE.json; medseg reads
+        # TIFFs without geometry (a voxel is 1), so such a dataset was planned, trained and
+        # evaluated as isotropic without a word
+        raise DataError(
+            f"{path}: a 3D TIFF with a spacing file ({sidecar.name}, nnU-Net's Tiff3DIO layout); medseg reads TIFFs "
+            "without geometry, so its spacing would be lost: convert the dataset to .nii.gz (e.g. with SimpleITK, "
+            "setting the spacing) and set file_ending to .nii.gz"
+        )
     return array, ImageGeometry.identity(array.shape[1:])
+
+
+def _tiff_spacing_sidecar(path: Path) -> Path | None:
+    """nnU-Net's Tiff3DIO spacing file of a TIFF: ``CASE.json`` for ``CASE_0000.tif`` (an
+    image channel) or ``CASE.tif`` (a segmentation), when it exists."""
+    stem = strip_ending(path)
+    match = re.fullmatch(r"(.+)_\d{4}", stem)
+    for name in ([match.group(1)] if match else []) + [stem]:
+        candidate = path.with_name(f"{name}.json")
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 # --------------------------------------------------------------------------- writing

@@ -618,3 +618,23 @@ def test_headers_whose_voxels_are_in_another_file_are_refused(tmp_path):
     for ending in (".mha", ".nrrd"):
         sitk.WriteImage(image, str(tmp_path / f"ok{ending}"))
         assert read_image(tmp_path / f"ok{ending}")[0].shape == (4, 3)
+
+
+def test_a_3d_tiff_with_an_nnunet_spacing_file_is_refused(tmp_path):
+    """nnU-Net's Tiff3DIO keeps CASE_0000.tif's spacing in CASE.json; medseg reads TIFFs
+    without geometry, and such a dataset was planned at spacing 1 (isotropic kernels) and
+    evaluated in voxels without a word."""
+    import json
+
+    volume = np.zeros((4, 6, 5), np.float32)
+    write_image(tmp_path / "c0_0000.tif", volume, ImageGeometry.identity(volume.shape))
+    write_image(tmp_path / "c1.tif", volume, ImageGeometry.identity(volume.shape))
+    assert read_image(tmp_path / "c0_0000.tif")[0].shape == (4, 6, 5)  # no spacing file: voxels, as before
+    for sidecar, image in (("c0.json", "c0_0000.tif"), ("c1.json", "c1.tif")):
+        (tmp_path / sidecar).write_text(json.dumps({"spacing": [4.0, 0.5, 0.5]}))
+        with pytest.raises(DataError, match=rf"{image}: a 3D TIFF with a spacing file \({sidecar}, nnU-Net's Tiff3DIO"):
+            read_image(tmp_path / image)
+    flat = np.zeros((6, 5), np.float32)  # 2D TIFFs have no spacing in nnU-Net either
+    write_image(tmp_path / "c2_0000.tif", flat, ImageGeometry.identity(flat.shape))
+    (tmp_path / "c2.json").write_text("{}")
+    assert read_image(tmp_path / "c2_0000.tif")[0].shape == (6, 5)
