@@ -366,8 +366,9 @@ def _parse_labels(path: Path, labels_raw: Any) -> dict[str, int]:
     if classes != list(range(len(classes))):
         # the network has one output per value up to the highest: a gap would be a class
         # that no voxel has, scored and predicted all the same (nnU-Net refuses it too)
-        hint = (" (0/255 masks? declare the foreground as 1 and convert them, e.g. with "
-                "data_scripts/convert_2d.py, which maps 255 to 1)" if 255 in classes else "")
+        hint = (" (0/255 masks? declare the foreground as 1 and store them as 0/1: data_scripts/convert_2d.py "
+                "does it for PNG/TIFF folders; a NIfTI mask with nibabel, e.g. (mask > 0).astype('uint8'))"
+                if 255 in classes else "")
         raise _key_error(
             path, "labels",
             f"values must be consecutive, 0, 1, 2, ... ('ignore' may be higher); got {classes}{hint}",

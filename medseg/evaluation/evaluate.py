@@ -447,7 +447,8 @@ def run_evaluation(
         if label_source == "label values present in the files":
             # said, since an ignore label is then scored as a class (vessel Dice 0.55 for 0.86)
             full_range = (" (255 or 65535: masks saved at full range, 0/255, are read as class 255, not 1; "
-                          "data_scripts/convert_2d.py maps them to 0/1)") if {255, 65535} & set(labels) else ""
+                          "data_scripts/convert_2d.py maps PNG/TIFF ones to 0/1, and a --dataset-json naming the "
+                          "foreground 255 scores them as one class)") if {255, 65535} & set(labels) else ""
             print(f"medseg: warning: no dataset.json beside {ref_dir} (looked for {ref_dir.parent / 'dataset.json'}): "
                   f"every label value found ({', '.join(map(str, labels))}) is scored as a class{full_range}; "
                   "--dataset-json names the labels and the ignore label", file=sys.stderr)
