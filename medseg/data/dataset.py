@@ -507,9 +507,16 @@ def _ordered_channels(case: str, channels: dict[int, Path], num_channels: int, f
         return [channels[0]]  # an RGB PNG/TIF, as nnU-Net's NaturalImage2DIO reads it
     extra = sorted(c for c in channels if c >= num_channels)
     if extra:
+        path = channels[extra[0]]
+        labels = folder.parent / ("labels" + folder.name[len("images"):]) if folder.name.startswith("images") else None
+        if labels is not None and (labels / path.name).is_file():
+            # AMOS-style names (amos_0001.nii.gz): a label of that name says it is a case
+            raise DataError(
+                f"{path}: image name lacks the 4-digit channel suffix: {labels.name}/{path.name} names case "
+                f"'{strip_ending(path, ending)}', whose image should be {strip_ending(path, ending)}_0000{ending}"
+            )
         raise DataError(
-            f"{channels[extra[0]]}: channel {extra[0]} of case '{case}', "
-            f"but dataset.json declares {num_channels} channel(s)"
+            f"{path}: channel {extra[0]} of case '{case}', but dataset.json declares {num_channels} channel(s)"
         )
     for c in range(num_channels):
         if c not in channels:

@@ -267,6 +267,22 @@ def test_image_without_channel_suffix(ds):
         list_cases(ds, read_dataset_json(ds))
 
 
+def test_case_numbers_of_four_digits_without_a_channel_suffix_are_named_as_such(ds):
+    """AMOS-style amos_0001.nii.gz in imagesTr read as channel 1 of case 'amos'."""
+    for path in list((ds / "imagesTr").iterdir()):
+        path.unlink()
+    for path in list((ds / "labelsTr").iterdir()):
+        path.unlink()
+    src = make_dataset(ds.parent / "src")
+    for i in (1, 2):
+        shutil.copy(src / "imagesTr/case_000_0000.nii.gz", ds / f"imagesTr/amos_{i:04d}.nii.gz")
+        shutil.copy(src / "labelsTr/case_000.nii.gz", ds / f"labelsTr/amos_{i:04d}.nii.gz")
+    with pytest.raises(DataError, match=r"amos_0001.nii.gz: image name lacks the 4-digit channel suffix: "
+                                        r"labelsTr/amos_0001.nii.gz names case 'amos_0001', whose image should be "
+                                        r"amos_0001_0000.nii.gz"):
+        list_cases(ds, read_dataset_json(ds))
+
+
 def test_test_subset_labels_optional(ds):
     info = read_dataset_json(ds)
     with pytest.raises(DataError, match="imagesTs: folder not found"):
