@@ -204,10 +204,8 @@ def own_voxel_masks(specs: Sequence[PatchSpec], scans: Sequence[TargetScan], pat
     return torch.stack(masks).to(device) if padded else None
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None, dims: Sequence[int]) -> torch.Tensor:
-    """Mean of ``values`` over ``dims``, counting only where the broadcast ``mask`` is true (plain mean when None)."""
-    if mask is None:
-        return values.mean(dim=tuple(dims))
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Mean of ``values`` over ``dims``, counting only where the broadcast ``mask`` is true."""
     weight = mask.to(values.dtype).expand_as(values)
     return (values * weight).sum(dim=tuple(dims)) / weight.sum(dim=tuple(dims)).clamp_min(1.0)
 
