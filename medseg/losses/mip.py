@@ -74,13 +74,17 @@ def spatial_axes(axes: Sequence[int | str], n_spatial: int) -> tuple[int, ...]:
 class MIPLoss(nn.Module):
     """Focal Tversky loss on maximum intensity projections, plus a segmentation loss.
 
-    ``L = segmentation_weight·L_seg(input, target) + mip_weight·Σ_a FT(MIP_a(P), MIP_a(G))``
+    ``L = segmentation_weight·L_seg(input, target) + mip_weight·Σ_a mean_k FT(MIP_a(P_k), MIP_a(G_k))``
 
-    where ``P`` is the foreground probability (sigmoid of a 1-channel head; ``1 - softmax_0``
-    = the probability of *any* foreground class for C > 1), ``G = (label > 0)``,
+    where ``P_k`` is the probability of foreground class ``k`` (the sigmoid of a 1-channel
+    head; channel ``k = 1..C-1`` after the softmax for C > 1), ``G_k = (label == k)``,
     ``MIP_a(X) = max over spatial axis a`` of X, and ``FT`` the per-sample
     :func:`focal_tversky` (``alpha`` on false negatives, ``beta`` on false positives,
-    ``gamma``). Several axes are summed, as in the paper's multi-axis variant. Projections
+    ``gamma``), averaged over the foreground classes. SPOCKMIP segments one class (vessels);
+    with several (artery and vein) each class is projected on its own, as every other loss
+    here treats classes: a projection of "any foreground" scored an artery predicted as vein,
+    or the two swapped, as perfect. Several axes are summed, as in the paper's multi-axis
+    variant. Projections
     are taken on the (B, 1, *spatial) tensors as they are - axis ``a`` of the patch, with no
     permutation - so the prediction and the label are projected along the same axis. (The
     reference code moves the last axis to the front of the network input and then projects
@@ -97,6 +101,8 @@ class MIPLoss(nn.Module):
       :class:`medseg.data.topology_targets.LabelProjectiond` writes *before* cropping
       (shape (B, len(axes), *spatial), channel k broadcast along ``axes[k]``). Structures
       outside the patch along the projection axis then count as foreground, as in the paper.
+      The projection (and the cache's, medseg/preprocessing) is of the foreground as a whole,
+      so this variant takes one foreground class (a 1-channel or 2-channel head).
 
     Reference: C. Radhakrishna, K. V. Chintalapati, ..., S. Chatterjee, "SPOCKMIP: Segmentation of Vessels in
     MRAs with Enhanced Continuity using Maximum Intensity Projection as Loss",
@@ -123,7 +129,8 @@ class MIPLoss(nn.Module):
             when ``segmentation_weight`` is 0.
 
     Raises:
-        ValueError: bad axes, negative weights, bad ``segmentation`` or ``target_projection``.
+        ValueError: bad axes, negative weights, bad ``segmentation`` or ``target_projection``;
+            ``target_projection='volume'`` with more than one foreground class (``check_channels``).
     """
 
     def __init__(
@@ -172,31 +179,43 @@ class MIPLoss(nn.Module):
         return {"label_mip": "label_mip"} if self.target_projection == "volume" else {}
 
     def foreground(self, input: torch.Tensor) -> torch.Tensor:
-        """Foreground probability (B, 1, *spatial) from raw logits."""
+        """Probability of each foreground class (B, K, *spatial) from raw logits: the sigmoid
+        of a 1-channel head (K = 1); channels 1..C-1 after the softmax, or the sigmoids of a
+        multi-label head, for C > 1 (K = C - 1)."""
         n = input.shape[1]
-        activation = resolve_activation(n, self.sigmoid, self.softmax)
-        probs = activate(input, activation)
-        if n == 1:
-            return probs
-        if activation == "softmax":
-            return 1.0 - probs[:, :1]
-        return probs[:, 1:].amax(dim=1, keepdim=True)  # multi-label: any foreground channel
+        probs = activate(input, resolve_activation(n, self.sigmoid, self.softmax))
+        return probs if n == 1 else probs[:, 1:]
 
     def foreground_target(self, target: torch.Tensor, n: int) -> torch.Tensor:
-        """The target's foreground (B, 1, *spatial), read as :meth:`foreground` reads the
-        output of ``n`` channels: a 1-channel target as it is (soft values kept; ``> 0``
-        made a smoothed target foreground everywhere), a label map's labels above 0, a
-        softmax head's one-hot target as 1 - channel 0, a multi-label (sigmoid) target's
-        any foreground channel (1 - channel 0 counted voxels of no label as foreground)."""
+        """The target of each foreground class (B, K, *spatial), read as :meth:`foreground`
+        reads the output of ``n`` channels: a 1-channel target of a 1-channel head as it is
+        (soft values kept), a label map's ``label == k`` for k = 1..n-1, a one-hot (or
+        multi-label) target's channels 1..n-1."""
         if target.shape[1] == 1:
-            return target.float() if n == 1 else (target > 0).float()
-        if resolve_activation(n, self.sigmoid, self.softmax) == "softmax":
-            return 1.0 - target[:, :1].float()
-        return target[:, 1:].float().amax(dim=1, keepdim=True)
+            if n == 1:
+                return target.float()
+            return torch.cat([target == k for k in range(1, n)], dim=1).float()
+        return target[:, 1:].float()
+
+    def check_channels(self, out_channels: int) -> None:
+        """Raise ValueError if the volume projection would meet more than one foreground class."""
+        if self.target_projection == "volume" and out_channels > 2:
+            raise ValueError(
+                f"target_projection 'volume' projects the foreground of all classes together, so it takes one "
+                f"foreground class, and the model has {out_channels - 1}; use target_projection 'patch' "
+                "(each class projected on its own)"
+            )
 
     def check_spatial_dims(self, spatial_dims: int) -> None:
         """Raise ValueError if ``axes`` names an axis that ``spatial_dims``-D inputs lack."""
         spatial_axes(self.axes, spatial_dims)
+
+    def _class_mean(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample :func:`focal_tversky` (B,) of (B, K, ...) maps: each class on its own, averaged."""
+        b, k = pred.shape[:2]
+        ft = focal_tversky(pred.reshape(b * k, -1), target.reshape(b * k, -1), self.alpha, self.beta, self.gamma,
+                           self.smooth)
+        return ft.reshape(b, k).mean(dim=1)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, label_mip: torch.Tensor | None = None) -> torch.Tensor:
         """``input`` (B, C, ...) logits; ``target`` (B, 1, ...) labels; ``label_mip`` (B, len(axes), ...) or None."""
@@ -206,6 +225,10 @@ class MIPLoss(nn.Module):
         fg = self.foreground(input)
         fg_target = self.foreground_target(target, input.shape[1]).to(fg.dtype)
         if self.target_projection == "volume":
+            try:
+                self.check_channels(input.shape[1])
+            except ValueError as err:
+                raise ValueError(f"MIPLoss: {err}") from None
             if label_mip is None:
                 raise ConfigError(
                     "mip: target_projection='volume' needs the batch key 'label_mip' "
@@ -224,12 +247,12 @@ class MIPLoss(nn.Module):
                 tgt_proj = (label_mip[:, k : k + 1] > 0).to(fg.dtype).amax(dim=dim)
             else:
                 tgt_proj = fg_target.amax(dim=dim)
-            mip = mip + focal_tversky(pred_proj, tgt_proj, self.alpha, self.beta, self.gamma, self.smooth)
+            mip = mip + self._class_mean(pred_proj, tgt_proj)
         loss = reduce(mip, self.reduction) * self.mip_weight
         if self.segmentation_weight > 0:
             if self.seg_loss is not None:
                 seg = self.seg_loss(input, target)
             else:
-                seg = reduce(focal_tversky(fg, fg_target, self.alpha, self.beta, self.gamma, self.smooth), self.reduction)
+                seg = reduce(self._class_mean(fg, fg_target), self.reduction)
             loss = loss + self.segmentation_weight * seg
         return loss

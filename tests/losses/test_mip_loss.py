@@ -62,12 +62,61 @@ def test_default_is_point7_segmentation_plus_point3_mip():
     assert torch.allclose(total, 0.7 * seg + 0.3 * mip)
 
 
-def test_multiclass_foreground_is_one_minus_background():
-    label = _rod_along_z() * 2
+def _two_rods() -> torch.Tensor:
+    """(1, 1, 4, 6, 8) label map: an artery (1) and a vein (2), two rods along z."""
+    label = torch.zeros(1, 1, 4, 6, 8, dtype=torch.long)
+    label[0, 0, 1, 1] = 1
+    label[0, 0, 2, 4] = 2
+    return label
+
+
+def _confident(label: torch.Tensor, classes: int = 3) -> torch.Tensor:
+    return 8.0 * torch.nn.functional.one_hot(label[:, 0], classes).movedim(-1, 1).float()
+
+
+def test_multiclass_classes_are_projected_one_by_one():
+    # an "any foreground" projection scored a swap of artery and vein, or an artery broken
+    # by a stretch predicted as vein, as perfect
+    label = _two_rods()
+    swapped = torch.where(label > 0, 3 - label, label)
+    broken = label.clone()
+    broken[0, 0, 1, 1, 3:5] = 2
+    for segmentation in ("dice_ce", "focal_tversky"):
+        loss = MIPLoss(axes=("x", "y", "z"), segmentation=segmentation, segmentation_weight=0.7, mip_weight=0.3)
+        perfect = float(loss(_confident(label), label))
+        assert float(loss(_confident(swapped), label)) > perfect + 0.1
+        assert float(loss(_confident(broken), label)) > perfect
+    mip_only = MIPLoss(axes=("x", "y", "z"), segmentation_weight=0, mip_weight=1)
+    perfect = float(mip_only(_confident(label), label))
+    assert float(mip_only(_confident(broken), label)) > perfect + 0.01  # the artery's z-projection lost voxels
+
+
+def test_multiclass_term_is_the_mean_of_each_class_alone():
+    label = _two_rods()
     logits = torch.randn(1, 3, 4, 6, 8, generator=torch.Generator().manual_seed(2))
-    fg = MIPLoss().foreground(logits)
-    assert torch.allclose(fg, 1 - torch.softmax(logits, 1)[:, :1])
-    assert torch.isfinite(MIPLoss(segmentation="focal_tversky")(logits, label))
+    probs = torch.softmax(logits, 1)
+    loss = MIPLoss(axes=("y", "z"), segmentation="focal_tversky", segmentation_weight=0.5, mip_weight=1.0)
+    expected = 0.0
+    for k in (1, 2):
+        p, g = probs[:, k : k + 1], (label == k).float()
+        mip = sum(focal_tversky(p.amax(dim=a + 2), g.amax(dim=a + 2)) for a in (1, 2))
+        expected = expected + (mip + 0.5 * focal_tversky(p, g)) / 2
+    assert torch.allclose(loss(logits, label), expected.mean())
+    one_hot = torch.nn.functional.one_hot(label[:, 0], 3).movedim(-1, 1)
+    assert torch.allclose(loss(logits, one_hot), expected.mean())
+    binary = MIPLoss(segmentation="focal_tversky")
+    two = torch.randn(1, 2, 4, 6, 8, generator=torch.Generator().manual_seed(3))
+    rod = (label == 1).long()
+    p1, g1 = torch.softmax(two, 1)[:, 1:], rod.float()  # two classes: as before, 1 - p_0 = p_1
+    assert torch.allclose(binary(two, rod), 0.7 * focal_tversky(p1, g1) + 0.3 * focal_tversky(p1.amax(-1), g1.amax(-1)))
+
+
+def test_volume_projection_takes_one_foreground_class():
+    loss = MIPLoss(target_projection="volume")
+    loss.check_channels(2)
+    with pytest.raises(ValueError, match="one foreground class"):
+        loss.check_channels(3)
+    MIPLoss().check_channels(5)  # each class projected on its own
 
 
 def test_volume_projection_from_the_batch():
