@@ -6,8 +6,9 @@ preprocesses, runs the sliding window and maps the probabilities back to the inp
 The output ``OUTPUT/CASE<ending>`` (the input's file ending) has exactly the input's
 shape and affine, and reuses the input's header (``write_image(reference_path=...)``).
 With probabilities requested, ``OUTPUT/CASE_prob.nii.gz`` holds them as a 4D NIfTI
-(channels last, one per class, float32: softmax probabilities, or ``(1 + tanh) / 2`` maps
-for a model trained by SAUNA regression alone) with the same affine; it is written as the
+(channels last, one per class, float32: softmax probabilities, sigmoids for a multi-label
+head (every loss term with ``sigmoid: true``), or ``(1 + tanh) / 2`` maps for a model
+trained by SAUNA regression alone) with the same affine; it is written as the
 classes are mapped back, slab by slab, never held whole in memory.
 
 Memory: a case takes at most about 3x the float32 size of the larger of the scan and its

@@ -186,7 +186,8 @@ class Predictor:
         try:
             from medseg.losses.registry import output_activation
 
-            # a model trained by regression (SAUNA only) emits tanh maps, not softmax logits
+            # a model trained by regression (SAUNA only) emits tanh maps, a multi-label head
+            # sigmoid logits, not softmax logits
             self.output_activation = output_activation(self.config.losses, self.num_classes)
             self.transforms = build_transforms(self.config, self.info, checkpoint["preprocessing"], mode="infer")
             self.model = build_model(
@@ -252,7 +253,8 @@ class Predictor:
     ) -> torch.Tensor:
         """Class maps ``(classes, *spatial)`` on the preprocessed grid minus 0.5, in ``dtype``.
 
-        Softmax probabilities, or for a model trained by regression only (SAUNA) the
+        Softmax probabilities, sigmoids for a multi-label head (loss terms with
+        ``sigmoid: true``), or for a model trained by regression only (SAUNA) the
         per-class soft maps ``(1 + tanh(output)) / 2`` in [0, 1] (0.5 on the regressed
         mask's boundary; they need not sum to 1). The label is their argmax either way.
         They are stored centred, ``maps - 0.5`` (float16 is finer there; see

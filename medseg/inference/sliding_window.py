@@ -62,6 +62,8 @@ def _activation(logits: torch.Tensor, activation: str) -> torch.Tensor:
     """(C, ...) network outputs -> per-class maps in [0, 1]."""
     if activation == "tanh":
         return (1.0 + torch.tanh(logits)) / 2.0
+    if activation == "sigmoid":  # a multi-label head (every loss term with sigmoid: true)
+        return torch.sigmoid(logits)
     return torch.softmax(logits, dim=0)
 
 
@@ -155,8 +157,9 @@ def class_maps(
     window : sequence of int
         The window (the training patch); ``overlap`` in [0, 1); ``sw_batch_size`` windows
         per forward pass; ``mode`` ``gaussian`` or ``constant`` blending.
-    activation : {"softmax", "tanh"}
-        Softmax over classes, or ``(1 + tanh) / 2`` per class.
+    activation : {"softmax", "sigmoid", "tanh"}
+        Softmax over classes, a sigmoid per class (multi-label heads), or ``(1 + tanh) / 2``
+        per class.
     flips : sequence of tuples
         Spatial axes (0-based) to flip for each pass; ``((),)`` is no test-time augmentation.
     device : torch.device

@@ -73,20 +73,27 @@ def _loss_class(name: str, where: str) -> type:
         raise ConfigError(f"{where} ({name}): this loss could not be loaded: {err}") from None
 
 
-def _activation(term_classes: Iterable[type], out_channels: int) -> str:
-    if all(getattr(cls, "output_activation", None) == "tanh" for cls in term_classes):
+def _activation(terms: Iterable[tuple[type, bool]], out_channels: int) -> str:
+    """``terms``: (class, whether it reads the outputs through sigmoids) per term."""
+    terms = list(terms)
+    if all(getattr(cls, "output_activation", None) == "tanh" for cls, _ in terms):
         return "tanh"
-    return "sigmoid" if out_channels == 1 else "softmax"
+    if out_channels == 1 or any(sigmoid for _, sigmoid in terms):  # build_loss refuses a mix
+        return "sigmoid"
+    return "softmax"
 
 
 def output_activation(terms: Iterable[LossTerm], out_channels: int) -> str:
     """How a model trained with the loss ``terms`` maps its output to per-class maps.
 
-    'tanh' when every term is a regression of signed targets (SAUNA), else 'sigmoid'
-    (one channel) or 'softmax'. The mask is ``output > 0`` for one channel and the
-    argmax over channels for more, whatever the activation.
+    'tanh' when every term is a regression of signed targets (SAUNA), 'sigmoid' for one
+    channel or a multi-label head (terms with ``sigmoid: true``), else 'softmax'. The mask
+    is ``output > 0`` for one channel and the argmax over channels for more, whatever the
+    activation (the activations keep the order of the channels); the probabilities that
+    ``predict`` saves and the test-time flips average are the activation's.
     """
-    return _activation([_loss_class(t.name, "losses") for t in terms], out_channels)
+    return _activation([(_loss_class(t.name, "losses"), bool(t.params().get("sigmoid"))) for t in terms],
+                       out_channels)
 
 
 def _parameters(cls: type) -> tuple[list[str], bool]:
@@ -290,7 +297,7 @@ class CompositeLoss(nn.Module):
     @property
     def output_activation(self) -> str:
         """See :func:`output_activation`."""
-        return _activation([type(t) for t in self.terms], self.out_channels)
+        return _activation([(type(t), bool(getattr(t, "sigmoid", False))) for t in self.terms], self.out_channels)
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, batch: Mapping[str, Any] | None = None, head: int = 0
@@ -499,6 +506,12 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
         for key, value in defaults.items():
             if key not in params and _accepts(cls, key):
                 params[key] = value
+        if out_channels > 1 and params.get("to_onehot_y") is False:
+            # training's targets are (B, 1, ...) label maps: compared channel by channel with
+            # the outputs they failed at step 1, after the run folder was written
+            raise ConfigError(f"{where} ({term.name}): to_onehot_y: false with {out_channels} output channels; "
+                              "medseg's targets are label maps, and one-hot targets are recognised by their "
+                              "shape, so leave to_onehot_y out")
         if out_channels > 1 and params.get("softmax") is False and not params.get("sigmoid"):
             # the terms would read the network's raw logits as probabilities (a clDice of
             # -1.4e6, trained on in silence)
@@ -518,7 +531,18 @@ def build_loss(terms: list[LossTerm], out_channels: int, spatial_dims: int | Non
                 raise ConfigError(f"{where} ({term.name}): {err}") from None
         built.append((_term_name(term.name, seen), term.weight, module))
         names.append(term.name)
-    if out_channels > 1 and _activation([type(m) for _, _, m in built], out_channels) == "tanh":
+    if out_channels > 1:
+        # one head, one activation: a softmax term and a sigmoid term would train the same
+        # logits towards two meanings, and predict could save only one of them
+        reads = {i: bool(getattr(m, "sigmoid", False))
+                 for i, (_, _, m) in enumerate(built) if _accepts(type(m), "sigmoid")}
+        if len(set(reads.values())) > 1:
+            sig = ", ".join(f"losses[{i}] ({names[i]})" for i, v in reads.items() if v)
+            soft = ", ".join(f"losses[{i}] ({names[i]})" for i, v in reads.items() if not v)
+            raise ConfigError(f"losses: {sig} read the {out_channels} output channels through sigmoids "
+                              f"(a multi-label head) and {soft} through a softmax; set sigmoid: true on every term "
+                              "or on none")
+    if out_channels > 1 and _activation([(type(m), False) for _, _, m in built], out_channels) == "tanh":
         # the label map is the argmax over every channel's tanh map, channel 0 included
         for i, (_, _, module) in enumerate(built):
             if getattr(module, "include_background", True) is False:

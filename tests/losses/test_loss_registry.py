@@ -108,6 +108,44 @@ def test_activation_convention_from_out_channels():
     assert not hasattr(build_loss(_terms({"name": "sauna"}), 1).terms[0], "sigmoid")
 
 
+def test_multi_class_heads_are_refused_what_fails_at_step_one_or_mixes_activations():
+    """Probed with artery/vein data: to_onehot_y: false passed validation and failed at step
+    1 (a traceback, and a run folder that blocked the corrected run); a sigmoid term beside
+    a softmax one trained one head towards two meanings; a sigmoid head was predicted
+    through a softmax (its saved probabilities and flip averages wrong)."""
+    with pytest.raises(ConfigError, match=r"losses\[1\] \(cldice\): to_onehot_y: false with 3 output channels"):
+        build_loss(_terms({"name": "dice_ce"}, {"name": "cldice", "to_onehot_y": False}), 3)
+    build_loss(_terms({"name": "dice_ce", "to_onehot_y": False}), 1)  # one channel: a binary target as it is
+    with pytest.raises(ConfigError, match=r"losses\[1\] \(cldice\) read the 3 output channels through sigmoids .* "
+                                          r"and losses\[0\] \(dice_ce\) through a softmax"):
+        build_loss(_terms({"name": "dice_ce"}, {"name": "cldice", "sigmoid": True}), 3)
+    multi_label = _terms({"name": "dice_ce", "sigmoid": True}, {"name": "cldice", "sigmoid": True})
+    assert build_loss(multi_label, 3).output_activation == "sigmoid"
+    from medseg.losses.registry import output_activation
+
+    assert output_activation(multi_label, 3) == "sigmoid"
+    assert output_activation(_terms({"name": "dice_ce"}, {"name": "sauna"}), 3) == "softmax"
+    assert output_activation(_terms({"name": "sauna"}), 3) == "tanh"
+    with pytest.raises(ConfigError, match=r"losses\[1\] \(mip\): target_projection 'volume' .* one foreground class"):
+        build_loss(_terms({"name": "dice_ce"}, {"name": "mip", "target_projection": "volume"}), 3)
+
+
+def test_a_multi_label_head_is_stitched_through_sigmoids():
+    from medseg.inference.sliding_window import class_maps
+
+    logits = torch.tensor([-6.0, 4.0, 4.0]).reshape(3, 1, 1, 1).expand(3, 4, 4, 4).contiguous()
+
+    def network(x):
+        return logits.unsqueeze(0).expand(x.shape[0], -1, -1, -1, -1)
+
+    image = torch.zeros(1, 4, 4, 4)
+    maps = {a: class_maps(image, network, window=[4, 4, 4], overlap=0.0, sw_batch_size=1, mode="constant",
+                          activation=a, flips=[()], device="cpu", dtype=torch.float32) + 0.5
+            for a in ("sigmoid", "softmax")}
+    assert torch.allclose(maps["sigmoid"][:, 0, 0, 0], torch.sigmoid(torch.tensor([-6.0, 4.0, 4.0])), atol=1e-6)
+    assert torch.allclose(maps["softmax"][:, 0, 0, 0], torch.softmax(torch.tensor([-6.0, 4.0, 4.0]), 0), atol=1e-6)
+
+
 def test_composite_total_is_weighted_sum_and_names_are_unique():
     logits, target = _line_batch()
     logits.requires_grad_(True)
