@@ -24,7 +24,8 @@ applied to medseg's networks and its memory estimate (:mod:`medseg.planning.memo
   label is thin (median skeleton radius under :data:`THIN_RADIUS_VOXELS` voxels at the
   target spacing) and by :data:`RARE_BONUS` when it is rare (under
   :data:`RARE_RATIO` of the voxels, or absent from more than half of the cases).
-- **Loss**: ``dice_ce`` plus the requested topology loss with the weight of
+- **Loss**: ``dice_ce`` with its Dice over the foreground classes (nnU-Net's
+  ``do_bg=False``) plus the requested topology loss with the weight of
   :data:`TOPOLOGY_LOSSES`.
 
 Cases with an extreme geometry are named in warnings (:class:`PlanWarning`) and kept.
@@ -373,8 +374,10 @@ def _oversample(fingerprint: dict[str, Any], thickness: dict[str, Any], foregrou
 def plan_losses(topology_loss: str | None, thickness: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     from medseg.losses import LOSS_NAMES
 
-    losses: list[dict[str, Any]] = [{"name": "dice_ce", "weight": 1.0}]
-    reasons = ["Dice + cross-entropy, nnU-Net's loss"]
+    # nnU-Net's DC_and_CE_loss takes its Dice over the foreground classes (do_bg=False);
+    # with the background in (MONAI's default) every class's Dice gradient is (C-1)/C of it
+    losses: list[dict[str, Any]] = [{"name": "dice_ce", "weight": 1.0, "include_background": False}]
+    reasons = ["Dice over the foreground classes + cross-entropy, nnU-Net's loss"]
     if topology_loss is None or topology_loss == "none":
         return losses, reasons
     if topology_loss not in LOSS_NAMES:

@@ -232,6 +232,22 @@ def test_sauna_is_planned_alone_as_its_paper_trains_it():
     assert [t["name"] for t in plan_losses("cldice", {})[0]] == ["dice_ce", "cldice"]
 
 
+def test_planned_dice_ce_leaves_the_background_out_as_nnunet():
+    """Written as "nnU-Net's loss", it took the background's Dice in (MONAI's default),
+    where nnU-Net's DC_and_CE_loss has do_bg=False."""
+    import torch
+
+    from medseg.losses import build_loss
+    from medseg.losses.dice import DiceCELoss
+    from medseg.planning.planner import plan_losses
+
+    losses, _ = plan_losses(None, {})
+    loss = build_loss(losses, 3)
+    logits, label = torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2, 1, 6, 6))
+    expected = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False)(logits, label)
+    assert torch.allclose(loss(logits, label)[0], expected)
+
+
 def test_extreme_cases_are_named_and_kept(extreme_dataset):
     fingerprint, _ = compute_fingerprint(extreme_dataset, workers=1, progress=False)
     with warnings.catch_warnings(record=True) as caught:
