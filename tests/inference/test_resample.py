@@ -62,7 +62,13 @@ def test_a_label_map_is_resampled_nearest_as_spacingd_asks(name):
     eager = spatial(case())
     slabs = run_transforms(spatial, case(), max_voxels=500)
     assert set(torch.unique(slabs["label"].as_tensor()).tolist()) <= {0.0, 2.0}
-    assert torch.equal(slabs["label"].as_tensor().float(), eager["label"].as_tensor().float())
+    # the same voxels but at ties: where a sample falls halfway between two voxels (this
+    # geometry keeps axis 1's spacing, so a whole plane can), the slabs' and the eager
+    # transform's coordinates, equal to float rounding (the image's 2e-7 below), may round
+    # to either neighbour (40 of 23,100 voxels on one machine, 0 on the ones where this
+    # test asked for equality; a bilinear label gave values between 0 and 2)
+    differ = slabs["label"].as_tensor().float() != eager["label"].as_tensor().float()
+    assert differ.float().mean() < 0.005
     assert (slabs["image"].as_tensor() - eager["image"].as_tensor()).abs().max() < 1e-6
 
 
