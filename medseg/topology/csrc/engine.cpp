@@ -391,7 +391,14 @@ rank_t merged_ranks(const T* a, const T* b, std::size_t n, bool superlevel, bool
     auto key_of = [&](std::uint64_t w) { return packed ? w >> 32 : ck[w]; };
     big_buffer<std::uint64_t> sa(n), sb(n), merged(n);
     std::size_t na = 0, nb = 0;
+    constexpr std::size_t kAhead = 16;  // a's and b's orders visit the pixels at random
     for (std::size_t j = 0; j < n; ++j) {
+        if (j + kAhead < n) {
+            __builtin_prefetch(&a[oa[j + kAhead]]);
+            __builtin_prefetch(&from_a[oa[j + kAhead]]);
+            __builtin_prefetch(&b[ob[j + kAhead]]);
+            __builtin_prefetch(&from_a[ob[j + kAhead]]);
+        }
         sa[na] = word(a, oa[j]);
         na += from_a[oa[j]];
         sb[nb] = word(b, ob[j]);
@@ -827,6 +834,7 @@ void top_dimension(const Filtration& X, const big_vector<key_t>& sub_sorted, con
                    big_vector<std::int32_t>* match_top, TopDim& out, bool keep_columns,
                    std::vector<host::TopMerge>* merges = nullptr) {
     const std::size_t n = sub_sorted.size();
+    const bool scattered = X.num_ranks > 2;  // a mask's cells come in index order (host::kFetchAhead)
     if (keep_columns) out.columns.reserve(n);
     auto key_at = [&](std::size_t i) { return sub_sorted[n - 1 - i]; };
     auto on_column = [&](std::uint32_t cell) {
@@ -835,12 +843,13 @@ void top_dimension(const Filtration& X, const big_vector<key_t>& sub_sorted, con
     if (comp) {
         host::TopLabels labels(X.L.points, comp->top_ranks(), *match_top);
         host::top_pass(X.L, n, key_at, X.top_ranks(), out.pairs, [&](const host::TopMerge& m) { labels(m); },
-                       on_column);
+                       on_column, [&](std::uint32_t x) { labels.prefetch(x); }, scattered);
     } else if (merges) {
         host::top_pass(X.L, n, key_at, X.top_ranks(), out.pairs,
-                       [&](const host::TopMerge& m) { merges->push_back(m); }, on_column);
+                       [&](const host::TopMerge& m) { merges->push_back(m); }, on_column, host::NoFetch{}, scattered);
     } else {
-        host::top_pass(X.L, n, key_at, X.top_ranks(), out.pairs, [](const host::TopMerge&) {}, on_column);
+        host::top_pass(X.L, n, key_at, X.top_ranks(), out.pairs, [](const host::TopMerge&) {}, on_column,
+                       host::NoFetch{}, scattered);
     }
     std::reverse(out.columns.begin(), out.columns.end());
 }
@@ -935,7 +944,7 @@ inline auto keys_of(const big_vector<key_t>& keys) {
 
 void dimension0(const Filtration& X, const big_vector<key_t>& edges, Dim0& out,
                 big_vector<key_t>* unmerged = nullptr) {
-    host::dim0_pass(X.L, edges.size(), keys_of(edges), X.v.data(), out.pairs, unmerged);
+    host::dim0_pass(X.L, edges.size(), keys_of(edges), X.v.data(), out.pairs, unmerged, X.num_ranks > 2);
     out.pair_of_birth = host::pairs_by_birth(out.pairs, static_cast<std::size_t>(X.L.points));
 }
 

@@ -244,7 +244,8 @@ void top_pass(const MatchComplex<Exec>& X, const rank_t* comp_top, big_vector<st
     }
     host::TopLabels labels(static_cast<std::size_t>(X.pb.X.L.points), comp_top, *match_top);
     host::top_pass(X.pb.X.L, X.dual.size(), dual_keys(X.dual), X.top.data(), pairs,
-                   [&](const host::TopMerge& m) { labels(m); }, no_column);
+                   [&](const host::TopMerge& m) { labels(m); }, no_column,
+                   [&](std::uint32_t x) { labels.prefetch(x); });
 }
 
 // The Betti matching of a and b, as compute_matching gives it (opt: superlevel,
