@@ -269,6 +269,14 @@ def _run(
         raise CheckpointError(f"{source.checkpoint_path}: changed since this adaptation started (SHA-256 differs)")
     device = resolve_device(cfg.device)
     predictor = Predictor(source.payload, device, source=str(source.checkpoint_path))
+    if predictor.output_activation != "softmax":
+        # every method reads the outputs as a softmax distribution over the classes
+        # (confidences, entropies, class ratios): a regression's tanh maps or a multi-label
+        # head's sigmoids through a softmax are numbers the model was not trained to give
+        kind = ("a regression of signed maps (SAUNA alone: tanh outputs)" if predictor.output_activation == "tanh"
+                else "a multi-label head (loss terms with sigmoid: true)")
+        raise ConfigError(f"source_run: {source.checkpoint_path} was trained as {kind}; adapt's methods read the "
+                          "outputs as a softmax over the classes, so they take models trained with softmax losses")
     dims = predictor.spatial_dims
     patch = list(cfg.adapt.patch_size or source.config.data.patch_size)
     if len(patch) != dims:

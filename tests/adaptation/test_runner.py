@@ -141,6 +141,26 @@ def test_refusals(source_run, target_dataset, tmp_path):
     assert blocker.read_text() == "keep"
 
 
+@pytest.mark.parametrize("losses, kind", [
+    ([{"name": "sauna", "weight": 1.0}], "a regression of signed maps"),
+    ([{"name": "dice_ce", "weight": 1.0, "sigmoid": True}], "a multi-label head"),
+])
+def test_a_source_without_softmax_outputs_is_refused(source_run, target_dataset, tmp_path, losses, kind):
+    """The methods read the source's outputs through a softmax: a SAUNA (tanh) or sigmoid
+    source adapted on confidences it was never trained to give, without a word."""
+    from medseg.runfolder import find_checkpoint
+
+    payload = torch.load(find_checkpoint(source_run, prefer=("latest", "best")), map_location="cpu",
+                         weights_only=False)
+    payload["config"]["losses"] = losses
+    run = tmp_path / "other_source"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(payload, run / "checkpoints" / "latest.pt")
+    with pytest.raises(ConfigError, match=f"source_run: .*latest.pt was trained as {kind}"):
+        _run(adapt_raw(run, target_dataset, tmp_path / "out", "tent"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_target_with_another_channel_count_is_refused(source_run, tmp_path):
     target = make_target_dataset(tmp_path / "two_channels", cases=1, channels=2)
     with pytest.raises(DataError, match="the target has 2 channel\\(s\\), the source model takes 1 \\(target.dataset\\)"):
