@@ -85,7 +85,7 @@ class MIPLoss(nn.Module):
     here treats classes: a projection of "any foreground" scored an artery predicted as vein,
     or the two swapped, as perfect. Several axes are summed, as in the paper's multi-axis
     variant. Projections
-    are taken on the (B, 1, *spatial) tensors as they are - axis ``a`` of the patch, with no
+    are taken on the (B, K, *spatial) tensors as they are - axis ``a`` of the patch, with no
     permutation - so the prediction and the label are projected along the same axis. (The
     reference code moves the last axis to the front of the network input and then projects
     the output along the last axis, i.e. along a different axis than the label's MIP.)
