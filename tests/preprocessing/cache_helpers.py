@@ -13,11 +13,13 @@ TINY_UNET = {"name": "unet", "params": {"channels": [4, 8, 16], "strides": [2, 2
 
 
 def make_padded_dataset(
-    root: Path, cases: int = 5, shape=(40, 36, 24), seed: int = 0, channels=("CT",), border: int | None = None
+    root: Path, cases: int = 5, shape=(40, 36, 24), seed: int = 0, channels=("CT",), border: int | None = None,
+    binary: bool = False,
 ) -> Path:
     """CT-like cases inside a zero border (as a scan padded to a field of view), oblique
-    affine, spheres and a tube as labels 1 and 2: the crop and both classes are exercised.
-    The border is 3 or 4 voxels (alternating), or ``border`` in every case."""
+    affine, spheres and a tube as labels 1 and 2: the crop and both classes are exercised
+    (``binary``: both label 1, one foreground class). The border is 3 or 4 voxels
+    (alternating), or ``border`` in every case."""
     rng = np.random.default_rng(seed)
     a = 0.25
     direction = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([-1, 1, 1])
@@ -27,7 +29,7 @@ def make_padded_dataset(
         centre = np.array(shape) / 2 + rng.uniform(-3, 3, size=3)
         label = np.zeros(shape, np.uint8)
         label[np.sum((grid - centre[:, None, None, None]) ** 2, axis=0) < (4 + i % 3) ** 2] = 1
-        label[shape[0] // 2 - 1 : shape[0] // 2 + 1, shape[1] // 3, 3:-3] = 2
+        label[shape[0] // 2 - 1 : shape[0] // 2 + 1, shape[1] // 3, 3:-3] = 1 if binary else 2
         image = rng.normal(40, 15, size=shape) + 250 * (label > 0)
         b = 3 + i % 2 if border is None else border
         body = np.zeros(shape, bool)
@@ -37,7 +39,8 @@ def make_padded_dataset(
             write_image(root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz", image + 7 * c, geometry)
         write_image(root / "labelsTr" / f"case_{i:03d}.nii.gz", label, geometry)
     write_dataset_json(
-        root, channel_names=dict(enumerate(channels)), labels={"background": 0, "sphere": 1, "tube": 2},
+        root, channel_names=dict(enumerate(channels)),
+        labels={"background": 0, "foreground": 1} if binary else {"background": 0, "sphere": 1, "tube": 2},
         num_training=cases, file_ending=".nii.gz", name="Padded",
     )
     return root

@@ -16,3 +16,9 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="session")
 def padded_dataset(tmp_path_factory) -> Path:
     return make_padded_dataset(tmp_path_factory.mktemp("padded") / "Dataset900_Padded")
+
+
+@pytest.fixture(scope="session")
+def binary_padded_dataset(tmp_path_factory) -> Path:
+    """padded_dataset with one foreground class (the MIP loss's whole-volume target takes one)."""
+    return make_padded_dataset(tmp_path_factory.mktemp("padded_binary") / "Dataset901_PaddedBinary", binary=True)

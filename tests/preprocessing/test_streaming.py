@@ -107,10 +107,10 @@ def test_thick_slice_patches_turn_in_plane_only():
     assert affine_margin(cfg)[2] <= 2  # the scaling's context alone across slices (tilting them needed 10)
 
 
-def test_whole_volume_targets_survive_the_rotation(padded_dataset, tmp_path):
+def test_whole_volume_targets_survive_the_rotation(binary_padded_dataset, tmp_path):
     """The MIP loss's whole-volume target is constant along its axis; a rotation about
     another axis smeared it (IoU 0.27-0.44 against the label's own projection)."""
-    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", foreground_oversample=1.0,
+    raw = raw_config(binary_padded_dataset, tmp_path / "run", tmp_path / "cache", foreground_oversample=1.0,
                      augmentation={"affine_prob": 1.0, "rotate_range_deg": 30, "flip_prob": 0.0})
     raw["losses"] = [{"name": "mip", "target_projection": "volume", "axes": [2]}]
     source = prepare_data(validate_config(raw)).train_set
@@ -143,8 +143,8 @@ def test_training_and_inference_pad_a_case_smaller_than_the_patch_alike(padded_d
         assert torch.equal(source.make(index, transform_seed(0, index))["image"], as_predicted)
 
 
-def test_whole_volume_targets_are_cropped_with_the_patch(padded_dataset, tmp_path):
-    raw = raw_config(padded_dataset, tmp_path / "run", tmp_path / "cache", foreground_oversample=0.5,
+def test_whole_volume_targets_are_cropped_with_the_patch(binary_padded_dataset, tmp_path):
+    raw = raw_config(binary_padded_dataset, tmp_path / "run", tmp_path / "cache", foreground_oversample=0.5,
                      augmentation={"affine_prob": 0.0, "flip_prob": 0.0})
     raw["losses"] = [{"name": "mip", "target_projection": "volume", "axes": [0, 2]}]
     data = prepare_data(validate_config(raw))
