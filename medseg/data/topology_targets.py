@@ -501,7 +501,9 @@ def inner_distance(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(mask).astype(np.float32)
 
 
-def skeleton_distance(label: np.ndarray, num_classes: int = 1, include_background: bool = False) -> np.ndarray:
+def skeleton_distance(
+    label: np.ndarray, num_classes: int = 1, include_background: bool = False, skeleton: bool = True
+) -> np.ndarray:
     """Skeleton and inner distance of every class of a label map, in two channels.
 
     The label-side targets of the cbDice and clCE losses. Classes are disjoint, so one
@@ -517,6 +519,9 @@ def skeleton_distance(label: np.ndarray, num_classes: int = 1, include_backgroun
     include_background : bool, default False
         Also skeletonise the background (class 0) and measure distances inside it (for a
         loss that scores channel 0; skeletonising the background of a 3D patch is slow).
+    skeleton : bool, default True
+        False: channel 0 is left 0 (cbDice reads the distances alone; the thinning is the
+        costly half).
 
     Returns
     -------
@@ -543,7 +548,8 @@ def skeleton_distance(label: np.ndarray, num_classes: int = 1, include_backgroun
     if num_classes == 1:
         label = (label > 0).astype(np.int64)
     out = np.zeros((2, *label.shape), dtype=np.float32)
-    out[0] = skeletonize_labels(label) != 0
+    if skeleton:
+        out[0] = skeletonize_labels(label) != 0
     for c in np.unique(label):
         if c == 0:
             continue
@@ -551,13 +557,14 @@ def skeleton_distance(label: np.ndarray, num_classes: int = 1, include_backgroun
         out[1][mask] = inner_distance(mask)[mask]
     if include_background and num_classes > 1 and (label == 0).any():
         background = label == 0
-        out[0][skeletonize(background)] = 1.0
+        if skeleton:
+            out[0][skeletonize(background)] = 1.0
         out[1][background] = inner_distance(background)[background]
     return out
 
 
 def skeleton_distance_batch(
-    target: torch.Tensor, num_classes: int = 1, include_background: bool = False
+    target: torch.Tensor, num_classes: int = 1, include_background: bool = False, skeleton: bool = True
 ) -> torch.Tensor:
     """:func:`skeleton_distance` of every sample of a target batch, (B, 2, *spatial) float32 on its device.
 
@@ -579,7 +586,8 @@ def skeleton_distance_batch(
     else:
         labels = labels[:, 0]
     labels = label_array(labels)
-    maps = np.stack([skeleton_distance(labels[b], num_classes, include_background) for b in range(len(labels))])
+    maps = np.stack([skeleton_distance(labels[b], num_classes, include_background, skeleton)
+                     for b in range(len(labels))])
     return torch.from_numpy(maps).to(target.device)
 
 
@@ -591,15 +599,16 @@ class SkeletonDistance(Transform):
 
     backend = [torch.Tensor, np.ndarray]
 
-    def __init__(self, num_classes: int = 1, include_background: bool = False) -> None:
+    def __init__(self, num_classes: int = 1, include_background: bool = False, skeleton: bool = True) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.include_background = include_background
+        self.skeleton = skeleton
 
     def __call__(self, img):
         label = _channel_first_label(img, "SkeletonDistance")
-        maps = skeleton_distance(label.astype(np.int64), self.num_classes, self.include_background)
+        maps = skeleton_distance(label.astype(np.int64), self.num_classes, self.include_background, self.skeleton)
         out, *_ = convert_to_dst_type(maps, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)
         return out
 
@@ -611,7 +620,7 @@ class SkeletonDistanced(MapTransform):
         keys: label keys (default ``"label"``).
         output_keys: one per key (default ``"skeleton_distance"``, what the ``cbdice`` and
             ``clce`` losses read).
-        num_classes, include_background: see :func:`skeleton_distance`.
+        num_classes, include_background, skeleton: see :func:`skeleton_distance`.
         allow_missing_keys: skip absent keys instead of raising.
     """
 
@@ -622,10 +631,11 @@ class SkeletonDistanced(MapTransform):
         num_classes: int = 1,
         include_background: bool = False,
         allow_missing_keys: bool = False,
+        skeleton: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_keys = _output_keys(self.keys, output_keys)
-        self.transform = SkeletonDistance(num_classes, include_background)
+        self.transform = SkeletonDistance(num_classes, include_background, skeleton)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

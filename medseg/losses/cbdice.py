@@ -32,15 +32,17 @@ def label_skeleton_and_distance(
     given: torch.Tensor | None,
     include_background: bool,
     name: str,
+    skeleton: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel skeleton and inner distance (B, C, *spatial) of the target's classes.
 
     ``given`` is the pipeline's (B, 2, *spatial) :func:`~medseg.data.topology_targets.skeleton_distance`
-    (or None: computed here on the CPU); each voxel carries its own class's values, so
-    multiplying by the one-hot target spreads them over the channels.
+    (or None: computed here on the CPU, with the skeleton only where ``skeleton``); each
+    voxel carries its own class's values, so multiplying by the one-hot target spreads
+    them over the channels.
     """
     if given is None:
-        given = skeleton_distance_batch(target, onehot.shape[1], include_background)
+        given = skeleton_distance_batch(target, onehot.shape[1], include_background, skeleton)
     elif given.shape[0] != onehot.shape[0] or given.shape[1] != 2 or given.shape[2:] != onehot.shape[2:]:
         raise ValueError(
             f"{name}: skeleton_distance {tuple(given.shape)} must be (B, 2, *spatial) for target "
@@ -205,6 +207,9 @@ class CenterlineBoundaryDiceLoss(nn.Module):
 
     #: batch key -> keyword argument of :meth:`forward`
     batch_keys = {"skeleton_distance": "skeleton_distance"}
+    #: reads only the distance channel of 'skeleton_distance' (its label skeleton is the
+    #: soft skeleton): the pipeline skips the thinning unless another term reads it
+    reads_label_skeleton = False
 
     def __init__(
         self,
@@ -242,7 +247,7 @@ class CenterlineBoundaryDiceLoss(nn.Module):
         probs = activate(input, activation)
         label = (target_as_channels(target, n, self.to_onehot_y) > 0.5).to(probs.dtype)
         _, dist_l = label_skeleton_and_distance(
-            target, label, skeleton_distance, self.include_background, "CenterlineBoundaryDiceLoss"
+            target, label, skeleton_distance, self.include_background, "CenterlineBoundaryDiceLoss", skeleton=False
         )
         pred = hard_prediction(probs.detach(), activation)
         if not self.include_background and n > 1:

@@ -415,15 +415,14 @@ class CompositeLoss(nn.Module):
                 )
                 done.add("sauna")
             if "skeleton_distance" in keys and "skeleton_distance" not in done:
-                # one target for every term that reads it: with the background if any scores it
-                background = any(
-                    getattr(t, "include_background", False)
-                    for t in self.terms
-                    if "skeleton_distance" in (getattr(t, "batch_keys", {}) or {})
-                )
+                # one target for every term that reads it: with the background if any scores
+                # it, and the (costly) thinning if any reads the skeleton
+                readers = [t for t in self.terms if "skeleton_distance" in (getattr(t, "batch_keys", {}) or {})]
                 transforms.append(
                     SkeletonDistanced(
-                        "label", "skeleton_distance", num_classes=self.out_channels, include_background=background
+                        "label", "skeleton_distance", num_classes=self.out_channels,
+                        include_background=any(getattr(t, "include_background", False) for t in readers),
+                        skeleton=any(getattr(t, "reads_label_skeleton", True) for t in readers),
                     )
                 )
                 done.add("skeleton_distance")

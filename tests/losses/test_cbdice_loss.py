@@ -285,6 +285,10 @@ def test_registry_builds_it_with_its_target_transform():
     (transform,) = required_target_transforms(comp)
     assert isinstance(transform, SkeletonDistanced) and transform.transform.num_classes == 3
     assert transform.transform.include_background is False
+    # cbDice reads the distances alone; the thinning only when clCE reads the skeleton too
+    assert transform.transform.skeleton is False
+    (both,) = required_target_transforms(build_loss(terms + [LossTerm(name="clce")], 3))
+    assert both.transform.skeleton is True
 
     label_np, g = _vessels((14, 16))
     labels = torch.from_numpy(np.stack([label_np, label_np]))[:, None]
