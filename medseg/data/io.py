@@ -746,8 +746,8 @@ def _read_tiff(path: Path, header_only: bool) -> tuple[np.ndarray, ImageGeometry
         array = np.squeeze(array, axis=1 + array.shape[1:].index(1))
     if array.ndim - 1 not in (2, 3):
         raise DataError(f"{path}: expected a 2D or 3D TIFF, got axes {axes} shape {data.shape}")
-    sidecar = _tiff_spacing_sidecar(path)
-    if array.ndim == 4 and sidecar is not None:
+    sidecar = _tiff_spacing_sidecar(path) if array.ndim == 4 else None  # 2D TIFFs read no files beside them
+    if sidecar is not None:
         # nnU-Net's Tiff3DIO keeps the spacing of CASE_0000.tif in CASE.json; medseg reads
         # TIFFs without geometry (a voxel is 1), so such a dataset was planned, trained and
         # evaluated as isotropic without a word
